@@ -1,0 +1,32 @@
+"""How a training loop talks to whoever runs it (plain CLI, tests, Ray Train)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class TrainHooks:
+    """Callbacks of a training loop. The default does nothing; subclass to forward to Ray / MLflow.
+
+    All metric values are plain floats; `step` counts optimizer steps already taken.
+    """
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Called every `train.log_every` steps (training curves) and after each evaluation."""
+
+    def checkpoint_saved(self, step: int, path: str, metrics: dict[str, float]) -> None:
+        """Called on rank 0 after a checkpoint was written atomically to `path` (local path or URI)."""
+
+    def should_stop(self) -> bool:
+        """Polled between steps; returning True ends training early after a final checkpoint."""
+        return False
+
+
+@dataclass
+class StageResult:
+    """What a finished training stage hands back."""
+
+    metrics: dict[str, float]  # final evaluation metrics (bits/pixel, PSNR, FLOPs, ...)
+    checkpoint: str  # path or URI of the final checkpoint
+    steps: int
+    train_seconds: float  # wall time inside the training loop (excluding start-up)
+    extra: dict = field(default_factory=dict)
