@@ -1,0 +1,126 @@
+"""`ulsweep data ...`: import, materialise and inspect datasets.
+
+    ulsweep data import fashion-mnist [--src DIR] --out URI
+    ulsweep data import folder SRC --out URI --image-size N [--test-fraction F] [--seed S]
+    ulsweep data builtin NAME [--out URI] [--cache-dir DIR]
+    ulsweep data info URI [--verify]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+from ulsweep.data.builtin import BUILDERS, materialise, resolve_dataset
+from ulsweep.data.importers import DEFAULT_FASHION_MNIST, import_fashion_mnist, import_image_folder
+from ulsweep.data.parquet import DataError, Dataset, open_dataset
+
+
+def _summary(ds: Dataset) -> str:
+    C, H, W = ds.image_shape
+    splits = ", ".join(f"{s}={n}" for s, n in ds.splits.items())
+    return f"{ds.uri}: {ds.name} {C}x{H}x{W} uint8, {splits}, content_hash {ds.content_hash}"
+
+
+def _run(fn) -> int:
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            line = fn()
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(line)
+    return 0
+
+
+def cmd_import_fashion_mnist(args: argparse.Namespace) -> int:
+    def go():
+        t = time.perf_counter()
+        ds = import_fashion_mnist(args.src, args.out, overwrite=args.overwrite)
+        return f"imported {_summary(ds)} in {time.perf_counter() - t:.1f} s"
+    return _run(go)
+
+
+def cmd_import_folder(args: argparse.Namespace) -> int:
+    def go():
+        t = time.perf_counter()
+        ds = import_image_folder(args.src, args.out, args.image_size, args.test_fraction, args.seed,
+                                 strict=args.strict, overwrite=args.overwrite)
+        skipped = len(ds.source.get("skipped", []))
+        return (f"imported {_summary(ds)} in {time.perf_counter() - t:.1f} s"
+                + (f" ({skipped} unreadable file(s) skipped, listed above)" if skipped else ""))
+    return _run(go)
+
+
+def cmd_builtin(args: argparse.Namespace) -> int:
+    def go():
+        spec = args.name if args.name.startswith("builtin:") else f"builtin:{args.name}"
+        path = (materialise(spec, args.out, overwrite=args.overwrite) if args.out
+                else resolve_dataset(spec, args.cache_dir))
+        return path
+    return _run(go)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    def go():
+        ds = open_dataset(resolve_dataset(args.uri, args.cache_dir))
+        if args.verify:
+            for split in ds.splits:
+                ds.load_split(split, verify=True)
+        return _summary(ds) + (" (all shards verified)" if args.verify else "")
+    return _run(go)
+
+
+def register(subparsers) -> None:
+    """Add the `data` command and its subcommands to an argparse `subparsers` object."""
+    p = subparsers.add_parser("data", help="import, materialise and inspect datasets",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="data_command", metavar="{import,builtin,info}", required=True)
+
+    p_imp = sub.add_parser("import", help="import a dataset into the Parquet format")
+    imp = p_imp.add_subparsers(dest="import_kind", metavar="{fashion-mnist,folder}", required=True)
+
+    q = imp.add_parser("fashion-mnist", help="Fashion-MNIST idx .gz files (Debian dataset-fashion-mnist)")
+    q.add_argument("--src", default=DEFAULT_FASHION_MNIST, help=f"directory of idx files (default {DEFAULT_FASHION_MNIST})")
+    q.add_argument("--out", required=True, help="dataset path or fsspec URI to write")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    q.set_defaults(func=cmd_import_fashion_mnist)
+
+    q = imp.add_parser("folder", help="a folder tree of PNG/JPEG images (class = subfolder)")
+    q.add_argument("src", help="folder (path or fsspec URI)")
+    q.add_argument("--out", required=True, help="dataset path or fsspec URI to write")
+    q.add_argument("--image-size", type=int, required=True, help="square side after centre crop + resize")
+    q.add_argument("--test-fraction", type=float, default=0.1, help="share of images in the test split")
+    q.add_argument("--seed", type=int, default=0, help="seed of the train/test assignment")
+    q.add_argument("--strict", action="store_true", help="fail on unreadable files instead of skipping them")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    q.set_defaults(func=cmd_import_folder)
+
+    q = sub.add_parser("builtin", help="materialise a built-in dataset and print its path")
+    q.add_argument("name", help=f"one of {', '.join(BUILDERS)} (or builtin:NAME)")
+    q.add_argument("--out", help="write here (any fsspec URI) instead of the cache")
+    q.add_argument("--cache-dir", help="cache directory (default $ULSWEEP_CACHE or ~/.cache/ulsweep/datasets)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    q.set_defaults(func=cmd_builtin)
+
+    q = sub.add_parser("info", help="print name, shape, splits and content hash")
+    q.add_argument("uri", help="dataset path, fsspec URI or builtin:NAME")
+    q.add_argument("--verify", action="store_true", help="also read every shard and check its SHA-256")
+    q.add_argument("--cache-dir", help="cache directory for builtin:NAME")
+    q.set_defaults(func=cmd_info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (`python -m ulsweep.data.cli data info ...`)."""
+    parser = argparse.ArgumentParser(prog="ulsweep")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
