@@ -1,0 +1,128 @@
+"""`ulsweep features train ...` and `ulsweep flops CONFIG ...` (registered into ulsweep/cli.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+
+
+def _extractor_name(dataset_name: str) -> str:
+    """fashion-mnist -> fmnist; anything else: lower-case, non-alphanumerics -> '_'."""
+    known = {"fashion-mnist": "fmnist", "fashion_mnist": "fmnist", "fmnist": "fmnist"}
+    if dataset_name.lower() in known:
+        return known[dataset_name.lower()]
+    name = re.sub(r"[^a-z0-9]+", "_", dataset_name.lower()).strip("_")
+    return name if name and name[0].isalpha() else f"d_{name}"
+
+
+def _features_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from ulsweep.data import open_dataset, resolve_dataset
+
+    from .extractors import DOMAIN_ARCHS, save_domain_extractor, train_domain_extractor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ds = open_dataset(resolve_dataset(args.dataset))
+    xtr, ytr = ds.load_split(args.train_split, limit=args.limit)
+    xte, yte = ds.load_split(args.test_split)
+    name = args.name or _extractor_name(ds.name)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"training domain extractor {name!r} ({args.arch}, {sum(1 for _ in DOMAIN_ARCHS)} archs known) on "
+          f"{ds.name} [{ds.content_hash[:12]}]: {len(xtr)} train / {len(xte)} test images "
+          f"{tuple(xtr.shape[1:])}, {args.epochs} epochs, device {device}", file=sys.stderr)
+    res = train_domain_extractor(xtr, ytr, xte, yte, name=name, arch=args.arch, epochs=args.epochs,
+                                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device,
+                                 log=lambda m: print(m, file=sys.stderr))
+    model = res.model.cpu()
+    meta = save_domain_extractor(model, args.out, {
+        "dataset": args.dataset, "dataset_name": ds.name, "dataset_hash": ds.content_hash,
+        "train_split": args.train_split, "test_split": args.test_split, "train_images": len(xtr),
+        "test_accuracy": res.test_accuracy, "epochs": res.epochs, "train_seconds": round(res.train_seconds, 2),
+        "seed": args.seed, "torch": torch.__version__, "created_unix": int(time.time())})
+    print(json.dumps(meta, indent=2, sort_keys=True))
+    if args.min_accuracy is not None and res.test_accuracy < args.min_accuracy:
+        print(f"error: test accuracy {res.test_accuracy:.4f} < --min-accuracy {args.min_accuracy}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _flops(args: argparse.Namespace) -> int:
+    from ulsweep.config import ConfigError, load_experiment, parse_overrides
+
+    from .flops import format_table, model_gflops
+
+    try:
+        overrides = parse_overrides(args.set or [])
+        if args.preset:
+            overrides["ae.model.preset"] = args.preset
+        cfg = load_experiment(args.config, overrides)
+        if args.preset:  # every base model too
+            import dataclasses
+
+            bases = tuple(dataclasses.replace(b, model=dataclasses.replace(b.model, preset=args.preset))
+                          for b in cfg.base_models)
+            cfg = dataclasses.replace(cfg, base_models=bases)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    channels = args.image_channels or _dataset_channels(cfg.data.path)
+    g = model_gflops(cfg, channels, breakdown=True, device=args.device)
+    if args.json:
+        print(json.dumps({"image_channels": channels, "image_size": cfg.data.image_size,
+                          "gflops_forward_per_image": g}, indent=2))
+    else:
+        print(format_table(g, cfg, channels))
+    return 0
+
+
+def _dataset_channels(path: str) -> int:
+    """Channels of the config's dataset if it opens without building anything, else 3."""
+    try:
+        from ulsweep.data import open_dataset
+
+        if path.startswith("builtin:"):
+            return {"digits": 1, "fashion-mnist": 1}.get(path.removeprefix("builtin:"), 3)
+        return int(open_dataset(path).image_shape[0])
+    except Exception:  # noqa: BLE001 - a FLOP table must not need the data
+        return 3
+
+
+def register(subparsers) -> None:
+    """Add `features` (subcommand `train`) and `flops` to an argparse subparsers object."""
+    feat = subparsers.add_parser("features", help="domain feature extractors (for rfd_<name> / gfd_<name>)")
+    fsub = feat.add_subparsers(dest="features_cmd", required=True)
+    tr = fsub.add_parser("train", help="train a small CNN classifier whose penultimate layer gives features",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_argument("--dataset", required=True, help="dataset path / fsspec URI, or builtin:NAME")
+    tr.add_argument("--out", required=True, help="weights file (path or URI, e.g. extractors/fmnist.pt); "
+                                                 "the JSON sidecar goes beside it (fmnist.json)")
+    tr.add_argument("--name", default=None, help="extractor name (metric names rfd_<name>/gfd_<name>); "
+                                                 "default from the dataset: fashion-mnist -> fmnist")
+    tr.add_argument("--epochs", type=int, default=6)
+    tr.add_argument("--arch", default="cnn-s-v1")
+    tr.add_argument("--batch-size", type=int, default=256)
+    tr.add_argument("--lr", type=float, default=3e-3)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    tr.add_argument("--train-split", default="train")
+    tr.add_argument("--test-split", default="test")
+    tr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    tr.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    tr.add_argument("--min-accuracy", type=float, default=None, help="exit 1 below this test accuracy")
+    tr.set_defaults(func=_features_train)
+
+    fl = subparsers.add_parser("flops", help="forward GFLOP per image of each model of an experiment")
+    fl.add_argument("config", help="experiment YAML")
+    fl.add_argument("--preset", default=None, choices=["tiny", "small", "medium", "paper"],
+                    help="override the AE and every base model preset")
+    fl.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="config override, e.g. --set data.image_size=512 --set ae.model.downsample=16")
+    fl.add_argument("--image-channels", type=int, default=None, help="default: the dataset's (else 3)")
+    fl.add_argument("--device", default=None, help="count on this device (default: meta, no compute)")
+    fl.add_argument("--json", action="store_true")
+    fl.set_defaults(func=_flops)

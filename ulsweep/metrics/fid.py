@@ -1,0 +1,305 @@
+"""Fréchet distances between feature distributions: statistics, the distance, a reference-stat cache,
+and the rFID / gFID pipelines (the paper's conventions, §5: rFID compares reconstructions with the very
+images that were reconstructed; gFID compares base-model samples decoded by the decoder with a reference).
+
+Metric names say exactly what was measured: `rfid` / `gfid` only for the standard FID Inception weights,
+`rfd_<extractor>` / `gfd_<extractor>` for any other extractor (e.g. `rfd_fmnist`).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .extractors import FeatureExtractor, atomic_write_bytes
+
+Stats = tuple  # (mu, sigma)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _as64(x, device: torch.device) -> Tensor:
+    return torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(device=device, dtype=torch.float64)
+
+
+# FD = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr( (sqrt(S1) S2 sqrt(S1))^{1/2} )  (symmetric form)
+def frechet_distance(mu1, sigma1, mu2, sigma2, device: str | torch.device | None = None) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
+
+    tr((S1 S2)^{1/2}) is computed as the sum of the square roots of the eigenvalues of the symmetric PSD
+    matrix sqrt(S1) S2 sqrt(S1) (two `eigh` calls; negative round-off eigenvalues clamped to 0), on the GPU
+    when there is one. Accepts numpy arrays or tensors.
+    """
+    device = torch.device(device) if device is not None else _default_device()
+    mu1, mu2 = _as64(mu1, device).reshape(-1), _as64(mu2, device).reshape(-1)
+    s1, s2 = _as64(sigma1, device), _as64(sigma2, device)
+    d = mu1.numel()
+    if mu2.numel() != d or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"frechet_distance: shapes differ: mu1 {tuple(mu1.shape)}, sigma1 {tuple(s1.shape)}, "
+                         f"mu2 {tuple(mu2.shape)}, sigma2 {tuple(s2.shape)}")
+    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
+    w1, v1 = torch.linalg.eigh(s1)  # S1 = V diag(w) V^T
+    sqrt_s1 = (v1 * w1.clamp(min=0).sqrt()) @ v1.T
+    m = sqrt_s1 @ s2 @ sqrt_s1
+    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    fd = (mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_covmean
+    return float(fd.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Mean and covariance (float64 numpy, unbiased N-1 normalisation as numpy.cov) of `n` feature vectors."""
+
+    mu: np.ndarray  # (D,)
+    sigma: np.ndarray  # (D, D)
+    n: int
+
+    def to_bytes(self, meta: dict | None = None) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
+                 meta=np.frombuffer(json.dumps(meta or {}, sort_keys=True).encode(), dtype=np.uint8))
+        return buf.getvalue()
+
+    @staticmethod
+    def from_bytes(data: bytes) -> tuple["FeatureStats", dict]:
+        with np.load(io.BytesIO(data)) as f:
+            stats = FeatureStats(f["mu"].astype(np.float64), f["sigma"].astype(np.float64), int(f["n"]))
+            meta = json.loads(bytes(f["meta"]).decode())
+        return stats, meta
+
+
+class StatsAccumulator:
+    """Streaming mean / covariance in float64 on `device`, shifted by the first batch's mean for accuracy."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device
+        self.n, self.shift, self.s1, self.s2 = 0, None, None, None
+
+    def update(self, feats: Tensor) -> None:  # (N, D)
+        f = feats.detach().to(device=self.device or feats.device, dtype=torch.float64)
+        if self.shift is None:
+            self.shift = f.mean(0)
+            d = f.shape[1]
+            self.s1 = torch.zeros(d, dtype=torch.float64, device=f.device)
+            self.s2 = torch.zeros(d, d, dtype=torch.float64, device=f.device)
+        f = f - self.shift
+        self.s1 += f.sum(0)
+        self.s2 += f.T @ f
+        self.n += f.shape[0]
+
+    def stats(self) -> FeatureStats:
+        if self.n < 2:
+            raise ValueError(f"need at least 2 feature vectors for a covariance (got {self.n})")
+        mean_c = self.s1 / self.n
+        sigma = (self.s2 - self.n * torch.outer(mean_c, mean_c)) / (self.n - 1)
+        mu = mean_c + self.shift
+        return FeatureStats(mu.cpu().numpy(), ((sigma + sigma.T) / 2).cpu().numpy(), self.n)
+
+
+def stats_from_features(feats) -> FeatureStats:
+    """Mean and covariance of features (N, D), computed in float64."""
+    acc = StatsAccumulator(torch.device("cpu"))
+    acc.update(torch.as_tensor(np.asarray(feats) if not torch.is_tensor(feats) else feats))
+    return acc.stats()
+
+
+def fd_between(a: FeatureStats, b: FeatureStats, device=None) -> float:
+    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma, device=device)
+
+
+def _batches(images_u8: Tensor, batch_size: int) -> Iterator[Tensor]:
+    for i in range(0, len(images_u8), batch_size):
+        yield images_u8[i:i + batch_size]
+
+
+def _extractor_device(extractor: FeatureExtractor) -> torch.device:
+    p = next(iter(extractor.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def feature_stats(extractor: FeatureExtractor, batches: Iterable[Tensor]) -> FeatureStats:
+    """Statistics of extractor features over uint8 image batches (N, C, H, W); batches move to the
+    extractor's device."""
+    device = _extractor_device(extractor)
+    acc = StatsAccumulator(device)
+    for b in batches:
+        acc.update(extractor(b.to(device, non_blocking=True)))
+    return acc.stats()
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference-statistics cache
+
+
+def default_cache_dir() -> str | None:
+    env = os.environ.get("ULSWEEP_CACHE")
+    return os.path.join(env, "refstats") if env else None
+
+
+@dataclass(frozen=True)
+class RefKey:
+    """What reference statistics depend on: the first `num_samples` images of `split` of the dataset with
+    content hash `dataset_hash`, through the extractor with weights hash `extractor_sha256`."""
+
+    dataset_hash: str
+    split: str
+    extractor_sha256: str
+    num_samples: int
+    extractor_name: str = ""
+
+    def digest(self) -> str:
+        blob = json.dumps([self.dataset_hash, self.split, self.extractor_sha256, int(self.num_samples)])
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    def meta(self) -> dict:
+        return {"dataset_hash": self.dataset_hash, "split": self.split, "extractor_sha256": self.extractor_sha256,
+                "num_samples": int(self.num_samples), "extractor_name": self.extractor_name}
+
+
+class RefStatsCache:
+    """Reference statistics on disk (`<dir>/<extractor>-<split>-<n>-<digest>.npz`, written atomically).
+
+    `directory`: a path or fsspec URI; default $ULSWEEP_CACHE/refstats. With neither, nothing is cached.
+    """
+
+    def __init__(self, directory: str | None = None):
+        self.directory = directory or default_cache_dir()
+
+    def path(self, key: RefKey) -> str | None:
+        if not self.directory:
+            return None
+        name = f"{key.extractor_name or 'ext'}-{key.split}-{key.num_samples}-{key.digest()}.npz"
+        return self.directory.rstrip("/") + "/" + name
+
+    def load(self, key: RefKey) -> FeatureStats | None:
+        import fsspec
+
+        p = self.path(key)
+        if p is None:
+            return None
+        try:
+            with fsspec.open(p, "rb") as f:
+                stats, meta = FeatureStats.from_bytes(f.read())
+        except FileNotFoundError:
+            return None
+        except Exception:  # noqa: BLE001 - a corrupt entry is recomputed and overwritten
+            return None
+        return stats if meta == key.meta() and stats.n == key.num_samples else None
+
+    def save(self, key: RefKey, stats: FeatureStats) -> None:
+        p = self.path(key)
+        if p is not None:
+            atomic_write_bytes(p, stats.to_bytes(key.meta()))
+
+    def get_or_compute(self, key: RefKey, compute: Callable[[], FeatureStats]) -> tuple[FeatureStats, bool]:
+        """(stats, hit)."""
+        got = self.load(key)
+        if got is not None:
+            return got, True
+        stats = compute()
+        self.save(key, stats)
+        return stats, False
+
+
+# ----------------------------------------------------------------------------------------------
+# rFID / gFID pipelines
+
+
+def metric_name(kind: str, extractor: FeatureExtractor) -> str:
+    """kind 'r' or 'g' -> 'rfid'/'gfid' (standard FID Inception weights only), else 'rfd_<name>'/'gfd_<name>'."""
+    if kind not in ("r", "g"):
+        raise ValueError(f"kind must be 'r' or 'g' (got {kind!r})")
+    return f"{kind}fid" if extractor.is_standard_fid else f"{kind}fd_{extractor.name}"
+
+
+def _check_generated(x: Tensor, what: str, like: tuple | None = None) -> Tensor:
+    if not torch.is_tensor(x) or x.dtype != torch.uint8 or x.dim() != 4:
+        got = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
+        raise TypeError(f"{what} must return uint8 images (N, C, H, W); got {got}")
+    if like is not None and tuple(x.shape) != like:
+        raise ValueError(f"{what} returned shape {tuple(x.shape)}, expected {like}")
+    return x
+
+
+def _ref_key(extractor: FeatureExtractor, dataset_hash: str | None, split: str | None, n: int) -> RefKey | None:
+    if dataset_hash is None or split is None:
+        return None
+    return RefKey(dataset_hash, split, extractor.weights_sha256, n, extractor.name)
+
+
+@torch.no_grad()
+def reconstruction_fd(extractor: FeatureExtractor, images_u8: Tensor,
+                      reconstruct: Callable[[Tensor], Tensor], batch_size: int = 256,
+                      ref_cache: RefStatsCache | None = None, dataset_hash: str | None = None,
+                      split: str | None = None) -> dict[str, float]:
+    """rFID (paper §5): FD between features of `images_u8` (N, C, H, W) and of `reconstruct(batch)` for
+    the same images. `reconstruct` takes and returns uint8 batches of the same shape.
+
+    With `ref_cache`, `dataset_hash` and `split`, the real-image statistics are read from / written to the
+    cache; then `images_u8` must be the first N images of that split. Returns {'rfid' | 'rfd_<name>': value}.
+    """
+    n = len(images_u8)
+    key = _ref_key(extractor, dataset_hash, split, n)
+    ref = ref_cache.load(key) if (ref_cache is not None and key is not None) else None
+    device = _extractor_device(extractor)
+    real_acc, fake_acc = StatsAccumulator(device), StatsAccumulator(device)
+    for b in _batches(images_u8, batch_size):
+        rec = _check_generated(reconstruct(b), "reconstruct", like=tuple(b.shape))
+        fake_acc.update(extractor(rec.to(device, non_blocking=True)))
+        if ref is None:
+            real_acc.update(extractor(b.to(device, non_blocking=True)))
+    if ref is None:
+        ref = real_acc.stats()
+        if ref_cache is not None and key is not None:
+            ref_cache.save(key, ref)
+    return {metric_name("r", extractor): fd_between(ref, fake_acc.stats(), device=device)}
+
+
+def reference_stats(extractor: FeatureExtractor, images_u8: Tensor, batch_size: int = 256,
+                    ref_cache: RefStatsCache | None = None, dataset_hash: str | None = None,
+                    split: str | None = None) -> FeatureStats:
+    """Statistics of `images_u8`, through the cache when `ref_cache`, `dataset_hash` and `split` are given
+    (`images_u8` = the first N images of that split)."""
+    key = _ref_key(extractor, dataset_hash, split, len(images_u8))
+    compute = lambda: feature_stats(extractor, _batches(images_u8, batch_size))  # noqa: E731
+    if ref_cache is None or key is None:
+        return compute()
+    return ref_cache.get_or_compute(key, compute)[0]
+
+
+@torch.no_grad()
+def generation_fd(extractor: FeatureExtractor, sample: Callable[[int], Tensor], num_samples: int,
+                  ref_images_u8: Tensor | None = None, ref_stats: FeatureStats | None = None,
+                  batch_size: int = 256, ref_cache: RefStatsCache | None = None,
+                  dataset_hash: str | None = None, split: str | None = None) -> dict[str, float]:
+    """gFID: FD between `num_samples` images from `sample(k) -> uint8 (k, C, H, W)` (base-model samples
+    decoded by the decoder) and reference statistics (`ref_stats`, or computed from `ref_images_u8`,
+    cached when `ref_cache`, `dataset_hash`, `split` are given). Returns {'gfid' | 'gfd_<name>': value}."""
+    if ref_stats is None:
+        if ref_images_u8 is None:
+            raise ValueError("generation_fd needs ref_stats or ref_images_u8")
+        ref_stats = reference_stats(extractor, ref_images_u8, batch_size, ref_cache, dataset_hash, split)
+    device = _extractor_device(extractor)
+    acc, done = StatsAccumulator(device), 0
+    while done < num_samples:
+        k = min(batch_size, num_samples - done)
+        x = _check_generated(sample(k), "sample")
+        if len(x) != k:
+            raise ValueError(f"sample({k}) returned {len(x)} images")
+        acc.update(extractor(x.to(device, non_blocking=True)))
+        done += k
+    return {metric_name("g", extractor): fd_between(ref_stats, acc.stats(), device=device)}
