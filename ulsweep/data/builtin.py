@@ -5,7 +5,7 @@
   Split stratified by digit with a fixed seed: 1,497 train / 300 test.
 - photos: 32x32 RGB crops of the colour photos shipped by scikit-learn (china, flower) and scikit-image
   (astronaut, coffee, chelsea, rocket, hubble_deep_field, immunohistochemistry). Each crop is a random
-  square of side 32*f (f in 1..4) area-downsampled by f. Test crops come from a held-out region of every
+  square of side 32*f (f in 1..4, offsets on the f-grid) area-downsampled by f. Test crops come from a held-out region of every
   photo (its right-most quarter of columns); train crops lie entirely in the other three quarters, so no
   test pixel is ever seen in training. 4,096 train / 512 test; label = photo index.
 - fashion-mnist: the Debian package `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist).
@@ -24,7 +24,8 @@ import numpy as np
 
 from ulsweep.data.parquet import DataError, open_dataset, write_dataset
 
-BUILTIN_VERSION = 1  # bump when a builder changes its output; old caches are then ignored
+# Bump a builder's version when its output changes; caches of older versions are then ignored.
+BUILTIN_VERSIONS = {"digits": 1, "photos": 2, "fashion-mnist": 1}
 SEED = 0
 
 PHOTOS = ("china", "flower", "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
@@ -75,21 +76,30 @@ def _load_photo(name: str) -> np.ndarray:
     return np.asarray(getattr(skimage.data, name)(), dtype=np.uint8)[..., :3]
 
 
-def _crops(img: np.ndarray, n: int, col0: int, col1: int, rng: np.random.Generator) -> np.ndarray:
-    """n random 32x32 crops, each a (32f)^2 square inside columns [col0, col1) area-downsampled by f."""
-    H = img.shape[0]
-    width = col1 - col0
-    factors = [f for f in (1, 2, 3, 4) if 32 * f <= min(H, width)]
-    out = np.empty((n, 3, 32, 32), np.uint8)
-    for i in range(n):
-        f = int(rng.choice(factors))
-        s = 32 * f
-        top = int(rng.integers(0, H - s + 1))
-        left = col0 + int(rng.integers(0, width - s + 1))
-        patch = img[top:top + s, left:left + s].astype(np.float64)  # (s, s, 3)
-        patch = patch.reshape(32, f, 32, f, 3).mean(axis=(1, 3))  # area downsample
-        out[i] = np.rint(patch).astype(np.uint8).transpose(2, 0, 1)
-    return out
+def _pooled(img: np.ndarray, f: int) -> np.ndarray:
+    """Area downsampling by f (exact integer sums, then rounded): (H, W, 3) -> (H // f, W // f, 3) uint8."""
+    if f == 1:
+        return img
+    h, w = img.shape[0] // f, img.shape[1] // f
+    sums = img[:h * f, :w * f].reshape(h, f, w, f, 3).sum(axis=(1, 3), dtype=np.uint32)
+    return np.rint(sums / (f * f)).astype(np.uint8)
+
+
+def _crops(pooled: dict[int, np.ndarray], n: int, col0: int, col1: int, rng: np.random.Generator) -> np.ndarray:
+    """n random 32x32 crops: each is a 32f x 32f square (f in 1..4, offsets on the f-grid) lying inside
+    columns [col0, col1) of the photo, area-downsampled by f (`pooled[f]`). Returns (n, 3, 32, 32) uint8."""
+    H = pooled[1].shape[0]
+    factors = np.array([f for f in sorted(pooled) if 32 * f <= min(H, col1 - col0)])
+    f_of = rng.choice(factors, size=n)
+    out = np.empty((n, 32, 32, 3), np.uint8)
+    ar = np.arange(32)
+    for f in factors:
+        idx = np.flatnonzero(f_of == f)
+        lo, hi = -(-col0 // f), col1 // f - 32  # pooled columns [lo, hi + 32) lie inside [col0, col1)
+        tops = rng.integers(0, pooled[f].shape[0] - 32 + 1, size=idx.size)
+        lefts = rng.integers(lo, hi + 1, size=idx.size)
+        out[idx] = pooled[f][(tops[:, None] + ar)[:, :, None], (lefts[:, None] + ar)[:, None, :]]
+    return out.transpose(0, 3, 1, 2)
 
 
 def photos_arrays(n_train: int = 4096, n_test: int = 512, seed: int = SEED):
@@ -99,10 +109,11 @@ def photos_arrays(n_train: int = 4096, n_test: int = 512, seed: int = SEED):
     ys = {"train": [], "test": []}
     for label, name in enumerate(PHOTOS):
         img = _load_photo(name)
+        pooled = {f: _pooled(img, f) for f in (1, 2, 3, 4)}
         W = img.shape[1]
         cut = W - W // 4  # columns [cut, W) are held out for test
-        xs["train"].append(_crops(img, per_train, 0, cut, rng))
-        xs["test"].append(_crops(img, per_test, cut, W, rng))
+        xs["train"].append(_crops(pooled, per_train, 0, cut, rng))
+        xs["test"].append(_crops(pooled, per_test, cut, W, rng))
         ys["train"].append(np.full(per_train, label, np.int64))
         ys["test"].append(np.full(per_test, label, np.int64))
     splits = {s: (np.concatenate(xs[s]), np.concatenate(ys[s])) for s in ("train", "test")}
@@ -153,7 +164,7 @@ def resolve_dataset(spec: str, cache_dir: str | None = None) -> str:
         raise DataError(f"{spec}: unknown builtin dataset; available: "
                         f"{', '.join('builtin:' + n for n in BUILDERS)}")
     cache = cache_dir or default_cache_dir()
-    final = os.path.join(cache, f"{name}-v{BUILTIN_VERSION}")
+    final = os.path.join(cache, f"{name}-v{BUILTIN_VERSIONS[name]}")
     try:
         open_dataset(final)
         return final
@@ -162,7 +173,7 @@ def resolve_dataset(spec: str, cache_dir: str | None = None) -> str:
     if os.path.exists(final):  # invalid leftover (e.g. killed mid-build by an old version): rebuild
         shutil.rmtree(final, ignore_errors=True)
     os.makedirs(cache, exist_ok=True)
-    tmp = os.path.join(cache, f".{name}-v{BUILTIN_VERSION}.tmp-{uuid.uuid4().hex}")
+    tmp = os.path.join(cache, f".{name}-v{BUILTIN_VERSIONS[name]}.tmp-{uuid.uuid4().hex}")
     try:
         BUILDERS[name](tmp)
         try:
