@@ -1,0 +1,14 @@
+"""Core diffusion math of Unified Latents: schedules, the forward process, losses (nats), samplers."""
+from .losses import (base_loss, decoder_loss, decoder_weight, kl_to_standard_normal, mse_decoder_loss,
+                     normal_prior_loss, prior_loss, weighted_elbo_term)
+from .process import alpha_sigma, diffuse, eps_from_x, x_from_v
+from .samplers import ancestral_step, ddim_step, logsnr_grid, sample, sample_to_noisy
+from .schedules import LogSNRSchedule, cosine_dlogsnr_dt, cosine_logsnr, linear_dlogsnr_dt, linear_logsnr, low_discrepancy_times
+
+__all__ = [
+    "LogSNRSchedule", "cosine_logsnr", "cosine_dlogsnr_dt", "linear_logsnr", "linear_dlogsnr_dt",
+    "low_discrepancy_times", "alpha_sigma", "diffuse", "x_from_v", "eps_from_x",
+    "weighted_elbo_term", "kl_to_standard_normal", "prior_loss", "decoder_weight", "decoder_loss",
+    "base_loss", "mse_decoder_loss", "normal_prior_loss",
+    "logsnr_grid", "ddim_step", "ancestral_step", "sample", "sample_to_noisy",
+]
