@@ -213,11 +213,29 @@ def test_row_with_wrong_byte_length(toy):
         open_dataset(str(toy)).load_split("train")
 
 
+def test_null_image_row(toy):
+    rel = "train/part-00000.parquet"
+    _rewrite_shard(toy, rel, _parquet(pa.table({"image": pa.array([b"abcd", None, b"abcd"], pa.binary()),
+                                                "label": [0, 1, 2]})))
+    with pytest.raises(DataError, match=f"{rel}.*column 'image' has 1 null value\\(s\\), first at row 1"):
+        open_dataset(str(toy)).load_split("train")
+
+
 def test_row_count_disagrees_with_manifest(toy):
     rel = "train/part-00001.parquet"
     _rewrite_shard(toy, rel, _parquet(pa.table({"image": pa.array([b"abcd"] * 2, pa.binary()), "label": [0, 1]})))
     with pytest.raises(DataError, match=f"{rel}.*file has 2 rows, manifest says 3"):
         open_dataset(str(toy)).load_split("train")
+
+
+@pytest.mark.parametrize("image_type", [pa.large_binary(), pa.binary(4)])
+def test_other_binary_types_are_read(toy, image_type):
+    rel = "train/part-00001.parquet"
+    rows = [bytes([i, i + 1, i + 2, i + 3]) for i in range(3)]
+    _rewrite_shard(toy, rel, _parquet(pa.table({"image": pa.array(rows, image_type),
+                                                "label": pa.array([4, 5, 6], pa.int32())})))
+    x, y = open_dataset(str(toy)).load_split("train")
+    assert x[3:].flatten().tolist() == [b for r in rows for b in r] and y[3:].tolist() == [4, 5, 6]
 
 
 def test_truncated_shard(toy):
@@ -303,6 +321,15 @@ def test_resolve_dataset_other_specs(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         resolve_dataset("builtin:fashion-mnist", cache_dir=str(tmp_path))
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # failed build left nothing behind
+
+
+def test_resolve_rebuilds_invalid_cache_entry(tmp_path, cache):
+    stale = tmp_path / "digits-v1"
+    (stale / "train").mkdir(parents=True)
+    (stale / "dataset.json").write_text("{truncated")
+    path = resolve_dataset("builtin:digits", cache_dir=str(tmp_path))
+    assert path == str(stale)
+    assert open_dataset(path).content_hash == open_dataset(resolve_dataset("builtin:digits", cache)).content_hash
 
 
 def test_resolve_uses_env_cache(tmp_path, monkeypatch, cache):
@@ -396,7 +423,7 @@ def test_fashion_mnist_errors(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST), reason="apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_real_package(tmp_path):
-    ds = import_fashion_mnist(FASHION_MNIST, str(tmp_path / "fm"))
+    ds = open_dataset(resolve_dataset("builtin:fashion-mnist", cache_dir=str(tmp_path)))
     assert ds.splits == {"train": 60000, "test": 10000}
     x, y = ds.load_split("train")
     assert x.shape == (60000, 1, 28, 28) and np.bincount(y.numpy()).tolist() == [6000] * 10

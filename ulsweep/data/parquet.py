@@ -238,6 +238,8 @@ class Dataset:
                 data = fs.cat_file(_join(root, sh["file"]))
             except FileNotFoundError as e:
                 raise DataError(f"{_where(uri, split)}: shard file is missing") from e
+            except OSError as e:
+                raise DataError(f"{_where(uri, split)}: cannot read ({type(e).__name__}: {e})") from e
             if verify:
                 got = hashlib.sha256(data).hexdigest()
                 if got != sh["sha256"]:
@@ -318,10 +320,15 @@ def open_dataset(uri: str) -> Dataset:
     try:
         text = fs.cat_file(_join(root, MANIFEST))
     except FileNotFoundError as e:
-        hint = " (directory does not exist)" if not fs.exists(root) else " (not a dataset, or still being written)"
+        try:
+            hint = " (directory does not exist)" if not fs.exists(root) else " (not a dataset, or still being written)"
+        except Exception:  # e.g. no permission to list: no hint
+            hint = ""
         raise DataError(f"{mpath}: dataset manifest is missing{hint}") from e
     except IsADirectoryError as e:
         raise DataError(f"{mpath}: is a directory, expected the dataset manifest file") from e
+    except OSError as e:
+        raise DataError(f"{mpath}: cannot read the manifest ({type(e).__name__}: {e})") from e
     return Dataset(uri=uri.rstrip("/") or uri, manifest=_parse_manifest(mpath, text))
 
 
