@@ -170,8 +170,17 @@ def resolve_dataset(spec: str, cache_dir: str | None = None) -> str:
         return final
     except DataError:
         pass
-    if os.path.exists(final):  # invalid leftover (e.g. killed mid-build by an old version): rebuild
-        shutil.rmtree(final, ignore_errors=True)
+    if os.path.exists(final):  # another process may have just renamed a valid one into place
+        try:
+            open_dataset(final)
+            return final
+        except DataError:  # invalid leftover (damaged by hand, or an old layout): move aside and rebuild
+            junk = os.path.join(cache, f".{name}-stale-{uuid.uuid4().hex}")
+            try:
+                os.rename(final, junk)
+                shutil.rmtree(junk, ignore_errors=True)
+            except OSError:
+                pass
     os.makedirs(cache, exist_ok=True)
     tmp = os.path.join(cache, f".{name}-v{BUILTIN_VERSIONS[name]}.tmp-{uuid.uuid4().hex}")
     try:
