@@ -100,7 +100,8 @@ class AELossConfig:
     prior: Literal["diffusion", "normal"] = "diffusion"  # Table 5: normal prior instead of diffusion
     decoder: Literal["diffusion", "mse"] = "diffusion"  # Table 5: MSE decoder instead of diffusion
     stop_grad_prior: bool = False  # ablation A: prior sees sg(z_clean); encoder regularized by KL
-    normal_kl_weight: float = 1e-4  # weight of KL[q(z0|x) || N(0,I)] for ablation A / normal prior
+    normal_kl_weight: float = 1e-4  # weight of KL[q(z0|x) || N(0,I)] on the encoder in ablation A
+    mse_logsnr: float = 6.0  # MSE decoder's Gaussian precision: loss = c_lf/2 e^mse_logsnr ||x - x_hat||^2
 
     def __post_init__(self):
         _require(math.isfinite(self.loss_factor) and self.loss_factor > 0, "loss_factor",
@@ -187,40 +188,100 @@ class BaseStageConfig:
 @dataclass(frozen=True)
 class SearchConfig:
     """Search over dotted config keys. Each space entry is one of
-    {values: [...]} (grid / categorical), {low, high, log?} (float), {low, high, int: true}."""
+    {values: [...]} (grid / categorical), {low, high, log?} (float), {low, high, int: true, step?} (int).
+
+    `metrics` name the objective(s) of an autoencoder trial: a plain name (e.g. `gfd_digits`) is the mean
+    over its base-model trials when they report it, else the AE trial's own metric (e.g. `bpp`);
+    `<base name>/<metric>` picks one base model. `method: none` runs the config as is; `grid` runs every
+    combination of the `values` lists; with num_samples > 1, `none` and `grid` repeat each point with
+    `ae.train.seed` incremented. The optuna methods run `num_samples` AE trials in total.
+    """
 
     method: Literal["none", "grid", "optuna-tpe", "optuna-nsga2"] = "none"
     space: dict[str, Any] = field(default_factory=dict)
     num_samples: int = 1
     metrics: tuple[str, ...] = ("gfd",)
     modes: tuple[Literal["min", "max"], ...] = ("min",)
-    max_concurrent: int = 2
+    max_concurrent: int = 2  # trials (AE or base) running at once
+    seed: int = 0  # Optuna sampler seed
+    max_failures: int = 0  # Tune retries of a failed trial (it resumes from its last checkpoint)
 
     def __post_init__(self):
         _require(self.num_samples > 0, "num_samples", self.num_samples, "must be > 0")
         _require(self.max_concurrent > 0, "max_concurrent", self.max_concurrent, "must be > 0")
+        _require(self.max_failures >= 0, "max_failures", self.max_failures, "must be >= 0")
+        _require(len(self.metrics) > 0, "metrics", self.metrics, "must name at least one metric")
         _require(len(self.metrics) == len(self.modes), "modes", self.modes,
                  f"needs one mode per metric ({len(self.metrics)} metrics)")
         _require(self.method == "none" or bool(self.space), "space", self.space,
                  f"must not be empty for method {self.method!r}")
+        _require(self.method != "optuna-tpe" or len(self.metrics) == 1, "metrics", self.metrics,
+                 "optuna-tpe takes one metric; use optuna-nsga2 for several")
+        for k, spec in self.space.items():
+            _check_space_entry(f"space.{k}", spec, grid=self.method == "grid")
+
+
+def _check_space_entry(key: str, spec: Any, grid: bool) -> None:
+    """Shape of one search-space entry (the dotted key itself is checked against the experiment later)."""
+    _require(isinstance(spec, Mapping), key, spec, "expected {values: [...]} or {low: .., high: ..}")
+    allowed = {"values", "low", "high", "log", "int", "step"}
+    unknown = sorted(set(spec) - allowed)
+    _require(not unknown, key, spec, f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+    if "values" in spec:
+        vals = spec["values"]
+        _require(isinstance(vals, (list, tuple)) and len(vals) > 0, f"{key}.values", vals,
+                 "must be a non-empty list")
+        _require(len(set(spec) - {"values"}) == 0, key, spec, "values excludes low/high/log/int/step")
+        _require(all(v is None or isinstance(v, (bool, int, float, str)) for v in vals),
+                 f"{key}.values", vals, "must hold scalars (numbers, strings, booleans)")
+        return
+    _require(not grid, key, spec, "method grid needs {values: [...]} for every key")
+    _require("low" in spec and "high" in spec, key, spec, "needs both low and high (or values)")
+    lo, hi = spec["low"], spec["high"]
+    num = (int, float)
+    _require(isinstance(lo, num) and not isinstance(lo, bool), f"{key}.low", lo, "expected a number")
+    _require(isinstance(hi, num) and not isinstance(hi, bool), f"{key}.high", hi, "expected a number")
+    _require(lo < hi, f"{key}.high", hi, f"must exceed low={lo}")
+    _require(isinstance(spec.get("log", False), bool), f"{key}.log", spec.get("log"), "expected true/false")
+    _require(isinstance(spec.get("int", False), bool), f"{key}.int", spec.get("int"), "expected true/false")
+    _require(not spec.get("log") or lo > 0, f"{key}.low", lo, "must be > 0 with log: true")
+    if spec.get("int"):
+        _require(isinstance(lo, int) and isinstance(hi, int), key, spec, "int: true needs integer low/high")
 
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    num_workers: int = 1  # DDP workers per trial
+    """Per-trial resources. Every trial trains through a Ray Train TorchTrainer: `num_workers` DDP workers
+    (gloo on CPU, NCCL on GPU) of `cpus_per_worker` CPUs and `gpus_per_worker` GPUs (fractions pack several
+    trials on one GPU); the trial's own driver holds `driver_cpus`. num_workers: 0 runs the TorchTrainer in
+    Ray Train's local mode: the loop runs inside the trial process (no worker actors, no DDP), which then
+    holds cpus_per_worker / gpus_per_worker itself; it saves the ~15-25 s worker start-up of small trials."""
+
+    num_workers: int = 1  # DDP workers per trial; 0: Ray Train local mode
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    driver_cpus: float = 0.01  # the Tune trial process that builds the TorchTrainer (0 is refused by Ray)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, gloo without
 
     def __post_init__(self):
-        _require(self.num_workers > 0, "num_workers", self.num_workers, "must be > 0")
+        _require(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
         _require(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "must be > 0")
         _require(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, "must be >= 0")
+        _require(self.gpus_per_worker <= 1 or float(self.gpus_per_worker).is_integer(), "gpus_per_worker",
+                 self.gpus_per_worker, "must be a fraction <= 1 or a whole number")
+        _require(self.driver_cpus > 0, "driver_cpus", self.driver_cpus, "must be > 0 (Ray refuses 0)")
+        _require(self.backend != "nccl" or self.gpus_per_worker > 0, "backend", self.backend,
+                 "nccl needs gpus_per_worker > 0")
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
+    """MLflow. Precedence for the URI: `--tracking-uri`, then MLFLOW_TRACKING_URI, then `uri`, then
+    sqlite:///<abs run dir>/mlflow.db (always absolute: Ray changes workers' working directories)."""
+
     uri: str | None = None  # None: sqlite:///<abs run dir>/mlflow.db
     experiment: str | None = None  # None: the experiment's name
+    artifact_location: str | None = None  # None: <run dir>/mlartifacts (for a new MLflow experiment)
 
 
 @dataclass(frozen=True)

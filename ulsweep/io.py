@@ -1,0 +1,81 @@
+"""Atomic file I/O on local paths and fsspec URIs.
+
+Local files are written to a temporary name in the same directory, fsynced and renamed (os.replace),
+so a reader never sees a partial file. Object stores (s3://, gs://, memory://) write each object in one
+PUT; callers that need several files to appear together write a manifest last.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a local path or URI."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI/path segments with '/' (works for local paths and URIs)."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def is_local(uri: str) -> bool:
+    return isinstance(filesystem(uri)[0], LocalFileSystem)
+
+
+def atomic_write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    else:
+        parent = path.rsplit("/", 1)[0]
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        fs.pipe_file(path, data)
+
+
+def atomic_write_text(uri: str, text: str) -> None:
+    atomic_write_bytes(uri, text.encode())
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def listdir(uri: str) -> list[str]:
+    """Base names of the entries directly under `uri` (empty if it does not exist)."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.makedirs(path, exist_ok=True)

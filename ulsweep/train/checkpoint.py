@@ -1,0 +1,111 @@
+"""Checkpoints: a directory `step_XXXXXXXX/` holding `state.pt` and `meta.json`.
+
+`meta.json` is written last and records the SHA-256 of `state.pt`: a checkpoint without a manifest,
+or whose state does not match its hash, is never loaded (truncated or corrupted files are refused).
+`state.pt` holds only tensors and plain Python data and is read with `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ulsweep import io as uio
+
+FORMAT = "ulsweep-checkpoint-v1"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names its path."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: str  # the step directory
+    step: int
+    meta: dict
+
+
+def step_dir(run_dir: str, step: int) -> str:
+    return uio.join(run_dir, "checkpoints", f"step_{step:08d}")
+
+
+def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], meta: dict[str, Any]) -> str:
+    """Write state then manifest atomically; return the checkpoint directory."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    blob = buf.getvalue()
+    d = step_dir(run_dir, step)
+    uio.atomic_write_bytes(uio.join(d, "state.pt"), blob)
+    manifest = {"format": FORMAT, "step": step, "sha256": hashlib.sha256(blob).hexdigest(),
+                "bytes": len(blob), **meta}
+    uio.atomic_write_text(uio.join(d, "meta.json"), json.dumps(manifest, indent=1, sort_keys=True))
+    return d
+
+
+def read_meta(path: str) -> dict:
+    try:
+        meta = json.loads(uio.read_bytes(uio.join(path, "meta.json")))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no meta.json (checkpoint incomplete or not a checkpoint)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}/meta.json: not valid JSON ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}/meta.json: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
+    return meta
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """(state, meta) of the checkpoint directory `path`, after checking the SHA-256 of its state."""
+    meta = read_meta(path)
+    try:
+        blob = uio.read_bytes(uio.join(path, "state.pt"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: state.pt is missing") from None
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != meta["sha256"]:
+        raise CheckpointError(f"{path}/state.pt: SHA-256 {digest[:12]}... does not match the manifest's "
+                              f"{meta['sha256'][:12]}... ({len(blob)} of {meta.get('bytes')} bytes): "
+                              "corrupted or truncated, refusing to load it")
+    state = torch.load(io.BytesIO(blob), map_location=map_location, weights_only=True)
+    return state, meta
+
+
+def list_checkpoints(run_dir: str) -> list[CheckpointInfo]:
+    """Complete checkpoints (with a manifest) under run_dir/checkpoints, oldest first."""
+    out = []
+    for name in uio.listdir(uio.join(run_dir, "checkpoints")):
+        m = _STEP_DIR.match(name)
+        if not m:
+            continue
+        path = uio.join(run_dir, "checkpoints", name)
+        try:
+            out.append(CheckpointInfo(path, int(m.group(1)), read_meta(path)))
+        except CheckpointError as e:
+            warnings.warn(f"skipping incomplete checkpoint: {e}")
+    return sorted(out, key=lambda c: c.step)
+
+
+def latest_valid_checkpoint(run_dir: str, map_location="cpu") -> tuple[dict, dict] | None:
+    """Newest checkpoint whose state matches its hash; corrupted newer ones are reported and skipped."""
+    for info in reversed(list_checkpoints(run_dir)):
+        try:
+            return load_checkpoint(info.path, map_location)
+        except CheckpointError as e:
+            warnings.warn(f"not resuming from a bad checkpoint: {e}")
+    return None
+
+
+def prune_checkpoints(run_dir: str, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (a finished trial keeps its final one)."""
+    infos = list_checkpoints(run_dir)
+    for info in infos[:-keep] if keep > 0 else []:
+        fs, p = uio.filesystem(info.path)
+        fs.rm(p, recursive=True)

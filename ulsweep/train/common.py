@@ -1,0 +1,165 @@
+"""Pieces shared by the stage-1 and stage-2 loops: device and precision, distributed helpers,
+optimizer and learning-rate schedule, EMA of weights, RNG state capture."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ulsweep.config import OptimConfig, TrainConfig
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss became NaN/Inf; the last good checkpoint is kept, nothing newer is written."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype, None for fp32
+    rank: int
+    world: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def make_runtime(train: TrainConfig) -> Runtime:
+    """Pick device and precision; under torch.distributed (Ray Train) use the local rank's GPU."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    want = train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but CUDA is not available on this machine")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda"):
+        amp = torch.bfloat16
+    else:
+        amp = None
+    return Runtime(device, amp, rank, world)
+
+
+def shard(batch: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """This rank's contiguous slice of a global batch (all ranks draw the same global batch)."""
+    if rt.world == 1:
+        return batch
+    n = batch.shape[0]
+    if n % rt.world:
+        raise ValueError(f"global batch {n} is not divisible by the {rt.world} workers")
+    k = n // rt.world
+    return batch[rt.rank * k:(rt.rank + 1) * k]
+
+
+def all_reduce_mean(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    if rt.world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= rt.world
+    return x
+
+
+def wrap_ddp(module: nn.Module, rt: Runtime) -> nn.Module:
+    if rt.world == 1:
+        return module
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def make_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    kw = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **kw)
+
+
+# Linear warm-up to the base rate, then constant.
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (buffers copied)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        src = [p.detach() for p in module.parameters()]
+        dst = list(self.shadow.parameters())
+        if self.decay == 0:
+            torch._foreach_copy_(dst, src)
+        else:
+            torch._foreach_lerp_(dst, src, 1.0 - self.decay)
+        for b_dst, b_src in zip(self.shadow.buffers(), module.buffers()):
+            b_dst.copy_(b_src)
+
+    def state_dict(self) -> dict:
+        return self.shadow.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.shadow.load_state_dict(sd)
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    state = {"gen": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(gen: torch.Generator, state: dict) -> None:
+    gen.set_state(state["gen"].cpu())
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module under DDP / torch.compile wrappers."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        else:
+            return module
+
+
+class Progress:
+    """One line per log step on the main rank: step, loss, throughput, ETA."""
+
+    def __init__(self, total: int, label: str, enabled: bool, stream=None):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.stream = stream or sys.stdout
+        self.t0 = time.perf_counter()
+
+    def line(self, step: int, metrics: dict[str, float], images_per_s: float) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(step, 1) * (self.total - step)
+        parts = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        print(f"[{self.label}] step {step}/{self.total} {parts} img/s={images_per_s:.0f} eta={eta:.0f}s",
+              file=self.stream, flush=True)

@@ -1,0 +1,81 @@
+"""Reconstruction and generation with trained UL models (used by evaluation and the metrics)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from torch import nn
+
+from ulsweep.config import AELossConfig
+from ulsweep.diffusion import LogSNRSchedule, diffuse, sample, sample_to_noisy, x_from_v
+
+
+def decoder_schedule(loss: AELossConfig) -> LogSNRSchedule:
+    s = loss.decoder_schedule
+    return LogSNRSchedule(s.kind, s.logsnr_max, s.logsnr_min, s.shift)
+
+
+def prior_schedule(loss: AELossConfig) -> LogSNRSchedule:
+    return LogSNRSchedule(loss.prior_schedule, loss.logsnr_z0, loss.logsnr_z1)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Model range [-1, 1] -> uint8 0..255 (rounded)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def decode(decoder: nn.Module, z0: torch.Tensor, image_shape: tuple[int, int, int], loss: AELossConfig,
+           steps: int, method: str = "ddim", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample x ~ p(x | z_0) with the diffusion decoder (or the MSE decoder's single pass); model range."""
+    b = z0.shape[0]
+    if loss.decoder == "mse":
+        lam = torch.full((b,), loss.decoder_schedule.logsnr_min, device=z0.device)
+        return decoder(torch.zeros((b, *image_shape), device=z0.device), lam, z0).float().clamp(-1, 1)
+
+    def denoise(x_t, lam):
+        return x_from_v(x_t, decoder(x_t, lam, z0).float(), lam)
+
+    return sample(denoise, (b, *image_shape), decoder_schedule(loss), steps, method=method,
+                  generator=generator, device=z0.device, clip=1.0)
+
+
+@torch.no_grad()
+def reconstruct(encoder: nn.Module, decoder: nn.Module, x: torch.Tensor, loss: AELossConfig, steps: int,
+                method: str = "ddim", generator: torch.Generator | None = None) -> torch.Tensor:
+    """x -> z_clean -> z_0 at lambda_z(0) -> decoder sample (model range)."""
+    z = encoder(x).float()
+    lam0 = torch.full((x.shape[0],), loss.logsnr_z0, device=x.device)
+    z0 = diffuse(z, lam0, torch.randn(z.shape, generator=generator, device=z.device))
+    return decode(decoder, z0, tuple(x.shape[1:]), loss, steps, method, generator)
+
+
+@torch.no_grad()
+def generate_latents(base: nn.Module, n: int, latent_shape: tuple[int, int, int], schedule: LogSNRSchedule,
+                     steps: int, method: str = "ancestral", generator: torch.Generator | None = None,
+                     device=None) -> torch.Tensor:
+    """Base-model samples z_0 at lambda_z(0) (noisy, as the decoder was trained on)."""
+
+    def denoise(z_t, lam):
+        return x_from_v(z_t, base(z_t, lam).float(), lam)
+
+    return sample_to_noisy(denoise, (n, *latent_shape), schedule, steps, method=method, generator=generator,
+                           device=device)
+
+
+def image_grid_png(images_u8: torch.Tensor, cols: int = 8) -> bytes:
+    """uint8 (N, C, H, W) -> PNG bytes of a grid with `cols` columns."""
+    from PIL import Image
+
+    x = images_u8.cpu().numpy()
+    n, c, h, w = x.shape
+    rows = (n + cols - 1) // cols
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = x[i].transpose(1, 2, 0)
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

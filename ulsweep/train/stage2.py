@@ -1,0 +1,213 @@
+"""Stage 2 (§3.3): a base diffusion model on the frozen encoder's latents.
+
+The encoder (EMA weights of the stage-1 checkpoint) maps the training split to z_clean once; the base
+model learns z_clean with the sigmoid-weighted ELBO over lambda in [logsnr_min, lambda_z(0)]. Sampling
+ends at lambda_z(0) and hands the noisy z_0 to the frozen decoder.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ulsweep import io as uio
+from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_yaml, experiment_from_dict, to_dict
+from ulsweep.diffusion import LogSNRSchedule, base_loss, diffuse, low_discrepancy_times, x_from_v
+from ulsweep.metrics.bits import latent_bitrate
+from ulsweep.models import build_autoencoder, build_base_model
+from ulsweep.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ulsweep.train.common import (EMA, Progress, TrainingDiverged, all_reduce_mean, lr_at, make_optimizer,
+                                  make_runtime, rng_state, set_rng_state, shard, wrap_ddp)
+from ulsweep.train.data import load_images
+from ulsweep.train.hooks import StageResult, TrainHooks
+from ulsweep.train.sampling import decode, generate_latents, image_grid_png, to_uint8
+from ulsweep.train.stage1 import _write_outputs, finished_result, resume_state
+
+KIND = "base"
+
+
+def base_schedule(ae_exp: ExperimentConfig, base: BaseStageConfig) -> LogSNRSchedule:
+    """lambda from lambda_z(0) (the AE's encoder noise, fixed) down to the base model's logsnr_min."""
+    return LogSNRSchedule(base.loss.schedule, ae_exp.ae.loss.logsnr_z0, base.loss.logsnr_min)
+
+
+def load_frozen_autoencoder(ae_checkpoint: str, device) -> tuple[torch.nn.Module, ExperimentConfig, dict]:
+    """(EMA autoencoder in eval mode without gradients, its experiment config, checkpoint meta)."""
+    state, meta = load_checkpoint(ae_checkpoint, map_location=device)
+    if meta.get("kind") != "ae":
+        raise CheckpointError(f"{ae_checkpoint}: is a {meta.get('kind')!r} checkpoint, not an autoencoder")
+    ae_exp = experiment_from_dict(state["config"], file=f"{ae_checkpoint} (embedded config)")
+    ae = build_autoencoder(ae_exp.ae, meta["image_shape"][0]).to(device)
+    ae.load_state_dict(state["ema"])
+    return ae.eval().requires_grad_(False), ae_exp, meta
+
+
+@torch.no_grad()
+def encode_all(encoder, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    return torch.cat([encoder(x[i:i + batch]).float() for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def evaluate_base(base_model, ae, ae_exp: ExperimentConfig, base: BaseStageConfig, x_eval, latent_shape,
+                  n_samples: int, with_images: bool = True) -> tuple[dict, dict, torch.Tensor]:
+    """Held-out latent bits/pixel under the base model (unweighted ELBO, Table 5's 'bpd with base
+    model') and decoded samples (uint8). Returns (metrics, images, samples_u8)."""
+    tc = base.train
+    gen = torch.Generator(x_eval.device).manual_seed(tc.seed + 54321)
+    sched = base_schedule(ae_exp, base)
+    est = latent_bitrate(ae.encoder, base_model, x_eval, sched, tc.eval_t_per_image, generator=gen)
+    metrics = {"base_bpp": est.bpp, "base_bpp_se": est.bpp_se}
+    samples = generate(base_model, ae, ae_exp, base, n_samples, latent_shape, tuple(x_eval.shape[1:]), gen)
+    images = {"samples.png": image_grid_png(samples[:64], cols=8)} if with_images else {}
+    return metrics, images, samples
+
+
+@torch.no_grad()
+def generate(base_model, ae, ae_exp, base: BaseStageConfig, n: int, latent_shape, image_shape, gen,
+             batch: int = 256) -> torch.Tensor:
+    """n images (uint8) from z_1 ~ N(0, I) -> base model -> z_0 at lambda_z(0) -> decoder."""
+    tc, sched, out = base.train, base_schedule(ae_exp, base), []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        z0 = generate_latents(base_model, b, latent_shape, sched, tc.sample_steps, "ancestral", gen, gen.device)
+        out.append(to_uint8(decode(ae.decoder, z0, image_shape, ae_exp.ae.loss, ae_exp.ae.train.sample_steps,
+                                   ae_exp.ae.train.sampler, gen)))
+    return torch.cat(out)
+
+
+def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str, run_dir: str,
+               hooks: TrainHooks | None = None) -> StageResult:
+    """Train base model `base` on the latents of the frozen autoencoder at `ae_checkpoint`.
+
+    `exp` supplies the data section; the autoencoder's own config comes from its checkpoint.
+    """
+    hooks = hooks or TrainHooks()
+    tc, oc = base.train, base.optim
+    rt = make_runtime(tc)
+    ae, ae_exp, ae_meta = load_frozen_autoencoder(ae_checkpoint, rt.device)
+    cfg_hash = _hash(exp, base, ae_meta)
+    done = finished_result(run_dir, cfg_hash)
+    if done is not None:
+        return done
+    torch.manual_seed(tc.seed + 1000 * rt.rank)
+    x_train, x_eval, data_hash = load_images(exp.data, rt.device, tc.eval_images)
+    z_train = encode_all(ae.encoder, x_train)  # (N, c, h, w) frozen latents
+    del x_train
+    latent_shape = tuple(z_train.shape[1:])
+    net = build_base_model(base, latent_shape[0]).to(rt.device)
+    ema = EMA(net, oc.ema_decay)
+    opt = make_optimizer(net.parameters(), oc, rt.device)
+    gen = torch.Generator(rt.device).manual_seed(tc.seed)
+    step, train_seconds = 0, 0.0
+    resumed = resume_state(run_dir, cfg_hash, KIND, rt.device)
+    if resumed is not None:
+        state, meta = resumed
+        net.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(gen, state["rng"])
+        step, train_seconds = meta["step"], meta.get("train_seconds", 0.0)
+    elif rt.is_main:
+        uio.atomic_write_text(uio.join(run_dir, "config.yaml"), dump_yaml(base))
+    model = wrap_ddp(net, rt)
+    if tc.compile:
+        model = torch.compile(model)
+    sched = base_schedule(ae_exp, base)
+    meta_base = {"kind": KIND, "config_hash": cfg_hash, "data_hash": data_hash, "ae_checkpoint": ae_checkpoint,
+                 "ae_sha256": ae_meta["sha256"], "latent_shape": list(latent_shape)}
+    _, h, w = x_eval.shape[1:]
+
+    def checkpoint(metrics: dict) -> str | None:
+        if not rt.is_main:
+            return None
+        state = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                 "rng": rng_state(gen), "config": to_dict(base), "experiment": to_dict(exp)}
+        path = save_checkpoint(run_dir, step, state, {**meta_base, "step": step, "train_seconds": train_seconds,
+                                                      "metrics": metrics})
+        hooks.checkpoint_saved(step, path, metrics)
+        return path
+
+    progress = Progress(tc.steps, f"base {base.name}", rt.is_main)
+    acc, n_acc = torch.zeros((), device=rt.device), 0
+    bad = torch.zeros((), dtype=torch.bool, device=rt.device)
+    t_last, last_ckpt = time.perf_counter(), None
+    net.train()
+    while step < tc.steps and not hooks.should_stop():
+        t0 = time.perf_counter()
+        idx = torch.randint(len(z_train), (tc.batch_size,), generator=gen, device=rt.device)
+        t = low_discrepancy_times(tc.batch_size, gen, rt.device)
+        eps = torch.randn((tc.batch_size, *latent_shape), generator=gen, device=rt.device)
+        z, t, eps = shard(z_train[idx], rt), shard(t, rt), shard(eps, rt)
+        lam, dlam = sched.logsnr(t), sched.dlogsnr_dt(t)
+        z_t = diffuse(z, lam, eps)
+        with rt.autocast():
+            v = model(z_t, lam)
+        nats = base_loss(z, x_from_v(z_t, v.float(), lam), lam, dlam, base.loss.sigmoid_bias)
+        loss = nats.mean() / z[0].numel()
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), oc.grad_clip if oc.grad_clip > 0 else float("inf"))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, oc)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(net)
+        step += 1
+        bad |= ~torch.isfinite(loss)
+        acc += nats.detach().mean()
+        n_acc += 1
+        train_seconds += time.perf_counter() - t0
+        is_log = tc.log_every and step % tc.log_every == 0
+        is_eval = (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps
+        is_ckpt = (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps
+        if (is_log or is_eval or is_ckpt) and bad.item():
+            raise TrainingDiverged(f"base {base.name}: non-finite loss by step {step}; last good checkpoint "
+                                   f"{last_ckpt or '(none)'} kept in {run_dir}")
+        if is_log and n_acc:
+            ips = n_acc * tc.batch_size / max(time.perf_counter() - t_last, 1e-9)
+            m = {"loss": all_reduce_mean(acc / n_acc, rt).item(), "grad_norm": gnorm.item(),
+                 "lr": lr_at(step - 1, oc), "images_per_s": ips}
+            if rt.is_main:
+                hooks.log_metrics(step, m)
+            progress.line(step, {"loss": m["loss"], "grad_norm": m["grad_norm"]}, ips)
+            acc, n_acc, t_last = torch.zeros_like(acc), 0, time.perf_counter()
+        if is_ckpt and step < tc.steps:
+            last_ckpt = checkpoint({}) or last_ckpt
+    if step < tc.steps:
+        path = checkpoint({})
+        return StageResult({}, path or "", step, train_seconds, {"stopped": True})
+    if not rt.is_main:
+        return StageResult({}, "", step, train_seconds)
+    metrics, images, samples = evaluate_base(ema.shadow, ae, ae_exp, base, x_eval, latent_shape,
+                                             n_samples=min(tc.eval_images, 64))
+    metrics.update(_flops_metrics(exp, base, latent_shape, step))
+    hooks.log_metrics(step, {f"eval_{k}": v for k, v in metrics.items()})
+    path = checkpoint(metrics)
+    extra = {"images": _write_outputs(run_dir, images, {})}
+    result = {"metrics": metrics, "checkpoint": path, "steps": step, "train_seconds": train_seconds,
+              "config_hash": cfg_hash, "extra": extra}
+    _write_outputs(run_dir, {}, result)
+    print(f"[base {base.name}] done: base-model latent bits/pixel={metrics['base_bpp']:.4f}  "
+          f"checkpoint={path}", flush=True)
+    return StageResult(metrics, path, step, train_seconds, extra)
+
+
+def _hash(exp: ExperimentConfig, base: BaseStageConfig, ae_meta: dict) -> str:
+    """Identity of a base run: its data section, its own config and the exact AE weights it sits on."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class _Identity:
+        data: object
+        base: object
+        ae_sha256: str
+
+    return config_hash(_Identity(exp.data, base, ae_meta["sha256"]))
+
+
+def _flops_metrics(exp: ExperimentConfig, base: BaseStageConfig, latent_shape, steps: int) -> dict[str, float]:
+    from ulsweep.metrics.flops import gflops_per_image, training_flops
+
+    net = build_base_model(base, latent_shape[0])
+    z = torch.zeros(2, *latent_shape)
+    g = gflops_per_image(net, z, torch.zeros(2))
+    return {"gflops_base": g, "train_flops": float(training_flops(g * 1e9, steps * base.train.batch_size))}
