@@ -1,0 +1,85 @@
+"""Model sizes as a preset table (DiT style): frozen dataclasses, looked up by name from the config.
+
+`paper` is §5.1 of the paper exactly; `small` is for 32x32 Fashion-MNIST GPU sweeps; `tiny` is for CPU
+tests and the few-minute CPU quickstart on 16x16 images.
+
+Measured parameter counts (tests/test_models.py::test_param_counts prints them; 1 image channel,
+latent_channels 8, downsample 4 for small/tiny and 16 for paper; the encoder depends on downsample,
+the prior/base on latent_channels only through their in/out projections):
+
+    AE preset | encoder | prior ViT | decoder UViT | AE total
+    tiny      |  0.03M  |   0.18M   |    0.31M     |   0.52M
+    small     |  0.98M  |   4.88M   |   19.15M     |  25.0M
+    paper     | 22.7M   |  152.4M   |  186.2M      | 361.3M
+
+    base preset | BaseViT
+    tiny        |   0.15M
+    small       |   8.97M
+    medium      |  20.2M
+    paper       | 343.0M
+
+Transformer blocks use per-block adaLN-Zero (DiT), i.e. 18 d^2 parameters a block (attention 4 d^2,
+MLP 8 d^2, modulation 6 d^2): the paper prior (8 x 1024) is ~101M without the modulation, 151M with it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AEPreset:
+    # Encoder: ResNet after 2x2 patching; level i has enc_channels[i] (the last entry repeats when the
+    # downsample factor needs more levels), enc_blocks res blocks, the final level enc_final_blocks.
+    enc_channels: tuple[int, ...]
+    enc_blocks: int
+    enc_final_blocks: int
+    # Prior: single-level ViT on the latent grid, patch size 1.
+    prior_width: int
+    prior_depth: int
+    prior_heads: int
+    # Decoder UViT: 2x2 patching, conv levels dec_channels (downsampling between levels) with
+    # dec_blocks res blocks each way, then a dec_patch x dec_patch token merge into the transformer.
+    dec_channels: tuple[int, ...]
+    dec_blocks: int
+    dec_width: int
+    dec_depth: int
+    dec_heads: int
+    dec_patch: int
+    dec_dropout: float
+
+
+@dataclass(frozen=True)
+class BasePreset:
+    # Two-stage ViT: stage 1 (channels[0], blocks[0] split evenly before/after stage 2) on the latent
+    # grid with patch size 1, stage 2 (channels[1], blocks[1]) after a 2x2 token merge; UViT skip.
+    channels: tuple[int, int]
+    blocks: tuple[int, int]
+    heads: tuple[int, int]
+    dropout: float
+
+
+AE_PRESETS: dict[str, AEPreset] = {
+    "tiny": AEPreset(enc_channels=(16, 32), enc_blocks=1, enc_final_blocks=1,
+                     prior_width=64, prior_depth=2, prior_heads=2,
+                     dec_channels=(16, 32), dec_blocks=1, dec_width=64, dec_depth=2, dec_heads=2,
+                     dec_patch=1, dec_dropout=0.0),
+    "small": AEPreset(enc_channels=(64, 128, 256), enc_blocks=2, enc_final_blocks=2,
+                      prior_width=256, prior_depth=4, prior_heads=4,
+                      dec_channels=(64, 128, 256), dec_blocks=2, dec_width=320, dec_depth=4, dec_heads=5,
+                      dec_patch=1, dec_dropout=0.1),
+    # §5.1: encoder [128, 256, 512, 512], 2 blocks a stage, 3 in the last; prior ViT 8 x 1024;
+    # decoder UViT conv [128, 256, 512], transformer 8 x 1024, dropout 0.1. dec_patch=2 puts the
+    # transformer at 1/16 of the image (32x32 tokens at 512px, the latent grid of the 16x AE).
+    "paper": AEPreset(enc_channels=(128, 256, 512, 512), enc_blocks=2, enc_final_blocks=3,
+                      prior_width=1024, prior_depth=8, prior_heads=16,
+                      dec_channels=(128, 256, 512), dec_blocks=2, dec_width=1024, dec_depth=8,
+                      dec_heads=16, dec_patch=2, dec_dropout=0.1),
+}
+
+BASE_PRESETS: dict[str, BasePreset] = {
+    "tiny": BasePreset(channels=(32, 64), blocks=(2, 2), heads=(2, 2), dropout=0.0),
+    "small": BasePreset(channels=(128, 256), blocks=(4, 6), heads=(4, 4), dropout=0.1),
+    "medium": BasePreset(channels=(192, 384), blocks=(4, 8), heads=(6, 6), dropout=0.1),
+    # §5.1: two-stage ViT [512, 1024] channels, [6, 16] blocks, dropout 0.1 in both stages.
+    "paper": BasePreset(channels=(512, 1024), blocks=(6, 16), heads=(8, 16), dropout=0.1),
+}
