@@ -86,16 +86,15 @@ def training_flops(forward_flops_per_image: float, images_seen: int) -> float:
 # ulsweep's networks
 
 
-def _parts(ae: Any) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(encoder, prior, decoder) out of whatever build_autoencoder returns (tuple, dict or object)."""
+def _parts(ae: Any) -> tuple[nn.Module, nn.Module | None, nn.Module]:
+    """(encoder, prior or None, decoder) out of what build_autoencoder returns (tuple, dict or object)."""
     if isinstance(ae, (tuple, list)) and len(ae) == 3:
         return tuple(ae)  # type: ignore[return-value]
-    get = (lambda k: ae.get(k)) if isinstance(ae, dict) or isinstance(ae, nn.ModuleDict) else \
-        (lambda k: getattr(ae, k, None))
+    get = (lambda k: ae.get(k)) if isinstance(ae, (dict, nn.ModuleDict)) else (lambda k: getattr(ae, k, None))
     found = []
-    for names in (("encoder", "enc"), ("prior",), ("decoder", "dec")):
+    for names, optional in ((("encoder", "enc"), False), (("prior",), True), (("decoder", "dec"), False)):
         m = next((get(n) for n in names if get(n) is not None), None)
-        if m is None:
+        if m is None and not optional:
             raise TypeError(f"build_autoencoder returned {type(ae).__name__} without {' / '.join(names)}")
         found.append(m)
     return tuple(found)  # type: ignore[return-value]
@@ -111,7 +110,8 @@ def _count_models(exp_cfg: Any, image_channels: int, device: str, batch: int,
     with torch.device(dev):
         enc, prior, dec = _parts(models.build_autoencoder(exp_cfg.ae, image_channels))
     for m in (enc, prior, dec):
-        m.eval()
+        if m is not None:
+            m.eval()
     x = torch.zeros(batch, image_channels, s, s, device=dev)  # (B, C, H, W) in [-1, 1]
     logsnr = torch.zeros(batch, device=dev)
 
@@ -125,7 +125,8 @@ def _count_models(exp_cfg: Any, image_channels: int, device: str, batch: int,
             return module(*inputs) if key.endswith("encoder") else None
 
     z = record("encoder", enc, x)  # (B, c, h, w)
-    record("prior", prior, torch.zeros_like(z), logsnr)
+    if prior is not None:  # None: the `normal` prior ablation has no network
+        record("prior", prior, torch.zeros_like(z), logsnr)
     record("decoder", dec, x, logsnr, torch.zeros_like(z))
     for bcfg in exp_cfg.base_models:
         with torch.device(dev):

@@ -1,0 +1,161 @@
+"""Benchmark the metric pipeline: feature-extraction images/s and Fréchet-distance time.
+
+    python benchmarks/metrics.py --out bench-metrics.json            # CPU, and CUDA when present
+    python benchmarks/metrics.py --devices cuda --inception-batch 500 --out h200.json
+
+Rows:
+- `domain`: the domain CNN (random weights unless --domain-weights), uint8 32x32 gray images.
+- `inception_fp32`: the FID Inception-v3 architecture (torch-fidelity definition, random weights unless
+  --inception-weights) on uint8 32x32 RGB images resized inside to 299x299, exact fp32 (TF32 off for
+  matmul and cuDNN). This is the configuration FID numbers are computed with.
+- `inception_fp32_cl`: the same in channels_last memory format (same math, often faster cuDNN kernels).
+- `frechet_2048`: frechet_distance on 2048-d statistics (float64, two eigh), and SciPy's sqrtm form on
+  CPU for comparison (--scipy).
+Images are generated on the device beforehand (the data-loading cost is not measured). Reports the median
+of --repeats timed runs after --warmup runs; CUDA timings synchronize.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from ulsweep.metrics.extractors import DomainCNN, load_domain_extractor, load_inception, random_inception  # noqa: E402
+from ulsweep.metrics.fid import frechet_distance, stats_from_features  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench_extractor(name: str, ext: torch.nn.Module, shape: tuple[int, ...], batch: int, device: torch.device,
+                    warmup: int, repeats: int, channels_last: bool = False) -> dict:
+    ext = ext.to(device).eval()
+    if channels_last:
+        ext = ext.to(memory_format=torch.channels_last)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(0, 256, (batch, *shape), generator=g, device=device, dtype=torch.uint8)
+    with torch.inference_mode():
+        ts = _time(lambda: ext(x), device, warmup, repeats)
+    med = statistics.median(ts)
+    return {"bench": name, "device": str(device), "batch": batch, "input": list(shape),
+            "images_per_s": batch / med, "seconds_per_batch": med, "runs": ts}
+
+
+def bench_frechet(dim: int, device: torch.device, warmup: int, repeats: int, scipy: bool) -> list[dict]:
+    rng = np.random.default_rng(0)
+    n = 2 * dim
+    a = stats_from_features(rng.standard_normal((n, dim)))
+    b = stats_from_features(rng.standard_normal((n, dim)) * 1.1 + 0.1)
+    fd = None
+
+    def run():
+        nonlocal fd
+        fd = frechet_distance(a.mu, a.sigma, b.mu, b.sigma, device=device)  # includes host->device copies
+
+    ts = _time(run, device, warmup, repeats)
+    rows = [{"bench": f"frechet_{dim}", "device": str(device), "method": "eigh (symmetric form), float64",
+             "seconds": statistics.median(ts), "fd": fd, "runs": ts}]
+    if scipy and device.type == "cpu":
+        import scipy.linalg
+
+        def run_scipy():
+            covmean = scipy.linalg.sqrtm(a.sigma @ b.sigma).real
+            return float(np.sum((a.mu - b.mu) ** 2) + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
+
+        t0 = time.perf_counter()
+        fd_scipy = run_scipy()
+        rows.append({"bench": f"frechet_{dim}", "device": "cpu", "method": "scipy.linalg.sqrtm(S1 S2)",
+                     "seconds": time.perf_counter() - t0, "fd": fd_scipy, "runs": []})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
+    p.add_argument("--domain-batch", type=int, default=None, help="default: 512 cpu, 4096 cuda")
+    p.add_argument("--inception-batch", type=int, default=None, help="default: 16 cpu, 500 cuda")
+    p.add_argument("--warmup", type=int, default=None, help="default: 1 cpu, 3 cuda")
+    p.add_argument("--repeats", type=int, default=None, help="default: 3 cpu, 10 cuda")
+    p.add_argument("--frechet-dim", type=int, default=2048)
+    p.add_argument("--domain-weights", default=None, help="a trained domain extractor (.pt with sidecar)")
+    p.add_argument("--inception-weights", default=None, help="real FID weights (else random)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["domain", "inception", "inception_cl", "frechet"])
+    p.add_argument("--scipy", action="store_true", help="also time SciPy's sqrtm on CPU (slow at 2048-d)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # exact fp32: no TF32 anywhere
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    torch.set_flush_denormal(True)  # random-weight Inception activations shrink into denormals on CPU
+
+    devices = [torch.device(d) for d in (args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])))]
+    domain = (load_domain_extractor(args.domain_weights) if args.domain_weights
+              else DomainCNN("domain_random", "cnn-s-v1", 1, 32, 10).eval().requires_grad_(False))
+    inception = load_inception(args.inception_weights) if args.inception_weights else random_inception(0)
+    rows = []
+    for dev in devices:
+        cuda = dev.type == "cuda"
+        warm, rep = args.warmup or (3 if cuda else 1), args.repeats or (10 if cuda else 3)
+        if "domain" not in args.skip:
+            rows.append(bench_extractor("domain", domain, (1, 32, 32), args.domain_batch or (4096 if cuda else 512),
+                                        dev, warm, rep))
+        if "inception" not in args.skip:
+            rows.append(bench_extractor("inception_fp32", inception, (3, 32, 32),
+                                        args.inception_batch or (500 if cuda else 16), dev, warm, rep))
+        if "inception_cl" not in args.skip and cuda:
+            rows.append(bench_extractor("inception_fp32_cl", inception, (3, 32, 32),
+                                        args.inception_batch or 500, dev, warm, rep, channels_last=True))
+            inception = inception.to(memory_format=torch.contiguous_format)
+        if "frechet" not in args.skip:
+            rows += bench_frechet(args.frechet_dim, dev, 1, rep, args.scipy)
+        print(f"  done: {dev}", file=sys.stderr)
+
+    env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+           "cpu": platform.processor() or platform.machine(),
+           "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+           "load_average": os.getloadavg(), "tf32": False}
+    print(f"{'bench':<20}{'device':<8}{'batch':>7}{'img/s':>12}{'s':>10}  note")
+    for r in rows:
+        if "images_per_s" in r:
+            print(f"{r['bench']:<20}{r['device']:<8}{r['batch']:>7}{r['images_per_s']:>12.1f}"
+                  f"{r['seconds_per_batch']:>10.4f}  input {r['input']} uint8")
+        else:
+            print(f"{r['bench']:<20}{r['device']:<8}{'':>7}{'':>12}{r['seconds']:>10.4f}  {r['method']}, FD={r['fd']:.6g}")
+    print(f"env: {json.dumps(env)}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
