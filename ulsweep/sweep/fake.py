@@ -1,0 +1,105 @@
+"""Stand-in training loops with the real loops' contract, for orchestration tests and benchmarks.
+
+They take the same arguments, resume from the newest checkpoint in `run_dir`, call the hooks, sleep
+`ULSWEEP_FAKE_STEP_S` seconds per step (default 0.02) and return metrics that depend smoothly on the
+searched knobs, so that a sweep driven by them measures Ray/Tune/MLflow overhead and nothing else.
+Selected with `ulsweep run --train-impl fake` (hidden flag) or `run_sweep(..., train_impl="fake")`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import fsspec
+
+from ulsweep.config import BaseStageConfig, ExperimentConfig, TrainConfig
+from ulsweep.train.hooks import StageResult, TrainHooks
+
+
+def _step_s() -> float:
+    return float(os.environ.get("ULSWEEP_FAKE_STEP_S", "0.02"))
+
+
+def _latest(run_dir: str) -> tuple[int, str | None]:
+    fs, root = fsspec.core.url_to_fs(f"{run_dir.rstrip('/')}/checkpoints")
+    if not fs.exists(root):
+        return 0, None
+    steps = []
+    for p in fs.ls(root, detail=False):
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("step_") and name.endswith(".json"):
+            steps.append((int(name[5:-5]), p))
+    if not steps:
+        return 0, None
+    step, p = max(steps)
+    return step, f"{run_dir.rstrip('/')}/checkpoints/{p.rstrip('/').rsplit('/', 1)[-1]}"
+
+
+def _save(run_dir: str, step: int, state: dict) -> str:
+    path = f"{run_dir.rstrip('/')}/checkpoints/step_{step:08d}.json"
+    fs, p = fsspec.core.url_to_fs(path)
+    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+    tmp = p + ".tmp"
+    with fs.open(tmp, "w") as f:
+        json.dump(state, f)
+    fs.mv(tmp, p)
+    return path
+
+
+def _rank() -> int:
+    try:
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_initialized() else 0
+    except Exception:
+        return 0
+
+
+def _loop(tc: TrainConfig, run_dir: str, hooks: TrainHooks, metrics_fn) -> StageResult:
+    rank = _rank()
+    step, path = _latest(run_dir)
+    t_train = 0.0
+    ck_every = tc.ckpt_every or tc.steps
+    while step < tc.steps and not hooks.should_stop():
+        t0 = time.perf_counter()
+        time.sleep(_step_s())
+        step += 1
+        t_train += time.perf_counter() - t0
+        loss = 1.0 / math.sqrt(step)
+        if rank == 0 and tc.log_every and step % tc.log_every == 0:
+            hooks.log_metrics(step, {"loss": loss})
+        if rank == 0 and (step % ck_every == 0 or step == tc.steps):
+            path = _save(run_dir, step, {"step": step})
+            hooks.checkpoint_saved(step, path, {})
+    if rank != 0:
+        return StageResult({}, "", step, t_train)
+    metrics = metrics_fn()
+    hooks.log_metrics(step, {f"eval_{k}": v for k, v in metrics.items()})
+    return StageResult(metrics, path or "", step, t_train)
+
+
+def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | None = None) -> StageResult:
+    L = exp.ae.loss
+
+    def metrics():
+        bpp = 0.01 * L.loss_factor * math.exp(0.4 * L.sigmoid_bias) * 4 / exp.ae.model.latent_channels ** 0.5
+        return {"bpp": bpp, "bpp_se": bpp / 50, "psnr": 12 + 10 * bpp ** 0.5 * 5,
+                "rfd_fake": 1.0 / (1 + 20 * bpp)}
+
+    return _loop(exp.ae.train, run_dir, hooks or TrainHooks(), metrics)
+
+
+def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str, run_dir: str,
+               hooks: TrainHooks | None = None) -> StageResult:
+    fs, p = fsspec.core.url_to_fs(ae_checkpoint)
+    if not fs.exists(p):
+        raise FileNotFoundError(f"AE checkpoint {ae_checkpoint} does not exist")
+    L = exp.ae.loss
+
+    def metrics():
+        bpp = 0.01 * L.loss_factor * math.exp(0.4 * L.sigmoid_bias)
+        return {"gfd_fake": (math.log(bpp) + 4.0) ** 2 + 0.1, "loss": 0.5}
+
+    return _loop(base.train, run_dir, hooks or TrainHooks(), metrics)

@@ -1,0 +1,274 @@
+"""A Tune Searcher that wraps Optuna and spawns base-model trials from finished autoencoder trials.
+
+Every Tune trial is one *job*, named by a stable key:
+    AE job    `ae-0003`        config {"kind": "ae", "key", "overrides"}
+    base job  `ae-0003-tiny`   config {"kind": "base", "key", "ae_key", "base", "ae_checkpoint", "ae_run_id"}
+When an AE trial completes, its base jobs (one per `base_models` entry) are queued and handed out ahead of
+new AE suggestions. The AE's Optuna objective is told only when all its base jobs have reported (or right
+away when the experiment has no base models). Tune saves this object (`save`/`restore`) together with its
+trial table, so a resumed sweep neither loses nor repeats spawned jobs; completions are idempotent by key.
+
+Plain Python + Optuna: unit-testable without Ray (Tune's `Searcher` base class is imported only).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from typing import Any, Callable, Sequence
+
+from ray.tune.search import Searcher
+
+from ulsweep.config import SearchConfig
+from ulsweep.sweep.space import optuna_distributions, parse_space, planned_overrides
+
+log = logging.getLogger(__name__)
+
+# Result keys the searcher keeps from a finished trial (everything numeric is kept too).
+_KEEP_STR = ("key", "kind", "checkpoint", "mlflow_run_id", "ae_key", "base")
+
+
+def ae_key(index: int) -> str:
+    return f"ae-{index:04d}"
+
+
+def base_key(ae: str, base: str) -> str:
+    return f"{ae}-{base}"
+
+
+def _slim(result: dict | None) -> dict:
+    """Numbers and the few strings we need; Tune's bookkeeping (config, timestamps, ...) dropped."""
+    out = {}
+    for k, v in (result or {}).items():
+        if k in _KEEP_STR and isinstance(v, str):
+            out[k] = v
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and k not in (
+                "timestamp", "time_this_iter_s", "time_total_s", "pid", "training_iteration",
+                "time_since_restore", "iterations_since_restore", "timesteps_total", "episodes_total"):
+            out[k] = float(v)
+    return out
+
+
+class SpawningSearcher(Searcher):
+    """Optuna (TPE / NSGA-II) or a fixed plan (grid / none) for AE trials + spawned base-model trials.
+
+    on_objective(ae_record) is called (in the Tune driver) when an AE's objective is known; it must be
+    picklable (Tune pickles the searcher with the Tuner).
+    """
+
+    def __init__(self, search: SearchConfig, base_names: Sequence[str], base_seed: int = 0,
+                 on_objective: Callable[[dict], None] | None = None):
+        super().__init__(metric=None, mode=None)
+        self.search = search
+        self.base_names = list(base_names)
+        self.on_objective = on_objective
+        self._plan = planned_overrides(search, base_seed)  # None for optuna methods
+        self._total = len(self._plan) if self._plan is not None else search.num_samples
+        self._params = parse_space(search.space)
+        self._study = None  # created lazily (optuna import), pickled with the searcher
+        self.aes: dict[str, dict] = {}  # AE key -> record (see _new_ae)
+        self.queue: list[tuple[str, str]] = []  # (AE key, base name) waiting to be suggested
+        self.trial_keys: dict[str, str] = {}  # Tune trial id -> job key
+        self.next_index = 0
+
+    # ------------------------------------------------------------------ Optuna
+    def _get_study(self):
+        if self._study is None:
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            directions = ["minimize" if m == "min" else "maximize" for m in self.search.modes]
+            if self.search.method == "optuna-nsga2":
+                sampler = optuna.samplers.NSGAIISampler(seed=self.search.seed)
+            elif self.search.method == "optuna-tpe":
+                sampler = optuna.samplers.TPESampler(seed=self.search.seed)
+            else:  # grid / none: points are enqueued; the sampler never draws
+                sampler = optuna.samplers.RandomSampler(seed=self.search.seed)
+            self._study = optuna.create_study(directions=directions, sampler=sampler)
+        return self._study
+
+    @property
+    def study(self):
+        """The Optuna study holding every AE trial (params, objective values, state)."""
+        return self._get_study()
+
+    # ------------------------------------------------------------------ Tune API
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # objectives come from our own config, not Tune's metric/mode
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if trial_id in self.trial_keys:  # Tune asks once per id; be safe anyway
+            log.warning("suggest() called twice for trial %s", trial_id)
+        if self.queue:
+            ae, base = self.queue.pop(0)
+            rec = self.aes[ae]
+            rec["bases"][base]["status"] = "running"
+            key = base_key(ae, base)
+            self.trial_keys[trial_id] = key
+            return {"kind": "base", "key": key, "ae_key": ae, "base": base,
+                    "ae_checkpoint": rec["result"].get("checkpoint", ""),
+                    "ae_run_id": rec["result"].get("mlflow_run_id", ""),
+                    "overrides": dict(rec["overrides"])}
+        if self.next_index < self._total:
+            return self._suggest_ae(trial_id)
+        if self.pending():
+            return None  # AE trials may still spawn base trials: wait
+        return Searcher.FINISHED
+
+    def _suggest_ae(self, trial_id: str) -> dict:
+        study = self._get_study()
+        dists = optuna_distributions(self._params)
+        if self._plan is not None:
+            point = self._plan[self.next_index]
+            fixed = {k: v for k, v in point.items() if k in dists}
+            study.enqueue_trial(fixed, skip_if_exists=False)
+            trial = study.ask(dists)
+            overrides = dict(point)
+        else:
+            trial = study.ask(dists)
+            overrides = dict(trial.params)
+        key = ae_key(self.next_index)
+        self.next_index += 1
+        self.aes[key] = {"key": key, "index": self.next_index - 1, "overrides": overrides,
+                         "optuna_number": trial.number, "status": "running", "result": None,
+                         "bases": {b: {"status": "waiting", "result": None} for b in self.base_names},
+                         "objective": None}
+        self.trial_keys[trial_id] = key
+        return {"kind": "ae", "key": key, "overrides": overrides}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        pass
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        key = self.trial_keys.get(trial_id) or (result or {}).get("key")
+        if key is None:
+            log.warning("completion of unknown trial %s ignored", trial_id)
+            return
+        if key in self.aes:
+            self._ae_complete(key, result, error)
+            return
+        for ae, rec in self.aes.items():
+            for base in rec["bases"]:
+                if base_key(ae, base) == key:
+                    self._base_complete(ae, base, result, error)
+                    return
+        log.warning("completion of unknown job %s ignored", key)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _ae_complete(self, key: str, result: dict | None, error: bool) -> None:
+        rec = self.aes[key]
+        if rec["status"] != "running":
+            return  # already handled (idempotent across resume)
+        slim = _slim(result)
+        if error or not slim.get("checkpoint"):
+            rec["status"], rec["result"] = "failed", slim or None
+            for b in rec["bases"].values():
+                b["status"] = "skipped"
+            self._tell(rec, None)
+            return
+        rec["status"], rec["result"] = "trained", slim
+        if not self.base_names:
+            self._finish(rec)
+            return
+        for base in self.base_names:
+            rec["bases"][base]["status"] = "queued"
+            self.queue.append((key, base))
+
+    def _base_complete(self, ae: str, base: str, result: dict | None, error: bool) -> None:
+        rec = self.aes[ae]
+        b = rec["bases"][base]
+        if b["status"] in ("done", "failed", "skipped"):
+            return
+        slim = _slim(result)
+        b["status"] = "failed" if (error or not slim) else "done"
+        b["result"] = slim or None
+        if all(x["status"] in ("done", "failed") for x in rec["bases"].values()):
+            self._finish(rec)
+
+    def objective_values(self, rec: dict) -> list[float] | None:
+        """One value per search metric from the AE result and its base results; None if any is missing."""
+        values = []
+        bases = {n: b["result"] for n, b in rec["bases"].items() if b["status"] == "done" and b["result"]}
+        for m in self.search.metrics:
+            if "/" in m:
+                bname, metric = m.split("/", 1)
+                v = (bases.get(bname) or {}).get(metric)
+            else:
+                from_bases = [r[m] for r in bases.values() if m in r]
+                if from_bases:
+                    v = sum(from_bases) / len(from_bases)
+                else:
+                    v = (rec["result"] or {}).get(m)
+            if v is None or not math.isfinite(v):
+                return None
+            values.append(float(v))
+        return values
+
+    def _finish(self, rec: dict) -> None:
+        failed_bases = [n for n, b in rec["bases"].items() if b["status"] == "failed"]
+        values = None if failed_bases else self.objective_values(rec)
+        if values is None:
+            rec["status"] = "failed"
+            log.warning("%s: no objective (%s)", rec["key"],
+                        f"base trial(s) {failed_bases} failed" if failed_bases
+                        else f"metrics {list(self.search.metrics)} not reported")
+        else:
+            rec["status"] = "done"
+        self._tell(rec, values)
+
+    def _tell(self, rec: dict, values: list[float] | None) -> None:
+        import optuna
+
+        rec["objective"] = values
+        study = self._get_study()
+        if values is None:
+            study.tell(rec["optuna_number"], state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(rec["optuna_number"], values if len(values) > 1 else values[0])
+        if self.on_objective is not None:
+            try:
+                self.on_objective(rec)
+            except Exception as e:  # tracking must never take the search down
+                log.warning("on_objective(%s) failed: %s", rec["key"], e)
+
+    # ------------------------------------------------------------------ queries
+    def pending(self) -> bool:
+        """Jobs handed out or queued whose outcome is still unknown."""
+        return bool(self.queue) or any(r["status"] in ("running", "trained") for r in self.aes.values())
+
+    def is_finished(self) -> bool:
+        return self.next_index >= self._total and not self.pending()
+
+    def ranked(self) -> list[dict]:
+        """AE records with an objective, best first (by the first metric)."""
+        done = [r for r in self.aes.values() if r["objective"] is not None]
+        sign = 1.0 if self.search.modes[0] == "min" else -1.0
+        return sorted(done, key=lambda r: sign * r["objective"][0])
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.aes.values():
+            out[f"ae_{r['status']}"] = out.get(f"ae_{r['status']}", 0) + 1
+            for b in r["bases"].values():
+                out[f"base_{b['status']}"] = out.get(f"base_{b['status']}", 0) + 1
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def get_state(self) -> dict:
+        return {"aes": self.aes, "queue": self.queue, "trial_keys": self.trial_keys,
+                "next_index": self.next_index, "study": self._study}
+
+    def set_state(self, state: dict) -> None:
+        self.aes = state["aes"]
+        self.queue = [tuple(q) for q in state["queue"]]
+        self.trial_keys = state["trial_keys"]
+        self.next_index = state["next_index"]
+        self._study = state["study"]
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.set_state(pickle.load(f))

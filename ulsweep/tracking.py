@@ -1,0 +1,227 @@
+"""MLflow runs with ulsweep's lineage: sweep (parent) -> AE trial (child) -> base-model trial (grandchild).
+
+Everything goes through `MlflowClient` with an explicit, absolute tracking URI (the fluent API's
+`set_experiment` leaks MLFLOW_EXPERIMENT_ID into the environment, and relative sqlite paths break once Ray
+changes a worker's directory). Runs are found again by stable tags, never created twice for one key:
+    ulsweep.sweep_id   the sweep's id (its parent run id)      on every run of a sweep
+    ulsweep.key        "sweep" | "ae-0003" | "ae-0003-tiny"   unique within a sweep
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+log = logging.getLogger(__name__)
+
+TAG_SWEEP = "ulsweep.sweep_id"
+TAG_KEY = "ulsweep.key"
+TAG_KIND = "ulsweep.kind"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_CHECKPOINT = "ulsweep.checkpoint"
+_MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+_PARAMS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+
+
+def default_tracking_uri(run_dir: str, create: bool = True) -> str:
+    """sqlite:///<absolute run dir>/mlflow.db; for a URI run dir, a local ./runs/<name>/mlflow.db."""
+    if "://" in run_dir:
+        local = Path.cwd() / "runs" / run_dir.rstrip("/").rsplit("/", 1)[-1]
+    else:
+        local = Path(run_dir)
+    local = local.absolute()
+    if create:
+        local.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{local / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(cli_uri: str | None, config_uri: str | None, run_dir: str, create: bool = True) -> str:
+    """--tracking-uri, then MLFLOW_TRACKING_URI, then the experiment's tracking.uri, then the default.
+
+    Relative sqlite / file URIs are made absolute against the current directory."""
+    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or config_uri or default_tracking_uri(run_dir, create)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).absolute()}"
+    elif "://" not in uri:  # a bare path: file store
+        uri = Path(uri).absolute().as_uri()
+    return uri
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("file:") or "://" not in uri:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return MlflowClient(tracking_uri=uri)
+
+
+def retry(fn, *args, attempts: int = 6, **kwargs):
+    """Call an MLflow function, retrying on transient errors (sqlite 'database is locked', HTTP 5xx)."""
+    delay = 0.2
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - MLflow raises many types
+            msg = str(e).lower()
+            transient = any(s in msg for s in ("locked", "busy", "timed out", "timeout", "503", "502",
+                                               "connection", "temporarily"))
+            if not transient or i == attempts - 1:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def get_or_create_experiment(c, name: str, artifact_location: str | None = None) -> str:
+    exp = retry(c.get_experiment_by_name, name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            retry(c.restore_experiment, exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return retry(c.create_experiment, name, artifact_location=artifact_location)
+    except Exception:  # created concurrently by another process
+        exp = retry(c.get_experiment_by_name, name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_run(c, experiment_id: str, sweep_id: str, key: str):
+    """The run tagged (sweep_id, key), or None. Oldest first if several exist (should never happen)."""
+    from mlflow.entities import ViewType
+
+    filt = f"tags.`{TAG_SWEEP}` = '{sweep_id}' and tags.`{TAG_KEY}` = '{key}'"
+    runs = retry(c.search_runs, [experiment_id], filter_string=filt, run_view_type=ViewType.ACTIVE_ONLY,
+                 order_by=["attributes.start_time ASC"], max_results=10)
+    return runs[0] if runs else None
+
+
+def create_sweep_run(c, experiment_id: str, name: str, tags: Mapping[str, str] | None = None) -> str:
+    """A new parent run for a sweep; its run id is the sweep id."""
+    run = retry(c.create_run, experiment_id, run_name=name, tags={TAG_KEY: "sweep", TAG_KIND: "sweep",
+                                                                   **(tags or {})})
+    retry(c.set_tag, run.info.run_id, TAG_SWEEP, run.info.run_id)
+    return run.info.run_id
+
+
+def get_or_create_trial_run(c, experiment_id: str, sweep_id: str, key: str, kind: str, parent_run_id: str,
+                            tags: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """(run id, created) of the trial run for `key`; an existing one is reopened (status RUNNING)."""
+    run = find_run(c, experiment_id, sweep_id, key)
+    if run is not None:
+        if run.info.status != "RUNNING":
+            retry(c.update_run, run.info.run_id, status="RUNNING")
+        return run.info.run_id, False
+    all_tags = {TAG_SWEEP: sweep_id, TAG_KEY: key, TAG_KIND: kind, TAG_PARENT: parent_run_id, **(tags or {})}
+    run = retry(c.create_run, experiment_id, run_name=key, tags=all_tags)
+    return run.info.run_id, True
+
+
+def close_orphans(c, experiment_id: str, sweep_id: str, status: str = "KILLED",
+                  exclude: Iterable[str] = ()) -> list[str]:
+    """Mark every RUNNING run of the sweep (left by a killed driver) as `status`; returns their keys."""
+    from mlflow.entities import ViewType
+
+    exclude = set(exclude)
+    filt = f"tags.`{TAG_SWEEP}` = '{sweep_id}' and attributes.status = 'RUNNING'"
+    closed = []
+    for run in retry(c.search_runs, [experiment_id], filter_string=filt, run_view_type=ViewType.ACTIVE_ONLY,
+                     max_results=10000):
+        if run.info.run_id in exclude:
+            continue
+        retry(c.set_terminated, run.info.run_id, status=status)
+        closed.append(run.data.tags.get(TAG_KEY, run.info.run_id))
+    return closed
+
+
+def sweep_runs(c, experiment_id: str, sweep_id: str) -> list:
+    from mlflow.entities import ViewType
+
+    filt = f"tags.`{TAG_SWEEP}` = '{sweep_id}'"
+    return retry(c.search_runs, [experiment_id], filter_string=filt, run_view_type=ViewType.ACTIVE_ONLY,
+                 max_results=10000)
+
+
+def log_params(c, run_id: str, params: Mapping[str, Any]) -> None:
+    """Flat params in batches of 100; values stringified and cut to MLflow's length limit."""
+    from mlflow.entities import Param
+
+    items = [Param(str(k), _param_str(v)) for k, v in params.items()]
+    for i in range(0, len(items), _PARAMS_PER_BATCH):
+        retry(c.log_batch, run_id, params=items[i:i + _PARAMS_PER_BATCH])
+
+
+def _param_str(v: Any) -> str:
+    s = "None" if v is None else str(v)
+    return s if len(s) <= _MAX_PARAM_LEN else s[: _MAX_PARAM_LEN - 3] + "..."
+
+
+def log_metrics(c, run_id: str, metrics: Mapping[str, float], step: int = 0,
+                timestamp_ms: int | None = None) -> None:
+    from mlflow.entities import Metric
+
+    ts = timestamp_ms or int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if _is_number(v)]
+    for i in range(0, len(items), _METRICS_PER_BATCH):
+        retry(c.log_batch, run_id, metrics=items[i:i + _METRICS_PER_BATCH])
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def log_text(c, run_id: str, text: str, artifact_file: str) -> None:
+    retry(c.log_text, run_id, text, artifact_file)
+
+
+def log_artifact(c, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+    retry(c.log_artifact, run_id, local_path, artifact_path)
+
+
+class MetricBuffer:
+    """Batches metric curves: `add(step, dict)`; flushes with one log_batch every `flush_s` seconds,
+    at `max_items`, or on `flush()`."""
+
+    def __init__(self, c, run_id: str, flush_s: float = 10.0, max_items: int = 900, prefix: str = ""):
+        self.c, self.run_id, self.flush_s, self.max_items, self.prefix = c, run_id, flush_s, max_items, prefix
+        self._items: list = []
+        self._last = time.monotonic()
+
+    def add(self, step: int, metrics: Mapping[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._items += [Metric(self.prefix + k, float(v), ts, int(step)) for k, v in metrics.items()
+                        if _is_number(v)]
+        if len(self._items) >= self.max_items or time.monotonic() - self._last >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        items, self._items = self._items, []
+        self._last = time.monotonic()
+        for i in range(0, len(items), _METRICS_PER_BATCH):
+            try:
+                retry(self.c.log_batch, self.run_id, metrics=items[i:i + _METRICS_PER_BATCH])
+            except Exception as e:  # curves are best effort; never fail training over them
+                log.warning("MLflow log_batch failed (%d metrics dropped): %s", len(items), e)
+
+
+def render_table(rows: list[dict], columns: list[str], floatfmt: str = ".4g") -> str:
+    """A plain-text table (used by the sweep summary)."""
+    def cell(v):
+        if isinstance(v, float):
+            return format(v, floatfmt)
+        return "" if v is None else str(v)
+
+    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(columns)]
+    out = io.StringIO()
+    out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip() + "\n")
+    out.write("  ".join("-" * w for w in widths) + "\n")
+    for b in body:
+        out.write("  ".join(x.ljust(w) for x, w in zip(b, widths)).rstrip() + "\n")
+    return out.getvalue()
