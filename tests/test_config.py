@@ -1,0 +1,86 @@
+"""Experiment YAML -> typed config: defaults, overrides, and errors that name file, key and value."""
+import glob
+
+import pytest
+
+from ulsweep.cli import main
+from ulsweep.config import ConfigError, config_hash, experiment_from_dict, load_experiment, parse_overrides
+
+
+def write(tmp_path, text):
+    p = tmp_path / "exp.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("experiments/*.yaml")))
+def test_every_shipped_experiment_loads(path):
+    exp = load_experiment(path)
+    assert exp.data.image_size % exp.ae.model.downsample == 0
+
+
+@pytest.mark.parametrize("text, key, value_repr", [
+    ("ae: {loss: {loss_factor: 0}}", "ae.loss.loss_factor", "0.0"),
+    ("ae: {loss: {loss_factor: -1.5}}", "ae.loss.loss_factor", "-1.5"),
+    ("ae: {model: {latent_channels: 0}}", "ae.model.latent_channels", "0"),
+    ("ae: {model: {downsample: 6}}", "ae.model.downsample", "6"),
+    ("data: {image_size: 20}\nae: {model: {downsample: 8}}", "ae.model.downsample", "8"),
+    ("ae: {train: {steps: ten}}", "ae.train.steps", "'ten'"),
+    ("ae: {train: {compile: 1}}", "ae.train.compile", "1"),
+    ("ae: {loss: {decoder: gan}}", "ae.loss.decoder", "'gan'"),
+    ("base_models: [{name: a}, {name: a}]", "base_models", "['a', 'a']"),
+    ("base_models: [{name: a, train: {batch_size: 0}}]", "base_models[0].train.batch_size", "0"),
+    ("search: {method: grid}", "search.space", "{}"),
+])
+def test_bad_values_name_file_key_and_value(tmp_path, text, key, value_repr):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_experiment(path)
+    msg = str(e.value)
+    assert msg.startswith(path + ": " + key + ":"), msg
+    assert f"(got {value_repr})" in msg
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"exp.yaml: ae.loss.loss_facotr: unknown key; did you mean 'loss_factor'"):
+        load_experiment(write(tmp_path, "ae: {loss: {loss_facotr: 2}}"))
+
+
+def test_yaml_syntax_error_gives_the_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"exp.yaml: YAML syntax error: line 2, column 9: expected the node content"):
+        load_experiment(write(tmp_path, "name: x\nae: {a: : b}\n"))
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: file not found"):
+        load_experiment(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_experiment(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_overrides_apply_and_are_validated():
+    exp = experiment_from_dict({}, parse_overrides(["ae.loss.loss_factor=4", "ae.loss.sigmoid_bias=-2"]))
+    assert (exp.ae.loss.loss_factor, exp.ae.loss.sigmoid_bias) == (4.0, -2.0)
+    with pytest.raises(ConfigError, match="ae.loss.loss_factor"):
+        experiment_from_dict({}, parse_overrides(["ae.loss.loss_factor=0"]))
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["ae.loss.loss_factor"])
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a, b = experiment_from_dict({}), experiment_from_dict({})
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(experiment_from_dict({"ae": {"loss": {"loss_factor": 2.0}}}))
+
+
+def test_cli_rejects_bad_config_before_any_work(tmp_path, capsys):
+    path = write(tmp_path, "ae: {loss: {loss_factor: 0}}")
+    assert main(["train", "ae", path, "--run-dir", str(tmp_path / "run")]) == 2
+    assert "ae.loss.loss_factor: must be a finite number > 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_dry_run_prints_resolved_config(capsys):
+    assert main(["train", "ae", "experiments/quickstart.yaml", "--dry-run", "--set", "ae.loss.loss_factor=3"]) == 0
+    out = capsys.readouterr().out
+    assert "loss_factor: 3.0" in out and "run directory" in out

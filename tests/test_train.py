@@ -1,0 +1,151 @@
+"""Stage-1 / stage-2 loops on CPU: short runs, checkpoints, exact resume, corrupted checkpoints."""
+import json
+import os
+
+import pytest
+import torch
+
+from ulsweep.config import experiment_from_dict
+from ulsweep.train.checkpoint import CheckpointError, latest_valid_checkpoint, list_checkpoints, load_checkpoint
+from ulsweep.train.hooks import TrainHooks
+from ulsweep.train.stage1 import train_autoencoder
+from ulsweep.train.stage2 import train_base
+
+TINY_TRAIN = {"steps": 2, "batch_size": 8, "log_every": 1, "eval_images": 8, "eval_t_per_image": 2,
+              "sample_steps": 2}
+
+
+def tiny_exp(**ae_train):
+    return experiment_from_dict({
+        "name": "t",
+        "data": {"path": "builtin:digits", "image_size": 16},
+        "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2},
+               "train": {**TINY_TRAIN, **ae_train}},
+        "base_models": [{"name": "b", "train": TINY_TRAIN}],
+    })
+
+
+class Recorder(TrainHooks):
+    def __init__(self, stop_at=None):
+        self.logs, self.ckpts, self.stop_at, self.step = [], [], stop_at, 0
+
+    def log_metrics(self, step, metrics):
+        self.step = step
+        self.logs.append((step, dict(metrics)))
+
+    def checkpoint_saved(self, step, path, metrics):
+        self.ckpts.append((step, path))
+
+    def should_stop(self):
+        return self.stop_at is not None and self.step >= self.stop_at
+
+
+def losses(rec):
+    return [(s, m["loss"]) for s, m in rec.logs if "loss" in m]
+
+
+def test_two_step_runs_of_both_stages(tmp_path, digits_cache):
+    exp = tiny_exp()
+    rec = Recorder()
+    res = train_autoencoder(exp, str(tmp_path / "ae"), rec)
+    assert res.steps == 2 and [s for s, _ in losses(rec)] == [1, 2]
+    for k in ("bpp", "bpp_se", "psnr", "gflops_encoder", "gflops_prior", "gflops_decoder", "train_flops"):
+        assert k in res.metrics and res.metrics[k] == res.metrics[k], k  # present and not NaN
+    assert res.metrics["bpp"] > 0 and 0 < res.metrics["psnr"] < 60
+    assert os.path.exists(os.path.join(res.extra["images"]["reconstructions.png"]))
+    state, meta = load_checkpoint(res.checkpoint)
+    assert meta["step"] == 2 and meta["kind"] == "ae" and set(state) >= {"model", "ema", "optimizer", "rng", "config"}
+    assert state["config"]["ae"]["train"]["steps"] == 2  # the resolved config travels with the weights
+
+    b = train_base(exp, exp.base_models[0], res.checkpoint, str(tmp_path / "base"))
+    assert b.steps == 2 and b.metrics["base_bpp"] > 0 and b.metrics["gflops_base"] > 0
+    assert os.path.exists(b.extra["images"]["samples.png"])
+    # a finished run is not trained again: the stored result comes back
+    again = train_autoencoder(exp, str(tmp_path / "ae"), Recorder())
+    assert again.metrics == res.metrics and again.checkpoint == res.checkpoint
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, digits_cache):
+    exp = tiny_exp(steps=6, ckpt_every=3)
+    full = Recorder()
+    train_autoencoder(exp, str(tmp_path / "full"), full)
+
+    first = Recorder(stop_at=3)
+    r1 = train_autoencoder(exp, str(tmp_path / "split"), first)
+    assert r1.steps == 3 and r1.extra.get("stopped")
+    second = Recorder()
+    r2 = train_autoencoder(exp, str(tmp_path / "split"), second)
+    assert r2.steps == 6
+    assert losses(first) + losses(second) == losses(full)  # bit-identical loss curve
+    a, _ = load_checkpoint(list_checkpoints(str(tmp_path / "full"))[-1].path)
+    b, _ = load_checkpoint(list_checkpoints(str(tmp_path / "split"))[-1].path)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+
+
+def test_corrupted_checkpoint_is_refused_and_resume_falls_back(tmp_path, digits_cache):
+    run = str(tmp_path / "run")
+    exp = tiny_exp(steps=4, ckpt_every=2)
+    train_autoencoder(exp, run, Recorder())
+    ckpts = list_checkpoints(run)
+    assert [c.step for c in ckpts] == [2, 4]
+    state_file = os.path.join(ckpts[-1].path, "state.pt")
+    blob = bytearray(open(state_file, "rb").read())
+    blob[len(blob) // 2] ^= 0xFF
+    open(state_file, "wb").write(bytes(blob))
+    with pytest.raises(CheckpointError, match="SHA-256.*does not match"):
+        load_checkpoint(ckpts[-1].path)
+    with open(state_file, "r+b") as f:  # truncated
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match="step_00000004/state.pt"):
+        load_checkpoint(ckpts[-1].path)
+    with pytest.warns(UserWarning, match="bad checkpoint"):
+        _, meta = latest_valid_checkpoint(run)
+    assert meta["step"] == 2
+
+
+def test_checkpoint_without_manifest_is_not_a_checkpoint(tmp_path, digits_cache):
+    run = str(tmp_path / "run")
+    train_autoencoder(tiny_exp(), run, Recorder())
+    path = list_checkpoints(run)[-1].path
+    os.remove(os.path.join(path, "meta.json"))
+    with pytest.raises(CheckpointError, match="no meta.json"):
+        load_checkpoint(path)
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, digits_cache):
+    run = str(tmp_path / "run")
+    train_autoencoder(tiny_exp(steps=2), run, Recorder())
+    os.remove(os.path.join(run, "result.json"))
+    with pytest.raises(CheckpointError, match="use a fresh run directory"):
+        train_autoencoder(tiny_exp(steps=3), run, Recorder())
+
+
+def test_nonfinite_loss_stops_with_clear_error(tmp_path, digits_cache, monkeypatch):
+    from ulsweep.train import common, stage1
+
+    exp = tiny_exp(steps=4, ckpt_every=2, log_every=1)
+    real = stage1.stage1_losses
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            out["total"] = out["total"] * float("nan")
+        return out
+
+    monkeypatch.setattr(stage1, "stage1_losses", poisoned)
+    with pytest.raises(common.TrainingDiverged, match="non-finite loss by step 3.*step_00000002"):
+        train_autoencoder(exp, str(tmp_path / "run"), Recorder())
+    assert [c.step for c in list_checkpoints(str(tmp_path / "run"))] == [2]  # nothing newer written
+
+
+@pytest.mark.parametrize("ablation", [
+    {"stop_grad_prior": True}, {"logsnr_z0": 10.0}, {"decoder": "mse"}, {"prior": "normal"}])
+def test_ablation_switches_train(tmp_path, digits_cache, ablation):
+    raw = {"data": {"path": "builtin:digits", "image_size": 16},
+           "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2}, "loss": ablation,
+                  "train": {**TINY_TRAIN, "steps": 1}}}
+    res = train_autoencoder(experiment_from_dict(raw), str(tmp_path / "run"), Recorder())
+    assert res.metrics["bpp"] > 0 and res.metrics["psnr"] > 0

@@ -1,0 +1,123 @@
+"""The `ulsweep` command line.
+
+    ulsweep run EXPERIMENT.yaml [--resume] [--address ADDR] ...   a whole sweep (Ray Tune + Train, MLflow)
+    ulsweep train ae EXPERIMENT.yaml [--set KEY=VALUE] [--dry-run]  one autoencoder (stage 1), no Ray
+    ulsweep train base EXPERIMENT.yaml --ae CHECKPOINT [--base NAME]  one base model (stage 2), no Ray
+    ulsweep data ... | features ... | flops ...                     datasets, feature extractors, FLOPs
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from ulsweep.config import ConfigError, dump_yaml, load_experiment, parse_overrides
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML (see experiments/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by dotted key, e.g. --set ae.loss.loss_factor=4 (repeatable)")
+    p.add_argument("--run-dir", default=None, help="output directory or URI (default: runs/<name>/<stage>)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def _load(args) -> "ExperimentConfig":  # noqa: F821
+    return load_experiment(args.config, parse_overrides(args.set))
+
+
+def _cmd_train_ae(args) -> int:
+    exp = _load(args)
+    run_dir = args.run_dir or os.path.abspath(os.path.join("runs", exp.name, "train-ae"))
+    if args.dry_run:
+        print(dump_yaml(exp), end="")
+        print(f"# run directory: {run_dir}")
+        return 0
+    from ulsweep.train.stage1 import train_autoencoder
+
+    res = train_autoencoder(exp, run_dir)
+    m = res.metrics
+    print(f"latent bits/pixel: {m['bpp']:.5f} +- {m['bpp_se']:.5f}   PSNR: {m['psnr']:.2f} dB   "
+          f"({res.steps} steps, {res.train_seconds:.0f} s in the loop)")
+    print(f"checkpoint: {res.checkpoint}")
+    return 0
+
+
+def _cmd_train_base(args) -> int:
+    exp = _load(args)
+    names = [b.name for b in exp.base_models]
+    name = args.base or names[0]
+    if name not in names:
+        raise ConfigError(f"no base model named {name!r} (defined: {', '.join(names)})", key="--base",
+                          file=args.config)
+    base = exp.base_models[names.index(name)]
+    run_dir = args.run_dir or os.path.abspath(os.path.join("runs", exp.name, f"train-base-{name}"))
+    if args.dry_run:
+        print(dump_yaml(base), end="")
+        print(f"# autoencoder: {args.ae}\n# run directory: {run_dir}")
+        return 0
+    from ulsweep.train.stage2 import train_base
+
+    res = train_base(exp, base, args.ae, run_dir)
+    print(f"base-model latent bits/pixel: {res.metrics['base_bpp']:.5f} +- {res.metrics['base_bpp_se']:.5f}"
+          + "".join(f"   {k}: {v:.3f}" for k, v in res.metrics.items() if k.startswith(("gfd", "gfid"))))
+    print(f"checkpoint: {res.checkpoint}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ulsweep", description="Latent bitrate sweeps of Unified Latents diffusion autoencoders.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train one stage without Ray (debugging, single runs)")
+    tsub = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    ae = tsub.add_parser("ae", help="stage 1: encoder + diffusion prior + diffusion decoder",
+                         description="Train the autoencoder of the experiment's `ae` section; prints latent "
+                                     "bits/pixel and PSNR. Resumes from the run directory's newest checkpoint.")
+    _add_config_args(ae)
+    ae.set_defaults(func=_cmd_train_ae)
+    base = tsub.add_parser("base", help="stage 2: a base model on a frozen autoencoder's latents",
+                           description="Train one of the experiment's `base_models` on the latents of a "
+                                       "stage-1 checkpoint. Resumes from the run directory's newest checkpoint.")
+    _add_config_args(base)
+    base.add_argument("--ae", required=True, metavar="CHECKPOINT",
+                      help="stage-1 checkpoint directory (…/checkpoints/step_XXXXXXXX)")
+    base.add_argument("--base", default=None, metavar="NAME", help="which base_models entry (default: first)")
+    base.set_defaults(func=_cmd_train_base)
+
+    from ulsweep.data.cli import register as register_data
+    from ulsweep.metrics.cli import register as register_metrics
+
+    register_data(sub)
+    register_metrics(sub)
+    try:
+        from ulsweep.sweep.cli import register as register_sweep
+    except ModuleNotFoundError:
+        pass
+    else:
+        register_sweep(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ulsweep.data import DataError
+    from ulsweep.train.checkpoint import CheckpointError
+    from ulsweep.train.common import TrainingDiverged
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+            return int(args.func(args) or 0)
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
