@@ -74,7 +74,7 @@ class ProgressCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}
-        keys = [k for k in r if k.startswith(("bpp", "psnr", "rfd", "gfd", "rfid", "gfid"))
+        keys = [k for k in r if k.startswith(("bpp", "psnr", "rfd", "gfd", "rfid", "gfid", "base_bpp"))
                 and not k.endswith("_se")]
         shown = "  ".join(f"{k} {_fmt(r[k])}" for k in sorted(keys))
         took = time.time() - self._started.get(trial.trial_id, time.time())

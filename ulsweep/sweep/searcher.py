@@ -208,7 +208,7 @@ class SpawningSearcher(Searcher):
         failed_bases = [n for n, b in rec["bases"].items() if b["status"] == "failed"]
         values = None if failed_bases else self.objective_values(rec)
         if values is None:
-            rec["status"] = "failed"
+            rec["status"] = "failed" if failed_bases else "no_objective"
             log.warning("%s: no objective (%s)", rec["key"],
                         f"base trial(s) {failed_bases} failed" if failed_bases
                         else f"metrics {list(self.search.metrics)} not reported")

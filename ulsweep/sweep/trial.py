@@ -77,6 +77,7 @@ def trial_name(trial) -> str:
 
 def run_trial(config: dict, ctx: SweepContext) -> None:
     """Tune function trainable for one AE or base-model trial."""
+    t_trial = time.time()
     kind, key = config["kind"], config["key"]
     exp = trial_experiment(ctx.experiment, config.get("overrides", {}))
     c = tracking.client(ctx.tracking_uri)
@@ -101,11 +102,18 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
             "local_mode": exp.resources.num_workers == 0}
     trainer = make_trainer(wcfg, exp.resources, storage_path=f"{ctx.run_dir.rstrip('/')}/trials", name=key,
                            in_tune=True)
+    t_fit = time.time()
     try:
         result = trainer.fit()
     except BaseException:
         tracking.retry(c.set_terminated, run_id, status="FAILED")
+        _append_timings(ctx.run_dir, key, {"t_trial": t_trial, "t_fit": t_fit, "t_fit_end": time.time(),
+                                           "error": True})
         raise
+    m = result.metrics or {}
+    _append_timings(ctx.run_dir, key, {"t_trial": t_trial, "t_fit": t_fit, "t_fit_end": time.time(),
+                                       **{k: m.get(k) for k in ("t_worker", "t_loop", "t_loop_end",
+                                                                "train_seconds", "loop_seconds")}})
     if kind == "base" and result.metrics and parent != ctx.sweep_id:
         # the AE run shows its base models' final metrics too, e.g. "tiny/gfd_digits"
         final = {f"{config['base']}/{k}": v for k, v in result.metrics.items()
@@ -117,7 +125,23 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     tracking.retry(c.set_terminated, run_id, status="FINISHED")
 
 
-_BOOKKEEPING = {"step", "final", "loop_seconds", "train_seconds"}
+_BOOKKEEPING = {"step", "final", "loop_seconds", "train_seconds", "t_worker", "t_loop", "t_loop_end"}
+
+
+def _append_timings(run_dir: str, key: str, rec: dict) -> None:
+    """One line per attempt in <run dir>/trials/<key>/timings.jsonl (read by benchmarks/orchestration.py)."""
+    import json
+
+    import fsspec
+
+    try:
+        path = f"{trial_dir(run_dir, key)}/timings.jsonl"
+        fs, p = fsspec.core.url_to_fs(path)
+        fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+        old = fs.cat_file(p).decode() if fs.exists(p) else ""
+        fs.pipe_file(p, (old + json.dumps(rec) + "\n").encode())
+    except Exception as e:
+        log.warning("could not write timings of %s: %s", key, e)
 
 
 def _run_id_of(c, ctx: SweepContext, key: str) -> str | None:
@@ -189,6 +213,14 @@ class RayHooks(TrainHooks):
         self.buffer = tracking.MetricBuffer(self.client, self.run_id) if self.client else None
         self.last_checkpoint: str | None = None
         self._last_report = 0.0
+        if self.client is not None:
+            try:
+                import ray
+
+                tracking.retry(self.client.set_tag, self.run_id, "ray.node_id",
+                               ray.get_runtime_context().get_node_id())
+            except Exception as e:
+                log.warning("could not tag node id: %s", e)
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if self.buffer is not None:
@@ -292,20 +324,22 @@ def train_worker(wcfg: dict) -> None:
     """Ray Train per-worker function: run one stage's training loop and report its result."""
     import ray.train
 
+    t_worker = time.time()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     exp = experiment_from_dict(wcfg["experiment"])
     hooks = RayHooks(wcfg, rank, world)
     train_ae, get_train_base = _train_fns(wcfg["train_impl"])
     run_dir = wcfg["run_dir"]
-    t0 = time.perf_counter()
+    t0, t_loop = time.perf_counter(), time.time()
     if wcfg["kind"] == "ae":
         res = train_ae(exp, run_dir, hooks)
     else:
         res = get_train_base()(exp, find_base(exp, wcfg["base"]), wcfg["ae_checkpoint"], run_dir, hooks)
     loop_seconds = time.perf_counter() - t0
     final = hooks.finish(res, loop_seconds)
-    final.update({"kind": wcfg["kind"], "key": wcfg["key"], "final": 1.0})
+    final.update({"kind": wcfg["kind"], "key": wcfg["key"], "final": 1.0, "t_worker": t_worker,
+                  "t_loop": t_loop, "t_loop_end": t_loop + loop_seconds})
     if rank == 0:
         final.update({"checkpoint": res.checkpoint, "mlflow_run_id": wcfg["run_id"]})
     ckpt = _checkpoint_obj(res.checkpoint, run_dir) if rank == 0 and not wcfg["local_mode"] else None

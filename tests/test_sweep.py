@@ -1,0 +1,425 @@
+"""Sweep orchestration: the spawning searcher (no Ray), and end-to-end Ray sweeps (slow).
+
+The slow tests start Ray clusters of their own (local, or two `ray start` nodes with their own temp dir
+and ports) and stop exactly what they started. They train the real tiny loops for a few steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ulsweep.config import SearchConfig, experiment_from_dict
+from ulsweep.sweep.searcher import Searcher, SpawningSearcher
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# searcher unit tests (no Ray cluster)
+
+
+def grid_search(**kw) -> SearchConfig:
+    d = dict(method="grid", space={"ae.loss.loss_factor": {"values": [1.5, 4.0]}}, metrics=("gfd",),
+             modes=("min",))
+    d.update(kw)
+    return SearchConfig(**d)
+
+
+def ae_done(key, ckpt="/ck", run="r", **metrics):
+    return {"key": key, "kind": "ae", "checkpoint": ckpt, "mlflow_run_id": run, "final": 1.0, "bpp": 0.1,
+            **metrics, "config": {"ignored": True}}
+
+
+def test_grid_then_spawned_base_trials_ahead_of_new_ae_trials():
+    s = SpawningSearcher(grid_search(space={"ae.loss.loss_factor": {"values": [1.5, 2.0, 4.0]}}),
+                         ["small", "medium"])
+    c0 = s.suggest("t0")
+    c1 = s.suggest("t1")
+    assert (c0["kind"], c0["key"], c0["overrides"]) == ("ae", "ae-0000", {"ae.loss.loss_factor": 1.5})
+    assert (c1["key"], c1["overrides"]) == ("ae-0001", {"ae.loss.loss_factor": 2.0})
+    s.on_trial_complete("t0", ae_done("ae-0000", ckpt="/ck0", run="run0"))
+    # the finished AE's two base trials come before the third AE trial
+    b0, b1, c2 = s.suggest("t2"), s.suggest("t3"), s.suggest("t4")
+    assert [b0["key"], b1["key"], c2["key"]] == ["ae-0000-small", "ae-0000-medium", "ae-0002"]
+    assert b0 == {"kind": "base", "key": "ae-0000-small", "ae_key": "ae-0000", "base": "small",
+                  "ae_checkpoint": "/ck0", "ae_run_id": "run0", "overrides": {"ae.loss.loss_factor": 1.5}}
+    assert s.suggest("t5") is None  # everything handed out, outcomes pending: wait, not FINISHED
+    assert not s.is_finished()
+
+
+def test_objective_told_only_after_all_base_trials():
+    s = SpawningSearcher(grid_search(), ["small", "medium"])
+    s.suggest("a0"), s.suggest("a1")
+    s.on_trial_complete("a0", ae_done("ae-0000", gfd=99.0))  # an AE's own gfd is not the objective
+    assert s.aes["ae-0000"]["objective"] is None
+    assert s.study.trials[0].state.name == "RUNNING"
+    s.suggest("b0"), s.suggest("b1")
+    s.on_trial_complete("b0", {"key": "ae-0000-small", "gfd": 2.0, "final": 1.0})
+    assert s.study.trials[0].state.name == "RUNNING"  # medium still out
+    s.on_trial_complete("b1", {"key": "ae-0000-medium", "gfd": 4.0, "final": 1.0})
+    assert s.aes["ae-0000"]["objective"] == [3.0]  # mean over base models
+    assert s.study.trials[0].state.name == "COMPLETE" and s.study.trials[0].value == 3.0
+    # duplicate completion (e.g. a trial re-run after resume) changes nothing
+    s.on_trial_complete("b1", {"key": "ae-0000-medium", "gfd": 100.0})
+    assert s.aes["ae-0000"]["objective"] == [3.0] and len(s.study.trials) == 2
+
+
+def test_finished_only_when_everything_reported():
+    s = SpawningSearcher(grid_search(), ["tiny"])
+    s.suggest("a0"), s.suggest("a1")
+    s.on_trial_complete("a0", ae_done("ae-0000"))
+    s.on_trial_complete("a1", ae_done("ae-0001"))
+    s.suggest("b0"), s.suggest("b1")
+    s.on_trial_complete("b0", {"key": "ae-0000-tiny", "gfd": 1.0})
+    assert s.suggest("x") is None
+    s.on_trial_complete("b1", {"key": "ae-0001-tiny", "gfd": 0.5})
+    assert s.suggest("y") == Searcher.FINISHED and s.is_finished()
+    assert [r["key"] for r in s.ranked()] == ["ae-0001", "ae-0000"]
+    assert s.counts() == {"ae_done": 2, "base_done": 2}
+
+
+def test_failed_ae_spawns_nothing_and_failed_base_fails_the_objective():
+    s = SpawningSearcher(grid_search(), ["tiny"])
+    s.suggest("a0"), s.suggest("a1")
+    s.on_trial_complete("a0", None, error=True)
+    assert s.aes["ae-0000"]["status"] == "failed" and s.study.trials[0].state.name == "FAIL"
+    s.on_trial_complete("a1", ae_done("ae-0001"))
+    b = s.suggest("b")
+    assert b["key"] == "ae-0001-tiny"
+    s.on_trial_complete("b", {"key": "ae-0001-tiny"}, error=True)
+    assert s.aes["ae-0001"]["status"] == "failed" and s.suggest("z") == Searcher.FINISHED
+
+
+def test_metric_sources_ae_metric_and_named_base():
+    s = SpawningSearcher(SearchConfig(method="optuna-nsga2", space={"ae.loss.loss_factor": {"low": 1.0, "high": 4.0}},
+                                      metrics=("bpp", "big/gfd"), modes=("min", "min"), num_samples=1),
+                         ["small", "big"])
+    c = s.suggest("a")
+    assert 1.0 <= c["overrides"]["ae.loss.loss_factor"] <= 4.0
+    s.on_trial_complete("a", ae_done("ae-0000", bpp=0.25))
+    s.suggest("b1"), s.suggest("b2")
+    s.on_trial_complete("b1", {"key": "ae-0000-small", "gfd": 1.0})
+    s.on_trial_complete("b2", {"key": "ae-0000-big", "gfd": 7.0})
+    assert s.aes["ae-0000"]["objective"] == [0.25, 7.0]
+    assert s.study.trials[0].values == [0.25, 7.0]
+
+
+def test_no_base_models_objective_from_ae():
+    s = SpawningSearcher(grid_search(metrics=("bpp",)), [])
+    s.suggest("a0"), s.suggest("a1")
+    s.on_trial_complete("a0", ae_done("ae-0000", bpp=0.3))
+    s.on_trial_complete("a1", ae_done("ae-0001", bpp=0.2))
+    assert s.suggest("x") == Searcher.FINISHED
+    assert [r["objective"] for r in s.ranked()] == [[0.2], [0.3]]
+
+
+def test_tpe_samples_in_range_and_learns_from_objectives():
+    space = {"ae.loss.loss_factor": {"low": 1.0, "high": 4.0, "log": True},
+             "ae.model.latent_channels": {"low": 2, "high": 16, "int": True}}
+    s = SpawningSearcher(SearchConfig(method="optuna-tpe", space=space, num_samples=12, metrics=("gfd",),
+                                      modes=("min",), seed=1), ["tiny"])
+    for i in range(12):
+        c = s.suggest(f"a{i}")
+        lf, ch = c["overrides"]["ae.loss.loss_factor"], c["overrides"]["ae.model.latent_channels"]
+        assert 1.0 <= lf <= 4.0 and isinstance(ch, int) and 2 <= ch <= 16
+        s.on_trial_complete(f"a{i}", ae_done(c["key"]))
+        b = s.suggest(f"b{i}")
+        s.on_trial_complete(f"b{i}", {"key": b["key"], "gfd": (lf - 2.0) ** 2})
+    assert s.suggest("end") == Searcher.FINISHED
+    assert len(s.study.trials) == 12 and all(t.state.name == "COMPLETE" for t in s.study.trials)
+
+
+def test_save_restore_midway_neither_loses_nor_doubles(tmp_path):
+    s = SpawningSearcher(grid_search(space={"ae.loss.loss_factor": {"values": [1.5, 2.0, 4.0]}}), ["tiny"])
+    s.suggest("a0"), s.suggest("a1")
+    s.on_trial_complete("a0", ae_done("ae-0000"))
+    s.suggest("b0")  # ae-0000-tiny handed out
+    s.on_trial_complete("a1", ae_done("ae-0001"))  # ae-0001-tiny queued, not yet handed out
+    s.save_to_dir(str(tmp_path), session_str="x")
+
+    r = SpawningSearcher(grid_search(space={"ae.loss.loss_factor": {"values": [1.5, 2.0, 4.0]}}), ["tiny"])
+    r.restore_from_dir(str(tmp_path))
+    assert r.next_index == 2 and r.queue == [("ae-0001", "tiny")]
+    assert r.suggest("b1")["key"] == "ae-0001-tiny"  # the queued one, once
+    assert r.suggest("a2")["key"] == "ae-0002"
+    # the restored, resumed trial b0 reports under its old id
+    r.on_trial_complete("b0", {"key": "ae-0000-tiny", "gfd": 1.0})
+    r.on_trial_complete("b1", {"key": "ae-0001-tiny", "gfd": 2.0})
+    r.on_trial_complete("a2", ae_done("ae-0002"))
+    assert r.suggest("b2")["key"] == "ae-0002-tiny"
+    r.on_trial_complete("b2", {"key": "ae-0002-tiny", "gfd": 0.5})
+    assert r.suggest("end") == Searcher.FINISHED
+    keys = sorted(set(r.trial_keys.values()))
+    assert keys == ["ae-0000", "ae-0000-tiny", "ae-0001", "ae-0001-tiny", "ae-0002", "ae-0002-tiny"]
+    assert len(r.trial_keys) == 6 and [t.value for t in r.study.trials] == [1.0, 2.0, 0.5]
+
+
+def test_repeats_increment_seed_and_searcher_pickles():
+    s = SpawningSearcher(SearchConfig(method="none", num_samples=2, metrics=("bpp",), modes=("min",)), [],
+                         base_seed=7)
+    assert s.suggest("a")["overrides"] == {}
+    assert s.suggest("b")["overrides"] == {"ae.train.seed": 8}
+    assert pickle.loads(pickle.dumps(s)).next_index == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# end-to-end (Ray): helpers
+
+
+def tiny_experiment(name: str, n_ae: int = 2, bases=("tiny",), steps: int = 20, **search) -> dict:
+    train = {"steps": steps, "batch_size": 16, "log_every": 5, "eval_images": 32, "eval_t_per_image": 1,
+             "sample_steps": 4}
+    d = {
+        "name": name,
+        "data": {"path": "builtin:digits", "image_size": 16},
+        "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 4},
+               "optim": {"warmup_steps": 2}, "train": train},
+        "base_models": [{"name": b, "model": {"preset": "tiny"}, "optim": {"warmup_steps": 2}, "train": train}
+                        for b in bases],
+        "search": {"method": "grid", "space": {"ae.loss.loss_factor": {"values": [1.5, 4.0, 2.0, 3.0][:n_ae]}},
+                   "metrics": ["gfd_digits"] if bases else ["bpp"], "modes": ["min"], "max_concurrent": 2,
+                   **search},
+        "resources": {"num_workers": 1, "cpus_per_worker": 0.99},
+    }
+    experiment_from_dict(d)  # fail fast on a bad test config
+    return d
+
+
+def write_yaml(tmp_path: Path, d: dict) -> Path:
+    p = tmp_path / f"{d['name']}.yaml"
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    return p
+
+
+def sweep_env(tmp_path: Path) -> dict:
+    env = dict(os.environ)
+    env.update({"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": ""})
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI")
+    return env
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "ulsweep.sweep.cli", "run", *map(str, args)]
+
+
+def mlflow_runs(run_dir: Path):
+    from ulsweep import tracking
+
+    state = json.loads((run_dir / "sweep.json").read_text())
+    c = tracking.client(state["tracking_uri"])
+    runs = tracking.sweep_runs(c, state["mlflow_experiment_id"], state["sweep_id"])
+    return state, c, {r.data.tags[tracking.TAG_KEY]: r for r in runs}, runs
+
+
+def check_lineage(run_dir: Path, ae_keys: list[str], bases: list[str]) -> dict:
+    """Three-level lineage, one run per key, nothing RUNNING, params/metrics/artifacts present."""
+    from ulsweep import tracking
+
+    state, c, by_key, runs = mlflow_runs(run_dir)
+    expected = {"sweep", *ae_keys, *(f"{k}-{b}" for k in ae_keys for b in bases)}
+    assert sorted(by_key) == sorted(expected)
+    assert len(runs) == len(expected), "duplicate MLflow runs for a key"
+    assert all(r.info.status == "FINISHED" for r in runs), {k: r.info.status for k, r in by_key.items()}
+    sweep = by_key["sweep"]
+    for k in ae_keys:
+        ae = by_key[k]
+        assert ae.data.tags[tracking.TAG_PARENT] == sweep.info.run_id
+        assert "ae.loss.loss_factor" in ae.data.params
+        assert "bpp" in ae.data.metrics and "psnr" in ae.data.metrics
+        assert ae.data.tags.get(tracking.TAG_CHECKPOINT)
+        assert len(c.get_metric_history(ae.info.run_id, "loss")) >= 2  # a curve, not a point
+        arts = {a.path for a in c.list_artifacts(ae.info.run_id)}
+        assert "config.yaml" in arts
+        for b in bases:
+            br = by_key[f"{k}-{b}"]
+            assert br.data.tags[tracking.TAG_PARENT] == ae.info.run_id
+            assert any(m.startswith("gfd") for m in br.data.metrics)
+        if bases:
+            assert any(m.startswith("objective/") for m in ae.data.metrics)
+    return by_key
+
+
+# ----------------------------------------------------------------------------------------------
+# end-to-end (Ray)
+
+
+@pytest.mark.slow
+def test_local_sweep_two_ae_one_base_with_lineage(tmp_path):
+    d = tiny_experiment("e2e", n_ae=2)
+    f = write_yaml(tmp_path, d)
+    t0 = time.time()
+    p = subprocess.run(cli(f, "--storage", tmp_path / "runs"), cwd=tmp_path, env=sweep_env(tmp_path),
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    run_dir = tmp_path / "runs" / "e2e"
+    check_lineage(run_dir, ["ae-0000", "ae-0001"], ["tiny"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["counts"] == {"ae_done": 2, "base_done": 2}
+    assert all(t["objective"] for t in summary["trials"])
+    assert "mlflow" in p.stdout and str(run_dir) in p.stdout  # summary says where to look
+    print(f"local sweep wall {time.time() - t0:.0f} s")
+
+
+def _wait_for(pred, timeout: float, what: str, proc=None):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"driver exited ({proc.returncode}) before {what}")
+        time.sleep(1.0)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _kill_group(proc):
+    """SIGKILL the driver, then whatever is left of the process group it leads (ours: start_new_session)."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_finishes_every_trial_once(tmp_path):
+    d = tiny_experiment("kill", n_ae=3, steps=40)
+    d["search"]["max_concurrent"] = 2
+    f = write_yaml(tmp_path, d)
+    run_dir = tmp_path / "runs" / "kill"
+    env = sweep_env(tmp_path)
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cli(f, "--storage", tmp_path / "runs"), cwd=tmp_path, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # kill once an AE trial has finished and spawned work is under way
+        _wait_for(lambda: (run_dir / "trials" / "ae-0000" / "result.json").exists()
+                  or (run_dir / "trials" / "ae-0001" / "result.json").exists(), 600, "a finished AE trial", proc)
+        time.sleep(8)
+    finally:
+        _kill_group(proc)
+    finished_before = {p.parent.name: p.stat().st_mtime for p in (run_dir / "trials").glob("*/result.json")}
+    assert finished_before, "nothing finished before the kill"
+    _, _, by_key, _ = mlflow_runs(run_dir)
+    assert any(r.info.status == "RUNNING" for r in by_key.values())  # the kill left runs RUNNING
+
+    p = subprocess.run(cli(f, "--storage", tmp_path / "runs", "--resume"), cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    ae_keys = ["ae-0000", "ae-0001", "ae-0002"]
+    check_lineage(run_dir, ae_keys, ["tiny"])  # one run per key, none RUNNING
+    # finished trials were not trained again
+    for key, mtime in finished_before.items():
+        assert (run_dir / "trials" / key / "result.json").stat().st_mtime == mtime, key
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["counts"] == {"ae_done": 3, "base_done": 3}
+    # every trial's loop reached its last step exactly once: one final checkpoint each
+    for key in ae_keys + [f"{k}-tiny" for k in ae_keys]:
+        steps = sorted(x.name for x in (run_dir / "trials" / key / "checkpoints").iterdir()
+                       if x.name.startswith("step_"))
+        assert steps and steps[-1] == "step_00000040", (key, steps)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_with(text: str) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            out.append(int(p.name))
+    return out
+
+
+@pytest.mark.slow
+def test_two_node_cluster_with_address(tmp_path):
+    temp = Path("/tmp") / f"ulsw-2n-{os.getpid()}"  # short: Ray's socket paths must stay < 108 bytes
+    port = _free_port()
+    env = sweep_env(tmp_path)
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    started = []
+    try:
+        head = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1",
+                               f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats",
+                               f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+                               f"--ray-client-server-port={_free_port()}",
+                               f"--min-worker-port={port + 100}", f"--max-worker-port={port + 300}"],
+                              env=env, capture_output=True, text=True, timeout=180)
+        started.append("head")
+        assert head.returncode == 0, head.stdout + head.stderr
+        worker = subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
+                                 f"--temp-dir={temp}", "--disable-usage-stats",
+                                 f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+                                 f"--min-worker-port={port + 400}", f"--max-worker-port={port + 600}"],
+                                env=env, capture_output=True, text=True, timeout=180)
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+        d = tiny_experiment("twonode", n_ae=2, bases=())
+        f = write_yaml(tmp_path, d)
+        p = subprocess.run(cli(f, "--storage", tmp_path / "runs", "--address", f"127.0.0.1:{port}"),
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+        by_key = check_lineage(tmp_path / "runs" / "twonode", ["ae-0000", "ae-0001"], [])
+        nodes = {r.data.tags.get("ray.node_id") for k, r in by_key.items() if k != "sweep"}
+        assert len(nodes) == 2, f"both trials ran on one node: {nodes}"
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in _pids_with(str(temp)):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(3)
+        assert not _pids_with(str(temp)), "Ray processes of the test cluster survived"
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_workers_match_one_worker(tmp_path):
+    """Same global batch, 1 vs 2 gloo workers through TorchTrainer: same training losses."""
+    import ray
+
+    from ulsweep import tracking
+    from ulsweep.config import ResourcesConfig
+    from ulsweep.sweep.trial import fit_stage
+
+    d = tiny_experiment("ddp", n_ae=1, bases=(), steps=4)
+    d["ae"]["train"].update({"log_every": 1, "batch_size": 16})
+    d["ae"]["optim"] = {"warmup_steps": 0, "ema_decay": 0.0}
+    exp = experiment_from_dict(d)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        losses = {}
+        for n in (1, 2):
+            res = ResourcesConfig(num_workers=n, cpus_per_worker=0.99)
+            c = tracking.client(uri)
+            eid = tracking.get_or_create_experiment(c, "ddp", str(tmp_path / "art"))
+            run_id = c.create_run(eid, run_name=f"w{n}").info.run_id
+            fit_stage(exp, str(tmp_path / f"w{n}"), tracking_uri=uri, run_id=run_id, resources=res)
+            hist = sorted(c.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+            losses[n] = [m.value for m in hist]
+    finally:
+        ray.shutdown()
+    assert len(losses[1]) == 4
+    assert losses[1] == pytest.approx(losses[2], rel=1e-3, abs=1e-4), losses

@@ -1,0 +1,103 @@
+"""MLflow lineage helpers against a real (sqlite) tracking store."""
+from __future__ import annotations
+
+import pytest
+
+from ulsweep import tracking
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mlflow")
+    uri = tracking.resolve_tracking_uri(None, None, str(d))
+    c = tracking.client(uri)
+    eid = tracking.get_or_create_experiment(c, "t", str(d / "art"))
+    return uri, c, eid
+
+
+def test_default_uri_is_absolute_sqlite_in_run_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_tracking_uri(None, None, str(tmp_path / "r")) == f"sqlite:///{tmp_path}/r/mlflow.db"
+    # relative sqlite paths are made absolute (Ray changes workers' directories)
+    assert tracking.resolve_tracking_uri("sqlite:///x.db", None, "r") == f"sqlite:///{tmp_path}/x.db"
+    assert tracking.default_tracking_uri("s3://bucket/runs/exp", create=False) == \
+        f"sqlite:///{tmp_path}/runs/exp/mlflow.db"
+
+
+def test_uri_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert tracking.resolve_tracking_uri("http://cli:5000", "http://cfg", str(tmp_path)) == "http://cli:5000"
+    assert tracking.resolve_tracking_uri(None, "http://cfg", str(tmp_path)) == "http://env:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking.resolve_tracking_uri(None, "http://cfg", str(tmp_path)) == "http://cfg"
+
+
+def test_three_level_lineage_and_reuse_by_key(store):
+    uri, c, eid = store
+    sweep = tracking.create_sweep_run(c, eid, "sweep-x")
+    ae, new = tracking.get_or_create_trial_run(c, eid, sweep, "ae-0000", "ae", sweep)
+    assert new
+    base, new_b = tracking.get_or_create_trial_run(c, eid, sweep, "ae-0000-tiny", "base", ae)
+    again, new2 = tracking.get_or_create_trial_run(c, eid, sweep, "ae-0000", "ae", sweep)
+    assert again == ae and not new2  # the same key never makes a second run
+    r = c.get_run(base)
+    assert r.data.tags[tracking.TAG_PARENT] == ae and r.data.tags[tracking.TAG_SWEEP] == sweep
+    assert c.get_run(ae).data.tags[tracking.TAG_PARENT] == sweep
+    # a killed driver leaves RUNNING runs: resume closes them, and a reopened run is RUNNING again
+    closed = tracking.close_orphans(c, eid, sweep, exclude=[sweep])
+    assert sorted(closed) == ["ae-0000", "ae-0000-tiny"]
+    assert c.get_run(ae).info.status == "KILLED"
+    reopened, _ = tracking.get_or_create_trial_run(c, eid, sweep, "ae-0000", "ae", sweep)
+    assert reopened == ae and c.get_run(ae).info.status == "RUNNING"
+    assert len(tracking.sweep_runs(c, eid, sweep)) == 3
+
+
+def test_params_batched_and_truncated(store):
+    uri, c, eid = store
+    run = c.create_run(eid).info.run_id
+    params = {f"p.{i}": i for i in range(250)}
+    params["long"] = "x" * 10000
+    tracking.log_params(c, run, params)
+    got = c.get_run(run).data.params
+    assert len(got) == 251 and got["p.249"] == "249" and len(got["long"]) == 6000
+
+
+def test_metric_buffer_batches_curves(store):
+    uri, c, eid = store
+    run = c.create_run(eid).info.run_id
+    calls = []
+
+    class Counting:
+        def log_batch(self, run_id, metrics=(), params=(), tags=()):
+            calls.append(len(metrics))
+            return c.log_batch(run_id, metrics=metrics)
+
+    buf = tracking.MetricBuffer(Counting(), run, flush_s=3600, max_items=1000)
+    for step in range(1, 101):
+        buf.add(step, {"loss": 1.0 / step, "lr": 1e-3, "flag": True})  # bools are not metrics
+    assert calls == []
+    buf.flush()
+    assert calls == [200]
+    hist = c.get_metric_history(run, "loss")
+    assert len(hist) == 100 and {m.step for m in hist} == set(range(1, 101))
+
+
+def test_retry_on_locked_database():
+    n = {"k": 0}
+
+    def flaky():
+        n["k"] += 1
+        if n["k"] < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert tracking.retry(flaky) == "ok" and n["k"] == 3
+    with pytest.raises(ValueError):
+        tracking.retry(lambda: (_ for _ in ()).throw(ValueError("bad param")))
+
+
+def test_render_table():
+    t = tracking.render_table([{"a": 1.23456, "b": "x"}, {"a": None, "b": "long"}], ["a", "b"])
+    lines = t.splitlines()
+    assert lines[0].split() == ["a", "b"] and "1.235" in lines[2] and lines[3].split() == ["long"]
