@@ -15,13 +15,14 @@ TINY_TRAIN = {"steps": 2, "batch_size": 8, "log_every": 1, "eval_images": 8, "ev
               "sample_steps": 2}
 
 
-def tiny_exp(**ae_train):
+def tiny_exp(extractor="none", **ae_train):
     return experiment_from_dict({
         "name": "t",
         "data": {"path": "builtin:digits", "image_size": 16},
         "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2},
                "train": {**TINY_TRAIN, **ae_train}},
         "base_models": [{"name": "b", "train": TINY_TRAIN}],
+        "eval": {"extractor": extractor, "gfd_samples": 16, "extractor_epochs": 1},
     })
 
 
@@ -45,11 +46,12 @@ def losses(rec):
 
 
 def test_two_step_runs_of_both_stages(tmp_path, digits_cache):
-    exp = tiny_exp()
+    exp = tiny_exp(extractor="auto")  # trains and caches the digits domain extractor (1 epoch)
     rec = Recorder()
     res = train_autoencoder(exp, str(tmp_path / "ae"), rec)
     assert res.steps == 2 and [s for s, _ in losses(rec)] == [1, 2]
-    for k in ("bpp", "bpp_se", "psnr", "gflops_encoder", "gflops_prior", "gflops_decoder", "train_flops"):
+    for k in ("bpp", "bpp_se", "psnr", "rfd_digits", "gflops_encoder", "gflops_prior", "gflops_decoder",
+              "train_flops"):
         assert k in res.metrics and res.metrics[k] == res.metrics[k], k  # present and not NaN
     assert res.metrics["bpp"] > 0 and 0 < res.metrics["psnr"] < 60
     assert os.path.exists(os.path.join(res.extra["images"]["reconstructions.png"]))
@@ -59,6 +61,7 @@ def test_two_step_runs_of_both_stages(tmp_path, digits_cache):
 
     b = train_base(exp, exp.base_models[0], res.checkpoint, str(tmp_path / "base"))
     assert b.steps == 2 and b.metrics["base_bpp"] > 0 and b.metrics["gflops_base"] > 0
+    assert b.metrics["gfd_digits"] > 0 and b.metrics["gen_samples"] == 16
     assert os.path.exists(b.extra["images"]["samples.png"])
     # a finished run is not trained again: the stored result comes back
     again = train_autoencoder(exp, str(tmp_path / "ae"), Recorder())
@@ -144,7 +147,7 @@ def test_nonfinite_loss_stops_with_clear_error(tmp_path, digits_cache, monkeypat
 @pytest.mark.parametrize("ablation", [
     {"stop_grad_prior": True}, {"logsnr_z0": 10.0}, {"decoder": "mse"}, {"prior": "normal"}])
 def test_ablation_switches_train(tmp_path, digits_cache, ablation):
-    raw = {"data": {"path": "builtin:digits", "image_size": 16},
+    raw = {"data": {"path": "builtin:digits", "image_size": 16}, "eval": {"extractor": "none"},
            "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2}, "loss": ablation,
                   "train": {**TINY_TRAIN, "steps": 1}}}
     res = train_autoencoder(experiment_from_dict(raw), str(tmp_path / "run"), Recorder())

@@ -285,11 +285,32 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Fréchet-distance evaluation. `extractor`: `auto` (a domain classifier ulsweep trains once per dataset
+    and caches: metrics rfd_<name>/gfd_<name>), `inception` (standard FID network, weights from
+    `inception_weights` or $ULSWEEP_INCEPTION_WEIGHTS: metrics rfid/gfid), a domain extractor's weights
+    path/URI, or `none`. rFD uses the AE's `train.eval_images` held-out images and their reconstructions."""
+
+    extractor: str = "auto"
+    extractor_sha256: str | None = None  # pin the extractor's weights
+    extractor_epochs: int = 4  # when `auto` has to train one
+    inception_weights: str | None = None
+    gfd_samples: int = 1000  # base-model samples for gFD
+    gfd_reference_images: int = 10000  # eval-split images giving gFD's reference statistics
+
+    def __post_init__(self):
+        _require(bool(self.extractor), "extractor", self.extractor, "must be auto, inception, none or a path")
+        for k in ("extractor_epochs", "gfd_samples", "gfd_reference_images"):
+            _require(getattr(self, k) > 0, k, getattr(self, k), "must be > 0")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
     ae: AEStageConfig = field(default_factory=AEStageConfig)
     base_models: tuple[BaseStageConfig, ...] = (BaseStageConfig(),)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -24,6 +24,7 @@ from ulsweep.train.common import (EMA, Progress, Runtime, TrainingDiverged, all_
                                   make_optimizer, make_runtime, rng_state, set_rng_state, shard, unwrap,
                                   wrap_ddp)
 from ulsweep.train.data import load_images
+from ulsweep.train.evaluation import load_eval_extractor, reconstruction_fd_of
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.sampling import decoder_schedule, image_grid_png, prior_schedule, reconstruct, to_uint8
 
@@ -86,8 +87,10 @@ def draw_noise(batch: int, z_shape: tuple, x_shape: tuple, gen: torch.Generator,
 
 
 @torch.no_grad()
-def evaluate_ae(ae, x_eval: torch.Tensor, exp: ExperimentConfig, with_images: bool = True) -> tuple[dict, dict]:
-    """Held-out latent bits/pixel (+- s.e.) and reconstruction PSNR (8-bit scale) of an (EMA) autoencoder.
+def evaluate_ae(ae, x_eval: torch.Tensor, exp: ExperimentConfig, with_images: bool = True,
+                extractor=None, data_hash: str = "") -> tuple[dict, dict]:
+    """Held-out latent bits/pixel (+- s.e.), reconstruction PSNR (8-bit scale) and, with an extractor,
+    rFD/rFID of an (EMA) autoencoder on the images `x_eval` (model range).
 
     Uses its own fixed-seed generator so that evaluation never disturbs the training RNG stream.
     Returns (metrics, images) where images maps a name to PNG bytes.
@@ -106,7 +109,12 @@ def evaluate_ae(ae, x_eval: torch.Tensor, exp: ExperimentConfig, with_images: bo
         metrics = {"bpp": bpp.mean().item(), "bpp_se": bpp.std().item() / math.sqrt(len(bpp))}
     recon = torch.cat([reconstruct(ae.encoder, ae.decoder, x_eval[i:i + 256], L, tc.sample_steps, tc.sampler, gen)
                        for i in range(0, len(x_eval), 256)])
-    metrics["psnr"] = psnr(to_uint8(recon), to_uint8(x_eval)).mean().item()
+    real_u8, recon_u8 = to_uint8(x_eval), to_uint8(recon)
+    metrics["psnr"] = psnr(recon_u8, real_u8).mean().item()
+    metrics["psnr_steps"] = float(tc.sample_steps)
+    if extractor is not None:
+        split = f"{exp.data.eval_split}@{exp.data.image_size}"
+        metrics.update(reconstruction_fd_of(extractor, real_u8, recon_u8, data_hash, split))
     images = {}
     if with_images:
         k = min(32, len(x_eval))
@@ -248,14 +256,17 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
     if step < tc.steps:  # stopped early on request
         path = checkpoint({})
         return StageResult({}, path or "", step, train_seconds, {"stopped": True})
-    return finish_ae(exp, run_dir, ema.shadow, x_eval, rt, step, train_seconds, checkpoint, hooks, cfg_hash)
+    return finish_ae(exp, run_dir, ema.shadow, x_eval, rt, step, train_seconds, checkpoint, hooks, cfg_hash,
+                     data_hash)
 
 
-def finish_ae(exp, run_dir, ema_ae, x_eval, rt: Runtime, step, train_seconds, checkpoint, hooks, cfg_hash):
+def finish_ae(exp, run_dir, ema_ae, x_eval, rt: Runtime, step, train_seconds, checkpoint, hooks, cfg_hash,
+              data_hash):
     """Final evaluation, checkpoint and result.json (rank 0), the same result on every rank."""
     if not rt.is_main:
         return StageResult({}, "", step, train_seconds)
-    metrics, images = evaluate_ae(ema_ae, x_eval, exp)
+    extractor = load_eval_extractor(exp, rt.device)
+    metrics, images = evaluate_ae(ema_ae, x_eval, exp, extractor=extractor, data_hash=data_hash)
     c, h, w = x_eval.shape[1:]
     metrics.update(_flops_metrics(exp, c, step))
     hooks.log_metrics(step, {f"eval_{k}": v for k, v in metrics.items()})
@@ -264,8 +275,9 @@ def finish_ae(exp, run_dir, ema_ae, x_eval, rt: Runtime, step, train_seconds, ch
     result = {"metrics": metrics, "checkpoint": path, "steps": step, "train_seconds": train_seconds,
               "config_hash": cfg_hash, "extra": extra}
     _write_outputs(run_dir, {}, result)
+    fd = "".join(f"  {k}={v:.3f}" for k, v in metrics.items() if k.startswith(("rfd", "rfid")))
     print(f"[ae {exp.name}] done: bits/pixel={metrics['bpp']:.4f} +- {metrics['bpp_se']:.4f}  "
-          f"PSNR={metrics['psnr']:.2f} dB  checkpoint={path}", flush=True)
+          f"PSNR={metrics['psnr']:.2f} dB{fd}  checkpoint={path}", flush=True)
     return StageResult(metrics, path, step, train_seconds, extra)
 
 

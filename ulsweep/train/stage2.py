@@ -19,6 +19,7 @@ from ulsweep.train.checkpoint import CheckpointError, load_checkpoint, save_chec
 from ulsweep.train.common import (EMA, Progress, TrainingDiverged, all_reduce_mean, lr_at, make_optimizer,
                                   make_runtime, rng_state, set_rng_state, shard, wrap_ddp)
 from ulsweep.train.data import load_images
+from ulsweep.train.evaluation import generation_fd_of, load_eval_extractor
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.sampling import decode, generate_latents, image_grid_png, to_uint8
 from ulsweep.train.stage1 import _write_outputs, finished_result, resume_state
@@ -48,18 +49,25 @@ def encode_all(encoder, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_base(base_model, ae, ae_exp: ExperimentConfig, base: BaseStageConfig, x_eval, latent_shape,
-                  n_samples: int, with_images: bool = True) -> tuple[dict, dict, torch.Tensor]:
+def evaluate_base(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentConfig, base: BaseStageConfig,
+                  x_eval, latent_shape, extractor=None, data_hash: str = "") -> tuple[dict, dict]:
     """Held-out latent bits/pixel under the base model (unweighted ELBO, Table 5's 'bpd with base
-    model') and decoded samples (uint8). Returns (metrics, images, samples_u8)."""
+    model'), decoded samples, and with an extractor gFD/gFID of `eval.gfd_samples` samples against the
+    first `eval.gfd_reference_images` held-out images. Returns (metrics, images as PNG bytes)."""
     tc = base.train
     gen = torch.Generator(x_eval.device).manual_seed(tc.seed + 54321)
     sched = base_schedule(ae_exp, base)
-    est = latent_bitrate(ae.encoder, base_model, x_eval, sched, tc.eval_t_per_image, generator=gen)
+    est = latent_bitrate(ae.encoder, base_model, x_eval[:tc.eval_images], sched, tc.eval_t_per_image,
+                         generator=gen)
     metrics = {"base_bpp": est.bpp, "base_bpp_se": est.bpp_se}
-    samples = generate(base_model, ae, ae_exp, base, n_samples, latent_shape, tuple(x_eval.shape[1:]), gen)
-    images = {"samples.png": image_grid_png(samples[:64], cols=8)} if with_images else {}
-    return metrics, images, samples
+    n = exp.eval.gfd_samples if extractor is not None else 64
+    samples = generate(base_model, ae, ae_exp, base, n, latent_shape, tuple(x_eval.shape[1:]), gen)
+    if extractor is not None:
+        ref = to_uint8(x_eval[:exp.eval.gfd_reference_images])
+        split = f"{exp.data.eval_split}@{exp.data.image_size}"
+        metrics.update(generation_fd_of(extractor, samples, ref, data_hash, split))
+        metrics["gen_samples"] = float(n)
+    return metrics, {"samples.png": image_grid_png(samples[:64], cols=8)}
 
 
 @torch.no_grad()
@@ -90,7 +98,7 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     if done is not None:
         return done
     torch.manual_seed(tc.seed + 1000 * rt.rank)
-    x_train, x_eval, data_hash = load_images(exp.data, rt.device, tc.eval_images)
+    x_train, x_eval, data_hash = load_images(exp.data, rt.device, max(tc.eval_images, exp.eval.gfd_reference_images))
     z_train = encode_all(ae.encoder, x_train)  # (N, c, h, w) frozen latents
     del x_train
     latent_shape = tuple(z_train.shape[1:])
@@ -177,8 +185,8 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
         return StageResult({}, path or "", step, train_seconds, {"stopped": True})
     if not rt.is_main:
         return StageResult({}, "", step, train_seconds)
-    metrics, images, samples = evaluate_base(ema.shadow, ae, ae_exp, base, x_eval, latent_shape,
-                                             n_samples=min(tc.eval_images, 64))
+    extractor = load_eval_extractor(exp, rt.device)
+    metrics, images = evaluate_base(ema.shadow, ae, exp, ae_exp, base, x_eval, latent_shape, extractor, data_hash)
     metrics.update(_flops_metrics(exp, base, latent_shape, step))
     hooks.log_metrics(step, {f"eval_{k}": v for k, v in metrics.items()})
     path = checkpoint(metrics)
@@ -186,7 +194,8 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     result = {"metrics": metrics, "checkpoint": path, "steps": step, "train_seconds": train_seconds,
               "config_hash": cfg_hash, "extra": extra}
     _write_outputs(run_dir, {}, result)
-    print(f"[base {base.name}] done: base-model latent bits/pixel={metrics['base_bpp']:.4f}  "
+    fd = "".join(f"  {k}={v:.3f}" for k, v in metrics.items() if k.startswith(("gfd_", "gfid")))
+    print(f"[base {base.name}] done: base-model latent bits/pixel={metrics['base_bpp']:.4f}{fd}  "
           f"checkpoint={path}", flush=True)
     return StageResult(metrics, path, step, train_seconds, extra)
 
