@@ -33,8 +33,8 @@ def lam(b: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("downsample", [2, 4, 8, 16, 32])
 @pytest.mark.parametrize("latent_channels", [1, 4, 16])
-@pytest.mark.parametrize("image_channels", [1, 3])
-def test_stage1_shapes(downsample, latent_channels, image_channels):
+def test_stage1_shapes(downsample, latent_channels):
+    image_channels = 3 if latent_channels == 4 else 1  # every downsample sees both 1 and 3 channels
     size = max(32, 2 * downsample)  # 64 for downsample 32 (2x2 latent)
     B, h = 2, size // downsample
     enc = Encoder(image_channels, latent_channels, downsample, TINY)

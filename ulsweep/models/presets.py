@@ -8,15 +8,15 @@ latent_channels 8, downsample 4 for small/tiny and 16 for paper; the encoder dep
 the prior/base on latent_channels only through their in/out projections):
 
     AE preset | encoder | prior ViT | decoder UViT | AE total
-    tiny      |  0.03M  |   0.18M   |    0.31M     |   0.52M
-    small     |  0.98M  |   4.88M   |   19.15M     |  25.0M
-    paper     | 22.7M   |  152.4M   |  186.2M      | 361.3M
+    tiny      |  0.031M |   0.171M  |    0.260M    |   0.462M
+    small     |  0.825M |   4.969M  |   16.958M    |  22.753M
+    paper     | 30.440M | 154.417M  |  197.504M    | 382.361M
 
     base preset | BaseViT
-    tiny        |   0.15M
-    small       |   8.97M
-    medium      |  20.2M
-    paper       | 343.0M
+    tiny        |   0.235M
+    small       |   9.145M
+    medium      |  25.845M
+    paper       | 346.995M
 
 Transformer blocks use per-block adaLN-Zero (DiT), i.e. 18 d^2 parameters a block (attention 4 d^2,
 MLP 8 d^2, modulation 6 d^2): the paper prior (8 x 1024) is ~101M without the modulation, 151M with it.
