@@ -29,12 +29,21 @@ def digits_split():
     return x[:1400], y[:1400], x[1400:], y[1400:]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small CPU work runs faster on one thread; on a busy 2-core machine two OpenMP threads can be ~10x
+    slower (spin-waiting). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def trained():
+def trained(one_thread):
     xtr, ytr, xte, yte = digits_split()
-    torch.manual_seed(0)
-    res = ex.train_domain_extractor(xtr, ytr, xte, yte, name="digits", arch="cnn-xs-v1", epochs=4,
-                                    batch_size=64, lr=3e-3)
+    res = ex.train_domain_extractor(xtr, ytr, xte, yte, name="digits", arch="cnn-xs-v1", epochs=3,
+                                    batch_size=64, lr=3e-3, seed=0)
     return res, (xtr, ytr, xte, yte)
 
 
@@ -43,7 +52,7 @@ def trained():
 
 def test_domain_extractor_trains_on_tiny_split(trained):
     res, (_, _, xte, yte) = trained
-    assert res.test_accuracy >= 0.6, res.history  # chance is 0.1
+    assert res.test_accuracy >= 0.8, res.history  # chance is 0.1 (measured: 0.987)
     assert res.test_accuracy == pytest.approx(ex.classifier_accuracy(res.model, xte, yte))
     f = res.model(xte[:5])
     assert f.shape == (5, 128) and f.dtype == torch.float32 and torch.isfinite(f).all()
@@ -192,12 +201,26 @@ def test_features_train_cli(tmp_path, monkeypatch, capsys):
     register(parser.add_subparsers(dest="cmd", required=True))
     out = str(tmp_path / "fmnist.pt")
     args = parser.parse_args(["features", "train", "--dataset", "builtin:fashion-mnist", "--out", out,
-                              "--epochs", "1", "--arch", "cnn-xs-v1", "--limit", "600", "--batch-size", "64",
+                              "--epochs", "1", "--arch", "cnn-xs-v1", "--limit", "256", "--batch-size", "128",
                               "--device", "cpu"])
     assert args.func(args) == 0
     meta = json.loads((tmp_path / "fmnist.json").read_text())
-    assert meta["name"] == "fmnist" and meta["dataset_hash"] == "c" * 64 and meta["train_images"] == 600
+    assert meta["name"] == "fmnist" and meta["dataset_hash"] == "c" * 64 and meta["train_images"] == 256
     assert 0 <= meta["test_accuracy"] <= 1 and meta["arch"] == "cnn-xs-v1"
     assert ex.load_domain_extractor(out).name == "fmnist"
     from ulsweep.metrics.fid import metric_name
     assert metric_name("r", ex.load_domain_extractor(out)) == "rfd_fmnist"
+
+
+def test_features_train_cli_unknown_arch(tmp_path, monkeypatch, capsys):
+    import ulsweep.data
+    from ulsweep.metrics.cli import register
+
+    monkeypatch.setattr(ulsweep.data, "resolve_dataset", lambda spec: spec, raising=False)
+    monkeypatch.setattr(ulsweep.data, "open_dataset", lambda uri: FakeDataset(), raising=False)
+    parser = argparse.ArgumentParser(prog="ulsweep")
+    register(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(["features", "train", "--dataset", "x", "--out", str(tmp_path / "a.pt"),
+                              "--arch", "resnet"])
+    assert args.func(args) == 2 and "unknown --arch" in capsys.readouterr().err
+    assert not (tmp_path / "a.pt").exists()

@@ -18,11 +18,27 @@ def _extractor_name(dataset_name: str) -> str:
 
 
 def _features_train(args: argparse.Namespace) -> int:
+    from ulsweep.data import DataError
+
+    from .extractors import ExtractorError
+
+    try:
+        return _features_train_impl(args)
+    except (DataError, ExtractorError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _features_train_impl(args: argparse.Namespace) -> int:
     import torch
 
     from ulsweep.data import open_dataset, resolve_dataset
 
     from .extractors import DOMAIN_ARCHS, save_domain_extractor, train_domain_extractor
+
+    if args.arch not in DOMAIN_ARCHS:
+        print(f"error: unknown --arch {args.arch!r}; known: {', '.join(DOMAIN_ARCHS)}", file=sys.stderr)
+        return 2
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -31,7 +47,7 @@ def _features_train(args: argparse.Namespace) -> int:
     xte, yte = ds.load_split(args.test_split)
     name = args.name or _extractor_name(ds.name)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"training domain extractor {name!r} ({args.arch}, {sum(1 for _ in DOMAIN_ARCHS)} archs known) on "
+    print(f"training domain extractor {name!r} ({args.arch}) on "
           f"{ds.name} [{ds.content_hash[:12]}]: {len(xtr)} train / {len(xte)} test images "
           f"{tuple(xtr.shape[1:])}, {args.epochs} epochs, device {device}", file=sys.stderr)
     res = train_domain_extractor(xtr, ytr, xte, yte, name=name, arch=args.arch, epochs=args.epochs,
@@ -118,7 +134,7 @@ def register(subparsers) -> None:
 
     fl = subparsers.add_parser("flops", help="forward GFLOP per image of each model of an experiment")
     fl.add_argument("config", help="experiment YAML")
-    fl.add_argument("--preset", default=None, choices=["tiny", "small", "medium", "paper"],
+    fl.add_argument("--preset", default=None, choices=["tiny", "small", "paper"],
                     help="override the AE and every base model preset")
     fl.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="config override, e.g. --set data.image_size=512 --set ae.model.downsample=16")
