@@ -152,3 +152,16 @@ def test_ablation_switches_train(tmp_path, digits_cache, ablation):
                   "train": {**TINY_TRAIN, "steps": 1}}}
     res = train_autoencoder(experiment_from_dict(raw), str(tmp_path / "run"), Recorder())
     assert res.metrics["bpp"] > 0 and res.metrics["psnr"] > 0
+
+
+def test_checkpoints_on_an_fsspec_uri(digits_cache):
+    """Run directories may be URIs: memory:// stands in for s3:// / gs:// here."""
+    run = "memory://ulsweep-test/run"
+    exp = tiny_exp(steps=4, ckpt_every=2)
+    first = Recorder(stop_at=2)
+    train_autoencoder(exp, run, first)
+    res = train_autoencoder(exp, run, Recorder())  # resumes from memory://.../step_00000002
+    assert res.steps == 4 and res.checkpoint == "memory://ulsweep-test/run/checkpoints/step_00000004"
+    state, meta = load_checkpoint(res.checkpoint)
+    assert meta["step"] == 4 and "model" in state
+    assert [c.step for c in list_checkpoints(run)] == [2, 4]
