@@ -363,7 +363,6 @@ def test_two_node_cluster_with_address(tmp_path):
         head = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1",
                                f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats",
                                f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-                               f"--ray-client-server-port={_free_port()}",
                                f"--min-worker-port={port + 100}", f"--max-worker-port={port + 300}"],
                               env=env, capture_output=True, text=True, timeout=180)
         started.append("head")
@@ -421,5 +420,6 @@ def test_ddp_two_cpu_workers_match_one_worker(tmp_path):
             losses[n] = [m.value for m in hist]
     finally:
         ray.shutdown()
-    assert len(losses[1]) == 4
+    print("DDP losses by number of workers:", losses)
+    assert len(losses[1]) == 4 and len(set(losses[1])) == 4  # a real curve
     assert losses[1] == pytest.approx(losses[2], rel=1e-3, abs=1e-4), losses

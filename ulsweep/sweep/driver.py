@@ -30,6 +30,9 @@ from ulsweep.sweep.space import planned_overrides, validate_space
 log = logging.getLogger(__name__)
 
 STATE_FILE = "sweep.json"
+# Ray Train V2 knobs for many short trials: notice finished workers sooner (default 2 s), and give a
+# worker group on a busy small machine longer than 60 s to start (design.md §4: 2-core deadlock/timeouts).
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
 TUNE_NAME = "tune"
 
 
@@ -180,11 +183,14 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
             print(f"resume: marked {len(closed)} MLflow run(s) left RUNNING as KILLED: {', '.join(closed)}",
                   file=out, flush=True)
 
-    # ---- Ray
+    # ---- Ray. Tune snapshots its trial table + searcher every 2 s (default >= 10 s): a kill then loses
+    # less (what it loses is re-run idempotently: finished loops return their stored result at once).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None
     started_ray = False
     if not ray.is_initialized():
-        kw: dict[str, Any] = {"log_to_driver": verbose}
+        kw: dict[str, Any] = {"log_to_driver": verbose, "runtime_env": {"env_vars": dict(RAY_TRAIN_ENV)}}
         if address:
             ray.init(address=address, **kw)
         else:
@@ -210,6 +216,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
                                             max_concurrent_trials=exp.search.max_concurrent,
+                                            reuse_actors=True,  # warm trial processes (torch, mlflow imported)
                                             trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(name=TUNE_NAME, storage_path=run_dir, verbose=0,
                                           callbacks=[ProgressCallback()],
@@ -230,8 +237,10 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
         m = r.metrics or {}
         if m.get("final"):
             loop_s += float(m.get("loop_seconds", 0.0))
-        trial_results.append({k: m.get(k) for k in ("key", "kind", "loop_seconds", "train_seconds", "step")}
-                             | {"error": str(r.error)[:500] if r.error else None})
+        cfg = r.config or {}
+        trial_results.append({k: m.get(k) for k in ("loop_seconds", "train_seconds", "step")}
+                             | {"key": cfg.get("key"), "kind": cfg.get("kind"),
+                                "error": _last_line(r.error) if r.error else None})
     wall = time.time() - t_start
     outcome = SweepOutcome(run_dir, uri, sweep_id, eid, records, wall, searcher.counts(), loop_s, trial_results)
 
@@ -263,6 +272,11 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     print(f"{outcome.counts}  wall {wall:.0f} s\n  run dir  {run_dir}\n  mlflow   {uri}\n"
           f"  browse   mlflow ui --backend-store-uri '{uri}'", file=out, flush=True)
     return outcome
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [x for x in str(err).strip().splitlines() if x.strip()]
+    return lines[-1][:500] if lines else repr(err)
 
 
 def _local_tune_dir(tune_dir: str) -> str:

@@ -17,6 +17,7 @@ import importlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -110,13 +111,13 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
         _append_timings(ctx.run_dir, key, {"t_trial": t_trial, "t_fit": t_fit, "t_fit_end": time.time(),
                                            "error": True})
         raise
-    m = result.metrics or {}
+    m = result.metrics or getattr(result, "return_value", None) or {}
     _append_timings(ctx.run_dir, key, {"t_trial": t_trial, "t_fit": t_fit, "t_fit_end": time.time(),
                                        **{k: m.get(k) for k in ("t_worker", "t_loop", "t_loop_end",
                                                                 "train_seconds", "loop_seconds")}})
-    if kind == "base" and result.metrics and parent != ctx.sweep_id:
+    if kind == "base" and m and parent != ctx.sweep_id:
         # the AE run shows its base models' final metrics too, e.g. "tiny/gfd_digits"
-        final = {f"{config['base']}/{k}": v for k, v in result.metrics.items()
+        final = {f"{config['base']}/{k}": v for k, v in m.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _BOOKKEEPING}
         try:
             tracking.log_metrics(c, parent, final, step=0)
@@ -209,18 +210,36 @@ class RayHooks(TrainHooks):
         self.kind, self.key, self.rank, self.world = wcfg["kind"], wcfg["key"], rank, world
         self.local_mode = wcfg["local_mode"]
         self.run_id = wcfg["run_id"]
-        self.client = tracking.client(wcfg["tracking_uri"]) if rank == 0 else None
-        self.buffer = tracking.MetricBuffer(self.client, self.run_id) if self.client else None
         self.last_checkpoint: str | None = None
         self._last_report = 0.0
-        if self.client is not None:
-            try:
-                import ray
+        self._client = self._buffer = None
+        self._ready = threading.Event()
+        if rank == 0:  # MLflow start-up (~1-3 s) overlaps the loop's data loading and model building
+            threading.Thread(target=self._connect, args=(wcfg["tracking_uri"],), daemon=True).start()
+        else:
+            self._ready.set()
 
-                tracking.retry(self.client.set_tag, self.run_id, "ray.node_id",
-                               ray.get_runtime_context().get_node_id())
-            except Exception as e:
-                log.warning("could not tag node id: %s", e)
+    def _connect(self, uri: str) -> None:
+        try:
+            self._client = tracking.client(uri)
+            self._buffer = tracking.MetricBuffer(self._client, self.run_id)
+            import ray
+
+            tracking.retry(self._client.set_tag, self.run_id, "ray.node_id", ray.get_runtime_context().get_node_id())
+        except Exception as e:
+            log.warning("MLflow connection of %s failed: %s", self.key, e)
+        finally:
+            self._ready.set()
+
+    @property
+    def client(self):
+        self._ready.wait()
+        return self._client
+
+    @property
+    def buffer(self):
+        self._ready.wait()
+        return self._buffer
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if self.buffer is not None:
@@ -232,7 +251,7 @@ class RayHooks(TrainHooks):
 
     def checkpoint_saved(self, step: int, path: str, metrics: dict[str, float]) -> None:
         self.last_checkpoint = path
-        if self.client is not None:
+        if self.client is not None and self.buffer is not None:
             self.buffer.flush()
             try:
                 tracking.retry(self.client.set_tag, self.run_id, tracking.TAG_CHECKPOINT, path)
@@ -244,7 +263,7 @@ class RayHooks(TrainHooks):
         final = {k: float(v) for k, v in res.metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
         final.update({"step": res.steps, "train_seconds": res.train_seconds, "loop_seconds": loop_seconds})
-        if self.client is None:
+        if self.client is None or self.buffer is None:
             return final
         self.buffer.flush()
         c, run_id = self.client, self.run_id
@@ -273,18 +292,15 @@ def _log_image(c, run_id: str, name: str, path: str) -> None:
 
 
 def report(metrics: dict, local: bool, checkpoint=None) -> None:
-    """ray.train.report from a worker; in local mode straight to Tune (TorchTrainer's local mode keeps
-    reports to itself). A checkpoint is reported in place (it already lies in the Ray Train run dir)."""
-    if local:
+    """ray.train.report from a worker. In local mode inside Tune, straight to ray.tune.report: Ray Train's
+    local mode keeps reports to itself and refuses ray.train.* calls inside a Tune function. A checkpoint
+    is reported in place (it already lies in the Ray Train run dir: NO_UPLOAD)."""
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+    if local and _in_tune_session():
         import ray.tune
 
-        from ray.tune.trainable.trainable_fn_utils import _in_tune_session
-
-        if _in_tune_session():
-            ray.tune.report(metrics)
-        import ray.train
-
-        ray.train.report(metrics)  # so that Result.metrics holds the last report in local mode too
+        ray.tune.report(metrics)
         return
     import ray.train
     from ray.train.v2.api.report_config import CheckpointUploadMode
@@ -325,8 +341,13 @@ def train_worker(wcfg: dict) -> None:
     import ray.train
 
     t_worker = time.time()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+    if wcfg["local_mode"] and _in_tune_session():  # ray.train.get_context() is refused here
+        rank, world = 0, 1
+    else:
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
     exp = experiment_from_dict(wcfg["experiment"])
     hooks = RayHooks(wcfg, rank, world)
     train_ae, get_train_base = _train_fns(wcfg["train_impl"])
@@ -344,6 +365,7 @@ def train_worker(wcfg: dict) -> None:
         final.update({"checkpoint": res.checkpoint, "mlflow_run_id": wcfg["run_id"]})
     ckpt = _checkpoint_obj(res.checkpoint, run_dir) if rank == 0 and not wcfg["local_mode"] else None
     report(final, local=wcfg["local_mode"], checkpoint=ckpt)
+    return final  # local mode hands it back as Result.return_value
 
 
 # ----------------------------------------------------------------------------------------------
