@@ -403,7 +403,7 @@ def test_ddp_two_cpu_workers_match_one_worker(tmp_path):
 
     d = tiny_experiment("ddp", n_ae=1, bases=(), steps=4)
     d["ae"]["train"].update({"log_every": 1, "batch_size": 16})
-    d["ae"]["optim"] = {"warmup_steps": 0, "ema_decay": 0.0}
+    d["ae"]["optim"] = {"warmup_steps": 0, "ema_std": 0.0}
     exp = experiment_from_dict(d)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     os.environ["RAY_AUTH_MODE"] = "disabled"

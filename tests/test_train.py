@@ -165,3 +165,30 @@ def test_checkpoints_on_an_fsspec_uri(digits_cache):
     state, meta = load_checkpoint(res.checkpoint)
     assert meta["step"] == 4 and "model" in state
     assert [c.step for c in list_checkpoints(run)] == [2, 4]
+
+
+@pytest.mark.parametrize("std", [0.05, 0.1, 0.2])
+def test_power_ema_exponent_gives_the_requested_width(std):
+    from ulsweep.train.common import ema_exponent
+
+    g = ema_exponent(std)
+    assert abs(((g + 1) / ((g + 2) ** 2 * (g + 3))) ** 0.5 - std) < 1e-9
+    if std == 0.1:
+        assert abs(g - 6.94) < 0.01  # EDM2's value for sigma_rel = 0.10
+
+
+def test_power_ema_averages_and_std0_tracks():
+    from torch import nn
+
+    from ulsweep.train.common import EMA
+
+    m = nn.Linear(1, 1, bias=False)
+    ema, track = EMA(m, 0.1), EMA(m, 0.0)
+    for step in range(1, 101):
+        with torch.no_grad():
+            m.weight.fill_(float(step))
+        ema.update(m, step)
+        track.update(m, step)
+    assert track.shadow.weight.item() == 100.0
+    # the average of a linear ramp lags it: between the mean of the ramp (50.5) and its end (100)
+    assert 80 < ema.shadow.weight.item() < 100

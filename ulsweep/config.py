@@ -119,14 +119,14 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    ema_decay: float = 0.999  # 0 disables EMA
+    ema_std: float = 0.05  # EDM2 power-function EMA width relative to training length; 0 disables EMA
 
     def __post_init__(self):
         _require(self.lr > 0, "lr", self.lr, "must be > 0")
         _require(all(0 <= b < 1 for b in self.betas), "betas", self.betas, "must lie in [0, 1)")
         _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         _require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0")
-        _require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "must lie in [0, 1)")
+        _require(0 <= self.ema_std < 0.28, "ema_std", self.ema_std, "must lie in [0, 0.28)")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -97,21 +98,35 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
     return cfg.lr
 
 
-class EMA:
-    """Exponential moving average of a module's parameters (buffers copied)."""
+# EDM2 power-function EMA: beta_t = (1 - 1/t)^(gamma + 1), whose averaging profile has a width of
+# sigma_rel of the training length at every t, with sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)).
+def ema_exponent(std: float) -> float:
+    """gamma of a power-function EMA with relative width `std` (largest real root of the cubic)."""
+    t = std**-2
+    return float(np.roots([1.0, 7.0, 16.0 - t, 12.0 - t]).real.max())
 
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
+
+class EMA:
+    """Power-function EMA of a module's parameters (buffers copied); std 0 tracks the weights exactly.
+
+    A width relative to the run length keeps the average close to the current weights in short sweep
+    trials: a fixed decay of 0.999 over 300 steps averaged so far back that the EMA encoder and EMA prior
+    no longer matched, and the held-out bitrate bound came out 6x that of the online weights.
+    """
+
+    def __init__(self, module: nn.Module, std: float):
+        self.gamma = ema_exponent(std) if std > 0 else None
         self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
 
+    def decay(self, step: int) -> float:
+        """beta after optimizer step `step` (1-based)."""
+        return 0.0 if self.gamma is None else (1.0 - 1.0 / step) ** (self.gamma + 1.0)
+
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self, module: nn.Module, step: int) -> None:
         src = [p.detach() for p in module.parameters()]
         dst = list(self.shadow.parameters())
-        if self.decay == 0:
-            torch._foreach_copy_(dst, src)
-        else:
-            torch._foreach_lerp_(dst, src, 1.0 - self.decay)
+        torch._foreach_lerp_(dst, src, 1.0 - self.decay(step))
         for b_dst, b_src in zip(self.shadow.buffers(), module.buffers()):
             b_dst.copy_(b_src)
 

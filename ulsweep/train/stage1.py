@@ -169,7 +169,7 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
     x_train, x_eval, data_hash = load_images(exp.data, rt.device, tc.eval_images)
     _, c, h, w = x_train.shape
     ae = build_autoencoder(exp.ae, c).to(rt.device)
-    ema = EMA(ae, oc.ema_decay)
+    ema = EMA(ae, oc.ema_std)
     opt = make_optimizer(ae.parameters(), oc, rt.device)
     gen = torch.Generator(rt.device).manual_seed(tc.seed)
     step, train_seconds = 0, 0.0
@@ -220,8 +220,8 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
             group["lr"] = lr_at(step, oc)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema.update(ae)
         step += 1
+        ema.update(ae, step)
         bad |= ~torch.isfinite(loss)
         for k in ("total", "prior", "decoder"):
             acc[k] += losses[k].detach().mean()
@@ -256,17 +256,22 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
     if step < tc.steps:  # stopped early on request
         path = checkpoint({})
         return StageResult({}, path or "", step, train_seconds, {"stopped": True})
-    return finish_ae(exp, run_dir, ema.shadow, x_eval, rt, step, train_seconds, checkpoint, hooks, cfg_hash,
+    return finish_ae(exp, run_dir, ae, ema.shadow, x_eval, rt, step, train_seconds, checkpoint, hooks, cfg_hash,
                      data_hash)
 
 
-def finish_ae(exp, run_dir, ema_ae, x_eval, rt: Runtime, step, train_seconds, checkpoint, hooks, cfg_hash,
+def finish_ae(exp, run_dir, ae, ema_ae, x_eval, rt: Runtime, step, train_seconds, checkpoint, hooks, cfg_hash,
               data_hash):
-    """Final evaluation, checkpoint and result.json (rank 0), the same result on every rank."""
+    """Final evaluation (EMA weights), checkpoint and result.json on rank 0."""
     if not rt.is_main:
         return StageResult({}, "", step, train_seconds)
     extractor = load_eval_extractor(exp, rt.device)
     metrics, images = evaluate_ae(ema_ae, x_eval, exp, extractor=extractor, data_hash=data_hash)
+    if exp.ae.loss.prior == "diffusion":  # the same bound for the online weights: shows any EMA mismatch
+        ae.eval()
+        gen = torch.Generator(x_eval.device).manual_seed(exp.ae.train.seed + 12345)
+        metrics["bpp_online"] = latent_bitrate(ae.encoder, ae.prior, x_eval, prior_schedule(exp.ae.loss),
+                                               exp.ae.train.eval_t_per_image, generator=gen).bpp
     c, h, w = x_eval.shape[1:]
     metrics.update(_flops_metrics(exp, c, step))
     hooks.log_metrics(step, {f"eval_{k}": v for k, v in metrics.items()})

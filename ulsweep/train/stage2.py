@@ -103,7 +103,7 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     del x_train
     latent_shape = tuple(z_train.shape[1:])
     net = build_base_model(base, latent_shape[0]).to(rt.device)
-    ema = EMA(net, oc.ema_decay)
+    ema = EMA(net, oc.ema_std)
     opt = make_optimizer(net.parameters(), oc, rt.device)
     gen = torch.Generator(rt.device).manual_seed(tc.seed)
     step, train_seconds = 0, 0.0
@@ -158,8 +158,8 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
             group["lr"] = lr_at(step, oc)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema.update(net)
         step += 1
+        ema.update(net, step)
         bad |= ~torch.isfinite(loss)
         acc += nats.detach().mean()
         n_acc += 1
