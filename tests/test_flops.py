@@ -118,3 +118,17 @@ def test_flops_cli_prints_table(tmp_path, capsys):
     out = capsys.readouterr().out
     for key in ("encoder", "prior", "decoder", "base.base", "attention"):
         assert key in out
+
+
+def test_model_gflops_normal_prior_has_no_prior_entry():
+    reason = _models_ready()
+    if reason:
+        pytest.skip(reason)
+    from ulsweep.config import experiment_from_dict
+    from ulsweep.metrics.flops import model_gflops
+
+    cfg = experiment_from_dict({"data": {"path": "builtin:digits", "image_size": 16},
+                                "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 4},
+                                       "loss": {"prior": "normal"}}})
+    g = model_gflops(cfg, image_channels=1)
+    assert "prior" not in g and g["encoder"] > 0 and g["decoder"] > 0
