@@ -13,6 +13,15 @@ import torch.nn.functional as F
 from ulsweep.metrics.flops import count_forward, forward_flops, gflops_per_image, training_flops
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small CPU work: one thread (two OpenMP threads on a busy 2-core machine can be ~10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_linear_flops_analytic():
     B, fin, fout = 8, 64, 32
     assert forward_flops(nn.Linear(fin, fout), torch.randn(B, fin)) == 2 * B * fin * fout
