@@ -104,6 +104,13 @@ def test_domain_extractor_fsspec_uri_roundtrip(trained):
     torch.testing.assert_close(loaded(x), model(x))
 
 
+def test_extractor_name_for_dataset():
+    assert ex.extractor_name_for_dataset("fashion-mnist") == "fmnist"
+    assert ex.extractor_name_for_dataset("digits") == "digits"
+    assert ex.extractor_name_for_dataset("My Photos-2") == "my_photos_2"
+    assert ex.extractor_name_for_dataset("3d") == "d_3d"
+
+
 def test_extractor_name_validation():
     with pytest.raises(ex.ExtractorError, match="name"):
         ex.DomainCNN("Bad-Name", "cnn-xs-v1", 1, 8, 10)

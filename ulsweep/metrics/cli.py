@@ -3,18 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 
 
-def _extractor_name(dataset_name: str) -> str:
-    """fashion-mnist -> fmnist; anything else: lower-case, non-alphanumerics -> '_'."""
-    known = {"fashion-mnist": "fmnist", "fashion_mnist": "fmnist", "fmnist": "fmnist"}
-    if dataset_name.lower() in known:
-        return known[dataset_name.lower()]
-    name = re.sub(r"[^a-z0-9]+", "_", dataset_name.lower()).strip("_")
-    return name if name and name[0].isalpha() else f"d_{name}"
+def _extractor_name(dataset_name: str) -> str:  # kept for callers; see extractor_name_for_dataset
+    from .extractors import extractor_name_for_dataset
+
+    return extractor_name_for_dataset(dataset_name)
 
 
 def _features_train(args: argparse.Namespace) -> int:

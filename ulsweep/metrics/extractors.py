@@ -354,6 +354,16 @@ class DomainCNN(FeatureExtractor):
 DOMAIN_FORMAT = "ulsweep-domain-extractor"
 
 
+def extractor_name_for_dataset(dataset_name: str) -> str:
+    """The extractor (and metric-suffix) name for a dataset: fashion-mnist -> fmnist; otherwise lower-case
+    with non-alphanumerics as '_' (digits -> digits, my-photos -> my_photos)."""
+    known = {"fashion-mnist": "fmnist", "fashion_mnist": "fmnist", "fmnist": "fmnist"}
+    if dataset_name.lower() in known:
+        return known[dataset_name.lower()]
+    name = re.sub(r"[^a-z0-9]+", "_", dataset_name.lower()).strip("_")
+    return name if name and name[0].isalpha() else f"d_{name}"
+
+
 def sidecar_uri(weights_uri: str) -> str:
     """`x/fmnist.pt` -> `x/fmnist.json` (any other suffix: `x/file.ext.json`)."""
     return weights_uri[:-3] + ".json" if weights_uri.endswith(".pt") else weights_uri + ".json"
@@ -434,7 +444,7 @@ def classifier_accuracy(model: DomainCNN, images_u8: Tensor, labels: Tensor, bat
 
 def train_domain_extractor(train_images: Tensor, train_labels: Tensor, test_images: Tensor,
                            test_labels: Tensor, *, name: str, arch: str = "cnn-s-v1", epochs: int = 5,
-                           batch_size: int = 128, lr: float = 2e-3, seed: int = 0, input_size: int | None = None,
+                           batch_size: int = 256, lr: float = 3e-3, seed: int = 0, input_size: int | None = None,
                            device: str | torch.device = "cpu", log=None) -> DomainTrainResult:
     """Train a DomainCNN classifier: AdamW, one-cycle LR, label smoothing 0.05, random shifts of up to
     input_size // 12 pixels. Returns the model in eval mode and its accuracy on the test images."""
