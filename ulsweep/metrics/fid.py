@@ -20,7 +20,6 @@ from torch import Tensor
 
 from .extractors import FeatureExtractor, atomic_write_bytes
 
-Stats = tuple  # (mu, sigma)
 
 
 def _default_device() -> torch.device:
