@@ -104,14 +104,14 @@ def test_fig8_with_inception_metrics_says_fid():
 def test_fig8_without_bias_column_and_two_bases():
     ae = ae_frame().drop(columns=["ae.loss.sigmoid_bias"]).assign(**{"gfd_fmnist[tiny]": 50.0})
     fig = plots.fig8_triptych(ae)
-    assert names(fig) == ["all trials · small", "all trials · tiny", "all trials", "all trials"]
+    assert names(fig) == ["all trials [small]", "all trials [tiny]", "all trials", "all trials"]
     assert fig.data[0].line.dash != fig.data[1].line.dash
 
 
 def test_pareto_rec_vs_gen_highlights_and_connects_front():
     ae = ae_frame()
     fig = plots.pareto_figure(ae, x="rec")
-    assert names(fig) == ["all trials · small", "Pareto front · small"]
+    assert names(fig) == ["all trials [small]", "Pareto front [small]"]
     allt, front = fig.data
     assert len(allt.x) == 5  # the failed trial is left out ...
     assert any("ae-0005" in a.text for a in fig.layout.annotations)  # ... and reported

@@ -198,7 +198,7 @@ def fig8_triptych(ae: pd.DataFrame) -> go.Figure:
                     continue
                 se = _num(d, "bpp_se")
                 text = [f"LF {v:g}" if math.isfinite(v) else "" for v in lf[d.index]]
-                tname = name + (f" · {base}" if base is not None and len(bases) > 1 else "")
+                tname = name + (f" [{base}]" if base is not None and len(bases) > 1 else "")
                 fig.add_trace(go.Scatter(
                     x=d["_x"], y=d["_y"], mode="lines+markers+text", name=tname, legendgroup=tname,
                     showlegend=col == 1 or (col == 2 and not bases),
@@ -250,12 +250,12 @@ def pareto_figure(ae: pd.DataFrame, x: str = "rec") -> go.Figure:
         valid = d.drop(index=res.excluded)
         hover = {i: _hover(r, params, [xcol, ycol]) for i, r in valid.iterrows()}
         fig.add_trace(go.Scatter(
-            x=valid["_x"], y=valid["_y"], mode="markers", name=f"all trials · {base}", legendgroup=base,
+            x=valid["_x"], y=valid["_y"], mode="markers", name=f"all trials [{base}]", legendgroup=base,
             marker=dict(color=color, size=9, opacity=0.35, line=dict(width=1, color=color)),
             hovertext=[hover[i] for i in valid.index], hoverinfo="text"))
         front = d.loc[res.front]
         fig.add_trace(go.Scatter(
-            x=front["_x"], y=front["_y"], mode="lines+markers", name=f"Pareto front · {base}", legendgroup=base,
+            x=front["_x"], y=front["_y"], mode="lines+markers", name=f"Pareto front [{base}]", legendgroup=base,
             line=dict(color=color, width=2.5), marker=dict(color=color, size=12, symbol="diamond",
                                                           line=dict(width=1.5, color="black")),
             hovertext=["<b>Pareto-optimal</b><br>" + hover[i] for i in front.index], hoverinfo="text"))
@@ -312,7 +312,7 @@ def flops_figure(base: pd.DataFrame) -> go.Figure:
                 hovertext=[_hover(r, params, ["ae/bpp", gen, xcol]) for _, r in g.iterrows()],
                 hoverinfo="text"), row=1, col=col)
         fig.update_xaxes(title_text=metric_label(xcol) if xcol != "train_flops" else "base training FLOPs",
-                         type="log" if _positive(x) else "linear", row=1, col=col)
+                         type="log" if _positive(x) else "linear", exponentformat="power", row=1, col=col)
         fig.update_yaxes(title_text=metric_label(gen), row=1, col=col)
     fig.update_layout(title=f"{metric_label(gen)} vs compute per base-model size (paper Fig. 4; "
                             "autoencoder training not included)", height=460, margin=dict(b=110))
