@@ -172,6 +172,66 @@ def test_repeats_increment_seed_and_searcher_pickles():
     assert pickle.loads(pickle.dumps(s)).next_index == 2
 
 
+def test_trial_resources_names_and_checkpoint_objects(tmp_path):
+    from ray.train import Checkpoint
+
+    from ulsweep.config import ResourcesConfig
+    from ulsweep.sweep.trial import _checkpoint_obj, trial_dirname, trial_resources
+
+    assert trial_resources(ResourcesConfig(num_workers=2, cpus_per_worker=0.99)) == {"cpu": 0.01}
+    assert trial_resources(ResourcesConfig(num_workers=0, cpus_per_worker=2, gpus_per_worker=0.25)) == \
+        {"cpu": 2, "gpu": 0.25}
+
+    class T:
+        trial_id = "abc123"
+        config = {"key": "ae-0003-tiny"}
+
+    assert trial_dirname(T()) == "ae-0003-tiny_abc123"  # stable across restore: no timestamp
+    run_dir = tmp_path / "trials" / "ae-0000"
+    ck = run_dir / "checkpoints" / "step_00000010"
+    ck.mkdir(parents=True)
+    obj = _checkpoint_obj(str(ck), str(run_dir))
+    assert isinstance(obj, Checkpoint) and obj.path == str(ck)
+    assert _checkpoint_obj(str(tmp_path / "elsewhere"), str(run_dir)) is None  # not reportable in place
+    assert _checkpoint_obj("", str(run_dir)) is None
+
+
+def test_run_sweep_guards_before_starting_anything(tmp_path):
+    from ulsweep.sweep.driver import SweepError, _identity, resolve_run_dir, run_sweep
+
+    exp = experiment_from_dict(tiny_experiment("guard"), {"storage": str(tmp_path / "runs")})
+    run_dir = Path(resolve_run_dir(exp))
+    assert run_dir == tmp_path / "runs" / "guard" and run_dir.is_absolute()
+    with pytest.raises(SweepError, match="nothing to resume"):
+        run_sweep(exp, resume=True)
+    run_dir.mkdir(parents=True)
+    state = {"sweep_id": "s1", "mlflow_experiment_id": "1", "tracking_uri": "sqlite:////x.db",
+             "identity": _identity(exp)}
+    (run_dir / "sweep.json").write_text(json.dumps(state))
+    with pytest.raises(SweepError, match="--resume"):
+        run_sweep(exp)
+    changed = experiment_from_dict(tiny_experiment("guard"), {"storage": str(tmp_path / "runs"),
+                                                              "ae.train.steps": 99})
+    with pytest.raises(SweepError, match="ae.train.steps"):
+        run_sweep(changed, resume=True)
+    # resources and concurrency may change on resume: same identity
+    assert _identity(experiment_from_dict(tiny_experiment("guard"), {"search.max_concurrent": 1,
+                                                                     "resources.num_workers": 0})) == _identity(exp)
+
+
+def test_cli_dry_run_lists_trials(tmp_path, capsys):
+    from ulsweep.sweep.cli import main
+
+    f = write_yaml(tmp_path, tiny_experiment("dry", n_ae=3))
+    assert main(["run", str(f), "--dry-run", "--storage", str(tmp_path / "r"),
+                 "--set", "ae.loss.sigmoid_bias=1.0"]) == 0
+    out = capsys.readouterr().out
+    assert "sigmoid_bias: 1.0" in out and "ae-0002  ae.loss.loss_factor=2.0" in out
+    assert f"sqlite:///{tmp_path}/r/dry/mlflow.db" in out
+    assert not (tmp_path / "r").exists()  # a dry run creates nothing
+    assert main(["run", str(f), "--dry-run", "--set", "search.space={ae.loss.nope: {values: [1]}}"]) == 2
+
+
 # ----------------------------------------------------------------------------------------------
 # end-to-end (Ray): helpers
 
@@ -291,6 +351,31 @@ def _kill_group(proc):
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+@pytest.mark.slow
+def test_optuna_sweep_local_mode_two_base_models_fake_loops(tmp_path):
+    """TPE in Tune, two base models per AE (objective = mean of their gFD), Ray Train local mode."""
+    d = tiny_experiment("tpe", bases=("s", "m"))
+    d["search"] = {"method": "optuna-tpe", "num_samples": 3, "max_concurrent": 2, "metrics": ["gfd_fake"],
+                   "modes": ["min"], "space": {"ae.loss.loss_factor": {"low": 1.0, "high": 4.0, "log": True}}}
+    d["resources"] = {"num_workers": 0, "cpus_per_worker": 0.99}
+    f = write_yaml(tmp_path, d)
+    env = sweep_env(tmp_path)
+    env["ULSWEEP_FAKE_STEP_S"] = "0.01"
+    p = subprocess.run(cli(f, "--storage", tmp_path / "runs", "--train-impl", "fake"), cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    run_dir = tmp_path / "runs" / "tpe"
+    by_key = check_lineage(run_dir, ["ae-0000", "ae-0001", "ae-0002"], ["s", "m"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for t in summary["trials"]:
+        gfds = [t["bases"][b]["result"]["gfd_fake"] for b in ("s", "m")]
+        assert t["objective"] == [pytest.approx(sum(gfds) / 2)]
+        lf = t["overrides"]["ae.loss.loss_factor"]
+        assert 1.0 <= lf <= 4.0
+        assert float(by_key[t["key"]].data.params["ae.loss.loss_factor"]) == pytest.approx(lf)
+    assert summary["best"][0] == min(summary["trials"], key=lambda t: t["objective"][0])["key"]
 
 
 @pytest.mark.slow

@@ -272,6 +272,11 @@ class ResourcesConfig:
         _require(self.driver_cpus > 0, "driver_cpus", self.driver_cpus, "must be > 0 (Ray refuses 0)")
         _require(self.backend != "nccl" or self.gpus_per_worker > 0, "backend", self.backend,
                  "nccl needs gpus_per_worker > 0")
+        # NCCL refuses two ranks on one GPU, and Ray may pack a trial's fractional-GPU workers together
+        _require(not (self.num_workers > 1 and 0 < self.gpus_per_worker < 1 and self.backend != "gloo"),
+                 "gpus_per_worker", self.gpus_per_worker,
+                 "DDP with NCCL needs whole GPUs per worker (fractions pack ranks onto one GPU); "
+                 "use num_workers: 1 to pack trials, or backend: gloo")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def register(subparsers) -> None:
                    help="print the resolved experiment and the AE trials the search would run, then exit")
     p.add_argument("--verbose", action="store_true", help="stream Ray worker logs to the console")
     p.add_argument("--train-impl", default="ulsweep", choices=["ulsweep", "fake"], help=argparse.SUPPRESS)
-    p.set_defaults(handler=handle_run)
+    p.set_defaults(func=handle_run, handler=handle_run)
 
 
 def handle_run(args: argparse.Namespace) -> int:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(argv)
-    return args.handler(args)
+    return args.func(args)
 
 
 if __name__ == "__main__":
