@@ -14,8 +14,8 @@ import torch
 from ulsweep import io as uio
 from ulsweep.config import ExperimentConfig
 from ulsweep.data import open_dataset, resolve_dataset
-from ulsweep.metrics.cli import _extractor_name
-from ulsweep.metrics.extractors import (FeatureExtractor, load_domain_extractor, load_inception,
+
+from ulsweep.metrics.extractors import (FeatureExtractor, extractor_name_for_dataset, load_domain_extractor, load_inception,
                                         save_domain_extractor, train_domain_extractor)
 from ulsweep.metrics.fid import RefStatsCache, fd_between, feature_stats, metric_name, reference_stats
 
@@ -27,7 +27,7 @@ def cache_root() -> str:
 def ensure_domain_extractor(exp: ExperimentConfig, device: str | torch.device = "cpu") -> str:
     """Path of the cached domain extractor of the experiment's dataset; trains it first if missing."""
     ds = open_dataset(resolve_dataset(exp.data.path))
-    name = _extractor_name(ds.name)
+    name = extractor_name_for_dataset(ds.name)
     path = os.path.join(cache_root(), "extractors", f"{name}-{ds.content_hash[:16]}.pt")
     if uio.exists(path):
         return path
