@@ -14,9 +14,8 @@ import torch
 from ulsweep import io as uio
 from ulsweep.config import ExperimentConfig
 from ulsweep.data import open_dataset, resolve_dataset
-
-from ulsweep.metrics.extractors import (FeatureExtractor, extractor_name_for_dataset, load_domain_extractor, load_inception,
-                                        save_domain_extractor, train_domain_extractor)
+from ulsweep.metrics.extractors import (FeatureExtractor, extractor_name_for_dataset, load_domain_extractor,
+                                        load_inception, save_domain_extractor, train_domain_extractor)
 from ulsweep.metrics.fid import RefStatsCache, fd_between, feature_stats, metric_name, reference_stats
 
 
