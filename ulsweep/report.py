@@ -258,6 +258,12 @@ def load_sweep(ref: SweepRef) -> SweepData:
 # figures and HTML
 
 
+_SECTIONS = {"fig8_quality_vs_bitrate": "Quality vs latent bits/pixel (Fig. 8)",
+             "pareto_rec_vs_gen": "Pareto front: reconstruction vs generation",
+             "pareto_bpp_vs_gen": "Pareto front: latent bits/pixel vs generation",
+             "flops_vs_gen": "Generation quality vs compute (Fig. 4)"}
+
+
 def build_figures(data: SweepData) -> dict[str, Any]:
     """name -> plotly Figure, in dashboard order."""
     return {
@@ -313,7 +319,7 @@ def dashboard_html(data: SweepData, figures: dict[str, Any], png_note: str | Non
         parts.append(f"<p class='note'>{e(png_note)}</p>")
     first = True
     for name, fig in figures.items():
-        parts.append(f"<h2>{e(fig.layout.title.text or name)}</h2>")
+        parts.append(f"<h2>{e(_SECTIONS.get(name, name))}</h2>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs=first, div_id=f"fig-{name}",
                                  config={"displaylogo": False, "responsive": True}))
         first = False

@@ -155,8 +155,8 @@ def handle_ui(args: argparse.Namespace) -> int:
             print(f"error: the MLflow server did not answer at {url} within {args.timeout:.0f} s "
                   f"(exit code {proc.poll()})", file=sys.stderr)
             return 1
-        print(f"MLflow UI: {url}/#/experiments/{ref.experiment_id}/runs/{ref.sweep_id}\n"
-              f"  experiment: {url}/#/experiments/{ref.experiment_id}\n"
+        print(f"MLflow UI: {url}/#/experiments/{ref.experiment_id}/runs\n"
+              f"  sweep run {ref.name}: {url}/#/experiments/{ref.experiment_id}/runs/{ref.sweep_id}\n"
               f"  (bound to 127.0.0.1; Ctrl-C stops it)", flush=True)
         return proc.wait() or 0
     except KeyboardInterrupt:
@@ -164,3 +164,15 @@ def handle_ui(args: argparse.Namespace) -> int:
     finally:
         stop_server(proc)
         signal.signal(signal.SIGTERM, old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (`python -m ulsweep.report_cli report|ui SWEEP ...`)."""
+    parser = argparse.ArgumentParser(prog="ulsweep")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
