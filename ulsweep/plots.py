@@ -104,7 +104,8 @@ def base_names(ae: pd.DataFrame) -> list[str]:
 
 def varied_params(df: pd.DataFrame, candidates: Sequence[str] | None = None) -> list[str]:
     """Param columns (dotted config keys) that take more than one value across the trials."""
-    cols = candidates if candidates is not None else [c for c in df.columns if "." in c and "[" not in c]
+    cols = candidates if candidates is not None else [
+        c for c in df.columns if "." in c and "[" not in c and not c.startswith("search.")]  # search.*: copies
     out = []
     for c in cols:
         if c in df.columns and df[c].dropna().astype(str).nunique() > 1:
@@ -200,7 +201,7 @@ def fig8_triptych(ae: pd.DataFrame) -> go.Figure:
                 text = [f"LF {v:g}" if math.isfinite(v) else "" for v in lf[d.index]]
                 tname = name + (f" [{base}]" if base is not None and len(bases) > 1 else "")
                 fig.add_trace(go.Scatter(
-                    x=d["_x"], y=d["_y"], mode="lines+markers+text", name=tname, legendgroup=tname,
+                    x=d["_x"], y=d["_y"], mode="lines+markers+text", name=tname, legendgroup=name,
                     showlegend=col == 1 or (col == 2 and not bases),
                     text=text, textposition="top center", textfont=dict(size=9),
                     error_x=dict(type="data", array=se.fillna(0).to_numpy(), visible=bool(se.notna().any())),
@@ -280,6 +281,8 @@ def flops_figure(base: pd.DataFrame) -> go.Figure:
     gen = generation_metric(base)
     if gen is None or base.empty:
         return _empty("Generation quality vs FLOPs", "no base-model trial logged a generation metric")
+    if _num(base, "train_flops").isna().all() and _num(base, "gflops_base").isna().all():
+        return _empty(f"{metric_label(gen)} vs FLOPs", "no base-model trial logged train_flops or gflops_base")
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08,
                         subplot_titles=[f"{metric_label(gen)} vs base training FLOPs",
                                         f"{metric_label(gen)} vs base forward GFLOP / image"])

@@ -184,8 +184,9 @@ def run_rows(runs: Iterable) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def trials_frames(runs_df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(ae, base) frames of `ulsweep.plots` from the per-run frame."""
+def trials_frames(runs_df: pd.DataFrame, base_order: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(ae, base) frames of `ulsweep.plots` from the per-run frame; base models joined in `base_order`
+    (the experiment's order) first, then any others by name."""
     if runs_df.empty:
         return pd.DataFrame(columns=["key", "run_id", "status"]), pd.DataFrame(columns=["key", "base", "ae_key"])
     ae = runs_df[runs_df["kind"] == "ae"].dropna(axis=1, how="all").sort_values("key").reset_index(drop=True)
@@ -194,7 +195,12 @@ def trials_frames(runs_df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         names = base["base.name"] if "base.name" in base.columns else None
         base["base"] = [str(n) if isinstance(n, str) and n else str(k).rsplit("-", 1)[-1]
                         for n, k in zip(names if names is not None else [None] * len(base), base["key"])]
-    bases = list(dict.fromkeys(base["base"])) if not base.empty else []
+    seen = list(dict.fromkeys(base["base"])) if not base.empty else []
+    bases = [b for b in (base_order or []) if b in seen] + [b for b in seen if b not in (base_order or [])]
+    if not base.empty:
+        rank = {b: i for i, b in enumerate(bases)}
+        base = base.assign(_o=base["base"].map(rank)).sort_values(["ae_key", "_o", "key"]).drop(columns="_o")
+        base = base.reset_index(drop=True)
     # AE metrics logged as "<base>/<metric>" copies of the base trials' results: the join below replaces them
     ae = ae.drop(columns=[c for c in ae.columns if "/" in c and c.split("/", 1)[0] in bases])
     metric_cols = [c for c in base.columns if c not in _identity_cols() and "." not in c and c != "base"
@@ -209,6 +215,17 @@ def trials_frames(runs_df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
                                     if c and c in ae.columns]]
         base = base.merge(ae_m.rename(columns=lambda c: f"ae/{c}"), left_on="ae_key", right_index=True, how="left")
     return ae, base
+
+
+def _list_param(v: str | None) -> list[str]:
+    """A list param as MLflow stored it ("['small', 'medium']") back to a list; [] if it is not one."""
+    import ast
+
+    try:
+        out = ast.literal_eval(v) if v else []
+    except (ValueError, SyntaxError):
+        return []
+    return [str(x) for x in out] if isinstance(out, (list, tuple)) else []
 
 
 def _identity_cols() -> set[str]:
@@ -247,7 +264,7 @@ def load_sweep(ref: SweepRef) -> SweepData:
         raise ReportError(f"sweep run {ref.sweep_id} not found in {ref.tracking_uri}")
     trial_runs = [r for r in runs if r.info.run_id != ref.sweep_id]
     runs_df = run_rows(trial_runs)
-    ae, base = trials_frames(runs_df)
+    ae, base = trials_frames(runs_df, _list_param(parent_run.data.params.get("base_models")))
     parent = {"status": parent_run.info.status, "params": dict(parent_run.data.params),
               "metrics": dict(parent_run.data.metrics), "tags": dict(parent_run.data.tags),
               "artifact_uri": parent_run.info.artifact_uri}
@@ -279,7 +296,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;
 h1{margin:0 0 6px 0;font-size:24px} h2{margin-top:32px;font-size:18px;border-bottom:1px solid #ddd}
 table.meta td{padding:2px 12px 2px 0;vertical-align:top} table.meta td:first-child{color:#666}
 table.tbl{border-collapse:collapse;font-size:13px;margin:8px 0} table.tbl th,table.tbl td{padding:3px 9px;
-border-bottom:1px solid #e3e3e3;text-align:right} table.tbl th{background:#f4f4f4}
+border-bottom:1px solid #e3e3e3;text-align:right;white-space:nowrap} table.tbl th{background:#f4f4f4;
+white-space:normal} table.tbl td:first-child{text-align:left}
 .failed{color:#a33} code{background:#f4f4f4;padding:1px 4px}
 .note{color:#666;font-size:13px}
 """
@@ -329,9 +347,10 @@ def dashboard_html(data: SweepData, figures: dict[str, Any], png_note: str | Non
     if not data.base.empty:
         cols = [c for c in ("key", "base", "status", plots.generation_metric(data.base), "base_bpp", "gflops_base",
                             "train_flops", "ae/bpp", "run_id") if c and c in data.base.columns]
+        names = {"key": "trial", "base": "base model", "status": "status", "run_id": "MLflow run",
+                 "train_flops": "base training FLOPs"}
         parts.append("<h2>All base-model trials</h2>" + _table_html(
-            data.base[cols].rename(columns=lambda c: c if c in ("key", "base", "status", "run_id")
-                                   else plots.metric_label(c))))
+            data.base[cols].rename(columns=lambda c: names.get(c) or plots.metric_label(c))))
     parts.append("<p class='note'>Every trial's params and metrics: <a href='trials.csv'>trials.csv</a> "
                  "(one row per MLflow run), <a href='ae_trials.csv'>ae_trials.csv</a> (one row per autoencoder "
                  "with its base models' metrics).</p></body></html>")
