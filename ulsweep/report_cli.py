@@ -90,8 +90,11 @@ def start_mlflow_server(tracking_uri: str, port: int = 0, host: str = "127.0.0.1
     env = dict(os.environ)
     if tracking_uri.startswith("file:"):
         env.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    out = open(log_path, "ab") if log_path else None  # None: the server logs to our stderr, like `mlflow ui`
+    proc = subprocess.Popen(cmd, env=env, stdout=out or sys.stderr, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    if out is not None:
+        out.close()  # the child holds its own descriptor
     return proc, f"http://{host}:{port}"
 
 
