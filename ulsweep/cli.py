@@ -3,6 +3,7 @@
     ulsweep run EXPERIMENT.yaml [--resume] [--address ADDR] ...   a whole sweep (Ray Tune + Train, MLflow)
     ulsweep train ae EXPERIMENT.yaml [--set KEY=VALUE] [--dry-run]  one autoencoder (stage 1), no Ray
     ulsweep train base EXPERIMENT.yaml --ae CHECKPOINT [--base NAME]  one base model (stage 2), no Ray
+    ulsweep report SWEEP | ui SWEEP                                 dashboard + CSV, MLflow UI on 127.0.0.1
     ulsweep data ... | features ... | flops ...                     datasets, feature extractors, FLOPs
 """
 from __future__ import annotations
@@ -89,15 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ulsweep.data.cli import register as register_data
     from ulsweep.metrics.cli import register as register_metrics
+    from ulsweep.report_cli import register as register_report
+    from ulsweep.sweep.cli import register as register_sweep
 
+    register_sweep(sub)
+    register_report(sub)
     register_data(sub)
     register_metrics(sub)
-    try:
-        from ulsweep.sweep.cli import register as register_sweep
-    except ModuleNotFoundError:
-        pass
-    else:
-        register_sweep(sub)
     return parser
 
 
