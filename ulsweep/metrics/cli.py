@@ -115,7 +115,7 @@ def register(subparsers) -> None:
                                                  "the JSON sidecar goes beside it (fmnist.json)")
     tr.add_argument("--name", default=None, help="extractor name (metric names rfd_<name>/gfd_<name>); "
                                                  "default from the dataset: fashion-mnist -> fmnist")
-    tr.add_argument("--epochs", type=int, default=6)
+    tr.add_argument("--epochs", type=int, default=5)
     tr.add_argument("--arch", default="cnn-s-v1")
     tr.add_argument("--batch-size", type=int, default=256)
     tr.add_argument("--lr", type=float, default=3e-3)
