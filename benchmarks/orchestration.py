@@ -98,6 +98,7 @@ def run_one(experiment: str, mode: str, concurrency: int | None, sets: list[str]
         "median_startup_s": statistics.median(t["startup_s"] for t in trials) if trials else None,
         "median_teardown_s": statistics.median(t["teardown_s"] for t in trials) if trials else None,
         "median_loop_s": statistics.median(t["loop_s"] for t in trials) if trials else None,
+        "setup_s": (summary.get("phases") or {}).get("setup"), "tune_fit_s": (summary.get("phases") or {}).get("tune_fit"),
         "load_avg_before": load0, "load_avg_after": load_avg(), "trials": trials,
         "run_dir": str(run_dir),
     }
@@ -106,7 +107,7 @@ def run_one(experiment: str, mode: str, concurrency: int | None, sets: list[str]
 def table(rows: list[dict]) -> str:
     from ulsweep.tracking import render_table
 
-    cols = ["mode", "slots", "n_trials", "cli_wall_s", "sweep_wall_s", "loop_s", "steps_s", "overhead",
+    cols = ["mode", "slots", "n_trials", "cli_wall_s", "sweep_wall_s", "setup_s", "loop_s", "steps_s", "overhead",
             "overhead_vs_steps", "median_trial_s", "median_loop_s", "median_startup_s", "median_teardown_s",
             "load_avg_before"]
     return render_table(rows, cols, floatfmt=".3g")

@@ -355,7 +355,7 @@ def _kill_group(proc):
 
 @pytest.mark.slow
 def test_optuna_sweep_local_mode_two_base_models_fake_loops(tmp_path):
-    """TPE in Tune, two base models per AE (objective = mean of their gFD), Ray Train local mode."""
+    """TPE in Tune, two base models per AE (objective = mean of their gFD), Ray Train local mode, URI storage."""
     d = tiny_experiment("tpe", bases=("s", "m"))
     d["search"] = {"method": "optuna-tpe", "num_samples": 3, "max_concurrent": 2, "metrics": ["gfd_fake"],
                    "modes": ["min"], "space": {"ae.loss.loss_factor": {"low": 1.0, "high": 4.0, "log": True}}}
@@ -363,8 +363,9 @@ def test_optuna_sweep_local_mode_two_base_models_fake_loops(tmp_path):
     f = write_yaml(tmp_path, d)
     env = sweep_env(tmp_path)
     env["ULSWEEP_FAKE_STEP_S"] = "0.01"
-    p = subprocess.run(cli(f, "--storage", tmp_path / "runs", "--train-impl", "fake"), cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=600)
+    # storage given as a URI (pyarrow/fsspec): Tune, Ray Train and the loops all write through it
+    p = subprocess.run(cli(f, "--storage", f"file://{tmp_path}/runs", "--train-impl", "fake"), cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     run_dir = tmp_path / "runs" / "tpe"
     by_key = check_lineage(run_dir, ["ae-0000", "ae-0001", "ae-0002"], ["s", "m"])

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
 
     out = stream or sys.stdout
     t_start = time.time()
+    phases: dict[str, float] = {}
     validate_space(exp)
     run_dir = resolve_run_dir(exp, storage)
     tune_dir = f"{run_dir}/{TUNE_NAME}"
@@ -156,32 +158,16 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
                          f"(keys: {', '.join(_diff(state['identity'], ident)[:10])}); resume with the same file "
                          f"and --set values, or start a new sweep elsewhere")
 
-    # ---- MLflow: parent run (reused on resume), orphans closed
+    # ---- MLflow: parent run (reused on resume), orphans closed. Runs in a thread while Ray starts:
+    # both take seconds (a new sqlite store runs its migrations).
     if state is not None:  # a resumed sweep stays in its tracking store
         uri = state["tracking_uri"]
         if tracking_uri and tracking.resolve_tracking_uri(tracking_uri, None, run_dir) != uri:
             raise SweepError(f"sweep {state['sweep_id']} is tracked in {uri}, not {tracking_uri}")
     else:
         uri = tracking.resolve_tracking_uri(tracking_uri, exp.tracking.uri, run_dir)
-    c = tracking.client(uri)
-    if state is None:
-        eid = tracking.get_or_create_experiment(c, exp.tracking.experiment or exp.name,
-                                                exp.tracking.artifact_location or f"{run_dir}/mlartifacts")
-        sweep_id = tracking.create_sweep_run(c, eid, f"sweep-{exp.name}", tags={"ulsweep.run_dir": run_dir})
-        tracking.log_params(c, sweep_id, {**{f"search.{k}": v for k, v in flatten(to_dict(exp.search)).items()},
-                                          "experiment": exp.name, "base_models": [b.name for b in exp.base_models],
-                                          "resources.num_workers": exp.resources.num_workers})
-        tracking.log_text(c, sweep_id, dump_yaml(exp), "experiment.yaml")
-        state = {"sweep_id": sweep_id, "mlflow_experiment_id": eid, "tracking_uri": uri, "identity": ident,
-                 "created": time.time()}
-        _write_state(run_dir, state)
-    else:
-        sweep_id, eid = state["sweep_id"], state["mlflow_experiment_id"]
-        closed = tracking.close_orphans(c, eid, sweep_id, status="KILLED", exclude=[sweep_id])
-        tracking.retry(c.update_run, sweep_id, status="RUNNING")
-        if closed:
-            print(f"resume: marked {len(closed)} MLflow run(s) left RUNNING as KILLED: {', '.join(closed)}",
-                  file=out, flush=True)
+    pool = ThreadPoolExecutor(1)
+    mlflow_setup = pool.submit(_setup_tracking, exp, run_dir, uri, state, ident, out)
 
     # ---- Ray. Tune snapshots its trial table + searcher every 2 s (default >= 10 s): a kill then loses
     # less (what it loses is re-run idempotently: finished loops return their stored result at once).
@@ -189,13 +175,22 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None
     started_ray = False
-    if not ray.is_initialized():
-        kw: dict[str, Any] = {"log_to_driver": verbose, "runtime_env": {"env_vars": dict(RAY_TRAIN_ENV)}}
-        if address:
-            ray.init(address=address, **kw)
-        else:
-            ray.init(include_dashboard=False, **kw)
-        started_ray = True
+    try:
+        if not ray.is_initialized():
+            kw: dict[str, Any] = {"log_to_driver": verbose, "runtime_env": {"env_vars": dict(RAY_TRAIN_ENV)}}
+            if address:
+                ray.init(address=address, **kw)
+            else:
+                ray.init(include_dashboard=False, **kw)
+            started_ray = True
+        c, sweep_id, eid = mlflow_setup.result()  # its errors surface here
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
+    finally:
+        pool.shutdown()  # waits for the MLflow setup even when Ray failed to start
+    phases["setup"] = time.time() - t_start
     try:
         ctx = SweepContext(experiment=to_dict(exp), run_dir=run_dir, tracking_uri=uri, mlflow_experiment_id=eid,
                            sweep_id=sweep_id, train_impl=train_impl)
@@ -222,7 +217,16 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
                                           callbacks=[ProgressCallback()],
                                           failure_config=tune.FailureConfig(max_failures=exp.search.max_failures)),
             )
+        t_fit = time.time()
         grid = tuner.fit()
+        phases["tune_fit"] = time.time() - t_fit
+    except BaseException:  # Ctrl-C or a driver error: nothing may stay RUNNING; --resume continues
+        try:
+            tracking.close_orphans(c, eid, sweep_id, status="KILLED")
+        except Exception as e:
+            log.warning("could not close MLflow runs: %s", e)
+        print(f"sweep interrupted; continue it with --resume (run dir {run_dir})", file=out, flush=True)
+        raise
     finally:
         if started_ray:
             ray.shutdown()
@@ -256,7 +260,8 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
         log.warning("runs still RUNNING after the sweep were marked FAILED: %s", leftovers)
     tracking.retry(c.set_terminated, sweep_id, status="FINISHED" if outcome.ok else "FAILED")
 
-    summary = {"run_dir": run_dir, "tracking_uri": uri, "sweep_id": sweep_id, "wall_seconds": wall,
+    phases["wall"] = time.time() - t_start
+    summary = {"run_dir": run_dir, "tracking_uri": uri, "sweep_id": sweep_id, "wall_seconds": wall, "phases": phases,
                "counts": outcome.counts, "best": [r["key"] for r in ranked],
                "trials": [{k: r[k] for k in ("key", "overrides", "status", "objective")} |
                           {"ae_metrics": r["result"], "bases": r["bases"]} for r in records]}
@@ -277,6 +282,29 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
 def _last_line(err: BaseException) -> str:
     lines = [x for x in str(err).strip().splitlines() if x.strip()]
     return lines[-1][:500] if lines else repr(err)
+
+
+def _setup_tracking(exp: ExperimentConfig, run_dir: str, uri: str, state: dict | None, ident: dict, out):
+    """Create (or, on resume, reopen) the sweep's parent run; returns (client, sweep id, experiment id)."""
+    c = tracking.client(uri)
+    if state is None:
+        eid = tracking.get_or_create_experiment(c, exp.tracking.experiment or exp.name,
+                                                exp.tracking.artifact_location or f"{run_dir}/mlartifacts")
+        sweep_id = tracking.create_sweep_run(c, eid, f"sweep-{exp.name}", tags={"ulsweep.run_dir": run_dir})
+        tracking.log_params(c, sweep_id, {**{f"search.{k}": v for k, v in flatten(to_dict(exp.search)).items()},
+                                          "experiment": exp.name, "base_models": [b.name for b in exp.base_models],
+                                          "resources.num_workers": exp.resources.num_workers})
+        tracking.log_text(c, sweep_id, dump_yaml(exp), "experiment.yaml")
+        _write_state(run_dir, {"sweep_id": sweep_id, "mlflow_experiment_id": eid, "tracking_uri": uri,
+                               "identity": ident, "created": time.time()})
+        return c, sweep_id, eid
+    sweep_id, eid = state["sweep_id"], state["mlflow_experiment_id"]
+    closed = tracking.close_orphans(c, eid, sweep_id, status="KILLED", exclude=[sweep_id])
+    tracking.retry(c.update_run, sweep_id, status="RUNNING")
+    if closed:
+        print(f"resume: marked {len(closed)} MLflow run(s) left RUNNING as KILLED: {', '.join(closed)}",
+              file=out, flush=True)
+    return c, sweep_id, eid
 
 
 def _local_tune_dir(tune_dir: str) -> str:
