@@ -137,6 +137,7 @@ class TrainConfig:
     log_every: int = 20
     eval_every: int = 0  # 0: only at the end
     ckpt_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk (older ones are deleted after each save)
     eval_images: int = 128  # held-out images for bits/pixel and PSNR
     eval_t_per_image: int = 4  # noise levels per image in the bits/pixel estimate
     sample_steps: int = 32  # sampler steps for reconstructions / samples
@@ -146,7 +147,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self):
-        for k in ("steps", "batch_size", "eval_images", "eval_t_per_image", "sample_steps"):
+        for k in ("steps", "batch_size", "eval_images", "eval_t_per_image", "sample_steps", "keep_checkpoints"):
             _require(getattr(self, k) > 0, k, getattr(self, k), "must be > 0")
         for k in ("log_every", "eval_every", "ckpt_every"):
             _require(getattr(self, k) >= 0, k, getattr(self, k), "must be >= 0")

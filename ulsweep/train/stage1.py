@@ -19,7 +19,7 @@ from ulsweep.diffusion import (decoder_loss, diffuse, low_discrepancy_times, mse
 from ulsweep.metrics.bits import latent_bitrate, nats_to_bits_per_pixel
 from ulsweep.metrics.psnr import psnr
 from ulsweep.models import build_autoencoder
-from ulsweep.train.checkpoint import CheckpointError, latest_valid_checkpoint, save_checkpoint
+from ulsweep.train.checkpoint import CheckpointError, latest_valid_checkpoint, prune_checkpoints, save_checkpoint
 from ulsweep.train.common import (EMA, Progress, Runtime, TrainingDiverged, all_reduce_mean, lr_at,
                                   make_optimizer, make_runtime, rng_state, set_rng_state, shard, unwrap,
                                   wrap_ddp)
@@ -197,6 +197,7 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
                  "rng": rng_state(gen), "config": to_dict(exp)}
         path = save_checkpoint(run_dir, step, state, {**meta_base, "step": step, "train_seconds": train_seconds,
                                                       "metrics": metrics})
+        prune_checkpoints(run_dir, tc.keep_checkpoints)
         hooks.checkpoint_saved(step, path, metrics)
         return path
 

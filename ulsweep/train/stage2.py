@@ -15,7 +15,7 @@ from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_
 from ulsweep.diffusion import LogSNRSchedule, base_loss, diffuse, low_discrepancy_times, x_from_v
 from ulsweep.metrics.bits import latent_bitrate
 from ulsweep.models import build_autoencoder, build_base_model
-from ulsweep.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ulsweep.train.checkpoint import CheckpointError, load_checkpoint, prune_checkpoints, save_checkpoint
 from ulsweep.train.common import (EMA, Progress, TrainingDiverged, all_reduce_mean, lr_at, make_optimizer,
                                   make_runtime, rng_state, set_rng_state, shard, wrap_ddp)
 from ulsweep.train.data import load_images
@@ -132,6 +132,7 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
                  "rng": rng_state(gen), "config": to_dict(base), "experiment": to_dict(exp)}
         path = save_checkpoint(run_dir, step, state, {**meta_base, "step": step, "train_seconds": train_seconds,
                                                       "metrics": metrics})
+        prune_checkpoints(run_dir, tc.keep_checkpoints)
         hooks.checkpoint_saved(step, path, metrics)
         return path
 
