@@ -10,7 +10,8 @@
 
 Resume (`--resume`): closes MLflow runs left RUNNING by the killed driver (KILLED), restores the Tune
 experiment (trial table and searcher state are saved together), re-runs unfinished trials (their loops
-resume from their own checkpoints; their MLflow runs are reopened by key, never duplicated).
+resume from their own checkpoints; their MLflow runs are reopened by key, never duplicated). Trials that
+had failed stay failed (raise search.max_failures to retry failures within a run).
 """
 from __future__ import annotations
 
@@ -202,8 +203,10 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
               f"{exp.resources.num_workers} worker(s) each\n  run dir  {run_dir}\n  mlflow   {uri}  "
               f"(experiment {exp.tracking.experiment or exp.name}, sweep run {sweep_id})", file=out, flush=True)
         if resume and tune.Tuner.can_restore(tune_dir):
+            # errored trials stay errored: the searcher already told Optuna they failed (retries within a
+            # run: search.max_failures)
             tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
+                                       resume_errored=False)
         else:
             searcher = SpawningSearcher(exp.search, [b.name for b in exp.base_models], exp.ae.train.seed,
                                         on_objective=ObjectiveLogger(uri, exp.search.metrics))
