@@ -380,6 +380,30 @@ def test_optuna_sweep_local_mode_two_base_models_fake_loops(tmp_path):
 
 
 @pytest.mark.slow
+def test_failed_base_trial_fails_its_ae_and_nothing_stays_running(tmp_path):
+    from ulsweep import tracking
+
+    d = tiny_experiment("fail")
+    d["search"]["metrics"] = ["gfd_fake"]
+    d["resources"] = {"num_workers": 0, "cpus_per_worker": 0.99}
+    f = write_yaml(tmp_path, d)
+    env = sweep_env(tmp_path)
+    env.update({"ULSWEEP_FAKE_STEP_S": "0.01", "ULSWEEP_FAKE_FAIL": "ae-0001-tiny"})
+    p = subprocess.run(cli(f, "--storage", tmp_path / "runs", "--train-impl", "fake"), cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1, p.stdout[-4000:] + p.stderr[-4000:]
+    assert "FAILED ae-0001-tiny" in p.stdout and "injected failure" in p.stdout
+    summary = json.loads((tmp_path / "runs" / "fail" / "summary.json").read_text())
+    status = {t["key"]: t["status"] for t in summary["trials"]}
+    assert status == {"ae-0000": "done", "ae-0001": "failed"}
+    _, _, by_key, runs = mlflow_runs(tmp_path / "runs" / "fail")
+    assert {k: r.info.status for k, r in by_key.items()} == {
+        "sweep": "FAILED", "ae-0000": "FINISHED", "ae-0000-tiny": "FINISHED", "ae-0001": "FINISHED",
+        "ae-0001-tiny": "FAILED"}
+    assert by_key["ae-0001"].data.tags["ulsweep.objective_status"] == "failed"
+
+
+@pytest.mark.slow
 def test_sigkill_then_resume_finishes_every_trial_once(tmp_path):
     d = tiny_experiment("kill", n_ae=3, steps=40)
     d["search"]["max_concurrent"] = 2

@@ -1,7 +1,7 @@
 """Stand-in training loops with the real loops' contract, for orchestration tests and benchmarks.
 
 They take the same arguments, resume from the newest checkpoint in `run_dir`, call the hooks, sleep
-`ULSWEEP_FAKE_STEP_S` seconds per step (default 0.02) and return metrics that depend smoothly on the
+`ULSWEEP_FAKE_STEP_S` seconds per step (default 0.02; ULSWEEP_FAKE_FAIL=key,... makes those trials raise) and return metrics that depend smoothly on the
 searched knobs, so that a sweep driven by them measures Ray/Tune/MLflow overhead and nothing else.
 Selected with `ulsweep run --train-impl fake` (hidden flag) or `run_sweep(..., train_impl="fake")`.
 """
@@ -59,6 +59,9 @@ def _rank() -> int:
 
 def _loop(tc: TrainConfig, run_dir: str, hooks: TrainHooks, metrics_fn) -> StageResult:
     rank = _rank()
+    fail = [k for k in os.environ.get("ULSWEEP_FAKE_FAIL", "").split(",") if k]
+    if run_dir.rstrip("/").rsplit("/", 1)[-1] in fail:  # failure injection for tests: trial keys
+        raise RuntimeError(f"injected failure in {run_dir}")
     step, path = _latest(run_dir)
     t_train = 0.0
     ck_every = tc.ckpt_every or tc.steps
