@@ -381,8 +381,6 @@ def test_optuna_sweep_local_mode_two_base_models_fake_loops(tmp_path):
 
 @pytest.mark.slow
 def test_failed_base_trial_fails_its_ae_and_nothing_stays_running(tmp_path):
-    from ulsweep import tracking
-
     d = tiny_experiment("fail")
     d["search"]["metrics"] = ["gfd_fake"]
     d["resources"] = {"num_workers": 0, "cpus_per_worker": 0.99}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from ray.tune.search import Searcher
 
