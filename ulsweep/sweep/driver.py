@@ -278,8 +278,22 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     for f in failed:
         print(f"failed trial {f.get('key')}: {f['error'][:300]}", file=out)
     print(f"{outcome.counts}  wall {wall:.0f} s\n  run dir  {run_dir}\n  mlflow   {uri}\n"
-          f"  browse   mlflow ui --backend-store-uri '{uri}'", file=out, flush=True)
+          f"  browse   ulsweep ui {run_dir}", file=out, flush=True)
+    _dashboard(outcome, out)
     return outcome
+
+
+def _dashboard(outcome: SweepOutcome, out) -> None:
+    """Write the sweep's dashboard (HTML + CSV, no PNGs: `ulsweep report` adds them); never fails the sweep."""
+    from ulsweep.report import make_report
+
+    try:
+        res = make_report(outcome.run_dir, tracking_uri=outcome.tracking_uri, png=False)
+    except Exception as e:  # a report problem must not turn a finished sweep into a failure
+        print(f"  dashboard not written ({type(e).__name__}: {e}); retry with: ulsweep report {outcome.run_dir}",
+              file=out, flush=True)
+        return
+    print(f"  dashboard {res.index_html}", file=out, flush=True)
 
 
 def _last_line(err: BaseException) -> str:
