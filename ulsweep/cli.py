@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 
-from ulsweep.config import ConfigError, dump_yaml, load_experiment, parse_overrides
+from ulsweep.config import ConfigError, ExperimentConfig, dump_yaml, load_experiment, parse_overrides
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
-def _load(args) -> "ExperimentConfig":  # noqa: F821
+def _load(args) -> ExperimentConfig:
     return load_experiment(args.config, parse_overrides(args.set))
 
 

@@ -31,8 +31,8 @@ def is_local(uri: str) -> bool:
     return isinstance(filesystem(uri)[0], LocalFileSystem)
 
 
-def atomic_write_bytes(uri: str, data: bytes) -> None:
-    fs, path = filesystem(uri)
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `data` to `path` on `fs` so that readers see the old file or the whole new one."""
     if isinstance(fs, LocalFileSystem):
         d = os.path.dirname(os.path.abspath(path))
         os.makedirs(d, exist_ok=True)
@@ -42,16 +42,21 @@ def atomic_write_bytes(uri: str, data: bytes) -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            os.replace(tmp, path)  # atomic rename on POSIX
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-    else:
+    else:  # object stores publish one PUT atomically (and have no atomic rename)
         parent = path.rsplit("/", 1)[0]
-        if parent:
+        if parent and parent != path:
             fs.makedirs(parent, exist_ok=True)
         fs.pipe_file(path, data)
+
+
+def atomic_write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    write_atomic(fs, path, data)
 
 
 def atomic_write_text(uri: str, text: str) -> None:

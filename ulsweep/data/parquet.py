@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -28,7 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from fsspec.implementations.local import LocalFileSystem
+
+from ulsweep.io import write_atomic
 
 MANIFEST = "dataset.json"
 FORMAT = "ulsweep-dataset"
@@ -60,28 +59,6 @@ def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     except (ImportError, ValueError) as e:  # unknown protocol / missing s3fs, gcsfs, ...
         raise DataError(f"{uri}: cannot open filesystem: {e}") from e
     return fs, root.rstrip("/") or "/"
-
-
-def _atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
-    parent = path.rsplit("/", 1)[0]
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic rename on POSIX
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    else:
-        # Object stores publish a single PUT atomically and have no atomic rename; callers write the
-        # manifest last, so a half-written dataset has no dataset.json and never opens.
-        fs.makedirs(parent, exist_ok=True)
-        fs.pipe_file(path, data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,7 +393,7 @@ def write_dataset(uri: str, name: str, splits: Mapping[str, tuple[Any, Any]], sh
         for k, start in enumerate(range(0, images.shape[0], shard_rows)):
             data = _shard_bytes(images[start:start + shard_rows], labels[start:start + shard_rows])
             rel = f"{split}/part-{k:05d}.parquet"
-            _atomic_write(fs, _join(root, rel), data)
+            write_atomic(fs, _join(root, rel), data)
             shards.append({"file": rel, "num_rows": min(shard_rows, images.shape[0] - start),
                            "sha256": hashlib.sha256(data).hexdigest()})
         manifest_splits[split] = {"num_images": int(images.shape[0]), "shards": shards}
@@ -430,7 +407,7 @@ def write_dataset(uri: str, name: str, splits: Mapping[str, tuple[Any, Any]], sh
         "source": source or {},
         "writer": {"pyarrow": pa.__version__},
     }
-    _atomic_write(fs, mroot, (json.dumps(manifest, indent=1) + "\n").encode())
+    write_atomic(fs, mroot, (json.dumps(manifest, indent=1) + "\n").encode())
     new_files = {sh["file"] for info in manifest_splits.values() for sh in info["shards"]}
     for rel in sorted(old_files - new_files):
         try:

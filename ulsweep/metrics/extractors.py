@@ -21,12 +21,12 @@ import os
 import re
 import sys
 import types
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
+
+from ulsweep.io import atomic_write_bytes
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -110,26 +110,6 @@ def read_bytes(uri: str) -> bytes:
             return f.read()
     except FileNotFoundError as e:
         raise ExtractorError(f"{uri}: file not found") from e
-
-
-def atomic_write_bytes(uri: str, data: bytes) -> None:
-    """Readers see the old file or the whole new one: temp file + rename (local), single PUT elsewhere."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    parent = path.rsplit("/", 1)[0] if "/" in path else "."
-    fs.makedirs(parent, exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    else:  # object stores: one PUT is atomic
-        fs.pipe_file(path, data)
 
 
 def state_dict_bytes(state_dict: dict[str, Tensor]) -> bytes:

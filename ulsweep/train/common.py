@@ -178,3 +178,43 @@ class Progress:
         parts = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         print(f"[{self.label}] step {step}/{self.total} {parts} img/s={images_per_s:.0f} eta={eta:.0f}s",
               file=self.stream, flush=True)
+
+
+class TrainState:
+    """Weights, EMA, optimizer, RNG and step of one run: what a checkpoint saves and a resume restores."""
+
+    def __init__(self, net: nn.Module, oc: OptimConfig, rt: Runtime, seed: int):
+        self.net, self.oc, self.rt = net, oc, rt
+        self.ema = EMA(net, oc.ema_std)
+        self.opt = make_optimizer(net.parameters(), oc, rt.device)
+        self.gen = torch.Generator(rt.device).manual_seed(seed)  # every batch index and noise draw
+        self.step, self.train_seconds = 0, 0.0
+
+    def optimizer_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backward, clip, warm-up learning rate, AdamW step, EMA update; returns the gradient norm."""
+        loss.backward()
+        clip = self.oc.grad_clip if self.oc.grad_clip > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, self.oc)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.ema.update(self.net, self.step)
+        return gnorm
+
+    def state_dict(self) -> dict:
+        return {"model": self.net.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                "rng": rng_state(self.gen)}
+
+    def load_state_dict(self, state: dict, meta: dict) -> None:
+        self.net.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        set_rng_state(self.gen, state["rng"])
+        self.step, self.train_seconds = meta["step"], meta.get("train_seconds", 0.0)
+
+
+def due(step: int, every: int, total: int) -> bool:
+    """An action scheduled every `every` steps (0: never) and always at the last step."""
+    return bool(every and step % every == 0) or step == total

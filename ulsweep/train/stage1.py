@@ -20,9 +20,8 @@ from ulsweep.metrics.bits import latent_bitrate, nats_to_bits_per_pixel
 from ulsweep.metrics.psnr import psnr
 from ulsweep.models import build_autoencoder
 from ulsweep.train.checkpoint import CheckpointError, latest_valid_checkpoint, prune_checkpoints, save_checkpoint
-from ulsweep.train.common import (EMA, Progress, Runtime, TrainingDiverged, all_reduce_mean, lr_at,
-                                  make_optimizer, make_runtime, rng_state, set_rng_state, shard, unwrap,
-                                  wrap_ddp)
+from ulsweep.train.common import (Progress, Runtime, TrainingDiverged, TrainState, all_reduce_mean, due, lr_at,
+                                  make_runtime, shard, wrap_ddp)
 from ulsweep.train.data import load_images
 from ulsweep.train.evaluation import load_eval_extractor, reconstruction_fd_of
 from ulsweep.train.hooks import StageResult, TrainHooks
@@ -169,18 +168,10 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
     x_train, x_eval, data_hash = load_images(exp.data, rt.device, tc.eval_images)
     _, c, h, w = x_train.shape
     ae = build_autoencoder(exp.ae, c).to(rt.device)
-    ema = EMA(ae, oc.ema_std)
-    opt = make_optimizer(ae.parameters(), oc, rt.device)
-    gen = torch.Generator(rt.device).manual_seed(tc.seed)
-    step, train_seconds = 0, 0.0
+    ts = TrainState(ae, oc, rt, tc.seed)
     resumed = resume_state(run_dir, cfg_hash, KIND, rt.device)
     if resumed is not None:
-        state, meta = resumed
-        ae.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(gen, state["rng"])
-        step, train_seconds = meta["step"], meta.get("train_seconds", 0.0)
+        ts.load_state_dict(*resumed)
     elif rt.is_main:
         uio.atomic_write_text(uio.join(run_dir, "config.yaml"), dump_yaml(exp))
     model = wrap_ddp(ae, rt)
@@ -193,45 +184,37 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
     def checkpoint(metrics: dict) -> str | None:
         if not rt.is_main:
             return None
-        state = {"model": ae.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                 "rng": rng_state(gen), "config": to_dict(exp)}
-        path = save_checkpoint(run_dir, step, state, {**meta_base, "step": step, "train_seconds": train_seconds,
-                                                      "metrics": metrics})
+        path = save_checkpoint(run_dir, ts.step, {**ts.state_dict(), "config": to_dict(exp)},
+                               {**meta_base, "step": ts.step, "train_seconds": ts.train_seconds, "metrics": metrics})
         prune_checkpoints(run_dir, tc.keep_checkpoints)
-        hooks.checkpoint_saved(step, path, metrics)
+        hooks.checkpoint_saved(ts.step, path, metrics)
         return path
 
     progress = Progress(tc.steps, f"ae {exp.name}", rt.is_main)
+    step = ts.step
     acc = {k: torch.zeros((), device=rt.device) for k in ("total", "prior", "decoder", "grad_norm")}
     bad = torch.zeros((), dtype=torch.bool, device=rt.device)
     n_acc, t_last, last_ckpt = 0, time.perf_counter(), None
     ae.train()
-    while step < tc.steps and not hooks.should_stop():
+    while ts.step < tc.steps and not hooks.should_stop():
         t0 = time.perf_counter()
-        idx = torch.randint(len(x_train), (tc.batch_size,), generator=gen, device=rt.device)
-        noise = draw_noise(tc.batch_size, z_shape, (c, h, w), gen, rt.device)
+        idx = torch.randint(len(x_train), (tc.batch_size,), generator=ts.gen, device=rt.device)
+        noise = draw_noise(tc.batch_size, z_shape, (c, h, w), ts.gen, rt.device)
         x = shard(x_train[idx], rt)
         noise = {k: shard(v, rt) for k, v in noise.items()}
         with rt.autocast():
             losses = stage1_losses(model, x, exp, noise)
         loss = losses["total"].mean() / (c * h * w)  # nats per image dimension, for the optimizer
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(ae.parameters(), oc.grad_clip if oc.grad_clip > 0 else float("inf"))
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, oc)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        ema.update(ae, step)
+        gnorm = ts.optimizer_step(loss)
+        step = ts.step
         bad |= ~torch.isfinite(loss)
         for k in ("total", "prior", "decoder"):
             acc[k] += losses[k].detach().mean()
         acc["grad_norm"] += gnorm.detach()
         n_acc += 1
-        train_seconds += time.perf_counter() - t0
-        is_log = tc.log_every and step % tc.log_every == 0
-        is_eval = (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps
-        is_ckpt = (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps
+        ts.train_seconds += time.perf_counter() - t0
+        is_log = bool(tc.log_every) and step % tc.log_every == 0
+        is_eval, is_ckpt = due(step, tc.eval_every, tc.steps), due(step, tc.ckpt_every, tc.steps)
         if is_log or is_eval or is_ckpt:
             if bad.item():
                 raise TrainingDiverged(f"ae {exp.name}: non-finite loss by step {step}; last good checkpoint "
@@ -250,15 +233,15 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
             n_acc, t_last = 0, time.perf_counter()
         metrics = {}
         if is_eval and step < tc.steps and rt.is_main:
-            metrics, _ = evaluate_ae(ema.shadow, x_eval, exp, with_images=False)
+            metrics, _ = evaluate_ae(ts.ema.shadow, x_eval, exp, with_images=False)
             hooks.log_metrics(step, {f"eval_{k}": v for k, v in metrics.items()})
         if is_ckpt and step < tc.steps:
             last_ckpt = checkpoint(metrics) or last_ckpt
-    if step < tc.steps:  # stopped early on request
+    if ts.step < tc.steps:  # stopped early on request
         path = checkpoint({})
-        return StageResult({}, path or "", step, train_seconds, {"stopped": True})
-    return finish_ae(exp, run_dir, ae, ema.shadow, x_eval, rt, step, train_seconds, checkpoint, hooks, cfg_hash,
-                     data_hash)
+        return StageResult({}, path or "", ts.step, ts.train_seconds, {"stopped": True})
+    return finish_ae(exp, run_dir, ae, ts.ema.shadow, x_eval, rt, ts.step, ts.train_seconds, checkpoint, hooks,
+                     cfg_hash, data_hash)
 
 
 def finish_ae(exp, run_dir, ae, ema_ae, x_eval, rt: Runtime, step, train_seconds, checkpoint, hooks, cfg_hash,

@@ -16,8 +16,8 @@ from ulsweep.diffusion import LogSNRSchedule, base_loss, diffuse, low_discrepanc
 from ulsweep.metrics.bits import latent_bitrate
 from ulsweep.models import build_autoencoder, build_base_model
 from ulsweep.train.checkpoint import CheckpointError, load_checkpoint, prune_checkpoints, save_checkpoint
-from ulsweep.train.common import (EMA, Progress, TrainingDiverged, all_reduce_mean, lr_at, make_optimizer,
-                                  make_runtime, rng_state, set_rng_state, shard, wrap_ddp)
+from ulsweep.train.common import (Progress, TrainingDiverged, TrainState, all_reduce_mean, due, lr_at, make_runtime,
+                                  shard, wrap_ddp)
 from ulsweep.train.data import load_images
 from ulsweep.train.evaluation import generation_fd_of, load_eval_extractor
 from ulsweep.train.hooks import StageResult, TrainHooks
@@ -103,18 +103,10 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     del x_train
     latent_shape = tuple(z_train.shape[1:])
     net = build_base_model(base, latent_shape[0]).to(rt.device)
-    ema = EMA(net, oc.ema_std)
-    opt = make_optimizer(net.parameters(), oc, rt.device)
-    gen = torch.Generator(rt.device).manual_seed(tc.seed)
-    step, train_seconds = 0, 0.0
+    ts = TrainState(net, oc, rt, tc.seed)
     resumed = resume_state(run_dir, cfg_hash, KIND, rt.device)
     if resumed is not None:
-        state, meta = resumed
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(gen, state["rng"])
-        step, train_seconds = meta["step"], meta.get("train_seconds", 0.0)
+        ts.load_state_dict(*resumed)
     elif rt.is_main:
         uio.atomic_write_text(uio.join(run_dir, "config.yaml"), dump_yaml(base))
     model = wrap_ddp(net, rt)
@@ -128,24 +120,24 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     def checkpoint(metrics: dict) -> str | None:
         if not rt.is_main:
             return None
-        state = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                 "rng": rng_state(gen), "config": to_dict(base), "experiment": to_dict(exp)}
-        path = save_checkpoint(run_dir, step, state, {**meta_base, "step": step, "train_seconds": train_seconds,
-                                                      "metrics": metrics})
+        state = {**ts.state_dict(), "config": to_dict(base), "experiment": to_dict(exp)}
+        path = save_checkpoint(run_dir, ts.step, state, {**meta_base, "step": ts.step,
+                                                         "train_seconds": ts.train_seconds, "metrics": metrics})
         prune_checkpoints(run_dir, tc.keep_checkpoints)
-        hooks.checkpoint_saved(step, path, metrics)
+        hooks.checkpoint_saved(ts.step, path, metrics)
         return path
 
     progress = Progress(tc.steps, f"base {base.name}", rt.is_main)
+    step = ts.step
     acc, n_acc = torch.zeros((), device=rt.device), 0
     bad = torch.zeros((), dtype=torch.bool, device=rt.device)
     t_last, last_ckpt = time.perf_counter(), None
     net.train()
-    while step < tc.steps and not hooks.should_stop():
+    while ts.step < tc.steps and not hooks.should_stop():
         t0 = time.perf_counter()
-        idx = torch.randint(len(z_train), (tc.batch_size,), generator=gen, device=rt.device)
-        t = low_discrepancy_times(tc.batch_size, gen, rt.device)
-        eps = torch.randn((tc.batch_size, *latent_shape), generator=gen, device=rt.device)
+        idx = torch.randint(len(z_train), (tc.batch_size,), generator=ts.gen, device=rt.device)
+        t = low_discrepancy_times(tc.batch_size, ts.gen, rt.device)
+        eps = torch.randn((tc.batch_size, *latent_shape), generator=ts.gen, device=rt.device)
         z, t, eps = shard(z_train[idx], rt), shard(t, rt), shard(eps, rt)
         lam, dlam = sched.logsnr(t), sched.dlogsnr_dt(t)
         z_t = diffuse(z, lam, eps)
@@ -153,21 +145,14 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
             v = model(z_t, lam)
         nats = base_loss(z, x_from_v(z_t, v.float(), lam), lam, dlam, base.loss.sigmoid_bias)
         loss = nats.mean() / z[0].numel()
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), oc.grad_clip if oc.grad_clip > 0 else float("inf"))
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, oc)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        ema.update(net, step)
+        gnorm = ts.optimizer_step(loss)
+        step = ts.step
         bad |= ~torch.isfinite(loss)
         acc += nats.detach().mean()
         n_acc += 1
-        train_seconds += time.perf_counter() - t0
-        is_log = tc.log_every and step % tc.log_every == 0
-        is_eval = (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps
-        is_ckpt = (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps
+        ts.train_seconds += time.perf_counter() - t0
+        is_log = bool(tc.log_every) and step % tc.log_every == 0
+        is_eval, is_ckpt = due(step, tc.eval_every, tc.steps), due(step, tc.ckpt_every, tc.steps)
         if (is_log or is_eval or is_ckpt) and bad.item():
             raise TrainingDiverged(f"base {base.name}: non-finite loss by step {step}; last good checkpoint "
                                    f"{last_ckpt or '(none)'} kept in {run_dir}")
@@ -181,13 +166,14 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
             acc, n_acc, t_last = torch.zeros_like(acc), 0, time.perf_counter()
         if is_ckpt and step < tc.steps:
             last_ckpt = checkpoint({}) or last_ckpt
+    step, train_seconds = ts.step, ts.train_seconds
     if step < tc.steps:
         path = checkpoint({})
         return StageResult({}, path or "", step, train_seconds, {"stopped": True})
     if not rt.is_main:
         return StageResult({}, "", step, train_seconds)
     extractor = load_eval_extractor(exp, rt.device)
-    metrics, images = evaluate_base(ema.shadow, ae, exp, ae_exp, base, x_eval, latent_shape, extractor, data_hash)
+    metrics, images = evaluate_base(ts.ema.shadow, ae, exp, ae_exp, base, x_eval, latent_shape, extractor, data_hash)
     metrics.update(_flops_metrics(exp, base, latent_shape, step))
     hooks.log_metrics(step, {f"eval_{k}": v for k, v in metrics.items()})
     path = checkpoint(metrics)
