@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     })
     modes = {"no": [False], "yes": [True], "both": [False, True]}[a.compile]
     rows = []
+    print(f"{'stage':6} {'batch':>5} {'compile':>7} {'step ms':>9} {'img/s':>10} {'GFLOP/img':>10} {'MFU':>7} {'mem GiB':>8}",
+          flush=True)
     for stage in a.stages:
         for batch in a.batch:
             for comp in modes:
@@ -135,6 +137,7 @@ def main(argv=None) -> int:
                         times, fwd, rt = bench_stage2(exp, batch, comp, a.warmup, a.iters)
                 except torch.OutOfMemoryError:
                     rows.append({"stage": stage, "batch": batch, "compile": comp, "error": "out of memory"})
+                    print(f"{stage:6} {batch:>5} {str(comp):>7}  out of memory", flush=True)
                     continue
                 t = statistics.median(times)
                 ips = batch / t
@@ -143,13 +146,9 @@ def main(argv=None) -> int:
                 rows.append({"stage": stage, "batch": batch, "compile": comp, "step_s": t, "images_per_s": ips,
                              "fwd_gflop_per_image": fwd, "mfu": mfu, "peak_mem_gib": mem,
                              "device": str(rt.device), "amp": str(rt.amp_dtype)})
-    print(f"{'stage':6} {'batch':>5} {'compile':>7} {'step ms':>9} {'img/s':>10} {'GFLOP/img':>10} {'MFU':>7} {'mem GiB':>8}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['stage']:6} {r['batch']:>5} {str(r['compile']):>7}  {r['error']}")
-            continue
-        print(f"{r['stage']:6} {r['batch']:>5} {str(r['compile']):>7} {1e3 * r['step_s']:>9.2f} {r['images_per_s']:>10.0f} "
-              f"{r['fwd_gflop_per_image']:>10.3f} {100 * r['mfu']:>6.2f}% {r['peak_mem_gib']:>8.2f}")
+                r = rows[-1]
+                print(f"{stage:6} {batch:>5} {str(comp):>7} {1e3 * t:>9.2f} {ips:>10.0f} {fwd:>10.3f} "
+                      f"{100 * mfu:>6.2f}% {mem:>8.2f}", flush=True)
     env = {"torch": torch.__version__, "python": platform.python_version(),
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "args": vars(a)}
     if a.out:
