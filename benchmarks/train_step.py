@@ -146,7 +146,6 @@ def main(argv=None) -> int:
                 rows.append({"stage": stage, "batch": batch, "compile": comp, "step_s": t, "images_per_s": ips,
                              "fwd_gflop_per_image": fwd, "mfu": mfu, "peak_mem_gib": mem,
                              "device": str(rt.device), "amp": str(rt.amp_dtype)})
-                r = rows[-1]
                 print(f"{stage:6} {batch:>5} {str(comp):>7} {1e3 * t:>9.2f} {ips:>10.0f} {fwd:>10.3f} "
                       f"{100 * mfu:>6.2f}% {mem:>8.2f}", flush=True)
     env = {"torch": torch.__version__, "python": platform.python_version(),
