@@ -1,5 +1,4 @@
 """Stage-1 / stage-2 loops on CPU: short runs, checkpoints, exact resume, corrupted checkpoints."""
-import json
 import os
 
 import pytest
