@@ -189,15 +189,7 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
 
 def _hash(exp: ExperimentConfig, base: BaseStageConfig, ae_meta: dict) -> str:
     """Identity of a base run: its data section, its own config and the exact AE weights it sits on."""
-    from dataclasses import dataclass
-
-    @dataclass(frozen=True)
-    class _Identity:
-        data: object
-        base: object
-        ae_sha256: str
-
-    return config_hash(_Identity(exp.data, base, ae_meta["sha256"]))
+    return config_hash({"data": exp.data, "base": base, "ae_sha256": ae_meta["sha256"]})
 
 
 def _flops_metrics(exp: ExperimentConfig, base: BaseStageConfig, latent_shape, steps: int) -> dict[str, float]:
