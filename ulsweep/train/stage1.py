@@ -122,14 +122,18 @@ def evaluate_ae(ae, x_eval: torch.Tensor, exp: ExperimentConfig, with_images: bo
     return metrics, images
 
 
-def _write_outputs(run_dir: str, images: dict, result: dict) -> dict:
+def write_images(run_dir: str, images: dict[str, bytes]) -> dict[str, str]:
+    """PNG bytes -> run_dir/images/<name>; returns name -> path."""
     paths = {}
     for name, png in images.items():
-        p = uio.join(run_dir, "images", name)
-        uio.atomic_write_bytes(p, png)
-        paths[name] = p
-    uio.atomic_write_text(uio.join(run_dir, "result.json"), json.dumps(result, indent=1, sort_keys=True))
+        paths[name] = uio.join(run_dir, "images", name)
+        uio.atomic_write_bytes(paths[name], png)
     return paths
+
+
+def write_result(run_dir: str, result: dict) -> None:
+    """result.json marks a finished run (written last, atomically); `finished_result` reads it back."""
+    uio.atomic_write_text(uio.join(run_dir, "result.json"), json.dumps(result, indent=1, sort_keys=True))
 
 
 def finished_result(run_dir: str, cfg_hash: str) -> StageResult | None:
@@ -260,10 +264,10 @@ def finish_ae(exp, run_dir, ae, ema_ae, x_eval, rt: Runtime, step, train_seconds
     metrics.update(_flops_metrics(exp, c, step))
     hooks.log_metrics(step, {f"eval_{k}": v for k, v in metrics.items()})
     path = checkpoint(metrics)
-    extra = {"images": _write_outputs(run_dir, images, {})}
+    extra = {"images": write_images(run_dir, images)}
     result = {"metrics": metrics, "checkpoint": path, "steps": step, "train_seconds": train_seconds,
               "config_hash": cfg_hash, "extra": extra}
-    _write_outputs(run_dir, {}, result)
+    write_result(run_dir, result)
     fd = "".join(f"  {k}={v:.3f}" for k, v in metrics.items() if k.startswith(("rfd", "rfid")))
     print(f"[ae {exp.name}] done: bits/pixel={metrics['bpp']:.4f} +- {metrics['bpp_se']:.4f}  "
           f"PSNR={metrics['psnr']:.2f} dB{fd}  checkpoint={path}", flush=True)
