@@ -446,6 +446,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _free_range(n: int) -> int:
+    """First port of n consecutive free ports below the ephemeral range (32768+), where _free_port's
+    picks (and Ray's fixed defaults such as 52365) cannot fall into it."""
+    import random
+
+    for _ in range(50):
+        lo = random.randrange(20000, 32000 - n)
+        try:
+            socks = []
+            for q in range(lo, lo + n):
+                sk = socket.socket()
+                socks.append(sk)
+                sk.bind(("127.0.0.1", q))
+            return lo
+        except OSError:
+            continue
+        finally:
+            for sk in socks:
+                sk.close()
+    raise RuntimeError("no free port range")
+
+
+def _node_ports() -> list[str]:
+    """Explicit ports for every per-node Ray component: two nodes on one host must not share a default."""
+    lo = _free_range(200)
+    return [f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+            f"--min-worker-port={lo}", f"--max-worker-port={lo + 199}"]
+
+
 def _pids_with(text: str) -> list[int]:
     out = []
     for p in Path("/proc").iterdir():
@@ -470,15 +501,12 @@ def test_two_node_cluster_with_address(tmp_path):
     try:
         head = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1",
                                f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats",
-                               f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-                               f"--min-worker-port={port + 100}", f"--max-worker-port={port + 300}"],
+                               *_node_ports()],
                               env=env, capture_output=True, text=True, timeout=180)
         started.append("head")
         assert head.returncode == 0, head.stdout + head.stderr
         worker = subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
-                                 f"--temp-dir={temp}", "--disable-usage-stats",
-                                 f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-                                 f"--min-worker-port={port + 400}", f"--max-worker-port={port + 600}"],
+                                 f"--temp-dir={temp}", "--disable-usage-stats", *_node_ports()],
                                 env=env, capture_output=True, text=True, timeout=180)
         assert worker.returncode == 0, worker.stdout + worker.stderr
         d = tiny_experiment("twonode", n_ae=2, bases=())
