@@ -131,9 +131,17 @@ def write_images(run_dir: str, images: dict[str, bytes]) -> dict[str, str]:
     return paths
 
 
-def write_result(run_dir: str, result: dict) -> None:
-    """result.json marks a finished run (written last, atomically); `finished_result` reads it back."""
+def publish(run_dir: str, step: int, train_seconds: float, metrics: dict, images: dict[str, bytes], checkpoint,
+            hooks: TrainHooks, cfg_hash: str) -> StageResult:
+    """End of a finished run (rank 0): final metrics to the hooks, final checkpoint, images, then result.json,
+    written last and atomically: it marks the run finished (`finished_result` reads it back)."""
+    hooks.log_metrics(step, {f"eval_{k}": v for k, v in metrics.items()})
+    path = checkpoint(metrics)
+    extra = {"images": write_images(run_dir, images)}
+    result = {"metrics": metrics, "checkpoint": path, "steps": step, "train_seconds": train_seconds,
+              "config_hash": cfg_hash, "extra": extra}
     uio.atomic_write_text(uio.join(run_dir, "result.json"), json.dumps(result, indent=1, sort_keys=True))
+    return StageResult(metrics, path, step, train_seconds, extra)
 
 
 def finished_result(run_dir: str, cfg_hash: str) -> StageResult | None:
@@ -262,16 +270,11 @@ def finish_ae(exp, run_dir, ae, ema_ae, x_eval, rt: Runtime, step, train_seconds
                                                exp.ae.train.eval_t_per_image, generator=gen).bpp
     c, h, w = x_eval.shape[1:]
     metrics.update(_flops_metrics(exp, c, step))
-    hooks.log_metrics(step, {f"eval_{k}": v for k, v in metrics.items()})
-    path = checkpoint(metrics)
-    extra = {"images": write_images(run_dir, images)}
-    result = {"metrics": metrics, "checkpoint": path, "steps": step, "train_seconds": train_seconds,
-              "config_hash": cfg_hash, "extra": extra}
-    write_result(run_dir, result)
+    res = publish(run_dir, step, train_seconds, metrics, images, checkpoint, hooks, cfg_hash)
     fd = "".join(f"  {k}={v:.3f}" for k, v in metrics.items() if k.startswith(("rfd", "rfid")))
     print(f"[ae {exp.name}] done: bits/pixel={metrics['bpp']:.4f} +- {metrics['bpp_se']:.4f}  "
-          f"PSNR={metrics['psnr']:.2f} dB{fd}  checkpoint={path}", flush=True)
-    return StageResult(metrics, path, step, train_seconds, extra)
+          f"PSNR={metrics['psnr']:.2f} dB{fd}  checkpoint={res.checkpoint}", flush=True)
+    return res
 
 
 def _flops_metrics(exp: ExperimentConfig, image_channels: int, steps: int) -> dict[str, float]:

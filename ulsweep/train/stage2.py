@@ -22,7 +22,7 @@ from ulsweep.train.data import load_images
 from ulsweep.train.evaluation import generation_fd_of, load_eval_extractor
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.sampling import decode, generate_latents, image_grid_png, to_uint8
-from ulsweep.train.stage1 import finished_result, resume_state, write_images, write_result
+from ulsweep.train.stage1 import finished_result, publish, resume_state
 
 KIND = "base"
 
@@ -175,16 +175,11 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     extractor = load_eval_extractor(exp, rt.device)
     metrics, images = evaluate_base(ts.ema.shadow, ae, exp, ae_exp, base, x_eval, latent_shape, extractor, data_hash)
     metrics.update(_flops_metrics(exp, base, latent_shape, step))
-    hooks.log_metrics(step, {f"eval_{k}": v for k, v in metrics.items()})
-    path = checkpoint(metrics)
-    extra = {"images": write_images(run_dir, images)}
-    result = {"metrics": metrics, "checkpoint": path, "steps": step, "train_seconds": train_seconds,
-              "config_hash": cfg_hash, "extra": extra}
-    write_result(run_dir, result)
+    res = publish(run_dir, step, train_seconds, metrics, images, checkpoint, hooks, cfg_hash)
     fd = "".join(f"  {k}={v:.3f}" for k, v in metrics.items() if k.startswith(("gfd_", "gfid")))
     print(f"[base {base.name}] done: base-model latent bits/pixel={metrics['base_bpp']:.4f}{fd}  "
-          f"checkpoint={path}", flush=True)
-    return StageResult(metrics, path, step, train_seconds, extra)
+          f"checkpoint={res.checkpoint}", flush=True)
+    return res
 
 
 def _hash(exp: ExperimentConfig, base: BaseStageConfig, ae_meta: dict) -> str:
