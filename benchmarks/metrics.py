@@ -29,26 +29,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from timing import time_calls  # noqa: E402  (benchmarks/timing.py, beside this script)
+
 from ulsweep.metrics.extractors import DomainCNN, load_domain_extractor, load_inception, random_inception  # noqa: E402
 from ulsweep.metrics.fid import frechet_distance, stats_from_features  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def bench_extractor(name: str, ext: torch.nn.Module, shape: tuple[int, ...], batch: int, device: torch.device,
@@ -59,7 +43,7 @@ def bench_extractor(name: str, ext: torch.nn.Module, shape: tuple[int, ...], bat
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randint(0, 256, (batch, *shape), generator=g, device=device, dtype=torch.uint8)
     with torch.inference_mode():
-        ts = _time(lambda: ext(x), device, warmup, repeats)
+        ts = time_calls(lambda: ext(x), device, warmup, repeats)
     med = statistics.median(ts)
     return {"bench": name, "device": str(device), "batch": batch, "input": list(shape),
             "images_per_s": batch / med, "seconds_per_batch": med, "runs": ts}
@@ -76,7 +60,7 @@ def bench_frechet(dim: int, device: torch.device, warmup: int, repeats: int, sci
         nonlocal fd
         fd = frechet_distance(a.mu, a.sigma, b.mu, b.sigma, device=device)  # includes host->device copies
 
-    ts = _time(run, device, warmup, repeats)
+    ts = time_calls(run, device, warmup, repeats)
     rows = [{"bench": f"frechet_{dim}", "device": str(device), "method": "eigh (symmetric form), float64",
              "seconds": statistics.median(ts), "fd": fd, "runs": ts}]
     if scipy and device.type == "cpu":

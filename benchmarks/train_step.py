@@ -18,11 +18,12 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from timing import time_calls  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 from ulsweep.config import experiment_from_dict  # noqa: E402
 from ulsweep.diffusion import base_loss, diffuse, low_discrepancy_times, x_from_v  # noqa: E402
@@ -30,24 +31,6 @@ from ulsweep.metrics.flops import gflops_per_image, model_gflops  # noqa: E402
 from ulsweep.models import build_autoencoder, build_base_model  # noqa: E402
 from ulsweep.train.common import TrainState, make_runtime  # noqa: E402
 from ulsweep.train.stage1 import draw_noise, stage1_losses  # noqa: E402
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(step_fn, device, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        step_fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step_fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def bench_stage1(exp, batch: int, compile_: bool, warmup: int, iters: int, channels: int):
@@ -70,7 +53,7 @@ def bench_stage1(exp, batch: int, compile_: bool, warmup: int, iters: int, chann
 
     g = model_gflops(exp, channels)
     fwd = g["encoder"] + g.get("prior", 0.0) + g["decoder"]
-    return time_steps(step, rt.device, warmup, iters), fwd, rt
+    return time_calls(step, rt.device, warmup, iters), fwd, rt
 
 
 def bench_stage2(exp, batch: int, compile_: bool, warmup: int, iters: int):
@@ -96,7 +79,7 @@ def bench_stage2(exp, batch: int, compile_: bool, warmup: int, iters: int):
         ts.optimizer_step(base_loss(z, x_from_v(z_t, v.float(), lam), lam, dlam, 0.0).mean() / z[0].numel())
 
     fwd = gflops_per_image(build_base_model(exp.base_models[0], shape[0]), torch.zeros(2, *shape), torch.zeros(2))
-    return time_steps(step, rt.device, warmup, iters), fwd, rt
+    return time_calls(step, rt.device, warmup, iters), fwd, rt
 
 
 def main(argv=None) -> int:

@@ -29,14 +29,7 @@ def digits_split():
     return x[:1400], y[:1400], x[1400:], y[1400:]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small CPU work runs faster on one thread; on a busy 2-core machine two OpenMP threads can be ~10x
-    slower (spin-waiting). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")

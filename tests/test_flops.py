@@ -13,13 +13,7 @@ import torch.nn.functional as F
 from ulsweep.metrics.flops import count_forward, forward_flops, gflops_per_image, training_flops
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small CPU work: one thread (two OpenMP threads on a busy 2-core machine can be ~10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def test_linear_flops_analytic():

@@ -13,13 +13,7 @@ from ulsweep.metrics import (FeatureStats, RefKey, RefStatsCache, StatsAccumulat
 from ulsweep.metrics.extractors import FeatureExtractor, INCEPTION_SHA256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small CPU work: one thread (two OpenMP threads on a busy 2-core machine can be ~10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 def random_spd(d: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
