@@ -155,16 +155,24 @@ def finished_result(run_dir: str, cfg_hash: str) -> StageResult | None:
     return StageResult(r["metrics"], r["checkpoint"], r["steps"], r["train_seconds"], r.get("extra", {}))
 
 
-def resume_state(run_dir: str, cfg_hash: str, kind: str, device) -> tuple[dict, dict] | None:
-    ck = latest_valid_checkpoint(run_dir, map_location=device)
-    if ck is None:
-        return None
-    state, meta = ck
-    if meta.get("kind") != kind or meta.get("config_hash") != cfg_hash:
-        raise CheckpointError(
-            f"{run_dir}: holds a {meta.get('kind')!r} checkpoint of config {meta.get('config_hash')} but this "
-            f"run is {kind!r} with config {cfg_hash}; use a fresh run directory or the same config")
-    return state, meta
+def start_or_resume(ts: TrainState, run_dir: str, cfg_hash: str, kind: str, config_yaml: str,
+                    compile_: bool) -> torch.nn.Module:
+    """Restore `ts` from the run's newest valid checkpoint (it must be of this kind and config), or write
+    config.yaml on a fresh run; return the module to train: DDP-wrapped under torch.distributed, compiled
+    when asked."""
+    rt = ts.rt
+    ck = latest_valid_checkpoint(run_dir, map_location=rt.device)
+    if ck is not None:
+        state, meta = ck
+        if meta.get("kind") != kind or meta.get("config_hash") != cfg_hash:
+            raise CheckpointError(
+                f"{run_dir}: holds a {meta.get('kind')!r} checkpoint of config {meta.get('config_hash')} but this "
+                f"run is {kind!r} with config {cfg_hash}; use a fresh run directory or the same config")
+        ts.load_state_dict(state, meta)
+    elif rt.is_main:
+        uio.atomic_write_text(uio.join(run_dir, "config.yaml"), config_yaml)
+    model = wrap_ddp(ts.net, rt)
+    return torch.compile(model) if compile_ else model
 
 
 def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | None = None) -> StageResult:
@@ -181,14 +189,7 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
     _, c, h, w = x_train.shape
     ae = build_autoencoder(exp.ae, c).to(rt.device)
     ts = TrainState(ae, oc, rt, tc.seed)
-    resumed = resume_state(run_dir, cfg_hash, KIND, rt.device)
-    if resumed is not None:
-        ts.load_state_dict(*resumed)
-    elif rt.is_main:
-        uio.atomic_write_text(uio.join(run_dir, "config.yaml"), dump_yaml(exp))
-    model = wrap_ddp(ae, rt)
-    if tc.compile:
-        model = torch.compile(model)
+    model = start_or_resume(ts, run_dir, cfg_hash, KIND, dump_yaml(exp), tc.compile)
     z_shape = (exp.ae.model.latent_channels, h // exp.ae.model.downsample, w // exp.ae.model.downsample)
     meta_base = {"kind": KIND, "config_hash": cfg_hash, "data_hash": data_hash,
                  "image_shape": [c, h, w], "latent_shape": list(z_shape)}

@@ -10,19 +10,18 @@ import time
 
 import torch
 
-from ulsweep import io as uio
 from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_yaml, experiment_from_dict, to_dict
 from ulsweep.diffusion import LogSNRSchedule, base_loss, diffuse, low_discrepancy_times, x_from_v
 from ulsweep.metrics.bits import latent_bitrate
 from ulsweep.models import build_autoencoder, build_base_model
 from ulsweep.train.checkpoint import CheckpointError, load_checkpoint, prune_checkpoints, save_checkpoint
 from ulsweep.train.common import (Progress, TrainingDiverged, TrainState, all_reduce_mean, due, lr_at, make_runtime,
-                                  shard, wrap_ddp)
+                                  shard)
 from ulsweep.train.data import load_images
 from ulsweep.train.evaluation import generation_fd_of, load_eval_extractor
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.sampling import decode, generate_latents, image_grid_png, to_uint8
-from ulsweep.train.stage1 import finished_result, publish, resume_state
+from ulsweep.train.stage1 import finished_result, publish, start_or_resume
 
 KIND = "base"
 
@@ -104,14 +103,7 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     latent_shape = tuple(z_train.shape[1:])
     net = build_base_model(base, latent_shape[0]).to(rt.device)
     ts = TrainState(net, oc, rt, tc.seed)
-    resumed = resume_state(run_dir, cfg_hash, KIND, rt.device)
-    if resumed is not None:
-        ts.load_state_dict(*resumed)
-    elif rt.is_main:
-        uio.atomic_write_text(uio.join(run_dir, "config.yaml"), dump_yaml(base))
-    model = wrap_ddp(net, rt)
-    if tc.compile:
-        model = torch.compile(model)
+    model = start_or_resume(ts, run_dir, cfg_hash, KIND, dump_yaml(base), tc.compile)
     sched = base_schedule(ae_exp, base)
     meta_base = {"kind": KIND, "config_hash": cfg_hash, "data_hash": data_hash, "ae_checkpoint": ae_checkpoint,
                  "ae_sha256": ae_meta["sha256"], "latent_shape": list(latent_shape)}
