@@ -58,6 +58,33 @@ def test_repeats_vary_the_seed():
     assert [p.get("ae.train.seed") for p in plan] == [None, None, 11, 11, 12, 12]
 
 
+def test_extra_points_follow_the_grid_and_are_validated():
+    space = {"ae.loss.loss_factor": {"values": [1.5, 2.0]}}
+    s = SearchConfig(method="grid", space=space, points=({"ae.loss.loss_factor": 4.0, "ae.train.seed": 1},))
+    assert planned_overrides(s, base_seed=0) == [{"ae.loss.loss_factor": 1.5}, {"ae.loss.loss_factor": 2.0},
+                                                 {"ae.loss.loss_factor": 4.0, "ae.train.seed": 1}]
+    with pytest.raises(ConfigError, match="only for methods none and grid") as e:
+        SearchConfig(method="optuna-tpe", space={"ae.loss.loss_factor": {"low": 1.0, "high": 4.0}},
+                     metrics=("bpp",), points=({"ae.train.seed": 1},))
+    assert e.value.key.endswith("points")
+    base = {"search": {"method": "grid", "metrics": ["gfd"], "modes": ["min"], "space": space}}
+    bad = experiment_from_dict(base, {"search.points": [{"ae.loss.loss_factor": -1.0}]})
+    with pytest.raises(ConfigError, match="refused") as e:
+        validate_space(bad)
+    assert "loss_factor" in e.value.key
+    with pytest.raises(ConfigError, match="cannot change the search"):
+        validate_space(experiment_from_dict(base, {"search.points": [{"search.num_samples": 2}]}))
+
+
+def test_compile_setting_accepts_modes_and_refuses_others():
+    exp = experiment_from_dict({}, {"ae.train.compile": "reduce-overhead"})
+    assert exp.ae.train.compile == "reduce-overhead"
+    assert experiment_from_dict({}, {"ae.train.compile": True}).ae.train.compile is True
+    with pytest.raises(ConfigError) as e:
+        experiment_from_dict({}, {"ae.train.compile": "fast"})
+    assert e.value.key == "ae.train.compile" and e.value.value == "fast"
+
+
 def test_optuna_distributions():
     import optuna.distributions as od
 
