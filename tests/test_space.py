@@ -27,7 +27,9 @@ def test_shipped_experiments_cover_the_paper_tables():
     assert {"quickstart.yaml", "lf_sweep.yaml", "channels.yaml", "downsampling.yaml", "ablations.yaml"} <= names
     lf = load_experiment(REPO / "experiments" / "lf_sweep.yaml")
     plan = planned_overrides(lf.search, 0)
-    assert len(plan) == 15  # Fig. 8: 3 sigmoid biases x 5 loss factors
+    assert len(plan) == 18  # Fig. 8: 3 sigmoid biases x 5 loss factors, then 3 of them with a second seed
+    assert len({(p["ae.loss.sigmoid_bias"], p["ae.loss.loss_factor"], p.get("ae.train.seed", 0)) for p in plan}) == 18
+    assert sum(p.get("ae.train.seed", 0) == 1 for p in plan) == 3
     assert {p["ae.loss.loss_factor"] for p in plan} == {1.5, 1.75, 2.0, 3.0, 4.0}
     assert {p["ae.loss.sigmoid_bias"] for p in plan} == {-2.0, 0.0, 2.0}
     assert lf.data.path == "builtin:fashion-mnist" and lf.data.image_size == 32
