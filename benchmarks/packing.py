@@ -4,8 +4,8 @@ packs them (Ray tasks holding 1/n of a GPU each, one process per trial).
     python benchmarks/packing.py --preset small --image-size 32 --channels 1 --batch 128 --trials 1 2 4 8 \
         --seconds 30 --out packing.json
 
-Each trial builds the library's stage-1 (or base) training step (benchmarks/train_step.py), warms it up, then
-steps for `--seconds`, recording (time, images) every 10 steps after a CUDA sync. Aggregate images/s is
+Each trial builds the library's stage-1 (or base) training step (benchmarks/train_step.py), warms it up, waits
+for the other trials of its group to be warm too (a file barrier), then steps for `--seconds`, recording (time, images) every 10 steps after a CUDA sync. Aggregate images/s is
 counted over the window in which every trial of the group was in its timed phase, so warm-up and start-up
 skew do not inflate it. Memory per trial: the trial's own peak (`max_memory_reserved`) and the whole GPU's
 used memory seen while all n trials ran (over n, which includes every process's CUDA context).
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -33,6 +34,16 @@ def gpu_used_gib() -> float:
     return (total - free) / 2**30
 
 
+def wait_for_group(folder: str, n: int, timeout_s: float = 600.0) -> None:
+    """Start barrier of the group: every trial warms up (and compiles) first, then all start timing together."""
+    open(os.path.join(folder, f"ready-{os.getpid()}"), "w").close()
+    t0 = time.time()
+    while len(os.listdir(folder)) < n:
+        if time.time() - t0 > timeout_s:
+            raise TimeoutError(f"only {len(os.listdir(folder))} of {n} packed trials got ready in {timeout_s} s")
+        time.sleep(0.05)
+
+
 def run_trial(args: dict) -> dict:
     """One packed trial (runs in its own Ray worker process)."""
     sys.path.insert(0, HERE)
@@ -42,6 +53,7 @@ def run_trial(args: dict) -> dict:
     for _ in range(a.warmup):
         step()
     torch.cuda.synchronize()
+    wait_for_group(a.barrier, a.group_size)
     marks = [(time.time(), 0)]
     n, gpu_used = 0, 0.0
     while time.time() - marks[0][0] < a.seconds:
@@ -98,7 +110,10 @@ def main(argv=None) -> int:
     print(f"{'trials':>6} {'agg img/s':>10} {'x 1 trial':>9} {'per trial':>10} {'MFU':>6} {'reserved GiB':>12} "
           f"{'GPU used/n':>10} {'window s':>8}", flush=True)
     for n in a.trials:
-        res = ray.get([remote.options(num_gpus=1.0 / n, num_cpus=a.cpus_per_trial).remote(args) for _ in range(n)])
+        with tempfile.TemporaryDirectory() as barrier:
+            group = {**args, "barrier": barrier, "group_size": n}
+            res = ray.get([remote.options(num_gpus=1.0 / n, num_cpus=a.cpus_per_trial).remote(group)
+                           for _ in range(n)])
         ips, window = aggregate(res)
         fwd = res[0]["fwd_gflop_per_image"]
         row = {"trials": n, "aggregate_images_per_s": ips, "window_s": window,

@@ -130,6 +130,13 @@ def plan_description(exp: ExperimentConfig) -> list[dict[str, Any]] | None:
     return planned_overrides(exp.search, exp.ae.train.seed)
 
 
+def _uses_cuda_graphs(exp: ExperimentConfig) -> bool:
+    """torch.compile's CUDA-graph trees keep their state per thread, and a reused Tune actor runs its next
+    trial in a new thread, where they fail (AssertionError in cudagraph_trees.get_obj): one process a trial."""
+    modes = [exp.ae.train.compile] + [b.train.compile for b in exp.base_models]
+    return "reduce-overhead" in modes and exp.resources.gpus_per_worker > 0
+
+
 def fit_to_local_machine(exp: ExperimentConfig, cluster: dict, started_here: bool, out) -> ExperimentConfig:
     """The same experiment file on a laptop: a Ray instance started here without GPUs runs GPU trials on
     CPU instead of waiting forever for a GPU. A cluster (--address) is left alone: its GPU nodes may still
@@ -226,7 +233,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
                                             max_concurrent_trials=exp.search.max_concurrent,
-                                            reuse_actors=True,  # warm trial processes (torch, mlflow imported)
+                                            reuse_actors=not _uses_cuda_graphs(exp),  # warm trial processes
                                             trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(name=TUNE_NAME, storage_path=run_dir, verbose=0,
                                           callbacks=[ProgressCallback()],
