@@ -263,8 +263,13 @@ class ResourcesConfig:
     gpus_per_worker: float = 0.0
     driver_cpus: float = 0.01  # the Tune trial process that builds the TorchTrainer (0 is refused by Ray)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, gloo without
+    # Ray Train restarts of a trial's worker group after a worker process dies (FailureConfig.max_failures);
+    # the loop resumes from its last checkpoint. Deterministic errors (NaN loss, bad checkpoint) never retry.
+    max_worker_failures: int = 2
 
     def __post_init__(self):
+        _require(self.max_worker_failures >= -1, "max_worker_failures", self.max_worker_failures,
+                 "must be >= 0 (or -1: no limit)")
         _require(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
         _require(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "must be > 0")
         _require(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, "must be >= 0")

@@ -117,7 +117,7 @@ class ObjectiveLogger:
             return
         c = tracking.client(self.tracking_uri)
         if rec["objective"] is not None:
-            tracking.log_metrics(c, run_id, {f"objective/{m}": v for m, v in zip(self.metrics, rec["objective"])})
+            tracking.log_metrics_once(c, run_id, {f"objective/{m}": v for m, v in zip(self.metrics, rec["objective"])})
         tracking.retry(c.set_tag, run_id, "ulsweep.objective_status", rec["status"])
 
 
@@ -255,9 +255,10 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     ranked = searcher.ranked()
     if ranked:
         best = ranked[0]
-        tracking.log_metrics(c, sweep_id, {f"best/{m}": v for m, v in zip(exp.search.metrics, best["objective"])})
+        tracking.log_metrics_once(c, sweep_id, {f"best/{m}": v for m, v in zip(exp.search.metrics, best["objective"])})
         tracking.retry(c.set_tag, sweep_id, "ulsweep.best_trial", best["key"])
-    tracking.log_metrics(c, sweep_id, {f"trials/{k}": float(v) for k, v in outcome.counts.items()})
+    tracking.log_metrics_once(c, sweep_id, {f"trials/{k}": float(v) for k, v in outcome.counts.items()})
+    _replay_spools(c, run_dir, out)
     leftovers = tracking.close_orphans(c, eid, sweep_id, status="FAILED", exclude=[sweep_id])
     if leftovers:
         log.warning("runs still RUNNING after the sweep were marked FAILED: %s", leftovers)
@@ -316,12 +317,24 @@ def _setup_tracking(exp: ExperimentConfig, run_dir: str, uri: str, state: dict |
                                "identity": ident, "created": time.time()})
         return c, sweep_id, eid
     sweep_id, eid = state["sweep_id"], state["mlflow_experiment_id"]
+    _replay_spools(c, run_dir, out)
     closed = tracking.close_orphans(c, eid, sweep_id, status="KILLED", exclude=[sweep_id])
     tracking.retry(c.update_run, sweep_id, status="RUNNING")
     if closed:
         print(f"resume: marked {len(closed)} MLflow run(s) left RUNNING as KILLED: {', '.join(closed)}",
               file=out, flush=True)
     return c, sweep_id, eid
+
+
+def _replay_spools(c, run_dir: str, out) -> None:
+    """Metric points that trials spooled to disk while MLflow was unreachable go to MLflow now."""
+    try:
+        n = tracking.replay_spools(c, run_dir)
+    except Exception as e:  # they stay on disk; the next resume or end of the sweep tries again
+        log.warning("could not replay spooled metrics under %s: %s", run_dir, e)
+        return
+    if n:
+        print(f"mlflow: sent {n} metric point(s) spooled while MLflow was unreachable", file=out, flush=True)
 
 
 def _local_tune_dir(tune_dir: str) -> str:

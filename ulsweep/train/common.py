@@ -18,7 +18,15 @@ from ulsweep.config import OptimConfig, TrainConfig
 
 
 class TrainingDiverged(RuntimeError):
-    """Loss became NaN/Inf; the last good checkpoint is kept, nothing newer is written."""
+    """Loss became NaN/Inf; the last good checkpoint (`checkpoint`, None if there is none) is kept,
+    nothing newer is written."""
+
+    def __init__(self, message: str, checkpoint: str | None = None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+    def __reduce__(self):  # crosses Ray process boundaries with its checkpoint
+        return (type(self), (str(self), self.checkpoint))
 
 
 @dataclass(frozen=True)
