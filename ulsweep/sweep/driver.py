@@ -334,7 +334,8 @@ def _replay_spools(c, run_dir: str, out) -> None:
         log.warning("could not replay spooled metrics under %s: %s", run_dir, e)
         return
     if n:
-        print(f"mlflow: sent {n} metric point(s) spooled while MLflow was unreachable", file=out, flush=True)
+        print(f"mlflow: sent {n} metric point(s) that trials had spooled to disk (MLflow slow or unreachable)",
+              file=out, flush=True)
 
 
 def _local_tune_dir(tune_dir: str) -> str:

@@ -35,6 +35,8 @@ IMPLS = {  # train_impl -> (module of train_autoencoder, module of train_base)
     "ulsweep": ("ulsweep.train.stage1", "ulsweep.train.stage2"),
     "fake": ("ulsweep.sweep.fake", "ulsweep.sweep.fake"),
 }
+# metric curves go to MLflow in one batch per this many seconds (and at every checkpoint)
+MLFLOW_FLUSH_S = float(os.environ.get("ULSWEEP_MLFLOW_FLUSH_S", "10"))
 REPORT_EVERY_S = 2.0  # at most one intermediate Tune report per trial per this many seconds
 
 
@@ -243,7 +245,8 @@ class RayHooks(TrainHooks):
     def _connect(self, uri: str) -> None:
         try:  # no network here: the buffer holds points until MLflow answers (dedupe: resumed loops)
             self._client = tracking.client(uri)
-            self._buffer = tracking.MetricBuffer(self._client, self.run_id, dedupe=True, spool_dir=self.spool_dir)
+            self._buffer = tracking.MetricBuffer(self._client, self.run_id, flush_s=MLFLOW_FLUSH_S, dedupe=True,
+                                                 spool_dir=self.spool_dir)
         except Exception as e:
             log.warning("MLflow client of %s failed: %s", self.key, e)
         finally:
