@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ulsweep import tracking
+from ulsweep import safety, tracking
 from ulsweep.config import ConfigError, ExperimentConfig, dump_yaml, flatten, to_dict
 from ulsweep.sweep.space import planned_overrides, validate_space
 
@@ -109,13 +109,14 @@ class ObjectiveLogger:
     """Logs an AE trial's objective (told to Optuna) into its MLflow run. Picklable."""
 
     def __init__(self, tracking_uri: str, metrics: tuple[str, ...]):
-        self.tracking_uri, self.metrics = tracking_uri, metrics
+        # pickled into Tune's searcher state: holds the URI without its password (safety.reveal adds it back)
+        self.tracking_uri, self.metrics = safety.remember(tracking_uri), metrics
 
     def __call__(self, rec: dict) -> None:
         run_id = (rec.get("result") or {}).get("mlflow_run_id")
         if not run_id:
             return
-        c = tracking.client(self.tracking_uri)
+        c = tracking.client(safety.reveal(self.tracking_uri))
         if rec["objective"] is not None:
             tracking.log_metrics_once(c, run_id, {f"objective/{m}": v for m, v in zip(self.metrics, rec["objective"])})
         tracking.retry(c.set_tag, run_id, "ulsweep.objective_status", rec["status"])
@@ -162,11 +163,17 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     # ---- MLflow: parent run (reused on resume), orphans closed. Runs in a thread while Ray starts:
     # both take seconds (a new sqlite store runs its migrations).
     if state is not None:  # a resumed sweep stays in its tracking store
-        uri = state["tracking_uri"]
-        if tracking_uri and tracking.resolve_tracking_uri(tracking_uri, None, run_dir) != uri:
-            raise SweepError(f"sweep {state['sweep_id']} is tracked in {uri}, not {tracking_uri}")
+        uri = stored = state["tracking_uri"]  # a password in it is stored as ***: take it from CLI/env/config
+        if tracking_uri or safety.is_redacted(stored):
+            uri = tracking.resolve_tracking_uri(tracking_uri, exp.tracking.uri, run_dir)
+            if safety.redact_uri(uri) != stored:
+                hint = " (pass it with its password: --tracking-uri or MLFLOW_TRACKING_URI)" \
+                    if safety.is_redacted(stored) else ""
+                raise SweepError(f"sweep {state['sweep_id']} is tracked in {stored}, not "
+                                 f"{safety.redact_uri(uri)}{hint}")
     else:
         uri = tracking.resolve_tracking_uri(tracking_uri, exp.tracking.uri, run_dir)
+    shown_uri = safety.remember(uri)  # what is printed and stored: no password
     pool = ThreadPoolExecutor(1)
     mlflow_setup = pool.submit(_setup_tracking, exp, run_dir, uri, state, ident, out)
 
@@ -200,7 +207,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
         n_ae = len(n_planned) if n_planned is not None else exp.search.num_samples
         print(f"sweep {exp.name}: {n_ae} autoencoder trial(s) x {len(exp.base_models)} base model(s), "
               f"method {exp.search.method}, {exp.search.max_concurrent} at a time, "
-              f"{exp.resources.num_workers} worker(s) each\n  run dir  {run_dir}\n  mlflow   {uri}  "
+              f"{exp.resources.num_workers} worker(s) each\n  run dir  {run_dir}\n  mlflow   {shown_uri}  "
               f"(experiment {exp.tracking.experiment or exp.name}, sweep run {sweep_id})", file=out, flush=True)
         if resume and tune.Tuner.can_restore(tune_dir):
             # errored trials stay errored: the searcher already told Optuna they failed (retries within a
@@ -265,7 +272,8 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     tracking.retry(c.set_terminated, sweep_id, status="FINISHED" if outcome.ok else "FAILED")
 
     phases["wall"] = time.time() - t_start
-    summary = {"run_dir": run_dir, "tracking_uri": uri, "sweep_id": sweep_id, "wall_seconds": wall, "phases": phases,
+    summary = {"run_dir": run_dir, "tracking_uri": shown_uri, "sweep_id": sweep_id, "wall_seconds": wall,
+               "phases": phases,
                "counts": outcome.counts, "best": [r["key"] for r in ranked],
                "trials": [{k: r[k] for k in ("key", "overrides", "status", "objective")} |
                           {"ae_metrics": r["result"], "bases": r["bases"]} for r in records]}
@@ -278,7 +286,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     failed = [r for r in trial_results if r["error"]]
     for f in failed:
         print(f"failed trial {f.get('key')}: {f['error'][:300]}", file=out)
-    print(f"{outcome.counts}  wall {wall:.0f} s\n  run dir  {run_dir}\n  mlflow   {uri}\n"
+    print(f"{outcome.counts}  wall {wall:.0f} s\n  run dir  {run_dir}\n  mlflow   {shown_uri}\n"
           f"  browse   ulsweep ui {run_dir}", file=out, flush=True)
     _dashboard(outcome, out)
     return outcome
@@ -313,7 +321,8 @@ def _setup_tracking(exp: ExperimentConfig, run_dir: str, uri: str, state: dict |
                                           "experiment": exp.name, "base_models": [b.name for b in exp.base_models],
                                           "resources.num_workers": exp.resources.num_workers})
         tracking.log_text(c, sweep_id, dump_yaml(exp), "experiment.yaml")
-        _write_state(run_dir, {"sweep_id": sweep_id, "mlflow_experiment_id": eid, "tracking_uri": uri,
+        _write_state(run_dir, {"sweep_id": sweep_id, "mlflow_experiment_id": eid,
+                               "tracking_uri": safety.redact_uri(uri),
                                "identity": ident, "created": time.time()})
         return c, sweep_id, eid
     sweep_id, eid = state["sweep_id"], state["mlflow_experiment_id"]
@@ -362,7 +371,7 @@ def dry_run(exp: ExperimentConfig, storage: str | None = None, tracking_uri: str
     uri = tracking.resolve_tracking_uri(tracking_uri, exp.tracking.uri, run_dir, create=False)
     print("# resolved experiment", file=out)
     print(dump_yaml(exp), file=out)
-    print(f"# run dir: {run_dir}\n# tracking: {uri}", file=out)
+    print(f"# run dir: {run_dir}\n# tracking: {safety.redact_uri(uri)}", file=out)
     plan = plan_description(exp)
     bases = [b.name for b in exp.base_models]
     if plan is None:
