@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ulsweep import safety
+
 log = logging.getLogger(__name__)
 
 TAG_SWEEP = "ulsweep.sweep_id"
@@ -56,6 +58,8 @@ def client(uri: str):
 
     if uri.startswith("file:") or "://" not in uri:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    if safety.redact_uri(uri) != uri:  # MLflow prints run URLs (with the URI's password) on set_terminated
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return MlflowClient(tracking_uri=uri)
 
 

@@ -180,6 +180,10 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     # ---- Ray. Tune snapshots its trial table + searcher every 2 s (default >= 10 s): a kill then loses
     # less (what it loses is re-run idempotently: finished loops return their stored result at once).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Tune copies AWS_* credentials into each trial's runtime env, and Ray's runtime-env agent logs runtime
+    # envs at INFO: a Ray that ulsweep starts logs at WARNING so that no credential lands in its session logs
+    # (for a cluster of your own, start it with RAY_LOGGER_LEVEL=warning too)
+    os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None
     started_ray = False
