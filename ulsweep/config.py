@@ -206,6 +206,7 @@ class SearchConfig:
     max_concurrent: int = 2  # trials (AE or base) running at once
     seed: int = 0  # Optuna sampler seed
     max_failures: int = 0  # Tune retries of a failed trial (it resumes from its last checkpoint)
+    max_trials: int | None = None  # budget: most AE trials the sweep may run (a larger grid is refused)
 
     def __post_init__(self):
         _require(self.num_samples > 0, "num_samples", self.num_samples, "must be > 0")
@@ -220,6 +221,15 @@ class SearchConfig:
                  "optuna-tpe takes one metric; use optuna-nsga2 for several")
         for k, spec in self.space.items():
             _check_space_entry(f"space.{k}", spec, grid=self.method == "grid")
+        if self.max_trials is not None:
+            _require(self.max_trials > 0, "max_trials", self.max_trials, "must be > 0")
+            n, how = self.num_samples, f"num_samples={self.num_samples}"
+            if self.method == "grid":
+                sizes = [len(spec["values"]) for spec in self.space.values()]
+                n = math.prod(sizes) * self.num_samples
+                how = " x ".join(map(str, sizes)) + f" points x {self.num_samples} sample(s)"
+            _require(n <= self.max_trials, "space" if self.method == "grid" else "num_samples",
+                     n, f"{n} AE trials ({how}) exceed the budget search.max_trials={self.max_trials}")
 
 
 def _check_space_entry(key: str, spec: Any, grid: bool) -> None:
@@ -524,6 +534,26 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
     if not isinstance(raw, Mapping):
         raise ConfigError("top level must be a mapping", file=path, value=type(raw).__name__)
     return experiment_from_dict(raw, overrides, file=path)
+
+
+def check_data(exp: ExperimentConfig, file: str | None = None) -> None:
+    """data.path must name a dataset (a builtin, or a directory / URI holding dataset.json): checked when a
+    command starts, before Ray or training does (a missing dataset is a config error, not a trial failure)."""
+    from ulsweep.data import DataError, open_dataset
+    from ulsweep.data.builtin import data_path_problem
+
+    path = exp.data.path
+    problem = data_path_problem(path)
+    if problem is None and not path.startswith("builtin:"):
+        try:  # the manifest: schema, splits, shard list (shards themselves are hashed when read)
+            splits = open_dataset(path).splits
+            missing = [s for s in (exp.data.train_split, exp.data.eval_split) if s not in splits]
+            if missing:
+                problem = f"has no split(s) {missing} (splits: {', '.join(splits)})"
+        except DataError as e:
+            problem = f"invalid dataset: {e}"
+    if problem:
+        raise ConfigError(problem, key="data.path", value=path, file=file)
 
 
 def dump_yaml(cfg: Any) -> str:

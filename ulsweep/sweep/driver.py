@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ulsweep import safety, tracking
-from ulsweep.config import ConfigError, ExperimentConfig, dump_yaml, flatten, to_dict
+from ulsweep.config import ConfigError, ExperimentConfig, check_data, dump_yaml, flatten, to_dict
 from ulsweep.sweep.space import planned_overrides, validate_space
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _identity(exp: ExperimentConfig) -> dict:
     d = to_dict(exp)
     for k in ("resources", "storage", "tracking"):
         d.pop(k, None)
-    for k in ("max_concurrent", "max_failures"):
+    for k in ("max_concurrent", "max_failures", "max_trials"):
         d["search"].pop(k, None)
     return d
 
@@ -146,6 +146,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     t_start = time.time()
     phases: dict[str, float] = {}
     validate_space(exp)
+    check_data(exp)  # before Ray starts
     run_dir = resolve_run_dir(exp, storage)
     tune_dir = f"{run_dir}/{TUNE_NAME}"
     state = _read_state(run_dir)
