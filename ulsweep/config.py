@@ -402,7 +402,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError("expected a number", key=key, value=value)
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError("number too large", key=key, value=value) from None
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError("expected a string", key=key, value=value)
@@ -502,12 +505,36 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def _plain(value: Any, key: str) -> Any:
+    """Deep copy of YAML data as JSON-like Python (str keys); other types (dates, binary, sets, complex
+    keys) are refused with their dotted key."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not (k is None or isinstance(k, (str, bool, int, float))):
+                raise ConfigError("keys must be strings", key=key or None, value=k)
+            ks = k if isinstance(k, str) else json.dumps(k)
+            out[ks] = _plain(v, f"{key}.{ks}" if key else ks)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    raise ConfigError(f"unsupported value of type {type(value).__name__}; use a string, number, list or mapping",
+                      key=key or None, value=value)
+
+
 def experiment_from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
                          file: str | None = None) -> ExperimentConfig:
-    data = json.loads(json.dumps(raw))  # deep copy of plain YAML data
     try:
+        if not isinstance(raw, Mapping):
+            raise ConfigError("top level must be a mapping", value=type(raw).__name__)
+        data = _plain(raw, "")  # deep copy of plain YAML data
         for k, v in (overrides or {}).items():
-            set_dotted(data, k, v)
+            if not isinstance(k, str) or not k or "" in k.split("."):
+                raise ConfigError("override key must be a dotted key such as ae.loss.loss_factor", key="--set",
+                                  value=k)
+            set_dotted(data, k, _plain(v, k))
         return build(ExperimentConfig, data)
     except ConfigError as e:
         raise e.located(file=file) from None
