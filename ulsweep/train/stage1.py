@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 
 import torch
 
@@ -150,10 +151,14 @@ def finished_result(run_dir: str, cfg_hash: str) -> StageResult | None:
     path = uio.join(run_dir, "result.json")
     if not uio.exists(path):
         return None
-    r = json.loads(uio.read_bytes(path))
-    if r.get("config_hash") != cfg_hash:
+    try:
+        r = json.loads(uio.read_bytes(path))
+        if r.get("config_hash") != cfg_hash:
+            return None
+        return StageResult(r["metrics"], r["checkpoint"], r["steps"], r["train_seconds"], r.get("extra", {}))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # damaged: not finished, resume instead
+        warnings.warn(f"{path}: unreadable result ({type(e).__name__}: {e}); resuming the run instead")
         return None
-    return StageResult(r["metrics"], r["checkpoint"], r["steps"], r["train_seconds"], r.get("extra", {}))
 
 
 def start_or_resume(ts: TrainState, run_dir: str, cfg_hash: str, kind: str, config_yaml: str,
