@@ -191,3 +191,53 @@ def test_power_ema_averages_and_std0_tracks():
     assert track.shadow.weight.item() == 100.0
     # the average of a linear ramp lags it: between the mean of the ramp (50.5) and its end (100)
     assert 80 < ema.shadow.weight.item() < 100
+
+
+def test_cuda_graph_state_is_set_up_in_a_new_thread():
+    """Tune runs a reused actor's next trial in a new thread; CUDA-graph trees must find their state there
+    (and autograd's backward threads through the TLS stash)."""
+    import threading
+
+    from torch._inductor import cudagraph_trees as cgt
+
+    from ulsweep.train.common import cuda_graph_state_for_this_thread
+
+    seen = {}
+
+    def trial_thread():
+        seen["before"] = hasattr(cgt.local, "tree_manager_containers") or torch._C._is_key_in_tls(
+            "tree_manager_containers")
+        cuda_graph_state_for_this_thread()
+        seen["local"] = cgt.local.tree_manager_containers
+        seen["stashed"] = torch._C._get_obj_in_tls("tree_manager_containers")
+        seen["lock"] = cgt.get_obj(cgt.local, "tree_manager_locks")[0]
+
+    t = threading.Thread(target=trial_thread)
+    t.start()
+    t.join()
+    assert seen["before"] is False  # a new thread starts without it
+    assert seen["stashed"] is seen["local"] and isinstance(seen["local"], dict)
+    assert hasattr(seen["lock"], "acquire")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_training_in_a_second_thread(tmp_path, digits_cache):
+    """Two stage-1 runs with train.compile=reduce-overhead, each in its own thread, like two trials of one
+    reused Tune actor: both finish with a finite loss."""
+    import threading
+
+    exp = experiment_from_dict({"data": {"path": "builtin:digits"}, "ae": {"train": {
+        "steps": 3, "batch_size": 8, "log_every": 1, "eval_images": 16, "sample_steps": 2,
+        "compile": "reduce-overhead"}}, "eval": {"extractor": "none"}})
+    errors, results = [], []
+    for i in range(2):
+        def run(i=i):
+            try:
+                results.append(train_autoencoder(exp, str(tmp_path / f"run{i}")))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+    assert not errors, errors
+    assert all(r.steps == 3 and r.metrics["bpp"] >= 0 for r in results)

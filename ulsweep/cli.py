@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 
-from ulsweep.config import ConfigError, ExperimentConfig, dump_yaml, load_experiment, parse_overrides
+from ulsweep.config import ConfigError, ExperimentConfig, check_data, dump_yaml, load_experiment, parse_overrides
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -25,7 +25,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args) -> ExperimentConfig:
-    return load_experiment(args.config, parse_overrides(args.set))
+    exp = load_experiment(args.config, parse_overrides(args.set))
+    check_data(exp, file=args.config)
+    return exp
 
 
 def _cmd_train_ae(args) -> int:

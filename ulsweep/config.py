@@ -211,6 +211,7 @@ class SearchConfig:
     max_failures: int = 0  # Tune retries of a failed trial (it resumes from its last checkpoint)
     # extra AE trials after the grid / none points, each a mapping of dotted keys (e.g. a second seed)
     points: tuple[dict[str, Any], ...] = ()
+    max_trials: int | None = None  # budget: most AE trials the sweep may run (a larger grid is refused)
 
     def __post_init__(self):
         _require(self.num_samples > 0, "num_samples", self.num_samples, "must be > 0")
@@ -230,6 +231,18 @@ class SearchConfig:
         for i, pt in enumerate(self.points):
             _require(len(pt) > 0, f"points[{i}]", pt, "must set at least one dotted key")
             _require(all(isinstance(k, str) for k in pt), f"points[{i}]", pt, "keys must be dotted config keys")
+        if self.max_trials is not None:
+            _require(self.max_trials > 0, "max_trials", self.max_trials, "must be > 0")
+            n, how = self.num_samples, f"num_samples={self.num_samples}"
+            if self.method == "grid":
+                sizes = [len(spec["values"]) for spec in self.space.values()]
+                n = math.prod(sizes) * self.num_samples
+                how = " x ".join(map(str, sizes)) + f" points x {self.num_samples} sample(s)"
+            if self.points:
+                n += len(self.points)
+                how += f" + {len(self.points)} extra point(s)"
+            _require(n <= self.max_trials, "space" if self.method == "grid" else "num_samples",
+                     n, f"{n} AE trials ({how}) exceed the budget search.max_trials={self.max_trials}")
 
 
 def _check_space_entry(key: str, spec: Any, grid: bool) -> None:
@@ -273,8 +286,13 @@ class ResourcesConfig:
     gpus_per_worker: float = 0.0
     driver_cpus: float = 0.01  # the Tune trial process that builds the TorchTrainer (0 is refused by Ray)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, gloo without
+    # Ray Train restarts of a trial's worker group after a worker process dies (FailureConfig.max_failures);
+    # the loop resumes from its last checkpoint. Deterministic errors (NaN loss, bad checkpoint) never retry.
+    max_worker_failures: int = 2
 
     def __post_init__(self):
+        _require(self.max_worker_failures >= -1, "max_worker_failures", self.max_worker_failures,
+                 "must be >= 0 (or -1: no limit)")
         _require(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
         _require(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "must be > 0")
         _require(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, "must be >= 0")
@@ -397,7 +415,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError("expected a number", key=key, value=value)
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError("number too large", key=key, value=value) from None
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError("expected a string", key=key, value=value)
@@ -497,12 +518,36 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def _plain(value: Any, key: str) -> Any:
+    """Deep copy of YAML data as JSON-like Python (str keys); other types (dates, binary, sets, complex
+    keys) are refused with their dotted key."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not (k is None or isinstance(k, (str, bool, int, float))):
+                raise ConfigError("keys must be strings", key=key or None, value=k)
+            ks = k if isinstance(k, str) else json.dumps(k)
+            out[ks] = _plain(v, f"{key}.{ks}" if key else ks)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    raise ConfigError(f"unsupported value of type {type(value).__name__}; use a string, number, list or mapping",
+                      key=key or None, value=value)
+
+
 def experiment_from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
                          file: str | None = None) -> ExperimentConfig:
-    data = json.loads(json.dumps(raw))  # deep copy of plain YAML data
     try:
+        if not isinstance(raw, Mapping):
+            raise ConfigError("top level must be a mapping", value=type(raw).__name__)
+        data = _plain(raw, "")  # deep copy of plain YAML data
         for k, v in (overrides or {}).items():
-            set_dotted(data, k, v)
+            if not isinstance(k, str) or not k or "" in k.split("."):
+                raise ConfigError("override key must be a dotted key such as ae.loss.loss_factor", key="--set",
+                                  value=k)
+            set_dotted(data, k, _plain(v, k))
         return build(ExperimentConfig, data)
     except ConfigError as e:
         raise e.located(file=file) from None
@@ -529,6 +574,26 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
     if not isinstance(raw, Mapping):
         raise ConfigError("top level must be a mapping", file=path, value=type(raw).__name__)
     return experiment_from_dict(raw, overrides, file=path)
+
+
+def check_data(exp: ExperimentConfig, file: str | None = None) -> None:
+    """data.path must name a dataset (a builtin, or a directory / URI holding dataset.json): checked when a
+    command starts, before Ray or training does (a missing dataset is a config error, not a trial failure)."""
+    from ulsweep.data import DataError, open_dataset
+    from ulsweep.data.builtin import data_path_problem
+
+    path = exp.data.path
+    problem = data_path_problem(path)
+    if problem is None and not path.startswith("builtin:"):
+        try:  # the manifest: schema, splits, shard list (shards themselves are hashed when read)
+            splits = open_dataset(path).splits
+            missing = [s for s in (exp.data.train_split, exp.data.eval_split) if s not in splits]
+            if missing:
+                problem = f"has no split(s) {missing} (splits: {', '.join(splits)})"
+        except DataError as e:
+            problem = f"invalid dataset: {e}"
+    if problem:
+        raise ConfigError(problem, key="data.path", value=path, file=file)
 
 
 def dump_yaml(cfg: Any) -> str:

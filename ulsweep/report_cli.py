@@ -15,6 +15,8 @@ import sys
 import time
 import urllib.request
 
+from ulsweep import safety
+
 _SWEEP_HELP = ("the sweep: its run directory (runs/<name>, holding sweep.json), its name, or the MLflow run id "
                "of the sweep or of one of its trials")
 
@@ -152,7 +154,7 @@ def handle_ui(args: argparse.Namespace) -> int:
 
     old = signal.signal(signal.SIGTERM, _term)
     proc, url = start_mlflow_server(ref.tracking_uri, port)
-    print(f"starting the MLflow UI on {ref.tracking_uri} ...", flush=True)
+    print(f"starting the MLflow UI on {safety.redact_uri(ref.tracking_uri)} ...", flush=True)
     try:
         if not wait_for_server(url, proc, args.timeout):
             print(f"error: the MLflow server did not answer at {url} within {args.timeout:.0f} s "

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ulsweep import safety
+
 log = logging.getLogger(__name__)
 
 TAG_SWEEP = "ulsweep.sweep_id"
@@ -56,6 +58,8 @@ def client(uri: str):
 
     if uri.startswith("file:") or "://" not in uri:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    if safety.redact_uri(uri) != uri:  # MLflow prints run URLs (with the URI's password) on set_terminated
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return MlflowClient(tracking_uri=uri)
 
 
@@ -182,32 +186,13 @@ def log_artifact(c, run_id: str, local_path: str, artifact_path: str | None = No
     retry(c.log_artifact, run_id, local_path, artifact_path)
 
 
-class MetricBuffer:
-    """Batches metric curves: `add(step, dict)`; flushes with one log_batch every `flush_s` seconds,
-    at `max_items`, or on `flush()`."""
+from ulsweep.tracking_buffer import MetricBuffer, replay_spools  # noqa: E402  (curves that survive outages)
 
-    def __init__(self, c, run_id: str, flush_s: float = 10.0, max_items: int = 900, prefix: str = ""):
-        self.c, self.run_id, self.flush_s, self.max_items, self.prefix = c, run_id, flush_s, max_items, prefix
-        self._items: list = []
-        self._last = time.monotonic()
 
-    def add(self, step: int, metrics: Mapping[str, Any]) -> None:
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        self._items += [Metric(self.prefix + k, float(v), ts, int(step)) for k, v in metrics.items()
-                        if _is_number(v)]
-        if len(self._items) >= self.max_items or time.monotonic() - self._last >= self.flush_s:
-            self.flush()
-
-    def flush(self) -> None:
-        items, self._items = self._items, []
-        self._last = time.monotonic()
-        for i in range(0, len(items), _METRICS_PER_BATCH):
-            try:
-                retry(self.c.log_batch, self.run_id, metrics=items[i:i + _METRICS_PER_BATCH])
-            except Exception as e:  # curves are best effort; never fail training over them
-                log.warning("MLflow log_batch failed (%d metrics dropped): %s", len(items), e)
+def log_metrics_once(c, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """log_metrics for summary values, skipping keys the run already holds (a resumed sweep repeats them)."""
+    have = set(retry(c.get_run, run_id).data.metrics)
+    log_metrics(c, run_id, {k: v for k, v in metrics.items() if k not in have}, step=step)
 
 
 def render_table(rows: list[dict], columns: list[str], floatfmt: str = ".4g") -> str:

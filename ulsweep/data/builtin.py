@@ -20,9 +20,10 @@ import shutil
 import uuid
 from typing import Callable
 
+import fsspec
 import numpy as np
 
-from ulsweep.data.parquet import DataError, open_dataset, write_dataset
+from ulsweep.data.parquet import MANIFEST, DataError, open_dataset, write_dataset
 
 # Bump a builder's version when its output changes; caches of older versions are then ignored.
 BUILTIN_VERSIONS = {"digits": 1, "photos": 2, "fashion-mnist": 1}
@@ -193,6 +194,23 @@ def resolve_dataset(spec: str, cache_dir: str | None = None) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
     open_dataset(final)
     return final
+
+
+def data_path_problem(spec: str) -> str | None:
+    """Why `spec` (a data.path) names no dataset, or None; cheap (no data is read or built)."""
+    if spec.startswith("builtin:"):
+        if spec.removeprefix("builtin:") in BUILDERS:
+            return None
+        return f"unknown builtin dataset; available: {', '.join('builtin:' + n for n in BUILDERS)}"
+    try:
+        fs, root = fsspec.core.url_to_fs(spec)
+        if not fs.exists(root):
+            return "no such dataset directory"
+        if not fs.exists(f"{root.rstrip('/')}/{MANIFEST}"):
+            return f"not a dataset directory (no {MANIFEST}; see `ulsweep data import --help`)"
+    except Exception as e:  # unknown protocol, missing credentials, unreachable bucket
+        return f"cannot open ({type(e).__name__}: {e})"
+    return None
 
 
 def materialise(name: str, out: str, overwrite: bool = False) -> str:

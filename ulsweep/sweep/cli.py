@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ulsweep.config import ConfigError, load_experiment, parse_overrides
+from ulsweep.config import ConfigError, check_data, load_experiment, parse_overrides
 
 
 def register(subparsers) -> None:
@@ -39,6 +39,7 @@ def handle_run(args: argparse.Namespace) -> int:
 
     try:
         exp = load_experiment(args.experiment, parse_overrides(args.overrides))
+        check_data(exp, file=args.experiment)
         if args.dry_run:
             return dry_run(exp, storage=args.storage, tracking_uri=args.tracking_uri)
         outcome = run_sweep(exp, resume=args.resume, address=args.address, storage=args.storage,

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ulsweep import tracking
-from ulsweep.config import ConfigError, ExperimentConfig, dump_yaml, experiment_from_dict, flatten, to_dict
+from ulsweep import safety, tracking
+from ulsweep.config import (ConfigError, ExperimentConfig, check_data, dump_yaml, experiment_from_dict, flatten,
+                            to_dict)
 from ulsweep.sweep.space import planned_overrides, validate_space
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def _identity(exp: ExperimentConfig) -> dict:
     d = to_dict(exp)
     for k in ("resources", "storage", "tracking"):
         d.pop(k, None)
-    for k in ("max_concurrent", "max_failures"):
+    for k in ("max_concurrent", "max_failures", "max_trials"):
         d["search"].pop(k, None)
     return d
 
@@ -109,15 +110,16 @@ class ObjectiveLogger:
     """Logs an AE trial's objective (told to Optuna) into its MLflow run. Picklable."""
 
     def __init__(self, tracking_uri: str, metrics: tuple[str, ...]):
-        self.tracking_uri, self.metrics = tracking_uri, metrics
+        # pickled into Tune's searcher state: holds the URI without its password (safety.reveal adds it back)
+        self.tracking_uri, self.metrics = safety.remember(tracking_uri), metrics
 
     def __call__(self, rec: dict) -> None:
         run_id = (rec.get("result") or {}).get("mlflow_run_id")
         if not run_id:
             return
-        c = tracking.client(self.tracking_uri)
+        c = tracking.client(safety.reveal(self.tracking_uri))
         if rec["objective"] is not None:
-            tracking.log_metrics(c, run_id, {f"objective/{m}": v for m, v in zip(self.metrics, rec["objective"])})
+            tracking.log_metrics_once(c, run_id, {f"objective/{m}": v for m, v in zip(self.metrics, rec["objective"])})
         tracking.retry(c.set_tag, run_id, "ulsweep.objective_status", rec["status"])
 
 
@@ -163,6 +165,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     t_start = time.time()
     phases: dict[str, float] = {}
     validate_space(exp)
+    check_data(exp)  # before Ray starts
     run_dir = resolve_run_dir(exp, storage)
     tune_dir = f"{run_dir}/{TUNE_NAME}"
     state = _read_state(run_dir)
@@ -180,17 +183,27 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     # ---- MLflow: parent run (reused on resume), orphans closed. Runs in a thread while Ray starts:
     # both take seconds (a new sqlite store runs its migrations).
     if state is not None:  # a resumed sweep stays in its tracking store
-        uri = state["tracking_uri"]
-        if tracking_uri and tracking.resolve_tracking_uri(tracking_uri, None, run_dir) != uri:
-            raise SweepError(f"sweep {state['sweep_id']} is tracked in {uri}, not {tracking_uri}")
+        uri = stored = state["tracking_uri"]  # a password in it is stored as ***: take it from CLI/env/config
+        if tracking_uri or safety.is_redacted(stored):
+            uri = tracking.resolve_tracking_uri(tracking_uri, exp.tracking.uri, run_dir)
+            if safety.redact_uri(uri) != stored:
+                hint = " (pass it with its password: --tracking-uri or MLFLOW_TRACKING_URI)" \
+                    if safety.is_redacted(stored) else ""
+                raise SweepError(f"sweep {state['sweep_id']} is tracked in {stored}, not "
+                                 f"{safety.redact_uri(uri)}{hint}")
     else:
         uri = tracking.resolve_tracking_uri(tracking_uri, exp.tracking.uri, run_dir)
+    shown_uri = safety.remember(uri)  # what is printed and stored: no password
     pool = ThreadPoolExecutor(1)
     mlflow_setup = pool.submit(_setup_tracking, exp, run_dir, uri, state, ident, out)
 
     # ---- Ray. Tune snapshots its trial table + searcher every 2 s (default >= 10 s): a kill then loses
     # less (what it loses is re-run idempotently: finished loops return their stored result at once).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Tune copies AWS_* credentials into each trial's runtime env, and Ray's runtime-env agent logs runtime
+    # envs at INFO: a Ray that ulsweep starts logs at WARNING so that no credential lands in its session logs
+    # (for a cluster of your own, start it with RAY_LOGGER_LEVEL=warning too)
+    os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None
     started_ray = False
@@ -219,7 +232,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
         n_ae = len(n_planned) if n_planned is not None else exp.search.num_samples
         print(f"sweep {exp.name}: {n_ae} autoencoder trial(s) x {len(exp.base_models)} base model(s), "
               f"method {exp.search.method}, {exp.search.max_concurrent} at a time, "
-              f"{exp.resources.num_workers} worker(s) each\n  run dir  {run_dir}\n  mlflow   {uri}  "
+              f"{exp.resources.num_workers} worker(s) each\n  run dir  {run_dir}\n  mlflow   {shown_uri}  "
               f"(experiment {exp.tracking.experiment or exp.name}, sweep run {sweep_id})", file=out, flush=True)
         if resume and tune.Tuner.can_restore(tune_dir):
             # errored trials stay errored: the searcher already told Optuna they failed (retries within a
@@ -274,16 +287,18 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     ranked = searcher.ranked()
     if ranked:
         best = ranked[0]
-        tracking.log_metrics(c, sweep_id, {f"best/{m}": v for m, v in zip(exp.search.metrics, best["objective"])})
+        tracking.log_metrics_once(c, sweep_id, {f"best/{m}": v for m, v in zip(exp.search.metrics, best["objective"])})
         tracking.retry(c.set_tag, sweep_id, "ulsweep.best_trial", best["key"])
-    tracking.log_metrics(c, sweep_id, {f"trials/{k}": float(v) for k, v in outcome.counts.items()})
+    tracking.log_metrics_once(c, sweep_id, {f"trials/{k}": float(v) for k, v in outcome.counts.items()})
+    _replay_spools(c, run_dir, out)
     leftovers = tracking.close_orphans(c, eid, sweep_id, status="FAILED", exclude=[sweep_id])
     if leftovers:
         log.warning("runs still RUNNING after the sweep were marked FAILED: %s", leftovers)
     tracking.retry(c.set_terminated, sweep_id, status="FINISHED" if outcome.ok else "FAILED")
 
     phases["wall"] = time.time() - t_start
-    summary = {"run_dir": run_dir, "tracking_uri": uri, "sweep_id": sweep_id, "wall_seconds": wall, "phases": phases,
+    summary = {"run_dir": run_dir, "tracking_uri": shown_uri, "sweep_id": sweep_id, "wall_seconds": wall,
+               "phases": phases,
                "counts": outcome.counts, "best": [r["key"] for r in ranked],
                "trials": [{k: r[k] for k in ("key", "overrides", "status", "objective")} |
                           {"ae_metrics": r["result"], "bases": r["bases"]} for r in records]}
@@ -296,7 +311,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     failed = [r for r in trial_results if r["error"]]
     for f in failed:
         print(f"failed trial {f.get('key')}: {f['error'][:300]}", file=out)
-    print(f"{outcome.counts}  wall {wall:.0f} s\n  run dir  {run_dir}\n  mlflow   {uri}\n"
+    print(f"{outcome.counts}  wall {wall:.0f} s\n  run dir  {run_dir}\n  mlflow   {shown_uri}\n"
           f"  browse   ulsweep ui {run_dir}", file=out, flush=True)
     _dashboard(outcome, out)
     return outcome
@@ -331,16 +346,30 @@ def _setup_tracking(exp: ExperimentConfig, run_dir: str, uri: str, state: dict |
                                           "experiment": exp.name, "base_models": [b.name for b in exp.base_models],
                                           "resources.num_workers": exp.resources.num_workers})
         tracking.log_text(c, sweep_id, dump_yaml(exp), "experiment.yaml")
-        _write_state(run_dir, {"sweep_id": sweep_id, "mlflow_experiment_id": eid, "tracking_uri": uri,
+        _write_state(run_dir, {"sweep_id": sweep_id, "mlflow_experiment_id": eid,
+                               "tracking_uri": safety.redact_uri(uri),
                                "identity": ident, "created": time.time()})
         return c, sweep_id, eid
     sweep_id, eid = state["sweep_id"], state["mlflow_experiment_id"]
+    _replay_spools(c, run_dir, out)
     closed = tracking.close_orphans(c, eid, sweep_id, status="KILLED", exclude=[sweep_id])
     tracking.retry(c.update_run, sweep_id, status="RUNNING")
     if closed:
         print(f"resume: marked {len(closed)} MLflow run(s) left RUNNING as KILLED: {', '.join(closed)}",
               file=out, flush=True)
     return c, sweep_id, eid
+
+
+def _replay_spools(c, run_dir: str, out) -> None:
+    """Metric points that trials spooled to disk while MLflow was unreachable go to MLflow now."""
+    try:
+        n = tracking.replay_spools(c, run_dir)
+    except Exception as e:  # they stay on disk; the next resume or end of the sweep tries again
+        log.warning("could not replay spooled metrics under %s: %s", run_dir, e)
+        return
+    if n:
+        print(f"mlflow: sent {n} metric point(s) that trials had spooled to disk (MLflow slow or unreachable)",
+              file=out, flush=True)
 
 
 def _local_tune_dir(tune_dir: str) -> str:
@@ -367,7 +396,7 @@ def dry_run(exp: ExperimentConfig, storage: str | None = None, tracking_uri: str
     uri = tracking.resolve_tracking_uri(tracking_uri, exp.tracking.uri, run_dir, create=False)
     print("# resolved experiment", file=out)
     print(dump_yaml(exp), file=out)
-    print(f"# run dir: {run_dir}\n# tracking: {uri}", file=out)
+    print(f"# run dir: {run_dir}\n# tracking: {safety.redact_uri(uri)}", file=out)
     plan = plan_description(exp)
     bases = [b.name for b in exp.base_models]
     if plan is None:

@@ -1,7 +1,9 @@
 """Stand-in training loops with the real loops' contract, for orchestration tests and benchmarks.
 
 They take the same arguments, resume from the newest checkpoint in `run_dir`, call the hooks, sleep
-`ULSWEEP_FAKE_STEP_S` seconds per step (default 0.02; ULSWEEP_FAKE_FAIL=key,... makes those trials raise) and return metrics that depend smoothly on the
+`ULSWEEP_FAKE_STEP_S` seconds per step (default 0.02; ULSWEEP_FAKE_FAIL=key,... makes those trials raise;
+ULSWEEP_FAKE_NAN=key:step,... gives those trials a NaN loss from that step on, which they detect like the
+real loops: TrainingDiverged naming the last good checkpoint) and return metrics that depend smoothly on the
 searched knobs, so that a sweep driven by them measures Ray/Tune/MLflow overhead and nothing else.
 Selected with `ulsweep run --train-impl fake` (hidden flag) or `run_sweep(..., train_impl="fake")`.
 """
@@ -15,6 +17,7 @@ import time
 import fsspec
 
 from ulsweep.config import BaseStageConfig, ExperimentConfig, TrainConfig
+from ulsweep.train.common import TrainingDiverged
 from ulsweep.train.hooks import StageResult, TrainHooks
 
 
@@ -48,6 +51,13 @@ def _save(run_dir: str, step: int, state: dict) -> str:
     return path
 
 
+def _append(path: str, text: str) -> None:
+    fs, p = fsspec.core.url_to_fs(path)
+    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+    old = fs.cat_file(p).decode() if fs.exists(p) else ""
+    fs.pipe_file(p, (old + text).encode())
+
+
 def _rank() -> int:
     try:
         import torch.distributed as dist
@@ -62,7 +72,11 @@ def _loop(tc: TrainConfig, run_dir: str, hooks: TrainHooks, metrics_fn) -> Stage
     fail = [k for k in os.environ.get("ULSWEEP_FAKE_FAIL", "").split(",") if k]
     if run_dir.rstrip("/").rsplit("/", 1)[-1] in fail:  # failure injection for tests: trial keys
         raise RuntimeError(f"injected failure in {run_dir}")
+    key = run_dir.rstrip("/").rsplit("/", 1)[-1]
+    nan_at = dict(e.split(":") for e in os.environ.get("ULSWEEP_FAKE_NAN", "").split(",") if e)
     step, path = _latest(run_dir)
+    if rank == 0:  # where every start of this loop began (tests: a restart resumes from the checkpoint)
+        _append(f"{run_dir.rstrip('/')}/fake-starts.txt", f"{step}\n")
     t_train = 0.0
     ck_every = tc.ckpt_every or tc.steps
     while step < tc.steps and not hooks.should_stop():
@@ -70,7 +84,10 @@ def _loop(tc: TrainConfig, run_dir: str, hooks: TrainHooks, metrics_fn) -> Stage
         time.sleep(_step_s())
         step += 1
         t_train += time.perf_counter() - t0
-        loss = 1.0 / math.sqrt(step)
+        loss = 1.0 / math.sqrt(step) if step < int(nan_at.get(key, 1 << 62)) else math.nan
+        if not math.isfinite(loss) and (step % (tc.log_every or 1) == 0 or step % ck_every == 0):
+            raise TrainingDiverged(f"fake {key}: non-finite loss by step {step}; last good checkpoint "
+                                   f"{path or '(none)'} kept in {run_dir}", checkpoint=path)
         if rank == 0 and tc.log_every and step % tc.log_every == 0:
             hooks.log_metrics(step, {"loss": loss})
         if rank == 0 and (step % ck_every == 0 or step == tc.steps):

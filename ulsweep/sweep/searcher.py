@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 from ray.tune.search import Searcher
 
+from ulsweep import faults
 from ulsweep.config import SearchConfig
 from ulsweep.sweep.space import optuna_distributions, parse_space, planned_overrides
 
@@ -137,7 +138,9 @@ class SpawningSearcher(Searcher):
         return {"kind": "ae", "key": key, "overrides": overrides}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        pass
+        key = self.trial_keys.get(trial_id)
+        if key is not None:  # fault-injection points (tests): the driver dies during a trial
+            faults.point("driver.ae_result" if key in self.aes else "driver.base_result", key)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         key = self.trial_keys.get(trial_id) or (result or {}).get("key")
@@ -173,6 +176,7 @@ class SpawningSearcher(Searcher):
         for base in self.base_names:
             rec["bases"][base]["status"] = "queued"
             self.queue.append((key, base))
+        faults.point("driver.ae_complete", key)  # tests: the driver dies between an AE and its bases
 
     def _base_complete(self, ae: str, base: str, result: dict | None, error: bool) -> None:
         rec = self.aes[ae]

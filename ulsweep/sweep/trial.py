@@ -19,10 +19,11 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ulsweep import tracking
+from ulsweep import faults, io as uio, tracking
 from ulsweep.config import (ExperimentConfig, ResourcesConfig, dump_yaml, experiment_from_dict, flatten,
                             to_dict)
 from ulsweep.sweep.space import find_base, trial_experiment
@@ -34,6 +35,8 @@ IMPLS = {  # train_impl -> (module of train_autoencoder, module of train_base)
     "ulsweep": ("ulsweep.train.stage1", "ulsweep.train.stage2"),
     "fake": ("ulsweep.sweep.fake", "ulsweep.sweep.fake"),
 }
+# metric curves go to MLflow in one batch per this many seconds (and at every checkpoint)
+MLFLOW_FLUSH_S = float(os.environ.get("ULSWEEP_MLFLOW_FLUSH_S", "10"))
 REPORT_EVERY_S = 2.0  # at most one intermediate Tune report per trial per this many seconds
 
 
@@ -100,13 +103,14 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     wcfg = {"experiment": to_dict(exp), "kind": kind, "key": key, "base": config.get("base"),
             "ae_checkpoint": config.get("ae_checkpoint"), "run_dir": trial_dir(ctx.run_dir, key),
             "tracking_uri": ctx.tracking_uri, "run_id": run_id, "train_impl": ctx.train_impl,
-            "local_mode": exp.resources.num_workers == 0}
+            "local_mode": exp.resources.num_workers == 0, "attempt": uuid.uuid4().hex}
     trainer = make_trainer(wcfg, exp.resources, storage_path=f"{ctx.run_dir.rstrip('/')}/trials", name=key,
                            in_tune=True)
     t_fit = time.time()
     try:
         result = trainer.fit()
-    except BaseException:
+    except BaseException as e:
+        _tag_failure(c, run_id, wcfg, e)
         tracking.retry(c.set_terminated, run_id, status="FAILED")
         _append_timings(ctx.run_dir, key, {"t_trial": t_trial, "t_fit": t_fit, "t_fit_end": time.time(),
                                            "error": True})
@@ -120,10 +124,28 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
         final = {f"{config['base']}/{k}": v for k, v in m.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _BOOKKEEPING}
         try:
-            tracking.log_metrics(c, parent, final, step=0)
+            tracking.log_metrics_once(c, parent, final, step=0)
         except Exception as e:
             log.warning("could not log %s metrics to the AE run: %s", key, e)
     tracking.retry(c.set_terminated, run_id, status="FINISHED")
+
+
+def _tag_failure(c, run_id: str, wcfg: dict, e: BaseException) -> None:
+    """ulsweep.error (what failed, in one line) and ulsweep.last_good_checkpoint on a failed trial's run."""
+    failed = read_failure(wcfg["run_dir"])
+    if failed and failed.get("attempt") == wcfg["attempt"]:
+        error, ckpt = failed["error"], failed.get("checkpoint")
+    else:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        error, ckpt = (lines[-1] if lines else repr(e)), None
+    tags = {"ulsweep.error": error[:5000]}
+    if ckpt:
+        tags["ulsweep.last_good_checkpoint"] = ckpt
+    for k, v in tags.items():
+        try:
+            tracking.retry(c.set_tag, run_id, k, v)
+        except Exception as w:
+            log.warning("could not tag the failure of %s: %s", wcfg["key"], w)
 
 
 _BOOKKEEPING = {"step", "final", "loop_seconds", "train_seconds", "t_worker", "t_loop", "t_loop_end"}
@@ -190,7 +212,7 @@ def make_trainer(wcfg: dict, res: ResourcesConfig, storage_path: str, name: str,
                                                resources_per_worker=per_worker),
         torch_config=TorchConfig(backend=backend),
         run_config=ray.train.RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
-                                       failure_config=ray.train.FailureConfig(max_failures=0)),
+                                       failure_config=ray.train.FailureConfig(max_failures=res.max_worker_failures)),
     )
 
 
@@ -210,6 +232,7 @@ class RayHooks(TrainHooks):
         self.kind, self.key, self.rank, self.world = wcfg["kind"], wcfg["key"], rank, world
         self.local_mode = wcfg["local_mode"]
         self.run_id = wcfg["run_id"]
+        self.spool_dir = f"{wcfg['run_dir'].rstrip('/')}/mlflow-spool"
         self.last_checkpoint: str | None = None
         self._last_report = 0.0
         self._client = self._buffer = None
@@ -220,16 +243,24 @@ class RayHooks(TrainHooks):
             self._ready.set()
 
     def _connect(self, uri: str) -> None:
-        try:
+        try:  # no network here: the buffer holds points until MLflow answers (dedupe: resumed loops)
             self._client = tracking.client(uri)
-            self._buffer = tracking.MetricBuffer(self._client, self.run_id)
-            import ray
-
-            tracking.retry(self._client.set_tag, self.run_id, "ray.node_id", ray.get_runtime_context().get_node_id())
+            self._buffer = tracking.MetricBuffer(self._client, self.run_id, flush_s=MLFLOW_FLUSH_S, dedupe=True,
+                                                 spool_dir=self.spool_dir)
         except Exception as e:
-            log.warning("MLflow connection of %s failed: %s", self.key, e)
+            log.warning("MLflow client of %s failed: %s", self.key, e)
         finally:
             self._ready.set()
+        if self._client is not None:
+            import ray
+
+            self._set_tag("ray.node_id", ray.get_runtime_context().get_node_id())
+
+    def _set_tag(self, key: str, value: str) -> None:
+        try:
+            tracking.retry(self._client.set_tag, self.run_id, key, value)
+        except Exception as e:
+            log.warning("could not set MLflow tag %s of %s: %s", key, self.key, e)
 
     @property
     def client(self):
@@ -242,6 +273,7 @@ class RayHooks(TrainHooks):
         return self._buffer
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        faults.point("worker.log", self.key)  # tests: the worker dies mid-trial
         if self.buffer is not None:
             self.buffer.add(step, metrics)
         now = time.monotonic()
@@ -252,11 +284,11 @@ class RayHooks(TrainHooks):
     def checkpoint_saved(self, step: int, path: str, metrics: dict[str, float]) -> None:
         self.last_checkpoint = path
         if self.client is not None and self.buffer is not None:
-            self.buffer.flush()
-            try:
-                tracking.retry(self.client.set_tag, self.run_id, tracking.TAG_CHECKPOINT, path)
-            except Exception as e:
-                log.warning("could not tag checkpoint: %s", e)
+            # every point up to a checkpoint is in MLflow or spooled on disk: a restarted loop re-logs
+            # only the steps after it. Training waits a few seconds at most (MLflow may be down).
+            if not self.buffer.flush(timeout=5.0):
+                self.buffer.spool()
+            threading.Thread(target=self._set_tag, args=(tracking.TAG_CHECKPOINT, path), daemon=True).start()
 
     def finish(self, res: StageResult, loop_seconds: float) -> dict[str, Any]:
         """Rank 0: flush curves; final metrics, images and checkpoint to MLflow; the final Tune result."""
@@ -265,10 +297,10 @@ class RayHooks(TrainHooks):
         final.update({"step": res.steps, "train_seconds": res.train_seconds, "loop_seconds": loop_seconds})
         if self.client is None or self.buffer is None:
             return final
-        self.buffer.flush()
+        self.buffer.add(res.steps, final)
+        self.close()
         c, run_id = self.client, self.run_id
         try:
-            tracking.log_metrics(c, run_id, final, step=res.steps)
             if res.checkpoint:
                 tracking.retry(c.set_tag, run_id, tracking.TAG_CHECKPOINT, res.checkpoint)
             for name, path in (res.extra or {}).get("images", {}).items():
@@ -276,6 +308,11 @@ class RayHooks(TrainHooks):
         except Exception as e:  # never lose a finished trial over tracking
             log.warning("MLflow logging of %s's final results failed: %s", self.key, e)
         return final
+
+    def close(self) -> None:
+        """Rank 0: send the queued points (up to 30 s), spool the rest for the sweep driver to replay."""
+        if self.rank == 0 and self.buffer is not None:
+            self.buffer.close(timeout=30.0)
 
 
 def _log_image(c, run_id: str, name: str, path: str) -> None:
@@ -336,6 +373,43 @@ def _train_fns(impl: str):
     return importlib.import_module(m1).train_autoencoder, lambda: importlib.import_module(m2).train_base
 
 
+class TrialFailed(RuntimeError):
+    """A trial failed for a reason that a retry would not change (see failure.json in its run dir)."""
+
+
+def _deterministic_errors() -> tuple[type, ...]:
+    from ulsweep.config import ConfigError
+    from ulsweep.data import DataError
+    from ulsweep.train.checkpoint import CheckpointError
+    from ulsweep.train.common import TrainingDiverged
+
+    return (TrainingDiverged, CheckpointError, ConfigError, DataError, TrialFailed)
+
+
+FAILURE_FILE = "failure.json"
+
+
+def _write_failure(run_dir: str, attempt: str | None, e: BaseException) -> None:
+    import json
+
+    rec = {"attempt": attempt, "error": f"{type(e).__name__}: {e}", "checkpoint": getattr(e, "checkpoint", None),
+           "time": time.time()}
+    try:
+        uio.atomic_write_text(f"{run_dir.rstrip('/')}/{FAILURE_FILE}", json.dumps(rec, indent=1))
+    except Exception as w:
+        log.warning("could not record the failure of %s: %s", run_dir, w)
+
+
+def read_failure(run_dir: str) -> dict | None:
+    """The failure a trial's last attempt recorded (error text, last good checkpoint), or None."""
+    import json
+
+    try:
+        return json.loads(uio.read_bytes(f"{run_dir.rstrip('/')}/{FAILURE_FILE}"))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def train_worker(wcfg: dict) -> None:
     """Ray Train per-worker function: run one stage's training loop and report its result."""
     import ray.train
@@ -348,15 +422,25 @@ def train_worker(wcfg: dict) -> None:
     else:
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run_dir = wcfg["run_dir"]
+    failed = read_failure(run_dir)
+    if failed and failed.get("attempt") == wcfg.get("attempt"):  # a restarted worker group: fail again at once
+        raise TrialFailed(f"{wcfg['key']}: {failed['error']}")
     exp = experiment_from_dict(wcfg["experiment"])
     hooks = RayHooks(wcfg, rank, world)
     train_ae, get_train_base = _train_fns(wcfg["train_impl"])
-    run_dir = wcfg["run_dir"]
     t0, t_loop = time.perf_counter(), time.time()
-    if wcfg["kind"] == "ae":
-        res = train_ae(exp, run_dir, hooks)
-    else:
-        res = get_train_base()(exp, find_base(exp, wcfg["base"]), wcfg["ae_checkpoint"], run_dir, hooks)
+    try:
+        if wcfg["kind"] == "ae":
+            res = train_ae(exp, run_dir, hooks)
+        else:
+            res = get_train_base()(exp, find_base(exp, wcfg["base"]), wcfg["ae_checkpoint"], run_dir, hooks)
+    except _deterministic_errors() as e:  # retrying would fail the same way: record it, so that Ray Train's restart
+        if rank == 0:           # of the worker group (FailureConfig) does not train again
+            _write_failure(run_dir, wcfg.get("attempt"), e)
+        raise
+    finally:
+        hooks.close()  # the curve up to the failure is kept too
     loop_seconds = time.perf_counter() - t0
     final = hooks.finish(res, loop_seconds)
     final.update({"kind": wcfg["kind"], "key": wcfg["key"], "final": 1.0, "t_worker": t_worker,

@@ -2,10 +2,12 @@
 optimizer and learning-rate schedule, EMA of weights, RNG state capture."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -18,7 +20,15 @@ from ulsweep.config import OptimConfig, TrainConfig
 
 
 class TrainingDiverged(RuntimeError):
-    """Loss became NaN/Inf; the last good checkpoint is kept, nothing newer is written."""
+    """Loss became NaN/Inf; the last good checkpoint (`checkpoint`, None if there is none) is kept,
+    nothing newer is written."""
+
+    def __init__(self, message: str, checkpoint: str | None = None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+    def __reduce__(self):  # crosses Ray process boundaries with its checkpoint
+        return (type(self), (str(self), self.checkpoint))
 
 
 @dataclass(frozen=True)
@@ -95,7 +105,24 @@ def compile_module(module: nn.Module, setting: bool | str, rt: Runtime) -> nn.Mo
     mode = "default" if setting is True else setting
     if mode == "reduce-overhead" and (rt.device.type != "cuda" or rt.world > 1):
         mode = "default"
+    if mode == "reduce-overhead":
+        cuda_graph_state_for_this_thread()
     return torch.compile(module, mode=mode)
+
+
+def cuda_graph_state_for_this_thread() -> None:
+    """Give this thread torch.compile's CUDA-graph-tree state. torch 2.11 sets it up only in the thread that
+    imported torch._inductor.cudagraph_trees and fails with an AssertionError in any other (a reused Tune
+    actor runs each trial in a new thread); later versions do the same set-up lazily, as here."""
+    from torch._inductor import cudagraph_trees as cgt
+
+    if hasattr(cgt.local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    cgt.local.tree_manager_containers = {}
+    cgt.local.tree_manager_locks = collections.defaultdict(threading.Lock)
+    # stashed so that autograd's backward threads, which copy this thread's TLS, find the same state
+    torch._C._stash_obj_in_tls("tree_manager_containers", cgt.local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", cgt.local.tree_manager_locks)
 
 
 def make_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 
 import torch
 
@@ -19,7 +20,8 @@ from ulsweep.diffusion import (decoder_loss, diffuse, low_discrepancy_times, mse
 from ulsweep.metrics.bits import latent_bitrate, nats_to_bits_per_pixel
 from ulsweep.metrics.psnr import psnr
 from ulsweep.models import build_autoencoder
-from ulsweep.train.checkpoint import CheckpointError, latest_valid_checkpoint, prune_checkpoints, save_checkpoint
+from ulsweep.train.checkpoint import (CheckpointError, latest_valid_checkpoint, prune_checkpoints,
+                                      save_checkpoint, step_dir)
 from ulsweep.train.common import (Progress, Runtime, TrainingDiverged, TrainState, all_reduce_mean, compile_module,
                                   due, lr_at, make_runtime, shard, wrap_ddp)
 from ulsweep.train.data import load_images
@@ -149,10 +151,14 @@ def finished_result(run_dir: str, cfg_hash: str) -> StageResult | None:
     path = uio.join(run_dir, "result.json")
     if not uio.exists(path):
         return None
-    r = json.loads(uio.read_bytes(path))
-    if r.get("config_hash") != cfg_hash:
+    try:
+        r = json.loads(uio.read_bytes(path))
+        if r.get("config_hash") != cfg_hash:
+            return None
+        return StageResult(r["metrics"], r["checkpoint"], r["steps"], r["train_seconds"], r.get("extra", {}))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # damaged: not finished, resume instead
+        warnings.warn(f"{path}: unreadable result ({type(e).__name__}: {e}); resuming the run instead")
         return None
-    return StageResult(r["metrics"], r["checkpoint"], r["steps"], r["train_seconds"], r.get("extra", {}))
 
 
 def start_or_resume(ts: TrainState, run_dir: str, cfg_hash: str, kind: str, config_yaml: str,
@@ -206,7 +212,8 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
     step = ts.step
     acc = {k: torch.zeros((), device=rt.device) for k in ("total", "prior", "decoder", "grad_norm")}
     bad = torch.zeros((), dtype=torch.bool, device=rt.device)
-    n_acc, t_last, last_ckpt = 0, time.perf_counter(), None
+    n_acc, t_last = 0, time.perf_counter()
+    last_ckpt = step_dir(run_dir, ts.step) if ts.step else None  # a resumed run's last good checkpoint
     ae.train()
     while ts.step < tc.steps and not hooks.should_stop():
         t0 = time.perf_counter()
@@ -230,7 +237,7 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
         if is_log or is_eval or is_ckpt:
             if bad.item():
                 raise TrainingDiverged(f"ae {exp.name}: non-finite loss by step {step}; last good checkpoint "
-                                       f"{last_ckpt or '(none)'} kept in {run_dir}")
+                                       f"{last_ckpt or '(none)'} kept in {run_dir}", checkpoint=last_ckpt)
         if is_log and n_acc:
             m = {k: all_reduce_mean(v / n_acc, rt).item() for k, v in acc.items()}
             m = {"loss": m["total"], "prior_nats": m["prior"], "decoder_nats": m["decoder"],

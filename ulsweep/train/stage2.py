@@ -14,7 +14,8 @@ from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_
 from ulsweep.diffusion import LogSNRSchedule, base_loss, diffuse, low_discrepancy_times, x_from_v
 from ulsweep.metrics.bits import latent_bitrate
 from ulsweep.models import build_autoencoder, build_base_model
-from ulsweep.train.checkpoint import CheckpointError, load_checkpoint, prune_checkpoints, save_checkpoint
+from ulsweep.train.checkpoint import (CheckpointError, load_checkpoint, prune_checkpoints,
+                                      save_checkpoint, step_dir)
 from ulsweep.train.common import (Progress, TrainingDiverged, TrainState, all_reduce_mean, due, lr_at, make_runtime,
                                   shard)
 from ulsweep.train.data import load_images
@@ -124,7 +125,8 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     step = ts.step
     acc, n_acc = torch.zeros((), device=rt.device), 0
     bad = torch.zeros((), dtype=torch.bool, device=rt.device)
-    t_last, last_ckpt = time.perf_counter(), None
+    t_last = time.perf_counter()
+    last_ckpt = step_dir(run_dir, ts.step) if ts.step else None  # a resumed run's last good checkpoint
     net.train()
     while ts.step < tc.steps and not hooks.should_stop():
         t0 = time.perf_counter()
@@ -148,7 +150,7 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
         is_eval, is_ckpt = due(step, tc.eval_every, tc.steps), due(step, tc.ckpt_every, tc.steps)
         if (is_log or is_eval or is_ckpt) and bad.item():
             raise TrainingDiverged(f"base {base.name}: non-finite loss by step {step}; last good checkpoint "
-                                   f"{last_ckpt or '(none)'} kept in {run_dir}")
+                                   f"{last_ckpt or '(none)'} kept in {run_dir}", checkpoint=last_ckpt)
         if is_log and n_acc:
             ips = n_acc * tc.batch_size / max(time.perf_counter() - t_last, 1e-9)
             m = {"loss": all_reduce_mean(acc / n_acc, rt).item(), "grad_norm": gnorm.item(),

@@ -1,0 +1,150 @@
+"""Interrupted and damaged writes: a checkpoint, a Parquet dataset or a result.json whose write was cut
+short (an exception between write and rename, or SIGKILL of the writing process) is never read as valid,
+and a corrupted or truncated checkpoint is refused by its hash before torch.load sees a byte."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from ulsweep import io as uio
+from ulsweep.data import DataError, open_dataset, write_dataset
+from ulsweep.train import checkpoint as ck
+from ulsweep.train.stage1 import finished_result, publish
+from ulsweep.train.hooks import TrainHooks
+
+STATE = {"w": torch.arange(1000, dtype=torch.float32), "step": 1}
+
+
+class ReplaceFails:
+    """os.replace that raises on its n-th call (1-based), like a crash between write and rename."""
+
+    def __init__(self, n: int):
+        self.n, self.calls, self.real = n, 0, os.replace
+
+    def __call__(self, src, dst):
+        self.calls += 1
+        if self.calls == self.n:
+            raise OSError(28, "No space left on device (injected)")
+        return self.real(src, dst)
+
+
+@pytest.mark.parametrize("nth, left", [(1, "nothing"), (2, "state.pt without meta.json")])
+def test_checkpoint_write_cut_short_is_never_a_checkpoint(tmp_path, monkeypatch, nth, left):
+    run = str(tmp_path / "run")
+    ck.save_checkpoint(run, 1, STATE, {"kind": "t"})
+    monkeypatch.setattr(uio.os, "replace", ReplaceFails(nth))
+    with pytest.raises(OSError, match="injected"):
+        ck.save_checkpoint(run, 2, {**STATE, "step": 2}, {"kind": "t"})
+    monkeypatch.undo()
+    d2 = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in d2.iterdir()) == ([] if nth == 1 else ["state.pt"]), left
+    with pytest.warns(UserWarning, match="incomplete checkpoint") if nth == 2 else _nothing():
+        assert [c.step for c in ck.list_checkpoints(run)] == [1]
+    with pytest.raises(ck.CheckpointError, match="step_00000002: no meta.json"):
+        ck.load_checkpoint(str(d2))
+    state, meta = ck.latest_valid_checkpoint(run)
+    assert meta["step"] == 1 and torch.equal(state["w"], STATE["w"])
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("kill_at", [1, 2])  # SIGKILL before the state's rename, before the manifest's
+def test_writer_sigkilled_mid_checkpoint_leaves_the_previous_one_in_force(tmp_path, kill_at):
+    run = str(tmp_path / "run")
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from ulsweep import io as uio
+        from ulsweep.train import checkpoint as ck
+        ck.save_checkpoint({run!r}, 1, {{"w": torch.zeros(3)}}, {{}})
+        real, n = os.replace, [0]
+        def replace(a, b):
+            n[0] += 1
+            if n[0] == {kill_at}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(a, b)
+        uio.os.replace = replace
+        ck.save_checkpoint({run!r}, 2, {{"w": torch.ones(10**6)}}, {{}})
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    left = sorted(x.name for x in (tmp_path / "run" / "checkpoints" / "step_00000002").iterdir())
+    assert left and all(n.startswith(".tmp-") or n == "state.pt" for n in left), left  # debris, no manifest
+    state, meta = ck.latest_valid_checkpoint(run)
+    assert meta["step"] == 1 and torch.equal(state["w"], torch.zeros(3))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupted_checkpoint_refused_by_hash_before_torch_load(tmp_path, monkeypatch, damage):
+    d = ck.save_checkpoint(str(tmp_path / "run"), 3, STATE, {})
+    f = tmp_path / "run" / "checkpoints" / "step_00000003" / "state.pt"
+    blob = bytearray(f.read_bytes())
+    if damage == "truncate":
+        blob = blob[: len(blob) // 2]
+    else:
+        blob[len(blob) // 2] ^= 0xFF
+    f.write_bytes(bytes(blob))
+
+    def no_load(*a, **k):
+        raise AssertionError("torch.load reached a corrupted checkpoint")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    with pytest.raises(ck.CheckpointError, match=r"step_00000003/state.pt: SHA-256 .* does not match .*refusing"):
+        ck.load_checkpoint(d)
+    with pytest.warns(UserWarning, match="not resuming from a bad checkpoint"):
+        assert ck.latest_valid_checkpoint(str(tmp_path / "run")) is None
+
+
+def _images(n, value):
+    return np.full((n, 1, 4, 4), value, np.uint8), np.zeros(n, np.int64)
+
+
+@pytest.mark.parametrize("nth", [1, 2])  # the first shard's rename, the manifest's rename
+def test_parquet_write_cut_short_is_never_read_as_valid(tmp_path, monkeypatch, nth):
+    uri = str(tmp_path / "ds")
+    write_dataset(uri, "ds", {"train": _images(6, 1)}, shard_rows=3)
+    monkeypatch.setattr(uio.os, "replace", ReplaceFails(nth))
+    with pytest.raises(OSError, match="injected"):
+        write_dataset(uri, "ds", {"train": _images(6, 2)}, shard_rows=3, overwrite=True)
+    monkeypatch.undo()
+    try:  # either the old dataset, complete, or a refusal: never new bytes under the old manifest
+        images, _ = open_dataset(uri).load_split("train")
+        assert (images == 1).all()
+    except DataError as e:
+        assert "SHA-256 mismatch" in str(e) or "missing" in str(e), e
+    fresh = str(tmp_path / "fresh")
+    monkeypatch.setattr(uio.os, "replace", ReplaceFails(nth + 1))
+    with pytest.raises(OSError, match="injected"):
+        write_dataset(fresh, "fresh", {"train": _images(6, 3)}, shard_rows=3)
+    monkeypatch.undo()
+    with pytest.raises(DataError, match="dataset manifest is missing"):
+        open_dataset(fresh)
+
+
+def test_result_json_cut_short_means_not_finished(tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    save = lambda metrics: ck.save_checkpoint(run, 5, STATE, {})  # noqa: E731
+    monkeypatch.setattr(uio.os, "replace", ReplaceFails(3))  # state.pt, meta.json, then result.json
+    with pytest.raises(OSError, match="injected"):
+        publish(run, 5, 1.0, {"bpp": 0.1}, {}, save, TrainHooks(), "h")
+    monkeypatch.undo()
+    assert finished_result(run, "h") is None  # not finished: the loop resumes from step 5 and publishes again
+    (tmp_path / "run" / "result.json").write_text('{"metrics": {"bpp": 0.1}, "check')  # a torn file
+    with pytest.warns(UserWarning, match="unreadable result"):
+        assert finished_result(run, "h") is None
+    publish(run, 5, 1.0, {"bpp": 0.1}, {}, save, TrainHooks(), "h")
+    assert finished_result(run, "h").metrics == {"bpp": 0.1}
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["steps"] == 5

@@ -1,0 +1,58 @@
+"""Deterministic fault injection for the fault-tolerance tests (inert unless ULSWEEP_FAULT is set).
+
+    ULSWEEP_FAULT="driver.ae_complete@1,worker.log/ae-0000@9"
+
+Each entry is `POINT[/KEY][@N]`: the process that reaches named point POINT (for trial KEY, if given) for
+the N-th time (default 1) kills itself with SIGKILL, as if the machine had taken it away. An entry fires
+once: a marker file in ULSWEEP_FAULT_DIR (required with ULSWEEP_FAULT) records it, so a restarted worker
+or a resumed driver passes the same point unharmed.
+
+Named points:
+    driver.ae_result     the sweep driver received an intermediate result of an AE trial (during it)
+    driver.ae_complete   the driver recorded a finished AE trial and queued its base trials (between them)
+    driver.base_result   the driver received an intermediate result of a base trial (during it)
+    worker.log           a training worker logged a metric point (mid-trial; KEY is the trial key)
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections import Counter
+
+ENV, DIR_ENV = "ULSWEEP_FAULT", "ULSWEEP_FAULT_DIR"
+_ENTRY = re.compile(r"^(?P<point>[\w.]+)(?:/(?P<key>[\w.-]+))?(?:@(?P<n>\d+))?$")
+_hits: Counter = Counter()
+
+
+def parse(spec: str) -> list[tuple[str, str | None, int]]:
+    """'a@2,b/k' -> [('a', None, 2), ('b', 'k', 1)]; a malformed entry is an error, not silence."""
+    out = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        m = _ENTRY.match(entry)
+        if m is None:
+            raise ValueError(f"{ENV}: cannot parse {entry!r} (expected POINT[/KEY][@N])")
+        out.append((m["point"], m["key"], int(m["n"] or 1)))
+    return out
+
+
+def point(name: str, key: str | None = None) -> None:
+    """Called by ulsweep at named points; kills this process when an armed entry matches."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    _hits[(name, key)] += 1
+    _hits[(name, None)] += key is not None
+    for p, k, n in parse(spec):
+        if p != name or (k is not None and k != key) or _hits[(name, k)] != n:
+            continue
+        marker = os.path.join(os.environ[DIR_ENV], re.sub(r"[^\w.@-]", "_", f"{p}-{k}@{n}"))
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # fire once, across processes
+        except FileExistsError:
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
