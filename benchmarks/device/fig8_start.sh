@@ -5,7 +5,7 @@ set -euo pipefail
 . benchmarks/device/env_b.sh
 mkdir -p /tmp/fig8
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > /tmp/fig8/gpus.txt
-cp -r "$PWD" /tmp/fig8/src  # the sweep reads its code from here even after this call's tree is gone
+rm -rf /tmp/fig8/src && cp -r "$PWD" /tmp/fig8/src  # the sweep reads its code from here even after this call's tree is gone
 cd /tmp/fig8/src
 setsid nohup bash -c "
   . benchmarks/device/env_b.sh
