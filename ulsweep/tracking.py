@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ulsweep.redact import redact_text
+
 log = logging.getLogger(__name__)
 
 TAG_SWEEP = "ulsweep.sweep_id"
@@ -49,6 +51,14 @@ def resolve_tracking_uri(cli_uri: str | None, config_uri: str | None, run_dir: s
     elif "://" not in uri:  # a bare path: file store
         uri = Path(uri).absolute().as_uri()
     return uri
+
+
+def default_artifact_location(uri: str, run_dir: str) -> str | None:
+    """Artifact root for a new MLflow experiment: the tracking server's own (it proxies uploads through
+    mlflow-artifacts:/, so workers need no store credentials) for http(s) URIs, else <run dir>/mlartifacts."""
+    if uri.startswith(("http://", "https://")):
+        return None
+    return f"{run_dir.rstrip('/')}/mlartifacts"
 
 
 def client(uri: str):
@@ -150,7 +160,7 @@ def log_params(c, run_id: str, params: Mapping[str, Any]) -> None:
     """Flat params in batches of 100; values stringified and cut to MLflow's length limit."""
     from mlflow.entities import Param
 
-    items = [Param(str(k), _param_str(v)) for k, v in params.items()]
+    items = [Param(str(k), redact_text(_param_str(v))) for k, v in params.items()]
     for i in range(0, len(items), _PARAMS_PER_BATCH):
         retry(c.log_batch, run_id, params=items[i:i + _PARAMS_PER_BATCH])
 
@@ -175,7 +185,7 @@ def _is_number(v: Any) -> bool:
 
 
 def log_text(c, run_id: str, text: str, artifact_file: str) -> None:
-    retry(c.log_text, run_id, text, artifact_file)
+    retry(c.log_text, run_id, redact_text(text), artifact_file)
 
 
 def log_artifact(c, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
