@@ -1,6 +1,8 @@
 """Credentials never reach MLflow, sweep.json or the console: URI userinfo and credential env vars."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ulsweep import tracking
@@ -88,3 +90,36 @@ def test_resume_with_masked_uri_needs_it_again(tmp_path, monkeypatch):
     assert "pw@" not in str(e.value)
     plain = {"sweep_id": "s2", "tracking_uri": "http://127.0.0.1:5000"}
     assert _resume_tracking_uri(plain, None, str(tmp_path)) == "http://127.0.0.1:5000"
+
+
+def test_http_credentials_move_from_the_uri_to_mlflow_variables(monkeypatch):
+    from ulsweep.redact import split_userinfo
+
+    assert split_userinfo("http://al%40ce:p%3Aw@h:5000/x") == ("http://h:5000/x", "al@ce", "p:w")
+    assert split_userinfo("http://h:5000") == ("http://h:5000", None, None)
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    c = tracking.client("http://alice:pw-123456@127.0.0.1:5999")
+    assert c.tracking_uri == "http://127.0.0.1:5999"  # MLflow prints run URLs built from it
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", "pw-123456")
+    assert tracking.client("https://tok-abcdef@mlflow.example.org").tracking_uri == "https://mlflow.example.org"
+    assert os.environ["MLFLOW_TRACKING_TOKEN"] == "tok-abcdef"
+    # other stores keep their URI (the DB driver needs the password in it)
+    assert tracking._http_credentials_to_env("postgresql://u:p@db/x") == "postgresql://u:p@db/x"
+
+
+def test_ray_tune_no_longer_copies_cloud_credentials_into_trial_runtime_envs(monkeypatch):
+    from ray.tune.execution import class_cache
+
+    from ulsweep.sweep.credentials import stop_tune_copying_credentials
+
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", set(class_cache.ENV_VARS_TO_PROPAGATE))
+    assert "AWS_SECRET_ACCESS_KEY" in class_cache.ENV_VARS_TO_PROPAGATE  # what Ray 2.60 does by default
+    dropped = stop_tune_copying_credentials()
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} <= set(dropped)
+    left = class_cache.ENV_VARS_TO_PROPAGATE
+    assert not {n for n in left if "AWS" in n or "SECRET" in n or "TOKEN" in n}
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" in left  # Ray Train's own settings still travel
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-in-a-runtime-env")
+    runtime_env = class_cache._ActorClassCache().get(type("Trainable", (), {}))._default_options["runtime_env"]
+    assert "AWS_SECRET_ACCESS_KEY" not in runtime_env["env_vars"]

@@ -52,6 +52,17 @@ def has_userinfo(uri: str) -> bool:
     return bool(_USERINFO.match(uri.strip()))
 
 
+def split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
+    """(uri without userinfo, user, password), user and password percent-decoded (None where absent)."""
+    from urllib.parse import unquote
+
+    m = _USERINFO.match(uri)
+    if not m:
+        return uri, None, None
+    user, sep, password = m.group("userinfo").partition(":")
+    return m.group("scheme") + uri[m.end():], unquote(user), (unquote(password) if sep else None)
+
+
 def is_redacted(uri: str | None) -> bool:
     return bool(uri) and f"{MASK}@" in uri
 

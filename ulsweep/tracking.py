@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ulsweep.redact import redact_text
+from ulsweep.redact import redact_text, split_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,21 @@ def client(uri: str):
 
     if uri.startswith("file:") or "://" not in uri:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=_http_credentials_to_env(uri))
+
+
+def _http_credentials_to_env(uri: str) -> str:
+    """http(s)://user:password@host -> http(s)://host, the credentials in MLflow's own variables (it prints run
+    URLs built from the tracking URI, and Ray stores that output in its logs)."""
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    bare, user, password = split_userinfo(uri)
+    if password is None:  # a lone token (https://TOKEN@host)
+        if user is not None:
+            os.environ["MLFLOW_TRACKING_TOKEN"] = user
+    else:
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user, password
+    return bare
 
 
 def retry(fn, *args, attempts: int = 6, **kwargs):

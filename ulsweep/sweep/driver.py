@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ulsweep import tracking
-from ulsweep.redact import check_no_userinfo, is_redacted, redact_text, redact_uri
 from ulsweep.config import ConfigError, ExperimentConfig, dump_yaml, flatten, to_dict
+from ulsweep.redact import check_no_userinfo, is_redacted, redact_text, redact_uri
+from ulsweep.sweep.credentials import stop_tune_copying_credentials
 from ulsweep.sweep.space import planned_overrides, validate_space
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     # less (what it loses is re-run idempotently: finished loops return their stored result at once).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    stop_tune_copying_credentials()  # Ray would log them: trials take credentials from their node's environment
     address = address or os.environ.get("RAY_ADDRESS") or None
     started_ray = False
     try:
