@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -157,6 +158,7 @@ class LocalRayCluster:
         left = kill_all(self.pids())
         left |= kill_all(self.pids())  # anything started while the first round ran
         assert not left, f"Ray processes of the test cluster survived: {sorted(left)}"
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -104,8 +104,11 @@ def test_http_credentials_move_from_the_uri_to_mlflow_variables(monkeypatch):
     assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", "pw-123456")
     assert tracking.client("https://tok-abcdef@mlflow.example.org").tracking_uri == "https://mlflow.example.org"
     assert os.environ["MLFLOW_TRACKING_TOKEN"] == "tok-abcdef"
-    # other stores keep their URI (the DB driver needs the password in it)
-    assert tracking._http_credentials_to_env("postgresql://u:p@db/x") == "postgresql://u:p@db/x"
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    assert tracking.credentials_to_env("postgresql+psycopg://u%40x:p%40ss@db:5432/x") == \
+        "postgresql+psycopg://u%40x@db:5432/x"
+    assert os.environ["PGPASSWORD"] == "p@ss"  # libpq reads it there
+    assert tracking.credentials_to_env("mysql://u:p@db/x") == "mysql://u:p@db/x"  # no standard variable
 
 
 def test_ray_tune_no_longer_copies_cloud_credentials_into_trial_runtime_envs(monkeypatch):

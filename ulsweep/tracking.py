@@ -14,6 +14,7 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+from urllib.parse import quote
 
 from ulsweep.redact import redact_text, split_userinfo
 
@@ -66,21 +67,27 @@ def client(uri: str):
 
     if uri.startswith("file:") or "://" not in uri:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return MlflowClient(tracking_uri=_http_credentials_to_env(uri))
+    return MlflowClient(tracking_uri=credentials_to_env(uri))
 
 
-def _http_credentials_to_env(uri: str) -> str:
-    """http(s)://user:password@host -> http(s)://host, the credentials in MLflow's own variables (it prints run
-    URLs built from the tracking URI, and Ray stores that output in its logs)."""
-    if not uri.startswith(("http://", "https://")):
-        return uri
+def credentials_to_env(uri: str) -> str:
+    """The URI without its password; the password goes where the client library reads it from the environment:
+    http(s)://user:pw@host -> MLFLOW_TRACKING_USERNAME/PASSWORD (a lone token -> MLFLOW_TRACKING_TOKEN),
+    postgresql://user:pw@host -> PGPASSWORD (libpq). MLflow prints run URLs built from the URI, and Ray keeps
+    pickled copies of the trials' arguments: neither may hold the password. Other schemes are returned as is."""
     bare, user, password = split_userinfo(uri)
-    if password is None:  # a lone token (https://TOKEN@host)
-        if user is not None:
-            os.environ["MLFLOW_TRACKING_TOKEN"] = user
-    else:
-        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user, password
-    return bare
+    if uri.startswith(("http://", "https://")):
+        if password is None:
+            if user is not None:
+                os.environ["MLFLOW_TRACKING_TOKEN"] = user
+        else:
+            os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user, password
+        return bare
+    if uri.startswith(("postgresql://", "postgresql+")) and password is not None:
+        os.environ["PGPASSWORD"] = password
+        scheme, rest = bare.split("://", 1)
+        return f"{scheme}://{quote(user, safe='')}@{rest}"
+    return uri
 
 
 def retry(fn, *args, attempts: int = 6, **kwargs):

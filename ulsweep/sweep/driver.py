@@ -171,6 +171,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
         uri = _resume_tracking_uri(state, tracking_uri, run_dir)
     else:
         uri = tracking.resolve_tracking_uri(tracking_uri, exp.tracking.uri, run_dir)
+    uri = tracking.credentials_to_env(uri)  # before Ray starts (inherits it) and before trials pickle the URI
     pool = ThreadPoolExecutor(1)
     mlflow_setup = pool.submit(_setup_tracking, exp, run_dir, uri, state, ident, out)
 
