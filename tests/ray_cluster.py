@@ -173,6 +173,9 @@ def private_network_unavailable() -> str | None:
         return "a private network namespace needs root (CAP_SYS_ADMIN)"
     if not Path("/proc/self/ns/net").exists():
         return "no /proc/self/ns/net (network namespaces unsupported)"
+    missing = [b for b in ("ip", "ss") if shutil.which(b) is None]
+    if missing:
+        return f"iproute2 absent (no {', '.join(missing)}; Debian package `iproute2`)"
     return None
 
 

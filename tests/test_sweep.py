@@ -441,10 +441,18 @@ def test_sigkill_then_resume_finishes_every_trial_once(tmp_path):
 
 @pytest.mark.slow
 def test_two_node_cluster_with_address(tmp_path):
-    from ray_cluster import LocalRayCluster
+    import contextlib
+
+    from ray_cluster import LocalRayCluster, private_network, private_network_unavailable
 
     env = sweep_env(tmp_path)
-    cluster = LocalRayCluster(env, nodes=2, cpus_per_node=1)
+    # Ray's GCS and raylets bind every interface: where possible keep them in a loopback-only namespace
+    net = private_network() if private_network_unavailable() is None else contextlib.nullcontext()
+    with net:
+        _two_node_sweep(tmp_path, env, LocalRayCluster(env, nodes=2, cpus_per_node=1, node_ip="127.0.0.1"))
+
+
+def _two_node_sweep(tmp_path, env, cluster):
     try:
         address = cluster.start()
         d = tiny_experiment("twonode", n_ae=2, bases=())
