@@ -97,14 +97,14 @@ def test_http_credentials_move_from_the_uri_to_mlflow_variables(monkeypatch):
 
     assert split_userinfo("http://al%40ce:p%3Aw@h:5000/x") == ("http://h:5000/x", "al@ce", "p:w")
     assert split_userinfo("http://h:5000") == ("http://h:5000", None, None)
-    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
-        monkeypatch.delenv(k, raising=False)
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "PGPASSWORD"):
+        monkeypatch.setenv(k, "before")  # records the original state, so the variables set below are undone
+        monkeypatch.delenv(k)
     c = tracking.client("http://alice:pw-123456@127.0.0.1:5999")
     assert c.tracking_uri == "http://127.0.0.1:5999"  # MLflow prints run URLs built from it
     assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", "pw-123456")
     assert tracking.client("https://tok-abcdef@mlflow.example.org").tracking_uri == "https://mlflow.example.org"
     assert os.environ["MLFLOW_TRACKING_TOKEN"] == "tok-abcdef"
-    monkeypatch.delenv("PGPASSWORD", raising=False)
     assert tracking.credentials_to_env("postgresql+psycopg://u%40x:p%40ss@db:5432/x") == \
         "postgresql+psycopg://u%40x@db:5432/x"
     assert os.environ["PGPASSWORD"] == "p@ss"  # libpq reads it there
