@@ -1,14 +1,17 @@
-"""Training-step throughput of stage 1 (encoder + prior + decoder) and stage 2 (base model).
+"""Training-step throughput of stage 1 (encoder + prior + decoder), the prior alone and stage 2 (base model).
 
     python benchmarks/train_step.py --preset small --image-size 32 --channels 1 --batch 128 256 --out small.json
     python benchmarks/train_step.py --preset paper --image-size 512 --channels 3 --downsample 16 \
-        --latent-channels 32 --batch 8 --compile both --out paper.json
+        --latent-channels 32 --stages prior base ae --batch 8 32 --modes eager default --profile --out paper.json
 
-For each (stage, batch, eager|compiled) it times full optimizer steps of the library's own loss and
-step functions (`stage1_losses`, `TrainState.optimizer_step`) on synthetic data already on the device, and
-reports images/s, MFU and peak memory. Model FLOPs come from ulsweep's FLOP counter (forward GFLOP per
+For each (stage, batch, mode) it times full optimizer steps of the library's own loss and step functions
+(`stage1_losses`, `prior_loss`, `base_loss`, `TrainState.optimizer_step`) on synthetic data already on the
+device, compiled by the library's `compile_module` (modes: eager, default, reduce-overhead = CUDA graphs),
+and reports images/s, MFU and peak memory. Model FLOPs come from ulsweep's FLOP counter (forward GFLOP per
 image x 3 for training, the paper's rule); MFU is against the dense bf16 peak `--peak-tflops` (989 for
-H100/H200 SXM). Prints a table and writes JSON. Absolute numbers are only meaningful on a GPU.
+H100/H200 SXM). `--profile` adds, per row, where the GPU time of a few steps goes (GEMM, attention, conv,
+fused/elementwise, optimizer, other) and how much of the wall time the GPU was busy.
+Prints a table and writes JSON. Absolute numbers are only meaningful on a GPU.
 """
 from __future__ import annotations
 
@@ -18,119 +21,211 @@ import os
 import platform
 import statistics
 import sys
+from collections import defaultdict
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from timing import time_calls  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import sync, time_calls  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 from ulsweep.config import experiment_from_dict  # noqa: E402
-from ulsweep.diffusion import base_loss, diffuse, low_discrepancy_times, x_from_v  # noqa: E402
+from ulsweep.diffusion import (LogSNRSchedule, base_loss, diffuse, low_discrepancy_times, prior_loss,  # noqa: E402
+                               x_from_v)
 from ulsweep.metrics.flops import gflops_per_image, model_gflops  # noqa: E402
 from ulsweep.models import build_autoencoder, build_base_model  # noqa: E402
-from ulsweep.train.common import TrainState, make_runtime  # noqa: E402
+from ulsweep.train.common import TrainState, compile_module, make_runtime, wrap_ddp  # noqa: E402
+from ulsweep.train.sampling import prior_schedule  # noqa: E402
 from ulsweep.train.stage1 import draw_noise, stage1_losses  # noqa: E402
 
+MODES = {"eager": False, "default": "default", "reduce-overhead": "reduce-overhead"}
 
-def bench_stage1(exp, batch: int, compile_: bool, warmup: int, iters: int, channels: int):
+
+def latent_shape(exp) -> tuple[int, int, int]:
+    s, d = exp.data.image_size, exp.ae.model.downsample
+    return exp.ae.model.latent_channels, s // d, s // d
+
+
+def step_stage1(exp, batch: int, mode: str, channels: int):
+    """One stage-1 optimizer step as a closure, and the forward GFLOP per image it trains."""
     rt = make_runtime(exp.ae.train)
     s = exp.data.image_size
     ae = build_autoencoder(exp.ae, channels).to(rt.device)
     if rt.device.type == "cuda":
         ae = ae.to(memory_format=torch.channels_last)
     ts = TrainState(ae, exp.ae.optim, rt, seed=0)
-    model = torch.compile(ae) if compile_ else ae
-    d = exp.ae.model.downsample
-    z_shape = (exp.ae.model.latent_channels, s // d, s // d)
+    model = compile_module(wrap_ddp(ae, rt), MODES[mode], rt)  # DDP only under torch.distributed
     x = torch.rand(batch, channels, s, s, device=rt.device) * 2 - 1
 
     def step():
-        noise = draw_noise(batch, z_shape, (channels, s, s), ts.gen, rt.device)
+        noise = draw_noise(batch, latent_shape(exp), (channels, s, s), ts.gen, rt.device)
         with rt.autocast():
             losses = stage1_losses(model, x, exp, noise)
         ts.optimizer_step(losses["total"].mean() / x[0].numel())
 
     g = model_gflops(exp, channels)
-    fwd = g["encoder"] + g.get("prior", 0.0) + g["decoder"]
-    return time_calls(step, rt.device, warmup, iters), fwd, rt
+    return step, g["encoder"] + g.get("prior", 0.0) + g["decoder"], rt
 
 
-def bench_stage2(exp, batch: int, compile_: bool, warmup: int, iters: int):
-    rt = make_runtime(exp.ae.train)
-    s, d = exp.data.image_size, exp.ae.model.downsample
-    shape = (exp.ae.model.latent_channels, s // d, s // d)
-    net = build_base_model(exp.base_models[0], shape[0]).to(rt.device)
-    ts = TrainState(net, exp.base_models[0].optim, rt, seed=0)
-    model = torch.compile(net) if compile_ else net
-    z = torch.randn(batch, *shape, device=rt.device)
-    lam_max, lam_min = exp.ae.loss.logsnr_z0, exp.base_models[0].loss.logsnr_min
-    from ulsweep.diffusion import LogSNRSchedule
-
-    sched = LogSNRSchedule("cosine", lam_max, lam_min)
+def _latent_step(net, oc, exp, batch: int, mode: str, rt, loss_fn):
+    ts = TrainState(net, oc, rt, seed=0)
+    model = compile_module(wrap_ddp(net, rt), MODES[mode], rt)
+    z = torch.randn(batch, *latent_shape(exp), device=rt.device)
 
     def step():
         t = low_discrepancy_times(batch, ts.gen, rt.device)
         eps = torch.randn(z.shape, generator=ts.gen, device=rt.device)
+        with rt.autocast():
+            ts.optimizer_step(loss_fn(model, z, t, eps).mean() / z[0].numel())
+
+    return step
+
+
+def step_prior(exp, batch: int, mode: str, channels: int):
+    """The prior ViT trained alone on fixed latents (Eq. 3's loss): the stage-1 part the paper's §5 MFU
+    numbers single out."""
+    rt = make_runtime(exp.ae.train)
+    prior = build_autoencoder(exp.ae, channels).prior.to(rt.device)
+    sched = prior_schedule(exp.ae.loss)
+
+    def loss(model, z, t, eps):
         lam, dlam = sched.logsnr(t), sched.dlogsnr_dt(t)
         z_t = diffuse(z, lam, eps)
-        with rt.autocast():
-            v = model(z_t, lam)
-        ts.optimizer_step(base_loss(z, x_from_v(z_t, v.float(), lam), lam, dlam, 0.0).mean() / z[0].numel())
+        return prior_loss(z, x_from_v(z_t, model(z_t, lam).float(), lam), lam, dlam, sched.logsnr_1)
 
-    fwd = gflops_per_image(build_base_model(exp.base_models[0], shape[0]), torch.zeros(2, *shape), torch.zeros(2))
-    return time_calls(step, rt.device, warmup, iters), fwd, rt
+    step = _latent_step(prior, exp.ae.optim, exp, batch, mode, rt, loss)
+    return step, model_gflops(exp, channels)["prior"], rt
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_stage2(exp, batch: int, mode: str, channels: int):
+    rt = make_runtime(exp.ae.train)
+    shape = latent_shape(exp)
+    bc = exp.base_models[0]
+    net = build_base_model(bc, shape[0]).to(rt.device)
+    sched = LogSNRSchedule("cosine", exp.ae.loss.logsnr_z0, bc.loss.logsnr_min)
+
+    def loss(model, z, t, eps):
+        lam, dlam = sched.logsnr(t), sched.dlogsnr_dt(t)
+        z_t = diffuse(z, lam, eps)
+        return base_loss(z, x_from_v(z_t, model(z_t, lam).float(), lam), lam, dlam, bc.loss.sigmoid_bias)
+
+    step = _latent_step(net, bc.optim, exp, batch, mode, rt, loss)
+    fwd = gflops_per_image(build_base_model(bc, shape[0]), torch.zeros(2, *shape), torch.zeros(2))
+    return step, fwd, rt
+
+
+STAGES = {"ae": step_stage1, "prior": step_prior, "base": step_stage2}
+
+# GPU kernel name fragments -> category of the profile breakdown (first match wins)
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")),
+                ("conv", ("conv", "implicit_gemm", "cudnn", "wgrad", "dgrad", "fprop", "xmma")),
+                ("gemm", ("gemm", "cutlass", "nvjet", "sm90_", "sm80_", "matmul", "splitk")),
+                ("optimizer", ("adam", "foreach", "multi_tensor")),
+                ("norm/elementwise (fused)", ("triton",)),
+                ("norm/elementwise (eager)", ("elementwise", "reduce", "norm", "vectorized", "copy", "fill")))
+
+
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in n for k in keys):
+            return kind
+    return "other"
+
+
+def profile_step(step, device: torch.device, steps: int = 5) -> dict:
+    """GPU kernel time of `steps` steps by category, and the fraction of wall time the GPU was busy."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        wall = time.perf_counter() - t0
+    by_kind: dict[str, float] = defaultdict(float)
+    top: dict[str, float] = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            by_kind[kernel_kind(ev.name)] += ev.device_time  # microseconds
+            top[ev.name[:80]] += ev.device_time
+    busy = sum(by_kind.values()) / 1e6
+    return {"wall_s": wall, "gpu_busy_s": busy, "gpu_busy_frac": busy / wall,
+            "by_kind_frac_of_gpu": {k: v / 1e6 / busy for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": {k: v / 1e3 / steps for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]}}
+
+
+def bench_experiment(a):
+    """The experiment the benchmarks build their networks from (model sizes only)."""
+    return experiment_from_dict({
+        "data": {"image_size": a.image_size},
+        "ae": {"model": {"preset": a.preset, "downsample": a.downsample, "latent_channels": a.latent_channels}},
+        "base_models": [{"name": "b", "model": {"preset": a.base_preset or a.preset}}],
+    })
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--base-preset", default=None, help="default: same as --preset (tiny/small/medium/paper)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--downsample", type=int, default=4)
     p.add_argument("--latent-channels", type=int, default=8)
-    p.add_argument("--batch", type=int, nargs="+", default=[128])
-    p.add_argument("--compile", choices=["no", "yes", "both"], default="both")
-    p.add_argument("--stages", nargs="+", default=["ae", "base"], choices=["ae", "base"])
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--iters", type=int, default=20)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     p.add_argument("--out", default=None)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--batch", type=int, nargs="+", default=[128])
+    p.add_argument("--base-batch", type=int, nargs="+", default=None, help="batches of the prior/base stages "
+                   "(default: --batch); latent models need larger batches than the image model")
+    p.add_argument("--modes", nargs="+", default=["eager", "default"], choices=list(MODES))
+    p.add_argument("--stages", nargs="+", default=["ae", "base"], choices=list(STAGES))
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--profile", action="store_true", help="add a GPU-time breakdown of 5 steps per row")
     a = p.parse_args(argv)
-    exp = experiment_from_dict({
-        "data": {"image_size": a.image_size},
-        "ae": {"model": {"preset": a.preset, "downsample": a.downsample, "latent_channels": a.latent_channels}},
-        "base_models": [{"name": "b", "model": {"preset": a.base_preset or a.preset}}],
-    })
-    modes = {"no": [False], "yes": [True], "both": [False, True]}[a.compile]
+    exp = bench_experiment(a)
     rows = []
-    print(f"{'stage':6} {'batch':>5} {'compile':>7} {'step ms':>9} {'img/s':>10} {'GFLOP/img':>10} {'MFU':>7} {'mem GiB':>8}",
-          flush=True)
+    print(f"{'stage':6} {'batch':>5} {'mode':>15} {'step ms':>9} {'img/s':>10} {'GFLOP/img':>10} {'MFU':>7} "
+          f"{'mem GiB':>8} {'GPU busy':>8}", flush=True)
     for stage in a.stages:
-        for batch in a.batch:
-            for comp in modes:
+        for batch in (a.batch if stage == "ae" else (a.base_batch or a.batch)):
+            for mode in a.modes:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 try:
-                    if stage == "ae":
-                        times, fwd, rt = bench_stage1(exp, batch, comp, a.warmup, a.iters, a.channels)
-                    else:
-                        times, fwd, rt = bench_stage2(exp, batch, comp, a.warmup, a.iters)
+                    step, fwd, rt = STAGES[stage](exp, batch, mode, a.channels)
+                    times = time_calls(step, rt.device, a.warmup, a.iters)
+                    prof = profile_step(step, rt.device) if a.profile and rt.device.type == "cuda" else None
                 except torch.OutOfMemoryError:
-                    rows.append({"stage": stage, "batch": batch, "compile": comp, "error": "out of memory"})
-                    print(f"{stage:6} {batch:>5} {str(comp):>7}  out of memory", flush=True)
+                    rows.append({"stage": stage, "batch": batch, "mode": mode, "error": "out of memory"})
+                    print(f"{stage:6} {batch:>5} {mode:>15}  out of memory", flush=True)
                     continue
+                finally:
+                    torch._dynamo.reset()  # each row compiles its own model; drop the previous graphs
                 t = statistics.median(times)
                 ips = batch / t
                 mfu = 3 * fwd * 1e9 * ips / (a.peak_tflops * 1e12)
                 mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-                rows.append({"stage": stage, "batch": batch, "compile": comp, "step_s": t, "images_per_s": ips,
-                             "fwd_gflop_per_image": fwd, "mfu": mfu, "peak_mem_gib": mem,
-                             "device": str(rt.device), "amp": str(rt.amp_dtype)})
-                print(f"{stage:6} {batch:>5} {str(comp):>7} {1e3 * t:>9.2f} {ips:>10.0f} {fwd:>10.3f} "
-                      f"{100 * mfu:>6.2f}% {mem:>8.2f}", flush=True)
+                row = {"stage": stage, "batch": batch, "mode": mode, "step_s": t, "images_per_s": ips,
+                       "fwd_gflop_per_image": fwd, "mfu": mfu, "peak_mem_gib": mem,
+                       "device": str(rt.device), "amp": str(rt.amp_dtype)}
+                if prof:
+                    row["profile"] = prof
+                rows.append(row)
+                busy = f"{100 * prof['gpu_busy_frac']:.0f}%" if prof else "-"
+                print(f"{stage:6} {batch:>5} {mode:>15} {1e3 * t:>9.2f} {ips:>10.0f} {fwd:>10.3f} "
+                      f"{100 * mfu:>6.2f}% {mem:>8.2f} {busy:>8}", flush=True)
+                if prof:
+                    print("        GPU time: " + ", ".join(f"{k} {100 * v:.0f}%"
+                                                        for k, v in prof["by_kind_frac_of_gpu"].items()), flush=True)
     env = {"torch": torch.__version__, "python": platform.python_version(),
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "args": vars(a)}
     if a.out:

@@ -27,7 +27,9 @@ def test_shipped_experiments_cover_the_paper_tables():
     assert {"quickstart.yaml", "lf_sweep.yaml", "channels.yaml", "downsampling.yaml", "ablations.yaml"} <= names
     lf = load_experiment(REPO / "experiments" / "lf_sweep.yaml")
     plan = planned_overrides(lf.search, 0)
-    assert len(plan) == 15  # Fig. 8: 3 sigmoid biases x 5 loss factors
+    assert len(plan) == 18  # Fig. 8: 3 sigmoid biases x 5 loss factors, then 3 of them with a second seed
+    assert len({(p["ae.loss.sigmoid_bias"], p["ae.loss.loss_factor"], p.get("ae.train.seed", 0)) for p in plan}) == 18
+    assert sum(p.get("ae.train.seed", 0) == 1 for p in plan) == 3
     assert {p["ae.loss.loss_factor"] for p in plan} == {1.5, 1.75, 2.0, 3.0, 4.0}
     assert {p["ae.loss.sigmoid_bias"] for p in plan} == {-2.0, 0.0, 2.0}
     assert lf.data.path == "builtin:fashion-mnist" and lf.data.image_size == 32
@@ -56,6 +58,33 @@ def test_repeats_vary_the_seed():
     plan = planned_overrides(s, base_seed=10)
     assert len(plan) == 6
     assert [p.get("ae.train.seed") for p in plan] == [None, None, 11, 11, 12, 12]
+
+
+def test_extra_points_follow_the_grid_and_are_validated():
+    space = {"ae.loss.loss_factor": {"values": [1.5, 2.0]}}
+    s = SearchConfig(method="grid", space=space, points=({"ae.loss.loss_factor": 4.0, "ae.train.seed": 1},))
+    assert planned_overrides(s, base_seed=0) == [{"ae.loss.loss_factor": 1.5}, {"ae.loss.loss_factor": 2.0},
+                                                 {"ae.loss.loss_factor": 4.0, "ae.train.seed": 1}]
+    with pytest.raises(ConfigError, match="only for methods none and grid") as e:
+        SearchConfig(method="optuna-tpe", space={"ae.loss.loss_factor": {"low": 1.0, "high": 4.0}},
+                     metrics=("bpp",), points=({"ae.train.seed": 1},))
+    assert e.value.key.endswith("points")
+    base = {"search": {"method": "grid", "metrics": ["gfd"], "modes": ["min"], "space": space}}
+    bad = experiment_from_dict(base, {"search.points": [{"ae.loss.loss_factor": -1.0}]})
+    with pytest.raises(ConfigError, match="refused") as e:
+        validate_space(bad)
+    assert "loss_factor" in e.value.key
+    with pytest.raises(ConfigError, match="cannot change the search"):
+        validate_space(experiment_from_dict(base, {"search.points": [{"search.num_samples": 2}]}))
+
+
+def test_compile_setting_accepts_modes_and_refuses_others():
+    exp = experiment_from_dict({}, {"ae.train.compile": "reduce-overhead"})
+    assert exp.ae.train.compile == "reduce-overhead"
+    assert experiment_from_dict({}, {"ae.train.compile": True}).ae.train.compile is True
+    with pytest.raises(ConfigError) as e:
+        experiment_from_dict({}, {"ae.train.compile": "fast"})
+    assert e.value.key == "ae.train.compile" and e.value.value == "fast"
 
 
 def test_optuna_distributions():

@@ -195,6 +195,21 @@ def test_trial_resources_names_and_checkpoint_objects(tmp_path):
     assert _checkpoint_obj("", str(run_dir)) is None
 
 
+def test_gpu_experiment_runs_on_cpu_only_when_ray_was_started_here_without_gpus():
+    import io
+
+    from ulsweep.config import experiment_from_dict
+    from ulsweep.sweep.driver import fit_to_local_machine
+
+    exp = experiment_from_dict({"resources": {"gpus_per_worker": 0.25, "num_workers": 1}})
+    buf = io.StringIO()
+    laptop = fit_to_local_machine(exp, {"CPU": 8.0}, started_here=True, out=buf)
+    assert laptop.resources.gpus_per_worker == 0.0 and "no GPU" in buf.getvalue()
+    assert fit_to_local_machine(exp, {"CPU": 8.0, "GPU": 1.0}, started_here=True, out=buf) is exp
+    # a cluster given by --address may still be scaling its GPU nodes up: keep asking for GPUs
+    assert fit_to_local_machine(exp, {"CPU": 8.0}, started_here=False, out=buf) is exp
+
+
 def test_run_sweep_guards_before_starting_anything(tmp_path):
     from ulsweep.sweep.driver import SweepError, _identity, resolve_run_dir, run_sweep
 

@@ -143,7 +143,9 @@ class TrainConfig:
     sample_steps: int = 32  # sampler steps for reconstructions / samples
     sampler: Literal["ddim", "ancestral"] = "ddim"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
+    # torch.compile of the trained network: false, true (= "default"), or "reduce-overhead" (CUDA graphs:
+    # removes the per-kernel launch cost that bounds small models; single-process trials only)
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self):
@@ -195,7 +197,8 @@ class SearchConfig:
     over its base-model trials when they report it, else the AE trial's own metric (e.g. `bpp`);
     `<base name>/<metric>` picks one base model. `method: none` runs the config as is; `grid` runs every
     combination of the `values` lists; with num_samples > 1, `none` and `grid` repeat each point with
-    `ae.train.seed` incremented. The optuna methods run `num_samples` AE trials in total.
+    `ae.train.seed` incremented; `points` appends explicit extra AE trials (e.g. a few configurations again
+    with another `ae.train.seed`). The optuna methods run `num_samples` AE trials in total.
     """
 
     method: Literal["none", "grid", "optuna-tpe", "optuna-nsga2"] = "none"
@@ -206,6 +209,8 @@ class SearchConfig:
     max_concurrent: int = 2  # trials (AE or base) running at once
     seed: int = 0  # Optuna sampler seed
     max_failures: int = 0  # Tune retries of a failed trial (it resumes from its last checkpoint)
+    # extra AE trials after the grid / none points, each a mapping of dotted keys (e.g. a second seed)
+    points: tuple[dict[str, Any], ...] = ()
 
     def __post_init__(self):
         _require(self.num_samples > 0, "num_samples", self.num_samples, "must be > 0")
@@ -220,6 +225,11 @@ class SearchConfig:
                  "optuna-tpe takes one metric; use optuna-nsga2 for several")
         for k, spec in self.space.items():
             _check_space_entry(f"space.{k}", spec, grid=self.method == "grid")
+        _require(not self.points or self.method in ("none", "grid"), "points", self.points,
+                 "extra points are only for methods none and grid")
+        for i, pt in enumerate(self.points):
+            _require(len(pt) > 0, f"points[{i}]", pt, "must set at least one dotted key")
+            _require(all(isinstance(k, str) for k in pt), f"points[{i}]", pt, "keys must be dotted config keys")
 
 
 def _check_space_entry(key: str, spec: Any, grid: bool) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ulsweep import tracking
-from ulsweep.config import ConfigError, ExperimentConfig, dump_yaml, flatten, to_dict
+from ulsweep.config import ConfigError, ExperimentConfig, dump_yaml, experiment_from_dict, flatten, to_dict
 from ulsweep.redact import check_no_userinfo, is_redacted, redact_text, redact_uri
 from ulsweep.sweep.credentials import stop_tune_copying_credentials
 from ulsweep.sweep.space import planned_overrides, validate_space
@@ -136,6 +136,17 @@ def plan_description(exp: ExperimentConfig) -> list[dict[str, Any]] | None:
     return planned_overrides(exp.search, exp.ae.train.seed)
 
 
+def fit_to_local_machine(exp: ExperimentConfig, cluster: dict, started_here: bool, out) -> ExperimentConfig:
+    """The same experiment file on a laptop: a Ray instance started here without GPUs runs GPU trials on
+    CPU instead of waiting forever for a GPU. A cluster (--address) is left alone: its GPU nodes may still
+    be on their way (autoscaling from zero)."""
+    if not started_here or exp.resources.gpus_per_worker == 0 or cluster.get("GPU", 0) > 0:
+        return exp
+    print(f"note: no GPU on this machine; trials run on CPU (resources.gpus_per_worker "
+          f"{exp.resources.gpus_per_worker} -> 0)", file=out, flush=True)
+    return experiment_from_dict(to_dict(exp), {"resources.gpus_per_worker": 0.0, "resources.backend": "auto"})
+
+
 def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | None = None,
               storage: str | None = None, tracking_uri: str | None = None, train_impl: str = "ulsweep",
               verbose: bool = False, stream=None) -> SweepOutcome:
@@ -198,6 +209,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     finally:
         pool.shutdown()  # waits for the MLflow setup even when Ray failed to start
     phases["setup"] = time.time() - t_start
+    exp = fit_to_local_machine(exp, ray.cluster_resources(), started_here=not address, out=out)
     try:
         ctx = SweepContext(experiment=to_dict(exp), run_dir=run_dir, tracking_uri=uri, mlflow_experiment_id=eid,
                            sweep_id=sweep_id, train_impl=train_impl)

@@ -69,20 +69,18 @@ def grid_points(params: Sequence[Param]) -> list[dict[str, Any]]:
 
 
 def planned_overrides(search: SearchConfig, base_seed: int) -> list[dict[str, Any]] | None:
-    """The AE trials' overrides for `none` / `grid` (in order), None for the optuna methods."""
+    """The AE trials' overrides for `none` / `grid` (in order, then `search.points`), None for optuna."""
     if search.method == "none":
         points: list[dict[str, Any]] = [{}]
     elif search.method == "grid":
         points = grid_points(parse_space(search.space))
     else:
         return None
-    if search.num_samples == 1:
-        return points
     reps = []
     for r in range(search.num_samples):
         for pt in points:
             reps.append({**pt, SEED_KEY: pt.get(SEED_KEY, base_seed) + r} if r else dict(pt))
-    return reps
+    return reps + [dict(pt) for pt in search.points]
 
 
 def trial_experiment(raw: Mapping[str, Any], overrides: Mapping[str, Any],
@@ -119,6 +117,11 @@ def validate_space(exp: ExperimentConfig, file: str | None = None) -> None:
                 raise ConfigError(f"value {v!r} is refused: {e.message}" + (f" (at {e.key})" if e.key else ""),
                                   key=f"search.space.{p.key}", value=v, file=file) from None
     plan = planned_overrides(exp.search, exp.ae.train.seed)
+    for i, pt in enumerate(exp.search.points):
+        for key in pt:
+            if key.split(".")[0] == "search":
+                raise ConfigError("a point cannot change the search itself", key=f"search.points[{i}].{key}",
+                                  file=file)
     for ov in plan or []:  # combinations can be invalid even if each value alone is fine
         try:
             experiment_from_dict(raw, ov)

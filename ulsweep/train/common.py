@@ -50,6 +50,7 @@ def make_runtime(train: TrainConfig) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed training shapes: pick the fastest conv algorithms once
     else:
         device = torch.device("cpu")
     if train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda"):
@@ -83,6 +84,18 @@ def wrap_ddp(module: nn.Module, rt: Runtime) -> nn.Module:
         return module
     ids = [rt.device.index] if rt.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def compile_module(module: nn.Module, setting: bool | str, rt: Runtime) -> nn.Module:
+    """torch.compile per `train.compile` (False: the module itself). "reduce-overhead" replays the compiled
+    forward and backward as CUDA graphs; it needs CUDA and one process per model, so it falls back to the
+    default mode on CPU and under DDP (which splits the graph at its buckets)."""
+    if setting is False:
+        return module
+    mode = "default" if setting is True else setting
+    if mode == "reduce-overhead" and (rt.device.type != "cuda" or rt.world > 1):
+        mode = "default"
+    return torch.compile(module, mode=mode)
 
 
 def make_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:

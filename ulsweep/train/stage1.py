@@ -20,8 +20,8 @@ from ulsweep.metrics.bits import latent_bitrate, nats_to_bits_per_pixel
 from ulsweep.metrics.psnr import psnr
 from ulsweep.models import build_autoencoder
 from ulsweep.train.checkpoint import CheckpointError, latest_valid_checkpoint, prune_checkpoints, save_checkpoint
-from ulsweep.train.common import (Progress, Runtime, TrainingDiverged, TrainState, all_reduce_mean, due, lr_at,
-                                  make_runtime, shard, wrap_ddp)
+from ulsweep.train.common import (Progress, Runtime, TrainingDiverged, TrainState, all_reduce_mean, compile_module,
+                                  due, lr_at, make_runtime, shard, wrap_ddp)
 from ulsweep.train.data import load_images
 from ulsweep.train.evaluation import load_eval_extractor, reconstruction_fd_of
 from ulsweep.train.hooks import StageResult, TrainHooks
@@ -156,7 +156,7 @@ def finished_result(run_dir: str, cfg_hash: str) -> StageResult | None:
 
 
 def start_or_resume(ts: TrainState, run_dir: str, cfg_hash: str, kind: str, config_yaml: str,
-                    compile_: bool) -> torch.nn.Module:
+                    compile_: bool | str) -> torch.nn.Module:
     """Restore `ts` from the run's newest valid checkpoint (it must be of this kind and config), or write
     config.yaml on a fresh run; return the module to train: DDP-wrapped under torch.distributed, compiled
     when asked."""
@@ -171,8 +171,7 @@ def start_or_resume(ts: TrainState, run_dir: str, cfg_hash: str, kind: str, conf
         ts.load_state_dict(state, meta)
     elif rt.is_main:
         uio.atomic_write_text(uio.join(run_dir, "config.yaml"), config_yaml)
-    model = wrap_ddp(ts.net, rt)
-    return torch.compile(model) if compile_ else model
+    return compile_module(wrap_ddp(ts.net, rt), compile_, rt)
 
 
 def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | None = None) -> StageResult:

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 8 on the device. `perf.sh single`: small-preset step (eager vs CUDA graphs) and packing on GPU 0,
+# paper-preset steps (prior, base, full stage 1; eager vs compile; profiler breakdown) on the last GPU, in
+# parallel when there are two. `perf.sh ddp`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train.
+set -uo pipefail
+. benchmarks/device/env_b.sh
+gpus=$(nvidia-smi -L | wc -l); last=$((gpus - 1))
+paper="--preset paper --image-size 512 --channels 3 --downsample 16 --latent-channels 32"
+small="--preset small --image-size 32 --channels 1"
+case "${1:-single}" in
+single)
+  (CUDA_VISIBLE_DEVICES=$last python3 benchmarks/train_step.py $paper --stages prior base ae --batch 16 \
+     --base-batch 64 --modes eager default --profile --warmup 3 --iters 10 --out "$OUT/paper.json" \
+     > "$OUT/paper.log" 2>&1) &
+  [ "$gpus" -gt 1 ] || wait
+  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/train_step.py $small --stages ae base --batch 128 --base-batch 256 \
+     --modes eager reduce-overhead --profile --out "$OUT/small.json" > "$OUT/small.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/packing.py $small --batch 128 --trials 1 2 4 8 --seconds 20 \
+     --out "$OUT/packing.json" > "$OUT/packing.log" 2>&1
+  wait
+  for f in small paper packing; do echo "== $f"; grep -vE "^\(|^\s*$|Warning|warn" "$OUT/$f.log" | tail -25; done
+  ;;
+ddp)
+  python3 benchmarks/ddp.py $paper --workers 1 2 --stages ae base --batch 16 --base-batch 64 --mode default \
+     --out "$OUT/ddp.json" > "$OUT/ddp.log" 2>&1
+  grep -vE "^\(|^\s*$" "$OUT/ddp.log" | tail -12
+  ;;
+esac
