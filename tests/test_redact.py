@@ -88,8 +88,11 @@ def test_resume_with_masked_uri_needs_it_again(tmp_path, monkeypatch):
     with pytest.raises(SweepError, match="not postgresql://u:\\*\\*\\*@other/mlflow") as e:
         _resume_tracking_uri(state, "postgresql://u:pw@other/mlflow", str(tmp_path))
     assert "pw@" not in str(e.value)
-    plain = {"sweep_id": "s2", "tracking_uri": "http://127.0.0.1:5000"}
+    plain = {"sweep_id": "s2", "tracking_uri": "http://127.0.0.1:5000"}  # as stored: credentials moved out
     assert _resume_tracking_uri(plain, None, str(tmp_path)) == "http://127.0.0.1:5000"
+    assert _resume_tracking_uri(plain, "http://a:pw@127.0.0.1:5000", str(tmp_path)) == "http://a:pw@127.0.0.1:5000"
+    with pytest.raises(SweepError, match="not http://127.0.0.1:5001"):
+        _resume_tracking_uri(plain, "http://127.0.0.1:5001", str(tmp_path))
 
 
 def test_http_credentials_move_from_the_uri_to_mlflow_variables(monkeypatch):

@@ -27,7 +27,7 @@ from typing import Any
 
 from ulsweep import tracking
 from ulsweep.config import ConfigError, ExperimentConfig, dump_yaml, experiment_from_dict, flatten, to_dict
-from ulsweep.redact import check_no_userinfo, is_redacted, redact_text, redact_uri
+from ulsweep.redact import check_no_userinfo, is_redacted, redact_text, redact_uri, split_userinfo
 from ulsweep.sweep.credentials import stop_tune_copying_credentials
 from ulsweep.sweep.space import planned_overrides, validate_space
 
@@ -354,7 +354,7 @@ def _resume_tracking_uri(state: dict, given: str | None, run_dir: str) -> str:
                              f"pass --tracking-uri (or set MLFLOW_TRACKING_URI) with them to resume")
         return stored
     uri = tracking.resolve_tracking_uri(given, None, run_dir)
-    if redact_uri(uri) != stored:
+    if split_userinfo(uri)[0] != split_userinfo(stored)[0]:  # the same store, whoever logs in
         raise SweepError(f"sweep {state['sweep_id']} is tracked in {stored}, not {redact_uri(given)}")
     return uri
 
