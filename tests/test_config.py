@@ -84,3 +84,20 @@ def test_cli_dry_run_prints_resolved_config(capsys):
     assert main(["train", "ae", "experiments/quickstart.yaml", "--dry-run", "--set", "ae.loss.loss_factor=3"]) == 0
     out = capsys.readouterr().out
     assert "loss_factor: 3.0" in out and "run directory" in out
+
+
+def test_experiment_file_from_a_uri():
+    from pathlib import Path
+
+    import fsspec
+
+    text = (Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml").read_text()
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/ulsweep-cfg/quickstart.yaml", text.encode())
+    try:
+        exp = load_experiment("memory://ulsweep-cfg/quickstart.yaml", {"ae.train.steps": 7})
+        assert exp.name == "quickstart" and exp.ae.train.steps == 7
+        with pytest.raises(ConfigError, match="file not found"):
+            load_experiment("memory://ulsweep-cfg/missing.yaml")
+    finally:
+        fs.rm("/ulsweep-cfg", recursive=True)

@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -455,92 +454,32 @@ def test_sigkill_then_resume_finishes_every_trial_once(tmp_path):
         assert steps and steps[-1] == "step_00000040", (key, steps)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _free_range(n: int) -> int:
-    """First port of n consecutive free ports below the ephemeral range (32768+), where _free_port's
-    picks (and Ray's fixed defaults such as 52365) cannot fall into it."""
-    import random
-
-    for _ in range(50):
-        lo = random.randrange(20000, 32000 - n)
-        try:
-            socks = []
-            for q in range(lo, lo + n):
-                sk = socket.socket()
-                socks.append(sk)
-                sk.bind(("127.0.0.1", q))
-            return lo
-        except OSError:
-            continue
-        finally:
-            for sk in socks:
-                sk.close()
-    raise RuntimeError("no free port range")
-
-
-def _node_ports() -> list[str]:
-    """Explicit ports for every per-node Ray component: two nodes on one host must not share a default."""
-    lo = _free_range(200)
-    return [f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-            f"--min-worker-port={lo}", f"--max-worker-port={lo + 199}"]
-
-
-def _pids_with(text: str) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit() or int(p.name) == os.getpid():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmd:
-            out.append(int(p.name))
-    return out
-
-
 @pytest.mark.slow
 def test_two_node_cluster_with_address(tmp_path):
-    temp = Path("/tmp") / f"ulsw-2n-{os.getpid()}"  # short: Ray's socket paths must stay < 108 bytes
-    port = _free_port()
+    import contextlib
+
+    from ray_cluster import LocalRayCluster, private_network, private_network_unavailable
+
     env = sweep_env(tmp_path)
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    started = []
+    # Ray's GCS and raylets bind every interface: where possible keep them in a loopback-only namespace
+    net = private_network() if private_network_unavailable() is None else contextlib.nullcontext()
+    with net:
+        _two_node_sweep(tmp_path, env, LocalRayCluster(env, nodes=2, cpus_per_node=1, node_ip="127.0.0.1"))
+
+
+def _two_node_sweep(tmp_path, env, cluster):
     try:
-        head = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=1",
-                               f"--temp-dir={temp}", "--include-dashboard=false", "--disable-usage-stats",
-                               *_node_ports()],
-                              env=env, capture_output=True, text=True, timeout=180)
-        started.append("head")
-        assert head.returncode == 0, head.stdout + head.stderr
-        worker = subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
-                                 f"--temp-dir={temp}", "--disable-usage-stats", *_node_ports()],
-                                env=env, capture_output=True, text=True, timeout=180)
-        assert worker.returncode == 0, worker.stdout + worker.stderr
+        address = cluster.start()
         d = tiny_experiment("twonode", n_ae=2, bases=())
         f = write_yaml(tmp_path, d)
-        p = subprocess.run(cli(f, "--storage", tmp_path / "runs", "--address", f"127.0.0.1:{port}"),
+        p = subprocess.run(cli(f, "--storage", tmp_path / "runs", "--address", address),
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
         by_key = check_lineage(tmp_path / "runs" / "twonode", ["ae-0000", "ae-0001"], [])
         nodes = {r.data.tags.get("ray.node_id") for k, r in by_key.items() if k != "sweep"}
         assert len(nodes) == 2, f"both trials ran on one node: {nodes}"
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _pids_with(str(temp)):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(3)
-        assert not _pids_with(str(temp)), "Ray processes of the test cluster survived"
+        cluster.stop()
 
 
 @pytest.mark.slow

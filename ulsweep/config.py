@@ -557,7 +557,12 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
     """Read an experiment YAML (safe_load only) into a validated ExperimentConfig."""
     path = str(path)
     try:
-        text = Path(path).read_text()
+        if "://" in path:  # an experiment file in a bucket: s3://..., gs://... (fsspec)
+            from ulsweep import io as uio
+
+            text = uio.read_bytes(path).decode()
+        else:
+            text = Path(path).read_text()
     except FileNotFoundError:
         raise ConfigError("file not found", file=path) from None
     except OSError as e:

@@ -26,7 +26,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from ulsweep import plots, safety, tracking
+from ulsweep import plots, tracking
+from ulsweep.redact import is_redacted, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,13 @@ def resolve_sweep(sweep: str, tracking_uri: str | None = None) -> SweepRef:
         state = _read_state(d)
         if state is not None:
             run_dir = d if "://" in d else str(Path(d).absolute())
+            if not tracking_uri and is_redacted(state["tracking_uri"]):  # sweep.json holds no credentials
+                tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+                if not tracking_uri:
+                    raise ReportError(f"sweep {state['sweep_id']} is tracked in {state['tracking_uri']}: pass "
+                                      f"--tracking-uri (or set MLFLOW_TRACKING_URI) with its credentials")
             uri = tracking.resolve_tracking_uri(tracking_uri, state["tracking_uri"], run_dir, create=False) \
-                if tracking_uri or safety.is_redacted(state["tracking_uri"]) else state["tracking_uri"]
+                if tracking_uri or is_redacted(state["tracking_uri"]) else state["tracking_uri"]
             c = tracking.client(uri)
             name = _sweep_name(c, state["sweep_id"]) or Path(run_dir.rstrip("/")).name
             return SweepRef(state["sweep_id"], state["mlflow_experiment_id"], uri, name, run_dir)
@@ -315,7 +321,7 @@ def dashboard_html(data: SweepData, figures: dict[str, Any], png_note: str | Non
     objective = data.parent["params"].get("search.metrics", "")
     meta = [("sweep", e(ref.name)), ("sweep run id", f"<code>{e(ref.sweep_id)}</code>"),
             ("MLflow experiment", f"<code>{e(ref.experiment_id)}</code>"),
-            ("tracking URI", f"<code>{e(safety.redact_uri(ref.tracking_uri))}</code>"),
+            ("tracking URI", f"<code>{e(redact_uri(ref.tracking_uri))}</code>"),
             ("run directory", f"<code>{e(ref.run_dir or '—')}</code>"),
             ("status", e(data.parent.get("status", "?"))),
             ("trials", f"{n_ae + n_base} ({n_ae} autoencoder, {n_base} base model)"),

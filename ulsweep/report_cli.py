@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 
-from ulsweep import safety
+from ulsweep.redact import redact_uri
 
 _SWEEP_HELP = ("the sweep: its run directory (runs/<name>, holding sweep.json), its name, or the MLflow run id "
                "of the sweep or of one of its trials")
@@ -142,6 +142,11 @@ def handle_ui(args: argparse.Namespace) -> int:
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if ref.tracking_uri.startswith(("http://", "https://")):  # a tracking server already serves the UI
+        base = redact_uri(ref.tracking_uri).rstrip("/")
+        print(f"MLflow UI (tracking server): {base}/#/experiments/{ref.experiment_id}/runs/{ref.sweep_id}",
+              flush=True)
+        return 0
     port = args.port
     if port:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -154,7 +159,7 @@ def handle_ui(args: argparse.Namespace) -> int:
 
     old = signal.signal(signal.SIGTERM, _term)
     proc, url = start_mlflow_server(ref.tracking_uri, port)
-    print(f"starting the MLflow UI on {safety.redact_uri(ref.tracking_uri)} ...", flush=True)
+    print(f"starting the MLflow UI on {redact_uri(ref.tracking_uri)} ...", flush=True)
     try:
         if not wait_for_server(url, proc, args.timeout):
             print(f"error: the MLflow server did not answer at {url} within {args.timeout:.0f} s "

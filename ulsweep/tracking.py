@@ -14,8 +14,9 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+from urllib.parse import quote
 
-from ulsweep import safety
+from ulsweep.redact import redact_text, redact_uri, split_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,43 @@ def resolve_tracking_uri(cli_uri: str | None, config_uri: str | None, run_dir: s
     return uri
 
 
+def default_artifact_location(uri: str, run_dir: str) -> str | None:
+    """Artifact root for a new MLflow experiment: the tracking server's own (it proxies uploads through
+    mlflow-artifacts:/, so workers need no store credentials) for http(s) URIs, else <run dir>/mlartifacts."""
+    if uri.startswith(("http://", "https://")):
+        return None
+    return f"{run_dir.rstrip('/')}/mlartifacts"
+
+
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
     if uri.startswith("file:") or "://" not in uri:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    if safety.redact_uri(uri) != uri:  # MLflow prints run URLs (with the URI's password) on set_terminated
+    uri = credentials_to_env(uri)
+    if redact_uri(uri) != uri:  # a password credentials_to_env cannot move: MLflow would print it in run URLs
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return MlflowClient(tracking_uri=uri)
+
+
+def credentials_to_env(uri: str) -> str:
+    """The URI without its password; the password goes where the client library reads it from the environment:
+    http(s)://user:pw@host -> MLFLOW_TRACKING_USERNAME/PASSWORD (a lone token -> MLFLOW_TRACKING_TOKEN),
+    postgresql://user:pw@host -> PGPASSWORD (libpq). MLflow prints run URLs built from the URI, and Ray keeps
+    pickled copies of the trials' arguments: neither may hold the password. Other schemes are returned as is."""
+    bare, user, password = split_userinfo(uri)
+    if uri.startswith(("http://", "https://")):
+        if password is None:
+            if user is not None:
+                os.environ["MLFLOW_TRACKING_TOKEN"] = user
+        else:
+            os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user, password
+        return bare
+    if uri.startswith(("postgresql://", "postgresql+")) and password is not None:
+        os.environ["PGPASSWORD"] = password
+        scheme, rest = bare.split("://", 1)
+        return f"{scheme}://{quote(user, safe='')}@{rest}"
+    return uri
 
 
 def retry(fn, *args, attempts: int = 6, **kwargs):
@@ -154,7 +184,7 @@ def log_params(c, run_id: str, params: Mapping[str, Any]) -> None:
     """Flat params in batches of 100; values stringified and cut to MLflow's length limit."""
     from mlflow.entities import Param
 
-    items = [Param(str(k), _param_str(v)) for k, v in params.items()]
+    items = [Param(str(k), redact_text(_param_str(v))) for k, v in params.items()]
     for i in range(0, len(items), _PARAMS_PER_BATCH):
         retry(c.log_batch, run_id, params=items[i:i + _PARAMS_PER_BATCH])
 
@@ -179,7 +209,7 @@ def _is_number(v: Any) -> bool:
 
 
 def log_text(c, run_id: str, text: str, artifact_file: str) -> None:
-    retry(c.log_text, run_id, text, artifact_file)
+    retry(c.log_text, run_id, redact_text(text), artifact_file)
 
 
 def log_artifact(c, run_id: str, local_path: str, artifact_path: str | None = None) -> None:

@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ulsweep import safety, tracking
+from ulsweep import tracking
 from ulsweep.config import (ConfigError, ExperimentConfig, check_data, dump_yaml, experiment_from_dict, flatten,
                             to_dict)
+from ulsweep.redact import check_no_userinfo, is_redacted, redact_text, redact_uri, split_userinfo
+from ulsweep.sweep.credentials import stop_tune_copying_credentials
 from ulsweep.sweep.space import planned_overrides, validate_space
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,10 @@ class SweepOutcome:
 
 def resolve_run_dir(exp: ExperimentConfig, storage: str | None = None) -> str:
     root = storage or exp.storage
+    try:  # Ray writes the storage path into its own logs: credentials must come from the environment
+        check_no_userinfo(root, "--storage" if storage else "storage")
+    except ValueError as e:
+        raise SweepError(str(e)) from None
     if "://" in root:
         return f"{root.rstrip('/')}/{exp.name}"
     return str((Path(root).expanduser().absolute() / exp.name))
@@ -110,14 +116,14 @@ class ObjectiveLogger:
     """Logs an AE trial's objective (told to Optuna) into its MLflow run. Picklable."""
 
     def __init__(self, tracking_uri: str, metrics: tuple[str, ...]):
-        # pickled into Tune's searcher state: holds the URI without its password (safety.reveal adds it back)
-        self.tracking_uri, self.metrics = safety.remember(tracking_uri), metrics
+        # pickled into Tune's searcher state: run_sweep has moved any password to the environment already
+        self.tracking_uri, self.metrics = tracking_uri, metrics
 
     def __call__(self, rec: dict) -> None:
         run_id = (rec.get("result") or {}).get("mlflow_run_id")
         if not run_id:
             return
-        c = tracking.client(safety.reveal(self.tracking_uri))
+        c = tracking.client(self.tracking_uri)
         if rec["objective"] is not None:
             tracking.log_metrics_once(c, run_id, {f"objective/{m}": v for m, v in zip(self.metrics, rec["objective"])})
         tracking.retry(c.set_tag, run_id, "ulsweep.objective_status", rec["status"])
@@ -183,17 +189,10 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     # ---- MLflow: parent run (reused on resume), orphans closed. Runs in a thread while Ray starts:
     # both take seconds (a new sqlite store runs its migrations).
     if state is not None:  # a resumed sweep stays in its tracking store
-        uri = stored = state["tracking_uri"]  # a password in it is stored as ***: take it from CLI/env/config
-        if tracking_uri or safety.is_redacted(stored):
-            uri = tracking.resolve_tracking_uri(tracking_uri, exp.tracking.uri, run_dir)
-            if safety.redact_uri(uri) != stored:
-                hint = " (pass it with its password: --tracking-uri or MLFLOW_TRACKING_URI)" \
-                    if safety.is_redacted(stored) else ""
-                raise SweepError(f"sweep {state['sweep_id']} is tracked in {stored}, not "
-                                 f"{safety.redact_uri(uri)}{hint}")
+        uri = _resume_tracking_uri(state, tracking_uri, run_dir)
     else:
         uri = tracking.resolve_tracking_uri(tracking_uri, exp.tracking.uri, run_dir)
-    shown_uri = safety.remember(uri)  # what is printed and stored: no password
+    uri = tracking.credentials_to_env(uri)  # before Ray starts (inherits it) and before trials pickle the URI
     pool = ThreadPoolExecutor(1)
     mlflow_setup = pool.submit(_setup_tracking, exp, run_dir, uri, state, ident, out)
 
@@ -205,6 +204,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     # (for a cluster of your own, start it with RAY_LOGGER_LEVEL=warning too)
     os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    stop_tune_copying_credentials()  # Ray would log them: trials take credentials from their node's environment
     address = address or os.environ.get("RAY_ADDRESS") or None
     started_ray = False
     try:
@@ -232,7 +232,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
         n_ae = len(n_planned) if n_planned is not None else exp.search.num_samples
         print(f"sweep {exp.name}: {n_ae} autoencoder trial(s) x {len(exp.base_models)} base model(s), "
               f"method {exp.search.method}, {exp.search.max_concurrent} at a time, "
-              f"{exp.resources.num_workers} worker(s) each\n  run dir  {run_dir}\n  mlflow   {shown_uri}  "
+              f"{exp.resources.num_workers} worker(s) each\n  run dir  {run_dir}\n  mlflow   {redact_uri(uri)}  "
               f"(experiment {exp.tracking.experiment or exp.name}, sweep run {sweep_id})", file=out, flush=True)
         if resume and tune.Tuner.can_restore(tune_dir):
             # errored trials stay errored: the searcher already told Optuna they failed (retries within a
@@ -297,9 +297,8 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     tracking.retry(c.set_terminated, sweep_id, status="FINISHED" if outcome.ok else "FAILED")
 
     phases["wall"] = time.time() - t_start
-    summary = {"run_dir": run_dir, "tracking_uri": shown_uri, "sweep_id": sweep_id, "wall_seconds": wall,
-               "phases": phases,
-               "counts": outcome.counts, "best": [r["key"] for r in ranked],
+    summary = {"run_dir": run_dir, "tracking_uri": redact_uri(uri), "sweep_id": sweep_id, "wall_seconds": wall,
+               "phases": phases, "counts": outcome.counts, "best": [r["key"] for r in ranked],
                "trials": [{k: r[k] for k in ("key", "overrides", "status", "objective")} |
                           {"ae_metrics": r["result"], "bases": r["bases"]} for r in records]}
     from ulsweep import io as uio
@@ -311,7 +310,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     failed = [r for r in trial_results if r["error"]]
     for f in failed:
         print(f"failed trial {f.get('key')}: {f['error'][:300]}", file=out)
-    print(f"{outcome.counts}  wall {wall:.0f} s\n  run dir  {run_dir}\n  mlflow   {shown_uri}\n"
+    print(f"{outcome.counts}  wall {wall:.0f} s\n  run dir  {run_dir}\n  mlflow   {redact_uri(uri)}\n"
           f"  browse   ulsweep ui {run_dir}", file=out, flush=True)
     _dashboard(outcome, out)
     return outcome
@@ -340,15 +339,15 @@ def _setup_tracking(exp: ExperimentConfig, run_dir: str, uri: str, state: dict |
     c = tracking.client(uri)
     if state is None:
         eid = tracking.get_or_create_experiment(c, exp.tracking.experiment or exp.name,
-                                                exp.tracking.artifact_location or f"{run_dir}/mlartifacts")
+                                                exp.tracking.artifact_location
+                                                or tracking.default_artifact_location(uri, run_dir))
         sweep_id = tracking.create_sweep_run(c, eid, f"sweep-{exp.name}", tags={"ulsweep.run_dir": run_dir})
         tracking.log_params(c, sweep_id, {**{f"search.{k}": v for k, v in flatten(to_dict(exp.search)).items()},
                                           "experiment": exp.name, "base_models": [b.name for b in exp.base_models],
                                           "resources.num_workers": exp.resources.num_workers})
         tracking.log_text(c, sweep_id, dump_yaml(exp), "experiment.yaml")
         _write_state(run_dir, {"sweep_id": sweep_id, "mlflow_experiment_id": eid,
-                               "tracking_uri": safety.redact_uri(uri),
-                               "identity": ident, "created": time.time()})
+                               "tracking_uri": redact_uri(uri), "identity": ident, "created": time.time()})
         return c, sweep_id, eid
     sweep_id, eid = state["sweep_id"], state["mlflow_experiment_id"]
     _replay_spools(c, run_dir, out)
@@ -370,6 +369,22 @@ def _replay_spools(c, run_dir: str, out) -> None:
     if n:
         print(f"mlflow: sent {n} metric point(s) that trials had spooled to disk (MLflow slow or unreachable)",
               file=out, flush=True)
+
+
+def _resume_tracking_uri(state: dict, given: str | None, run_dir: str) -> str:
+    """The tracking URI of a resumed sweep: the stored one, or the given one if it names the same store.
+    A stored URI whose password was masked (sweep.json never holds credentials) must be given again."""
+    stored = state["tracking_uri"]
+    given = given or (os.environ.get("MLFLOW_TRACKING_URI") if is_redacted(stored) else None)
+    if not given:
+        if is_redacted(stored):
+            raise SweepError(f"sweep {state['sweep_id']} is tracked in {stored}; its credentials are not stored: "
+                             f"pass --tracking-uri (or set MLFLOW_TRACKING_URI) with them to resume")
+        return stored
+    uri = tracking.resolve_tracking_uri(given, None, run_dir)
+    if split_userinfo(uri)[0] != split_userinfo(stored)[0]:  # the same store, whoever logs in
+        raise SweepError(f"sweep {state['sweep_id']} is tracked in {stored}, not {redact_uri(given)}")
+    return uri
 
 
 def _local_tune_dir(tune_dir: str) -> str:
@@ -395,8 +410,8 @@ def dry_run(exp: ExperimentConfig, storage: str | None = None, tracking_uri: str
     run_dir = resolve_run_dir(exp, storage)
     uri = tracking.resolve_tracking_uri(tracking_uri, exp.tracking.uri, run_dir, create=False)
     print("# resolved experiment", file=out)
-    print(dump_yaml(exp), file=out)
-    print(f"# run dir: {run_dir}\n# tracking: {safety.redact_uri(uri)}", file=out)
+    print(redact_text(dump_yaml(exp)), file=out)
+    print(f"# run dir: {run_dir}\n# tracking: {redact_uri(uri)}", file=out)
     plan = plan_description(exp)
     bases = [b.name for b in exp.base_models]
     if plan is None:

@@ -19,7 +19,10 @@ def _fmt(v: Any) -> str:
 
 
 def _short(k: str) -> str:
-    return k.rsplit(".", 1)[-1]
+    """Last part of a dotted key, with the section for base-model keys (`base_models.0.train.seed` ->
+    `base.seed`), so that an AE and a base-model setting of the same name stay apart."""
+    last = k.rsplit(".", 1)[-1]
+    return f"base.{last}" if k.startswith("base_models.") else last
 
 
 class ProgressCallback(Callback):

@@ -1,0 +1,335 @@
+"""The cluster setup end to end on one machine, with real components that this test starts and stops:
+
+    PostgreSQL (Debian's binaries; initdb + pg_ctl in a temp dir, as `nobody` when the test runs as root)
+    `mlflow server` through cluster/mlflow/serve.sh: that PostgreSQL as backend, artifacts proxied to a directory
+    a two-node Ray cluster (`ray start --head` + `ray start --address`)
+    `ulsweep run` of a tiny sweep with --address and --tracking-uri http://..., as a user would run it
+
+then reads the runs, their lineage and artifacts back through the server's REST API. Fake credentials sit in
+the environment of every process and in the tracking URI; none may show up in MLflow, in the run directory, in
+the artifacts or in any log. Everything runs in a private network namespace whose only interface is loopback
+(Ray's servers bind every interface), and every listening socket is checked to be on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_cluster import (LocalRayCluster, free_port, interfaces, kill_all, private_network,
+                         private_network_unavailable, with_descendants)
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+# ----------------------------------------------------------------------------------------------
+# components
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster on 127.0.0.1:<port>, password-protected. PostgreSQL refuses to run as root,
+    so as root the server runs as `nobody` (runuser) in a temp dir that `nobody` owns."""
+
+    user, database = "ulsweep", "postgres"
+
+    def __init__(self, bin_dir: Path):
+        self.bin = bin_dir
+        self.port = free_port()
+        self.password = "pg-" + secrets.token_hex(8)
+        self.dir = Path(tempfile.mkdtemp(prefix="ulsw-pg-"))
+        self.data = self.dir / "data"
+        self.as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+
+    def _run(self, *cmd: str) -> None:
+        p = subprocess.run([*self.as_user, *cmd], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, f"{cmd[0]} failed: {p.stdout[-2000:]}{p.stderr[-2000:]}"
+
+    def start(self) -> None:
+        pwfile = self.dir / "pw"
+        pwfile.write_text(self.password + "\n")
+        if self.as_user:
+            shutil.chown(self.dir, "nobody")
+            shutil.chown(pwfile, "nobody")
+        os.chmod(self.dir, 0o700)
+        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user, f"--pwfile={pwfile}",
+                  "--auth=scram-sha-256", "-E", "UTF8", "--no-sync")
+        pwfile.unlink()
+        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.dir} "
+                f"-c fsync=off")
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "server.log"), "-w",
+                  "-t", "60", "-o", opts, "start")
+
+    def pid(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def stop(self) -> None:
+        pid = self.pid()
+        if pid is not None:
+            subprocess.run([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
+                            "-w", "stop"], capture_output=True, timeout=60)
+            left = kill_all(with_descendants([pid]), grace_s=3)
+            assert not left, f"PostgreSQL processes survived: {left}"
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class MlflowServer:
+    """cluster/mlflow/serve.sh on 127.0.0.1:<port>, in its own process group."""
+
+    def __init__(self, pg: Postgres, artifacts: Path, log: Path, env: dict):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        self.env = {**env, "PGPASSWORD": pg.password,
+                    "ULSWEEP_MLFLOW_DB": f"postgresql://{pg.user}@127.0.0.1:{pg.port}/{pg.database}",
+                    "ULSWEEP_MLFLOW_ARTIFACTS": str(artifacts), "ULSWEEP_MLFLOW_HOST": "127.0.0.1",
+                    "ULSWEEP_MLFLOW_PORT": str(self.port), "ULSWEEP_MLFLOW_WORKERS": "1",
+                    "ULSWEEP_MLFLOW_BIN": str(Path(sys.executable).parent / "mlflow")}
+        self.proc = None
+
+    def start(self) -> None:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(["bash", str(REPO / "cluster" / "mlflow" / "serve.sh")], env=self.env,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 150) -> None:
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            assert self.proc.poll() is None, f"mlflow server exited: {self.log_path.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"mlflow server not ready in {timeout} s: {self.log_path.read_text()[-3000:]}")
+
+    def pids(self) -> set[int]:
+        return with_descendants([self.proc.pid]) if self.proc else set()
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        pids = self.pids()
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        left = kill_all(pids, grace_s=3)
+        assert not left, f"mlflow server processes survived: {left}"
+
+    def api(self, path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"{self.url}{path}", data=data, method="POST" if data else "GET",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"{}")
+
+    def download(self, path: str) -> bytes:
+        with urllib.request.urlopen(f"{self.url}/api/2.0/mlflow-artifacts/artifacts/{path}", timeout=30) as r:
+            return r.read()
+
+
+# ----------------------------------------------------------------------------------------------
+# checks
+
+
+_LOOPBACK = ("127.0.0.1", "[::ffff:127.0.0.1]", "::ffff:127.0.0.1")
+
+
+def listening_sockets() -> list[tuple[str, str, set[int]]]:
+    """(local address, port, pids) of every listening TCP/UDP socket in this network namespace."""
+    out = subprocess.run(["ss", "-Hltunp"], capture_output=True, text=True, timeout=30, check=True).stdout
+    socks = []
+    for line in out.splitlines():
+        cols = line.split()
+        if len(cols) < 6:
+            continue
+        local = cols[4]
+        addr, _, port = local.rpartition(":")
+        socks.append((addr.split("%")[0], port, {int(x) for x in re.findall(r"pid=(\d+)", line)}))
+    return socks
+
+
+def tiny_sweep(name: str) -> dict:
+    """experiments/quickstart.yaml cut down: 2 AE trials, each with its base model, a few steps."""
+    d = yaml.safe_load((REPO / "experiments" / "quickstart.yaml").read_text())
+    d["name"] = name
+    small = {"steps": 20, "batch_size": 16, "log_every": 5, "eval_images": 32, "eval_t_per_image": 1,
+             "sample_steps": 4}
+    d["ae"]["train"] = dict(small)
+    d["ae"]["optim"]["warmup_steps"] = 2
+    for b in d["base_models"]:
+        b["train"] = dict(small)
+        b["optim"]["warmup_steps"] = 2
+    d["search"]["space"] = {"ae.loss.loss_factor": {"values": [1.5, 4.0]}}
+    d["search"]["max_concurrent"] = 2
+    d["resources"] = {"num_workers": 0, "cpus_per_worker": 0.99, "gpus_per_worker": 0.0}
+    return d
+
+
+def _text_files(*roots: Path) -> list[Path]:
+    return [p for r in roots if r.exists() for p in ([r] if r.is_file() else r.rglob("*")) if p.is_file()]
+
+
+# ----------------------------------------------------------------------------------------------
+# the test
+
+
+@pytest.mark.skipif(_pg_bin() is None, reason="PostgreSQL server binaries absent (Debian package `postgresql`): "
+                                              "no /usr/lib/postgresql/*/bin/initdb")
+@pytest.mark.skipif(private_network_unavailable() is not None,
+                    reason=f"{private_network_unavailable()}: Ray's servers bind every interface, so this test "
+                           f"only runs where it can keep them on a loopback-only network")
+def test_sweep_on_two_node_ray_with_postgres_mlflow_server(tmp_path):
+    t0 = time.time()
+    token = secrets.token_hex(6)
+    fake = {"AWS_ACCESS_KEY_ID": f"AKIAULSWEEPE2E{token.upper()}",
+            "AWS_SECRET_ACCESS_KEY": f"ulsweep-e2e-aws-secret-{token}",
+            "MLFLOW_TRACKING_USERNAME": "ulsweep-e2e",
+            "MLFLOW_TRACKING_PASSWORD": f"ulsweep-e2e-mlflow-password-{token}"}
+    uri_password = f"ulsweep-e2e-uri-password-{token}"
+    needles = [fake["AWS_ACCESS_KEY_ID"], fake["AWS_SECRET_ACCESS_KEY"], fake["MLFLOW_TRACKING_PASSWORD"],
+               uri_password]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env.update({"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **fake})
+    # the Ray nodes hold the credentials too, as a cluster's nodes would (instance profile / k8s Secret env)
+    runs, artifacts = tmp_path / "runs", tmp_path / "mlflow-artifacts"
+    exp = tiny_sweep("e2e_cluster")
+    exp_file = tmp_path / "e2e_cluster.yaml"
+    exp_file.write_text(yaml.safe_dump(exp, sort_keys=False))
+    timings = {}
+
+    with private_network() as netns:
+        assert interfaces() == ["lo"], interfaces()
+        pg = Postgres(_pg_bin())
+        server = MlflowServer(pg, artifacts, tmp_path / "mlflow-server.log", env)
+        cluster = LocalRayCluster(env, nodes=2, cpus_per_node=1, node_ip="127.0.0.1")
+        driver = None
+        try:
+            pg.start()
+            server.start()  # its start-up (migrations, ~20 s) overlaps Ray's
+            address = cluster.start()
+            server.wait_ready()
+            timings["setup_s"] = time.time() - t0
+
+            uri = f"http://ulsweep-e2e:{uri_password}@127.0.0.1:{server.port}"
+            out_path, err_path = tmp_path / "ulsweep.out", tmp_path / "ulsweep.err"
+            t1 = time.time()
+            with open(out_path, "w") as out, open(err_path, "w") as err:
+                driver = subprocess.Popen([sys.executable, "-m", "ulsweep.cli", "run", str(exp_file),
+                                           "--address", address, "--tracking-uri", uri, "--storage", str(runs)],
+                                          cwd=tmp_path, env=env, stdout=out, stderr=err, start_new_session=True)
+                sockets_seen, ours = [], set()
+                while driver.poll() is None and time.time() - t1 < 400:
+                    ours |= cluster.pids() | server.pids() | with_descendants([driver.pid]) | {pg.pid()}
+                    sockets_seen += listening_sockets()
+                    time.sleep(2)
+                if driver.poll() is None:
+                    raise AssertionError("ulsweep run did not finish in 400 s")
+            timings["sweep_s"] = time.time() - t1
+            stdout, stderr = out_path.read_text(), err_path.read_text()
+            assert driver.returncode == 0, stdout[-4000:] + stderr[-4000:]
+
+            # -- nothing listened beyond loopback, and every process of ours stayed in the private namespace
+            assert sockets_seen, "no listening socket observed while the sweep ran"
+            ports = {port for _, port, _ in sockets_seen}
+            assert str(server.port) in ports and str(pg.port) in ports and address.rsplit(":", 1)[1] in ports
+            wide = [(a, p, sorted(pids)) for a, p, pids in sockets_seen if a not in _LOOPBACK]
+            assert not wide, f"sockets listening beyond 127.0.0.1: {wide}"
+            ours.discard(None)
+            outside = [p for p in ours if Path(f"/proc/{p}").exists() and
+                       os.stat(f"/proc/{p}/ns/net").st_ino != netns]
+            assert not outside, f"processes of the test outside its private network: {outside}"
+
+            # -- read everything back through the tracking server's REST API
+            t2 = time.time()
+            eid = server.api("/api/2.0/mlflow/experiments/get-by-name?experiment_name=e2e_cluster")["experiment"]
+            assert eid["artifact_location"].startswith("mlflow-artifacts:"), eid  # the server's proxied store
+            found = server.api("/api/2.0/mlflow/runs/search", {"experiment_ids": [eid["experiment_id"]],
+                                                               "max_results": 100}).get("runs", [])
+            by_key = {}
+            for r in found:
+                tags = {t["key"]: t["value"] for t in r["data"].get("tags", [])}
+                by_key[tags["ulsweep.key"]] = (r, tags)
+            assert sorted(by_key) == ["ae-0000", "ae-0000-tiny", "ae-0001", "ae-0001-tiny", "sweep"]
+            sweep_id = by_key["sweep"][0]["info"]["run_id"]
+            for key, (r, tags) in by_key.items():
+                assert r["info"]["status"] == "FINISHED", (key, r["info"]["status"])
+                metrics = {m["key"] for m in r["data"].get("metrics", [])}
+                if key.startswith("ae-") and not key.endswith("-tiny"):
+                    assert tags["mlflow.parentRunId"] == sweep_id
+                    assert {"bpp", "psnr", "loss"} <= metrics, metrics
+                    assert any(m.startswith("objective/") for m in metrics)
+                elif key.endswith("-tiny"):
+                    assert tags["mlflow.parentRunId"] == by_key[key[:-len("-tiny")]][0]["info"]["run_id"]
+                    assert "gfd_digits" in metrics, metrics
+            nodes = {tags.get("ray.node_id") for k, (r, tags) in by_key.items() if k != "sweep"}
+            assert len(nodes - {None}) == 2, f"the trials did not use both Ray nodes: {nodes}"
+            history = server.api(f"/api/2.0/mlflow/metrics/get-history?run_id="
+                                 f"{by_key['ae-0000'][0]['info']['run_id']}&metric_key=loss")["metrics"]
+            assert len(history) >= 2  # a curve reached the server, not just a final value
+
+            artifact_texts = []
+            for key, (r, _) in by_key.items():
+                listed = server.api(f"/api/2.0/mlflow/artifacts/list?run_id={r['info']['run_id']}")
+                files = {f["path"] for f in listed.get("files", [])}
+                expected = "experiment.yaml" if key == "sweep" else "config.yaml"
+                assert expected in files, (key, files)
+                root = r["info"]["artifact_uri"]
+                assert root.startswith("mlflow-artifacts:/"), root
+                text = server.download(f"{root[len('mlflow-artifacts:/'):].lstrip('/')}/{expected}").decode()
+                assert "loss_factor" in text
+                artifact_texts.append(text)
+            # the proxied uploads landed in the server's artifact store, not in the run directory
+            assert list(artifacts.rglob("config.yaml")) and not list(runs.rglob("mlartifacts"))
+            timings["readback_s"] = time.time() - t2
+
+            # -- no credential anywhere
+            # the URI was printed, its credentials moved out of it (into MLflow's variables)
+            assert f"mlflow   http://127.0.0.1:{server.port}" in stdout, stdout[-2000:]
+            mlflow_strings = [json.dumps(r) for r, _ in by_key.values()]  # params, tags, metric names, run info
+            logs = _text_files(*cluster.session_logs(), runs, artifacts, server.log_path, out_path, err_path)
+            assert len(cluster.session_logs()) > 5 and any("raylet" in p.name for p in cluster.session_logs())
+            leaks = [f"{n[:16]}... in MLflow run data" for n in needles for s in mlflow_strings if n in s]
+            leaks += [f"{n[:16]}... in an artifact" for n in needles for t in artifact_texts if n in t]
+            leaks += [f"{n[:16]}... in {p}" for p in logs for n in needles if n.encode() in p.read_bytes()]
+            assert not leaks, leaks
+        finally:
+            failures = []
+            if driver is not None and driver.poll() is None:
+                failures += [f"driver {p}" for p in kill_all(with_descendants([driver.pid]))]
+            for stop in (cluster.stop, server.stop, pg.stop):
+                try:
+                    stop()
+                except AssertionError as e:
+                    failures.append(str(e))
+            assert not failures, failures
+    timings["total_s"] = time.time() - t0
+    print("cluster e2e timings:", {k: round(v, 1) for k, v in timings.items()})
