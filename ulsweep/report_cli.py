@@ -83,12 +83,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def start_mlflow_server(tracking_uri: str, port: int = 0, host: str = "127.0.0.1",
-                        log_path: str | None = None) -> tuple[subprocess.Popen, str]:
+                        log_path: str | None = None,
+                        artifacts_destination: str | None = None) -> tuple[subprocess.Popen, str]:
     """Start `mlflow server` on `tracking_uri` bound to host:port (0: a free port) in its own process group.
-    Returns (process, base URL). Stop it with `stop_server(proc)`."""
+    Artifacts that clients send through it go to `artifacts_destination` (MLflow's default: ./mlartifacts of
+    the working directory). Returns (process, base URL). Stop it with `stop_server(proc)`."""
     port = port or free_port(host)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri, "--host", host,
            "--port", str(port), "--workers", "1"]
+    if artifacts_destination:
+        cmd += ["--artifacts-destination", artifacts_destination]
     env = dict(os.environ)
     if tracking_uri.startswith("file:"):
         env.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
