@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import time
@@ -345,28 +344,6 @@ def test_local_sweep_two_ae_one_base_with_lineage(tmp_path):
     print(f"local sweep wall {time.time() - t0:.0f} s")
 
 
-def _wait_for(pred, timeout: float, what: str, proc=None):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"driver exited ({proc.returncode}) before {what}")
-        time.sleep(1.0)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _kill_group(proc):
-    """SIGKILL the driver, then whatever is left of the process group it leads (ours: start_new_session)."""
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    time.sleep(2)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 @pytest.mark.slow
 def test_optuna_sweep_local_mode_two_base_models_fake_loops(tmp_path):
     """TPE in Tune, two base models per AE (objective = mean of their gFD), Ray Train local mode, URI storage."""
@@ -413,45 +390,6 @@ def test_failed_base_trial_fails_its_ae_and_nothing_stays_running(tmp_path):
         "sweep": "FAILED", "ae-0000": "FINISHED", "ae-0000-tiny": "FINISHED", "ae-0001": "FINISHED",
         "ae-0001-tiny": "FAILED"}
     assert by_key["ae-0001"].data.tags["ulsweep.objective_status"] == "failed"
-
-
-@pytest.mark.slow
-def test_sigkill_then_resume_finishes_every_trial_once(tmp_path):
-    d = tiny_experiment("kill", n_ae=3, steps=40)
-    d["search"]["max_concurrent"] = 2
-    f = write_yaml(tmp_path, d)
-    run_dir = tmp_path / "runs" / "kill"
-    env = sweep_env(tmp_path)
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cli(f, "--storage", tmp_path / "runs"), cwd=tmp_path, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        # kill once an AE trial has finished and spawned work is under way
-        _wait_for(lambda: (run_dir / "trials" / "ae-0000" / "result.json").exists()
-                  or (run_dir / "trials" / "ae-0001" / "result.json").exists(), 600, "a finished AE trial", proc)
-        time.sleep(8)
-    finally:
-        _kill_group(proc)
-    finished_before = {p.parent.name: p.stat().st_mtime for p in (run_dir / "trials").glob("*/result.json")}
-    assert finished_before, "nothing finished before the kill"
-    _, _, by_key, _ = mlflow_runs(run_dir)
-    assert any(r.info.status == "RUNNING" for r in by_key.values())  # the kill left runs RUNNING
-
-    p = subprocess.run(cli(f, "--storage", tmp_path / "runs", "--resume"), cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    ae_keys = ["ae-0000", "ae-0001", "ae-0002"]
-    check_lineage(run_dir, ae_keys, ["tiny"])  # one run per key, none RUNNING
-    # finished trials were not trained again
-    for key, mtime in finished_before.items():
-        assert (run_dir / "trials" / key / "result.json").stat().st_mtime == mtime, key
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["counts"] == {"ae_done": 3, "base_done": 3}
-    # every trial's loop reached its last step exactly once: one final checkpoint each
-    for key in ae_keys + [f"{k}-tiny" for k in ae_keys]:
-        steps = sorted(x.name for x in (run_dir / "trials" / key / "checkpoints").iterdir()
-                       if x.name.startswith("step_"))
-        assert steps and steps[-1] == "step_00000040", (key, steps)
 
 
 @pytest.mark.slow

@@ -216,7 +216,7 @@ def log_artifact(c, run_id: str, local_path: str, artifact_path: str | None = No
     retry(c.log_artifact, run_id, local_path, artifact_path)
 
 
-from ulsweep.tracking_buffer import MetricBuffer, replay_spools  # noqa: E402  (curves that survive outages)
+from ulsweep.tracking_buffer import MetricBuffer, replay_spools  # noqa: E402, F401  (re-exported: curves that survive outages)
 
 
 def log_metrics_once(c, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
