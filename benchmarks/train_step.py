@@ -30,13 +30,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from timing import sync, time_calls  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 from ulsweep.config import experiment_from_dict  # noqa: E402
-from ulsweep.diffusion import (LogSNRSchedule, base_loss, diffuse, low_discrepancy_times, prior_loss,  # noqa: E402
-                               x_from_v)
+from ulsweep.diffusion import diffuse, low_discrepancy_times, prior_loss, x_from_v  # noqa: E402
 from ulsweep.metrics.flops import gflops_per_image, model_gflops  # noqa: E402
 from ulsweep.models import build_autoencoder, build_base_model  # noqa: E402
 from ulsweep.train.common import TrainState, compile_module, make_runtime, wrap_ddp  # noqa: E402
 from ulsweep.train.sampling import prior_schedule  # noqa: E402
-from ulsweep.train.stage1 import draw_noise, stage1_losses  # noqa: E402
+from ulsweep.train.stage1 import Stage1Objective, draw_noise  # noqa: E402
+from ulsweep.train.stage2 import BaseObjective, base_schedule  # noqa: E402
 
 MODES = {"eager": False, "default": "default", "reduce-overhead": "reduce-overhead"}
 
@@ -54,46 +54,54 @@ def step_stage1(exp, batch: int, mode: str, channels: int):
     if rt.device.type == "cuda":
         ae = ae.to(memory_format=torch.channels_last)
     ts = TrainState(ae, exp.ae.optim, rt, seed=0)
-    model = compile_module(wrap_ddp(ae, rt), MODES[mode], rt)  # DDP only under torch.distributed
+    # the trials' module: losses and networks compiled together, DDP only under torch.distributed
+    model = compile_module(wrap_ddp(Stage1Objective(ae, exp), rt), MODES[mode], rt)
     x = torch.rand(batch, channels, s, s, device=rt.device) * 2 - 1
 
     def step():
         noise = draw_noise(batch, latent_shape(exp), (channels, s, s), ts.gen, rt.device)
         with rt.autocast():
-            losses = stage1_losses(model, x, exp, noise)
+            losses = model(x, noise)
         ts.optimizer_step(losses["total"].mean() / x[0].numel())
 
     g = model_gflops(exp, channels)
     return step, g["encoder"] + g.get("prior", 0.0) + g["decoder"], rt
 
 
-def _latent_step(net, oc, exp, batch: int, mode: str, rt, loss_fn):
+def _latent_step(net, objective, oc, exp, batch: int, mode: str, rt):
+    """One optimizer step of a latent model: `objective(z, t, eps)` -> per-example nats, compiled whole."""
     ts = TrainState(net, oc, rt, seed=0)
-    model = compile_module(wrap_ddp(net, rt), MODES[mode], rt)
+    model = compile_module(wrap_ddp(objective, rt), MODES[mode], rt)
     z = torch.randn(batch, *latent_shape(exp), device=rt.device)
 
     def step():
         t = low_discrepancy_times(batch, ts.gen, rt.device)
         eps = torch.randn(z.shape, generator=ts.gen, device=rt.device)
         with rt.autocast():
-            ts.optimizer_step(loss_fn(model, z, t, eps).mean() / z[0].numel())
+            ts.optimizer_step(model(z, t, eps).mean() / z[0].numel())
 
     return step
 
 
+class PriorObjective(torch.nn.Module):
+    """Eq. 3's loss of the prior ViT alone on fixed latents (the library trains it only inside stage 1)."""
+
+    def __init__(self, prior, sched):
+        super().__init__()
+        self.prior, self.sched = prior, sched
+
+    def forward(self, z, t, eps):
+        lam, dlam = self.sched.logsnr(t), self.sched.dlogsnr_dt(t)
+        z_t = diffuse(z, lam, eps)
+        return prior_loss(z, x_from_v(z_t, self.prior(z_t, lam).float(), lam), lam, dlam, self.sched.logsnr_1)
+
+
 def step_prior(exp, batch: int, mode: str, channels: int):
-    """The prior ViT trained alone on fixed latents (Eq. 3's loss): the stage-1 part the paper's §5 MFU
-    numbers single out."""
+    """The prior ViT trained alone: the stage-1 part the paper's §5 MFU numbers single out."""
     rt = make_runtime(exp.ae.train)
     prior = build_autoencoder(exp.ae, channels).prior.to(rt.device)
-    sched = prior_schedule(exp.ae.loss)
-
-    def loss(model, z, t, eps):
-        lam, dlam = sched.logsnr(t), sched.dlogsnr_dt(t)
-        z_t = diffuse(z, lam, eps)
-        return prior_loss(z, x_from_v(z_t, model(z_t, lam).float(), lam), lam, dlam, sched.logsnr_1)
-
-    step = _latent_step(prior, exp.ae.optim, exp, batch, mode, rt, loss)
+    step = _latent_step(prior, PriorObjective(prior, prior_schedule(exp.ae.loss)), exp.ae.optim, exp, batch, mode,
+                        rt)
     return step, model_gflops(exp, channels)["prior"], rt
 
 
@@ -102,14 +110,8 @@ def step_stage2(exp, batch: int, mode: str, channels: int):
     shape = latent_shape(exp)
     bc = exp.base_models[0]
     net = build_base_model(bc, shape[0]).to(rt.device)
-    sched = LogSNRSchedule("cosine", exp.ae.loss.logsnr_z0, bc.loss.logsnr_min)
-
-    def loss(model, z, t, eps):
-        lam, dlam = sched.logsnr(t), sched.dlogsnr_dt(t)
-        z_t = diffuse(z, lam, eps)
-        return base_loss(z, x_from_v(z_t, model(z_t, lam).float(), lam), lam, dlam, bc.loss.sigmoid_bias)
-
-    step = _latent_step(net, bc.optim, exp, batch, mode, rt, loss)
+    objective = BaseObjective(net, base_schedule(exp, bc), bc.loss.sigmoid_bias)  # the library's stage-2 loss
+    step = _latent_step(net, objective, bc.optim, exp, batch, mode, rt)
     fwd = gflops_per_image(build_base_model(bc, shape[0]), torch.zeros(2, *shape), torch.zeros(2))
     return step, fwd, rt
 

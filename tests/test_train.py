@@ -241,3 +241,32 @@ def test_cuda_graph_training_in_a_second_thread(tmp_path, digits_cache):
         t.join()
     assert not errors, errors
     assert all(r.steps == 3 and r.metrics["bpp"] >= 0 for r in results)
+
+
+def test_compiled_objectives_match_eager_losses():
+    """Stage-1 and base objectives (what DDP wraps and torch.compile traces) give the eager losses."""
+    from ulsweep.diffusion import base_loss, diffuse, x_from_v
+    from ulsweep.models import build_autoencoder, build_base_model
+    from ulsweep.train.stage1 import Stage1Objective, draw_noise, stage1_losses
+    from ulsweep.train.stage2 import BaseObjective, base_schedule
+
+    torch.manual_seed(0)
+    exp = experiment_from_dict({"data": {"image_size": 16}, "ae": {"model": {"preset": "tiny"}},
+                                "base_models": [{"name": "b", "model": {"preset": "tiny"}}]})
+    ae = build_autoencoder(exp.ae, 1).eval()  # eval: no dropout, so eager and compiled see the same network
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    noise = draw_noise(4, (exp.ae.model.latent_channels, 4, 4), (1, 16, 16), torch.Generator().manual_seed(1), "cpu")
+    want = stage1_losses(ae, x, exp, noise)
+    got = torch.compile(Stage1Objective(ae, exp))(x, noise)
+    for k in ("prior", "decoder", "total"):
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4)
+
+    bc = exp.base_models[0]
+    net = build_base_model(bc, exp.ae.model.latent_channels).eval()
+    sched = base_schedule(exp, bc)
+    c = exp.ae.model.latent_channels
+    z, t, eps = torch.randn(4, c, 4, 4), torch.rand(4), torch.randn(4, c, 4, 4)
+    lam = sched.logsnr(t)
+    z_t = diffuse(z, lam, eps)
+    want = base_loss(z, x_from_v(z_t, net(z_t, lam), lam), lam, sched.dlogsnr_dt(t), bc.loss.sigmoid_bias)
+    torch.testing.assert_close(BaseObjective(net, sched, bc.loss.sigmoid_bias)(z, t, eps), want)

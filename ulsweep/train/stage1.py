@@ -76,6 +76,19 @@ def stage1_losses(ae, x: torch.Tensor, exp: ExperimentConfig, noise: dict) -> di
     return out
 
 
+class Stage1Objective(torch.nn.Module):
+    """Algorithm 1's per-example losses as one module around the autoencoder: what DDP wraps and torch.compile
+    traces, so that the loss arithmetic (noising, x_hat from v, weighted squared errors) is compiled together
+    with the networks instead of running as eager kernels on full-size images between them."""
+
+    def __init__(self, ae, exp: ExperimentConfig):
+        super().__init__()
+        self.ae, self.exp = ae, exp
+
+    def forward(self, x: torch.Tensor, noise: dict) -> dict[str, torch.Tensor]:
+        return stage1_losses(self.ae, x, self.exp, noise)
+
+
 def draw_noise(batch: int, z_shape: tuple, x_shape: tuple, gen: torch.Generator, device) -> dict:
     """Global-batch noise from the shared generator (same on every rank)."""
     return {
@@ -162,10 +175,10 @@ def finished_result(run_dir: str, cfg_hash: str) -> StageResult | None:
 
 
 def start_or_resume(ts: TrainState, run_dir: str, cfg_hash: str, kind: str, config_yaml: str,
-                    compile_: bool | str) -> torch.nn.Module:
+                    compile_: bool | str, objective: torch.nn.Module) -> torch.nn.Module:
     """Restore `ts` from the run's newest valid checkpoint (it must be of this kind and config), or write
-    config.yaml on a fresh run; return the module to train: DDP-wrapped under torch.distributed, compiled
-    when asked."""
+    config.yaml on a fresh run; return `objective` (a module around `ts.net` that computes the losses) to
+    train: DDP-wrapped under torch.distributed, compiled when asked."""
     rt = ts.rt
     ck = latest_valid_checkpoint(run_dir, map_location=rt.device)
     if ck is not None:
@@ -177,7 +190,7 @@ def start_or_resume(ts: TrainState, run_dir: str, cfg_hash: str, kind: str, conf
         ts.load_state_dict(state, meta)
     elif rt.is_main:
         uio.atomic_write_text(uio.join(run_dir, "config.yaml"), config_yaml)
-    return compile_module(wrap_ddp(ts.net, rt), compile_, rt)
+    return compile_module(wrap_ddp(objective, rt), compile_, rt)
 
 
 def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | None = None) -> StageResult:
@@ -194,7 +207,7 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
     _, c, h, w = x_train.shape
     ae = build_autoencoder(exp.ae, c).to(rt.device)
     ts = TrainState(ae, oc, rt, tc.seed)
-    model = start_or_resume(ts, run_dir, cfg_hash, KIND, dump_yaml(exp), tc.compile)
+    model = start_or_resume(ts, run_dir, cfg_hash, KIND, dump_yaml(exp), tc.compile, Stage1Objective(ae, exp))
     z_shape = (exp.ae.model.latent_channels, h // exp.ae.model.downsample, w // exp.ae.model.downsample)
     meta_base = {"kind": KIND, "config_hash": cfg_hash, "data_hash": data_hash,
                  "image_shape": [c, h, w], "latent_shape": list(z_shape)}
@@ -222,7 +235,7 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
         x = shard(x_train[idx], rt)
         noise = {k: shard(v, rt) for k, v in noise.items()}
         with rt.autocast():
-            losses = stage1_losses(model, x, exp, noise)
+            losses = model(x, noise)
         loss = losses["total"].mean() / (c * h * w)  # nats per image dimension, for the optimizer
         gnorm = ts.optimizer_step(loss)
         step = ts.step

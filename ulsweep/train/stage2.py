@@ -32,6 +32,21 @@ def base_schedule(ae_exp: ExperimentConfig, base: BaseStageConfig) -> LogSNRSche
     return LogSNRSchedule(base.loss.schedule, ae_exp.ae.loss.logsnr_z0, base.loss.logsnr_min)
 
 
+class BaseObjective(torch.nn.Module):
+    """Per-example base-model loss (§3.3, nats [B]) as one module around the network, so that DDP wraps and
+    torch.compile traces the noising and the weighted error together with the ViT."""
+
+    def __init__(self, net: torch.nn.Module, sched: LogSNRSchedule, sigmoid_bias: float):
+        super().__init__()
+        self.net, self.sched, self.sigmoid_bias = net, sched, sigmoid_bias
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        lam, dlam = self.sched.logsnr(t), self.sched.dlogsnr_dt(t)
+        z_t = diffuse(z, lam, eps)
+        v = self.net(z_t, lam)
+        return base_loss(z, x_from_v(z_t, v.float(), lam), lam, dlam, self.sigmoid_bias)
+
+
 def load_frozen_autoencoder(ae_checkpoint: str, device) -> tuple[torch.nn.Module, ExperimentConfig, dict]:
     """(EMA autoencoder in eval mode without gradients, its experiment config, checkpoint meta)."""
     state, meta = load_checkpoint(ae_checkpoint, map_location=device)
@@ -105,8 +120,9 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     latent_shape = tuple(z_train.shape[1:])
     net = build_base_model(base, latent_shape[0]).to(rt.device)
     ts = TrainState(net, oc, rt, tc.seed)
-    model = start_or_resume(ts, run_dir, cfg_hash, KIND, dump_yaml(base), tc.compile)
     sched = base_schedule(ae_exp, base)
+    model = start_or_resume(ts, run_dir, cfg_hash, KIND, dump_yaml(base), tc.compile,
+                            BaseObjective(net, sched, base.loss.sigmoid_bias))
     meta_base = {"kind": KIND, "config_hash": cfg_hash, "data_hash": data_hash, "ae_checkpoint": ae_checkpoint,
                  "ae_sha256": ae_meta["sha256"], "latent_shape": list(latent_shape)}
     _, h, w = x_eval.shape[1:]
@@ -134,11 +150,8 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
         t = low_discrepancy_times(tc.batch_size, ts.gen, rt.device)
         eps = torch.randn((tc.batch_size, *latent_shape), generator=ts.gen, device=rt.device)
         z, t, eps = shard(z_train[idx], rt), shard(t, rt), shard(eps, rt)
-        lam, dlam = sched.logsnr(t), sched.dlogsnr_dt(t)
-        z_t = diffuse(z, lam, eps)
         with rt.autocast():
-            v = model(z_t, lam)
-        nats = base_loss(z, x_from_v(z_t, v.float(), lam), lam, dlam, base.loss.sigmoid_bias)
+            nats = model(z, t, eps)
         loss = nats.mean() / z[0].numel()
         gnorm = ts.optimizer_step(loss)
         step = ts.step
