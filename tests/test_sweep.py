@@ -209,6 +209,19 @@ def test_gpu_experiment_runs_on_cpu_only_when_ray_was_started_here_without_gpus(
     assert fit_to_local_machine(exp, {"CPU": 8.0}, started_here=False, out=buf) is exp
 
 
+def test_trials_with_cuda_graphs_get_a_fresh_process_each():
+    from ulsweep.config import experiment_from_dict
+    from ulsweep.sweep.driver import _uses_cuda_graphs
+
+    gpu = {"resources": {"gpus_per_worker": 0.1, "num_workers": 0}}
+    assert _uses_cuda_graphs(experiment_from_dict(gpu, {"ae.train.compile": "reduce-overhead"}))
+    assert _uses_cuda_graphs(experiment_from_dict({**gpu, "base_models": [
+        {"name": "b", "train": {"compile": "reduce-overhead"}}]}))
+    assert not _uses_cuda_graphs(experiment_from_dict(gpu, {"ae.train.compile": True}))
+    # on CPU compile_module falls back to the default mode: actors may be reused
+    assert not _uses_cuda_graphs(experiment_from_dict({}, {"ae.train.compile": "reduce-overhead"}))
+
+
 def test_run_sweep_guards_before_starting_anything(tmp_path):
     from ulsweep.sweep.driver import SweepError, _identity, resolve_run_dir, run_sweep
 
