@@ -442,6 +442,10 @@ def make_report(sweep: str | SweepRef, tracking_uri: str | None = None, out_dir:
     csvs = [str(out / "trials.csv"), str(out / "ae_trials.csv")]
     data.runs.to_csv(csvs[0], index=False)
     data.ae.to_csv(csvs[1], index=False)
+    if not data.ae.empty and "bpp" in data.ae:  # rank trends (Fig. 8 reading) beside the CSVs
+        from ulsweep import trends
+
+        (out / "trends.md").write_text(trends.markdown(data.ae), encoding="utf-8")
     for name, fig in figures.items():
         (out / "figures" / f"{name}.json").write_text(fig.to_json())
     for stale in (out / "figures").glob("*.png"):

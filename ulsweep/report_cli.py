@@ -24,8 +24,9 @@ _SWEEP_HELP = ("the sweep: its run directory (runs/<name>, holding sweep.json), 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "report", help="HTML dashboard + CSV of a sweep (Fig. 8, Pareto fronts, FLOPs vs gFD, tables)",
-        description="Read a sweep's runs from MLflow and write a self-contained HTML dashboard (opens offline) "
-                    "and CSVs under dashboards/<sweep>/; PNGs of the figures when kaleido and Chrome/Chromium "
+        description="Read a sweep's runs from MLflow and write a self-contained HTML dashboard (opens offline), "
+                    "CSVs and trends.md (Spearman rank correlations, gFD curves, seed repeats) under "
+                    "dashboards/<sweep>/; PNGs of the figures when kaleido and Chrome/Chromium "
                     "are installed; the folder is also logged as artifacts of the sweep's MLflow run.")
     p.add_argument("sweep", help=_SWEEP_HELP)
     p.add_argument("--tracking-uri", default=None,
@@ -62,6 +63,9 @@ def handle_report(args: argparse.Namespace) -> int:
     for f in d.failed:
         print(f"  failed: {f['key']} ({f['kind']}): {f['reason']}")
     print(f"csv:       {', '.join(res.csv)}")
+    trends = os.path.join(res.out_dir, "trends.md")
+    if os.path.exists(trends):
+        print(f"trends:    {trends} (rank correlations of bits/pixel, PSNR, rFD, gFD; seed repeats)")
     if res.pngs:
         print(f"png:       {len(res.pngs)} figure(s) in {os.path.dirname(res.pngs[0])}")
     elif res.png_note:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Progress of the detached Fig. 8 sweep.
 cat /tmp/fig8/rc 2>/dev/null && echo "(sweep exited with that code)"
-grep -c "done:" /tmp/fig8/sweep.log | sed 's/^/stage runs done: /'
+grep -c "] done " /tmp/fig8/sweep.log | sed "s/^/trials done: /"
 grep -E "^\[(ae|base)" /tmp/fig8/sweep.log | tail -4
 grep -vE "^\[(ae|base)" /tmp/fig8/sweep.log | tail -12
 nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader

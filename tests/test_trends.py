@@ -1,0 +1,50 @@
+"""Rank trends of a sweep (ulsweep/trends.py) against hand-computed values."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from ulsweep.trends import knobs, markdown, spearman, summarize
+
+
+def test_spearman_closed_forms():
+    a = pd.Series([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert spearman(a, a ** 3) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    # one swapped pair: rho = 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6 * 2 / 120 = 0.9
+    assert spearman(a, pd.Series([1.0, 3.0, 2.0, 4.0, 5.0])) == pytest.approx(0.9)
+    assert math.isnan(spearman(a, pd.Series([2.0] * 5)))  # a constant side has no ranks to compare
+    assert math.isnan(spearman(a.iloc[:1], a.iloc[:1]))
+
+
+def _frame():
+    """2 biases x 3 loss factors, plus the middle point of bias 0 again with seed 1."""
+    rows = []
+    for b in (0.0, 2.0):
+        for i, lf in enumerate((1.5, 2.0, 4.0)):
+            bpp = 0.01 * (i + 1) * (1 + b)
+            rows.append({"ae.loss.sigmoid_bias": b, "ae.loss.loss_factor": lf, "ae.train.seed": 0,
+                         "search.ae.loss.loss_factor": lf, "ae.model.preset": "small", "status": "FINISHED",
+                         "bpp": bpp, "psnr": 10 + 100 * bpp, "rfd_fmnist": 5 - 10 * bpp,
+                         "gfd_fmnist[small]": [7.0, 5.0, 6.0][i] if b == 0 else [4.0, 5.0, 6.0][i]})
+    rows.append({**rows[1], "ae.train.seed": 1, "bpp": 0.021, "gfd_fmnist[small]": 5.5})
+    return pd.DataFrame(rows)
+
+
+def test_summary_reads_the_fig8_trends():
+    df = _frame()
+    assert knobs(df) == (["ae.loss.sigmoid_bias", "ae.loss.loss_factor"], ["ae.train.seed"])
+    s = summarize(df)
+    per_bias = [e for e in s["bpp_vs_knob"] if e["knob"] == "ae.loss.loss_factor"]
+    assert [(e["fixed"]["ae.loss.sigmoid_bias"], e["n"], e["rho"]) for e in per_bias] == [(0.0, 3, 1.0), (2.0, 3, 1.0)]
+    assert s["vs_bpp"]["psnr"] == pytest.approx(1.0) and s["vs_bpp"]["rfd_fmnist"] == pytest.approx(-1.0)
+    curves = {c["group"]["ae.loss.sigmoid_bias"]: c for c in s["generation_curves"]}
+    assert curves[0.0]["interior"] and curves[0.0]["best_gen"] == 5.0  # minimum in the middle
+    assert not curves[2.0]["interior"] and curves[2.0]["best_bpp"] == pytest.approx(0.03)  # at the low end
+    (rep,) = s["repeats"]
+    assert rep["config"] == {"ae.loss.sigmoid_bias": 0.0, "ae.loss.loss_factor": 2.0}
+    assert rep["spread"]["gfd_fmnist[small]"] == pytest.approx(0.5)
+    md = markdown(df, s)
+    assert "ρ(bits/pixel, loss_factor) at sigmoid_bias = 0: 1 (n = 3)" in md and "interior" in md

@@ -1,0 +1,134 @@
+"""Rank trends of a sweep, the way Fig. 8 of the paper is read: does the latent bitrate rise with each knob,
+do reconstruction and generation follow the bitrate, where is generation best, and how large is seed noise.
+
+Input is the AE frame of `ulsweep.report` (one row per AE trial: config columns with dots, `bpp`, `psnr`,
+`rfd_<x>`/`rfid`, base metrics as `<metric>[<base>]`); output is a dict and a Markdown summary. No I/O.
+Knobs are the config columns that vary across trials; seed columns (`*.seed`) mark repeats.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from ulsweep import plots
+
+
+# Spearman's rank correlation: Pearson's correlation of the (average-tie) ranks.
+def spearman(a: pd.Series, b: pd.Series) -> float:
+    """rho in [-1, 1]; NaN with fewer than 2 complete pairs or a constant side (2 pairs give +-1)."""
+    ok = a.notna() & b.notna()
+    if ok.sum() < 2:
+        return math.nan
+    ra, rb = a[ok].rank(), b[ok].rank()
+    if ra.nunique() < 2 or rb.nunique() < 2:
+        return math.nan
+    return float(ra.corr(rb))
+
+
+def knobs(ae: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(numeric knobs that vary across trials, seed columns that vary)."""
+    # config columns (dotted keys); `search.<key>` repeats the searched keys, which appear as <key> too
+    varying = [c for c in ae.columns if "." in c and not c.startswith("search.") and ae[c].nunique(dropna=True) > 1]
+    seeds = [c for c in varying if c.endswith(".seed")]
+    numeric = [c for c in varying if c not in seeds and pd.api.types.is_numeric_dtype(ae[c])]
+    return numeric, seeds
+
+
+def _primary(ae: pd.DataFrame, seeds: list[str]) -> pd.DataFrame:
+    """Rows at every seed column's most common value: one row per configuration, repeats left out."""
+    mask = pd.Series(True, index=ae.index)
+    for s in seeds:
+        mask &= ae[s] == ae[s].mode().iloc[0]
+    return ae[mask]
+
+
+def _short(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def summarize(ae: pd.DataFrame) -> dict[str, Any]:
+    """Rank correlations and curves of a finished sweep's AE frame (see the module docstring)."""
+    ae = ae[ae.get("status", pd.Series("FINISHED", index=ae.index)) == "FINISHED"] if "status" in ae else ae
+    numeric, seeds = knobs(ae)
+    prim = _primary(ae, seeds)
+    rec, gen_name = plots.reconstruction_metric(ae), plots.generation_metric(ae)
+    bases = plots.base_names(ae)
+    gen = f"{gen_name}[{bases[0]}]" if gen_name and bases and f"{gen_name}[{bases[0]}]" in ae else None
+    out: dict[str, Any] = {"knobs": numeric, "seeds": seeds, "reconstruction": rec, "generation": gen,
+                           "n_trials": len(ae), "bpp_vs_knob": [], "vs_bpp": {}, "generation_curves": [],
+                           "repeats": []}
+    for k in numeric:  # bpp against one knob, the other knobs held fixed
+        others = [o for o in numeric if o != k]
+        groups = prim.groupby(others, dropna=False) if others else [((), prim)]
+        for gkey, g in groups:
+            gkey = gkey if isinstance(gkey, tuple) else (gkey,)
+            out["bpp_vs_knob"].append({"knob": k, "fixed": dict(zip(others, gkey)), "n": len(g),
+                                       "rho": spearman(g[k], g["bpp"])})
+    for m in [c for c in ("psnr", rec, gen) if c and c in prim]:
+        out["vs_bpp"][m] = spearman(prim["bpp"], prim[m])
+    if gen and numeric:  # generation against bitrate along the knob with most values, per setting of the others
+        axis = max(numeric, key=lambda k: prim[k].nunique())
+        others = [k for k in numeric if k != axis]
+        groups = prim.groupby(others) if others else [((), prim)]
+        for gkey, g in groups:
+            gkey = gkey if isinstance(gkey, tuple) else (gkey,)
+            g = g.dropna(subset=[gen]).sort_values("bpp")
+            if len(g) < 2:
+                continue
+            i = int(g[gen].to_numpy().argmin())
+            out["generation_curves"].append({
+                "group": dict(zip(others, gkey)), "bpp": g["bpp"].tolist(), "gen": g[gen].tolist(),
+                "best_bpp": float(g["bpp"].iloc[i]), "best_gen": float(g[gen].iloc[i]),
+                "interior": 0 < i < len(g) - 1, "rho": spearman(g["bpp"], g[gen])})
+    if seeds and numeric:
+        for cfg, g in ae.groupby(numeric):
+            if len(g) > 1:
+                cfg = cfg if isinstance(cfg, tuple) else (cfg,)
+                cols = [c for c in ("bpp", "psnr", rec, gen) if c and c in g]
+                out["repeats"].append({"config": dict(zip(numeric, cfg)),
+                                       "values": {c: g[c].tolist() for c in cols},
+                                       "spread": {c: float(g[c].max() - g[c].min()) for c in cols}})
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def markdown(ae: pd.DataFrame, s: dict[str, Any] | None = None) -> str:
+    """The summary as Markdown: per-trial table, rank correlations, generation curves, seed repeats."""
+    s = s or summarize(ae)
+    rec, gen = s["reconstruction"], s["generation"]
+    cols = [*s["knobs"], *s["seeds"]]
+    base_time = gen and gen.replace(gen.split("[")[0], "train_seconds")  # train_seconds[<base>]
+    metric_cols = [c for c in ("bpp", "bpp_se", "psnr", rec, gen, "train_seconds", base_time) if c and c in ae]
+    lines = ["| " + " | ".join([_short(c) for c in cols] + metric_cols) + " |",
+             "|" + "---|" * (len(cols) + len(metric_cols))]
+    for _, r in ae.sort_values(cols).iterrows():
+        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols + metric_cols) + " |")
+    lines += ["", f"Spearman rank correlations ({s['n_trials']} trials; repeats with another seed left out):", ""]
+    for e in s["bpp_vs_knob"]:
+        fixed = ", ".join(f"{_short(k)} = {_fmt(v)}" for k, v in e["fixed"].items())
+        lines.append(f"- ρ(bits/pixel, {_short(e['knob'])}){' at ' + fixed if fixed else ''}: {_fmt(e['rho'])} "
+                     f"(n = {e['n']})")
+    for m, rho in s["vs_bpp"].items():
+        lines.append(f"- ρ({m}, bits/pixel): {_fmt(rho)}")
+    if s["generation_curves"]:
+        lines += ["", f"{gen} against bits/pixel:", ""]
+        for c in s["generation_curves"]:
+            where = ", ".join(f"{_short(k)} = {_fmt(v)}" for k, v in c["group"].items()) or "all trials"
+            pts = ", ".join(f"{b:.4f}→{g:.3g}" for b, g in zip(c["bpp"], c["gen"]))
+            lines.append(f"- {where}: {pts}; best {c['best_gen']:.4g} at {c['best_bpp']:.4f} bits/pixel "
+                         f"({'interior' if c['interior'] else 'at an end'}; ρ = {_fmt(c['rho'])})")
+    if s["repeats"]:
+        lines += ["", "Seed repeats (all seeds of a configuration; spread = max − min):", ""]
+        for r in s["repeats"]:
+            cfg = ", ".join(f"{_short(k)} = {_fmt(v)}" for k, v in r["config"].items())
+            vals = "; ".join(f"{m} {', '.join(_fmt(x) for x in v)} (spread {_fmt(r['spread'][m])})"
+                             for m, v in r["values"].items())
+            lines.append(f"- {cfg}: {vals}")
+    return "\n".join(lines) + "\n"
