@@ -21,6 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
+from timing import write_results  # noqa: E402
 from train_step import MODES, STAGES, add_model_args  # noqa: E402
 
 
@@ -97,9 +98,7 @@ def main(argv=None) -> int:
         r["scaling_efficiency"] = r["images_per_s"] / (r["world"] / one["world"] * one["images_per_s"])
         print(f"{r['stage']:6} {r['world']:>4} {r['batch_per_gpu']:>9} {1e3 * r['step_s']:>8.1f} "
               f"{r['images_per_s']:>9.1f} {100 * r['mfu_per_gpu']:>7.1f}% {100 * r['scaling_efficiency']:>7.1f}%")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"env": {"ray": ray.__version__, "args": vars(a)}, "rows": rows}, f, indent=1)
+    write_results(a.out, {"ray": ray.__version__, "args": vars(a)}, rows)
     ray.shutdown()
     return 0
 

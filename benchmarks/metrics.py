@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from timing import time_calls  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import time_calls, write_results  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 from ulsweep.metrics.extractors import DomainCNN, load_domain_extractor, load_inception, random_inception  # noqa: E402
 from ulsweep.metrics.fid import frechet_distance, stats_from_features  # noqa: E402
@@ -135,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{r['bench']:<20}{r['device']:<8}{'':>7}{'':>12}{r['seconds']:>10.4f}  {r['method']}, FD={r['fd']:.6g}")
     print(f"env: {json.dumps(env)}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=2)
+    write_results(args.out, env, rows)
     return 0
 
 

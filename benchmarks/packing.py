@@ -14,7 +14,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -26,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
+from timing import write_results  # noqa: E402
 from train_step import STAGES, MODES, add_model_args, bench_experiment  # noqa: E402
 
 
@@ -125,9 +125,7 @@ def main(argv=None) -> int:
         print(f"{n:>6} {ips:>10.0f} {ips / base:>8.2f}x {ips / n:>10.0f} {100 * row['mfu']:>5.1f}% "
               f"{row['peak_reserved_gib']:>12.2f} {row['gpu_used_per_trial_gib']:>10.2f} {window:>8.1f}", flush=True)
     env = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "ray": ray.__version__, "args": vars(a)}
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
+    write_results(a.out, env, rows)
     ray.shutdown()
     return 0
 

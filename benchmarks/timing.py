@@ -1,6 +1,8 @@
-"""Timing helper shared by the benchmark scripts: warm-up calls, then wall time per call (CUDA synchronized)."""
+"""Helpers shared by the benchmark scripts: warm-up calls, then wall time per call (CUDA synchronized); the
+result file every script writes."""
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -23,3 +25,10 @@ def time_calls(fn, device: torch.device, warmup: int, repeats: int) -> list[floa
         sync(device)
         out.append(time.perf_counter() - t0)
     return out
+
+
+def write_results(path: str | None, env: dict, rows: list[dict]) -> None:
+    """{"env": ..., "rows": [...]} as JSON at `path` (nothing without a path)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1)

@@ -16,7 +16,6 @@ Prints a table and writes JSON. Absolute numbers are only meaningful on a GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from timing import sync, time_calls  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import sync, time_calls, write_results  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 from ulsweep.config import experiment_from_dict  # noqa: E402
 from ulsweep.diffusion import diffuse, low_discrepancy_times, prior_loss, x_from_v  # noqa: E402
@@ -230,9 +229,7 @@ def main(argv=None) -> int:
                                                         for k, v in prof["by_kind_frac_of_gpu"].items()), flush=True)
     env = {"torch": torch.__version__, "python": platform.python_version(),
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "args": vars(a)}
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
+    write_results(a.out, env, rows)
     return 0
 
 
