@@ -112,7 +112,7 @@ def test_ulsweep_ui_serves_mlflow_ui_on_localhost(sweep_store, tmp_path):
     sweep's runs; SIGTERM to `ulsweep ui` stops the server it started."""
     run_dir, uri, sweep_id = sweep_store
     log = open(tmp_path / "ui.log", "w")
-    ui = subprocess.Popen([sys.executable, "-m", "ulsweep.report_cli", "ui", str(run_dir), "--port", "0",
+    ui = subprocess.Popen([sys.executable, "-m", "ulsweep.cli", "ui", str(run_dir), "--port", "0",
                            "--timeout", "240"], stdout=subprocess.PIPE, stderr=log, text=True)
     url = None
     try:

@@ -182,15 +182,3 @@ def handle_ui(args: argparse.Namespace) -> int:
     finally:
         stop_server(proc)
         signal.signal(signal.SIGTERM, old)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (`python -m ulsweep.report_cli report|ui SWEEP ...`)."""
-    parser = argparse.ArgumentParser(prog="ulsweep")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

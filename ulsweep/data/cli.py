@@ -112,15 +112,3 @@ def register(subparsers) -> None:
     q.add_argument("--verify", action="store_true", help="also read every shard and check its SHA-256")
     q.add_argument("--cache-dir", help="cache directory for builtin:NAME")
     q.set_defaults(func=cmd_info)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point (`python -m ulsweep.data.cli data info ...`)."""
-    parser = argparse.ArgumentParser(prog="ulsweep")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
