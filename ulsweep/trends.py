@@ -50,7 +50,8 @@ def _short(key: str) -> str:
 
 def summarize(ae: pd.DataFrame) -> dict[str, Any]:
     """Rank correlations and curves of a finished sweep's AE frame (see the module docstring)."""
-    ae = ae[ae.get("status", pd.Series("FINISHED", index=ae.index)) == "FINISHED"] if "status" in ae else ae
+    if "status" in ae:
+        ae = ae[ae["status"] == "FINISHED"]
     numeric, seeds = knobs(ae)
     prim = _primary(ae, seeds)
     rec, gen_name = plots.reconstruction_metric(ae), plots.generation_metric(ae)
