@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Fig. 8 sweep, detached (it outlives this device call): trains the Fashion-MNIST domain extractor once,
-# then `ulsweep run experiments/lf_sweep.yaml`, logging to /tmp/fig8/sweep.log.
+# then `ulsweep run experiments/lf_sweep.yaml` (extra arguments, e.g. `--set k=v`, are passed on), logging to
+# /tmp/fig8/sweep.log.
 set -euo pipefail
 . benchmarks/device/env_b.sh
 mkdir -p /tmp/fig8
@@ -13,7 +14,7 @@ setsid nohup bash -c "
 exp = load_experiment(\"experiments/lf_sweep.yaml\", {\"data.path\": \"$PWD/data/fmnist\"}); print(ensure_domain_extractor(exp, \"cuda\"))'
   date +%s > /tmp/fig8/t_start
   python3 -m ulsweep.cli run experiments/lf_sweep.yaml --storage /tmp/fig8/runs \
-      --set data.path=$PWD/data/fmnist
+      --set data.path=$PWD/data/fmnist $*
   echo \$? > /tmp/fig8/rc; date +%s > /tmp/fig8/t_end
 " > /tmp/fig8/sweep.log 2>&1 < /dev/null &
 sleep 45
