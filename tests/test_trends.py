@@ -40,11 +40,19 @@ def test_summary_reads_the_fig8_trends():
     per_bias = [e for e in s["bpp_vs_knob"] if e["knob"] == "ae.loss.loss_factor"]
     assert [(e["fixed"]["ae.loss.sigmoid_bias"], e["n"], e["rho"]) for e in per_bias] == [(0.0, 3, 1.0), (2.0, 3, 1.0)]
     assert s["vs_bpp"]["psnr"] == pytest.approx(1.0) and s["vs_bpp"]["rfd_fmnist"] == pytest.approx(-1.0)
-    curves = {c["group"]["ae.loss.sigmoid_bias"]: c for c in s["generation_curves"]}
+    curves = {c["group"]["ae.loss.sigmoid_bias"]: c for c in s["generation_curves"] if c["group"]}
     assert curves[0.0]["interior"] and curves[0.0]["best_gen"] == 5.0  # minimum in the middle
     assert not curves[2.0]["interior"] and curves[2.0]["best_bpp"] == pytest.approx(0.03)  # at the low end
+    # pooled (both biases on one bitrate axis): bpp 0.01 0.02 0.03 0.03 0.06 0.09 -> gFD 7 5 6 4 5 6
+    (pooled,) = [c for c in s["generation_curves"] if not c["group"]]
+    assert pooled["gen"] == [7.0, 5.0, 6.0, 4.0, 5.0, 6.0] and pooled["interior"] and pooled["best_gen"] == 4.0
+    assert (pooled["n_below"], pooled["n_above"]) == (3, 2)
+    # below, with average ranks for the tied bpp: bpp ranks 1 2 3.5 3.5, gFD ranks 4 2 3 1 -> rho = -0.6325
+    assert pooled["rho_below"] == pytest.approx(-0.6 / math.sqrt(0.9), abs=1e-4)
+    assert pooled["rho_above"] == pytest.approx(1.0)
     (rep,) = s["repeats"]
     assert rep["config"] == {"ae.loss.sigmoid_bias": 0.0, "ae.loss.loss_factor": 2.0}
     assert rep["spread"]["gfd_fmnist[small]"] == pytest.approx(0.5)
     md = markdown(df, s)
     assert "ρ(bits/pixel, loss_factor) at sigmoid_bias = 0: 1 (n = 3)" in md and "interior" in md
+    assert "- all trials: " in md and "below it 3 point(s)" in md

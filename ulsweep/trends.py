@@ -75,14 +75,10 @@ def summarize(ae: pd.DataFrame) -> dict[str, Any]:
         groups = prim.groupby(others) if others else [((), prim)]
         for gkey, g in groups:
             gkey = gkey if isinstance(gkey, tuple) else (gkey,)
-            g = g.dropna(subset=[gen]).sort_values("bpp")
-            if len(g) < 2:
-                continue
-            i = int(g[gen].to_numpy().argmin())
-            out["generation_curves"].append({
-                "group": dict(zip(others, gkey)), "bpp": g["bpp"].tolist(), "gen": g[gen].tolist(),
-                "best_bpp": float(g["bpp"].iloc[i]), "best_gen": float(g[gen].iloc[i]),
-                "interior": 0 < i < len(g) - 1, "rho": spearman(g["bpp"], g[gen])})
+            if (c := _curve(g, gen)) is not None:
+                out["generation_curves"].append({"group": dict(zip(others, gkey)), **c})
+        if others and (c := _curve(prim, gen)) is not None:  # every configuration on one bitrate axis
+            out["generation_curves"].append({"group": {}, **c})
     if seeds and numeric:
         for cfg, g in ae.groupby(numeric):
             if len(g) > 1:
@@ -92,6 +88,20 @@ def summarize(ae: pd.DataFrame) -> dict[str, Any]:
                                        "values": {c: g[c].tolist() for c in cols},
                                        "spread": {c: float(g[c].max() - g[c].min()) for c in cols}})
     return out
+
+
+def _curve(g: pd.DataFrame, gen: str) -> dict[str, Any] | None:
+    """Generation against bits/pixel: the points, the best one, whether it lies inside the bitrate range,
+    and the rank trend overall and on either side of the best point (each side includes it)."""
+    g = g.dropna(subset=[gen]).sort_values("bpp", kind="stable")
+    if len(g) < 2:
+        return None
+    i = int(g[gen].to_numpy().argmin())
+    lo, hi = g.iloc[:i + 1], g.iloc[i:]
+    return {"bpp": g["bpp"].tolist(), "gen": g[gen].tolist(), "best_bpp": float(g["bpp"].iloc[i]),
+            "best_gen": float(g[gen].iloc[i]), "interior": 0 < i < len(g) - 1, "rho": spearman(g["bpp"], g[gen]),
+            "rho_below": spearman(lo["bpp"], lo[gen]), "rho_above": spearman(hi["bpp"], hi[gen]),
+            "n_below": i, "n_above": len(g) - 1 - i}
 
 
 def _fmt(v: Any) -> str:
@@ -123,8 +133,10 @@ def markdown(ae: pd.DataFrame, s: dict[str, Any] | None = None) -> str:
         for c in s["generation_curves"]:
             where = ", ".join(f"{_short(k)} = {_fmt(v)}" for k, v in c["group"].items()) or "all trials"
             pts = ", ".join(f"{b:.4f}→{g:.3g}" for b, g in zip(c["bpp"], c["gen"]))
+            sides = (f"; below it {c['n_below']} point(s), ρ = {_fmt(c['rho_below'])}; above it {c['n_above']}, "
+                     f"ρ = {_fmt(c['rho_above'])}") if c["interior"] else ""
             lines.append(f"- {where}: {pts}; best {c['best_gen']:.4g} at {c['best_bpp']:.4f} bits/pixel "
-                         f"({'interior' if c['interior'] else 'at an end'}; ρ = {_fmt(c['rho'])})")
+                         f"({'interior' if c['interior'] else 'at an end'}; ρ = {_fmt(c['rho'])}{sides})")
     if s["repeats"]:
         lines += ["", "Seed repeats (all seeds of a configuration; spread = max − min):", ""]
         for r in s["repeats"]:
