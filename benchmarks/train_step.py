@@ -45,12 +45,13 @@ def latent_shape(exp) -> tuple[int, int, int]:
     return exp.ae.model.latent_channels, s // d, s // d
 
 
-def step_stage1(exp, batch: int, mode: str, channels: int):
-    """One stage-1 optimizer step as a closure, and the forward GFLOP per image it trains."""
+def step_stage1(exp, batch: int, mode: str, channels: int, channels_last: bool = False):
+    """One stage-1 optimizer step as a closure, and the forward GFLOP per image it trains. `channels_last`
+    puts the autoencoder's weights in that memory format (the trials do not)."""
     rt = make_runtime(exp.ae.train)
     s = exp.data.image_size
     ae = build_autoencoder(exp.ae, channels).to(rt.device)
-    if rt.device.type == "cuda":
+    if rt.device.type == "cuda" and channels_last:
         ae = ae.to(memory_format=torch.channels_last)
     ts = TrainState(ae, exp.ae.optim, rt, seed=0)
     # the trials' module: losses and networks compiled together, DDP only under torch.distributed
@@ -95,7 +96,7 @@ class PriorObjective(torch.nn.Module):
         return prior_loss(z, x_from_v(z_t, self.prior(z_t, lam).float(), lam), lam, dlam, self.sched.logsnr_1)
 
 
-def step_prior(exp, batch: int, mode: str, channels: int):
+def step_prior(exp, batch: int, mode: str, channels: int, channels_last: bool = False):  # (no convolutions)
     """The prior ViT trained alone: the stage-1 part the paper's §5 MFU numbers single out."""
     rt = make_runtime(exp.ae.train)
     prior = build_autoencoder(exp.ae, channels).prior.to(rt.device)
@@ -104,7 +105,7 @@ def step_prior(exp, batch: int, mode: str, channels: int):
     return step, model_gflops(exp, channels)["prior"], rt
 
 
-def step_stage2(exp, batch: int, mode: str, channels: int):
+def step_stage2(exp, batch: int, mode: str, channels: int, channels_last: bool = False):  # (no convolutions)
     rt = make_runtime(exp.ae.train)
     shape = latent_shape(exp)
     bc = exp.base_models[0]
@@ -141,7 +142,7 @@ def profile_step(step, device: torch.device, steps: int = 5) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
@@ -150,13 +151,21 @@ def profile_step(step, device: torch.device, steps: int = 5) -> dict:
     by_kind: dict[str, float] = defaultdict(float)
     top: dict[str, float] = defaultdict(float)
     for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+        # "## name ##" events are annotations on the GPU timeline spanning kernels counted on their own
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0 and not ev.name.startswith("##"):
             by_kind[kernel_kind(ev.name)] += ev.device_time  # microseconds
             top[ev.name[:80]] += ev.device_time
     busy = sum(by_kind.values()) / 1e6
+    # which aten ops (with their input shapes) launched kernels themselves: Triton kernels of compiled
+    # graphs have no aten op around them, so what shows here ran eagerly or as an extern call of a graph
+    ops = sorted((e for e in prof.key_averages(group_by_input_shape=True)
+                  if e.key.startswith("aten::") and e.self_device_time_total > 0),
+                 key=lambda e: -e.self_device_time_total)[:12]
     return {"wall_s": wall, "gpu_busy_s": busy, "gpu_busy_frac": busy / wall,
             "by_kind_frac_of_gpu": {k: v / 1e6 / busy for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms": {k: v / 1e3 / steps for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]}}
+            "top_kernels_ms": {k: v / 1e3 / steps for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]},
+            "top_aten_ops_ms": [{"op": e.key, "shapes": str(e.input_shapes)[:160], "calls_per_step": e.count / steps,
+                                 "ms_per_step": e.self_device_time_total / 1e3 / steps} for e in ops]}
 
 
 def bench_experiment(a):
@@ -176,6 +185,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--downsample", type=int, default=4)
     p.add_argument("--latent-channels", type=int, default=8)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
+    p.add_argument("--channels-last", action="store_true", help="autoencoder weights in channels_last memory "
+                   "format (the trials do not do this; for comparison)")
     p.add_argument("--out", default=None)
 
 
@@ -202,7 +213,7 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 try:
-                    step, fwd, rt = STAGES[stage](exp, batch, mode, a.channels)
+                    step, fwd, rt = STAGES[stage](exp, batch, mode, a.channels, a.channels_last)
                     times = time_calls(step, rt.device, a.warmup, a.iters)
                     prof = profile_step(step, rt.device) if a.profile and rt.device.type == "cuda" else None
                 except torch.OutOfMemoryError:
@@ -227,6 +238,9 @@ def main(argv=None) -> int:
                 if prof:
                     print("        GPU time: " + ", ".join(f"{k} {100 * v:.0f}%"
                                                         for k, v in prof["by_kind_frac_of_gpu"].items()), flush=True)
+                    for o in prof["top_aten_ops_ms"][:6]:
+                        print(f"        {o['ms_per_step']:7.2f} ms/step  {o['calls_per_step']:5.1f}x  {o['op']} "
+                              f"{o['shapes'][:90]}", flush=True)
     env = {"torch": torch.__version__, "python": platform.python_version(),
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "args": vars(a)}
     write_results(a.out, env, rows)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 8 on the device. `perf.sh single`: small-preset step (eager vs CUDA graphs) and packing on GPU 0,
 # paper-preset steps (prior, base, full stage 1; eager vs compile; profiler breakdown) on the last GPU, in
-# parallel when there are two. `perf.sh ddp`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train.
+# parallel when there are two. `perf.sh layout`: full stage 1 with the trials' weight layout vs channels_last.
+# `perf.sh ddp`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train.
 set -uo pipefail
 . benchmarks/device/env_b.sh
 gpus=$(nvidia-smi -L | wc -l); last=$((gpus - 1))
@@ -19,6 +20,14 @@ single)
      --out "$OUT/packing.json" > "$OUT/packing.log" 2>&1
   wait
   for f in small paper packing; do echo "== $f"; grep -vE "^\(|^\s*$|Warning|warn" "$OUT/$f.log" | tail -25; done
+  ;;
+layout)  # full stage 1: weights in the default layout (as the trials) vs channels_last, op-level profile
+  (CUDA_VISIBLE_DEVICES=$last python3 benchmarks/train_step.py $paper --stages ae --batch 16 --modes default \
+     --profile --channels-last --out "$OUT/ae_cl.json" > "$OUT/ae_cl.log" 2>&1) &
+  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/train_step.py $paper --stages ae --batch 16 --modes default \
+     --profile --out "$OUT/ae.json" > "$OUT/ae.log" 2>&1
+  wait
+  for f in ae ae_cl; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | tail -9; done
   ;;
 ddp)
   python3 benchmarks/ddp.py $paper --workers 1 2 --stages ae base --batch 16 --base-batch 64 --mode default \
