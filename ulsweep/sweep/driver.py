@@ -139,8 +139,9 @@ def plan_description(exp: ExperimentConfig) -> list[dict[str, Any]] | None:
 
 
 def _uses_cuda_graphs(exp: ExperimentConfig) -> bool:
-    """torch.compile's CUDA-graph trees keep their state per thread, and a reused Tune actor runs its next
-    trial in a new thread, where they fail (AssertionError in cudagraph_trees.get_obj): one process a trial."""
+    """A reused Tune actor runs its next trial in a new thread, and CUDA graphs work in one thread of a process
+    only (torch 2.11: capture fails in the second; `train.common.compile_mode` falls back to plain compile
+    there): one process a trial keeps every trial on CUDA graphs."""
     modes = [exp.ae.train.compile] + [b.train.compile for b in exp.base_models]
     return "reduce-overhead" in modes and exp.resources.gpus_per_worker > 0
 

@@ -97,17 +97,39 @@ def wrap_ddp(module: nn.Module, rt: Runtime) -> nn.Module:
 
 
 def compile_module(module: nn.Module, setting: bool | str, rt: Runtime) -> nn.Module:
-    """torch.compile per `train.compile` (False: the module itself). "reduce-overhead" replays the compiled
+    """torch.compile per `train.compile` (False: the module itself), in the mode `compile_mode` picks."""
+    mode = compile_mode(setting, rt)
+    return module if mode is None else torch.compile(module, mode=mode)
+
+
+_cuda_graph_owner: threading.Thread | None = None  # the one thread of this process that may use CUDA graphs
+_cuda_graph_owner_lock = threading.Lock()
+
+
+def compile_mode(setting: bool | str, rt: Runtime) -> str | None:
+    """The torch.compile mode for `train.compile` (None: no compile). "reduce-overhead" replays the compiled
     forward and backward as CUDA graphs; it needs CUDA and one process per model, so it falls back to the
-    default mode on CPU and under DDP (which splits the graph at its buckets)."""
+    default mode on CPU and under DDP (which splits the graph at its buckets), and in every thread of a
+    process but the first that asked for it: with torch 2.11 on an H200, a second thread's training fails in
+    CUDA-graph capture ("operation failed due to a previous error during capture") after the first thread's
+    run succeeded. The sweep driver therefore gives each trial its own process when trials use CUDA graphs."""
+    global _cuda_graph_owner
     if setting is False:
-        return module
+        return None
     mode = "default" if setting is True else setting
     if mode == "reduce-overhead" and (rt.device.type != "cuda" or rt.world > 1):
         mode = "default"
     if mode == "reduce-overhead":
+        me = threading.current_thread()
+        with _cuda_graph_owner_lock:
+            if _cuda_graph_owner is None:
+                _cuda_graph_owner = me
+        if _cuda_graph_owner is not me:
+            print(f"note: train.compile=reduce-overhead -> default in thread {me.name!r}: this process already "
+                  f"uses CUDA graphs in thread {_cuda_graph_owner.name!r}", file=sys.stderr, flush=True)
+            return "default"
         cuda_graph_state_for_this_thread()
-    return torch.compile(module, mode=mode)
+    return mode
 
 
 def cuda_graph_state_for_this_thread() -> None:
