@@ -96,6 +96,20 @@ def test_fig8_triptych_traces_axes_and_errors():
     assert any("ae-0005" in a.text for a in lay.annotations)  # the failed trial is named
 
 
+def test_fig8_draws_seed_repeats_off_the_lines():
+    ae = ae_frame()
+    ae["ae.train.seed"] = 0
+    rep = ae.iloc[[0]].assign(**{"ae.train.seed": 1, "key": "ae-0009", "bpp": 0.05})  # b=-2, LF 1.5 again
+    ae = pd.concat([ae, rep], ignore_index=True)
+    assert plots.seed_repeats(ae).tolist() == [False] * (len(ae) - 1) + [True]
+    fig = plots.fig8_triptych(ae)
+    assert names(fig) == (["sigmoid bias -2", "sigmoid bias -2 (other seed)"] * 3 + ["sigmoid bias 2"] * 3)
+    line, other = fig.data[0], fig.data[1]
+    assert len(line.x) == 3 and line.mode == "lines+markers+text"  # the b=-2 line keeps its 3 first-seed trials
+    assert list(other.x) == [0.05] and other.mode == "markers" and other.marker.symbol == "circle-open"
+    assert list(other.text) == ["LF 1.5"] and other.legendgroup == line.legendgroup
+
+
 def test_fig8_with_inception_metrics_says_fid():
     fig = plots.fig8_triptych(ae_frame(gen="gfid", rec="rfid"))
     assert fig.layout.yaxis.title.text == "gFID" and fig.layout.yaxis2.title.text == "rFID"

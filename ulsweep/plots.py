@@ -164,11 +164,21 @@ def _left_out_note(keys: Sequence[str], what: str) -> dict:
 # Fig. 8: quality vs latent bits/pixel, one line per sigmoid bias
 
 
+def seed_repeats(df: pd.DataFrame) -> pd.Series:
+    """True for rows that repeat a configuration with another seed: a seed column (`*.seed`) that varies
+    across the frame and is not at its most common value."""
+    mask = pd.Series(False, index=df.index)
+    for c in df.columns:
+        if c.endswith(".seed") and not c.startswith("search.") and df[c].nunique(dropna=True) > 1:
+            mask |= df[c] != df[c].mode().iloc[0]
+    return mask
+
+
 def fig8_triptych(ae: pd.DataFrame) -> go.Figure:
     """Paper Fig. 8: generation metric (left), reconstruction metric (middle) and PSNR (right) against
     latent bits/pixel (log x, error bars = bpp std. error), one line per sigmoid bias sorted by bits/pixel,
-    the loss factor written on the markers. With several base models the left panel has one line per
-    (bias, base model), dashed by base model."""
+    the loss factor written on the markers. Repeats with another seed are open markers off the lines. With
+    several base models the left panel has one line per (bias, base model), dashed by base model."""
     gen, rec = generation_metric(ae), reconstruction_metric(ae)
     bases = base_names(ae) if gen else []
     titles = [f"generation: {metric_label(gen)}" if gen else "generation: (no metric logged)",
@@ -186,6 +196,7 @@ def fig8_triptych(ae: pd.DataFrame) -> go.Figure:
     params = list(dict.fromkeys(params))
     panels = [(1, [(f"{gen}[{b}]", b) for b in bases]), (2, [(rec, None)] if rec else []), (3, [("psnr", None)])]
     left_out: set[str] = set()
+    repeat = seed_repeats(ae)
     for gi, (bias, g) in enumerate(groups):
         color = COLORS[gi % len(COLORS)]
         name = f"sigmoid bias {bias:g}" if bias is not None else "all trials"
@@ -197,17 +208,23 @@ def fig8_triptych(ae: pd.DataFrame) -> go.Figure:
                 d = g[ok].assign(_x=bpp[g.index][ok], _y=y[ok]).sort_values("_x")
                 if d.empty:
                     continue
-                se = _num(d, "bpp_se")
-                text = [f"LF {v:g}" if math.isfinite(v) else "" for v in lf[d.index]]
                 tname = name + (f" [{base}]" if base is not None and len(bases) > 1 else "")
-                fig.add_trace(go.Scatter(
-                    x=d["_x"], y=d["_y"], mode="lines+markers+text", name=tname, legendgroup=name,
-                    showlegend=col == 1 or (col == 2 and not bases),
-                    text=text, textposition="top center", textfont=dict(size=9),
-                    error_x=dict(type="data", array=se.fillna(0).to_numpy(), visible=bool(se.notna().any())),
-                    line=dict(color=color, dash=DASHES[bi % len(DASHES)]), marker=dict(color=color, size=8),
-                    hovertext=[_hover(r, params, ["bpp", "bpp_se", ycol]) for _, r in d.iterrows()],
-                    hoverinfo="text"), row=1, col=col)
+                for rep in (False, True):
+                    r = d[repeat[d.index] == rep]
+                    if r.empty:
+                        continue
+                    se = _num(r, "bpp_se")
+                    fig.add_trace(go.Scatter(
+                        x=r["_x"], y=r["_y"], mode="markers" if rep else "lines+markers+text",
+                        name=tname + (" (other seed)" if rep else ""), legendgroup=name,
+                        showlegend=col == 1 or (col == 2 and not bases),
+                        text=[f"LF {v:g}" if math.isfinite(v) else "" for v in lf[r.index]],
+                        textposition="top center", textfont=dict(size=9),
+                        error_x=dict(type="data", array=se.fillna(0).to_numpy(), visible=bool(se.notna().any())),
+                        line=dict(color=color, dash=DASHES[bi % len(DASHES)]),
+                        marker=dict(color=color, size=9 if rep else 8, symbol="circle-open" if rep else "circle"),
+                        hovertext=[_hover(x, params, ["bpp", "bpp_se", ycol]) for _, x in r.iterrows()],
+                        hoverinfo="text"), row=1, col=col)
     xlog = "log" if _positive(bpp) else "linear"
     for col in (1, 2, 3):
         fig.update_xaxes(title_text=metric_label("bpp"), type=xlog, row=1, col=col)

@@ -36,14 +36,6 @@ def knobs(ae: pd.DataFrame) -> tuple[list[str], list[str]]:
     return numeric, seeds
 
 
-def _primary(ae: pd.DataFrame, seeds: list[str]) -> pd.DataFrame:
-    """Rows at every seed column's most common value: one row per configuration, repeats left out."""
-    mask = pd.Series(True, index=ae.index)
-    for s in seeds:
-        mask &= ae[s] == ae[s].mode().iloc[0]
-    return ae[mask]
-
-
 def _short(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
@@ -53,7 +45,7 @@ def summarize(ae: pd.DataFrame) -> dict[str, Any]:
     if "status" in ae:
         ae = ae[ae["status"] == "FINISHED"]
     numeric, seeds = knobs(ae)
-    prim = _primary(ae, seeds)
+    prim = ae[~plots.seed_repeats(ae)]  # one row per configuration, repeats with another seed left out
     rec, gen_name = plots.reconstruction_metric(ae), plots.generation_metric(ae)
     bases = plots.base_names(ae)
     gen = f"{gen_name}[{bases[0]}]" if gen_name and bases and f"{gen_name}[{bases[0]}]" in ae else None
