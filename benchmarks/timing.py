@@ -28,7 +28,8 @@ def time_calls(fn, device: torch.device, warmup: int, repeats: int) -> list[floa
 
 
 def write_results(path: str | None, env: dict, rows: list[dict]) -> None:
-    """{"env": ..., "rows": [...]} as JSON at `path` (nothing without a path)."""
+    """{"env": ..., "rows": [...]} as JSON at `path` (nothing without a path), written atomically."""
     if path:
-        with open(path, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
+        from ulsweep.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps({"env": env, "rows": rows}, indent=1))

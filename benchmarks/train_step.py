@@ -129,6 +129,8 @@ KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")),
 
 def kernel_kind(name: str) -> str:
     n = name.lower()
+    if n.startswith("triton_") and not n.startswith("triton_tem"):  # Inductor's fused pointwise/reduction
+        return "norm/elementwise (fused)"  # kernels, named after the ops fused in ("..._convolution_mul_...")
     for kind, keys in KERNEL_KINDS:
         if any(k in n for k in keys):
             return kind

@@ -1,0 +1,44 @@
+"""The benchmark scripts run (tiny sizes, CPU) and report what they measured consistently; the profile's
+kernel categories on kernel names taken from an H200 run. Speeds are never asserted here."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import train_step  # noqa: E402  (benchmarks/train_step.py)
+
+
+def test_train_step_writes_rows_whose_mfu_follows_from_its_own_numbers(tmp_path):
+    out = tmp_path / "r.json"
+    assert train_step.main(["--preset", "tiny", "--image-size", "16", "--stages", "ae", "prior", "base",
+                            "--batch", "4", "--modes", "eager", "--warmup", "1", "--iters", "2",
+                            "--peak-tflops", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["env"]["args"]["stages"] == ["ae", "prior", "base"]
+    rows = res["rows"]
+    assert [r["stage"] for r in rows] == ["ae", "prior", "base"]
+    for r in rows:
+        assert r["step_s"] > 0 and r["fwd_gflop_per_image"] > 0
+        assert r["images_per_s"] == pytest.approx(4 / r["step_s"])
+        # MFU = 3 x forward FLOPs x images/s / peak (1 TFLOP/s here)
+        assert r["mfu"] == pytest.approx(3 * r["fwd_gflop_per_image"] * 1e9 * r["images_per_s"] / 1e12)
+
+
+def test_kernel_kinds_of_an_h200_profile():
+    top = json.loads((BENCH / "results" / "h200-train-step-paper-ae-compiled-loss.json").read_text())
+    names = list(top["rows"][0]["profile"]["top_kernels_ms"])
+    kinds = {n: train_step.kernel_kind(n) for n in names}
+    assert kinds[next(n for n in names if n.startswith("void at::native::elementwise_kernel"))] == \
+        "norm/elementwise (eager)"
+    # Inductor names fused kernels after their ops: "triton_poi_fused_..._convolution_..." is not a convolution
+    assert any("convolution" in n for n in names if n.startswith("triton_"))
+    assert all(k == "norm/elementwise (fused)" for n, k in kinds.items() if n.startswith("triton_"))
+    assert all(k == "conv" for n, k in kinds.items() if "_xmma_" in n and "implicit_gemm" in n)
+    assert all(k == "gemm" for n, k in kinds.items() if n.startswith("nvjet_"))
+    assert all(k == "attention" for n, k in kinds.items() if "sdpa" in n)
