@@ -35,6 +35,7 @@ def worker(cfg: dict) -> None:
     from train_step import STAGES, bench_experiment
 
     a = argparse.Namespace(**cfg["args"])
+    torch._dynamo.config.optimize_ddp = a.optimize_ddp  # how a compiled step meets DDP's gradient buckets
     exp = bench_experiment(a)
     gpu = torch.cuda.is_available()
     out = []
@@ -79,6 +80,9 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="default", choices=list(MODES))
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--optimize-ddp", default="ddp_optimizer", choices=["ddp_optimizer", "no_optimization"],
+                   help="torch._dynamo.config.optimize_ddp for compiled modes: split the graph at DDP's buckets "
+                        "so all-reduce overlaps backward (default), or one graph and all-reduce after it")
     p.add_argument("--cpu", action="store_true", help="gloo workers on CPU (a smoke test of the script)")
     a = p.parse_args(argv)
     import ray

@@ -2,7 +2,8 @@
 # Issue 8 on the device. `perf.sh single`: small-preset step (eager vs CUDA graphs) and packing on GPU 0,
 # paper-preset steps (prior, base, full stage 1; eager vs compile; profiler breakdown) on the last GPU, in
 # parallel when there are two. `perf.sh layout`: full stage 1 with the trials' weight layout vs channels_last.
-# `perf.sh ddp`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train.
+# `perf.sh ddp`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train; `perf.sh ddp-base`: the compiled base
+# model's scaling with and without Dynamo's DDP graph splitting.
 set -uo pipefail
 . benchmarks/device/env_b.sh
 gpus=$(nvidia-smi -L | wc -l); last=$((gpus - 1))
@@ -33,5 +34,12 @@ ddp)
   python3 benchmarks/ddp.py $paper --workers 1 2 --stages ae base --batch 16 --base-batch 64 --mode default \
      --out "$OUT/ddp.json" > "$OUT/ddp.log" 2>&1
   grep -vE "^\(|^\s*$" "$OUT/ddp.log" | tail -12
+  ;;
+ddp-base)  # the compiled base model's DDP scaling (66% in session 3) with both optimize_ddp settings
+  for o in ddp_optimizer no_optimization; do
+    python3 benchmarks/ddp.py $paper --workers 1 2 --stages base --base-batch 64 --mode default \
+       --optimize-ddp $o --out "$OUT/ddp-base-$o.json" > "$OUT/ddp-base-$o.log" 2>&1
+    echo "== $o"; grep -vE "^\(|^\s*$" "$OUT/ddp-base-$o.log" | tail -4
+  done
   ;;
 esac
