@@ -164,13 +164,18 @@ def _left_out_note(keys: Sequence[str], what: str) -> dict:
 # Fig. 8: quality vs latent bits/pixel, one line per sigmoid bias
 
 
+def seed_columns(df: pd.DataFrame) -> list[str]:
+    """Config seed columns (`*.seed`; `search.<key>` copies left out) that vary across the frame."""
+    return [c for c in df.columns
+            if c.endswith(".seed") and not c.startswith("search.") and df[c].nunique(dropna=True) > 1]
+
+
 def seed_repeats(df: pd.DataFrame) -> pd.Series:
-    """True for rows that repeat a configuration with another seed: a seed column (`*.seed`) that varies
-    across the frame and is not at its most common value."""
+    """True for rows that repeat a configuration with another seed: a varying seed column not at its most
+    common value."""
     mask = pd.Series(False, index=df.index)
-    for c in df.columns:
-        if c.endswith(".seed") and not c.startswith("search.") and df[c].nunique(dropna=True) > 1:
-            mask |= df[c] != df[c].mode().iloc[0]
+    for c in seed_columns(df):
+        mask |= df[c] != df[c].mode().iloc[0]
     return mask
 
 

@@ -31,7 +31,7 @@ def knobs(ae: pd.DataFrame) -> tuple[list[str], list[str]]:
     """(numeric knobs that vary across trials, seed columns that vary)."""
     # config columns (dotted keys); `search.<key>` repeats the searched keys, which appear as <key> too
     varying = [c for c in ae.columns if "." in c and not c.startswith("search.") and ae[c].nunique(dropna=True) > 1]
-    seeds = [c for c in varying if c.endswith(".seed")]
+    seeds = plots.seed_columns(ae)
     numeric = [c for c in varying if c not in seeds and pd.api.types.is_numeric_dtype(ae[c])]
     return numeric, seeds
 
