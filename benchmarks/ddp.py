@@ -80,9 +80,9 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="default", choices=list(MODES))
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--optimize-ddp", default="ddp_optimizer", choices=["ddp_optimizer", "no_optimization"],
-                   help="torch._dynamo.config.optimize_ddp for compiled modes: split the graph at DDP's buckets "
-                        "so all-reduce overlaps backward (default), or one graph and all-reduce after it")
+    p.add_argument("--optimize-ddp", nargs="+", default=["ddp_optimizer"], choices=["ddp_optimizer", "no_optimization"],
+                   help="torch._dynamo.config.optimize_ddp for compiled modes, one fit per setting on > 1 GPU: split "
+                        "the graph at DDP's buckets so all-reduce overlaps backward, or one graph and all-reduce after it")
     p.add_argument("--cpu", action="store_true", help="gloo workers on CPU (a smoke test of the script)")
     a = p.parse_args(argv)
     import ray
@@ -91,16 +91,19 @@ def main(argv=None) -> int:
         [HERE, os.path.join(HERE, ".."), os.environ.get("PYTHONPATH", "")])}})
     rows = []
     for n in a.workers:
-        for r in fit(n, vars(a), use_gpu=not a.cpu):
-            ips = r["world"] * r["batch_per_gpu"] / r["step_s"]
-            r.update({"images_per_s": ips, "mfu_per_gpu": 3 * r["fwd_gflop_per_image"] * 1e9 * ips / r["world"]
-                      / (a.peak_tflops * 1e12)})
-            rows.append(r)
-    print(f"{'stage':6} {'GPUs':>4} {'batch/GPU':>9} {'step ms':>8} {'img/s':>9} {'MFU/GPU':>8} {'scaling':>8}")
+        # one process has no DDP, so optimize_ddp cannot matter there: one fit, its rows shared by every setting
+        for o in (a.optimize_ddp[:1] if n == 1 else a.optimize_ddp):
+            for r in fit(n, {**vars(a), "optimize_ddp": o}, use_gpu=not a.cpu):
+                ips = r["world"] * r["batch_per_gpu"] / r["step_s"]
+                r.update({"optimize_ddp": o if n > 1 else "-", "images_per_s": ips,
+                          "mfu_per_gpu": 3 * r["fwd_gflop_per_image"] * 1e9 * ips / r["world"] / (a.peak_tflops * 1e12)})
+                rows.append(r)
+    print(f"{'stage':6} {'GPUs':>4} {'optimize_ddp':>15} {'batch/GPU':>9} {'step ms':>8} {'img/s':>9} {'MFU/GPU':>8} "
+          f"{'scaling':>8}")
     for r in rows:
         one = next(x for x in rows if x["stage"] == r["stage"] and x["world"] == min(a.workers))
         r["scaling_efficiency"] = r["images_per_s"] / (r["world"] / one["world"] * one["images_per_s"])
-        print(f"{r['stage']:6} {r['world']:>4} {r['batch_per_gpu']:>9} {1e3 * r['step_s']:>8.1f} "
+        print(f"{r['stage']:6} {r['world']:>4} {r['optimize_ddp']:>15} {r['batch_per_gpu']:>9} {1e3 * r['step_s']:>8.1f} "
               f"{r['images_per_s']:>9.1f} {100 * r['mfu_per_gpu']:>7.1f}% {100 * r['scaling_efficiency']:>7.1f}%")
     write_results(a.out, {"ray": ray.__version__, "args": vars(a)}, rows)
     ray.shutdown()

@@ -6,7 +6,8 @@
 
 For each (stage, batch, mode) it times full optimizer steps of the library's own loss and step functions
 (`stage1_losses`, `prior_loss`, `base_loss`, `TrainState.optimizer_step`) on synthetic data already on the
-device, compiled by the library's `compile_module` (modes: eager, default, reduce-overhead = CUDA graphs),
+device, compiled by the library's `compile_module` (modes: eager, default, reduce-overhead = CUDA graphs,
+max-autotune = Inductor's GEMM/conv autotuning and epilogue fusion without CUDA graphs),
 and reports images/s, MFU and peak memory. Model FLOPs come from ulsweep's FLOP counter (forward GFLOP per
 image x 3 for training, the paper's rule); MFU is against the dense bf16 peak `--peak-tflops` (989 for
 H100/H200 SXM). `--profile` adds, per row, where the GPU time of a few steps goes (GEMM, attention, conv,
@@ -37,7 +38,8 @@ from ulsweep.train.sampling import prior_schedule  # noqa: E402
 from ulsweep.train.stage1 import Stage1Objective, draw_noise  # noqa: E402
 from ulsweep.train.stage2 import BaseObjective, base_schedule  # noqa: E402
 
-MODES = {"eager": False, "default": "default", "reduce-overhead": "reduce-overhead"}
+MODES = {"eager": False, "default": "default", "reduce-overhead": "reduce-overhead",
+         "max-autotune": "max-autotune-no-cudagraphs"}  # train.compile values of the library
 
 
 def latent_shape(exp) -> tuple[int, int, int]:

@@ -2,10 +2,14 @@
 # Issue 8 on the device. `perf.sh single`: small-preset step (eager vs CUDA graphs) and packing on GPU 0,
 # paper-preset steps (prior, base, full stage 1; eager vs compile; profiler breakdown) on the last GPU, in
 # parallel when there are two. `perf.sh layout`: full stage 1 with the trials' weight layout vs channels_last.
+# `perf.sh tune`: the base model with max-autotune and a larger batch beside `layout` (2 GPUs, ~9 min).
 # `perf.sh ddp`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train; `perf.sh ddp-base`: the compiled base
 # model's scaling with and without Dynamo's DDP graph splitting.
 set -uo pipefail
-. benchmarks/device/env_b.sh
+case "${1:-single}" in  # train_step.py alone needs no Ray: `tune` and `layout` run in the call that installs it
+  tune|layout) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
+  *) . benchmarks/device/env_b.sh ;;
+esac
 gpus=$(nvidia-smi -L | wc -l); last=$((gpus - 1))
 paper="--preset paper --image-size 512 --channels 3 --downsample 16 --latent-channels 32"
 small="--preset small --image-size 32 --channels 1"
@@ -30,16 +34,26 @@ layout)  # full stage 1: weights in the default layout (as the trials) vs channe
   wait
   for f in ae ae_cl; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | tail -9; done
   ;;
+tune)  # GPU 0: base model, compile default vs max-autotune at batch 128, default at 256; last GPU: `layout`
+  (CUDA_VISIBLE_DEVICES=$last timeout 300 python3 benchmarks/train_step.py $paper --stages ae --batch 16 \
+     --modes default --profile --out "$OUT/ae.json" > "$OUT/ae.log" 2>&1
+   CUDA_VISIBLE_DEVICES=$last timeout 240 python3 benchmarks/train_step.py $paper --stages ae --batch 16 \
+     --modes default --profile --channels-last --out "$OUT/ae_cl.json" > "$OUT/ae_cl.log" 2>&1) &
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/train_step.py $paper --stages base --base-batch 128 256 \
+     --modes default --profile --out "$OUT/base.json" > "$OUT/base.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout 380 python3 benchmarks/train_step.py $paper --stages base --base-batch 128 \
+     --modes max-autotune --profile --out "$OUT/base_mat.json" > "$OUT/base_mat.log" 2>&1
+  wait
+  for f in base base_mat ae ae_cl; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | tail -12; done
+  ;;
 ddp)
   python3 benchmarks/ddp.py $paper --workers 1 2 --stages ae base --batch 16 --base-batch 64 --mode default \
      --out "$OUT/ddp.json" > "$OUT/ddp.log" 2>&1
   grep -vE "^\(|^\s*$" "$OUT/ddp.log" | tail -12
   ;;
-ddp-base)  # the compiled base model's DDP scaling (66% in session 3) with both optimize_ddp settings
-  for o in ddp_optimizer no_optimization; do
-    python3 benchmarks/ddp.py $paper --workers 1 2 --stages base --base-batch 64 --mode default \
-       --optimize-ddp $o --out "$OUT/ddp-base-$o.json" > "$OUT/ddp-base-$o.log" 2>&1
-    echo "== $o"; grep -vE "^\(|^\s*$" "$OUT/ddp-base-$o.log" | tail -4
-  done
+ddp-base)  # the compiled base model's DDP scaling (66% in session 3) with both optimize_ddp settings, side by side
+  python3 benchmarks/ddp.py $paper --workers 1 2 --stages base --base-batch 64 --mode default \
+     --optimize-ddp no_optimization ddp_optimizer --out "$OUT/ddp-base.json" > "$OUT/ddp-base.log" 2>&1
+  grep -vE "^\(|^\s*$" "$OUT/ddp-base.log" | tail -5
   ;;
 esac
