@@ -17,6 +17,7 @@ Prints a table and writes JSON. Absolute numbers are only meaningful on a GPU.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import platform
 import statistics
@@ -205,7 +206,18 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--profile", action="store_true", help="add a GPU-time breakdown of 5 steps per row")
+    p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="torch._inductor.config settings for every compiled row, e.g. coordinate_descent_tuning=True")
     a = p.parse_args(argv)
+    for kv in a.inductor:
+        key, _, value = kv.partition("=")
+        if not hasattr(torch._inductor.config, key):
+            p.error(f"--inductor {kv}: torch._inductor.config has no {key!r}")
+        try:
+            value = ast.literal_eval(value)  # True, 4, 0.5, ...; anything else stays a string
+        except (ValueError, SyntaxError):
+            pass
+        setattr(torch._inductor.config, key, value)
     exp = bench_experiment(a)
     rows = []
     print(f"{'stage':6} {'batch':>5} {'mode':>15} {'step ms':>9} {'img/s':>10} {'GFLOP/img':>10} {'MFU':>7} "
