@@ -41,7 +41,7 @@ def worker(cfg: dict) -> None:
     out = []
     for stage in a.stages:
         batch = a.batch if stage == "ae" else a.base_batch
-        step, fwd, rt = STAGES[stage](exp, batch, a.mode, a.channels, a.channels_last)
+        step, fwd, rt = STAGES[stage](exp, batch, a.mode, a.channels, a.channels_last, a.dropout)
         times = time_calls(step, rt.device, a.warmup, a.iters)
         t = torch.tensor([statistics.median(times)], device=rt.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace

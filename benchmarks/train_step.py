@@ -48,12 +48,21 @@ def latent_shape(exp) -> tuple[int, int, int]:
     return exp.ae.model.latent_channels, s // d, s // d
 
 
-def step_stage1(exp, batch: int, mode: str, channels: int, channels_last: bool = False):
+def set_dropout(module: torch.nn.Module, p: float | None) -> torch.nn.Module:
+    """Every dropout layer of `module` at rate p (None: the preset's rate); to measure what dropout costs."""
+    if p is not None:
+        for m in module.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = p
+    return module
+
+
+def step_stage1(exp, batch: int, mode: str, channels: int, channels_last: bool = False, dropout=None):
     """One stage-1 optimizer step as a closure, and the forward GFLOP per image it trains. `channels_last`
     puts the autoencoder's weights in that memory format (the trials do not)."""
     rt = make_runtime(exp.ae.train)
     s = exp.data.image_size
-    ae = build_autoencoder(exp.ae, channels).to(rt.device)
+    ae = set_dropout(build_autoencoder(exp.ae, channels).to(rt.device), dropout)
     if rt.device.type == "cuda" and channels_last:
         ae = ae.to(memory_format=torch.channels_last)
     ts = TrainState(ae, exp.ae.optim, rt, seed=0)
@@ -99,7 +108,7 @@ class PriorObjective(torch.nn.Module):
         return prior_loss(z, x_from_v(z_t, self.prior(z_t, lam).float(), lam), lam, dlam, self.sched.logsnr_1)
 
 
-def step_prior(exp, batch: int, mode: str, channels: int, channels_last: bool = False):  # (no convolutions)
+def step_prior(exp, batch: int, mode: str, channels: int, channels_last: bool = False, dropout=None):
     """The prior ViT trained alone: the stage-1 part the paper's §5 MFU numbers single out."""
     rt = make_runtime(exp.ae.train)
     prior = build_autoencoder(exp.ae, channels).prior.to(rt.device)
@@ -108,11 +117,11 @@ def step_prior(exp, batch: int, mode: str, channels: int, channels_last: bool = 
     return step, model_gflops(exp, channels)["prior"], rt
 
 
-def step_stage2(exp, batch: int, mode: str, channels: int, channels_last: bool = False):  # (no convolutions)
+def step_stage2(exp, batch: int, mode: str, channels: int, channels_last: bool = False, dropout=None):
     rt = make_runtime(exp.ae.train)
     shape = latent_shape(exp)
     bc = exp.base_models[0]
-    net = build_base_model(bc, shape[0]).to(rt.device)
+    net = set_dropout(build_base_model(bc, shape[0]).to(rt.device), dropout)
     objective = BaseObjective(net, base_schedule(exp, bc), bc.loss.sigmoid_bias)  # the library's stage-2 loss
     step = _latent_step(net, objective, bc.optim, exp, batch, mode, rt)
     fwd = gflops_per_image(build_base_model(bc, shape[0]), torch.zeros(2, *shape), torch.zeros(2))
@@ -190,6 +199,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--downsample", type=int, default=4)
     p.add_argument("--latent-channels", type=int, default=8)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
+    p.add_argument("--dropout", type=float, default=None, help="dropout rate of every network (default: the "
+                   "preset's, 0.1 in the paper decoder and base model); 0 measures what the dropout costs")
     p.add_argument("--channels-last", action="store_true", help="autoencoder weights in channels_last memory "
                    "format (the trials do not do this; for comparison)")
     p.add_argument("--out", default=None)
@@ -229,7 +240,7 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 try:
-                    step, fwd, rt = STAGES[stage](exp, batch, mode, a.channels, a.channels_last)
+                    step, fwd, rt = STAGES[stage](exp, batch, mode, a.channels, a.channels_last, a.dropout)
                     times = time_calls(step, rt.device, a.warmup, a.iters)
                     prof = profile_step(step, rt.device) if a.profile and rt.device.type == "cuda" else None
                 except torch.OutOfMemoryError:
