@@ -24,6 +24,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 from timing import write_results  # noqa: E402
 from train_step import MODES, STAGES, add_model_args  # noqa: E402
 
+from ulsweep.train.common import DDP_COMPILE  # noqa: E402
+
 
 def worker(cfg: dict) -> None:
     """Ray Train worker: time every stage's step at this world size; rank 0 writes the result file."""
@@ -34,8 +36,10 @@ def worker(cfg: dict) -> None:
     from timing import time_calls
     from train_step import STAGES, bench_experiment
 
+    from ulsweep.train import common
+
     a = argparse.Namespace(**cfg["args"])
-    torch._dynamo.config.optimize_ddp = a.optimize_ddp  # how a compiled step meets DDP's gradient buckets
+    common.DDP_COMPILE = a.optimize_ddp  # how the library's compiled step meets DDP's gradient buckets
     exp = bench_experiment(a)
     gpu = torch.cuda.is_available()
     out = []
@@ -80,9 +84,10 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="default", choices=list(MODES))
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--optimize-ddp", nargs="+", default=["ddp_optimizer"], choices=["ddp_optimizer", "no_optimization"],
-                   help="torch._dynamo.config.optimize_ddp for compiled modes, one fit per setting on > 1 GPU: split "
-                        "the graph at DDP's buckets so all-reduce overlaps backward, or one graph and all-reduce after it")
+    p.add_argument("--optimize-ddp", nargs="+", default=[DDP_COMPILE], choices=["ddp_optimizer", "no_optimization"],
+                   help="torch._dynamo.config.optimize_ddp of compiled modes, one fit per setting on > 1 GPU: one "
+                        "graph and all-reduce after the backward, or the graph split at DDP's buckets so that "
+                        f"all-reduce overlaps the backward (default: the library's, {DDP_COMPILE})")
     p.add_argument("--cpu", action="store_true", help="gloo workers on CPU (a smoke test of the script)")
     a = p.parse_args(argv)
     import ray
@@ -95,16 +100,17 @@ def main(argv=None) -> int:
         for o in (a.optimize_ddp[:1] if n == 1 else a.optimize_ddp):
             for r in fit(n, {**vars(a), "optimize_ddp": o}, use_gpu=not a.cpu):
                 ips = r["world"] * r["batch_per_gpu"] / r["step_s"]
-                r.update({"optimize_ddp": o if n > 1 else "-", "images_per_s": ips,
-                          "mfu_per_gpu": 3 * r["fwd_gflop_per_image"] * 1e9 * ips / r["world"] / (a.peak_tflops * 1e12)})
+                mfu = 3 * r["fwd_gflop_per_image"] * 1e9 * ips / r["world"] / (a.peak_tflops * 1e12)
+                r.update({"optimize_ddp": o if n > 1 else "-", "images_per_s": ips, "mfu_per_gpu": mfu})
                 rows.append(r)
     print(f"{'stage':6} {'GPUs':>4} {'optimize_ddp':>15} {'batch/GPU':>9} {'step ms':>8} {'img/s':>9} {'MFU/GPU':>8} "
           f"{'scaling':>8}")
     for r in rows:
         one = next(x for x in rows if x["stage"] == r["stage"] and x["world"] == min(a.workers))
         r["scaling_efficiency"] = r["images_per_s"] / (r["world"] / one["world"] * one["images_per_s"])
-        print(f"{r['stage']:6} {r['world']:>4} {r['optimize_ddp']:>15} {r['batch_per_gpu']:>9} {1e3 * r['step_s']:>8.1f} "
-              f"{r['images_per_s']:>9.1f} {100 * r['mfu_per_gpu']:>7.1f}% {100 * r['scaling_efficiency']:>7.1f}%")
+        print(f"{r['stage']:6} {r['world']:>4} {r['optimize_ddp']:>15} {r['batch_per_gpu']:>9} "
+              f"{1e3 * r['step_s']:>8.1f} {r['images_per_s']:>9.1f} {100 * r['mfu_per_gpu']:>7.1f}% "
+              f"{100 * r['scaling_efficiency']:>7.1f}%")
     write_results(a.out, {"ray": ray.__version__, "args": vars(a)}, rows)
     ray.shutdown()
     return 0

@@ -132,6 +132,7 @@ STAGES = {"ae": step_stage1, "prior": step_prior, "base": step_stage2}
 
 # GPU kernel name fragments -> category of the profile breakdown (first match wins)
 KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")),
+                ("layout conversion", ("nchwtonhwc", "nhwctonchw")),  # cuDNN's own NCHW <-> NHWC transposes
                 ("conv", ("conv", "implicit_gemm", "cudnn", "wgrad", "dgrad", "fprop", "xmma")),
                 ("gemm", ("gemm", "cutlass", "nvjet", "sm90_", "sm80_", "matmul", "splitk")),
                 ("optimizer", ("adam", "foreach", "multi_tensor")),

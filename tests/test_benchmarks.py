@@ -42,3 +42,14 @@ def test_kernel_kinds_of_an_h200_profile():
     assert all(k == "conv" for n, k in kinds.items() if "_xmma_" in n and "implicit_gemm" in n)
     assert all(k == "gemm" for n, k in kinds.items() if n.startswith("nvjet_"))
     assert all(k == "attention" for n, k in kinds.items() if "sdpa" in n)
+
+
+def test_cudnn_layout_transposes_are_not_convolutions():
+    """cuDNN converts NCHW activations to NHWC and back around its NHWC kernels (20% of the stage-1 step in
+    session 4's default-layout run): that is memory traffic, not convolution arithmetic."""
+    top = json.loads((BENCH / "results" / "h200-train-step-paper-ae-default-layout.json").read_text())
+    names = list(top["rows"][0]["profile"]["top_kernels_ms"])
+    transposes = [n for n in names if "nchwToNhwc" in n or "nhwcToNchw" in n]
+    assert len(transposes) == 2 and all(n.startswith("void cudnn::") for n in transposes)
+    assert {train_step.kernel_kind(n) for n in transposes} == {"layout conversion"}
+    assert all(train_step.kernel_kind(n) == "conv" for n in names if "_xmma_" in n and "implicit_gemm" in n)

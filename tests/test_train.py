@@ -268,6 +268,23 @@ def test_cuda_graphs_stay_in_the_first_thread_that_asks(monkeypatch, capsys):
     assert compile_mode("max-autotune-no-cudagraphs", cuda) == "max-autotune-no-cudagraphs"
 
 
+def test_compiled_ddp_uses_the_librarys_bucket_setting(monkeypatch):
+    """Under DDP, compile_module sets Dynamo's optimize_ddp to common.DDP_COMPILE (one graph, all-reduce after
+    the backward: what measured best on 2 x H200); a single process and eager DDP leave Dynamo's setting alone."""
+    from ulsweep.train import common
+    from ulsweep.train.common import Runtime, compile_module
+
+    cpu1, cpu2 = Runtime(torch.device("cpu"), None, 0, 1), Runtime(torch.device("cpu"), None, 0, 2)
+    net = torch.nn.Linear(2, 2)
+    with torch._dynamo.config.patch(optimize_ddp="ddp_optimizer"):  # restores Dynamo's setting afterwards
+        assert compile_module(net, False, cpu2) is net
+        compile_module(net, True, cpu1)
+        assert torch._dynamo.config.optimize_ddp == "ddp_optimizer"
+        monkeypatch.setattr(common, "DDP_COMPILE", "no_optimization")
+        compiled = compile_module(net, "default", cpu2)
+        assert torch._dynamo.config.optimize_ddp == "no_optimization" and compiled is not net
+
+
 def test_compiled_objectives_match_eager_losses():
     """Stage-1 and base objectives (what DDP wraps and torch.compile traces) give the eager losses."""
     from ulsweep.diffusion import base_loss, diffuse, x_from_v

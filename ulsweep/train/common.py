@@ -96,10 +96,23 @@ def wrap_ddp(module: nn.Module, rt: Runtime) -> nn.Module:
     return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
+# How a compiled step meets DDP's gradient buckets (torch._dynamo.config.optimize_ddp): "no_optimization"
+# compiles the forward and the backward as one graph each and all-reduces the gradients after the backward;
+# "ddp_optimizer" splits the graph at every 25-MB bucket so that all-reduce overlaps the backward, at the price
+# of fusion across the splits. Paper base model, batch 64 a GPU, 2 x H200, one run: scaling 91.7% vs 87.6%
+# (benchmarks/README.md, `benchmarks/ddp.py --optimize-ddp no_optimization ddp_optimizer`).
+DDP_COMPILE = "no_optimization"
+
+
 def compile_module(module: nn.Module, setting: bool | str, rt: Runtime) -> nn.Module:
-    """torch.compile per `train.compile` (False: the module itself), in the mode `compile_mode` picks."""
+    """torch.compile per `train.compile` (False: the module itself), in the mode `compile_mode` picks; under
+    DDP (more than one worker) with `DDP_COMPILE` as Dynamo's way of meeting DDP's buckets."""
     mode = compile_mode(setting, rt)
-    return module if mode is None else torch.compile(module, mode=mode)
+    if mode is None:
+        return module
+    if rt.world > 1:
+        torch._dynamo.config.optimize_ddp = DDP_COMPILE
+    return torch.compile(module, mode=mode)
 
 
 _cuda_graph_owner: threading.Thread | None = None  # the one thread of this process that may use CUDA graphs
