@@ -57,18 +57,22 @@ def set_dropout(module: torch.nn.Module, p: float | None) -> torch.nn.Module:
     return module
 
 
-def step_stage1(exp, batch: int, mode: str, channels: int, channels_last: bool = False, dropout=None):
-    """One stage-1 optimizer step as a closure, and the forward GFLOP per image it trains. `channels_last`
-    puts the autoencoder's weights in that memory format (the trials do not)."""
+def step_stage1(exp, batch: int, mode: str, channels: int, channels_last: str = "none", dropout=None):
+    """One stage-1 optimizer step as a closure, and the forward GFLOP per image it trains. `channels_last`:
+    "weights" puts the autoencoder's weights in that memory format, "all" the input images too (the trials
+    do neither)."""
     rt = make_runtime(exp.ae.train)
     s = exp.data.image_size
     ae = set_dropout(build_autoencoder(exp.ae, channels).to(rt.device), dropout)
-    if rt.device.type == "cuda" and channels_last:
+    cl = rt.device.type == "cuda" and channels_last in ("weights", "all")
+    if cl:
         ae = ae.to(memory_format=torch.channels_last)
     ts = TrainState(ae, exp.ae.optim, rt, seed=0)
     # the trials' module: losses and networks compiled together, DDP only under torch.distributed
     model = compile_module(wrap_ddp(Stage1Objective(ae, exp), rt), MODES[mode], rt)
     x = torch.rand(batch, channels, s, s, device=rt.device) * 2 - 1
+    if cl and channels_last == "all":
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def step():
         noise = draw_noise(batch, latent_shape(exp), (channels, s, s), ts.gen, rt.device)
@@ -108,7 +112,7 @@ class PriorObjective(torch.nn.Module):
         return prior_loss(z, x_from_v(z_t, self.prior(z_t, lam).float(), lam), lam, dlam, self.sched.logsnr_1)
 
 
-def step_prior(exp, batch: int, mode: str, channels: int, channels_last: bool = False, dropout=None):
+def step_prior(exp, batch: int, mode: str, channels: int, channels_last: str = "none", dropout=None):
     """The prior ViT trained alone: the stage-1 part the paper's §5 MFU numbers single out."""
     rt = make_runtime(exp.ae.train)
     prior = build_autoencoder(exp.ae, channels).prior.to(rt.device)
@@ -117,7 +121,7 @@ def step_prior(exp, batch: int, mode: str, channels: int, channels_last: bool = 
     return step, model_gflops(exp, channels)["prior"], rt
 
 
-def step_stage2(exp, batch: int, mode: str, channels: int, channels_last: bool = False, dropout=None):
+def step_stage2(exp, batch: int, mode: str, channels: int, channels_last: str = "none", dropout=None):
     rt = make_runtime(exp.ae.train)
     shape = latent_shape(exp)
     bc = exp.base_models[0]
@@ -202,8 +206,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     p.add_argument("--dropout", type=float, default=None, help="dropout rate of every network (default: the "
                    "preset's, 0.1 in the paper decoder and base model); 0 measures what the dropout costs")
-    p.add_argument("--channels-last", action="store_true", help="autoencoder weights in channels_last memory "
-                   "format (the trials do not do this; for comparison)")
+    p.add_argument("--channels-last", nargs="?", const="weights", default="none", choices=["none", "weights", "all"],
+                   help="channels_last memory format for the autoencoder's weights (bare flag: 'weights') or its "
+                        "weights and input images ('all'); the trials use neither")
     p.add_argument("--out", default=None)
 
 
