@@ -435,14 +435,13 @@ def train_worker(wcfg: dict) -> None:
             res = train_ae(exp, run_dir, hooks)
         else:
             res = get_train_base()(exp, find_base(exp, wcfg["base"]), wcfg["ae_checkpoint"], run_dir, hooks)
-    except _deterministic_errors() as e:  # retrying would fail the same way: record it, so that Ray Train's restart
-        if rank == 0:           # of the worker group (FailureConfig) does not train again
-            _write_failure(run_dir, wcfg.get("attempt"), e)
-        raise
-    finally:
+    except BaseException as e:
+        if rank == 0 and isinstance(e, _deterministic_errors()):  # retrying would fail the same way: recorded,
+            _write_failure(run_dir, wcfg.get("attempt"), e)  # so that Ray Train's restart does not train again
         hooks.close()  # the curve up to the failure is kept too
+        raise
     loop_seconds = time.perf_counter() - t0
-    final = hooks.finish(res, loop_seconds)
+    final = hooks.finish(res, loop_seconds)  # the final points join the curves, then the buffer closes
     final.update({"kind": wcfg["kind"], "key": wcfg["key"], "final": 1.0, "t_worker": t_worker,
                   "t_loop": t_loop, "t_loop_end": t_loop + loop_seconds})
     if rank == 0:
