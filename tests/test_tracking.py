@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from mlflow.entities import Metric
 
 from ulsweep import tracking
 
@@ -131,3 +132,23 @@ def test_a_finished_trial_sends_its_final_metrics_instead_of_spooling_them(store
     final = c.get_run(run_id).data.metrics
     assert final["bpp"] == pytest.approx(reported[-1]["bpp"]) and final["step"] == 6
     assert [m.step for m in c.get_metric_history(run_id, "loss")] == [2, 4, 6]
+
+
+def test_deduping_buffer_keeps_one_point_per_key_and_step(store):
+    """With dedupe, a point at a step the curve already reached is dropped, whether MLflow held it before the
+    buffer started, this buffer sent it earlier, or it sits in the same batch; other keys are untouched."""
+    uri, c, eid = store
+    run = c.create_run(eid).info.run_id
+    c.log_batch(run, metrics=[Metric("loss", 9.0, 0, 2)])  # a previous attempt of the loop logged step 2
+    buf = tracking.MetricBuffer(c, run, flush_s=3600, dedupe=True)
+    for step in (1, 2, 3, 4):
+        buf.add(step, {"loss": 1.0 / step})
+    buf.add(4, {"loss": 0.5, "bpp": 0.1})  # a final value at the curve's last step, in the same batch
+    assert buf.flush()
+    buf.add(4, {"loss": 0.25, "bpp": 0.2})  # and once more after that batch went through
+    buf.add(5, {"loss": 0.2})
+    assert buf.flush()
+    loss = sorted((m.step, m.value) for m in c.get_metric_history(run, "loss"))
+    assert loss == [(2, 9.0), (3, 1 / 3), (4, 0.25), (5, 0.2)]
+    assert [(m.step, m.value) for m in c.get_metric_history(run, "bpp")] == [(4, 0.1)]
+    assert buf.dropped_duplicates == 5  # steps 1 and 2, loss at 4 twice, bpp at 4 once

@@ -10,8 +10,8 @@ MLflow, or on disk.
 
 Resumed loops re-run the steps between their checkpoint and the point where they stopped. With
 `dedupe=True` a point is dropped when MLflow already holds a point of that key at that step or later
-(the high-water mark is read from the run before the first send), so a curve has one point per step:
-no duplicates, and no rewind past what was already logged.
+(the high-water mark is read from the run before the first send and follows every point sent since), so a
+curve has one point per step: no duplicates, and no rewind past what was already logged.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ class MetricBuffer:
                  dedupe: bool = False, spool_dir: str | None = None, max_backoff_s: float = 30.0):
         self.c, self.run_id, self.flush_s, self.max_items, self.prefix = c, run_id, flush_s, max_items, prefix
         self.spool_dir, self.max_backoff_s = spool_dir, max_backoff_s
-        self._hwm: dict[str, int] | None = None if dedupe else {}
+        self._dedupe = dedupe
+        self._hwm: dict[str, int] | None = None  # dedupe: highest step of each key in MLflow, read on first send
         self._pending: list = []  # mlflow.entities.Metric, oldest first
         self._cv = threading.Condition()
         self._last = time.monotonic()
@@ -150,11 +151,19 @@ class MetricBuffer:
                 self._cv.notify_all()
 
     def _send(self, batch: list) -> int:
-        if self._hwm is None:  # dedupe: what the run already holds (a resumed loop re-runs steps)
+        if not self._dedupe:
+            self.c.log_batch(self.run_id, metrics=batch)
+            return len(batch)
+        if self._hwm is None:  # what the run already holds (a resumed loop re-runs steps)
             self._hwm = high_water_marks(self.c, self.run_id)
-        fresh = [m for m in batch if m.step > self._hwm.get(m.key, -1)]
+        hwm, fresh = dict(self._hwm), []
+        for m in batch:  # oldest first; what this buffer sent counts too (a final value at the curve's last step)
+            if m.step > hwm.get(m.key, -1):
+                fresh.append(m)
+                hwm[m.key] = m.step
         if fresh:
             self.c.log_batch(self.run_id, metrics=fresh)
+        self._hwm = hwm  # only once MLflow holds them
         return len(fresh)
 
 
