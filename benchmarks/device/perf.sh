@@ -2,12 +2,13 @@
 # Issue 8 on the device. `perf.sh single`: small-preset step (eager vs CUDA graphs) and packing on GPU 0,
 # paper-preset steps (prior, base, full stage 1; eager vs compile; profiler breakdown) on the last GPU, in
 # parallel when there are two. `perf.sh layout`: full stage 1 with the trials' weight layout vs channels_last.
-# `perf.sh tune`: the base model with max-autotune and a larger batch beside `layout` (2 GPUs, ~9 min).
+# `perf.sh tune`: the base model with max-autotune and a larger batch beside `layout` (2 GPUs, ~9 min);
+# `perf.sh next`: stage 1 with channels_last activations, the base model at batch 256 (2 GPUs, ~5 min).
 # `perf.sh ddp`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train; `perf.sh ddp-base`: the compiled base
 # model's scaling with and without Dynamo's DDP graph splitting.
 set -uo pipefail
 case "${1:-single}" in  # train_step.py alone needs no Ray: `tune` and `layout` run in the call that installs it
-  tune|layout) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
+  tune|layout|next) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
   *) . benchmarks/device/env_b.sh ;;
 esac
 gpus=$(nvidia-smi -L | wc -l); last=$((gpus - 1))
@@ -45,6 +46,15 @@ tune)  # GPU 0: base model, compile default vs max-autotune at batch 128, defaul
      --modes max-autotune --profile --out "$OUT/base_mat.json" > "$OUT/base_mat.log" 2>&1
   wait
   for f in base base_mat ae ae_cl; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | tail -12; done
+  ;;
+next)  # session 4's open experiments (2 GPUs, ~5 min): stage 1 with channels_last activations end to end on
+       # GPU 0; the base model at batch 256 on the last GPU (H200: ~95 GiB)
+  (CUDA_VISIBLE_DEVICES=$last timeout 300 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 \
+     --modes default --profile --out "$OUT/base256.json" > "$OUT/base256.log" 2>&1) &
+  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/train_step.py $paper --stages ae --batch 16 --modes default \
+     --profile --channels-last all --out "$OUT/ae_cl_all.json" > "$OUT/ae_cl_all.log" 2>&1
+  wait
+  for f in ae_cl_all base256; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | tail -9; done
   ;;
 ddp)
   python3 benchmarks/ddp.py $paper --workers 1 2 --stages ae base --batch 16 --base-batch 64 --mode default \
