@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import itertools
 import os
 import platform
 import statistics
@@ -30,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from timing import sync, time_calls, write_results  # noqa: E402  (benchmarks/timing.py, beside this script)
 
+import ulsweep.models.dropout as dropout_mod  # noqa: E402
 from ulsweep.config import experiment_from_dict  # noqa: E402
 from ulsweep.diffusion import diffuse, low_discrepancy_times, prior_loss, x_from_v  # noqa: E402
 from ulsweep.metrics.flops import gflops_per_image, model_gflops  # noqa: E402
@@ -135,7 +137,8 @@ def step_stage2(exp, batch: int, mode: str, channels: int, channels_last: str = 
 STAGES = {"ae": step_stage1, "prior": step_prior, "base": step_stage2}
 
 # GPU kernel name fragments -> category of the profile breakdown (first match wins)
-KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa")),
+KERNEL_KINDS = (("dropout mask", ("keep_mask",)),  # ulsweep's Triton kernel (ulsweep/models/dropout.py)
+                ("attention", ("flash", "fmha", "attention", "sdpa")),
                 ("layout conversion", ("nchwtonhwc", "nhwctonchw")),  # cuDNN's own NCHW <-> NHWC transposes
                 ("conv", ("conv", "implicit_gemm", "cudnn", "wgrad", "dgrad", "fprop", "xmma")),
                 ("gemm", ("gemm", "cutlass", "nvjet", "sm90_", "sm80_", "matmul", "splitk")),
@@ -182,7 +185,7 @@ def profile_step(step, device: torch.device, steps: int = 5) -> dict:
                  key=lambda e: -e.self_device_time_total)[:12]
     return {"wall_s": wall, "gpu_busy_s": busy, "gpu_busy_frac": busy / wall,
             "by_kind_frac_of_gpu": {k: v / 1e6 / busy for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms": {k: v / 1e3 / steps for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]},
+            "top_kernels_ms": {k: v / 1e3 / steps for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:40]},
             "top_aten_ops_ms": [{"op": e.key, "shapes": str(e.input_shapes)[:160], "calls_per_step": e.count / steps,
                                  "ms_per_step": e.self_device_time_total / 1e3 / steps} for e in ops]}
 
@@ -223,6 +226,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--profile", action="store_true", help="add a GPU-time breakdown of 5 steps per row")
+    p.add_argument("--dropout-kernel", nargs="+", default=["triton"], choices=["triton", "torch"],
+                   help="compiled dropout's mask: ulsweep's Triton kernel (the library's default) or Inductor's "
+                        "own; several are measured side by side")
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                    help="torch._inductor.config settings for every compiled row, e.g. coordinate_descent_tuning=True")
     a = p.parse_args(argv)
@@ -236,12 +242,15 @@ def main(argv=None) -> int:
             pass
         setattr(torch._inductor.config, key, value)
     exp = bench_experiment(a)
+    env = {"torch": torch.__version__, "python": platform.python_version(),
+           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "args": vars(a)}
     rows = []
-    print(f"{'stage':6} {'batch':>5} {'mode':>15} {'step ms':>9} {'img/s':>10} {'GFLOP/img':>10} {'MFU':>7} "
+    print(f"{'stage':6} {'batch':>5} {'mode':>15} {'dropout':>7} {'step ms':>9} {'img/s':>10} {'GFLOP/img':>10} {'MFU':>7} "
           f"{'mem GiB':>8} {'GPU busy':>8}", flush=True)
     for stage in a.stages:
         for batch in (a.batch if stage == "ae" else (a.base_batch or a.batch)):
-            for mode in a.modes:
+            for mode, kernel in itertools.product(a.modes, a.dropout_kernel):
+                dropout_mod.USE_TRITON = kernel == "triton"
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
@@ -250,8 +259,10 @@ def main(argv=None) -> int:
                     times = time_calls(step, rt.device, a.warmup, a.iters)
                     prof = profile_step(step, rt.device) if a.profile and rt.device.type == "cuda" else None
                 except torch.OutOfMemoryError:
-                    rows.append({"stage": stage, "batch": batch, "mode": mode, "error": "out of memory"})
-                    print(f"{stage:6} {batch:>5} {mode:>15}  out of memory", flush=True)
+                    rows.append({"stage": stage, "batch": batch, "mode": mode, "dropout_kernel": kernel,
+                                 "error": "out of memory"})
+                    print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7}  out of memory", flush=True)
+                    write_results(a.out, env, rows)
                     continue
                 finally:
                     torch._dynamo.reset()  # each row compiles its own model; drop the previous graphs
@@ -261,12 +272,13 @@ def main(argv=None) -> int:
                 mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
                 row = {"stage": stage, "batch": batch, "mode": mode, "step_s": t, "images_per_s": ips,
                        "fwd_gflop_per_image": fwd, "mfu": mfu, "peak_mem_gib": mem,
-                       "device": str(rt.device), "amp": str(rt.amp_dtype)}
+                       "device": str(rt.device), "amp": str(rt.amp_dtype), "dropout_kernel": kernel}
                 if prof:
                     row["profile"] = prof
                 rows.append(row)
+                write_results(a.out, env, rows)  # after every row: a run cut off by a time limit keeps its rows
                 busy = f"{100 * prof['gpu_busy_frac']:.0f}%" if prof else "-"
-                print(f"{stage:6} {batch:>5} {mode:>15} {1e3 * t:>9.2f} {ips:>10.0f} {fwd:>10.3f} "
+                print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {1e3 * t:>9.2f} {ips:>10.0f} {fwd:>10.3f} "
                       f"{100 * mfu:>6.2f}% {mem:>8.2f} {busy:>8}", flush=True)
                 if prof:
                     print("        GPU time: " + ", ".join(f"{k} {100 * v:.0f}%"
@@ -274,9 +286,6 @@ def main(argv=None) -> int:
                     for o in prof["top_aten_ops_ms"][:6]:
                         print(f"        {o['ms_per_step']:7.2f} ms/step  {o['calls_per_step']:5.1f}x  {o['op']} "
                               f"{o['shapes'][:90]}", flush=True)
-    env = {"torch": torch.__version__, "python": platform.python_version(),
-           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "args": vars(a)}
-    write_results(a.out, env, rows)
     return 0
 
 

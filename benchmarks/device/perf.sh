@@ -4,11 +4,15 @@
 # parallel when there are two. `perf.sh layout`: full stage 1 with the trials' weight layout vs channels_last.
 # `perf.sh tune`: the base model with max-autotune and a larger batch beside `layout` (2 GPUs, ~9 min);
 # `perf.sh next`: stage 1 with channels_last activations, the base model at batch 256 (2 GPUs, ~5 min).
+# `perf.sh dropout` (1 GPU, ~9 min, carry .gpu/b for pytest): ulsweep's dropout mask on the GPU (tests,
+# micro-benchmark) and the base model with it vs Inductor's dropout, at batch 128 and 256.
+# `perf.sh base` (1 GPU, ~10 min): SDPA backends on the latent models' shapes, the base model's kernel list at
+# batch 128, and at batch 256 with Inductor's coordinate-descent tuning.
 # `perf.sh ddp`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train; `perf.sh ddp-base`: the compiled base
 # model's scaling with and without Dynamo's DDP graph splitting.
 set -uo pipefail
 case "${1:-single}" in  # train_step.py alone needs no Ray: `tune` and `layout` run in the call that installs it
-  tune|layout|next) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
+  tune|layout|next|dropout|base) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
   *) . benchmarks/device/env_b.sh ;;
 esac
 gpus=$(nvidia-smi -L | wc -l); last=$((gpus - 1))
@@ -55,6 +59,24 @@ next)  # session 4's open experiments (2 GPUs, ~5 min): stage 1 with channels_la
      --profile --channels-last all --out "$OUT/ae_cl_all.json" > "$OUT/ae_cl_all.log" 2>&1
   wait
   for f in ae_cl_all base256; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | tail -9; done
+  ;;
+dropout)
+  python3 -m pytest --version >/dev/null 2>&1 || python3 -m pip install -q --no-index --no-deps --target /tmp/site \
+    .gpu/b/pytest-*.whl .gpu/b/pluggy-*.whl .gpu/b/iniconfig-*.whl .gpu/b/packaging-*.whl .gpu/b/pygments-*.whl
+  PYTHONPATH=$PYTHONPATH:/tmp/site timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_dropout.py \
+    > "$OUT/pytest.log" 2>&1
+  timeout 150 python3 benchmarks/dropout.py --out "$OUT/dropout.json" > "$OUT/dropout.log" 2>&1
+  timeout 330 python3 benchmarks/train_step.py $paper --stages base --base-batch 128 256 --modes default \
+     --dropout-kernel triton torch --profile --out "$OUT/base.json" > "$OUT/base.log" 2>&1
+  for f in pytest dropout base; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | tail -16; done
+  ;;
+base)
+  timeout 100 python3 benchmarks/attention.py --out "$OUT/attention.json" > "$OUT/attention.log" 2>&1
+  timeout 170 python3 benchmarks/train_step.py $paper --stages base --base-batch 128 --modes default --profile \
+     --out "$OUT/base128.json" > "$OUT/base128.log" 2>&1
+  timeout 300 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default --profile \
+     --inductor coordinate_descent_tuning=True --out "$OUT/base256_cdt.json" > "$OUT/base256_cdt.log" 2>&1
+  for f in attention base128 base256_cdt; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | tail -12; done
   ;;
 ddp)
   python3 benchmarks/ddp.py $paper --workers 1 2 --stages ae base --batch 16 --base-batch 64 --mode default \

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ulsweep.models.dropout import Dropout
+
 # Periods (in log-SNR units) of the Fourier features of lambda: the slowest is monotone over the whole
 # [-20, 20] range (quarter period 32), the fastest resolves differences of about 0.5.
 LOGSNR_PERIOD_MIN = 2.0
@@ -117,7 +119,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(dim // heads, eps=1e-6)
         self.k_norm = RMSNorm(dim // heads, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, N, D)
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
@@ -129,7 +131,7 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
@@ -196,7 +198,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.norm2 = nn.GroupNorm(num_groups(cout), cout, eps=1e-6)
         self.cond = nn.Linear(cond_dim, 2 * cout) if cond_dim else None
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.conv2 = zero_(nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 

@@ -1,0 +1,172 @@
+"""ulsweep's dropout (ulsweep/models/dropout.py): a NumPy Philox-4x32-10 against Random123's known answers;
+the Triton keep-mask kernel bit-exact against that reference (Triton's interpreter on CPU, the compiled
+kernel on CUDA), its rate and the independence of neighbouring draws; the fallback to `F.dropout` outside
+torch.compile; the compiled CUDA path end to end (gpu)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ulsweep.models import dropout as D
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+M0, M1 = 0xD2511F53, 0xCD9E8D57  # Philox-4x32 round multipliers
+W0, W1 = 0x9E3779B9, 0xBB67AE85  # key increments (Weyl sequence)
+MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(ctr: list[np.ndarray], key: tuple[int, int]) -> list[np.ndarray]:
+    """Philox-4x32 with 10 rounds (Salmon et al., SC'11) on uint32 counter words; NumPy, vectorised."""
+    c = [np.asarray(w, dtype=np.uint64) for w in ctr]
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    for _ in range(10):
+        p0, p1 = np.uint64(M0) * c[0], np.uint64(M1) * c[2]  # < 2^64: exact in uint64
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & MASK32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & MASK32]
+        k0, k1 = (k0 + np.uint64(W0)) & MASK32, (k1 + np.uint64(W1)) & MASK32
+    return [w.astype(np.uint32) for w in c]
+
+
+def reference_mask(seed: int, n: int, p: float, block: int = D.BLOCK) -> np.ndarray:
+    """The keep-mask the kernel must produce: call i (program i // block, lane i % block) has counter
+    (i_lo, i_hi, 0, 0) and key (seed_lo, seed_hi); its words r0..r3 give the 16-bit uniforms
+    r0_lo, r0_hi, r1_lo, ..., r3_hi for elements program * 8 * block + j * block + lane, j = 0..7."""
+    calls = math.ceil(n / (8 * block)) * block
+    i = np.arange(calls, dtype=np.uint64)
+    r = philox4x32_10([i & MASK32, i >> np.uint64(32), np.zeros_like(i), np.zeros_like(i)],
+                      (seed & 0xFFFFFFFF, seed >> 32))
+    u = np.stack([h for w in r for h in (w & 0xFFFF, w >> 16)])  # (8, calls): uniform j of call i
+    prog, lane = i // np.uint64(block), i % np.uint64(block)
+    idx = (prog * np.uint64(8 * block) + lane)[None] + np.arange(8, dtype=np.uint64)[:, None] * np.uint64(block)
+    out = np.empty(calls * 8, dtype=bool)
+    out[idx.ravel().astype(np.int64)] = (u >= round(p * 65536)).ravel()
+    return out[:n]
+
+
+def test_philox_reference_gives_random123s_known_answers():
+    assert [int(w[0]) for w in philox4x32_10([[0]] * 4, (0, 0))] == \
+        [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    ones = 0xFFFFFFFF
+    assert [int(w[0]) for w in philox4x32_10([[ones]] * 4, (ones, ones))] == \
+        [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    pi = [[0x243F6A88], [0x85A308D3], [0x13198A2E], [0x03707344]]
+    assert [int(w[0]) for w in philox4x32_10(pi, (0xA4093822, 0x299F31D0))] == \
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+# (seed, n, p): a seed with high bits set and a tail that is not a multiple of 8 x BLOCK; a large mask
+# for the statistics; a second seed; p = 0.5
+CASES = [(0x5DEECE66D1234567, 2 * 8 * D.BLOCK + 777, 0.1), (1, 1 << 20, 0.1), (2, 1 << 20, 0.1),
+         (3, 1 << 16, 0.5)]
+_SCRIPT = """
+import json, sys, numpy as np, torch
+from ulsweep.models import dropout as D
+cases, out = json.loads(sys.argv[1]), sys.argv[2]
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+np.savez(out, *[torch.ops.ulsweep.keep_mask(torch.tensor(s, dtype=torch.int64, device=dev), [n], p).cpu().numpy()
+                for s, n, p in cases])
+"""
+
+
+@pytest.fixture(scope="module")
+def kernel_masks(tmp_path_factory):
+    """The kernel's masks for CASES: compiled on CUDA, else through Triton's interpreter (TRITON_INTERPRET=1
+    must be set before the kernel is defined, hence a subprocess)."""
+    if not HAVE_TRITON:
+        pytest.skip("triton is not installed (CUDA builds of torch ship it)")
+    out = tmp_path_factory.mktemp("mask") / "masks.npz"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(CASES), str(out)], check=True, env=env, cwd=ROOT,
+                   timeout=600)
+    with np.load(out) as z:
+        return [z[f"arr_{i}"] for i in range(len(CASES))]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_keep_mask_kernel_matches_the_reference_bit_for_bit(kernel_masks, case):
+    seed, n, p = CASES[case]
+    got = kernel_masks[case]
+    assert got.dtype == bool and got.shape == (n,)
+    want = reference_mask(seed, n, p)
+    assert np.array_equal(got, want), f"{np.count_nonzero(got != want)} of {n} elements differ"
+
+
+def test_keep_mask_rate_and_independence(kernel_masks):
+    n, p = CASES[1][1], D.quantized_rate(CASES[1][2])
+    drop = ~kernel_masks[1]
+    tol = 5 * math.sqrt(p * (1 - p) / n)  # 5 sigma of a binomial proportion
+    assert abs(drop.mean() - p) < tol
+    assert abs((~kernel_masks[3]).mean() - 0.5) < 5 * math.sqrt(0.25 / CASES[3][1])
+    # pairs drawn from one Philox call (halves of one word, neighbouring words) and from neighbouring calls
+    # are dropped together with probability p^2
+    blk = drop.reshape(-1, 8, D.BLOCK)  # (program, uniform j, lane)
+    for a, b in [(blk[:, 0], blk[:, 1]), (blk[:, 1], blk[:, 2]), (blk[:, 3], blk[:, 4]),
+                 (blk[:, :, :-1], blk[:, :, 1:])]:
+        both = (a & b).mean()
+        assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / a.size), both
+    # another seed gives another mask: they disagree on a fraction 2 p (1 - p)
+    differ = (kernel_masks[1] != kernel_masks[2]).mean()
+    assert abs(differ - 2 * p * (1 - p)) < 5 * math.sqrt(2 * p * (1 - p) / n)
+
+
+def test_quantized_rate_is_within_half_a_step_of_the_rate():
+    for p in np.linspace(0, 0.99, 199):
+        q = D.quantized_rate(float(p))
+        assert abs(q - p) <= 2.0 ** -17 and (q * 65536).is_integer()
+    assert D.quantized_rate(0.1) == 6554 / 65536
+
+
+def test_outside_compile_it_is_torchs_dropout():
+    x = torch.randn(64, 33)
+    m = D.Dropout(0.3)
+    assert isinstance(m, torch.nn.Dropout) and m.p == 0.3 and not D.fast_path(x)
+    torch.manual_seed(7)
+    y = m(x)
+    torch.manual_seed(7)
+    assert torch.equal(y, F.dropout(x, 0.3, training=True))
+    m.eval()
+    assert m(x) is x
+    assert D.Dropout(0.0).train()(x) is x
+
+
+def test_a_bad_rate_names_the_value():
+    with pytest.raises(ValueError, match="1.5"):
+        D.Dropout(1.5)
+
+
+def test_the_networks_use_it():
+    from ulsweep.models.layers import Attention, Mlp, ResBlock, TransformerBlock
+
+    for m in (Attention(32, 2, 0.1), Mlp(32, 64, 0.1), ResBlock(32, 32, dropout=0.1),
+              TransformerBlock(32, 2, 16, dropout=0.1)):
+        drops = [d for d in m.modules() if isinstance(d, torch.nn.Dropout)]
+        assert drops and all(type(d) is D.Dropout and d.p == 0.1 for d in drops)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs CUDA and Triton")
+def test_compiled_cuda_dropout_takes_the_mask_kernel():
+    """Kept values are scaled by 1 / (1 - p_q), p_q = 6554 / 65536, which fp32 tells apart from 1 / (1 - p):
+    so the compiled function took the Triton mask; the gradient is the same mask and scale."""
+    p, pq = 0.1, D.quantized_rate(0.1)
+    x = torch.randn(4096, 1024, device="cuda", requires_grad=True)
+    y = torch.compile(lambda t: D.dropout(t, p))(x)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - pq) < 5 * math.sqrt(pq * (1 - pq) / x.numel())
+    torch.testing.assert_close(y[kept], x[kept] / (1 - pq), rtol=2e-7, atol=0)
+    assert not torch.allclose(y[kept], x[kept] / (1 - p), rtol=2e-7, atol=0)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, kept.float() / (1 - pq), rtol=2e-7, atol=0)
