@@ -6,9 +6,10 @@ Times forward + backward of the compiled `dropout(gelu(x))` (bf16) on the hidden
 model's two stages at batch 128 (131,072 tokens x 2,048 and 32,768 tokens x 4,096), for
   none:   p = 0 (GELU alone: what a memory-bound pass costs),
   torch:  Inductor's own dropout (one Philox-4x32-10 call per element),
-  triton: ulsweep's mask kernel (one Philox call per 8 elements, `ulsweep/models/dropout.py`),
-and reports ms per call, the cost over `none` and the bandwidth of the bytes a fused pass must move
-(x, y, grad y, grad x in bf16; the bool mask written and read once with dropout). CUDA only.
+  triton: ulsweep's bit-packed mask (one Philox call per 8 elements, `ulsweep/models/dropout.py`),
+and reports ms per call, the cost over `none` and the bandwidth of the bytes the fused passes must move
+(x, y, grad y, grad x in bf16; torch's one-byte mask written and read once, ulsweep's 1/8-byte mask
+written once and read twice). CUDA only.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from timing import time_calls, write_results  # noqa: E402
 
 import ulsweep.models.dropout as dropout_mod  # noqa: E402
 
+MASK_BYTES = {"none": 0.0, "torch": 2.0, "triton": 3 / 8}  # mask traffic per element, beside bf16 x, y, dy, dx
 SHAPES = {"base stage 1 MLP (b128)": (131072, 2048), "base stage 2 MLP (b128)": (32768, 4096)}
 
 
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
             t = bench(shape, kernel, a.p, a.warmup, a.iters)
             base = t if kernel == "none" else base
             n = shape[0] * shape[1]
-            moved = n * (4 * 2 + (2 if kernel != "none" else 0))  # bf16 x, y, dy, dx; bool mask out + in
+            moved = n * (4 * 2 + MASK_BYTES[kernel])
             rows.append({"shape": list(shape), "name": name, "kernel": kernel, "p": a.p, "ms": 1e3 * t,
                          "extra_ms": 1e3 * (t - base), "gb_per_s": moved / t / 1e9})
             print(f"{name:28} {kernel:>7} {1e3 * t:8.3f} {1e3 * (t - base):8.3f} {moved / t / 1e9:8.0f}", flush=True)

@@ -137,8 +137,9 @@ def step_stage2(exp, batch: int, mode: str, channels: int, channels_last: str = 
 STAGES = {"ae": step_stage1, "prior": step_prior, "base": step_stage2}
 
 # GPU kernel name fragments -> category of the profile breakdown (first match wins)
-KERNEL_KINDS = (("dropout mask", ("keep_mask",)),  # ulsweep's Triton kernel (ulsweep/models/dropout.py)
-                ("attention", ("flash", "fmha", "attention", "sdpa")),
+KERNEL_KINDS = (("dropout mask", ("keep_bits",)),  # ulsweep's Triton kernel (ulsweep/models/dropout.py)
+                # cuDNN's SDPA backward also runs cudnn::fusion::compute_dot_do_o and convert_dq_to_16bits
+                ("attention", ("flash", "fmha", "attention", "sdpa", "dot_do_o", "convert_dq")),
                 ("layout conversion", ("nchwtonhwc", "nhwctonchw")),  # cuDNN's own NCHW <-> NHWC transposes
                 ("conv", ("conv", "implicit_gemm", "cudnn", "wgrad", "dgrad", "fprop", "xmma")),
                 ("gemm", ("gemm", "cutlass", "nvjet", "sm90_", "sm80_", "matmul", "splitk")),
@@ -173,8 +174,10 @@ def profile_step(step, device: torch.device, steps: int = 5) -> dict:
     by_kind: dict[str, float] = defaultdict(float)
     top: dict[str, float] = defaultdict(float)
     for ev in prof.events():
-        # "## name ##" events are annotations on the GPU timeline spanning kernels counted on their own
-        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0 and not ev.name.startswith("##"):
+        # annotations on the GPU timeline ("## name ##" of compiled graphs, record_function ranges such as
+        # "Optimizer.step#AdamW.step") span kernels that are counted on their own
+        annotation = getattr(ev, "is_user_annotation", False) or ev.name.startswith("##")
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0 and not annotation:
             by_kind[kernel_kind(ev.name)] += ev.device_time  # microseconds
             top[ev.name[:80]] += ev.device_time
     busy = sum(by_kind.values()) / 1e6

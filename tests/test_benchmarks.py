@@ -53,3 +53,14 @@ def test_cudnn_layout_transposes_are_not_convolutions():
     assert len(transposes) == 2 and all(n.startswith("void cudnn::") for n in transposes)
     assert {train_step.kernel_kind(n) for n in transposes} == {"layout conversion"}
     assert all(train_step.kernel_kind(n) == "conv" for n in names if "_xmma_" in n and "implicit_gemm" in n)
+
+
+def test_cudnn_attention_backward_helpers_and_the_dropout_mask_have_their_kinds():
+    """cuDNN's SDPA backward runs two helper kernels of its own (filed as convolutions before, by "cudnn");
+    ulsweep's dropout mask kernel is its own kind. Names from session 5's H200 base-model profile."""
+    top = json.loads((BENCH / "results" / "h200-train-step-paper-base-b128-bytemask.json").read_text())
+    names = list(top["rows"][0]["profile"]["top_kernels_ms"])
+    helpers = [n for n in names if "compute_dot_do_o" in n or "convert_dq_to_16bits" in n]
+    assert len(helpers) == 2 and {train_step.kernel_kind(n) for n in helpers} == {"attention"}
+    assert train_step.kernel_kind("_keep_bits_kernel") == "dropout mask"
+    assert "conv" not in {train_step.kernel_kind(n) for n in names}  # the base model has no convolution

@@ -38,20 +38,19 @@ def philox4x32_10(ctr: list[np.ndarray], key: tuple[int, int]) -> list[np.ndarra
     return [w.astype(np.uint32) for w in c]
 
 
-def reference_mask(seed: int, n: int, p: float, block: int = D.BLOCK) -> np.ndarray:
-    """The keep-mask the kernel must produce: call i (program i // block, lane i % block) has counter
-    (i_lo, i_hi, 0, 0) and key (seed_lo, seed_hi); its words r0..r3 give the 16-bit uniforms
-    r0_lo, r0_hi, r1_lo, ..., r3_hi for elements program * 8 * block + j * block + lane, j = 0..7."""
-    calls = math.ceil(n / (8 * block)) * block
-    i = np.arange(calls, dtype=np.uint64)
-    r = philox4x32_10([i & MASK32, i >> np.uint64(32), np.zeros_like(i), np.zeros_like(i)],
+def reference_bits(seed: int, n: int, p: float) -> np.ndarray:
+    """The packed keep-mask the kernel must produce: byte c comes from the Philox call with counter
+    (c_lo, c_hi, 0, 0) and key (seed_lo, seed_hi); its words r0..r3 give the 16-bit uniforms
+    u_0..u_7 = r0_lo, r0_hi, r1_lo, ..., r3_hi, and bit j is u_j >= round(p * 2^16)."""
+    c = np.arange((n + 7) // 8, dtype=np.uint64)
+    r = philox4x32_10([c & MASK32, c >> np.uint64(32), np.zeros_like(c), np.zeros_like(c)],
                       (seed & 0xFFFFFFFF, seed >> 32))
-    u = np.stack([h for w in r for h in (w & 0xFFFF, w >> 16)])  # (8, calls): uniform j of call i
-    prog, lane = i // np.uint64(block), i % np.uint64(block)
-    idx = (prog * np.uint64(8 * block) + lane)[None] + np.arange(8, dtype=np.uint64)[:, None] * np.uint64(block)
-    out = np.empty(calls * 8, dtype=bool)
-    out[idx.ravel().astype(np.int64)] = (u >= round(p * 65536)).ravel()
-    return out[:n]
+    u = [h for w in r for h in (w & 0xFFFF, w >> 16)]
+    return sum((uj >= round(p * 65536)).astype(np.uint8) << j for j, uj in enumerate(u)).astype(np.uint8)
+
+
+def keep_of(bits: np.ndarray, n: int) -> np.ndarray:
+    return np.unpackbits(bits, bitorder="little")[:n].astype(bool)
 
 
 def test_philox_reference_gives_random123s_known_answers():
@@ -65,16 +64,16 @@ def test_philox_reference_gives_random123s_known_answers():
         [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
 
 
-# (seed, n, p): a seed with high bits set and a tail that is not a multiple of 8 x BLOCK; a large mask
+# (seed, n, p): a seed with high bits set and n neither a multiple of 8 nor of 8 x BLOCK; a large mask
 # for the statistics; a second seed; p = 0.5
-CASES = [(0x5DEECE66D1234567, 2 * 8 * D.BLOCK + 777, 0.1), (1, 1 << 20, 0.1), (2, 1 << 20, 0.1),
+CASES = [(0x5DEECE66D1234567, 2 * 8 * D.BLOCK + 773, 0.1), (1, 1 << 20, 0.1), (2, 1 << 20, 0.1),
          (3, 1 << 16, 0.5)]
 _SCRIPT = """
 import json, sys, numpy as np, torch
 from ulsweep.models import dropout as D
 cases, out = json.loads(sys.argv[1]), sys.argv[2]
 dev = "cuda" if torch.cuda.is_available() else "cpu"
-np.savez(out, *[torch.ops.ulsweep.keep_mask(torch.tensor(s, dtype=torch.int64, device=dev), [n], p).cpu().numpy()
+np.savez(out, *[torch.ops.ulsweep.keep_bits(torch.tensor(s, dtype=torch.int64, device=dev), n, p).cpu().numpy()
                 for s, n, p in cases])
 """
 
@@ -96,30 +95,39 @@ def kernel_masks(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_keep_mask_kernel_matches_the_reference_bit_for_bit(kernel_masks, case):
+def test_keep_bits_kernel_matches_the_reference_bit_for_bit(kernel_masks, case):
     seed, n, p = CASES[case]
     got = kernel_masks[case]
-    assert got.dtype == bool and got.shape == (n,)
-    want = reference_mask(seed, n, p)
-    assert np.array_equal(got, want), f"{np.count_nonzero(got != want)} of {n} elements differ"
+    assert got.dtype == np.uint8 and got.shape == ((n + 7) // 8,)
+    want = reference_bits(seed, n, p)
+    assert np.array_equal(got, want), f"{np.count_nonzero(got != want)} of {got.size} bytes differ"
 
 
 def test_keep_mask_rate_and_independence(kernel_masks):
     n, p = CASES[1][1], D.quantized_rate(CASES[1][2])
-    drop = ~kernel_masks[1]
+    drop = ~keep_of(kernel_masks[1], n)
     tol = 5 * math.sqrt(p * (1 - p) / n)  # 5 sigma of a binomial proportion
     assert abs(drop.mean() - p) < tol
-    assert abs((~kernel_masks[3]).mean() - 0.5) < 5 * math.sqrt(0.25 / CASES[3][1])
+    assert abs((~keep_of(kernel_masks[3], CASES[3][1])).mean() - 0.5) < 5 * math.sqrt(0.25 / CASES[3][1])
     # pairs drawn from one Philox call (halves of one word, neighbouring words) and from neighbouring calls
     # are dropped together with probability p^2
-    blk = drop.reshape(-1, 8, D.BLOCK)  # (program, uniform j, lane)
-    for a, b in [(blk[:, 0], blk[:, 1]), (blk[:, 1], blk[:, 2]), (blk[:, 3], blk[:, 4]),
-                 (blk[:, :, :-1], blk[:, :, 1:])]:
+    call = drop.reshape(-1, 8)  # (Philox call, uniform j)
+    for a, b in [(call[:, 0], call[:, 1]), (call[:, 1], call[:, 2]), (call[:, 3], call[:, 4]),
+                 (call[:-1], call[1:])]:
         both = (a & b).mean()
         assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / a.size), both
     # another seed gives another mask: they disagree on a fraction 2 p (1 - p)
-    differ = (kernel_masks[1] != kernel_masks[2]).mean()
+    differ = (keep_of(kernel_masks[1], n) != keep_of(kernel_masks[2], n)).mean()
     assert abs(differ - 2 * p * (1 - p)) < 5 * math.sqrt(2 * p * (1 - p) / n)
+
+
+def test_unpacking_puts_bit_j_of_byte_c_at_element_8c_plus_j():
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 256, 13, dtype=np.uint8)
+    keep = D.unpack_keep(torch.from_numpy(bits), [4, 5, 5])  # 100 of the 104 bits
+    assert keep.dtype == torch.bool and keep.shape == (4, 5, 5)
+    assert np.array_equal(keep.reshape(-1).numpy(), keep_of(bits, 100))
+    assert D.unpack_keep(torch.tensor([0b00000101], dtype=torch.uint8), [3]).tolist() == [True, False, True]
 
 
 def test_quantized_rate_is_within_half_a_step_of_the_rate():

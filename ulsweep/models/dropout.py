@@ -1,20 +1,22 @@
-"""Dropout for compiled CUDA training whose keep-mask takes an eighth of the usual random-number work.
+"""Dropout for compiled CUDA training with a bit-packed keep-mask from one Philox call per 8 elements.
 
-Inductor compiles `nn.Dropout` into one Philox-4x32-10 evaluation per element and keeps one of its four
-32-bit outputs. Ten rounds of 32-bit multiplies per element make the fused dropout kernels compute-bound:
-on the paper base model (batch 128, H200) dropout 0.1 costs 17.8 ms of a 183-ms step, against ~3 ms for
-writing and reading the masks it saves (benchmarks/README.md, "Dropout").
+Inductor compiles `nn.Dropout` into one Philox-4x32-10 evaluation per element, keeps one of its four
+32-bit outputs, and saves a one-byte mask per element for the backward. On the paper base model (batch
+128, H200) dropout 0.1 in every block cost 13-18 ms of a 178-183-ms step: the fused GELU+dropout kernels
+ran at ~1 TB/s, bound by the random-number arithmetic (benchmarks/README.md, "Dropout").
 
-Here one Philox evaluation gives 128 random bits, cut into eight 16-bit uniforms u in {0, ..., 2^16 - 1};
-an element is kept when u >= t, t = round(p * 2^16). The dropout rate is therefore p_q = t / 2^16
-(|p_q - p| <= 2^-17: 0.1000061 for p = 0.1) and kept values are scaled by 1 / (1 - p_q), so
-E[dropout(x)] = x exactly. The mask comes from a Triton kernel registered as a torch custom op (a
-boolean tensor, one byte per element, which autograd saves for the backward as it saves
-`native_dropout`'s mask); the scaling is plain tensor arithmetic that Inductor fuses into its neighbours.
+Here one Philox evaluation gives 128 random bits, cut into eight 16-bit uniforms u_j in {0, ..., 2^16 - 1};
+element 8c + j (c: the Philox counter) is kept when u_j >= t, t = round(p * 2^16), and its keep bit is
+bit j of mask byte c. The dropout rate is therefore p_q = t / 2^16 (|p_q - p| <= 2^-17: 0.1000061 for
+p = 0.1) and kept values are scaled by 1 / (1 - p_q), so E[dropout(x)] = x exactly. The packed mask (one
+byte per 8 elements) comes from a Triton kernel registered as a torch custom op; unpacking it and the
+scaling are plain tensor arithmetic that Inductor fuses into the neighbouring kernels, and the backward
+recomputes the keep bits from the packed mask, so the mask costs 1/8 of a byte per element in memory
+traffic where `native_dropout`'s costs a byte written and a byte read.
 
 The path is taken only inside `torch.compile` on CUDA with Triton installed; eager mode and the CPU use
-`F.dropout`, whose eager CUDA kernel already draws four values per Philox call. `USE_TRITON = False`
-switches the fast path off (benchmarks/train_step.py --dropout-kernel torch measures the difference).
+`F.dropout`, whose eager CUDA kernel is already one fused pass. `USE_TRITON = False` switches the fast
+path off (benchmarks/train_step.py --dropout-kernel torch measures the difference side by side).
 """
 from __future__ import annotations
 
@@ -23,9 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 USE_TRITON = True
-UNIFORM_BITS = 16  # bits of one uniform; a Philox call gives 128 bits = 8 uniforms
-PER_CALL = 128 // UNIFORM_BITS
-BLOCK = 1024  # Philox calls per Triton program (8 * BLOCK mask elements)
+UNIFORM_BITS = 16  # bits of one uniform: a Philox call's 128 bits give the 8 keep bits of one mask byte
+BLOCK = 1024  # mask bytes (Philox calls) per Triton program
 
 try:  # Triton ships with CUDA builds of torch; the CPU wheel has none
     import triton
@@ -46,35 +47,37 @@ def check_rate(p: float) -> float:
     return p
 
 
+def unpack_keep(bits: Tensor, shape: list[int] | torch.Size) -> Tensor:
+    """Boolean keep-mask of `shape` from packed bytes: element i is bit i % 8 of byte i // 8."""
+    n = 1
+    for s in shape:
+        n *= s
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    return ((bits[:, None] >> shifts) & 1).bool().reshape(-1)[:n].reshape(shape)
+
+
 if triton is not None:
     @triton.jit
-    def _store_keep(out_ptr, idx, u, threshold, n):
-        tl.store(out_ptr + idx, u >= threshold, mask=idx < n)
+    def _bit(u, threshold, j: tl.constexpr):
+        return (u >= threshold).to(tl.uint8) << j
 
     @triton.jit
-    def _keep_mask_kernel(seed_ptr, out_ptr, n, threshold, BLOCK: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        lane = tl.arange(0, BLOCK)
-        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), pid * BLOCK + lane)  # 4 x uint32 per call
-        i = pid * (8 * BLOCK) + lane  # uniform j of call `lane` -> element i + j * BLOCK: coalesced stores
-        _store_keep(out_ptr, i, r0 & 0xFFFF, threshold, n)
-        _store_keep(out_ptr, i + BLOCK, r0 >> 16, threshold, n)
-        _store_keep(out_ptr, i + 2 * BLOCK, r1 & 0xFFFF, threshold, n)
-        _store_keep(out_ptr, i + 3 * BLOCK, r1 >> 16, threshold, n)
-        _store_keep(out_ptr, i + 4 * BLOCK, r2 & 0xFFFF, threshold, n)
-        _store_keep(out_ptr, i + 5 * BLOCK, r2 >> 16, threshold, n)
-        _store_keep(out_ptr, i + 6 * BLOCK, r3 & 0xFFFF, threshold, n)
-        _store_keep(out_ptr, i + 7 * BLOCK, r3 >> 16, threshold, n)
+    def _keep_bits_kernel(seed_ptr, out_ptr, n_bytes, threshold, BLOCK: tl.constexpr):
+        c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # Philox counter = mask byte
+        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), c)  # 4 x uint32
+        byte = (_bit(r0 & 0xFFFF, threshold, 0) | _bit(r0 >> 16, threshold, 1) | _bit(r1 & 0xFFFF, threshold, 2)
+                | _bit(r1 >> 16, threshold, 3) | _bit(r2 & 0xFFFF, threshold, 4) | _bit(r2 >> 16, threshold, 5)
+                | _bit(r3 & 0xFFFF, threshold, 6) | _bit(r3 >> 16, threshold, 7))
+        tl.store(out_ptr + c, byte, mask=c < n_bytes)
 
-    @triton_op("ulsweep::keep_mask", mutates_args=())
-    def keep_mask(seed: Tensor, shape: list[int], p: float) -> Tensor:
-        """Boolean keep-mask of `shape` on seed's device: True with probability 1 - quantized_rate(p).
-        `seed`: a 0-d int64 CUDA tensor; the same seed gives the same mask."""
-        out = torch.empty(shape, dtype=torch.bool, device=seed.device)
-        n = out.numel()
+    @triton_op("ulsweep::keep_bits", mutates_args=())
+    def keep_bits(seed: Tensor, n: int, p: float) -> Tensor:
+        """Packed keep-mask of n elements, ceil(n / 8) uint8 on seed's device: each bit is 1 with probability
+        1 - quantized_rate(p). `seed`: a 0-d int64 CUDA tensor; the same seed gives the same mask."""
+        n_bytes = (n + 7) // 8
+        out = torch.empty(n_bytes, dtype=torch.uint8, device=seed.device)
         threshold = round(p * (1 << UNIFORM_BITS))
-        wrap_triton(_keep_mask_kernel)[(triton.cdiv(n, PER_CALL * BLOCK),)](seed, out, n, threshold,
-                                                                             BLOCK=BLOCK)
+        wrap_triton(_keep_bits_kernel)[(triton.cdiv(n_bytes, BLOCK),)](seed, out, n_bytes, threshold, BLOCK=BLOCK)
         return out
 
 
@@ -84,13 +87,13 @@ def fast_path(x: Tensor) -> bool:
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """Inverted dropout at rate p: the 16-bit Triton mask under torch.compile on CUDA, else `F.dropout`."""
+    """Inverted dropout at rate p: the packed Triton mask under torch.compile on CUDA, else `F.dropout`."""
     if not training or p == 0.0:
         return x
     if not fast_path(x):
         return F.dropout(x, p, training=True)
     seed = torch.randint(0, 1 << 62, (), device=x.device, dtype=torch.int64)
-    keep = torch.ops.ulsweep.keep_mask(seed, list(x.shape), p)
+    keep = unpack_keep(torch.ops.ulsweep.keep_bits(seed, x.numel(), p), x.shape)
     return torch.where(keep, x * (1.0 / (1.0 - quantized_rate(p))), 0.0)
 
 
