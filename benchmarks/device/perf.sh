@@ -4,8 +4,9 @@
 # parallel when there are two. `perf.sh layout`: full stage 1 with the trials' weight layout vs channels_last.
 # `perf.sh tune`: the base model with max-autotune and a larger batch beside `layout` (2 GPUs, ~9 min);
 # `perf.sh next`: stage 1 with channels_last activations, the base model at batch 256 (2 GPUs, ~5 min).
-# `perf.sh dropout` (1 GPU, ~9 min, carry .gpu/b for pytest): ulsweep's dropout mask on the GPU (tests,
-# micro-benchmark), the base model with it vs Inductor's dropout at batch 128, with it at 256, without dropout.
+# `perf.sh dropout` (1 GPU, ~10 min, carry .gpu/b for pytest): ulsweep's dropout mask on the GPU (tests,
+# micro-benchmark), the base model with it vs Inductor's dropout at batch 128; at 256 with it and without
+# dropout. `perf.sh dropout base` skips the tests and the micro-benchmark.
 # `perf.sh base` (1 GPU, ~10 min): SDPA backends on the latent models' shapes, the base model's kernel list at
 # batch 128, and at batch 256 with Inductor's coordinate-descent tuning.
 # `perf.sh ddp`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train; `perf.sh ddp-base`: the compiled base
@@ -61,18 +62,20 @@ next)  # session 4's open experiments (2 GPUs, ~5 min): stage 1 with channels_la
   for f in ae_cl_all base256; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | tail -9; done
   ;;
 dropout)
+  if [ "${2:-}" != base ]; then
   python3 -m pytest --version >/dev/null 2>&1 || python3 -m pip install -q --no-index --no-deps --target /tmp/site \
     .gpu/b/pytest-*.whl .gpu/b/pluggy-*.whl .gpu/b/iniconfig-*.whl .gpu/b/packaging-*.whl .gpu/b/pygments-*.whl
   PYTHONPATH=$PYTHONPATH:/tmp/site timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_dropout.py \
     > "$OUT/pytest.log" 2>&1
   timeout 150 python3 benchmarks/dropout.py --out "$OUT/dropout.json" > "$OUT/dropout.log" 2>&1
-  timeout 200 python3 benchmarks/train_step.py $paper --stages base --base-batch 128 --modes default \
+  fi
+  timeout 240 python3 benchmarks/train_step.py $paper --stages base --base-batch 128 --modes default \
      --dropout-kernel triton torch --profile --out "$OUT/base.json" > "$OUT/base.log" 2>&1
-  timeout 110 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default \
+  timeout 200 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default \
      --profile --out "$OUT/base256.json" > "$OUT/base256.log" 2>&1
-  timeout 90 python3 benchmarks/train_step.py $paper --stages base --base-batch 128 --modes default \
-     --dropout 0 --out "$OUT/base_nodrop.json" > "$OUT/base_nodrop.log" 2>&1
-  for f in pytest dropout base base256 base_nodrop; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -8; done
+  timeout 150 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default \
+     --dropout 0 --out "$OUT/base256_nodrop.json" > "$OUT/base256_nodrop.log" 2>&1
+  for f in pytest dropout base base256 base256_nodrop; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -8; done
   ;;
 base)
   timeout 100 python3 benchmarks/attention.py --out "$OUT/attention.json" > "$OUT/attention.log" 2>&1
