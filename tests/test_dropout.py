@@ -178,3 +178,59 @@ def test_compiled_cuda_dropout_takes_the_mask_kernel():
     assert not torch.allclose(y[kept], x[kept] / (1 - p), rtol=2e-7, atol=0)
     y.backward(torch.ones_like(y))
     torch.testing.assert_close(x.grad, kept.float() / (1 - pq), rtol=2e-7, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_masks_change_every_call_and_follow_torchs_seed(mode):
+    """Every call draws a new mask (also when replayed as a CUDA graph); the seed comes from torch's CUDA
+    generator, so torch.manual_seed reproduces a mask (what a resumed run relies on)."""
+    p, pq = 0.1, D.quantized_rate(0.1)
+    x = torch.ones(1 << 20, device="cuda")
+    f = torch.compile(lambda t: D.dropout(t, p) != 0, mode=mode)
+    masks = []
+    for seed in (0, 0, 0, 1):  # call 1 and 2 without reseeding in between, then 0 again, then 1
+        if len(masks) != 1:
+            torch.manual_seed(seed)
+        masks.append(f(x).clone())
+    differ = (masks[0] != masks[1]).float().mean().item()
+    assert abs(differ - 2 * pq * (1 - pq)) < 5 * math.sqrt(2 * pq * (1 - pq) / x.numel())
+    assert torch.equal(masks[0], masks[2]) and not torch.equal(masks[0], masks[3])
+
+
+def test_the_backward_keeps_the_packed_mask_not_one_byte_an_element(monkeypatch):
+    """Compiled on CPU with the mask kernel replaced by a stand-in of the same signature (the fast path is
+    CUDA-only): among the tensors the compiled forward saves for the backward there is the packed mask
+    (n / 8 bytes) and no boolean of n elements."""
+    # torch 2.14: a custom op registered before this module is imported breaks Inductor's decomposition table
+    import torch._inductor.decomposition  # noqa: F401
+
+    @torch.library.custom_op("ulsweep_test::keep_bits", mutates_args=())
+    def stand_in(seed: torch.Tensor, n: int, p: float) -> torch.Tensor:
+        return torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8)
+
+    stand_in.register_fake(lambda seed, n, p: torch.empty(((n + 7) // 8,), dtype=torch.uint8))
+    monkeypatch.setattr(D, "fast_path", lambda x: True)
+    monkeypatch.setattr(torch.ops.ulsweep, "keep_bits", stand_in, raising=False)
+    from ulsweep.models.layers import TransformerBlock
+
+    torch._dynamo.reset()
+    block = TransformerBlock(32, 2, 16, dropout=0.1)
+    f = torch.compile(lambda x, c: block(x, c).square().sum())
+    x, c = torch.randn(4, 16, 32), torch.randn(4, 16)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = f(x, c)
+    loss.backward()
+    torch._dynamo.reset()
+    # three dropouts, packed: attention and MLP outputs (4 x 16 x 32 / 8), MLP hidden (4 x 16 x 128 / 8);
+    # (the 8 bit shifts of the unpacking may be saved too)
+    packed = sorted(s[1] for s in saved if s[0] == torch.uint8 and s[1] > 8)
+    assert packed == [256, 256, 1024], saved
+    assert not [s for s in saved if s[0] == torch.bool], saved

@@ -10,9 +10,10 @@ element 8c + j (c: the Philox counter) is kept when u_j >= t, t = round(p * 2^16
 bit j of mask byte c. The dropout rate is therefore p_q = t / 2^16 (|p_q - p| <= 2^-17: 0.1000061 for
 p = 0.1) and kept values are scaled by 1 / (1 - p_q), so E[dropout(x)] = x exactly. The packed mask (one
 byte per 8 elements) comes from a Triton kernel registered as a torch custom op; unpacking it and the
-scaling are plain tensor arithmetic that Inductor fuses into the neighbouring kernels, and the backward
-recomputes the keep bits from the packed mask, so the mask costs 1/8 of a byte per element in memory
-traffic where `native_dropout`'s costs a byte written and a byte read.
+scaling are plain tensor arithmetic that Inductor fuses into the neighbouring kernels. The unpacking sits in
+a checkpointed region, so the backward recomputes the keep bits from the packed mask: what is kept for the
+backward is 1/8 of a byte an element, where `native_dropout` keeps a byte (without the region, Inductor's
+partitioner saves the unpacked booleans; tests/test_dropout.py checks which).
 
 The path is taken only inside `torch.compile` on CUDA with Triton installed; eager mode and the CPU use
 `F.dropout`, whose eager CUDA kernel is already one fused pass. `USE_TRITON = False` switches the fast
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 USE_TRITON = True
@@ -93,7 +95,10 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     if not fast_path(x):
         return F.dropout(x, p, training=True)
     seed = torch.randint(0, 1 << 62, (), device=x.device, dtype=torch.int64)
-    keep = unpack_keep(torch.ops.ulsweep.keep_bits(seed, x.numel(), p), x.shape)
+    bits = torch.ops.ulsweep.keep_bits(seed, x.numel(), p)
+    # unpacked in a checkpointed region: the compiler's partitioner then recomputes the keep bits from the
+    # packed mask in the backward instead of saving them (one byte an element, as native_dropout does)
+    keep = torch.utils.checkpoint.checkpoint(unpack_keep, bits, x.shape, use_reentrant=False)
     return torch.where(keep, x * (1.0 / (1.0 - quantized_rate(p))), 0.0)
 
 
