@@ -10,9 +10,7 @@ and reports TFLOP/s with the FLOP counter's convention (QK^T and AV: 4 N^2 d per
 """
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import statistics
 import sys
 
@@ -22,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from timing import time_calls, write_results  # noqa: E402
+from timing import cuda_micro_args, run_env, time_calls, write_results  # noqa: E402
 
 SHAPES = {"base stage 1": (8, 1024, 64), "base stage 2": (16, 256, 64), "prior": (16, 1024, 64)}
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -30,14 +28,7 @@ BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTEN
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        ap.error("needs a CUDA GPU")
+    a = cuda_micro_args(__doc__, 20, argv, lambda ap: ap.add_argument("--batch", type=int, default=128))
     dev, rows = torch.device("cuda"), []
     print(f"{'shape':14} {'backend':>9} {'fwd ms':>8} {'fwd TF/s':>9} {'f+b ms':>8} {'f+b TF/s':>9}")
     for name, (h, n, d) in SHAPES.items():
@@ -67,9 +58,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{name:14} {backend:>9} {row['fwd_ms']:8.3f} {row['fwd_tflops']:9.0f} {row['fwd_bwd_ms']:8.3f} "
                   f"{row['fwd_bwd_tflops']:9.0f}", flush=True)
-    env = {"torch": torch.__version__, "python": platform.python_version(), "gpu": torch.cuda.get_device_name(),
-           "args": vars(a)}
-    write_results(a.out, env, rows)
+    write_results(a.out, run_env(a), rows)
     return 0
 
 

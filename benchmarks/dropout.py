@@ -13,9 +13,7 @@ written once and read twice). CUDA only.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import statistics
 import sys
 
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from timing import time_calls, write_results  # noqa: E402
+from timing import cuda_micro_args, run_env, time_calls, write_results  # noqa: E402
 
 import ulsweep.models.dropout as dropout_mod  # noqa: E402
 
@@ -51,14 +49,7 @@ def bench(shape, kernel: str, p: float, warmup: int, iters: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--p", type=float, default=0.1)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        ap.error("needs a CUDA GPU")
+    a = cuda_micro_args(__doc__, 30, argv, lambda ap: ap.add_argument("--p", type=float, default=0.1))
     rows = []
     print(f"{'shape':28} {'kernel':>7} {'ms':>8} {'+ms':>8} {'GB/s':>8}")
     for name, shape in SHAPES.items():
@@ -71,9 +62,7 @@ def main(argv=None) -> int:
             rows.append({"shape": list(shape), "name": name, "kernel": kernel, "p": a.p, "ms": 1e3 * t,
                          "extra_ms": 1e3 * (t - base), "gb_per_s": moved / t / 1e9})
             print(f"{name:28} {kernel:>7} {1e3 * t:8.3f} {1e3 * (t - base):8.3f} {moved / t / 1e9:8.0f}", flush=True)
-    env = {"torch": torch.__version__, "python": platform.python_version(), "gpu": torch.cuda.get_device_name(),
-           "args": vars(a)}
-    write_results(a.out, env, rows)
+    write_results(a.out, run_env(a), rows)
     return 0
 
 

@@ -2,7 +2,9 @@
 result file every script writes."""
 from __future__ import annotations
 
+import argparse
 import json
+import platform
 import time
 
 import torch
@@ -33,3 +35,24 @@ def write_results(path: str | None, env: dict, rows: list[dict]) -> None:
         from ulsweep.io import atomic_write_text
 
         atomic_write_text(path, json.dumps({"env": env, "rows": rows}, indent=1))
+
+
+def cuda_micro_args(doc: str, iters: int, argv=None, add=None) -> argparse.Namespace:
+    """Arguments of a CUDA micro-benchmark: --warmup, --iters, --out (and what `add(parser)` adds);
+    exits with a usage error without a GPU."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if add:
+        add(ap)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU")
+    return a
+
+
+def run_env(args: argparse.Namespace) -> dict:
+    """The `env` of a result file: torch, Python, GPU (None without one) and the script's arguments."""
+    return {"torch": torch.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "args": vars(args)}

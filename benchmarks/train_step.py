@@ -20,7 +20,6 @@ import argparse
 import ast
 import itertools
 import os
-import platform
 import statistics
 import sys
 from collections import defaultdict
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from timing import sync, time_calls, write_results  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import run_env, sync, time_calls, write_results  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 import ulsweep.models.dropout as dropout_mod  # noqa: E402
 from ulsweep.config import experiment_from_dict  # noqa: E402
@@ -245,8 +244,7 @@ def main(argv=None) -> int:
             pass
         setattr(torch._inductor.config, key, value)
     exp = bench_experiment(a)
-    env = {"torch": torch.__version__, "python": platform.python_version(),
-           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "args": vars(a)}
+    env = run_env(a)
     rows = []
     print(f"{'stage':6} {'batch':>5} {'mode':>15} {'dropout':>7} {'step ms':>9} {'img/s':>10} {'GFLOP/img':>10} {'MFU':>7} "
           f"{'mem GiB':>8} {'GPU busy':>8}", flush=True)
