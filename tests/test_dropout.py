@@ -199,23 +199,35 @@ def test_compiled_masks_change_every_call_and_follow_torchs_seed(mode):
     assert torch.equal(masks[0], masks[2]) and not torch.equal(masks[0], masks[3])
 
 
-def test_the_backward_keeps_the_packed_mask_not_one_byte_an_element(monkeypatch):
-    """Compiled on CPU with the mask kernel replaced by a stand-in of the same signature (the fast path is
-    CUDA-only): among the tensors the compiled forward saves for the backward there is the packed mask
-    (n / 8 bytes) and no boolean of n elements."""
-    # torch 2.14: a custom op registered before this module is imported breaks Inductor's decomposition table
-    import torch._inductor.decomposition  # noqa: F401
+STAND_IN_CALLS: list[int] = []  # element counts the stand-in mask op was called with
 
-    @torch.library.custom_op("ulsweep_test::keep_bits", mutates_args=())
-    def stand_in(seed: torch.Tensor, n: int, p: float) -> torch.Tensor:
-        return torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8)
 
-    stand_in.register_fake(lambda seed, n, p: torch.empty(((n + 7) // 8,), dtype=torch.uint8))
+@pytest.fixture
+def stand_in_mask(monkeypatch):
+    """The fast path on CPU: `fast_path` forced on and the mask kernel replaced by a custom op of the same
+    signature that draws its bytes with torch's CPU generator (the real kernel is CUDA-only)."""
+    if not hasattr(torch.ops.ulsweep_test, "keep_bits"):
+        # torch 2.14: a custom op registered before this module is imported breaks Inductor's decompositions
+        importlib.import_module("torch._inductor.decomposition")
+
+        @torch.library.custom_op("ulsweep_test::keep_bits", mutates_args=())
+        def stand_in(seed: torch.Tensor, n: int, p: float) -> torch.Tensor:
+            STAND_IN_CALLS.append(n)
+            return torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8)
+
+        stand_in.register_fake(lambda seed, n, p: torch.empty(((n + 7) // 8,), dtype=torch.uint8))
     monkeypatch.setattr(D, "fast_path", lambda x: True)
-    monkeypatch.setattr(torch.ops.ulsweep, "keep_bits", stand_in, raising=False)
+    monkeypatch.setattr(torch.ops.ulsweep, "keep_bits", torch.ops.ulsweep_test.keep_bits, raising=False)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_the_backward_keeps_the_packed_mask_not_one_byte_an_element(stand_in_mask):
+    """Among the tensors the compiled forward saves for the backward there is the packed mask (n / 8 bytes)
+    and no boolean of n elements."""
     from ulsweep.models.layers import TransformerBlock
 
-    torch._dynamo.reset()
     block = TransformerBlock(32, 2, 16, dropout=0.1)
     f = torch.compile(lambda x, c: block(x, c).square().sum())
     x, c = torch.randn(4, 16, 32), torch.randn(4, 16)
@@ -228,9 +240,40 @@ def test_the_backward_keeps_the_packed_mask_not_one_byte_an_element(monkeypatch)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = f(x, c)
     loss.backward()
-    torch._dynamo.reset()
     # three dropouts, packed: attention and MLP outputs (4 x 16 x 32 / 8), MLP hidden (4 x 16 x 128 / 8);
     # (the 8 bit shifts of the unpacking may be saved too)
     packed = sorted(s[1] for s in saved if s[0] == torch.uint8 and s[1] > 8)
     assert packed == [256, 256, 1024], saved
     assert not [s for s in saved if s[0] == torch.bool], saved
+
+
+def test_compiled_ddp_with_the_packed_mask_matches_the_compiled_module(stand_in_mask, tmp_path):
+    """A DDP trial compiles its objective with the library's DDP setting (`compile_module`, world > 1): the
+    fast-path dropout (custom op + checkpointed unpacking) traces under DDP and gives the gradients of the
+    compiled module alone for the same seed (one gloo process stands in for the group)."""
+    import torch.distributed as dist
+
+    from ulsweep.models.layers import TransformerBlock
+    from ulsweep.train.common import Runtime, compile_module
+
+    torch.manual_seed(0)
+    block = TransformerBlock(32, 2, 16, dropout=0.1)
+    x, c = torch.randn(4, 16, 32), torch.randn(4, 16)
+    grads = []
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        with torch._dynamo.config.patch(optimize_ddp="ddp_optimizer"):  # restored afterwards
+            for world, module in ((1, block), (2, torch.nn.parallel.DistributedDataParallel(block))):
+                f = compile_module(module, "default", Runtime(torch.device("cpu"), None, 0, world))
+                block.zero_grad()
+                torch.manual_seed(1)
+                STAND_IN_CALLS.clear()
+                f(x, c).square().sum().backward()
+                grads.append([p.grad.clone() for p in block.parameters()])
+                assert sorted(STAND_IN_CALLS) == [2048, 2048, 8192]  # the three dropouts drew packed masks
+                torch._dynamo.reset()
+    finally:
+        dist.destroy_process_group()
+    assert any((g != 0).any() for g in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
