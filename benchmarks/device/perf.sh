@@ -9,11 +9,13 @@
 # dropout. `perf.sh dropout base` skips the tests and the micro-benchmark.
 # `perf.sh base` (1 GPU, ~10 min): SDPA backends on the latent models' shapes, the base model's kernel list at
 # batch 128, and at batch 256 with Inductor's coordinate-descent tuning.
+# `perf.sh autotune` (1 GPU, run it in two back-to-back calls): the base model at batch 256 with Inductor's
+# max-autotune; the first call's autotuning and Triton caches under /tmp let the second finish the compile.
 # `perf.sh ddp`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train; `perf.sh ddp-base`: the compiled base
 # model's scaling with and without Dynamo's DDP graph splitting.
 set -uo pipefail
 case "${1:-single}" in  # train_step.py alone needs no Ray: `tune` and `layout` run in the call that installs it
-  tune|layout|next|dropout|base) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
+  tune|layout|next|dropout|base|autotune) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
   *) . benchmarks/device/env_b.sh ;;
 esac
 gpus=$(nvidia-smi -L | wc -l); last=$((gpus - 1))
@@ -84,6 +86,12 @@ base)
   timeout 300 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default --profile \
      --inductor coordinate_descent_tuning=True --out "$OUT/base256_cdt.json" > "$OUT/base256_cdt.log" 2>&1
   for f in attention base128 base256_cdt; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | tail -12; done
+  ;;
+autotune)
+  export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache TRITON_CACHE_DIR=/tmp/triton-cache
+  timeout 560 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes max-autotune \
+     --profile --out "$OUT/base_mat.json" > "$OUT/base_mat.log" 2>&1
+  du -sh /tmp/inductor-cache /tmp/triton-cache; grep -vE "^\s*$|[Ww]arn" "$OUT/base_mat.log" | tail -9
   ;;
 ddp)
   python3 benchmarks/ddp.py $paper --workers 1 2 --stages ae base --batch 16 --base-batch 64 --mode default \
