@@ -245,7 +245,7 @@ def main(argv=None) -> int:
         setattr(torch._inductor.config, key, value)
     exp = bench_experiment(a)
     env = run_env(a)
-    rows = []
+    rows, use_triton = [], dropout_mod.USE_TRITON
     print(f"{'stage':6} {'batch':>5} {'mode':>15} {'dropout':>7} {'step ms':>9} {'img/s':>10} {'GFLOP/img':>10} {'MFU':>7} "
           f"{'mem GiB':>8} {'GPU busy':>8}", flush=True)
     for stage in a.stages:
@@ -287,6 +287,7 @@ def main(argv=None) -> int:
                     for o in prof["top_aten_ops_ms"][:6]:
                         print(f"        {o['ms_per_step']:7.2f} ms/step  {o['calls_per_step']:5.1f}x  {o['op']} "
                               f"{o['shapes'][:90]}", flush=True)
+    dropout_mod.USE_TRITON = use_triton  # the library's setting again for whatever runs next in this process
     return 0
 
 
