@@ -64,7 +64,7 @@ def test_philox_reference_gives_random123s_known_answers():
         [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
 
 
-# (seed, n, p): a seed with high bits set and n neither a multiple of 8 nor of 8 x BLOCK; a large mask
+# (seed, n, p): a seed with high bits set, n not a multiple of 8 and its bytes not of BLOCK; a large mask
 # for the statistics; a second seed; p = 0.5
 CASES = [(0x5DEECE66D1234567, 2 * 8 * D.BLOCK + 773, 0.1), (1, 1 << 20, 0.1), (2, 1 << 20, 0.1),
          (3, 1 << 16, 0.5)]
