@@ -21,6 +21,8 @@ path off (benchmarks/train_step.py --dropout-kernel torch measures the differenc
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -38,9 +40,14 @@ except ImportError:  # pragma: no cover - exercised on CPU-only installs
     triton = None
 
 
+def threshold(p: float) -> int:
+    """t = round(p * 2^16): a 16-bit uniform below t drops its element."""
+    return round(p * (1 << UNIFORM_BITS))
+
+
 def quantized_rate(p: float) -> float:
-    """The dropout rate the 16-bit comparison realizes: round(p * 2^16) / 2^16."""
-    return round(p * (1 << UNIFORM_BITS)) / (1 << UNIFORM_BITS)
+    """The dropout rate the 16-bit comparison realizes: t / 2^16."""
+    return threshold(p) / (1 << UNIFORM_BITS)
 
 
 def check_rate(p: float) -> float:
@@ -51,11 +58,8 @@ def check_rate(p: float) -> float:
 
 def unpack_keep(bits: Tensor, shape: list[int] | torch.Size) -> Tensor:
     """Boolean keep-mask of `shape` from packed bytes: element i is bit i % 8 of byte i // 8."""
-    n = 1
-    for s in shape:
-        n *= s
     shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
-    return ((bits[:, None] >> shifts) & 1).bool().reshape(-1)[:n].reshape(shape)
+    return ((bits[:, None] >> shifts) & 1).bool().reshape(-1)[:math.prod(shape)].reshape(shape)
 
 
 if triton is not None:
@@ -78,8 +82,8 @@ if triton is not None:
         1 - quantized_rate(p). `seed`: a 0-d int64 CUDA tensor; the same seed gives the same mask."""
         n_bytes = (n + 7) // 8
         out = torch.empty(n_bytes, dtype=torch.uint8, device=seed.device)
-        threshold = round(p * (1 << UNIFORM_BITS))
-        wrap_triton(_keep_bits_kernel)[(triton.cdiv(n_bytes, BLOCK),)](seed, out, n_bytes, threshold, BLOCK=BLOCK)
+        wrap_triton(_keep_bits_kernel)[(triton.cdiv(n_bytes, BLOCK),)](seed, out, n_bytes, threshold(p),
+                                                                         BLOCK=BLOCK)
         return out
 
 
