@@ -172,6 +172,7 @@ def profile_step(step, device: torch.device, steps: int = 5) -> dict:
         wall = time.perf_counter() - t0
     by_kind: dict[str, float] = defaultdict(float)
     top: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
     for ev in prof.events():
         # annotations on the GPU timeline ("## name ##" of compiled graphs, record_function ranges such as
         # "Optimizer.step#AdamW.step") span kernels that are counted on their own
@@ -179,6 +180,7 @@ def profile_step(step, device: torch.device, steps: int = 5) -> dict:
         if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0 and not annotation:
             by_kind[kernel_kind(ev.name)] += ev.device_time  # microseconds
             top[ev.name[:80]] += ev.device_time
+            calls[ev.name[:80]] += 1
     busy = sum(by_kind.values()) / 1e6
     # which aten ops (with their input shapes) launched kernels themselves: Triton kernels of compiled
     # graphs have no aten op around them, so what shows here ran eagerly or as an extern call of a graph
@@ -188,6 +190,8 @@ def profile_step(step, device: torch.device, steps: int = 5) -> dict:
     return {"wall_s": wall, "gpu_busy_s": busy, "gpu_busy_frac": busy / wall,
             "by_kind_frac_of_gpu": {k: v / 1e6 / busy for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms": {k: v / 1e3 / steps for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:40]},
+            "kernels": [{"name": k, "kind": kernel_kind(k), "ms_per_step": v / 1e3 / steps,
+                         "calls_per_step": calls[k] / steps} for k, v in sorted(top.items(), key=lambda kv: -kv[1])],
             "top_aten_ops_ms": [{"op": e.key, "shapes": str(e.input_shapes)[:160], "calls_per_step": e.count / steps,
                                  "ms_per_step": e.self_device_time_total / 1e3 / steps} for e in ops]}
 

@@ -11,11 +11,13 @@
 # batch 128, and at batch 256 with Inductor's coordinate-descent tuning.
 # `perf.sh autotune` (1 GPU, run it in two back-to-back calls): the base model at batch 256 with Inductor's
 # max-autotune; the first call's autotuning and Triton caches under /tmp let the second finish the compile.
+# `perf.sh block` (1 GPU, ~9 min): one base-model block with parts switched off or rewritten (`block.py`), the
+# base model at batch 128 compiled with and without CUDA graphs, every kernel in the JSON.
 # `perf.sh ddp`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train; `perf.sh ddp-base`: the compiled base
 # model's scaling with and without Dynamo's DDP graph splitting.
 set -uo pipefail
 case "${1:-single}" in  # train_step.py alone needs no Ray: `tune` and `layout` run in the call that installs it
-  tune|layout|next|dropout|base|autotune) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
+  tune|layout|next|dropout|base|autotune|block) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
   *) . benchmarks/device/env_b.sh ;;
 esac
 gpus=$(nvidia-smi -L | wc -l); last=$((gpus - 1))
@@ -92,6 +94,12 @@ autotune)
   timeout 560 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes max-autotune \
      --profile --out "$OUT/base_mat.json" > "$OUT/base_mat.log" 2>&1
   du -sh /tmp/inductor-cache /tmp/triton-cache; grep -vE "^\s*$|[Ww]arn" "$OUT/base_mat.log" | tail -9
+  ;;
+block)
+  timeout 250 python3 benchmarks/block.py --out "$OUT/block.json" > "$OUT/block.log" 2>&1
+  timeout 320 python3 benchmarks/train_step.py $paper --stages base --base-batch 128 --modes default reduce-overhead \
+     --profile --out "$OUT/base128.json" > "$OUT/base128.log" 2>&1
+  for f in block base128; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | tail -14; done
   ;;
 ddp)
   python3 benchmarks/ddp.py $paper --workers 1 2 --stages ae base --batch 16 --base-batch 64 --mode default \

@@ -122,9 +122,12 @@ class Attention(nn.Module):
         self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, N, D)
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        o = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (B, h, N, d)
-        return self.drop(self.proj(rearrange(o, "b h n d -> b n (h d)")))
+        # the norms run on (B, N, h, d) views of the projection and SDPA takes their transposes: no copies
+        # into a head-major layout (0.3 ms less per base-model block at batch 128, benchmarks/block.py)
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # 3 x (B, N, h, d)
+        o = F.scaled_dot_product_attention(self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2),
+                                           v.transpose(1, 2))  # (B, h, N, d)
+        return self.drop(self.proj(o.transpose(1, 2).flatten(2)))
 
 
 class Mlp(nn.Module):

@@ -1,0 +1,126 @@
+"""One compiled transformer block of the paper base model, forward + backward, with parts switched off or
+written another way: where the block's non-matmul time goes.
+
+    python benchmarks/block.py --out block.json
+
+Times the compiled `TransformerBlock` (bf16 autocast, fp32 weights, as in training) on the base model's two
+stages at batch 128: stage 1 (131,072 tokens x 512, 8 heads) and stage 2 (32,768 tokens x 1,024, 16 heads),
+dropout 0.1, for these variants:
+  library      the block as ulsweep builds it,
+  head-major   QK-RMSNorm after rearranging q, k, v to (B, heads, N, d) (ulsweep before session 6; the library
+               normalizes (B, N, heads, d) views and hands SDPA their transposes),
+  no-qk-norm   without QK-RMSNorm (what the norm costs),
+  no-dropout   p = 0 (what dropout costs),
+  gelu-tanh    the tanh approximation of GELU (what the exact erf costs).
+Reports ms per forward + backward and TFLOP/s of the block's matmul and attention FLOPs (3 x forward, from
+torch.utils.flop_counter). CUDA only.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from timing import cuda_micro_args, run_env, time_calls, write_results  # noqa: E402
+
+from ulsweep.models import layers  # noqa: E402
+
+SHAPES = {"base stage 1": (1024, 512, 8), "base stage 2": (256, 1024, 16)}  # tokens, width, heads
+COND = 1024
+
+
+def attention_head_major(self, x):
+    """Attention.forward as it was: q, k, v rearranged to (B, h, N, d) before the norms."""
+    q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+    o = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (B, h, N, d)
+    return self.drop(self.proj(rearrange(o, "b h n d -> b n (h d)")))
+
+
+def mlp_tanh(self, x):
+    return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x), approximate="tanh"))))
+
+
+@contextlib.contextmanager
+def variant(name: str, block: layers.TransformerBlock):
+    saved = (layers.Attention.forward, layers.Mlp.forward)
+    norms = (block.attn.q_norm, block.attn.k_norm)
+    drops = [m for m in block.modules() if isinstance(m, torch.nn.Dropout)]
+    rates = [m.p for m in drops]
+    try:
+        if name == "head-major":
+            layers.Attention.forward = attention_head_major
+        elif name == "no-qk-norm":
+            block.attn.q_norm = block.attn.k_norm = torch.nn.Identity()
+        elif name == "no-dropout":
+            for m in drops:
+                m.p = 0.0
+        elif name == "gelu-tanh":
+            layers.Mlp.forward = mlp_tanh
+        yield
+    finally:
+        layers.Attention.forward, layers.Mlp.forward = saved
+        block.attn.q_norm, block.attn.k_norm = norms
+        for m, p in zip(drops, rates):
+            m.p = p
+
+
+VARIANTS = ("library", "head-major", "no-qk-norm", "no-dropout", "gelu-tanh")
+
+
+def bench(shape, name: str, batch: int, warmup: int, iters: int) -> tuple[float, float]:
+    n, d, h = shape
+    dev = torch.device("cuda")
+    block = layers.TransformerBlock(d, h, COND, dropout=0.1).to(dev)
+    torch.nn.init.normal_(block.ada.weight, std=0.02)  # non-zero gates: every branch takes part
+    x = torch.randn(batch, n, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    c = torch.randn(batch, COND, device=dev, dtype=torch.bfloat16)
+    g = torch.randn_like(x)
+    with variant(name, block):
+        torch._dynamo.reset()
+        f = torch.compile(block)
+        with FlopCounterMode(display=False) as fc, torch.autocast("cuda", torch.bfloat16):
+            block(x[:2], c[:2])
+        flop = 3 * fc.get_total_flops() * batch / 2
+
+        def call():
+            x.grad = None
+            for p in block.parameters():
+                p.grad = None
+            with torch.autocast("cuda", torch.bfloat16):
+                out = f(x, c)
+            out.backward(g)
+
+        t = statistics.median(time_calls(call, dev, warmup, iters))
+    return t, flop
+
+
+def main(argv=None) -> int:
+    a = cuda_micro_args(__doc__, 20, argv, lambda ap: (ap.add_argument("--batch", type=int, default=128),
+                                                       ap.add_argument("--variants", nargs="+", default=VARIANTS,
+                                                                       choices=VARIANTS)))
+    rows = []
+    print(f"{'shape':14} {'variant':>11} {'ms':>8} {'+ms':>8} {'TFLOP/s':>8}")
+    for shape_name, shape in SHAPES.items():
+        ref = None
+        for name in a.variants:
+            t, flop = bench(shape, name, a.batch, a.warmup, a.iters)
+            ref = t if ref is None else ref
+            rows.append({"shape": shape_name, "tokens": shape[0], "width": shape[1], "heads": shape[2],
+                         "batch": a.batch, "variant": name, "ms": 1e3 * t, "delta_ms": 1e3 * (t - ref),
+                         "tflops": flop / t / 1e12})
+            print(f"{shape_name:14} {name:>11} {1e3 * t:8.3f} {1e3 * (t - ref):8.3f} {flop / t / 1e12:8.0f}",
+                  flush=True)
+            write_results(a.out, run_env(a), rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
