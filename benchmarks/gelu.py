@@ -28,18 +28,19 @@ import ulsweep.models.dropout as D  # noqa: E402
 import ulsweep.models.gelu as G  # noqa: E402
 
 SHAPES = {"base stage 1 MLP (b128)": (131072, 2048), "base stage 2 MLP (b128)": (32768, 4096)}
-CONFIGS = [(16, 256, 4, 256), (8, 256, 4, 256), (32, 256, 8, 256), (16, 512, 8, 256), (4, 1024, 4, 256),
-           (16, 256, 4, 1024), (32, 128, 4, 512)]  # BLOCK_M, BLOCK_N, NUM_WARPS, BWD_ROWS
+CONFIGS = [(8, 256, 4, 256), (4, 256, 4, 256), (2, 256, 2, 256), (4, 128, 2, 256), (2, 512, 4, 256),
+           (1, 1024, 4, 256), (8, 256, 8, 256), (4, 256, 4, 128), (4, 256, 4, 512), (8, 128, 4, 256)]
+# BLOCK_M, BLOCK_N, NUM_WARPS, BWD_ROWS
 FWD_BYTES, BWD_BYTES = 4 + 1 / 8, 6 + 1 / 8  # per element
 
 
-def inductor(x, b, g, p, warmup, iters):
+def inductor(x, b, g, p, warmup, iters, approximate="none"):
     torch._dynamo.reset()
     D.USE_TRITON = True
 
     @torch.compile
     def f(x, b):
-        return D.dropout(F.gelu(x + b), p)
+        return D.dropout(F.gelu(x + b, approximate=approximate), p)
 
     def call():
         x.grad = b.grad = None
@@ -47,8 +48,9 @@ def inductor(x, b, g, p, warmup, iters):
     return statistics.median(time_calls(call, x.device, warmup, iters))
 
 
-def fused(x, b, g, p, cfg, warmup, iters):
+def fused(x, b, g, p, cfg, warmup, iters, form="erf"):
     G.BLOCK_M, G.BLOCK_N, G.NUM_WARPS, G.BWD_ROWS = cfg
+    G.FORM = form
     bits = torch.ops.ulsweep.keep_bits(torch.tensor(1, device=x.device), x.numel(), p)
     xd = x.detach()
     fwd = lambda: torch.ops.ulsweep.bias_gelu_dropout(xd, b, bits, p)  # noqa: E731
@@ -80,10 +82,13 @@ def main(argv=None) -> int:
 
         emit("inductor", inductor(x, b, g, a.p, a.warmup, a.iters))
         emit("inductor p=0", inductor(x, b, g, 0.0, a.warmup, a.iters))
-        for cfg in CONFIGS:
-            tf, tb = fused(x, b, g, a.p, cfg, a.warmup, a.iters)
-            emit("fused {}x{}/w{}/{}".format(*cfg), tf + tb, tf, tb)
+        emit("inductor tanh", inductor(x, b, g, a.p, a.warmup, a.iters, "tanh"))
+        for form in ("erf", "tanh"):
+            for cfg in CONFIGS:
+                tf, tb = fused(x, b, g, a.p, cfg, a.warmup, a.iters, form)
+                emit("{} {}x{}/w{}/{}".format(form, *cfg), tf + tb, tf, tb)
     G.BLOCK_M, G.BLOCK_N, G.NUM_WARPS, G.BWD_ROWS = saved
+    G.FORM = "erf"
     return 0
 
 

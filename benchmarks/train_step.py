@@ -236,9 +236,12 @@ def main(argv=None) -> int:
     p.add_argument("--dropout-kernel", nargs="+", default=["triton"], choices=["triton", "torch"],
                    help="compiled dropout's mask: ulsweep's Triton kernel (the library's default) or Inductor's "
                         "own; several are measured side by side")
-    p.add_argument("--gelu-kernel", nargs="+", default=["triton"], choices=["triton", "torch"],
+    p.add_argument("--gelu-kernel", nargs="+", default=["triton"], choices=["triton", "triton-tanh", "torch"],
                    help="compiled MLP activation: ulsweep's fused bias + GELU + dropout kernels (the library's "
-                        "default; they always take ulsweep's mask) or Inductor's fusion of F.gelu and dropout")
+                        "default; they always take ulsweep's mask; triton-tanh: with GELU's tanh form) or "
+                        "Inductor's fusion of F.gelu and dropout")
+    p.add_argument("--gelu-tile", default=None, metavar="BMxBNxWxR",
+                   help="tile of the fused GELU kernels: rows x columns x warps x backward rows per program")
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                    help="torch._inductor.config settings for every compiled row, e.g. coordinate_descent_tuning=True")
     a = p.parse_args(argv)
@@ -251,15 +254,21 @@ def main(argv=None) -> int:
         except (ValueError, SyntaxError):
             pass
         setattr(torch._inductor.config, key, value)
+    if a.gelu_tile:
+        try:
+            gelu_mod.BLOCK_M, gelu_mod.BLOCK_N, gelu_mod.NUM_WARPS, gelu_mod.BWD_ROWS = map(int, a.gelu_tile.split("x"))
+        except ValueError:
+            p.error(f"--gelu-tile {a.gelu_tile}: expected four integers as BMxBNxWxR, e.g. 8x256x4x256")
     exp = bench_experiment(a)
     env = run_env(a)
     rows, use_triton = [], (dropout_mod.USE_TRITON, gelu_mod.USE_TRITON)
-    print(f"{'stage':6} {'batch':>5} {'mode':>15} {'dropout':>7} {'gelu':>6} {'step ms':>9} {'img/s':>10} {'GFLOP/img':>10} {'MFU':>7} "
+    print(f"{'stage':6} {'batch':>5} {'mode':>15} {'dropout':>7} {'gelu':>11} {'step ms':>9} {'img/s':>10} {'GFLOP/img':>10} {'MFU':>7} "
           f"{'mem GiB':>8} {'GPU busy':>8}", flush=True)
     for stage in a.stages:
         for batch in (a.batch if stage == "ae" else (a.base_batch or a.batch)):
             for mode, kernel, gk in itertools.product(a.modes, a.dropout_kernel, a.gelu_kernel):
-                dropout_mod.USE_TRITON, gelu_mod.USE_TRITON = kernel == "triton", gk == "triton"
+                dropout_mod.USE_TRITON, gelu_mod.USE_TRITON = kernel == "triton", gk != "torch"
+                gelu_mod.FORM = "tanh" if gk == "triton-tanh" else "erf"
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
@@ -270,7 +279,7 @@ def main(argv=None) -> int:
                 except torch.OutOfMemoryError:
                     rows.append({"stage": stage, "batch": batch, "mode": mode, "dropout_kernel": kernel,
                                  "gelu_kernel": gk, "error": "out of memory"})
-                    print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {gk:>6}  out of memory", flush=True)
+                    print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {gk:>11}  out of memory", flush=True)
                     write_results(a.out, env, rows)
                     continue
                 finally:
@@ -288,7 +297,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 write_results(a.out, env, rows)  # after every row: a run cut off by a time limit keeps its rows
                 busy = f"{100 * prof['gpu_busy_frac']:.0f}%" if prof else "-"
-                print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {gk:>6} {1e3 * t:>9.2f} {ips:>10.0f} {fwd:>10.3f} "
+                print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {gk:>11} {1e3 * t:>9.2f} {ips:>10.0f} {fwd:>10.3f} "
                       f"{100 * mfu:>6.2f}% {mem:>8.2f} {busy:>8}", flush=True)
                 if prof:
                     print("        GPU time: " + ", ".join(f"{k} {100 * v:.0f}%"
@@ -297,6 +306,7 @@ def main(argv=None) -> int:
                         print(f"        {o['ms_per_step']:7.2f} ms/step  {o['calls_per_step']:5.1f}x  {o['op']} "
                               f"{o['shapes'][:90]}", flush=True)
     dropout_mod.USE_TRITON, gelu_mod.USE_TRITON = use_triton  # the library's settings again for what runs next
+    gelu_mod.FORM = "erf"
     return 0
 
 

@@ -108,10 +108,16 @@ gelu)
     .gpu/b/pytest-*.whl .gpu/b/pluggy-*.whl .gpu/b/iniconfig-*.whl .gpu/b/packaging-*.whl .gpu/b/pygments-*.whl
   PYTHONPATH=$PYTHONPATH:/tmp/site timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gelu.py \
     > "$OUT/pytest.log" 2>&1
-  timeout 150 python3 benchmarks/gelu.py --out "$OUT/gelu.json" > "$OUT/gelu.log" 2>&1
-  timeout 280 python3 benchmarks/train_step.py $paper --stages base --base-batch 128 --modes default \
-     --gelu-kernel triton torch --profile --out "$OUT/base128.json" > "$OUT/base128.log" 2>&1
-  for f in pytest gelu base128; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -20; done
+  timeout 170 python3 benchmarks/gelu.py --out "$OUT/gelu.json" > "$OUT/gelu.log" 2>&1
+  tile=$(python3 -c "import json, collections as c; t = c.defaultdict(float)
+for r in json.load(open('$OUT/gelu.json'))['rows']:
+    if r['variant'].startswith('erf '): t[r['variant'][4:]] += r['ms'] * (6 if r['shape'][0] > 100000 else 16)
+print(min(t, key=t.get).replace('/w', 'x').replace('/', 'x'))" 2>/dev/null || echo 8x256x4x256)
+  echo "fused GELU tile: $tile" | tee "$OUT/tile.log"
+  timeout 330 python3 benchmarks/train_step.py $paper --stages base --base-batch 128 --modes default \
+     --gelu-kernel triton triton-tanh torch --gelu-tile "$tile" --profile --out "$OUT/base128.json" \
+     > "$OUT/base128.log" 2>&1
+  for f in pytest gelu tile base128; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -20; done
   ;;
 ddp)
   python3 benchmarks/ddp.py $paper --workers 1 2 --stages ae base --batch 16 --base-batch 64 --mode default \

@@ -33,6 +33,7 @@ USE_TRITON = True
 BLOCK_M, BLOCK_N = 16, 256  # tile of one program (rows x columns); the backward loops over BWD_ROWS rows
 BWD_ROWS = 256
 NUM_WARPS = 4
+FORM = "erf"  # "tanh": GELU's tanh approximation instead (benchmarks/gelu.py prices the exact CDF)
 
 # erfc(z) ~= t * exp(-z^2 + sum_k C[k] t^k), t = 1 / (1 + z / 2), z >= 0 (fractional error < 1.2e-7)
 ERFC_COEFFS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
@@ -61,6 +62,7 @@ if triton is not None:
     _C5, _C6, _C7, _C8, _C9 = (tl.constexpr(c) for c in ERFC_COEFFS[5:])
     _SQRT1_2 = tl.constexpr(1.0 / math.sqrt(2.0))
     _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
+    _TANH_K = tl.constexpr(2.0 * math.sqrt(2.0 / math.pi))
 
     @triton.jit
     def _normal_cdf(x):
@@ -71,6 +73,20 @@ if triton is not None:
             _C8 + t * _C9))))))))
         half_erfc = 0.5 * t * tl.exp(poly - z * z)  # erfc(|x| / sqrt 2) / 2 = Phi(-|x|)
         return tl.where(x >= 0, 1.0 - half_erfc, half_erfc)
+
+    @triton.jit
+    def _cdf(x, TANH: tl.constexpr):
+        if TANH:  # GELU's tanh form: Phi(x) ~ (1 + tanh(u)) / 2 = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
+            return 1.0 / (1.0 + tl.exp(-((x + 0.044715 * x * x * x) * _TANH_K)))
+        return _normal_cdf(x)
+
+    @triton.jit
+    def _pdf(x, TANH: tl.constexpr):
+        """d cdf / dx."""
+        if TANH:
+            s = 1.0 / (1.0 + tl.exp(-((x + 0.044715 * x * x * x) * _TANH_K)))
+            return s * (1.0 - s) * _TANH_K * (1.0 + 3 * 0.044715 * x * x)
+        return tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
 
     @triton.jit
     def _tile(h_ptr, b_ptr, bits_ptr, rows, cols, bias, M, N, scale, HAS_MASK: tl.constexpr):
@@ -88,17 +104,17 @@ if triton is not None:
         return x, factor, offs, inb
 
     @triton.jit
-    def _fwd_kernel(h_ptr, b_ptr, bits_ptr, out_ptr, M, N, scale, HAS_MASK: tl.constexpr,
+    def _fwd_kernel(h_ptr, b_ptr, bits_ptr, out_ptr, M, N, scale, HAS_MASK: tl.constexpr, TANH: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         bias = tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
         x, factor, offs, inb = _tile(h_ptr, b_ptr, bits_ptr, rows, cols, bias, M, N, scale, HAS_MASK)
-        tl.store(out_ptr + offs, (factor * x * _normal_cdf(x)).to(out_ptr.dtype.element_ty), mask=inb)
+        tl.store(out_ptr + offs, (factor * x * _cdf(x, TANH)).to(out_ptr.dtype.element_ty), mask=inb)
 
     @triton.jit
     def _bwd_kernel(g_ptr, h_ptr, b_ptr, bits_ptr, dh_ptr, db_ptr, M, N, scale, HAS_MASK: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+                    TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         bias = tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
         db = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # summed over rows once, after the loop
@@ -106,8 +122,7 @@ if triton is not None:
             rows = tl.program_id(0) * ROWS + r + tl.arange(0, BLOCK_M)
             x, factor, offs, inb = _tile(h_ptr, b_ptr, bits_ptr, rows, cols, bias, M, N, scale, HAS_MASK)
             g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32) * factor
-            pdf = _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
-            dh = g * (_normal_cdf(x) + x * pdf)  # 0 outside the tensor: g is 0 there
+            dh = g * (_cdf(x, TANH) + x * _pdf(x, TANH))  # 0 outside the tensor: g is 0 there
             tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=inb)
             db += dh
         tl.store(db_ptr + tl.program_id(0) * N + cols, tl.sum(db, axis=0), mask=cols < N)
@@ -131,7 +146,7 @@ if triton is not None:
         out = torch.empty_like(h)
         grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
         wrap_triton(_fwd_kernel)[grid](h, bias, bits, out, m, n, _scale(p), HAS_MASK=p > 0.0,
-                                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
+                                       TANH=FORM == "tanh", BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
         return out
 
     @triton_op("ulsweep::bias_gelu_dropout_backward", mutates_args=())
@@ -144,7 +159,8 @@ if triton is not None:
         parts = torch.empty(triton.cdiv(m, BWD_ROWS), n, dtype=torch.float32, device=h.device)
         grid = (triton.cdiv(m, BWD_ROWS), triton.cdiv(n, BLOCK_N))
         wrap_triton(_bwd_kernel)[grid](grad, h, bias, bits, dh, parts, m, n, _scale(p), HAS_MASK=p > 0.0,
-                                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ROWS=BWD_ROWS, num_warps=NUM_WARPS)
+                                       TANH=FORM == "tanh", BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ROWS=BWD_ROWS,
+                                       num_warps=NUM_WARPS)
         return dh, parts.sum(0).to(bias.dtype)
 
     def _setup_context(ctx, inputs, output):
