@@ -7,7 +7,6 @@ model's two stages at batch 128 (131,072 tokens x 2,048 and 32,768 tokens x 4,09
   none:   p = 0 (GELU alone: what a memory-bound pass costs),
   torch:  Inductor's own dropout (one Philox-4x32-10 call per element),
   triton: ulsweep's bit-packed mask (one Philox call per 8 elements, `ulsweep/models/dropout.py`),
-  fused:  ulsweep's bias + GELU + dropout kernels with that mask (`ulsweep/models/gelu.py`; a zero bias),
 and reports ms per call, the cost over `none` and the bandwidth of the bytes the fused passes must move
 (x, y, grad y, grad x in bf16; torch's one-byte mask written and read once, ulsweep's 1/8-byte mask
 written once and read twice). CUDA only.
@@ -26,22 +25,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from timing import cuda_micro_args, run_env, time_calls, write_results  # noqa: E402
 
 import ulsweep.models.dropout as dropout_mod  # noqa: E402
-import ulsweep.models.gelu as gelu_mod  # noqa: E402
 
-# mask traffic per element, beside bf16 x, y, dy, dx
-MASK_BYTES = {"none": 0.0, "torch": 2.0, "triton": 3 / 8, "fused": 3 / 8}
+MASK_BYTES = {"none": 0.0, "torch": 2.0, "triton": 3 / 8}  # mask traffic per element, beside bf16 x, y, dy, dx
 SHAPES = {"base stage 1 MLP (b128)": (131072, 2048), "base stage 2 MLP (b128)": (32768, 4096)}
 
 
 def bench(shape, kernel: str, p: float, warmup: int, iters: int) -> float:
     dropout_mod.USE_TRITON = kernel == "triton"
     torch._dynamo.reset()
-    bias = torch.zeros(shape[-1], device="cuda", requires_grad=True)
 
     @torch.compile
     def f(x):
-        if kernel == "fused":
-            return gelu_mod.bias_gelu_dropout(x, bias, p)
         return dropout_mod.dropout(F.gelu(x), p if kernel != "none" else 0.0)
 
     x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -60,7 +54,7 @@ def main(argv=None) -> int:
     print(f"{'shape':28} {'kernel':>7} {'ms':>8} {'+ms':>8} {'GB/s':>8}")
     for name, shape in SHAPES.items():
         base = None
-        for kernel in ("none", "torch", "triton", "fused"):
+        for kernel in ("none", "torch", "triton"):
             t = bench(shape, kernel, a.p, a.warmup, a.iters)
             base = t if kernel == "none" else base
             n = shape[0] * shape[1]

@@ -13,13 +13,12 @@
 # max-autotune; the first call's autotuning and Triton caches under /tmp let the second finish the compile.
 # `perf.sh block` (1 GPU, ~9 min): one base-model block with parts switched off or rewritten (`block.py`), the
 # base model at batch 256 compiled with and without CUDA graphs, every kernel in the JSON.
-# `perf.sh gelu` (1 GPU, ~8 min, carry .gpu/b): GPU tests of the fused GELU, `gelu.py` (tile settings), the
-# base model at batch 128 with ulsweep's fused GELU vs Inductor's side by side.
+# `perf.sh final` (1 GPU, ~9 min): the base model at batch 256 with and without CUDA graphs, full stage 1.
 # `perf.sh ddp`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train; `perf.sh ddp-base`: the compiled base
 # model's scaling with and without Dynamo's DDP graph splitting.
 set -uo pipefail
 case "${1:-single}" in  # train_step.py alone needs no Ray: `tune` and `layout` run in the call that installs it
-  tune|layout|next|dropout|base|autotune|block|gelu) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
+  tune|layout|next|dropout|base|autotune|block|final) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
   *) . benchmarks/device/env_b.sh ;;
 esac
 gpus=$(nvidia-smi -L | wc -l); last=$((gpus - 1))
@@ -103,21 +102,12 @@ block)
      --profile --out "$OUT/base256.json" > "$OUT/base256.log" 2>&1
   for f in block base256; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -16; done
   ;;
-gelu)
-  python3 -m pytest --version >/dev/null 2>&1 || python3 -m pip install -q --no-index --no-deps --target /tmp/site \
-    .gpu/b/pytest-*.whl .gpu/b/pluggy-*.whl .gpu/b/iniconfig-*.whl .gpu/b/packaging-*.whl .gpu/b/pygments-*.whl
-  PYTHONPATH=$PYTHONPATH:/tmp/site timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gelu.py \
-    > "$OUT/pytest.log" 2>&1
-  timeout 170 python3 benchmarks/gelu.py --out "$OUT/gelu.json" > "$OUT/gelu.log" 2>&1
-  tile=$(python3 -c "import json, collections as c; t = c.defaultdict(float)
-for r in json.load(open('$OUT/gelu.json'))['rows']:
-    if r['variant'].startswith('erf '): t[r['variant'][4:]] += r['ms'] * (6 if r['shape'][0] > 100000 else 16)
-print(min(t, key=t.get).replace('/w', 'x').replace('/', 'x'))" 2>/dev/null || echo 8x256x4x256)
-  echo "fused GELU tile: $tile" | tee "$OUT/tile.log"
-  timeout 330 python3 benchmarks/train_step.py $paper --stages base --base-batch 128 --modes default \
-     --gelu-kernel triton triton-tanh torch --gelu-tile "$tile" --profile --out "$OUT/base128.json" \
-     > "$OUT/base128.log" 2>&1
-  for f in pytest gelu tile base128; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -20; done
+final)  # the issue's rows on the final code: base model at batch 256 with and without CUDA graphs, full stage 1
+  timeout 330 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default reduce-overhead \
+     --profile --out "$OUT/base256.json" > "$OUT/base256.log" 2>&1
+  timeout 220 python3 benchmarks/train_step.py $paper --stages ae --batch 16 --modes default --profile \
+     --out "$OUT/ae.json" > "$OUT/ae.log" 2>&1
+  for f in base256 ae; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -8; done
   ;;
 ddp)
   python3 benchmarks/ddp.py $paper --workers 1 2 --stages ae base --batch 16 --base-batch 64 --mode default \

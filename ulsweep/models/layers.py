@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ulsweep.models import gelu
 from ulsweep.models.dropout import Dropout
 
 # Periods (in log-SNR units) of the Fourier features of lambda: the slowest is monotone over the whole
@@ -138,11 +137,7 @@ class Mlp(nn.Module):
         self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        if gelu.fast_path(x, self.fc1.out_features):  # compiled on CUDA: bias + GELU + dropout in one Triton kernel a direction
-            h = gelu.bias_gelu_dropout(F.linear(x, self.fc1.weight), self.fc1.bias, self.drop.p, self.training)
-        else:
-            h = self.drop(F.gelu(self.fc1(x)))
-        return self.drop(self.fc2(h))
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 
 class TransformerBlock(nn.Module):
