@@ -312,3 +312,39 @@ def test_compiled_objectives_match_eager_losses():
     z_t = diffuse(z, lam, eps)
     want = base_loss(z, x_from_v(z_t, net(z_t, lam), lam), lam, sched.dlogsnr_dt(t), bc.loss.sigmoid_bias)
     torch.testing.assert_close(BaseObjective(net, sched, bc.loss.sigmoid_bias)(z, t, eps), want)
+
+
+
+def _two_adamw_steps(clip, fused: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(parameters, gradient norms) after two AdamW steps on a large then a small gradient, each passed
+    through `clip(optimizer, model)` before the step (Adam's first step alone hardly depends on the scale)."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(8, 4)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, fused=fused)
+    norms = []
+    for scale in (10.0, 0.1):
+        net(scale * torch.randn(16, 8)).square().sum().backward()
+        norms.append(clip(opt, net))
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in net.parameters()], norms
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("max_norm", [100.0, 0.0])
+def test_clip_gradients_matches_clip_grad_norm(fused, max_norm):
+    """clip_gradients + AdamW takes the steps of clip_grad_norm_ + AdamW, whether the factor goes into the
+    fused kernel as its grad_scale or divides the gradients first; max_norm 0 clips nothing."""
+    from ulsweep.train.common import clip_gradients
+
+    want, want_norms = _two_adamw_steps(
+        lambda opt, net: torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm or float("inf")), fused)
+    got, got_norms = _two_adamw_steps(lambda opt, net: clip_gradients(opt, max_norm), fused)
+    unclipped, _ = _two_adamw_steps(lambda opt, net: torch.nn.utils.get_total_norm(
+        [p.grad for p in net.parameters()]), fused)
+    torch.testing.assert_close(got_norms, want_norms)
+    assert want_norms[0] > 1000.0 and 0.0 < want_norms[1] < 100.0  # at 100, the first step is clipped, not the second
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    # the clipping matters to these two steps: with it the parameters end elsewhere than without
+    assert (max_norm > 0) == any((a - u).abs().max() > 1e-3 for a, u in zip(want, unclipped))

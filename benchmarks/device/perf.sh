@@ -102,7 +102,14 @@ block)
      --profile --out "$OUT/base256.json" > "$OUT/base256.log" 2>&1
   for f in block base256; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -16; done
   ;;
-final)  # the rows on the final code: base model at batch 256 with and without CUDA graphs, full stage 1
+final)  # the rows on the final code: base model at batch 256 with and without CUDA graphs, full stage 1;
+        # `perf.sh final large`: the base model with CUDA graphs at batch 256 and 384
+  if [ "${2:-}" = large ]; then
+    timeout 570 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 384 --modes reduce-overhead \
+       --profile --out "$OUT/base_large.json" > "$OUT/base_large.log" 2>&1
+    grep -vE "^\s*$|[Ww]arn" "$OUT/base_large.log" | grep -v "ms/step" | tail -8
+    exit 0
+  fi
   timeout 330 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default reduce-overhead \
      --profile --out "$OUT/base256.json" > "$OUT/base256.log" 2>&1
   timeout 220 python3 benchmarks/train_step.py $paper --stages ae --batch 16 --modes default --profile \
