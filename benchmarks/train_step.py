@@ -240,13 +240,17 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     for kv in a.inductor:
         key, _, value = kv.partition("=")
-        if not hasattr(torch._inductor.config, key):
+        *path, name = key.split(".")  # nested settings: triton.prefer_nd_tiling=True
+        owner = torch._inductor.config
+        for part in path:
+            owner = getattr(owner, part, None)
+        if owner is None or not hasattr(owner, name):
             p.error(f"--inductor {kv}: torch._inductor.config has no {key!r}")
         try:
             value = ast.literal_eval(value)  # True, 4, 0.5, ...; anything else stays a string
         except (ValueError, SyntaxError):
             pass
-        setattr(torch._inductor.config, key, value)
+        setattr(owner, name, value)
     exp = bench_experiment(a)
     env = run_env(a)
     rows, use_triton = [], dropout_mod.USE_TRITON

@@ -103,7 +103,19 @@ block)
   for f in block base256; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -16; done
   ;;
 final)  # the rows on the final code: base model at batch 256 with and without CUDA graphs, full stage 1;
-        # `perf.sh final large`: the base model with CUDA graphs at batch 256 and 384
+        # `perf.sh final large`: the base model with CUDA graphs at batch 256 and 384; `perf.sh final tiling`: the
+        # prior, and the base model with Inductor's N-d tiling of pointwise kernels and reductions vs without
+  if [ "${2:-}" = tiling ]; then  # the prior on the final code; the base model with Inductor's N-d tiling
+    timeout 130 python3 benchmarks/train_step.py $paper --stages prior --base-batch 128 --modes default \
+       --out "$OUT/prior.json" > "$OUT/prior.log" 2>&1
+    timeout 200 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default \
+       --inductor triton.prefer_nd_tiling=True triton.tile_reductions=True --out "$OUT/base_nd.json" \
+       > "$OUT/base_nd.log" 2>&1
+    timeout 200 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default \
+       --out "$OUT/base.json" > "$OUT/base.log" 2>&1
+    for f in prior base_nd base; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | tail -3; done
+    exit 0
+  fi
   if [ "${2:-}" = large ]; then
     timeout 570 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 384 --modes reduce-overhead \
        --profile --out "$OUT/base_large.json" > "$OUT/base_large.log" 2>&1
