@@ -314,7 +314,6 @@ def test_compiled_objectives_match_eager_losses():
     torch.testing.assert_close(BaseObjective(net, sched, bc.loss.sigmoid_bias)(z, t, eps), want)
 
 
-
 def _two_adamw_steps(clip, fused: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(parameters, gradient norms) after two AdamW steps on a large then a small gradient, each passed
     through `clip(optimizer, model)` before the step (Adam's first step alone hardly depends on the scale)."""
@@ -343,7 +342,7 @@ def test_clip_gradients_matches_clip_grad_norm(fused, max_norm):
     unclipped, _ = _two_adamw_steps(lambda opt, net: torch.nn.utils.get_total_norm(
         [p.grad for p in net.parameters()]), fused)
     torch.testing.assert_close(got_norms, want_norms)
-    assert want_norms[0] > 1000.0 and 0.0 < want_norms[1] < 100.0  # at 100, the first step is clipped, not the second
+    assert want_norms[0] > 1000.0 and 0.0 < want_norms[1] < 100.0  # at 100 the first step is clipped, not the 2nd
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     # the clipping matters to these two steps: with it the parameters end elsewhere than without

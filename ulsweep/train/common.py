@@ -170,7 +170,8 @@ def clip_gradients(opt: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
     """Scale the gradients of `opt`'s parameters by min(1, max_norm / (|g| + 1e-6)) (as clip_grad_norm_; no
     clipping for max_norm <= 0) and return the total norm |g| before clipping. A fused optimizer takes the
     factor as its `grad_scale` divisor (the attribute GradScaler sets), which folds it into the AdamW kernel:
-    one pass less over the gradients (0.8 ms a step for the 347M-parameter base model on an H200)."""
+    for the 347M-parameter base model on an H200 the 0.8-ms pass over the gradients goes and AdamW takes 0.5 ms
+    longer."""
     grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
     gnorm = torch.nn.utils.get_total_norm(grads)
     if max_norm <= 0:
