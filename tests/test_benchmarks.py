@@ -64,3 +64,49 @@ def test_cudnn_attention_backward_helpers_and_the_dropout_mask_have_their_kinds(
     assert len(helpers) == 2 and {train_step.kernel_kind(n) for n in helpers} == {"attention"}
     assert train_step.kernel_kind("_keep_bits_kernel") == "dropout mask"
     assert "conv" not in {train_step.kernel_kind(n) for n in names}  # the base model has no convolution
+
+
+def test_inductor_settings_may_be_nested_and_a_wrong_key_is_named(capsys):
+    import torch._inductor.config as inductor
+
+    before = inductor.triton.prefer_nd_tiling
+    args = ["--preset", "tiny", "--image-size", "16", "--stages", "base", "--batch", "2", "--modes", "eager",
+            "--warmup", "0", "--iters", "1"]
+    try:
+        assert train_step.main(args + ["--inductor", f"triton.prefer_nd_tiling={not before}"]) == 0
+        assert inductor.triton.prefer_nd_tiling is (not before)
+    finally:
+        inductor.triton.prefer_nd_tiling = before
+    with pytest.raises(SystemExit):
+        train_step.main(args + ["--inductor", "triton.no_such_setting=1"])
+    assert "torch._inductor.config has no 'triton.no_such_setting'" in capsys.readouterr().err
+
+
+def test_block_variants_switch_parts_off_or_rewrite_them_and_restore_the_block():
+    """benchmarks/block.py: `head-major` is the same function in the old layout, the ablations change the
+    output, and every variant leaves the block as it found it."""
+    import torch
+
+    import block
+    from ulsweep.models.layers import TransformerBlock
+
+    torch.manual_seed(0)
+    blk = TransformerBlock(64, 4, 32, dropout=0.0)
+    torch.nn.init.normal_(blk.ada.weight, std=0.02)  # non-zero gates: every branch reaches the output
+    x, c = torch.randn(2, 16, 64), torch.randn(2, 32)
+    want = blk(x, c)
+    for name in block.VARIANTS:
+        with block.variant(name, blk):
+            got = blk(x, c)
+        diff = (got - want).abs().max().item()
+        if name in ("library", "head-major", "no-dropout"):  # no-dropout: the block has none here
+            assert diff < 1e-6, name
+        elif name == "gelu-tanh":  # GELU's tanh form differs from the exact one by < 1e-3
+            assert 0 < diff < 1e-3
+        else:
+            assert diff > 1e-3, name
+        torch.testing.assert_close(blk(x, c), want)  # restored
+    drop = TransformerBlock(64, 4, 32, dropout=0.1)
+    with block.variant("no-dropout", drop):
+        assert {m.p for m in drop.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
+    assert {m.p for m in drop.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
