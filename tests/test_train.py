@@ -314,33 +314,35 @@ def test_compiled_objectives_match_eager_losses():
     torch.testing.assert_close(BaseObjective(net, sched, bc.loss.sigmoid_bias)(z, t, eps), want)
 
 
-def _two_adamw_steps(clip, fused: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _two_adamw_steps(clip, fused: bool, device: str = "cpu") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(parameters, gradient norms) after two AdamW steps on a large then a small gradient, each passed
     through `clip(optimizer, model)` before the step (Adam's first step alone hardly depends on the scale)."""
     torch.manual_seed(0)
-    net = torch.nn.Linear(8, 4)
+    net = torch.nn.Linear(8, 4).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=0.1, fused=fused)
     norms = []
     for scale in (10.0, 0.1):
-        net(scale * torch.randn(16, 8)).square().sum().backward()
+        net(scale * torch.randn(16, 8).to(device)).square().sum().backward()
         norms.append(clip(opt, net))
         opt.step()
         opt.zero_grad()
     return [p.detach().clone() for p in net.parameters()], norms
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("max_norm", [100.0, 0.0])
-def test_clip_gradients_matches_clip_grad_norm(fused, max_norm):
+def test_clip_gradients_matches_clip_grad_norm(fused, max_norm, device):
     """clip_gradients + AdamW takes the steps of clip_grad_norm_ + AdamW, whether the factor goes into the
     fused kernel as its grad_scale or divides the gradients first; max_norm 0 clips nothing."""
     from ulsweep.train.common import clip_gradients
 
     want, want_norms = _two_adamw_steps(
-        lambda opt, net: torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm or float("inf")), fused)
-    got, got_norms = _two_adamw_steps(lambda opt, net: clip_gradients(opt, max_norm), fused)
+        lambda opt, net: torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm or float("inf")), fused, device)
+    got, got_norms = _two_adamw_steps(lambda opt, net: clip_gradients(opt, max_norm), fused, device)
     unclipped, _ = _two_adamw_steps(lambda opt, net: torch.nn.utils.get_total_norm(
-        [p.grad for p in net.parameters()]), fused)
+        [p.grad for p in net.parameters()]), fused, device)
     torch.testing.assert_close(got_norms, want_norms)
     assert want_norms[0] > 1000.0 and 0.0 < want_norms[1] < 100.0  # at 100 the first step is clipped, not the 2nd
     for a, b in zip(want, got):
