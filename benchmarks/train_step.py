@@ -182,6 +182,7 @@ def profile_step(step, device: torch.device, steps: int = 5) -> dict:
             top[ev.name[:80]] += ev.device_time
             calls[ev.name[:80]] += 1
     busy = sum(by_kind.values()) / 1e6
+    ranked = sorted(top.items(), key=lambda kv: -kv[1])
     # which aten ops (with their input shapes) launched kernels themselves: Triton kernels of compiled
     # graphs have no aten op around them, so what shows here ran eagerly or as an extern call of a graph
     ops = sorted((e for e in prof.key_averages(group_by_input_shape=True)
@@ -189,9 +190,9 @@ def profile_step(step, device: torch.device, steps: int = 5) -> dict:
                  key=lambda e: -e.self_device_time_total)[:12]
     return {"wall_s": wall, "gpu_busy_s": busy, "gpu_busy_frac": busy / wall,
             "by_kind_frac_of_gpu": {k: v / 1e6 / busy for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms": {k: v / 1e3 / steps for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:40]},
+            "top_kernels_ms": {k: v / 1e3 / steps for k, v in ranked[:40]},
             "kernels": [{"name": k, "kind": kernel_kind(k), "ms_per_step": v / 1e3 / steps,
-                         "calls_per_step": calls[k] / steps} for k, v in sorted(top.items(), key=lambda kv: -kv[1])],
+                         "calls_per_step": calls[k] / steps} for k, v in ranked],
             "top_aten_ops_ms": [{"op": e.key, "shapes": str(e.input_shapes)[:160], "calls_per_step": e.count / steps,
                                  "ms_per_step": e.self_device_time_total / 1e3 / steps} for e in ops]}
 
@@ -254,8 +255,8 @@ def main(argv=None) -> int:
     exp = bench_experiment(a)
     env = run_env(a)
     rows, use_triton = [], dropout_mod.USE_TRITON
-    print(f"{'stage':6} {'batch':>5} {'mode':>15} {'dropout':>7} {'step ms':>9} {'img/s':>10} {'GFLOP/img':>10} {'MFU':>7} "
-          f"{'mem GiB':>8} {'GPU busy':>8}", flush=True)
+    print(f"{'stage':6} {'batch':>5} {'mode':>15} {'dropout':>7} {'step ms':>9} {'img/s':>10} {'GFLOP/img':>10} "
+          f"{'MFU':>7} {'mem GiB':>8} {'GPU busy':>8}", flush=True)
     for stage in a.stages:
         for batch in (a.batch if stage == "ae" else (a.base_batch or a.batch)):
             for mode, kernel in itertools.product(a.modes, a.dropout_kernel):

@@ -92,20 +92,14 @@ def fast_path(x: Tensor) -> bool:
     return USE_TRITON and triton is not None and x.is_cuda and torch.compiler.is_compiling()
 
 
-def draw_keep_bits(x: Tensor, p: float) -> Tensor:
-    """A fresh packed keep-mask for x (under the fast path): the seed comes from torch's CUDA generator, so
-    masks follow torch.manual_seed and change on every call, CUDA-graph replays included."""
-    seed = torch.randint(0, 1 << 62, (), device=x.device, dtype=torch.int64)
-    return torch.ops.ulsweep.keep_bits(seed, x.numel(), p)
-
-
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """Inverted dropout at rate p: the packed Triton mask under torch.compile on CUDA, else `F.dropout`."""
     if not training or p == 0.0:
         return x
     if not fast_path(x):
         return F.dropout(x, p, training=True)
-    bits = draw_keep_bits(x, p)
+    seed = torch.randint(0, 1 << 62, (), device=x.device, dtype=torch.int64)
+    bits = torch.ops.ulsweep.keep_bits(seed, x.numel(), p)
     # unpacked in a checkpointed region: the compiler's partitioner then recomputes the keep bits from the
     # packed mask in the backward instead of saving them (one byte an element, as native_dropout does)
     keep = torch.utils.checkpoint.checkpoint(unpack_keep, bits, x.shape, use_reentrant=False)
