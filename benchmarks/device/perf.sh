@@ -9,8 +9,9 @@
 # dropout. `perf.sh dropout base` skips the tests and the micro-benchmark.
 # `perf.sh base` (1 GPU, ~10 min): SDPA backends on the latent models' shapes, the base model's kernel list at
 # batch 128, and at batch 256 with Inductor's coordinate-descent tuning.
-# `perf.sh autotune` (1 GPU, run it in two back-to-back calls): the base model at batch 256 with Inductor's
-# max-autotune; the first call's autotuning and Triton caches under /tmp let the second finish the compile.
+# `perf.sh autotune` then `perf.sh autotune again` (1 GPU, two back-to-back calls): the base model at batch 256
+# with Inductor's GEMM autotuning; the first call's autotuning and Triton caches under /tmp let the second
+# finish the compile, which then runs the default compile beside it. The first also runs the CUDA train tests.
 # `perf.sh block` (1 GPU, ~9 min): one base-model block with parts switched off or rewritten (`block.py`), the
 # base model at batch 256 compiled with and without CUDA graphs, every kernel in the JSON.
 # `perf.sh final` (1 GPU, ~9 min): the base model at batch 256 with and without CUDA graphs, full stage 1.
@@ -90,11 +91,27 @@ base)
      --inductor coordinate_descent_tuning=True --out "$OUT/base256_cdt.json" > "$OUT/base256_cdt.log" 2>&1
   for f in attention base128 base256_cdt; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | tail -12; done
   ;;
-autotune)
+autotune)  # two back-to-back calls on one warm machine: `perf.sh autotune`, then `perf.sh autotune again`
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache TRITON_CACHE_DIR=/tmp/triton-cache
-  timeout 560 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes max-autotune \
-     --profile --out "$OUT/base_mat.json" > "$OUT/base_mat.log" 2>&1
-  du -sh /tmp/inductor-cache /tmp/triton-cache; grep -vE "^\s*$|[Ww]arn" "$OUT/base_mat.log" | tail -9
+  # GEMM autotuning with epilogue/prologue fusion only (no pointwise autotuning: no gain in session 5);
+  # Hopper's persistent TMA matmul templates where this torch has them
+  tma=$(python3 -c "import torch._inductor.config as c; print('triton.enable_persistent_tma_matmul=True' \
+        if hasattr(c.triton, 'enable_persistent_tma_matmul') else '')")
+  if [ "${2:-}" != again ]; then  # the clipping test's CUDA cases (fused AdamW's grad_scale), carry .gpu/b
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/*.whl
+    PYTHONPATH=$PYTHONPATH:/tmp/site timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_train.py \
+      -k "clip or cuda_graph" > "$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log"
+  fi
+  limit=${3:-440}; [ "${2:-}" = again ] && limit=${3:-370}
+  timeout "$limit" python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default \
+     --inductor max_autotune_gemm=True max_autotune_gemm_backends=ATEN,TRITON $tma --profile \
+     --out "$OUT/base_mat.json" > "$OUT/base_mat.log" 2>&1
+  echo "rc=$? autotuned GEMMs: $(grep -c 'AUTOTUNE' "$OUT/base_mat.log")"
+  du -sh /tmp/inductor-cache /tmp/triton-cache; grep -vE "^\s*$|[Ww]arn" "$OUT/base_mat.log" | grep -v "ms/step" | tail -9
+  if [ "${2:-}" = again ]; then  # the default compile beside it, same machine
+    timeout 200 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default \
+       --out "$OUT/base.json" > "$OUT/base.log" 2>&1; grep -vE "^\s*$|[Ww]arn" "$OUT/base.log" | tail -3
+  fi
   ;;
 block)
   timeout 240 python3 benchmarks/block.py --out "$OUT/block.json" > "$OUT/block.log" 2>&1
