@@ -15,7 +15,8 @@
 # `perf.sh block` (1 GPU, ~9 min): one base-model block with parts switched off or rewritten (`block.py`), the
 # base model at batch 256 compiled with and without CUDA graphs, every kernel in the JSON.
 # `perf.sh final` (1 GPU, ~9 min): the base model at batch 256 with and without CUDA graphs, full stage 1.
-# `perf.sh ddp`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train; `perf.sh ddp-base`: the compiled base
+# `perf.sh ddp [stage ...]`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train; `perf.sh gputests`: the
+# CUDA-only train tests; `perf.sh ddp-base`: the compiled base
 # model's scaling with and without Dynamo's DDP graph splitting.
 set -uo pipefail
 case "${1:-single}" in  # train_step.py alone needs no Ray: `tune` and `layout` run in the call that installs it
@@ -145,9 +146,14 @@ final)  # the issue's rows on the final code: base model at batch 256 with and w
      --out "$OUT/ae.json" > "$OUT/ae.log" 2>&1
   for f in base256 ae; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -8; done
   ;;
-ddp)
-  python3 benchmarks/ddp.py $paper --workers 1 2 --stages ae base --batch 16 --base-batch 64 --mode default \
-     --out "$OUT/ddp.json" > "$OUT/ddp.log" 2>&1
+gputests)  # after env_b.sh (pytest comes with .gpu/b): the train tests that only run on CUDA
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k "clip or cuda_graph" \
+    > "$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log"
+  ;;
+ddp)  # `perf.sh ddp [stage ...]`, stages ae and base by default (~9 min on 2 x H200 for both)
+  stages=${*:2}
+  python3 benchmarks/ddp.py $paper --workers 1 2 --stages ${stages:-ae base} --batch 16 --base-batch 64 \
+     --mode default --out "$OUT/ddp.json" > "$OUT/ddp.log" 2>&1
   grep -vE "^\(|^\s*$" "$OUT/ddp.log" | tail -12
   ;;
 ddp-base)  # the compiled base model's DDP scaling (66% in session 3) with both optimize_ddp settings, side by side
