@@ -149,8 +149,10 @@ KERNEL_KINDS = (("dropout mask", ("keep_bits",)),  # ulsweep's Triton kernel (ul
 
 def kernel_kind(name: str) -> str:
     n = name.lower()
-    if n.startswith("triton_") and not n.startswith("triton_tem"):  # Inductor's fused pointwise/reduction
-        return "norm/elementwise (fused)"  # kernels, named after the ops fused in ("..._convolution_mul_...")
+    if n.startswith("triton_tem"):  # Inductor's max-autotune templates, epilogues fused in ("triton_tem_fused_mm_t_")
+        return "conv" if "convolution" in n else "gemm"
+    if n.startswith("triton_"):  # Inductor's fused pointwise/reduction kernels, named after the ops fused in
+        return "norm/elementwise (fused)"  # ("..._convolution_mul_...")
     for kind, keys in KERNEL_KINDS:
         if any(k in n for k in keys):
             return kind

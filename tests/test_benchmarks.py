@@ -66,6 +66,19 @@ def test_cudnn_attention_backward_helpers_and_the_dropout_mask_have_their_kinds(
     assert "conv" not in {train_step.kernel_kind(n) for n in names}  # the base model has no convolution
 
 
+def test_inductor_gemm_templates_are_gemms():
+    """Under GEMM autotuning Inductor runs some matmuls as Triton templates ("triton_tem_fused_mm_..."), with
+    epilogues fused in: matmul arithmetic, not elementwise work (session 7's H200 base-model profile)."""
+    top = json.loads((BENCH / "results" / "h200-train-step-paper-base-b256-autotune-gemm.json").read_text())
+    names = [k["name"] for k in top["rows"][0]["profile"]["kernels"]]
+    templates = [n for n in names if n.startswith("triton_tem_")]
+    assert len(templates) >= 10 and any("rshift" in n for n in templates)  # one has the dropout unpack fused in
+    assert {train_step.kernel_kind(n) for n in templates} == {"gemm"}
+    assert train_step.kernel_kind("triton_tem_fused_convolution_relu_3") == "conv"
+    fused = [n for n in names if n.startswith(("triton_poi_", "triton_red_", "triton_per_"))]
+    assert fused and {train_step.kernel_kind(n) for n in fused} == {"norm/elementwise (fused)"}
+
+
 def test_inductor_settings_may_be_nested_and_a_wrong_key_is_named(capsys):
     import torch._inductor.config as inductor
 
