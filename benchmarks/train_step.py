@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from timing import run_env, sync, time_calls, write_results  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 import ulsweep.models.dropout as dropout_mod  # noqa: E402
+import ulsweep.models.layers as layers  # noqa: E402
 from ulsweep.config import experiment_from_dict  # noqa: E402
 from ulsweep.diffusion import diffuse, low_discrepancy_times, prior_loss, x_from_v  # noqa: E402
 from ulsweep.metrics.flops import gflops_per_image, model_gflops  # noqa: E402
@@ -238,6 +239,9 @@ def main(argv=None) -> int:
     p.add_argument("--dropout-kernel", nargs="+", default=["triton"], choices=["triton", "torch"],
                    help="compiled dropout's mask: ulsweep's Triton kernel (the library's default) or Inductor's "
                         "own; several are measured side by side")
+    p.add_argument("--gelu", nargs="+", default=[layers.GELU_APPROXIMATE], choices=["none", "tanh"],
+                   help="the transformer MLPs' GELU: exact (none) or its tanh approximation; several are measured "
+                        "side by side (default: the library's)")
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                    help="torch._inductor.config settings for every compiled row, e.g. coordinate_descent_tuning=True")
     a = p.parse_args(argv)
@@ -256,13 +260,13 @@ def main(argv=None) -> int:
         setattr(owner, name, value)
     exp = bench_experiment(a)
     env = run_env(a)
-    rows, use_triton = [], dropout_mod.USE_TRITON
-    print(f"{'stage':6} {'batch':>5} {'mode':>15} {'dropout':>7} {'step ms':>9} {'img/s':>10} {'GFLOP/img':>10} "
+    rows, use_triton, gelu_default = [], dropout_mod.USE_TRITON, layers.GELU_APPROXIMATE
+    print(f"{'stage':6} {'batch':>5} {'mode':>15} {'dropout':>7} {'gelu':>4} {'step ms':>9} {'img/s':>10} {'GFLOP/img':>10} "
           f"{'MFU':>7} {'mem GiB':>8} {'GPU busy':>8}", flush=True)
     for stage in a.stages:
         for batch in (a.batch if stage == "ae" else (a.base_batch or a.batch)):
-            for mode, kernel in itertools.product(a.modes, a.dropout_kernel):
-                dropout_mod.USE_TRITON = kernel == "triton"
+            for mode, kernel, gelu in itertools.product(a.modes, a.dropout_kernel, a.gelu):
+                dropout_mod.USE_TRITON, layers.GELU_APPROXIMATE = kernel == "triton", gelu
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
@@ -272,8 +276,8 @@ def main(argv=None) -> int:
                     prof = profile_step(step, rt.device) if a.profile and rt.device.type == "cuda" else None
                 except torch.OutOfMemoryError:
                     rows.append({"stage": stage, "batch": batch, "mode": mode, "dropout_kernel": kernel,
-                                 "error": "out of memory"})
-                    print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7}  out of memory", flush=True)
+                                 "gelu": gelu, "error": "out of memory"})
+                    print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {gelu:>4}  out of memory", flush=True)
                     write_results(a.out, env, rows)
                     continue
                 finally:
@@ -284,13 +288,13 @@ def main(argv=None) -> int:
                 mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
                 row = {"stage": stage, "batch": batch, "mode": mode, "step_s": t, "images_per_s": ips,
                        "fwd_gflop_per_image": fwd, "mfu": mfu, "peak_mem_gib": mem,
-                       "device": str(rt.device), "amp": str(rt.amp_dtype), "dropout_kernel": kernel}
+                       "device": str(rt.device), "amp": str(rt.amp_dtype), "dropout_kernel": kernel, "gelu": gelu}
                 if prof:
                     row["profile"] = prof
                 rows.append(row)
                 write_results(a.out, env, rows)  # after every row: a run cut off by a time limit keeps its rows
                 busy = f"{100 * prof['gpu_busy_frac']:.0f}%" if prof else "-"
-                print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {1e3 * t:>9.2f} {ips:>10.0f} {fwd:>10.3f} "
+                print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {gelu:>4} {1e3 * t:>9.2f} {ips:>10.0f} {fwd:>10.3f} "
                       f"{100 * mfu:>6.2f}% {mem:>8.2f} {busy:>8}", flush=True)
                 if prof:
                     print("        GPU time: " + ", ".join(f"{k} {100 * v:.0f}%"
@@ -298,7 +302,8 @@ def main(argv=None) -> int:
                     for o in prof["top_aten_ops_ms"][:6]:
                         print(f"        {o['ms_per_step']:7.2f} ms/step  {o['calls_per_step']:5.1f}x  {o['op']} "
                               f"{o['shapes'][:90]}", flush=True)
-    dropout_mod.USE_TRITON = use_triton  # the library's setting again for whatever runs next in this process
+    # the library's settings again for whatever runs next in this process
+    dropout_mod.USE_TRITON, layers.GELU_APPROXIMATE = use_triton, gelu_default
     return 0
 
 

@@ -30,6 +30,27 @@ def test_train_step_writes_rows_whose_mfu_follows_from_its_own_numbers(tmp_path)
         assert r["mfu"] == pytest.approx(3 * r["fwd_gflop_per_image"] * 1e9 * r["images_per_s"] / 1e12)
 
 
+def test_train_step_gelu_rows_run_the_gelu_they_name_and_restore_the_library_setting(tmp_path, monkeypatch):
+    import torch.nn.functional as F
+
+    import ulsweep.models.layers as layers
+    seen, gelu = [], F.gelu
+
+    def recording_gelu(x, approximate="none"):
+        seen.append(approximate)
+        return gelu(x, approximate=approximate)
+
+    monkeypatch.setattr(F, "gelu", recording_gelu)
+    out = tmp_path / "g.json"
+    assert train_step.main(["--preset", "tiny", "--image-size", "16", "--stages", "base", "--batch", "4",
+                            "--modes", "eager", "--warmup", "1", "--iters", "1", "--gelu", "tanh", "none",
+                            "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["gelu"] for r in rows] == ["tanh", "none"]
+    assert set(seen) == {"tanh", "none"} and seen[0] == "tanh" and seen[-1] == "none"
+    assert layers.GELU_APPROXIMATE == "none"  # the library's exact GELU again
+
+
 def test_kernel_kinds_of_an_h200_profile():
     top = json.loads((BENCH / "results" / "h200-train-step-paper-ae-compiled-loss.json").read_text())
     names = list(top["rows"][0]["profile"]["top_kernels_ms"])

@@ -130,6 +130,11 @@ class Attention(nn.Module):
         return self.drop(self.proj(o.transpose(1, 2).flatten(2)))
 
 
+# The transformer MLPs' GELU: "none" is the exact x * Phi(x) with erf, "tanh" its tanh approximation (DiT's
+# blocks), within 5e-4 of it. Read at call time: `benchmarks/train_step.py --gelu none tanh` prices the two.
+GELU_APPROXIMATE = "none"
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
@@ -137,7 +142,7 @@ class Mlp(nn.Module):
         self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x), approximate=GELU_APPROXIMATE))))
 
 
 class TransformerBlock(nn.Module):
