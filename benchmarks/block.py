@@ -44,13 +44,9 @@ def attention_head_major(self, x):
     return self.drop(self.proj(rearrange(o, "b h n d -> b n (h d)")))
 
 
-def mlp_tanh(self, x):
-    return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x), approximate="tanh"))))
-
-
 @contextlib.contextmanager
 def variant(name: str, block: layers.TransformerBlock):
-    saved = (layers.Attention.forward, layers.Mlp.forward)
+    saved = (layers.Attention.forward, layers.GELU_APPROXIMATE)
     norms = (block.attn.q_norm, block.attn.k_norm)
     drops = [m for m in block.modules() if isinstance(m, torch.nn.Dropout)]
     rates = [m.p for m in drops]
@@ -63,10 +59,10 @@ def variant(name: str, block: layers.TransformerBlock):
             for m in drops:
                 m.p = 0.0
         elif name == "gelu-tanh":
-            layers.Mlp.forward = mlp_tanh
+            layers.GELU_APPROXIMATE = "tanh"
         yield
     finally:
-        layers.Attention.forward, layers.Mlp.forward = saved
+        layers.Attention.forward, layers.GELU_APPROXIMATE = saved
         block.attn.q_norm, block.attn.k_norm = norms
         for m, p in zip(drops, rates):
             m.p = p

@@ -261,8 +261,8 @@ def main(argv=None) -> int:
     exp = bench_experiment(a)
     env = run_env(a)
     rows, use_triton, gelu_default = [], dropout_mod.USE_TRITON, layers.GELU_APPROXIMATE
-    print(f"{'stage':6} {'batch':>5} {'mode':>15} {'dropout':>7} {'gelu':>4} {'step ms':>9} {'img/s':>10} {'GFLOP/img':>10} "
-          f"{'MFU':>7} {'mem GiB':>8} {'GPU busy':>8}", flush=True)
+    print(f"{'stage':6} {'batch':>5} {'mode':>15} {'dropout':>7} {'gelu':>4} {'step ms':>9} {'img/s':>10} "
+          f"{'GFLOP/img':>10} {'MFU':>7} {'mem GiB':>8} {'GPU busy':>8}", flush=True)
     for stage in a.stages:
         for batch in (a.batch if stage == "ae" else (a.base_batch or a.batch)):
             for mode, kernel, gelu in itertools.product(a.modes, a.dropout_kernel, a.gelu):
@@ -294,8 +294,8 @@ def main(argv=None) -> int:
                 rows.append(row)
                 write_results(a.out, env, rows)  # after every row: a run cut off by a time limit keeps its rows
                 busy = f"{100 * prof['gpu_busy_frac']:.0f}%" if prof else "-"
-                print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {gelu:>4} {1e3 * t:>9.2f} {ips:>10.0f} {fwd:>10.3f} "
-                      f"{100 * mfu:>6.2f}% {mem:>8.2f} {busy:>8}", flush=True)
+                print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {gelu:>4} {1e3 * t:>9.2f} {ips:>10.0f} "
+                      f"{fwd:>10.3f} {100 * mfu:>6.2f}% {mem:>8.2f} {busy:>8}", flush=True)
                 if prof:
                     print("        GPU time: " + ", ".join(f"{k} {100 * v:.0f}%"
                                                         for k, v in prof["by_kind_frac_of_gpu"].items()), flush=True)

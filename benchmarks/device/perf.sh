@@ -15,9 +15,9 @@
 # `perf.sh block` (1 GPU, ~9 min): one base-model block with parts switched off or rewritten (`block.py`), the
 # base model at batch 256 compiled with and without CUDA graphs, every kernel in the JSON.
 # `perf.sh final` (1 GPU, ~9 min): the base model at batch 256 with and without CUDA graphs, full stage 1.
-# `perf.sh ddp [stage ...]`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train; `perf.sh gputests`: the
-# CUDA-only train tests; `perf.sh ddp-base`: the compiled base
-# model's scaling with and without Dynamo's DDP graph splitting.
+# `perf.sh ddp [stage ...]`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train; `perf.sh ddp-base`: the
+# compiled base model's scaling with and without Dynamo's DDP graph splitting. `perf.sh gputests` (after
+# env_b.sh): the train tests that only run on CUDA.
 set -uo pipefail
 case "${1:-single}" in  # train_step.py alone needs no Ray: `tune` and `layout` run in the call that installs it
   tune|layout|next|dropout|base|autotune|block|final) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
@@ -108,7 +108,8 @@ autotune)  # two back-to-back calls on one warm machine: `perf.sh autotune`, the
      --inductor max_autotune_gemm=True max_autotune_gemm_backends=ATEN,TRITON $tma --profile \
      --out "$OUT/base_mat.json" > "$OUT/base_mat.log" 2>&1
   echo "rc=$? autotuned GEMMs: $(grep -c 'AUTOTUNE' "$OUT/base_mat.log")"
-  du -sh /tmp/inductor-cache /tmp/triton-cache; grep -vE "^\s*$|[Ww]arn" "$OUT/base_mat.log" | grep -v "ms/step" | tail -9
+  du -sh /tmp/inductor-cache /tmp/triton-cache
+  grep -vE "^\s*$|[Ww]arn" "$OUT/base_mat.log" | grep -v "ms/step" | tail -9
   if [ "${2:-}" = again ]; then  # the default compile beside it, same machine
     timeout 200 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default \
        --out "$OUT/base.json" > "$OUT/base.log" 2>&1; grep -vE "^\s*$|[Ww]arn" "$OUT/base.log" | tail -3
