@@ -11,19 +11,24 @@
 # batch 128, and at batch 256 with Inductor's coordinate-descent tuning.
 # `perf.sh autotune` then `perf.sh autotune again` (1 GPU, two back-to-back calls): the base model at batch 256
 # with Inductor's GEMM autotuning; the first call's autotuning and Triton caches under /tmp let the second
-# finish the compile, which then runs the default compile beside it. The first also runs the CUDA train tests.
+# finish the compile, which then runs the default compile beside it.
 # `perf.sh block` (1 GPU, ~9 min): one base-model block with parts switched off or rewritten (`block.py`), the
 # base model at batch 256 compiled with and without CUDA graphs, every kernel in the JSON.
 # `perf.sh final` (1 GPU, ~9 min): the base model at batch 256 with and without CUDA graphs, full stage 1.
 # `perf.sh ddp [stage ...]`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train; `perf.sh ddp-base`: the
-# compiled base model's scaling with and without Dynamo's DDP graph splitting. `perf.sh gputests` (after
-# env_b.sh): the train tests that only run on CUDA.
+# compiled base model's scaling with and without Dynamo's DDP graph splitting. `perf.sh gputests` (carry
+# .gpu/b): the train tests that only run on CUDA.
 set -uo pipefail
 case "${1:-single}" in  # train_step.py alone needs no Ray: `tune` and `layout` run in the call that installs it
-  tune|layout|next|dropout|base|autotune|block|final) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
+  tune|layout|next|dropout|base|autotune|block|final|gputests) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
   *) . benchmarks/device/env_b.sh ;;
 esac
 gpus=$(nvidia-smi -L | wc -l); last=$((gpus - 1))
+device_pytest() {  # LIMIT_S PYTEST_ARGS...: the image has no pytest; .gpu/b's wheels go into /tmp/site once
+  [ -d /tmp/site/pytest ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/*.whl
+  local limit=$1; shift
+  PYTHONPATH=$PYTHONPATH:/tmp/site timeout "$limit" python3 -m pytest -q -p no:cacheprovider "$@"
+}
 paper="--preset paper --image-size 512 --channels 3 --downsample 16 --latent-channels 32"
 small="--preset small --image-size 32 --channels 1"
 case "${1:-single}" in
@@ -70,10 +75,7 @@ next)  # session 4's open experiments (2 GPUs, ~5 min): stage 1 with channels_la
   ;;
 dropout)
   if [ "${2:-}" != base ]; then
-  python3 -m pytest --version >/dev/null 2>&1 || python3 -m pip install -q --no-index --no-deps --target /tmp/site \
-    .gpu/b/pytest-*.whl .gpu/b/pluggy-*.whl .gpu/b/iniconfig-*.whl .gpu/b/packaging-*.whl .gpu/b/pygments-*.whl
-  PYTHONPATH=$PYTHONPATH:/tmp/site timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_dropout.py \
-    > "$OUT/pytest.log" 2>&1
+  device_pytest 120 tests/test_dropout.py > "$OUT/pytest.log" 2>&1
   timeout 150 python3 benchmarks/dropout.py --out "$OUT/dropout.json" > "$OUT/dropout.log" 2>&1
   fi
   timeout 240 python3 benchmarks/train_step.py $paper --stages base --base-batch 128 --modes default \
@@ -98,11 +100,6 @@ autotune)  # two back-to-back calls on one warm machine: `perf.sh autotune`, the
   # Hopper's persistent TMA matmul templates where this torch has them
   tma=$(python3 -c "import torch._inductor.config as c; print('triton.enable_persistent_tma_matmul=True' \
         if hasattr(c.triton, 'enable_persistent_tma_matmul') else '')")
-  if [ "${2:-}" != again ]; then  # the clipping test's CUDA cases (fused AdamW's grad_scale), carry .gpu/b
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/*.whl
-    PYTHONPATH=$PYTHONPATH:/tmp/site timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_train.py \
-      -k "clip or cuda_graph" > "$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log"
-  fi
   limit=${3:-440}; [ "${2:-}" = again ] && limit=${3:-370}
   timeout "$limit" python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default \
      --inductor max_autotune_gemm=True max_autotune_gemm_backends=ATEN,TRITON $tma --profile \
@@ -147,9 +144,8 @@ final)  # the issue's rows on the final code: base model at batch 256 with and w
      --out "$OUT/ae.json" > "$OUT/ae.log" 2>&1
   for f in base256 ae; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -8; done
   ;;
-gputests)  # after env_b.sh (pytest comes with .gpu/b): the train tests that only run on CUDA
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k "clip or cuda_graph" \
-    > "$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log"
+gputests)  # the train tests that only run on CUDA (carry .gpu/b)
+  device_pytest 150 tests/test_train.py -k "clip or cuda_graph" > "$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log"
   ;;
 ddp)  # `perf.sh ddp [stage ...]`, stages ae and base by default (~9 min on 2 x H200 for both)
   stages=${*:2}
