@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import itertools
 import os
 import statistics
@@ -35,7 +36,8 @@ import ulsweep.models.layers as layers  # noqa: E402
 from ulsweep.config import experiment_from_dict  # noqa: E402
 from ulsweep.diffusion import diffuse, low_discrepancy_times, prior_loss, x_from_v  # noqa: E402
 from ulsweep.metrics.flops import gflops_per_image, model_gflops  # noqa: E402
-from ulsweep.models import build_autoencoder, build_base_model  # noqa: E402
+from ulsweep.models import AE_PRESETS, BASE_PRESETS, build_autoencoder, build_base_model  # noqa: E402
+from ulsweep.models.presets import with_head_dim  # noqa: E402
 from ulsweep.train.common import TrainState, compile_module, make_runtime, wrap_ddp  # noqa: E402
 from ulsweep.train.sampling import prior_schedule  # noqa: E402
 from ulsweep.train.stage1 import Stage1Objective, draw_noise  # noqa: E402
@@ -132,6 +134,22 @@ def step_stage2(exp, batch: int, mode: str, channels: int, channels_last: str = 
     step = _latent_step(net, objective, bc.optim, exp, batch, mode, rt)
     fwd = gflops_per_image(build_base_model(bc, shape[0]), torch.zeros(2, *shape), torch.zeros(2))
     return step, fwd, rt
+
+
+@contextlib.contextmanager
+def head_dim(exp, d: int | None):
+    """While the block runs, the experiment's AE and base presets split their transformers into heads of d
+    channels (None: the presets' own heads)."""
+    if d is None:
+        yield
+        return
+    names = exp.ae.model.preset, exp.base_models[0].model.preset
+    saved = AE_PRESETS[names[0]], BASE_PRESETS[names[1]]
+    AE_PRESETS[names[0]], BASE_PRESETS[names[1]] = with_head_dim(saved[0], d), with_head_dim(saved[1], d)
+    try:
+        yield
+    finally:
+        AE_PRESETS[names[0]], BASE_PRESETS[names[1]] = saved
 
 
 STAGES = {"ae": step_stage1, "prior": step_prior, "base": step_stage2}
@@ -242,6 +260,9 @@ def main(argv=None) -> int:
     p.add_argument("--gelu", nargs="+", default=[layers.GELU_APPROXIMATE], choices=["none", "tanh"],
                    help="the transformer MLPs' GELU: exact (none) or its tanh approximation; several are measured "
                         "side by side (default: the library's)")
+    p.add_argument("--head-dim", nargs="+", type=int, default=[None],
+                   help="channels a head in every transformer (heads = width / head dim); several are measured "
+                        "side by side (default: the presets' heads)")
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                    help="torch._inductor.config settings for every compiled row, e.g. coordinate_descent_tuning=True")
     a = p.parse_args(argv)
@@ -261,23 +282,25 @@ def main(argv=None) -> int:
     exp = bench_experiment(a)
     env = run_env(a)
     rows, use_triton, gelu_default = [], dropout_mod.USE_TRITON, layers.GELU_APPROXIMATE
-    print(f"{'stage':6} {'batch':>5} {'mode':>15} {'dropout':>7} {'gelu':>4} {'step ms':>9} {'img/s':>10} "
-          f"{'GFLOP/img':>10} {'MFU':>7} {'mem GiB':>8} {'GPU busy':>8}", flush=True)
+    print(f"{'stage':6} {'batch':>5} {'mode':>15} {'dropout':>7} {'gelu':>4} {'hd':>4} {'step ms':>9} "
+          f"{'img/s':>10} {'GFLOP/img':>10} {'MFU':>7} {'mem GiB':>8} {'GPU busy':>8}", flush=True)
     for stage in a.stages:
         for batch in (a.batch if stage == "ae" else (a.base_batch or a.batch)):
-            for mode, kernel, gelu in itertools.product(a.modes, a.dropout_kernel, a.gelu):
+            for mode, kernel, gelu, hd in itertools.product(a.modes, a.dropout_kernel, a.gelu, a.head_dim):
                 dropout_mod.USE_TRITON, layers.GELU_APPROXIMATE = kernel == "triton", gelu
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 try:
-                    step, fwd, rt = STAGES[stage](exp, batch, mode, a.channels, a.channels_last, a.dropout)
+                    with head_dim(exp, hd):
+                        step, fwd, rt = STAGES[stage](exp, batch, mode, a.channels, a.channels_last, a.dropout)
                     times = time_calls(step, rt.device, a.warmup, a.iters)
                     prof = profile_step(step, rt.device) if a.profile and rt.device.type == "cuda" else None
                 except torch.OutOfMemoryError:
                     rows.append({"stage": stage, "batch": batch, "mode": mode, "dropout_kernel": kernel,
-                                 "gelu": gelu, "error": "out of memory"})
-                    print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {gelu:>4}  out of memory", flush=True)
+                                 "gelu": gelu, "head_dim": hd, "error": "out of memory"})
+                    print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {gelu:>4} {hd or '-':>4}  out of memory",
+                          flush=True)
                     write_results(a.out, env, rows)
                     continue
                 finally:
@@ -288,14 +311,15 @@ def main(argv=None) -> int:
                 mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
                 row = {"stage": stage, "batch": batch, "mode": mode, "step_s": t, "images_per_s": ips,
                        "fwd_gflop_per_image": fwd, "mfu": mfu, "peak_mem_gib": mem,
-                       "device": str(rt.device), "amp": str(rt.amp_dtype), "dropout_kernel": kernel, "gelu": gelu}
+                       "device": str(rt.device), "amp": str(rt.amp_dtype), "dropout_kernel": kernel, "gelu": gelu,
+                       "head_dim": hd}
                 if prof:
                     row["profile"] = prof
                 rows.append(row)
                 write_results(a.out, env, rows)  # after every row: a run cut off by a time limit keeps its rows
                 busy = f"{100 * prof['gpu_busy_frac']:.0f}%" if prof else "-"
-                print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {gelu:>4} {1e3 * t:>9.2f} {ips:>10.0f} "
-                      f"{fwd:>10.3f} {100 * mfu:>6.2f}% {mem:>8.2f} {busy:>8}", flush=True)
+                print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {gelu:>4} {hd or '-':>4} {1e3 * t:>9.2f} "
+                      f"{ips:>10.0f} {fwd:>10.3f} {100 * mfu:>6.2f}% {mem:>8.2f} {busy:>8}", flush=True)
                 if prof:
                     print("        GPU time: " + ", ".join(f"{k} {100 * v:.0f}%"
                                                         for k, v in prof["by_kind_frac_of_gpu"].items()), flush=True)

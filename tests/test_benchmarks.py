@@ -51,6 +51,26 @@ def test_train_step_gelu_rows_run_the_gelu_they_name_and_restore_the_library_set
     assert layers.GELU_APPROXIMATE == "none"  # the library's exact GELU again
 
 
+def test_train_step_head_dim_rows_build_heads_of_that_size_and_restore_the_presets(tmp_path, monkeypatch):
+    from ulsweep.models import AE_PRESETS, BASE_PRESETS, layers
+    before, sizes, init = (dict(AE_PRESETS), dict(BASE_PRESETS)), [], layers.Attention.__init__
+
+    def recording_init(self, dim, heads, dropout=0.0):
+        sizes.append(dim // heads)
+        init(self, dim, heads, dropout)
+
+    monkeypatch.setattr(layers.Attention, "__init__", recording_init)
+    out = tmp_path / "h.json"
+    # the tiny presets' own heads have 16 and 32 channels; rows of 8 and 16 rebuild every transformer
+    assert train_step.main(["--preset", "tiny", "--image-size", "16", "--stages", "prior", "base", "--batch", "4",
+                            "--modes", "eager", "--warmup", "1", "--iters", "1", "--head-dim", "8", "16",
+                            "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["stage"], r["head_dim"]) for r in rows] == [("prior", 8), ("prior", 16), ("base", 8), ("base", 16)]
+    assert set(sizes) == {8, 16}
+    assert (dict(AE_PRESETS), dict(BASE_PRESETS)) == before
+
+
 def test_kernel_kinds_of_an_h200_profile():
     top = json.loads((BENCH / "results" / "h200-train-step-paper-ae-compiled-loss.json").read_text())
     names = list(top["rows"][0]["profile"]["top_kernels_ms"])

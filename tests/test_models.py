@@ -179,6 +179,16 @@ def test_param_counts(capsys):
     assert counts["base", "tiny"] < counts["base", "small"] < counts["base", "medium"] < counts["base", "paper"]
 
 
+def test_with_head_dim_splits_every_transformer_and_names_a_width_it_does_not_divide():
+    from ulsweep.models.presets import with_head_dim
+    base, ae = with_head_dim(BASE_PRESETS["paper"], 128), with_head_dim(AE_PRESETS["paper"], 128)
+    assert base.heads == (4, 8) and base.channels == BASE_PRESETS["paper"].channels
+    assert (ae.prior_heads, ae.dec_heads) == (8, 8) and ae.prior_width == ae.dec_width == 1024
+    assert with_head_dim(BASE_PRESETS["paper"], 64) == BASE_PRESETS["paper"]  # the paper preset's own heads
+    with pytest.raises(ValueError, match="stage-1 width 128"):
+        with_head_dim(BASE_PRESETS["small"], 96)
+
+
 def test_bf16_autocast(recwarn):
     """The trainer runs bf16 autocast on CUDA; the same code path must work (CPU autocast here)."""
     enc, prior, dec = Encoder(1, 4, 4, TINY), PriorViT(4, TINY), DecoderUViT(1, 4, 4, TINY)

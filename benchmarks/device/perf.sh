@@ -20,7 +20,7 @@
 # .gpu/b): the train tests that only run on CUDA.
 set -uo pipefail
 case "${1:-single}" in  # train_step.py alone needs no Ray: `tune` and `layout` run in the call that installs it
-  tune|layout|next|dropout|base|autotune|block|final|gputests) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
+  tune|layout|next|dropout|base|autotune|block|final|gputests|heads) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
   *) . benchmarks/device/env_b.sh ;;
 esac
 gpus=$(nvidia-smi -L | wc -l); last=$((gpus - 1))
@@ -143,6 +143,23 @@ final)  # the issue's rows on the final code: base model at batch 256 with and w
   timeout 220 python3 benchmarks/train_step.py $paper --stages ae --batch 16 --modes default --profile \
      --out "$OUT/ae.json" > "$OUT/ae.log" 2>&1
   for f in base256 ae; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -8; done
+  ;;
+heads)  # `perf.sh heads` (1 GPU, ~9 min): SDPA at head sizes 64 and 128 on the latent models' shapes; the base
+  # model at batch 256 and the prior at 128 with heads of 64 (the presets until session 8) and 128 side by side.
+  # `perf.sh heads ae`: full stage 1 (prior and decoder transformer) with either head size.
+  if [ "${2:-}" = ae ]; then
+    timeout 560 python3 benchmarks/train_step.py $paper --stages ae --batch 16 --modes default --head-dim 64 128 \
+       --profile --out "$OUT/ae_heads.json" > "$OUT/ae_heads.log" 2>&1
+    grep -vE "^\s*$|[Ww]arn" "$OUT/ae_heads.log" | grep -v "ms/step" | tail -6
+  else
+    timeout 60 python3 benchmarks/attention.py --out "$OUT/attention_heads.json" > "$OUT/attention_heads.log" 2>&1
+    cat "$OUT/attention_heads.log"
+    timeout 330 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default \
+       --head-dim 64 128 --profile --out "$OUT/base_heads.json" > "$OUT/base_heads.log" 2>&1
+    timeout 180 python3 benchmarks/train_step.py $paper --stages prior --base-batch 128 --modes default \
+       --head-dim 64 128 --out "$OUT/prior_heads.json" > "$OUT/prior_heads.log" 2>&1
+    for f in base_heads prior_heads; do grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -6; done
+  fi
   ;;
 gputests)  # the train tests that only run on CUDA (carry .gpu/b)
   device_pytest 150 tests/test_train.py -k "clip or cuda_graph" > "$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log"

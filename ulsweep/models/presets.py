@@ -23,7 +23,7 @@ MLP 8 d^2, modulation 6 d^2): the paper prior (8 x 1024) is ~101M without the mo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -83,3 +83,19 @@ BASE_PRESETS: dict[str, BasePreset] = {
     # §5.1: two-stage ViT [512, 1024] channels, [6, 16] blocks, dropout 0.1 in both stages.
     "paper": BasePreset(channels=(512, 1024), blocks=(6, 16), heads=(8, 16), dropout=0.1),
 }
+
+
+def with_head_dim(preset: AEPreset | BasePreset, head_dim: int) -> AEPreset | BasePreset:
+    """`preset` with every transformer split into heads of `head_dim` channels (heads = width / head_dim).
+
+    The paper gives the transformers' widths, not their heads; attention kernels run at different speeds for
+    different head sizes, which `benchmarks/train_step.py --head-dim` measures with this."""
+    def heads(width: int, what: str) -> int:
+        if head_dim <= 0 or width % head_dim:
+            raise ValueError(f"head_dim {head_dim} does not divide the {what} width {width}")
+        return width // head_dim
+
+    if isinstance(preset, BasePreset):
+        return replace(preset, heads=tuple(heads(w, f"stage-{i + 1}") for i, w in enumerate(preset.channels)))
+    return replace(preset, prior_heads=heads(preset.prior_width, "prior"),
+                   dec_heads=heads(preset.dec_width, "decoder transformer"))
