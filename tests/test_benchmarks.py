@@ -137,8 +137,8 @@ def test_inductor_settings_may_be_nested_and_a_wrong_key_is_named(capsys):
 
 
 def test_block_variants_switch_parts_off_or_rewrite_them_and_restore_the_block():
-    """benchmarks/block.py: `head-major` is the same function in the old layout, the ablations change the
-    output, and every variant leaves the block as it found it."""
+    """benchmarks/block.py: `head-major`, `qk-v-split`, `norm-all` and `multi-kernel` compute the library's
+    function another way, the ablations change the output, and every variant leaves the block as it found it."""
     import torch
 
     import block
@@ -147,19 +147,23 @@ def test_block_variants_switch_parts_off_or_rewrite_them_and_restore_the_block()
     torch.manual_seed(0)
     blk = TransformerBlock(64, 4, 32, dropout=0.0)
     torch.nn.init.normal_(blk.ada.weight, std=0.02)  # non-zero gates: every branch reaches the output
+    for norm in (blk.attn.q_norm, blk.attn.k_norm):  # distinct q and k norm weights, as after training
+        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
     x, c = torch.randn(2, 16, 64), torch.randn(2, 32)
     want = blk(x, c)
     for name in block.VARIANTS:
         with block.variant(name, blk):
             got = blk(x, c)
         diff = (got - want).abs().max().item()
-        if name in ("library", "head-major", "no-dropout"):  # no-dropout: the block has none here
+        if name in ("library", "head-major", "no-dropout", "qk-v-split", "norm-all", "multi-kernel"):
+            # no-dropout: the block has none here; multi-kernel only changes how Inductor compiles
             assert diff < 1e-6, name
         elif name == "gelu-tanh":  # GELU's tanh form differs from the exact one by < 1e-3
             assert 0 < diff < 1e-3
         else:
             assert diff > 1e-3, name
         torch.testing.assert_close(blk(x, c), want)  # restored
+        assert not torch._inductor.config.triton.multi_kernel
     drop = TransformerBlock(64, 4, 32, dropout=0.1)
     with block.variant("no-dropout", drop):
         assert {m.p for m in drop.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}

@@ -146,12 +146,17 @@ final)  # the issue's rows on the final code: base model at batch 256 with and w
   ;;
 heads)  # `perf.sh heads` (1 GPU, ~9 min): SDPA at head sizes 64 and 128 on the latent models' shapes; the base
   # model at batch 256 and the prior at 128 with heads of 64 (the presets until session 8) and 128 side by side.
-  # `perf.sh heads ae`: full stage 1 (prior and decoder transformer) with either head size.
+  # `perf.sh heads ae`: full stage 1 (prior and decoder transformer) with either head size; `perf.sh heads
+  # block`: one base-model block with the QK norms written three other ways, at either head size.
   if [ "${2:-}" = ae ]; then
     timeout 560 python3 benchmarks/train_step.py $paper --stages ae --batch 16 --modes default --head-dim 64 128 \
        --profile --out "$OUT/ae_heads.json" > "$OUT/ae_heads.log" 2>&1
     grep -vE "^\s*$|[Ww]arn" "$OUT/ae_heads.log" | grep -v "ms/step" | tail -6
   else
+    if [ "${2:-}" = block ]; then  # `perf.sh heads block`: one block, the QK-norm rewrites at either head size
+      timeout 560 python3 benchmarks/block.py --head-dims 64 128 --variants library qk-v-split norm-all \
+         multi-kernel --out "$OUT/block_heads.json" 2>&1 | grep -vE "^\s*$|[Ww]arn"; exit
+    fi
     timeout 60 python3 benchmarks/attention.py --out "$OUT/attention_heads.json" > "$OUT/attention_heads.log" 2>&1
     cat "$OUT/attention_heads.log"
     timeout 330 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default \
