@@ -19,7 +19,7 @@ heads of `--head-dims` channels (default 64: 8 and 16 heads), for these variants
   multi-kernel Inductor's `triton.multi_kernel`: reductions of up to 16x more channels may run in one pass
                (both kernels are compiled, the faster is picked when first run).
 Reports ms per forward + backward and TFLOP/s of the block's matmul and attention FLOPs (3 x forward, from
-torch.utils.flop_counter). CUDA only.
+torch.utils.flop_counter); `--kernels N` adds each row's N largest GPU kernels (ms per call). CUDA only.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from timing import cuda_micro_args, run_env, time_calls, write_results  # noqa: E402
+from train_step import profile_step  # noqa: E402
 
 from ulsweep.models import layers  # noqa: E402
 
@@ -113,7 +114,8 @@ VARIANTS = ("library", "head-major", "no-qk-norm", "no-dropout", "gelu-tanh", "q
             "multi-kernel")
 
 
-def bench(shape, name: str, head_dim: int, batch: int, warmup: int, iters: int) -> tuple[float, float]:
+def bench(shape, name: str, head_dim: int, batch: int, warmup: int, iters: int,
+          kernels: int = 0) -> tuple[float, float, list]:
     n, d = shape
     h = d // head_dim
     dev = torch.device("cuda")
@@ -138,7 +140,8 @@ def bench(shape, name: str, head_dim: int, batch: int, warmup: int, iters: int) 
             out.backward(g)
 
         t = statistics.median(time_calls(call, dev, warmup, iters))
-    return t, flop
+        top = profile_step(call, dev)["kernels"][:kernels] if kernels else []
+    return t, flop, top
 
 
 def main(argv=None) -> int:
@@ -146,6 +149,7 @@ def main(argv=None) -> int:
         ap.add_argument("--batch", type=int, default=128)
         ap.add_argument("--head-dims", type=int, nargs="+", default=[64])
         ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+        ap.add_argument("--kernels", type=int, default=0, help="list each row's largest GPU kernels")
 
     a = cuda_micro_args(__doc__, 20, argv, extra)
     rows = []
@@ -153,13 +157,15 @@ def main(argv=None) -> int:
     for (shape_name, shape), hd in itertools.product(SHAPES.items(), a.head_dims):
         ref = None  # +ms: against the first variant at this shape and head size
         for name in a.variants:
-            t, flop = bench(shape, name, hd, a.batch, a.warmup, a.iters)
+            t, flop, top = bench(shape, name, hd, a.batch, a.warmup, a.iters, a.kernels)
             ref = t if ref is None else ref
             rows.append({"shape": shape_name, "tokens": shape[0], "width": shape[1], "heads": shape[1] // hd,
                          "head_dim": hd, "batch": a.batch, "variant": name, "ms": 1e3 * t,
-                         "delta_ms": 1e3 * (t - ref), "tflops": flop / t / 1e12})
+                         "delta_ms": 1e3 * (t - ref), "tflops": flop / t / 1e12, "kernels": top})
             print(f"{shape_name:14} {shape[1] // hd:>3} x {hd:<3} {name:>12} {1e3 * t:8.3f} {1e3 * (t - ref):8.3f} "
                   f"{flop / t / 1e12:8.0f}", flush=True)
+            for k in top:
+                print(f"{'':16}{k['ms_per_step']:7.3f} ms {k['kind'][:10]:>10}  {k['name'][:80]}", flush=True)
             write_results(a.out, run_env(a), rows)
     return 0
 
