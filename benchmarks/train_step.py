@@ -33,6 +33,7 @@ from timing import run_env, sync, time_calls, write_results  # noqa: E402  (benc
 
 import ulsweep.models.dropout as dropout_mod  # noqa: E402
 import ulsweep.models.layers as layers  # noqa: E402
+import ulsweep.train.inductor as inductor_choices  # noqa: E402
 from ulsweep.config import experiment_from_dict  # noqa: E402
 from ulsweep.diffusion import diffuse, low_discrepancy_times, prior_loss, x_from_v  # noqa: E402
 from ulsweep.metrics.flops import gflops_per_image, model_gflops  # noqa: E402
@@ -263,6 +264,9 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", nargs="+", type=int, default=[None],
                    help="channels a head in every transformer (heads = width / head dim); several are measured "
                         "side by side (default: the presets' heads)")
+    p.add_argument("--one-pass-rows", nargs="+", type=int, default=[None],
+                   help="ulsweep.train.inductor.ONE_PASS_MAX_ROW (0: Inductor's own rule); several are measured "
+                        "side by side, with Inductor's compiled-graph caches off (default: the library's)")
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                    help="torch._inductor.config settings for every compiled row, e.g. coordinate_descent_tuning=True")
     a = p.parse_args(argv)
@@ -279,15 +283,23 @@ def main(argv=None) -> int:
         except (ValueError, SyntaxError):
             pass
         setattr(owner, name, value)
+    if a.one_pass_rows != [None]:  # torch 2.11's graph cache keys do not see the setting: compile every row
+        torch._inductor.config.fx_graph_cache = False
+        if hasattr(torch._functorch.config, "enable_autograd_cache"):
+            torch._functorch.config.enable_autograd_cache = False
     exp = bench_experiment(a)
     env = run_env(a)
     rows, use_triton, gelu_default = [], dropout_mod.USE_TRITON, layers.GELU_APPROXIMATE
-    print(f"{'stage':6} {'batch':>5} {'mode':>15} {'dropout':>7} {'gelu':>4} {'hd':>4} {'step ms':>9} "
+    one_pass_default = inductor_choices.ONE_PASS_MAX_ROW
+    print(f"{'stage':6} {'batch':>5} {'mode':>15} {'dropout':>7} {'gelu':>4} {'hd':>4} {'1pass':>5} {'step ms':>9} "
           f"{'img/s':>10} {'GFLOP/img':>10} {'MFU':>7} {'mem GiB':>8} {'GPU busy':>8}", flush=True)
     for stage in a.stages:
         for batch in (a.batch if stage == "ae" else (a.base_batch or a.batch)):
-            for mode, kernel, gelu, hd in itertools.product(a.modes, a.dropout_kernel, a.gelu, a.head_dim):
+            for mode, kernel, gelu, hd, rows1 in itertools.product(a.modes, a.dropout_kernel, a.gelu, a.head_dim,
+                                                                   a.one_pass_rows):
                 dropout_mod.USE_TRITON, layers.GELU_APPROXIMATE = kernel == "triton", gelu
+                inductor_choices.ONE_PASS_MAX_ROW = one_pass_default if rows1 is None else rows1
+                one_pass = inductor_choices.ONE_PASS_MAX_ROW
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
@@ -298,9 +310,9 @@ def main(argv=None) -> int:
                     prof = profile_step(step, rt.device) if a.profile and rt.device.type == "cuda" else None
                 except torch.OutOfMemoryError:
                     rows.append({"stage": stage, "batch": batch, "mode": mode, "dropout_kernel": kernel,
-                                 "gelu": gelu, "head_dim": hd, "error": "out of memory"})
-                    print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {gelu:>4} {hd or '-':>4}  out of memory",
-                          flush=True)
+                                 "gelu": gelu, "head_dim": hd, "one_pass_rows": one_pass, "error": "out of memory"})
+                    print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {gelu:>4} {hd or '-':>4} {one_pass:>5}  out of "
+                          f"memory", flush=True)
                     write_results(a.out, env, rows)
                     continue
                 finally:
@@ -312,14 +324,14 @@ def main(argv=None) -> int:
                 row = {"stage": stage, "batch": batch, "mode": mode, "step_s": t, "images_per_s": ips,
                        "fwd_gflop_per_image": fwd, "mfu": mfu, "peak_mem_gib": mem,
                        "device": str(rt.device), "amp": str(rt.amp_dtype), "dropout_kernel": kernel, "gelu": gelu,
-                       "head_dim": hd}
+                       "head_dim": hd, "one_pass_rows": one_pass}
                 if prof:
                     row["profile"] = prof
                 rows.append(row)
                 write_results(a.out, env, rows)  # after every row: a run cut off by a time limit keeps its rows
                 busy = f"{100 * prof['gpu_busy_frac']:.0f}%" if prof else "-"
-                print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {gelu:>4} {hd or '-':>4} {1e3 * t:>9.2f} "
-                      f"{ips:>10.0f} {fwd:>10.3f} {100 * mfu:>6.2f}% {mem:>8.2f} {busy:>8}", flush=True)
+                print(f"{stage:6} {batch:>5} {mode:>15} {kernel:>7} {gelu:>4} {hd or '-':>4} {one_pass:>5} "
+                      f"{1e3 * t:>9.2f} {ips:>10.0f} {fwd:>10.3f} {100 * mfu:>6.2f}% {mem:>8.2f} {busy:>8}", flush=True)
                 if prof:
                     print("        GPU time: " + ", ".join(f"{k} {100 * v:.0f}%"
                                                         for k, v in prof["by_kind_frac_of_gpu"].items()), flush=True)
@@ -328,6 +340,7 @@ def main(argv=None) -> int:
                               f"{o['shapes'][:90]}", flush=True)
     # the library's settings again for whatever runs next in this process
     dropout_mod.USE_TRITON, layers.GELU_APPROXIMATE = use_triton, gelu_default
+    inductor_choices.ONE_PASS_MAX_ROW = one_pass_default
     return 0
 
 

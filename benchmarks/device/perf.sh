@@ -148,7 +148,16 @@ heads)  # `perf.sh heads` (1 GPU, ~9 min): SDPA at head sizes 64 and 128 on the 
   # model at batch 256 and the prior at 128 with heads of 64 (the presets until session 8) and 128 side by side.
   # `perf.sh heads ae`: full stage 1 (prior and decoder transformer) with either head size; `perf.sh heads
   # block`: one base-model block with the QK norms written three other ways, at either head size.
-  if [ "${2:-}" = ae ]; then
+  if [ "${2:-}" = rows ]; then  # `perf.sh heads rows` (carry .gpu/b): one-pass short rows (ulsweep/train/inductor.py)
+    python3 -c "import inspect, torch._inductor.choices as c; \
+      print(inspect.signature(c.InductorChoices.should_use_persistent_reduction))"
+    device_pytest 90 tests/test_inductor_choices.py -x 2>&1 | tail -3
+    timeout 400 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default \
+       --head-dim 128 64 --one-pass-rows 128 0 --profile --out "$OUT/base_rows.json" > "$OUT/base_rows.log" 2>&1
+    timeout 100 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default \
+       --head-dim 128 --one-pass-rows 128 --out "$OUT/base_rows2.json" > "$OUT/base_rows2.log" 2>&1
+    for f in base_rows base_rows2; do grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -8; done
+  elif [ "${2:-}" = ae ]; then
     timeout 560 python3 benchmarks/train_step.py $paper --stages ae --batch 16 --modes default --head-dim 64 128 \
        --profile --out "$OUT/ae_heads.json" > "$OUT/ae_heads.log" 2>&1
     grep -vE "^\s*$|[Ww]arn" "$OUT/ae_heads.log" | grep -v "ms/step" | tail -6

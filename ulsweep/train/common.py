@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ulsweep.config import OptimConfig, TrainConfig
+from ulsweep.train.inductor import install_choices
 
 
 class TrainingDiverged(RuntimeError):
@@ -112,6 +113,7 @@ def compile_module(module: nn.Module, setting: bool | str, rt: Runtime) -> nn.Mo
         return module
     if rt.world > 1:
         torch._dynamo.config.optimize_ddp = DDP_COMPILE
+    install_choices()  # one-pass kernels for short rows (ulsweep/train/inductor.py)
     return torch.compile(module, mode=mode)
 
 
