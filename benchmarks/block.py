@@ -5,7 +5,8 @@ written another way: where the block's non-matmul time goes.
 
 Times the compiled `TransformerBlock` (bf16 autocast, fp32 weights, as in training) on the base model's two
 stages at batch 128: stage 1 (131,072 tokens x 512) and stage 2 (32,768 tokens x 1,024), dropout 0.1, with
-heads of `--head-dims` channels (default 64: 8 and 16 heads), for these variants:
+heads of `--head-dims` channels (default 128, the paper preset's since session 8: 4 and 8 heads), compiled
+with the library's Inductor heuristics (ulsweep/train/inductor.py), for these variants:
   library      the block as ulsweep builds it,
   head-major   QK-RMSNorm after rearranging q, k, v to (B, heads, N, d) (ulsweep before session 6; the library
                normalizes (B, N, heads, d) views and hands SDPA their transposes),
@@ -40,6 +41,7 @@ from timing import cuda_micro_args, run_env, time_calls, write_results  # noqa: 
 from train_step import profile_step  # noqa: E402
 
 from ulsweep.models import layers  # noqa: E402
+from ulsweep.train.inductor import install_choices  # noqa: E402
 
 SHAPES = {"base stage 1": (1024, 512), "base stage 2": (256, 1024)}  # tokens, width
 COND = 1024
@@ -126,6 +128,7 @@ def bench(shape, name: str, head_dim: int, batch: int, warmup: int, iters: int,
     g = torch.randn_like(x)
     with variant(name, block):
         torch._dynamo.reset()
+        install_choices()  # as the library's compile_module does
         f = torch.compile(block)
         with FlopCounterMode(display=False) as fc, torch.autocast("cuda", torch.bfloat16):
             block(x[:2], c[:2])
@@ -147,7 +150,7 @@ def bench(shape, name: str, head_dim: int, batch: int, warmup: int, iters: int,
 def main(argv=None) -> int:
     def extra(ap):
         ap.add_argument("--batch", type=int, default=128)
-        ap.add_argument("--head-dims", type=int, nargs="+", default=[64])
+        ap.add_argument("--head-dims", type=int, nargs="+", default=[128])
         ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
         ap.add_argument("--kernels", type=int, default=0, help="list each row's largest GPU kernels")
 

@@ -20,7 +20,7 @@
 # .gpu/b): the train tests that only run on CUDA.
 set -uo pipefail
 case "${1:-single}" in  # train_step.py alone needs no Ray: `tune` and `layout` run in the call that installs it
-  tune|layout|next|dropout|base|autotune|block|final|gputests|heads) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
+  tune|layout|next|dropout|base|autotune|block|final|gputests|heads|s8) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
   *) . benchmarks/device/env_b.sh ;;
 esac
 gpus=$(nvidia-smi -L | wc -l); last=$((gpus - 1))
@@ -174,6 +174,16 @@ heads)  # `perf.sh heads` (1 GPU, ~9 min): SDPA at head sizes 64 and 128 on the 
        --head-dim 64 128 --out "$OUT/prior_heads.json" > "$OUT/prior_heads.log" 2>&1
     for f in base_heads prior_heads; do grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -6; done
   fi
+  ;;
+s8)  # session 8's last call (carry .gpu/b): the one-pass GPU test, the base model at batch 256 as the library
+    # now builds it (heads of 128, one-pass short rows; fresh Inductor cache), full stage 1 with the new heuristic
+  export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-s8
+  device_pytest 60 tests/test_inductor_choices.py 2>&1 | tail -2
+  timeout 150 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default --profile \
+     --out "$OUT/base256.json" > "$OUT/base256.log" 2>&1
+  timeout 200 python3 benchmarks/train_step.py $paper --stages ae --batch 16 --modes default --warmup 3 --iters 10 \
+     --out "$OUT/ae.json" > "$OUT/ae.log" 2>&1
+  for f in base256 ae; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -3; done
   ;;
 gputests)  # the train tests that only run on CUDA (carry .gpu/b)
   device_pytest 150 tests/test_train.py -k "clip or cuda_graph" > "$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log"
