@@ -181,10 +181,10 @@ def test_param_counts(capsys):
 
 def test_with_head_dim_splits_every_transformer_and_names_a_width_it_does_not_divide():
     from ulsweep.models.presets import with_head_dim
-    base, ae = with_head_dim(BASE_PRESETS["paper"], 128), with_head_dim(AE_PRESETS["paper"], 128)
-    assert base.heads == (4, 8) and base.channels == BASE_PRESETS["paper"].channels
+    base, ae = with_head_dim(BASE_PRESETS["paper"], 64), with_head_dim(AE_PRESETS["paper"], 128)
+    assert base.heads == (8, 16) and base.channels == BASE_PRESETS["paper"].channels
     assert (ae.prior_heads, ae.dec_heads) == (8, 8) and ae.prior_width == ae.dec_width == 1024
-    assert with_head_dim(BASE_PRESETS["paper"], 64) == BASE_PRESETS["paper"]  # the paper preset's own heads
+    assert with_head_dim(BASE_PRESETS["paper"], 128) == BASE_PRESETS["paper"]  # the paper preset's own heads
     with pytest.raises(ValueError, match="stage-1 width 128"):
         with_head_dim(BASE_PRESETS["small"], 96)
 
