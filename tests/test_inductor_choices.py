@@ -4,6 +4,8 @@ The decision on CPU; on a GPU, the QK-RMSNorm of 128-channel heads compiled to a
 to a two-pass kernel without it (Inductor's own rule), read from the generated code."""
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -33,14 +35,17 @@ def test_install_sets_and_removes_the_handler(restore_choices):
     inductor.ONE_PASS_MAX_ROW = 256
     inductor.install_choices()
     assert isinstance(V.choices, inductor.choices_class()) and V.choices.max_row == 256
+    # Inductor pickles its config (which holds the class on newer torch) for its cache key
+    assert pickle.loads(pickle.dumps(inductor.choices_class())) is inductor.choices_class()
     inductor.ONE_PASS_MAX_ROW = 0
     inductor.install_choices()
     assert type(V.choices) is InductorChoices
 
 
-def _qk_norm_kernels(max_row: int) -> list[str]:
-    """Names of the generated Triton kernels of a compiled attention layer's training step (forward and
-    backward) that do the RMSNorm. 32,768 rows: Inductor's own rule reads the layout only for fewer rows."""
+def _qk_norm_forward_kernels(max_row: int) -> list[str]:
+    """Names of the generated Triton kernels that normalize q and k in a compiled attention layer's training
+    step (the backward's kernels and the weight-gradient sums over all tokens are left out). 32,768 rows:
+    Inductor's own rule looks at the memory layout only for fewer rows."""
     import re
 
     from torch._inductor.utils import run_and_get_code
@@ -59,11 +64,12 @@ def _qk_norm_kernels(max_row: int) -> list[str]:
 
     with torch._inductor.config.patch(fx_graph_cache=False):
         _, code = run_and_get_code(step)
-    return [k for k in re.findall(r"def (triton_\w+)\(", "\n".join(code)) if "rms_norm" in k]
+    names = re.findall(r"def (triton_\w+)\(", "\n".join(code))
+    return [k for k in names if "rms_norm" in k and "unbind" in k and "backward" not in k and "sum" not in k]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor's Triton kernels need CUDA")
 def test_qk_norm_of_128_channel_heads_is_one_pass_on_the_gpu(restore_choices):
-    ours, inductors = _qk_norm_kernels(128), _qk_norm_kernels(0)
+    ours, inductors = _qk_norm_forward_kernels(128), _qk_norm_forward_kernels(0)
     assert ours and all(k.startswith("triton_per_") for k in ours), ours
-    assert inductors and any(k.startswith("triton_red_") for k in inductors), inductors  # what it replaces
+    assert inductors and all(k.startswith("triton_red_") for k in inductors), inductors  # what it replaces

@@ -42,10 +42,18 @@ def choices_class() -> type:
             short = V.graph.sizevars.statically_known_leq(features.reduction_numel, self.max_row)
             return one_pass(short, says, config.triton.persistent_reductions, cooperative_reduction)
 
-        def uuid(self) -> str:  # part of the FX graph cache's key where torch has `inductor_choices_class`
+        def uuid(self) -> str:  # the FX graph cache's key, in torch versions that ask for it
             return f"ulsweep-one-pass-rows-{self.max_row}"
 
+    # a module attribute (see __getattr__), so that Inductor can pickle its config for the cache key
+    ShortRowsInOnePass.__qualname__, ShortRowsInOnePass.__module__ = "ShortRowsInOnePass", __name__
     return ShortRowsInOnePass
+
+
+def __getattr__(name: str):
+    if name == "ShortRowsInOnePass":  # built on first use: importing Inductor takes ~2 s
+        return choices_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def install_choices() -> None:
