@@ -15,6 +15,9 @@
 # `perf.sh block` (1 GPU, ~9 min): one base-model block with parts switched off or rewritten (`block.py`), the
 # base model at batch 256 compiled with and without CUDA graphs, every kernel in the JSON.
 # `perf.sh final` (1 GPU, ~9 min): the base model at batch 256 with and without CUDA graphs, full stage 1.
+# `perf.sh heads [block|rows|ae]` (1 GPU): heads of 64 vs 128 channels (SDPA, base model, prior; one block with
+# the QK norm rewritten; the one-pass heuristic of ulsweep/train/inductor.py; full stage 1). `perf.sh s8`: the
+# base model and stage 1 as the library builds them since session 8.
 # `perf.sh ddp [stage ...]`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train; `perf.sh ddp-base`: the
 # compiled base model's scaling with and without Dynamo's DDP graph splitting. `perf.sh gputests` (carry
 # .gpu/b): the train tests that only run on CUDA.
@@ -185,8 +188,9 @@ s8)  # session 8's last call (carry .gpu/b): the one-pass GPU test, the base mod
      --out "$OUT/ae.json" > "$OUT/ae.log" 2>&1
   for f in base256 ae; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -3; done
   ;;
-gputests)  # the train tests that only run on CUDA (carry .gpu/b)
-  device_pytest 150 tests/test_train.py -k "clip or cuda_graph" > "$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log"
+gputests)  # the tests that only run on CUDA (carry .gpu/b)
+  device_pytest 150 tests/test_train.py tests/test_inductor_choices.py -k "clip or cuda_graph or gpu" \
+     > "$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log"
   ;;
 ddp)  # `perf.sh ddp [stage ...]`, stages ae and base by default (~9 min on 2 x H200 for both)
   stages=${*:2}

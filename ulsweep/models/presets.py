@@ -1,7 +1,9 @@
 """Model sizes as a preset table (DiT style): frozen dataclasses, looked up by name from the config.
 
-`paper` is §5.1 of the paper exactly; `small` is for 32x32 Fashion-MNIST GPU sweeps; `tiny` is for CPU
-tests and the few-minute CPU quickstart on 16x16 images.
+`paper` is §5.1 of the paper exactly in widths, depths and dropout; the paper gives no head counts, so those
+are ulsweep's (heads of 64 channels in the autoencoder, 128 in the base model, where they are faster on an
+H200). `small` is for 32x32 Fashion-MNIST GPU sweeps; `tiny` is for CPU tests and the few-minute CPU
+quickstart on 16x16 images.
 
 Measured parameter counts (tests/test_models.py::test_param_counts prints them; 1 image channel,
 latent_channels 8, downsample 4 for small/tiny and 16 for paper; the encoder depends on downsample,
