@@ -60,15 +60,17 @@ def install_choices() -> None:
     """Make the next compiles in this thread (and, where torch has `inductor_choices_class`, in this process)
     follow ONE_PASS_MAX_ROW. Called by `compile_module`. Only Inductor's Triton (GPU) kernels ask."""
     from torch._inductor import config
+    from torch._inductor.choices import InductorChoices
     from torch._inductor.virtualized import V
 
-    from torch._inductor.choices import InductorChoices
-
     ours = choices_class()
-    cls = ours if ONE_PASS_MAX_ROW > 0 else InductorChoices
-    if hasattr(config, "inductor_choices_class"):  # newer torch: for every thread, and in the cache key
-        if ONE_PASS_MAX_ROW > 0 or config.inductor_choices_class is ours:  # leave someone else's class be
-            config.inductor_choices_class = cls if cls is ours else None
-    if ONE_PASS_MAX_ROW > 0 or isinstance(V.choices, ours):
-        V.set_choices_handler(cls())  # this thread, from now on (torch 2.11 has only this)
-
+    if ONE_PASS_MAX_ROW > 0:
+        if hasattr(config, "inductor_choices_class"):  # every thread, and part of the graph cache's key
+            config.inductor_choices_class = ours
+        V.set_choices_handler(ours())  # this thread, from now on
+        return
+    # Inductor's own rule again; heuristics that someone else installed stay
+    if getattr(config, "inductor_choices_class", None) is ours:
+        config.inductor_choices_class = None
+    if isinstance(V.choices, ours):
+        V.set_choices_handler(InductorChoices())
