@@ -164,11 +164,10 @@ heads)  # `perf.sh heads` (1 GPU, ~9 min): SDPA at head sizes 64 and 128 on the 
     timeout 560 python3 benchmarks/train_step.py $paper --stages ae --batch 16 --modes default --head-dim 64 128 \
        --profile --out "$OUT/ae_heads.json" > "$OUT/ae_heads.log" 2>&1
     grep -vE "^\s*$|[Ww]arn" "$OUT/ae_heads.log" | grep -v "ms/step" | tail -6
+  elif [ "${2:-}" = block ]; then  # `perf.sh heads block [VARIANTS [N]]`: the QK-norm rewrites at either head size
+    timeout 560 python3 benchmarks/block.py --head-dims 64 128 --variants ${3:-library qk-v-split norm-all \
+       multi-kernel} --kernels ${4:-0} --out "$OUT/block_heads.json" 2>&1 | grep -vE "^\s*$|[Ww]arn"
   else
-    if [ "${2:-}" = block ]; then  # `perf.sh heads block`: one block, the QK-norm rewrites at either head size
-      timeout 560 python3 benchmarks/block.py --head-dims 64 128 --variants ${3:-library qk-v-split norm-all \
-         multi-kernel} --kernels ${4:-0} --out "$OUT/block_heads.json" 2>&1 | grep -vE "^\s*$|[Ww]arn"; exit
-    fi
     timeout 60 python3 benchmarks/attention.py --out "$OUT/attention_heads.json" > "$OUT/attention_heads.log" 2>&1
     cat "$OUT/attention_heads.log"
     timeout 330 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default \
