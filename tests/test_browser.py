@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from test_report import make_store  # the same small MLflow store as the report tests (no Ray)
-from ulsweep import report
+from ulsweep.report import dashboard as report
 
 CHROMIUM = os.environ.get("ULSWEEP_CHROMIUM", "/usr/bin/chromium")
 pytestmark = [

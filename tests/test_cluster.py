@@ -255,7 +255,7 @@ def test_rayjob_runs_the_sweep_on_the_raycluster_spec():
 
 def _credential_envs(doc) -> list[dict]:
     """Every env entry (any depth) whose name looks like a credential."""
-    from ulsweep.redact import is_credential_name
+    from ulsweep.tracking.redact import is_credential_name
 
     found = []
     if isinstance(doc, dict):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ulsweep.pareto import non_dominated, pareto_front
+from ulsweep.report.pareto import non_dominated, pareto_front
 
 
 def brute_force(points, minimize):

@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from ulsweep import plots
+from ulsweep.report import plots
 
 NAN = math.nan
 

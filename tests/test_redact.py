@@ -6,7 +6,7 @@ import os
 import pytest
 
 from ulsweep import tracking
-from ulsweep.redact import (check_no_userinfo, is_credential_name, is_redacted, redact_text, redact_uri,
+from ulsweep.tracking.redact import (check_no_userinfo, is_credential_name, is_redacted, redact_text, redact_uri,
                             secret_values)
 
 
@@ -96,7 +96,7 @@ def test_resume_with_masked_uri_needs_it_again(tmp_path, monkeypatch):
 
 
 def test_http_credentials_move_from_the_uri_to_mlflow_variables(monkeypatch):
-    from ulsweep.redact import split_userinfo
+    from ulsweep.tracking.redact import split_userinfo
 
     assert split_userinfo("http://al%40ce:p%3Aw@h:5000/x") == ("http://h:5000/x", "al@ce", "p:w")
     assert split_userinfo("http://h:5000") == ("http://h:5000", None, None)

@@ -9,8 +9,9 @@ import sys
 import pandas as pd
 import pytest
 
-from ulsweep import report, tracking
-from ulsweep.report_cli import register
+from ulsweep import tracking
+from ulsweep.report import dashboard as report
+from ulsweep.report.cli import register
 
 LFS, BIASES = (1.5, 4.0), (-2.0, 2.0)
 
@@ -97,7 +98,7 @@ def test_frames_join_base_metrics_and_list_failures(store):
     data = report.load_sweep(report.resolve_sweep(str(run_dir)))
     assert list(data.ae["key"]) == ["ae-0000", "ae-0001", "ae-0002", "ae-0003"]
     assert len(data.base) == 6 and list(data.base["base"][:2]) == ["s", "m"]  # the experiment's order
-    from ulsweep.plots import base_names
+    from ulsweep.report.plots import base_names
 
     assert base_names(data.ae) == ["s", "m"]
     assert len(data.runs) == 10 and sweep_id not in set(data.runs["run_id"])

@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from ulsweep.trends import knobs, markdown, spearman, summarize
+from ulsweep.report.trends import knobs, markdown, spearman, summarize
 
 
 def test_spearman_closed_forms():

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ulsweep.data.cli import register as register_data
     from ulsweep.metrics.cli import register as register_metrics
-    from ulsweep.report_cli import register as register_report
+    from ulsweep.report.cli import register as register_report
     from ulsweep.sweep.cli import register as register_sweep
 
     register_sweep(sub)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from faultlib import LOG_EVERY, cli, fake_experiment, mlflow_state, sandbox, tail, write_yaml
-from ulsweep.report_cli import free_port, start_mlflow_server, stop_server, wait_for_server
+from ulsweep.report.cli import free_port, start_mlflow_server, stop_server, wait_for_server
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import ulsweep
-from ulsweep import report_cli
+from ulsweep.report import cli as report_cli
 
 PKG = Path(ulsweep.__file__).parent
 

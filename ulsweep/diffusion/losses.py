@@ -1,7 +1,7 @@
 """The UL training losses, in nats per example (shape [B]). Equation numbers are the paper's.
 
 Conventions (design.md §1): lambda = log-SNR, t = 0 clean, -dlambda/dt > 0; sums run over all
-non-batch dimensions. Conversion to bits happens once, in `ulsweep.metrics.bits`.
+non-batch dimensions. Conversion to bits happens once, in `ulsweep.diffusion.bitrate`.
 """
 from __future__ import annotations
 

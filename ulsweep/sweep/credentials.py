@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from ulsweep.redact import is_credential_name
+from ulsweep.tracking.redact import is_credential_name
 
 log = logging.getLogger(__name__)
 

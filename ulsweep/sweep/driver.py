@@ -28,7 +28,7 @@ from typing import Any
 from ulsweep import tracking
 from ulsweep.config import (ConfigError, ExperimentConfig, check_data, dump_yaml, experiment_from_dict, flatten,
                             to_dict)
-from ulsweep.redact import check_no_userinfo, is_redacted, redact_text, redact_uri, split_userinfo
+from ulsweep.tracking.redact import check_no_userinfo, is_redacted, redact_text, redact_uri, split_userinfo
 from ulsweep.sweep.credentials import stop_tune_copying_credentials
 from ulsweep.sweep.space import planned_overrides, validate_space
 
@@ -319,7 +319,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
 
 def _dashboard(outcome: SweepOutcome, out) -> None:
     """Write the sweep's dashboard (HTML + CSV, no PNGs: `ulsweep report` adds them); never fails the sweep."""
-    from ulsweep.report import make_report
+    from ulsweep.report.dashboard import make_report
 
     try:
         res = make_report(outcome.run_dir, tracking_uri=outcome.tracking_uri, png=False)

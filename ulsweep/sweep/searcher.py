@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 from ray.tune.search import Searcher
 
-from ulsweep import faults
+from ulsweep.testing import faults
 from ulsweep.config import SearchConfig
 from ulsweep.sweep.space import optuna_distributions, parse_space, planned_overrides
 

@@ -23,7 +23,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ulsweep import faults, io as uio, tracking
+from ulsweep import io as uio, tracking
+from ulsweep.testing import faults
 from ulsweep.config import (ExperimentConfig, ResourcesConfig, dump_yaml, experiment_from_dict, flatten,
                             to_dict)
 from ulsweep.sweep.space import find_base, trial_experiment
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 IMPLS = {  # train_impl -> (module of train_autoencoder, module of train_base)
     "ulsweep": ("ulsweep.train.stage1", "ulsweep.train.stage2"),
-    "fake": ("ulsweep.sweep.fake", "ulsweep.sweep.fake"),
+    "fake": ("ulsweep.testing.fake", "ulsweep.testing.fake"),
 }
 # metric curves go to MLflow in one batch per this many seconds (and at every checkpoint)
 MLFLOW_FLUSH_S = float(os.environ.get("ULSWEEP_MLFLOW_FLUSH_S", "10"))

@@ -17,7 +17,7 @@ from ulsweep import io as uio
 from ulsweep.config import ExperimentConfig, config_hash, dump_yaml, to_dict
 from ulsweep.diffusion import (decoder_loss, diffuse, low_discrepancy_times, mse_decoder_loss,
                                normal_prior_loss, prior_loss, x_from_v)
-from ulsweep.metrics.bits import latent_bitrate, nats_to_bits_per_pixel
+from ulsweep.diffusion.bitrate import latent_bitrate, nats_to_bits_per_pixel
 from ulsweep.metrics.psnr import psnr
 from ulsweep.models import build_autoencoder
 from ulsweep.train.checkpoint import (CheckpointError, latest_valid_checkpoint, prune_checkpoints,

@@ -12,7 +12,7 @@ import torch
 
 from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_yaml, experiment_from_dict, to_dict
 from ulsweep.diffusion import LogSNRSchedule, base_loss, diffuse, low_discrepancy_times, x_from_v
-from ulsweep.metrics.bits import latent_bitrate
+from ulsweep.diffusion.bitrate import latent_bitrate
 from ulsweep.models import build_autoencoder, build_base_model
 from ulsweep.train.checkpoint import (CheckpointError, load_checkpoint, prune_checkpoints,
                                       save_checkpoint, step_dir)

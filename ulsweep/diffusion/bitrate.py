@@ -7,7 +7,9 @@ from typing import Callable
 
 import torch
 
-from ulsweep.diffusion import LogSNRSchedule, diffuse, prior_loss, x_from_v
+from .losses import prior_loss
+from .process import diffuse, x_from_v
+from .schedules import LogSNRSchedule
 
 
 # bits/pixel = nats / ln 2 / (H * W), pixels of the image (not channels, not latent positions).

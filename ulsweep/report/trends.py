@@ -1,7 +1,7 @@
 """Rank trends of a sweep, the way Fig. 8 of the paper is read: does the latent bitrate rise with each knob,
 do reconstruction and generation follow the bitrate, where is generation best, and how large is seed noise.
 
-Input is the AE frame of `ulsweep.report` (one row per AE trial: config columns with dots, `bpp`, `psnr`,
+Input is the AE frame of `ulsweep.report.dashboard` (one row per AE trial: config columns with dots, `bpp`, `psnr`,
 `rfd_<x>`/`rfid`, base metrics as `<metric>[<base>]`); output is a dict and a Markdown summary. No I/O.
 Knobs are the config columns that vary across trials; seed columns (`*.seed`) mark repeats.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from ulsweep import plots
+from ulsweep.report import plots
 
 
 # Spearman's rank correlation: Pearson's correlation of the (average-tie) ranks.

@@ -9,7 +9,7 @@
       figures/*.json    the Plotly figures (plotly.io.read_json reloads them)
       figures/*.png     static images (kaleido + Chrome/Chromium), when available
 The same folder is logged as artifacts of the sweep's parent run under `dashboard/`.
-Figures come from `ulsweep.plots` (pure functions); this module does the I/O.
+Figures come from `ulsweep.report.plots` (pure functions); this module does the I/O.
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from ulsweep import plots, tracking
-from ulsweep.redact import is_redacted, redact_uri
+from ulsweep import tracking
+from ulsweep.report import plots
+from ulsweep.tracking.redact import is_redacted, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def run_rows(runs: Iterable) -> pd.DataFrame:
 
 
 def trials_frames(runs_df: pd.DataFrame, base_order: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(ae, base) frames of `ulsweep.plots` from the per-run frame; base models joined in `base_order`
+    """(ae, base) frames of `ulsweep.report.plots` from the per-run frame; base models joined in `base_order`
     (the experiment's order) first, then any others by name."""
     if runs_df.empty:
         return pd.DataFrame(columns=["key", "run_id", "status"]), pd.DataFrame(columns=["key", "base", "ae_key"])
@@ -443,7 +444,7 @@ def make_report(sweep: str | SweepRef, tracking_uri: str | None = None, out_dir:
     data.runs.to_csv(csvs[0], index=False)
     data.ae.to_csv(csvs[1], index=False)
     if not data.ae.empty and "bpp" in data.ae:  # rank trends (Fig. 8 reading) beside the CSVs
-        from ulsweep import trends
+        from ulsweep.report import trends
 
         (out / "trends.md").write_text(trends.markdown(data.ae), encoding="utf-8")
     for name, fig in figures.items():

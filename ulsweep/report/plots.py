@@ -22,7 +22,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from ulsweep.pareto import pareto_front
+from ulsweep.report.pareto import pareto_front
 
 LF, BIAS = "ae.loss.loss_factor", "ae.loss.sigmoid_bias"
 CHANNELS, DOWNSAMPLE, IMAGE_SIZE = "ae.model.latent_channels", "ae.model.downsample", "data.image_size"

@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 
-from ulsweep.redact import redact_uri
+from ulsweep.tracking.redact import redact_uri
 
 _SWEEP_HELP = ("the sweep: its run directory (runs/<name>, holding sweep.json), its name, or the MLflow run id "
                "of the sweep or of one of its trials")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 from urllib.parse import quote
 
-from ulsweep.redact import redact_text, redact_uri, split_userinfo
+from ulsweep.tracking.redact import redact_text, redact_uri, split_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +214,6 @@ def log_text(c, run_id: str, text: str, artifact_file: str) -> None:
 
 def log_artifact(c, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
     retry(c.log_artifact, run_id, local_path, artifact_path)
-
-
-from ulsweep.tracking_buffer import MetricBuffer, replay_spools  # noqa: E402, F401  (re-exported: curves that survive outages)
 
 
 def log_metrics_once(c, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
