@@ -5,7 +5,7 @@
         --latent-channels 32 --stages prior base ae --batch 8 32 --modes eager default --profile --out paper.json
 
 For each (stage, batch, mode) it times full optimizer steps of the library's own loss and step functions
-(`stage1_losses`, `prior_loss`, `base_loss`, `TrainState.optimizer_step`) on synthetic data already on the
+(`AEObjective`, `prior_loss`, `base_loss`, `TrainState.optimizer_step`) on synthetic data already on the
 device, compiled by the library's `compile_module` (modes: eager, default, reduce-overhead = CUDA graphs,
 max-autotune = Inductor's GEMM/conv autotuning and epilogue fusion without CUDA graphs),
 and reports images/s, MFU and peak memory. Model FLOPs come from ulsweep's FLOP counter (forward GFLOP per
@@ -37,12 +37,13 @@ import ulsweep.train.inductor as inductor_choices  # noqa: E402
 from ulsweep.config import experiment_from_dict  # noqa: E402
 from ulsweep.diffusion import diffuse, low_discrepancy_times, prior_loss, x_from_v  # noqa: E402
 from ulsweep.metrics.flops import gflops_per_image, model_gflops  # noqa: E402
-from ulsweep.models import AE_PRESETS, BASE_PRESETS, build_autoencoder, build_base_model  # noqa: E402
+from ulsweep.models import AE_PRESETS, BASE_PRESETS  # noqa: E402
 from ulsweep.models.presets import with_head_dim  # noqa: E402
-from ulsweep.train.common import TrainState, compile_module, make_runtime, wrap_ddp  # noqa: E402
-from ulsweep.train.sampling import prior_schedule  # noqa: E402
-from ulsweep.train.stage1 import Stage1Objective, draw_noise  # noqa: E402
-from ulsweep.train.stage2 import BaseObjective, base_schedule  # noqa: E402
+from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model, prior_schedule  # noqa: E402
+from ulsweep.train.runtime import compile_module, make_runtime, wrap_ddp  # noqa: E402
+from ulsweep.train.stage1 import AEObjective  # noqa: E402
+from ulsweep.train.stage2 import BaseObjective  # noqa: E402
+from ulsweep.train.state import TrainState  # noqa: E402
 
 MODES = {"eager": False, "default": "default", "reduce-overhead": "reduce-overhead",
          "max-autotune": "max-autotune-no-cudagraphs"}  # train.compile values of the library
@@ -74,32 +75,34 @@ def step_stage1(exp, batch: int, mode: str, channels: int, channels_last: str = 
         ae = ae.to(memory_format=torch.channels_last)
     ts = TrainState(ae, exp.ae.optim, rt, seed=0)
     # the trials' module: losses and networks compiled together, DDP only under torch.distributed
-    model = compile_module(wrap_ddp(Stage1Objective(ae, exp), rt), MODES[mode], rt)
+    objective = AEObjective(ae, exp.ae.loss, (channels, s, s), latent_shape(exp))
+    model = compile_module(wrap_ddp(objective, rt), MODES[mode], rt)
     x = torch.rand(batch, channels, s, s, device=rt.device) * 2 - 1
     if cl and channels_last == "all":
         x = x.contiguous(memory_format=torch.channels_last)
 
     def step():
-        noise = draw_noise(batch, latent_shape(exp), (channels, s, s), ts.gen, rt.device)
+        noise = objective.draw_noise(batch, ts.gen)
         with rt.autocast():
             losses = model(x, noise)
-        ts.optimizer_step(losses["total"].mean() / x[0].numel())
+        ts.optimizer_step(losses["total"].mean() / objective.dims)
 
     g = model_gflops(exp, channels)
     return step, g["encoder"] + g.get("prior", 0.0) + g["decoder"], rt
 
 
 def _latent_step(net, objective, oc, exp, batch: int, mode: str, rt):
-    """One optimizer step of a latent model: `objective(z, t, eps)` -> per-example nats, compiled whole."""
+    """One optimizer step of a latent model: `objective(z, {"t", "eps"})` -> {"total": per-example nats},
+    compiled whole."""
     ts = TrainState(net, oc, rt, seed=0)
     model = compile_module(wrap_ddp(objective, rt), MODES[mode], rt)
     z = torch.randn(batch, *latent_shape(exp), device=rt.device)
 
     def step():
-        t = low_discrepancy_times(batch, ts.gen, rt.device)
-        eps = torch.randn(z.shape, generator=ts.gen, device=rt.device)
+        noise = {"t": low_discrepancy_times(batch, ts.gen, rt.device),
+                 "eps": torch.randn(z.shape, generator=ts.gen, device=rt.device)}
         with rt.autocast():
-            ts.optimizer_step(model(z, t, eps).mean() / z[0].numel())
+            ts.optimizer_step(model(z, noise)["total"].mean() / z[0].numel())
 
     return step
 
@@ -111,10 +114,11 @@ class PriorObjective(torch.nn.Module):
         super().__init__()
         self.prior, self.sched = prior, sched
 
-    def forward(self, z, t, eps):
-        lam, dlam = self.sched.logsnr(t), self.sched.dlogsnr_dt(t)
-        z_t = diffuse(z, lam, eps)
-        return prior_loss(z, x_from_v(z_t, self.prior(z_t, lam).float(), lam), lam, dlam, self.sched.logsnr_1)
+    def forward(self, z, noise):
+        lam, dlam = self.sched.logsnr(noise["t"]), self.sched.dlogsnr_dt(noise["t"])
+        z_t = diffuse(z, lam, noise["eps"])
+        v = self.prior(z_t, lam).float()
+        return {"total": prior_loss(z, x_from_v(z_t, v, lam), lam, dlam, self.sched.logsnr_1)}
 
 
 def step_prior(exp, batch: int, mode: str, channels: int, channels_last: str = "none", dropout=None):
@@ -131,7 +135,7 @@ def step_stage2(exp, batch: int, mode: str, channels: int, channels_last: str = 
     shape = latent_shape(exp)
     bc = exp.base_models[0]
     net = set_dropout(build_base_model(bc, shape[0]).to(rt.device), dropout)
-    objective = BaseObjective(net, base_schedule(exp, bc), bc.loss.sigmoid_bias)  # the library's stage-2 loss
+    objective = BaseObjective(net, base_schedule(exp.ae.loss, bc), bc.loss.sigmoid_bias, shape)  # stage-2 loss
     step = _latent_step(net, objective, bc.optim, exp, batch, mode, rt)
     fwd = gflops_per_image(build_base_model(bc, shape[0]), torch.zeros(2, *shape), torch.zeros(2))
     return step, fwd, rt

@@ -254,7 +254,7 @@ def test_compiled_ddp_with_the_packed_mask_matches_the_compiled_module(stand_in_
     import torch.distributed as dist
 
     from ulsweep.models.layers import TransformerBlock
-    from ulsweep.train.common import Runtime, compile_module
+    from ulsweep.train.runtime import Runtime, compile_module
 
     torch.manual_seed(0)
     block = TransformerBlock(32, 2, 16, dropout=0.1)

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ulsweep.data import DataError
     from ulsweep.train.checkpoint import CheckpointError
-    from ulsweep.train.common import TrainingDiverged
+    from ulsweep.train.hooks import TrainingDiverged
 
     try:
         with warnings.catch_warnings():

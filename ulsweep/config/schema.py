@@ -5,11 +5,25 @@ Cross-section rules (a value that has no effect in the context the rest of the e
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 from ulsweep.config.errors import _require
+
+
+def _default(section: Any, name: str) -> Any:
+    f = section.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _inert(section: Any, names: tuple[str, ...], prefix: str, why: str) -> None:
+    """Refuse a setting whose value has no effect in the context `why` names: it must keep its default."""
+    for name in names:
+        value = getattr(section, name)
+        _require(value == _default(section, name), f"{prefix}{name}", value,
+                 f"has no effect {why}; remove it (default {_default(section, name)!r})")
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,17 @@ class AELossConfig:
         _require(self.logsnr_z0 > self.logsnr_z1, "logsnr_z0", self.logsnr_z0,
                  f"must exceed logsnr_z1={self.logsnr_z1}")
         _require(self.normal_kl_weight >= 0, "normal_kl_weight", self.normal_kl_weight, "must be >= 0")
+        if self.decoder == "mse":
+            _inert(self, ("sigmoid_bias",), "", "with decoder: mse (the MSE decoder's loss is unweighted)")
+            _inert(self.decoder_schedule, ("kind", "logsnr_max"), "decoder_schedule.",
+                   "with decoder: mse (it is conditioned on logsnr_min + shift alone)")
+        else:
+            _inert(self, ("mse_logsnr",), "", "with decoder: diffusion (it sets the MSE decoder's precision)")
+        if self.prior == "normal":
+            _inert(self, ("logsnr_z1", "prior_schedule", "stop_grad_prior"), "",
+                   "with prior: normal (there is no prior network or prior schedule)")
+        if not self.stop_grad_prior:
+            _inert(self, ("normal_kl_weight",), "", "without stop_grad_prior: true (ablation A's KL weight)")
 
 
 @dataclass(frozen=True)
@@ -102,7 +127,8 @@ class TrainConfig:
     eval_images: int = 128  # held-out images for bits/pixel and PSNR
     eval_t_per_image: int = 4  # noise levels per image in the bits/pixel estimate
     sample_steps: int = 32  # sampler steps for reconstructions / samples
-    sampler: Literal["ddim", "ancestral"] = "ddim"
+    # auto: DDIM for the autoencoder's decoder, ancestral for the base model (ulsweep/train/build.py)
+    sampler: Literal["auto", "ddim", "ancestral"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     # torch.compile of the trained network: false, true (= "default"), or "reduce-overhead" (CUDA graphs:
     # removes the per-kernel launch cost that bounds small models; single-process trials only)
@@ -122,6 +148,14 @@ class AEStageConfig:
     loss: AELossConfig = field(default_factory=AELossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.loss.decoder == "mse":
+            _inert(self.train, ("sampler", "sample_steps"), "train.",
+                   "with loss.decoder: mse (the MSE decoder decodes in one pass, without a sampler)")
+        if self.loss.prior == "normal":
+            _inert(self.train, ("eval_t_per_image",), "train.",
+                   "with loss.prior: normal (its rate is a closed-form KL, no noise levels are sampled)")
 
 
 @dataclass(frozen=True)
@@ -185,6 +219,8 @@ class SearchConfig:
                  f"must not be empty for method {self.method!r}")
         _require(self.method != "optuna-tpe" or len(self.metrics) == 1, "metrics", self.metrics,
                  "optuna-tpe takes one metric; use optuna-nsga2 for several")
+        if not self.method.startswith("optuna"):
+            _inert(self, ("seed",), "", f"with method: {self.method} (it seeds Optuna's sampler)")
         for k, spec in self.space.items():
             _check_space_entry(f"space.{k}", spec, grid=self.method == "grid")
         _require(not self.points or self.method in ("none", "grid"), "points", self.points,
@@ -267,6 +303,10 @@ class ResourcesConfig:
                  "gpus_per_worker", self.gpus_per_worker,
                  "DDP with NCCL needs whole GPUs per worker (fractions pack ranks onto one GPU); "
                  "use num_workers: 1 to pack trials, or backend: gloo")
+        if self.num_workers == 0:
+            _inert(self, ("driver_cpus", "backend", "max_worker_failures"), "",
+                   "with num_workers: 0 (Ray Train's local mode: the loop runs in the trial process, with no "
+                   "worker group to start, connect or restart; search.max_failures retries trials)")
 
 
 @dataclass(frozen=True)
@@ -297,6 +337,15 @@ class EvalConfig:
         _require(bool(self.extractor), "extractor", self.extractor, "must be auto, inception, none or a path")
         for k in ("extractor_epochs", "gfd_samples", "gfd_reference_images"):
             _require(getattr(self, k) > 0, k, getattr(self, k), "must be > 0")
+        if self.extractor != "auto":
+            _inert(self, ("extractor_epochs",), "", f"with extractor: {self.extractor} (only auto trains one)")
+        if self.extractor != "inception":
+            _inert(self, ("inception_weights",), "", f"with extractor: {self.extractor}")
+        if self.extractor in ("inception", "none"):
+            _inert(self, ("extractor_sha256",), "", f"with extractor: {self.extractor} (it pins a domain "
+                   "extractor's weights)")
+        if self.extractor == "none":
+            _inert(self, ("gfd_samples", "gfd_reference_images"), "", "with extractor: none (no gFD is computed)")
 
 
 @dataclass(frozen=True)

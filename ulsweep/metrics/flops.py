@@ -86,29 +86,16 @@ def training_flops(forward_flops_per_image: float, images_seen: int) -> float:
 # ulsweep's networks
 
 
-def _parts(ae: Any) -> tuple[nn.Module, nn.Module | None, nn.Module]:
-    """(encoder, prior or None, decoder) out of what build_autoencoder returns (tuple, dict or object)."""
-    if isinstance(ae, (tuple, list)) and len(ae) == 3:
-        return tuple(ae)  # type: ignore[return-value]
-    get = (lambda k: ae.get(k)) if isinstance(ae, (dict, nn.ModuleDict)) else (lambda k: getattr(ae, k, None))
-    found = []
-    for names, optional in ((("encoder", "enc"), False), (("prior",), True), (("decoder", "dec"), False)):
-        m = next((get(n) for n in names if get(n) is not None), None)
-        if m is None and not optional:
-            raise TypeError(f"build_autoencoder returned {type(ae).__name__} without {' / '.join(names)}")
-        found.append(m)
-    return tuple(found)  # type: ignore[return-value]
-
-
 def _count_models(exp_cfg: Any, image_channels: int, device: str, batch: int,
                   breakdown: bool) -> dict[str, Any]:
-    from ulsweep import models  # lazy: flops.py stays usable without the models package
+    from ulsweep.train.build import build_autoencoder, build_base_model  # lazy: counting needs no config
 
     dev = torch.device(device)
     s = exp_cfg.data.image_size
     out: dict[str, Any] = {}
     with torch.device(dev):
-        enc, prior, dec = _parts(models.build_autoencoder(exp_cfg.ae, image_channels))
+        ae = build_autoencoder(exp_cfg.ae, image_channels)
+    enc, prior, dec = ae.encoder, ae.prior, ae.decoder
     for m in (enc, prior, dec):
         if m is not None:
             m.eval()
@@ -130,7 +117,7 @@ def _count_models(exp_cfg: Any, image_channels: int, device: str, batch: int,
     record("decoder", dec, x, logsnr, torch.zeros_like(z))
     for bcfg in exp_cfg.base_models:
         with torch.device(dev):
-            base = models.build_base_model(bcfg, z.shape[1])
+            base = build_base_model(bcfg, z.shape[1])
         base.eval()
         record(f"base.{bcfg.name}", base, torch.zeros_like(z), logsnr)
         del base

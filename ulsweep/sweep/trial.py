@@ -382,7 +382,7 @@ def _deterministic_errors() -> tuple[type, ...]:
     from ulsweep.config import ConfigError
     from ulsweep.data import DataError
     from ulsweep.train.checkpoint import CheckpointError
-    from ulsweep.train.common import TrainingDiverged
+    from ulsweep.train.hooks import TrainingDiverged
 
     return (TrainingDiverged, CheckpointError, ConfigError, DataError, TrialFailed)
 

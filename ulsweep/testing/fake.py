@@ -17,7 +17,7 @@ import time
 import fsspec
 
 from ulsweep.config import BaseStageConfig, ExperimentConfig, TrainConfig
-from ulsweep.train.common import TrainingDiverged
+from ulsweep.train.hooks import TrainingDiverged
 from ulsweep.train.hooks import StageResult, TrainHooks
 
 

@@ -1,4 +1,7 @@
-"""Checkpoints: a directory `step_XXXXXXXX/` holding `state.pt` and `meta.json`.
+"""A training run's directory: `config.yaml`, `checkpoints/step_XXXXXXXX/{state.pt, meta.json}`,
+`images/*.png` and, once the run has finished, `result.json`.
+
+Checkpoints: a directory `step_XXXXXXXX/` holding `state.pt` and `meta.json`.
 
 `meta.json` is written last and records the SHA-256 of `state.pt`: a checkpoint without a manifest,
 or whose state does not match its hash, is never loaded (truncated or corrupted files are refused).
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 
 from ulsweep import io as uio
+from ulsweep.train.hooks import StageResult
 
 FORMAT = "ulsweep-checkpoint-v1"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -109,3 +113,34 @@ def prune_checkpoints(run_dir: str, keep: int) -> None:
     for info in infos[:-keep] if keep > 0 else []:
         fs, p = uio.filesystem(info.path)
         fs.rm(p, recursive=True)
+
+
+def write_images(run_dir: str, images: dict[str, bytes]) -> dict[str, str]:
+    """PNG bytes -> run_dir/images/<name>; returns name -> path."""
+    paths = {}
+    for name, png in images.items():
+        paths[name] = uio.join(run_dir, "images", name)
+        uio.atomic_write_bytes(paths[name], png)
+    return paths
+
+
+def write_result(run_dir: str, res: StageResult, cfg_hash: str) -> None:
+    """result.json, written last and atomically: it marks the run finished (`finished_result` reads it)."""
+    result = {"metrics": res.metrics, "checkpoint": res.checkpoint, "steps": res.steps,
+              "train_seconds": res.train_seconds, "config_hash": cfg_hash, "extra": res.extra}
+    uio.atomic_write_text(uio.join(run_dir, "result.json"), json.dumps(result, indent=1, sort_keys=True))
+
+
+def finished_result(run_dir: str, cfg_hash: str) -> StageResult | None:
+    """The stored result of a run that already finished with this config, else None."""
+    path = uio.join(run_dir, "result.json")
+    if not uio.exists(path):
+        return None
+    try:
+        r = json.loads(uio.read_bytes(path))
+        if r.get("config_hash") != cfg_hash:
+            return None
+        return StageResult(r["metrics"], r["checkpoint"], r["steps"], r["train_seconds"], r.get("extra", {}))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # damaged: not finished, resume instead
+        warnings.warn(f"{path}: unreadable result ({type(e).__name__}: {e}); resuming the run instead")
+        return None

@@ -1,4 +1,5 @@
-"""How a training loop talks to whoever runs it (plain CLI, tests, Ray Train)."""
+"""How a training loop talks to whoever runs it (plain CLI, tests, Ray Train): hooks in, a result or a
+`TrainingDiverged` out."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,3 +31,15 @@ class StageResult:
     steps: int
     train_seconds: float  # wall time inside the training loop (excluding start-up)
     extra: dict = field(default_factory=dict)
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss became NaN/Inf; the last good checkpoint (`checkpoint`, None if there is none) is kept,
+    nothing newer is written."""
+
+    def __init__(self, message: str, checkpoint: str | None = None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+    def __reduce__(self):  # crosses Ray process boundaries with its checkpoint
+        return (type(self), (str(self), self.checkpoint))

@@ -9,15 +9,7 @@ from torch import nn
 
 from ulsweep.config import AELossConfig
 from ulsweep.diffusion import LogSNRSchedule, diffuse, sample, sample_to_noisy, x_from_v
-
-
-def decoder_schedule(loss: AELossConfig) -> LogSNRSchedule:
-    s = loss.decoder_schedule
-    return LogSNRSchedule(s.kind, s.logsnr_max, s.logsnr_min, s.shift)
-
-
-def prior_schedule(loss: AELossConfig) -> LogSNRSchedule:
-    return LogSNRSchedule(loss.prior_schedule, loss.logsnr_z0, loss.logsnr_z1)
+from ulsweep.train.build import decoder_schedule, mse_decoder_logsnr
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -31,7 +23,7 @@ def decode(decoder: nn.Module, z0: torch.Tensor, image_shape: tuple[int, int, in
     """Sample x ~ p(x | z_0) with the diffusion decoder (or the MSE decoder's single pass); model range."""
     b = z0.shape[0]
     if loss.decoder == "mse":
-        lam = torch.full((b,), loss.decoder_schedule.logsnr_min, device=z0.device)
+        lam = torch.full((b,), mse_decoder_logsnr(loss), device=z0.device)  # the lambda it was trained at
         return decoder(torch.zeros((b, *image_shape), device=z0.device), lam, z0).float().clamp(-1, 1)
 
     def denoise(x_t, lam):

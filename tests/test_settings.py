@@ -1,0 +1,260 @@
+"""Every setting acts or is refused.
+
+- Every leaf key of the experiment schema is read by the training loops, the sweep or the report, unless it is
+  on the commented allow-list below: a key added to the schema and read nowhere fails this file.
+- The settings that once did nothing now act (base-model sampler, base-model eval_every, the MSE decoder's
+  lambda with a schedule shift), each shown by its effect.
+- Settings that have no effect in the context the rest of the experiment sets are refused with a located error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+
+import pytest
+import torch
+
+from ulsweep import config as C
+from ulsweep.config import ConfigError, experiment_from_dict
+
+SECTIONS = [C.DataConfig, C.ScheduleConfig, C.AEModelConfig, C.AELossConfig, C.OptimConfig, C.TrainConfig,
+            C.AEStageConfig, C.BaseModelConfig, C.BaseLossConfig, C.BaseStageConfig, C.SearchConfig,
+            C.ResourcesConfig, C.TrackingConfig, C.EvalConfig, C.ExperimentConfig]
+
+# Keys that no code reads as an attribute, and why that is right. Nothing else may be missing.
+ALLOWED_UNREAD = {
+    # enforced when the config is loaded: a grid larger than the budget is refused (SearchConfig.__post_init__)
+    "search.max_trials": "a budget checked at load time",
+}
+
+
+def leaf_keys(cls=C.ExperimentConfig, prefix: str = "") -> list[str]:
+    """Dotted leaf keys of the schema; `base_models[].` stands for every base model."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        args = typing.get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            out += leaf_keys(tp, f"{prefix}{f.name}.")
+        elif typing.get_origin(tp) is tuple and args and dataclasses.is_dataclass(args[0]):
+            out += leaf_keys(args[0], f"{prefix}{f.name}[].")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+class ReadTracer:
+    """Records which config leaves ulsweep's code (outside ulsweep.config itself, whose validation and
+    serialization read every field) reads, by dotted key. Config objects get their key when an experiment is
+    built: every section below an ExperimentConfig is registered by walking it."""
+
+    def __init__(self):
+        self.paths: dict[int, tuple[object, str]] = {}  # id -> (object, dotted prefix); objects kept alive
+        self.read: set[str] = set()
+
+    def register(self, exp) -> None:
+        def walk(obj, prefix):
+            self.paths[id(obj)] = (obj, prefix)
+            for f in dataclasses.fields(obj):
+                v = object.__getattribute__(obj, f.name)
+                if dataclasses.is_dataclass(v):
+                    walk(v, f"{prefix}{f.name}.")
+                elif isinstance(v, tuple) and v and dataclasses.is_dataclass(v[0]):
+                    for item in v:
+                        walk(item, f"{prefix}{f.name}[].")
+        walk(exp, "")
+
+    def install(self, monkeypatch) -> None:
+        tracer = self
+
+        def getattribute(obj, name):
+            value = object.__getattribute__(obj, name)
+            fields = type(obj).__dataclass_fields__
+            if name in fields and not dataclasses.is_dataclass(value) and not (
+                    isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0])):
+                caller = sys._getframe(1).f_globals.get("__name__", "")
+                if caller.startswith("ulsweep.") and not caller.startswith("ulsweep.config"):
+                    entry = tracer.paths.get(id(obj))
+                    if entry is not None and entry[0] is obj:
+                        tracer.read.add(entry[1] + name)
+            return value
+
+        for cls in SECTIONS:
+            monkeypatch.setattr(cls, "__getattribute__", getattribute)
+        post_init = C.ExperimentConfig.__post_init__
+
+        def registering_post_init(exp):
+            post_init(exp)
+            tracer.register(exp)
+
+        monkeypatch.setattr(C.ExperimentConfig, "__post_init__", registering_post_init)
+
+
+def tiny(ae_loss=None, ae_train=None, base_train=None, eval_=None, **top):
+    train = {"steps": 2, "batch_size": 8, "log_every": 1, "eval_images": 8, "eval_t_per_image": 2,
+             "sample_steps": 2}
+    return experiment_from_dict({
+        "name": "settings",
+        "data": {"path": "builtin:digits", "image_size": 16},
+        "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2}, "loss": ae_loss or {},
+               "train": {**train, **(ae_train or {})}},
+        "base_models": [{"name": "b", "train": {**train, **(base_train or {})}}],
+        "eval": eval_ or {"extractor": "none"}, **top})
+
+
+def test_leaf_keys_cover_every_section():
+    keys = leaf_keys()
+    assert len(keys) == len(set(keys)) > 60
+    assert {"ae.loss.decoder_schedule.shift", "base_models[].train.sampler", "search.max_trials"} <= set(keys)
+    assert not set(ALLOWED_UNREAD) - set(keys), "the allow-list names keys that are not in the schema"
+
+
+def test_every_setting_is_read(tmp_path, digits_cache, monkeypatch):
+    """Train both stages in-process under a few configurations that between them reach every code path
+    that reads settings; every schema leaf must have been read (or be on the allow-list)."""
+    from ulsweep.train.evaluation import load_eval_extractor
+    from ulsweep.train.stage1 import train_autoencoder
+    from ulsweep.train.stage2 import train_base
+
+    tracer = ReadTracer()
+    tracer.install(monkeypatch)
+    exps = [
+        tiny(ae_train={"eval_every": 1, "ckpt_every": 1}, base_train={"eval_every": 1, "ckpt_every": 1},
+             eval_={"extractor": "auto", "extractor_epochs": 1, "gfd_samples": 8, "gfd_reference_images": 8}),
+        tiny(ae_loss={"decoder": "mse", "prior": "normal"}),
+        tiny(ae_loss={"stop_grad_prior": True}),
+    ]
+    for i, exp in enumerate(exps):
+        ae = train_autoencoder(exp, str(tmp_path / f"ae{i}"))
+        if i == 0:
+            train_base(exp, exp.base_models[0], ae.checkpoint, str(tmp_path / f"base{i}"))
+    with pytest.raises(Exception):  # no Inception weights here; the setting is read on the way
+        load_eval_extractor(tiny(eval_={"extractor": "inception", "inception_weights": str(tmp_path / "no.pt")}),
+                            torch.device("cpu"))
+    _read_by_the_sweep(tracer, tmp_path)
+    unread = sorted(set(leaf_keys()) - tracer.read - set(ALLOWED_UNREAD))
+    assert not unread, f"settings no code reads (make them act, or refuse them, or allow-list them): {unread}"
+
+
+def _read_by_the_sweep(tracer, tmp_path) -> None:
+    """The sweep's own reads: search, resources, tracking and storage."""
+    from ulsweep.sweep.driver import dry_run
+
+    exp = tiny(search={"method": "optuna-tpe", "space": {"ae.loss.loss_factor": {"low": 1.0, "high": 4.0}},
+                       "num_samples": 2, "metrics": ["bpp"], "modes": ["min"]},
+               storage=str(tmp_path / "runs"))
+    dry_run(exp, stream=open("/dev/null", "w"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the settings that did nothing now act
+
+
+def _tiny_models(exp):
+    from ulsweep.train.build import build_autoencoder, build_base_model
+
+    torch.manual_seed(0)
+    ae = build_autoencoder(exp.ae, 1).eval()
+    base = build_base_model(exp.base_models[0], exp.ae.model.latent_channels).eval()
+    return ae, base
+
+
+@pytest.mark.parametrize("network", ["base", "decoder"])
+def test_sampler_settings_choose_the_sampler(network):
+    """base_models[].train.sampler picks the base model's sampler (auto = ancestral), ae.train.sampler the
+    decoder's (auto = DDIM): the same seed gives the same images for auto and its sampler, others for the
+    other one."""
+    from ulsweep.train.stage2 import generate
+
+    def images(sampler):
+        key = "base_models.0.train.sampler" if network == "base" else "ae.train.sampler"
+        exp = experiment_from_dict(C.to_dict(tiny()), {key: sampler})
+        ae, base = _tiny_models(exp)
+        gen = torch.Generator().manual_seed(3)
+        return generate(base, ae, exp, exp.base_models[0], 4, (2, 4, 4), (1, 16, 16), gen)
+
+    auto, same = images("auto"), images("ancestral" if network == "base" else "ddim")
+    other = images("ddim" if network == "base" else "ancestral")
+    assert torch.equal(auto, same)
+    assert not torch.equal(auto, other)
+
+
+def test_base_model_eval_every_evaluates_during_training(tmp_path, digits_cache):
+    from ulsweep.train.stage1 import train_autoencoder
+    from ulsweep.train.stage2 import train_base
+
+    logged = []
+
+    class Hooks:
+        def log_metrics(self, step, metrics):
+            logged.append((step, set(metrics)))
+
+        def checkpoint_saved(self, step, path, metrics):
+            pass
+
+        def should_stop(self):
+            return False
+
+    exp = tiny(base_train={"steps": 3, "eval_every": 1})
+    ae = train_autoencoder(exp, str(tmp_path / "ae"))
+    train_base(exp, exp.base_models[0], ae.checkpoint, str(tmp_path / "base"), Hooks())
+    evals = [step for step, keys in logged if "eval_base_bpp" in keys]
+    assert evals == [1, 2, 3]  # every step, the last one by the final evaluation
+
+
+def test_mse_decoder_is_decoded_at_the_lambda_it_was_trained_at():
+    """The Table 5 MSE decoder sees lambda = logsnr_min + shift in training and in decoding alike."""
+    from ulsweep.train.sampling import decode
+    from ulsweep.train.stage1 import AEObjective
+
+    exp = tiny(ae_loss={"decoder": "mse", "decoder_schedule": {"logsnr_min": -10.0, "shift": 2.0}})
+    ae, _ = _tiny_models(exp)
+    seen = []
+    real = ae.decoder.forward
+    ae.decoder.forward = lambda x_t, lam, z0: (seen.append(lam.unique().tolist()), real(x_t, lam, z0))[1]
+    objective = AEObjective(ae, exp.ae.loss, (1, 16, 16), (2, 4, 4))
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    objective(x, objective.draw_noise(2, torch.Generator().manual_seed(0)))
+    decode(ae.decoder, torch.randn(2, 2, 4, 4), (1, 16, 16), exp.ae.loss, steps=2)
+    assert seen == [[-8.0], [-8.0]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# settings without effect in their context are refused
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"ae": {"loss": {"decoder": "mse", "sigmoid_bias": 1.0}}}, "ae.loss.sigmoid_bias"),
+    ({"ae": {"loss": {"decoder": "mse", "decoder_schedule": {"kind": "linear"}}}}, "ae.loss.decoder_schedule.kind"),
+    ({"ae": {"loss": {"decoder": "mse"}, "train": {"sampler": "ddim"}}}, "ae.train.sampler"),
+    ({"ae": {"loss": {"decoder": "mse"}, "train": {"sample_steps": 8}}}, "ae.train.sample_steps"),
+    ({"ae": {"loss": {"mse_logsnr": 4.0}}}, "ae.loss.mse_logsnr"),
+    ({"ae": {"loss": {"prior": "normal", "logsnr_z1": -10.0}}}, "ae.loss.logsnr_z1"),
+    ({"ae": {"loss": {"prior": "normal"}, "train": {"eval_t_per_image": 8}}}, "ae.train.eval_t_per_image"),
+    ({"ae": {"loss": {"normal_kl_weight": 0.1}}}, "ae.loss.normal_kl_weight"),
+    ({"resources": {"num_workers": 0, "driver_cpus": 0.5}}, "resources.driver_cpus"),
+    ({"resources": {"num_workers": 0, "max_worker_failures": 5}}, "resources.max_worker_failures"),
+    ({"eval": {"extractor": "none", "gfd_samples": 10}}, "eval.gfd_samples"),
+    ({"eval": {"extractor": "inception", "extractor_epochs": 2}}, "eval.extractor_epochs"),
+    ({"eval": {"extractor": "auto", "inception_weights": "w.pt"}}, "eval.inception_weights"),
+    ({"search": {"method": "grid", "space": {"ae.loss.loss_factor": {"values": [1.5]}}, "seed": 3}},
+     "search.seed"),
+])
+def test_settings_without_effect_are_refused(raw, key):
+    with pytest.raises(ConfigError, match="has no effect") as e:
+        experiment_from_dict(raw, file="exp.yaml")
+    assert str(e.value).startswith(f"exp.yaml: {key}: has no effect")
+
+
+@pytest.mark.parametrize("raw", [
+    {"ae": {"loss": {"decoder": "mse", "mse_logsnr": 4.0, "decoder_schedule": {"shift": 1.0}}}},
+    {"ae": {"loss": {"stop_grad_prior": True, "normal_kl_weight": 0.1}}},
+    {"ae": {"loss": {"prior": "normal", "sigmoid_bias": 1.0}, "train": {"sampler": "ancestral"}}},
+    {"resources": {"num_workers": 1, "driver_cpus": 0.5, "max_worker_failures": 5, "backend": "gloo"}},
+    {"eval": {"extractor": "auto", "extractor_epochs": 2, "extractor_sha256": "ab" * 32}},
+    {"search": {"method": "optuna-tpe", "space": {"ae.loss.loss_factor": {"low": 1.0, "high": 2.0}}, "seed": 3}},
+])
+def test_the_same_settings_are_accepted_where_they_act(raw):
+    experiment_from_dict(raw)

@@ -1,0 +1,164 @@
+"""The one training loop of both stages. Read top to bottom:
+
+    resume or start -> steps (batch, noise, loss, optimizer step, EMA; logging, evaluation, checkpoints and
+    the NaN check at their intervals) -> final evaluation -> final checkpoint -> result.json
+
+What differs between the stages comes in as arguments:
+  objective  an nn.Module around the trained networks, what DDP wraps and torch.compile traces:
+             forward(batch, noise) -> per-example nats {"total": [B], ...}; draw_noise(n, gen) -> global-batch
+             noise; `dims`, the dimensions of one example (the optimizer minimizes nats per dimension);
+             curves(window means) -> the metrics logged; `progress_keys`, those printed
+  source     draw(n, gen) -> the next global batch (ulsweep/data/sources.py)
+  evaluate   (EMA network, final) -> (metrics, PNG images): held-out evaluation, complete when final
+
+Under torch.distributed every rank draws the same global batch and noise from the shared generator and
+trains on its slice, so the loss does not depend on the number of workers. Checkpoints save weights, EMA,
+optimizer, generator and step: a resumed run reproduces the uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ulsweep import io as uio
+from ulsweep.config import TrainConfig
+from ulsweep.train.checkpoint import (CheckpointError, latest_valid_checkpoint, prune_checkpoints, save_checkpoint,
+                                      step_dir, write_images, write_result)
+from ulsweep.train.hooks import StageResult, TrainHooks, TrainingDiverged
+from ulsweep.train.runtime import all_reduce_mean, compile_module, shard, wrap_ddp
+from ulsweep.train.state import TrainState, lr_at
+
+Evaluate = Callable[[nn.Module, bool], tuple[dict, dict]]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A run directory and what identifies the run in it."""
+
+    run_dir: str  # local path or fsspec URI
+    kind: str  # "ae" | "base": a checkpoint of another kind is refused
+    label: str  # "ae NAME" / "base NAME", in progress lines and errors
+    cfg_hash: str  # a checkpoint of another config is refused
+    config_yaml: str  # written as config.yaml when the run starts
+    state_extra: dict  # saved beside the weights in every checkpoint (the resolved config)
+    meta: dict  # in every checkpoint's meta.json
+
+
+def train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc: TrainConfig, spec: RunSpec,
+          hooks: TrainHooks) -> StageResult:
+    """Train `ts.net` through `objective` on batches of `source` to `tc.steps` steps, resuming from the newest
+    valid checkpoint in `spec.run_dir`; evaluate, checkpoint and write result.json at the end (rank 0)."""
+    rt = ts.rt
+    model = resume(ts, spec, objective, tc.compile)
+
+    def checkpoint(metrics: dict) -> str | None:
+        if not rt.is_main:
+            return None
+        meta = {**spec.meta, "kind": spec.kind, "config_hash": spec.cfg_hash, "step": ts.step,
+                "train_seconds": ts.train_seconds, "metrics": metrics}
+        path = save_checkpoint(spec.run_dir, ts.step, {**ts.state_dict(), **spec.state_extra}, meta)
+        prune_checkpoints(spec.run_dir, tc.keep_checkpoints)
+        hooks.checkpoint_saved(ts.step, path, metrics)
+        return path
+
+    progress = Progress(tc.steps, spec.label, rt.is_main)
+    acc: dict[str, torch.Tensor] = {}  # sums over the logging window of per-step means
+    n_acc, t_last = 0, time.perf_counter()
+    bad = torch.zeros((), dtype=torch.bool, device=rt.device)  # any non-finite loss since the last check
+    last_ckpt = step_dir(spec.run_dir, ts.step) if ts.step else None  # a resumed run's last good checkpoint
+    ts.net.train()
+    while ts.step < tc.steps and not hooks.should_stop():
+        t0 = time.perf_counter()
+        batch = source.draw(tc.batch_size, ts.gen)
+        noise = objective.draw_noise(tc.batch_size, ts.gen)
+        batch, noise = shard(batch, rt), {k: shard(v, rt) for k, v in noise.items()}
+        with rt.autocast():
+            losses = model(batch, noise)
+        loss = losses["total"].mean() / objective.dims  # nats per dimension, for the optimizer
+        gnorm = ts.optimizer_step(loss)
+        bad |= ~torch.isfinite(loss)
+        for k, v in {**losses, "grad_norm": gnorm}.items():
+            acc[k] = acc.get(k, torch.zeros((), device=rt.device)) + v.detach().mean()
+        n_acc += 1
+        ts.train_seconds += time.perf_counter() - t0
+
+        step = ts.step
+        is_log = bool(tc.log_every) and step % tc.log_every == 0
+        is_eval, is_ckpt = due(step, tc.eval_every, tc.steps), due(step, tc.ckpt_every, tc.steps)
+        if (is_log or is_eval or is_ckpt) and bad.item():  # one device sync per action, not per step
+            raise TrainingDiverged(f"{spec.label}: non-finite loss by step {step}; last good checkpoint "
+                                   f"{last_ckpt or '(none)'} kept in {spec.run_dir}", checkpoint=last_ckpt)
+        if is_log:
+            means = {k: all_reduce_mean(v / n_acc, rt).item() for k, v in acc.items()}
+            ips = n_acc * tc.batch_size / max(time.perf_counter() - t_last, 1e-9)
+            m = {**objective.curves(means), "grad_norm": means["grad_norm"], "lr": lr_at(step - 1, ts.oc),
+                 "images_per_s": ips}
+            if rt.is_main:
+                hooks.log_metrics(step, m)
+            progress.line(step, {k: m[k] for k in objective.progress_keys}, ips)
+            acc, n_acc, t_last = {}, 0, time.perf_counter()
+        metrics = {}
+        if is_eval and step < tc.steps and rt.is_main:
+            metrics, _ = evaluate(ts.ema.shadow, False)
+            hooks.log_metrics(step, {f"eval_{k}": v for k, v in metrics.items()})
+        if is_ckpt and step < tc.steps:
+            last_ckpt = checkpoint(metrics) or last_ckpt
+
+    if ts.step < tc.steps:  # stopped early on request
+        path = checkpoint({})
+        return StageResult({}, path or "", ts.step, ts.train_seconds, {"stopped": True})
+    if not rt.is_main:
+        return StageResult({}, "", ts.step, ts.train_seconds)
+    metrics, images = evaluate(ts.ema.shadow, True)
+    hooks.log_metrics(ts.step, {f"eval_{k}": v for k, v in metrics.items()})
+    path = checkpoint(metrics)
+    res = StageResult(metrics, path, ts.step, ts.train_seconds, {"images": write_images(spec.run_dir, images)})
+    write_result(spec.run_dir, res, spec.cfg_hash)  # last: marks the run finished
+    return res
+
+
+def resume(ts: TrainState, spec: RunSpec, objective: nn.Module, compile_setting: bool | str) -> nn.Module:
+    """Restore `ts` from the run's newest valid checkpoint (it must be of this kind and config), or write
+    config.yaml on a fresh run; return `objective` as trained: DDP-wrapped under torch.distributed,
+    compiled when `train.compile` asks."""
+    rt = ts.rt
+    ck = latest_valid_checkpoint(spec.run_dir, map_location=rt.device)
+    if ck is not None:
+        state, meta = ck
+        if meta.get("kind") != spec.kind or meta.get("config_hash") != spec.cfg_hash:
+            raise CheckpointError(
+                f"{spec.run_dir}: holds a {meta.get('kind')!r} checkpoint of config {meta.get('config_hash')} but "
+                f"this run is {spec.kind!r} with config {spec.cfg_hash}; use a fresh run directory or the same "
+                "config")
+        ts.load_state_dict(state, meta)
+    elif rt.is_main:
+        uio.atomic_write_text(uio.join(spec.run_dir, "config.yaml"), spec.config_yaml)
+    return compile_module(wrap_ddp(objective, rt), compile_setting, rt)
+
+
+def due(step: int, every: int, total: int) -> bool:
+    """An action scheduled every `every` steps (0: never) and always at the last step."""
+    return bool(every and step % every == 0) or step == total
+
+
+class Progress:
+    """One line per log step on the main rank: step, loss, throughput, ETA."""
+
+    def __init__(self, total: int, label: str, enabled: bool, stream=None):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.stream = stream or sys.stdout
+        self.t0 = time.perf_counter()
+
+    def line(self, step: int, metrics: dict[str, float], images_per_s: float) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(step, 1) * (self.total - step)
+        parts = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        print(f"[{self.label}] step {step}/{self.total} {parts} img/s={images_per_s:.0f} eta={eta:.0f}s",
+              file=self.stream, flush=True)

@@ -1,0 +1,124 @@
+"""Where and how a training run executes: device and precision, this rank's slice of a global batch under
+torch.distributed (Ray Train's DDP), and torch.compile."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ulsweep.config import TrainConfig
+from ulsweep.train import accel
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype, None for fp32
+    rank: int
+    world: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def make_runtime(train: TrainConfig) -> Runtime:
+    """Pick device and precision; under torch.distributed (Ray Train) use the local rank's GPU."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    want = train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but CUDA is not available on this machine")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed training shapes: pick the fastest conv algorithms once
+    else:
+        device = torch.device("cpu")
+    if train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda"):
+        amp = torch.bfloat16
+    else:
+        amp = None
+    return Runtime(device, amp, rank, world)
+
+
+def shard(batch: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """This rank's contiguous slice of a global batch (all ranks draw the same global batch)."""
+    if rt.world == 1:
+        return batch
+    n = batch.shape[0]
+    if n % rt.world:
+        raise ValueError(f"global batch {n} is not divisible by the {rt.world} workers")
+    k = n // rt.world
+    return batch[rt.rank * k:(rt.rank + 1) * k]
+
+
+def all_reduce_mean(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    if rt.world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= rt.world
+    return x
+
+
+def wrap_ddp(module: nn.Module, rt: Runtime) -> nn.Module:
+    if rt.world == 1:
+        return module
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def compile_module(module: nn.Module, setting: bool | str, rt: Runtime) -> nn.Module:
+    """torch.compile per `train.compile` (False: the module itself), in the mode `compile_mode` picks; under
+    DDP (more than one worker) with accel's way of meeting DDP's gradient buckets."""
+    mode = compile_mode(setting, rt)
+    if mode is None:
+        return module
+    if rt.world > 1:
+        accel.set_ddp_graph_splitting()
+    accel.install_choices()  # one-pass kernels for short rows
+    return torch.compile(module, mode=mode)
+
+
+_cuda_graph_owner: threading.Thread | None = None  # the one thread of this process that may use CUDA graphs
+_cuda_graph_owner_lock = threading.Lock()
+
+
+def compile_mode(setting: bool | str, rt: Runtime) -> str | None:
+    """The torch.compile mode for `train.compile` (None: no compile). "reduce-overhead" replays the compiled
+    forward and backward as CUDA graphs; it needs CUDA and one process per model, so it falls back to the
+    default mode on CPU and under DDP (which splits the graph at its buckets), and in every thread of a
+    process but the first that asked for it: with torch 2.11 on an H200, a second thread's training fails in
+    CUDA-graph capture ("operation failed due to a previous error during capture") after the first thread's
+    run succeeded. The sweep driver therefore gives each trial its own process when trials use CUDA graphs."""
+    global _cuda_graph_owner
+    if setting is False:
+        return None
+    mode = "default" if setting is True else setting
+    if mode == "reduce-overhead" and (rt.device.type != "cuda" or rt.world > 1):
+        mode = "default"
+    if mode == "reduce-overhead":
+        me = threading.current_thread()
+        with _cuda_graph_owner_lock:
+            if _cuda_graph_owner is None:
+                _cuda_graph_owner = me
+        if _cuda_graph_owner is not me:
+            print(f"note: train.compile=reduce-overhead -> default in thread {me.name!r}: this process already "
+                  f"uses CUDA graphs in thread {_cuda_graph_owner.name!r}", file=sys.stderr, flush=True)
+            return "default"
+        accel.cuda_graph_state_for_this_thread()
+    return mode
+
