@@ -53,11 +53,11 @@ def run(args) -> dict:
     over = {"ae.train.steps": args.steps, "ae.train.batch_size": args.ae_batch, "ae.train.log_every": 1,
             "ae.train.compile": False, "ae.train.device": "cpu", "ae.train.eval_images": 64,
             "ae.train.ckpt_every": 0, "ae.optim.warmup_steps": 20,
-            "base_models.0.train.steps": args.steps, "base_models.0.train.batch_size": args.base_batch,
+            "base_models.0.train.steps": args.base_steps, "base_models.0.train.batch_size": args.base_batch,
             "base_models.0.train.log_every": 1, "base_models.0.train.compile": False,
             "base_models.0.train.device": "cpu", "base_models.0.train.eval_images": 64,
             "base_models.0.train.ckpt_every": 0, "base_models.0.optim.warmup_steps": 20,
-            "eval.extractor": "none", "data.path": args.data}
+            "eval.extractor": "none", "eval.gfd_samples": 1000, "data.path": args.data}
     exp = load_experiment(ROOT / "experiments" / "lf_sweep.yaml", over)
     out = {"config": "experiments/lf_sweep.yaml", "overrides": over, "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as d:
@@ -99,9 +99,10 @@ def compare(a: dict, b: dict) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="loop-equivalence.json")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=200, help="autoencoder steps")
+    p.add_argument("--base-steps", type=int, default=100)
     p.add_argument("--ae-batch", type=int, default=32)
-    p.add_argument("--base-batch", type=int, default=64)
+    p.add_argument("--base-batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default="builtin:fashion-mnist")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"))

@@ -123,7 +123,7 @@ def test_every_setting_is_read(tmp_path, digits_cache, monkeypatch):
     exps = [
         tiny(ae_train={"eval_every": 1, "ckpt_every": 1}, base_train={"eval_every": 1, "ckpt_every": 1},
              eval_={"extractor": "auto", "extractor_epochs": 1, "gfd_samples": 8, "gfd_reference_images": 8}),
-        tiny(ae_loss={"decoder": "mse", "prior": "normal"}),
+        tiny(ae_loss={"decoder": "mse", "prior": "normal"}, ae_train={"sample_steps": 32, "eval_t_per_image": 4}),
         tiny(ae_loss={"stop_grad_prior": True}),
     ]
     for i, exp in enumerate(exps):
@@ -209,7 +209,8 @@ def test_mse_decoder_is_decoded_at_the_lambda_it_was_trained_at():
     from ulsweep.train.sampling import decode
     from ulsweep.train.stage1 import AEObjective
 
-    exp = tiny(ae_loss={"decoder": "mse", "decoder_schedule": {"logsnr_min": -10.0, "shift": 2.0}})
+    exp = tiny(ae_loss={"decoder": "mse", "decoder_schedule": {"logsnr_min": -10.0, "shift": 2.0}},
+               ae_train={"sample_steps": 32})
     ae, _ = _tiny_models(exp)
     seen = []
     real = ae.decoder.forward

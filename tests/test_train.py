@@ -21,7 +21,8 @@ def tiny_exp(extractor="none", **ae_train):
         "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2},
                "train": {**TINY_TRAIN, **ae_train}},
         "base_models": [{"name": "b", "train": TINY_TRAIN}],
-        "eval": {"extractor": extractor, "gfd_samples": 16, "extractor_epochs": 1},
+        "eval": {"extractor": "none"} if extractor == "none" else {"extractor": extractor, "gfd_samples": 16,
+                                                                 "extractor_epochs": 1},
     })
 
 

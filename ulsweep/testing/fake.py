@@ -14,8 +14,7 @@ import math
 import os
 import time
 
-import fsspec
-
+from ulsweep import io as uio
 from ulsweep.config import BaseStageConfig, ExperimentConfig, TrainConfig
 from ulsweep.train.hooks import TrainingDiverged
 from ulsweep.train.hooks import StageResult, TrainHooks
@@ -26,33 +25,21 @@ def _step_s() -> float:
 
 
 def _latest(run_dir: str) -> tuple[int, str | None]:
-    fs, root = fsspec.core.url_to_fs(f"{run_dir.rstrip('/')}/checkpoints")
-    if not fs.exists(root):
-        return 0, None
-    steps = []
-    for p in fs.ls(root, detail=False):
-        name = p.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("step_") and name.endswith(".json"):
-            steps.append((int(name[5:-5]), p))
+    root = uio.join(run_dir, "checkpoints")
+    steps = [int(name[5:-5]) for name in uio.listdir(root) if name.startswith("step_") and name.endswith(".json")]
     if not steps:
         return 0, None
-    step, p = max(steps)
-    return step, f"{run_dir.rstrip('/')}/checkpoints/{p.rstrip('/').rsplit('/', 1)[-1]}"
+    return max(steps), uio.join(root, f"step_{max(steps):08d}.json")
 
 
 def _save(run_dir: str, step: int, state: dict) -> str:
-    path = f"{run_dir.rstrip('/')}/checkpoints/step_{step:08d}.json"
-    fs, p = fsspec.core.url_to_fs(path)
-    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-    tmp = p + ".tmp"
-    with fs.open(tmp, "w") as f:
-        json.dump(state, f)
-    fs.mv(tmp, p)
+    path = uio.join(run_dir, "checkpoints", f"step_{step:08d}.json")
+    uio.atomic_write_text(path, json.dumps(state))
     return path
 
 
 def _append(path: str, text: str) -> None:
-    fs, p = fsspec.core.url_to_fs(path)
+    fs, p = uio.filesystem(path)
     fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
     old = fs.cat_file(p).decode() if fs.exists(p) else ""
     fs.pipe_file(p, (old + text).encode())
@@ -113,8 +100,7 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
 
 def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str, run_dir: str,
                hooks: TrainHooks | None = None) -> StageResult:
-    fs, p = fsspec.core.url_to_fs(ae_checkpoint)
-    if not fs.exists(p):
+    if not uio.exists(ae_checkpoint):
         raise FileNotFoundError(f"AE checkpoint {ae_checkpoint} does not exist")
     L = exp.ae.loss
 

@@ -179,10 +179,11 @@ def high_water_marks(c, run_id: str) -> dict[str, int]:
 def replay_spools(c, root: str, pattern: str = "trials/*/mlflow-spool/*.jsonl") -> int:
     """Send the spooled points under `root` that MLflow does not hold yet (same key and step), delete
     each file once sent. Unreadable lines (a file cut short) are skipped. Returns the points sent."""
-    import fsspec
     from mlflow.entities import Metric
 
-    fs, base = fsspec.core.url_to_fs(root)
+    from ulsweep import io as uio
+
+    fs, base = uio.filesystem(root)
     sent = 0
     for path in sorted(fs.glob(f"{base.rstrip('/')}/{pattern}")):
         by_run: dict[str, list] = {}
