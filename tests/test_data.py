@@ -335,7 +335,7 @@ def test_resolve_rebuilds_invalid_cache_entry(tmp_path, cache):
 def test_resolve_uses_env_cache(tmp_path, monkeypatch, cache):
     monkeypatch.setenv("ULSWEEP_CACHE", str(tmp_path))
     path = resolve_dataset("builtin:digits")
-    assert path.startswith(str(tmp_path))
+    assert path == str(tmp_path / "datasets" / "digits-v1")  # the datasets/ folder of the cache root
     assert open_dataset(path).content_hash == open_dataset(resolve_dataset("builtin:digits", cache)).content_hash
 
 
