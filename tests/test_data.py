@@ -18,7 +18,7 @@ import torch
 from ulsweep.data import DataError, open_dataset, resolve_dataset, to_model_range, write_dataset
 from ulsweep.data.builtin import digits_arrays, photos_arrays
 from ulsweep.data.importers import import_fashion_mnist, import_image_folder
-from ulsweep.data.parquet import content_hash
+from ulsweep.data.manifest import content_hash
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 

@@ -24,7 +24,9 @@ import fsspec
 import numpy as np
 
 from ulsweep import io as uio
-from ulsweep.data.parquet import MANIFEST, DataError, open_dataset, write_dataset
+from ulsweep.data.manifest import MANIFEST, DataError
+from ulsweep.data.reader import open_dataset
+from ulsweep.data.writer import write_dataset
 
 # Bump a builder's version when its output changes; caches of older versions are then ignored.
 BUILTIN_VERSIONS = {"digits": 1, "photos": 2, "fashion-mnist": 1}
