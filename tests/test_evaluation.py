@@ -5,29 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
-from ulsweep.metrics.features import FeatureExtractor
+from test_metrics import MeanPoolExtractor  # the toy extractor of the pipeline tests (no weights, exact)
 from ulsweep.metrics.fid import (RefStatsCache, fd_between, feature_stats, frechet_distance, metric_name,
                                  reference_stats, stats_from_features)
 from ulsweep.train.evaluation import generation_fd_of, reconstruction_fd_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
-
-
-class PoolExtractor(FeatureExtractor):
-    """Deterministic toy features: 4x4 average pool of the gray image in [0, 1] (16-d); counts images seen."""
-
-    def __init__(self):
-        super().__init__()
-        self.name, self.weights_sha256, self.feature_dim = "toy", "ab" * 32, 16
-        self.seen = 0
-        self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)  # gives the extractor a device
-
-    def forward(self, images_u8):
-        self.seen += len(images_u8)
-        x = images_u8.float().mean(1, keepdim=True) / 255
-        return nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
 
 
 def _images(n, seed, offset=0):
@@ -49,7 +33,7 @@ def cache_env(tmp_path, monkeypatch):
 
 
 def test_reconstruction_fd_of_is_unchanged_and_cached(cache_env):
-    ext = PoolExtractor()
+    ext = MeanPoolExtractor()
     real = _images(600, seed=0)  # 600 = 256 + 256 + 88: the batching matters to the last bit
     recon = (real.int() * 3 // 4 + 20).to(torch.uint8)
     want = _previous_computation(ext, real, recon, "d" * 64, "test@16", str(cache_env / "old"), "r")
@@ -59,26 +43,26 @@ def test_reconstruction_fd_of_is_unchanged_and_cached(cache_env):
     assert got["rfd_toy"] == pytest.approx(direct, rel=1e-9) and got["rfd_toy"] > 1e-3
     files = list((cache_env / "cache" / "refstats").iterdir())
     assert len(files) == 1 and files[0].name.startswith("toy-test@16-600-")
-    ext.seen = 0
+    ext.calls = 0
     assert reconstruction_fd_of(ext, real, recon, "d" * 64, "test@16") == got
-    assert ext.seen == len(recon)  # the real images' statistics came from the cache
+    assert ext.calls == len(recon)  # the real images' statistics came from the cache
 
 
 def test_generation_fd_of_is_unchanged_and_cached(cache_env):
-    ext = PoolExtractor()
+    ext = MeanPoolExtractor()
     ref, samples = _images(300, seed=1), _images(700, seed=2, offset=30)
     want = _previous_computation(ext, ref, samples, "e" * 64, "test@16", str(cache_env / "old"), "g")
     got = generation_fd_of(ext, samples, ref, "e" * 64, "test@16")
     assert got == want
     direct = frechet_distance(*_mu_sigma(ext(ref)), *_mu_sigma(ext(samples)), device="cpu")
     assert got["gfd_toy"] == pytest.approx(direct, rel=1e-9) and got["gfd_toy"] > 1e-3
-    ext.seen = 0
+    ext.calls = 0
     assert generation_fd_of(ext, samples, ref, "e" * 64, "test@16") == got
-    assert ext.seen == len(samples)
+    assert ext.calls == len(samples)
 
 
 def test_the_cache_key_tells_datasets_and_splits_apart(cache_env):
-    ext, real = PoolExtractor(), _images(40, seed=3)
+    ext, real = MeanPoolExtractor(), _images(40, seed=3)
     recon = real // 2
     reconstruction_fd_of(ext, real, recon, "d" * 64, "test@16")
     other = _images(40, seed=4)
