@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from timing import time_calls, write_results  # noqa: E402  (benchmarks/timing.py, beside this script)
 
-from ulsweep.metrics.extractors import DomainCNN, load_domain_extractor, load_inception, random_inception  # noqa: E402
+from ulsweep.metrics.domain import DomainCNN, load_domain_extractor  # noqa: E402
+from ulsweep.metrics.inception import load_inception, random_inception  # noqa: E402
 from ulsweep.metrics.fid import frechet_distance, stats_from_features  # noqa: E402
 
 

@@ -203,7 +203,9 @@ def test_cache_dir_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("ULSWEEP_CACHE", str(tmp_path))
     assert RefStatsCache().directory == str(tmp_path / "refstats")
     monkeypatch.delenv("ULSWEEP_CACHE")
-    assert RefStatsCache().directory is None and RefStatsCache().load(RefKey("a", "b", "c", 1)) is None
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert RefStatsCache().directory == str(tmp_path / "home" / ".cache" / "ulsweep" / "refstats")
+    assert RefStatsCache().load(RefKey("a", "b", "c", 1)) is None
 
 
 def test_generation_fd(tmp_path):

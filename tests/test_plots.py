@@ -7,7 +7,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from ulsweep.report import plots
+from ulsweep.report import columns, plots
+from ulsweep.report.tables import paper_tables, trials_table
 
 NAN = math.nan
 
@@ -56,23 +57,23 @@ def names(fig: go.Figure) -> list[str]:
 
 
 def test_metric_labels_follow_design_section_2():
-    assert plots.metric_label("gfd_fmnist") == "gFD (fmnist features)"
-    assert plots.metric_label("rfd_digits") == "rFD (digits features)"
-    assert plots.metric_label("gfid") == "gFID" and plots.metric_label("rfid") == "rFID"
-    assert plots.metric_label("gfd_fmnist[small]") == "gFD (fmnist features), base small"
-    assert plots.metric_label("bpp") == "latent bits/pixel"
+    assert columns.metric_label("gfd_fmnist") == "gFD (fmnist features)"
+    assert columns.metric_label("rfd_digits") == "rFD (digits features)"
+    assert columns.metric_label("gfid") == "gFID" and columns.metric_label("rfid") == "rFID"
+    assert columns.metric_label("gfd_fmnist[small]") == "gFD (fmnist features), base small"
+    assert columns.metric_label("bpp") == "latent bits/pixel"
     for name in ("gfd_fmnist", "rfd_digits", "gfd_x[tiny]"):
-        assert "FID" not in plots.metric_label(name)
+        assert "FID" not in columns.metric_label(name)
 
 
 def test_metric_discovery():
     ae = ae_frame()
-    assert plots.generation_metric(ae) == "gfd_fmnist"
-    assert plots.reconstruction_metric(ae) == "rfd_fmnist"
-    assert plots.base_names(ae) == ["small"]
-    assert plots.varied_params(ae) == ["ae.loss.loss_factor", "ae.loss.sigmoid_bias"]
+    assert columns.generation_metric(ae) == "gfd_fmnist"
+    assert columns.reconstruction_metric(ae) == "rfd_fmnist"
+    assert columns.base_names(ae) == ["small"]
+    assert columns.varied_params(ae) == ["ae.loss.loss_factor", "ae.loss.sigmoid_bias"]
     both = ae_frame().assign(**{"gfid[small]": 1.0, "rfid": 1.0})
-    assert plots.generation_metric(both) == "gfid" and plots.reconstruction_metric(both) == "rfid"
+    assert columns.generation_metric(both) == "gfid" and columns.reconstruction_metric(both) == "rfid"
 
 
 def test_fig8_triptych_traces_axes_and_errors():
@@ -101,7 +102,7 @@ def test_fig8_draws_seed_repeats_off_the_lines():
     ae["ae.train.seed"] = 0
     rep = ae.iloc[[0]].assign(**{"ae.train.seed": 1, "key": "ae-0009", "bpp": 0.05})  # b=-2, LF 1.5 again
     ae = pd.concat([ae, rep], ignore_index=True)
-    assert plots.seed_repeats(ae).tolist() == [False] * (len(ae) - 1) + [True]
+    assert columns.seed_repeats(ae).tolist() == [False] * (len(ae) - 1) + [True]
     fig = plots.fig8_triptych(ae)
     assert names(fig) == (["sigmoid bias -2", "sigmoid bias -2 (other seed)"] * 3 + ["sigmoid bias 2"] * 3)
     line, other = fig.data[0], fig.data[1]
@@ -172,7 +173,7 @@ def test_flops_figure_empty_when_no_metric():
 
 
 def test_table2_for_a_loss_factor_sweep():
-    tables = plots.paper_tables(ae_frame())
+    tables = paper_tables(ae_frame())
     assert list(tables) == ["Table 2 · loss factor vs bits/pixel and quality"]
     t = tables["Table 2 · loss factor vs bits/pixel and quality"]
     assert list(t.columns) == ["trial", "sigmoid bias", "LF", "bits/pixel", "rFD (fmnist features)",
@@ -182,24 +183,24 @@ def test_table2_for_a_loss_factor_sweep():
 
 def test_tables_3_4_5_6_appear_only_when_their_axis_varies():
     ae = ae_frame().assign(**{"ae.loss.loss_factor": 2.0, "ae.loss.sigmoid_bias": 0.0})
-    assert plots.paper_tables(ae) == {}
+    assert paper_tables(ae) == {}
     ch = ae.assign(**{"ae.model.latent_channels": [4, 8, 16, 32, 64, 8]})
-    assert list(plots.paper_tables(ch)) == ["Table 3 · latent channels"]
+    assert list(paper_tables(ch)) == ["Table 3 · latent channels"]
     ds = ae.assign(**{"ae.model.downsample": [2, 4, 8, 2, 4, 8]})
-    t4 = plots.paper_tables(ds)["Table 4 · latent shape (h×w×c)"]
+    t4 = paper_tables(ds)["Table 4 · latent shape (h×w×c)"]
     assert list(t4["latent shape (h×w×c)"][:3]) == ["16×16×8", "16×16×8", "8×8×8"]
     ab = ae.assign(**{"ae.loss.stop_grad_prior": ["False", "True"] * 3,
                       "ae.loss.logsnr_z0": [5.0, 5.0, 10.0, 10.0, 5.0, 5.0]})
-    t6 = plots.paper_tables(ab)["Table 6 · ablations"]
+    t6 = paper_tables(ab)["Table 6 · ablations"]
     assert set(t6["ablation"]) == {"baseline", "A. stop-grad prior", "B. λ_z(0) = 10",
                                    "A. stop-grad prior + B. λ_z(0) = 10"}
     pd_ = ae.assign(**{"ae.loss.prior": ["diffusion", "normal"] * 3})
-    t5 = plots.paper_tables(pd_)["Table 5 · prior and decoder"]
+    t5 = paper_tables(pd_)["Table 5 · prior and decoder"]
     assert "latent bits/pixel (base model small)" in t5.columns
 
 
 def test_trials_table():
-    t = plots.trials_table(ae_frame())
+    t = trials_table(ae_frame())
     assert list(t.columns) == ["trial", "status", "loss factor", "sigmoid bias", "latent bits/pixel",
                                "latent bits/pixel (std. error)", "rFD (fmnist features)", "PSNR (dB)",
                                "gFD (fmnist features), base small", "MLflow run"]

@@ -11,6 +11,7 @@ import pytest
 
 from ulsweep import tracking
 from ulsweep.report import dashboard as report
+from ulsweep.report import png
 from ulsweep.report.cli import register
 
 LFS, BIASES = (1.5, 4.0), (-2.0, 2.0)
@@ -98,7 +99,7 @@ def test_frames_join_base_metrics_and_list_failures(store):
     data = report.load_sweep(report.resolve_sweep(str(run_dir)))
     assert list(data.ae["key"]) == ["ae-0000", "ae-0001", "ae-0002", "ae-0003"]
     assert len(data.base) == 6 and list(data.base["base"][:2]) == ["s", "m"]  # the experiment's order
-    from ulsweep.report.plots import base_names
+    from ulsweep.report.columns import base_names
 
     assert base_names(data.ae) == ["s", "m"]
     assert len(data.runs) == 10 and sweep_id not in set(data.runs["run_id"])
@@ -148,12 +149,12 @@ def test_png_export_messages_when_unavailable(monkeypatch, tmp_path):
 
     figs = {"f": go.Figure(go.Scatter(x=[1], y=[1]))}
     monkeypatch.setitem(sys.modules, "kaleido", None)  # import kaleido -> ImportError
-    paths, note = report.export_pngs(figs, tmp_path)
+    paths, note = png.export_pngs(figs, tmp_path)
     assert paths == [] and "kaleido is not installed" in note
     monkeypatch.delitem(sys.modules, "kaleido")
     pytest.importorskip("kaleido")
-    monkeypatch.setattr(report, "find_browser", lambda: None)
-    paths, note = report.export_pngs(figs, tmp_path)
+    monkeypatch.setattr(png, "find_browser", lambda: None)
+    paths, note = png.export_pngs(figs, tmp_path)
     assert paths == [] and "apt-get install -y chromium" in note and "BROWSER_PATH" in note
 
 
@@ -162,7 +163,7 @@ def test_find_browser_honours_browser_path(monkeypatch, tmp_path):
     exe.write_text("#!/bin/sh\n")
     exe.chmod(0o755)
     monkeypatch.setenv("BROWSER_PATH", str(exe))
-    assert report.find_browser() == str(exe)
+    assert png.find_browser() == str(exe)
 
 
 def run_cli(argv):

@@ -3,6 +3,8 @@
 Local files are written to a temporary name in the same directory, fsynced and renamed (os.replace),
 so a reader never sees a partial file. Object stores (s3://, gs://, memory://) write each object in one
 PUT; callers that need several files to appear together write a manifest last.
+
+Also the one place that says where ulsweep's local cache lives (`cache_root`, `cache_dir`).
 """
 from __future__ import annotations
 
@@ -11,6 +13,24 @@ import tempfile
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+
+CACHE_ENV = "ULSWEEP_CACHE"
+CACHE_KINDS = ("datasets", "extractors", "refstats")
+
+
+def cache_root() -> str:
+    """ulsweep's cache root: $ULSWEEP_CACHE, else ~/.cache/ulsweep."""
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "ulsweep")
+
+
+def cache_dir(kind: str) -> str:
+    """The cache folder of one kind of file, `<cache_root()>/<kind>`: `datasets` (materialised builtin
+    datasets), `extractors` (domain extractors trained for `eval.extractor: auto`), `refstats` (reference
+    feature statistics of Fréchet distances)."""
+    if kind not in CACHE_KINDS:
+        raise ValueError(f"unknown cache kind {kind!r}; known: {', '.join(CACHE_KINDS)}")
+    return os.path.join(cache_root(), kind)
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:

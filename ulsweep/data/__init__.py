@@ -7,7 +7,10 @@
 """
 from ulsweep.data.builtin import resolve_dataset
 from ulsweep.data.importers import import_fashion_mnist, import_image_folder
-from ulsweep.data.parquet import DataError, Dataset, open_dataset, to_model_range, write_dataset
+from ulsweep.data.manifest import DataError
+from ulsweep.data.model_range import to_model_range
+from ulsweep.data.reader import Dataset, open_dataset
+from ulsweep.data.writer import write_dataset
 
 __all__ = ["DataError", "Dataset", "open_dataset", "write_dataset", "resolve_dataset", "to_model_range",
            "import_fashion_mnist", "import_image_folder"]

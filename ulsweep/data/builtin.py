@@ -23,7 +23,10 @@ from typing import Callable
 import fsspec
 import numpy as np
 
-from ulsweep.data.parquet import MANIFEST, DataError, open_dataset, write_dataset
+from ulsweep import io as uio
+from ulsweep.data.manifest import MANIFEST, DataError
+from ulsweep.data.reader import open_dataset
+from ulsweep.data.writer import write_dataset
 
 # Bump a builder's version when its output changes; caches of older versions are then ignored.
 BUILTIN_VERSIONS = {"digits": 1, "photos": 2, "fashion-mnist": 1}
@@ -148,23 +151,25 @@ BUILDERS: dict[str, Callable[..., None]] = {
 # Resolution
 
 
-def default_cache_dir() -> str:
-    return os.environ.get("ULSWEEP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ulsweep",
-                                                           "datasets")
+_UNKNOWN = f"unknown builtin dataset; available: {', '.join('builtin:' + n for n in BUILDERS)}"
+
+
+def _unknown(spec: str) -> DataError:
+    return DataError(f"{spec}: {_UNKNOWN}")
 
 
 def resolve_dataset(spec: str, cache_dir: str | None = None) -> str:
     """`builtin:NAME` -> path of the materialised dataset (built on first use); any other spec unchanged.
 
-    The cache lives under `cache_dir`, else $ULSWEEP_CACHE, else ~/.cache/ulsweep/datasets (local paths).
+    The cache lives under `cache_dir`, else `ulsweep.io.cache_dir("datasets")` ($ULSWEEP_CACHE/datasets,
+    else ~/.cache/ulsweep/datasets; local paths).
     """
     if not spec.startswith("builtin:"):
         return spec
     name = spec.removeprefix("builtin:")
     if name not in BUILDERS:
-        raise DataError(f"{spec}: unknown builtin dataset; available: "
-                        f"{', '.join('builtin:' + n for n in BUILDERS)}")
-    cache = cache_dir or default_cache_dir()
+        raise _unknown(spec)
+    cache = cache_dir or uio.cache_dir("datasets")
     final = os.path.join(cache, f"{name}-v{BUILTIN_VERSIONS[name]}")
     try:
         open_dataset(final)
@@ -201,7 +206,7 @@ def data_path_problem(spec: str) -> str | None:
     if spec.startswith("builtin:"):
         if spec.removeprefix("builtin:") in BUILDERS:
             return None
-        return f"unknown builtin dataset; available: {', '.join('builtin:' + n for n in BUILDERS)}"
+        return _UNKNOWN
     try:
         fs, root = fsspec.core.url_to_fs(spec)
         if not fs.exists(root):
@@ -217,7 +222,6 @@ def materialise(name: str, out: str, overwrite: bool = False) -> str:
     """Build builtin `name` directly at `out` (any fsspec URI), not in the cache."""
     name = name.removeprefix("builtin:")
     if name not in BUILDERS:
-        raise DataError(f"builtin:{name}: unknown builtin dataset; available: "
-                        f"{', '.join('builtin:' + n for n in BUILDERS)}")
+        raise _unknown(f"builtin:{name}")
     BUILDERS[name](out, overwrite=overwrite)
     return out

@@ -14,7 +14,8 @@ import warnings
 
 from ulsweep.data.builtin import BUILDERS, materialise, resolve_dataset
 from ulsweep.data.importers import DEFAULT_FASHION_MNIST, import_fashion_mnist, import_image_folder
-from ulsweep.data.parquet import DataError, Dataset, open_dataset
+from ulsweep.data.manifest import DataError
+from ulsweep.data.reader import Dataset, open_dataset
 
 
 def _summary(ds: Dataset) -> str:
@@ -103,12 +104,13 @@ def register(subparsers) -> None:
     q = sub.add_parser("builtin", help="materialise a built-in dataset and print its path")
     q.add_argument("name", help=f"one of {', '.join(BUILDERS)} (or builtin:NAME)")
     q.add_argument("--out", help="write here (any fsspec URI) instead of the cache")
-    q.add_argument("--cache-dir", help="cache directory (default $ULSWEEP_CACHE or ~/.cache/ulsweep/datasets)")
+    q.add_argument("--cache-dir",
+                   help="cache directory (default $ULSWEEP_CACHE/datasets, else ~/.cache/ulsweep/datasets)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     q.set_defaults(func=cmd_builtin)
 
     q = sub.add_parser("info", help="print name, shape, splits and content hash")
     q.add_argument("uri", help="dataset path, fsspec URI or builtin:NAME")
     q.add_argument("--verify", action="store_true", help="also read every shard and check its SHA-256")
-    q.add_argument("--cache-dir", help="cache directory for builtin:NAME")
+    q.add_argument("--cache-dir", help="cache directory for builtin:NAME (default as for `data builtin`)")
     q.set_defaults(func=cmd_info)

@@ -8,7 +8,9 @@ import warnings
 import numpy as np
 
 from ulsweep.data.builtin import stratified_split
-from ulsweep.data.parquet import Dataset, DataError, _fs, write_dataset
+from ulsweep.data.manifest import DataError, filesystem
+from ulsweep.data.reader import Dataset
+from ulsweep.data.writer import write_dataset
 
 DEFAULT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian: apt-get install dataset-fashion-mnist
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -120,7 +122,7 @@ def import_image_folder(src: str, out: str, image_size: int, test_fraction: floa
         raise DataError(f"{src}: image_size must be a positive integer (got {image_size!r})")
     if not 0.0 <= test_fraction < 1.0:
         raise DataError(f"{src}: test_fraction must be in [0, 1) (got {test_fraction!r})")
-    fs, root = _fs(src)
+    fs, root = filesystem(src)
     if not fs.isdir(root):
         raise DataError(f"{src}: image folder not found")
     files = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS)

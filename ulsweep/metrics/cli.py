@@ -7,16 +7,10 @@ import sys
 import time
 
 
-def _extractor_name(dataset_name: str) -> str:  # kept for callers; see extractor_name_for_dataset
-    from .extractors import extractor_name_for_dataset
-
-    return extractor_name_for_dataset(dataset_name)
-
-
 def _features_train(args: argparse.Namespace) -> int:
     from ulsweep.data import DataError
 
-    from .extractors import ExtractorError
+    from .features import ExtractorError
 
     try:
         return _features_train_impl(args)
@@ -30,7 +24,8 @@ def _features_train_impl(args: argparse.Namespace) -> int:
 
     from ulsweep.data import open_dataset, resolve_dataset
 
-    from .extractors import DOMAIN_ARCHS, save_domain_extractor, train_domain_extractor
+    from .domain import DOMAIN_ARCHS, extractor_name_for_dataset, save_domain_extractor
+    from .domain_training import train_domain_extractor
 
     if args.arch not in DOMAIN_ARCHS:
         print(f"error: unknown --arch {args.arch!r}; known: {', '.join(DOMAIN_ARCHS)}", file=sys.stderr)
@@ -41,7 +36,7 @@ def _features_train_impl(args: argparse.Namespace) -> int:
     ds = open_dataset(resolve_dataset(args.dataset))
     xtr, ytr = ds.load_split(args.train_split, limit=args.limit)
     xte, yte = ds.load_split(args.test_split)
-    name = args.name or _extractor_name(ds.name)
+    name = args.name or extractor_name_for_dataset(ds.name)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"training domain extractor {name!r} ({args.arch}) on "
           f"{ds.name} [{ds.content_hash[:12]}]: {len(xtr)} train / {len(xte)} test images "

@@ -1,6 +1,7 @@
 """Fréchet distances between feature distributions: statistics, the distance, a reference-stat cache,
 and the rFID / gFID pipelines (the paper's conventions, §5: rFID compares reconstructions with the very
 images that were reconstructed; gFID compares base-model samples decoded by the decoder with a reference).
+Training runs reach these pipelines through `ulsweep.train.evaluation` (which extractor, which cache).
 
 Metric names say exactly what was measured: `rfid` / `gfid` only for the standard FID Inception weights,
 `rfd_<extractor>` / `gfd_<extractor>` for any other extractor (e.g. `rfd_fmnist`).
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .extractors import FeatureExtractor, atomic_write_bytes
+from ulsweep import io as uio
 
+from .features import FeatureExtractor
 
 
 def _default_device() -> torch.device:
@@ -144,11 +145,6 @@ def feature_stats(extractor: FeatureExtractor, batches: Iterable[Tensor]) -> Fea
 # Reference-statistics cache
 
 
-def default_cache_dir() -> str | None:
-    env = os.environ.get("ULSWEEP_CACHE")
-    return os.path.join(env, "refstats") if env else None
-
-
 @dataclass(frozen=True)
 class RefKey:
     """What reference statistics depend on: the first `num_samples` images of `split` of the dataset with
@@ -172,26 +168,22 @@ class RefKey:
 class RefStatsCache:
     """Reference statistics on disk (`<dir>/<extractor>-<split>-<n>-<digest>.npz`, written atomically).
 
-    `directory`: a path or fsspec URI; default $ULSWEEP_CACHE/refstats. With neither, nothing is cached.
+    `directory`: a path or fsspec URI; default `ulsweep.io.cache_dir("refstats")` ($ULSWEEP_CACHE/refstats,
+    else ~/.cache/ulsweep/refstats). To compute without a cache, pass no cache to the pipelines.
     """
 
     def __init__(self, directory: str | None = None):
-        self.directory = directory or default_cache_dir()
+        self.directory = directory or uio.cache_dir("refstats")
 
-    def path(self, key: RefKey) -> str | None:
-        if not self.directory:
-            return None
+    def path(self, key: RefKey) -> str:
         name = f"{key.extractor_name or 'ext'}-{key.split}-{key.num_samples}-{key.digest()}.npz"
         return self.directory.rstrip("/") + "/" + name
 
     def load(self, key: RefKey) -> FeatureStats | None:
         import fsspec
 
-        p = self.path(key)
-        if p is None:
-            return None
         try:
-            with fsspec.open(p, "rb") as f:
+            with fsspec.open(self.path(key), "rb") as f:
                 stats, meta = FeatureStats.from_bytes(f.read())
         except FileNotFoundError:
             return None
@@ -200,9 +192,7 @@ class RefStatsCache:
         return stats if meta == key.meta() and stats.n == key.num_samples else None
 
     def save(self, key: RefKey, stats: FeatureStats) -> None:
-        p = self.path(key)
-        if p is not None:
-            atomic_write_bytes(p, stats.to_bytes(key.meta()))
+        uio.atomic_write_bytes(self.path(key), stats.to_bytes(key.meta()))
 
     def get_or_compute(self, key: RefKey, compute: Callable[[], FeatureStats]) -> tuple[FeatureStats, bool]:
         """(stats, hit)."""
@@ -215,7 +205,8 @@ class RefStatsCache:
 
 
 # ----------------------------------------------------------------------------------------------
-# rFID / gFID pipelines
+# rFID / gFID pipelines. Features are computed on the extractor's device; the distance itself in float64
+# on the GPU when there is one (frechet_distance's default), wherever the extractor runs.
 
 
 def metric_name(kind: str, extractor: FeatureExtractor) -> str:
@@ -226,11 +217,12 @@ def metric_name(kind: str, extractor: FeatureExtractor) -> str:
 
 
 def _check_generated(x: Tensor, what: str, like: tuple | None = None) -> Tensor:
+    """`x` (the output of `what`, a batch of generated images) as uint8 (N, C, H, W) of shape `like`."""
     if not torch.is_tensor(x) or x.dtype != torch.uint8 or x.dim() != 4:
         got = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
-        raise TypeError(f"{what} must return uint8 images (N, C, H, W); got {got}")
+        raise TypeError(f"{what}: expected uint8 images (N, C, H, W), got {got}")
     if like is not None and tuple(x.shape) != like:
-        raise ValueError(f"{what} returned shape {tuple(x.shape)}, expected {like}")
+        raise ValueError(f"{what}: shape {tuple(x.shape)}, expected {like}")
     return x
 
 
@@ -242,22 +234,26 @@ def _ref_key(extractor: FeatureExtractor, dataset_hash: str | None, split: str |
 
 @torch.no_grad()
 def reconstruction_fd(extractor: FeatureExtractor, images_u8: Tensor,
-                      reconstruct: Callable[[Tensor], Tensor], batch_size: int = 256,
+                      reconstructed: Tensor | Callable[[Tensor], Tensor], batch_size: int = 256,
                       ref_cache: RefStatsCache | None = None, dataset_hash: str | None = None,
                       split: str | None = None) -> dict[str, float]:
-    """rFID (paper §5): FD between features of `images_u8` (N, C, H, W) and of `reconstruct(batch)` for
-    the same images. `reconstruct` takes and returns uint8 batches of the same shape.
+    """rFID (paper §5): FD between features of `images_u8` (N, C, H, W) and of their reconstructions.
 
+    `reconstructed` is the uint8 reconstructions (same shape as `images_u8`), or `reconstruct(batch)`, which
+    takes and returns uint8 batches of the same shape and is called batch by batch (nothing held in memory).
     With `ref_cache`, `dataset_hash` and `split`, the real-image statistics are read from / written to the
     cache; then `images_u8` must be the first N images of that split. Returns {'rfid' | 'rfd_<name>': value}.
     """
-    n = len(images_u8)
-    key = _ref_key(extractor, dataset_hash, split, n)
+    key = _ref_key(extractor, dataset_hash, split, len(images_u8))
     ref = ref_cache.load(key) if (ref_cache is not None and key is not None) else None
     device = _extractor_device(extractor)
     real_acc, fake_acc = StatsAccumulator(device), StatsAccumulator(device)
-    for b in _batches(images_u8, batch_size):
-        rec = _check_generated(reconstruct(b), "reconstruct", like=tuple(b.shape))
+    for i in range(0, len(images_u8), batch_size):
+        b = images_u8[i:i + batch_size]
+        if torch.is_tensor(reconstructed):
+            rec = _check_generated(reconstructed[i:i + batch_size], "reconstructions", like=tuple(b.shape))
+        else:
+            rec = _check_generated(reconstructed(b), "reconstruct(batch)", like=tuple(b.shape))
         fake_acc.update(extractor(rec.to(device, non_blocking=True)))
         if ref is None:
             real_acc.update(extractor(b.to(device, non_blocking=True)))
@@ -265,7 +261,7 @@ def reconstruction_fd(extractor: FeatureExtractor, images_u8: Tensor,
         ref = real_acc.stats()
         if ref_cache is not None and key is not None:
             ref_cache.save(key, ref)
-    return {metric_name("r", extractor): fd_between(ref, fake_acc.stats(), device=device)}
+    return {metric_name("r", extractor): fd_between(ref, fake_acc.stats())}
 
 
 def reference_stats(extractor: FeatureExtractor, images_u8: Tensor, batch_size: int = 256,
@@ -281,24 +277,37 @@ def reference_stats(extractor: FeatureExtractor, images_u8: Tensor, batch_size: 
 
 
 @torch.no_grad()
-def generation_fd(extractor: FeatureExtractor, sample: Callable[[int], Tensor], num_samples: int,
-                  ref_images_u8: Tensor | None = None, ref_stats: FeatureStats | None = None,
-                  batch_size: int = 256, ref_cache: RefStatsCache | None = None,
-                  dataset_hash: str | None = None, split: str | None = None) -> dict[str, float]:
-    """gFID: FD between `num_samples` images from `sample(k) -> uint8 (k, C, H, W)` (base-model samples
-    decoded by the decoder) and reference statistics (`ref_stats`, or computed from `ref_images_u8`,
-    cached when `ref_cache`, `dataset_hash`, `split` are given). Returns {'gfid' | 'gfd_<name>': value}."""
+def generation_fd(extractor: FeatureExtractor, samples: Tensor | Callable[[int], Tensor],
+                  num_samples: int | None = None, ref_images_u8: Tensor | None = None,
+                  ref_stats: FeatureStats | None = None, batch_size: int = 256,
+                  ref_cache: RefStatsCache | None = None, dataset_hash: str | None = None,
+                  split: str | None = None) -> dict[str, float]:
+    """gFID: FD between generated images (base-model samples decoded by the decoder) and reference statistics
+    (`ref_stats`, or computed from `ref_images_u8`, cached when `ref_cache`, `dataset_hash`, `split` are given).
+
+    `samples` is a uint8 tensor (N, C, H, W), of which the first `num_samples` (default all) are used, or
+    `sample(k) -> uint8 (k, C, H, W)`, called until `num_samples` images. Returns {'gfid' | 'gfd_<name>': value}.
+    """
     if ref_stats is None:
         if ref_images_u8 is None:
             raise ValueError("generation_fd needs ref_stats or ref_images_u8")
         ref_stats = reference_stats(extractor, ref_images_u8, batch_size, ref_cache, dataset_hash, split)
+    if torch.is_tensor(samples):
+        num_samples = len(samples) if num_samples is None else num_samples
+        if num_samples > len(samples):
+            raise ValueError(f"num_samples={num_samples} but only {len(samples)} samples given")
+    elif num_samples is None:
+        raise ValueError("generation_fd needs num_samples with a sample(k) function")
     device = _extractor_device(extractor)
     acc, done = StatsAccumulator(device), 0
     while done < num_samples:
         k = min(batch_size, num_samples - done)
-        x = _check_generated(sample(k), "sample")
-        if len(x) != k:
-            raise ValueError(f"sample({k}) returned {len(x)} images")
+        if torch.is_tensor(samples):
+            x = _check_generated(samples[done:done + k], "samples")
+        else:
+            x = _check_generated(samples(k), f"sample({k})")
+            if len(x) != k:
+                raise ValueError(f"sample({k}) returned {len(x)} images")
         acc.update(extractor(x.to(device, non_blocking=True)))
         done += k
-    return {metric_name("g", extractor): fd_between(ref_stats, acc.stats(), device=device)}
+    return {metric_name("g", extractor): fd_between(ref_stats, acc.stats())}

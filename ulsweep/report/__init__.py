@@ -1,2 +1,4 @@
-"""From a sweep's MLflow runs to what a reader sees: dashboard.py (HTML + CSV + PNGs), plots.py (the figures),
-pareto.py (fronts), trends.py (rank correlations, trends.md), cli.py (`ulsweep report`, `ulsweep ui`)."""
+"""From a sweep's MLflow runs to what a reader sees: dashboard.py (find the sweep, write the report folder),
+sweepdata.py (runs -> DataFrames), columns.py (names and labels of their columns), plots.py (the figures),
+tables.py (paper-style tables), page.py (the HTML page), png.py (static images), pareto.py (fronts),
+trends.py (rank correlations, trends.md), cli.py (`ulsweep report`, `ulsweep ui`)."""

@@ -49,7 +49,7 @@ def register(subparsers) -> None:
 
 
 def handle_report(args: argparse.Namespace) -> int:
-    from ulsweep.report import ReportError, make_report
+    from ulsweep.report.dashboard import ReportError, make_report
 
     try:
         res = make_report(args.sweep, tracking_uri=args.tracking_uri, out_dir=args.out, png=not args.no_png,
@@ -143,7 +143,7 @@ def stop_server(proc: subprocess.Popen, timeout: float = 15.0) -> None:
 
 
 def handle_ui(args: argparse.Namespace) -> int:
-    from ulsweep.report import ReportError, resolve_sweep
+    from ulsweep.report.dashboard import ReportError, resolve_sweep
 
     try:
         ref = resolve_sweep(args.sweep, args.tracking_uri)

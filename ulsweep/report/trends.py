@@ -1,7 +1,7 @@
 """Rank trends of a sweep, the way Fig. 8 of the paper is read: does the latent bitrate rise with each knob,
 do reconstruction and generation follow the bitrate, where is generation best, and how large is seed noise.
 
-Input is the AE frame of `ulsweep.report.dashboard` (one row per AE trial: config columns with dots, `bpp`, `psnr`,
+Input is the AE frame of `ulsweep.report.sweepdata` (one row per AE trial: config columns with dots, `bpp`, `psnr`,
 `rfd_<x>`/`rfid`, base metrics as `<metric>[<base>]`); output is a dict and a Markdown summary. No I/O.
 Knobs are the config columns that vary across trials; seed columns (`*.seed`) mark repeats.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from ulsweep.report import plots
+from ulsweep.report import columns
 
 
 # Spearman's rank correlation: Pearson's correlation of the (average-tie) ranks.
@@ -31,7 +31,7 @@ def knobs(ae: pd.DataFrame) -> tuple[list[str], list[str]]:
     """(numeric knobs that vary across trials, seed columns that vary)."""
     # config columns (dotted keys); `search.<key>` repeats the searched keys, which appear as <key> too
     varying = [c for c in ae.columns if "." in c and not c.startswith("search.") and ae[c].nunique(dropna=True) > 1]
-    seeds = plots.seed_columns(ae)
+    seeds = columns.seed_columns(ae)
     numeric = [c for c in varying if c not in seeds and pd.api.types.is_numeric_dtype(ae[c])]
     return numeric, seeds
 
@@ -45,9 +45,9 @@ def summarize(ae: pd.DataFrame) -> dict[str, Any]:
     if "status" in ae:
         ae = ae[ae["status"] == "FINISHED"]
     numeric, seeds = knobs(ae)
-    prim = ae[~plots.seed_repeats(ae)]  # one row per configuration, repeats with another seed left out
-    rec, gen_name = plots.reconstruction_metric(ae), plots.generation_metric(ae)
-    bases = plots.base_names(ae)
+    prim = ae[~columns.seed_repeats(ae)]  # one row per configuration, repeats with another seed left out
+    rec, gen_name = columns.reconstruction_metric(ae), columns.generation_metric(ae)
+    bases = columns.base_names(ae)
     gen = f"{gen_name}[{bases[0]}]" if gen_name and bases and f"{gen_name}[{bases[0]}]" in ae else None
     out: dict[str, Any] = {"knobs": numeric, "seeds": seeds, "reconstruction": rec, "generation": gen,
                            "n_trials": len(ae), "bpp_vs_knob": [], "vs_bpp": {}, "generation_curves": [],

@@ -1,8 +1,11 @@
-"""Fréchet-distance evaluation inside training runs: which extractor, and rFD / gFD from images.
+"""Fréchet-distance evaluation inside training runs: which extractor, which cache. The pipelines themselves
+are `ulsweep.metrics.fid.reconstruction_fd` / `generation_fd`.
 
 `eval.extractor: auto` trains a small domain classifier once per dataset (keyed by its content hash)
-and caches it under $ULSWEEP_CACHE (or ~/.cache/ulsweep)/extractors; later runs and concurrent trials
-reuse it. Metric names come from the extractor: rfd_<name>/gfd_<name>, or rfid/gfid for Inception.
+and caches it under `ulsweep.io.cache_dir("extractors")` ($ULSWEEP_CACHE, else ~/.cache/ulsweep, then
+extractors/); later runs and concurrent trials reuse it. Reference feature statistics are cached under
+`cache_dir("refstats")`. Metric names come from the extractor: rfd_<name>/gfd_<name>, or rfid/gfid for
+Inception.
 """
 from __future__ import annotations
 
@@ -14,20 +17,20 @@ import torch
 from ulsweep import io as uio
 from ulsweep.config import ExperimentConfig
 from ulsweep.data import open_dataset, resolve_dataset
-from ulsweep.metrics.extractors import (FeatureExtractor, extractor_name_for_dataset, load_domain_extractor,
-                                        load_inception, save_domain_extractor, train_domain_extractor)
-from ulsweep.metrics.fid import RefStatsCache, fd_between, feature_stats, metric_name, reference_stats
+from ulsweep.metrics.domain import extractor_name_for_dataset, load_domain_extractor, save_domain_extractor
+from ulsweep.metrics.domain_training import train_domain_extractor
+from ulsweep.metrics.features import FeatureExtractor
+from ulsweep.metrics.fid import RefStatsCache, generation_fd, reconstruction_fd
+from ulsweep.metrics.inception import load_inception
 
-
-def cache_root() -> str:
-    return os.environ.get("ULSWEEP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ulsweep")
+EVAL_BATCH = 256  # images per extractor call
 
 
 def ensure_domain_extractor(exp: ExperimentConfig, device: str | torch.device = "cpu") -> str:
     """Path of the cached domain extractor of the experiment's dataset; trains it first if missing."""
     ds = open_dataset(resolve_dataset(exp.data.path))
     name = extractor_name_for_dataset(ds.name)
-    path = os.path.join(cache_root(), "extractors", f"{name}-{ds.content_hash[:16]}.pt")
+    path = os.path.join(uio.cache_dir("extractors"), f"{name}-{ds.content_hash[:16]}.pt")
     if uio.exists(path):
         return path
     xtr, ytr = ds.load_split(exp.data.train_split)
@@ -55,20 +58,16 @@ def load_eval_extractor(exp: ExperimentConfig, device: torch.device) -> FeatureE
     return ext.to(device).eval()
 
 
-@torch.no_grad()
 def reconstruction_fd_of(extractor: FeatureExtractor, real_u8: torch.Tensor, recon_u8: torch.Tensor,
                          dataset_hash: str, split: str) -> dict[str, float]:
-    """rFD/rFID (paper §5.2): the reference statistics come from the same images that were reconstructed."""
-    cache = RefStatsCache(os.path.join(cache_root(), "refstats"))
-    ref = reference_stats(extractor, real_u8, 256, cache, dataset_hash, split)
-    fake = feature_stats(extractor, recon_u8.split(256))
-    return {metric_name("r", extractor): fd_between(ref, fake)}
+    """rFD/rFID (paper §5.2) of `recon_u8`, the reconstructions of `real_u8` (the first images of `split`):
+    the reference statistics come from the very images that were reconstructed, cached."""
+    return reconstruction_fd(extractor, real_u8, recon_u8, EVAL_BATCH, RefStatsCache(), dataset_hash, split)
 
 
-@torch.no_grad()
 def generation_fd_of(extractor: FeatureExtractor, samples_u8: torch.Tensor, ref_u8: torch.Tensor,
                      dataset_hash: str, split: str) -> dict[str, float]:
-    """gFD/gFID: base-model samples (decoded) against held-out reference images."""
-    cache = RefStatsCache(os.path.join(cache_root(), "refstats"))
-    ref = reference_stats(extractor, ref_u8, 256, cache, dataset_hash, split)
-    return {metric_name("g", extractor): fd_between(ref, feature_stats(extractor, samples_u8.split(256)))}
+    """gFD/gFID: base-model samples (decoded) against held-out reference images `ref_u8` (the first images
+    of `split`), whose statistics are cached."""
+    return generation_fd(extractor, samples_u8, ref_images_u8=ref_u8, batch_size=EVAL_BATCH,
+                         ref_cache=RefStatsCache(), dataset_hash=dataset_hash, split=split)

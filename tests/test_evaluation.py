@@ -1,0 +1,76 @@
+"""rFD / gFD as training runs compute them (ulsweep.train.evaluation): the numbers are pinned to the
+computation they replaced, reference statistics through the cache, then the Fréchet distance."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from test_metrics import MeanPoolExtractor  # the toy extractor of the pipeline tests (no weights, exact)
+from ulsweep.metrics.fid import (RefStatsCache, fd_between, feature_stats, frechet_distance, metric_name,
+                                 reference_stats, stats_from_features)
+from ulsweep.train.evaluation import generation_fd_of, reconstruction_fd_of
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
+
+
+def _images(n, seed, offset=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256 - offset, (n, 1, 16, 16), generator=g, dtype=torch.uint8)
+    return x + offset
+
+
+def _previous_computation(ext, real_u8, fake_u8, dataset_hash, split, cache_dir, kind):
+    """What evaluation.py computed before it called fid.py's pipelines (kept here as the reference)."""
+    ref = reference_stats(ext, real_u8, 256, RefStatsCache(cache_dir), dataset_hash, split)
+    return {metric_name(kind, ext): fd_between(ref, feature_stats(ext, fake_u8.split(256)))}
+
+
+@pytest.fixture()
+def cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("ULSWEEP_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def test_reconstruction_fd_of_is_unchanged_and_cached(cache_env):
+    ext = MeanPoolExtractor()
+    real = _images(600, seed=0)  # 600 = 256 + 256 + 88: the batching matters to the last bit
+    recon = (real.int() * 3 // 4 + 20).to(torch.uint8)
+    want = _previous_computation(ext, real, recon, "d" * 64, "test@16", str(cache_env / "old"), "r")
+    got = reconstruction_fd_of(ext, real, recon, "d" * 64, "test@16")
+    assert got == want  # bit for bit
+    direct = frechet_distance(*_mu_sigma(ext(real)), *_mu_sigma(ext(recon)), device="cpu")
+    assert got["rfd_toy"] == pytest.approx(direct, rel=1e-9) and got["rfd_toy"] > 1e-3
+    files = list((cache_env / "cache" / "refstats").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("toy-test@16-600-")
+    ext.calls = 0
+    assert reconstruction_fd_of(ext, real, recon, "d" * 64, "test@16") == got
+    assert ext.calls == len(recon)  # the real images' statistics came from the cache
+
+
+def test_generation_fd_of_is_unchanged_and_cached(cache_env):
+    ext = MeanPoolExtractor()
+    ref, samples = _images(300, seed=1), _images(700, seed=2, offset=30)
+    want = _previous_computation(ext, ref, samples, "e" * 64, "test@16", str(cache_env / "old"), "g")
+    got = generation_fd_of(ext, samples, ref, "e" * 64, "test@16")
+    assert got == want
+    direct = frechet_distance(*_mu_sigma(ext(ref)), *_mu_sigma(ext(samples)), device="cpu")
+    assert got["gfd_toy"] == pytest.approx(direct, rel=1e-9) and got["gfd_toy"] > 1e-3
+    ext.calls = 0
+    assert generation_fd_of(ext, samples, ref, "e" * 64, "test@16") == got
+    assert ext.calls == len(samples)
+
+
+def test_the_cache_key_tells_datasets_and_splits_apart(cache_env):
+    ext, real = MeanPoolExtractor(), _images(40, seed=3)
+    recon = real // 2
+    reconstruction_fd_of(ext, real, recon, "d" * 64, "test@16")
+    other = _images(40, seed=4)
+    for dataset_hash, split in (("f" * 64, "test@16"), ("d" * 64, "train@16")):
+        assert reconstruction_fd_of(ext, other, recon, dataset_hash, split) == \
+            {"rfd_toy": fd_between(stats_from_features(ext(other)), stats_from_features(ext(recon)))}
+
+
+def _mu_sigma(feats):
+    x = feats.double().numpy()
+    return x.mean(0), np.cov(x, rowvar=False)

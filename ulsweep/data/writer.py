@@ -1,0 +1,123 @@
+"""Writing a dataset: Parquet shards first, each atomically, then the manifest (`write_dataset`)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ulsweep import io as uio
+from ulsweep.data.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, SPLIT_RE, DataError, content_hash,
+                                   filesystem, where)
+from ulsweep.data.reader import Dataset, open_dataset
+
+SHARD_BYTES = 64 * 2**20  # raw image bytes per shard (files are smaller: zstd-compressed)
+
+
+def _check_split(uri: str, split: str, images: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    at = where(uri, split)
+    if not isinstance(split, str) or not SPLIT_RE.match(split):
+        raise DataError(f"{uri}: bad split name {split!r} (letters, digits, '_', '-', '.')")
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.dtype != np.uint8:
+        raise DataError(f"{at}: images must be uint8, got {images.dtype}")
+    if images.ndim != 4:
+        raise DataError(f"{at}: images must be (N, C, H, W), got shape {images.shape}")
+    if images.shape[0] == 0:
+        raise DataError(f"{at}: split is empty")
+    if labels.shape != (images.shape[0],):
+        raise DataError(f"{at}: labels must have shape ({images.shape[0]},), got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{at}: labels must be integers, got {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if labels.min() < -1:
+        raise DataError(f"{at}: labels must be >= -1 (-1 = unlabelled), got {int(labels.min())}")
+    return np.ascontiguousarray(images), labels
+
+
+def _shard_bytes(images: np.ndarray, labels: np.ndarray) -> bytes:
+    n, D = images.shape[0], int(np.prod(images.shape[1:]))
+    offsets = np.arange(n + 1, dtype=np.int32) * D
+    image = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(images)])
+    table = pa.table({"image": image, "label": pa.array(labels, pa.int64())})
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", use_dictionary=False, write_statistics=["label"],
+                   row_group_size=max(1, min(n, 2**20 // max(D, 1) * 16)))
+    return sink.getvalue()
+
+
+def write_dataset(uri: str, name: str, splits: Mapping[str, tuple[Any, Any]], shard_rows: int | None = None,
+                  *, label_names: list[str] | None = None, source: dict | None = None,
+                  overwrite: bool = False) -> Dataset:
+    """Write `splits` {split: (uint8 (N, C, H, W), int (N,))} as a dataset at `uri`; returns it opened.
+
+    Shards hold `shard_rows` images each (default: as many as fit in ~64 MiB of raw pixels). Files are
+    written atomically, shards first and `dataset.json` last. Writing over an existing dataset needs
+    `overwrite=True`; its manifest is removed first and shards it alone used are deleted afterwards.
+    """
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{uri}: dataset name must be a non-empty string (got {name!r})")
+    if not splits:
+        raise DataError(f"{uri}: no splits given")
+    checked = {s: _check_split(uri, s, im, lab) for s, (im, lab) in splits.items()}
+    shapes = {s: im.shape[1:] for s, (im, _) in checked.items()}
+    shape = next(iter(shapes.values()))
+    if any(sh != shape for sh in shapes.values()):
+        raise DataError(f"{uri}: splits have different image shapes: {shapes}")
+    D = int(np.prod(shape))
+    if shard_rows is None:
+        shard_rows = max(1, SHARD_BYTES // D)
+    if not isinstance(shard_rows, int) or isinstance(shard_rows, bool) or shard_rows < 1:
+        raise DataError(f"{uri}: shard_rows must be a positive integer (got {shard_rows!r})")
+
+    fs, root = filesystem(uri)
+    mroot = uio.join(root, MANIFEST)
+    old_files: set[str] = set()
+    if fs.exists(mroot):
+        if not overwrite:
+            raise DataError(f"{uio.join(uri, MANIFEST)}: a dataset already exists here (pass overwrite=True)")
+        try:
+            old = json.loads(fs.cat_file(mroot))
+            old_files = {sh["file"] for info in old["splits"].values() for sh in info["shards"]}
+        except Exception:  # an unreadable old manifest: nothing to clean up
+            pass
+        fs.rm(mroot)  # from here on the directory is not a valid dataset until the new manifest lands
+    fs.makedirs(root, exist_ok=True)
+
+    manifest_splits, shas = {}, {}
+    for split, (images, labels) in checked.items():
+        shards = []
+        for k, start in enumerate(range(0, images.shape[0], shard_rows)):
+            data = _shard_bytes(images[start:start + shard_rows], labels[start:start + shard_rows])
+            rel = f"{split}/part-{k:05d}.parquet"
+            uio.write_atomic(fs, uio.join(root, rel), data)
+            shards.append({"file": rel, "num_rows": min(shard_rows, images.shape[0] - start),
+                           "sha256": hashlib.sha256(data).hexdigest()})
+        manifest_splits[split] = {"num_images": int(images.shape[0]), "shards": shards}
+        shas[split] = [sh["sha256"] for sh in shards]
+    manifest = {
+        "format": FORMAT, "version": FORMAT_VERSION, "name": name,
+        "image_shape": [int(s) for s in shape], "dtype": "uint8",
+        "content_hash": content_hash(tuple(int(s) for s in shape), shas),
+        "label_names": list(label_names) if label_names is not None else None,
+        "splits": manifest_splits,
+        "source": source or {},
+        "writer": {"pyarrow": pa.__version__},
+    }
+    uio.write_atomic(fs, mroot, (json.dumps(manifest, indent=1) + "\n").encode())
+    new_files = {sh["file"] for info in manifest_splits.values() for sh in info["shards"]}
+    for rel in sorted(old_files - new_files):
+        try:
+            fs.rm(uio.join(root, rel))
+        except FileNotFoundError:
+            pass
+    return open_dataset(uri)

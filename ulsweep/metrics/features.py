@@ -1,0 +1,66 @@
+"""The feature-extractor interface of Fréchet distances, its errors, and the checks every extractor makes.
+
+Every extractor takes uint8 images (N, C, H, W), C = 1 or 3, any H, W, does its own resize / channel
+conversion / normalisation, and returns float32 features (N, D). The kinds: `ulsweep.metrics.inception`
+(the FID Inception-v3) and `ulsweep.metrics.domain` (a small CNN ulsweep trains); `ulsweep.metrics.extractors`
+gathers them.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+# SHA-256 of pt_inception-2015-12-05-6726825d.pth (95,628,359 bytes), the TF-ported FID Inception weights
+# distributed by pytorch-fid (same bytes as torch-fidelity's weights-inception-2015-12-05-6726825d.pth).
+# Both packages pin only its first 8 hex digits, "6726825d", in the file name (torch.hub's check_hash
+# convention: `filename-<first 8+ hex digits of sha256>.ext`); the full digest below starts with them.
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class ExtractorError(ValueError):
+    """An extractor cannot be built or loaded; the message says what to do."""
+
+
+class MissingWeightsError(ExtractorError):
+    pass
+
+
+class WeightsHashError(ExtractorError):
+    pass
+
+
+class FeatureExtractor(nn.Module):
+    """uint8 images (N, C, H, W) -> float32 features (N, feature_dim).
+
+    `name` names the metrics (`inception` -> rfid/gfid, anything else X -> rfd_X/gfd_X);
+    `weights_sha256` identifies the weights (reference-statistics cache key).
+    """
+
+    name: str
+    feature_dim: int
+    weights_sha256: str
+
+    def forward(self, images_u8: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def is_standard_fid(self) -> bool:
+        return self.name == "inception" and self.weights_sha256 == INCEPTION_SHA256
+
+
+def check_name(name: str) -> None:
+    """Extractor names become metric-name suffixes (rfd_<name>): lower-case letters, digits, '_'."""
+    if not _NAME_RE.match(name):
+        raise ExtractorError(f"extractor name must match {_NAME_RE.pattern} (got {name!r})")
+
+
+def check_u8(images: Tensor) -> None:
+    """Raise unless `images` is what every extractor takes: uint8 (N, C, H, W) with C = 1 or 3."""
+    if not (torch.is_tensor(images) and images.dtype == torch.uint8 and images.dim() == 4
+            and images.shape[1] in (1, 3)):
+        got = (f"{images.dtype} {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__)
+        raise ValueError(f"feature extractors take uint8 images (N, C, H, W) with C in (1, 3); got {got}")
