@@ -10,7 +10,9 @@ import torch
 
 from ulsweep.config import DataConfig
 from ulsweep.data.builtin import resolve_dataset
-from ulsweep.data.parquet import DataError, open_dataset, to_model_range
+from ulsweep.data.manifest import DataError
+from ulsweep.data.model_range import to_model_range
+from ulsweep.data.reader import open_dataset
 
 
 class DeviceSplit:
