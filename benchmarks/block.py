@@ -48,7 +48,7 @@ COND = 1024
 
 
 def attention_head_major(self, x):
-    """Attention.forward as it was: q, k, v rearranged to (B, h, N, d) before the norms."""
+    """Attention.forward with q, k, v rearranged to (B, h, N, d) before the norms (a copy of each)."""
     q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
     o = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (B, h, N, d)
     return self.drop(self.proj(rearrange(o, "b h n d -> b n (h d)")))

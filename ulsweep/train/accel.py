@@ -1,11 +1,23 @@
 """Speed-ups that lean on torch internals, gathered in one place, each with a checked fallback.
 
-| feature | private API | probe | plain path when the probe fails |
-|---|---|---|---|
-| one-pass rows (`install_choices`) | `torch._inductor.choices.InductorChoices`, `V.set_choices_handler`, `config.inductor_choices_class` | the imports, `should_use_persistent_reduction(features, cooperative_reduction)`, `set_choices_handler`, `SizeVarAllocator.statically_known_leq`; at compile time, the kernel features it reads | Inductor's own heuristics |
-| CUDA-graph state (`cuda_graph_state_for_this_thread`) | `torch._inductor.cudagraph_trees.local`, `torch._C._stash_obj_in_tls` / `_is_key_in_tls` / `_get_obj_in_tls` | the module, its thread-local and the three TLS functions; after the set-up, that the stash holds this thread's state | compile mode "default" instead of "reduce-overhead" in that thread (`runtime.compile_mode`) |
-| clipping in fused AdamW (`clip_gradients`) | the optimizer's `grad_scale` attribute (GradScaler's) | one fused step of a 1-element AdamW of the optimizer's class per device type: a gradient of 4 with grad_scale 2 must step as a gradient of 2 | the gradients divided in place (`torch._foreach_div_`), as clip_grad_norm_ does |
-| DDP graph splitting (`set_ddp_graph_splitting`) | `torch._dynamo.config.optimize_ddp` | the setting exists and `torch._dynamo.utils.get_optimize_ddp_mode` reads the mode back | Dynamo's setting left as it is |
+Each feature, the private API it uses, its probe, and the plain path it falls back to:
+
+- One-pass rows (`install_choices`): Inductor's heuristics hook (`torch._inductor.choices.InductorChoices`,
+  `V.set_choices_handler`, `config.inductor_choices_class`). Probe: the imports, `set_choices_handler`,
+  `SizeVarAllocator.statically_known_leq`, `config.triton.persistent_reductions`, and
+  `InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)`; at compile time, that
+  the kernel features have what the heuristic reads. Plain path: Inductor's own heuristics.
+- CUDA-graph state for new threads (`cuda_graph_state_for_this_thread`): `torch._inductor.cudagraph_trees.local`
+  and `torch._C._stash_obj_in_tls` / `_is_key_in_tls` / `_get_obj_in_tls`. Probe: the module, its thread-local
+  and the three functions; after the set-up, that the TLS stash returns the state. Plain path: compile mode
+  "default" instead of "reduce-overhead" in a thread without that state (`runtime.compile_mode`).
+- Clipping in fused AdamW (`clip_gradients`): the optimizer's `grad_scale` attribute (GradScaler's). Probe, once
+  per optimizer class and device type: a fused step of a 1-element optimizer with gradient 4 and grad_scale 2
+  must equal one with gradient 2. Plain path: the gradients divided in place (`torch._foreach_div_`), the
+  arithmetic of clip_grad_norm_.
+- DDP graph splitting (`set_ddp_graph_splitting`): `torch._dynamo.config.optimize_ddp`. Probe: the setting
+  exists and `torch._dynamo.utils.get_optimize_ddp_mode` reads the mode back. Plain path: Dynamo's setting
+  left as it is.
 
 A failed probe falls back with one `AccelFallbackWarning` (a RuntimeWarning) per feature and process, saying
 what is missing and what runs instead; `fallbacks()` lists them. warnings rather than logging: a warning reaches
