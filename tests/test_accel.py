@@ -96,6 +96,7 @@ def test_install_sets_and_removes_the_handler(fresh_accel):
         assert config.inductor_choices_class is accel.choices_class(256)
     # Inductor pickles its config (which holds the class on newer torch) for its cache key
     assert pickle.loads(pickle.dumps(accel.choices_class(256))) is accel.choices_class(256)
+    assert pickle.loads(pickle.dumps(accel.choices_class())) is accel.choices_class(128)
     assert accel.choices_class(128)().uuid() != accel.choices_class(256)().uuid()
     assert not accel.install_choices(0)
     assert type(V.choices) is InductorChoices

@@ -124,10 +124,15 @@ def choices_problem() -> str | None:
     return None
 
 
-@functools.cache
 def choices_class(max_row: int = ONE_PASS_MAX_ROW) -> type:
     """ulsweep's `InductorChoices`: Inductor's heuristics but for one-pass rows of up to `max_row` elements.
-    One class per `max_row`: Inductor makes the instances itself (`config.inductor_choices_class`)."""
+    One class per `max_row` (Inductor makes the instances itself, `config.inductor_choices_class`), the same
+    class object however the row count is passed (pickle insists)."""
+    return _choices_class(int(max_row))
+
+
+@functools.cache
+def _choices_class(max_row: int) -> type:
     from torch._inductor import config
     from torch._inductor.choices import InductorChoices
     from torch._inductor.virtualized import V
