@@ -5,14 +5,14 @@ written another way: where the block's non-matmul time goes.
 
 Times the compiled `TransformerBlock` (bf16 autocast, fp32 weights, as in training) on the base model's two
 stages at batch 128: stage 1 (131,072 tokens x 512) and stage 2 (32,768 tokens x 1,024), dropout 0.1, with
-heads of `--head-dims` channels (default 128, the paper preset's since session 8: 4 and 8 heads), compiled
-with the library's Inductor heuristics (ulsweep/train/inductor.py), for these variants:
+heads of `--head-dims` channels (default 128, the paper preset's: 4 and 8 heads), compiled with the library's
+Inductor heuristics (`accel.install_choices`; `--one-pass-rows 0` for Inductor's own), for these variants:
   library      the block as ulsweep builds it,
-  head-major   QK-RMSNorm after rearranging q, k, v to (B, heads, N, d) (ulsweep before session 6; the library
-               normalizes (B, N, heads, d) views and hands SDPA their transposes),
+  head-major   QK-RMSNorm after rearranging q, k, v to (B, heads, N, d) (the library normalizes (B, N, heads, d)
+               views and hands SDPA their transposes),
   no-qk-norm   without QK-RMSNorm (what the norm costs),
   no-dropout   p = 0 (what dropout costs),
-  gelu-tanh    the tanh approximation of GELU (what the exact erf costs),
+  gelu-tanh    the tanh approximation of GELU (what the exact erf costs; the MLP's `approximate`),
   qk-v-split   q and k from one matmul into a buffer of their own, v from another (same weights): the QK norms
                read a contiguous buffer, which Inductor needs to keep a 128-channel norm in one pass,
   norm-all     the RMS of every head of q, k and v from the whole contiguous projection, v passed through
@@ -41,14 +41,14 @@ from timing import cuda_micro_args, run_env, time_calls, write_results  # noqa: 
 from train_step import profile_step  # noqa: E402
 
 from ulsweep.models import layers  # noqa: E402
-from ulsweep.train.inductor import install_choices  # noqa: E402
+from ulsweep.train.accel import ONE_PASS_MAX_ROW, install_choices  # noqa: E402
 
 SHAPES = {"base stage 1": (1024, 512), "base stage 2": (256, 1024)}  # tokens, width
 COND = 1024
 
 
 def attention_head_major(self, x):
-    """Attention.forward as it was: q, k, v rearranged to (B, h, N, d) before the norms."""
+    """Attention.forward with q, k, v rearranged to (B, h, N, d) before the norms (a copy of each)."""
     q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
     o = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # (B, h, N, d)
     return self.drop(self.proj(rearrange(o, "b h n d -> b n (h d)")))
@@ -84,7 +84,7 @@ def attention_norm_all(self, x):
 
 @contextlib.contextmanager
 def variant(name: str, block: layers.TransformerBlock):
-    saved = (layers.Attention.forward, layers.GELU_APPROXIMATE, torch._inductor.config.triton.multi_kernel)
+    saved = (layers.Attention.forward, block.mlp.approximate, torch._inductor.config.triton.multi_kernel)
     norms = (block.attn.q_norm, block.attn.k_norm)
     drops = [m for m in block.modules() if isinstance(m, torch.nn.Dropout)]
     rates = [m.p for m in drops]
@@ -97,7 +97,7 @@ def variant(name: str, block: layers.TransformerBlock):
             for m in drops:
                 m.p = 0.0
         elif name == "gelu-tanh":
-            layers.GELU_APPROXIMATE = "tanh"
+            block.mlp.approximate = "tanh"
         elif name == "qk-v-split":
             layers.Attention.forward = attention_qk_v_split
         elif name == "norm-all":
@@ -106,7 +106,7 @@ def variant(name: str, block: layers.TransformerBlock):
             torch._inductor.config.triton.multi_kernel = 1
         yield
     finally:
-        layers.Attention.forward, layers.GELU_APPROXIMATE, torch._inductor.config.triton.multi_kernel = saved
+        layers.Attention.forward, block.mlp.approximate, torch._inductor.config.triton.multi_kernel = saved
         block.attn.q_norm, block.attn.k_norm = norms
         for m, p in zip(drops, rates):
             m.p = p
@@ -116,8 +116,8 @@ VARIANTS = ("library", "head-major", "no-qk-norm", "no-dropout", "gelu-tanh", "q
             "multi-kernel")
 
 
-def bench(shape, name: str, head_dim: int, batch: int, warmup: int, iters: int,
-          kernels: int = 0) -> tuple[float, float, list]:
+def bench(shape, name: str, head_dim: int, batch: int, warmup: int, iters: int, kernels: int = 0,
+          one_pass_max_row: int = ONE_PASS_MAX_ROW) -> tuple[float, float, list]:
     n, d = shape
     h = d // head_dim
     dev = torch.device("cuda")
@@ -128,7 +128,7 @@ def bench(shape, name: str, head_dim: int, batch: int, warmup: int, iters: int,
     g = torch.randn_like(x)
     with variant(name, block):
         torch._dynamo.reset()
-        install_choices()  # as the library's compile_module does
+        install_choices(one_pass_max_row)  # as the library's compile_module does
         f = torch.compile(block)
         with FlopCounterMode(display=False) as fc, torch.autocast("cuda", torch.bfloat16):
             block(x[:2], c[:2])
@@ -153,6 +153,9 @@ def main(argv=None) -> int:
         ap.add_argument("--head-dims", type=int, nargs="+", default=[128])
         ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
         ap.add_argument("--kernels", type=int, default=0, help="list each row's largest GPU kernels")
+        ap.add_argument("--one-pass-rows", type=int, default=ONE_PASS_MAX_ROW,
+                        help="rows of up to this many elements reduced in one pass (0: Inductor's own rule; "
+                             f"default: the library's, {ONE_PASS_MAX_ROW})")
 
     a = cuda_micro_args(__doc__, 20, argv, extra)
     rows = []
@@ -160,10 +163,11 @@ def main(argv=None) -> int:
     for (shape_name, shape), hd in itertools.product(SHAPES.items(), a.head_dims):
         ref = None  # +ms: against the first variant at this shape and head size
         for name in a.variants:
-            t, flop, top = bench(shape, name, hd, a.batch, a.warmup, a.iters, a.kernels)
+            t, flop, top = bench(shape, name, hd, a.batch, a.warmup, a.iters, a.kernels, a.one_pass_rows)
             ref = t if ref is None else ref
             rows.append({"shape": shape_name, "tokens": shape[0], "width": shape[1], "heads": shape[1] // hd,
-                         "head_dim": hd, "batch": a.batch, "variant": name, "ms": 1e3 * t,
+                         "head_dim": hd, "batch": a.batch, "variant": name, "one_pass_rows": a.one_pass_rows,
+                         "ms": 1e3 * t,
                          "delta_ms": 1e3 * (t - ref), "tflops": flop / t / 1e12, "kernels": top})
             print(f"{shape_name:14} {shape[1] // hd:>3} x {hd:<3} {name:>12} {1e3 * t:8.3f} {1e3 * (t - ref):8.3f} "
                   f"{flop / t / 1e12:8.0f}", flush=True)

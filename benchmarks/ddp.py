@@ -24,7 +24,18 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 from timing import write_results  # noqa: E402
 from train_step import MODES, STAGES, add_model_args  # noqa: E402
 
-from ulsweep.train.common import DDP_COMPILE  # noqa: E402
+from ulsweep.train.accel import OPTIMIZE_DDP  # noqa: E402
+
+
+def build_step(a: argparse.Namespace, exp, stage: str):
+    """(step, forward GFLOP per image, runtime, batch per GPU) of `stage` as the library builds it, its
+    compiled step meeting DDP's gradient buckets per `a.optimize_ddp` (Dynamo's optimize_ddp)."""
+    from train_step import STAGES
+
+    batch = a.batch if stage == "ae" else a.base_batch
+    step, fwd, rt = STAGES[stage](exp, batch, a.mode, a.channels, a.channels_last, a.dropout,
+                                  optimize_ddp=a.optimize_ddp)
+    return step, fwd, rt, batch
 
 
 def worker(cfg: dict) -> None:
@@ -34,18 +45,14 @@ def worker(cfg: dict) -> None:
 
     sys.path.insert(0, HERE)
     from timing import time_calls
-    from train_step import STAGES, bench_experiment
-
-    from ulsweep.train import common
+    from train_step import bench_experiment
 
     a = argparse.Namespace(**cfg["args"])
-    common.DDP_COMPILE = a.optimize_ddp  # how the library's compiled step meets DDP's gradient buckets
     exp = bench_experiment(a)
     gpu = torch.cuda.is_available()
     out = []
     for stage in a.stages:
-        batch = a.batch if stage == "ae" else a.base_batch
-        step, fwd, rt = STAGES[stage](exp, batch, a.mode, a.channels, a.channels_last, a.dropout)
+        step, fwd, rt, batch = build_step(a, exp, stage)
         times = time_calls(step, rt.device, a.warmup, a.iters)
         t = torch.tensor([statistics.median(times)], device=rt.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
@@ -84,10 +91,11 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="default", choices=list(MODES))
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--optimize-ddp", nargs="+", default=[DDP_COMPILE], choices=["ddp_optimizer", "no_optimization"],
-                   help="torch._dynamo.config.optimize_ddp of compiled modes, one fit per setting on > 1 GPU: one "
-                        "graph and all-reduce after the backward, or the graph split at DDP's buckets so that "
-                        f"all-reduce overlaps the backward (default: the library's, {DDP_COMPILE})")
+    p.add_argument("--optimize-ddp", nargs="+", default=[OPTIMIZE_DDP], choices=["ddp_optimizer", "no_optimization"],
+                   help="compile_module's optimize_ddp (torch._dynamo.config.optimize_ddp) of compiled modes, one fit "
+                        "per setting on > 1 GPU: one graph and all-reduce after the backward, or the graph split at "
+                        "DDP's buckets so that all-reduce overlaps the backward (default: the library's, "
+                        f"{OPTIMIZE_DDP})")
     p.add_argument("--cpu", action="store_true", help="gloo workers on CPU (a smoke test of the script)")
     a = p.parse_args(argv)
     import ray

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import inspect
 import itertools
 import os
 import statistics
@@ -33,7 +34,7 @@ from timing import run_env, sync, time_calls, write_results  # noqa: E402  (benc
 
 import ulsweep.models.dropout as dropout_mod  # noqa: E402
 import ulsweep.models.layers as layers  # noqa: E402
-import ulsweep.train.inductor as inductor_choices  # noqa: E402
+from ulsweep.train import accel  # noqa: E402
 from ulsweep.config import experiment_from_dict  # noqa: E402
 from ulsweep.diffusion import diffuse, low_discrepancy_times, prior_loss, x_from_v  # noqa: E402
 from ulsweep.metrics.flops import gflops_per_image, model_gflops  # noqa: E402
@@ -63,20 +64,35 @@ def set_dropout(module: torch.nn.Module, p: float | None) -> torch.nn.Module:
     return module
 
 
-def step_stage1(exp, batch: int, mode: str, channels: int, channels_last: str = "none", dropout=None):
+def set_gelu(module: torch.nn.Module, approximate: str | None) -> torch.nn.Module:
+    """Every transformer MLP of `module` with GELU's `approximate` form (None: the library's)."""
+    if approximate is not None:
+        for m in module.modules():
+            if isinstance(m, layers.Mlp):
+                m.approximate = approximate
+    return module
+
+
+# The library's GELU form (the default of the MLPs' constructor): what a row without --gelu runs.
+LIBRARY_GELU = inspect.signature(layers.Mlp).parameters["approximate"].default
+
+
+def step_stage1(exp, batch: int, mode: str, channels: int, channels_last: str = "none", dropout=None, *,
+                gelu=None, **compile_kw):
     """One stage-1 optimizer step as a closure, and the forward GFLOP per image it trains. `channels_last`:
     "weights" puts the autoencoder's weights in that memory format, "all" the input images too (the trials
-    do neither)."""
+    do neither). `gelu`: GELU's form in the transformer MLPs (None: the library's); `compile_kw`: settings of
+    `compile_module` (`one_pass_max_row`, `optimize_ddp`), the library's where left out."""
     rt = make_runtime(exp.ae.train)
     s = exp.data.image_size
-    ae = set_dropout(build_autoencoder(exp.ae, channels).to(rt.device), dropout)
+    ae = set_gelu(set_dropout(build_autoencoder(exp.ae, channels).to(rt.device), dropout), gelu)
     cl = rt.device.type == "cuda" and channels_last in ("weights", "all")
     if cl:
         ae = ae.to(memory_format=torch.channels_last)
     ts = TrainState(ae, exp.ae.optim, rt, seed=0)
     # the trials' module: losses and networks compiled together, DDP only under torch.distributed
     objective = AEObjective(ae, exp.ae.loss, (channels, s, s), latent_shape(exp))
-    model = compile_module(wrap_ddp(objective, rt), MODES[mode], rt)
+    model = compile_module(wrap_ddp(objective, rt), MODES[mode], rt, **compile_kw)
     x = torch.rand(batch, channels, s, s, device=rt.device) * 2 - 1
     if cl and channels_last == "all":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -91,11 +107,11 @@ def step_stage1(exp, batch: int, mode: str, channels: int, channels_last: str = 
     return step, g["encoder"] + g.get("prior", 0.0) + g["decoder"], rt
 
 
-def _latent_step(net, objective, oc, exp, batch: int, mode: str, rt):
+def _latent_step(net, objective, oc, exp, batch: int, mode: str, rt, compile_kw: dict):
     """One optimizer step of a latent model: `objective(z, {"t", "eps"})` -> {"total": per-example nats},
     compiled whole."""
     ts = TrainState(net, oc, rt, seed=0)
-    model = compile_module(wrap_ddp(objective, rt), MODES[mode], rt)
+    model = compile_module(wrap_ddp(objective, rt), MODES[mode], rt, **compile_kw)
     z = torch.randn(batch, *latent_shape(exp), device=rt.device)
 
     def step():
@@ -121,22 +137,24 @@ class PriorObjective(torch.nn.Module):
         return {"total": prior_loss(z, x_from_v(z_t, v, lam), lam, dlam, self.sched.logsnr_1)}
 
 
-def step_prior(exp, batch: int, mode: str, channels: int, channels_last: str = "none", dropout=None):
+def step_prior(exp, batch: int, mode: str, channels: int, channels_last: str = "none", dropout=None, *,
+               gelu=None, **compile_kw):
     """The prior ViT trained alone: the stage-1 part the paper's §5 MFU numbers single out."""
     rt = make_runtime(exp.ae.train)
-    prior = build_autoencoder(exp.ae, channels).prior.to(rt.device)
+    prior = set_gelu(build_autoencoder(exp.ae, channels).prior.to(rt.device), gelu)
     step = _latent_step(prior, PriorObjective(prior, prior_schedule(exp.ae.loss)), exp.ae.optim, exp, batch, mode,
-                        rt)
+                        rt, compile_kw)
     return step, model_gflops(exp, channels)["prior"], rt
 
 
-def step_stage2(exp, batch: int, mode: str, channels: int, channels_last: str = "none", dropout=None):
+def step_stage2(exp, batch: int, mode: str, channels: int, channels_last: str = "none", dropout=None, *,
+                gelu=None, **compile_kw):
     rt = make_runtime(exp.ae.train)
     shape = latent_shape(exp)
     bc = exp.base_models[0]
-    net = set_dropout(build_base_model(bc, shape[0]).to(rt.device), dropout)
+    net = set_gelu(set_dropout(build_base_model(bc, shape[0]).to(rt.device), dropout), gelu)
     objective = BaseObjective(net, base_schedule(exp.ae.loss, bc), bc.loss.sigmoid_bias, shape)  # stage-2 loss
-    step = _latent_step(net, objective, bc.optim, exp, batch, mode, rt)
+    step = _latent_step(net, objective, bc.optim, exp, batch, mode, rt, compile_kw)
     fwd = gflops_per_image(build_base_model(bc, shape[0]), torch.zeros(2, *shape), torch.zeros(2))
     return step, fwd, rt
 
@@ -262,15 +280,16 @@ def main(argv=None) -> int:
     p.add_argument("--dropout-kernel", nargs="+", default=["triton"], choices=["triton", "torch"],
                    help="compiled dropout's mask: ulsweep's Triton kernel (the library's default) or Inductor's "
                         "own; several are measured side by side")
-    p.add_argument("--gelu", nargs="+", default=[layers.GELU_APPROXIMATE], choices=["none", "tanh"],
+    p.add_argument("--gelu", nargs="+", default=[LIBRARY_GELU], choices=["none", "tanh"],
                    help="the transformer MLPs' GELU: exact (none) or its tanh approximation; several are measured "
                         "side by side (default: the library's)")
     p.add_argument("--head-dim", nargs="+", type=int, default=[None],
                    help="channels a head in every transformer (heads = width / head dim); several are measured "
                         "side by side (default: the presets' heads)")
     p.add_argument("--one-pass-rows", nargs="+", type=int, default=[None],
-                   help="ulsweep.train.inductor.ONE_PASS_MAX_ROW (0: Inductor's own rule); several are measured "
-                        "side by side, with Inductor's compiled-graph caches off (default: the library's)")
+                   help="compile_module's one_pass_max_row: rows of up to this many elements reduced in one pass "
+                        "(0: Inductor's own rule); several are measured side by side, with Inductor's "
+                        f"compiled-graph caches off (default: the library's, {accel.ONE_PASS_MAX_ROW})")
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                    help="torch._inductor.config settings for every compiled row, e.g. coordinate_descent_tuning=True")
     a = p.parse_args(argv)
@@ -293,23 +312,23 @@ def main(argv=None) -> int:
             torch._functorch.config.enable_autograd_cache = False
     exp = bench_experiment(a)
     env = run_env(a)
-    rows, use_triton, gelu_default = [], dropout_mod.USE_TRITON, layers.GELU_APPROXIMATE
-    one_pass_default = inductor_choices.ONE_PASS_MAX_ROW
+    rows, use_triton = [], dropout_mod.USE_TRITON
     print(f"{'stage':6} {'batch':>5} {'mode':>15} {'dropout':>7} {'gelu':>4} {'hd':>4} {'1pass':>5} {'step ms':>9} "
           f"{'img/s':>10} {'GFLOP/img':>10} {'MFU':>7} {'mem GiB':>8} {'GPU busy':>8}", flush=True)
     for stage in a.stages:
         for batch in (a.batch if stage == "ae" else (a.base_batch or a.batch)):
             for mode, kernel, gelu, hd, rows1 in itertools.product(a.modes, a.dropout_kernel, a.gelu, a.head_dim,
                                                                    a.one_pass_rows):
-                dropout_mod.USE_TRITON, layers.GELU_APPROXIMATE = kernel == "triton", gelu
-                inductor_choices.ONE_PASS_MAX_ROW = one_pass_default if rows1 is None else rows1
-                one_pass = inductor_choices.ONE_PASS_MAX_ROW
+                dropout_mod.USE_TRITON = kernel == "triton"
+                one_pass = accel.ONE_PASS_MAX_ROW if rows1 is None else rows1
+                settings = {"gelu": gelu, "one_pass_max_row": one_pass}
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 try:
                     with head_dim(exp, hd):
-                        step, fwd, rt = STAGES[stage](exp, batch, mode, a.channels, a.channels_last, a.dropout)
+                        step, fwd, rt = STAGES[stage](exp, batch, mode, a.channels, a.channels_last, a.dropout,
+                                                      **settings)
                     times = time_calls(step, rt.device, a.warmup, a.iters)
                     prof = profile_step(step, rt.device) if a.profile and rt.device.type == "cuda" else None
                 except torch.OutOfMemoryError:
@@ -342,9 +361,7 @@ def main(argv=None) -> int:
                     for o in prof["top_aten_ops_ms"][:6]:
                         print(f"        {o['ms_per_step']:7.2f} ms/step  {o['calls_per_step']:5.1f}x  {o['op']} "
                               f"{o['shapes'][:90]}", flush=True)
-    # the library's settings again for whatever runs next in this process
-    dropout_mod.USE_TRITON, layers.GELU_APPROXIMATE = use_triton, gelu_default
-    inductor_choices.ONE_PASS_MAX_ROW = one_pass_default
+    dropout_mod.USE_TRITON = use_triton  # the library's mask kernel again for whatever runs next in this process
     return 0
 
 

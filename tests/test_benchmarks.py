@@ -30,10 +30,22 @@ def test_train_step_writes_rows_whose_mfu_follows_from_its_own_numbers(tmp_path)
         assert r["mfu"] == pytest.approx(3 * r["fwd_gflop_per_image"] * 1e9 * r["images_per_s"] / 1e12)
 
 
-def test_train_step_gelu_rows_run_the_gelu_they_name_and_restore_the_library_setting(tmp_path, monkeypatch):
+def _record_compiles(monkeypatch) -> list[tuple[torch.nn.Module, dict]]:
+    """benchmarks' compile_module replaced by one that records (module, settings) and compiles nothing."""
+    calls = []
+
+    def recording(module, setting, rt, **kw):
+        calls.append((module, kw))
+        return module
+
+    monkeypatch.setattr(train_step, "compile_module", recording)
+    return calls
+
+
+def test_train_step_gelu_rows_build_and_run_the_gelu_they_name(tmp_path, monkeypatch):
     import torch.nn.functional as F
 
-    import ulsweep.models.layers as layers
+    from ulsweep.models.layers import Mlp
     seen, gelu = [], F.gelu
 
     def recording_gelu(x, approximate="none"):
@@ -41,14 +53,55 @@ def test_train_step_gelu_rows_run_the_gelu_they_name_and_restore_the_library_set
         return gelu(x, approximate=approximate)
 
     monkeypatch.setattr(F, "gelu", recording_gelu)
+    built = _record_compiles(monkeypatch)
     out = tmp_path / "g.json"
     assert train_step.main(["--preset", "tiny", "--image-size", "16", "--stages", "base", "--batch", "4",
                             "--modes", "eager", "--warmup", "1", "--iters", "1", "--gelu", "tanh", "none",
                             "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["gelu"] for r in rows] == ["tanh", "none"]
-    assert set(seen) == {"tanh", "none"} and seen[0] == "tanh" and seen[-1] == "none"
-    assert layers.GELU_APPROXIMATE == "none"  # the library's exact GELU again
+    assert [{m.approximate for m in module.modules() if isinstance(m, Mlp)} for module, _ in built] == \
+        [{"tanh"}, {"none"}]
+    assert set(seen) == {"tanh", "none"}
+    # without --gelu a row runs the library's form: the MLP's own default, the exact GELU
+    assert train_step.LIBRARY_GELU == Mlp(4, 8).approximate == "none"
+
+
+def test_train_step_one_pass_rows_compile_with_the_rows_they_name(tmp_path, monkeypatch):
+    import torch
+    import torch._inductor.config as inductor
+
+    from ulsweep.train import accel
+    # rows given on the command line switch Inductor's graph caches off for the process: back afterwards
+    monkeypatch.setattr(inductor, "fx_graph_cache", inductor.fx_graph_cache)
+    if hasattr(torch._functorch.config, "enable_autograd_cache"):
+        monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache",
+                            torch._functorch.config.enable_autograd_cache)
+    built = _record_compiles(monkeypatch)
+    args = ["--preset", "tiny", "--image-size", "16", "--stages", "base", "--batch", "2", "--modes", "default",
+            "--warmup", "0", "--iters", "1"]
+    out = tmp_path / "o.json"
+    assert train_step.main(args + ["--one-pass-rows", "64", "0", "--out", str(out)]) == 0
+    assert [r["one_pass_rows"] for r in json.loads(out.read_text())["rows"]] == [64, 0]
+    assert train_step.main(args + ["--out", str(out)]) == 0  # default: the library's
+    assert json.loads(out.read_text())["rows"][0]["one_pass_rows"] == accel.ONE_PASS_MAX_ROW
+    assert [kw["one_pass_max_row"] for _, kw in built] == [64, 0, accel.ONE_PASS_MAX_ROW]
+
+
+def test_ddp_rows_compile_with_the_optimize_ddp_they_name(monkeypatch):
+    import argparse
+
+    import ddp  # benchmarks/ddp.py
+
+    from ulsweep.train import accel
+    built = _record_compiles(monkeypatch)
+    a = argparse.Namespace(preset="tiny", base_preset=None, image_size=16, downsample=4, latent_channels=8,
+                           channels=1, channels_last="none", dropout=None, batch=2, base_batch=2, mode="default")
+    exp = train_step.bench_experiment(a)
+    for mode in ("ddp_optimizer", accel.OPTIMIZE_DDP):
+        _, _, _, batch = ddp.build_step(argparse.Namespace(**vars(a), optimize_ddp=mode), exp, "base")
+        assert batch == 2
+    assert [kw["optimize_ddp"] for _, kw in built] == ["ddp_optimizer", "no_optimization"]
 
 
 def test_train_step_head_dim_rows_build_heads_of_that_size_and_restore_the_presets(tmp_path, monkeypatch):
@@ -160,6 +213,7 @@ def test_block_variants_switch_parts_off_or_rewrite_them_and_restore_the_block()
             assert diff < 1e-6, name
         elif name == "gelu-tanh":  # GELU's tanh form differs from the exact one by < 1e-3
             assert 0 < diff < 1e-3
+            assert blk.mlp.approximate == "none"  # the block's own MLP again
         else:
             assert diff > 1e-3, name
         torch.testing.assert_close(blk(x, c), want)  # restored

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 8 on the device. `perf.sh single`: small-preset step (eager vs CUDA graphs) and packing on GPU 0,
+# Training-step benchmarks on the lent GPU machines (what each run found: benchmarks/README.md; the calls
+# made: benchmarks/device/README.md). `perf.sh single`: small-preset step (eager vs CUDA graphs) and packing on GPU 0,
 # paper-preset steps (prior, base, full stage 1; eager vs compile; profiler breakdown) on the last GPU, in
 # parallel when there are two. `perf.sh layout`: full stage 1 with the trials' weight layout vs channels_last.
 # `perf.sh tune`: the base model with max-autotune and a larger batch beside `layout` (2 GPUs, ~9 min);
@@ -16,11 +17,11 @@
 # base model at batch 256 compiled with and without CUDA graphs, every kernel in the JSON.
 # `perf.sh final` (1 GPU, ~9 min): the base model at batch 256 with and without CUDA graphs, full stage 1.
 # `perf.sh heads [block|rows|ae]` (1 GPU): heads of 64 vs 128 channels (SDPA, base model, prior; one block with
-# the QK norm rewritten; the one-pass heuristic of ulsweep/train/inductor.py; full stage 1). `perf.sh s8`: the
-# base model and stage 1 as the library builds them since session 8.
+# the QK norm rewritten; the one-pass heuristic of ulsweep/train/accel.py; full stage 1). `perf.sh s8`: the
+# one-pass GPU test, the base model and stage 1 as the library builds them (heads of 128, one-pass rows).
 # `perf.sh ddp [stage ...]`: stage-1 / stage-2 on 1 vs 2 GPUs through Ray Train; `perf.sh ddp-base`: the
 # compiled base model's scaling with and without Dynamo's DDP graph splitting. `perf.sh gputests` (carry
-# .gpu/b): the train tests that only run on CUDA.
+# .gpu/b): the train and accel tests that only run on CUDA.
 set -uo pipefail
 case "${1:-single}" in  # train_step.py alone needs no Ray: `tune` and `layout` run in the call that installs it
   tune|layout|next|dropout|base|autotune|block|final|gputests|heads|s8) export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 ;;
@@ -67,8 +68,8 @@ tune)  # GPU 0: base model, compile default vs max-autotune at batch 128, defaul
   wait
   for f in base base_mat ae ae_cl; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | tail -12; done
   ;;
-next)  # session 4's open experiments (2 GPUs, ~5 min): stage 1 with channels_last activations end to end on
-       # GPU 0; the base model at batch 256 on the last GPU (H200: ~95 GiB)
+next)  # 2 GPUs, ~5 min: stage 1 with channels_last activations end to end on GPU 0; the base model at batch
+       # 256 on the last GPU (H200: ~95 GiB)
   (CUDA_VISIBLE_DEVICES=$last timeout 300 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 \
      --modes default --profile --out "$OUT/base256.json" > "$OUT/base256.log" 2>&1) &
   CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/train_step.py $paper --stages ae --batch 16 --modes default \
@@ -99,7 +100,7 @@ base)
   ;;
 autotune)  # two back-to-back calls on one warm machine: `perf.sh autotune`, then `perf.sh autotune again`
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache TRITON_CACHE_DIR=/tmp/triton-cache
-  # GEMM autotuning with epilogue/prologue fusion only (no pointwise autotuning: no gain in session 5);
+  # GEMM autotuning with epilogue/prologue fusion only (pointwise autotuning gained nothing: benchmarks/README.md);
   # Hopper's persistent TMA matmul templates where this torch has them
   tma=$(python3 -c "import torch._inductor.config as c; print('triton.enable_persistent_tma_matmul=True' \
         if hasattr(c.triton, 'enable_persistent_tma_matmul') else '')")
@@ -148,13 +149,13 @@ final)  # the issue's rows on the final code: base model at batch 256 with and w
   for f in base256 ae; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -8; done
   ;;
 heads)  # `perf.sh heads` (1 GPU, ~9 min): SDPA at head sizes 64 and 128 on the latent models' shapes; the base
-  # model at batch 256 and the prior at 128 with heads of 64 (the presets until session 8) and 128 side by side.
+  # model at batch 256 and the prior at 128 with heads of 64 and 128 side by side.
   # `perf.sh heads ae`: full stage 1 (prior and decoder transformer) with either head size; `perf.sh heads
   # block`: one base-model block with the QK norms written three other ways, at either head size.
-  if [ "${2:-}" = rows ]; then  # `perf.sh heads rows` (carry .gpu/b): one-pass short rows (ulsweep/train/inductor.py)
+  if [ "${2:-}" = rows ]; then  # `perf.sh heads rows` (carry .gpu/b): one-pass short rows (ulsweep/train/accel.py)
     python3 -c "import inspect, torch._inductor.choices as c; \
       print(inspect.signature(c.InductorChoices.should_use_persistent_reduction))"
-    device_pytest 90 tests/test_inductor_choices.py -x 2>&1 | tail -3
+    device_pytest 90 tests/test_accel.py -k "one_pass or choices" -x 2>&1 | tail -3
     timeout 400 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default \
        --head-dim 128 64 --one-pass-rows 128 0 --profile --out "$OUT/base_rows.json" > "$OUT/base_rows.log" 2>&1
     timeout 100 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default \
@@ -177,10 +178,10 @@ heads)  # `perf.sh heads` (1 GPU, ~9 min): SDPA at head sizes 64 and 128 on the 
     for f in base_heads prior_heads; do grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -6; done
   fi
   ;;
-s8)  # session 8's last call (carry .gpu/b): the one-pass GPU test, the base model at batch 256 as the library
-    # now builds it (heads of 128, one-pass short rows; fresh Inductor cache), full stage 1 with the new heuristic
+s8)  # (carry .gpu/b) the one-pass GPU test, the base model at batch 256 as the library builds it (heads of 128,
+    # one-pass short rows; fresh Inductor cache), full stage 1
   export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-s8
-  device_pytest 60 tests/test_inductor_choices.py 2>&1 | tail -2
+  device_pytest 60 tests/test_accel.py -k "one_pass or choices" 2>&1 | tail -2
   timeout 150 python3 benchmarks/train_step.py $paper --stages base --base-batch 256 --modes default --profile \
      --out "$OUT/base256.json" > "$OUT/base256.log" 2>&1
   timeout 200 python3 benchmarks/train_step.py $paper --stages ae --batch 16 --modes default --warmup 3 --iters 10 \
@@ -188,7 +189,7 @@ s8)  # session 8's last call (carry .gpu/b): the one-pass GPU test, the base mod
   for f in base256 ae; do echo "== $f"; grep -vE "^\s*$|[Ww]arn" "$OUT/$f.log" | grep -v "ms/step" | tail -3; done
   ;;
 gputests)  # the tests that only run on CUDA (carry .gpu/b)
-  device_pytest 150 tests/test_train.py tests/test_inductor_choices.py -k "clip or cuda_graph or gpu" \
+  device_pytest 150 tests/test_train.py tests/test_accel.py -k "clip or cuda_graph or gpu" \
      > "$OUT/pytest.log" 2>&1; tail -3 "$OUT/pytest.log"
   ;;
 ddp)  # `perf.sh ddp [stage ...]`, stages ae and base by default (~9 min on 2 x H200 for both)
@@ -197,7 +198,7 @@ ddp)  # `perf.sh ddp [stage ...]`, stages ae and base by default (~9 min on 2 x 
      --mode default --out "$OUT/ddp.json" > "$OUT/ddp.log" 2>&1
   grep -vE "^\(|^\s*$" "$OUT/ddp.log" | tail -12
   ;;
-ddp-base)  # the compiled base model's DDP scaling (66% in session 3) with both optimize_ddp settings, side by side
+ddp-base)  # the compiled base model's DDP scaling with both optimize_ddp settings (ddp.py --optimize-ddp), side by side
   python3 benchmarks/ddp.py $paper --workers 1 2 --stages base --base-batch 64 --mode default \
      --optimize-ddp no_optimization ddp_optimizer --out "$OUT/ddp-base.json" > "$OUT/ddp-base.log" 2>&1
   grep -vE "^\(|^\s*$" "$OUT/ddp-base.log" | tail -5

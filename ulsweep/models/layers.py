@@ -130,19 +130,21 @@ class Attention(nn.Module):
         return self.drop(self.proj(o.transpose(1, 2).flatten(2)))
 
 
-# The transformer MLPs' GELU: "none" is the exact x * Phi(x) with erf, "tanh" its tanh approximation (DiT's
-# blocks), within 5e-4 of it. Read at call time: `benchmarks/train_step.py --gelu none tanh` prices the two.
-GELU_APPROXIMATE = "none"
-
-
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout. `approximate` is GELU's form: "none" the exact x * Phi(x)
+    with erf, "tanh" its tanh approximation (DiT's blocks), within 5e-4 of it; the library's blocks use the
+    exact one (`benchmarks/train_step.py --gelu none tanh` prices the two)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, approximate: str = "none"):
         super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GELU approximate must be 'none' or 'tanh', got {approximate!r}")
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.drop = Dropout(dropout)
+        self.approximate = approximate
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x), approximate=GELU_APPROXIMATE))))
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x), approximate=self.approximate))))
 
 
 class TransformerBlock(nn.Module):

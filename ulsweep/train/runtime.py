@@ -81,15 +81,21 @@ def wrap_ddp(module: nn.Module, rt: Runtime) -> nn.Module:
     return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
-def compile_module(module: nn.Module, setting: bool | str, rt: Runtime) -> nn.Module:
-    """torch.compile per `train.compile` (False: the module itself), in the mode `compile_mode` picks; under
-    DDP (more than one worker) with accel's way of meeting DDP's gradient buckets."""
+def compile_module(module: nn.Module, setting: bool | str, rt: Runtime, *,
+                   one_pass_max_row: int = accel.ONE_PASS_MAX_ROW,
+                   optimize_ddp: str = accel.OPTIMIZE_DDP) -> nn.Module:
+    """torch.compile per `train.compile` (False: the module itself), in the mode `compile_mode` picks, with
+    Inductor reducing rows of up to `one_pass_max_row` elements in one pass (0: Inductor's own rule;
+    `accel.install_choices`); under DDP (more than one worker) with Dynamo's `optimize_ddp` set to how the
+    compiled step meets DDP's gradient buckets (`accel.set_ddp_graph_splitting`). The defaults are the
+    library's; the benchmarks pass others. Either falls back to torch's own behaviour, with one warning,
+    where this torch lacks what it needs."""
     mode = compile_mode(setting, rt)
     if mode is None:
         return module
     if rt.world > 1:
-        accel.set_ddp_graph_splitting()
-    accel.install_choices()  # one-pass kernels for short rows
+        accel.set_ddp_graph_splitting(optimize_ddp)
+    accel.install_choices(one_pass_max_row)
     return torch.compile(module, mode=mode)
 
 
@@ -103,7 +109,9 @@ def compile_mode(setting: bool | str, rt: Runtime) -> str | None:
     default mode on CPU and under DDP (which splits the graph at its buckets), and in every thread of a
     process but the first that asked for it: with torch 2.11 on an H200, a second thread's training fails in
     CUDA-graph capture ("operation failed due to a previous error during capture") after the first thread's
-    run succeeded. The sweep driver therefore gives each trial its own process when trials use CUDA graphs."""
+    run succeeded. The sweep driver therefore gives each trial its own process when trials use CUDA graphs.
+    The owner thread too gets the default mode where it lacks torch.compile's CUDA-graph state and this torch
+    cannot set it up (`accel.cuda_graph_state_for_this_thread`, one warning)."""
     global _cuda_graph_owner
     if setting is False:
         return None
@@ -119,6 +127,6 @@ def compile_mode(setting: bool | str, rt: Runtime) -> str | None:
             print(f"note: train.compile=reduce-overhead -> default in thread {me.name!r}: this process already "
                   f"uses CUDA graphs in thread {_cuda_graph_owner.name!r}", file=sys.stderr, flush=True)
             return "default"
-        accel.cuda_graph_state_for_this_thread()
+        if not accel.cuda_graph_state_for_this_thread():  # this torch cannot set the thread up (one warning)
+            return "default"
     return mode
-
