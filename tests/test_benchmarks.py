@@ -30,7 +30,7 @@ def test_train_step_writes_rows_whose_mfu_follows_from_its_own_numbers(tmp_path)
         assert r["mfu"] == pytest.approx(3 * r["fwd_gflop_per_image"] * 1e9 * r["images_per_s"] / 1e12)
 
 
-def _record_compiles(monkeypatch) -> list[tuple[torch.nn.Module, dict]]:
+def _record_compiles(monkeypatch) -> list[tuple]:
     """benchmarks' compile_module replaced by one that records (module, settings) and compiles nothing."""
     calls = []
 
