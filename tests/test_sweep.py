@@ -174,7 +174,8 @@ def test_trial_resources_names_and_checkpoint_objects(tmp_path):
     from ray.train import Checkpoint
 
     from ulsweep.config import ResourcesConfig
-    from ulsweep.sweep.trial import _checkpoint_obj, trial_dirname, trial_resources
+    from ulsweep.sweep.trial import trial_label, trial_resources
+    from ulsweep.sweep.worker import _checkpoint_obj
 
     assert trial_resources(ResourcesConfig(num_workers=2, cpus_per_worker=0.99)) == {"cpu": 0.01}
     assert trial_resources(ResourcesConfig(num_workers=0, cpus_per_worker=2, gpus_per_worker=0.25)) == \
@@ -184,7 +185,7 @@ def test_trial_resources_names_and_checkpoint_objects(tmp_path):
         trial_id = "abc123"
         config = {"key": "ae-0003-tiny"}
 
-    assert trial_dirname(T()) == "ae-0003-tiny_abc123"  # stable across restore: no timestamp
+    assert trial_label(T()) == "ae-0003-tiny_abc123"  # stable across restore: no timestamp
     run_dir = tmp_path / "trials" / "ae-0000"
     ck = run_dir / "checkpoints" / "step_00000010"
     ck.mkdir(parents=True)
@@ -223,7 +224,8 @@ def test_trials_with_cuda_graphs_get_a_fresh_process_each():
 
 
 def test_run_sweep_guards_before_starting_anything(tmp_path):
-    from ulsweep.sweep.driver import SweepError, _identity, resolve_run_dir, run_sweep
+    from ulsweep.sweep.driver import SweepError, resolve_run_dir, run_sweep
+    from ulsweep.sweep.state import identity
 
     exp = experiment_from_dict(tiny_experiment("guard"), {"storage": str(tmp_path / "runs")})
     run_dir = Path(resolve_run_dir(exp))
@@ -232,7 +234,7 @@ def test_run_sweep_guards_before_starting_anything(tmp_path):
         run_sweep(exp, resume=True)
     run_dir.mkdir(parents=True)
     state = {"sweep_id": "s1", "mlflow_experiment_id": "1", "tracking_uri": "sqlite:////x.db",
-             "identity": _identity(exp)}
+             "identity": identity(exp)}
     (run_dir / "sweep.json").write_text(json.dumps(state))
     with pytest.raises(SweepError, match="--resume"):
         run_sweep(exp)
@@ -241,8 +243,8 @@ def test_run_sweep_guards_before_starting_anything(tmp_path):
     with pytest.raises(SweepError, match="ae.train.steps"):
         run_sweep(changed, resume=True)
     # resources and concurrency may change on resume: same identity
-    assert _identity(experiment_from_dict(tiny_experiment("guard"), {"search.max_concurrent": 1,
-                                                                     "resources.num_workers": 0})) == _identity(exp)
+    assert identity(experiment_from_dict(tiny_experiment("guard"), {"search.max_concurrent": 1,
+                                                                    "resources.num_workers": 0})) == identity(exp)
 
 
 def test_cli_dry_run_lists_trials(tmp_path, capsys):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import json
 import logging
 import os
 import shutil
@@ -28,11 +27,11 @@ import pandas as pd
 
 from ulsweep import tracking
 from ulsweep.report import plots
+from ulsweep.sweep.state import STATE_FILE, read_state
 from ulsweep.tracking.redact import is_redacted, redact_uri
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "sweep.json"  # written by ulsweep.sweep.driver
 _CURVE_ONLY = {"step", "loop_seconds", "train_seconds"}  # bookkeeping, kept in trials.csv only
 
 
@@ -64,15 +63,9 @@ class SweepData:
 
 
 def _read_state(run_dir: str) -> dict | None:
-    import fsspec
-
     try:
-        fs, p = fsspec.core.url_to_fs(f"{run_dir.rstrip('/')}/{STATE_FILE}")
-        if not fs.exists(p):
-            return None
-        with fs.open(p, "r") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return read_state(run_dir)
+    except (OSError, ValueError):  # unreadable: not a sweep run directory
         return None
 
 
