@@ -247,6 +247,58 @@ def test_run_sweep_guards_before_starting_anything(tmp_path):
                                                                     "resources.num_workers": 0})) == identity(exp)
 
 
+def test_state_file_round_trip_is_read_alike_by_driver_and_report(tmp_path):
+    from ulsweep.report.dashboard import _read_state as report_reads
+    from ulsweep.sweep.state import identity, identity_diff, new_state, read_state, state_path, write_state
+
+    exp = experiment_from_dict(tiny_experiment("state"))
+    run_dir = str(tmp_path / "r")
+    assert read_state(run_dir) is None and report_reads(run_dir) is None
+    state = new_state("s1", "7", "postgresql://u:pw@db/mlflow", identity(exp))
+    assert state["tracking_uri"] == "postgresql://u:***@db/mlflow"  # the run directory never holds credentials
+    write_state(run_dir, state)
+    assert state_path(run_dir + "/") == str(tmp_path / "r" / "sweep.json")
+    assert read_state(run_dir) == state == report_reads(run_dir)
+    changed = experiment_from_dict(tiny_experiment("state"), {"ae.train.steps": 99, "ae.loss.loss_factor": 2.0})
+    assert identity_diff(state["identity"], identity(changed)) == ["ae.loss.loss_factor", "ae.train.steps"]
+    (tmp_path / "r" / "sweep.json").write_text("{damaged")
+    with pytest.raises(ValueError):
+        read_state(run_dir)  # the driver refuses to start or resume over it
+    assert report_reads(run_dir) is None  # the report looks elsewhere
+
+
+def test_worker_config_follows_the_resources_it_runs_with():
+    from ulsweep.config import ResourcesConfig, to_dict
+    from ulsweep.sweep.trial import worker_config
+
+    exp = experiment_from_dict(tiny_experiment("wc"))  # one worker per trial
+    args = ("ae", "ae-0000", "/r/trials/ae-0000", "sqlite:////r/mlflow.db", "run1", "fake")
+    local = worker_config(exp, ResourcesConfig(num_workers=0), *args)
+    assert local["local_mode"] and "attempt" not in local and local["experiment"] == to_dict(exp)
+    tune = worker_config(exp, exp.resources, *args, base="tiny", ae_checkpoint="/ck", attempt="a1")
+    assert not tune["local_mode"] and (tune["attempt"], tune["base"], tune["ae_checkpoint"]) == ("a1", "tiny", "/ck")
+
+
+def test_trial_results_keep_finished_loop_time_and_one_error_line():
+    from types import SimpleNamespace as Result
+
+    from ulsweep.sweep.outcome import trial_results
+    from ulsweep.sweep.worker import error_line, numbers
+
+    grid = [Result(metrics={"final": 1.0, "loop_seconds": 3.0, "step": 20}, config={"key": "ae-0000", "kind": "ae"},
+                   error=None),
+            Result(metrics={"loop_seconds": 9.0}, config={"key": "ae-0001", "kind": "ae"},
+                   error=RuntimeError("Traceback:\n  File x\n\n  ValueError: bad  \n")),
+            Result(metrics=None, config=None, error=None)]
+    results, loop_s = trial_results(grid)
+    assert loop_s == 3.0  # unfinished loops do not count
+    assert results[0] == {"loop_seconds": 3.0, "train_seconds": None, "step": 20, "key": "ae-0000", "kind": "ae",
+                          "error": None}
+    assert results[1]["error"] == "ValueError: bad" and results[2]["key"] is None
+    assert error_line(RuntimeError("")) == "RuntimeError('')"
+    assert numbers({"a": 1, "b": 2.5, "c": True, "d": "x", "e": None}) == {"a": 1, "b": 2.5}
+
+
 def test_cli_dry_run_lists_trials(tmp_path, capsys):
     from ulsweep.sweep.cli import main
 
