@@ -107,7 +107,7 @@ def test_render_table():
 def test_a_finished_trial_sends_its_final_metrics_instead_of_spooling_them(store, tmp_path, monkeypatch):
     """A trial's worker (here outside Ray, with the fake loop) hands its final metrics to MLflow before it
     closes its metric buffer: they reach the run while the sweep goes on, and nothing is left for the driver
-    to replay. (The buffer used to be closed first, so every finished trial's final points were spooled.)"""
+    to replay. (Closing the buffer first would spool every finished trial's final points.)"""
     import ray
     from ray.tune.trainable import trainable_fn_utils
 
