@@ -166,17 +166,12 @@ def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: 
     from ray import tune
 
     from ulsweep.sweep.progress import ProgressCallback
-    from ulsweep.sweep.trial import (
-        SweepContext,
-        run_trial,
-        trial_label,
-        trial_resources,
-    )
+    from ulsweep.sweep.trial import SweepContext, run_trial, trial_label, trial_resources
 
     ctx = SweepContext(experiment=to_dict(exp), run_dir=run_dir, tracking_uri=run.tracking_uri,
                        mlflow_experiment_id=run.experiment_id, sweep_id=run.sweep_id, train_impl=train_impl)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(exp.resources))
-    tune_dir = f"{run_dir}/{TUNE_NAME}"
+    tune_dir = _tune_dir(run_dir)
     if resume and tune.Tuner.can_restore(tune_dir):
         # errored trials stay errored: the searcher already told Optuna they failed (retries within a
         # run: search.max_failures)
@@ -203,7 +198,7 @@ def _searcher(exp: ExperimentConfig, on_objective=None):
 def _final_searcher(exp: ExperimentConfig, run_dir: str):
     """The searcher as Tune saved it at the end of the fit: every AE record with its base trials."""
     searcher = _searcher(exp)
-    searcher.restore_from_dir(_local_tune_dir(f"{run_dir}/{TUNE_NAME}"))
+    searcher.restore_from_dir(_local_tune_dir(_tune_dir(run_dir)))
     return searcher
 
 
@@ -212,6 +207,10 @@ def _collect_outcome(run_dir: str, run: SweepRun, searcher, grid, wall: float) -
     trial_results, loop_s = outcomes.trial_results(grid)
     return SweepOutcome(run_dir, run.tracking_uri, run.sweep_id, run.experiment_id, records, wall,
                         searcher.counts(), loop_s, trial_results)
+
+
+def _tune_dir(run_dir: str) -> str:
+    return f"{run_dir}/{TUNE_NAME}"
 
 
 def _local_tune_dir(tune_dir: str) -> str:
