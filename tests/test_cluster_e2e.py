@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -35,6 +36,10 @@ from ray_cluster import (LocalRayCluster, free_port, interfaces, kill_all, priva
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+# `ulsweep run` of tiny_sweep takes ~40 s on 2 cores (4 trials, two at a time, Ray and MLflow start-up
+# included); the budget leaves room for a machine ten times slower (other work on its cores) and keeps the
+# suite's worst case bounded
+SWEEP_BUDGET_S = 400
 
 
 def _pg_bin() -> Path | None:
@@ -178,20 +183,42 @@ def listening_sockets() -> list[tuple[str, str, set[int]]]:
 
 
 def tiny_sweep(name: str) -> dict:
-    """experiments/quickstart.yaml cut down: 2 AE trials, each with its base model, a few steps."""
+    """experiments/quickstart.yaml cut down to what the cluster path needs: 2 AE trials (one per Ray node),
+    each with its base model, 6 steps, a curve of 3 points. No Fréchet distance (its extractor is trained
+    on first use and the local sweep tests cover it): the objective is the base model's bits/pixel."""
     d = yaml.safe_load((REPO / "experiments" / "quickstart.yaml").read_text())
     d["name"] = name
-    small = {"steps": 20, "batch_size": 16, "log_every": 5, "eval_images": 32, "eval_t_per_image": 1,
-             "sample_steps": 4}
+    small = {"steps": 6, "batch_size": 8, "log_every": 2, "eval_images": 16, "eval_t_per_image": 1,
+             "sample_steps": 2}
     d["ae"]["train"] = dict(small)
     d["ae"]["optim"]["warmup_steps"] = 2
     for b in d["base_models"]:
         b["train"] = dict(small)
         b["optim"]["warmup_steps"] = 2
+    d["eval"] = {"extractor": "none"}
     d["search"]["space"] = {"ae.loss.loss_factor": {"values": [1.5, 4.0]}}
+    d["search"]["metrics"] = ["base_bpp"]
     d["search"]["max_concurrent"] = 2
     d["resources"] = {"num_workers": 0, "cpus_per_worker": 0.99, "gpus_per_worker": 0.0}
     return d
+
+
+def stop_all(*stops) -> list[str]:
+    """Run the stop functions side by side (each waits for its processes' grace periods); their failures."""
+    failures: list[str] = []
+
+    def run(stop):
+        try:
+            stop()
+        except AssertionError as e:
+            failures.append(str(e))
+
+    threads = [threading.Thread(target=run, args=(stop,)) for stop in stops]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return failures
 
 
 def _text_files(*roots: Path) -> list[Path]:
@@ -234,7 +261,7 @@ def test_sweep_on_two_node_ray_with_postgres_mlflow_server(tmp_path):
         driver = None
         try:
             pg.start()
-            server.start()  # its start-up (migrations, ~20 s) overlaps Ray's
+            server.start()  # its start-up (migrations, ~10-20 s) overlaps Ray's
             address = cluster.start()
             server.wait_ready()
             timings["setup_s"] = time.time() - t0
@@ -247,12 +274,13 @@ def test_sweep_on_two_node_ray_with_postgres_mlflow_server(tmp_path):
                                            "--address", address, "--tracking-uri", uri, "--storage", str(runs)],
                                           cwd=tmp_path, env=env, stdout=out, stderr=err, start_new_session=True)
                 sockets_seen, ours = [], set()
-                while driver.poll() is None and time.time() - t1 < 400:
+                while driver.poll() is None and time.time() - t1 < SWEEP_BUDGET_S:
                     ours |= cluster.pids() | server.pids() | with_descendants([driver.pid]) | {pg.pid()}
                     sockets_seen += listening_sockets()
                     time.sleep(2)
                 if driver.poll() is None:
-                    raise AssertionError("ulsweep run did not finish in 400 s")
+                    raise AssertionError(f"ulsweep run did not finish in {SWEEP_BUDGET_S} s (load average "
+                                         f"{os.getloadavg()}); its output so far:\n{out_path.read_text()[-3000:]}")
             timings["sweep_s"] = time.time() - t1
             stdout, stderr = out_path.read_text(), err_path.read_text()
             assert driver.returncode == 0, stdout[-4000:] + stderr[-4000:]
@@ -289,7 +317,7 @@ def test_sweep_on_two_node_ray_with_postgres_mlflow_server(tmp_path):
                     assert any(m.startswith("objective/") for m in metrics)
                 elif key.endswith("-tiny"):
                     assert tags["mlflow.parentRunId"] == by_key[key[:-len("-tiny")]][0]["info"]["run_id"]
-                    assert "gfd_digits" in metrics, metrics
+                    assert "base_bpp" in metrics, metrics
             nodes = {tags.get("ray.node_id") for k, (r, tags) in by_key.items() if k != "sweep"}
             assert len(nodes - {None}) == 2, f"the trials did not use both Ray nodes: {nodes}"
             history = server.api(f"/api/2.0/mlflow/metrics/get-history?run_id="
@@ -322,14 +350,12 @@ def test_sweep_on_two_node_ray_with_postgres_mlflow_server(tmp_path):
             leaks += [f"{n[:16]}... in {p}" for p in logs for n in needles if n.encode() in p.read_bytes()]
             assert not leaks, leaks
         finally:
+            t3 = time.time()
             failures = []
             if driver is not None and driver.poll() is None:
                 failures += [f"driver {p}" for p in kill_all(with_descendants([driver.pid]))]
-            for stop in (cluster.stop, server.stop, pg.stop):
-                try:
-                    stop()
-                except AssertionError as e:
-                    failures.append(str(e))
+            failures += stop_all(cluster.stop, server.stop, pg.stop)
+            timings["teardown_s"] = time.time() - t3
             assert not failures, failures
     timings["total_s"] = time.time() - t0
     print("cluster e2e timings:", {k: round(v, 1) for k, v in timings.items()})

@@ -76,7 +76,8 @@ def test_default_artifact_location_defers_to_a_tracking_server():
 
 
 def test_resume_with_masked_uri_needs_it_again(tmp_path, monkeypatch):
-    from ulsweep.sweep.driver import SweepError, _resume_tracking_uri
+    from ulsweep.sweep.lineage import resume_tracking_uri as _resume_tracking_uri
+    from ulsweep.sweep.state import SweepError
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     state = {"sweep_id": "s1", "tracking_uri": "postgresql://u:***@db/mlflow"}

@@ -174,7 +174,8 @@ def test_trial_resources_names_and_checkpoint_objects(tmp_path):
     from ray.train import Checkpoint
 
     from ulsweep.config import ResourcesConfig
-    from ulsweep.sweep.trial import _checkpoint_obj, trial_dirname, trial_resources
+    from ulsweep.sweep.trial import trial_label, trial_resources
+    from ulsweep.sweep.worker import _checkpoint_obj
 
     assert trial_resources(ResourcesConfig(num_workers=2, cpus_per_worker=0.99)) == {"cpu": 0.01}
     assert trial_resources(ResourcesConfig(num_workers=0, cpus_per_worker=2, gpus_per_worker=0.25)) == \
@@ -184,7 +185,7 @@ def test_trial_resources_names_and_checkpoint_objects(tmp_path):
         trial_id = "abc123"
         config = {"key": "ae-0003-tiny"}
 
-    assert trial_dirname(T()) == "ae-0003-tiny_abc123"  # stable across restore: no timestamp
+    assert trial_label(T()) == "ae-0003-tiny_abc123"  # stable across restore: no timestamp
     run_dir = tmp_path / "trials" / "ae-0000"
     ck = run_dir / "checkpoints" / "step_00000010"
     ck.mkdir(parents=True)
@@ -223,7 +224,8 @@ def test_trials_with_cuda_graphs_get_a_fresh_process_each():
 
 
 def test_run_sweep_guards_before_starting_anything(tmp_path):
-    from ulsweep.sweep.driver import SweepError, _identity, resolve_run_dir, run_sweep
+    from ulsweep.sweep.driver import SweepError, resolve_run_dir, run_sweep
+    from ulsweep.sweep.state import identity
 
     exp = experiment_from_dict(tiny_experiment("guard"), {"storage": str(tmp_path / "runs")})
     run_dir = Path(resolve_run_dir(exp))
@@ -232,7 +234,7 @@ def test_run_sweep_guards_before_starting_anything(tmp_path):
         run_sweep(exp, resume=True)
     run_dir.mkdir(parents=True)
     state = {"sweep_id": "s1", "mlflow_experiment_id": "1", "tracking_uri": "sqlite:////x.db",
-             "identity": _identity(exp)}
+             "identity": identity(exp)}
     (run_dir / "sweep.json").write_text(json.dumps(state))
     with pytest.raises(SweepError, match="--resume"):
         run_sweep(exp)
@@ -241,8 +243,60 @@ def test_run_sweep_guards_before_starting_anything(tmp_path):
     with pytest.raises(SweepError, match="ae.train.steps"):
         run_sweep(changed, resume=True)
     # resources and concurrency may change on resume: same identity
-    assert _identity(experiment_from_dict(tiny_experiment("guard"), {"search.max_concurrent": 1,
-                                                                     "resources.num_workers": 0})) == _identity(exp)
+    assert identity(experiment_from_dict(tiny_experiment("guard"), {"search.max_concurrent": 1,
+                                                                    "resources.num_workers": 0})) == identity(exp)
+
+
+def test_state_file_round_trip_is_read_alike_by_driver_and_report(tmp_path):
+    from ulsweep.report.dashboard import _read_state as report_reads
+    from ulsweep.sweep.state import identity, identity_diff, new_state, read_state, state_path, write_state
+
+    exp = experiment_from_dict(tiny_experiment("state"))
+    run_dir = str(tmp_path / "r")
+    assert read_state(run_dir) is None and report_reads(run_dir) is None
+    state = new_state("s1", "7", "postgresql://u:pw@db/mlflow", identity(exp))
+    assert state["tracking_uri"] == "postgresql://u:***@db/mlflow"  # the run directory never holds credentials
+    write_state(run_dir, state)
+    assert state_path(run_dir + "/") == str(tmp_path / "r" / "sweep.json")
+    assert read_state(run_dir) == state == report_reads(run_dir)
+    changed = experiment_from_dict(tiny_experiment("state"), {"ae.train.steps": 99, "ae.loss.loss_factor": 2.0})
+    assert identity_diff(state["identity"], identity(changed)) == ["ae.loss.loss_factor", "ae.train.steps"]
+    (tmp_path / "r" / "sweep.json").write_text("{damaged")
+    with pytest.raises(ValueError):
+        read_state(run_dir)  # the driver refuses to start or resume over it
+    assert report_reads(run_dir) is None  # the report looks elsewhere
+
+
+def test_worker_config_follows_the_resources_it_runs_with():
+    from ulsweep.config import ResourcesConfig, to_dict
+    from ulsweep.sweep.trial import worker_config
+
+    exp = experiment_from_dict(tiny_experiment("wc"))  # one worker per trial
+    args = ("ae", "ae-0000", "/r/trials/ae-0000", "sqlite:////r/mlflow.db", "run1", "fake")
+    local = worker_config(exp, ResourcesConfig(num_workers=0), *args)
+    assert local["local_mode"] and "attempt" not in local and local["experiment"] == to_dict(exp)
+    tune = worker_config(exp, exp.resources, *args, base="tiny", ae_checkpoint="/ck", attempt="a1")
+    assert not tune["local_mode"] and (tune["attempt"], tune["base"], tune["ae_checkpoint"]) == ("a1", "tiny", "/ck")
+
+
+def test_trial_results_keep_finished_loop_time_and_one_error_line():
+    from types import SimpleNamespace as Result
+
+    from ulsweep.sweep.outcome import trial_results
+    from ulsweep.sweep.worker import error_line, numbers
+
+    grid = [Result(metrics={"final": 1.0, "loop_seconds": 3.0, "step": 20}, config={"key": "ae-0000", "kind": "ae"},
+                   error=None),
+            Result(metrics={"loop_seconds": 9.0}, config={"key": "ae-0001", "kind": "ae"},
+                   error=RuntimeError("Traceback:\n  File x\n\n  ValueError: bad  \n")),
+            Result(metrics=None, config=None, error=None)]
+    results, loop_s = trial_results(grid)
+    assert loop_s == 3.0  # unfinished loops do not count
+    assert results[0] == {"loop_seconds": 3.0, "train_seconds": None, "step": 20, "key": "ae-0000", "kind": "ae",
+                          "error": None}
+    assert results[1]["error"] == "ValueError: bad" and results[2]["key"] is None
+    assert error_line(RuntimeError("")) == "RuntimeError('')"
+    assert numbers({"a": 1, "b": 2.5, "c": True, "d": "x", "e": None}) == {"a": 1, "b": 2.5}
 
 
 def test_cli_dry_run_lists_trials(tmp_path, capsys):

@@ -107,17 +107,17 @@ def test_render_table():
 def test_a_finished_trial_sends_its_final_metrics_instead_of_spooling_them(store, tmp_path, monkeypatch):
     """A trial's worker (here outside Ray, with the fake loop) hands its final metrics to MLflow before it
     closes its metric buffer: they reach the run while the sweep goes on, and nothing is left for the driver
-    to replay. (The buffer used to be closed first, so every finished trial's final points were spooled.)"""
+    to replay. (Closing the buffer first would spool every finished trial's final points.)"""
     import ray
     from ray.tune.trainable import trainable_fn_utils
 
-    from ulsweep.sweep import trial
+    from ulsweep.sweep import worker
 
     uri, c, eid = store
     run_id = c.create_run(eid).info.run_id
     reported = []
     monkeypatch.setattr(trainable_fn_utils, "_in_tune_session", lambda: True)  # rank 0 of 1, local mode
-    monkeypatch.setattr(trial, "report", lambda metrics, local, checkpoint=None: reported.append(metrics))
+    monkeypatch.setattr(worker, "report", lambda metrics, local, checkpoint=None: reported.append(metrics))
     monkeypatch.setattr(ray, "get_runtime_context", lambda: type("Ctx", (), {"get_node_id": lambda self: "n0"})())
     monkeypatch.setenv("ULSWEEP_FAKE_STEP_S", "0")
     train = {"steps": 6, "batch_size": 8, "log_every": 2, "ckpt_every": 3}
@@ -126,7 +126,7 @@ def test_a_finished_trial_sends_its_final_metrics_instead_of_spooling_them(store
     run_dir = tmp_path / "ae-0000"
     wcfg = {"kind": "ae", "key": "ae-0000", "local_mode": True, "run_id": run_id, "run_dir": str(run_dir),
             "tracking_uri": uri, "experiment": exp, "train_impl": "fake", "attempt": 0}
-    trial.train_worker(wcfg)
+    worker.train_worker(wcfg)
     assert reported and reported[-1]["final"] == 1.0 and reported[-1]["mlflow_run_id"] == run_id
     assert not list(run_dir.glob("mlflow-spool/*.jsonl"))
     final = c.get_run(run_id).data.metrics

@@ -16,7 +16,6 @@ the PNGs from `png`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -28,11 +27,11 @@ from ulsweep.report.page import build_figures, dashboard_html
 from ulsweep.report.png import export_pngs, find_browser
 from ulsweep.report.sweepdata import (ReportError, SweepData, SweepRef, failed_trials, get_run, load_sweep,
                                       run_rows, trials_frames)
+from ulsweep.sweep.state import STATE_FILE, read_state
 from ulsweep.tracking.redact import is_redacted
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "sweep.json"  # written by ulsweep.sweep.driver
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,15 +39,9 @@ STATE_FILE = "sweep.json"  # written by ulsweep.sweep.driver
 
 
 def _read_state(run_dir: str) -> dict | None:
-    import fsspec
-
     try:
-        fs, p = fsspec.core.url_to_fs(f"{run_dir.rstrip('/')}/{STATE_FILE}")
-        if not fs.exists(p):
-            return None
-        with fs.open(p, "r") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return read_state(run_dir)
+    except (OSError, ValueError):  # unreadable: not a sweep run directory
         return None
 
 

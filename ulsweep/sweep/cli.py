@@ -44,10 +44,7 @@ def handle_run(args: argparse.Namespace) -> int:
             return dry_run(exp, storage=args.storage, tracking_uri=args.tracking_uri)
         outcome = run_sweep(exp, resume=args.resume, address=args.address, storage=args.storage,
                             tracking_uri=args.tracking_uri, train_impl=args.train_impl, verbose=args.verbose)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except SweepError as e:
+    except (ConfigError, SweepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if outcome.ok else 1

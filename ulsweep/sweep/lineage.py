@@ -1,0 +1,136 @@
+"""The sweep's MLflow parent run, seen from the sweep driver: opened (or reopened on resume), given each AE
+trial's objective, closed with the best trial and the trial counts.
+
+Trials log into child runs of it (ulsweep.sweep.trial); this module holds what the driver process does.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from ulsweep import tracking
+from ulsweep.config import ExperimentConfig, dump_yaml, flatten, to_dict
+from ulsweep.sweep.state import SweepError, new_state, write_state
+from ulsweep.tracking.redact import is_redacted, redact_uri, split_userinfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """The sweep's parent run: where it lives and the client that reaches it."""
+
+    client: object  # an MlflowClient
+    tracking_uri: str
+    sweep_id: str  # the parent run's id
+    experiment_id: str
+
+
+def tracking_uri_of(exp: ExperimentConfig, state: dict | None, given: str | None, run_dir: str) -> str:
+    """The sweep's tracking URI with any password moved to the environment (before Ray starts, so that Ray
+    inherits it, and before trials pickle the URI). A resumed sweep stays in its tracking store."""
+    if state is not None:
+        uri = resume_tracking_uri(state, given, run_dir)
+    else:
+        uri = tracking.resolve_tracking_uri(given, exp.tracking.uri, run_dir)
+    return tracking.credentials_to_env(uri)
+
+
+def resume_tracking_uri(state: dict, given: str | None, run_dir: str) -> str:
+    """The tracking URI of a resumed sweep: the stored one, or the given one if it names the same store.
+    A stored URI whose password was masked (sweep.json never holds credentials) must be given again."""
+    stored = state["tracking_uri"]
+    given = given or (os.environ.get("MLFLOW_TRACKING_URI") if is_redacted(stored) else None)
+    if not given:
+        if is_redacted(stored):
+            raise SweepError(f"sweep {state['sweep_id']} is tracked in {stored}; its credentials are not stored: "
+                             f"pass --tracking-uri (or set MLFLOW_TRACKING_URI) with them to resume")
+        return stored
+    uri = tracking.resolve_tracking_uri(given, None, run_dir)
+    if split_userinfo(uri)[0] != split_userinfo(stored)[0]:  # the same store, whoever logs in
+        raise SweepError(f"sweep {state['sweep_id']} is tracked in {stored}, not {redact_uri(given)}")
+    return uri
+
+
+def open_sweep_run(exp: ExperimentConfig, run_dir: str, uri: str, state: dict | None, ident: dict,
+                   out) -> SweepRun:
+    """Create the sweep's parent run and its state file, or, on resume, reopen the run named in `state`."""
+    c = tracking.client(uri)
+    if state is None:
+        return _create_sweep_run(c, exp, run_dir, uri, ident)
+    run = SweepRun(c, uri, state["sweep_id"], state["mlflow_experiment_id"])
+    replay_spools(c, run_dir, out)
+    closed = tracking.close_orphans(c, run.experiment_id, run.sweep_id, status="KILLED", exclude=[run.sweep_id])
+    tracking.retry(c.update_run, run.sweep_id, status="RUNNING")
+    if closed:
+        print(f"resume: marked {len(closed)} MLflow run(s) left RUNNING as KILLED: {', '.join(closed)}",
+              file=out, flush=True)
+    return run
+
+
+def _create_sweep_run(c, exp: ExperimentConfig, run_dir: str, uri: str, ident: dict) -> SweepRun:
+    eid = tracking.get_or_create_experiment(c, exp.tracking.experiment or exp.name,
+                                            exp.tracking.artifact_location
+                                            or tracking.default_artifact_location(uri, run_dir))
+    sweep_id = tracking.create_sweep_run(c, eid, f"sweep-{exp.name}", tags={"ulsweep.run_dir": run_dir})
+    tracking.log_params(c, sweep_id, {**{f"search.{k}": v for k, v in flatten(to_dict(exp.search)).items()},
+                                      "experiment": exp.name, "base_models": [b.name for b in exp.base_models],
+                                      "resources.num_workers": exp.resources.num_workers})
+    tracking.log_text(c, sweep_id, dump_yaml(exp), "experiment.yaml")
+    write_state(run_dir, new_state(sweep_id, eid, uri, ident))
+    return SweepRun(c, uri, sweep_id, eid)
+
+
+def replay_spools(c, run_dir: str, out) -> None:
+    """Metric points that trials spooled to disk while MLflow was unreachable go to MLflow now."""
+    try:
+        n = tracking.replay_spools(c, run_dir)
+    except Exception as e:  # they stay on disk; the next resume or end of the sweep tries again
+        log.warning("could not replay spooled metrics under %s: %s", run_dir, e)
+        return
+    if n:
+        print(f"mlflow: sent {n} metric point(s) that trials had spooled to disk (MLflow slow or unreachable)",
+              file=out, flush=True)
+
+
+def mark_interrupted(run: SweepRun) -> None:
+    """Ctrl-C or a driver error: no run of the sweep may stay RUNNING (--resume reopens them)."""
+    try:
+        tracking.close_orphans(run.client, run.experiment_id, run.sweep_id, status="KILLED")
+    except Exception as e:
+        log.warning("could not close MLflow runs: %s", e)
+
+
+def close_sweep_run(run: SweepRun, ranked: list[dict], metrics: tuple[str, ...], counts: dict[str, int],
+                    ok: bool, run_dir: str, out) -> None:
+    """The best trial and the trial counts on the parent run; spooled points sent; every run closed."""
+    c, sweep_id = run.client, run.sweep_id
+    if ranked:
+        best = ranked[0]
+        tracking.log_metrics_once(c, sweep_id, {f"best/{m}": v for m, v in zip(metrics, best["objective"])})
+        tracking.retry(c.set_tag, sweep_id, "ulsweep.best_trial", best["key"])
+    tracking.log_metrics_once(c, sweep_id, {f"trials/{k}": float(v) for k, v in counts.items()})
+    replay_spools(c, run_dir, out)
+    leftovers = tracking.close_orphans(c, run.experiment_id, sweep_id, status="FAILED", exclude=[sweep_id])
+    if leftovers:
+        log.warning("runs still RUNNING after the sweep were marked FAILED: %s", leftovers)
+    tracking.retry(c.set_terminated, sweep_id, status="FINISHED" if ok else "FAILED")
+
+
+class ObjectiveLogger:
+    """Logs an AE trial's objective (told to Optuna) into its MLflow run. Picklable: the searcher holds it,
+    and Tune pickles the searcher into its experiment state."""
+
+    def __init__(self, tracking_uri: str, metrics: tuple[str, ...]):
+        # run_sweep has moved any password out of the URI into the environment already
+        self.tracking_uri, self.metrics = tracking_uri, metrics
+
+    def __call__(self, rec: dict) -> None:
+        run_id = (rec.get("result") or {}).get("mlflow_run_id")
+        if not run_id:
+            return
+        c = tracking.client(self.tracking_uri)
+        if rec["objective"] is not None:
+            tracking.log_metrics_once(c, run_id, {f"objective/{m}": v for m, v in zip(self.metrics, rec["objective"])})
+        tracking.retry(c.set_tag, run_id, "ulsweep.objective_status", rec["status"])
