@@ -139,13 +139,26 @@ def test_every_setting_is_read(tmp_path, digits_cache, monkeypatch):
 
 
 def _read_by_the_sweep(tracer, tmp_path) -> None:
-    """The sweep's own reads: search, resources, tracking and storage."""
-    from ulsweep.sweep.driver import dry_run
+    """The sweep driver's steps up to Tune's fit (its own reads of search, tracking and storage), and what a
+    trial process builds from the resources section, with the production functions and without starting Ray."""
+    import io
+
+    from ulsweep.sweep import driver, lineage
+    from ulsweep.sweep.trial import make_trainer, trial_resources, worker_config
 
     exp = tiny(search={"method": "optuna-tpe", "space": {"ae.loss.loss_factor": {"low": 1.0, "high": 4.0}},
-                       "num_samples": 2, "metrics": ["bpp"], "modes": ["min"]},
+                       "num_samples": 2, "metrics": ["bpp"], "modes": ["min"], "max_failures": 1, "seed": 3},
+               resources={"num_workers": 1, "backend": "gloo", "driver_cpus": 0.5, "max_worker_failures": 1},
+               tracking={"experiment": "settings", "artifact_location": str(tmp_path / "artifacts")},
                storage=str(tmp_path / "runs"))
-    dry_run(exp, stream=open("/dev/null", "w"))
+    run_dir, state, ident = driver._open_run_dir(exp, None, resume=False)
+    uri = lineage.tracking_uri_of(exp, state, None, run_dir)
+    run = lineage.open_sweep_run(exp, run_dir, uri, state, ident, io.StringIO())
+    driver._make_tuner(exp, run_dir, run, "fake", resume=False)  # TuneConfig and RunConfig from search
+    driver._searcher(exp).suggest("trial-0")  # Optuna's sampler, seeded from search.seed
+    trial_resources(exp.resources)
+    wcfg = worker_config(exp, exp.resources, "ae", "ae-0000", run_dir, uri, run.sweep_id, "fake")
+    make_trainer(wcfg, exp.resources, storage_path=run_dir, name="ae-0000", in_tune=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
