@@ -8,6 +8,8 @@ from ulsweep.diffusion import (LogSNRSchedule, alpha_sigma, decoder_loss, decode
                                kl_to_standard_normal, low_discrepancy_times, prior_loss, sample,
                                sample_to_noisy, x_from_v, base_loss)
 
+from gaussian import diffusion_term_nats, gaussian_denoiser  # tests/gaussian.py
+
 KINDS = ["cosine", "linear"]
 
 
@@ -67,12 +69,11 @@ def test_immse_prior_diffusion_term(kind, s2):
     z = torch.randn(n, 1, generator=g, dtype=torch.float64) * math.sqrt(s2)
     t = low_discrepancy_times(n, generator=g).double()
     lam, dlam = sched.logsnr(t), sched.dlogsnr_dt(t)
-    a, s = alpha_sigma(lam)
     z_t = diffuse(z, lam, torch.randn(n, 1, generator=g, dtype=torch.float64))
-    z_hat = (a * s2 / (a**2 * s2 + s**2)).unsqueeze(1) * z_t  # Bayes-optimal denoiser
+    z_hat = gaussian_denoiser(0.0, s2)(z_t, lam)  # Bayes-optimal denoiser
     kl1 = kl_to_standard_normal(z, l1)
     per_example = prior_loss(z, z_hat, lam, dlam, l1) - kl1
-    expected = 0.5 * math.log1p(s2 * math.exp(l0)) - 0.5 * math.log1p(s2 * math.exp(l1))
+    expected = diffusion_term_nats(s2, l0, l1)
     if s2 == 1.0:
         assert abs(expected - 2.5034) < 1e-4  # design.md's number
     mean, se = per_example.mean().item(), per_example.std().item() / math.sqrt(n)
@@ -122,13 +123,6 @@ def test_low_discrepancy_times_stratified():
     assert sorted((t * 8).floor().long().tolist()) == list(range(8))  # one per stratum
 
 
-def _gaussian_denoiser(m, s2):
-    def denoise(x_t, lam):
-        a, s = (v.view(-1, *[1] * (x_t.dim() - 1)) for v in alpha_sigma(lam))
-        return m + a * s2 / (a**2 * s2 + s**2) * (x_t - a * m)
-    return denoise
-
-
 @pytest.mark.parametrize("method", ["ddim", "ancestral"])
 def test_sampler_reproduces_1d_gaussian(method):
     m, s2, n = 0.7, 0.3, 100_000
@@ -136,7 +130,7 @@ def test_sampler_reproduces_1d_gaussian(method):
     g = torch.Generator().manual_seed(3)
     # DDIM is exact in the ODE limit; the ancestral sampler drops Var[x | x_s] each step, an O(1/steps) bias
     steps = 200 if method == "ddim" else 1000
-    x = sample(_gaussian_denoiser(m, s2), (n, 1), sched, steps=steps, method=method, generator=g,
+    x = sample(gaussian_denoiser(m, s2), (n, 1), sched, steps=steps, method=method, generator=g,
                dtype=torch.float64)
     # the final estimate is E[x | x at lambda = 10]: variance shrinks by s2 e^10 / (1 + s2 e^10)
     shrink = s2 * math.exp(10) / (1 + s2 * math.exp(10))
@@ -150,7 +144,7 @@ def test_sample_to_noisy_stops_at_logsnr0(method):
     m, s2, n = -0.4, 0.5, 100_000
     sched = LogSNRSchedule("cosine", 5.0, -15.0)
     g = torch.Generator().manual_seed(4)
-    z0 = sample_to_noisy(_gaussian_denoiser(m, s2), (n, 1), sched, steps=500, method=method, generator=g,
+    z0 = sample_to_noisy(gaussian_denoiser(m, s2), (n, 1), sched, steps=500, method=method, generator=g,
                          dtype=torch.float64)
     a0, s0 = (v.item() for v in alpha_sigma(torch.tensor(5.0, dtype=torch.float64)))
     assert abs(z0.mean().item() - a0 * m) < 0.01

@@ -127,14 +127,15 @@ def random_inception_file(tmp_path_factory):
 @needs_tf
 def test_inception_random_weights_load_with_explicit_hash(random_inception_file):
     ext, path, sha = random_inception_file
-    assert ext.name == "inception_random" and not ext.is_standard_fid and ext.feature_dim == 2048
+    assert ext.name == "inception_random" and not ext.is_standard_fid
     loaded = ex.load_inception(path, sha256=sha)
     assert loaded.weights_sha256 == sha and loaded.name == f"inception_{sha[:8]}" and not loaded.is_standard_fid
     for (k, a), (k2, b) in zip(ext.net.state_dict().items(), loaded.net.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
     x = torch.randint(0, 256, (1, 1, 28, 28), dtype=torch.uint8)  # gray, any size: resized to 299 inside
     f = loaded(x)
-    assert f.shape == (1, 2048) and f.dtype == torch.float32 and torch.isfinite(f).all()
+    assert f.shape == (1, 2048) and f.dtype == torch.float32 and torch.isfinite(f).all()  # FID's pool3 features
+    assert loaded.feature_dim == f.shape[1]  # the width it declares is the width it returns
 
 
 @needs_tf
@@ -162,9 +163,22 @@ def test_inception_missing_weights_says_how(monkeypatch):
     assert ex.INCEPTION_WEIGHTS_ENV in msg and ex.INCEPTION_SHA256 in msg and ex.INCEPTION_FILENAME in msg
 
 
-def test_inception_known_hash_is_consistent_with_file_name():
-    # torch.hub convention: the 8 hex digits in the file name are the prefix of the file's SHA-256
-    assert ex.INCEPTION_FILENAME.endswith(ex.INCEPTION_SHA256[:8] + ".pth")
+@needs_tf
+def test_inception_fid_names_belong_to_the_standard_weights_hash_alone(random_inception_file, monkeypatch):
+    """Verified weights are called `inception` (metrics rfid / gfid) exactly when their SHA-256 is the standard
+    FID weights' hash; any other weights get their hash in the name and rfd_/gfd_ metrics."""
+    from ulsweep.metrics.fid import metric_name
+
+    _, path, sha = random_inception_file
+    other = ex.load_inception(path, sha256=sha)
+    assert (other.name, other.is_standard_fid) == (f"inception_{sha[:8]}", False)
+    assert (metric_name("r", other), metric_name("g", other)) == (f"rfd_inception_{sha[:8]}", f"gfd_inception_{sha[:8]}")
+    monkeypatch.setattr(ex, "INCEPTION_SHA256", sha)  # these weights' hash as the standard one
+    std = ex.load_inception(path, sha256=sha.upper())
+    assert (std.name, std.is_standard_fid, std.weights_sha256) == ("inception", True, sha)
+    assert (metric_name("r", std), metric_name("g", std)) == ("rfid", "gfid")
+    std.weights_sha256 = "0" * 64  # the name alone does not make FID
+    assert not std.is_standard_fid and metric_name("r", std) == "rfd_inception"
 
 
 def test_inception_weights_that_do_not_fit_are_refused(tmp_path):

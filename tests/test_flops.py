@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from ulsweep.metrics.flops import count_forward, forward_flops, gflops_per_image, training_flops
 
@@ -62,8 +63,19 @@ def test_attention_block_and_gflops_per_image():
     assert gflops_per_image(Block(), torch.randn(B, N, D)) == pytest.approx(expected_per_image / 1e9)
 
 
-def test_training_flops_is_three_forwards():
-    assert training_flops(4.0e9, 1000) == 3 * 4.0e9 * 1000
+def test_training_flops_match_a_counted_forward_and_backward():
+    """training_flops against FlopCounterMode over real training steps of an MLP whose input needs a gradient
+    (as every layer inside a network does), and against the hand count: a Linear costs 2·B·in·out FLOPs
+    forward, as much for the input gradient and as much again for the weight gradient."""
+    B, steps = 8, 3
+    net = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32))
+    x = torch.randn(B, 64, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        for _ in range(steps):
+            net(x).square().sum().backward()
+    by_hand = steps * 3 * 2 * B * (64 * 128 + 128 * 32)
+    assert counter.get_total_flops() == by_hand
+    assert training_flops(gflops_per_image(net, x) * 1e9, steps * B) == pytest.approx(by_hand, rel=1e-12)
 
 
 # --- ulsweep's models ---------------------------------------------------------------------------------

@@ -189,10 +189,13 @@ def test_reconstruction_fd_uses_reference_cache(tmp_path):
 def test_cache_roundtrip_and_corrupt_entry_recomputed(tmp_path):
     cache = RefStatsCache(str(tmp_path))
     key = RefKey("a" * 64, "train", "b" * 64, 3, "toy")
-    st = FeatureStats(np.arange(3.0), np.eye(3), 3)
+    feats = np.random.default_rng(0).normal(size=(3, 3))  # float64 values that float32 would not keep
+    st = FeatureStats(feats.mean(0), np.cov(feats, rowvar=False), 3)
     cache.save(key, st)
     got = cache.load(key)
-    np.testing.assert_array_equal(got.mu, st.mu) and np.testing.assert_array_equal(got.sigma, st.sigma)
+    np.testing.assert_array_equal(got.mu, st.mu)
+    np.testing.assert_array_equal(got.sigma, st.sigma)
+    assert got.n == st.n
     with open(cache.path(key), "wb") as f:
         f.write(b"garbage")
     assert cache.load(key) is None
