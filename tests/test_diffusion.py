@@ -12,6 +12,9 @@ from gaussian import diffusion_term_nats, gaussian_denoiser  # tests/gaussian.py
 
 KINDS = ["cosine", "linear"]
 
+# small CPU work: two OpenMP threads on a busy 2-core machine can be ~10x slower than one (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_schedule_endpoints_and_monotone(kind):
