@@ -83,6 +83,13 @@ def atomic_write_text(uri: str, text: str) -> None:
     atomic_write_bytes(uri, text.encode())
 
 
+def append_text(uri: str, text: str) -> None:
+    """Append `text` to a small file (created if missing): read, add, write back atomically, since object
+    stores cannot append. For logs of a few lines, never for data."""
+    old = read_bytes(uri) if exists(uri) else b""
+    atomic_write_bytes(uri, old + text.encode())
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     return fs.cat_file(path)

@@ -20,7 +20,6 @@ import shutil
 import uuid
 from typing import Callable
 
-import fsspec
 import numpy as np
 
 from ulsweep import io as uio
@@ -208,7 +207,7 @@ def data_path_problem(spec: str) -> str | None:
             return None
         return _UNKNOWN
     try:
-        fs, root = fsspec.core.url_to_fs(spec)
+        fs, root = uio.filesystem(spec)
         if not fs.exists(root):
             return "no such dataset directory"
         if not fs.exists(f"{root.rstrip('/')}/{MANIFEST}"):

@@ -19,6 +19,8 @@ from typing import Any, Mapping
 
 import fsspec
 
+from ulsweep import io as uio
+
 MANIFEST = "dataset.json"
 FORMAT = "ulsweep-dataset"
 FORMAT_VERSION = 1
@@ -38,7 +40,7 @@ def where(path: str, split: str | None = None) -> str:
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, root path in it) of a dataset URI; DataError when it cannot be opened."""
     try:
-        fs, root = fsspec.core.url_to_fs(uri)
+        fs, root = uio.filesystem(uri)
     except (ImportError, ValueError) as e:  # unknown protocol / missing s3fs, gcsfs, ...
         raise DataError(f"{uri}: cannot open filesystem: {e}") from e
     return fs, root.rstrip("/") or "/"

@@ -180,11 +180,8 @@ class RefStatsCache:
         return self.directory.rstrip("/") + "/" + name
 
     def load(self, key: RefKey) -> FeatureStats | None:
-        import fsspec
-
         try:
-            with fsspec.open(self.path(key), "rb") as f:
-                stats, meta = FeatureStats.from_bytes(f.read())
+            stats, meta = FeatureStats.from_bytes(uio.read_bytes(self.path(key)))
         except FileNotFoundError:
             return None
         except Exception:  # noqa: BLE001 - a corrupt entry is recomputed and overwritten

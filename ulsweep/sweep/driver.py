@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ulsweep import tracking
+from ulsweep import io as uio, tracking
 from ulsweep.config import ConfigError, ExperimentConfig, check_data, dump_yaml, experiment_from_dict, to_dict
 from ulsweep.sweep import lineage, outcome as outcomes
 from ulsweep.sweep.credentials import stop_tune_copying_credentials
@@ -219,9 +219,7 @@ def _local_tune_dir(tune_dir: str) -> str:
         return tune_dir
     import tempfile
 
-    import fsspec
-
-    fs, p = fsspec.core.url_to_fs(tune_dir)
+    fs, p = uio.filesystem(tune_dir)
     d = tempfile.mkdtemp(prefix="ulsweep-tune-")
     for f in fs.glob(f"{p}/searcher-state-*.pkl"):
         fs.get(f, os.path.join(d, f.rsplit("/", 1)[-1]))

@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from ulsweep import tracking
+from ulsweep import io as uio, tracking
 from ulsweep.config import ExperimentConfig, ResourcesConfig, dump_yaml, flatten, to_dict
 from ulsweep.sweep.space import find_base, trial_experiment
 from ulsweep.sweep.worker import error_line, numbers, read_failure, train_worker
@@ -207,14 +207,8 @@ def _tag_failure(c, run_id: str, wcfg: dict, e: BaseException) -> None:
 
 def _append_timings(run_dir: str, key: str, rec: dict) -> None:
     """One line per attempt in <run dir>/trials/<key>/timings.jsonl (read by benchmarks/orchestration.py)."""
-    import fsspec
-
     try:
-        path = f"{trial_dir(run_dir, key)}/timings.jsonl"
-        fs, p = fsspec.core.url_to_fs(path)
-        fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-        old = fs.cat_file(p).decode() if fs.exists(p) else ""
-        fs.pipe_file(p, (old + json.dumps(rec) + "\n").encode())
+        uio.append_text(f"{trial_dir(run_dir, key)}/timings.jsonl", json.dumps(rec) + "\n")
     except Exception as e:
         log.warning("could not write timings of %s: %s", key, e)
 

@@ -137,12 +137,10 @@ def _log_image(c, run_id: str, name: str, path: str) -> None:
     if "://" not in path:
         tracking.log_artifact(c, run_id, path, "images")
         return
-    import fsspec
-
     with tempfile.TemporaryDirectory() as d:
         local = os.path.join(d, os.path.basename(name) or "image.png")
-        with fsspec.open(path, "rb") as src, open(local, "wb") as dst:
-            dst.write(src.read())
+        with open(local, "wb") as dst:
+            dst.write(uio.read_bytes(path))
         tracking.log_artifact(c, run_id, local, "images")
 
 

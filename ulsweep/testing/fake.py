@@ -38,13 +38,6 @@ def _save(run_dir: str, step: int, state: dict) -> str:
     return path
 
 
-def _append(path: str, text: str) -> None:
-    fs, p = uio.filesystem(path)
-    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-    old = fs.cat_file(p).decode() if fs.exists(p) else ""
-    fs.pipe_file(p, (old + text).encode())
-
-
 def _rank() -> int:
     try:
         import torch.distributed as dist
@@ -63,7 +56,7 @@ def _loop(tc: TrainConfig, run_dir: str, hooks: TrainHooks, metrics_fn) -> Stage
     nan_at = dict(e.split(":") for e in os.environ.get("ULSWEEP_FAKE_NAN", "").split(",") if e)
     step, path = _latest(run_dir)
     if rank == 0:  # where every start of this loop began (tests: a restart resumes from the checkpoint)
-        _append(f"{run_dir.rstrip('/')}/fake-starts.txt", f"{step}\n")
+        uio.append_text(f"{run_dir.rstrip('/')}/fake-starts.txt", f"{step}\n")
     t_train = 0.0
     ck_every = tc.ckpt_every or tc.steps
     while step < tc.steps and not hooks.should_stop():
