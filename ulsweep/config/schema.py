@@ -86,16 +86,16 @@ class AELossConfig:
                  f"must exceed logsnr_z1={self.logsnr_z1}")
         _require(self.normal_kl_weight >= 0, "normal_kl_weight", self.normal_kl_weight, "must be >= 0")
         if self.decoder == "mse":
-            _inert(self, ("sigmoid_bias",), "", "with decoder: mse (the MSE decoder's loss is unweighted)")
+            _inert(self, ("sigmoid_bias",), "", "with ae.loss.decoder: mse (the MSE decoder's loss is unweighted)")
             _inert(self.decoder_schedule, ("kind", "logsnr_max"), "decoder_schedule.",
-                   "with decoder: mse (it is conditioned on logsnr_min + shift alone)")
+                   "with ae.loss.decoder: mse (it is conditioned on logsnr_min + shift alone)")
         else:
-            _inert(self, ("mse_logsnr",), "", "with decoder: diffusion (it sets the MSE decoder's precision)")
+            _inert(self, ("mse_logsnr",), "", "with ae.loss.decoder: diffusion (it sets the MSE decoder's precision)")
         if self.prior == "normal":
             _inert(self, ("logsnr_z1", "prior_schedule", "stop_grad_prior"), "",
-                   "with prior: normal (there is no prior network or prior schedule)")
+                   "with ae.loss.prior: normal (there is no prior network or prior schedule)")
         if not self.stop_grad_prior:
-            _inert(self, ("normal_kl_weight",), "", "without stop_grad_prior: true (ablation A's KL weight)")
+            _inert(self, ("normal_kl_weight",), "", "without ae.loss.stop_grad_prior: true (ablation A's KL weight)")
 
 
 @dataclass(frozen=True)
@@ -152,10 +152,10 @@ class AEStageConfig:
     def __post_init__(self):
         if self.loss.decoder == "mse":
             _inert(self.train, ("sampler", "sample_steps"), "train.",
-                   "with loss.decoder: mse (the MSE decoder decodes in one pass, without a sampler)")
+                   "with ae.loss.decoder: mse (the MSE decoder decodes in one pass, without a sampler)")
         if self.loss.prior == "normal":
             _inert(self.train, ("eval_t_per_image",), "train.",
-                   "with loss.prior: normal (its rate is a closed-form KL, no noise levels are sampled)")
+                   "with ae.loss.prior: normal (its rate is a closed-form KL, no noise levels are sampled)")
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ class SearchConfig:
         _require(self.method != "optuna-tpe" or len(self.metrics) == 1, "metrics", self.metrics,
                  "optuna-tpe takes one metric; use optuna-nsga2 for several")
         if not self.method.startswith("optuna"):
-            _inert(self, ("seed",), "", f"with method: {self.method} (it seeds Optuna's sampler)")
+            _inert(self, ("seed",), "", f"with search.method: {self.method} (it seeds Optuna's sampler)")
         for k, spec in self.space.items():
             _check_space_entry(f"space.{k}", spec, grid=self.method == "grid")
         _require(not self.points or self.method in ("none", "grid"), "points", self.points,
@@ -305,7 +305,7 @@ class ResourcesConfig:
                  "use num_workers: 1 to pack trials, or backend: gloo")
         if self.num_workers == 0:
             _inert(self, ("driver_cpus", "backend", "max_worker_failures"), "",
-                   "with num_workers: 0 (Ray Train's local mode: the loop runs in the trial process, with no "
+                   "with resources.num_workers: 0 (Ray Train's local mode: the loop runs in the trial process, with no "
                    "worker group to start, connect or restart; search.max_failures retries trials)")
 
 
@@ -338,14 +338,14 @@ class EvalConfig:
         for k in ("extractor_epochs", "gfd_samples", "gfd_reference_images"):
             _require(getattr(self, k) > 0, k, getattr(self, k), "must be > 0")
         if self.extractor != "auto":
-            _inert(self, ("extractor_epochs",), "", f"with extractor: {self.extractor} (only auto trains one)")
+            _inert(self, ("extractor_epochs",), "", f"with eval.extractor: {self.extractor} (only auto trains one)")
         if self.extractor != "inception":
-            _inert(self, ("inception_weights",), "", f"with extractor: {self.extractor}")
+            _inert(self, ("inception_weights",), "", f"with eval.extractor: {self.extractor}")
         if self.extractor in ("inception", "none"):
-            _inert(self, ("extractor_sha256",), "", f"with extractor: {self.extractor} (it pins a domain "
+            _inert(self, ("extractor_sha256",), "", f"with eval.extractor: {self.extractor} (it pins a domain "
                    "extractor's weights)")
         if self.extractor == "none":
-            _inert(self, ("gfd_samples", "gfd_reference_images"), "", "with extractor: none (no gFD is computed)")
+            _inert(self, ("gfd_samples", "gfd_reference_images"), "", "with eval.extractor: none (no gFD is computed)")
 
 
 @dataclass(frozen=True)
