@@ -9,7 +9,8 @@ import torch
 
 from ulsweep.config import AELossConfig, AEModelConfig, AEStageConfig, BaseModelConfig, BaseStageConfig
 from ulsweep.models import (AE_PRESETS, BASE_PRESETS, BaseViT, DecoderUViT, Encoder, PriorViT,
-                            UnifiedAutoencoder, build_autoencoder, build_base_model, num_params)
+                            UnifiedAutoencoder, num_params)
+from ulsweep.train.build import build_autoencoder, build_base_model
 
 TINY = AE_PRESETS["tiny"]
 
@@ -133,20 +134,17 @@ def test_every_parameter_gets_gradient(perturbed):
         _all_params(net, fn, zero_ok=not perturbed)
 
 
-def test_unified_autoencoder_forward_and_build():
+def test_unified_autoencoder_parts_and_build():
     cfg = AEStageConfig(model=AEModelConfig(preset="tiny", downsample=4, latent_channels=3))
     ae = build_autoencoder(cfg, image_channels=1)
     assert isinstance(ae, UnifiedAutoencoder) and isinstance(ae.prior, PriorViT)
     x = torch.rand(4, 1, 16, 16) * 2 - 1
-
-    def noisify(zc):
-        return torch.randn_like(zc), lam(4), zc + 0.08 * torch.randn_like(zc), torch.randn_like(x), lam(4)
-
-    z, v_z, v_x = ae(x, noisify)
+    z = ae.encoder(x)
+    v_z = ae.prior(torch.randn_like(z), lam(4))
+    v_x = ae.decoder(torch.randn_like(x), lam(4), z + 0.08 * torch.randn_like(z))
     assert z.shape == (4, 3, 4, 4) and v_z.shape == z.shape and v_x.shape == x.shape
     normal = build_autoencoder(AEStageConfig(model=cfg.model, loss=AELossConfig(prior="normal")), 1)
     assert normal.prior is None and num_params(normal) < num_params(ae)
-    assert normal(x, lambda zc: (None, None, zc, x, lam(4)))[1] is None
     base = build_base_model(BaseStageConfig(model=BaseModelConfig(preset="tiny")), latent_channels=3)
     assert isinstance(base, BaseViT) and base(z, lam(4)).shape == z.shape
 

@@ -17,8 +17,7 @@ import torch
 from ulsweep import io as uio
 from ulsweep.data import DataError, open_dataset, write_dataset
 from ulsweep.train import checkpoint as ck
-from ulsweep.train.stage1 import finished_result, publish
-from ulsweep.train.hooks import TrainHooks
+from ulsweep.train.hooks import StageResult
 
 STATE = {"w": torch.arange(1000, dtype=torch.float32), "step": 1}
 
@@ -136,15 +135,19 @@ def test_parquet_write_cut_short_is_never_read_as_valid(tmp_path, monkeypatch, n
 
 def test_result_json_cut_short_means_not_finished(tmp_path, monkeypatch):
     run = str(tmp_path / "run")
-    save = lambda metrics: ck.save_checkpoint(run, 5, STATE, {})  # noqa: E731
+
+    def publish():  # the end of the training loop (ulsweep/train/loop.py): final checkpoint, then result.json
+        path = ck.save_checkpoint(run, 5, STATE, {})
+        ck.write_result(run, StageResult({"bpp": 0.1}, path, 5, 1.0), "h")
+
     monkeypatch.setattr(uio.os, "replace", ReplaceFails(3))  # state.pt, meta.json, then result.json
     with pytest.raises(OSError, match="injected"):
-        publish(run, 5, 1.0, {"bpp": 0.1}, {}, save, TrainHooks(), "h")
+        publish()
     monkeypatch.undo()
-    assert finished_result(run, "h") is None  # not finished: the loop resumes from step 5 and publishes again
+    assert ck.finished_result(run, "h") is None  # not finished: the loop resumes from step 5 and publishes again
     (tmp_path / "run" / "result.json").write_text('{"metrics": {"bpp": 0.1}, "check')  # a torn file
     with pytest.warns(UserWarning, match="unreadable result"):
-        assert finished_result(run, "h") is None
-    publish(run, 5, 1.0, {"bpp": 0.1}, {}, save, TrainHooks(), "h")
-    assert finished_result(run, "h").metrics == {"bpp": 0.1}
+        assert ck.finished_result(run, "h") is None
+    publish()
+    assert ck.finished_result(run, "h").metrics == {"bpp": 0.1}
     assert json.loads((tmp_path / "run" / "result.json").read_text())["steps"] == 5
