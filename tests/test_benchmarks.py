@@ -30,7 +30,7 @@ def test_train_step_runs_every_stage_and_writes_its_rows(tmp_path):
 def test_train_step_mfu_of_a_known_step(tmp_path, monkeypatch):
     """A stage of 2 forward GFLOP per image, batch 4, timed at 0.4, 1.2 and 0.5 s (median 0.5 s), on a
     0.5 TFLOP/s peak: 8 images/s, 3 x 2e9 x 8 = 48 GFLOP/s of training, MFU 0.096 (by hand)."""
-    def known_stage(exp, batch, mode, channels, channels_last="none", dropout=None):
+    def known_stage(exp, batch, mode, channels, channels_last="none", dropout=None, **kw):
         return (lambda: None), 2.0, train_step.make_runtime(exp.ae.train)
 
     monkeypatch.setitem(train_step.STAGES, "prior", known_stage)
