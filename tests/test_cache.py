@@ -31,6 +31,7 @@ def test_unknown_cache_kind_is_refused():
 def test_datasets_extractors_and_refstats_share_one_root(monkeypatch, tmp_path):
     """A builtin dataset, the domain extractor `auto` trains for it and reference statistics all land in
     their own folder under $ULSWEEP_CACHE."""
+    from ulsweep import config as C
     from ulsweep.config import experiment_from_dict
     from ulsweep.data import open_dataset
     from ulsweep.metrics.domain import DomainCNN
@@ -51,10 +52,12 @@ def test_datasets_extractors_and_refstats_share_one_root(monkeypatch, tmp_path):
     ext = evaluation.load_eval_extractor(exp, "cpu")
     ds_path = root / "datasets" / "digits-v1"
     ds = open_dataset(str(ds_path))
-    stem = f"digits-{ds.content_hash[:16]}"
+    stem = f"digits-{ds.content_hash[:16]}-train-1ep"  # what the weights depend on: data, split, epochs
     assert sorted(os.listdir(root / "extractors")) == [f"{stem}.json", f"{stem}.pt"]
     assert evaluation.load_eval_extractor(exp, "cpu").weights_sha256 == ext.weights_sha256
     assert trained == ["digits"]  # the second run reused the cached extractor
+    evaluation.load_eval_extractor(experiment_from_dict(C.to_dict(exp), {"eval.extractor_epochs": 2}), "cpu")
+    assert trained == ["digits", "digits"]  # other epochs: another extractor
     x, _ = ds.load_split("test", limit=32)
     evaluation.reconstruction_fd_of(ext, x, x.flip(-1), ds.content_hash, "test@16")
     assert len(os.listdir(root / "refstats")) == 1

@@ -173,7 +173,10 @@ def test_inception_fid_names_belong_to_the_standard_weights_hash_alone(random_in
     other = ex.load_inception(path, sha256=sha)
     assert (other.name, other.is_standard_fid) == (f"inception_{sha[:8]}", False)
     assert (metric_name("r", other), metric_name("g", other)) == (f"rfd_inception_{sha[:8]}", f"gfd_inception_{sha[:8]}")
-    monkeypatch.setattr(ex, "INCEPTION_SHA256", sha)  # these weights' hash as the standard one
+    from ulsweep.metrics import features, inception
+
+    for module in (features, inception):  # these weights' hash as the standard one, where it is read
+        monkeypatch.setattr(module, "INCEPTION_SHA256", sha)
     std = ex.load_inception(path, sha256=sha.upper())
     assert (std.name, std.is_standard_fid, std.weights_sha256) == ("inception", True, sha)
     assert (metric_name("r", std), metric_name("g", std)) == ("rfid", "gfid")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import textwrap
 
 import pytest
@@ -81,15 +80,6 @@ def test_training_flops_match_a_counted_forward_and_backward():
 # --- ulsweep's models ---------------------------------------------------------------------------------
 
 
-def _models_ready() -> str | None:
-    try:
-        m = importlib.import_module("ulsweep.models")
-    except Exception as e:  # noqa: BLE001
-        return f"ulsweep.models does not import yet ({type(e).__name__}: {e})"
-    missing = [n for n in ("build_autoencoder", "build_base_model") if not hasattr(m, n)]
-    return f"ulsweep.models has no {', '.join(missing)} yet" if missing else None
-
-
 def _cfg(**data):
     from ulsweep.config import experiment_from_dict
 
@@ -98,9 +88,6 @@ def _cfg(**data):
 
 
 def test_model_gflops_tiny_preset():
-    reason = _models_ready()
-    if reason:
-        pytest.skip(reason)
     from ulsweep.metrics.flops import model_gflops
 
     g = model_gflops(_cfg(), image_channels=1, breakdown=True)
@@ -115,9 +102,6 @@ def test_model_gflops_tiny_preset():
 
 
 def test_flops_cli_prints_table(tmp_path, capsys):
-    reason = _models_ready()
-    if reason:
-        pytest.skip(reason)
     from ulsweep.metrics.cli import register
 
     cfg = tmp_path / "exp.yaml"
@@ -136,9 +120,6 @@ def test_flops_cli_prints_table(tmp_path, capsys):
 
 
 def test_model_gflops_normal_prior_has_no_prior_entry():
-    reason = _models_ready()
-    if reason:
-        pytest.skip(reason)
     from ulsweep.config import experiment_from_dict
     from ulsweep.metrics.flops import model_gflops
 

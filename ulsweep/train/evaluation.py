@@ -27,20 +27,22 @@ EVAL_BATCH = 256  # images per extractor call
 
 
 def ensure_domain_extractor(exp: ExperimentConfig, device: str | torch.device = "cpu") -> str:
-    """Path of the cached domain extractor of the experiment's dataset; trains it first if missing."""
+    """Path of the cached domain extractor of the experiment's dataset; trains it first if missing. The cache
+    key holds what its weights depend on: the dataset's content, the training split and the epochs."""
     ds = open_dataset(resolve_dataset(exp.data.path))
     name = extractor_name_for_dataset(ds.name)
-    path = os.path.join(uio.cache_dir("extractors"), f"{name}-{ds.content_hash[:16]}.pt")
+    epochs, split = exp.eval.extractor_epochs, exp.data.train_split
+    path = os.path.join(uio.cache_dir("extractors"), f"{name}-{ds.content_hash[:16]}-{split}-{epochs}ep.pt")
     if uio.exists(path):
         return path
-    xtr, ytr = ds.load_split(exp.data.train_split)
+    xtr, ytr = ds.load_split(split)
     xte, yte = ds.load_split(exp.data.eval_split)
     print(f"[eval] training domain extractor {name!r} on {ds.name} ({len(xtr)} images, "
-          f"{exp.eval.extractor_epochs} epochs) -> {path}", file=sys.stderr, flush=True)
-    res = train_domain_extractor(xtr, ytr, xte, yte, name=name, epochs=exp.eval.extractor_epochs, device=device)
+          f"{epochs} epochs) -> {path}", file=sys.stderr, flush=True)
+    res = train_domain_extractor(xtr, ytr, xte, yte, name=name, epochs=epochs, device=device)
     save_domain_extractor(res.model.cpu(), path, {
         "dataset": exp.data.path, "dataset_name": ds.name, "dataset_hash": ds.content_hash,
-        "train_split": exp.data.train_split, "test_split": exp.data.eval_split,
+        "train_split": split, "test_split": exp.data.eval_split,
         "test_accuracy": res.test_accuracy, "epochs": res.epochs})
     print(f"[eval] domain extractor {name!r}: test accuracy {res.test_accuracy:.4f}", file=sys.stderr, flush=True)
     return path
