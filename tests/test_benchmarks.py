@@ -2,6 +2,7 @@
 kernel categories on kernel names taken from an H200 run. Speeds are never asserted here."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -84,12 +85,19 @@ def test_train_step_one_pass_rows_compile_with_the_rows_they_name(tmp_path, monk
     import torch
     import torch._inductor.config as inductor
 
+    # rows given on the command line switch Inductor's graph caches off for the process: back afterwards, through
+    # the config modules' own patch() (a plain setattr/restore leaves torch 2.13's autograd-cache key hidden)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(inductor.patch(fx_graph_cache=inductor.fx_graph_cache))
+        if hasattr(torch._functorch.config, "enable_autograd_cache"):
+            stack.enter_context(torch._functorch.config.patch(
+                enable_autograd_cache=torch._functorch.config.enable_autograd_cache))
+        _one_pass_rows_compile(tmp_path, monkeypatch)
+
+
+def _one_pass_rows_compile(tmp_path, monkeypatch):
     from ulsweep.train import accel
-    # rows given on the command line switch Inductor's graph caches off for the process: back afterwards
-    monkeypatch.setattr(inductor, "fx_graph_cache", inductor.fx_graph_cache)
-    if hasattr(torch._functorch.config, "enable_autograd_cache"):
-        monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache",
-                            torch._functorch.config.enable_autograd_cache)
+
     built = _record_compiles(monkeypatch)
     args = ["--preset", "tiny", "--image-size", "16", "--stages", "base", "--batch", "2", "--modes", "default",
             "--warmup", "0", "--iters", "1"]
