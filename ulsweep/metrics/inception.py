@@ -77,7 +77,7 @@ class InceptionExtractor(FeatureExtractor):
         self.name, self.feature_dim, self.weights_sha256 = name, INCEPTION_FEATURE_DIM, weights_sha256
         self.eval().requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "InceptionExtractor":
+    def train(self, mode: bool = True) -> InceptionExtractor:
         return super().train(False)  # inference mode always
 
     @torch.no_grad()
