@@ -101,6 +101,10 @@ def test_fid_cli_errors_name_the_file(tmp_path, domain_file, capsys):
     assert main(["fid", a, a, "--extractor", str(tmp_path / "no.pt")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "no.") in err and "not found" in err  # the weights file or its JSON sidecar
+    assert main(["fid", a, a, "--extractor-sha256", "0" * 64]) == 2  # inert with inception: refused
+    assert "--extractor-sha256" in capsys.readouterr().err
+    assert main(["fid", a, a, "--extractor", domain_file, "--inception-weights", "w.pt"]) == 2
+    assert "--inception-weights" in capsys.readouterr().err
 
 
 def test_fid_cli_dataset_splits(digits_cache, domain_file, capsys):

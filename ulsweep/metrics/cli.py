@@ -83,6 +83,10 @@ def _fid_impl(args: argparse.Namespace) -> int:
     a = load_image_set(args.a, args.limit)
     b = load_image_set(args.b, args.limit)
     if args.extractor == "inception":
+        if args.extractor_sha256:
+            print("error: --extractor-sha256 pins a domain extractor's weights; the FID Inception's SHA-256 is "
+                  "fixed", file=sys.stderr)
+            return 2
         ext = load_inception(args.inception_weights)
         source = resolve_inception_weights(args.inception_weights)
         protocol = INCEPTION_PROTOCOL
