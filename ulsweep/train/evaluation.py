@@ -5,12 +5,13 @@ are `ulsweep.metrics.fid.reconstruction_fd` / `generation_fd`.
 and caches it under `ulsweep.io.cache_dir("extractors")` ($ULSWEEP_CACHE, else ~/.cache/ulsweep, then
 extractors/); later runs and concurrent trials reuse it. Reference feature statistics are cached under
 `cache_dir("refstats")`. Metric names come from the extractor: rfd_<name>/gfd_<name>, or rfid/gfid for
-Inception.
+Inception; `eval.extractor: both` loads the Inception and the `auto` domain extractor and reports both.
 """
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 
 import torch
 
@@ -48,10 +49,18 @@ def ensure_domain_extractor(exp: ExperimentConfig, device: str | torch.device = 
     return path
 
 
-def load_eval_extractor(exp: ExperimentConfig, device: torch.device) -> FeatureExtractor | None:
+Extractors = FeatureExtractor | Sequence[FeatureExtractor]
+
+
+def load_eval_extractor(exp: ExperimentConfig, device: torch.device) -> Extractors | None:
+    """`eval.extractor` loaded on `device`: None (`none`), one extractor, or (inception, domain) for `both`."""
     spec = exp.eval.extractor
     if spec == "none":
         return None
+    if spec == "both":
+        return (load_inception(exp.eval.inception_weights).to(device).eval(),
+                load_domain_extractor(ensure_domain_extractor(exp, device), exp.eval.extractor_sha256)
+                .to(device).eval())
     if spec == "inception":
         ext = load_inception(exp.eval.inception_weights)
     else:
@@ -60,16 +69,27 @@ def load_eval_extractor(exp: ExperimentConfig, device: torch.device) -> FeatureE
     return ext.to(device).eval()
 
 
-def reconstruction_fd_of(extractor: FeatureExtractor, real_u8: torch.Tensor, recon_u8: torch.Tensor,
+def _each(extractors: Extractors) -> tuple[FeatureExtractor, ...]:
+    return (extractors,) if isinstance(extractors, FeatureExtractor) else tuple(extractors)
+
+
+def reconstruction_fd_of(extractor: Extractors, real_u8: torch.Tensor, recon_u8: torch.Tensor,
                          dataset_hash: str, split: str) -> dict[str, float]:
     """rFD/rFID (paper §5.2) of `recon_u8`, the reconstructions of `real_u8` (the first images of `split`):
-    the reference statistics come from the very images that were reconstructed, cached."""
-    return reconstruction_fd(extractor, real_u8, recon_u8, EVAL_BATCH, RefStatsCache(), dataset_hash, split)
+    the reference statistics come from the very images that were reconstructed, cached. One metric per
+    extractor."""
+    out: dict[str, float] = {}
+    for ext in _each(extractor):
+        out.update(reconstruction_fd(ext, real_u8, recon_u8, EVAL_BATCH, RefStatsCache(), dataset_hash, split))
+    return out
 
 
-def generation_fd_of(extractor: FeatureExtractor, samples_u8: torch.Tensor, ref_u8: torch.Tensor,
+def generation_fd_of(extractor: Extractors, samples_u8: torch.Tensor, ref_u8: torch.Tensor,
                      dataset_hash: str, split: str) -> dict[str, float]:
     """gFD/gFID: base-model samples (decoded) against held-out reference images `ref_u8` (the first images
-    of `split`), whose statistics are cached."""
-    return generation_fd(extractor, samples_u8, ref_images_u8=ref_u8, batch_size=EVAL_BATCH,
-                         ref_cache=RefStatsCache(), dataset_hash=dataset_hash, split=split)
+    of `split`), whose statistics are cached. One metric per extractor."""
+    out: dict[str, float] = {}
+    for ext in _each(extractor):
+        out.update(generation_fd(ext, samples_u8, ref_images_u8=ref_u8, batch_size=EVAL_BATCH,
+                                 ref_cache=RefStatsCache(), dataset_hash=dataset_hash, split=split))
+    return out
