@@ -130,3 +130,32 @@ def test_ray_tune_no_longer_copies_cloud_credentials_into_trial_runtime_envs(mon
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-in-a-runtime-env")
     runtime_env = class_cache._ActorClassCache().get(type("Trainable", (), {}))._default_options["runtime_env"]
     assert "AWS_SECRET_ACCESS_KEY" not in runtime_env["env_vars"]
+
+
+def test_secret_values_survive_a_variable_removed_while_the_environment_is_read(monkeypatch):
+    """Another thread (MLflow's telemetry in a trial process) may delete a variable while redaction copies the
+    environment: os.environ lists its keys, then a lookup raises KeyError. The copy is taken again."""
+    from collections.abc import Mapping
+
+    from ulsweep.tracking import redact
+
+    class Vanishing(Mapping):  # the first lookup of _GONE finds it removed, as in the race
+        def __init__(self):
+            self.data, self.misses = {"_GONE": "x", "API_TOKEN": "s3cr3t-value"}, 0
+
+        def __getitem__(self, k):
+            if k == "_GONE" and self.misses == 0:
+                self.misses += 1
+                raise KeyError(k)
+            return self.data[k]
+
+        def __iter__(self):
+            return iter(list(self.data))
+
+        def __len__(self):
+            return len(self.data)
+
+    env = Vanishing()
+    assert redact.environ_snapshot(env) == env.data and env.misses == 1
+    monkeypatch.setenv("API_TOKEN", "s3cr3t-value")  # the default reads os.environ through the same copy
+    assert redact.redact_text("token s3cr3t-value") == "token ***"

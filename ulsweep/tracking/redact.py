@@ -67,9 +67,22 @@ def is_redacted(uri: str | None) -> bool:
     return bool(uri) and f"{MASK}@" in uri
 
 
+def environ_snapshot(source: Mapping[str, str] | None = None, attempts: int = 10) -> dict[str, str]:
+    """A copy of os.environ (or `source`). Iterating os.environ while another thread removes a variable raises KeyError
+    (os.environ lists its keys, then looks each up): MLflow's telemetry thread does that in a trial process, so
+    a trial's first params failed to log. Copy again until the environment held still."""
+    env = os.environ if source is None else source
+    for _ in range(attempts - 1):
+        try:
+            return dict(env)
+        except (KeyError, RuntimeError):  # a variable went away (or the mapping changed size) mid-copy
+            continue
+    return dict(env)
+
+
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of credential-like environment variables, longest first (so overlaps mask whole)."""
-    env = os.environ if environ is None else environ
+    env = environ_snapshot() if environ is None else environ
     vals = {v for k, v in env.items() if is_credential_name(k) and v and len(v) >= _MIN_SECRET_LEN}
     return sorted(vals, key=len, reverse=True)
 
