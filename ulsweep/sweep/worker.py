@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from ulsweep import io as uio, tracking
+from ulsweep.tracking.buffer import is_number
 from ulsweep.config import experiment_from_dict
 from ulsweep.sweep.space import find_base
 from ulsweep.testing import faults
@@ -240,7 +241,7 @@ def _report_final(final: dict, res: StageResult, wcfg: dict, rank: int) -> None:
 
 def numbers(metrics: dict) -> dict[str, float]:
     """The numeric entries of a metrics dict (booleans are not numbers here)."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: v for k, v in metrics.items() if is_number(v)}
 
 
 # ----------------------------------------------------------------------------------------------

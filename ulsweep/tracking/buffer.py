@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 _BATCH = 1000  # MLflow's log_batch limit on metrics
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A metric value MLflow takes: an int or float, not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -55,7 +56,7 @@ class MetricBuffer:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(self.prefix + k, float(v), ts, int(step)) for k, v in metrics.items() if _is_number(v)]
+        items = [Metric(self.prefix + k, float(v), ts, int(step)) for k, v in metrics.items() if is_number(v)]
         with self._cv:
             self._pending += items
             if len(self._pending) >= self.max_items or time.monotonic() - self._last >= self.flush_s:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 from urllib.parse import quote
 
+from ulsweep.tracking.buffer import is_number
 from ulsweep.tracking.redact import redact_text, redact_uri, split_userinfo
 
 log = logging.getLogger(__name__)
@@ -199,13 +200,9 @@ def log_metrics(c, run_id: str, metrics: Mapping[str, float], step: int = 0,
     from mlflow.entities import Metric
 
     ts = timestamp_ms or int(time.time() * 1000)
-    items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if _is_number(v)]
+    items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if is_number(v)]
     for i in range(0, len(items), _METRICS_PER_BATCH):
         retry(c.log_batch, run_id, metrics=items[i:i + _METRICS_PER_BATCH])
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def log_text(c, run_id: str, text: str, artifact_file: str) -> None:
