@@ -41,6 +41,12 @@ class Dataset:
         return self.manifest["content_hash"]
 
     @property
+    def encoding(self) -> str:
+        """How the `image` column stores each image (`ulsweep.data.codec`); datasets written before
+        encodings existed hold raw pixels."""
+        return self.manifest.get("encoding", "raw")
+
+    @property
     def label_names(self) -> list[str] | None:
         return self.manifest.get("label_names")
 
