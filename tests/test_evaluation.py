@@ -109,4 +109,14 @@ def test_load_eval_extractor_both(monkeypatch):
     assert [e.name for e in got] == ["inception", "digits"] and not any(e.training for e in got)
     assert calls == [("inception", "/w/default_1.pt"), ("domain", "/cache/digits.pt", None)]
     with pytest.raises(ConfigError, match="eval.inception_weights"):  # only inception and both read it
-        experiment_from_dict({"eval": {"extractor": "auto", "inception_weights": "w.pt"}})
+        experiment_from_dict({"eval": {"extractor": "domain", "inception_weights": "w.pt"}})
+
+
+def test_auto_extractor_is_inception_on_cuda_and_the_domain_one_elsewhere(capsys):
+    from ulsweep.train import evaluation
+    assert evaluation.resolve_auto_extractor("auto", torch.device("cuda")) == "inception"
+    assert "standard FID Inception" in capsys.readouterr().err
+    assert evaluation.resolve_auto_extractor("auto", torch.device("cpu")) == "domain"
+    assert "not FID" in capsys.readouterr().err
+    for spec in ("inception", "domain", "both", "none", "/x/digits.pt"):
+        assert evaluation.resolve_auto_extractor(spec, torch.device("cuda")) == spec

@@ -252,7 +252,7 @@ def test_mse_decoder_is_decoded_at_the_lambda_it_was_trained_at():
     ({"resources": {"num_workers": 0, "max_worker_failures": 5}}, "resources.max_worker_failures"),
     ({"eval": {"extractor": "none", "gfd_samples": 10}}, "eval.gfd_samples"),
     ({"eval": {"extractor": "inception", "extractor_epochs": 2}}, "eval.extractor_epochs"),
-    ({"eval": {"extractor": "auto", "inception_weights": "w.pt"}}, "eval.inception_weights"),
+    ({"eval": {"extractor": "domain", "inception_weights": "w.pt"}}, "eval.inception_weights"),
     ({"search": {"method": "grid", "space": {"ae.loss.loss_factor": {"values": [1.5]}}, "seed": 3}},
      "search.seed"),
 ])

@@ -26,7 +26,7 @@ def cache_root() -> str:
 
 def cache_dir(kind: str) -> str:
     """The cache folder of one kind of file, `<cache_root()>/<kind>`: `datasets` (materialised builtin
-    datasets), `extractors` (domain extractors trained for `eval.extractor: auto`), `refstats` (reference
+    datasets), `extractors` (domain extractors trained for `eval.extractor: domain`), `refstats` (reference
     feature statistics of Fréchet distances)."""
     if kind not in CACHE_KINDS:
         raise ValueError(f"unknown cache kind {kind!r}; known: {', '.join(CACHE_KINDS)}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Fig. 8 sweep, detached (it outlives this device call): trains the Fashion-MNIST domain extractor once,
 # then `ulsweep run experiments/lf_sweep.yaml` (extra arguments, e.g. `--set k=v`, are passed on), logging to
-# /tmp/fig8/sweep.log.
+# /tmp/fig8/sweep.log. $FIG8_DATA: the Fashion-MNIST dataset (default ./data/fmnist).
 set -euo pipefail
 . benchmarks/device/env_b.sh
 mkdir -p /tmp/fig8
@@ -11,10 +11,10 @@ cd /tmp/fig8/src
 setsid nohup bash -c "
   . benchmarks/device/env_b.sh
   python3 -c 'from ulsweep.config import load_experiment; from ulsweep.train.evaluation import ensure_domain_extractor;
-exp = load_experiment(\"experiments/lf_sweep.yaml\", {\"data.path\": \"$PWD/data/fmnist\"}); print(ensure_domain_extractor(exp, \"cuda\"))'
+exp = load_experiment(\"experiments/lf_sweep.yaml\", {\"data.path\": \"${FIG8_DATA:-$PWD/data/fmnist}\"}); print(ensure_domain_extractor(exp, \"cuda\"))'
   date +%s > /tmp/fig8/t_start
   python3 -m ulsweep.cli run experiments/lf_sweep.yaml --storage /tmp/fig8/runs \
-      --set data.path=$PWD/data/fmnist $*
+      --set data.path=${FIG8_DATA:-$PWD/data/fmnist} $*
   echo \$? > /tmp/fig8/rc; date +%s > /tmp/fig8/t_end
 " > /tmp/fig8/sweep.log 2>&1 < /dev/null &
 sleep 45

