@@ -124,8 +124,9 @@ def register(subparsers) -> None:
     q.add_argument("--quality", type=int, help="jpeg / webp quality, 1..100")
     q.add_argument("--channels", type=int, choices=(1, 3),
                    help="channels of the dataset (default: 3 if any image has colour, else 1)")
-    q.add_argument("--workers", type=int, default=default_workers(),
-                   help=f"processes writing shards (default min(cpu count, 8) = {default_workers()})")
+    q.add_argument("--workers", type=int,
+                   help=f"processes writing shards (default min(cpu count, 8) = {default_workers()}; "
+                   "1 for memory://)")
     q.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="fail (report written, no dataset) when more than this share of files is bad "
                    "(default 0.01)")

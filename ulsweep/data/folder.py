@@ -151,14 +151,14 @@ def _done(fs, root: str, split: str, k: int) -> dict | None:
 
 def _report(src: str, out: str, n_listed: int, markers: list[dict], channels: dict, max_bad: float,
             status: str) -> dict:
-    bad = sorted((b for m in markers for b in m["bad"]), key=lambda b: b[0])
+    bad = sorted((b + [m["file"].split("/", 1)[0]] for m in markers for b in m["bad"]), key=lambda b: b[0])
     conversions = Counter()
     for m in markers:
         conversions.update(m["conversions"])
     return {"status": status, "source": src, "out": out, "listed": n_listed,
             "imported": sum(m["num_rows"] for m in markers), "bad_count": len(bad),
             "bad_fraction": len(bad) / n_listed, "max_bad_fraction": max_bad,
-            "bad": [{"file": r, "reason": why} for r, why in bad], "channels": channels,
+            "bad": [{"file": r, "reason": why, "split": split} for r, why, split in bad], "channels": channels,
             "conversions": dict(sorted(conversions.items(), key=lambda kv: (-kv[1], kv[0]))),
             "transform": TRANSFORM}
 
@@ -169,6 +169,11 @@ def _write_report(fs, root: str, report: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # The import
+
+
+def _in_memory(uri: str) -> bool:
+    protocol = filesystem(uri)[0].protocol
+    return "memory" in (protocol if isinstance(protocol, tuple) else (protocol,))
 
 
 def _check_args(src: str, out: str, image_size, encoding: str, quality, channels, test_fraction, workers,
@@ -195,7 +200,7 @@ def _check_args(src: str, out: str, image_size, encoding: str, quality, channels
         bad("max_bad_fraction", max_bad_fraction, "expected a number in [0, 1]")
     if shard_rows is not None and (not is_int(shard_rows) or shard_rows < 1):
         bad("shard_rows", shard_rows, "expected a positive integer")
-    if workers > 1 and any(filesystem(u)[0].protocol in ("memory", ("memory",)) for u in (src, out)):
+    if workers > 1 and any(_in_memory(u) for u in (src, out)):
         bad("workers", workers, "memory:// lives in one process; use workers=1 with memory:// folders")
 
 
@@ -295,12 +300,13 @@ def import_image_folder(src: str, out: str, image_size: int, test_fraction: floa
 
     encoding: png (default; lossless), jpeg or webp (need `quality` 1..100) or raw. channels: 1 or 3;
     default 3 when any image has colour, else 1. workers: processes writing shards (default
-    min(cpu count, 8)). shard_rows: files per shard (default ~64 MiB of raw RGB pixels). The seed fixes the
+    min(cpu count, 8); 1 for memory:// folders, which other processes cannot see). shard_rows: files per shard (default ~64 MiB of raw RGB pixels). The seed fixes the
     test split and the order of images in shards. progress: tqdm bars on stderr. Returns the dataset; what
     was done (channels, conversions by kind, bad files) is in `out`/import_report.json and the manifest's
     `source`.
     """
-    workers = default_workers() if workers is None else workers
+    if workers is None:  # memory:// exists in this process only
+        workers = 1 if any(_in_memory(u) for u in (src, out)) else default_workers()
     _check_args(src, out, image_size, encoding, quality, channels, test_fraction, workers, max_bad_fraction,
                 shard_rows)
     _, src_root, rel, fingerprint = list_images(src)

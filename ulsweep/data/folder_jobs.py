@@ -1,19 +1,20 @@
 """The work of an image-folder import that runs in its process pool (`ulsweep.data.folder`): reading headers
 to decide the channels, and writing one shard with its done marker. Jobs are plain dicts and tuples, so a
-spawned worker needs nothing from the parent but this module."""
+worker process needs nothing from the parent but this module."""
 from __future__ import annotations
 
 import hashlib
 import json
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from typing import Any, Callable
 
 import numpy as np
 
 from ulsweep import io as uio
-from ulsweep.data.manifest import filesystem
+from ulsweep.data.manifest import DataError, filesystem
 from ulsweep.data.writer import shard_bytes
 
 WORK_DIR = "_import"
@@ -86,8 +87,20 @@ def write_shard(job: dict) -> dict:
     return marker
 
 
+def _context():
+    """Processes forked from a fork server that has imported this module once (a plain fork could copy
+    locks held by the parent's threads; spawning would import torch, via ulsweep.data, in every worker)."""
+    from multiprocessing import get_all_start_methods
+
+    if "forkserver" not in get_all_start_methods():
+        return get_context("spawn")
+    ctx = get_context("forkserver")
+    ctx.set_forkserver_preload(["ulsweep.data.folder_jobs", "ulsweep.data.images", "PIL.Image"])
+    return ctx
+
+
 class Pool:
-    """A lazily started pool of `workers` spawned processes (none for workers = 1: jobs then run here).
+    """A lazily started pool of `workers` processes (none for workers = 1: jobs then run here).
 
         with Pool(4) as pool:
             for result in pool.unordered(fn, jobs): ...
@@ -105,11 +118,15 @@ class Pool:
                 yield fn(job)
             return
         if self.ex is None:
-            self.ex = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"))
+            self.ex = ProcessPoolExecutor(max_workers=self.workers, mp_context=_context())
         futures = [self.ex.submit(fn, job) for job in jobs]
         try:
             for fut in as_completed(futures):
-                yield fut.result()
+                try:
+                    yield fut.result()
+                except BrokenProcessPool as e:
+                    raise DataError("an import worker process died (killed, out of memory?); rerun the same "
+                                    "import to resume it") from e
         finally:
             for fut in futures:
                 fut.cancel()
