@@ -178,8 +178,8 @@ def test_flat_grey_tree_jpeg(tmp_path):
             a = _crop(getattr(skimage.data, name)(), i)
             Image.fromarray(a).save(src / f"{name}{i}.png")
             expected.append(_centre_lanczos(a)[:1])
-    ds = folder.import_image_folder(str(src), str(tmp_path / "out"), S, test_fraction=0.0, encoding="jpeg",
-                                    quality=90, workers=1)
+    out = f"memory://flat-{tmp_path.name}"  # any fsspec URI; workers default to 1 for memory://
+    ds = folder.import_image_folder(str(src), out, S, test_fraction=0.0, encoding="jpeg", quality=90)
     assert ds.image_shape == (1, S, S) and ds.label_names is None and ds.splits == {"train": 6}
     assert (ds.encoding, ds.quality) == ("jpeg", 90) and ds.source["channels"]["how"].startswith("auto: 0 of 6")
     x, y = ds.load_split("train")

@@ -309,13 +309,14 @@ def import_image_folder(src: str, out: str, image_size: int, test_fraction: floa
         workers = 1 if any(_in_memory(u) for u in (src, out)) else default_workers()
     _check_args(src, out, image_size, encoding, quality, channels, test_fraction, workers, max_bad_fraction,
                 shard_rows)
-    _, src_root, rel, fingerprint = list_images(src)
+    src_fs, src_root, rel, fingerprint = list_images(src)
     labels, classes = labels_of(rel)
     shard_rows = shard_rows or max(1, SHARD_BYTES // (3 * image_size * image_size))
     plan = plan_shards(src, labels, test_fraction, seed, shard_rows)
     options = {"image_size": image_size, "encoding": encoding, "quality": quality, "channels": channels,
                "test_fraction": test_fraction, "seed": seed, "shard_rows": shard_rows}
-    state = {"version": STATE_VERSION, "source": {"uri": src, "files": len(rel), "fingerprint": fingerprint},
+    state = {"version": STATE_VERSION, "source": {"uri": src_fs.unstrip_protocol(src_root), "files": len(rel),
+                                                  "fingerprint": fingerprint},
              "options": options}
     fs, root = filesystem(out)
     old_state, old_files = _prepare_out(fs, root, out, state, overwrite)
