@@ -15,7 +15,7 @@ import numpy as np
 
 from ulsweep import io as uio
 from ulsweep.data.manifest import DataError, filesystem
-from ulsweep.data.writer import shard_bytes
+from ulsweep.data.shards import shard_bytes
 
 WORK_DIR = "_import"
 
@@ -88,8 +88,9 @@ def write_shard(job: dict) -> dict:
 
 
 def _context():
-    """Processes forked from a fork server that has imported this module once (a plain fork could copy
-    locks held by the parent's threads; spawning would import torch, via ulsweep.data, in every worker)."""
+    """Processes forked from a fork server that has imported this module and Pillow once: a plain fork
+    could copy locks held by the parent's threads, spawning imports them again in every worker. Nothing
+    the workers import needs torch (`ulsweep.data` imports its modules lazily)."""
     from multiprocessing import get_all_start_methods
 
     if "forkserver" not in get_all_start_methods():

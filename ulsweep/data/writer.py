@@ -1,25 +1,24 @@
 """Writing a dataset: Parquet shards first, each atomically, then the manifest (`write_dataset`).
 
-`shard_bytes` / `encoded_shard_bytes` (one shard's Parquet file) and `build_manifest` / `publish_manifest`
-are shared with the folder importer (`ulsweep.data.folder`), which writes shards from worker processes.
+`build_manifest` / `publish_manifest` are shared with the folder importer (`ulsweep.data.folder`), whose
+worker processes write the shards themselves (`ulsweep.data.shards`).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from ulsweep import io as uio
-from ulsweep.data.codec import CodecError, check_encoding, encode_images
+from ulsweep.data.codec import CodecError, check_encoding
 from ulsweep.data.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, SPLIT_RE, DataError, content_hash,
                                    filesystem, where)
 from ulsweep.data.reader import Dataset, open_dataset
+from ulsweep.data.shards import shard_bytes
 
 SHARD_BYTES = 64 * 2**20  # raw image bytes per shard (files are smaller: zstd-compressed)
 
@@ -47,36 +46,6 @@ def _check_split(uri: str, split: str, images: Any, labels: Any) -> tuple[np.nda
     if labels.min() < -1:
         raise DataError(f"{at}: labels must be >= -1 (-1 = unlabelled), got {int(labels.min())}")
     return np.ascontiguousarray(images), labels
-
-
-def _row_group_rows(n: int, raw_row_bytes: int) -> int:
-    """Rows per Parquet row group: ~16 MiB of raw pixels (fewer bytes once encoded)."""
-    return max(1, min(n, 2**20 // max(raw_row_bytes, 1) * 16))
-
-
-def _table_bytes(image: pa.Array, labels: np.ndarray, raw_row_bytes: int, compression: str) -> bytes:
-    table = pa.table({"image": image, "label": pa.array(labels, pa.int64())})
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression={"image": compression, "label": "zstd"}, use_dictionary=False,
-                   write_statistics=["label"], row_group_size=_row_group_rows(len(labels), raw_row_bytes))
-    return sink.getvalue()
-
-
-def encoded_shard_bytes(values: list[bytes], labels: np.ndarray, raw_row_bytes: int) -> bytes:
-    """One shard's Parquet file from already encoded images (one PNG/JPEG/WebP file per row) and int64 labels.
-    The image column is stored uncompressed: zstd gains next to nothing on compressed images."""
-    return _table_bytes(pa.array(values, pa.binary()), labels, raw_row_bytes, "none")
-
-
-def shard_bytes(images: np.ndarray, labels: np.ndarray, encoding: str = "raw", quality: int | None = None) -> bytes:
-    """One shard's Parquet file from uint8 (N, C, H, W) images and int64 (N,) labels."""
-    n, D = images.shape[0], int(np.prod(images.shape[1:]))
-    if encoding != "raw":
-        return encoded_shard_bytes(encode_images(images, encoding, quality), labels, D)
-    offsets = np.arange(n + 1, dtype=np.int32) * D
-    image = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets),
-                                                   pa.py_buffer(np.ascontiguousarray(images))])
-    return _table_bytes(image, labels, D, "zstd")
 
 
 def build_manifest(name: str, image_shape: tuple[int, int, int], splits: Mapping[str, list[dict]], *,
