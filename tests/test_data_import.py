@@ -59,6 +59,39 @@ def test_write_read_encoded(tmp_path, encoding, quality, tol):
 
 
 # ----------------------------------------------------------------------------------------------
+# Mode conversion (ulsweep.data.images), mode by mode on tiny images
+
+
+def test_mode_conversions():
+    from ulsweep.data.images import is_colour, prepare, to_channels
+
+    la = Image.fromarray(np.dstack([np.full((4, 4), 100, np.uint8), np.full((4, 4), 128, np.uint8)]), "LA")
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    pal.info["transparency"] = 1  # palette entry 1 is transparent: black after compositing
+    cases = [  # image, channels, expected kind, expected pixel value(s)
+        (Image.new("1", (4, 4), 1), 1, "1 -> L (bilevel to 0/255)", 255),
+        (Image.new("1", (4, 4), 1), 3, "1 -> RGB (bilevel to 0/255, grey replicated)", 255),
+        (la, 1, "LA -> L (alpha composited over black, luma)", 50),  # 100 * 128/255
+        (Image.new("CMYK", (4, 4), (0, 0, 0, 0)), 3, "CMYK -> RGB (Pillow CMYK -> RGB)", 255),
+        (Image.fromarray(np.full((4, 4), 65535 // 5, np.int32), "I"), 1, "I -> L (16-bit scaled to 8-bit)", 51),
+        (Image.fromarray(np.full((4, 4), 300.0, np.float32), "F"), 1, "F -> L (float clipped to 0..255)", 255),
+        (pal, 3, "P -> RGB (alpha composited over black)", 0),
+        (Image.new("RGB", (4, 4), (10, 200, 30)), 1, "RGB -> L (luma)", 124),  # (299*10 + 587*200 + 114*30) / 1000
+    ]
+    for img, channels, kind, value in cases:
+        out, got = to_channels(img, channels)
+        assert got == kind and out.mode == ("L" if channels == 1 else "RGB")
+        assert np.abs(np.asarray(out).astype(int) - value).max() <= 1, (kind, np.asarray(out)[0, 0])
+    assert not is_colour(la) and is_colour(pal) and is_colour(Image.new("CMYK", (2, 2)))
+    grey_pal = Image.new("P", (2, 2))
+    grey_pal.putpalette([v for i in range(256) for v in (i, i, i)])
+    assert not is_colour(grey_pal)
+    x, kind = prepare(Image.new("RGB", (7, 5), (1, 2, 3)), 3, 3)
+    assert x.shape == (3, 3, 3) and x.dtype == np.uint8 and x[:, 0, 0].tolist() == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------------------------
 # Source trees (crops of scikit-image's sample photos, non-square, a few sizes)
 
 
@@ -217,7 +250,7 @@ def _interrupt_after(monkeypatch, k):
 def test_resume_keeps_done_shards(tmp_path, monkeypatch):
     src, out = tmp_path / "grey", tmp_path / "out"
     _grey_tree(src)
-    kw = dict(image_size=8, test_fraction=0.2, workers=1, shard_rows=3)  # train: 3 shards, test: 1
+    kw = dict(image_size=8, test_fraction=0.0, workers=1, shard_rows=3)  # 4 shards
     _interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         folder.import_image_folder(str(src), str(out), **kw)
@@ -238,7 +271,9 @@ def test_resume_keeps_done_shards(tmp_path, monkeypatch):
         "complete (2 shard(s) kept from an interrupted run)"
     # the resumed dataset is the one an uninterrupted import writes
     again = folder.import_image_folder(str(src), str(tmp_path / "again"), **kw)
-    assert ds.content_hash == again.content_hash and ds.splits == {"train": 8, "test": 2}
+    assert ds.content_hash == again.content_hash and ds.splits == {"train": 10}
+    other = folder.import_image_folder(str(src), str(tmp_path / "seed1"), **kw, seed=1)
+    assert other.content_hash != ds.content_hash and _rows(other) == _rows(ds)  # same images, other order
 
 
 def test_resume_refuses_changed_options_or_source(tmp_path, monkeypatch):
