@@ -300,10 +300,10 @@ def import_image_folder(src: str, out: str, image_size: int, test_fraction: floa
 
     encoding: png (default; lossless), jpeg or webp (need `quality` 1..100) or raw. channels: 1 or 3;
     default 3 when any image has colour, else 1. workers: processes writing shards (default
-    min(cpu count, 8); 1 for memory:// folders, which other processes cannot see). shard_rows: files per shard (default ~64 MiB of raw RGB pixels). The seed fixes the
-    test split and the order of images in shards. progress: tqdm bars on stderr. Returns the dataset; what
-    was done (channels, conversions by kind, bad files) is in `out`/import_report.json and the manifest's
-    `source`.
+    min(cpu count, 8); 1 for memory:// folders, which other processes cannot see). shard_rows: files per
+    shard (default ~64 MiB of raw RGB pixels). The seed fixes the test split and the order of images in
+    shards. progress: tqdm bars on stderr. Returns the dataset; what was done (channels, conversions by
+    kind, bad files) is in `out`/import_report.json and the manifest's `source`.
     """
     if workers is None:  # memory:// exists in this process only
         workers = 1 if any(_in_memory(u) for u in (src, out)) else default_workers()
