@@ -17,7 +17,7 @@ import torch
 
 from ulsweep.data import DataError, open_dataset, resolve_dataset, to_model_range, write_dataset
 from ulsweep.data.builtin import digits_arrays, photos_arrays
-from ulsweep.data.importers import import_fashion_mnist, import_image_folder
+from ulsweep.data.importers import import_fashion_mnist
 from ulsweep.data.manifest import content_hash
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -431,7 +431,7 @@ def test_fashion_mnist_real_package(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Image folders
+# Image folders: tests/test_data_import.py
 
 
 def _png(path, arr: np.ndarray):
@@ -439,47 +439,6 @@ def _png(path, arr: np.ndarray):
 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
-
-
-def test_image_folder_import(tmp_path):
-    src = tmp_path / "imgs"
-    red_centre = np.zeros((30, 60, 3), np.uint8)  # 60 wide x 30 high: blue sides, red centre square
-    red_centre[:, :15] = red_centre[:, 45:] = (0, 0, 255)
-    red_centre[:, 15:45] = (255, 0, 0)
-    _png(src / "cat" / "a.png", red_centre)
-    _png(src / "cat" / "b.png", np.full((12, 12, 3), 7, np.uint8))
-    _png(src / "cat" / "c.jpg", np.full((20, 20, 3), 100, np.uint8))
-    _png(src / "dog" / "d.png", np.full((8, 8), 200, np.uint8))  # greyscale: converted to RGB
-    _png(src / "dog" / "e.png", np.full((16, 16, 3), 50, np.uint8))
-    (src / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n definitely not a png")
-    (src / "notes.txt").write_text("ignored")
-    with pytest.warns(UserWarning, match=r"1 unreadable image file\(s\): dog/broken.png"):
-        ds = import_image_folder(str(src), str(tmp_path / "out"), image_size=8, test_fraction=0.2, seed=0)
-    assert ds.image_shape == (3, 8, 8) and ds.splits == {"train": 4, "test": 1}
-    assert ds.label_names == ["cat", "dog"] and ds.source["skipped"][0].startswith("dog/broken.png")
-    x = torch.cat([ds.load_split("train")[0], ds.load_split("test")[0]])
-    y = torch.cat([ds.load_split("train")[1], ds.load_split("test")[1]])
-    assert sorted(y.tolist()) == [0, 0, 0, 1, 1]
-    red = [im for im in x if im[0].float().mean() > 200]
-    assert len(red) == 1 and red[0][0].min() >= 250 and red[0][2].max() <= 5  # centre crop kept only red
-    grey = [im for im in x if int(im[0, 0, 0]) == 200]
-    assert len(grey) == 1 and (grey[0] == 200).all()  # L -> RGB replicated
-    with pytest.raises(DataError, match=r"imgs: 1 unreadable image file\(s\): dog/broken.png: "):
-        import_image_folder(str(src), str(tmp_path / "strict"), 8, strict=True)
-    assert not os.path.exists(tmp_path / "strict" / "dataset.json")
-
-
-def test_image_folder_all_grey_unlabelled(tmp_path):
-    src = tmp_path / "flat"
-    for i in range(10):
-        _png(src / f"{i}.png", np.full((10, 14), 20 * i, np.uint8))
-    ds = import_image_folder(str(src), _mem_uri(), image_size=4, test_fraction=0.0)
-    assert ds.image_shape == (1, 4, 4) and ds.splits == {"train": 10} and ds.label_names is None
-    x, y = ds.load_split("train")
-    assert (y == -1).all() and sorted(int(im[0, 0, 0]) for im in x) == [20 * i for i in range(10)]
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="empty: no .png/.jpg/.jpeg files"):
-        import_image_folder(str(tmp_path / "empty"), _mem_uri(), 4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,6 +468,6 @@ def test_cli(tmp_path, capsys, cache):
         _png(tmp_path / "imgs" / f"{i}.png", np.full((9, 9, 3), i, np.uint8))
     assert _cli(["data", "import", "folder", str(tmp_path / "imgs"), "--out", str(tmp_path / "f"),
                  "--image-size", "4", "--test-fraction", "0.25"]) == 0
-    assert "3x4x4 uint8, train=3, test=1" in capsys.readouterr().out
+    assert "3x4x4 uint8 png, train=3, test=1" in capsys.readouterr().out
     assert _cli(["data", "info", str(tmp_path / "missing")]) == 1
     assert "error:" in capsys.readouterr().err

@@ -1,12 +1,21 @@
 """The on-disk dataset format and its manifest: a directory of Parquet shards plus a `dataset.json` manifest.
 
     <uri>/dataset.json                   manifest (written last; a directory without it is not a dataset)
-    <uri>/<split>/part-00000.parquet     columns: image (binary, raw uint8 C*H*W row-major), label (int64, -1 = none)
+    <uri>/<split>/part-00000.parquet     columns: image (binary, one image per row), label (int64, -1 = none)
 
 `<uri>` is a local path or any fsspec URI (memory://, file://, s3://, gs://, ...). The manifest records the
 image shape, and per split the number of images and each shard's file name, row count and SHA-256 (of the
 file bytes). The dataset content hash is the SHA-256 of the image shape plus the sorted "split:shard-sha256"
 list, so it changes when any pixel, label or split assignment changes.
+
+How the `image` column stores an image is the manifest's optional `encoding` (`ulsweep.data.codec`):
+
+    absent or "raw"   C*H*W uint8 bytes, row-major (every dataset written before encodings existed)
+    "png"             one PNG file per row (lossless; grayscale for C = 1, RGB for C = 3)
+    "jpeg", "webp"    one JPEG / WebP file per row, lossy; the manifest's `quality` (1..100) says how lossy
+
+Encoded datasets fold `encoding` (and `quality`) into the content hash; a raw dataset's hash is computed
+exactly as before encodings existed, so caches keyed by it stay valid.
 
 Reading is `ulsweep.data.reader`, writing `ulsweep.data.writer`; `ulsweep.data.parquet` gathers both.
 """
@@ -20,6 +29,7 @@ from typing import Any, Mapping
 import fsspec
 
 from ulsweep import io as uio
+from ulsweep.data.codec import ENCODINGS, CodecError, check_encoding
 
 MANIFEST = "dataset.json"
 FORMAT = "ulsweep-dataset"
@@ -46,16 +56,33 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, root.rstrip("/") or "/"
 
 
-def content_hash(image_shape: tuple[int, int, int], shards: Mapping[str, list[str]]) -> str:
-    """SHA-256 over the image shape and the sorted "split:shard_sha256" strings (hex)."""
+def content_hash(image_shape: tuple[int, int, int], shards: Mapping[str, list[str]], encoding: str = "raw",
+                 quality: int | None = None) -> str:
+    """SHA-256 over the image shape and the sorted "split:shard_sha256" strings (hex); encoded datasets add
+    their encoding and quality (raw datasets hash exactly as they did before encodings existed)."""
     entries = sorted(f"{split}:{sha}" for split, shas in shards.items() for sha in shas)
-    payload = json.dumps({"image_shape": list(image_shape), "dtype": "uint8", "shards": entries},
-                         sort_keys=True, separators=(",", ":"))
+    fields: dict[str, Any] = {"image_shape": list(image_shape), "dtype": "uint8", "shards": entries}
+    if encoding != "raw":
+        fields.update(encoding=encoding, quality=quality)
+    payload = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _manifest_error(path: str, key: str, value: Any, what: str) -> DataError:
     return DataError(f"{path}: key {key!r}: {what} (got {value!r})")
+
+
+def _parse_encoding(path: str, m: dict) -> tuple[str, int | None]:
+    """The manifest's (encoding, quality): ("raw", None) when absent; errors name the key."""
+    encoding = m.get("encoding", "raw")
+    if encoding not in ENCODINGS:
+        raise _manifest_error(path, "encoding", encoding, f"expected one of {', '.join(ENCODINGS)}")
+    quality = m.get("quality")
+    try:
+        check_encoding(encoding, quality)
+    except CodecError as e:
+        raise _manifest_error(path, "quality", quality, str(e)) from e
+    return encoding, quality
 
 
 def parse_manifest(path: str, text: bytes) -> dict:
@@ -116,7 +143,8 @@ def parse_manifest(path: str, text: bytes) -> dict:
         if total != n:
             raise _manifest_error(path, f"{k}.num_images", n, f"shards hold {total} rows in all")
         shas[split] = [sh["sha256"] for sh in shards]
-    want = content_hash(m["image_shape"], shas)
+    encoding, quality = _parse_encoding(path, m)
+    want = content_hash(m["image_shape"], shas, encoding, quality)
     if m.get("content_hash") != want:
         raise _manifest_error(path, "content_hash", m.get("content_hash"),
                               f"does not match the shard hashes listed (expected {want})")

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ulsweep import io as uio
+from ulsweep.data.codec import CodecError, decode_images
 from ulsweep.data.manifest import MANIFEST, DataError, filesystem, parse_manifest, where
 
 
@@ -47,6 +48,11 @@ class Dataset:
         return self.manifest.get("encoding", "raw")
 
     @property
+    def quality(self) -> int | None:
+        """The quality setting of a lossy encoding (jpeg, webp; 1..100), else None."""
+        return self.manifest.get("quality")
+
+    @property
     def label_names(self) -> list[str] | None:
         return self.manifest.get("label_names")
 
@@ -70,7 +76,9 @@ class Dataset:
         """The first `limit` (default: all) images of `split` as uint8 (N, C, H, W) and int64 labels (N,).
 
         `verify` checks each shard's SHA-256 against the manifest. Only the shards needed for `limit`
-        are read. Raises DataError (naming the shard) for any corrupt, mismatched or malformed shard.
+        are read. Encoded images (png, jpeg, webp) are decoded here, one core. Raises DataError (naming
+        the shard, and the row for an image that does not decode) for any corrupt, mismatched or malformed
+        shard.
         """
         info = self._split_info(split)
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
@@ -97,7 +105,7 @@ class Dataset:
                     raise DataError(f"{where(uri, split)}: SHA-256 mismatch: manifest says "
                                     f"{sh['sha256']}, file has {got} (corrupt or modified shard)")
             take = min(sh["num_rows"], n - done)
-            img, lab = _decode_shard(data, uri, split, (C, H, W), sh["num_rows"], take)
+            img, lab = _decode_shard(data, uri, split, (C, H, W), sh["num_rows"], take, self.encoding)
             images[done:done + take] = img
             labels[done:done + take] = lab
             done += take
@@ -109,7 +117,7 @@ class Dataset:
 
 
 def _decode_shard(data: bytes, uri: str, split: str, shape: tuple[int, int, int], num_rows: int,
-                  take: int) -> tuple[np.ndarray, np.ndarray]:
+                  take: int, encoding: str = "raw") -> tuple[np.ndarray, np.ndarray]:
     """Parse one Parquet shard held in memory; returns (take, C, H, W) uint8 and (take,) int64."""
     at = where(uri, split)
     try:
@@ -131,6 +139,20 @@ def _decode_shard(data: bytes, uri: str, split: str, shape: tuple[int, int, int]
         if arr.null_count:
             row = int(np.flatnonzero(~np.asarray(arr.is_valid()))[0])
             raise DataError(f"{at}: column {col!r} has {arr.null_count} null value(s), first at row {row}")
+    labels = label.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    if labels.size and labels.min() < -1:
+        r = int(np.argmin(labels))
+        raise DataError(f"{at}: column 'label' row {r} is {int(labels[r])}; labels must be >= -1")
+    if encoding != "raw":
+        try:
+            return decode_images(image.to_pylist(), encoding, shape), labels
+        except CodecError as e:  # its message starts "row i: ..." (i counts from the shard's first row)
+            raise DataError(f"{at}: column 'image' {e}") from e
+    return _raw_pixels(image, at, shape, take), labels
+
+
+def _raw_pixels(image: pa.Array, at: str, shape: tuple[int, int, int], take: int) -> np.ndarray:
+    """The (take, C, H, W) uint8 view of a raw `image` column (no copy, no per-row Python work)."""
     C, H, W = shape
     D = C * H * W
     if pa.types.is_fixed_size_binary(image.type):
@@ -150,11 +172,7 @@ def _decode_shard(data: bytes, uri: str, split: str, shape: tuple[int, int, int]
             raise DataError(f"{at}: column 'image' row {r} holds {int(lengths[r])} bytes, expected "
                             f"C*H*W = {C}*{H}*{W} = {D} ({bad.size} bad row(s); mixed image sizes?)")
         pixels = np.frombuffer(image.buffers()[2], np.uint8)[offsets[0]:offsets[0] + take * D]
-    labels = label.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    if labels.size and labels.min() < -1:
-        r = int(np.argmin(labels))
-        raise DataError(f"{at}: column 'label' row {r} is {int(labels[r])}; labels must be >= -1")
-    return pixels.reshape(take, C, H, W), labels
+    return pixels.reshape(take, C, H, W)
 
 
 def _is_binary(t: pa.DataType) -> bool:
