@@ -148,21 +148,25 @@ def feature_stats(extractor: FeatureExtractor, batches: Iterable[Tensor]) -> Fea
 @dataclass(frozen=True)
 class RefKey:
     """What reference statistics depend on: the first `num_samples` images of `split` of the dataset with
-    content hash `dataset_hash`, through the extractor with weights hash `extractor_sha256`."""
+    content hash `dataset_hash`, at the size they were fed in (`image_shape`, (C, H, W) after the run's
+    resize/pad), through the extractor with weights hash `extractor_sha256`."""
 
     dataset_hash: str
     split: str
     extractor_sha256: str
     num_samples: int
     extractor_name: str = ""
+    image_shape: tuple[int, ...] = ()
 
     def digest(self) -> str:
-        blob = json.dumps([self.dataset_hash, self.split, self.extractor_sha256, int(self.num_samples)])
+        blob = json.dumps([self.dataset_hash, self.split, self.extractor_sha256, int(self.num_samples),
+                           [int(s) for s in self.image_shape]])
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     def meta(self) -> dict:
         return {"dataset_hash": self.dataset_hash, "split": self.split, "extractor_sha256": self.extractor_sha256,
-                "num_samples": int(self.num_samples), "extractor_name": self.extractor_name}
+                "num_samples": int(self.num_samples), "extractor_name": self.extractor_name,
+                "image_shape": [int(s) for s in self.image_shape]}
 
 
 class RefStatsCache:
@@ -223,10 +227,12 @@ def _check_generated(x: Tensor, what: str, like: tuple | None = None) -> Tensor:
     return x
 
 
-def _ref_key(extractor: FeatureExtractor, dataset_hash: str | None, split: str | None, n: int) -> RefKey | None:
+def _ref_key(extractor: FeatureExtractor, dataset_hash: str | None, split: str | None,
+             images_u8: Tensor) -> RefKey | None:
     if dataset_hash is None or split is None:
         return None
-    return RefKey(dataset_hash, split, extractor.weights_sha256, n, extractor.name)
+    return RefKey(dataset_hash, split, extractor.weights_sha256, len(images_u8), extractor.name,
+                  tuple(images_u8.shape[1:]))
 
 
 @torch.no_grad()
@@ -241,7 +247,7 @@ def reconstruction_fd(extractor: FeatureExtractor, images_u8: Tensor,
     With `ref_cache`, `dataset_hash` and `split`, the real-image statistics are read from / written to the
     cache; then `images_u8` must be the first N images of that split. Returns {'rfid' | 'rfd_<name>': value}.
     """
-    key = _ref_key(extractor, dataset_hash, split, len(images_u8))
+    key = _ref_key(extractor, dataset_hash, split, images_u8)
     ref = ref_cache.load(key) if (ref_cache is not None and key is not None) else None
     device = _extractor_device(extractor)
     real_acc, fake_acc = StatsAccumulator(device), StatsAccumulator(device)
@@ -266,7 +272,7 @@ def reference_stats(extractor: FeatureExtractor, images_u8: Tensor, batch_size: 
                     split: str | None = None) -> FeatureStats:
     """Statistics of `images_u8`, through the cache when `ref_cache`, `dataset_hash` and `split` are given
     (`images_u8` = the first N images of that split)."""
-    key = _ref_key(extractor, dataset_hash, split, len(images_u8))
+    key = _ref_key(extractor, dataset_hash, split, images_u8)
     compute = lambda: feature_stats(extractor, _batches(images_u8, batch_size))  # noqa: E731
     if ref_cache is None or key is None:
         return compute()
