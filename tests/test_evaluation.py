@@ -120,3 +120,17 @@ def test_auto_extractor_is_inception_on_cuda_and_the_domain_one_elsewhere(capsys
     assert "not FID" in capsys.readouterr().err
     for spec in ("inception", "domain", "both", "none", "/x/digits.pt"):
         assert evaluation.resolve_auto_extractor(spec, torch.device("cuda")) == spec
+
+
+@pytest.mark.parametrize("extractor,metric,ok", [
+    ("inception", "gfd_fmnist", False), ("none", "small/rfd_fmnist", False), ("domain", "gfid", False),
+    ("/x/fmnist.pt", "rfid", False), ("both", "gfid", True), ("both", "gfd_fmnist", True),
+    ("auto", "gfid", True), ("domain", "small/gfd_fmnist", True), ("inception", "bpp", True)])
+def test_search_metric_must_come_from_the_extractor(extractor, metric, ok):
+    from ulsweep.config import ConfigError, experiment_from_dict
+    raw = {"eval": {"extractor": extractor}, "search": {"metrics": [metric]}}
+    if ok:
+        experiment_from_dict(raw, file="exp.yaml")
+        return
+    with pytest.raises(ConfigError, match=f"search.metrics.*is not computed with eval.extractor: {extractor}"):
+        experiment_from_dict(raw, file="exp.yaml")

@@ -372,3 +372,12 @@ class ExperimentConfig:
                  f"must divide data.image_size={self.data.image_size}")
         names = [b.name for b in self.base_models]
         _require(len(set(names)) == len(names), "base_models", names, "names must be unique")
+        ext = self.eval.extractor
+        for m in self.search.metrics:
+            metric = m.split("/", 1)[-1]
+            if metric.startswith(("gfd_", "rfd_")):  # a domain extractor's Fréchet distance
+                _require(ext not in ("inception", "none"), "search.metrics", m,
+                         f"is not computed with eval.extractor: {ext} (use domain or both)")
+            elif metric in ("gfid", "rfid"):
+                _require(ext in ("inception", "both", "auto"), "search.metrics", m,
+                         f"is not computed with eval.extractor: {ext} (use inception or both)")
