@@ -107,16 +107,16 @@ def free_device_bytes(device: torch.device) -> int:
 def choose_loader(data: DataConfig, ds: Dataset, device: torch.device) -> tuple[str, str]:
     """(`device` or `stream`, why) for `data.loader` on `device`."""
     need = split_bytes(data, ds)
-    gb = f"{need / 1e9:.2f} GB"
+    gb = f"{need / 1e9:.3g} GB"
     if data.loader != "auto":
         return data.loader, f"set in the config (split {gb} as float32)"
-    if need <= SMALL_SPLIT_BYTES:
-        return "device", f"split {gb} as float32, under the {SMALL_SPLIT_BYTES / 1e9:.2f} GB below which auto never streams"
     if data.device_budget_gb is not None:
         budget, whose = data.device_budget_gb * 1e9, "data.device_budget_gb"
     else:
         budget = DEVICE_BUDGET_FRACTION * free_device_bytes(device)
         whose = f"{DEVICE_BUDGET_FRACTION:g} x free {device.type} memory"
+    if need <= SMALL_SPLIT_BYTES:
+        return "device", f"split {gb} as float32, under the {SMALL_SPLIT_BYTES / 1e9:.3g} GB below which auto never streams"
     verdict = "device" if need <= budget else "stream"
     return verdict, f"split {gb} as float32 {'<=' if verdict == 'device' else '>'} budget {budget / 1e9:.2f} GB ({whose})"
 
