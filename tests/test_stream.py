@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -165,12 +164,12 @@ def test_two_gloo_workers_read_disjoint_parts_that_cover_the_epoch(ray_local, da
 
 
 def test_stream_trial_resumes_at_its_step_with_the_uninterrupted_batches(ray_local, data_dir, tmp_path):
-    """A stream run stopped at step 4 (mid-epoch 0: 6 steps per epoch) after its checkpoint resumes there and
+    """A stream run of 7 steps stopped at step 4 (mid-epoch 0: 6 steps per epoch) after its checkpoint resumes there and
     ends with the loss curve of the uninterrupted run, bit for bit: the checkpoint holds epoch, step and seed."""
     from ulsweep.train.checkpoint import load_checkpoint
     from ulsweep.train.stage1 import train_autoencoder
 
-    exp = exp_for(str(data_dir / "ids"), "stream", steps=9, ckpt_every=4, log_every=1)
+    exp = exp_for(str(data_dir / "ids"), "stream", steps=7, ckpt_every=4, log_every=1)
     full = Rec()
     train_autoencoder(exp, str(tmp_path / "full"), full)
     first, second = Rec(stop_at=4), Rec()
@@ -180,8 +179,8 @@ def test_stream_trial_resumes_at_its_step_with_the_uninterrupted_batches(ray_loc
     assert {k: state["data"][k] for k in ("epoch", "step_in_epoch", "seed")} == {"epoch": 0, "step_in_epoch": 4,
                                                                                    "seed": 0}
     r2 = train_autoencoder(exp, str(tmp_path / "split"), second)
-    assert r2.steps == 9
-    assert first.logs + second.logs == full.logs and len(full.logs) == 9
+    assert r2.steps == 7
+    assert first.logs + second.logs == full.logs and len(full.logs) == 7
     assert load_checkpoint(r2.checkpoint)[0]["data"]["epoch"] == 1  # went on into the next epoch
 
 
@@ -193,7 +192,7 @@ def test_device_and_stream_give_equal_bits_per_pixel(ray_local, tmp_path, digits
     path = resolve_dataset("builtin:digits")
     out = {}
     for loader in ("device", "stream"):
-        exp = exp_for(path, loader, steps=40, batch_size=32, log_every=20, eval_images=256, eval_t_per_image=4)
+        exp = exp_for(path, loader, steps=30, batch_size=32, log_every=30, eval_images=128, eval_t_per_image=4)
         out[loader] = train_autoencoder(exp, str(tmp_path / loader)).metrics
     d, s = out["device"], out["stream"]
     se = (d["bpp_se"] ** 2 + s["bpp_se"] ** 2) ** 0.5
@@ -269,3 +268,93 @@ def test_images_that_do_not_fit_the_config_fail_before_training(ray_local, data_
     with pytest.raises(DataError, match=r"images are 16x16, data.image_size is 12"):
         train_autoencoder(exp, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def tree_pids() -> list[int]:
+    """This test process and its descendants (it started the module's Ray: raylet, workers, object store)."""
+    kids: dict[int, list[int]] = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            kids.setdefault(ppid, []).append(int(p))
+    out, todo = [], [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += kids.get(pid, [])
+    return out
+
+
+def tree_pss(pids: list[int]) -> int:
+    """Bytes of the processes `pids`: the sum of their PSS, which counts RSS with each shared page (object
+    store, libraries) divided among the processes mapping it, so shared memory is counted once."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(x.split()[1]) * 1024 for x in f if x.startswith("Pss:"))
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+class PeakSampler:
+    """Samples the process tree's PSS every 50 ms in a thread (the tree itself every 0.5 s); `peak` is the
+    largest sample."""
+
+    def __enter__(self):
+        self.pids = tree_pids()
+        self.peak, self._stop = tree_pss(self.pids), threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        i = 0
+        while not self._stop.wait(0.05):
+            i += 1
+            if i % 10 == 0:
+                self.pids = tree_pids()
+            self.peak = max(self.peak, tree_pss(self.pids))
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, tree_pss(tree_pids()))
+
+
+def test_stream_memory_stays_bounded_where_the_device_path_holds_the_split(ray_local, data_dir, tmp_path):
+    """One epoch of a 403 MB (float32) split through the stream against loading it for the device path, side
+    by side: the memory the data adds to the process tree (peak PSS minus the level before) stays under a
+    quarter of the split on the stream, and is at least the split on the device path."""
+    n, B = 32768, 256
+    x = np.random.default_rng(0).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    write_dataset(str(tmp_path / "big"), "big", {"train": (x, np.zeros(n, np.int64)), "test": (x[:8], np.zeros(8, np.int64))},
+                  shard_rows=1024)
+    del x
+    split = stream.decoded_bytes(n, 3, 32)
+    src = source(str(data_dir / "ids"), 16)  # warm-up: Ray Data's workers have imported what the tasks need
+    src.draw(16, None)
+    src.close()
+    ds = open_dataset(str(tmp_path / "big"))
+    src = stream.StreamSource(stream.local_dataset(ds, "train", B), n, cpu_rt(), 0, lambda b: b["image"].float())
+    with PeakSampler() as s:
+        before = s.peak
+        for _ in range(src.steps_per_epoch(B)):
+            src.draw(B, None)
+    src.close()
+    stream_added = s.peak - before
+    with PeakSampler() as d:
+        before = d.peak
+        images, _ = ds.load_split("train")
+        x_dev = sources.to_model_range(images, 32)
+        del images
+    device_added = d.peak - before
+    del x_dev
+    print(f"split {split / 2**20:.0f} MiB as float32; added to the process tree's PSS: stream "
+          f"{stream_added / 2**20:.0f} MiB, device {device_added / 2**20:.0f} MiB")
+    assert 4 * stream_added <= split <= device_added
