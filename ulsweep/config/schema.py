@@ -32,10 +32,21 @@ class DataConfig:
     image_size: int = 16  # images are padded/resized to image_size x image_size
     train_split: str = "train"
     eval_split: str = "test"
+    # where stage 1's training batches come from: `device` holds the split on the training device as float32,
+    # `stream` streams it through Ray Data (ulsweep/data/stream.py), `auto` streams only a split that does not
+    # fit `device_budget_gb` (and is at least 1 GiB decoded) and says which it picked
+    loader: Literal["auto", "device", "stream"] = "auto"
+    hflip: bool = False  # mirror each training image left-right with probability 1/2 (both loaders)
+    device_budget_gb: float | None = None  # auto's budget; None: half the free memory of the training device
 
     def __post_init__(self):
         _require(self.image_size >= 4, "image_size", self.image_size, "must be >= 4")
         _require(bool(self.path), "path", self.path, "must be a dataset path, URI or builtin:NAME")
+        _require(self.device_budget_gb is None or (math.isfinite(self.device_budget_gb) and self.device_budget_gb > 0),
+                 "device_budget_gb", self.device_budget_gb, "must be a number of GB > 0 (or null: half the free "
+                 "device memory)")
+        if self.loader != "auto":
+            _inert(self, ("device_budget_gb",), "", f"with data.loader: {self.loader} (it is auto's budget)")
 
 
 @dataclass(frozen=True)

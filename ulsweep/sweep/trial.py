@@ -87,15 +87,38 @@ def make_trainer(wcfg: dict, res: ResourcesConfig, storage_path: str, name: str,
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
+    datasets, data_config = stream_datasets(wcfg, res)
+    if datasets:
+        wcfg = {**wcfg, "datasets": sorted(datasets)}
     return TorchTrainer(
         train_worker,
         train_loop_config=wcfg,
+        datasets=datasets,
+        dataset_config=data_config,
         scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=per_worker),
         torch_config=TorchConfig(backend=backend),
         run_config=ray.train.RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
                                        failure_config=ray.train.FailureConfig(max_failures=res.max_worker_failures)),
     )
+
+
+def stream_datasets(wcfg: dict, res: ResourcesConfig):
+    """(datasets, ray.train.DataConfig) of a stage-1 trial whose training split may stream
+    (`data.loader`), else (None, None). Ray Train splits the stream over the ranks (`equal=True`, order
+    preserved: ulsweep/data/stream.py) and every worker reads its part with `ray.train.get_dataset_shard`."""
+    if wcfg["kind"] != "ae" or wcfg["train_impl"] != "ulsweep":
+        return None, None
+    from ulsweep.config import experiment_from_dict
+    from ulsweep.data.sources import trainer_datasets
+
+    exp = experiment_from_dict(wcfg["experiment"])
+    datasets, opts = trainer_datasets(exp.data, exp.ae.train.batch_size, max(1, res.num_workers))
+    if datasets is None:
+        return None, None
+    import ray.train
+
+    return datasets, ray.train.DataConfig(execution_options=opts)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ class RayHooks(TrainHooks):
     def __init__(self, wcfg: dict, rank: int, world: int):
         self.kind, self.key, self.rank, self.world = wcfg["kind"], wcfg["key"], rank, world
         self.local_mode = wcfg["local_mode"]
+        self.datasets = wcfg.get("datasets", [])  # names of the datasets the trainer was handed
         self.run_id = wcfg["run_id"]
         self.spool_dir = f"{wcfg['run_dir'].rstrip('/')}/mlflow-spool"
         self.last_checkpoint: str | None = None
@@ -127,6 +128,18 @@ class RayHooks(TrainHooks):
         except Exception as e:  # never lose a finished trial over tracking
             log.warning("MLflow logging of %s's final results failed: %s", self.key, e)
         return final
+
+    def dataset_shard(self, name: str):
+        """This worker's part of the trainer's dataset `name` (Ray Train's streaming split; in local mode the
+        whole dataset), or None where the trainer got none, or inside Tune in local mode, where ray.train.*
+        calls are refused (the stage then streams in this process)."""
+        from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+        if name not in self.datasets or (self.local_mode and _in_tune_session()):
+            return None
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
 
     def close(self) -> None:
         """Rank 0: send the queued points (up to 30 s), spool the rest for the sweep driver to replay."""

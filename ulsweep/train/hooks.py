@@ -21,6 +21,11 @@ class TrainHooks:
         """Polled between steps; returning True ends training early after a final checkpoint."""
         return False
 
+    def dataset_shard(self, name: str):
+        """This rank's shard of a dataset the runner streams (Ray Train's `get_dataset_shard`), or None: the
+        stage then builds its stream in this process (ulsweep/data/stream.py)."""
+        return None
+
 
 @dataclass
 class StageResult:

@@ -8,12 +8,14 @@ What differs between the stages comes in as arguments:
              forward(batch, noise) -> per-example nats {"total": [B], ...}; draw_noise(n, gen) -> global-batch
              noise; `dims`, the dimensions of one example (the optimizer minimizes nats per dimension);
              curves(window means) -> the metrics logged; `progress_keys`, those printed
-  source     draw(n, gen) -> the next global batch (ulsweep/data/sources.py)
+  source     draw(n, gen) -> the next global batch, or this rank's part of it when `source.local_batches`
+             (ulsweep/data/sources.py, ulsweep/data/stream.py); a source with `state_dict` / `load_state_dict`
+             (its position in the data) has that state saved in checkpoints and restored on resume
   evaluate   (EMA network, final) -> (metrics, PNG images): held-out evaluation, complete when final
 
 Under torch.distributed every rank draws the same global batch and noise from the shared generator and
 trains on its slice, so the loss does not depend on the number of workers. Checkpoints save weights, EMA,
-optimizer, generator and step: a resumed run reproduces the uninterrupted one exactly.
+optimizer, generator, step and the source's state: a resumed run reproduces the uninterrupted one exactly.
 """
 from __future__ import annotations
 
@@ -53,15 +55,28 @@ def train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc: 
           hooks: TrainHooks) -> StageResult:
     """Train `ts.net` through `objective` on batches of `source` to `tc.steps` steps, resuming from the newest
     valid checkpoint in `spec.run_dir`; evaluate, checkpoint and write result.json at the end (rank 0)."""
+    try:
+        return _train(objective, source, evaluate, ts, tc, spec, hooks)
+    finally:
+        if hasattr(source, "close"):  # a stream stops reading ahead
+            source.close()
+
+
+def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc: TrainConfig, spec: RunSpec,
+           hooks: TrainHooks) -> StageResult:
     rt = ts.rt
-    model = resume(ts, spec, objective, tc.compile)
+    model = resume(ts, spec, objective, tc.compile, source, tc.batch_size)
+    local_batches = getattr(source, "local_batches", False)
 
     def checkpoint(metrics: dict) -> str | None:
         if not rt.is_main:
             return None
         meta = {**spec.meta, "kind": spec.kind, "config_hash": spec.cfg_hash, "step": ts.step,
                 "train_seconds": ts.train_seconds, "metrics": metrics}
-        path = save_checkpoint(spec.run_dir, ts.step, {**ts.state_dict(), **spec.state_extra}, meta)
+        state = {**ts.state_dict(), **spec.state_extra}
+        if hasattr(source, "state_dict"):
+            state["data"] = source.state_dict()
+        path = save_checkpoint(spec.run_dir, ts.step, state, meta)
         prune_checkpoints(spec.run_dir, tc.keep_checkpoints)
         hooks.checkpoint_saved(ts.step, path, metrics)
         return path
@@ -76,7 +91,8 @@ def train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc: 
         t0 = time.perf_counter()
         batch = source.draw(tc.batch_size, ts.gen)
         noise = objective.draw_noise(tc.batch_size, ts.gen)
-        batch, noise = shard(batch, rt), {k: shard(v, rt) for k, v in noise.items()}
+        batch = batch if local_batches else shard(batch, rt)
+        noise = {k: shard(v, rt) for k, v in noise.items()}
         with rt.autocast():
             losses = model(batch, noise)
         loss = losses["total"].mean() / objective.dims  # nats per dimension, for the optimizer
@@ -122,10 +138,11 @@ def train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc: 
     return res
 
 
-def resume(ts: TrainState, spec: RunSpec, objective: nn.Module, compile_setting: bool | str) -> nn.Module:
-    """Restore `ts` from the run's newest valid checkpoint (it must be of this kind and config), or write
-    config.yaml on a fresh run; return `objective` as trained: DDP-wrapped under torch.distributed,
-    compiled when `train.compile` asks."""
+def resume(ts: TrainState, spec: RunSpec, objective: nn.Module, compile_setting: bool | str, source=None,
+           batch_size: int = 0) -> nn.Module:
+    """Restore `ts` (and the position of a `source` that has one) from the run's newest valid checkpoint (it
+    must be of this kind and config), or write config.yaml on a fresh run; return `objective` as trained:
+    DDP-wrapped under torch.distributed, compiled when `train.compile` asks."""
     rt = ts.rt
     ck = latest_valid_checkpoint(spec.run_dir, map_location=rt.device)
     if ck is not None:
@@ -136,6 +153,8 @@ def resume(ts: TrainState, spec: RunSpec, objective: nn.Module, compile_setting:
                 f"this run is {spec.kind!r} with config {spec.cfg_hash}; use a fresh run directory or the same "
                 "config")
         ts.load_state_dict(state, meta)
+        if source is not None and hasattr(source, "load_state_dict"):
+            source.load_state_dict(state.get("data"), batch_size)
     elif rt.is_main:
         uio.atomic_write_text(uio.join(spec.run_dir, "config.yaml"), spec.config_yaml)
     return compile_module(wrap_ddp(objective, rt), compile_setting, rt)

@@ -11,7 +11,7 @@ import math
 import torch
 
 from ulsweep.config import AELossConfig, ExperimentConfig, config_hash, dump_yaml, to_dict
-from ulsweep.data.sources import DeviceSplit, load_device_images
+from ulsweep.data.sources import train_source
 from ulsweep.diffusion import (decoder_loss, diffuse, latent_bitrate, low_discrepancy_times, mse_decoder_loss,
                                nats_to_bits_per_pixel, normal_prior_loss, prior_loss, x_from_v)
 from ulsweep.metrics.psnr import psnr
@@ -144,8 +144,9 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
         return done
     rt = make_runtime(tc)
     torch.manual_seed(tc.seed + 1000 * rt.rank)  # weight initialization
-    x_train, x_eval, data_hash = load_device_images(exp.data, rt.device, tc.eval_images)
-    image_shape = tuple(x_train.shape[1:])
+    shard = getattr(hooks, "dataset_shard", lambda name: None)("train")
+    source, x_eval, data_hash, image_shape = train_source(exp.data, rt, tc.seed, tc.eval_images, tc.batch_size,
+                                                          shard, label=f"ae {exp.name}")
     c, h, w = image_shape
     d = exp.ae.model.downsample
     latent_shape = (exp.ae.model.latent_channels, h // d, w // d)
@@ -167,8 +168,7 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
 
     spec = RunSpec(run_dir, KIND, f"ae {exp.name}", cfg_hash, dump_yaml(exp), {"config": to_dict(exp)},
                    {"data_hash": data_hash, "image_shape": list(image_shape), "latent_shape": list(latent_shape)})
-    res = train(AEObjective(ae, exp.ae.loss, image_shape, latent_shape), DeviceSplit(x_train), evaluate, ts, tc,
-                spec, hooks)
+    res = train(AEObjective(ae, exp.ae.loss, image_shape, latent_shape), source, evaluate, ts, tc, spec, hooks)
     if res.metrics:
         m = res.metrics
         fd = "".join(f"  {k}={v:.3f}" for k, v in m.items() if k.startswith(("rfd", "rfid")))
