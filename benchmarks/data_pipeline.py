@@ -18,9 +18,6 @@ step needs (its images/s over the decode images/s per CPU). Prints a table and w
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
-import json
 import os
 import sys
 import tempfile
@@ -46,34 +43,11 @@ def photo_like(n: int, size: int, seed: int) -> np.ndarray:
 
 
 def write_encoded(uri: str, images: np.ndarray, encoding: str, shard_rows: int) -> None:
-    """A dataset whose `image` column holds `encoding` bytes (the manifest format of ulsweep.data, with its
-    `encoding` key); one `train` split."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """A dataset whose `image` column holds `encoding` bytes (JPEG at quality 90); one `train` split."""
+    from ulsweep.data import write_dataset
 
-    from ulsweep.data.codec import encode_images
-    from ulsweep.data.manifest import FORMAT, FORMAT_VERSION, content_hash
-
-    os.makedirs(f"{uri}/train", exist_ok=True)
-    shards = []
-    for k, s in enumerate(range(0, len(images), shard_rows)):
-        part = images[s:s + shard_rows]
-        values = encode_images(part, encoding, 90 if encoding == "jpeg" else None)
-        sink = io.BytesIO()
-        pq.write_table(pa.table({"image": pa.array(values, pa.binary()), "label": pa.array(np.zeros(len(part), np.int64))}),
-                       sink, compression="none")
-        data = sink.getvalue()
-        with open(f"{uri}/train/part-{k:05d}.parquet", "wb") as f:
-            f.write(data)
-        shards.append({"file": f"train/part-{k:05d}.parquet", "num_rows": len(part),
-                       "sha256": hashlib.sha256(data).hexdigest()})
-    shape = tuple(int(x) for x in images.shape[1:])
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "name": f"bench-{encoding}", "image_shape": list(shape),
-                "dtype": "uint8", "encoding": encoding, "label_names": None,
-                "content_hash": content_hash(shape, {"train": [s["sha256"] for s in shards]}),
-                "splits": {"train": {"num_images": len(images), "shards": shards}}}
-    with open(f"{uri}/dataset.json", "w") as f:
-        json.dump(manifest, f)
+    write_dataset(uri, f"bench-{encoding}", {"train": (images, np.zeros(len(images), np.int64))}, shard_rows,
+                  encoding=encoding, quality=90 if encoding in ("jpeg", "webp") else None)
 
 
 def stream_rate(uri: str, batch: int, passes: int = 2) -> float:
