@@ -153,12 +153,28 @@ def test_stale_leases_are_taken_over(tmp_path):
         lat, _ = L.training_latents(enc, str(tmp_path / "c1"), "1" * 64, ds, data, "cpu", poll_s=0.01,
                                     stale_s=3600)
     assert enc.calls == 1 and lat.num_rows == 40
-    # a holder elsewhere whose heartbeat stopped: taken over after stale_s of unchanged lease
-    lock = uio.join(L.latents_dir(str(tmp_path / "c2"), key), L.LOCK)
-    uio.atomic_write_text(lock, json.dumps({"token": "y", "host": "elsewhere", "pid": 1, "beat": 7}))
+    # a holder elsewhere whose heartbeat stopped: taken over after stale_s of unchanged lease, and the
+    # shards it left half-written are removed
+    d2 = L.latents_dir(str(tmp_path / "c2"), key)
+    uio.atomic_write_text(uio.join(d2, L.LOCK), json.dumps({"token": "y0", "host": "elsewhere", "pid": 1}))
+    uio.atomic_write_bytes(uio.join(d2, "y0", "part-00000.parquet"), b"half")
     with pytest.warns(UserWarning, match="stale"):
-        L.training_latents(enc, str(tmp_path / "c2"), "1" * 64, ds, data, "cpu", poll_s=0.01, stale_s=0.1)
-    assert enc.calls == 2
+        lat, _ = L.training_latents(enc, str(tmp_path / "c2"), "1" * 64, ds, data, "cpu", poll_s=0.01,
+                                    stale_s=0.1)
+    assert enc.calls == 2 and lat.num_rows == 40
+    assert uio.listdir(d2) == sorted([L.MANIFEST, lat.shard_uris[0].split("/")[-2]])
+
+
+def test_unwritable_checkpoint_dir_encodes_for_the_trial_only(tmp_path, monkeypatch):
+    data, ds = tiny_data(tmp_path / "data")
+
+    def refuse(*a, **k):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(L.Lease, "claim", refuse)
+    with pytest.warns(UserWarning, match="cannot store latents here .*read-only"):
+        lat, z = L.training_latents(SlowEncoder(sleep_s=0), str(tmp_path / "ro"), "3" * 64, ds, data, "cpu")
+    assert lat is None and z.shape == (40, 2, 4, 4)
 
 
 def test_damaged_latents_are_reported_and_encoded_again(tmp_path):

@@ -65,13 +65,12 @@ def read_lease(uri: str) -> bytes | None:
 
 
 class Lease:
-    """A held lease (see the module docstring). `token` names this holder; `lost` turns True when the file
+    """A held lease (see the module docstring). `token` names this holder. The heartbeat stops when the file
     no longer holds this holder's record (another process judged it stale and took it over)."""
 
     def __init__(self, uri: str, record: dict, heartbeat_s: float):
         self.uri, self.record, self.heartbeat_s = uri, record, heartbeat_s
         self.token: str = record["token"]
-        self.lost = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -104,7 +103,6 @@ class Lease:
         while not self._stop.wait(self.heartbeat_s):
             try:
                 if not self._mine():
-                    self.lost = True
                     return
                 self.record.update(beat=self.record["beat"] + 1, time=time.time())
                 uio.atomic_write_bytes(self.uri, json.dumps(self.record).encode())
@@ -153,14 +151,17 @@ class LeaseWatch:
             return True
         return time.monotonic() - self.since >= self.stale_s
 
-    def take_over(self) -> None:
-        """Delete a stale lease, unless its content changed since it was last seen (its holder woke up)."""
-        if read_lease(self.uri) == self.seen:
-            try:
-                fs, path = uio.filesystem(self.uri)
-                fs.rm(path)
-            except FileNotFoundError:
-                pass
+    def take_over(self) -> bool:
+        """Delete a stale lease, unless its content changed since it was last seen (its holder woke up);
+        True when it was deleted here."""
+        if read_lease(self.uri) != self.seen:
+            return False
+        try:
+            fs, path = uio.filesystem(self.uri)
+            fs.rm(path)
+        except FileNotFoundError:
+            return False
+        return True
 
 
 def _alive(pid: int) -> bool:

@@ -277,11 +277,13 @@ def encode_split(encoder: torch.nn.Module, x: torch.Tensor, device: torch.device
 
 def training_latents(encoder: torch.nn.Module, ae_checkpoint: str, ae_sha256: str, ds: Dataset,
                      data: DataConfig, device: torch.device | str, *, poll_s: float = POLL_S,
-                     heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S) -> tuple[Latents, torch.Tensor]:
+                     heartbeat_s: float = HEARTBEAT_S,
+                     stale_s: float = STALE_S) -> tuple[Latents | None, torch.Tensor]:
     """(the published latents of `data.train_split`, them as float32 (N, C, h, w) on `device`).
 
     Reads them when published and valid; otherwise takes the lease and encodes (or waits for the trial
     holding it). A published set that fails its checks is reported (warning naming the file) and replaced.
+    Where the checkpoint directory cannot be written the latents are encoded for this call only (None).
     """
     key = LatentsKey(ae_sha256, ds.content_hash, data.train_split, data.image_size)
     directory = latents_dir(ae_checkpoint, key)
@@ -300,7 +302,11 @@ def training_latents(encoder: torch.nn.Module, ae_checkpoint: str, ae_sha256: st
                 warnings.warn(f"latent cache unusable, encoding again: {e}")
                 rejected = lat.manifest
                 continue
-        lease = Lease.claim(watch.uri, heartbeat_s, job=f"encoding {data.train_split} of {data.path}")
+        try:
+            lease = Lease.claim(watch.uri, heartbeat_s, job=f"encoding {data.train_split} of {data.path}")
+        except PermissionError as e:  # e.g. a read-only checkpoint directory: encode for this trial only
+            warnings.warn(f"{directory}: cannot store latents here ({e}); encoding them for this trial only")
+            return None, encode_split(encoder, split_images(ds, data.train_split, data.image_size), device)
         if lease is not None:
             with lease:
                 lat, _ = read_latents(directory, key)  # published between our look and our claim?
@@ -314,9 +320,27 @@ def training_latents(encoder: torch.nn.Module, ae_checkpoint: str, ae_sha256: st
                 said = True
             if watch.stale():
                 warnings.warn(f"{watch.uri}: lease of {watch.holder()} is stale; taking over the encoding")
-                watch.take_over()
+                if watch.take_over():
+                    _remove_unpublished(directory, watch.holder().get("token"))
                 continue
         time.sleep(poll_s)
+
+
+def _remove_unpublished(directory: str, token: Any) -> None:
+    """Delete the shards a stale holder left under its token, unless a published manifest lists them."""
+    if not isinstance(token, str) or not token.isalnum():
+        return
+    try:
+        listed = json.loads(uio.read_bytes(uio.join(directory, MANIFEST))).get("shards", [])
+    except (FileNotFoundError, ValueError, AttributeError):
+        listed = []
+    if any(str(sh.get("file", "")).startswith(f"{token}/") for sh in listed if isinstance(sh, dict)):
+        return
+    fs, path = uio.filesystem(uio.join(directory, token))
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
 
 
 def _encode_and_publish(encoder, ae_checkpoint: str, key: LatentsKey, ds: Dataset, data: DataConfig, device,

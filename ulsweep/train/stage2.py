@@ -140,8 +140,8 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     spec = RunSpec(run_dir, KIND, f"base {base.name}", cfg_hash, dump_yaml(base),
                    {"config": to_dict(base), "experiment": to_dict(exp)},
                    {"data_hash": data_hash, "ae_checkpoint": ae_checkpoint, "ae_sha256": ae_meta["sha256"],
-                    "latent_shape": list(latent_shape), "latents": latents.uri,
-                    "latents_hash": latents.content_hash})
+                    "latent_shape": list(latent_shape), "latents": latents.uri if latents else None,
+                    "latents_hash": latents.content_hash if latents else None})
     objective = BaseObjective(net, base_schedule(ae_exp.ae.loss, base), base.loss.sigmoid_bias, latent_shape)
     res = train(objective, DeviceSplit(z_train), evaluate, ts, tc, spec, hooks)
     if res.metrics:
