@@ -59,7 +59,8 @@ def main(argv=None) -> int:
                 lat, z = training_latents(ae.encoder, ckpt, sha, ds, exp.data, args.device)
                 _sync(args.device)
                 rows[kind].append(time.perf_counter() - t0)
-    out = {"config": args.config, "data": args.data, "device": args.device, "torch": torch.__version__,
+    cfg = Path(args.config).resolve()
+    out = {"config": str(cfg.relative_to(ROOT)) if cfg.is_relative_to(ROOT) else str(cfg), "data": args.data, "device": args.device, "torch": torch.__version__,
            "images": lat.num_rows, "latent_shape": list(lat.latent_shape),
            "bytes": lat.num_rows * 4 * int(torch.tensor(lat.latent_shape).prod()),
            **{f"{k}_seconds": v for k, v in rows.items()}}

@@ -14,14 +14,15 @@ import pytest
 import torch
 
 from ulsweep import io as uio
-from ulsweep.config import DataConfig, experiment_from_dict
-from ulsweep.data.parquet import write_dataset
-from ulsweep.data.sources import load_device_images
+from ulsweep.config import experiment_from_dict
+from ulsweep.data.model_range import to_model_range
+from ulsweep.data.parquet import open_dataset
 from ulsweep.train import latents as L
-from ulsweep.train.checkpoint import read_meta
 from ulsweep.train.hooks import TrainHooks
 from ulsweep.train.stage1 import train_autoencoder
 from ulsweep.train.stage2 import load_frozen_autoencoder, train_base
+
+from latentlib import SlowEncoder, tiny_data
 
 TRAIN = {"steps": 2, "batch_size": 8, "log_every": 1, "eval_images": 8, "eval_t_per_image": 2, "sample_steps": 2}
 
@@ -70,9 +71,11 @@ def test_base_trials_encode_once_and_train_bit_identically(ae, tmp_path, monkeyp
     a = train_base(exp, base, ckpt, str(tmp_path / "a"), first)  # encodes and publishes
     assert counted.calls == 1
 
-    # what stage 2 trained on before the cache: the whole split on the device, encoded there in batches of 512
+    # what stage 2 trained on before the cache (load_device_images, then encode_all): the whole split in
+    # [-1, 1] on the device, encoded there in batches of 512
     frozen, _, meta = load_frozen_autoencoder(ckpt, "cpu")
-    x_train, _, data_hash = load_device_images(exp.data, torch.device("cpu"), 8)
+    ds = open_dataset(exp.data.path)
+    x_train, data_hash = to_model_range(ds.load_split("train")[0], 16), ds.content_hash
     with torch.no_grad():
         z_ref = torch.cat([frozen.encoder(x_train[i:i + 512]).float() for i in range(0, len(x_train), 512)])
     lat = L.published_latents(ckpt, exp.data)
@@ -93,29 +96,6 @@ def test_base_trials_encode_once_and_train_bit_identically(ae, tmp_path, monkeyp
     assert counted.calls == 1
     assert part.losses + rest.losses == first.losses and len(first.losses) == 2
     assert b.metrics["base_bpp"] == a.metrics["base_bpp"]
-
-
-def tiny_data(root, n=40) -> tuple:
-    """A raw 1x8x8 dataset of n random images, its DataConfig and the opened dataset."""
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (n, 1, 8, 8), dtype=np.uint8)
-    ds = write_dataset(str(root), "tiny", {"train": (img, np.zeros(n, np.int64)),
-                                           "test": (img[:4], np.zeros(4, np.int64))}, shard_rows=16)
-    return DataConfig(path=str(root), image_size=8), ds
-
-
-class SlowEncoder(torch.nn.Module):
-    """A fixed 2-channel conv that sleeps in every call, so that a second trial arrives while it encodes."""
-
-    def __init__(self, sleep_s=0.3):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv, self.sleep_s, self.calls = torch.nn.Conv2d(1, 2, 2, stride=2), sleep_s, 0
-
-    def forward(self, x):
-        self.calls += 1
-        threading.Event().wait(self.sleep_s)
-        return self.conv(x)
 
 
 @pytest.mark.parametrize("where", ["local", "memory"])

@@ -159,7 +159,7 @@ def test_runs_list_their_datasets_and_latents_as_mlflow_inputs(store, tmp_path):
     content hash (MLflow keeps 36 characters), source = URI, context tag; logging again adds nothing."""
     import json
 
-    from test_latents import SlowEncoder, tiny_data
+    from latentlib import SlowEncoder, tiny_data
 
     from ulsweep.config import experiment_from_dict
     from ulsweep.sweep.trial import log_datasets
