@@ -99,6 +99,14 @@ def test_sweep_with_s3_storage_then_resume(tmp_path):
                     tracking.sweep_runs(c, state["mlflow_experiment_id"], state["sweep_id"])}
             assert runs["ae-0000"].data.tags[tracking.TAG_CHECKPOINT].startswith("s3://ulsweep-test/runs/s3sweep/")
             assert runs["ae-0000-tiny"].data.tags[tracking.TAG_PARENT] == runs["ae-0000"].info.run_id
+            # the base trial's latents were encoded into the bucket, next to the AE checkpoint, and listed in MLflow
+            ckpt = f"{root}/trials/ae-0000/checkpoints/step_00000010"
+            manifests = [f for f in files if f.startswith(f"{ckpt}/latents/") and f.endswith("/latents.json")]
+            assert len(manifests) == 1 and not any(f.endswith("/lock.json") for f in files), sorted(files)
+            inputs = c.get_run(runs["ae-0000-tiny"].info.run_id).inputs.dataset_inputs
+            lat = [i.dataset for i in inputs if i.dataset.name == "latents:digits:train"]
+            assert lat and lat[0].source_type == "s3"
+            assert json.loads(lat[0].source)["uri"] == "s3://" + manifests[0].rsplit("/", 1)[0]
 
             # resume reads everything back from the bucket; finished trials are not trained again
             mtime = fs.info(f"{root}/trials/ae-0000/result.json")["LastModified"]

@@ -362,8 +362,14 @@ def mlflow_runs(run_dir: Path):
     return state, c, {r.data.tags[tracking.TAG_KEY]: r for r in runs}, runs
 
 
-def check_lineage(run_dir: Path, ae_keys: list[str], bases: list[str]) -> dict:
-    """Three-level lineage, one run per key, nothing RUNNING, params/metrics/artifacts present."""
+def input_names(c, run) -> set[str]:
+    """The names of a run's MLflow dataset inputs."""
+    return {i.dataset.name for i in c.get_run(run.info.run_id).inputs.dataset_inputs}
+
+
+def check_lineage(run_dir: Path, ae_keys: list[str], bases: list[str], latents: bool = False) -> dict:
+    """Three-level lineage, one run per key, nothing RUNNING, params/metrics/artifacts present, dataset
+    inputs (with `latents`, base runs list the latents they trained on)."""
     from ulsweep import tracking
 
     state, c, by_key, runs = mlflow_runs(run_dir)
@@ -381,9 +387,11 @@ def check_lineage(run_dir: Path, ae_keys: list[str], bases: list[str]) -> dict:
         assert len(c.get_metric_history(ae.info.run_id, "loss")) >= 2  # a curve, not a point
         arts = {a.path for a in c.list_artifacts(ae.info.run_id)}
         assert "config.yaml" in arts
+        assert input_names(c, ae) == {"digits:train", "digits:test"}
         for b in bases:
             br = by_key[f"{k}-{b}"]
             assert br.data.tags[tracking.TAG_PARENT] == ae.info.run_id
+            assert input_names(c, br) == {"digits:train", "digits:test", *(["latents:digits:train"] if latents else [])}
             assert any(m.startswith("gfd") for m in br.data.metrics)
         if bases:
             assert any(m.startswith("objective/") for m in ae.data.metrics)
@@ -403,7 +411,9 @@ def test_local_sweep_two_ae_one_base_with_lineage(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     run_dir = tmp_path / "runs" / "e2e"
-    check_lineage(run_dir, ["ae-0000", "ae-0001"], ["tiny"])
+    check_lineage(run_dir, ["ae-0000", "ae-0001"], ["tiny"], latents=True)
+    for k in ("ae-0000", "ae-0001"):  # each AE's training split encoded once, next to its final checkpoint
+        assert len(list((run_dir / "trials" / k / "checkpoints").glob("step_*/latents/*/latents.json"))) == 1
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["counts"] == {"ae_done": 2, "base_done": 2}
     assert all(t["objective"] for t in summary["trials"])

@@ -152,3 +152,40 @@ def test_deduping_buffer_keeps_one_point_per_key_and_step(store):
     assert loss == [(2, 9.0), (3, 1 / 3), (4, 0.25), (5, 0.2)]
     assert [(m.step, m.value) for m in c.get_metric_history(run, "bpp")] == [(4, 0.1)]
     assert buf.dropped_duplicates == 5  # steps 1 and 2, loss at 4 twice, bpp at 4 once
+
+
+def test_runs_list_their_datasets_and_latents_as_mlflow_inputs(store, tmp_path):
+    """Dataset splits (training, evaluation) and a base trial's latents, read back from MLflow: name, digest =
+    content hash (MLflow keeps 36 characters), source = URI, context tag; logging again adds nothing."""
+    import json
+
+    from latentlib import SlowEncoder, tiny_data
+
+    from ulsweep.config import experiment_from_dict
+    from ulsweep.sweep.trial import log_datasets
+    from ulsweep.train.checkpoint import save_checkpoint
+    from ulsweep.train.latents import training_latents
+
+    _, c, eid = store
+    data, ds = tiny_data(tmp_path / "data")
+    exp = experiment_from_dict({"name": "t", "data": {"path": data.path, "image_size": 8}})
+    ckpt = save_checkpoint(str(tmp_path / "ae"), 1, {"w": 1}, {"kind": "ae"})
+    with open(f"{ckpt}/meta.json") as f:
+        ae_sha = json.load(f)["sha256"]
+    lat, _ = training_latents(SlowEncoder(sleep_s=0), ckpt, ae_sha, ds, data, "cpu")
+    run_id = c.create_run(eid).info.run_id
+    for _ in range(2):  # a resumed trial logs again
+        log_datasets(c, run_id, exp)
+        log_datasets(c, run_id, exp, ae_checkpoint=ckpt)
+    inputs = c.get_run(run_id).inputs.dataset_inputs
+    got = {i.dataset.name: (i.dataset, {t.key: t.value for t in i.tags}) for i in inputs}
+    assert len(inputs) == 3 and set(got) == {"tiny:train", "tiny:test", "latents:tiny:train"}
+    for name, context, h, uri in (("tiny:train", "training", ds.content_hash, ds.uri),
+                                  ("tiny:test", "evaluation", ds.content_hash, ds.uri),
+                                  ("latents:tiny:train", "training", lat.content_hash, lat.uri)):
+        d, tags = got[name]
+        assert len(h) == 64 and d.digest == h[:36]
+        assert json.loads(d.source)["uri"] == uri and d.source_type == "local"
+        assert json.loads(d.profile)["content_hash"] == h and tags["mlflow.data.context"] == context
+    assert json.loads(got["latents:tiny:train"][0].profile)["latent_shape"] == [2, 4, 4]
+    assert json.loads(got["tiny:train"][0].profile)["num_images"] == 40

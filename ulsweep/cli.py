@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     ae.set_defaults(func=_cmd_train_ae)
     base = tsub.add_parser("base", help="stage 2: a base model on a frozen autoencoder's latents",
                            description="Train one of the experiment's `base_models` on the latents of a "
-                                       "stage-1 checkpoint. Resumes from the run directory's newest checkpoint.")
+                                       "stage-1 checkpoint. The training split is encoded once per checkpoint "
+                                       "and dataset (CHECKPOINT/latents/, reused by later base runs). Resumes "
+                                       "from the run directory's newest checkpoint.")
     _add_config_args(base)
     base.add_argument("--ae", required=True, metavar="CHECKPOINT",
                       help="stage-1 checkpoint directory (…/checkpoints/step_XXXXXXXX)")

@@ -1,7 +1,8 @@
 """One sweep trial, Tune side: a Tune function trainable that builds and fits a Ray Train `TorchTrainer`.
 
     Tune trial process (`run_trial`, holds resources.driver_cpus)
-      - finds or creates the trial's MLflow run (child of the sweep, or of its AE trial for base models)
+      - finds or creates the trial's MLflow run (child of the sweep, or of its AE trial for base models) and
+        lists its dataset splits as MLflow inputs; a finished base trial adds the latents it trained on
       - TorchTrainer(train_worker, num_workers DDP workers, gloo/NCCL) with TuneReportCallback
       - appends the attempt's timings to <run dir>/trials/<key>/timings.jsonl
     Ray Train workers: ulsweep.sweep.worker.train_worker
@@ -148,6 +149,8 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
                                            "error": True})
         raise
     m = result.metrics or getattr(result, "return_value", None) or {}
+    if kind == "base":
+        log_datasets(c, run_id, exp, ae_checkpoint=config.get("ae_checkpoint"))
     _append_timings(ctx.run_dir, key, {"t_trial": t_trial, "t_fit": t_fit, "t_fit_end": time.time(),
                                        **{k: m.get(k) for k in _TIMINGS}})
     if kind == "base" and m and parent != ctx.sweep_id:
@@ -181,7 +184,29 @@ def _open_trial_run(c, ctx: SweepContext, config: dict, exp: ExperimentConfig, p
         pass
     if created:
         _log_trial_setup(c, run_id, exp, config)
+    log_datasets(c, run_id, exp)  # every time: a run reopened after a failed first attempt gets them too
     return run_id
+
+
+def log_datasets(c, run_id: str, exp: ExperimentConfig, ae_checkpoint: str | None = None) -> None:
+    """The training and evaluation splits as MLflow dataset inputs; with `ae_checkpoint` (a base trial that
+    has trained) the latents it trained on. Never fails the trial: a problem is logged as a warning."""
+    from ulsweep.data.builtin import resolve_dataset
+    from ulsweep.data.reader import open_dataset
+    from ulsweep.tracking.datasets import latents_ref, log_dataset_inputs, split_refs
+
+    try:
+        d = exp.data
+        ds = open_dataset(resolve_dataset(d.path))
+        refs = split_refs(ds, d.train_split, d.eval_split, d.image_size)
+        if ae_checkpoint:
+            from ulsweep.train.latents import published_latents
+
+            lat = published_latents(ae_checkpoint, d)
+            refs = [latents_ref(lat, ds.name)] if lat is not None else []
+        log_dataset_inputs(c, run_id, refs)
+    except Exception as e:  # noqa: BLE001 - tracking must not lose a trial
+        log.warning("could not log the datasets of run %s: %s", run_id, e)
 
 
 def _log_trial_setup(c, run_id: str, exp: ExperimentConfig, config: dict) -> None:
@@ -247,13 +272,17 @@ def fit_stage(exp: ExperimentConfig, run_dir: str, kind: str = "ae", base: str |
     res = resources or exp.resources
     run_dir = os.path.abspath(run_dir) if "://" not in run_dir else run_dir
     uri = tracking_uri or tracking.default_tracking_uri(run_dir)
+    c = tracking.client(uri)
     if run_id is None:
-        c = tracking.client(uri)
         eid = tracking.get_or_create_experiment(c, exp.tracking.experiment or exp.name,
                                                 f"{run_dir.rstrip('/')}/mlartifacts")
         run_id = tracking.retry(c.create_run, eid, run_name=f"{kind}-{os.path.basename(run_dir)}").info.run_id
+    log_datasets(c, run_id, exp)
     name = run_dir.rstrip("/").rsplit("/", 1)[-1]
     wcfg = worker_config(exp, res, kind, name, run_dir, uri, run_id, train_impl, base=base,
                          ae_checkpoint=ae_checkpoint)
     trainer = make_trainer(wcfg, res, storage_path=run_dir.rstrip("/").rsplit("/", 1)[0], name=name, in_tune=False)
-    return trainer.fit()
+    result = trainer.fit()
+    if kind == "base":
+        log_datasets(c, run_id, exp, ae_checkpoint=ae_checkpoint)
+    return result

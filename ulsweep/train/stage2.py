@@ -1,8 +1,10 @@
 """Stage 2 (§3.3): a base diffusion model on the frozen encoder's latents.
 
-The encoder (EMA weights of the stage-1 checkpoint) maps the training split to z_clean once; the base
-model learns z_clean with the sigmoid-weighted ELBO over lambda in [logsnr_min, lambda_z(0)]. Sampling
-ends at lambda_z(0) and hands the noisy z_0 to the frozen decoder.
+The encoder (EMA weights of the stage-1 checkpoint) maps the training split to z_clean once per checkpoint
+and dataset (`ulsweep.train.latents`: stored next to the checkpoint, read by every later base trial of that
+autoencoder, a resumed one included); the base model learns z_clean with the sigmoid-weighted ELBO over
+lambda in [logsnr_min, lambda_z(0)], noise drawn per step. Sampling ends at lambda_z(0) and hands the noisy
+z_0 to the frozen decoder. Evaluation encodes the held-out images itself (bits/pixel through the encoder).
 """
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ import math
 import torch
 
 from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_yaml, experiment_from_dict, to_dict
-from ulsweep.data.sources import DeviceSplit, load_device_images
+from ulsweep.data.sources import DeviceSplit
 from ulsweep.diffusion import LogSNRSchedule, base_loss, diffuse, latent_bitrate, low_discrepancy_times, x_from_v
 from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model, sampler
 from ulsweep.train.checkpoint import CheckpointError, finished_result, load_checkpoint
 from ulsweep.train.evaluation import generation_fd_of, load_eval_extractor
 from ulsweep.train.hooks import StageResult, TrainHooks
+from ulsweep.train.latents import open_training_data, split_images, training_latents
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
 from ulsweep.train.sampling import decode, generate_latents, image_grid_png, to_uint8
@@ -60,11 +63,6 @@ def load_frozen_autoencoder(ae_checkpoint: str, device) -> tuple[torch.nn.Module
     ae = build_autoencoder(ae_exp.ae, meta["image_shape"][0]).to(device)
     ae.load_state_dict(state["ema"])
     return ae.eval().requires_grad_(False), ae_exp, meta
-
-
-@torch.no_grad()
-def encode_all(encoder, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    return torch.cat([encoder(x[i:i + batch]).float() for i in range(0, len(x), batch)])
 
 
 @torch.no_grad()
@@ -122,10 +120,11 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     if done is not None:
         return done
     torch.manual_seed(tc.seed + 1000 * rt.rank)  # weight initialization
-    x_train, x_eval, data_hash = load_device_images(exp.data, rt.device,
-                                                    max(tc.eval_images, exp.eval.gfd_reference_images))
-    z_train = encode_all(ae.encoder, x_train)  # (N, c, h, w) frozen latents
-    del x_train
+    ds = open_training_data(exp.data)
+    data_hash = ds.content_hash
+    x_eval = split_images(ds, exp.data.eval_split, exp.data.image_size,
+                          max(tc.eval_images, exp.eval.gfd_reference_images)).to(rt.device)
+    latents, z_train = training_latents(ae.encoder, ae_checkpoint, ae_meta["sha256"], ds, exp.data, rt.device)
     latent_shape = tuple(z_train.shape[1:])
     net = build_base_model(base, latent_shape[0]).to(rt.device)
     ts = TrainState(net, base.optim, rt, tc.seed)
@@ -141,7 +140,8 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     spec = RunSpec(run_dir, KIND, f"base {base.name}", cfg_hash, dump_yaml(base),
                    {"config": to_dict(base), "experiment": to_dict(exp)},
                    {"data_hash": data_hash, "ae_checkpoint": ae_checkpoint, "ae_sha256": ae_meta["sha256"],
-                    "latent_shape": list(latent_shape)})
+                    "latent_shape": list(latent_shape), "latents": latents.uri if latents else None,
+                    "latents_hash": latents.content_hash if latents else None})
     objective = BaseObjective(net, base_schedule(ae_exp.ae.loss, base), base.loss.sigmoid_bias, latent_shape)
     res = train(objective, DeviceSplit(z_train), evaluate, ts, tc, spec, hooks)
     if res.metrics:
