@@ -358,3 +358,71 @@ def test_stream_memory_stays_bounded_where_the_device_path_holds_the_split(ray_l
     print(f"split {split / 2**20:.0f} MiB as float32; added to the process tree's PSS: stream "
           f"{stream_added / 2**20:.0f} MiB, device {device_added / 2**20:.0f} MiB")
     assert 4 * stream_added <= split <= device_added
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stage 2: latents encoded shard by shard, streamed to the base model when they do not fit
+
+
+def test_latents_encode_shard_by_shard_and_stream_over_ranks(ray_local, tmp_path, monkeypatch):
+    """encode_split crosses shard boundaries with whole encoder batches (z bit-identical to slicing the split
+    as one tensor); latent_source streams the published set: one rank reads every row once per epoch, two
+    ranks read disjoint shards, cut to the same row count."""
+    from latentlib import SlowEncoder, tiny_data
+    from ulsweep.train import latents as L
+
+    data, ds = tiny_data(tmp_path / "data")  # 40 images in shards of 16
+    enc = SlowEncoder(sleep_s=0)
+    zs = []
+    assert L.encode_split(enc, ds, "train", 8, "cpu", zs.append, batch=12) == 40
+    x = L.split_images(ds, "train", 8)
+    with torch.no_grad():
+        want = torch.cat([enc(x[i:i + 12]).float() for i in range(0, 40, 12)])
+    assert [len(z) for z in zs] == [12, 12, 12, 4] and torch.equal(torch.cat(zs), want)
+
+    monkeypatch.setattr(L, "SHARD_BYTES", 12 * 4 * 2 * 4 * 4)  # 12 latents (2x4x4 float32) per shard
+    lat, z = L.training_latents(enc, str(tmp_path / "ckpt"), "5" * 64, ds, data, "cpu", load=False)
+    assert z is None and [sh["num_rows"] for sh in lat.manifest["shards"]] == [12, 12, 12, 4]
+    every = lat.load()
+    key = lambda rows: sorted(r.flatten().tolist() for r in rows)  # noqa: E731
+
+    src = L.latent_source(lat, cpu_rt(), seed=0, batch_size=8)
+    assert src.steps_per_epoch(8) == 5
+    epoch = torch.cat([src.draw(8, None) for _ in range(5)])
+    assert key(epoch) == key(every)
+    src.close()
+
+    seen = []
+    for rank in (0, 1):  # shards 0, 2 (24 rows) and 1, 3 (16 rows): both ranks stop at 16
+        s = L.latent_source(lat, cpu_rt(rank, 2), seed=0, batch_size=8)
+        assert s.steps_per_epoch(8) == 4
+        seen.append(torch.cat([s.draw(8, None) for _ in range(4)]))
+        s.close()
+    assert all(len(p) == 16 for p in seen)
+    assert not set(map(tuple, key(seen[0]))) & set(map(tuple, key(seen[1])))
+    assert set(map(tuple, key(seen[1]))) == set(map(tuple, key(every[12:24]))) | set(map(tuple, key(every[36:])))
+
+
+def test_base_trial_streams_latents_it_was_told_to(ray_local, data_dir, tmp_path, monkeypatch, capsys):
+    """`data.loader: stream` trains the base model from the latent shards; the latents are never loaded whole."""
+    from ulsweep.train import latents as L
+    from ulsweep.train.stage1 import train_autoencoder
+    from ulsweep.train.stage2 import train_base
+
+    exp = exp_for(str(data_dir / "ids"), "device", steps=2)
+    ae = train_autoencoder(exp, str(tmp_path / "ae"))
+    raw = {"name": "s", "data": {"path": str(data_dir / "ids"), "image_size": 16, "loader": "stream"},
+           "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2}},
+           "base_models": [{"name": "b", "model": {"preset": "tiny"},
+                            "train": {"steps": 3, "batch_size": 16, "log_every": 1, "eval_images": 16,
+                                      "sample_steps": 2}}],
+           "eval": {"extractor": "none"}}
+    base_exp = experiment_from_dict(raw)
+
+    def whole(*a, **k):
+        raise AssertionError("the streamed latents were loaded whole")
+
+    monkeypatch.setattr(L.Latents, "load", whole)
+    res = train_base(base_exp, base_exp.base_models[0], ae.checkpoint, str(tmp_path / "base"))
+    assert "-> stream for the latents" in capsys.readouterr().out
+    assert res.steps == 3 and np.isfinite(res.metrics["base_bpp"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -84,9 +85,21 @@ class Dataset:
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             raise DataError(f"{self.uri}: split {split!r}: limit must be a positive integer (got {limit!r})")
         n = info["num_images"] if limit is None else min(limit, info["num_images"])
-        C, H, W = self.image_shape
-        images = np.empty((n, C, H, W), dtype=np.uint8)  # (N, C, H, W)
+        images = np.empty((n, *self.image_shape), dtype=np.uint8)  # (N, C, H, W)
         labels = np.empty((n,), dtype=np.int64)
+        done = 0
+        for img, lab in self.iter_split(split, limit=n, verify=verify):
+            images[done:done + len(img)] = img
+            labels[done:done + len(img)] = lab
+            done += len(img)
+        return torch.from_numpy(images), torch.from_numpy(labels)
+
+    def iter_split(self, split: str, limit: int | None = None,
+                   verify: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The images of `split` shard by shard, in order: (uint8 (n, C, H, W), int64 (n,)) per shard, up to
+        `limit` images in all; one shard in memory at a time. Checks and errors as `load_split`."""
+        info = self._split_info(split)
+        n = info["num_images"] if limit is None else min(limit, info["num_images"])
         fs, root = filesystem(self.uri)
         done = 0
         for sh in info["shards"]:
@@ -105,11 +118,8 @@ class Dataset:
                     raise DataError(f"{where(uri, split)}: SHA-256 mismatch: manifest says "
                                     f"{sh['sha256']}, file has {got} (corrupt or modified shard)")
             take = min(sh["num_rows"], n - done)
-            img, lab = _decode_shard(data, uri, split, (C, H, W), sh["num_rows"], take, self.encoding)
-            images[done:done + take] = img
-            labels[done:done + take] = lab
+            yield _decode_shard(data, uri, split, self.image_shape, sh["num_rows"], take, self.encoding)
             done += take
-        return torch.from_numpy(images), torch.from_numpy(labels)
 
     def __repr__(self) -> str:
         return (f"Dataset({self.name!r}, uri={self.uri!r}, image_shape={self.image_shape}, "

@@ -105,20 +105,26 @@ def free_device_bytes(device: torch.device) -> int:
 
 
 def choose_loader(data: DataConfig, ds: Dataset, device: torch.device) -> tuple[str, str]:
-    """(`device` or `stream`, why) for `data.loader` on `device`."""
-    need = split_bytes(data, ds)
+    """(`device` or `stream`, why) for `data.loader` on `device`: the training split's images."""
+    return choose_loader_for(data, split_bytes(data, ds), device, "split")
+
+
+def choose_loader_for(data: DataConfig, need: int, device: torch.device, what: str) -> tuple[str, str]:
+    """(`device` or `stream`, why) for a training set of `need` bytes on the device (`what`: its name)."""
     gb = f"{need / 1e9:.3g} GB"
     if data.loader != "auto":
-        return data.loader, f"set in the config (split {gb} as float32)"
+        return data.loader, f"set in the config ({what} {gb} as float32)"
     if data.device_budget_gb is not None:
         budget, whose = data.device_budget_gb * 1e9, "data.device_budget_gb"
     else:
         budget = DEVICE_BUDGET_FRACTION * free_device_bytes(device)
         whose = f"{DEVICE_BUDGET_FRACTION:g} x free {device.type} memory"
     if need <= SMALL_SPLIT_BYTES:
-        return "device", f"split {gb} as float32, under the {SMALL_SPLIT_BYTES / 1e9:.3g} GB below which auto never streams"
+        return "device", (f"{what} {gb} as float32, under the {SMALL_SPLIT_BYTES / 1e9:.3g} GB below which auto "
+                          "never streams")
     verdict = "device" if need <= budget else "stream"
-    return verdict, f"split {gb} as float32 {'<=' if verdict == 'device' else '>'} budget {budget / 1e9:.2f} GB ({whose})"
+    return verdict, (f"{what} {gb} as float32 {'<=' if verdict == 'device' else '>'} budget {budget / 1e9:.2f} GB "
+                     f"({whose})")
 
 
 def train_source(data: DataConfig, rt, seed: int, eval_images: int, batch_size: int, shard=None,
@@ -159,5 +165,5 @@ def _check_size(data: DataConfig, ds: Dataset) -> None:
                     f"them to {S}x{S} (set data.image_size to a size they pad to or divide by an integer)")
 
 
-__all__ = ["DeviceSplit", "StreamSource", "train_source", "load_device_images", "choose_loader", "may_stream",
-           "open_splits"]
+__all__ = ["DeviceSplit", "StreamSource", "train_source", "load_device_images", "choose_loader", "choose_loader_for",
+           "may_stream", "open_splits"]

@@ -120,19 +120,25 @@ class DecodeImages:
                             f"{self.shape[0]}x{self.shape[1]}x{self.shape[2]}: {e}") from e
 
 
+def build_pipeline(items: list[dict], columns: tuple[str, ...], decode: Callable, block_rows: int):
+    """The lazy Ray Data pipeline over shard `items` (dicts of uri, sha256, num_rows, split; see `shard_items`):
+    verified row chunks of `block_rows` rows holding `columns` -> `decode` (a Ray Data UDF taking a pyarrow
+    table). Nothing runs until iterated."""
+    import ray.data
+
+    pipe = ray.data.from_items(items, override_num_blocks=len(items))
+    pipe = pipe.map_batches(ReadShards(columns, block_rows), batch_size=1, batch_format="numpy")
+    return pipe.map_batches(decode, batch_size=None, batch_format="pyarrow")
+
+
 def build_dataset(ds: Dataset, split: str, decode: Callable | None = None, columns: tuple[str, ...] = ("image",),
                   row_bytes: int | None = None):
     """The lazy Ray Data pipeline of one split: shards -> verified row chunks -> `decode` (default: images to
     uint8). `row_bytes`, the decoded bytes of one row, sets the block size. Nothing runs until iterated."""
-    import ray.data
-
     C, H, W = ds.image_shape
     decode = decode or DecodeImages(ds.encoding, (C, H, W), ds.uri)
     block_rows = max(1, BLOCK_BYTES // (row_bytes or C * H * W))
-    items = shard_items(ds, split)
-    pipe = ray.data.from_items(items, override_num_blocks=len(items))
-    pipe = pipe.map_batches(ReadShards(columns, block_rows), batch_size=1, batch_format="numpy")
-    return pipe.map_batches(decode, batch_size=None, batch_format="pyarrow")
+    return build_pipeline(shard_items(ds, split), columns, decode, block_rows)
 
 
 def execution_options(row_bytes: int, batch_rows: int):
@@ -158,11 +164,16 @@ def image_dataset(ds: Dataset, split: str, batch_rows: int):
 def local_dataset(ds: Dataset, split: str, batch_rows: int):
     """The image pipeline for a process outside Ray Train (`ulsweep train ae`, Ray Train's local mode inside
     Tune); starts a local Ray if none is running."""
+    ensure_ray()
+    return image_dataset(ds, split, batch_rows)[0]
+
+
+def ensure_ray() -> None:
+    """Start a local Ray in this process unless one is connected (inside trials it always is)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    return image_dataset(ds, split, batch_rows)[0]
 
 
 # ----------------------------------------------------------------------------------------------

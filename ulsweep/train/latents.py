@@ -28,7 +28,7 @@ import json
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -219,25 +219,62 @@ def read_latents(directory: str, key: LatentsKey) -> tuple[Latents | None, str |
     return Latents(directory, m), None
 
 
+class LatentWriter:
+    """Latent shards written as the encoder produces them (each atomically, under `directory`/`token`/), then
+    the manifest (`finish`, atomically, last). Shards hold SHARD_BYTES of float32 each: their boundaries
+    depend only on the row count and the latent size, not on how the rows arrive."""
+
+    def __init__(self, directory: str, token: str):
+        self.directory, self.token = directory, token
+        self.shards: list[dict] = []
+        self.shape: tuple[int, ...] | None = None
+        self.rows_per_shard = 0
+        self._buf: list[np.ndarray] = []
+        self._nbuf = 0
+        self._done = 0
+
+    def add(self, z: np.ndarray) -> None:
+        """Append float32 latents (n, C, h, w)."""
+        z = np.ascontiguousarray(z, dtype="<f4")
+        if self.shape is None:
+            self.shape = tuple(int(d) for d in z.shape[1:])
+            self.rows_per_shard = max(1, SHARD_BYTES // (4 * int(np.prod(self.shape))))
+        elif tuple(z.shape[1:]) != self.shape:
+            raise ValueError(f"latents of shape {tuple(z.shape[1:])} after {self.shape}")
+        self._buf.append(z)
+        self._nbuf += len(z)
+        while self._nbuf >= self.rows_per_shard:
+            self._write(self.rows_per_shard)
+
+    def _write(self, n: int) -> None:
+        rows = self._buf[0] if len(self._buf) == 1 else np.concatenate(self._buf)
+        part, rest = rows[:n], rows[n:]
+        self._buf, self._nbuf = ([rest] if len(rest) else []), len(rest)
+        data = _shard_bytes(part.reshape(n, -1), self._done)
+        rel = f"{self.token}/part-{len(self.shards):05d}.parquet"
+        uio.atomic_write_bytes(uio.join(self.directory, rel), data)
+        self.shards.append({"file": rel, "num_rows": n, "sha256": hashlib.sha256(data).hexdigest()})
+        self._done += n
+
+    def finish(self, key: LatentsKey, info: dict) -> Latents:
+        """Write what is left and the manifest; `info`: extra manifest entries (provenance)."""
+        if self._nbuf:
+            self._write(self._nbuf)
+        if not self.shards:
+            raise ValueError(f"{self.directory}: no latents were written")
+        manifest = {"format": FORMAT, "version": FORMAT_VERSION, **key.fields(), "latent_shape": list(self.shape),
+                    "dtype": "float32", "byte_order": "little", "num_rows": self._done, "shards": self.shards,
+                    "content_hash": content_hash(self.shape, [sh["sha256"] for sh in self.shards]), **info}
+        uio.atomic_write_text(uio.join(self.directory, MANIFEST), json.dumps(manifest, indent=1))
+        return Latents(self.directory, manifest)
+
+
 def write_latents(directory: str, key: LatentsKey, z: torch.Tensor, token: str, info: dict) -> Latents:
     """Write z (float32 (N, C, h, w)) as shards under `directory`/`token`/, each atomically, then the
     manifest (atomically, last). `info`: extra manifest entries (provenance)."""
-    z_np = np.ascontiguousarray(z.detach().to("cpu", torch.float32).numpy()).astype("<f4", copy=False)
-    n, shape = z_np.shape[0], tuple(int(s) for s in z_np.shape[1:])
-    D = int(np.prod(shape))
-    rows = max(1, SHARD_BYTES // (4 * D))
-    shards = []
-    for k, start in enumerate(range(0, n, rows)):
-        part = z_np[start:start + rows]
-        data = _shard_bytes(part.reshape(len(part), D), start)
-        rel = f"{token}/part-{k:05d}.parquet"
-        uio.atomic_write_bytes(uio.join(directory, rel), data)
-        shards.append({"file": rel, "num_rows": len(part), "sha256": hashlib.sha256(data).hexdigest()})
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, **key.fields(), "latent_shape": list(shape),
-                "dtype": "float32", "byte_order": "little", "num_rows": n, "shards": shards,
-                "content_hash": content_hash(shape, [s["sha256"] for s in shards]), **info}
-    uio.atomic_write_text(uio.join(directory, MANIFEST), json.dumps(manifest, indent=1))
-    return Latents(directory, manifest)
+    w = LatentWriter(directory, token)
+    w.add(z.detach().to("cpu", torch.float32).numpy())
+    return w.finish(key, info)
 
 
 def _shard_bytes(z: np.ndarray, first_row: int) -> bytes:
@@ -269,17 +306,42 @@ def split_images(ds: Dataset, split: str, image_size: int, limit: int | None = N
 
 
 @torch.no_grad()
-def encode_split(encoder: torch.nn.Module, x: torch.Tensor, device: torch.device | str,
-                 batch: int = ENCODE_BATCH) -> torch.Tensor:
-    """z_clean = E(x) as float32 (N, C, h, w) on `device`; `x` (N, C, S, S) moves there a batch at a time."""
-    return torch.cat([encoder(x[i:i + batch].to(device)).float() for i in range(0, len(x), batch)])
+def encode_split(encoder: torch.nn.Module, ds: Dataset, split: str, image_size: int, device: torch.device | str,
+                 sink: Callable[[torch.Tensor], None], batch: int = ENCODE_BATCH) -> int:
+    """z_clean = E(x) of every image of `split`, in order, handed to `sink` as float32 (n, C, h, w) on `device`
+    one encoder batch at a time; returns the number of images. The batches are `batch` consecutive images
+    of the split whatever its shard layout (so z is bit-identical to stage 2's in-process encoding of the whole
+    split in slices of `batch`, before the cache), and
+    memory holds one shard of images and one batch: the split can be far larger than the host or device."""
+    carry: torch.Tensor | None = None  # uint8 images of the last shard that did not fill a batch
+    n = 0
+
+    def run(x_u8: torch.Tensor) -> None:
+        sink(encoder(to_model_range(x_u8, image_size).to(device)).float())
+
+    for img, _ in ds.iter_split(split):
+        x = torch.from_numpy(img)
+        if carry is not None:
+            x = torch.cat([carry, x])
+            carry = None
+        full = len(x) - len(x) % batch
+        for i in range(0, full, batch):
+            run(x[i:i + batch])
+        if full < len(x):
+            carry = x[full:].clone()
+        n += full
+    if carry is not None:
+        run(carry)
+        n += len(carry)
+    return n
 
 
 def training_latents(encoder: torch.nn.Module, ae_checkpoint: str, ae_sha256: str, ds: Dataset,
                      data: DataConfig, device: torch.device | str, *, poll_s: float = POLL_S,
-                     heartbeat_s: float = HEARTBEAT_S,
-                     stale_s: float = STALE_S) -> tuple[Latents | None, torch.Tensor]:
-    """(the published latents of `data.train_split`, them as float32 (N, C, h, w) on `device`).
+                     heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S,
+                     load: bool = True) -> tuple[Latents | None, torch.Tensor | None]:
+    """(the published latents of `data.train_split`, them as float32 (N, C, h, w) on `device`, or None when
+    not `load`: a base trial that streams them reads the shards itself).
 
     Reads them when published and valid; otherwise takes the lease and encodes (or waits for the trial
     holding it). A published set that fails its checks is reported (warning naming the file) and replaced.
@@ -297,7 +359,7 @@ def training_latents(encoder: torch.nn.Module, ae_checkpoint: str, ae_sha256: st
             reported.add(problem)
         if lat is not None and lat.manifest != rejected:
             try:
-                return lat, lat.load(device)
+                return lat, (lat.load(device) if load else None)
             except DataError as e:
                 warnings.warn(f"latent cache unusable, encoding again: {e}")
                 rejected = lat.manifest
@@ -305,14 +367,17 @@ def training_latents(encoder: torch.nn.Module, ae_checkpoint: str, ae_sha256: st
         try:
             lease = Lease.claim(watch.uri, heartbeat_s, job=f"encoding {data.train_split} of {data.path}")
         except PermissionError as e:  # e.g. a read-only checkpoint directory: encode for this trial only
-            warnings.warn(f"{directory}: cannot store latents here ({e}); encoding them for this trial only")
-            return None, encode_split(encoder, split_images(ds, data.train_split, data.image_size), device)
+            warnings.warn(f"{directory}: cannot store latents here ({e}); encoding them for this trial only, "
+                          "held in memory")
+            zs: list[torch.Tensor] = []
+            encode_split(encoder, ds, data.train_split, data.image_size, device, zs.append)
+            return None, torch.cat(zs)
         if lease is not None:
             with lease:
                 lat, _ = read_latents(directory, key)  # published between our look and our claim?
                 if lat is not None and lat.manifest != rejected:
                     continue
-                return _encode_and_publish(encoder, ae_checkpoint, key, ds, data, device, directory, lease)
+                return _encode_and_publish(encoder, ae_checkpoint, key, ds, data, device, directory, lease, load)
         if watch.look() is not None:
             if not said:
                 h = watch.holder()
@@ -344,18 +409,62 @@ def _remove_unpublished(directory: str, token: Any) -> None:
 
 
 def _encode_and_publish(encoder, ae_checkpoint: str, key: LatentsKey, ds: Dataset, data: DataConfig, device,
-                        directory: str, lease: Lease) -> tuple[Latents, torch.Tensor]:
+                        directory: str, lease: Lease, load: bool) -> tuple[Latents, torch.Tensor | None]:
     t0 = time.perf_counter()
-    x = split_images(ds, data.train_split, data.image_size)
-    z = encode_split(encoder, x, device)  # (N, C, h, w) float32 on the device
-    del x
+    writer = LatentWriter(directory, lease.token)
+    zs: list[torch.Tensor] = []
+
+    def sink(z: torch.Tensor) -> None:
+        writer.add(z.cpu().numpy())
+        if load:
+            zs.append(z)
+
+    encode_split(encoder, ds, data.train_split, data.image_size, device, sink)
     seconds = time.perf_counter() - t0
     info = {"ae_checkpoint": ae_checkpoint, "data_uri": ds.uri, "encode_seconds": seconds,
             "encoder": {"device": str(torch.device(device)), "batch": ENCODE_BATCH, "torch": torch.__version__}}
-    lat = write_latents(directory, key, z, lease.token, info)
-    print(f"[latents] encoded {lat.num_rows} images of {data.train_split!r} to {tuple(z.shape[1:])} "
+    lat = writer.finish(key, info)
+    print(f"[latents] encoded {lat.num_rows} images of {data.train_split!r} to {lat.latent_shape} "
           f"in {seconds:.1f} s -> {directory}", flush=True)
-    return lat, z
+    return lat, (torch.cat(zs) if load else None)
+
+
+class DecodeLatents:
+    """Ray Data UDF: the `z` column -> {"z": float32 (n, C, h, w)}; a malformed row is a DataError naming the
+    latents directory."""
+
+    def __init__(self, shape: Sequence[int], uri: str):
+        self.shape, self.uri = tuple(shape), uri
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        try:
+            return {"z": decode_latents(batch.column("z"), self.shape)}
+        except ValueError as e:
+            raise DataError(f"{self.uri}: {e}") from None
+
+
+def latent_source(lat: Latents, rt, seed: int, batch_size: int):
+    """A `StreamSource` of this rank's latents, read shard by shard through Ray Data (`ulsweep.data.stream`)
+    instead of loaded: O(prefetch) batches in memory. With N workers rank r reads shards r, r + N, ... and
+    every rank stops at the smallest rank's row count, so all ranks run the same steps per epoch (the rows
+    a larger rank holds beyond it are skipped every epoch: at most about one shard per rank)."""
+    from ulsweep.data import stream
+
+    stream.ensure_ray()
+    items = [{"uri": uri, "sha256": sh["sha256"], "num_rows": sh["num_rows"], "split": f"latents {lat.manifest['split']}"}
+             for uri, sh in zip(lat.shard_uris, lat.manifest["shards"])]
+    per_rank = [sum(it["num_rows"] for it in items[r::rt.world]) for r in range(rt.world)]
+    rows = min(per_rank)
+    if rows < batch_size // rt.world:
+        raise DataError(f"{lat.uri}: {len(items)} latent shard(s) over {rt.world} worker(s) leave {rows} rows "
+                        f"per worker, less than one batch of {batch_size // rt.world}")
+    row_bytes = 4 * int(np.prod(lat.latent_shape))
+    pipe = stream.build_pipeline(items[rt.rank::rt.world], ("z",), DecodeLatents(lat.latent_shape, lat.uri),
+                                 max(1, stream.BLOCK_BYTES // row_bytes))
+    if rt.world > 1 and per_rank[rt.rank] > rows:
+        pipe = pipe.limit(rows)
+    pipe.context.execution_options = stream.execution_options(row_bytes, max(1, batch_size // rt.world))
+    return stream.StreamSource(pipe, rows * rt.world, rt, seed, lambda b: b["z"], label=lat.uri)
 
 
 def published_latents(ae_checkpoint: str, data: DataConfig) -> Latents | None:

@@ -13,13 +13,13 @@ import math
 import torch
 
 from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_yaml, experiment_from_dict, to_dict
-from ulsweep.data.sources import DeviceSplit
+from ulsweep.data.sources import DeviceSplit, choose_loader_for
 from ulsweep.diffusion import LogSNRSchedule, base_loss, diffuse, latent_bitrate, low_discrepancy_times, x_from_v
 from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model, sampler
 from ulsweep.train.checkpoint import CheckpointError, finished_result, load_checkpoint
 from ulsweep.train.evaluation import generation_fd_of, load_eval_extractor
 from ulsweep.train.hooks import StageResult, TrainHooks
-from ulsweep.train.latents import open_training_data, split_images, training_latents
+from ulsweep.train.latents import latent_source, open_training_data, split_images, training_latents
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
 from ulsweep.train.sampling import decode, generate_latents, image_grid_png, to_uint8
@@ -124,8 +124,17 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     data_hash = ds.content_hash
     x_eval = split_images(ds, exp.data.eval_split, exp.data.image_size,
                           max(tc.eval_images, exp.eval.gfd_reference_images)).to(rt.device)
-    latents, z_train = training_latents(ae.encoder, ae_checkpoint, ae_meta["sha256"], ds, exp.data, rt.device)
-    latent_shape = tuple(z_train.shape[1:])
+    latent_shape = tuple(ae_meta["latent_shape"])  # (c, h, w), recorded by stage 1
+    need = ds.splits[exp.data.train_split] * 4 * math.prod(latent_shape)
+    loader, why = choose_loader_for(exp.data, need, rt.device, "latents")
+    if rt.is_main:
+        print(f"[base {base.name}] data.loader {exp.data.loader} -> {loader} for the latents: {why}", flush=True)
+    latents, z_train = training_latents(ae.encoder, ae_checkpoint, ae_meta["sha256"], ds, exp.data, rt.device,
+                                        load=loader == "device")
+    if z_train is not None:
+        source = DeviceSplit(z_train)
+    else:
+        source = latent_source(latents, rt, tc.seed, tc.batch_size)
     net = build_base_model(base, latent_shape[0]).to(rt.device)
     ts = TrainState(net, base.optim, rt, tc.seed)
 
@@ -143,7 +152,7 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
                     "latent_shape": list(latent_shape), "latents": latents.uri if latents else None,
                     "latents_hash": latents.content_hash if latents else None})
     objective = BaseObjective(net, base_schedule(ae_exp.ae.loss, base), base.loss.sigmoid_bias, latent_shape)
-    res = train(objective, DeviceSplit(z_train), evaluate, ts, tc, spec, hooks)
+    res = train(objective, source, evaluate, ts, tc, spec, hooks)
     if res.metrics:
         fd = "".join(f"  {k}={v:.3f}" for k, v in res.metrics.items() if k.startswith(("gfd_", "gfid")))
         print(f"[base {base.name}] done: base-model latent bits/pixel={res.metrics['base_bpp']:.4f}{fd}  "
