@@ -32,9 +32,9 @@ class DataConfig:
     image_size: int = 16  # images are padded/resized to image_size x image_size
     train_split: str = "train"
     eval_split: str = "test"
-    # where stage 1's training batches come from: `device` holds the split on the training device as float32,
-    # `stream` streams it through Ray Data (ulsweep/data/stream.py), `auto` streams only a split that does not
-    # fit `device_budget_gb` (and is at least 1 GiB decoded) and says which it picked
+    # where training batches come from (stage 1: the split's images, stage 2: their latents): `device` holds
+    # them on the training device as float32, `stream` streams them through Ray Data (ulsweep/data/stream.py),
+    # `auto` streams only what does not fit `device_budget_gb` (and is at least 1 GiB) and says which it picked
     loader: Literal["auto", "device", "stream"] = "auto"
     hflip: bool = False  # mirror each training image left-right with probability 1/2 (both loaders)
     device_budget_gb: float | None = None  # auto's budget; None: half the free memory of the training device
