@@ -47,6 +47,11 @@ def handle_run(args: argparse.Namespace) -> int:
     except (ConfigError, SweepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside Tune's fit (which handles the first one itself), or a second one
+        print("error: interrupted; continue the sweep with --resume", file=sys.stderr)
+        return 130
+    if not outcome.finished:
+        return 130  # stopped by Ctrl-C; the driver said how to continue
     return 0 if outcome.ok else 1
 
 
