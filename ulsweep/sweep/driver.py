@@ -174,13 +174,13 @@ def _print_header(exp: ExperimentConfig, run_dir: str, run: SweepRun, out) -> No
           f"sweep run {run.sweep_id})", file=out, flush=True)
 
 
-def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, restore: bool, out):
+def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, resume: bool, out):
     """Run the search to its end, or until Ctrl-C, after which Tune stops the trials, saves its state and
     returns: (Tune's ResultGrid, seconds it took). On a second Ctrl-C or a driver error no run of the sweep
     stays RUNNING, and the message says how to continue."""
     try:
         _print_header(exp, run_dir, run, out)
-        tuner = _make_tuner(exp, run_dir, run, train_impl, restore)
+        tuner = _make_tuner(exp, run_dir, run, train_impl, resume)
         t_fit = time.time()
         with RestoreTripwire(_tune_dir(run_dir), exp.search.method):
             grid = tuner.fit()
@@ -192,8 +192,9 @@ def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, re
         raise
 
 
-def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, restore: bool):
-    """The Tuner: restored from <run dir>/tune when it holds a Tune experiment (`restore`), else a new one."""
+def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, resume: bool):
+    """The Tuner: restored from <run dir>/tune when `resume` (the run dir holds a Tune experiment, checked by
+    statecheck.restorable_tune_state), else a new one."""
     from ray import tune
 
     from ulsweep.sweep.progress import ProgressCallback
@@ -203,7 +204,7 @@ def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: 
                        mlflow_experiment_id=run.experiment_id, sweep_id=run.sweep_id, train_impl=train_impl)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(exp.resources))
     tune_dir = _tune_dir(run_dir)
-    if restore:
+    if resume:
         # errored trials stay errored: the searcher already told Optuna they failed (retries within a
         # run: search.max_failures)
         try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ulsweep import tracking
 from ulsweep.config import ExperimentConfig, dump_yaml, flatten, to_dict
-from ulsweep.sweep.state import SweepError, is_pending, new_state, write_state
+from ulsweep.sweep.state import SweepError, is_pending, new_state, pending_state, write_state
 from ulsweep.testing import faults
 from ulsweep.tracking.redact import is_redacted, redact_uri, split_userinfo
 
@@ -56,10 +56,15 @@ def resume_tracking_uri(state: dict, given: str | None, run_dir: str) -> str:
     return uri
 
 
-def open_sweep_run(exp: ExperimentConfig, run_dir: str, uri: str, state: dict, ident: dict, out) -> SweepRun:
-    """The sweep's parent run. A pending state (sweep.json as written before MLflow was touched) gets its run
-    created, or adopted when a driver killed during its start created it already, and is then completed; a
-    complete state's run is reopened (resume), closing the runs a killed driver left RUNNING."""
+def open_sweep_run(exp: ExperimentConfig, run_dir: str, uri: str, state: dict | None, ident: dict,
+                   out) -> SweepRun:
+    """The sweep's parent run. A pending state (sweep.json as written before MLflow was touched; written here
+    when `state` is None) gets its run created, or adopted when a driver killed during its start created it
+    already, and is then completed; a complete state's run is reopened (resume), closing the runs a killed
+    driver left RUNNING."""
+    if state is None:
+        state = pending_state(uri, ident)
+        write_state(run_dir, state)
     c = tracking.client(uri)
     if is_pending(state):
         return _create_sweep_run(c, exp, run_dir, uri, state, ident, out)
