@@ -190,7 +190,7 @@ DAMAGE = {  # file (glob under the run dir) -> (new bytes, what the error says)
 @pytest.mark.parametrize("pattern", list(DAMAGE))
 def test_damaged_state_file_is_named_before_anything_starts(sweep, pattern, monkeypatch, capsys):
     tmp_path, run_dir, f, _, _ = sweep
-    path = sorted(run_dir.glob(pattern))[-1]  # the newest: the one Tune reads
+    path = max(run_dir.glob(pattern))  # the newest: the one Tune reads
     keep = {p: p.read_bytes() for p in (path, run_dir / "summary.json", run_dir / "sweep.json")}
     data, says = DAMAGE[pattern]
     path.write_bytes(data)

@@ -8,7 +8,7 @@ shared sweep of test_driver_kill.py):
 """
 from __future__ import annotations
 
-import os
+import io
 
 import pytest
 
@@ -42,13 +42,13 @@ def test_sweep_json_exists_before_the_sweep_run_and_resume_adopts_that_run(tmp_p
     monkeypatch.setattr(driver, "_configure_ray_environment", lambda: None)
     monkeypatch.setattr(driver, "_init_ray", lambda address, verbose: False)
     with pytest.raises(Killed):
-        driver.run_sweep(exp, stream=open(os.devnull, "w"))
+        driver.run_sweep(exp, stream=io.StringIO())
     monkeypatch.undo()
     assert seen["state_before"], "the sweep's MLflow run was created before sweep.json"
     state = read_state(str(run_dir), pending_ok=True)
     with pytest.raises(DamagedStateError, match="start was cut short.*--resume"):
         read_state(str(run_dir))  # what `ulsweep report` sees
-    run = lineage.open_sweep_run(exp, str(run_dir), state["tracking_uri"], state, identity(exp), open(os.devnull, "w"))
+    run = lineage.open_sweep_run(exp, str(run_dir), state["tracking_uri"], state, identity(exp), io.StringIO())
     assert run.sweep_id == seen["run_id"] and read_state(str(run_dir))["sweep_id"] == run.sweep_id
     runs = tracking.sweep_runs(run.client, run.experiment_id, run.sweep_id)
     assert [(r.info.run_id, r.info.status) for r in runs] == [(run.sweep_id, "RUNNING")]
@@ -71,7 +71,7 @@ def test_tunes_swallowed_restore_error_becomes_an_error_naming_the_dir():
         try:
             raise ValueError("invalid load key")
         except ValueError:
-            with pytest.raises(DamagedStateError, match=r"^/r/x/tune: Tune could not restore its state "
-                                                        r"\(ValueError: invalid load key\); delete /r/x/tune and run --resume"):
+            with pytest.raises(DamagedStateError, match=r"^/r/x/tune: Tune could not restore its state \(ValueError: "
+                                                        r"invalid load key\); delete /r/x/tune and run --resume"):
                 tune_log.exception("Failed to restore the run state.")
     assert not tune_log.filters
