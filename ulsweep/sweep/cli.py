@@ -13,7 +13,9 @@ def register(subparsers) -> None:
         "run", help="run a sweep: Ray Tune + Optuna search, Ray Train trials, MLflow lineage",
         description="Run the sweep of an experiment file: every autoencoder trial the search proposes, then "
                     "its base-model trials, all through Ray Train; results in MLflow (sweep -> AE trial -> "
-                    "base trial). Default run directory: ./runs/<experiment name>.")
+                    "base trial). Default run directory: ./runs/<experiment name>. Ctrl-C stops the trials and "
+                    "exits with 130; --resume continues. Damaged state files in the run directory are named "
+                    "with what to do (exit code 2).")
     p.add_argument("experiment", help="experiment YAML file")
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep in the run directory after a crash or kill (finished trials are kept)")
@@ -47,6 +49,11 @@ def handle_run(args: argparse.Namespace) -> int:
     except (ConfigError, SweepError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside Tune's fit (which handles the first one itself), or a second one
+        print("error: interrupted; continue the sweep with --resume", file=sys.stderr)
+        return 130
+    if not outcome.finished:
+        return 130  # stopped by Ctrl-C; the driver said how to continue
     return 0 if outcome.ok else 1
 
 

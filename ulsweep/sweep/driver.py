@@ -8,10 +8,17 @@
       mlartifacts/          default MLflow artifact root
       summary.json          final table (outcome.py)
 
+sweep.json is written before any MLflow run exists (pending, then completed with the sweep's run id), and
+the state files are checked before Ray starts (statecheck.py: a damaged one is named, with what to do).
+
 Resume (`--resume`): closes MLflow runs left RUNNING by the killed driver (KILLED), restores the Tune
 experiment (trial table and searcher state are saved together), re-runs unfinished trials (their loops
 resume from their own checkpoints; their MLflow runs are reopened by key, never duplicated). Trials that
 had failed stay failed (raise search.max_failures to retry failures within a run).
+
+Ctrl-C: Tune stops the trials and saves its state; the sweep run and the trial runs still RUNNING are
+marked KILLED, summary.json is written, and the exit code is 130. Every run and resume ends by recomputing
+the sweep run's `best/*` and `trials/*` from the trials (lineage.close_sweep_run).
 """
 from __future__ import annotations
 
@@ -29,12 +36,17 @@ from ulsweep.sweep.lineage import SweepRun
 from ulsweep.sweep.outcome import SweepOutcome
 from ulsweep.sweep.space import planned_overrides, validate_space
 from ulsweep.sweep.state import (
+    DamagedStateError,
     SweepError,
     check_start,
     identity,
+    is_pending,
+    pending_state,
     read_state,
     resolve_run_dir,
+    write_state,
 )
+from ulsweep.sweep.statecheck import RestoreTripwire, check_sqlite_store, restorable_tune_state, tune_advice
 from ulsweep.tracking.redact import redact_text, redact_uri
 
 # Ray Train V2 knobs for many short trials: notice finished workers sooner (default 2 s), and give a
@@ -53,23 +65,30 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     t_start = time.time()
     run_dir, state, ident = _open_run_dir(exp, storage, resume)
     uri = lineage.tracking_uri_of(exp, state, tracking_uri, run_dir)
+    restore = _check_state_files(exp, run_dir, uri, state)
+    if state is None:  # before any MLflow run exists: --resume can always find (or create) the sweep's run
+        state = pending_state(uri, ident)
+        write_state(run_dir, state)
     address = address or os.environ.get("RAY_ADDRESS") or None
     run, started_ray = _start_ray_and_sweep_run(exp, run_dir, uri, state, ident, address, verbose, out)
     phases = {"setup": time.time() - t_start}
     exp = fit_to_local_machine(exp, ray.cluster_resources(), started_here=not address, out=out)
     try:
-        grid, phases["tune_fit"] = _fit(exp, run_dir, run, train_impl, resume, out)
+        grid, phases["tune_fit"] = _fit(exp, run_dir, run, train_impl, restore, out)
     finally:
         if started_ray:
             ray.shutdown()
     searcher = _final_searcher(exp, run_dir)
     result = _collect_outcome(run_dir, run, searcher, grid, wall=time.time() - t_start)
     ranked = searcher.ranked()
-    lineage.close_sweep_run(run, ranked, exp.search.metrics, result.counts, result.ok, run_dir, out)
+    lineage.close_sweep_run(run, ranked, exp.search.metrics, result.counts, result.status, run_dir, out)
     phases["wall"] = time.time() - t_start
     outcomes.write_summary(result, ranked, phases)
     outcomes.print_summary(result, ranked, exp.search.metrics, out)
-    outcomes.write_dashboard(result, out)
+    if result.finished:
+        outcomes.write_dashboard(result, out)
+    else:  # Ctrl-C: Tune stopped its trials and saved its state
+        print(f"sweep stopped before its end; continue it with --resume (run dir {run_dir})", file=out, flush=True)
     return result
 
 
@@ -83,13 +102,22 @@ def _open_run_dir(exp: ExperimentConfig, storage: str | None, resume: bool) -> t
     validate_space(exp)
     check_data(exp)
     run_dir = resolve_run_dir(exp, storage)
-    state = read_state(run_dir)
+    state = read_state(run_dir, pending_ok=True)
     ident = identity(exp)
     check_start(state, ident, resume, run_dir)
     return run_dir, state, ident
 
 
-def _start_ray_and_sweep_run(exp: ExperimentConfig, run_dir: str, uri: str, state: dict | None, ident: dict,
+def _check_state_files(exp: ExperimentConfig, run_dir: str, uri: str, state: dict | None) -> bool:
+    """Refuse damaged state files before Ray starts (DamagedStateError naming the file and what to do); True
+    when the run dir holds a Tune experiment to restore."""
+    check_sqlite_store(uri)
+    if state is None or is_pending(state):
+        return False
+    return restorable_tune_state(_tune_dir(run_dir), exp.search.method)
+
+
+def _start_ray_and_sweep_run(exp: ExperimentConfig, run_dir: str, uri: str, state: dict, ident: dict,
                              address: str | None, verbose: bool, out) -> tuple[SweepRun, bool]:
     """Open the sweep's MLflow run in a thread while Ray starts (both take seconds: a new sqlite store runs
     its migrations). Returns the run and whether Ray was started here (and is to be shut down here)."""
@@ -147,22 +175,26 @@ def _print_header(exp: ExperimentConfig, run_dir: str, run: SweepRun, out) -> No
 
 
 def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, resume: bool, out):
-    """Run the search to its end: (Tune's ResultGrid, seconds it took). On Ctrl-C or a driver error no run of
-    the sweep stays RUNNING, and the message says how to continue."""
+    """Run the search to its end, or until Ctrl-C, after which Tune stops the trials, saves its state and
+    returns: (Tune's ResultGrid, seconds it took). On a second Ctrl-C or a driver error no run of the sweep
+    stays RUNNING, and the message says how to continue."""
     try:
         _print_header(exp, run_dir, run, out)
         tuner = _make_tuner(exp, run_dir, run, train_impl, resume)
         t_fit = time.time()
-        grid = tuner.fit()
+        with RestoreTripwire(_tune_dir(run_dir), exp.search.method):
+            grid = tuner.fit()
         return grid, time.time() - t_fit
-    except BaseException:
+    except BaseException as e:
         lineage.mark_interrupted(run)
-        print(f"sweep interrupted; continue it with --resume (run dir {run_dir})", file=out, flush=True)
+        if not isinstance(e, SweepError):
+            print(f"sweep interrupted; continue it with --resume (run dir {run_dir})", file=out, flush=True)
         raise
 
 
 def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, resume: bool):
-    """The Tuner: restored from <run dir>/tune on resume (when Tune saved it), else a new one."""
+    """The Tuner: restored from <run dir>/tune when `resume` (the run dir holds a Tune experiment, checked by
+    statecheck.restorable_tune_state), else a new one."""
     from ray import tune
 
     from ulsweep.sweep.progress import ProgressCallback
@@ -172,10 +204,14 @@ def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: 
                        mlflow_experiment_id=run.experiment_id, sweep_id=run.sweep_id, train_impl=train_impl)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(exp.resources))
     tune_dir = _tune_dir(run_dir)
-    if resume and tune.Tuner.can_restore(tune_dir):
+    if resume:
         # errored trials stay errored: the searcher already told Optuna they failed (retries within a
         # run: search.max_failures)
-        return tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        try:
+            return tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        except Exception as e:  # damage that statecheck did not foresee
+            raise DamagedStateError(f"{tune_dir}: Tune could not restore its state ({type(e).__name__}: "
+                                    f"{str(e)[:200]}); {tune_advice(tune_dir, exp.search.method)}") from None
     searcher = _searcher(exp, on_objective=lineage.ObjectiveLogger(run.tracking_uri, exp.search.metrics))
     return tune.Tuner(
         trainable,
@@ -203,10 +239,11 @@ def _final_searcher(exp: ExperimentConfig, run_dir: str):
 
 
 def _collect_outcome(run_dir: str, run: SweepRun, searcher, grid, wall: float) -> SweepOutcome:
+    """The outcome from the searcher as Tune saved it last; unfinished when the search was stopped (Ctrl-C)."""
     records = sorted(searcher.aes.values(), key=lambda r: r["index"])
     trial_results, loop_s = outcomes.trial_results(grid)
     return SweepOutcome(run_dir, run.tracking_uri, run.sweep_id, run.experiment_id, records, wall,
-                        searcher.counts(), loop_s, trial_results)
+                        searcher.counts(), loop_s, trial_results, finished=searcher.is_finished())
 
 
 def _tune_dir(run_dir: str) -> str:

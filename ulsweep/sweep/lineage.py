@@ -11,10 +11,13 @@ from dataclasses import dataclass
 
 from ulsweep import tracking
 from ulsweep.config import ExperimentConfig, dump_yaml, flatten, to_dict
-from ulsweep.sweep.state import SweepError, new_state, write_state
+from ulsweep.sweep.state import SweepError, is_pending, new_state, pending_state, write_state
+from ulsweep.testing import faults
 from ulsweep.tracking.redact import is_redacted, redact_uri, split_userinfo
 
 log = logging.getLogger(__name__)
+
+TAG_TOKEN = "ulsweep.sweep_token"  # the sweep_token of sweep.json (ulsweep.sweep.state)
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,16 @@ def resume_tracking_uri(state: dict, given: str | None, run_dir: str) -> str:
 
 def open_sweep_run(exp: ExperimentConfig, run_dir: str, uri: str, state: dict | None, ident: dict,
                    out) -> SweepRun:
-    """Create the sweep's parent run and its state file, or, on resume, reopen the run named in `state`."""
-    c = tracking.client(uri)
+    """The sweep's parent run. A pending state (sweep.json as written before MLflow was touched; written here
+    when `state` is None) gets its run created, or adopted when a driver killed during its start created it
+    already, and is then completed; a complete state's run is reopened (resume), closing the runs a killed
+    driver left RUNNING."""
     if state is None:
-        return _create_sweep_run(c, exp, run_dir, uri, ident)
+        state = pending_state(uri, ident)
+        write_state(run_dir, state)
+    c = tracking.client(uri)
+    if is_pending(state):
+        return _create_sweep_run(c, exp, run_dir, uri, state, ident, out)
     run = SweepRun(c, uri, state["sweep_id"], state["mlflow_experiment_id"])
     replay_spools(c, run_dir, out)
     closed = tracking.close_orphans(c, run.experiment_id, run.sweep_id, status="KILLED", exclude=[run.sweep_id])
@@ -69,17 +78,43 @@ def open_sweep_run(exp: ExperimentConfig, run_dir: str, uri: str, state: dict | 
     return run
 
 
-def _create_sweep_run(c, exp: ExperimentConfig, run_dir: str, uri: str, ident: dict) -> SweepRun:
+def _create_sweep_run(c, exp: ExperimentConfig, run_dir: str, uri: str, pending: dict, ident: dict,
+                      out) -> SweepRun:
+    """Create (or adopt) the parent run of a sweep whose state is pending, then complete sweep.json. Every step
+    may be repeated: a driver killed anywhere in here leaves what `--resume` finishes the same way."""
     eid = tracking.get_or_create_experiment(c, exp.tracking.experiment or exp.name,
                                             exp.tracking.artifact_location
                                             or tracking.default_artifact_location(uri, run_dir))
-    sweep_id = tracking.create_sweep_run(c, eid, f"sweep-{exp.name}", tags={"ulsweep.run_dir": run_dir})
+    sweep_id = _adopt_sweep_run(c, eid, pending["sweep_token"], out)
+    if sweep_id is None:
+        sweep_id = tracking.create_sweep_run(c, eid, f"sweep-{exp.name}",
+                                             tags={"ulsweep.run_dir": run_dir, TAG_TOKEN: pending["sweep_token"]})
+    faults.point("driver.sweep_run")  # tests: the driver dies between its run's creation and sweep.json
+    tracking.retry(c.set_tag, sweep_id, tracking.TAG_SWEEP, sweep_id)
     tracking.log_params(c, sweep_id, {**{f"search.{k}": v for k, v in flatten(to_dict(exp.search)).items()},
                                       "experiment": exp.name, "base_models": [b.name for b in exp.base_models],
                                       "resources.num_workers": exp.resources.num_workers})
     tracking.log_text(c, sweep_id, dump_yaml(exp), "experiment.yaml")
-    write_state(run_dir, new_state(sweep_id, eid, uri, ident))
+    write_state(run_dir, new_state(sweep_id, eid, uri, ident, pending=pending))
     return SweepRun(c, uri, sweep_id, eid)
+
+
+def _adopt_sweep_run(c, experiment_id: str, token: str, out) -> str | None:
+    """The id of the run tagged with this sweep's token (created by a driver killed during its start), reopened;
+    None when there is none."""
+    from mlflow.entities import ViewType
+
+    found = tracking.retry(c.search_runs, [experiment_id], filter_string=f"tags.`{TAG_TOKEN}` = '{token}'",
+                           run_view_type=ViewType.ACTIVE_ONLY, order_by=["attributes.start_time ASC"],
+                           max_results=10)
+    if not found:
+        return None
+    run = found[0]
+    if run.info.status != "RUNNING":
+        tracking.retry(c.update_run, run.info.run_id, status="RUNNING")
+    print(f"resume: adopted sweep run {run.info.run_id}, created by a driver stopped during its start",
+          file=out, flush=True)
+    return run.info.run_id
 
 
 def replay_spools(c, run_dir: str, out) -> None:
@@ -103,19 +138,45 @@ def mark_interrupted(run: SweepRun) -> None:
 
 
 def close_sweep_run(run: SweepRun, ranked: list[dict], metrics: tuple[str, ...], counts: dict[str, int],
-                    ok: bool, run_dir: str, out) -> None:
-    """The best trial and the trial counts on the parent run; spooled points sent; every run closed."""
+                    status: str, run_dir: str, out) -> None:
+    """The best trial and the trial counts on the parent run, recomputed from the trials; spooled points
+    sent; every run closed. `status`: FINISHED, FAILED (a trial failed) or KILLED (the sweep stopped before
+    its end, e.g. Ctrl-C; the trial runs left RUNNING are KILLED too, and --resume reopens them)."""
     c, sweep_id = run.client, run.sweep_id
     if ranked:
-        best = ranked[0]
-        tracking.log_metrics_once(c, sweep_id, {f"best/{m}": v for m, v in zip(metrics, best["objective"])})
-        tracking.retry(c.set_tag, sweep_id, "ulsweep.best_trial", best["key"])
-    tracking.log_metrics_once(c, sweep_id, {f"trials/{k}": float(v) for k, v in counts.items()})
+        tracking.retry(c.set_tag, sweep_id, "ulsweep.best_trial", ranked[0]["key"])
+    held = tracking.retry(c.get_run, sweep_id).data.metrics
+    log_current(c, sweep_id, sweep_metrics(ranked, metrics, counts, held))
     replay_spools(c, run_dir, out)
-    leftovers = tracking.close_orphans(c, run.experiment_id, sweep_id, status="FAILED", exclude=[sweep_id])
-    if leftovers:
+    leftovers = tracking.close_orphans(c, run.experiment_id, sweep_id, exclude=[sweep_id],
+                                       status="KILLED" if status == "KILLED" else "FAILED")
+    if leftovers and status != "KILLED":
         log.warning("runs still RUNNING after the sweep were marked FAILED: %s", leftovers)
-    tracking.retry(c.set_terminated, sweep_id, status="FINISHED" if ok else "FAILED")
+    tracking.retry(c.set_terminated, sweep_id, status=status)
+
+
+def sweep_metrics(ranked: list[dict], metrics: tuple[str, ...], counts: dict[str, int],
+                  held: dict[str, float]) -> dict[str, float]:
+    """The sweep run's summary metrics, from the trials as they are now: `best/<metric>` of the best AE trial
+    and `trials/<status>` counts (as in summary.json). A count the run `held` from an earlier moment (an
+    interrupted run's `trials/ae_running`) whose status no trial has now is 0."""
+    out = {f"trials/{k}": float(v) for k, v in counts.items()}
+    out |= {k: 0.0 for k in held if k.startswith("trials/") and k not in out}
+    if ranked:
+        out |= {f"best/{m}": float(v) for m, v in zip(metrics, ranked[0]["objective"])}
+    return out
+
+
+def log_current(c, run_id: str, values: dict[str, float]) -> None:
+    """Make `values` the run's latest values of their metrics (what MLflow shows: the point of the highest
+    step): a metric whose latest value differs gets a new point one step after its last one."""
+    held = tracking.retry(c.get_run, run_id).data.metrics
+    for k, v in values.items():
+        if k in held and held[k] == v:
+            continue
+        last = max((m.step for m in tracking.retry(c.get_metric_history, run_id, k)), default=-1) \
+            if k in held else -1
+        tracking.log_metrics(c, run_id, {k: v}, step=last + 1)
 
 
 class ObjectiveLogger:

@@ -20,10 +20,18 @@ class SweepOutcome:
     counts: dict[str, int] = field(default_factory=dict)
     loop_seconds: float = 0.0  # sum over trials of the time spent inside the training loops
     trial_results: list[dict] = field(default_factory=list)
+    finished: bool = True  # False: the search was stopped before its end (Ctrl-C); --resume continues it
 
     @property
     def ok(self) -> bool:
-        return all(r["status"] == "done" for r in self.records)
+        return self.finished and all(r["status"] == "done" for r in self.records)
+
+    @property
+    def status(self) -> str:
+        """The sweep run's MLflow status: FINISHED, FAILED (a trial failed) or KILLED (stopped before its end)."""
+        if not self.finished:
+            return "KILLED"
+        return "FINISHED" if self.ok else "FAILED"
 
 
 def trial_results(grid) -> tuple[list[dict], float]:
@@ -45,7 +53,8 @@ def trial_results(grid) -> tuple[list[dict], float]:
 def write_summary(outcome: SweepOutcome, ranked: list[dict], phases: dict[str, float]) -> None:
     """<run dir>/summary.json: counts, phases, the AE trials best first, each with its base trials."""
     summary = {"run_dir": outcome.run_dir, "tracking_uri": redact_uri(outcome.tracking_uri),
-               "sweep_id": outcome.sweep_id, "wall_seconds": outcome.wall_seconds, "phases": phases,
+               "sweep_id": outcome.sweep_id, "finished": outcome.finished, "wall_seconds": outcome.wall_seconds,
+               "phases": phases,
                "counts": outcome.counts, "best": [r["key"] for r in ranked],
                "trials": [{k: r[k] for k in ("key", "overrides", "status", "objective")} |
                           {"ae_metrics": r["result"], "bases": r["bases"]} for r in outcome.records]}

@@ -263,6 +263,8 @@ class SpawningSearcher(Searcher):
                 "next_index": self.next_index, "study": self._study}
 
     def set_state(self, state: dict) -> None:
+        """Restore get_state()'s dict; ValueError (nothing changed) when it is not one."""
+        check_state(state)
         self.aes = state["aes"]
         self.queue = [tuple(q) for q in state["queue"]]
         self.trial_keys = state["trial_keys"]
@@ -274,5 +276,28 @@ class SpawningSearcher(Searcher):
             pickle.dump(self.get_state(), f)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.set_state(pickle.load(f))
+        """Load a save()d state; ValueError naming the file when it is damaged."""
+        try:
+            with open(checkpoint_path, "rb") as f:
+                state = pickle.load(f)
+            self.set_state(state)
+        except Exception as e:  # unpickling garbage raises about any type
+            raise ValueError(f"{checkpoint_path}: damaged searcher state ({type(e).__name__}: {e})"[:400]) from None
+
+
+_STATE_TYPES = {"aes": dict, "queue": list, "trial_keys": dict, "next_index": int}
+
+
+def check_state(state) -> None:
+    """ValueError unless `state` has the shape of SpawningSearcher.get_state()."""
+    if not isinstance(state, dict):
+        raise ValueError(f"expected a dict, got {type(state).__name__}")
+    for key, typ in _STATE_TYPES.items():
+        if not isinstance(state.get(key), typ):
+            raise ValueError(f"{key!r} is missing or not a {typ.__name__}")
+    for key, rec in state["aes"].items():
+        if not isinstance(rec, dict) or not {"key", "index", "status", "bases", "overrides"} <= set(rec):
+            raise ValueError(f"AE record {key!r} is not a searcher record")
+    study = state.get("study")
+    if study is not None and type(study).__name__ != "Study":
+        raise ValueError(f"'study' is a {type(study).__name__}, not an Optuna study")

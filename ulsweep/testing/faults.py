@@ -8,6 +8,7 @@ once: a marker file in ULSWEEP_FAULT_DIR (required with ULSWEEP_FAULT) records i
 or a resumed driver passes the same point unharmed.
 
 Named points:
+    driver.sweep_run     the sweep driver created the sweep's MLflow run, not yet recorded in sweep.json
     driver.ae_result     the sweep driver received an intermediate result of an AE trial (during it)
     driver.ae_complete   the driver recorded a finished AE trial and queued its base trials (between them)
     driver.base_result   the driver received an intermediate result of a base trial (during it)
