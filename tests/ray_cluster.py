@@ -195,12 +195,29 @@ def private_network():
         try:
             # SIOCSIFFLAGS by hand would need struct ifreq; `ip` (iproute2) is the plain way
             subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True, timeout=30)
+            _fresh_fsspec_loop()
             yield os.stat("/proc/thread-self/ns/net").st_ino
         finally:
             if libc.setns(original, _CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "setns back to the original network namespace failed")
+            _fresh_fsspec_loop()
     finally:
         os.close(original)
+
+
+def _fresh_fsspec_loop() -> None:
+    """fsspec runs async filesystems (s3fs) on one IO thread per process, started on first use; a thread
+    stays in the network namespace it started in. Forget it and the cached filesystem instances, so that
+    the next use starts a new IO thread in the calling thread's namespace (without this, a test after a
+    test that used s3fs inside another private namespace reached its own moto server from a dead one)."""
+    import fsspec
+    import fsspec.asyn
+
+    fsspec.asyn.reset_lock()
+    fsspec.AbstractFileSystem.clear_instance_cache()
+    for cls in list(fsspec.registry.values()):
+        if hasattr(cls, "clear_instance_cache"):
+            cls.clear_instance_cache()
 
 
 def interfaces(pid: int | str = "thread-self") -> list[str]:
