@@ -189,3 +189,39 @@ def test_runs_list_their_datasets_and_latents_as_mlflow_inputs(store, tmp_path):
         assert json.loads(d.profile)["content_hash"] == h and tags["mlflow.data.context"] == context
     assert json.loads(got["latents:tiny:train"][0].profile)["latent_shape"] == [2, 4, 4]
     assert json.loads(got["tiny:train"][0].profile)["num_images"] == 40
+
+
+def test_dataset_inputs_retry_when_another_run_inserted_the_same_dataset(store, tmp_path, monkeypatch):
+    """Two trials logging one dataset at the same moment: the second insert of the shared dataset row fails
+    its unique key (sqlalchemy IntegrityError); the retry links the run to the row the first committed."""
+    from latentlib import tiny_data
+
+    from ulsweep.tracking import datasets as D
+
+    _, c, eid = store
+    _, ds = tiny_data(tmp_path / "data")
+    refs = D.split_refs(ds, "train", "test", 8)
+    monkeypatch.setattr(D.time, "sleep", lambda s: None)
+
+    class Racing:
+        """The real client, whose first log_inputs call loses the race."""
+
+        def __init__(self, error):
+            self.calls, self.error = 0, error
+
+        def __getattr__(self, name):
+            return getattr(c, name)
+
+        def log_inputs(self, *a, **k):
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError(self.error)
+            return c.log_inputs(*a, **k)
+
+    run_id = c.create_run(eid).info.run_id
+    racing = Racing("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name")
+    assert D.log_dataset_inputs(racing, run_id, refs) == 2 and racing.calls == 2
+    assert len(c.get_run(run_id).inputs.dataset_inputs) == 2
+    other = c.create_run(eid).info.run_id
+    with pytest.raises(RuntimeError, match="disk I/O error"):  # anything else is not retried
+        D.log_dataset_inputs(Racing("disk I/O error"), other, refs)

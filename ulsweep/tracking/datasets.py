@@ -10,6 +10,7 @@ One entry per name and digest and run: logging again (a resumed trial) adds noth
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -32,6 +33,9 @@ class DatasetRef:
     @property
     def digest(self) -> str:
         return self.content_hash[:DIGEST_CHARS]
+
+
+UNIQUE_RETRIES = 5  # log_inputs attempts when another run inserted the same dataset at the same moment
 
 
 def split_refs(ds, train_split: str, eval_split: str, image_size: int) -> list[DatasetRef]:
@@ -84,6 +88,16 @@ def log_dataset_inputs(c, run_id: str, refs: list[DatasetRef]) -> int:
 
     have = {(d.dataset.name, d.dataset.digest) for d in retry(c.get_run, run_id).inputs.dataset_inputs}
     new = [to_input(r) for r in refs if (r.name, r.digest) not in have]
-    if new:
-        retry(c.log_inputs, run_id, datasets=new)
+    for attempt in range(UNIQUE_RETRIES):
+        if not new:
+            break
+        try:
+            retry(c.log_inputs, run_id, datasets=new)
+            break
+        except Exception as e:  # noqa: BLE001 - the SQL stores raise their drivers' IntegrityError
+            # two trials of one experiment logging the same dataset at once: the second insert of the shared
+            # dataset row violates its unique key; once the first has committed, logging links to that row
+            if "unique" not in str(e).lower() or attempt == UNIQUE_RETRIES - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
     return len(new)
