@@ -39,11 +39,12 @@ def main(argv=None) -> int:
     from ulsweep.config import load_experiment, to_dict
     from ulsweep.train.build import build_autoencoder
     from ulsweep.train.checkpoint import read_meta, save_checkpoint
-    from ulsweep.train.latents import open_training_data, training_latents
+    from ulsweep.data.sources import open_splits
+    from ulsweep.train.latents import training_latents
 
     torch.set_num_threads(args.threads)
     exp = load_experiment(args.config, {"data.path": args.data})
-    ds = open_training_data(exp.data)
+    ds = open_splits(exp.data)
     ae = build_autoencoder(exp.ae, ds.image_shape[0]).to(args.device).eval().requires_grad_(False)
     rows = {"encode": [], "read": []}
     with tempfile.TemporaryDirectory() as d:

@@ -291,15 +291,6 @@ def _shard_bytes(z: np.ndarray, first_row: int) -> bytes:
 # the training split's latents, encoded once
 
 
-def open_training_data(data: DataConfig) -> Dataset:
-    """The dataset of `data`, with its train and eval splits checked to exist (DataError otherwise)."""
-    ds = open_dataset(resolve_dataset(data.path))
-    for split in (data.train_split, data.eval_split):
-        if split not in ds.splits:
-            raise DataError(f"{data.path}: no split {split!r} (available: {', '.join(ds.splits)})")
-    return ds
-
-
 def split_images(ds: Dataset, split: str, image_size: int, limit: int | None = None) -> torch.Tensor:
     """The first `limit` (all) images of `split` in [-1, 1], float32 (N, C, S, S), on the CPU."""
     return to_model_range(ds.load_split(split, limit=limit)[0], image_size)

@@ -13,13 +13,13 @@ import math
 import torch
 
 from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_yaml, experiment_from_dict, to_dict
-from ulsweep.data.sources import DeviceSplit, choose_loader_for
+from ulsweep.data.sources import DeviceSplit, choose_loader_for, open_splits
 from ulsweep.diffusion import LogSNRSchedule, base_loss, diffuse, latent_bitrate, low_discrepancy_times, x_from_v
 from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model, sampler
 from ulsweep.train.checkpoint import CheckpointError, finished_result, load_checkpoint
 from ulsweep.train.evaluation import generation_fd_of, load_eval_extractor
 from ulsweep.train.hooks import StageResult, TrainHooks
-from ulsweep.train.latents import latent_source, open_training_data, split_images, training_latents
+from ulsweep.train.latents import latent_source, split_images, training_latents
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
 from ulsweep.train.sampling import decode, generate_latents, image_grid_png, to_uint8
@@ -120,7 +120,7 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     if done is not None:
         return done
     torch.manual_seed(tc.seed + 1000 * rt.rank)  # weight initialization
-    ds = open_training_data(exp.data)
+    ds = open_splits(exp.data)
     data_hash = ds.content_hash
     x_eval = split_images(ds, exp.data.eval_split, exp.data.image_size,
                           max(tc.eval_images, exp.eval.gfd_reference_images)).to(rt.device)
