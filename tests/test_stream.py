@@ -381,7 +381,9 @@ def test_latents_encode_shard_by_shard_and_stream_over_ranks(ray_local, tmp_path
         want = torch.cat([enc(x[i:i + 12]).float() for i in range(0, 40, 12)])
     assert [len(z) for z in zs] == [12, 12, 12, 4] and torch.equal(torch.cat(zs), want)
 
-    monkeypatch.setattr(L, "SHARD_BYTES", 12 * 4 * 2 * 4 * 4)  # 12 latents (2x4x4 float32) per shard
+    from ulsweep.train import latent_store
+
+    monkeypatch.setattr(latent_store, "SHARD_BYTES", 12 * 4 * 2 * 4 * 4)  # 12 latents (2x4x4 float32) per shard
     lat, z = L.training_latents(enc, str(tmp_path / "ckpt"), "5" * 64, ds, data, "cpu", load=False)
     assert z is None and [sh["num_rows"] for sh in lat.manifest["shards"]] == [12, 12, 12, 4]
     every = lat.load()
