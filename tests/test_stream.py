@@ -376,7 +376,7 @@ def test_latents_encode_shard_by_shard_and_stream_over_ranks(ray_local, tmp_path
     enc = SlowEncoder(sleep_s=0)
     zs = []
     assert L.encode_split(enc, ds, "train", 8, "cpu", zs.append, batch=12) == 40
-    x = L.split_images(ds, "train", 8)
+    x = sources.to_model_range(ds.load_split("train")[0], 8)
     with torch.no_grad():
         want = torch.cat([enc(x[i:i + 12]).float() for i in range(0, 40, 12)])
     assert [len(z) for z in zs] == [12, 12, 12, 4] and torch.equal(torch.cat(zs), want)

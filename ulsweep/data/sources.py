@@ -54,17 +54,8 @@ def open_splits(data: DataConfig) -> Dataset:
     return ds
 
 
-def load_device_images(data: DataConfig, device: torch.device,
-                       eval_images: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(x_train (N, C, S, S), the first `eval_images` of the eval split (M, C, S, S), dataset hash); images in
-    [-1, 1] on `device`. The split is read once per trial."""
-    ds = open_splits(data)
-    train_u8, _ = ds.load_split(data.train_split)
-    x_train = to_model_range(train_u8, data.image_size).to(device)
-    return x_train, load_eval_images(ds, data, device, eval_images), ds.content_hash
-
-
 def load_eval_images(ds: Dataset, data: DataConfig, device: torch.device, eval_images: int) -> torch.Tensor:
+    """The first `eval_images` images of the eval split in [-1, 1], float32 (M, C, S, S), on `device`."""
     eval_u8, _ = ds.load_split(data.eval_split, limit=eval_images)
     return to_model_range(eval_u8, data.image_size).to(device)
 
@@ -165,5 +156,5 @@ def _check_size(data: DataConfig, ds: Dataset) -> None:
                     f"them to {S}x{S} (set data.image_size to a size they pad to or divide by an integer)")
 
 
-__all__ = ["DeviceSplit", "StreamSource", "train_source", "load_device_images", "choose_loader", "choose_loader_for",
+__all__ = ["DeviceSplit", "StreamSource", "train_source", "load_eval_images", "choose_loader", "choose_loader_for",
            "may_stream", "open_splits"]

@@ -51,11 +51,6 @@ POLL_S = 1.0  # how often a waiting trial looks for the manifest
 # the training split's latents, encoded once
 
 
-def split_images(ds: Dataset, split: str, image_size: int, limit: int | None = None) -> torch.Tensor:
-    """The first `limit` (all) images of `split` in [-1, 1], float32 (N, C, S, S), on the CPU."""
-    return to_model_range(ds.load_split(split, limit=limit)[0], image_size)
-
-
 @torch.no_grad()
 def encode_split(encoder: torch.nn.Module, ds: Dataset, split: str, image_size: int, device: torch.device | str,
                  sink: Callable[[torch.Tensor], None], batch: int = ENCODE_BATCH) -> int:

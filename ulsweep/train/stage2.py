@@ -13,13 +13,13 @@ import math
 import torch
 
 from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_yaml, experiment_from_dict, to_dict
-from ulsweep.data.sources import DeviceSplit, choose_loader_for, open_splits
+from ulsweep.data.sources import DeviceSplit, choose_loader_for, load_eval_images, open_splits
 from ulsweep.diffusion import LogSNRSchedule, base_loss, diffuse, latent_bitrate, low_discrepancy_times, x_from_v
 from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model, sampler
 from ulsweep.train.checkpoint import CheckpointError, finished_result, load_checkpoint
 from ulsweep.train.evaluation import generation_fd_of, load_eval_extractor
 from ulsweep.train.hooks import StageResult, TrainHooks
-from ulsweep.train.latents import latent_source, split_images, training_latents
+from ulsweep.train.latents import latent_source, training_latents
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
 from ulsweep.train.sampling import decode, generate_latents, image_grid_png, to_uint8
@@ -122,8 +122,7 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     torch.manual_seed(tc.seed + 1000 * rt.rank)  # weight initialization
     ds = open_splits(exp.data)
     data_hash = ds.content_hash
-    x_eval = split_images(ds, exp.data.eval_split, exp.data.image_size,
-                          max(tc.eval_images, exp.eval.gfd_reference_images)).to(rt.device)
+    x_eval = load_eval_images(ds, exp.data, rt.device, max(tc.eval_images, exp.eval.gfd_reference_images))
     latent_shape = tuple(ae_meta["latent_shape"])  # (c, h, w), recorded by stage 1
     need = ds.splits[exp.data.train_split] * 4 * math.prod(latent_shape)
     loader, why = choose_loader_for(exp.data, need, rt.device, "latents")
