@@ -151,11 +151,11 @@ def test_unified_autoencoder_parts_and_build():
 
 # Measured counts (1 image channel, 8 latent channels; paper downsample 16) and the ranges asserted:
 #   paper: encoder 30.4M, prior 154.4M (8 x 1024; ~101M without the adaLN modulation), decoder 197.5M,
-#   base 347.0M. small: AE 22.8M (decoder 17.0M), base 9.1M; medium base 25.8M.
+#   base 347.0M. small: AE 22.8M (decoder 17.0M), base 9.1M; medium base 31.2M; large base 101.2M.
 PARAM_RANGES = {  # (part, preset): (low, high) in millions
     ("encoder", "paper"): (20, 40), ("prior", "paper"): (100, 200), ("decoder", "paper"): (150, 250),
     ("base", "paper"): (250, 450), ("ae", "small"): (10, 25), ("base", "small"): (5, 12),
-    ("base", "medium"): (15, 35), ("ae", "tiny"): (0.1, 1.0), ("base", "tiny"): (0.05, 0.5),
+    ("base", "medium"): (15, 35), ("base", "large"): (80, 120), ("ae", "tiny"): (0.1, 1.0), ("base", "tiny"): (0.05, 0.5),
 }
 
 
@@ -174,7 +174,23 @@ def test_param_counts(capsys):
         print("\n" + "\n".join(f"  {p:>6} {k:<8} {v:9.3f}M" for (k, p), v in counts.items()))
     for key, (lo, hi) in PARAM_RANGES.items():
         assert lo <= counts[key] <= hi, (key, counts[key])
-    assert counts["base", "tiny"] < counts["base", "small"] < counts["base", "medium"] < counts["base", "paper"]
+    assert counts["base", "tiny"] < counts["base", "small"] < counts["base", "medium"] < counts["base", "large"] \
+        < counts["base", "paper"]
+
+
+def test_base_size_family_flops():
+    """small : medium : large forward FLOPs ~ 1 : 3 : 10 (the paper's 100 / 300 / 970 GFLOP family) on the
+    8x8x8 latent of experiments/lf_sweep.yaml, counted on the meta device (measured 1 : 3.06 : 9.59)."""
+    from ulsweep.metrics.flops import gflops_per_image
+
+    g = {}
+    for preset in ("small", "medium", "large"):
+        with torch.device("meta"):
+            net = build_base_model(BaseStageConfig(model=BaseModelConfig(preset)), 8).eval()
+            z, lam_ = torch.zeros(2, 8, 8, 8), torch.zeros(2)
+        g[preset] = gflops_per_image(net, z, lam_)
+    assert g["small"] == pytest.approx(0.2811, rel=1e-3)  # the published Fig. 8 base model, unchanged
+    assert 2.8 <= g["medium"] / g["small"] <= 3.2 and 9.0 <= g["large"] / g["small"] <= 10.5, g
 
 
 def test_with_head_dim_splits_every_transformer_and_names_a_width_it_does_not_divide():

@@ -171,7 +171,7 @@ class AEStageConfig:
 
 @dataclass(frozen=True)
 class BaseModelConfig:
-    preset: Literal["tiny", "small", "medium", "paper"] = "tiny"
+    preset: Literal["tiny", "small", "medium", "large", "paper"] = "tiny"
 
 
 @dataclass(frozen=True)
