@@ -124,10 +124,10 @@ def test_report_writes_offline_html_csv_and_logs_artifacts(store, tmp_path):
     _, run_dir, uri, sweep_id = store
     res = report.make_report(str(run_dir), out_dir=str(tmp_path / "dash"), png=False)
     html = open(res.index_html, encoding="utf-8").read()
-    # self-contained: plotly.js embedded once, no remote scripts, 4 figures drawn
+    # self-contained: plotly.js embedded once, no remote scripts; 4 figures drawn, 2 more for the two base sizes
     assert html.count("window.PlotlyConfig") == 1 and len(html) > 1_000_000
     assert not re.search(r"<script[^>]+src=[\"']https?://", html)
-    assert html.count("Plotly.newPlot(") == 4
+    assert html.count("Plotly.newPlot(") == 6
     for s in ("mini", sweep_id, uri, "ae-0003", "ae-0002-m", "sigmoid bias -2", "Pareto front [s]",
               "Pareto front [m]", "base s", "base m", "Table 2 · loss factor", "gFD (digits features)"):
         assert s in html, s
@@ -137,7 +137,11 @@ def test_report_writes_offline_html_csv_and_logs_artifacts(store, tmp_path):
     ae = pd.read_csv(res.csv[1])
     assert len(ae) == 4 and "gfd_digits[m]" in ae.columns
     assert sorted(p.name for p in (tmp_path / "dash" / "figures").glob("*.json")) == [
-        "fig8_quality_vs_bitrate.json", "flops_vs_gen.json", "pareto_bpp_vs_gen.json", "pareto_rec_vs_gen.json"]
+        "base_size_flops_per_bitrate.json", "base_size_optimum.json", "fig8_quality_vs_bitrate.json",
+        "flops_vs_gen.json", "pareto_bpp_vs_gen.json", "pareto_rec_vs_gen.json"]
+    # 3 (s) and 2 (m) finished base trials: too few for a curve, and trends.md says so rather than invent one
+    trends = (tmp_path / "dash" / "trends.md").read_text()
+    assert "## Base-model size and latent bitrate" in trends and "- s: no interior optimum — too few points" in trends
     assert res.logged_to_run == sweep_id
     c = tracking.client(uri)
     logged = {a.path for a in c.list_artifacts(sweep_id, "dashboard")}
@@ -204,3 +208,33 @@ def test_empty_sweep_still_reports(tmp_path):
     res = report.make_report(ref, out_dir=str(tmp_path / "d"), png=False, log_artifacts=False)
     html = open(res.index_html, encoding="utf-8").read()
     assert "ulsweep sweep report: empty" in html and html.count("window.PlotlyConfig") == 1
+
+
+def test_base_size_sweep_reports_optimum_table_figures_and_verdicts(tmp_path, monkeypatch):
+    """A synthetic 3-size sweep (tests/basesize_data.py) through make_report, MLflow left out: the base-size
+    figures, the table, trends.md's verdicts and base_size.json."""
+    from basesize_data import ae_frame, base_frame
+
+    base = base_frame()
+    ae = ae_frame(base)
+    ref = report.SweepRef("0" * 32, "0", "sqlite:///none.db", "base-size", None)
+    data = report.SweepData(ref, pd.concat([ae, base], ignore_index=True), ae, base,
+                            {"status": "FINISHED", "params": {}, "metrics": {}, "tags": {}})
+    monkeypatch.setattr(report, "load_sweep", lambda r: data)
+    res = report.make_report(ref, out_dir=str(tmp_path / "d"), png=False, log_artifacts=False)
+    html = open(res.index_html, encoding="utf-8").read()
+    assert html.count("Plotly.newPlot(") == 6 and "Base-model size → optimal latent bits/pixel" in html
+    assert "medium: optimum 0.01" in html and "small: no interior optimum" in html
+    assert html.count(": reproduced</b>") == 3
+    summary = json.loads((tmp_path / "d" / "base_size.json").read_text())
+    assert summary["sizes"] == ["small", "medium", "large"]
+    assert summary["optima"]["small"]["interval"] == [None, None]  # NaN written as null
+    lo, hi = summary["optima"]["medium"]["interval"]
+    assert lo <= 0.01 <= hi
+    trends = (tmp_path / "d" / "trends.md").read_text()
+    assert trends.count(": reproduced**") == 3 and "Spearman rank correlations" in trends  # both sections
+    import plotly.io as pio
+
+    fig = pio.read_json(str(tmp_path / "d" / "figures" / "base_size_flops_per_bitrate.json"))
+    assert len(fig.data) == 7  # one line per autoencoder bitrate, through the 3 sizes in FLOPs order
+    assert all(list(t.text) == ["small", "medium", "large"] for t in fig.data)

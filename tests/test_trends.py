@@ -56,3 +56,58 @@ def test_summary_reads_the_fig8_trends():
     md = markdown(df, s)
     assert "ρ(bits/pixel, loss_factor) at sigmoid_bias = 0: 1 (n = 3)" in md and "interior" in md
     assert "- all trials: " in md and "below it 3 point(s)" in md
+
+
+# ----------------------------------------------------------------------------------------------
+# base-model size against bitrate (ulsweep/report/basesize.py)
+
+from basesize_data import base_frame, paper_like  # noqa: E402  tests/basesize_data.py
+
+from ulsweep.report import basesize  # noqa: E402
+
+
+def _verdicts(res):
+    return [c.verdict for c in res.claims]
+
+
+def test_base_size_verdicts_follow_the_data():
+    df = base_frame()
+    res = basesize.analyze(df.sample(frac=1.0, random_state=1))  # frame order must not matter
+    assert res.sizes == ["small", "medium", "large"] and res.gen == "gfid"
+    assert [res.optima[s].interior for s in res.sizes] == [False, True, False]
+    assert res.optima["medium"].interval[0] <= 0.01 <= res.optima["medium"].interval[1]
+    assert _verdicts(res) == [basesize.REPRODUCED] * 3
+    # Table 2's numbers are the data's: mean gFID at loss factor 2.1 minus at 1.3, seeds averaged
+    small = df[df["base"] == "small"]
+    delta = small.loc[small["ae.loss.loss_factor"] == 2.1, "gfid"].mean() - \
+        small.loc[small["ae.loss.loss_factor"] == 1.3, "gfid"].mean()
+    assert res.claims[0].numbers["delta_small"] == pytest.approx(delta)
+    assert f"Δ {delta:+.3g}" in res.claims[0].evidence and "loss factor 1.3 → 2.1" in res.claims[0].evidence
+    t = res.table.set_index("base size")
+    assert t.loc["small", "gFID at lowest"] == pytest.approx(small.loc[small["ae.loss.loss_factor"] == 1.3, "gfid"].mean())
+    assert t.loc["large", "× smallest"] == pytest.approx(2.695 / 0.281)
+    md = basesize.markdown(res)
+    assert "## Base-model size and latent bitrate" in md and md.count(": reproduced**") == 3
+
+
+def test_base_size_verdicts_turn_when_the_data_turn():
+    """The sizes' curves swapped (the small model profits from bitrate, the large one is hurt): every claim
+    is 'not reproduced'."""
+    swap = {"small": "large", "medium": "medium", "large": "small"}
+    res = basesize.analyze(base_frame(lambda s, b: paper_like(swap[s], b)))
+    assert _verdicts(res) == [basesize.NOT_REPRODUCED] * 3
+
+
+def test_base_size_flat_curves_and_missing_repeats_are_inconclusive():
+    flat = basesize.analyze(base_frame(lambda s, b: 1.5, noise=0.1))
+    assert not any(o.interior for o in flat.optima.values())
+    assert _verdicts(flat) == [basesize.INCONCLUSIVE] * 3
+    no_repeats = basesize.analyze(base_frame(repeated=()))
+    assert no_repeats.claims[0].verdict == basesize.INCONCLUSIVE and "no seed repeats" in no_repeats.claims[0].evidence
+
+
+def test_base_size_needs_several_sizes():
+    assert basesize.analyze(base_frame(sizes=("small",))) is None
+    same = base_frame(sizes=("small", "medium")).assign(gflops_base=0.281, **{"base.model.preset": "small"})
+    assert basesize.analyze(same) is None  # two base models of one size: not a size study
+    assert basesize.analyze(base_frame().iloc[0:0]) is None

@@ -8,6 +8,9 @@
       ae_trials.csv     one row per AE trial with its base trials' metrics joined as `<metric>[<base>]`
       figures/*.json    the Plotly figures (plotly.io.read_json reloads them)
       figures/*.png     static images (kaleido + Chrome/Chromium), when available
+      trends.md         rank trends of the Fig. 8 reading; with several base sizes also the optimal bitrate per
+                        size and a verdict per claim of the paper (ulsweep/report/basesize.py)
+      base_size.json    those optima and verdicts as JSON (only with several base sizes)
 The same folder is logged as artifacts of the sweep's parent run under `dashboard/`.
 
 This module finds the sweep (`resolve_sweep`) and writes the folder (`make_report`). The DataFrames come
@@ -16,6 +19,7 @@ the PNGs from `png`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -139,10 +143,17 @@ def make_report(sweep: str | SweepRef, tracking_uri: str | None = None, out_dir:
     csvs = [str(out / "trials.csv"), str(out / "ae_trials.csv")]
     data.runs.to_csv(csvs[0], index=False)
     data.ae.to_csv(csvs[1], index=False)
-    if not data.ae.empty and "bpp" in data.ae:  # rank trends (Fig. 8 reading) beside the CSVs
-        from ulsweep.report import trends
+    from ulsweep.report import basesize, trends
 
-        (out / "trends.md").write_text(trends.markdown(data.ae), encoding="utf-8")
+    bs = basesize.for_sweep(data)
+    md = trends.markdown(data.ae) if not data.ae.empty and "bpp" in data.ae else ""  # Fig. 8 reading
+    if bs is not None:  # base-model size against bitrate (Table 2, Fig. 6), verdicts per claim
+        md += basesize.markdown(bs)
+        (out / "base_size.json").write_text(json.dumps(basesize.summary(bs), indent=2) + "\n")
+    elif (out / "base_size.json").exists():  # from an earlier report of another sweep into this folder
+        (out / "base_size.json").unlink()
+    if md:
+        (out / "trends.md").write_text(md, encoding="utf-8")
     for name, fig in figures.items():
         (out / "figures" / f"{name}.json").write_text(fig.to_json())
     for stale in (out / "figures").glob("*.png"):

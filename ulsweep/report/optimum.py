@@ -207,7 +207,7 @@ def estimate_optimum(bpp, gen, groups=None, *, alpha: float = 0.05, level: float
     interior = p_lo < alpha and p_hi < alpha
     s_lo, _ = slope(fit, u_lo)
     s_hi, _ = slope(fit, u_hi)
-    slopes = (f"slope d{'gen'}/d ln(bpp) {s_lo:+.3g} at the lowest bitrate (p = {p_lo:.2g} that it falls), "
+    slopes = (f"slope d gen / d ln(bpp) {s_lo:+.3g} at the lowest bitrate (p = {p_lo:.2g} that it falls), "
               f"{s_hi:+.3g} at the highest (p = {p_hi:.2g} that it rises); alpha = {alpha:g}")
     if interior:
         reason = f"the fitted curve falls at the low end and rises at the high end: {slopes}"

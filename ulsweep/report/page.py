@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from ulsweep.report import plots
+from ulsweep.report import basesize, plots
 from ulsweep.report.columns import generation_metric, metric_label
 from ulsweep.report.sweepdata import SweepData
 from ulsweep.report.tables import paper_tables, trials_table
@@ -18,17 +18,25 @@ from ulsweep.tracking.redact import redact_uri
 _SECTIONS = {"fig8_quality_vs_bitrate": "Quality vs latent bits/pixel (Fig. 8)",
              "pareto_rec_vs_gen": "Pareto front: reconstruction vs generation",
              "pareto_bpp_vs_gen": "Pareto front: latent bits/pixel vs generation",
-             "flops_vs_gen": "Generation quality vs compute (Fig. 4)"}
+             "flops_vs_gen": "Generation quality vs compute (Fig. 4)",
+             "base_size_optimum": "Base-model size: generation vs latent bits/pixel, optimum per size (Fig. 6)",
+             "base_size_flops_per_bitrate": "Base-model size: generation vs compute per autoencoder bitrate "
+                                            "(Fig. 4 reading)"}
 
 
 def build_figures(data: SweepData) -> dict[str, Any]:
-    """name -> plotly Figure, in dashboard order."""
-    return {
+    """name -> plotly Figure, in dashboard order; the base-size figures when the sweep has several base sizes."""
+    figures = {
         "fig8_quality_vs_bitrate": plots.fig8_triptych(data.ae),
         "pareto_rec_vs_gen": plots.pareto_figure(data.ae, x="rec"),
         "pareto_bpp_vs_gen": plots.pareto_figure(data.ae, x="bpp"),
         "flops_vs_gen": plots.flops_figure(data.base),
     }
+    bs = basesize.for_sweep(data)
+    if bs is not None:
+        figures["base_size_optimum"] = plots.optimum_figure(bs)
+        figures["base_size_flops_per_bitrate"] = plots.flops_per_bitrate_figure(bs)
+    return figures
 
 
 _CSS = """
@@ -81,6 +89,14 @@ def dashboard_html(data: SweepData, figures: dict[str, Any], png_note: str | Non
         parts.append(fig.to_html(full_html=False, include_plotlyjs=first, div_id=f"fig-{name}",
                                  config={"displaylogo": False, "responsive": True}))
         first = False
+    bs = basesize.for_sweep(data)
+    if bs is not None:
+        parts.append("<h2>Base-model size → optimal latent bits/pixel</h2>" + _table_html(bs.table)
+                     + "<p class='note'>Optimum: quadratic in ln(bits/pixel) per size, interior only when the fit "
+                       "falls significantly at the lowest bitrate and rises at the highest; interval: residual "
+                       "bootstrap (ulsweep/report/optimum.py). Verdicts (also in trends.md):</p><ul id='verdicts'>"
+                     + "".join(f"<li><b>{e(c.name)}: {e(c.verdict)}</b> — {e(c.evidence)}</li>" for c in bs.claims)
+                     + "</ul>")
     for title, table in paper_tables(data.ae).items():
         parts.append(f"<h2>{e(title)}</h2>" + _table_html(table))
     parts.append("<h2>All autoencoder trials</h2>" + _table_html(trials_table(data.ae)))

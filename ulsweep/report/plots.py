@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
@@ -14,6 +14,9 @@ from plotly.subplots import make_subplots
 from ulsweep.report.columns import (BIAS, LF, base_names, generation_metric, metric_label, numeric,
                                     reconstruction_metric, seed_repeats, short_param, varied_params)
 from ulsweep.report.pareto import pareto_front
+
+if TYPE_CHECKING:
+    from ulsweep.report.basesize import BaseSizeResult
 
 COLORS = qualitative.Plotly
 DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
@@ -223,4 +226,86 @@ def flops_figure(base: pd.DataFrame) -> go.Figure:
     fig.update_layout(title=f"{metric_label(gen)} vs compute per base-model size (paper Fig. 4; "
                             "autoencoder training not included)", height=460, margin=dict(b=110))
     _note_left_out(fig, left_out, "missing FLOPs or metric")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# base-model size against latent bitrate (issue 22; paper Table 2, Fig. 6, Fig. 4)
+
+
+def optimum_figure(res: BaseSizeResult) -> go.Figure:
+    """Generation metric against the autoencoder's bits/pixel (log x), one colour per base size: every trial
+    (seed repeats included), the fitted quadratic in ln(bits/pixel) over the sampled range, and the optimum as a
+    star with its bootstrap interval as a horizontal error bar; a size without an interior optimum says so in
+    its legend entry."""
+    from ulsweep.report.optimum import fitted_curve
+
+    label = metric_label(res.gen)
+    fig = go.Figure()
+    d = res.frame
+    for i, s in enumerate(res.sizes):
+        color, o, g = COLORS[i % len(COLORS)], res.optima[s], d[d["base"] == s].sort_values("bpp")
+        gfl = res.gflops.get(s, math.nan)
+        name = f"{s}" + (f" ({gfl:.3g} GFLOP)" if math.isfinite(gfl) else "")
+        fig.add_trace(go.Scatter(
+            x=g["bpp"], y=g["gen"], mode="markers", name=name, legendgroup=s,
+            marker=dict(color=color, size=8),
+            hovertext=[f"<b>{r.key}</b><br>{r.config}<br>bits/pixel {r.bpp:.4g}<br>{label} {r.gen:.4g}"
+                       for r in g.itertuples()], hoverinfo="text"))
+        x, y = fitted_curve(o)
+        if len(x):
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"{s}: fit", legendgroup=s, showlegend=False,
+                                     line=dict(color=color, width=2), hoverinfo="skip"))
+        if o.interior:
+            lo, hi = o.interval
+            fig.add_trace(go.Scatter(
+                x=[o.best_bpp], y=[o.best_gen], mode="markers", legendgroup=s,
+                name=f"{s}: optimum {o.best_bpp:.3g} [{lo:.3g}, {hi:.3g}]",
+                marker=dict(color=color, size=16, symbol="star", line=dict(width=1, color="black")),
+                error_x=dict(type="data", symmetric=False, array=[hi - o.best_bpp], arrayminus=[o.best_bpp - lo],
+                             color=color, thickness=2, width=8),
+                hovertext=f"<b>{s}</b>: optimum {o.best_bpp:.4g} bits/pixel, {o.level:.0%} interval "
+                          f"[{lo:.4g}, {hi:.4g}]<br>{label} (fit) {o.best_gen:.4g}", hoverinfo="text"))
+        else:
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", legendgroup=s,
+                                     name=f"{s}: no interior optimum", marker=dict(color=color, symbol="x")))
+    fig.update_xaxes(title_text=metric_label("bpp"), type="log")
+    fig.update_yaxes(title_text=label)
+    fig.update_layout(title=f"{label} vs latent bits/pixel per base-model size: quadratic fit in ln(bits/pixel), "
+                            f"optimum with its bootstrap interval", height=520, legend_title_text="base size")
+    return fig
+
+
+def flops_per_bitrate_figure(res: BaseSizeResult) -> go.Figure:
+    """Paper Fig. 4 reading: the generation metric against the base model's training FLOPs (forward GFLOP per
+    image where training FLOPs are not logged), log x, one line per autoencoder configuration (its bitrate),
+    seed repeats averaged with their min-max range as error bars, coloured by bits/pixel (log scale)."""
+    from plotly.colors import sample_colorscale
+
+    label = metric_label(res.gen)
+    d = res.frame
+    xcol = "train_flops" if d["train_flops"].notna().all() else "gflops_base"
+    agg = (d.groupby(["config", "base"], sort=False)
+            .agg(x=(xcol, "median"), y=("gen", "mean"), ymin=("gen", "min"), ymax=("gen", "max"),
+                 bpp=("bpp", "mean"), n=("gen", "size")).reset_index())
+    rates = agg.groupby("config")["bpp"].mean().sort_values()
+    lb = np.log(rates.to_numpy())
+    span = float(lb.max() - lb.min()) or 1.0
+    colors = sample_colorscale("Viridis", list((lb - lb.min()) / span))
+    fig = go.Figure()
+    for (cfg, bpp), color in zip(rates.items(), colors):
+        g = agg[agg["config"] == cfg].sort_values("x")
+        fig.add_trace(go.Scatter(
+            x=g["x"], y=g["y"], mode="lines+markers", name=f"{bpp:.3g} bits/pixel ({cfg})",
+            line=dict(color=color, width=2), marker=dict(color=color, size=9),
+            error_y=dict(type="data", symmetric=False, array=(g["ymax"] - g["y"]).to_numpy(),
+                         arrayminus=(g["y"] - g["ymin"]).to_numpy(), visible=bool((g["n"] > 1).any())),
+            text=g["base"], hovertext=[f"<b>{r.base}</b> on {cfg}<br>{bpp:.4g} bits/pixel<br>{label} {r.y:.4g}"
+                                       f" (n = {r.n})" for r in g.itertuples()], hoverinfo="text"))
+    fig.update_xaxes(title_text="base training FLOPs" if xcol == "train_flops" else metric_label(xcol),
+                     type="log", exponentformat="power")
+    fig.update_yaxes(title_text=label)
+    fig.update_layout(title=f"{label} vs base-model compute, one line per autoencoder bitrate (paper Fig. 4 "
+                            f"reading: does a bigger base model pay off more at higher bitrate?)", height=520,
+                      legend_title_text="autoencoder")
     return fig

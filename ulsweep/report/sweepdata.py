@@ -34,6 +34,7 @@ class SweepData:
     base: pd.DataFrame  # one row per base trial, AE metrics as ae/<metric>
     parent: dict[str, Any] = field(default_factory=dict)  # status, params, metrics, tags of the parent run
     failed: list[dict[str, str]] = field(default_factory=list)  # {"key", "kind", "status", "reason"}
+    derived: dict[str, Any] = field(default_factory=dict, repr=False)  # analyses computed once per report
 
 
 def get_run(c, run_id: str):
