@@ -155,7 +155,8 @@ def test_unified_autoencoder_parts_and_build():
 PARAM_RANGES = {  # (part, preset): (low, high) in millions
     ("encoder", "paper"): (20, 40), ("prior", "paper"): (100, 200), ("decoder", "paper"): (150, 250),
     ("base", "paper"): (250, 450), ("ae", "small"): (10, 25), ("base", "small"): (5, 12),
-    ("base", "medium"): (15, 35), ("base", "large"): (80, 120), ("ae", "tiny"): (0.1, 1.0), ("base", "tiny"): (0.05, 0.5),
+    ("base", "medium"): (15, 35), ("base", "large"): (80, 120), ("ae", "tiny"): (0.1, 1.0),
+    ("base", "tiny"): (0.05, 0.5),
 }
 
 

@@ -84,7 +84,8 @@ def test_base_size_verdicts_follow_the_data():
     assert res.claims[0].numbers["delta_small"] == pytest.approx(delta)
     assert f"Δ {delta:+.3g}" in res.claims[0].evidence and "loss factor 1.3 → 2.1" in res.claims[0].evidence
     t = res.table.set_index("base size")
-    assert t.loc["small", "gFID at lowest"] == pytest.approx(small.loc[small["ae.loss.loss_factor"] == 1.3, "gfid"].mean())
+    low = small.loc[small["ae.loss.loss_factor"] == 1.3, "gfid"].mean()
+    assert t.loc["small", "gFID at lowest"] == pytest.approx(low)
     assert t.loc["large", "× smallest"] == pytest.approx(2.695 / 0.281)
     md = basesize.markdown(res)
     assert "## Base-model size and latent bitrate" in md and md.count(": reproduced**") == 3
@@ -104,6 +105,9 @@ def test_base_size_flat_curves_and_missing_repeats_are_inconclusive():
     assert _verdicts(flat) == [basesize.INCONCLUSIVE] * 3
     no_repeats = basesize.analyze(base_frame(repeated=()))
     assert no_repeats.claims[0].verdict == basesize.INCONCLUSIVE and "no seed repeats" in no_repeats.claims[0].evidence
+    df = base_frame()
+    gap = basesize.analyze(df[~((df["base"] == "medium") & (df["ae.loss.loss_factor"] == 1.3))])
+    assert gap.claims[0].verdict == basesize.INCONCLUSIVE and "no finished trial at one end" in gap.claims[0].evidence
 
 
 def test_base_size_needs_several_sizes():

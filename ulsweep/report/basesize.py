@@ -118,11 +118,12 @@ def config_means(d: pd.DataFrame) -> pd.DataFrame:
 
 def end_to_end_change(d: pd.DataFrame, lo_cfg: str, hi_cfg: str) -> dict[str, float]:
     """Δ = mean gen at config hi_cfg − mean at lo_cfg [gen units], its SE from the pooled seed SD of `d`
-    (sd·sqrt(1/n_hi + 1/n_lo)), t = Δ / SE and the SD's degrees of freedom (t NaN without seed repeats)."""
+    (sd·sqrt(1/n_hi + 1/n_lo)), t = Δ / SE and the SD's degrees of freedom (t NaN without seed repeats or
+    when either config has no trial in `d`)."""
     lo, hi = d[d["config"] == lo_cfg]["gen"], d[d["config"] == hi_cfg]["gen"]
     sd, dof = pooled_seed_sd(d["gen"].to_numpy(), d["config"].to_numpy())
-    delta = float(hi.mean() - lo.mean())
-    se = sd * math.sqrt(1 / len(hi) + 1 / len(lo)) if dof else math.nan
+    delta = float(hi.mean() - lo.mean()) if len(hi) and len(lo) else math.nan
+    se = sd * math.sqrt(1 / len(hi) + 1 / len(lo)) if dof and len(hi) and len(lo) else math.nan
     return {"lo": float(lo.mean()), "hi": float(hi.mean()), "delta": delta, "se": se,
             "t": delta / se if se and math.isfinite(se) and se > 0 else math.nan, "sd": sd, "dof": dof}
 
@@ -197,6 +198,8 @@ def table2_claim(d: pd.DataFrame, small: str, medium: str, label: str) -> Claim:
         {"delta": math.nan, "t": math.nan, "dof": 0, "sd": math.nan}
     if not (s["dof"] and m["dof"] and c["dof"]):
         verdict, why = INCONCLUSIVE, "no seed repeats to measure the noise"
+    elif not (math.isfinite(s["t"]) and math.isfinite(c["t"])):
+        verdict, why = INCONCLUSIVE, "a size has no finished trial at one end of the range"
     else:
         crit_s = stats.t.ppf(1 - ALPHA / 2, s["dof"])
         crit_c = stats.t.ppf(1 - ALPHA / 2, c["dof"])

@@ -23,9 +23,11 @@ _SWEEP_HELP = ("the sweep: its run directory (runs/<name>, holding sweep.json), 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "report", help="HTML dashboard + CSV of a sweep (Fig. 8, Pareto fronts, FLOPs vs gFD, tables)",
+        "report", help="HTML dashboard + CSV of a sweep (Fig. 8, Pareto fronts, FLOPs vs gFD, tables, "
+                       "optimal bitrate per base size)",
         description="Read a sweep's runs from MLflow and write a self-contained HTML dashboard (opens offline), "
-                    "CSVs and trends.md (Spearman rank correlations, gFD curves, seed repeats) under "
+                    "CSVs and trends.md (Spearman rank correlations, gFD curves, seed repeats; with several "
+                    "base-model sizes the optimal bitrate of each and a verdict per claim of the paper) under "
                     "dashboards/<sweep>/; PNGs of the figures when kaleido and Chrome/Chromium "
                     "are installed; the folder is also logged as artifacts of the sweep's MLflow run.")
     p.add_argument("sweep", help=_SWEEP_HELP)
