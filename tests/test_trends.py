@@ -58,6 +58,31 @@ def test_summary_reads_the_fig8_trends():
     assert "- all trials: " in md and "below it 3 point(s)" in md
 
 
+
+def test_inception_fid_is_ranked_against_the_domain_fd_per_bias():
+    """With `eval.extractor: both` the Inception metrics lead and the domain FDs stand beside them; their rank
+    agreement is Spearman's ρ over all first-seed trials and within each sigmoid bias."""
+    df = _frame()
+    df["rfid"] = 30 - 100 * df["bpp"]  # same order as rfd_fmnist (5 - 10 bpp)
+    # gFID at bias 0 in the reverse order of gFD (ranks 1 3 2 vs 3 1 2: rho = 1 - 6*8/(3*8) = -1); at bias 2 equal
+    df["gfid[small]"] = [10.0, 14.0, 12.0, 4.0, 5.0, 6.0, 13.0]
+    s = summarize(df)
+    assert (s["reconstruction"], s["domain_reconstruction"]) == ("rfid", "rfd_fmnist")
+    assert (s["generation"], s["domain_generation"]) == ("gfid[small]", "gfd_fmnist[small]")
+    got = {(e["a"], tuple(e["slice"].values())): (e["n"], e["rho"]) for e in s["agreement"]}
+    assert got[("rfid", ())] == (6, pytest.approx(1.0))
+    assert got[("gfid[small]", (0.0,))] == (3, pytest.approx(-1.0))
+    assert got[("gfid[small]", (2.0,))] == (3, pytest.approx(1.0))
+    # pooled: gFID 10 14 12 4 5 6 vs gFD 7 5 6 4 5 6 (gFD ties at 5 and 6)
+    ranks = pd.Series([10.0, 14, 12, 4, 5, 6]).rank().corr(pd.Series([7.0, 5, 6, 4, 5, 6]).rank())
+    assert got[("gfid[small]", ())] == (6, pytest.approx(ranks))
+    md = markdown(df, s)
+    assert "| rfid | rfd_fmnist | gfid[small] | gfd_fmnist[small] |" in md
+    assert "ρ(gfid[small], gfd_fmnist[small]), sigmoid_bias = 0: -1 (n = 3)" in md
+    assert "gfd_fmnist[small] 5, 5.5" in md  # the seed repeat lists the domain FD too
+    # without the domain FDs (extractor inception) there is nothing to compare
+    assert summarize(df.drop(columns=["rfd_fmnist", "gfd_fmnist[small]"]))["agreement"] == []
+
 # ----------------------------------------------------------------------------------------------
 # base-model size against bitrate (ulsweep/report/basesize.py)
 

@@ -67,7 +67,8 @@ def handle_report(args: argparse.Namespace) -> int:
     print(f"csv:       {', '.join(res.csv)}")
     trends = os.path.join(res.out_dir, "trends.md")
     if os.path.exists(trends):
-        print(f"trends:    {trends} (rank correlations of bits/pixel, PSNR, rFD, gFD; seed repeats"
+        print(f"trends:    {trends} (rank correlations of bits/pixel, PSNR, reconstruction and "
+              "generation metrics, FID against domain FD where both are logged; seed repeats"
               + ("; optimal bitrate per base size, verdicts per claim)"
                  if os.path.exists(os.path.join(res.out_dir, "base_size.json")) else ")"))
     if res.pngs:

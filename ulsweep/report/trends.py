@@ -49,9 +49,11 @@ def summarize(ae: pd.DataFrame) -> dict[str, Any]:
     rec, gen_name = columns.reconstruction_metric(ae), columns.generation_metric(ae)
     bases = columns.base_names(ae)
     gen = f"{gen_name}[{bases[0]}]" if gen_name and bases and f"{gen_name}[{bases[0]}]" in ae else None
+    rec2, gen2 = domain_beside(ae, rec, gen)
     out: dict[str, Any] = {"knobs": numeric, "seeds": seeds, "reconstruction": rec, "generation": gen,
+                           "domain_reconstruction": rec2, "domain_generation": gen2,
                            "n_trials": len(ae), "bpp_vs_knob": [], "vs_bpp": {}, "generation_curves": [],
-                           "repeats": []}
+                           "repeats": [], "agreement": agreement(prim, numeric, [(rec, rec2), (gen, gen2)])}
     for k in numeric:  # bpp against one knob, the other knobs held fixed
         others = [o for o in numeric if o != k]
         groups = prim.groupby(others, dropna=False) if others else [((), prim)]
@@ -59,7 +61,7 @@ def summarize(ae: pd.DataFrame) -> dict[str, Any]:
             gkey = gkey if isinstance(gkey, tuple) else (gkey,)
             out["bpp_vs_knob"].append({"knob": k, "fixed": dict(zip(others, gkey)), "n": len(g),
                                        "rho": spearman(g[k], g["bpp"])})
-    for m in [c for c in ("psnr", rec, gen) if c and c in prim]:
+    for m in [c for c in ("psnr", rec, rec2, gen, gen2) if c and c in prim]:
         out["vs_bpp"][m] = spearman(prim["bpp"], prim[m])
     if gen and numeric:  # generation against bitrate along the knob with most values, per setting of the others
         axis = max(numeric, key=lambda k: prim[k].nunique())
@@ -75,10 +77,38 @@ def summarize(ae: pd.DataFrame) -> dict[str, Any]:
         for cfg, g in ae.groupby(numeric):
             if len(g) > 1:
                 cfg = cfg if isinstance(cfg, tuple) else (cfg,)
-                cols = [c for c in ("bpp", "psnr", rec, gen) if c and c in g]
+                cols = [c for c in ("bpp", "psnr", rec, rec2, gen, gen2) if c and c in g]
                 out["repeats"].append({"config": dict(zip(numeric, cfg)),
                                        "values": {c: g[c].tolist() for c in cols},
                                        "spread": {c: float(g[c].max() - g[c].min()) for c in cols}})
+    return out
+
+
+def domain_beside(ae: pd.DataFrame, rec: str | None, gen: str | None) -> tuple[str | None, str | None]:
+    """The domain Fréchet distances logged beside the Inception FIDs (`eval.extractor: both`): (`rfd_<x>`,
+    `gfd_<x>[<base>]`) when the primary metrics are `rfid` / `gfid[<base>]`, else None for that side."""
+    rec2 = next((c for c in sorted(ae.columns) if c.startswith("rfd_")), None) if rec == "rfid" else None
+    gen2 = None
+    if gen and gen.startswith("gfid["):
+        base = gen[len("gfid"):]  # "[<base>]"
+        gen2 = next((c for c in sorted(ae.columns) if c.startswith("gfd_") and c.endswith(base)), None)
+    return rec2, gen2
+
+
+def agreement(prim: pd.DataFrame, knobs_: list[str], pairs: list[tuple[str | None, str | None]]) -> list[dict]:
+    """Do two metrics rank the trials alike? Spearman ρ between each (FID, domain FD) pair over all
+    configurations, and with two or more knobs also within each value of the knob with the fewest values (the
+    others varying inside it: Fig. 8 read per sigmoid bias). Pairs with a missing side are left out."""
+    varying = [k for k in knobs_ if prim[k].nunique() > 1]
+    slicer = min(varying, key=lambda k: prim[k].nunique()) if len(varying) > 1 else None
+    out = []
+    for a, b in pairs:
+        if not (a and b and a in prim and b in prim):
+            continue
+        groups = [({}, prim)] + ([({slicer: v}, g) for v, g in prim.groupby(slicer)] if slicer else [])
+        for where, g in groups:
+            out.append({"a": a, "b": b, "slice": where, "n": int((g[a].notna() & g[b].notna()).sum()),
+                        "rho": spearman(g[a], g[b])})
     return out
 
 
@@ -108,7 +138,8 @@ def markdown(ae: pd.DataFrame, s: dict[str, Any] | None = None) -> str:
     rec, gen = s["reconstruction"], s["generation"]
     cols = [*s["knobs"], *s["seeds"]]
     base_time = gen and gen.replace(gen.split("[")[0], "train_seconds")  # train_seconds[<base>]
-    metric_cols = [c for c in ("bpp", "bpp_se", "psnr", rec, gen, "train_seconds", base_time) if c and c in ae]
+    metric_cols = [c for c in ("bpp", "bpp_se", "psnr", rec, s["domain_reconstruction"], gen,
+                               s["domain_generation"], "train_seconds", base_time) if c and c in ae]
     lines = ["| " + " | ".join([_short(c) for c in cols] + metric_cols) + " |",
              "|" + "---|" * (len(cols) + len(metric_cols))]
     for _, r in ae.sort_values(cols).iterrows():
@@ -120,6 +151,12 @@ def markdown(ae: pd.DataFrame, s: dict[str, Any] | None = None) -> str:
                      f"(n = {e['n']})")
     for m, rho in s["vs_bpp"].items():
         lines.append(f"- ρ({m}, bits/pixel): {_fmt(rho)}")
+    if s["agreement"]:
+        lines += ["", "Inception FID against the domain Fréchet distance (Spearman ρ of the trials' ranks; "
+                  "repeats with another seed left out):", ""]
+        for e in s["agreement"]:
+            where = ", ".join(f"{_short(k)} = {_fmt(v)}" for k, v in e["slice"].items()) or "all trials"
+            lines.append(f"- ρ({e['a']}, {e['b']}), {where}: {_fmt(e['rho'])} (n = {e['n']})")
     if s["generation_curves"]:
         lines += ["", f"{gen} against bits/pixel:", ""]
         for c in s["generation_curves"]:
