@@ -1,7 +1,8 @@
 """Sweep orchestration: the spawning searcher (no Ray), and end-to-end Ray sweeps (slow).
 
-The slow tests start Ray clusters of their own (local, or two `ray start` nodes with their own temp dir
-and ports) and stop exactly what they started. They train the real tiny loops for a few steps.
+The slow tests start local Ray clusters of their own and stop exactly what they started. They train the real
+tiny loops for a few steps, or the fake ones. The sweep on two `ray start` nodes (`--address`) is in
+tests/test_cluster_e2e.py, which checks its lineage with check_lineage from here.
 """
 from __future__ import annotations
 
@@ -367,9 +368,11 @@ def input_names(c, run) -> set[str]:
     return {i.dataset.name for i in c.get_run(run.info.run_id).inputs.dataset_inputs}
 
 
-def check_lineage(run_dir: Path, ae_keys: list[str], bases: list[str], latents: bool = False) -> dict:
+def check_lineage(run_dir: Path, ae_keys: list[str], bases: list[str], latents: bool = False,
+                  base_metric: str = "gfd") -> dict:
     """Three-level lineage, one run per key, nothing RUNNING, params/metrics/artifacts present, dataset
-    inputs (with `latents`, base runs list the latents they trained on)."""
+    inputs (with `latents`, base runs list the latents they trained on), base runs with a metric whose name
+    starts with `base_metric`. Also used by tests/test_cluster_e2e.py (the two-node `--address` sweep)."""
     from ulsweep import tracking
 
     state, c, by_key, runs = mlflow_runs(run_dir)
@@ -392,7 +395,7 @@ def check_lineage(run_dir: Path, ae_keys: list[str], bases: list[str], latents: 
             br = by_key[f"{k}-{b}"]
             assert br.data.tags[tracking.TAG_PARENT] == ae.info.run_id
             assert input_names(c, br) == {"digits:train", "digits:test", *(["latents:digits:train"] if latents else [])}
-            assert any(m.startswith("gfd") for m in br.data.metrics)
+            assert any(m.startswith(base_metric) for m in br.data.metrics)
         if bases:
             assert any(m.startswith("objective/") for m in ae.data.metrics)
     return by_key
@@ -467,34 +470,6 @@ def test_failed_base_trial_fails_its_ae_and_nothing_stays_running(tmp_path):
         "sweep": "FAILED", "ae-0000": "FINISHED", "ae-0000-tiny": "FINISHED", "ae-0001": "FINISHED",
         "ae-0001-tiny": "FAILED"}
     assert by_key["ae-0001"].data.tags["ulsweep.objective_status"] == "failed"
-
-
-@pytest.mark.slow
-def test_two_node_cluster_with_address(tmp_path):
-    import contextlib
-
-    from ray_cluster import LocalRayCluster, private_network, private_network_unavailable
-
-    env = sweep_env(tmp_path)
-    # Ray's GCS and raylets bind every interface: where possible keep them in a loopback-only namespace
-    net = private_network() if private_network_unavailable() is None else contextlib.nullcontext()
-    with net:
-        _two_node_sweep(tmp_path, env, LocalRayCluster(env, nodes=2, cpus_per_node=1, node_ip="127.0.0.1"))
-
-
-def _two_node_sweep(tmp_path, env, cluster):
-    try:
-        address = cluster.start()
-        d = tiny_experiment("twonode", n_ae=2, bases=())
-        f = write_yaml(tmp_path, d)
-        p = subprocess.run(cli(f, "--storage", tmp_path / "runs", "--address", address),
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-        assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-        by_key = check_lineage(tmp_path / "runs" / "twonode", ["ae-0000", "ae-0001"], [])
-        nodes = {r.data.tags.get("ray.node_id") for k, r in by_key.items() if k != "sweep"}
-        assert len(nodes) == 2, f"both trials ran on one node: {nodes}"
-    finally:
-        cluster.stop()
 
 
 @pytest.mark.slow
