@@ -9,9 +9,14 @@ then reads the runs, their lineage and artifacts back through the server's REST 
 the environment of every process and in the tracking URI; none may show up in MLflow, in the run directory, in
 the artifacts or in any log. Everything runs in a private network namespace whose only interface is loopback
 (Ray's servers bind every interface), and every listening socket is checked to be on 127.0.0.1.
+
+The same sweep (one module-scoped fixture) also checks `ulsweep run --address` itself: the full three-level
+lineage in MLflow and trials on both nodes (test_two_node_cluster_with_address; where PostgreSQL or a private
+network is missing it runs on its own, tracking to the run directory's sqlite store).
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -27,6 +32,7 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -226,15 +232,25 @@ def _text_files(*roots: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------
-# the test
+# the sweep, shared by the tests below
+
+SKIP_FULL = [(_pg_bin() is None, "PostgreSQL server binaries absent (Debian package `postgresql`): "
+                                 "no /usr/lib/postgresql/*/bin/initdb"),
+             (private_network_unavailable() is not None,
+              f"{private_network_unavailable()}: Ray's servers bind every interface, so this test only runs where "
+              f"it can keep them on a loopback-only network")]
+FULL = not any(cond for cond, _ in SKIP_FULL)
+AE_KEYS = ["ae-0000", "ae-0001"]
 
 
-@pytest.mark.skipif(_pg_bin() is None, reason="PostgreSQL server binaries absent (Debian package `postgresql`): "
-                                              "no /usr/lib/postgresql/*/bin/initdb")
-@pytest.mark.skipif(private_network_unavailable() is not None,
-                    reason=f"{private_network_unavailable()}: Ray's servers bind every interface, so this test "
-                           f"only runs where it can keep them on a loopback-only network")
-def test_sweep_on_two_node_ray_with_postgres_mlflow_server(tmp_path):
+@pytest.fixture(scope="module")
+def cluster_sweep(tmp_path_factory):
+    """One `ulsweep run --address` of tiny_sweep on a two-node Ray cluster, shared by this module's tests;
+    everything it started is stopped at the end of the module (the tests run while it all still runs, inside
+    the private network namespace). Where PostgreSQL and a private network are at hand (CI) the sweep tracks
+    to an `mlflow server` on PostgreSQL, with fake credentials in every environment and in the URI; elsewhere
+    it tracks to its run directory's sqlite store (only the lineage test runs then)."""
+    tmp_path = tmp_path_factory.mktemp("cluster-e2e")
     t0 = time.time()
     token = secrets.token_hex(6)
     fake = {"AWS_ACCESS_KEY_ID": f"AKIAULSWEEPE2E{token.upper()}",
@@ -242,120 +258,155 @@ def test_sweep_on_two_node_ray_with_postgres_mlflow_server(tmp_path):
             "MLFLOW_TRACKING_USERNAME": "ulsweep-e2e",
             "MLFLOW_TRACKING_PASSWORD": f"ulsweep-e2e-mlflow-password-{token}"}
     uri_password = f"ulsweep-e2e-uri-password-{token}"
-    needles = [fake["AWS_ACCESS_KEY_ID"], fake["AWS_SECRET_ACCESS_KEY"], fake["MLFLOW_TRACKING_PASSWORD"],
-               uri_password]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update({"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **fake})
     # the Ray nodes hold the credentials too, as a cluster's nodes would (instance profile / k8s Secret env)
-    runs, artifacts = tmp_path / "runs", tmp_path / "mlflow-artifacts"
-    exp = tiny_sweep("e2e_cluster")
+    sweep = SimpleNamespace(full=FULL, tmp_path=tmp_path, runs=tmp_path / "runs", artifacts=tmp_path / "mlflow-artifacts",
+                            needles=[fake["AWS_ACCESS_KEY_ID"], fake["AWS_SECRET_ACCESS_KEY"],
+                                     fake["MLFLOW_TRACKING_PASSWORD"], uri_password],
+                            out_path=tmp_path / "ulsweep.out", err_path=tmp_path / "ulsweep.err", timings={})
+    sweep.run_dir = sweep.runs / "e2e_cluster"
     exp_file = tmp_path / "e2e_cluster.yaml"
-    exp_file.write_text(yaml.safe_dump(exp, sort_keys=False))
-    timings = {}
+    exp_file.write_text(yaml.safe_dump(tiny_sweep("e2e_cluster"), sort_keys=False))
 
-    with private_network() as netns:
-        assert interfaces() == ["lo"], interfaces()
-        pg = Postgres(_pg_bin())
-        server = MlflowServer(pg, artifacts, tmp_path / "mlflow-server.log", env)
+    # Ray's GCS and raylets bind every interface: where possible keep them in a loopback-only namespace
+    net = private_network() if private_network_unavailable() is None else contextlib.nullcontext()
+    with net as netns:
+        sweep.netns = netns
+        pg = Postgres(_pg_bin()) if FULL else None
+        server = MlflowServer(pg, sweep.artifacts, tmp_path / "mlflow-server.log", env) if FULL else None
         cluster = LocalRayCluster(env, nodes=2, cpus_per_node=1, node_ip="127.0.0.1")
+        sweep.pg, sweep.server, sweep.cluster = pg, server, cluster
         driver = None
         try:
-            pg.start()
-            server.start()  # its start-up (migrations, ~10-20 s) overlaps Ray's
-            address = cluster.start()
-            server.wait_ready()
-            timings["setup_s"] = time.time() - t0
+            if FULL:
+                assert interfaces() == ["lo"], interfaces()
+                pg.start()
+                server.start()  # its start-up (migrations, ~10-20 s) overlaps Ray's
+            sweep.address = cluster.start()
+            if FULL:
+                server.wait_ready()
+            sweep.timings["setup_s"] = time.time() - t0
 
-            uri = f"http://ulsweep-e2e:{uri_password}@127.0.0.1:{server.port}"
-            out_path, err_path = tmp_path / "ulsweep.out", tmp_path / "ulsweep.err"
+            tracking_args = []
+            if FULL:
+                tracking_args = ["--tracking-uri", f"http://ulsweep-e2e:{uri_password}@127.0.0.1:{server.port}"]
             t1 = time.time()
-            with open(out_path, "w") as out, open(err_path, "w") as err:
+            with open(sweep.out_path, "w") as out, open(sweep.err_path, "w") as err:
                 driver = subprocess.Popen([sys.executable, "-m", "ulsweep.cli", "run", str(exp_file),
-                                           "--address", address, "--tracking-uri", uri, "--storage", str(runs)],
+                                           "--address", sweep.address, *tracking_args, "--storage", str(sweep.runs)],
                                           cwd=tmp_path, env=env, stdout=out, stderr=err, start_new_session=True)
                 sockets_seen, ours = [], set()
                 while driver.poll() is None and time.time() - t1 < SWEEP_BUDGET_S:
-                    ours |= cluster.pids() | server.pids() | with_descendants([driver.pid]) | {pg.pid()}
-                    sockets_seen += listening_sockets()
+                    if FULL:
+                        ours |= cluster.pids() | server.pids() | with_descendants([driver.pid]) | {pg.pid()}
+                        sockets_seen += listening_sockets()
                     time.sleep(2)
                 if driver.poll() is None:
                     raise AssertionError(f"ulsweep run did not finish in {SWEEP_BUDGET_S} s (load average "
-                                         f"{os.getloadavg()}); its output so far:\n{out_path.read_text()[-3000:]}")
-            timings["sweep_s"] = time.time() - t1
-            stdout, stderr = out_path.read_text(), err_path.read_text()
-            assert driver.returncode == 0, stdout[-4000:] + stderr[-4000:]
-
-            # -- nothing listened beyond loopback, and every process of ours stayed in the private namespace
-            assert sockets_seen, "no listening socket observed while the sweep ran"
-            ports = {port for _, port, _ in sockets_seen}
-            assert str(server.port) in ports and str(pg.port) in ports and address.rsplit(":", 1)[1] in ports
-            wide = [(a, p, sorted(pids)) for a, p, pids in sockets_seen if a not in _LOOPBACK]
-            assert not wide, f"sockets listening beyond 127.0.0.1: {wide}"
-            ours.discard(None)
-            outside = [p for p in ours if Path(f"/proc/{p}").exists() and
-                       os.stat(f"/proc/{p}/ns/net").st_ino != netns]
-            assert not outside, f"processes of the test outside its private network: {outside}"
-
-            # -- read everything back through the tracking server's REST API
-            t2 = time.time()
-            eid = server.api("/api/2.0/mlflow/experiments/get-by-name?experiment_name=e2e_cluster")["experiment"]
-            assert eid["artifact_location"].startswith("mlflow-artifacts:"), eid  # the server's proxied store
-            found = server.api("/api/2.0/mlflow/runs/search", {"experiment_ids": [eid["experiment_id"]],
-                                                               "max_results": 100}).get("runs", [])
-            by_key = {}
-            for r in found:
-                tags = {t["key"]: t["value"] for t in r["data"].get("tags", [])}
-                by_key[tags["ulsweep.key"]] = (r, tags)
-            assert sorted(by_key) == ["ae-0000", "ae-0000-tiny", "ae-0001", "ae-0001-tiny", "sweep"]
-            sweep_id = by_key["sweep"][0]["info"]["run_id"]
-            for key, (r, tags) in by_key.items():
-                assert r["info"]["status"] == "FINISHED", (key, r["info"]["status"])
-                metrics = {m["key"] for m in r["data"].get("metrics", [])}
-                if key.startswith("ae-") and not key.endswith("-tiny"):
-                    assert tags["mlflow.parentRunId"] == sweep_id
-                    assert {"bpp", "psnr", "loss"} <= metrics, metrics
-                    assert any(m.startswith("objective/") for m in metrics)
-                elif key.endswith("-tiny"):
-                    assert tags["mlflow.parentRunId"] == by_key[key[:-len("-tiny")]][0]["info"]["run_id"]
-                    assert "base_bpp" in metrics, metrics
-            nodes = {tags.get("ray.node_id") for k, (r, tags) in by_key.items() if k != "sweep"}
-            assert len(nodes - {None}) == 2, f"the trials did not use both Ray nodes: {nodes}"
-            history = server.api(f"/api/2.0/mlflow/metrics/get-history?run_id="
-                                 f"{by_key['ae-0000'][0]['info']['run_id']}&metric_key=loss")["metrics"]
-            assert len(history) >= 2  # a curve reached the server, not just a final value
-
-            artifact_texts = []
-            for key, (r, _) in by_key.items():
-                listed = server.api(f"/api/2.0/mlflow/artifacts/list?run_id={r['info']['run_id']}")
-                files = {f["path"] for f in listed.get("files", [])}
-                expected = "experiment.yaml" if key == "sweep" else "config.yaml"
-                assert expected in files, (key, files)
-                root = r["info"]["artifact_uri"]
-                assert root.startswith("mlflow-artifacts:/"), root
-                text = server.download(f"{root[len('mlflow-artifacts:/'):].lstrip('/')}/{expected}").decode()
-                assert "loss_factor" in text
-                artifact_texts.append(text)
-            # the proxied uploads landed in the server's artifact store, not in the run directory
-            assert list(artifacts.rglob("config.yaml")) and not list(runs.rglob("mlartifacts"))
-            timings["readback_s"] = time.time() - t2
-
-            # -- no credential anywhere
-            # the URI was printed, its credentials moved out of it (into MLflow's variables)
-            assert f"mlflow   http://127.0.0.1:{server.port}" in stdout, stdout[-2000:]
-            mlflow_strings = [json.dumps(r) for r, _ in by_key.values()]  # params, tags, metric names, run info
-            logs = _text_files(*cluster.session_logs(), runs, artifacts, server.log_path, out_path, err_path)
-            assert len(cluster.session_logs()) > 5 and any("raylet" in p.name for p in cluster.session_logs())
-            leaks = [f"{n[:16]}... in MLflow run data" for n in needles for s in mlflow_strings if n in s]
-            leaks += [f"{n[:16]}... in an artifact" for n in needles for t in artifact_texts if n in t]
-            leaks += [f"{n[:16]}... in {p}" for p in logs for n in needles if n.encode() in p.read_bytes()]
-            assert not leaks, leaks
+                                         f"{os.getloadavg()}); its output so far:\n"
+                                         f"{sweep.out_path.read_text()[-3000:]}")
+            sweep.timings["sweep_s"] = time.time() - t1
+            sweep.sockets_seen, sweep.ours, sweep.returncode = sockets_seen, ours, driver.returncode
+            sweep.stdout, sweep.stderr = sweep.out_path.read_text(), sweep.err_path.read_text()
+            yield sweep
         finally:
             t3 = time.time()
             failures = []
             if driver is not None and driver.poll() is None:
                 failures += [f"driver {p}" for p in kill_all(with_descendants([driver.pid]))]
-            failures += stop_all(cluster.stop, server.stop, pg.stop)
-            timings["teardown_s"] = time.time() - t3
+            failures += stop_all(*[x.stop for x in (cluster, server, pg) if x is not None])
+            sweep.timings["teardown_s"] = time.time() - t3
             assert not failures, failures
-    timings["total_s"] = time.time() - t0
-    print("cluster e2e timings:", {k: round(v, 1) for k, v in timings.items()})
+    sweep.timings["total_s"] = time.time() - t0
+    print("cluster e2e timings:", {k: round(v, 1) for k, v in sweep.timings.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# the tests
+
+
+def test_two_node_cluster_with_address(cluster_sweep):
+    """`ulsweep run --address` of a cluster started beforehand: lineage complete, trials on both nodes."""
+    from test_sweep import check_lineage
+
+    assert cluster_sweep.returncode == 0, cluster_sweep.stdout[-4000:] + cluster_sweep.stderr[-4000:]
+    by_key = check_lineage(cluster_sweep.run_dir, AE_KEYS, ["tiny"], latents=True, base_metric="base_bpp")
+    nodes = {r.data.tags.get("ray.node_id") for k, r in by_key.items() if k != "sweep"}
+    assert len(nodes) == 2, f"the trials did not use both Ray nodes: {nodes}"
+
+
+@pytest.mark.skipif(SKIP_FULL[0][0], reason=SKIP_FULL[0][1])
+@pytest.mark.skipif(SKIP_FULL[1][0], reason=SKIP_FULL[1][1])
+def test_sweep_on_two_node_ray_with_postgres_mlflow_server(cluster_sweep):
+    sweep = cluster_sweep
+    server, pg, cluster, runs, artifacts = sweep.server, sweep.pg, sweep.cluster, sweep.runs, sweep.artifacts
+    stdout = sweep.stdout
+    assert sweep.returncode == 0, stdout[-4000:] + sweep.stderr[-4000:]
+
+    # -- nothing listened beyond loopback, and every process of ours stayed in the private namespace
+    sockets_seen = sweep.sockets_seen
+    assert sockets_seen, "no listening socket observed while the sweep ran"
+    ports = {port for _, port, _ in sockets_seen}
+    assert str(server.port) in ports and str(pg.port) in ports and sweep.address.rsplit(":", 1)[1] in ports
+    wide = [(a, p, sorted(pids)) for a, p, pids in sockets_seen if a not in _LOOPBACK]
+    assert not wide, f"sockets listening beyond 127.0.0.1: {wide}"
+    ours = sweep.ours - {None}
+    outside = [p for p in ours if Path(f"/proc/{p}").exists() and
+               os.stat(f"/proc/{p}/ns/net").st_ino != sweep.netns]
+    assert not outside, f"processes of the test outside its private network: {outside}"
+
+    # -- read everything back through the tracking server's REST API
+    t2 = time.time()
+    eid = server.api("/api/2.0/mlflow/experiments/get-by-name?experiment_name=e2e_cluster")["experiment"]
+    assert eid["artifact_location"].startswith("mlflow-artifacts:"), eid  # the server's proxied store
+    found = server.api("/api/2.0/mlflow/runs/search", {"experiment_ids": [eid["experiment_id"]],
+                                                       "max_results": 100}).get("runs", [])
+    by_key = {}
+    for r in found:
+        tags = {t["key"]: t["value"] for t in r["data"].get("tags", [])}
+        by_key[tags["ulsweep.key"]] = (r, tags)
+    assert sorted(by_key) == ["ae-0000", "ae-0000-tiny", "ae-0001", "ae-0001-tiny", "sweep"]
+    sweep_id = by_key["sweep"][0]["info"]["run_id"]
+    for key, (r, tags) in by_key.items():
+        assert r["info"]["status"] == "FINISHED", (key, r["info"]["status"])
+        metrics = {m["key"] for m in r["data"].get("metrics", [])}
+        if key.startswith("ae-") and not key.endswith("-tiny"):
+            assert tags["mlflow.parentRunId"] == sweep_id
+            assert {"bpp", "psnr", "loss"} <= metrics, metrics
+            assert any(m.startswith("objective/") for m in metrics)
+        elif key.endswith("-tiny"):
+            assert tags["mlflow.parentRunId"] == by_key[key[:-len("-tiny")]][0]["info"]["run_id"]
+            assert "base_bpp" in metrics, metrics
+    nodes = {tags.get("ray.node_id") for k, (r, tags) in by_key.items() if k != "sweep"}
+    assert len(nodes - {None}) == 2, f"the trials did not use both Ray nodes: {nodes}"
+    history = server.api(f"/api/2.0/mlflow/metrics/get-history?run_id="
+                         f"{by_key['ae-0000'][0]['info']['run_id']}&metric_key=loss")["metrics"]
+    assert len(history) >= 2  # a curve reached the server, not just a final value
+
+    artifact_texts = []
+    for key, (r, _) in by_key.items():
+        listed = server.api(f"/api/2.0/mlflow/artifacts/list?run_id={r['info']['run_id']}")
+        files = {f["path"] for f in listed.get("files", [])}
+        expected = "experiment.yaml" if key == "sweep" else "config.yaml"
+        assert expected in files, (key, files)
+        root = r["info"]["artifact_uri"]
+        assert root.startswith("mlflow-artifacts:/"), root
+        text = server.download(f"{root[len('mlflow-artifacts:/'):].lstrip('/')}/{expected}").decode()
+        assert "loss_factor" in text
+        artifact_texts.append(text)
+    # the proxied uploads landed in the server's artifact store, not in the run directory
+    assert list(artifacts.rglob("config.yaml")) and not list(runs.rglob("mlartifacts"))
+    sweep.timings["readback_s"] = time.time() - t2
+
+    # -- no credential anywhere
+    # the URI was printed, its credentials moved out of it (into MLflow's variables)
+    assert f"mlflow   http://127.0.0.1:{server.port}" in stdout, stdout[-2000:]
+    mlflow_strings = [json.dumps(r) for r, _ in by_key.values()]  # params, tags, metric names, run info
+    logs = _text_files(*cluster.session_logs(), runs, artifacts, server.log_path, sweep.out_path, sweep.err_path)
+    assert len(cluster.session_logs()) > 5 and any("raylet" in p.name for p in cluster.session_logs())
+    needles = sweep.needles
+    leaks = [f"{n[:16]}... in MLflow run data" for n in needles for s in mlflow_strings if n in s]
+    leaks += [f"{n[:16]}... in an artifact" for n in needles for t in artifact_texts if n in t]
+    leaks += [f"{n[:16]}... in {p}" for p in logs for n in needles if n.encode() in p.read_bytes()]
+    assert not leaks, leaks

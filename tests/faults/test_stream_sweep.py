@@ -1,30 +1,27 @@
-"""`ulsweep run` of a tiny sweep whose stage-1 batches stream through Ray Data (`data.loader: stream`):
+"""`ulsweep run` of a tiny sweep whose stage-1 batches stream through Ray Data (`data.loader: stream`), on local
+disk, in a Ray Train worker actor that is SIGKILLed mid-trial (step 8, after the step-4 checkpoint): Ray Train
+restarts the worker group, the loop and the stream resume at step 4 (epoch 0, step 4 of 6), the curve has one
+point per logged step and the trial ends at epoch 1, step 6 of its data.
 
-- on local disk, in a Ray Train worker actor that is SIGKILLed mid-trial (step 8, after the step-4
-  checkpoint): Ray Train restarts the worker group, the loop and the stream resume at step 4 (epoch 0, step 4
-  of 6), the curve has one point per logged step and the trial ends at epoch 1, step 6 of its data;
-- on the moto S3 server (tests/test_s3_storage.py), data and run directory in the bucket; the same dataset
-  without credentials fails at start with an error naming the file, data.path and its URI.
+The same stream from the moto S3 server (data and run directory in the bucket, and the dataset without
+credentials failing at start with an error naming the file, data.path and its URI) is checked on
+tests/test_s3_storage.py's sweep: test_stream_sweep_reads_its_shards_from_s3 there.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 from faultlib import mlflow_state, run_driver, sandbox, tail
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_s3_storage import s3_server  # noqa: E402
+from test_s3_storage import BATCH, N_TRAIN, STEPS, write_noise_data  # noqa: E402  (6 steps per epoch: 2 epochs)
 
 pytestmark = pytest.mark.slow
-N_TRAIN, BATCH, STEPS = 96, 16, 12  # 6 steps per epoch: the trial runs 2 epochs
 
 
 def experiment(name: str, data: str) -> dict:
@@ -35,16 +32,6 @@ def experiment(name: str, data: str) -> dict:
             "base_models": [], "eval": {"extractor": "none"},
             "search": {"metrics": ["bpp"], "modes": ["min"], "max_concurrent": 1},
             "resources": {"num_workers": 1, "cpus_per_worker": 0.5, "max_worker_failures": 2}}
-
-
-def write_data(uri: str) -> None:
-    from ulsweep.data import write_dataset
-
-    rng = np.random.default_rng(0)
-    write_dataset(uri, "noise", {"train": (rng.integers(0, 256, (N_TRAIN, 1, 16, 16), dtype=np.uint8),
-                                           np.zeros(N_TRAIN, np.int64)),
-                                 "test": (rng.integers(0, 256, (16, 1, 16, 16), dtype=np.uint8), np.zeros(16, np.int64))},
-                  shard_rows=16)
 
 
 def cmd(exp_file: Path, *args) -> list[str]:
@@ -59,7 +46,7 @@ def final_data_state(trial: str) -> dict:
 
 
 def test_stream_sweep_on_local_disk_survives_a_killed_worker(tmp_path):
-    write_data(str(tmp_path / "data"))
+    write_noise_data(str(tmp_path / "data"))
     f = tmp_path / "stream.yaml"
     f.write_text(yaml.safe_dump(experiment("stream", str(tmp_path / "data"))))
     log = tmp_path / "driver.log"
@@ -77,44 +64,3 @@ def test_stream_sweep_on_local_disk_survives_a_killed_worker(tmp_path):
     assert len(run) == 1 and run[0].info.status == "FINISHED" and "bpp" in run[0].data.metrics
     steps = sorted(m.step for m in c.get_metric_history(run[0].info.run_id, "loss"))
     assert steps == list(range(2, STEPS + 1, 2))
-
-
-def test_stream_sweep_reads_its_shards_from_s3(tmp_path):
-    import boto3
-
-    with contextlib.ExitStack() as stack:
-        endpoint = stack.enter_context(s3_server(tmp_path / "moto.log"))
-        creds = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1"}
-        old = {k: os.environ.get(k) for k in creds}
-        os.environ.update(creds)
-        stack.callback(lambda: [os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-                                for k, v in old.items()])
-        boto3.client("s3").create_bucket(Bucket="ulsweep-data")
-        write_data("s3://ulsweep-data/noise")
-        f = tmp_path / "s3stream.yaml"
-        d = experiment("s3stream", "s3://ulsweep-data/noise")
-        d["resources"] = {"num_workers": 0, "cpus_per_worker": 0.5}
-        f.write_text(yaml.safe_dump(d))
-        log = tmp_path / "driver.log"
-        with sandbox(tmp_path) as (env, _):
-            env.update(creds)
-            p = run_driver(cmd(f, "--storage", "s3://ulsweep-data/runs"), env, tmp_path, log, timeout=500)
-            assert p.returncode == 0, tail(log)
-            import fsspec
-
-            fs = fsspec.filesystem("s3", skip_instance_cache=True)
-            res = json.loads(fs.cat_file("ulsweep-data/runs/s3stream/trials/ae-0000/result.json"))
-            from ulsweep.train.checkpoint import load_checkpoint
-
-            assert load_checkpoint(res["checkpoint"])[0]["data"]["epoch"] == 1  # 12 steps = 2 epochs of 6
-            for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-                env.pop(k)
-            env["AWS_SHARED_CREDENTIALS_FILE"] = env["AWS_CONFIG_FILE"] = str(tmp_path / "none")
-            env["AWS_EC2_METADATA_DISABLED"] = "true"
-            p = run_driver(cmd(f, "--storage", tmp_path / "runs"), env, tmp_path, log, timeout=120)
-            text = log.read_text().rsplit("=====", 1)[-1]
-            assert p.returncode != 0 and "s3stream.yaml: data.path: cannot open" in text, text
-            assert "s3://ulsweep-data/noise" in text, text
-            assert "credentials" in text.lower(), text
-            assert not (tmp_path / "runs" / "s3stream" / "trials").exists()  # failed before any trial
