@@ -214,7 +214,9 @@ class SearchConfig:
     modes: tuple[Literal["min", "max"], ...] = ("min",)
     max_concurrent: int = 2  # trials (AE or base) running at once
     seed: int = 0  # Optuna sampler seed
-    max_failures: int = 0  # Tune retries of a failed trial (it resumes from its last checkpoint)
+    # Tune retries of a trial that failed with an error (it resumes from its last checkpoint); a dead training
+    # process is retried under resources.max_worker_failures instead, a deterministic error never
+    max_failures: int = 0
     # extra AE trials after the grid / none points, each a mapping of dotted keys (e.g. a second seed)
     points: tuple[dict[str, Any], ...] = ()
     max_trials: int | None = None  # budget: most AE trials the sweep may run (a larger grid is refused)
@@ -294,8 +296,10 @@ class ResourcesConfig:
     gpus_per_worker: float = 0.0
     driver_cpus: float = 0.01  # the Tune trial process that builds the TorchTrainer (0 is refused by Ray)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, gloo without
-    # Ray Train restarts of a trial's worker group after a worker process dies (FailureConfig.max_failures);
-    # the loop resumes from its last checkpoint. Deterministic errors (NaN loss, bad checkpoint) never retry.
+    # restarts of a trial after its training process dies (killed, out of memory, crashed): Ray Train restarts
+    # a dead worker group (FailureConfig.max_failures), Tune a dead trial process (in local mode the one that
+    # trains); the loop resumes from its last checkpoint. Deterministic errors (NaN loss, bad checkpoint)
+    # never retry (ulsweep/sweep/attempts.py).
     max_worker_failures: int = 2
 
     def __post_init__(self):
@@ -315,9 +319,9 @@ class ResourcesConfig:
                  "DDP with NCCL needs whole GPUs per worker (fractions pack ranks onto one GPU); "
                  "use num_workers: 1 to pack trials, or backend: gloo")
         if self.num_workers == 0:
-            _inert(self, ("driver_cpus", "backend", "max_worker_failures"), "",
+            _inert(self, ("driver_cpus", "backend"), "",
                    "with resources.num_workers: 0 (Ray Train's local mode: the loop runs in the trial process, with no "
-                   "worker group to start, connect or restart; search.max_failures retries trials)")
+                   "worker group to start or connect)")
 
 
 @dataclass(frozen=True)

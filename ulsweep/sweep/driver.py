@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -201,7 +202,8 @@ def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: 
     from ulsweep.sweep.trial import SweepContext, run_trial, trial_label, trial_resources
 
     ctx = SweepContext(experiment=to_dict(exp), run_dir=run_dir, tracking_uri=run.tracking_uri,
-                       mlflow_experiment_id=run.experiment_id, sweep_id=run.sweep_id, train_impl=train_impl)
+                       mlflow_experiment_id=run.experiment_id, sweep_id=run.sweep_id, train_impl=train_impl,
+                       session=uuid.uuid4().hex)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(exp.resources))
     tune_dir = _tune_dir(run_dir)
     if resume:
@@ -220,8 +222,15 @@ def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: 
                                     reuse_actors=not _uses_cuda_graphs(exp),  # warm trial processes
                                     trial_name_creator=trial_label, trial_dirname_creator=trial_label),
         run_config=tune.RunConfig(name=TUNE_NAME, storage_path=run_dir, verbose=0, callbacks=[ProgressCallback()],
-                                  failure_config=tune.FailureConfig(max_failures=exp.search.max_failures)),
+                                  failure_config=tune.FailureConfig(max_failures=tune_retries(exp))),
     )
+
+
+def tune_retries(exp: ExperimentConfig) -> int:
+    """Tune's retries of a failed trial: search.max_failures for errors plus resources.max_worker_failures for
+    deaths of its training process (-1: no limit); attempts.check_budget keeps each within its own budget."""
+    deaths = exp.resources.max_worker_failures
+    return -1 if deaths < 0 else exp.search.max_failures + deaths
 
 
 def _searcher(exp: ExperimentConfig, on_objective=None):
