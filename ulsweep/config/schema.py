@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-from ulsweep.config.errors import _require
+from ulsweep.config.errors import _require, key_join
 
 
 def _default(section: Any, name: str) -> Any:
@@ -194,6 +194,9 @@ class BaseStageConfig:
                  "must be a non-empty name without '/'")
 
 
+MAX_AE_TRIALS = 100_000  # AE trials one sweep may plan (search.num_samples x grid points + points)
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """Search over dotted config keys. Each space entry is one of
@@ -235,24 +238,28 @@ class SearchConfig:
         if not self.method.startswith("optuna"):
             _inert(self, ("seed",), "", f"with search.method: {self.method} (it seeds Optuna's sampler)")
         for k, spec in self.space.items():
-            _check_space_entry(f"space.{k}", spec, grid=self.method == "grid")
+            _check_space_entry(key_join("space", k), spec, grid=self.method == "grid")
         _require(not self.points or self.method in ("none", "grid"), "points", self.points,
                  "extra points are only for methods none and grid")
         for i, pt in enumerate(self.points):
             _require(len(pt) > 0, f"points[{i}]", pt, "must set at least one dotted key")
             _require(all(isinstance(k, str) for k in pt), f"points[{i}]", pt, "keys must be dotted config keys")
+        n, how = self.num_samples, f"num_samples={self.num_samples}"
+        if self.method == "grid":
+            sizes = [len(spec["values"]) for spec in self.space.values()]
+            n = math.prod(sizes) * self.num_samples
+            how = " x ".join(map(str, sizes)) + f" points x {self.num_samples} sample(s)"
+        if self.points:
+            n += len(self.points)
+            how += f" + {len(self.points)} extra point(s)"
+        where = "space" if self.method == "grid" else "num_samples"
+        # a plan is listed in memory (and by --dry-run): a runaway number is a typo, not a sweep
+        _require(n <= MAX_AE_TRIALS, where, n, f"{n} AE trials ({how}) exceed the most a sweep runs, "
+                 f"{MAX_AE_TRIALS}")
         if self.max_trials is not None:
             _require(self.max_trials > 0, "max_trials", self.max_trials, "must be > 0")
-            n, how = self.num_samples, f"num_samples={self.num_samples}"
-            if self.method == "grid":
-                sizes = [len(spec["values"]) for spec in self.space.values()]
-                n = math.prod(sizes) * self.num_samples
-                how = " x ".join(map(str, sizes)) + f" points x {self.num_samples} sample(s)"
-            if self.points:
-                n += len(self.points)
-                how += f" + {len(self.points)} extra point(s)"
-            _require(n <= self.max_trials, "space" if self.method == "grid" else "num_samples",
-                     n, f"{n} AE trials ({how}) exceed the budget search.max_trials={self.max_trials}")
+            _require(n <= self.max_trials, where, n,
+                     f"{n} AE trials ({how}) exceed the budget search.max_trials={self.max_trials}")
 
 
 def _check_space_entry(key: str, spec: Any, grid: bool) -> None:

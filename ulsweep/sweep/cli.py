@@ -46,7 +46,10 @@ def handle_run(args: argparse.Namespace) -> int:
             return dry_run(exp, storage=args.storage, tracking_uri=args.tracking_uri)
         outcome = run_sweep(exp, resume=args.resume, address=args.address, storage=args.storage,
                             tracking_uri=args.tracking_uri, train_impl=args.train_impl, verbose=args.verbose)
-    except (ConfigError, SweepError) as e:
+    except ConfigError as e:  # whatever the check, it is about this file
+        print(f"error: {e if e.file else e.located(file=args.experiment)}", file=sys.stderr)
+        return 2
+    except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside Tune's fit (which handles the first one itself), or a second one

@@ -135,18 +135,20 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     exp = trial_experiment(ctx.experiment, config.get("overrides", {}))
     tdir, attempt = trial_dir(ctx.run_dir, key), uuid.uuid4().hex
     c = tracking.client(ctx.tracking_uri)
+    try:
+        attempts.check_budget(tdir, ctx.session, attempt, key, exp.search.max_failures,
+                              exp.resources.max_worker_failures, read_failure(tdir))
+    except attempts.RetryRefused as e:  # before any setup: a refused retry costs little
+        run = tracking.find_run(c, ctx.mlflow_experiment_id, ctx.sweep_id, key)
+        if run is not None:
+            _tag_failure(c, run.info.run_id, {"run_dir": tdir, "key": key, "attempt": attempt}, e)
+            tracking.retry(c.set_terminated, run.info.run_id, status="FAILED")
+        raise
     parent = _parent_run_id(c, ctx, config)
     run_id = _open_trial_run(c, ctx, config, exp, parent)
     wcfg = worker_config(exp, exp.resources, kind, key, tdir, ctx.tracking_uri, run_id,
                          ctx.train_impl, base=config.get("base"), ae_checkpoint=config.get("ae_checkpoint"),
                          attempt=attempt)
-    try:
-        attempts.check_budget(tdir, ctx.session, attempt, key, exp.search.max_failures,
-                              exp.resources.max_worker_failures, read_failure(tdir))
-    except attempts.RetryRefused as e:
-        _tag_failure(c, run_id, wcfg, e)
-        tracking.retry(c.set_terminated, run_id, status="FAILED")
-        raise
     attempts.begin(tdir, ctx.session, attempt)
     trainer = make_trainer(wcfg, exp.resources, storage_path=f"{ctx.run_dir.rstrip('/')}/trials", name=key,
                            in_tune=True)
@@ -199,6 +201,8 @@ def _open_trial_run(c, ctx: SweepContext, config: dict, exp: ExperimentConfig, p
         pass
     if created:
         _log_trial_setup(c, run_id, exp, config)
+    else:  # a failed run that a Tune retry or a resume runs again: its old failure is history
+        _clear_failure_tags(c, run_id)
     log_datasets(c, run_id, exp)  # every time: a run reopened after a failed first attempt gets them too
     return run_id
 
@@ -262,14 +266,27 @@ def _tag_failure(c, run_id: str, wcfg: dict, e: BaseException) -> None:
         error, ckpt = failed["error"], failed.get("checkpoint")
     else:
         error, ckpt = error_line(e), None
-    tags = {"ulsweep.error": error[:5000]}
+    tags = {_FAILURE_TAGS[0]: error[:5000]}
     if ckpt:
-        tags["ulsweep.last_good_checkpoint"] = ckpt
+        tags[_FAILURE_TAGS[1]] = ckpt
     for k, v in tags.items():
         try:
             tracking.retry(c.set_tag, run_id, k, v)
         except Exception as w:
             log.warning("could not tag the failure of %s: %s", wcfg["key"], w)
+
+
+_FAILURE_TAGS = ("ulsweep.error", "ulsweep.last_good_checkpoint")
+
+
+def _clear_failure_tags(c, run_id: str) -> None:
+    try:
+        tags = tracking.retry(c.get_run, run_id).data.tags
+        for k in _FAILURE_TAGS:
+            if k in tags:
+                tracking.retry(c.delete_tag, run_id, k)
+    except Exception as e:  # noqa: BLE001 - tracking must not lose a trial
+        log.warning("could not clear the failure tags of run %s: %s", run_id, e)
 
 
 def _append_timings(run_dir: str, key: str, rec: dict) -> None:
