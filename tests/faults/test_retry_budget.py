@@ -118,6 +118,25 @@ def test_revived_trials_run_again_under_their_keys_and_spawn_their_bases(search)
         assert t.params == cfg[key]["overrides"]
 
 
+def test_a_trial_tune_restarts_itself_is_waited_for_not_handed_out_twice():
+    """Ray Tune records a trial whose last attempt died as RUNNING (not ERROR) and restarts it on restore; the
+    searcher's record, failed, then waits for that trial's completion instead of handing out a second one."""
+    s = SpawningSearcher(_grid(), ["tiny"])
+    s.suggest("t0"), s.suggest("t1"), s.suggest("t2")
+    s.on_trial_complete("t0", None, error=True)  # ae-0000's process killed once too often
+    s.on_trial_complete("t1", _ae("ae-0001"))
+    s.suggest("b1")
+    s.on_trial_complete("b1", {"key": "ae-0001-tiny"}, error=True)
+    s.revive(["ae-0000"], [("ae-0001", "tiny")], resumed={"ae-0000", "ae-0001-tiny"})
+    assert s.redo == [] and s.queue == []
+    assert s.aes["ae-0000"]["status"] == "running" and s.aes["ae-0001"]["bases"]["tiny"]["status"] == "running"
+    assert s.suggest("x") is None  # nothing new to hand out: wait for Tune's restarted trials
+    s.on_trial_complete("t0", _ae("ae-0000"))  # the same Tune trial ids complete
+    s.on_trial_complete("b1", {"key": "ae-0001-tiny", "gfd": 2.0})
+    assert s.suggest("b0")["key"] == "ae-0000-tiny"  # the revived AE spawns its base
+    assert s.aes["ae-0001"]["objective"] == [2.0]
+
+
 def test_a_write_through_a_storage_window_waits_for_it_to_close(tmp_path, monkeypatch):
     """ulsweep.io retries a write refused with EROFS/ENOSPC until the storage takes it, up to
     ULSWEEP_STORAGE_RETRY_S; then the error is raised. Other errors are raised at once."""
@@ -185,3 +204,20 @@ def test_a_refused_retry_tags_the_run_with_the_original_failure_and_trains_nothi
     assert run.data.tags["ulsweep.error"] == rec["error"]
     assert run.data.tags["ulsweep.last_good_checkpoint"] == rec["checkpoint"]
     assert attempts.tally(str(tdir), "s", "x").errors == [rec["error"]]  # the refusal added no attempt
+
+
+def test_unfinished_trials_of_a_tune_table(tmp_path):
+    """statecheck.unfinished_trials reads the ids that Tune's newest trial table holds neither TERMINATED nor
+    ERROR (Tune's own format: a list of [trial JSON string, run metadata JSON string])."""
+    import json
+
+    from ulsweep.sweep.statecheck import unfinished_trials
+
+    def table(statuses):
+        return {"trial_data": [[json.dumps({"trial_id": t, "status": s}), json.dumps({"num_failures": 0})]
+                               for t, s in statuses.items()], "runner_data": {}}
+
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(table({"a": "RUNNING"})))
+    (tmp_path / "experiment_state-2026-01-02_00-00-00.json").write_text(json.dumps(table(
+        {"a": "TERMINATED", "b": "ERROR", "c": "RUNNING", "d": "PENDING", "e": "PAUSED"})))
+    assert unfinished_trials(str(tmp_path)) == {"c", "d", "e"}  # from the newest table only

@@ -133,7 +133,7 @@ def _revive_failed_trials(exp: ExperimentConfig, run_dir: str, out) -> list[str]
     import ray.cloudpickle as cloudpickle
 
     from ulsweep.sweep.searcher import base_key
-    from ulsweep.sweep.statecheck import SEARCH_GEN_STATE, SEARCHER_STATE, newest
+    from ulsweep.sweep.statecheck import SEARCH_GEN_STATE, SEARCHER_STATE, newest, unfinished_trials
     from ulsweep.sweep.trial import trial_dir
     from ulsweep.sweep.worker import read_failure
 
@@ -142,7 +142,8 @@ def _revive_failed_trials(exp: ExperimentConfig, run_dir: str, out) -> list[str]
     aes, bases = searcher.revivable(lambda key: read_failure(trial_dir(run_dir, key)) is not None)
     if not aes and not bases:
         return []
-    searcher.revive(aes, bases)
+    resumed = {searcher.trial_keys[t] for t in unfinished_trials(tune_dir) if t in searcher.trial_keys}
+    searcher.revive(aes, bases, resumed)
     searcher_file, gen_file = newest(tune_dir, SEARCHER_STATE), newest(tune_dir, SEARCH_GEN_STATE)
     gen = cloudpickle.loads(uio.read_bytes(gen_file))
     gen["finished"] = False

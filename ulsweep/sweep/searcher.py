@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from ray.tune.search import Searcher
 
@@ -254,25 +254,27 @@ class SpawningSearcher(Searcher):
                       if st["status"] == "failed" and not deterministic(base_key(key, b))]
         return aes, bases
 
-    def revive(self, aes: Sequence[str], bases: Sequence[tuple[str, str]]) -> None:
+    def revive(self, aes: Sequence[str], bases: Sequence[tuple[str, str]], resumed: Collection[str] = ()) -> None:
         """Hand these failed trials out again, under their keys (a resume after a passing fault: storage
         read-only or full, a training process killed once too often). A revived AE trial spawns its base
         trials when it completes; its Optuna trial, told FAIL, is replaced by a new one with the same
-        parameters, told the objective at the end."""
+        parameters, told the objective at the end. Keys in `resumed` are trials that Tune restarts itself
+        (its table holds them unfinished): their records wait for them instead of handing out new ones."""
         for key in aes:
             rec = self.aes[key]
             rec.update(status="running", result=None, objective=None)
             rec["bases"] = {b: {"status": "waiting", "result": None} for b in self.base_names}
             self._reopen_optuna(rec)
-            if key not in self.redo:
+            if key not in self.redo and key not in resumed:
                 self.redo.append(key)
         for key, base in bases:
             rec = self.aes[key]
-            rec["bases"][base] = {"status": "queued", "result": None}
+            again = base_key(key, base) in resumed
+            rec["bases"][base] = {"status": "running" if again else "queued", "result": None}
             if rec["status"] != "trained":
                 rec.update(status="trained", objective=None)
                 self._reopen_optuna(rec)
-            if (key, base) not in self.queue:
+            if not again and (key, base) not in self.queue:
                 self.queue.append((key, base))
 
     def _reopen_optuna(self, rec: dict) -> None:

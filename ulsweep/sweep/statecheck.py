@@ -82,6 +82,18 @@ def restorable_tune_state(tune_dir: str, method: str) -> bool:
     return True
 
 
+def unfinished_trials(tune_dir: str) -> set[str]:
+    """Ids of the trials that Tune's newest trial table holds unfinished (neither TERMINATED nor ERROR): a
+    restore runs them again. A trial whose last attempt ended with its process killed is among them, even
+    when Tune gave it up (Ray 2.5x records it RUNNING, one failure short, not ERROR). Call after
+    restorable_tune_state."""
+    import json
+
+    table = json.loads(uio.read_bytes(newest(tune_dir, EXPERIMENT_STATE)))
+    trials = [json.loads(trial_json) for trial_json, _ in table["trial_data"]]
+    return {t["trial_id"] for t in trials if t.get("status") not in ("TERMINATED", "ERROR")}
+
+
 def check_sqlite_store(uri: str) -> None:
     """DamagedStateError naming the database file when a sqlite:/// tracking store exists but is not an intact
     SQLite database with MLflow's tables. A missing file is fine (MLflow creates it); so is a locked one
