@@ -107,9 +107,13 @@ def env_for(env: dict, sc: Scenario) -> dict:
 
 
 def resume_to_end(sc: Scenario, args: list[str], env: dict, tries: int = 2) -> None:
-    """--resume until the sweep finishes (exit 0); the first resume should do it."""
+    """--resume until the sweep finishes (exit 0); the first resume should do it. A driver stopped before it
+    wrote sweep.json left no sweep to resume (`--resume` says so): the user starts it again."""
     for i in range(tries):
-        p = run_driver(args + ["--resume"], env, sc.dir, sc.log, timeout=600)
+        again = (run_dir(sc) / "sweep.json").exists()
+        if not again:
+            sc.notes.append("no sweep.json: started again without --resume")
+        p = run_driver(args + ["--resume"] if again else args, env, sc.dir, sc.log, timeout=600)
         sc.rcs.append(p.returncode)
         if p.returncode == 0:
             if i:
@@ -323,20 +327,20 @@ def storage_real(root: Path, rng: random.Random, ref: dict, wall: float, kind: s
                 time.sleep(hold)
                 subprocess.run(["umount", "-l", str(storage)], check=True)
             else:
+                use = shutil.disk_usage(storage)
+                sc.notes.append(f"storage root {use.used >> 20} of {use.total >> 20} MiB used before the window; "
+                                f"largest: {_largest(storage)}")
                 ballast = storage / "ballast"
-                with open(ballast, "wb") as f:
-                    try:
+                fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
+                try:
+                    for chunk in (1 << 20, 4096, 1):  # to the last byte
                         while True:
-                            f.write(b"\0" * (1 << 20))
-                            f.flush()
-                    except OSError:
-                        pass
-                    try:  # the last bytes a 1 MiB write did not take
-                        while True:
-                            f.write(b"\0" * 4096)
-                            f.flush()
-                    except OSError:
-                        pass
+                            try:
+                                os.write(fd, b"\0" * chunk)
+                            except OSError:
+                                break
+                finally:
+                    os.close(fd)
                 sc.faults.append(f"storage root full at {at:.1f} s for {hold:.0f} s")
                 time.sleep(hold)
                 ballast.unlink()
@@ -351,6 +355,17 @@ def storage_real(root: Path, rng: random.Random, ref: dict, wall: float, kind: s
         if kind == "full-tmpfs":
             subprocess.run(["umount", "-l", str(storage)], check=False)
     return sc.result()
+
+
+def _largest(root: Path, n: int = 3) -> list[str]:
+    sizes = []
+    for p in root.rglob("*"):
+        try:
+            if p.is_file():
+                sizes.append((p.stat().st_size, str(p.relative_to(root))))
+        except OSError:
+            continue
+    return [f"{name} ({size >> 10} KiB)" for size, name in sorted(sizes)[-n:]]
 
 
 def damaged_state(root: Path, ref: dict) -> dict:
@@ -501,7 +516,7 @@ def main(argv=None) -> int:
     sweeps = [s for s in only if s != "config-fuzz"]
     refs: dict[str, tuple[dict, float]] = {}
     if sweeps:
-        for mode in ("local", "workers") if any("worker-kill" in s for s in sweeps) else ("local",):
+        for mode in ("local", "workers") if {"worker-kill", "worker-kill-twice"} & set(sweeps) else ("local",):
             snap, res = reference(root, mode)
             refs[mode] = (snap, res["wall"])
             results.append(res)

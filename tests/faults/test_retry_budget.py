@@ -221,3 +221,31 @@ def test_unfinished_trials_of_a_tune_table(tmp_path):
     (tmp_path / "experiment_state-2026-01-02_00-00-00.json").write_text(json.dumps(table(
         {"a": "TERMINATED", "b": "ERROR", "c": "RUNNING", "d": "PENDING", "e": "PAUSED"})))
     assert unfinished_trials(str(tmp_path)) == {"c", "d", "e"}  # from the newest table only
+
+
+@pytest.mark.parametrize("error", [OSError(errno.EROFS, "Read-only file system", "/runs/x/trials/ae-0000/y"),
+                                   RuntimeError("(sqlite3.OperationalError) attempt to write a readonly database")])
+def test_storage_refusing_writes_past_the_retries_is_one_line(tmp_path, monkeypatch, capsys, error):
+    """`ulsweep run` whose storage still refuses writes after the retries (or whose sqlite MLflow store does)
+    ends with one line saying what to do, not a traceback; other errors still raise."""
+    import yaml
+
+    from faultlib import fake_experiment
+    from ulsweep.cli import main
+    from ulsweep.sweep import driver
+
+    f = tmp_path / "x.yaml"
+    f.write_text(yaml.safe_dump(fake_experiment("x")))
+
+    def refused(*a, **k):
+        raise error
+
+    monkeypatch.setattr(driver, "run_sweep", refused)
+    assert main(["run", str(f), "--storage", str(tmp_path / "runs"), "--train-impl", "fake"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "once the storage takes writes again, continue with --resume" in lines[0], lines
+    where = "/runs/x/trials/ae-0000/y: Read-only file system" if isinstance(error, OSError) else "storage: "
+    assert lines[0].startswith(f"error: {where}"), lines[0]
+    monkeypatch.setattr(driver, "run_sweep", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["run", str(f), "--storage", str(tmp_path / "runs"), "--train-impl", "fake"])

@@ -71,7 +71,8 @@ def client(uri: str):
     uri = credentials_to_env(uri)
     if redact_uri(uri) != uri:  # a password credentials_to_env cannot move: MLflow would print it in run URLs
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-    return MlflowClient(tracking_uri=uri)
+    # a new sqlite store creates and migrates its tables here: retried like any write to a refusing storage
+    return retry(MlflowClient, tracking_uri=uri)
 
 
 def credentials_to_env(uri: str) -> str:
@@ -100,6 +101,16 @@ _STORAGE = ("readonly database", "read-only file system", "disk is full", "no sp
             "unable to open database file")
 
 
+def is_storage_error(e: BaseException) -> bool:
+    """An MLflow store (or file) error of a storage that refuses writes: read-only, full, I/O error."""
+    from ulsweep.io import PASSING_ERRNOS
+
+    if isinstance(e, OSError) and e.errno in PASSING_ERRNOS:
+        return True
+    msg = str(e).lower()
+    return any(s in msg for s in _STORAGE)
+
+
 def retry(fn, *args, attempts: int = 6, **kwargs):
     """Call an MLflow function, retrying on transient errors (sqlite 'database is locked', HTTP 5xx) up to
     `attempts` times, and on a store whose storage refuses writes (read-only, full) for up to
@@ -112,7 +123,7 @@ def retry(fn, *args, attempts: int = 6, **kwargs):
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - MLflow raises many types
             msg = str(e).lower()
-            if any(s in msg for s in _STORAGE):
+            if is_storage_error(e):
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + storage_retry_s()
