@@ -249,7 +249,7 @@ def test_mse_decoder_is_decoded_at_the_lambda_it_was_trained_at():
     ({"ae": {"loss": {"prior": "normal"}, "train": {"eval_t_per_image": 8}}}, "ae.train.eval_t_per_image"),
     ({"ae": {"loss": {"normal_kl_weight": 0.1}}}, "ae.loss.normal_kl_weight"),
     ({"resources": {"num_workers": 0, "driver_cpus": 0.5}}, "resources.driver_cpus"),
-    ({"resources": {"num_workers": 0, "max_worker_failures": 5}}, "resources.max_worker_failures"),
+    ({"resources": {"num_workers": 0, "backend": "gloo"}}, "resources.backend"),
     ({"eval": {"extractor": "none", "gfd_samples": 10}}, "eval.gfd_samples"),
     ({"eval": {"extractor": "inception", "extractor_epochs": 2}}, "eval.extractor_epochs"),
     ({"eval": {"extractor": "domain", "inception_weights": "w.pt"}}, "eval.inception_weights"),
@@ -267,6 +267,7 @@ def test_settings_without_effect_are_refused(raw, key):
     {"ae": {"loss": {"stop_grad_prior": True, "normal_kl_weight": 0.1}}},
     {"ae": {"loss": {"prior": "normal", "sigmoid_bias": 1.0}, "train": {"sampler": "ancestral"}}},
     {"resources": {"num_workers": 1, "driver_cpus": 0.5, "max_worker_failures": 5, "backend": "gloo"}},
+    {"resources": {"num_workers": 0, "max_worker_failures": 5}},  # restarts of a dead trial process
     {"eval": {"extractor": "auto", "extractor_epochs": 2, "extractor_sha256": "ab" * 32}},
     {"search": {"method": "optuna-tpe", "space": {"ae.loss.loss_factor": {"low": 1.0, "high": 2.0}}, "seed": 3}},
 ])

@@ -4,18 +4,31 @@ Local files are written to a temporary name in the same directory, fsynced and r
 so a reader never sees a partial file. Object stores (s3://, gs://, memory://) write each object in one
 PUT; callers that need several files to appear together write a manifest last.
 
+A write the storage refuses for a reason that passes (read-only file system, no space left, quota
+exceeded: a remount, a full disk being cleaned) is retried with backoff for up to `storage_retry_s()`
+seconds ($ULSWEEP_STORAGE_RETRY_S, default 120) before its error is raised; a training loop waits there
+instead of failing its trial.
+
 Also the one place that says where ulsweep's local cache lives (`cache_root`, `cache_dir`).
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import tempfile
+import time
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 
+log = logging.getLogger(__name__)
+
 CACHE_ENV = "ULSWEEP_CACHE"
+STORAGE_RETRY_ENV = "ULSWEEP_STORAGE_RETRY_S"
+# errors of a storage that may take writes again soon (EDQUOT: a quota, cleaned up like a full disk)
+PASSING_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
 CACHE_KINDS = ("datasets", "extractors", "refstats")
 
 
@@ -51,8 +64,45 @@ def is_local(uri: str) -> bool:
     return isinstance(filesystem(uri)[0], LocalFileSystem)
 
 
+def storage_retry_s() -> float:
+    """How long a write refused with a passing storage error is retried ($ULSWEEP_STORAGE_RETRY_S, default 120)."""
+    try:
+        return max(0.0, float(os.environ.get(STORAGE_RETRY_ENV, "120")))
+    except ValueError:
+        return 120.0
+
+
+def retry_storage(fn, what: str):
+    """fn(), retried with backoff while it raises an OSError of PASSING_ERRNOS, for up to storage_retry_s()
+    seconds; then (or for any other error) the error is raised. One warning per refused write."""
+    deadline, delay = None, 0.25
+    while True:
+        try:
+            return fn()
+        except OSError as e:
+            if e.errno not in PASSING_ERRNOS:
+                raise
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + storage_retry_s()
+                log.warning("storage refused writing %s (%s); retrying for up to %.0f s", what,
+                            e.strerror or e, deadline - now)
+            if now >= deadline:
+                raise
+            time.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, 5.0)
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write `data` to `path` on `fs` so that readers see the old file or the whole new one."""
+    """Write `data` to `path` on `fs` so that readers see the old file or the whole new one; a write the
+    storage refuses for a passing reason is retried (`retry_storage`)."""
+    retry_storage(lambda: _write_atomic(fs, path, data), path)
+
+
+def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    from ulsweep.testing import faults
+
+    faults.storage(path)  # tests: a storage window (read-only / full) injected for this path
     if isinstance(fs, LocalFileSystem):
         d = os.path.dirname(os.path.abspath(path))
         os.makedirs(d, exist_ok=True)

@@ -1,9 +1,11 @@
 """The error every configuration problem raises: located by file and dotted key."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 _MISSING = object()
+NO_VALUE = _MISSING  # ConfigError.value when the error names no value
 
 
 class ConfigError(ValueError):
@@ -28,3 +30,15 @@ def _require(ok: bool, key: str, value: Any, message: str) -> None:
     if not ok:
         raise ConfigError(message, key=key, value=value)
 
+
+
+_PLAIN = re.compile(r"[\w-]+(?:\.[\w-]+)*")
+
+
+def key_join(prefix: str, name: Any) -> str:
+    """The dotted key of `name` under `prefix`; a name that is not a plain (dotted) word, e.g. 'lr ' or
+    'eval:{x', is quoted, `ae.loss['lr ']`, so that an error line shows where the key ends."""
+    name = str(name)
+    if _PLAIN.fullmatch(name):
+        return f"{prefix}.{name}" if prefix else name
+    return f"{prefix}[{name!r}]" if prefix else f"[{name!r}]"

@@ -12,7 +12,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from ulsweep.config.errors import ConfigError
+from ulsweep.config.errors import ConfigError, key_join
 from ulsweep.config.schema import ExperimentConfig
 
 def _type_name(tp: Any) -> str:
@@ -85,7 +85,7 @@ def build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
+        key = key_join(prefix, k)
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
@@ -162,10 +162,15 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError("override must look like KEY=VALUE", key="--set", value=item)
         k, v = item.split("=", 1)
+        key = k.strip()
+        if not key or "" in key.split("."):
+            raise ConfigError("override key must be a dotted key such as ae.loss.loss_factor", key="--set",
+                              value=item)
         try:
-            out[k.strip()] = yaml.safe_load(v)
+            out[key] = yaml.safe_load(v)
         except yaml.YAMLError as e:
-            raise ConfigError(f"value is not valid YAML: {e}", key=k.strip(), value=v) from None
+            raise ConfigError(f"value is not valid YAML: {_yaml_problem(e)}", key=key_join("", key),
+                              value=v) from None
     return out
 
 
@@ -180,12 +185,27 @@ def _plain(value: Any, key: str) -> Any:
             if not (k is None or isinstance(k, (str, bool, int, float))):
                 raise ConfigError("keys must be strings", key=key or None, value=k)
             ks = k if isinstance(k, str) else json.dumps(k)
-            out[ks] = _plain(v, f"{key}.{ks}" if key else ks)
+            out[ks] = _plain(v, key_join(key, ks))
         return out
     if isinstance(value, (list, tuple)):
         return [_plain(v, f"{key}[{i}]") for i, v in enumerate(value)]
     raise ConfigError(f"unsupported value of type {type(value).__name__}; use a string, number, list or mapping",
                       key=key or None, value=value)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: where (line, column; a reader error's position is a character offset), what."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        where = f"line {mark.line + 1}, column {mark.column + 1}: "
+    elif isinstance(getattr(e, "position", None), int):  # yaml.reader.ReaderError
+        where = f"character {e.position + 1}: "
+    else:
+        where = ""
+    problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e)
+    if isinstance(e, yaml.reader.ReaderError):
+        problem = f"unacceptable character {e.character!r}: {e.reason}"
+    return where + " ".join(str(problem).split())
 
 
 def experiment_from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
@@ -221,10 +241,7 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"YAML syntax error: {line}{problem}", file=path) from None
+        raise ConfigError(f"YAML syntax error: {_yaml_problem(e)}", file=path) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-from ulsweep.config.errors import _require
+from ulsweep.config.errors import _require, key_join
 
 
 def _default(section: Any, name: str) -> Any:
@@ -194,6 +194,9 @@ class BaseStageConfig:
                  "must be a non-empty name without '/'")
 
 
+MAX_AE_TRIALS = 100_000  # AE trials one sweep may plan (search.num_samples x grid points + points)
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """Search over dotted config keys. Each space entry is one of
@@ -214,7 +217,9 @@ class SearchConfig:
     modes: tuple[Literal["min", "max"], ...] = ("min",)
     max_concurrent: int = 2  # trials (AE or base) running at once
     seed: int = 0  # Optuna sampler seed
-    max_failures: int = 0  # Tune retries of a failed trial (it resumes from its last checkpoint)
+    # Tune retries of a trial that failed with an error (it resumes from its last checkpoint); a dead training
+    # process is retried under resources.max_worker_failures instead, a deterministic error never
+    max_failures: int = 0
     # extra AE trials after the grid / none points, each a mapping of dotted keys (e.g. a second seed)
     points: tuple[dict[str, Any], ...] = ()
     max_trials: int | None = None  # budget: most AE trials the sweep may run (a larger grid is refused)
@@ -233,24 +238,28 @@ class SearchConfig:
         if not self.method.startswith("optuna"):
             _inert(self, ("seed",), "", f"with search.method: {self.method} (it seeds Optuna's sampler)")
         for k, spec in self.space.items():
-            _check_space_entry(f"space.{k}", spec, grid=self.method == "grid")
+            _check_space_entry(key_join("space", k), spec, grid=self.method == "grid")
         _require(not self.points or self.method in ("none", "grid"), "points", self.points,
                  "extra points are only for methods none and grid")
         for i, pt in enumerate(self.points):
             _require(len(pt) > 0, f"points[{i}]", pt, "must set at least one dotted key")
             _require(all(isinstance(k, str) for k in pt), f"points[{i}]", pt, "keys must be dotted config keys")
+        n, how = self.num_samples, f"num_samples={self.num_samples}"
+        if self.method == "grid":
+            sizes = [len(spec["values"]) for spec in self.space.values()]
+            n = math.prod(sizes) * self.num_samples
+            how = " x ".join(map(str, sizes)) + f" points x {self.num_samples} sample(s)"
+        if self.points:
+            n += len(self.points)
+            how += f" + {len(self.points)} extra point(s)"
+        where = "space" if self.method == "grid" else "num_samples"
+        # a plan is listed in memory (and by --dry-run): a runaway number is a typo, not a sweep
+        _require(n <= MAX_AE_TRIALS, where, n, f"{n} AE trials ({how}) exceed the most a sweep runs, "
+                 f"{MAX_AE_TRIALS}")
         if self.max_trials is not None:
             _require(self.max_trials > 0, "max_trials", self.max_trials, "must be > 0")
-            n, how = self.num_samples, f"num_samples={self.num_samples}"
-            if self.method == "grid":
-                sizes = [len(spec["values"]) for spec in self.space.values()]
-                n = math.prod(sizes) * self.num_samples
-                how = " x ".join(map(str, sizes)) + f" points x {self.num_samples} sample(s)"
-            if self.points:
-                n += len(self.points)
-                how += f" + {len(self.points)} extra point(s)"
-            _require(n <= self.max_trials, "space" if self.method == "grid" else "num_samples",
-                     n, f"{n} AE trials ({how}) exceed the budget search.max_trials={self.max_trials}")
+            _require(n <= self.max_trials, where, n,
+                     f"{n} AE trials ({how}) exceed the budget search.max_trials={self.max_trials}")
 
 
 def _check_space_entry(key: str, spec: Any, grid: bool) -> None:
@@ -294,8 +303,10 @@ class ResourcesConfig:
     gpus_per_worker: float = 0.0
     driver_cpus: float = 0.01  # the Tune trial process that builds the TorchTrainer (0 is refused by Ray)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, gloo without
-    # Ray Train restarts of a trial's worker group after a worker process dies (FailureConfig.max_failures);
-    # the loop resumes from its last checkpoint. Deterministic errors (NaN loss, bad checkpoint) never retry.
+    # restarts of a trial after its training process dies (killed, out of memory, crashed): Ray Train restarts
+    # a dead worker group (FailureConfig.max_failures), Tune a dead trial process (in local mode the one that
+    # trains); the loop resumes from its last checkpoint. Deterministic errors (NaN loss, bad checkpoint)
+    # never retry (ulsweep/sweep/attempts.py).
     max_worker_failures: int = 2
 
     def __post_init__(self):
@@ -315,9 +326,9 @@ class ResourcesConfig:
                  "DDP with NCCL needs whole GPUs per worker (fractions pack ranks onto one GPU); "
                  "use num_workers: 1 to pack trials, or backend: gloo")
         if self.num_workers == 0:
-            _inert(self, ("driver_cpus", "backend", "max_worker_failures"), "",
+            _inert(self, ("driver_cpus", "backend"), "",
                    "with resources.num_workers: 0 (Ray Train's local mode: the loop runs in the trial process, with no "
-                   "worker group to start, connect or restart; search.max_failures retries trials)")
+                   "worker group to start or connect)")
 
 
 @dataclass(frozen=True)

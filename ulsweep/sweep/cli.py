@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ulsweep.config import ConfigError, check_data, load_experiment, parse_overrides
+from ulsweep.io import storage_retry_s
 
 
 def register(subparsers) -> None:
@@ -46,8 +47,23 @@ def handle_run(args: argparse.Namespace) -> int:
             return dry_run(exp, storage=args.storage, tracking_uri=args.tracking_uri)
         outcome = run_sweep(exp, resume=args.resume, address=args.address, storage=args.storage,
                             tracking_uri=args.tracking_uri, train_impl=args.train_impl, verbose=args.verbose)
-    except (ConfigError, SweepError) as e:
+    except ConfigError as e:  # whatever the check, it is about this file
+        print(f"error: {e if e.file else e.located(file=args.experiment)}", file=sys.stderr)
+        return 2
+    except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from ulsweep.tracking import is_storage_error
+
+        if not is_storage_error(e):
+            raise
+        # the storage refused writes for longer than they are retried (ULSWEEP_STORAGE_RETRY_S)
+        where = getattr(e, "filename", None) or "storage"
+        why = " ".join((getattr(e, "strerror", None) or str(e)).split())[:300]
+        print(f"error: {where}: {why}; writes were retried for {storage_retry_s():.0f} s; once the storage takes "
+              f"writes again, continue with --resume (or start again if the run directory holds no sweep.json)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside Tune's fit (which handles the first one itself), or a second one
         print("error: interrupted; continue the sweep with --resume", file=sys.stderr)

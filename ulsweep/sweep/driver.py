@@ -14,7 +14,10 @@ the state files are checked before Ray starts (statecheck.py: a damaged one is n
 Resume (`--resume`): closes MLflow runs left RUNNING by the killed driver (KILLED), restores the Tune
 experiment (trial table and searcher state are saved together), re-runs unfinished trials (their loops
 resume from their own checkpoints; their MLflow runs are reopened by key, never duplicated). Trials that
-had failed stay failed (raise search.max_failures to retry failures within a run).
+had failed for a reason a retry may change (storage read-only or full for longer than the writes retry, a
+training process killed more often than resources.max_worker_failures) are re-run under their keys, and
+a revived AE trial spawns its base trials; a deterministic failure (NaN loss, bad checkpoint, config or
+data error: the trial's failure.json) stays failed.
 
 Ctrl-C: Tune stops the trials and saves its state; the sweep run and the trial runs still RUNNING are
 marked KILLED, summary.json is written, and the exit code is 130. Every run and resume ends by recomputing
@@ -25,6 +28,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -66,6 +70,8 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     run_dir, state, ident = _open_run_dir(exp, storage, resume)
     uri = lineage.tracking_uri_of(exp, state, tracking_uri, run_dir)
     restore = _check_state_files(exp, run_dir, uri, state)
+    if restore:
+        _revive_failed_trials(exp, run_dir, out)
     if state is None:  # before any MLflow run exists: --resume can always find (or create) the sweep's run
         state = pending_state(uri, ident)
         write_state(run_dir, state)
@@ -115,6 +121,38 @@ def _check_state_files(exp: ExperimentConfig, run_dir: str, uri: str, state: dic
     if state is None or is_pending(state):
         return False
     return restorable_tune_state(_tune_dir(run_dir), exp.search.method)
+
+
+def _revive_failed_trials(exp: ExperimentConfig, run_dir: str, out) -> list[str]:
+    """Resume: the trials that failed for a reason a retry may change (no failure.json: not a NaN loss, bad
+    checkpoint, config or data error) are handed out again by the restored searcher, under their keys; a
+    revived AE trial then spawns its base trials. Rewrites the searcher's saved state and marks Tune's search
+    generator unfinished (it stops asking a searcher that once said FINISHED). Returns the revived keys."""
+    import pickle
+
+    import ray.cloudpickle as cloudpickle
+
+    from ulsweep.sweep.searcher import base_key
+    from ulsweep.sweep.statecheck import SEARCH_GEN_STATE, SEARCHER_STATE, newest, unfinished_trials
+    from ulsweep.sweep.trial import trial_dir
+    from ulsweep.sweep.worker import read_failure
+
+    tune_dir = _tune_dir(run_dir)
+    searcher = _final_searcher(exp, run_dir)
+    aes, bases = searcher.revivable(lambda key: read_failure(trial_dir(run_dir, key)) is not None)
+    if not aes and not bases:
+        return []
+    resumed = {searcher.trial_keys[t] for t in unfinished_trials(tune_dir) if t in searcher.trial_keys}
+    searcher.revive(aes, bases, resumed)
+    searcher_file, gen_file = newest(tune_dir, SEARCHER_STATE), newest(tune_dir, SEARCH_GEN_STATE)
+    gen = cloudpickle.loads(uio.read_bytes(gen_file))
+    gen["finished"] = False
+    uio.atomic_write_bytes(searcher_file, pickle.dumps(searcher.get_state()))
+    uio.atomic_write_bytes(gen_file, cloudpickle.dumps(gen))
+    keys = aes + [base_key(a, b) for a, b in bases]
+    print(f"resume: re-running {len(keys)} trial(s) that had failed for a reason a retry may change: "
+          f"{', '.join(keys)}", file=out, flush=True)
+    return keys
 
 
 def _start_ray_and_sweep_run(exp: ExperimentConfig, run_dir: str, uri: str, state: dict, ident: dict,
@@ -201,7 +239,8 @@ def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: 
     from ulsweep.sweep.trial import SweepContext, run_trial, trial_label, trial_resources
 
     ctx = SweepContext(experiment=to_dict(exp), run_dir=run_dir, tracking_uri=run.tracking_uri,
-                       mlflow_experiment_id=run.experiment_id, sweep_id=run.sweep_id, train_impl=train_impl)
+                       mlflow_experiment_id=run.experiment_id, sweep_id=run.sweep_id, train_impl=train_impl,
+                       session=uuid.uuid4().hex)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(exp.resources))
     tune_dir = _tune_dir(run_dir)
     if resume:
@@ -220,8 +259,15 @@ def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: 
                                     reuse_actors=not _uses_cuda_graphs(exp),  # warm trial processes
                                     trial_name_creator=trial_label, trial_dirname_creator=trial_label),
         run_config=tune.RunConfig(name=TUNE_NAME, storage_path=run_dir, verbose=0, callbacks=[ProgressCallback()],
-                                  failure_config=tune.FailureConfig(max_failures=exp.search.max_failures)),
+                                  failure_config=tune.FailureConfig(max_failures=tune_retries(exp))),
     )
+
+
+def tune_retries(exp: ExperimentConfig) -> int:
+    """Tune's retries of a failed trial: search.max_failures for errors plus resources.max_worker_failures for
+    deaths of its training process (-1: no limit); attempts.check_budget keeps each within its own budget."""
+    deaths = exp.resources.max_worker_failures
+    return -1 if deaths < 0 else exp.search.max_failures + deaths
 
 
 def _searcher(exp: ExperimentConfig, on_objective=None):

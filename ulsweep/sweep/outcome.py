@@ -67,8 +67,9 @@ def print_summary(outcome: SweepOutcome, ranked: list[dict], metrics: tuple[str,
 
     no_objective = [r for r in outcome.records if r["objective"] is None]
     print("\n" + summary_table(ranked + no_objective, metrics), file=out)
+    succeeded = {f.get("key") for f in outcome.trial_results if not f["error"]}  # e.g. re-run by a resume
     for f in outcome.trial_results:
-        if f["error"]:
+        if f["error"] and f.get("key") not in succeeded:
             print(f"failed trial {f.get('key')}: {f['error'][:300]}", file=out)
     print(f"{outcome.counts}  wall {outcome.wall_seconds:.0f} s\n  run dir  {outcome.run_dir}\n"
           f"  mlflow   {redact_uri(outcome.tracking_uri)}\n  browse   ulsweep ui {outcome.run_dir}", file=out,

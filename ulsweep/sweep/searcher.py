@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from ray.tune.search import Searcher
 
@@ -71,6 +71,7 @@ class SpawningSearcher(Searcher):
         self.queue: list[tuple[str, str]] = []  # (AE key, base name) waiting to be suggested
         self.trial_keys: dict[str, str] = {}  # Tune trial id -> job key
         self.next_index = 0
+        self.redo: list[str] = []  # failed AE keys revived by a resume (revive()), suggested again first
 
     # ------------------------------------------------------------------ Optuna
     def _get_study(self):
@@ -110,6 +111,10 @@ class SpawningSearcher(Searcher):
                     "ae_checkpoint": rec["result"].get("checkpoint", ""),
                     "ae_run_id": rec["result"].get("mlflow_run_id", ""),
                     "overrides": dict(rec["overrides"])}
+        if self.redo:
+            key = self.redo.pop(0)
+            self.trial_keys[trial_id] = key
+            return {"kind": "ae", "key": key, "overrides": dict(self.aes[key]["overrides"])}
         if self.next_index < self._total:
             return self._suggest_ae(trial_id)
         if self.pending():
@@ -235,10 +240,57 @@ class SpawningSearcher(Searcher):
             except Exception as e:  # tracking must never take the search down
                 log.warning("on_objective(%s) failed: %s", rec["key"], e)
 
+    # ------------------------------------------------------------------ resume
+    def revivable(self, deterministic: Callable[[str], bool]) -> tuple[list[str], list[tuple[str, str]]]:
+        """(AE keys, (AE key, base) pairs) of the trials that failed for a reason a retry may change:
+        `deterministic(key)` is True for a trial whose failure would recur (its failure.json)."""
+        aes, bases = [], []
+        for key, rec in self.aes.items():
+            if rec["status"] == "failed" and all(b["status"] == "skipped" for b in rec["bases"].values()):
+                if not deterministic(key):
+                    aes.append(key)  # the AE trial itself failed (its base trials never ran)
+                continue
+            bases += [(key, b) for b, st in rec["bases"].items()
+                      if st["status"] == "failed" and not deterministic(base_key(key, b))]
+        return aes, bases
+
+    def revive(self, aes: Sequence[str], bases: Sequence[tuple[str, str]], resumed: Collection[str] = ()) -> None:
+        """Hand these failed trials out again, under their keys (a resume after a passing fault: storage
+        read-only or full, a training process killed once too often). A revived AE trial spawns its base
+        trials when it completes; its Optuna trial, told FAIL, is replaced by a new one with the same
+        parameters, told the objective at the end. Keys in `resumed` are trials that Tune restarts itself
+        (its table holds them unfinished): their records wait for them instead of handing out new ones."""
+        for key in aes:
+            rec = self.aes[key]
+            rec.update(status="running", result=None, objective=None)
+            rec["bases"] = {b: {"status": "waiting", "result": None} for b in self.base_names}
+            self._reopen_optuna(rec)
+            if key not in self.redo and key not in resumed:
+                self.redo.append(key)
+        for key, base in bases:
+            rec = self.aes[key]
+            again = base_key(key, base) in resumed
+            rec["bases"][base] = {"status": "running" if again else "queued", "result": None}
+            if rec["status"] != "trained":
+                rec.update(status="trained", objective=None)
+                self._reopen_optuna(rec)
+            if not again and (key, base) not in self.queue:
+                self.queue.append((key, base))
+
+    def _reopen_optuna(self, rec: dict) -> None:
+        """A new Optuna trial with `rec`'s parameters where its trial was told already."""
+        study = self._get_study()
+        number = rec.get("optuna_number")
+        if number is not None and not study.trials[number].state.is_finished():
+            return
+        dists = optuna_distributions(self._params)
+        study.enqueue_trial({k: v for k, v in rec["overrides"].items() if k in dists}, skip_if_exists=False)
+        rec["optuna_number"] = study.ask(dists).number
+
     # ------------------------------------------------------------------ queries
     def pending(self) -> bool:
         """Jobs handed out or queued whose outcome is still unknown."""
-        return bool(self.queue) or any(r["status"] in ("running", "trained") for r in self.aes.values())
+        return bool(self.queue or self.redo) or any(r["status"] in ("running", "trained") for r in self.aes.values())
 
     def is_finished(self) -> bool:
         return self.next_index >= self._total and not self.pending()
@@ -260,7 +312,7 @@ class SpawningSearcher(Searcher):
     # ------------------------------------------------------------------ persistence
     def get_state(self) -> dict:
         return {"aes": self.aes, "queue": self.queue, "trial_keys": self.trial_keys,
-                "next_index": self.next_index, "study": self._study}
+                "next_index": self.next_index, "study": self._study, "redo": self.redo}
 
     def set_state(self, state: dict) -> None:
         """Restore get_state()'s dict; ValueError (nothing changed) when it is not one."""
@@ -270,6 +322,7 @@ class SpawningSearcher(Searcher):
         self.trial_keys = state["trial_keys"]
         self.next_index = state["next_index"]
         self._study = state["study"]
+        self.redo = list(state.get("redo", []))  # absent from states saved before revival existed
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -298,6 +351,8 @@ def check_state(state) -> None:
     for key, rec in state["aes"].items():
         if not isinstance(rec, dict) or not {"key", "index", "status", "bases", "overrides"} <= set(rec):
             raise ValueError(f"AE record {key!r} is not a searcher record")
+    if not isinstance(state.get("redo", []), list) or not set(state.get("redo", [])) <= set(state["aes"]):
+        raise ValueError("'redo' is not a list of AE keys of the state")
     study = state.get("study")
     if study is not None and type(study).__name__ != "Study":
         raise ValueError(f"'study' is a {type(study).__name__}, not an Optuna study")

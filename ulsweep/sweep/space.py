@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from ulsweep.config import (BaseStageConfig, ConfigError, ExperimentConfig, SearchConfig,
                             experiment_from_dict, to_dict)
+from ulsweep.config.errors import NO_VALUE, key_join
 
 SEED_KEY = "ae.train.seed"  # incremented for the repeats of `none` / `grid` when num_samples > 1
 
@@ -63,7 +64,7 @@ def grid_points(params: Sequence[Param]) -> list[dict[str, Any]]:
     """Cartesian product of the `values` axes, first key varying slowest."""
     for p in params:
         if p.kind != "categorical":
-            raise ConfigError("method grid needs {values: [...]}", key=f"search.space.{p.key}")
+            raise ConfigError("method grid needs {values: [...]}", key=key_join("search.space", p.key))
     axes = [[(p.key, v) for v in p.values] for p in params]
     return [dict(combo) for combo in itertools.product(*axes)]
 
@@ -105,7 +106,7 @@ def validate_space(exp: ExperimentConfig, file: str | None = None) -> None:
     params = parse_space(exp.search.space)
     for p in params:
         if p.key.split(".")[0] == "search":
-            raise ConfigError("a search space cannot change the search itself", key=f"search.space.{p.key}",
+            raise ConfigError("a search space cannot change the search itself", key=key_join("search.space", p.key),
                               file=file)
         probes = list(p.values) if p.kind == "categorical" else [p.low, p.high]
         if p.kind == "int":
@@ -115,16 +116,27 @@ def validate_space(exp: ExperimentConfig, file: str | None = None) -> None:
                 experiment_from_dict(raw, {p.key: v})
             except ConfigError as e:
                 raise ConfigError(f"value {v!r} is refused: {e.message}" + (f" (at {e.key})" if e.key else ""),
-                                  key=f"search.space.{p.key}", value=v, file=file) from None
-    plan = planned_overrides(exp.search, exp.ae.train.seed)
+                                  key=key_join("search.space", p.key), value=v, file=file) from None
     for i, pt in enumerate(exp.search.points):
         for key in pt:
             if key.split(".")[0] == "search":
                 raise ConfigError("a point cannot change the search itself", key=f"search.points[{i}].{key}",
                                   file=file)
-    for ov in plan or []:  # combinations can be invalid even if each value alone is fine
         try:
-            experiment_from_dict(raw, ov)
+            experiment_from_dict(raw, pt)
         except ConfigError as e:
-            raise ConfigError(f"grid point {ov} is refused: {e.message}", key=e.key and f"search.space/{e.key}",
-                              file=file) from None
+            value = {"value": e.value} if e.value is not NO_VALUE else {}
+            if e.key in pt:  # one of the point's own keys
+                raise ConfigError(f"refused: {e.message}", key=key_join(f"search.points[{i}]", e.key), file=file,
+                                  **value) from None
+            at = f" (at {e.key})" if e.key else ""
+            raise ConfigError(f"this point {pt} is refused{at}: {e.message}", key=f"search.points[{i}]", file=file,
+                              **value) from None
+    if exp.search.method == "grid":  # combinations can be invalid even if each value alone is fine
+        for ov in grid_points(params):
+            try:
+                experiment_from_dict(raw, ov)
+            except ConfigError as e:
+                at = f" (at {e.key})" if e.key else ""
+                raise ConfigError(f"grid point {ov} is refused{at}: {e.message}", key="search.space", file=file,
+                                  **({} if e.value is NO_VALUE else {"value": e.value})) from None

@@ -53,7 +53,7 @@ def restorable_tune_state(tune_dir: str, method: str) -> bool:
 
     if not uio.exists(f"{tune_dir}/{TUNER_FILE}"):
         return False
-    table_file = _newest(tune_dir, EXPERIMENT_STATE)
+    table_file = newest(tune_dir, EXPERIMENT_STATE)
     if table_file is None:
         return False
     advice = tune_advice(tune_dir, method)
@@ -70,7 +70,7 @@ def restorable_tune_state(tune_dir: str, method: str) -> bool:
         if not isinstance(_cloudpickle_loads(uio.read_bytes(f"{tune_dir}/{TUNER_FILE}")), dict):
             raise ValueError("not a Tuner's state")
     for pattern, what in ((SEARCH_GEN_STATE, "search generator state"), (SEARCHER_STATE, "searcher state")):
-        path = _newest(tune_dir, pattern)
+        path = newest(tune_dir, pattern)
         if path is None:
             raise DamagedStateError(f"{tune_dir}/{pattern}: {what} missing beside {table_file}; {advice}")
         with _naming(path, what, advice):
@@ -80,6 +80,18 @@ def restorable_tune_state(tune_dir: str, method: str) -> bool:
             elif not isinstance(state, dict):
                 raise ValueError(f"expected a dict, got {type(state).__name__}")
     return True
+
+
+def unfinished_trials(tune_dir: str) -> set[str]:
+    """Ids of the trials that Tune's newest trial table holds unfinished (neither TERMINATED nor ERROR): a
+    restore runs them again. A trial whose last attempt ended with its process killed is among them, even
+    when Tune gave it up (Ray 2.5x records it RUNNING, one failure short, not ERROR). Call after
+    restorable_tune_state."""
+    import json
+
+    table = json.loads(uio.read_bytes(newest(tune_dir, EXPERIMENT_STATE)))
+    trials = [json.loads(trial_json) for trial_json, _ in table["trial_data"]]
+    return {t["trial_id"] for t in trials if t.get("status") not in ("TERMINATED", "ERROR")}
 
 
 def check_sqlite_store(uri: str) -> None:
@@ -139,7 +151,7 @@ class RestoreTripwire(logging.Filter):
 # ----------------------------------------------------------------------------------------------
 
 
-def _newest(tune_dir: str, pattern: str) -> str | None:
+def newest(tune_dir: str, pattern: str) -> str | None:
     """The file Tune would take: the greatest name matching `pattern` (names hold the session's time)."""
     fs, p = uio.filesystem(tune_dir)
     found = sorted(fs.glob(f"{p.rstrip('/')}/{pattern}"))

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 from ulsweep import io as uio, tracking
 from ulsweep.config import ExperimentConfig, ResourcesConfig, dump_yaml, flatten, to_dict
+from ulsweep.sweep import attempts
 from ulsweep.sweep.space import find_base, trial_experiment
-from ulsweep.sweep.worker import error_line, numbers, read_failure, train_worker
+from ulsweep.sweep.worker import deterministic_errors, error_line, numbers, read_failure, train_worker
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class SweepContext:
     mlflow_experiment_id: str
     sweep_id: str  # the sweep's MLflow parent run id
     train_impl: str = "ulsweep"
+    session: str = ""  # one driver start: the retry budget of a trial's attempts (attempts.py) is per session
 
 
 def trial_dir(run_dir: str, key: str) -> str:
@@ -127,22 +129,37 @@ def stream_datasets(wcfg: dict, res: ResourcesConfig):
 
 
 def run_trial(config: dict, ctx: SweepContext) -> None:
-    """Tune function trainable for one AE or base-model trial."""
+    """Tune function trainable for one AE or base-model trial (one attempt of it: see attempts.py)."""
     t_trial = time.time()
     kind, key = config["kind"], config["key"]
     exp = trial_experiment(ctx.experiment, config.get("overrides", {}))
+    tdir, attempt = trial_dir(ctx.run_dir, key), uuid.uuid4().hex
     c = tracking.client(ctx.tracking_uri)
+    try:
+        attempts.check_budget(tdir, ctx.session, attempt, key, exp.search.max_failures,
+                              exp.resources.max_worker_failures, read_failure(tdir))
+    except attempts.RetryRefused as e:  # before any setup: a refused retry costs little
+        run = tracking.find_run(c, ctx.mlflow_experiment_id, ctx.sweep_id, key)
+        if run is not None:
+            _tag_failure(c, run.info.run_id, {"run_dir": tdir, "key": key, "attempt": attempt}, e)
+            tracking.retry(c.set_terminated, run.info.run_id, status="FAILED")
+        raise
     parent = _parent_run_id(c, ctx, config)
     run_id = _open_trial_run(c, ctx, config, exp, parent)
-    wcfg = worker_config(exp, exp.resources, kind, key, trial_dir(ctx.run_dir, key), ctx.tracking_uri, run_id,
+    wcfg = worker_config(exp, exp.resources, kind, key, tdir, ctx.tracking_uri, run_id,
                          ctx.train_impl, base=config.get("base"), ae_checkpoint=config.get("ae_checkpoint"),
-                         attempt=uuid.uuid4().hex)
+                         attempt=attempt)
+    attempts.begin(tdir, ctx.session, attempt)
     trainer = make_trainer(wcfg, exp.resources, storage_path=f"{ctx.run_dir.rstrip('/')}/trials", name=key,
                            in_tune=True)
     t_fit = time.time()
     try:
         result = trainer.fit()
     except BaseException as e:
+        failed = read_failure(tdir)
+        recorded = bool(failed and failed.get("attempt") == attempt)  # the worker recorded a deterministic error
+        attempts.end(tdir, ctx.session, attempt, failed["error"] if recorded else error_line(e),
+                     deterministic=recorded or isinstance(e, deterministic_errors()))
         _tag_failure(c, run_id, wcfg, e)
         tracking.retry(c.set_terminated, run_id, status="FAILED")
         _append_timings(ctx.run_dir, key, {"t_trial": t_trial, "t_fit": t_fit, "t_fit_end": time.time(),
@@ -184,6 +201,8 @@ def _open_trial_run(c, ctx: SweepContext, config: dict, exp: ExperimentConfig, p
         pass
     if created:
         _log_trial_setup(c, run_id, exp, config)
+    else:  # a failed run that a Tune retry or a resume runs again: its old failure is history
+        _clear_failure_tags(c, run_id)
     log_datasets(c, run_id, exp)  # every time: a run reopened after a failed first attempt gets them too
     return run_id
 
@@ -239,18 +258,35 @@ def _log_to_ae_run(c, ae_run_id: str, config: dict, result: dict) -> None:
 def _tag_failure(c, run_id: str, wcfg: dict, e: BaseException) -> None:
     """ulsweep.error (what failed, in one line) and ulsweep.last_good_checkpoint on a failed trial's run."""
     failed = read_failure(wcfg["run_dir"])
-    if failed and failed.get("attempt") == wcfg["attempt"]:
+    if isinstance(e, attempts.RetryRefused) and e.record:  # a retry refused over a recorded failure
+        error, ckpt = e.record["error"], e.record.get("checkpoint")
+    elif isinstance(e, attempts.RetryRefused):
+        error, ckpt = str(e), None
+    elif failed and failed.get("attempt") == wcfg["attempt"]:
         error, ckpt = failed["error"], failed.get("checkpoint")
     else:
         error, ckpt = error_line(e), None
-    tags = {"ulsweep.error": error[:5000]}
+    tags = {_FAILURE_TAGS[0]: error[:5000]}
     if ckpt:
-        tags["ulsweep.last_good_checkpoint"] = ckpt
+        tags[_FAILURE_TAGS[1]] = ckpt
     for k, v in tags.items():
         try:
             tracking.retry(c.set_tag, run_id, k, v)
         except Exception as w:
             log.warning("could not tag the failure of %s: %s", wcfg["key"], w)
+
+
+_FAILURE_TAGS = ("ulsweep.error", "ulsweep.last_good_checkpoint")
+
+
+def _clear_failure_tags(c, run_id: str) -> None:
+    try:
+        tags = tracking.retry(c.get_run, run_id).data.tags
+        for k in _FAILURE_TAGS:
+            if k in tags:
+                tracking.retry(c.delete_tag, run_id, k)
+    except Exception as e:  # noqa: BLE001 - tracking must not lose a trial
+        log.warning("could not clear the failure tags of run %s: %s", run_id, e)
 
 
 def _append_timings(run_dir: str, key: str, rec: dict) -> None:

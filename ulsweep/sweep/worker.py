@@ -219,7 +219,7 @@ def train_worker(wcfg: dict) -> dict:
         else:
             res = get_train_base()(exp, find_base(exp, wcfg["base"]), wcfg["ae_checkpoint"], run_dir, hooks)
     except BaseException as e:
-        if rank == 0 and isinstance(e, _deterministic_errors()):  # retrying would fail the same way: recorded,
+        if rank == 0 and isinstance(e, deterministic_errors()):  # retrying would fail the same way: recorded,
             _write_failure(run_dir, wcfg.get("attempt"), e)  # so that Ray Train's restart does not train again
         hooks.close()  # the curve up to the failure is kept too
         raise
@@ -265,7 +265,7 @@ class TrialFailed(RuntimeError):
     """A trial failed for a reason that a retry would not change (see failure.json in its run dir)."""
 
 
-def _deterministic_errors() -> tuple[type, ...]:
+def deterministic_errors() -> tuple[type, ...]:
     from ulsweep.config import ConfigError
     from ulsweep.data import DataError
     from ulsweep.train.checkpoint import CheckpointError

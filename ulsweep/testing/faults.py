@@ -1,4 +1,4 @@
-"""Deterministic fault injection for the fault-tolerance tests (inert unless ULSWEEP_FAULT is set).
+"""Fault injection for the fault-tolerance tests and campaign (inert unless its environment variables are set).
 
     ULSWEEP_FAULT="driver.ae_complete@1,worker.log/ae-0000@9"
 
@@ -6,6 +6,15 @@ Each entry is `POINT[/KEY][@N]`: the process that reaches named point POINT (for
 the N-th time (default 1) kills itself with SIGKILL, as if the machine had taken it away. An entry fires
 once: a marker file in ULSWEEP_FAULT_DIR (required with ULSWEEP_FAULT) records it, so a restarted worker
 or a resumed driver passes the same point unharmed.
+
+Storage windows (ULSWEEP_FAULT_STORAGE=DIR): while DIR holds a file whose text is `ERRNO PATH` (ERRNO one of
+EROFS, ENOSPC, EDQUOT), every write of ulsweep.io under PATH (a path prefix) raises OSError(ERRNO), as a
+read-only remount or a full disk would; the window closes when the file is removed. It covers ulsweep's own
+files (checkpoints, result.json, failure and attempt records, spools, sweep.json, summary.json), not MLflow's
+sqlite store or Ray's files (a real read-only mount or a full tmpfs does: benchmarks/faults/campaign.py).
+
+Training PIDs (ULSWEEP_FAULT_PIDS=DIR): the process that logs a metric point of trial KEY writes its PID to
+DIR/KEY.pid (once per process), so that a campaign can SIGKILL it at a moment of its own choosing.
 
 Named points:
     driver.sweep_run     the sweep driver created the sweep's MLflow run, not yet recorded in sweep.json
@@ -16,12 +25,15 @@ Named points:
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
 from collections import Counter
 
-ENV, DIR_ENV = "ULSWEEP_FAULT", "ULSWEEP_FAULT_DIR"
+ENV, DIR_ENV, STORAGE_ENV = "ULSWEEP_FAULT", "ULSWEEP_FAULT_DIR", "ULSWEEP_FAULT_STORAGE"
+PIDS_ENV = "ULSWEEP_FAULT_PIDS"
+_recorded: set = set()
 _ENTRY = re.compile(r"^(?P<point>[\w.]+)(?:/(?P<key>[\w.-]+))?(?:@(?P<n>\d+))?$")
 _hits: Counter = Counter()
 
@@ -41,6 +53,8 @@ def parse(spec: str) -> list[tuple[str, str | None, int]]:
 
 def point(name: str, key: str | None = None) -> None:
     """Called by ulsweep at named points; kills this process when an armed entry matches."""
+    if key is not None and name == "worker.log" and PIDS_ENV in os.environ:
+        _record_pid(key)
     spec = os.environ.get(ENV)
     if not spec:
         return
@@ -57,3 +71,35 @@ def point(name: str, key: str | None = None) -> None:
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _record_pid(key: str) -> None:
+    if (key, os.getpid()) in _recorded:
+        return
+    _recorded.add((key, os.getpid()))
+    path = os.path.join(os.environ[PIDS_ENV], f"{key}.pid")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, path)
+
+
+def storage(path: str) -> None:
+    """Called by ulsweep.io before each write; raises OSError while a storage window covers `path`."""
+    root = os.environ.get(STORAGE_ENV)
+    if not root:
+        return
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return
+    target = os.path.abspath(path) if "://" not in path else path
+    for name in names:
+        try:
+            with open(os.path.join(root, name)) as f:
+                code, prefix = f.read().split(None, 1)
+        except (OSError, ValueError):
+            continue  # being written, or removed meanwhile
+        if target.startswith(prefix.strip()):
+            num = getattr(errno, code)
+            raise OSError(num, f"{os.strerror(num)} (injected: {name})", path)

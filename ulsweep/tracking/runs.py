@@ -71,7 +71,8 @@ def client(uri: str):
     uri = credentials_to_env(uri)
     if redact_uri(uri) != uri:  # a password credentials_to_env cannot move: MLflow would print it in run URLs
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-    return MlflowClient(tracking_uri=uri)
+    # a new sqlite store creates and migrates its tables here: retried like any write to a refusing storage
+    return retry(MlflowClient, tracking_uri=uri)
 
 
 def credentials_to_env(uri: str) -> str:
@@ -94,17 +95,43 @@ def credentials_to_env(uri: str) -> str:
     return uri
 
 
+_TRANSIENT = ("locked", "busy", "timed out", "timeout", "503", "502", "connection", "temporarily")
+# a sqlite store on a storage that refuses writes for a while (read-only remount, full disk)
+_STORAGE = ("readonly database", "read-only file system", "disk is full", "no space left", "disk i/o error",
+            "unable to open database file")
+
+
+def is_storage_error(e: BaseException) -> bool:
+    """An MLflow store (or file) error of a storage that refuses writes: read-only, full, I/O error."""
+    from ulsweep.io import PASSING_ERRNOS
+
+    if isinstance(e, OSError) and e.errno in PASSING_ERRNOS:
+        return True
+    msg = str(e).lower()
+    return any(s in msg for s in _STORAGE)
+
+
 def retry(fn, *args, attempts: int = 6, **kwargs):
-    """Call an MLflow function, retrying on transient errors (sqlite 'database is locked', HTTP 5xx)."""
-    delay = 0.2
-    for i in range(attempts):
+    """Call an MLflow function, retrying on transient errors (sqlite 'database is locked', HTTP 5xx) up to
+    `attempts` times, and on a store whose storage refuses writes (read-only, full) for up to
+    ulsweep.io.storage_retry_s() seconds."""
+    from ulsweep.io import storage_retry_s
+
+    delay, deadline = 0.2, None
+    for i in range(1 << 30):
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - MLflow raises many types
             msg = str(e).lower()
-            transient = any(s in msg for s in ("locked", "busy", "timed out", "timeout", "503", "502",
-                                               "connection", "temporarily"))
-            if not transient or i == attempts - 1:
+            if is_storage_error(e):
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + storage_retry_s()
+                    log.warning("MLflow store refused a write (%s); retrying for up to %.0f s", str(e)[:200],
+                                deadline - now)
+                if now >= deadline:
+                    raise
+            elif not any(s in msg for s in _TRANSIENT) or i >= attempts - 1:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 5.0)

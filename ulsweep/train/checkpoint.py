@@ -112,7 +112,11 @@ def prune_checkpoints(run_dir: str, keep: int) -> None:
     infos = list_checkpoints(run_dir)
     for info in infos[:-keep] if keep > 0 else []:
         fs, p = uio.filesystem(info.path)
-        fs.rm(p, recursive=True)
+        try:
+            fs.rm(p, recursive=True)
+        except OSError as e:  # a storage that refuses changes for a while: the next save prunes it
+            warnings.warn(f"could not delete old checkpoint {info.path}: {e}")
+            return
 
 
 def write_images(run_dir: str, images: dict[str, bytes]) -> dict[str, str]:
