@@ -139,7 +139,13 @@ def test_a_trial_tune_restarts_itself_is_waited_for_not_handed_out_twice():
 
 def test_a_write_through_a_storage_window_waits_for_it_to_close(tmp_path, monkeypatch):
     """ulsweep.io retries a write refused with EROFS/ENOSPC until the storage takes it, up to
-    ULSWEEP_STORAGE_RETRY_S; then the error is raised. Other errors are raised at once."""
+    ULSWEEP_STORAGE_RETRY_S; then the error is raised. Other errors are raised at once.
+
+    Simulates a trial directory remounted read-only for a second (EROFS), then a full disk (ENOSPC) that
+    outlasts the retries: tests run as root, which chmod does not stop, so the writer itself raises the errno
+    a read-only mount or a full disk gives, for as long as a control file names the directory
+    (ULSWEEP_FAULT_STORAGE, ulsweep/testing/faults.py). A real read-only bind mount and a full tmpfs are the
+    campaign's (benchmarks/faults/campaign.py --only storage-ro-mount,storage-full-tmpfs)."""
     ctl = tmp_path / "ctl"
     ctl.mkdir()
     target = tmp_path / "runs" / "trials" / "ae-0000" / "checkpoints" / "step_00000010.json"
