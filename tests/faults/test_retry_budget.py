@@ -9,12 +9,14 @@ import threading
 import time
 
 import pytest
+import torch
 
 from ulsweep import io as uio
 from ulsweep.config import SearchConfig
 from ulsweep.sweep import attempts
 from ulsweep.sweep.searcher import Searcher, SpawningSearcher
 from ulsweep.testing import faults
+from ulsweep.train.hooks import TrainHooks
 
 
 def _begin(d, session, n):
@@ -255,3 +257,72 @@ def test_storage_refusing_writes_past_the_retries_is_one_line(tmp_path, monkeypa
     monkeypatch.setattr(driver, "run_sweep", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         main(["run", str(f), "--storage", str(tmp_path / "runs"), "--train-impl", "fake"])
+
+
+
+class _Order(TrainHooks):
+    """Records, at each hook, whether the checkpoint of that step exists yet."""
+
+    def __init__(self, exists):
+        self.exists, self.seen = exists, []
+
+    def before_checkpoint(self, step):
+        self.seen.append(("before", step, self.exists(step)))
+
+    def checkpoint_saved(self, step, path, metrics):
+        self.seen.append(("saved", step, self.exists(step)))
+
+
+class _Linear(torch.nn.Module):
+    """The smallest objective the training loop takes: a linear map's squared error, in nats."""
+
+    progress_keys = ("loss",)
+    dims = 4
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def draw_noise(self, n, gen):
+        return {}
+
+    def forward(self, x, noise):
+        return {"total": ((self.lin(x) - x) ** 2).sum(1)}
+
+    def curves(self, means):
+        return {"loss": means["total"]}
+
+
+class _Source:
+    def draw(self, n, gen):
+        return torch.randn(n, 4, generator=gen)
+
+
+@pytest.mark.parametrize("impl", ["fake", "loop"])
+def test_metric_points_are_made_durable_before_each_checkpoint_exists(tmp_path, impl, monkeypatch):
+    """Both loops call before_checkpoint(step) (the sweep worker flushes or spools its metric points there)
+    before the checkpoint of that step is written, so a process killed right after a checkpoint cannot lose
+    the points before it (a loop resumed from it does not log them again: the campaign's random worker kills
+    found that gap when the flush came after the checkpoint)."""
+    from ulsweep.config import OptimConfig, TrainConfig, experiment_from_dict
+
+    run = tmp_path / "run"
+    tc = {"steps": 4, "batch_size": 8, "log_every": 1, "ckpt_every": 2}
+    if impl == "fake":
+        from ulsweep.testing.fake import train_autoencoder
+
+        monkeypatch.setenv("ULSWEEP_FAKE_STEP_S", "0")
+        hooks = _Order(lambda s: (run / "checkpoints" / f"step_{s:08d}.json").exists())
+        train_autoencoder(experiment_from_dict({"ae": {"train": tc}}), str(run), hooks)
+    else:
+        from ulsweep.train.loop import RunSpec, train
+        from ulsweep.train.runtime import make_runtime
+        from ulsweep.train.state import TrainState
+
+        tcfg = TrainConfig(**tc, device="cpu")
+        obj = _Linear()
+        ts = TrainState(obj, OptimConfig(), make_runtime(tcfg), 0)
+        hooks = _Order(lambda s: (run / "checkpoints" / f"step_{s:08d}" / "meta.json").exists())
+        train(obj, _Source(), lambda net, final: ({"m": 1.0}, {}), ts, tcfg,
+              RunSpec(str(run), "ae", "ae t", "h", "x: 1\n", {}, {}), hooks)
+    assert hooks.seen == [("before", 2, False), ("saved", 2, True), ("before", 4, False), ("saved", 4, True)]

@@ -43,9 +43,9 @@ FAILURE_FILE = "failure.json"
 class RayHooks(TrainHooks):
     """Training-loop hooks inside a Ray Train worker: curves to MLflow (rank 0, batched) and to Tune.
 
-    The loops call log_metrics / checkpoint_saved on rank 0 only, and every ray.train.report is a barrier
-    across workers, so intermediate reports go to Tune only when the trial has one worker (or runs in
-    local mode); a DDP trial reports once, at the end, from every rank.
+    The loops call log_metrics, before_checkpoint and checkpoint_saved on rank 0 only, and every
+    ray.train.report is a barrier across workers, so intermediate reports go to Tune only when the trial has
+    one worker (or runs in local mode); a DDP trial reports once, at the end, from every rank.
     """
 
     def __init__(self, wcfg: dict, rank: int, world: int):
@@ -102,13 +102,17 @@ class RayHooks(TrainHooks):
             self._last_report = now
             report({"step": step, "kind": self.kind, "key": self.key, **metrics}, local=self.local_mode)
 
-    def checkpoint_saved(self, step: int, path: str, metrics: dict[str, float]) -> None:
-        self.last_checkpoint = path
-        if self.client is not None and self.buffer is not None:
-            # every point up to a checkpoint is in MLflow or spooled on disk: a restarted loop re-logs
-            # only the steps after it. Training waits a few seconds at most (MLflow may be down).
+    def before_checkpoint(self, step: int) -> None:
+        if self.buffer is not None:
+            # every point up to a checkpoint is in MLflow or spooled on disk before the checkpoint exists: a
+            # loop restarted from it re-logs only the steps after it (a process killed between the checkpoint
+            # and this flush lost the points before it). Training waits a few seconds at most (MLflow may be down).
             if not self.buffer.flush(timeout=5.0):
                 self.buffer.spool()
+
+    def checkpoint_saved(self, step: int, path: str, metrics: dict[str, float]) -> None:
+        self.last_checkpoint = path
+        if self.client is not None:
             threading.Thread(target=self._set_tag, args=(tracking.TAG_CHECKPOINT, path), daemon=True).start()
 
     def finish(self, res: StageResult, loop_seconds: float) -> dict[str, Any]:

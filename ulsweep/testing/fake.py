@@ -71,6 +71,7 @@ def _loop(tc: TrainConfig, run_dir: str, hooks: TrainHooks, metrics_fn) -> Stage
         if rank == 0 and tc.log_every and step % tc.log_every == 0:
             hooks.log_metrics(step, {"loss": loss})
         if rank == 0 and (step % ck_every == 0 or step == tc.steps):
+            getattr(hooks, "before_checkpoint", lambda s: None)(step)
             path = _save(run_dir, step, {"step": step})
             hooks.checkpoint_saved(step, path, {})
     if rank != 0:

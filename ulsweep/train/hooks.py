@@ -14,6 +14,10 @@ class TrainHooks:
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Called every `train.log_every` steps (training curves) and after each evaluation."""
 
+    def before_checkpoint(self, step: int) -> None:
+        """Called on rank 0 before the checkpoint of `step` is written: what the hooks hold for steps up to it
+        must be durable by then, since a run resumed from that checkpoint does not log those steps again."""
+
     def checkpoint_saved(self, step: int, path: str, metrics: dict[str, float]) -> None:
         """Called on rank 0 after a checkpoint was written atomically to `path` (local path or URI)."""
 

@@ -76,6 +76,7 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
         state = {**ts.state_dict(), **spec.state_extra}
         if hasattr(source, "state_dict"):
             state["data"] = source.state_dict()
+        getattr(hooks, "before_checkpoint", lambda step: None)(ts.step)  # hooks may predate it
         path = save_checkpoint(spec.run_dir, ts.step, state, meta)
         prune_checkpoints(spec.run_dir, tc.keep_checkpoints)
         hooks.checkpoint_saved(ts.step, path, metrics)
