@@ -29,10 +29,12 @@ def test_torch_load_always_weights_only():
 def test_no_unsafe_yaml_or_pickle_loading():
     assert _calls(r"\byaml\.(load|unsafe_load|full_load|load_all)\(|yaml\.(Unsafe|Full)?Loader\b") == []
     assert len(_calls(r"\byaml\.safe_load\(")) >= 2  # the scan sees the loads that do exist
-    # the pickle loads: the searcher's own state, and the check of Tune's state files before a --resume
-    # (statecheck.py); both read only what Tune wrote into the sweep's run dir and unpickles itself on
-    # --resume (never a user-supplied path)
+    # the pickle loads: the searcher's own state, the check of Tune's state files before a --resume
+    # (statecheck.py), and the search generator's state reopened to re-run failed trials on --resume
+    # (driver.py); all read only what Tune wrote into the sweep's run dir and unpickles itself on --resume
+    # (never a user-supplied path)
     assert _calls(r"\bpickle\.loads?\(|\bcloudpickle\.loads?\(|\bdill\.loads?\(") == [
+        ("sweep/driver.py", "gen = cloudpickle.loads(uio.read_bytes(gen_file))"),
         ("sweep/searcher.py", "state = pickle.load(f)"), ("sweep/statecheck.py", "return cloudpickle.loads(data)")]
 
 
