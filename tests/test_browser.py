@@ -27,6 +27,7 @@ pytestmark = [
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
 PLOTLY_BLUE = (99, 110, 250)  # first colour of plotly's qualitative palette: drawn traces, not page text
+VIRIDIS_LOW = (68, 1, 84)  # the low end of Viridis: the lowest-bitrate line of base_size_flops_per_bitrate
 
 
 def chromium(tmp_path, *args, timeout=180) -> str:
@@ -86,11 +87,12 @@ def test_kaleido_png_export_with_chromium(sweep_store, tmp_path, monkeypatch):
     run_dir, uri, sweep_id = sweep_store
     res = report.make_report(str(run_dir), out_dir=str(tmp_path / "dash"), png=True, log_artifacts=False)
     assert res.png_note is None, res.png_note
-    assert sorted(os.path.basename(p) for p in res.pngs) == [
-        "fig8_quality_vs_bitrate.png", "flops_vs_gen.png", "pareto_bpp_vs_gen.png", "pareto_rec_vs_gen.png"]
+    assert sorted(os.path.basename(p) for p in res.pngs) == [  # the store's sweep has two base sizes
+        "base_size_flops_per_bitrate.png", "base_size_optimum.png", "fig8_quality_vs_bitrate.png", "flops_vs_gen.png", "pareto_bpp_vs_gen.png", "pareto_rec_vs_gen.png"]
     for p in res.pngs:
         img = assert_not_blank(p)
-        assert colour_pixels(img, PLOTLY_BLUE) > 50, p
+        trace = VIRIDIS_LOW if os.path.basename(p) == "base_size_flops_per_bitrate.png" else PLOTLY_BLUE
+        assert colour_pixels(img, trace) > 50, p
 
 
 def _post(url, body):

@@ -223,5 +223,5 @@ def test_dataset_inputs_retry_when_another_run_inserted_the_same_dataset(store, 
     assert D.log_dataset_inputs(racing, run_id, refs) == 2 and racing.calls == 2
     assert len(c.get_run(run_id).inputs.dataset_inputs) == 2
     other = c.create_run(eid).info.run_id
-    with pytest.raises(RuntimeError, match="disk I/O error"):  # anything else is not retried
-        D.log_dataset_inputs(Racing("disk I/O error"), other, refs)
+    with pytest.raises(RuntimeError, match="FOREIGN KEY"):  # any other error is not retried
+        D.log_dataset_inputs(Racing("(sqlite3.IntegrityError) FOREIGN KEY constraint failed"), other, refs)

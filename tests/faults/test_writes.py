@@ -3,6 +3,7 @@ short (an exception between write and rename, or SIGKILL of the writing process)
 and a corrupted or truncated checkpoint is refused by its hash before torch.load sees a byte."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -23,7 +24,8 @@ STATE = {"w": torch.arange(1000, dtype=torch.float32), "step": 1}
 
 
 class ReplaceFails:
-    """os.replace that raises on its n-th call (1-based), like a crash between write and rename."""
+    """os.replace that raises on its n-th call (1-based), like a crash between write and rename. The error is
+    EIO, which ulsweep.io does not retry (a full or read-only storage, ENOSPC/EROFS, would be retried)."""
 
     def __init__(self, n: int):
         self.n, self.calls, self.real = n, 0, os.replace
@@ -31,7 +33,7 @@ class ReplaceFails:
     def __call__(self, src, dst):
         self.calls += 1
         if self.calls == self.n:
-            raise OSError(28, "No space left on device (injected)")
+            raise OSError(errno.EIO, "Input/output error (injected)")
         return self.real(src, dst)
 
 
