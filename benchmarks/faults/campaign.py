@@ -152,7 +152,7 @@ def reference(root: Path, mode: str) -> tuple[dict, dict]:
 def driver_kill(root: Path, rng: random.Random, ref: dict, wall: float, i: int, early: bool = False) -> dict:
     sc = Scenario(f"driver-kill{'-early' if early else ''}-{i}", root)
     _, args = experiment(sc)
-    at = rng.uniform(0.5, 8.0) if early else rng.uniform(3.0, 0.9 * wall)
+    at = rng.uniform(0.5, 8.0) if early else rng.uniform(3.0, 0.7 * wall)
     with sandbox(sc.dir, step_s=STEP_S) as (env, _):
         env_for(env, sc)
         d = Driver(args, env, sc.dir, sc.log, note=f"SIGKILL at {at:.1f} s")
@@ -171,7 +171,7 @@ def driver_kill(root: Path, rng: random.Random, ref: dict, wall: float, i: int, 
 def sigint(root: Path, rng: random.Random, ref: dict, wall: float, i: int) -> dict:
     sc = Scenario(f"sigint-{i}", root)
     _, args = experiment(sc)
-    at = rng.uniform(5.0, 0.9 * wall)
+    at = rng.uniform(5.0, 0.7 * wall)
     with sandbox(sc.dir, step_s=STEP_S) as (env, _):
         env_for(env, sc)
         d = Driver(args, env, sc.dir, sc.log, note=f"SIGINT at {at:.1f} s")

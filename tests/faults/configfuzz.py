@@ -33,8 +33,8 @@ CASE_LIMIT_S = 10.0
 # position, or the document itself
 _SEG = r"""\[(?:\d+|'[^']*'|"[^"]*")\]"""
 _KEY = r"(--set|(?:[\w-]+|" + _SEG + r")(?:" + _SEG + r"|\.[\w-]+)*)"
-_LOCATED = re.compile(r"^error: (?P<file>.+?): (?:(?P<key>" + _KEY + r"): .+|YAML syntax error: (?:line \d+, column \d+|"
-                      r"character \d+): .+|top level must be a mapping.*)$")
+_LOCATED = re.compile(r"^error: (?P<file>.+?): (?:(?P<key>" + _KEY + r"): .+"
+                      r"|YAML syntax error: (?:line \d+, column \d+|character \d+): .+|top level must be a mapping.*)$")
 
 
 @dataclass
@@ -98,6 +98,8 @@ HUGE = [("search", "num_samples"), ("search", "max_concurrent"), ("ae", "train",
         ("ae", "train", "batch_size"), ("data", "image_size"), ("ae", "model", "latent_channels"),
         ("search", "max_trials"), ("eval", "gfd_samples"), ("ae", "train", "keep_checkpoints"),
         ("resources", "num_workers"), ("resources", "cpus_per_worker"), ("resources", "max_worker_failures")]
+INSERTS = [":", "[", "]", "{", "}", "- ", "&a", "*a", "!!python/object:os.system ", "%", "@", "`", "\"", "'", "? ",
+           "|\n"]
 SET_KEYS = ["ae.loss.loss_factor", "search.space", "base_models.0.name", "base_models.5.name", "data", "x",
             "ae..x", "", "resources.num_workers", "search.metrics", "ae.train.steps.x", "名前"]
 SET_VALUES = ["4", "-1", "abc", "[1, 2", "{a: 1}", "", "null", ".nan", "1e999", "[]", "true", "'x'", "{{"]
@@ -187,7 +189,7 @@ def _mutate_text(rng: random.Random, text: str) -> tuple[str, str]:
         i = rng.randrange(len(text))
         return f"deleted char {i} ({text[i]!r})", text[:i] + text[i + 1:]
     if op == "insert":
-        i, s = rng.randrange(len(text)), rng.choice([":", "[", "]", "{", "}", "- ", "&a", "*a", "!!python/object:os.system ", "%", "@", "`", "\"", "'", "? ", "|\n"])
+        i, s = rng.randrange(len(text)), rng.choice(INSERTS)
         return f"inserted {s!r} at {i}", text[:i] + s + text[i:]
     if op == "truncate":
         i = rng.randrange(len(text))
