@@ -11,11 +11,13 @@ Processes. The decode tasks run in Ray workers, and the pipeline's scheduler (Ra
 in the split's coordinator actor: never in the training process. The executor's scheduling loop is Python
 that busy-polls while the pipeline is backpressured (the steady state whenever decoding outpaces training);
 run as a thread of the training process (what iterating a Dataset does) it took the GIL from the training
-loop at every op or kernel launch that released it (benchmarks/data_pipeline.py, consumer rows). A
-`StreamSource` therefore turns a Dataset it is handed into `streaming_split(1)`, the mechanism Ray Train uses
-for its workers; the training process keeps only the iterator's prefetch threads. The loop polls on in the
-coordinator: up to one core of the machine (0.6 measured on a 2-core box) while backpressured, no longer
-taken from the training loop.
+loop at every op or kernel launch that released it: on one H200 the compiled paper-preset step at 256^2 went
+from 74.6 ms to 1185 ms on synthetic tensors while a backpressured stream merely stood open in the process
+(benchmarks/results/h200-data-pipeline-step-256-s11.log), and on CPU fixed torch work ran 30-85% slower
+(benchmarks/data_pipeline.py, consumer rows). A `StreamSource` therefore turns a Dataset it is handed into
+`streaming_split(1)`, the mechanism Ray Train uses for its workers; the training process keeps only the
+iterator's prefetch threads. The loop polls on in the coordinator: up to one core of the machine (0.6
+measured on a 2-core box) while backpressured, no longer taken from the training loop.
 
 Epoch. One pass over the split: Ray Train splits the stream into N equal parts (`equal=True`: each rank gets
 floor(n / N) rows) and each rank batches its part into `batch / N` rows, dropping the last incomplete batch, so
