@@ -1,5 +1,6 @@
 """Stage-1 batches streamed through Ray Data (ulsweep/data/stream.py): epochs, per-epoch shuffles, exact resume,
-two Ray Train workers on disjoint parts, both loaders' bits/pixel, hflip, bad shards, bounded memory.
+two Ray Train workers on disjoint parts, both loaders' bits/pixel, hflip, bad shards, bounded memory, the
+streaming executor kept out of the training process, blocks of whole batches under a CPU-scaled limit.
 
 One local Ray for the module; every image carries its row id in its first two pixels."""
 from __future__ import annotations
@@ -270,6 +271,57 @@ def test_images_that_do_not_fit_the_config_fail_before_training(ray_local, data_
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def executor_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("StreamingExecutor")]
+
+
+class SlowDecode(stream.DecodeImages):
+    """Decoding that takes 0.3 s per block: the executor is still running after the first batch."""
+
+    def __call__(self, batch):
+        import time
+
+        time.sleep(0.3)
+        return super().__call__(batch)
+
+
+def test_the_training_process_runs_no_streaming_executor(ray_local, data_dir):
+    """Ray Data's executor busy-polls while the pipeline is backpressured; a source handed a Dataset runs it
+    in the split's coordinator actor, so this process holds no executor thread while it draws. The same
+    pipeline iterated directly (what the source avoids) runs one here while it produces: the check can fail."""
+    ds = open_dataset(str(data_dir / "ids"))
+    steps, seen = N_TRAIN // 16, {}
+    for how in ("source", "iterated"):
+        pipe = stream.build_pipeline(stream.shard_items(ds, "train"), ("image",),
+                                     SlowDecode(ds.encoding, ds.image_shape, ds.uri), SHARD_ROWS)
+        pipe.context.execution_options = stream.execution_options(16 * 16, 16)
+        src = stream.StreamSource(pipe if how == "source" else pipe.iterator(), N_TRAIN, cpu_rt(), 0, ids_of,
+                                  prefetch=1, shuffle=0)
+        first = src.draw(16, None)
+        seen[how] = (executor_threads(), torch.cat([first] + [src.draw(16, None) for _ in range(steps - 1)]))
+        src.close()
+    assert seen["source"][0] == [] and seen["iterated"][0] != []
+    assert seen["source"][1].tolist() == seen["iterated"][1].tolist() == list(range(N_TRAIN))
+
+
+def test_blocks_hold_whole_batches_under_a_limit_that_grows_with_the_cpus():
+    """Blocks are whole batches (one, if a batch is larger than BLOCK_BYTES); the object-store limit is
+    INFLIGHT_BLOCKS blocks up to INFLIGHT_BLOCKS / BLOCKS_PER_CPU CPUs, then BLOCKS_PER_CPU more per CPU, plus
+    twice the prefetched and shuffle-buffered batches: bounded for any CPU count, never the split."""
+    row = 3 * 256 * 256
+    for batch, r in ((16, row), (7, row), (1, 3 * 4096 * 4096), (256, 3 * 32 * 32)):
+        rows = stream.block_rows(batch, r)
+        assert rows % batch == 0 and (rows == batch or rows * r <= stream.BLOCK_BYTES)
+    limit = lambda cpus: stream.execution_options(row, 16, cpus).resource_limits.object_store_memory  # noqa: E731
+    block, batches = stream.block_rows(16, row) * row, 2 * (stream.PREFETCH_BATCHES + stream.SHUFFLE_BATCHES) * 16 * row
+    flat = stream.INFLIGHT_BLOCKS // stream.BLOCKS_PER_CPU
+    assert limit(1) == limit(flat) == stream.INFLIGHT_BLOCKS * block + batches
+    assert limit(64) - limit(16) == 48 * stream.BLOCKS_PER_CPU * block
+    assert stream.execution_options(row, 16, 16).preserve_order
+
+
 def tree_pids() -> list[int]:
     """This test process and its descendants (it started the module's Ray: raylet, workers, object store)."""
     kids: dict[int, list[int]] = {}
@@ -330,8 +382,8 @@ class PeakSampler:
 def test_stream_memory_stays_bounded_where_the_device_path_holds_the_split(ray_local, data_dir, tmp_path):
     """One epoch of an 805 MB (float32) split through the stream against loading it for the device path, side
     by side: the memory the data adds to the process tree (peak PSS minus the level before) stays under a
-    quarter of the split on the stream (it is O(prefetch + object-store limit): 75-110 MB measured), and is
-    at least the split on the device path."""
+    quarter of the split on the stream (it is O(prefetch + object-store limit), and the split's coordinator
+    actor is a process of the tree too: 75-130 MB measured), and is at least the split on the device path."""
     n, B = 65536, 256
     x = np.random.default_rng(0).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
     write_dataset(str(tmp_path / "big"), "big", {"train": (x, np.zeros(n, np.int64)), "test": (x[:8], np.zeros(8, np.int64))},

@@ -1,10 +1,23 @@
 """Stage-1 batches streamed through Ray Data, for splits too large to hold on the training device.
 
-    shard list (manifest) -> ReadShards (CPU task per shard: read, SHA-256 check, row chunks)
+    shard list (manifest) -> ReadShards (CPU task per shard: read, SHA-256 check, row chunks of whole batches)
                           -> decode (CPU tasks: `DecodeImages`, or any other row decoder)
-                          -> streaming_split over the Ray Train ranks (`ray.train.get_dataset_shard`)
+                          -> streaming_split over the Ray Train ranks (`ray.train.get_dataset_shard`), or into
+                             one part when the training process got the pipeline itself (`StreamSource`)
                           -> iter_torch_batches (drop_last, local shuffle seeded per epoch, prefetch, pinned memory)
                           -> `StreamSource.draw` (to the model's range, horizontal flips from the run's generator)
+
+Processes. The decode tasks run in Ray workers, and the pipeline's scheduler (Ray Data's streaming executor)
+in the split's coordinator actor: never in the training process. The executor's scheduling loop is Python
+that busy-polls while the pipeline is backpressured (the steady state whenever decoding outpaces training);
+run as a thread of the training process (what iterating a Dataset does) it took the GIL from the training
+loop at every op or kernel launch that released it: on one H200 the compiled paper-preset step at 256^2 went
+from 74.6 ms to 1185 ms on synthetic tensors while a backpressured stream merely stood open in the process
+(benchmarks/results/h200-data-pipeline-step-256-s11.log), and on CPU fixed torch work ran 30-85% slower
+(benchmarks/data_pipeline.py, consumer rows). A `StreamSource` therefore turns a Dataset it is handed into
+`streaming_split(1)`, the mechanism Ray Train uses for its workers; the training process keeps only the
+iterator's prefetch threads. The loop polls on in the coordinator: up to one core of the machine (0.6
+measured on a 2-core box) while backpressured, no longer taken from the training loop.
 
 Epoch. One pass over the split: Ray Train splits the stream into N equal parts (`equal=True`: each rank gets
 floor(n / N) rows) and each rank batches its part into `batch / N` rows, dropping the last incomplete batch, so
@@ -19,9 +32,12 @@ batches it had already trained on, and continues with exactly the batches of the
 The skip costs reading at most one epoch again. A resume with another number of workers or batch size
 continues at the same epoch and step with another order (approximate; it says so).
 
-Memory. The pipeline runs under an object-store limit of a few blocks, a read task holds one shard's file
-bytes, and the training process holds the shuffle buffer and `PREFETCH_BATCHES` batches: O(prefetch) batches,
-never the split.
+Memory. Blocks hold whole batches of one rank (`block_rows`: as many as fit in BLOCK_BYTES, at least one).
+The pipeline runs under an object-store limit (`execution_options`) of BLOCKS_PER_CPU blocks per CPU of the
+Ray cluster (at least INFLIGHT_BLOCKS) plus twice the prefetched and shuffle-buffered batches: a function of
+the CPU count, so that every CPU can decode while the blocks already decoded wait for the trainer. A read
+task holds one shard's file bytes, and the training process holds the shuffle buffer and `PREFETCH_BATCHES`
+batches: O(prefetch) batches plus O(CPUs) blocks, never the split.
 
 Other row types (e.g. stage 2's float32 latents) plug in as another `decode` callable and `to_batch` function.
 """
@@ -29,24 +45,32 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sys
 import warnings
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from ulsweep import io as uio
 from ulsweep.data.codec import CodecError, decode_images
 from ulsweep.data.manifest import DataError, filesystem, where
-from ulsweep.data.reader import Dataset
 
-PREFETCH_BATCHES = 4  # batches fetched ahead of the training step (per rank)
+if TYPE_CHECKING:  # the decode tasks unpickle this module's UDFs in every Ray worker: they import no torch
+    import torch
+
+    from ulsweep.data.reader import Dataset
+
 SHUFFLE_BATCHES = 8  # local shuffle buffer, in batches of this rank
-BLOCK_BYTES = 8 * 2**20  # decoded bytes per Ray Data block (rows per block follow from the image size)
-INFLIGHT_BLOCKS = 8  # object-store limit of the pipeline, in blocks
+# Batches fetched ahead of the training step (per rank). The shuffle buffer refills in bursts: once half of it
+# has been drawn it takes SHUFFLE_BATCHES + 2 batches' worth of blocks at once (Ray's ShufflingBatcher), and
+# a prefetch window shorter than that burst stalls the step at every refill.
+PREFETCH_BATCHES = SHUFFLE_BATCHES + 4
+BLOCK_BYTES = 8 * 2**20  # most decoded bytes per Ray Data block, unless one batch is larger (`block_rows`)
+BLOCKS_PER_CPU = 4  # object-store limit of the pipeline, in blocks per CPU of the Ray cluster ...
+INFLIGHT_BLOCKS = 8  # ... and at least this many
 SMALL_SPLIT_BYTES = 2**30  # `data.loader: auto` never streams a split whose decoded float32 size is below this
 
 
@@ -62,6 +86,21 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # CPU side: Ray Data tasks
+
+
+def block_rows(batch_rows: int, row_bytes: int) -> int:
+    """Rows per Ray Data block: whole batches of `batch_rows` rows, as many as fit in BLOCK_BYTES (at least
+    one), so that a batch never straddles two blocks."""
+    return batch_rows * max(1, BLOCK_BYTES // (batch_rows * row_bytes))
+
+
+def data_cpus() -> int:
+    """CPUs the pipeline may decode on: the connected Ray cluster's, else this machine's."""
+    import ray
+
+    if ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return os.cpu_count() or 1
 
 
 def shard_items(ds: Dataset, split: str) -> list[dict]:
@@ -131,32 +170,37 @@ def build_pipeline(items: list[dict], columns: tuple[str, ...], decode: Callable
     return pipe.map_batches(decode, batch_size=None, batch_format="pyarrow")
 
 
-def build_dataset(ds: Dataset, split: str, decode: Callable | None = None, columns: tuple[str, ...] = ("image",),
-                  row_bytes: int | None = None):
+def build_dataset(ds: Dataset, split: str, batch_rows: int, decode: Callable | None = None,
+                  columns: tuple[str, ...] = ("image",), row_bytes: int | None = None):
     """The lazy Ray Data pipeline of one split: shards -> verified row chunks -> `decode` (default: images to
-    uint8). `row_bytes`, the decoded bytes of one row, sets the block size. Nothing runs until iterated."""
+    uint8). `row_bytes`, the decoded bytes of one row, and `batch_rows`, the rows of one rank's batch, set the
+    block size (`block_rows`). Nothing runs until iterated."""
     C, H, W = ds.image_shape
     decode = decode or DecodeImages(ds.encoding, (C, H, W), ds.uri)
-    block_rows = max(1, BLOCK_BYTES // (row_bytes or C * H * W))
-    return build_pipeline(shard_items(ds, split), columns, decode, block_rows)
+    return build_pipeline(shard_items(ds, split), columns, decode, block_rows(batch_rows, row_bytes or C * H * W))
 
 
-def execution_options(row_bytes: int, batch_rows: int):
+def execution_options(row_bytes: int, batch_rows: int, cpus: int | None = None):
     """Ray Data options of a training stream: deterministic order (so that a resume replays an epoch exactly)
-    and an object-store limit of a few blocks or prefetched batches, whichever is larger."""
+    and an object-store limit of max(INFLIGHT_BLOCKS, BLOCKS_PER_CPU * `cpus`) blocks of `block_rows` rows
+    plus twice the prefetched and shuffle-buffered batches. `cpus`: the CPUs the pipeline decodes on
+    (default: `data_cpus()`)."""
     from ray.data import ExecutionOptions, ExecutionResources
 
-    inflight = max(INFLIGHT_BLOCKS * BLOCK_BYTES, 2 * (PREFETCH_BATCHES + SHUFFLE_BATCHES) * batch_rows * row_bytes)
+    cpus = cpus or data_cpus()
+    block = block_rows(batch_rows, row_bytes) * row_bytes
+    inflight = (max(INFLIGHT_BLOCKS, BLOCKS_PER_CPU * cpus) * block
+                + 2 * (PREFETCH_BATCHES + SHUFFLE_BATCHES) * batch_rows * row_bytes)
     return ExecutionOptions(preserve_order=True, resource_limits=ExecutionResources(object_store_memory=inflight))
 
 
-def image_dataset(ds: Dataset, split: str, batch_rows: int):
+def image_dataset(ds: Dataset, split: str, batch_rows: int, cpus: int | None = None):
     """(the image pipeline of `split` with its execution options applied, those options): what a trainer is
     handed (the options once more for its DataConfig, which replaces the dataset's own). `batch_rows`: rows
-    of one rank's batch."""
+    of one rank's batch; `cpus`: see `execution_options`."""
     row = math.prod(ds.image_shape)
-    opts = execution_options(row, batch_rows)
-    pipe = build_dataset(ds, split, row_bytes=row)
+    opts = execution_options(row, batch_rows, cpus)
+    pipe = build_dataset(ds, split, batch_rows, row_bytes=row)
     pipe.context.execution_options = opts
     return pipe, opts
 
@@ -191,19 +235,35 @@ def data_error_in(e: BaseException) -> DataError | None:
     return None
 
 
+def out_of_process(shard):
+    """A DataIterator over `shard` whose streaming executor runs outside this process: a Dataset becomes the
+    one part of `streaming_split(1)` (its executor then runs in the split's coordinator actor); a DataIterator
+    (Ray Train's split, or one the caller chose) is returned as it is."""
+    import ray.data
+
+    if isinstance(shard, ray.data.Dataset):
+        return shard.streaming_split(1, equal=True)[0]
+    return shard
+
+
 class StreamSource:
-    """Batches of this rank from a Ray Data stream (`shard`: a DataIterator from `ray.train.get_dataset_shard`
-    or a Dataset). `draw` returns this rank's `batch_size / world` rows (`local_batches`), moved to the
-    device and brought to the model by `to_batch`; with `hflip` each image is mirrored left-right with
-    probability 1/2, decided by the run's generator for the whole global batch (the same draws on every rank
-    and on the device path). `state_dict()` (epoch, step in epoch, seed, layout) goes into checkpoints."""
+    """Batches of this rank from a Ray Data stream (`shard`: a DataIterator from `ray.train.get_dataset_shard`,
+    or a Dataset, whose executor is then moved out of this process: `out_of_process`). `draw` returns this
+    rank's `batch_size / world` rows (`local_batches`), moved to the device and brought to the model by
+    `to_batch`; with `hflip` each image is mirrored left-right with probability 1/2, decided by the run's
+    generator for the whole global batch (the same draws on every rank and on the device path).
+    `state_dict()` (epoch, step in epoch, seed, layout) goes into checkpoints. `prefetch` and `shuffle`
+    (batches; default PREFETCH_BATCHES and SHUFFLE_BATCHES) are for benchmarks: the shuffle is part of the
+    order a resume reproduces."""
 
     local_batches = True
 
     def __init__(self, shard, num_rows: int, rt, seed: int, to_batch: Callable[[dict], torch.Tensor],
-                 hflip: bool = False, label: str = "stream"):
-        self.shard, self.num_rows, self.rt, self.seed = shard, num_rows, rt, seed
+                 hflip: bool = False, label: str = "stream", prefetch: int = PREFETCH_BATCHES,
+                 shuffle: int = SHUFFLE_BATCHES):
+        self.shard, self.num_rows, self.rt, self.seed = out_of_process(shard), num_rows, rt, seed
         self.to_batch, self.hflip, self.label = to_batch, hflip, label
+        self.prefetch, self.shuffle = prefetch, shuffle
         self.epoch, self.step_in_epoch = 0, 0
         self._skip = 0  # batches of the current epoch to read and drop before the next draw (resume)
         self._it = None
@@ -217,8 +277,8 @@ class StreamSource:
         k = batch_size // self.rt.world
         cuda = self.rt.device.type == "cuda"
         self._it = iter(self.shard.iter_torch_batches(
-            batch_size=k, drop_last=True, prefetch_batches=PREFETCH_BATCHES,
-            local_shuffle_buffer_size=SHUFFLE_BATCHES * k,
+            batch_size=k, drop_last=True, prefetch_batches=self.prefetch,
+            local_shuffle_buffer_size=self.shuffle * k if self.shuffle else None,
             local_shuffle_seed=epoch_seed(self.seed, self.epoch, self.rt.rank),
             device=self.rt.device if cuda else "cpu", pin_memory=cuda))
         self._batch = batch_size
@@ -249,6 +309,8 @@ class StreamSource:
             return out
 
     def draw(self, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+        import torch
+
         x = self.to_batch(self._next(batch_size))
         if self.hflip:
             mask = torch.rand(batch_size, generator=gen, device=gen.device) < 0.5
@@ -285,6 +347,8 @@ class StreamSource:
 
 def flip_where(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """x (B, C, H, W) with the images where `mask` (B,) is True mirrored left-right."""
+    import torch
+
     return torch.where(mask.view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)
 
 

@@ -204,12 +204,12 @@ def latent_source(lat: Latents, rt, seed: int, batch_size: int):
     if rows < batch_size // rt.world:
         raise DataError(f"{lat.uri}: {len(items)} latent shard(s) over {rt.world} worker(s) leave {rows} rows "
                         f"per worker, less than one batch of {batch_size // rt.world}")
-    row_bytes = 4 * int(np.prod(lat.latent_shape))
+    row_bytes, local = 4 * int(np.prod(lat.latent_shape)), max(1, batch_size // rt.world)
     pipe = stream.build_pipeline(items[rt.rank::rt.world], ("z",), DecodeLatents(lat.latent_shape, lat.uri),
-                                 max(1, stream.BLOCK_BYTES // row_bytes))
+                                 stream.block_rows(local, row_bytes))
     if rt.world > 1 and per_rank[rt.rank] > rows:
         pipe = pipe.limit(rows)
-    pipe.context.execution_options = stream.execution_options(row_bytes, max(1, batch_size // rt.world))
+    pipe.context.execution_options = stream.execution_options(row_bytes, local)
     return stream.StreamSource(pipe, rows * rt.world, rt, seed, lambda b: b["z"], label=lat.uri)
 
 
