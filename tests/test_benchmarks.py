@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -243,3 +244,23 @@ def test_block_variants_switch_parts_off_or_rewrite_them_and_restore_the_block()
     with block.variant("no-dropout", drop):
         assert {m.p for m in drop.modules() if isinstance(m, torch.nn.Dropout)} == {0.0}
     assert {m.p for m in drop.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+
+
+def test_sweep_wall_variants_split_into_overrides_and_environment_and_bad_ones_are_named():
+    import sweep_wall
+
+    assert sweep_wall.parse_variant("warm=") == ("warm", [], {})
+    assert sweep_wall.parse_variant("cold=env:TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, search.max_concurrent=2") == (
+        "cold", ["search.max_concurrent=2"], {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"})
+    for bad, named in (("=x=1", "NAME=SPEC"), ("v=env:NOVALUE", "env:NOVALUE"), ("v=nokey", "nokey")):
+        with pytest.raises(SystemExit, match=named):
+            sweep_wall.parse_variant(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-driver path")
+def test_sweep_wall_gpu_sampler_without_a_driver_reports_none_and_why():
+    import sweep_wall
+
+    with sweep_wall.GpuSampler(0.01) as g:
+        pass
+    assert g.busy_fraction() is None and g.samples == [] and g.error

@@ -206,6 +206,7 @@ def tiny_sweep(name: str) -> dict:
     d["search"]["metrics"] = ["base_bpp"]
     d["search"]["max_concurrent"] = 2
     d["resources"] = {"num_workers": 0, "cpus_per_worker": 0.99, "gpus_per_worker": 0.0}
+    d["tracking"] = {"system_metrics_s": 1}  # system metrics through the tracking server (check_lineage)
     return d
 
 

@@ -134,7 +134,8 @@ def check_sweep(run_dir: Path, reference: dict | None = None) -> list[str]:
     - lineage: every run tagged with the sweep, AE runs children of the sweep run, base runs of their AE run;
     - every metric key of every trial logged at the reference's steps (one point per step: no gap, no
       double; a final metric such as bpp, eval_* or gflops exactly once), objectives logged once each with
-      the reference's values;
+      the reference's values; wall-clock metrics (WALL_CLOCK_METRICS) are not compared, and time/* is
+      logged at most once;
     - summary.json: finished, the reference's counts, statuses and objectives; the sweep run's best/* and
       trials/* equal to it (test_driver_kill.assert_metrics_match_summary)."""
     problems: list[str] = []
@@ -167,6 +168,8 @@ def check_sweep(run_dir: Path, reference: dict | None = None) -> list[str]:
         for m, st in r["metrics"].items():
             if m.startswith("objective/") and len(st) != 1:
                 problems.append(f"{key}: {m} logged {len(st)} times")
+            if m.startswith("time/") and len(st) > 1:  # seconds per phase: once, by the first finished attempt
+                problems.append(f"{key}: {m} logged {len(st)} times")
     if summary is None:
         problems.append("no summary.json")
     else:
@@ -193,6 +196,11 @@ def check_sweep(run_dir: Path, reference: dict | None = None) -> list[str]:
 _TIMING = ("loop_seconds", "train_seconds", "images_per_s", "t_")
 
 
+# metrics of the wall clock, not of training: sampled every tracking.system_metrics_s seconds (system/), or the
+# seconds of each phase of the attempt that finished (time/, which a re-run trial may split differently)
+WALL_CLOCK_METRICS = ("system/", "time/")
+
+
 def _compare(snap: dict, ref: dict) -> list[str]:
     problems = []
     keys, want = set(snap["runs"]), set(ref["runs"])
@@ -202,6 +210,8 @@ def _compare(snap: dict, ref: dict) -> list[str]:
     for key in sorted(keys & want - {"sweep"}):
         got, exp = snap["runs"][key][0], ref["runs"][key][0]
         for m in sorted(set(got["metrics"]) | set(exp["metrics"])):
+            if m.startswith(WALL_CLOCK_METRICS):
+                continue
             if m not in exp["metrics"] or m not in got["metrics"]:
                 problems.append(f"{key}: metric {m} {'missing' if m in exp['metrics'] else 'unexpected'}")
             elif got["metrics"][m] != exp["metrics"][m]:

@@ -339,6 +339,13 @@ class TrackingConfig:
     uri: str | None = None  # None: sqlite:///<abs run dir>/mlflow.db
     experiment: str | None = None  # None: the experiment's name
     artifact_location: str | None = None  # None: <run dir>/mlartifacts (for a new MLflow experiment)
+    # seconds between MLflow system-metric samples of each trial's run (`system/...`: CPU, memory, disk, network,
+    # GPU utilization and memory of the trial's node); 0: none
+    system_metrics_s: float = 10.0
+
+    def __post_init__(self):
+        _require(math.isfinite(self.system_metrics_s) and (self.system_metrics_s == 0 or self.system_metrics_s >= 0.5),
+                 "system_metrics_s", self.system_metrics_s, "must be 0 (off) or a number of seconds >= 0.5")
 
 
 @dataclass(frozen=True)

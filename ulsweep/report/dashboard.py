@@ -152,6 +152,12 @@ def make_report(sweep: str | SweepRef, tracking_uri: str | None = None, out_dir:
         (out / "base_size.json").write_text(json.dumps(basesize.summary(bs), indent=2) + "\n")
     elif (out / "base_size.json").exists():  # from an earlier report of another sweep into this folder
         (out / "base_size.json").unlink()
+    if data.timeline is not None and not data.timeline.empty:  # trials by phase
+        from ulsweep.report import timeline
+
+        md += timeline.markdown(data.timeline)
+        data.timeline.to_csv(out / "timeline.csv", index=False)
+        csvs.append(str(out / "timeline.csv"))
     if md:
         (out / "trends.md").write_text(md, encoding="utf-8")
     for name, fig in figures.items():

@@ -21,11 +21,13 @@ _SECTIONS = {"fig8_quality_vs_bitrate": "Quality vs latent bits/pixel (Fig. 8)",
              "flops_vs_gen": "Generation quality vs compute (Fig. 4)",
              "base_size_optimum": "Base-model size: generation vs latent bits/pixel, optimum per size (Fig. 6)",
              "base_size_flops_per_bitrate": "Base-model size: generation vs compute per autoencoder bitrate "
-                                            "(Fig. 4 reading)"}
+                                            "(Fig. 4 reading)",
+             "timeline": "Where the time went: trials by phase"}
 
 
 def build_figures(data: SweepData) -> dict[str, Any]:
-    """name -> plotly Figure, in dashboard order; the base-size figures when the sweep has several base sizes."""
+    """name -> plotly Figure, in dashboard order; the base-size figures when the sweep has several base sizes,
+    the timeline when its trials recorded their phases."""
     figures = {
         "fig8_quality_vs_bitrate": plots.fig8_triptych(data.ae),
         "pareto_rec_vs_gen": plots.pareto_figure(data.ae, x="rec"),
@@ -36,6 +38,10 @@ def build_figures(data: SweepData) -> dict[str, Any]:
     if bs is not None:
         figures["base_size_optimum"] = plots.optimum_figure(bs)
         figures["base_size_flops_per_bitrate"] = plots.flops_per_bitrate_figure(bs)
+    if data.timeline is not None and not data.timeline.empty:
+        from ulsweep.report.timeline import timeline_figure
+
+        figures["timeline"] = timeline_figure(data.timeline)
     return figures
 
 
@@ -97,6 +103,13 @@ def dashboard_html(data: SweepData, figures: dict[str, Any], png_note: str | Non
                        "bootstrap (ulsweep/report/optimum.py). Verdicts (also in trends.md):</p><ul id='verdicts'>"
                      + "".join(f"<li><b>{e(c.name)}: {e(c.verdict)}</b> — {e(c.evidence)}</li>" for c in bs.claims)
                      + "</ul>")
+    if data.timeline is not None and not data.timeline.empty:
+        from ulsweep.report.timeline import PHASE_LABELS, phase_table
+
+        t = phase_table(data.timeline).assign(phase=lambda d: d["phase"].map(PHASE_LABELS))
+        parts.append("<h2>Trial-seconds per phase</h2>" + _table_html(t) + "<p class='note'>From each trial's "
+                     "<code>ulsweep.timeline</code> MLflow tag (<a href='timeline.csv'>timeline.csv</a>); GPU "
+                     "utilization and memory are each trial's <code>system/</code> metrics in MLflow.</p>")
     for title, table in paper_tables(data.ae).items():
         parts.append(f"<h2>{e(title)}</h2>" + _table_html(table))
     parts.append("<h2>All autoencoder trials</h2>" + _table_html(trials_table(data.ae)))

@@ -35,6 +35,7 @@ class SweepData:
     parent: dict[str, Any] = field(default_factory=dict)  # status, params, metrics, tags of the parent run
     failed: list[dict[str, str]] = field(default_factory=list)  # {"key", "kind", "status", "reason"}
     derived: dict[str, Any] = field(default_factory=dict, repr=False)  # analyses computed once per report
+    timeline: pd.DataFrame | None = None  # trials by phase (ulsweep.report.timeline.timeline_frame)
 
 
 def get_run(c, run_id: str):
@@ -80,6 +81,8 @@ def run_rows(runs: Iterable) -> pd.DataFrame:
         }
         row.update({k: _coerce(v) for k, v in sorted(r.data.params.items())})
         for k, v in sorted(_final_metrics(r.data.metrics).items()):
+            if k.startswith("system/"):  # MLflow's system metrics: curves in the UI, not a result of the trial
+                continue
             row[k if k not in row else f"metric:{k}"] = v
         rows.append(row)
     return pd.DataFrame(rows)
@@ -169,4 +172,7 @@ def load_sweep(ref: SweepRef) -> SweepData:
     parent = {"status": parent_run.info.status, "params": dict(parent_run.data.params),
               "metrics": dict(parent_run.data.metrics), "tags": dict(parent_run.data.tags),
               "artifact_uri": parent_run.info.artifact_uri}
-    return SweepData(ref, runs_df, ae, base, parent, failed_trials(ae, base, parent_run.info.status))
+    from ulsweep.report.timeline import timeline_frame
+
+    return SweepData(ref, runs_df, ae, base, parent, failed_trials(ae, base, parent_run.info.status),
+                     timeline=timeline_frame(trial_runs))

@@ -20,15 +20,17 @@ from dataclasses import dataclass
 
 from ulsweep import io as uio, tracking
 from ulsweep.config import ExperimentConfig, ResourcesConfig, dump_yaml, flatten, to_dict
-from ulsweep.sweep import attempts
+from ulsweep.sweep import attempts, timeline
 from ulsweep.sweep.space import find_base, trial_experiment
 from ulsweep.sweep.worker import deterministic_errors, error_line, numbers, read_failure, train_worker
 
 log = logging.getLogger(__name__)
 
 # result entries that are bookkeeping, not metrics of the trained model
-_BOOKKEEPING = {"step", "final", "loop_seconds", "train_seconds", "t_worker", "t_loop", "t_loop_end"}
-_TIMINGS = ("t_worker", "t_loop", "t_loop_end", "train_seconds", "loop_seconds")
+_BOOKKEEPING = {"step", "final", "loop_seconds", "train_seconds", "t_worker", "t_loop", "t_loop_end",
+                *(m for m, _ in timeline.MARKS)}
+_TIMINGS = ("t_worker", "t_loop", "t_loop_end", "train_seconds", "loop_seconds",
+            *(m for m, _ in timeline.MARKS if m not in ("t_loop", "t_fit_end")))
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def worker_config(exp: ExperimentConfig, res: ResourcesConfig, kind: str, key: s
     """The train_loop_config of a trial's TorchTrainer (what ulsweep.sweep.worker.train_worker reads)."""
     wcfg = {"experiment": to_dict(exp), "kind": kind, "key": key, "base": base, "ae_checkpoint": ae_checkpoint,
             "run_dir": run_dir, "tracking_uri": tracking_uri, "run_id": run_id, "train_impl": train_impl,
-            "local_mode": res.num_workers == 0}
+            "local_mode": res.num_workers == 0, "system_metrics_s": exp.tracking.system_metrics_s}
     if attempt is not None:  # a Tune trial's attempt: a failure recorded by it is not retried
         wcfg["attempt"] = attempt
     return wcfg
@@ -162,14 +164,14 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
                      deterministic=recorded or isinstance(e, deterministic_errors()))
         _tag_failure(c, run_id, wcfg, e)
         tracking.retry(c.set_terminated, run_id, status="FAILED")
-        _append_timings(ctx.run_dir, key, {"t_trial": t_trial, "t_fit": t_fit, "t_fit_end": time.time(),
-                                           "error": True})
+        _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_fit": t_fit, "t_fit_end": time.time(),
+                                                      "error": True})
         raise
     m = result.metrics or getattr(result, "return_value", None) or {}
     if kind == "base":
         log_datasets(c, run_id, exp, ae_checkpoint=config.get("ae_checkpoint"))
-    _append_timings(ctx.run_dir, key, {"t_trial": t_trial, "t_fit": t_fit, "t_fit_end": time.time(),
-                                       **{k: m.get(k) for k in _TIMINGS}})
+    _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_fit": t_fit, "t_fit_end": time.time(),
+                                                  **{k: m.get(k) for k in _TIMINGS}})
     if kind == "base" and m and parent != ctx.sweep_id:
         _log_to_ae_run(c, parent, config, m)
     tracking.retry(c.set_terminated, run_id, status="FINISHED")
@@ -289,12 +291,24 @@ def _clear_failure_tags(c, run_id: str) -> None:
         log.warning("could not clear the failure tags of run %s: %s", run_id, e)
 
 
-def _append_timings(run_dir: str, key: str, rec: dict) -> None:
-    """One line per attempt in <run dir>/trials/<key>/timings.jsonl (read by benchmarks/orchestration.py)."""
+def _record_timings(c, run_id: str, run_dir: str, key: str, rec: dict) -> None:
+    """One attempt's timings: a line in <run dir>/trials/<key>/timings.jsonl (benchmarks/orchestration.py), and
+    in the trial's MLflow run its phases (ulsweep/sweep/timeline.py) appended to the `ulsweep.timeline` tag
+    (the dashboard's timeline) and, for the first attempt that finished, seconds per phase (`time/<phase>_s`)."""
     try:
         uio.append_text(f"{trial_dir(run_dir, key)}/timings.jsonl", json.dumps(rec) + "\n")
     except Exception as e:
         log.warning("could not write timings of %s: %s", key, e)
+    ph = timeline.phases(rec)
+    if not ph:
+        return
+    try:
+        old = tracking.retry(c.get_run, run_id).data.tags.get(timeline.TAG)
+        tracking.retry(c.set_tag, run_id, timeline.TAG, timeline.add_attempt(old, ph))
+        if not rec.get("error"):  # once: a trial re-run after a driver kill keeps its first durations
+            tracking.log_metrics_once(c, run_id, {f"time/{k}_s": v for k, v in timeline.durations(ph).items()})
+    except Exception as e:  # noqa: BLE001 - tracking must not lose a trial
+        log.warning("could not log the timeline of %s: %s", key, e)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ to MLflow (rank 0, batched) and its results to Tune.
     train_worker(wcfg)   the per-worker function of the trial's TorchTrainer (ulsweep.sweep.trial.make_trainer)
       - calls ulsweep.train.stage1.train_autoencoder / stage2.train_base on <run dir>/trials/<key>
         (the Ray Train run directory too, so checkpoints are reported in place: NO_UPLOAD)
-      - rank 0: metric curves to MLflow in batches; final metrics, images, checkpoint URI at the end
+      - rank 0: metric curves to MLflow in batches; final metrics, images, checkpoint URI at the end;
+        MLflow system metrics (CPU, memory, disk, network, GPU utilization and memory) every
+        `tracking.system_metrics_s` seconds, and the trial's own peak GPU memory at the end
       - every rank: a final ray.train.report carrying rank 0's checkpoint (Result.metrics needs it)
     failure.json         a failure that a retry would not change, so that Ray Train's restart fails at once
 
@@ -53,6 +55,8 @@ class RayHooks(TrainHooks):
         self.local_mode = wcfg["local_mode"]
         self.datasets = wcfg.get("datasets", [])  # names of the datasets the trainer was handed
         self.run_id = wcfg["run_id"]
+        self.system_metrics_s = float(wcfg.get("system_metrics_s") or 0)  # tracking.system_metrics_s
+        self._monitor = None
         self.spool_dir = f"{wcfg['run_dir'].rstrip('/')}/mlflow-spool"
         self.last_checkpoint: str | None = None
         self._last_report = 0.0
@@ -76,6 +80,8 @@ class RayHooks(TrainHooks):
             import ray
 
             self._set_tag("ray.node_id", ray.get_runtime_context().get_node_id())
+            if self.system_metrics_s > 0:
+                self._monitor = start_system_metrics(self.run_id, uri, self.system_metrics_s)
 
     def _set_tag(self, key: str, value: str) -> None:
         try:
@@ -118,7 +124,8 @@ class RayHooks(TrainHooks):
     def finish(self, res: StageResult, loop_seconds: float) -> dict[str, Any]:
         """Rank 0: flush curves; final metrics, images and checkpoint to MLflow; the final Tune result."""
         final = {k: float(v) for k, v in numbers(res.metrics).items()}
-        final.update({"step": res.steps, "train_seconds": res.train_seconds, "loop_seconds": loop_seconds})
+        final.update({"step": res.steps, "train_seconds": res.train_seconds, "loop_seconds": loop_seconds,
+                      **device_memory()})
         if self.client is None or self.buffer is None:
             return final
         self.buffer.add(res.steps, final)
@@ -146,9 +153,40 @@ class RayHooks(TrainHooks):
         return ray.train.get_dataset_shard(name)
 
     def close(self) -> None:
-        """Rank 0: send the queued points (up to 30 s), spool the rest for the sweep driver to replay."""
+        """Rank 0: send the queued points (up to 30 s), spool the rest for the sweep driver to replay; stop the
+        system metrics."""
         if self.rank == 0 and self.buffer is not None:
             self.buffer.close(timeout=30.0)
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+
+
+def start_system_metrics(run_id: str, tracking_uri: str, every_s: float):
+    """MLflow's system metrics monitor on `run_id` (a thread: CPU, memory, disk, network, and with
+    nvidia-ml-py every GPU of the node, as `system/...` metrics every `every_s` seconds, continuing the steps
+    of an earlier attempt), or None where it cannot start (it says why)."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        mon = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=True,
+                                   tracking_uri=tracking_uri)
+        mon.start()
+        return mon
+    except Exception as e:  # noqa: BLE001 - a missing psutil, an MLflow without the module: the trial goes on
+        log.warning("MLflow system metrics of run %s not logged: %s", run_id, e)
+        return None
+
+
+def device_memory() -> dict[str, float]:
+    """This process's peak CUDA memory (GiB): allocated by tensors and reserved by the caching allocator;
+    {} without CUDA. With several trials packed on one GPU, the GPU's own memory (system metrics) is their sum."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    return {"gpu_mem_peak_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "gpu_mem_reserved_peak_gb": torch.cuda.max_memory_reserved() / 2**30}
 
 
 def _log_image(c, run_id: str, name: str, path: str) -> None:
@@ -230,7 +268,8 @@ def train_worker(wcfg: dict) -> dict:
     loop_seconds = time.perf_counter() - t0
     final = hooks.finish(res, loop_seconds)  # the final points join the curves, then the buffer closes
     final.update({"kind": wcfg["kind"], "key": wcfg["key"], "final": 1.0, "t_worker": t_worker,
-                  "t_loop": t_loop, "t_loop_end": t_loop + loop_seconds})
+                  "t_loop": t_loop, "t_loop_end": t_loop + loop_seconds,
+                  **(res.extra or {}).get("marks", {})})  # phases of the trial's timeline
     _report_final(final, res, wcfg, rank)
     return final  # local mode hands it back as Result.return_value
 

@@ -59,11 +59,13 @@ def _loop(tc: TrainConfig, run_dir: str, hooks: TrainHooks, metrics_fn) -> Stage
         uio.append_text(f"{run_dir.rstrip('/')}/fake-starts.txt", f"{step}\n")
     t_train = 0.0
     ck_every = tc.ckpt_every or tc.steps
+    marks = {"t_setup_end": time.time()}  # the real loop's phase marks (ulsweep/train/loop.py)
     while step < tc.steps and not hooks.should_stop():
         t0 = time.perf_counter()
         time.sleep(_step_s())
         step += 1
         t_train += time.perf_counter() - t0
+        marks.setdefault("t_first_step_end", time.time())
         loss = 1.0 / math.sqrt(step) if step < int(nan_at.get(key, 1 << 62)) else math.nan
         if not math.isfinite(loss) and (step % (tc.log_every or 1) == 0 or step % ck_every == 0):
             raise TrainingDiverged(f"fake {key}: non-finite loss by step {step}; last good checkpoint "
@@ -74,11 +76,13 @@ def _loop(tc: TrainConfig, run_dir: str, hooks: TrainHooks, metrics_fn) -> Stage
             getattr(hooks, "before_checkpoint", lambda s: None)(step)
             path = _save(run_dir, step, {"step": step})
             hooks.checkpoint_saved(step, path, {})
+    marks["t_train_end"] = time.time()
     if rank != 0:
-        return StageResult({}, "", step, t_train)
+        return StageResult({}, "", step, t_train, {"marks": marks})
     metrics = metrics_fn()
+    marks["t_eval_end"] = time.time()
     hooks.log_metrics(step, {f"eval_{k}": v for k, v in metrics.items()})
-    return StageResult(metrics, path or "", step, t_train)
+    return StageResult(metrics, path or "", step, t_train, {"marks": marks})
 
 
 def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | None = None) -> StageResult:

@@ -13,6 +13,11 @@ What differs between the stages comes in as arguments:
              (its position in the data) has that state saved in checkpoints and restored on resume
   evaluate   (EMA network, final) -> (metrics, PNG images): held-out evaluation, complete when final
 
+Phases. The loop marks (wall clock, time.time()) when its first step starts and ends (the first step
+includes torch.compile's tracing and compilation, and CUDA graph capture), when training ends and when the
+final evaluation ends: `StageResult.extra["marks"]`, from which a sweep draws each trial's timeline
+(ulsweep/sweep/timeline.py).
+
 Under torch.distributed every rank draws the same global batch and noise from the shared generator and
 trains on its slice, so the loss does not depend on the number of workers. Checkpoints save weights, EMA,
 optimizer, generator, step and the source's state: a resumed run reproduces the uninterrupted one exactly.
@@ -65,6 +70,7 @@ def train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc: 
 def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc: TrainConfig, spec: RunSpec,
            hooks: TrainHooks) -> StageResult:
     rt = ts.rt
+    marks = {"t_setup_end": time.time()}  # data and networks built; the first step starts after resuming
     model = resume(ts, spec, objective, tc.compile, source, tc.batch_size)
     local_batches = getattr(source, "local_batches", False)
 
@@ -102,6 +108,9 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
         for k, v in {**losses, "grad_norm": gnorm}.items():
             acc[k] = acc.get(k, torch.zeros((), device=rt.device)) + v.detach().mean()
         n_acc += 1
+        if "t_first_step_end" not in marks:  # compiled (and captured) by now: wait for the device once
+            rt.synchronize()
+            marks["t_first_step_end"] = time.time()
         ts.train_seconds += time.perf_counter() - t0
 
         step = ts.step
@@ -126,15 +135,18 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
         if is_ckpt and step < tc.steps:
             last_ckpt = checkpoint(metrics) or last_ckpt
 
+    marks["t_train_end"] = time.time()
     if ts.step < tc.steps:  # stopped early on request
         path = checkpoint({})
-        return StageResult({}, path or "", ts.step, ts.train_seconds, {"stopped": True})
+        return StageResult({}, path or "", ts.step, ts.train_seconds, {"stopped": True, "marks": marks})
     if not rt.is_main:
-        return StageResult({}, "", ts.step, ts.train_seconds)
+        return StageResult({}, "", ts.step, ts.train_seconds, {"marks": marks})
     metrics, images = evaluate(ts.ema.shadow, True)
+    marks["t_eval_end"] = time.time()
     hooks.log_metrics(ts.step, {f"eval_{k}": v for k, v in metrics.items()})
     path = checkpoint(metrics)
-    res = StageResult(metrics, path, ts.step, ts.train_seconds, {"images": write_images(spec.run_dir, images)})
+    res = StageResult(metrics, path, ts.step, ts.train_seconds, {"images": write_images(spec.run_dir, images),
+                                                                  "marks": marks})
     write_result(spec.run_dir, res, spec.cfg_hash)  # last: marks the run finished
     return res
 

@@ -27,6 +27,11 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (a no-op on CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()

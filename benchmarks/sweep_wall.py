@@ -1,0 +1,215 @@
+"""Wall time of a whole `ulsweep run`, where it went, and how busy the GPU was (issue 23).
+
+Each variant runs the experiment through the real CLI in a fresh run directory, one after another in this one
+call, so that their numbers compare side by side. Per variant it records:
+
+    wall_s              the `ulsweep run` process, Ray start-up and report included
+    gpu_busy_fraction   mean of NVML's utilization.gpu (the share of each sample period in which a kernel ran)
+                        over the wall, sampled every --sample-s seconds on every visible GPU; null without NVML
+    phases              trial-seconds per kind and phase, from each trial's MLflow timeline
+                        (ulsweep/sweep/timeline.py): start, setup, first step (compile), train, evaluate, finish
+    ready_s             per trial, seconds from its start to the end of its first optimizer step
+    training_share      share of the trials' span during which at least one trial was training
+    results             per trial its final metrics (bits/pixel, PSNR, rFD/rFID, gFD/gFID), to check that a lever
+                        leaves them unchanged
+
+A variant is NAME=SPEC, SPEC a comma-separated list of `KEY=VALUE` overrides (as `--set`) and `env:NAME=VALUE`
+environment variables of the sweep process, e.g. the shared Inductor caches off against on:
+
+    python benchmarks/sweep_wall.py experiments/lf_sweep.yaml --set 'search.space={...b = 0 slice...}' \\
+        --variant 'cold=env:TORCHINDUCTOR_FORCE_DISABLE_CACHES=1' --variant warm= \\
+        --out benchmarks/results/h200-lf-sweep-wall.json
+
+Prints a table and writes JSON (top level: the first variant's wall_s, gpu_busy_fraction, trials and the
+commit; every variant under "variants").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+RESULT_METRICS = ("bpp", "bpp_se", "psnr", "rfid", "gfid", "base_bpp")  # and every rfd_*/gfd_*
+
+
+class GpuSampler:
+    """NVML utilization.gpu and memory of every visible GPU every `every_s` seconds in a thread; inactive
+    (samples stay empty) without NVML or an NVIDIA driver."""
+
+    def __init__(self, every_s: float):
+        self.every_s, self.samples, self.error = every_s, [], None
+        self._stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            self.names = [str(pynvml.nvmlDeviceGetName(h)) for h in self._handles]
+        except Exception as e:  # noqa: BLE001 - no driver, no library: no GPU numbers
+            self._nvml, self._handles, self.names, self.error = None, [], [], f"{type(e).__name__}: {e}"
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        if self._handles:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self):
+        while not self._stop.is_set():
+            t = time.time()
+            for i, h in enumerate(self._handles):
+                u = self._nvml.nvmlDeviceGetUtilizationRates(h)
+                m = self._nvml.nvmlDeviceGetMemoryInfo(h)
+                self.samples.append((round(t, 2), i, int(u.gpu), round(m.used / 2**30, 3)))
+            self._stop.wait(self.every_s)
+
+    def busy_fraction(self) -> float | None:
+        return sum(s[2] for s in self.samples) / (100 * len(self.samples)) if self.samples else None
+
+
+def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
+    name, _, spec = text.partition("=")
+    if not name:
+        raise SystemExit(f"--variant {text!r}: expected NAME=SPEC")
+    sets, env = [], {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        if item.startswith("env:"):
+            k, eq, v = item[4:].partition("=")
+            if not eq:
+                raise SystemExit(f"--variant {text!r}: {item!r} is not env:NAME=VALUE")
+            env[k] = v
+        elif "=" in item:
+            sets.append(item)
+        else:
+            raise SystemExit(f"--variant {text!r}: {item!r} is neither KEY=VALUE nor env:NAME=VALUE")
+    return name, sets, env
+
+
+def run_variant(experiment: str, name: str, sets: list[str], env_extra: dict[str, str], workdir: Path,
+                sample_s: float) -> dict:
+    storage = workdir / f"runs-{name}"
+    cmd = [sys.executable, "-m", "ulsweep.cli", "run", experiment, "--storage", str(storage)]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, **env_extra}
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = workdir / f"log-{name}.txt"
+    t0 = time.time()
+    with GpuSampler(sample_s) as gpu, open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=workdir, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    wall = time.time() - t0
+    run_dirs = [d for d in storage.iterdir() if (d / "sweep.json").exists()] if storage.exists() else []
+    out = {"variant": name, "sets": sets, "env": env_extra, "rc": rc, "wall_s": round(wall, 1),
+           "gpu_busy_fraction": gpu.busy_fraction(), "gpus": gpu.names, "gpu_error": gpu.error,
+           "gpu_samples": len(gpu.samples), "log": str(log)}
+    if gpu.samples:
+        (workdir / f"gpu-{name}.csv").write_text("t,gpu,util_percent,mem_used_gib\n"
+                                                 + "".join(",".join(map(str, s)) + "\n" for s in gpu.samples))
+        out["gpu_mem_peak_gib"] = max(s[3] for s in gpu.samples)
+    if not run_dirs:
+        out["error"] = f"no run directory under {storage}; see {log}"
+        return out
+    out.update(sweep_numbers(run_dirs[0]))
+    return out
+
+
+def sweep_numbers(run_dir: Path) -> dict:
+    """Trials, phases, readiness and final metrics of a finished (or stopped) sweep, from its MLflow store."""
+    from ulsweep.report import load_sweep, resolve_sweep
+    from ulsweep.report import timeline as tl
+
+    data = load_sweep(resolve_sweep(str(run_dir)))
+    runs = data.runs
+    out: dict = {"run_dir": str(run_dir), "trials": int(len(runs)),
+                 "finished": int((runs["status"] == "FINISHED").sum()) if len(runs) else 0}
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        s = json.loads(summary.read_text())
+        out["sweep_wall_s"] = s.get("wall_seconds")
+    if data.timeline is not None and not data.timeline.empty:
+        out.update({k: round(v, 3) for k, v in tl.summary(data.timeline).items()})
+        out["phases"] = tl.phase_table(data.timeline).round(3).to_dict("records")
+        ready = tl.ready_seconds(data.timeline)
+        out["ready_s"] = {r.key: round(r.ready_s, 2) for r in ready.itertuples()}
+    cols = [c for c in runs.columns if c in RESULT_METRICS or c.startswith(("rfd_", "gfd_"))]
+    out["results"] = {r["key"]: {c: r[c] for c in cols if r[c] == r[c]} for _, r in runs.iterrows()}
+    return out
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def table(rows: list[dict]) -> str:
+    from ulsweep.tracking import render_table
+
+    flat = []
+    for r in rows:
+        ready = list((r.get("ready_s") or {}).values())
+        flat.append({**r, "ready_median_s": sorted(ready)[len(ready) // 2] if ready else None,
+                     "ready_max_s": max(ready) if ready else None})
+    cols = ["variant", "rc", "trials", "finished", "wall_s", "gpu_busy_fraction", "training_share", "ready_median_s",
+            "ready_max_s"]
+    return render_table(flat, cols, floatfmt=".3g")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("experiment", help="experiment YAML (e.g. experiments/lf_sweep.yaml)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE for every variant")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME=SPEC: overrides and env:NAME=VALUE, comma-separated (default: one variant 'as-is')")
+    ap.add_argument("--sample-s", type=float, default=1.0, help="GPU sampling period (s)")
+    ap.add_argument("--workdir", default=None, help="where the sweeps run (default: a new temp dir)")
+    ap.add_argument("--out", default=None, help="JSON report (default: <workdir>/sweep-wall.json)")
+    args = ap.parse_args(argv)
+    experiment = str(Path(args.experiment).absolute())
+    if not Path(experiment).exists():
+        ap.error(f"experiment file {args.experiment} not found")
+    variants = [parse_variant(v) for v in args.variant] or [("as-is", [], {})]
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ulsweep-wall-")).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out or workdir / "sweep-wall.json")
+    rows = []
+    for name, sets, env in variants:
+        print(f"[sweep_wall] {name}: ulsweep run {args.experiment} {' '.join(args.sets + sets)} {env or ''}",
+              flush=True)
+        rows.append(run_variant(experiment, name, args.sets + sets, env, workdir, args.sample_s))
+        print(f"  wall {rows[-1]['wall_s']:.0f} s, rc {rows[-1]['rc']}, GPU busy {rows[-1]['gpu_busy_fraction']}",
+              flush=True)
+        first = rows[0]
+        report = {"experiment": args.experiment, "sets": args.sets, "commit": commit(), "cpus": os.cpu_count(),
+                  "wall_s": first["wall_s"], "gpu_busy_fraction": first["gpu_busy_fraction"],
+                  "trials": first.get("trials"), "variants": rows}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1, default=str))
+        os.replace(tmp, out)  # after every variant: a cut-off call keeps what it measured
+    print(table(rows))
+    print(f"wrote {out}")
+    return 0 if all(r["rc"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Trial timelines: phases from the loop's marks (ulsweep/sweep/timeline.py), the MLflow tag that holds them,
+and the report's frame, table, Gantt chart and summary (ulsweep/report/timeline.py). The sweep tests check
+the same on real runs (test_sweep.check_timelines)."""
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+
+from ulsweep import tracking
+from ulsweep.report import timeline as rt
+from ulsweep.sweep import timeline as T
+
+REC = {"t_trial": 100.0, "t_fit": 101.0, "t_loop": 103.0, "t_setup_end": 105.5, "t_first_step_end": 125.5,
+       "t_train_end": 185.5, "t_eval_end": 195.5, "t_fit_end": 197.0}
+
+
+def test_phases_follow_the_marks_and_cover_the_attempt():
+    ph = T.phases(REC)
+    assert [p for p, _, _ in ph] == ["start", "setup", "first_step", "train", "evaluate", "finish"]
+    assert T.durations(ph) == {"start": 3.0, "setup": 2.5, "first_step": 20.0, "train": 60.0, "evaluate": 10.0,
+                               "finish": 1.5}
+    assert sum(T.durations(ph).values()) == REC["t_fit_end"] - REC["t_trial"]
+
+
+def test_a_missing_mark_merges_its_phase_into_the_next_and_stale_marks_are_ignored():
+    resumed = {**REC, "t_first_step_end": None}  # a resumed run with no step left to take
+    assert T.durations(T.phases(resumed))["train"] == 80.0 and "first_step" not in T.durations(T.phases(resumed))
+    stale = {**REC, "t_setup_end": 50.0, "t_eval_end": 250.0}  # from an earlier attempt's result.json
+    d = T.durations(T.phases(stale))
+    assert "setup" not in d and d["first_step"] == 22.5 and d["finish"] == 11.5
+    assert T.phases({"t_trial": 5.0}) == [] and T.phases({"t_trial": 5.0, "t_fit_end": 4.0}) == []
+
+
+def test_a_failed_attempt_is_start_then_failed():
+    ph = T.phases({"t_trial": 10.0, "t_fit": 12.0, "t_fit_end": 40.0, "error": True})
+    assert ph == [("start", 10.0, 12.0), ("failed", 12.0, 40.0)]
+
+
+def test_tag_numbers_attempts_drops_the_oldest_when_too_long_and_refuses_garbage():
+    tag = T.add_attempt(None, T.phases({"t_trial": 0.0, "t_fit": 1.0, "t_fit_end": 2.0, "error": True}))
+    tag = T.add_attempt(tag, T.phases(REC))
+    rows = T.parse_tag(tag)
+    assert [r[0] for r in rows] == [1, 1] + [2] * 6 and rows[2] == [2, "start", 100.0, 103.0]
+    big = tag
+    for _ in range(200):
+        big = T.add_attempt(big, T.phases(REC))
+    assert len(big) <= T.TAG_MAX_CHARS and T.parse_tag(big)[-1][0] == 202 and T.parse_tag(big)[0][0] > 2
+    for bad in ("", "{", json.dumps({"a": 1}), json.dumps([[1, "lunch", 0, 1]]), json.dumps([[1, "train", 0]])):
+        assert T.parse_tag(bad) == []
+
+
+def _run(key: str, kind: str, tag: str | None):
+    tags = {tracking.TAG_KEY: key, tracking.TAG_KIND: kind, **({T.TAG: tag} if tag else {})}
+    return types.SimpleNamespace(data=types.SimpleNamespace(tags=tags), info=types.SimpleNamespace(run_name=key))
+
+
+def _shifted(dt: float) -> dict:
+    return {k: v + dt for k, v in REC.items()}
+
+
+@pytest.fixture
+def tl():
+    ae0 = T.add_attempt(None, T.phases(REC))
+    ae1 = T.add_attempt(None, T.phases(_shifted(30.0)))  # overlaps ae0's training: 155.5 -> 215.5
+    base = T.add_attempt(T.add_attempt(None, [("start", 300.0, 301.0), ("failed", 301.0, 310.0)]),
+                         T.phases(_shifted(300.0)))  # trains 485.5 -> 545.5 after a failed attempt
+    return rt.timeline_frame([_run("ae-0000", "ae", ae0), _run("ae-0001", "ae", ae1),
+                              _run("ae-0000-s", "base", base), _run("old", "ae", None)])
+
+
+def test_report_frame_table_and_summary_against_hand_sums(tl):
+    assert set(tl["key"]) == {"ae-0000", "ae-0001", "ae-0000-s"} and len(tl) == 6 + 6 + 2 + 6
+    t = rt.phase_table(tl).set_index(["kind", "phase"])
+    assert t.loc[("ae", "train"), "trial-seconds"] == pytest.approx(120.0)
+    assert t.loc[("ae", "first_step"), "share of kind"] == pytest.approx(40.0 / 194.0)
+    assert t.loc[("base", "failed"), "trial-seconds"] == pytest.approx(9.0)
+    assert t.groupby("kind")["share of kind"].sum().tolist() == pytest.approx([1.0, 1.0])
+    s = rt.summary(tl)
+    assert s["span_s"] == pytest.approx(497.0 - 100.0)  # first start to the base trial's end
+    assert s["training_s"] == pytest.approx((215.5 - 125.5) + 60.0)  # the union: overlapping AEs count once
+    assert s["training_share"] == pytest.approx(150.0 / 397.0)
+    assert s["ready_median_s[ae]"] == pytest.approx(25.5) and s["ready_max_s[base]"] == pytest.approx(25.5)
+    r = rt.ready_seconds(tl)
+    assert list(r["key"]) == ["ae-0000", "ae-0001", "ae-0000-s"] and list(r["attempt"]) == [1, 1, 2]
+
+
+def test_union_seconds_closed_form():
+    assert rt.union_seconds([]) == 0.0
+    assert rt.union_seconds([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4.0
+    assert rt.union_seconds([(0, 10), (2, 3)]) == 10.0
+
+
+def test_gantt_has_a_bar_per_phase_and_attempt_and_the_markdown_states_the_numbers(tl):
+    fig = rt.timeline_figure(tl)
+    assert sum(len(tr.y) for tr in fig.data) == len(tl)
+    assert {tr.name for tr in fig.data} == {rt.PHASE_LABELS[p] for p in set(tl["phase"])}
+    rows = list(fig.layout.yaxis.categoryarray)
+    assert rows[::-1] == ["ae-0000", "ae-0001", "ae-0000-s #1", "ae-0000-s #2"]  # first start at the top
+    train = next(tr for tr in fig.data if tr.name == rt.PHASE_LABELS["train"])
+    assert min(train.base) == pytest.approx(25.5)  # seconds since the first trial started
+    md = rt.markdown(tl)
+    assert "397 s" in md and "150 s" in md and "(38%)" in md and "ae 25.5 s (max 25.5)" in md
+    assert "| ae | first step (compile) | 40 | 21% |" in md

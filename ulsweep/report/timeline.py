@@ -1,0 +1,126 @@
+"""Where a sweep's time went: each trial's phases (ulsweep/sweep/timeline.py, read from the `ulsweep.timeline`
+tag of its MLflow run) as a frame, a Gantt chart, a table of seconds per phase, and the share of the sweep's
+wall time during which at least one trial was training.
+"""
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from ulsweep import tracking
+from ulsweep.sweep.timeline import PHASES, TAG, parse_tag
+
+PHASE_COLORS = {"start": "#bab0ac", "setup": "#f58518", "first_step": "#e45756", "train": "#4c78a8",
+                "evaluate": "#54a24b", "finish": "#b279a2", "failed": "#000000"}
+PHASE_LABELS = {"start": "start (Ray, MLflow)", "setup": "setup (data, latents, networks)",
+                "first_step": "first step (compile)", "train": "train", "evaluate": "final evaluation",
+                "finish": "finish (checkpoint, MLflow)", "failed": "failed attempt"}
+COLUMNS = ["key", "kind", "attempt", "phase", "start", "end", "seconds"]
+
+
+def timeline_frame(runs) -> pd.DataFrame:
+    """One row per (trial, attempt, phase) of MLflow runs: key, kind, attempt, phase, start and end (seconds
+    since the epoch), seconds. Runs without a timeline tag (sweeps of older versions) give no rows."""
+    rows = []
+    for r in runs:
+        tags = r.data.tags
+        for attempt, phase, a, b in parse_tag(tags.get(TAG)):
+            rows.append({"key": tags.get(tracking.TAG_KEY, r.info.run_name), "kind": tags.get(tracking.TAG_KIND, ""),
+                         "attempt": int(attempt), "phase": phase, "start": float(a), "end": float(b),
+                         "seconds": float(b) - float(a)})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def phase_table(tl: pd.DataFrame) -> pd.DataFrame:
+    """Trial-seconds per kind and phase: total, share of that kind's trial-seconds, median per trial."""
+    g = tl.groupby(["kind", "phase"], sort=False)
+    out = pd.DataFrame({"trial-seconds": g["seconds"].sum(), "trials": g["key"].nunique(),
+                        "median per trial (s)": g["seconds"].median()}).reset_index()
+    out["share of kind"] = out["trial-seconds"] / out.groupby("kind")["trial-seconds"].transform("sum")
+    order = {p: i for i, p in enumerate(PHASES)}
+    out = out.assign(_o=out["phase"].map(order)).sort_values(["kind", "_o"]).drop(columns="_o")
+    return out.reset_index(drop=True)
+
+
+def union_seconds(intervals) -> float:
+    """Length of the union of [a, b] intervals."""
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def summary(tl: pd.DataFrame) -> dict:
+    """Sweep-level numbers of a timeline: span from the first trial start to the last trial end, the seconds
+    during which at least one trial was in `train` (and that share of the span), and per kind the median
+    seconds from trial start to the end of its first step (ready to train)."""
+    if tl.empty:
+        return {}
+    span = float(tl["end"].max() - tl["start"].min())
+    train = union_seconds(zip(tl.loc[tl["phase"] == "train", "start"], tl.loc[tl["phase"] == "train", "end"]))
+    out = {"span_s": span, "training_s": train, "training_share": train / span if span > 0 else float("nan")}
+    ready = ready_seconds(tl)
+    for kind, s in ready.groupby(ready["kind"])["ready_s"]:
+        out[f"ready_median_s[{kind}]"] = float(s.median())
+        out[f"ready_max_s[{kind}]"] = float(s.max())
+    return out
+
+
+def ready_seconds(tl: pd.DataFrame) -> pd.DataFrame:
+    """Per trial (last attempt that reached its first step): seconds from its start to the end of its first
+    optimizer step, i.e. until it trains at full speed (start, setup and compilation)."""
+    rows = []
+    for (key, attempt), g in tl.groupby(["key", "attempt"]):
+        if "first_step" in set(g["phase"]):
+            end = float(g.loc[g["phase"] == "first_step", "end"].iloc[0])
+            rows.append({"key": key, "kind": g["kind"].iloc[0], "attempt": attempt, "start": float(g["start"].min()),
+                         "ready_s": end - float(g["start"].min())})
+    df = pd.DataFrame(rows, columns=["key", "kind", "attempt", "start", "ready_s"])
+    return df.sort_values("attempt").drop_duplicates("key", keep="last").sort_values("start").reset_index(drop=True)
+
+
+def timeline_figure(tl: pd.DataFrame) -> go.Figure:
+    """Gantt chart: one row per trial (attempt), ordered by start, one bar segment per phase; x in seconds
+    since the first trial started."""
+    t0 = float(tl["start"].min())
+    first = tl.groupby(["key", "attempt"])["start"].min().sort_values()
+    multi = tl.groupby("key")["attempt"].nunique()
+    labels = {(k, a): f"{k} #{a}" if multi[k] > 1 else k for k, a in first.index}
+    order = [labels[i] for i in first.index]
+    fig = go.Figure()
+    for phase in PHASES:
+        d = tl[tl["phase"] == phase]
+        if d.empty:
+            continue
+        y = [labels[(k, a)] for k, a in zip(d["key"], d["attempt"])]
+        fig.add_trace(go.Bar(
+            y=y, x=d["seconds"], base=d["start"] - t0, orientation="h", name=PHASE_LABELS[phase],
+            marker=dict(color=PHASE_COLORS[phase]),
+            hovertemplate="%{y}<br>" + PHASE_LABELS[phase] + ": %{x:.1f} s, from %{base:.1f} s<extra></extra>"))
+    fig.update_layout(title="Trials by phase (wall clock since the first trial started)", barmode="overlay",
+                      xaxis_title="seconds", height=max(320, 22 * len(order) + 140), legend_title="phase")
+    fig.update_yaxes(categoryorder="array", categoryarray=order[::-1])
+    return fig
+
+
+def markdown(tl: pd.DataFrame) -> str:
+    """trends.md's section on where the time went."""
+    s, t = summary(tl), phase_table(tl)
+    lines = ["", "## Where the time went", "",
+             f"Trials span {s['span_s']:.0f} s from the first start to the last end; at least one trial was training "
+             f"(after its first step) for {s['training_s']:.0f} s of them ({100 * s['training_share']:.0f}%).", ""]
+    r = ready_seconds(tl)
+    if not r.empty:
+        parts = [f"{k} {g.median():.1f} s (max {g.max():.1f})" for k, g in r.groupby("kind")["ready_s"]]
+        lines += ["Median seconds from a trial's start to the end of its first optimizer step (ready to train): "
+                  + ", ".join(parts) + ".", ""]
+    lines += ["| kind | phase | trial-seconds | share of kind | median per trial (s) | trials |", "|---|---|---:|---:|---:|---:|"]
+    for _, r in t.iterrows():
+        lines.append(f"| {r['kind']} | {PHASE_LABELS[r['phase']]} | {r['trial-seconds']:.0f} | "
+                     f"{100 * r['share of kind']:.0f}% | {r['median per trial (s)']:.1f} | {r['trials']} |")
+    return "\n".join(lines) + "\n"

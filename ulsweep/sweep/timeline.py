@@ -1,0 +1,85 @@
+"""Where a trial's wall time went: its phases, from wall-clock marks (time.time(), seconds since the epoch).
+
+    start       Tune started the trial function -> the training function runs (MLflow run opened, datasets
+                listed, Ray Train's worker group or local-mode trainer started)
+    setup       data loaded or stream built, latents encoded or read (base models), networks built
+    first_step  checkpoint restored, the first optimizer step: torch.compile's tracing and compilation and
+                CUDA graph capture happen here
+    train       the remaining optimizer steps, with logging and checkpoints at their intervals
+    evaluate    the final evaluation (bits/pixel, PSNR, rFD/rFID; samples and gFD/gFID for base models)
+    finish      final checkpoint, result.json, final metrics and images to MLflow, the trainer's tear-down
+    failed      an attempt that raised: from its training function's start to the error reaching Tune
+
+A mark that an attempt did not reach (a resumed run that had no step left, a failure) merges its phase into
+the next one. Marks outside [t_trial, t_fit_end] (a finished result.json of an earlier attempt) are ignored.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+# mark -> the phase that ends at it, in order
+MARKS = (("t_loop", "start"), ("t_setup_end", "setup"), ("t_first_step_end", "first_step"), ("t_train_end", "train"),
+         ("t_eval_end", "evaluate"), ("t_fit_end", "finish"))
+PHASES = tuple(p for _, p in MARKS) + ("failed",)
+TAG = "ulsweep.timeline"  # MLflow tag: JSON list of [attempt, phase, start, end] of every attempt
+TAG_MAX_CHARS = 5000  # MLflow's limit on a tag value (its sqlite store)
+
+
+def phases(rec: dict) -> list[tuple[str, float, float]]:
+    """[(phase, start, end)] of one attempt's timings record (keys t_trial, t_fit_end and the loop's marks;
+    `"error": True` for an attempt that failed)."""
+    t0, t_end = rec.get("t_trial"), rec.get("t_fit_end")
+    if not _finite(t0) or not _finite(t_end) or t_end < t0:
+        return []
+    if rec.get("error"):
+        t_fit = rec.get("t_fit")
+        t_fit = t_fit if _finite(t_fit) and t0 <= t_fit <= t_end else t0
+        return [p for p in (("start", t0, t_fit), ("failed", t_fit, t_end)) if p[2] > p[1]]
+    out, last = [], t0
+    for mark, phase in MARKS:
+        t = rec.get(mark)
+        if _finite(t) and last <= t <= t_end:
+            out.append((phase, last, t))
+            last = t
+    return out
+
+
+def durations(ph: list[tuple[str, float, float]]) -> dict[str, float]:
+    """Seconds per phase (summed where a phase occurs more than once)."""
+    out: dict[str, float] = {}
+    for name, a, b in ph:
+        out[name] = out.get(name, 0.0) + (b - a)
+    return out
+
+
+def add_attempt(tag_value: str | None, ph: list[tuple[str, float, float]]) -> str:
+    """The timeline tag with one more attempt's phases appended, numbered after the attempts it holds (the
+    oldest attempts are dropped when the tag would exceed TAG_MAX_CHARS)."""
+    rows = parse_tag(tag_value)
+    attempt = 1 + max((r[0] for r in rows), default=0)
+    rows += [[attempt, name, round(a, 2), round(b, 2)] for name, a, b in ph]
+    text = json.dumps(rows, separators=(",", ":"))
+    while len(text) > TAG_MAX_CHARS and rows:
+        first = rows[0][0]
+        rows = [r for r in rows if r[0] != first]
+        text = json.dumps(rows, separators=(",", ":"))
+    return text
+
+
+def parse_tag(tag_value: str | None) -> list[list]:
+    """The [attempt, phase, start, end] rows of a timeline tag; [] for a missing or unreadable tag."""
+    if not tag_value:
+        return []
+    try:
+        rows = json.loads(tag_value)
+    except ValueError:
+        return []
+    ok = (isinstance(rows, list)
+          and all(isinstance(r, list) and len(r) == 4 and r[1] in PHASES and _finite(r[2]) and _finite(r[3])
+                  for r in rows))
+    return rows if ok else []
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
