@@ -3,12 +3,14 @@
 # per-trial result.json files, the sweep log and the GPU type; no checkpoints.
 set -euo pipefail
 . benchmarks/device/env_b.sh
+EXP=$(cat /tmp/fig8/exp 2>/dev/null || echo lf_sweep)
+DASH=${FIG8_DASH:-$([ "$EXP" = lf_sweep ] && echo fig8-fmnist || echo "${EXP//_/-}-fmnist")}  # base_size -> base-size-fmnist
 cd /tmp/fig8/src
-python3 -m ulsweep.cli report /tmp/fig8/runs/lf_sweep --out dashboards/fig8-fmnist > /tmp/fig8/report.log 2>&1 \
+python3 -m ulsweep.cli report /tmp/fig8/runs/$EXP --out dashboards/$DASH > /tmp/fig8/report.log 2>&1 \
   || { echo "report failed:"; tail -20 /tmp/fig8/report.log; }
 mkdir -p /tmp/fig8/pack/results
-cp -r dashboards/fig8-fmnist /tmp/fig8/pack/ 2>/dev/null || true
-cp /tmp/fig8/runs/lf_sweep/mlflow.db /tmp/fig8/sweep.log /tmp/fig8/gpus.txt /tmp/fig8/gpu_util.csv /tmp/fig8/t_* /tmp/fig8/rc /tmp/fig8/pack/ 2>/dev/null || true
-cd /tmp/fig8/runs/lf_sweep && find . -name result.json -o -name config.yaml | grep -v step_ | tar cf /tmp/fig8/pack/results/trials.tar -T -
+cp -r dashboards/$DASH /tmp/fig8/pack/ 2>/dev/null || true
+cp /tmp/fig8/runs/$EXP/mlflow.db /tmp/fig8/sweep.log /tmp/fig8/gpus.txt /tmp/fig8/gpu_util.csv /tmp/fig8/t_* /tmp/fig8/rc /tmp/fig8/pack/ 2>/dev/null || true
+cd /tmp/fig8/runs/$EXP && find . -name result.json -o -name config.yaml | grep -v step_ | tar cf /tmp/fig8/pack/results/trials.tar -T -
 tar czf "$OUT/fig8.tgz" -C /tmp/fig8/pack .
 ls -la "$OUT"

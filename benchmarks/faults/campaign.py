@@ -500,6 +500,24 @@ def main(argv=None) -> int:
     t0 = time.time()
     results: list[dict] = []
 
+    def write(done: bool) -> dict:
+        """The report so far, written atomically to --out after every scenario: a stopped campaign leaves the
+        counts of what it finished (`"complete": false`)."""
+        totals = {"faults_tried": sum(r["faults_tried"] for r in results),
+                  "runs_checked": sum(r["runs_checked"] for r in results),
+                  "problems_found": sum(len(r["problems"]) for r in results)}
+        report = {"command": "python benchmarks/faults/campaign.py "
+                  + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "seed": args.seed, "complete": done, "seconds": round(time.time() - t0),
+                  "host": {"cpus": os.cpu_count(), "load_avg_end": os.getloadavg()[0]}, **totals,
+                  "scenarios": results}
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, out)
+        return report
+
     def record(fn, *a) -> None:
         try:
             res = fn(*a)
@@ -512,6 +530,7 @@ def main(argv=None) -> int:
               flush=True)
         for p in res["problems"][:5]:
             print("    " + p.replace("\n", "\n    ")[:1500], flush=True)
+        write(False)
 
     sweeps = [s for s in only if s != "config-fuzz"]
     refs: dict[str, tuple[dict, float]] = {}
@@ -521,6 +540,7 @@ def main(argv=None) -> int:
             refs[mode] = (snap, res["wall"])
             results.append(res)
             print(f"{res['scenario']:<26} wall {res['wall']:.0f} s  problems {len(res['problems'])}", flush=True)
+            write(False)
     ref, wall = refs.get("local", (None, 0.0))
     for s in only:
         if s == "driver-kill":
@@ -549,19 +569,12 @@ def main(argv=None) -> int:
             record(damaged_state, root, ref)
         elif s == "config-fuzz":
             record(config_fuzz, root, args.fuzz, args.seed)
-    totals = {"faults_tried": sum(r["faults_tried"] for r in results),
-              "runs_checked": sum(r["runs_checked"] for r in results),
-              "problems_found": sum(len(r["problems"]) for r in results)}
-    report = {"command": "python benchmarks/faults/campaign.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "seed": args.seed, "seconds": round(time.time() - t0), "host": {"cpus": os.cpu_count(),
-              "load_avg_end": os.getloadavg()[0]}, **totals, "scenarios": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
-    print(f"\nfaults tried {totals['faults_tried']}, runs checked {totals['runs_checked']}, problems found "
-          f"{totals['problems_found']}  ({report['seconds']} s; {args.out})")
+    report = write(True)
+    print(f"\nfaults tried {report['faults_tried']}, runs checked {report['runs_checked']}, problems found "
+          f"{report['problems_found']}  ({report['seconds']} s; {args.out})")
     if not args.keep and args.workdir is None:
         shutil.rmtree(root, ignore_errors=True)
-    return 1 if totals["problems_found"] else 0
+    return 1 if report["problems_found"] else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Without Ray: the retry budget of a trial's attempts (ulsweep/sweep/attempts.py), the searcher handing failed
 trials out again on resume (SpawningSearcher.revivable / revive), and ulsweep.io's writes through a storage
-window. The end-to-end checks of the same rows run in test_worker_kill_twice.py and test_storage_window.py."""
+window. The end-to-end checks of the same rows: tests/faults/test_worker_faults.py (a killed trial process)
+and the campaign (benchmarks/faults/campaign.py --only worker-kill-twice,worker-kill-thrice,storage-window)."""
 from __future__ import annotations
 
 import errno
