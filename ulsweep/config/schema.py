@@ -144,6 +144,9 @@ class TrainConfig:
     # torch.compile of the trained network: false, true (= "default"), or "reduce-overhead" (CUDA graphs:
     # removes the per-kernel launch cost that bounds small models; single-process trials only)
     compile: bool | Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = False
+    # a compiled single-process trial takes its first step after any other process of the node that is compiling
+    # the same model for the first time, then compiles from torch's caches (ulsweep/train/compile_gate.py)
+    gate_compile: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self):
@@ -151,6 +154,8 @@ class TrainConfig:
             _require(getattr(self, k) > 0, k, getattr(self, k), "must be > 0")
         for k in ("log_every", "eval_every", "ckpt_every"):
             _require(getattr(self, k) >= 0, k, getattr(self, k), "must be >= 0")
+        if self.compile is False:
+            _inert(self, ("gate_compile",), "", "with compile: false (nothing is compiled)")
 
 
 @dataclass(frozen=True)

@@ -44,15 +44,17 @@ def prior_loss(z_clean: torch.Tensor, z_hat: torch.Tensor, logsnr: torch.Tensor,
 
 
 # Fig. 3 weighting on the eps-MSE: w(lambda) = c_lf * sigmoid(b - lambda).
-def decoder_weight(logsnr: torch.Tensor, loss_factor: float, sigmoid_bias: float) -> torch.Tensor:
+def decoder_weight(logsnr: torch.Tensor, loss_factor: float | torch.Tensor,
+                   sigmoid_bias: float | torch.Tensor) -> torch.Tensor:
     """Positive; discounts high log-SNR (low noise) where lambda > b; raising b or c_lf raises it."""
     return loss_factor * torch.sigmoid(sigmoid_bias - logsnr)
 
 
 # Eq. 4 with the Fig. 3 weighting: c_lf sigmoid(b - lambda) 1/2 (-dlambda/dt) e^lambda ||x - x_hat||^2.
 def decoder_loss(x: torch.Tensor, x_hat: torch.Tensor, logsnr: torch.Tensor, dlogsnr_dt: torch.Tensor,
-                 loss_factor: float, sigmoid_bias: float) -> torch.Tensor:
+                 loss_factor: float | torch.Tensor, sigmoid_bias: float | torch.Tensor) -> torch.Tensor:
     """Weighted decoder ELBO in nats per example, shape [B]; x in [-1, 1], x_hat = D(x_t, z_0, lambda).
+    c_lf and b may be Python floats or 0-d tensors (what a compiled trial passes: ulsweep/train/stage1.py).
 
     The paper's Eq. 4 drops the minus on dlambda/dt and §3.2 prints sigmoid(lambda - b); the weight
     that discounts low noise levels, as Fig. 3 intends, is sigmoid(b - lambda) and is positive.
@@ -70,7 +72,8 @@ def base_loss(z_clean: torch.Tensor, z_hat: torch.Tensor, logsnr: torch.Tensor, 
 
 
 # Table 5 baseline: MSE decoder, -log N(x; x_hat, I/2 e^{...}) up to a constant; here 1/2 ||x - x_hat||^2 scaled by c_lf.
-def mse_decoder_loss(x: torch.Tensor, x_hat: torch.Tensor, loss_factor: float, scale: float) -> torch.Tensor:
+def mse_decoder_loss(x: torch.Tensor, x_hat: torch.Tensor, loss_factor: float | torch.Tensor,
+                     scale: float) -> torch.Tensor:
     """Gaussian negative log-likelihood (minus its constant) of x under N(x_hat, 1/scale), times c_lf."""
     return loss_factor * 0.5 * scale * _sum_sq(x - x_hat)
 

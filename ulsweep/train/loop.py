@@ -24,6 +24,7 @@ optimizer, generator, step and the source's state: a resumed run reproduces the 
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -37,7 +38,8 @@ from ulsweep.config import TrainConfig
 from ulsweep.train.checkpoint import (CheckpointError, latest_valid_checkpoint, prune_checkpoints, save_checkpoint,
                                       step_dir, write_images, write_result)
 from ulsweep.train.hooks import StageResult, TrainHooks, TrainingDiverged
-from ulsweep.train.runtime import all_reduce_mean, compile_module, shard, wrap_ddp
+from ulsweep.train.compile_gate import first_compile, graph_key
+from ulsweep.train.runtime import all_reduce_mean, compile_mode, compile_module, shard, wrap_ddp
 from ulsweep.train.state import TrainState, lr_at
 
 Evaluate = Callable[[nn.Module, bool], tuple[dict, dict]]
@@ -60,18 +62,23 @@ def train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc: 
           hooks: TrainHooks) -> StageResult:
     """Train `ts.net` through `objective` on batches of `source` to `tc.steps` steps, resuming from the newest
     valid checkpoint in `spec.run_dir`; evaluate, checkpoint and write result.json at the end (rank 0)."""
+    gate = contextlib.ExitStack()  # held through the first step of a compiled single-process run
     try:
-        return _train(objective, source, evaluate, ts, tc, spec, hooks)
+        return _train(objective, source, evaluate, ts, tc, spec, hooks, gate)
     finally:
+        gate.close()
         if hasattr(source, "close"):  # a stream stops reading ahead
             source.close()
 
 
 def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc: TrainConfig, spec: RunSpec,
-           hooks: TrainHooks) -> StageResult:
+           hooks: TrainHooks, gate: contextlib.ExitStack) -> StageResult:
     rt = ts.rt
     marks = {"t_setup_end": time.time()}  # data and networks built; the first step starts after resuming
     model = resume(ts, spec, objective, tc.compile, source, tc.batch_size)
+    # the first compile of this step on the node runs alone, later ones from its caches (compile_gate.py); not
+    # under DDP, whose ranks compile together
+    mode = compile_mode(tc.compile, rt) if rt.world == 1 and tc.gate_compile else None
     local_batches = getattr(source, "local_batches", False)
 
     def checkpoint(metrics: dict) -> str | None:
@@ -97,6 +104,9 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
     while ts.step < tc.steps and not hooks.should_stop():
         t0 = time.perf_counter()
         batch = source.draw(tc.batch_size, ts.gen)
+        if mode is not None and "t_first_step_end" not in marks:
+            key = graph_key(objective, batch.shape, mode, rt.device.type, rt.amp_dtype)
+            marks["compile_gate"] = gate.enter_context(first_compile(key, spec.label))
         noise = objective.draw_noise(tc.batch_size, ts.gen)
         batch = batch if local_batches else shard(batch, rt)
         noise = {k: shard(v, rt) for k, v in noise.items()}
@@ -111,6 +121,7 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
         if "t_first_step_end" not in marks:  # compiled (and captured) by now: wait for the device once
             rt.synchronize()
             marks["t_first_step_end"] = time.time()
+            gate.close()
         ts.train_seconds += time.perf_counter() - t0
 
         step = ts.step

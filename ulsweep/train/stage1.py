@@ -42,7 +42,12 @@ def draw_noise(batch: int, z_shape: tuple, x_shape: tuple, gen: torch.Generator)
 
 class AEObjective(torch.nn.Module):
     """Algorithm 1's per-example losses (nats, [B]) around the autoencoder: what DDP wraps and torch.compile
-    traces, so that the noising and the weighted errors compile together with the networks."""
+    traces, so that the noising and the weighted errors compile together with the networks.
+
+    The loss factor and the sigmoid bias enter as 0-d tensors (non-persistent buffers), not Python floats, which
+    torch.compile would bake into the graph as constants: trials of a sweep that differ only in them then compile
+    the same graphs, and a trial after the first compiles from torch's caches (ulsweep/train/compile_gate.py).
+    In eager mode the losses are bit-identical to Python floats (a float scalar is applied in the tensor's dtype)."""
 
     progress_keys = ("loss", "train_bpp", "grad_norm")
 
@@ -52,6 +57,9 @@ class AEObjective(torch.nn.Module):
         self.sz, self.sx = prior_schedule(loss), decoder_schedule(loss)
         self.image_shape, self.latent_shape = tuple(image_shape), tuple(latent_shape)
         self.dims = math.prod(self.image_shape)
+        device = next(ae.parameters()).device
+        self.register_buffer("loss_factor", torch.tensor(loss.loss_factor, device=device), persistent=False)
+        self.register_buffer("sigmoid_bias", torch.tensor(loss.sigmoid_bias, device=device), persistent=False)
 
     def draw_noise(self, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         return draw_noise(batch, self.latent_shape, self.image_shape, gen)
@@ -84,10 +92,10 @@ class AEObjective(torch.nn.Module):
             out["prior"] = normal_prior_loss(z_clean, L.logsnr_z0)
             reg = 0.0
         if mse:
-            out["decoder"] = mse_decoder_loss(x, v_x.float(), L.loss_factor, math.exp(L.mse_logsnr))
+            out["decoder"] = mse_decoder_loss(x, v_x.float(), self.loss_factor, math.exp(L.mse_logsnr))
         else:
-            out["decoder"] = decoder_loss(x, x_from_v(x_t, v_x.float(), lam_x), lam_x, dlam_x, L.loss_factor,
-                                          L.sigmoid_bias)
+            out["decoder"] = decoder_loss(x, x_from_v(x_t, v_x.float(), lam_x), lam_x, dlam_x, self.loss_factor,
+                                          self.sigmoid_bias)
         out["total"] = out["prior"] + out["decoder"] + reg
         return out
 

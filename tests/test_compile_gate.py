@@ -1,0 +1,131 @@
+"""The compile gate (ulsweep/train/compile_gate.py) between real processes: the first process of a key runs its
+first step alone, a waiter enters only after it (or after it died), later processes pass at once, a waiter gives
+up after its limit; and the loop enters the gate on a compiled run."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from ulsweep.train import compile_gate as G
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from ulsweep.train.compile_gate import first_compile
+    with first_compile(sys.argv[1], "holder", folder=sys.argv[2]) as how:
+        print(how, flush=True)
+        time.sleep(float(sys.argv[3]))
+    print("released", time.time(), flush=True)
+    """)
+
+
+def hold(key: str, folder, seconds: float) -> subprocess.Popen:
+    """A process that takes the gate of `key` and keeps it for `seconds`; returns once it holds it."""
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, key, str(folder), str(seconds)], stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "first"
+    return p
+
+
+def test_a_waiter_enters_after_the_first_process_and_later_ones_pass_at_once(tmp_path):
+    p = hold("k1", tmp_path, 1.5)
+    with G.first_compile("k1", "waiter", folder=str(tmp_path)) as how:
+        entered = time.time()
+    out = p.communicate()[0].split()
+    assert how == "done" or how == "after", how
+    assert entered >= float(out[-1]) - 0.05  # not before the holder released the gate
+    t0 = time.monotonic()
+    with G.first_compile("k1", "late", folder=str(tmp_path)) as how:
+        assert how == "done" and time.monotonic() - t0 < 5
+    with G.first_compile("k2", "other key", folder=str(tmp_path)) as how:  # another model is not held up
+        assert how == "first"
+
+
+def test_a_holder_that_dies_releases_the_gate_and_a_waiter_gives_up_after_its_limit(tmp_path):
+    p = hold("k", tmp_path, 60)
+    t0 = time.monotonic()
+    with G.first_compile("k", "impatient", folder=str(tmp_path), wait_s=0.5) as how:
+        assert how == "timeout" and time.monotonic() - t0 >= 0.5
+    assert not (tmp_path / "ulsweep-compile-gate" / "k.done").exists()  # a timed-out waiter marks nothing done
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    with G.first_compile("k", "survivor", folder=str(tmp_path)) as how:
+        assert how == "first"  # the dead holder never finished: this process compiles first, then marks it
+    assert (tmp_path / "ulsweep-compile-gate" / "k.done").exists()
+
+
+def test_the_key_follows_the_model_and_the_batch_not_the_values(tmp_path):
+    import torch
+
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 8)
+    k = G.graph_key(a, (2, 4), "default", "cpu", None)
+    assert k == G.graph_key(torch.nn.Linear(4, 4), (2, 4), "default", "cpu", None)  # other weights, same graph
+    assert len({k, G.graph_key(b, (2, 4), "default", "cpu", None), G.graph_key(a, (3, 4), "default", "cpu", None),
+                G.graph_key(a, (2, 4), "reduce-overhead", "cuda", torch.bfloat16)}) == 4
+
+
+@pytest.mark.parametrize("setting", [True, False])
+def test_a_compiled_run_goes_through_the_gate_unless_told_not_to(tmp_path, monkeypatch, digits_cache, setting):
+    from test_train import tiny_exp  # the loop tests' tiny experiment
+
+    from ulsweep.train import loop
+
+    entered = []
+
+    def spy(key, label, **kw):
+        entered.append(key)
+        return G.first_compile(key, label, folder=str(tmp_path))
+
+    monkeypatch.setattr(loop, "first_compile", spy)
+    exp = tiny_exp(steps=2, compile=True, gate_compile=setting)
+    from ulsweep.train.stage1 import train_autoencoder
+
+    res = train_autoencoder(exp, str(tmp_path / "run"))
+    assert len(entered) == (1 if setting else 0)
+    assert res.extra["marks"].get("compile_gate") == ("first" if setting else None)
+
+
+def _objective(lf: float, b: float):
+    from ulsweep.config import experiment_from_dict
+    from ulsweep.train.build import build_autoencoder
+    from ulsweep.train.stage1 import AEObjective
+
+    exp = experiment_from_dict({"ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2},
+                                       "loss": {"loss_factor": lf, "sigmoid_bias": b}}})
+    import torch
+
+    torch.manual_seed(0)
+    return AEObjective(build_autoencoder(exp.ae, 1), exp.ae.loss, (1, 16, 16), (2, 4, 4))
+
+
+def test_loss_factor_and_bias_are_tensors_so_trials_of_a_sweep_trace_one_graph(one_thread):
+    """Dynamo traces two objectives that differ only in c_lf and b to the same graph (what makes a second trial's
+    compile a cache hit), and in eager mode the tensors give bit for bit the losses of Python floats."""
+    import torch
+
+    from ulsweep.diffusion import decoder_loss
+
+    codes = []
+
+    def record(gm, inputs):
+        codes.append(gm.code)
+        return gm.forward
+
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    outs = []
+    for lf, b in ((1.3, 0.0), (4.0, -2.0)):
+        torch._dynamo.reset()
+        obj = _objective(lf, b)
+        noise = obj.draw_noise(4, torch.Generator().manual_seed(1))
+        outs.append(torch.compile(obj, backend=record)(x, noise)["total"])
+        lam, dlam = obj.sx.logsnr(noise["t_x"]), obj.sx.dlogsnr_dt(noise["t_x"])
+        x_hat = torch.randn_like(x)
+        assert torch.equal(decoder_loss(x, x_hat, lam, dlam, obj.loss_factor, obj.sigmoid_bias),
+                           decoder_loss(x, x_hat, lam, dlam, lf, b))
+    assert len(codes) == 2 and codes[0] == codes[1]
+    assert not torch.equal(outs[0], outs[1])  # the values still act

@@ -1,0 +1,103 @@
+"""One process at a time compiles a graph for the first time on a node; the others then compile from the caches.
+
+A sweep's trials share architectures: a loss factor or a sigmoid bias changes no shape. torch.compile's caches
+(Inductor's FX graph cache, AOTAutograd's cache, Triton's kernels and autotuning; on by default, under
+$TORCHINDUCTOR_CACHE_DIR, else /tmp/torchinductor_<user>, one per node) turn a second compilation of the same
+graph into mostly cache hits, but trials that start together all miss and each compiles everything, competing for
+the node's CPUs. `first_compile(key)` wraps a trial's first optimizer step: the first process of a key compiles
+alone (an exclusive `flock` on a file beside the caches, which the kernel releases if the process dies), the
+others wait for it and then compile their own graphs from its cache entries. Once one process has finished, a
+marker file lets every later process of that key pass at once. A waiter gives up waiting after `wait_s`
+seconds and compiles anyway.
+
+The key names what the compiled graph depends on: torch version, compile mode, device type, autocast dtype, the
+objective's class and module tree (`repr`, which lists every layer's sizes) and the batch's shape. Graphs that
+differ only in values Dynamo bakes in as constants share a key: a waiter then compiles them cold after the first
+process (the same work as without the gate, one compile later).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import getpass
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from typing import Iterator
+
+WAIT_S = 900.0  # longest a process waits for another's first compile before compiling anyway
+POLL_S = 0.5
+
+
+def inductor_cache_dir() -> str:
+    """torch's compile cache folder: $TORCHINDUCTOR_CACHE_DIR, else torch's documented default
+    /tmp/torchinductor_<user> (the gate's files sit beside the caches they stand for)."""
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if env:
+        return env
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = str(os.getuid())
+    return os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")
+
+
+def graph_key(objective, batch_shape, mode: str, device_type: str, amp_dtype) -> str:
+    """The key of a compiled training step: what its graphs depend on besides values baked in as constants."""
+    import torch
+
+    parts = [torch.__version__, mode, device_type, str(amp_dtype), type(objective).__qualname__, repr(objective),
+             str(tuple(batch_shape))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def first_compile(key: str, label: str = "", wait_s: float = WAIT_S, folder: str | None = None) -> Iterator[str]:
+    """Run the block (a first, compiling step) after any other process of this node that is compiling `key` for
+    the first time has finished; yields how it got in: "first" (compiled alone, first of its key), "after"
+    (waited for the first), "done" (a process had already finished), "timeout" or "unlocked" (a file system
+    without flock: no gate)."""
+    import fcntl
+
+    d = os.path.join(folder or inductor_cache_dir(), "ulsweep-compile-gate")
+    done = os.path.join(d, f"{key}.done")
+    if os.path.exists(done):
+        yield "done"
+        return
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd = os.open(os.path.join(d, f"{key}.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError:
+        yield "unlocked"
+        return
+    how, t0, said = "first", time.monotonic(), False
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    how = "unlocked"
+                    break
+            if os.path.exists(done):
+                how = "done"
+                break
+            if not said:
+                print(f"[{label}] waiting for another trial's first compile of this model (compile gate {key[:8]})",
+                      file=sys.stderr, flush=True)
+                said = True
+            if time.monotonic() - t0 > wait_s:
+                how = "timeout"
+                break
+            time.sleep(POLL_S)
+        if how == "first" and said:  # got the lock after waiting (its holder finished, or died before it did)
+            how = "after"
+        yield how
+        if how in ("first", "after"):
+            with open(done, "w") as f:
+                f.write(f"{time.time()}\n")
+    finally:
+        os.close(fd)  # releases the lock
