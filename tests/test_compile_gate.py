@@ -82,6 +82,8 @@ def test_a_compiled_run_goes_through_the_gate_unless_told_not_to(tmp_path, monke
         return G.first_compile(key, label, folder=str(tmp_path))
 
     monkeypatch.setattr(loop, "first_compile", spy)
+    # the gate follows train.compile; the compilation itself (~100 s cold on CPU) is not what is tested here
+    monkeypatch.setattr(loop, "compile_module", lambda module, setting, rt, **kw: module)
     exp = tiny_exp(steps=2, compile=True, gate_compile=setting)
     from ulsweep.train.stage1 import train_autoencoder
 
