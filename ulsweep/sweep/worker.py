@@ -72,6 +72,8 @@ class RayHooks(TrainHooks):
             self._client = tracking.client(uri)
             self._buffer = tracking.MetricBuffer(self._client, self.run_id, flush_s=MLFLOW_FLUSH_S, dedupe=True,
                                                  spool_dir=self.spool_dir)
+            if self.system_metrics_s > 0:  # before _ready: close() waits for it and then stops the monitor
+                self._monitor = start_system_metrics(self.run_id, uri, self.system_metrics_s)
         except Exception as e:
             log.warning("MLflow client of %s failed: %s", self.key, e)
         finally:
@@ -80,8 +82,6 @@ class RayHooks(TrainHooks):
             import ray
 
             self._set_tag("ray.node_id", ray.get_runtime_context().get_node_id())
-            if self.system_metrics_s > 0:
-                self._monitor = start_system_metrics(self.run_id, uri, self.system_metrics_s)
 
     def _set_tag(self, key: str, value: str) -> None:
         try:
@@ -155,7 +155,7 @@ class RayHooks(TrainHooks):
     def close(self) -> None:
         """Rank 0: send the queued points (up to 30 s), spool the rest for the sweep driver to replay; stop the
         system metrics."""
-        if self.rank == 0 and self.buffer is not None:
+        if self.rank == 0 and self.buffer is not None:  # waits for _connect, which starts the monitor
             self.buffer.close(timeout=30.0)
         if self._monitor is not None:
             self._monitor.finish()
