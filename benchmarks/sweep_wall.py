@@ -153,11 +153,12 @@ def sweep_numbers(run_dir: Path) -> dict:
 
 
 def commit() -> str:
+    """HEAD of the repository, else $ULSWEEP_COMMIT (a copied tree without .git, as on the device machine)."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("ULSWEEP_COMMIT", "unknown")
 
 
 def table(rows: list[dict]) -> str:

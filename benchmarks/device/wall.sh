@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 23 on one H200, after install_a.sh and three `fid.sh stage` calls (.gpu/a + data, .gpu/inc1, .gpu/inc2);
+# carry .gpu/b. benchmarks/sweep_wall.py over the b = 0 slice of experiments/lf_sweep.yaml (5 AE + 5 base trials,
+# 10k-sample gFD and gFID), the library as it is (compile gate and shared Inductor caches on). The Fashion-MNIST
+# domain extractor is trained first, outside the timed sweep (a one-time cache, like the Inception weights).
+# Extra arguments go to sweep_wall.py (e.g. --variant). JSON, log, GPU samples and the MLflow DB under $OUT.
+#   ULSWEEP_COMMIT=$(git rev-parse HEAD) bash benchmarks/device/wall.sh
+set -uo pipefail
+bash benchmarks/device/fid.sh stage > /dev/null
+. benchmarks/device/env_b.sh
+[ -f /tmp/stage/default_1.pt ] || cat /tmp/stage/inc/incpart.* > /tmp/stage/default_1.pt
+export ULSWEEP_INCEPTION_WEIGHTS=/tmp/stage/default_1.pt
+DATA=/tmp/stage/data/fmnist
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "from ulsweep.config import load_experiment; from ulsweep.train.evaluation import ensure_domain_extractor
+print(ensure_domain_extractor(load_experiment('experiments/lf_sweep.yaml', {'data.path': '$DATA'}), 'cuda'))"
+timeout "${WALL_LIMIT:-520}" python3 benchmarks/sweep_wall.py experiments/lf_sweep.yaml --workdir /tmp/wall \
+  --set "data.path=$DATA" --set 'search.points=[]' \
+  --set 'search.space={ae.loss.sigmoid_bias: {values: [0.0]}, ae.loss.loss_factor: {values: [1.5, 1.75, 2.0, 3.0, 4.0]}}' \
+  --out "$OUT/h200-lf-sweep-wall.json" "$@" 2>&1 | tail -15
+echo "sweep_wall rc ${PIPESTATUS[0]}"
+cd /tmp/wall && cp log-*.txt gpu-*.csv "$OUT/" 2>/dev/null
+tar czf "$OUT/wall-runs.tgz" $(find . -name mlflow.db -o -name summary.json | grep -v step_) 2>/dev/null
+ls -la "$OUT"
