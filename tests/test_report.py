@@ -210,6 +210,31 @@ def test_empty_sweep_still_reports(tmp_path):
     assert "ulsweep sweep report: empty" in html and html.count("window.PlotlyConfig") == 1
 
 
+def test_sweep_stopped_before_its_first_base_trial_reports_its_autoencoders(tmp_path):
+    """An interrupted sweep whose AE trials ran but whose base trials never started (this raised KeyError 'key')."""
+    run_dir = tmp_path / "runs" / "ae_only"
+    run_dir.mkdir(parents=True)
+    uri = tracking.default_tracking_uri(str(run_dir))
+    c = tracking.client(uri)
+    eid = tracking.get_or_create_experiment(c, "ae_only", str(run_dir / "mlartifacts"))
+    sid = tracking.create_sweep_run(c, eid, "sweep-ae_only")
+    tracking.log_params(c, sid, {"experiment": "ae_only", "base_models": ["small", "large"]})
+    for i, (lf, status) in enumerate(((1.5, "FINISHED"), (4.0, "KILLED"))):
+        key = f"ae-{i:04d}"
+        rid, _ = tracking.get_or_create_trial_run(c, eid, sid, key, "ae", sid, tags={"ulsweep.ae_key": key})
+        tracking.log_params(c, rid, {"ae.loss.loss_factor": lf})
+        if status == "FINISHED":
+            tracking.log_metrics(c, rid, {"bpp": 0.02, "psnr": 15.0}, step=10)
+        tracking.retry(c.set_terminated, rid, status=status)
+    tracking.retry(c.set_terminated, sid, status="KILLED")
+    ref = report.SweepRef(sid, eid, uri, "ae_only", str(run_dir))
+    res = report.make_report(ref, out_dir=str(tmp_path / "d"), png=False, log_artifacts=False)
+    d = res.data
+    assert list(d.ae["key"]) == ["ae-0000", "ae-0001"] and d.base.empty and "key" in d.base.columns
+    assert [(f["key"], f["status"]) for f in d.failed] == [("ae-0001", "KILLED")]
+    assert "ae-0000" in (tmp_path / "d" / "ae_trials.csv").read_text()
+
+
 def test_base_size_sweep_reports_optimum_table_figures_and_verdicts(tmp_path, monkeypatch):
     """A synthetic 3-size sweep (tests/basesize_data.py) through make_report, MLflow left out: the base-size
     figures, the table, trends.md's verdicts and base_size.json."""

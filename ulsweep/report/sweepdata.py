@@ -93,8 +93,7 @@ def trials_frames(runs_df: pd.DataFrame, base_order: list[str] | None = None) ->
     (the experiment's order) first, then any others by name."""
     if runs_df.empty:
         return pd.DataFrame(columns=["key", "run_id", "status"]), pd.DataFrame(columns=["key", "base", "ae_key"])
-    ae = runs_df[runs_df["kind"] == "ae"].dropna(axis=1, how="all").sort_values("key").reset_index(drop=True)
-    base = runs_df[runs_df["kind"] == "base"].dropna(axis=1, how="all").sort_values("key").reset_index(drop=True)
+    ae, base = _of_kind(runs_df, "ae"), _of_kind(runs_df, "base")
     if not base.empty:
         names = base["base.name"] if "base.name" in base.columns else None
         base["base"] = [str(n) if isinstance(n, str) and n else str(k).rsplit("-", 1)[-1]
@@ -119,6 +118,15 @@ def trials_frames(runs_df: pd.DataFrame, base_order: list[str] | None = None) ->
                                     if c and c in ae.columns]]
         base = base.merge(ae_m.rename(columns=lambda c: f"ae/{c}"), left_on="ae_key", right_index=True, how="left")
     return ae, base
+
+
+def _of_kind(runs_df: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """The runs of one kind, without the columns no run of it has, sorted by key. The identity columns stay even
+    when no run of that kind exists yet (a sweep stopped before its first base trial)."""
+    part = runs_df[runs_df["kind"] == kind]
+    keep = {"key", "run_id", "status", "kind", "ae_key"}
+    part = part.drop(columns=[c for c in part.columns if c not in keep and part[c].isna().all()])
+    return part.sort_values("key").reset_index(drop=True)
 
 
 def _list_param(v: str | None) -> list[str]:
