@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+STOP_GRACE_S = 90  # after --limit-s, how long the sweep gets to stop on SIGINT before it is killed
 RESULT_METRICS = ("bpp", "bpp_se", "psnr", "rfid", "gfid", "base_bpp")  # and every rfd_*/gfd_*
 
 
@@ -78,8 +80,10 @@ class GpuSampler:
                 self.samples.append((round(t, 2), i, int(u.gpu), round(m.used / 2**30, 3)))
             self._stop.wait(self.every_s)
 
-    def busy_fraction(self) -> float | None:
-        return sum(s[2] for s in self.samples) / (100 * len(self.samples)) if self.samples else None
+    def busy_fraction(self, until: float | None = None) -> float | None:
+        """Mean utilization over the samples taken up to `until` (epoch s; all of them by default)."""
+        samples = [s for s in self.samples if until is None or s[0] <= until]
+        return sum(s[2] for s in samples) / (100 * len(samples)) if samples else None
 
 
 def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
@@ -100,8 +104,27 @@ def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
     return name, sets, env
 
 
+def run_limited(cmd: list[str], limit_s: float | None, grace_s: float = STOP_GRACE_S, **popen) -> tuple[int, float, bool]:
+    """Run `cmd`; past `limit_s` seconds send it SIGINT (a user's Ctrl-C: ulsweep marks the runs KILLED and
+    writes summary.json) and kill it if it is still there `grace_s` later. Returns (exit code, seconds until it
+    exited or until the limit, whether the limit stopped it)."""
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, **popen)
+    try:
+        return proc.wait(timeout=limit_s), time.time() - t0, False
+    except subprocess.TimeoutExpired:
+        wall = time.time() - t0
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        return rc, wall, True
+
+
 def run_variant(experiment: str, name: str, sets: list[str], env_extra: dict[str, str], workdir: Path,
-                sample_s: float) -> dict:
+                sample_s: float, limit_s: float | None = None) -> dict:
     storage = workdir / f"runs-{name}"
     cmd = [sys.executable, "-m", "ulsweep.cli", "run", experiment, "--storage", str(storage)]
     for s in sets:
@@ -112,11 +135,11 @@ def run_variant(experiment: str, name: str, sets: list[str], env_extra: dict[str
     log = workdir / f"log-{name}.txt"
     t0 = time.time()
     with GpuSampler(sample_s) as gpu, open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=workdir, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    wall = time.time() - t0
+        rc, wall, stopped = run_limited(cmd, limit_s, cwd=workdir, env=env, stdout=f, stderr=subprocess.STDOUT)
     run_dirs = [d for d in storage.iterdir() if (d / "sweep.json").exists()] if storage.exists() else []
     out = {"variant": name, "sets": sets, "env": env_extra, "rc": rc, "wall_s": round(wall, 1),
-           "gpu_busy_fraction": gpu.busy_fraction(), "gpus": gpu.names, "gpu_error": gpu.error,
+           "stopped_at_limit": stopped,
+           "gpu_busy_fraction": gpu.busy_fraction(until=t0 + wall), "gpus": gpu.names, "gpu_error": gpu.error,
            "gpu_samples": len(gpu.samples), "log": str(log)}
     if gpu.samples:
         (workdir / f"gpu-{name}.csv").write_text("t,gpu,util_percent,mem_used_gib\n"
@@ -125,20 +148,22 @@ def run_variant(experiment: str, name: str, sets: list[str], env_extra: dict[str
     if not run_dirs:
         out["error"] = f"no run directory under {storage}; see {log}"
         return out
-    out.update(sweep_numbers(run_dirs[0]))
+    out.update(sweep_numbers(str(run_dirs[0])))
     return out
 
 
-def sweep_numbers(run_dir: Path) -> dict:
-    """Trials, phases, readiness and final metrics of a finished (or stopped) sweep, from its MLflow store."""
-    from ulsweep.report import load_sweep, resolve_sweep
+def sweep_numbers(sweep: str, tracking_uri: str | None = None) -> dict:
+    """Trials, phases, readiness and final metrics of a finished (or stopped) sweep, from its MLflow store.
+    `sweep`: its run directory, or its name or run id with `tracking_uri` (as `ulsweep report` takes it)."""
     from ulsweep.report import timeline as tl
+    from ulsweep.report.dashboard import resolve_sweep
+    from ulsweep.report.sweepdata import load_sweep
 
-    data = load_sweep(resolve_sweep(str(run_dir)))
+    data = load_sweep(resolve_sweep(sweep, tracking_uri))
     runs = data.runs
-    out: dict = {"run_dir": str(run_dir), "trials": int(len(runs)),
+    out: dict = {"sweep": sweep, "trials": int(len(runs)),
                  "finished": int((runs["status"] == "FINISHED").sum()) if len(runs) else 0}
-    summary = run_dir / "summary.json"
+    summary = Path(data.ref.run_dir or sweep) / "summary.json"
     if summary.exists():
         s = json.loads(summary.read_text())
         out["sweep_wall_s"] = s.get("wall_seconds")
@@ -177,14 +202,32 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("experiment", help="experiment YAML (e.g. experiments/lf_sweep.yaml)")
+    ap.add_argument("experiment", nargs="?", help="experiment YAML (e.g. experiments/lf_sweep.yaml)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE for every variant")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME=SPEC: overrides and env:NAME=VALUE, comma-separated (default: one variant 'as-is')")
     ap.add_argument("--sample-s", type=float, default=1.0, help="GPU sampling period (s)")
     ap.add_argument("--workdir", default=None, help="where the sweeps run (default: a new temp dir)")
     ap.add_argument("--out", default=None, help="JSON report (default: <workdir>/sweep-wall.json)")
+    ap.add_argument("--limit-s", type=float, default=None,
+                    help="stop a variant's sweep with SIGINT after this many seconds (as Ctrl-C: runs KILLED, "
+                         "summary written) and report what it did until then")
+    ap.add_argument("--from-store", metavar="SWEEP", default=None,
+                    help="run nothing: the numbers of an existing sweep (run dir, or name/run id with "
+                         "--tracking-uri), e.g. one whose machine went away before its report was written")
+    ap.add_argument("--tracking-uri", default=None, help="with --from-store: the sweep's MLflow store")
     args = ap.parse_args(argv)
+    if args.from_store:
+        row = {"variant": "from-store", **sweep_numbers(args.from_store, args.tracking_uri)}
+        report = {"from_store": args.from_store, "tracking_uri": args.tracking_uri, "analysed_at_commit": commit(),
+                  "trials": row.get("trials"), "variants": [row]}
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+        print(table([row]))
+        return 0
+    if not args.experiment:
+        ap.error("an experiment file is needed (or --from-store)")
     experiment = str(Path(args.experiment).absolute())
     if not Path(experiment).exists():
         ap.error(f"experiment file {args.experiment} not found")
@@ -196,7 +239,7 @@ def main(argv=None) -> int:
     for name, sets, env in variants:
         print(f"[sweep_wall] {name}: ulsweep run {args.experiment} {' '.join(args.sets + sets)} {env or ''}",
               flush=True)
-        rows.append(run_variant(experiment, name, args.sets + sets, env, workdir, args.sample_s))
+        rows.append(run_variant(experiment, name, args.sets + sets, env, workdir, args.sample_s, args.limit_s))
         print(f"  wall {rows[-1]['wall_s']:.0f} s, rc {rows[-1]['rc']}, GPU busy {rows[-1]['gpu_busy_fraction']}",
               flush=True)
         first = rows[0]

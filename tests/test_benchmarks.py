@@ -264,3 +264,54 @@ def test_sweep_wall_gpu_sampler_without_a_driver_reports_none_and_why():
     with sweep_wall.GpuSampler(0.01) as g:
         pass
     assert g.busy_fraction() is None and g.samples == [] and g.error
+
+
+def test_sweep_wall_limit_stops_the_sweep_as_ctrl_c_would_and_keeps_the_time_until_then(tmp_path):
+    import subprocess
+
+    import sweep_wall
+
+    marker = tmp_path / "interrupted"
+    child = ("import signal, sys, time, pathlib\n"
+             "def stop(*_):\n"
+             f"    pathlib.Path({str(marker)!r}).write_text('SIGINT'); sys.exit(130)\n"
+             "signal.signal(signal.SIGINT, stop)\n"
+             "print('ready', flush=True)\n"
+             "time.sleep(120)\n")
+    rc, wall, stopped = sweep_wall.run_limited([sys.executable, "-c", child], 3.0, grace_s=60,
+                                               stdout=subprocess.DEVNULL)
+    assert (rc, stopped, marker.read_text()) == (130, True, "SIGINT")
+    assert 3.0 <= wall < 60  # the time until the limit, not the grace period after it
+    stubborn = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(120)"
+    rc, wall, stopped = sweep_wall.run_limited([sys.executable, "-c", stubborn], 2.0, grace_s=2.0)
+    assert stopped and rc == -9  # SIGINT ignored: killed after the grace period
+    rc, wall, stopped = sweep_wall.run_limited([sys.executable, "-c", "raise SystemExit(3)"], 60)
+    assert (rc, stopped) == (3, False)
+
+
+def test_sweep_wall_reads_trials_phases_readiness_and_results_from_a_store(tmp_path):
+    """--from-store / the end of every variant: the numbers come from the sweep's MLflow store."""
+    import sweep_wall
+    from test_report import make_store
+
+    from ulsweep import tracking
+    from ulsweep.sweep import timeline
+
+    run_dir, uri, sweep_id = make_store(tmp_path)
+    c = tracking.client(uri)
+    runs = {r.data.tags.get("ulsweep.trial_key", r.info.run_name): r for r in c.search_runs(
+        [c.get_run(sweep_id).info.experiment_id])}
+    t = 1_000.0  # ae-0000: 5 s start, 1 s setup, 20 s first step, 30 s training, 4 s evaluation, 1 s finish
+    ph = [("start", t, t + 5), ("setup", t + 5, t + 6), ("first_step", t + 6, t + 26), ("train", t + 26, t + 56),
+          ("evaluate", t + 56, t + 60), ("finish", t + 60, t + 61)]
+    c.set_tag(runs["ae-0000"].info.run_id, timeline.TAG, timeline.add_attempt(None, ph))
+    for via in (dict(sweep=str(run_dir)), dict(sweep="mini", tracking_uri=uri)):
+        got = sweep_wall.sweep_numbers(**via)
+        assert got["trials"] == 10 and got["finished"] == 8  # 4 AE + 6 base runs; ae-0003 FAILED, ae-0002-m RUNNING
+        assert got["ready_s"] == {"ae-0000": 26.0}
+        first = {r["phase"]: r["trial-seconds"] for r in got["phases"]}
+        assert first == {"start": 5.0, "setup": 1.0, "first_step": 20.0, "train": 30.0, "evaluate": 4.0,
+                         "finish": 1.0}
+        assert got["results"]["ae-0000"]["bpp"] == pytest.approx(0.01 * 1.5 * 2.718281828 ** -0.8)
+    row = sweep_wall.table([{"variant": "v", **got}]).splitlines()[-1].split()
+    assert row[-2:] == ["26", "26"]  # ready median and max: the one trial with a timeline

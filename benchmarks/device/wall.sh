@@ -3,7 +3,10 @@
 # carry .gpu/b. benchmarks/sweep_wall.py over the b = 0 slice of experiments/lf_sweep.yaml (5 AE + 5 base trials,
 # 10k-sample gFD and gFID), the library as it is (compile gate and shared Inductor caches on). The Fashion-MNIST
 # domain extractor is trained first, outside the timed sweep (a one-time cache, like the Inception weights).
-# Extra arguments go to sweep_wall.py (e.g. --variant). JSON, log, GPU samples and the MLflow DB under $OUT.
+# Extra arguments go to sweep_wall.py (e.g. --variant). A sweep still running after $WALL_LIMIT s (default 480) is
+# stopped with SIGINT and reported as far as it got. JSON, log, GPU samples and the MLflow DB under $OUT.
+# Session 13 ran it under `timeout`, which killed sweep_wall itself at 505 s (no JSON, no GPU samples): the
+# numbers were read back from the store with `sweep_wall.py --from-store` (benchmarks/results/*-s13*).
 #   ULSWEEP_COMMIT=$(git rev-parse HEAD) bash benchmarks/device/wall.sh
 set -uo pipefail
 bash benchmarks/device/fid.sh stage > /dev/null
@@ -14,7 +17,7 @@ DATA=/tmp/stage/data/fmnist
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "from ulsweep.config import load_experiment; from ulsweep.train.evaluation import ensure_domain_extractor
 print(ensure_domain_extractor(load_experiment('experiments/lf_sweep.yaml', {'data.path': '$DATA'}), 'cuda'))"
-timeout "${WALL_LIMIT:-520}" python3 benchmarks/sweep_wall.py experiments/lf_sweep.yaml --workdir /tmp/wall \
+python3 benchmarks/sweep_wall.py experiments/lf_sweep.yaml --workdir /tmp/wall --limit-s "${WALL_LIMIT:-480}" \
   --set "data.path=$DATA" --set 'search.points=[]' \
   --set 'search.space={ae.loss.sigmoid_bias: {values: [0.0]}, ae.loss.loss_factor: {values: [1.5, 1.75, 2.0, 3.0, 4.0]}}' \
   --out "$OUT/h200-lf-sweep-wall.json" "$@" 2>&1 | tail -15
