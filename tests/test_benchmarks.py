@@ -315,3 +315,14 @@ def test_sweep_wall_reads_trials_phases_readiness_and_results_from_a_store(tmp_p
         assert got["results"]["ae-0000"]["bpp"] == pytest.approx(0.01 * 1.5 * 2.718281828 ** -0.8)
     row = sweep_wall.table([{"variant": "v", **got}]).splitlines()[-1].split()
     assert row[-2:] == ["26", "26"]  # ready median and max: the one trial with a timeline
+
+
+def test_data_pipeline_cores_per_gpu_count_the_cores_the_decode_tasks_kept_busy():
+    import data_pipeline
+
+    busy = {"images_per_s": 454.3, "cpus": 16, "tasks_in_flight": 0.776}  # H200, session 13: backpressured
+    assert data_pipeline.decode_rate_per_core([busy]) == pytest.approx(454.3 / 0.776)
+    no_stats = {"images_per_s": 600.0, "cpus": 2}  # no executor stats: all the CPUs Ray was given
+    assert data_pipeline.decode_rate_per_core([no_stats]) == pytest.approx(300.0)
+    assert data_pipeline.decode_rate_per_core([busy, no_stats]) == pytest.approx(454.3 / 0.776)  # the fastest
+    assert data_pipeline.decode_rate_per_core([]) == 0.0
