@@ -70,10 +70,10 @@ def test_dashboard_renders_offline_in_headless_chromium(sweep_store, tmp_path):
     # a dead proxy: any attempt to fetch from the network fails, so what renders came from the file itself
     offline = ["--proxy-server=127.0.0.1:9", "--virtual-time-budget=10000"]
     shot = tmp_path / "dashboard.png"
-    chromium(tmp_path, *offline, "--window-size=1400,2400", f"--screenshot={shot}", url)
+    # one chromium run takes both the screenshot and the DOM (a chromium start costs seconds on 2 cores)
+    dom = chromium(tmp_path, *offline, "--window-size=1400,2400", f"--screenshot={shot}", "--dump-dom", url)
     img = assert_not_blank(shot)
     assert colour_pixels(img, PLOTLY_BLUE) > 200, "no plotly traces drawn in the screenshot"
-    dom = chromium(tmp_path, *offline, "--dump-dom", url)
     assert dom.count('class="main-svg"') >= 8  # plotly.js ran: 4 figures (2 svg layers each)
     legend = set(re.findall(r'class="legendtext"[^>]*>([^<]+)<', dom))
     assert {"sigmoid bias -2 [s]", "sigmoid bias 2 [m]", "all trials [s]", "Pareto front [s]", "Pareto front [m]",
@@ -131,17 +131,16 @@ def test_ulsweep_ui_serves_mlflow_ui_on_localhost(sweep_store, tmp_path):
         names = {r["info"]["run_name"] for r in runs}
         assert {"sweep-mini", "ae-0000", "ae-0001", "ae-0002", "ae-0003", "ae-0000-s", "ae-0001-m"} <= names
         trial = next(r["info"]["run_id"] for r in runs if r["info"]["run_name"] == "ae-0001")
-        # the UI itself (a JS app): the runs table shows the sweep run, a trial's page shows its name
+        # the UI itself (a JS app): the runs table shows the sweep run (DOM and screenshot from one chromium
+        # run), a trial's page shows its name
+        shot = tmp_path / "mlflow.png"
         dom = chromium(tmp_path, "--virtual-time-budget=15000", "--window-size=1400,1000", "--dump-dom",
-                       f"{url}/#/experiments/{eid}/runs")
+                       f"--screenshot={shot}", f"{url}/#/experiments/{eid}/runs")
         assert "sweep-mini" in dom
+        assert_not_blank(shot)
         dom = chromium(tmp_path, "--virtual-time-budget=15000", "--window-size=1400,1000", "--dump-dom",
                        f"{url}/#/experiments/{eid}/runs/{trial}")
         assert "ae-0001" in dom
-        shot = tmp_path / "mlflow.png"
-        chromium(tmp_path, "--virtual-time-budget=15000", "--window-size=1400,1000", f"--screenshot={shot}",
-                 f"{url}/#/experiments/{eid}/runs")
-        assert_not_blank(shot)
     finally:
         if ui.poll() is None:
             ui.send_signal(signal.SIGTERM)  # ulsweep ui stops its mlflow server (by its process group)

@@ -259,7 +259,9 @@ def cluster_sweep(tmp_path_factory):
             "MLFLOW_TRACKING_USERNAME": "ulsweep-e2e",
             "MLFLOW_TRACKING_PASSWORD": f"ulsweep-e2e-mlflow-password-{token}"}
     uri_password = f"ulsweep-e2e-uri-password-{token}"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    # serve.sh as deployed: with MLflow's job runner (tests/conftest.py turns it off for the other servers)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION")}
     env.update({"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **fake})
     # the Ray nodes hold the credentials too, as a cluster's nodes would (instance profile / k8s Secret env)
     sweep = SimpleNamespace(full=FULL, tmp_path=tmp_path, runs=tmp_path / "runs", artifacts=tmp_path / "mlflow-artifacts",
