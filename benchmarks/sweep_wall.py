@@ -104,7 +104,8 @@ def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
     return name, sets, env
 
 
-def run_limited(cmd: list[str], limit_s: float | None, grace_s: float = STOP_GRACE_S, **popen) -> tuple[int, float, bool]:
+def run_limited(cmd: list[str], limit_s: float | None, grace_s: float = STOP_GRACE_S,
+                **popen) -> tuple[int, float, bool]:
     """Run `cmd`; past `limit_s` seconds send it SIGINT (a user's Ctrl-C: ulsweep marks the runs KILLED and
     writes summary.json) and kill it if it is still there `grace_s` later. Returns (exit code, seconds until it
     exited or until the limit, whether the limit stopped it)."""

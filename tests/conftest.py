@@ -8,11 +8,6 @@ import torch
 _PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _PROCESSES)))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-# `mlflow server` (ulsweep ui, the MLflow outage and browser tests) without MLflow 3's job runner (a huey
-# consumer and a job-runner process beside the server, for GenAI evaluation jobs, which ulsweep never sends):
-# on 2 cores it doubles to triples the time until /health answers (~25 s -> ~9 s a start). The cluster test
-# puts it back for cluster/mlflow/serve.sh, which it runs as deployed.
-os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
 def pytest_collection_modifyitems(config, items):

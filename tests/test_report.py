@@ -263,3 +263,21 @@ def test_base_size_sweep_reports_optimum_table_figures_and_verdicts(tmp_path, mo
     fig = pio.read_json(str(tmp_path / "d" / "figures" / "base_size_flops_per_bitrate.json"))
     assert len(fig.data) == 7  # one line per autoencoder bitrate, through the 3 sizes in FLOPs order
     assert all(list(t.text) == ["small", "medium", "large"] for t in fig.data)
+
+
+def test_mlflow_server_starts_without_mlflows_job_runner_unless_asked(monkeypatch):
+    from ulsweep.report import cli as report_cli
+
+    seen = []
+
+    class FakePopen:
+        def __init__(self, cmd, env=None, **kw):
+            seen.append((cmd, env))
+
+    monkeypatch.setattr(report_cli.subprocess, "Popen", FakePopen)
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
+    report_cli.start_mlflow_server("sqlite:///x.db", port=5999)
+    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")
+    report_cli.start_mlflow_server("sqlite:///x.db", port=5999)
+    assert [env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] for _, env in seen] == ["false", "true"]
+    assert seen[0][0][1:4] == ["-m", "mlflow", "server"]

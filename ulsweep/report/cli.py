@@ -105,6 +105,10 @@ def start_mlflow_server(tracking_uri: str, port: int = 0, host: str = "127.0.0.1
     env = dict(os.environ)
     if tracking_uri.startswith("file:"):
         env.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    # MLflow 3 starts a job runner (a huey consumer and a runner process) beside the server for GenAI jobs,
+    # which a sweep's store never holds: off unless the environment asks for it, the server answers /health
+    # 2-3x sooner (~25 s -> ~9 s on 2 cores)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     out = open(log_path, "ab") if log_path else None  # None: the server logs to our stderr, like `mlflow ui`
     proc = subprocess.Popen(cmd, env=env, stdout=out or sys.stderr, stderr=subprocess.STDOUT,
                             start_new_session=True)
