@@ -535,12 +535,14 @@ def _ancestors(pid: int) -> list[int]:
     return out
 
 
-def raylet_kill(root: Path, rng: random.Random, ref: dict) -> dict:
+def raylet_kill(root: Path, rng: random.Random, ref: dict, step_s: float = 0.5) -> dict:
     """`ulsweep run --address` on a head node and a worker node of one machine (tests/ray_cluster.py, each
     node 1 CPU); once a trial trains on the worker node, that node's raylet is SIGKILLed: its worker
-    processes die with it and the node is lost for good. Tune retries the trial (the head node's CPU takes
-    it); the sweep must finish (or finish after --resume on the remaining node) and hold up against the
-    reference."""
+    processes lose it and the node is lost for good. Tune retries the trial (the head node's CPU takes it);
+    the sweep must finish (or finish after --resume on the remaining node) and hold up against the reference.
+    Steps of `step_s` (15 s a trial): Ray sees the node dead some seconds after the kill, and a training
+    process that outlives its raylet (as they do for a few seconds) is then still training when Tune starts
+    the trial again: two processes of one trial at once, which the checker must not see either."""
     import contextlib
 
     from ray_cluster import LocalRayCluster, private_network, private_network_unavailable
@@ -548,10 +550,10 @@ def raylet_kill(root: Path, rng: random.Random, ref: dict) -> dict:
     sc = Scenario("raylet-kill", root)
     _, args = experiment(sc)
     pids = sc.dir / "pids"
-    delay = rng.uniform(0.3, 2.0)
+    delay = rng.uniform(0.3, 3.0)
     # Ray's servers bind every interface: keep them on a loopback-only network where possible (as the e2e test)
     net = private_network() if private_network_unavailable() is None else contextlib.nullcontext()
-    with net, sandbox(sc.dir, step_s=STEP_S) as (env, ray_tmp):
+    with net, sandbox(sc.dir, step_s=step_s) as (env, ray_tmp):
         env_for(env, sc)  # the nodes' worker processes take their environment from their raylet
         cluster = LocalRayCluster(env, nodes=1, cpus_per_node=1, node_ip="127.0.0.1")
         try:
@@ -582,6 +584,7 @@ def raylet_kill(root: Path, rng: random.Random, ref: dict) -> dict:
                 killed = time.time()
                 while _alive(victim[1]) and d.p.poll() is None and time.time() - killed < 600:
                     time.sleep(0.2)
+                orphan_end = time.time()
                 sc.notes.append(f"{victim[0]}'s training process (orphaned) "
                                 + (f"lived {time.time() - killed:.1f} s more" if not _alive(victim[1]) else
                                    "was still alive when the driver ended"))
@@ -591,8 +594,12 @@ def raylet_kill(root: Path, rng: random.Random, ref: dict) -> dict:
                 sc.notes.append(f"exit code {rc} after the node loss: --resume on the head node")
                 resume_to_end(sc, args, env)
             if victim is not None:
-                starts = run_dir(sc) / "trials" / victim[0] / "fake-starts.txt"
-                sc.notes.append(f"{victim[0]} started at steps {starts.read_text().split()}")
+                trial = run_dir(sc) / "trials" / victim[0]
+                sc.notes.append(f"{victim[0]} started at steps {(trial / 'fake-starts.txt').read_text().split()}")
+                later = [json.loads(x)["start"] for x in (trial / "attempts.jsonl").read_text().splitlines()[1:]]
+                sc.notes.append(f"{victim[0]}'s later attempts started " + ", ".join(
+                    f"{t - killed:.1f} s after the kill ({'while' if t < orphan_end else 'after'} the orphan "
+                    f"trained)" for t in later))
             out = sc.log.read_text(errors="replace")
             sc.notes += [line.strip()[:200] for line in out.splitlines()
                          if "FAILED" in line or "errored" in line or "resume:" in line][:6]
