@@ -120,7 +120,11 @@ def resume_to_end(sc: Scenario, args: list[str], env: dict, tries: int = 2) -> N
         again = (run_dir(sc) / "sweep.json").exists()
         if not again:
             sc.notes.append("no sweep.json: started again without --resume")
-        p = run_driver(args + ["--resume"] if again else args, env, sc.dir, sc.log, timeout=600)
+        try:
+            p = run_driver(args + ["--resume"] if again else args, env, sc.dir, sc.log, timeout=600)
+        except subprocess.TimeoutExpired:  # run_driver killed it: a hang is a finding, not a crash of the campaign
+            sc.problems.append(f"--resume hung (no exit in 600 s):\n{tail(sc.log, 1500)}")
+            return
         sc.rcs.append(p.returncode)
         if p.returncode == 0:
             if i:
