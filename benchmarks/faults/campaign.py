@@ -23,6 +23,13 @@ best/* and trials/*).
                         trial table, Tuner settings, search generator, searcher state, mlflow.db): --resume must
                         exit 2 with one line naming the file, no traceback, no hang; restored, it resumes
     config-fuzz         configfuzz.py at full size in process, and a sample through the real CLI process
+    mlflow-outage       the sweep tracks to a real `mlflow server` (sqlite backend) that is stopped for 60 s at
+                        a random moment after a first checkpoint and started again on the same port: trials
+                        queue and spool their points, the driver replays them; no --resume expected
+    raylet-kill         the sweep runs with --address on a 2-node local Ray cluster (`ray start --head` +
+                        `ray start --address`, as tests/test_cluster_e2e.py); the worker node's raylet is
+                        SIGKILLed while a trial trains on that node: Tune retries the trial on the head node
+                        (or --resume finishes the sweep)
 
     python benchmarks/faults/campaign.py                          # everything, seed 24
     python benchmarks/faults/campaign.py --only worker-kill,sigint --driver-kills 2
@@ -46,7 +53,7 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO), str(REPO / "tests" / "faults")]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "faults"), str(REPO / "tests")]
 
 from campaignlib import Driver, StorageWindow, check_sweep, sweep_snapshot, training_pid  # noqa: E402
 from faultlib import cli, fake_experiment, reap, run_driver, sandbox, tail, write_yaml  # noqa: E402
@@ -113,7 +120,11 @@ def resume_to_end(sc: Scenario, args: list[str], env: dict, tries: int = 2) -> N
         again = (run_dir(sc) / "sweep.json").exists()
         if not again:
             sc.notes.append("no sweep.json: started again without --resume")
-        p = run_driver(args + ["--resume"] if again else args, env, sc.dir, sc.log, timeout=600)
+        try:
+            p = run_driver(args + ["--resume"] if again else args, env, sc.dir, sc.log, timeout=600)
+        except subprocess.TimeoutExpired:  # run_driver killed it: a hang is a finding, not a crash of the campaign
+            sc.problems.append(f"--resume hung (no exit in 600 s):\n{tail(sc.log, 1500)}")
+            return
         sc.rcs.append(p.returncode)
         if p.returncode == 0:
             if i:
@@ -439,6 +450,170 @@ def config_fuzz(root: Path, n: int, seed: int) -> dict:
     return sc.result()
 
 
+def mlflow_outage(root: Path, rng: random.Random, ref: dict, down_s: float = 60.0) -> dict:
+    """A real `mlflow server` as tracking URI, stopped (SIGTERM to its process group) for `down_s` seconds
+    mid-sweep and started again on the same port with the same sqlite backend (test_mlflow_outage.py does the
+    same for 8 s). The sweep must end by itself (exit 0) and hold up against the undisturbed reference."""
+    from ulsweep.report.cli import free_port, start_mlflow_server, stop_server, wait_for_server
+
+    sc = Scenario("mlflow-outage", root)
+    _, args = experiment(sc)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    backend, slog, artifacts = f"sqlite:///{sc.dir}/server.db", sc.dir / "server.log", str(sc.dir / "artifacts")
+    args = args + ["--tracking-uri", url]
+    delay = rng.uniform(0.0, 3.0)  # the sweep outlasts its first checkpoint by ~40 s or more: mid-sweep
+
+    def serve():
+        proc, _ = start_mlflow_server(backend, port, log_path=str(slog), artifacts_destination=artifacts)
+        if not wait_for_server(url, proc, 180):
+            raise RuntimeError(f"mlflow server did not start:\n{tail(slog, 2000)}")
+        return proc
+
+    server = serve()
+    try:
+        with sandbox(sc.dir, step_s=STEP_S) as (env, _):
+            env_for(env, sc)
+            d = Driver(args, env, sc.dir, sc.log, note=f"mlflow server down for {down_s:.0f} s")
+            ckpts = lambda: list((run_dir(sc) / "trials").glob("*/checkpoints/step_*.json"))  # noqa: E731
+            d.wait_for(lambda: bool(ckpts()), "a first checkpoint", timeout=400)
+            time.sleep(delay)
+            if d.p.poll() is not None:
+                sc.notes.append(f"the sweep ended before the outage ({delay:.1f} s after a first checkpoint)")
+            else:
+                stop_server(server)
+                down = time.time()
+                n_ckpt = len(ckpts())
+                time.sleep(down_s)
+                alive = d.p.poll() is None
+                server = serve()
+                up = time.time()
+                sc.faults.append(f"mlflow server stopped {delay:.1f} s after a first checkpoint, for "
+                                 f"{up - down:.0f} s (restarted on port {port})")
+                sc.notes.append(f"checkpoints written during the outage: {len(ckpts()) - n_ckpt}; the driver "
+                                f"{'was still running' if alive else 'had ended'} when the server came back")
+            rc = d.finish(timeout=900)
+            sc.rcs.append(rc)
+            sc.expect(rc == 0, f"exit code {rc} after the MLflow outage (expected 0: points spooled and "
+                               f"replayed)\n{tail(sc.log, 1500)}")
+            if rc != 0:
+                resume_to_end(sc, args, env)
+        spooled = list(run_dir(sc).glob("trials/*/mlflow-spool/*.jsonl"))
+        sc.expect(not spooled, f"spooled points never sent: {[str(x.relative_to(run_dir(sc))) for x in spooled]}")
+        out = sc.log.read_text(errors="replace")
+        sc.notes += [line.strip() for line in out.splitlines() if line.startswith("mlflow: sent")][:3]
+        check(sc, ref)  # through the restarted server
+    finally:
+        stop_server(server)
+    return sc.result()
+
+
+def _raylets(temp_dir: Path) -> set[int]:
+    from ray_cluster import pids_with
+
+    return {pid for pid in pids_with(str(temp_dir)) if _comm(pid) == "raylet"}
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie (state Z) has exited
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _ancestors(pid: int) -> list[int]:
+    out = []
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+        out.append(pid)
+    return out
+
+
+def raylet_kill(root: Path, rng: random.Random, ref: dict, step_s: float = 0.5) -> dict:
+    """`ulsweep run --address` on a head node and a worker node of one machine (tests/ray_cluster.py, each
+    node 1 CPU); once a trial trains on the worker node, that node's raylet is SIGKILLed: its worker
+    processes lose it and the node is lost for good. Tune retries the trial (the head node's CPU takes it);
+    the sweep must finish (or finish after --resume on the remaining node) and hold up against the reference.
+    Steps of `step_s` (15 s a trial): the kill lands mid-training, not after it. A training process outlives
+    its raylet by a few seconds (Ray 2.60: 1.6-2.6 s seen, when it notices and exits), and Tune starts the
+    trial again about 12 s after the kill (when the GCS has declared the node dead); the notes record both,
+    so a retry that overlapped the orphan would show."""
+    import contextlib
+
+    from ray_cluster import LocalRayCluster, private_network, private_network_unavailable
+
+    sc = Scenario("raylet-kill", root)
+    _, args = experiment(sc)
+    pids = sc.dir / "pids"
+    delay = rng.uniform(0.3, 3.0)
+    # Ray's servers bind every interface: keep them on a loopback-only network where possible (as the e2e test)
+    net = private_network() if private_network_unavailable() is None else contextlib.nullcontext()
+    with net, sandbox(sc.dir, step_s=step_s) as (env, ray_tmp):
+        env_for(env, sc)  # the nodes' worker processes take their environment from their raylet
+        cluster = LocalRayCluster(env, nodes=1, cpus_per_node=1, node_ip="127.0.0.1")
+        try:
+            address = cluster.start()
+            head = _raylets(cluster.temp_dir)
+            cluster._start(f"--address={address}")
+            worker = _raylets(cluster.temp_dir) - head
+            if not sc.expect(len(head) == 1 and len(worker) == 1, f"raylets: head {head}, worker {worker}"):
+                return sc.result()
+            raylet = worker.pop()
+            args = args + ["--address", address]
+            d = Driver(args, env, sc.dir, sc.log, note="worker node's raylet SIGKILL")
+            deadline, victim = time.time() + 400, None
+            while victim is None and time.time() < deadline and d.p.poll() is None:
+                for k in sorted(p.stem for p in pids.glob("*.pid")):
+                    pid = training_pid(pids, k, ray_tmp)
+                    if pid and raylet in _ancestors(pid):
+                        victim = (k, pid)
+                        break
+                time.sleep(0.1)
+            if victim is None:
+                sc.notes.append("no trial trained on the worker node: no kill")
+            else:
+                time.sleep(delay)
+                os.kill(raylet, signal.SIGKILL)
+                sc.faults.append(f"SIGKILL of the worker node's raylet (pid {raylet}) {delay:.1f} s after "
+                                 f"{victim[0]} was seen training on that node (pid {victim[1]})")
+                killed = time.time()
+                while _alive(victim[1]) and d.p.poll() is None and time.time() - killed < 600:
+                    time.sleep(0.2)
+                orphan_end = time.time()
+                sc.notes.append(f"{victim[0]}'s training process (orphaned) "
+                                + (f"lived {time.time() - killed:.1f} s more" if not _alive(victim[1]) else
+                                   "was still alive when the driver ended"))
+            rc = d.finish(timeout=900)
+            sc.rcs.append(rc)
+            if rc != 0:
+                sc.notes.append(f"exit code {rc} after the node loss: --resume on the head node")
+                resume_to_end(sc, args, env)
+            if victim is not None:
+                trial = run_dir(sc) / "trials" / victim[0]
+                sc.notes.append(f"{victim[0]} started at steps {(trial / 'fake-starts.txt').read_text().split()}")
+                later = [json.loads(x)["start"] for x in (trial / "attempts.jsonl").read_text().splitlines()[1:]]
+                sc.notes.append(f"{victim[0]}'s later attempts started " + ", ".join(
+                    f"{t - killed:.1f} s after the kill ({'while' if t < orphan_end else 'after'} the orphan "
+                    f"trained)" for t in later))
+            out = sc.log.read_text(errors="replace")
+            sc.notes += [line.strip()[:200] for line in out.splitlines()
+                         if "FAILED" in line or "errored" in line or "resume:" in line][:6]
+        finally:
+            cluster.stop()
+    check(sc, ref)
+    return sc.result()
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -468,7 +643,8 @@ def run_real_storage(root: Path, kind: str, seed: int, ref: dict, wall: float) -
 
 
 ALL = ["driver-kill", "driver-kill-early", "sigint", "worker-kill", "worker-kill-twice", "worker-kill-thrice",
-       "storage-window", "storage-ro-mount", "storage-full-tmpfs", "damaged-state", "config-fuzz"]
+       "storage-window", "storage-ro-mount", "storage-full-tmpfs", "damaged-state", "config-fuzz",
+       "mlflow-outage", "raylet-kill"]
 
 
 def main(argv=None) -> int:
@@ -480,6 +656,7 @@ def main(argv=None) -> int:
     ap.add_argument("--worker-kills", type=int, default=4, help="random worker kills in local mode (and half as "
                                                                  "many with worker actors)")
     ap.add_argument("--fuzz", type=int, default=3000)
+    ap.add_argument("--mlflow-down-s", type=float, default=60.0, help="seconds the MLflow server stays down")
     ap.add_argument("--workdir", default=None, help="default: a new temp dir (removed unless --keep)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu-fault-campaign.json"))
@@ -569,6 +746,10 @@ def main(argv=None) -> int:
             record(damaged_state, root, ref)
         elif s == "config-fuzz":
             record(config_fuzz, root, args.fuzz, args.seed)
+        elif s == "mlflow-outage":
+            record(mlflow_outage, root, rng, ref, args.mlflow_down_s)
+        elif s == "raylet-kill":
+            record(raylet_kill, root, rng, ref)
     report = write(True)
     print(f"\nfaults tried {report['faults_tried']}, runs checked {report['runs_checked']}, problems found "
           f"{report['problems_found']}  ({report['seconds']} s; {args.out})")

@@ -235,7 +235,7 @@ def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: 
     statecheck.restorable_tune_state), else a new one."""
     from ray import tune
 
-    from ulsweep.sweep.progress import ProgressCallback
+    from ulsweep.sweep.progress import CompletionRelay, ProgressCallback
     from ulsweep.sweep.trial import SweepContext, run_trial, trial_label, trial_resources
 
     ctx = SweepContext(experiment=to_dict(exp), run_dir=run_dir, tracking_uri=run.tracking_uri,
@@ -252,13 +252,15 @@ def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: 
             raise DamagedStateError(f"{tune_dir}: Tune could not restore its state ({type(e).__name__}: "
                                     f"{str(e)[:200]}); {tune_advice(tune_dir, exp.search.method)}") from None
     searcher = _searcher(exp, on_objective=lineage.ObjectiveLogger(run.tracking_uri, exp.search.metrics))
+    # pickled with the searcher in tuner.pkl: a restored Tuner's relay holds the restored searcher
+    callbacks = [ProgressCallback(), CompletionRelay(searcher)]
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
                                     max_concurrent_trials=exp.search.max_concurrent,
                                     reuse_actors=not _uses_cuda_graphs(exp),  # warm trial processes
                                     trial_name_creator=trial_label, trial_dirname_creator=trial_label),
-        run_config=tune.RunConfig(name=TUNE_NAME, storage_path=run_dir, verbose=0, callbacks=[ProgressCallback()],
+        run_config=tune.RunConfig(name=TUNE_NAME, storage_path=run_dir, verbose=0, callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=tune_retries(exp))),
     )
 

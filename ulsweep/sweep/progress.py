@@ -125,3 +125,28 @@ def summary_table(records: list[dict], metrics: tuple[str, ...], top: int | None
             if k not in cols:
                 cols.append(k)
     return render_table(rows, cols)
+
+
+class CompletionRelay(Callback):
+    """Tells the searcher of every trial that ends, as Tune's controller does through its search algorithm.
+
+    Tune wraps the searcher in a ConcurrencyLimiter (`search.max_concurrent`), which drops the completion of a
+    trial that is not in its own set of live trials; after a resume that set, restored from Tune's saved search
+    state, can lack a trial Tune restarts itself. The searcher then never heard that the AE trial had finished,
+    never queued its base trials and waited for it forever: `--resume` hung after the AE trial's `done` line
+    (found by the fault campaign's worker-kill-thrice: a trial killed three times, then --resume). The searcher
+    ignores a completion it has handled already, so the limiter's own call and this one make one."""
+
+    def __init__(self, searcher):
+        self.searcher = searcher
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        from ray.tune.utils import flatten_dict
+
+        # as TuneController._schedule_trial_stop: a running trial ends with its last result, a pending one
+        # (stopped before it ran) with none
+        result = flatten_dict(trial.last_result) if trial.status == "RUNNING" and trial.last_result else None
+        self.searcher.on_trial_complete(trial.trial_id, result=result)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.searcher.on_trial_complete(trial.trial_id, error=True)

@@ -72,7 +72,48 @@ def client(uri: str):
     if redact_uri(uri) != uri:  # a password credentials_to_env cannot move: MLflow would print it in run URLs
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     # a new sqlite store creates and migrates its tables here: retried like any write to a refusing storage
+    retry(create_sqlite_store, uri)
     return retry(MlflowClient, tracking_uri=uri)
+
+
+def create_sqlite_store(uri: str) -> None:
+    """Create the sqlite store of a `sqlite:///PATH` URI whose file does not exist yet, atomically: MLflow's
+    migrations run on a temporary file beside PATH, which is hard-linked to PATH once they are done (or renamed,
+    where the filesystem has no hard links). Migrating in place, a process killed during the migrations
+    (seconds on a busy machine) left a half-migrated PATH: pysqlite commits DDL statements as they come, so a
+    migration's tables existed without its alembic version, and every later open failed with `table datasets
+    already exists` (a driver SIGKILLed 8.7 s into `ulsweep run`, found by the fault campaign). Now such a
+    kill leaves a stray `PATH.creating-*` file and no PATH: the next run creates the store anew. Another
+    process that created PATH meanwhile wins; its store is kept."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not path or path == ":memory:" or os.path.exists(path):
+        return
+    import uuid
+
+    from mlflow.store.db import utils as dbu
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        engine = dbu.create_sqlalchemy_engine_with_retry(f"sqlite:///{tmp}")
+        try:
+            dbu._initialize_tables(engine)  # what SqlAlchemyStore() runs on an empty database
+        finally:
+            engine.dispose()
+        try:
+            os.link(tmp, path)  # atomic, and never over a store that another process linked first
+        except FileExistsError:
+            pass
+        except OSError:  # no hard links on this filesystem
+            if not os.path.exists(path):
+                os.replace(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
 
 def credentials_to_env(uri: str) -> str:
