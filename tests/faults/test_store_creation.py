@@ -67,3 +67,14 @@ def test_failed_store_creation_leaves_nothing(tmp_path, monkeypatch):
     c = tracking.client(f"sqlite:///{db}")
     assert c.get_experiment("0").name == "Default"
     assert sorted(p.name for p in db.parent.iterdir()) == ["mlflow.db"]
+
+
+def test_without_mlflows_store_helpers_the_store_is_created_in_place_with_a_warning(tmp_path, monkeypatch):
+    from ulsweep.tracking import runs
+
+    monkeypatch.setattr(runs, "_store_helpers", lambda: (None, None))  # an MLflow without them
+    db = tmp_path / "mlflow.db"
+    with pytest.warns(RuntimeWarning, match="creates it in place"):
+        c = tracking.client(f"sqlite:///{db}")
+    assert db.exists() and c.search_experiments()  # MLflow's own creation: the Default experiment
+    assert not list(tmp_path.glob("mlflow.db.creating-*"))

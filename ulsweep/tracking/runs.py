@@ -92,14 +92,20 @@ def create_sqlite_store(uri: str) -> None:
         return
     import uuid
 
-    from mlflow.store.db import utils as dbu
+    make_engine, init_tables = _store_helpers()
+    if make_engine is None or init_tables is None:
+        import warnings
 
+        warnings.warn(f"this MLflow ({_mlflow_version()}) lacks the store-creation helpers ulsweep uses to create "
+                      f"{path} atomically; MLflow creates it in place (a process killed meanwhile can leave it "
+                      "half-migrated)", RuntimeWarning, stacklevel=2)
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        engine = dbu.create_sqlalchemy_engine_with_retry(f"sqlite:///{tmp}")
+        engine = make_engine(f"sqlite:///{tmp}")
         try:
-            dbu._initialize_tables(engine)  # what SqlAlchemyStore() runs on an empty database
+            init_tables(engine)  # what SqlAlchemyStore() runs on an empty database
         finally:
             engine.dispose()
         try:
@@ -114,6 +120,19 @@ def create_sqlite_store(uri: str) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+
+
+def _store_helpers():
+    """MLflow's engine factory and its table creation (private: None where this MLflow lacks them)."""
+    from mlflow.store.db import utils as dbu
+
+    return getattr(dbu, "create_sqlalchemy_engine_with_retry", None), getattr(dbu, "_initialize_tables", None)
+
+
+def _mlflow_version() -> str:
+    import mlflow
+
+    return getattr(mlflow, "__version__", "?")
 
 
 def credentials_to_env(uri: str) -> str:
