@@ -197,14 +197,20 @@ def test_write_report_api_returns_index_path(store, tmp_path, monkeypatch):
     assert path == str(tmp_path / "d" / "index.html") and (tmp_path / "d" / "index.html").is_file()
 
 
-def test_empty_sweep_still_reports(tmp_path):
-    run_dir = tmp_path / "runs" / "empty"
+def _sweep_run(root, name):
+    """An MLflow store under root/runs/<name> holding the sweep's parent run and nothing else yet:
+    (client, experiment id, sweep run id, its SweepRef)."""
+    run_dir = root / "runs" / name
     run_dir.mkdir(parents=True)
     uri = tracking.default_tracking_uri(str(run_dir))
     c = tracking.client(uri)
-    eid = tracking.get_or_create_experiment(c, "empty", str(run_dir / "mlartifacts"))
-    sid = tracking.create_sweep_run(c, eid, "sweep-empty")
-    ref = report.SweepRef(sid, eid, uri, "empty", str(run_dir))
+    eid = tracking.get_or_create_experiment(c, name, str(run_dir / "mlartifacts"))
+    sid = tracking.create_sweep_run(c, eid, f"sweep-{name}")
+    return c, eid, sid, report.SweepRef(sid, eid, uri, name, str(run_dir))
+
+
+def test_empty_sweep_still_reports(tmp_path):
+    _, _, _, ref = _sweep_run(tmp_path, "empty")
     res = report.make_report(ref, out_dir=str(tmp_path / "d"), png=False, log_artifacts=False)
     html = open(res.index_html, encoding="utf-8").read()
     assert "ulsweep sweep report: empty" in html and html.count("window.PlotlyConfig") == 1
@@ -212,12 +218,7 @@ def test_empty_sweep_still_reports(tmp_path):
 
 def test_sweep_stopped_before_its_first_base_trial_reports_its_autoencoders(tmp_path):
     """An interrupted sweep whose AE trials ran but whose base trials never started (this raised KeyError 'key')."""
-    run_dir = tmp_path / "runs" / "ae_only"
-    run_dir.mkdir(parents=True)
-    uri = tracking.default_tracking_uri(str(run_dir))
-    c = tracking.client(uri)
-    eid = tracking.get_or_create_experiment(c, "ae_only", str(run_dir / "mlartifacts"))
-    sid = tracking.create_sweep_run(c, eid, "sweep-ae_only")
+    c, eid, sid, ref = _sweep_run(tmp_path, "ae_only")
     tracking.log_params(c, sid, {"experiment": "ae_only", "base_models": ["small", "large"]})
     for i, (lf, status) in enumerate(((1.5, "FINISHED"), (4.0, "KILLED"))):
         key = f"ae-{i:04d}"
@@ -227,7 +228,6 @@ def test_sweep_stopped_before_its_first_base_trial_reports_its_autoencoders(tmp_
             tracking.log_metrics(c, rid, {"bpp": 0.02, "psnr": 15.0}, step=10)
         tracking.retry(c.set_terminated, rid, status=status)
     tracking.retry(c.set_terminated, sid, status="KILLED")
-    ref = report.SweepRef(sid, eid, uri, "ae_only", str(run_dir))
     res = report.make_report(ref, out_dir=str(tmp_path / "d"), png=False, log_artifacts=False)
     d = res.data
     assert list(d.ae["key"]) == ["ae-0000", "ae-0001"] and d.base.empty and "key" in d.base.columns

@@ -113,6 +113,17 @@ def env_for(env: dict, sc: Scenario) -> dict:
     return env
 
 
+def finish_or_resume(sc: Scenario, d, args, env, ok: tuple[int, ...], why: str, timeout: float = 600) -> int:
+    """Wait for a disturbed driver: an exit code outside `ok` is a problem (`why` says what was expected); a
+    non-zero one is then resumed to the end, as a user would."""
+    rc = d.finish(timeout=timeout)
+    sc.rcs.append(rc)
+    sc.expect(rc in ok, f"exit code {rc} {why}\n{tail(sc.log, 1500)}")
+    if rc != 0:
+        resume_to_end(sc, args, env)
+    return rc
+
+
 def resume_to_end(sc: Scenario, args: list[str], env: dict, tries: int = 2) -> None:
     """--resume until the sweep finishes (exit 0); the first resume should do it. A driver stopped before it
     wrote sweep.json left no sweep to resume (`--resume` says so): the user starts it again."""
@@ -232,12 +243,7 @@ def worker_kill(root: Path, rng: random.Random, ref: dict, i: int, mode: str) ->
         key = _kill_training(sc, d, ray_tmp, rng, None, rng.uniform(0.0, 2.5))
         if key and twice:
             _kill_training(sc, d, ray_tmp, rng, key, rng.uniform(0.3, 2.5))
-        rc = d.finish(timeout=600)
-        sc.rcs.append(rc)
-        sc.expect(rc == 0, f"exit code {rc} after {len(sc.faults)} kill(s) (expected 0: retried in place)\n"
-                           f"{tail(sc.log, 1500)}")
-        if rc != 0:
-            resume_to_end(sc, args, env)
+        finish_or_resume(sc, d, args, env, (0,), f"after {len(sc.faults)} kill(s) (expected 0: retried in place)")
     check(sc, ref)
     return sc.result()
 
@@ -355,12 +361,7 @@ def storage_real(root: Path, rng: random.Random, ref: dict, wall: float, kind: s
                 sc.faults.append(f"storage root full at {at:.1f} s for {hold:.0f} s")
                 time.sleep(hold)
                 ballast.unlink()
-            rc = d.finish(timeout=600)
-            sc.rcs.append(rc)
-            sc.expect(rc in (0, 1), f"exit code {rc} (expected 0, or 1 with failed trials to resume)\n"
-                                    f"{tail(sc.log, 1500)}")
-            if rc != 0:
-                resume_to_end(sc, args, env)
+            finish_or_resume(sc, d, args, env, (0, 1), "(expected 0, or 1 with failed trials to resume)")
             check(sc, ref)
     finally:
         if kind == "full-tmpfs":
@@ -492,12 +493,8 @@ def mlflow_outage(root: Path, rng: random.Random, ref: dict, down_s: float = 60.
                                  f"{up - down:.0f} s (restarted on port {port})")
                 sc.notes.append(f"checkpoints written during the outage: {len(ckpts()) - n_ckpt}; the driver "
                                 f"{'was still running' if alive else 'had ended'} when the server came back")
-            rc = d.finish(timeout=900)
-            sc.rcs.append(rc)
-            sc.expect(rc == 0, f"exit code {rc} after the MLflow outage (expected 0: points spooled and "
-                               f"replayed)\n{tail(sc.log, 1500)}")
-            if rc != 0:
-                resume_to_end(sc, args, env)
+            finish_or_resume(sc, d, args, env, (0,), "after the MLflow outage (expected 0: points spooled and "
+                             "replayed)", timeout=900)
         spooled = list(run_dir(sc).glob("trials/*/mlflow-spool/*.jsonl"))
         sc.expect(not spooled, f"spooled points never sent: {[str(x.relative_to(run_dir(sc))) for x in spooled]}")
         out = sc.log.read_text(errors="replace")
