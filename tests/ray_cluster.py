@@ -102,14 +102,16 @@ def with_descendants(pids) -> set[int]:
     return found
 
 
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, state Z, has exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def kill_all(pids, grace_s: float = 5.0) -> set[int]:
     """SIGTERM, then after `grace_s` SIGKILL; returns the pids still alive (zombies count as gone)."""
-    def alive(p):
-        try:
-            return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-
     pids = set(pids)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in [p for p in pids if alive(p)]:

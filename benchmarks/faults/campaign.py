@@ -518,13 +518,6 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def _alive(pid: int) -> bool:
-    try:  # a zombie (state Z) has exited
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _ancestors(pid: int) -> list[int]:
     out = []
     while pid > 1:
@@ -547,7 +540,7 @@ def raylet_kill(root: Path, rng: random.Random, ref: dict, step_s: float = 0.5) 
     so a retry that overlapped the orphan would show."""
     import contextlib
 
-    from ray_cluster import LocalRayCluster, private_network, private_network_unavailable
+    from ray_cluster import LocalRayCluster, alive, private_network, private_network_unavailable
 
     sc = Scenario("raylet-kill", root)
     _, args = experiment(sc)
@@ -584,11 +577,11 @@ def raylet_kill(root: Path, rng: random.Random, ref: dict, step_s: float = 0.5) 
                 sc.faults.append(f"SIGKILL of the worker node's raylet (pid {raylet}) {delay:.1f} s after "
                                  f"{victim[0]} was seen training on that node (pid {victim[1]})")
                 killed = time.time()
-                while _alive(victim[1]) and d.p.poll() is None and time.time() - killed < 600:
+                while alive(victim[1]) and d.p.poll() is None and time.time() - killed < 600:
                     time.sleep(0.2)
                 orphan_end = time.time()
                 sc.notes.append(f"{victim[0]}'s training process (orphaned) "
-                                + (f"lived {time.time() - killed:.1f} s more" if not _alive(victim[1]) else
+                                + (f"lived {orphan_end - killed:.1f} s more" if not alive(victim[1]) else
                                    "was still alive when the driver ended"))
             rc = d.finish(timeout=900)
             sc.rcs.append(rc)
