@@ -238,9 +238,11 @@ def test_sweep_stopped_before_its_first_base_trial_reports_its_autoencoders(tmp_
 def test_base_size_sweep_reports_optimum_table_figures_and_verdicts(tmp_path, monkeypatch):
     """A synthetic 3-size sweep (tests/basesize_data.py) through make_report, MLflow left out: the base-size
     figures, the table, trends.md's verdicts and base_size.json."""
-    from basesize_data import ae_frame, base_frame
+    from basesize_data import ae_frame, base_frame, paper_like
 
     base = base_frame()
+    swap = {"small": "large", "medium": "medium", "large": "small"}  # a domain FD that disagrees with gFID
+    base["gfd_x"] = [paper_like(swap[s], b) for s, b in zip(base["base"], base["ae/bpp"])]
     ae = ae_frame(base)
     ref = report.SweepRef("0" * 32, "0", "sqlite:///none.db", "base-size", None)
     data = report.SweepData(ref, pd.concat([ae, base], ignore_index=True), ae, base,
@@ -250,14 +252,18 @@ def test_base_size_sweep_reports_optimum_table_figures_and_verdicts(tmp_path, mo
     html = open(res.index_html, encoding="utf-8").read()
     assert html.count("Plotly.newPlot(") == 6 and "Base-model size → optimal latent bits/pixel" in html
     assert "medium: optimum 0.01" in html and "small: no interior optimum" in html
-    assert html.count(": reproduced</b>") == 3
+    assert html.count(": reproduced</b>") == 3 and html.count(": not reproduced</b>") == 3
+    assert "id='verdicts-gfd_x'" in html
     summary = json.loads((tmp_path / "d" / "base_size.json").read_text())
-    assert summary["sizes"] == ["small", "medium", "large"]
+    assert summary["sizes"] == ["small", "medium", "large"] and summary["generation_metric"] == "gfid"
+    assert [b["generation_metric"] for b in summary["beside"]] == ["gfd_x"]
+    assert [c["verdict"] for c in summary["beside"][0]["claims"]] == ["not reproduced"] * 3
     assert summary["optima"]["small"]["interval"] == [None, None]  # NaN written as null
     lo, hi = summary["optima"]["medium"]["interval"]
     assert lo <= 0.01 <= hi
     trends = (tmp_path / "d" / "trends.md").read_text()
     assert trends.count(": reproduced**") == 3 and "Spearman rank correlations" in trends  # both sections
+    assert trends.count(": not reproduced**") == 3 and "## Base-model size and latent bitrate by gFD (x features)" in trends
     import plotly.io as pio
 
     fig = pio.read_json(str(tmp_path / "d" / "figures" / "base_size_flops_per_bitrate.json"))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device image lacks Ray, Optuna, MLflow, pytest, the FID Inception file and the data, and one call carries
-# 64 MiB with the working tree (~20 MiB of it tracked files). Everything goes over as one tar cut in chunks that
-# each fit a call; the machine keeps /tmp while it stays warm.
+# 64 MiB with the working tree (tracked files: ~34 MiB with the published dashboards). Everything goes over as one
+# tar cut in chunks that each fit a call beside the tree; the machine keeps /tmp while it stays warm.
 #   here:    bash benchmarks/device/stage.sh pack        # .gpu/chunk1 .. .gpu/chunkN from .gpu/{ray,a,b,inc1,inc2} + data
 #   device:  bash benchmarks/device/stage.sh put         # one call per chunk, carry [".gpu/chunkK"]; the call
 #            that brings the last one unpacks: Ray into /tmp/site, the other wheels into /tmp/stage/whl (env_b.sh
@@ -11,8 +11,10 @@ case "${1:?pack|put}" in
   pack)
     rm -rf .gpu/chunk* && tmp=$(mktemp -d)
     tar cf "$tmp/stack.tar" .gpu/ray .gpu/a .gpu/b .gpu/inc1 .gpu/inc2 data
-    n=$(( ($(stat -c %s "$tmp/stack.tar") + 44999999) / 45000000 ))
-    split -b 45000000 -d -a 2 "$tmp/stack.tar" "$tmp/part."
+    tree=$(git ls-files -z | xargs -0 stat -c %s | awk '{s += $1} END {print s}')
+    chunk=$(( 64 * 1024 * 1024 - tree - 2 * 1024 * 1024 ))  # 2 MiB to spare for untracked files
+    n=$(( ($(stat -c %s "$tmp/stack.tar") + chunk - 1) / chunk ))
+    split -b "$chunk" -d -a 2 "$tmp/stack.tar" "$tmp/part."
     k=0; for p in "$tmp"/part.*; do k=$((k + 1)); mkdir -p ".gpu/chunk$k"; mv "$p" ".gpu/chunk$k/"; echo "$n" > ".gpu/chunk$k/of"; done
     sha256sum "$tmp/stack.tar" | cut -d' ' -f1 > .gpu/chunk1/sha256
     rm -rf "$tmp"; du -sh .gpu/chunk*

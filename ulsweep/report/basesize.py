@@ -279,10 +279,13 @@ def size_table(d: pd.DataFrame, sizes: list[str], gflops: dict[str, float], opti
     return pd.DataFrame(rows)
 
 
-def analyze(base: pd.DataFrame, *, seed: int = 0, n_boot: int = 2000, level: float = 0.9) -> BaseSizeResult | None:
-    """The base-size analysis of a sweep's base frame; None unless it has ≥ 2 base sizes and a generation metric."""
+def analyze(base: pd.DataFrame, *, gen: str | None = None, seed: int = 0, n_boot: int = 2000,
+            level: float = 0.9) -> BaseSizeResult | None:
+    """The base-size analysis of a sweep's base frame by generation metric `gen` (default: gFID if logged, else
+    the first domain FD); None unless it has ≥ 2 base sizes and that metric."""
     sizes, gflops = base_sizes(base)
-    gen = generation_metric(base) if not base.empty else None
+    if gen is None:
+        gen = generation_metric(base) if not base.empty else None
     if not sizes or gen is None or BPP not in base.columns:
         return None
     d = trial_frame(base, gen)
@@ -309,13 +312,24 @@ def for_sweep(data) -> BaseSizeResult | None:
     return data.derived["base_size"]
 
 
-def markdown(res: BaseSizeResult) -> str:
+def beside_for_sweep(data) -> list[BaseSizeResult]:
+    """The same analysis by each other generation metric the base trials logged (the domain FDs `gfd_<x>`
+    beside gFID), so a verdict that depends on the feature network shows it; computed once, kept in
+    `data.derived`."""
+    if "base_size_beside" not in data.derived:
+        primary = for_sweep(data)
+        others = sorted({c for c in data.base.columns if c.startswith("gfd_")} - {primary.gen}) if primary else []
+        data.derived["base_size_beside"] = [r for r in (analyze(data.base, gen=g) for g in others) if r is not None]
+    return data.derived["base_size_beside"]
+
+
+def markdown(res: BaseSizeResult, heading: str = "## Base-model size and latent bitrate") -> str:
     """trends.md's base-size section: sizes, the optimum table, the method, a verdict per claim."""
     label = metric_label(res.gen)
     g0 = res.gflops.get(res.sizes[0], math.nan)
     sizes = ", ".join(f"{s} {_f(res.gflops[s], 4)}" + (f" (×{res.gflops[s] / g0:.3g})" if g0 else "")
                       for s in res.sizes)
-    lines = ["", "## Base-model size and latent bitrate", "",
+    lines = ["", heading, "",
              f"Generation metric: {label}. Base sizes, forward GFLOP per image: {sizes}.", "",
              "| base | optimal bits/pixel | interval | " + label + " at optimum | lowest bits/pixel → " + label
              + " | highest bits/pixel → " + label + " | seed SD | trials |",

@@ -10,7 +10,8 @@
       figures/*.png     static images (kaleido + Chrome/Chromium), when available
       trends.md         rank trends of the Fig. 8 reading; with several base sizes also the optimal bitrate per
                         size and a verdict per claim of the paper (ulsweep/report/basesize.py)
-      base_size.json    those optima and verdicts as JSON (only with several base sizes)
+      base_size.json    those optima and verdicts as JSON (only with several base sizes); `beside`: the same
+                        by each domain FD the base trials logged
 The same folder is logged as artifacts of the sweep's parent run under `dashboard/`.
 
 This module finds the sweep (`resolve_sweep`) and writes the folder (`make_report`). The DataFrames come
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ulsweep import tracking
+from ulsweep.report.columns import metric_label
 from ulsweep.report.page import build_figures, dashboard_html
 from ulsweep.report.png import export_pngs, find_browser
 from ulsweep.report.sweepdata import (ReportError, SweepData, SweepRef, failed_trials, get_run, load_sweep,
@@ -149,7 +151,11 @@ def make_report(sweep: str | SweepRef, tracking_uri: str | None = None, out_dir:
     md = trends.markdown(data.ae) if not data.ae.empty and "bpp" in data.ae else ""  # Fig. 8 reading
     if bs is not None:  # base-model size against bitrate (Table 2, Fig. 6), verdicts per claim
         md += basesize.markdown(bs)
-        (out / "base_size.json").write_text(json.dumps(basesize.summary(bs), indent=2) + "\n")
+        beside = basesize.beside_for_sweep(data)  # the same verdicts by each domain FD
+        for b in beside:
+            md += basesize.markdown(b, f"## Base-model size and latent bitrate by {metric_label(b.gen)}")
+        summary = {**basesize.summary(bs), "beside": [basesize.summary(b) for b in beside]}
+        (out / "base_size.json").write_text(json.dumps(summary, indent=2) + "\n")
     elif (out / "base_size.json").exists():  # from an earlier report of another sweep into this folder
         (out / "base_size.json").unlink()
     if data.timeline is not None and not data.timeline.empty:  # trials by phase

@@ -57,6 +57,12 @@ white-space:normal} table.tbl td:first-child{text-align:left}
 """
 
 
+def _verdicts_html(claims, list_id: str) -> str:
+    e = html.escape
+    return (f"<ul id='{e(list_id)}'>" + "".join(f"<li><b>{e(c.name)}: {e(c.verdict)}</b> — {e(c.evidence)}</li>"
+                                               for c in claims) + "</ul>")
+
+
 def _table_html(df: pd.DataFrame) -> str:
     return df.to_html(index=False, border=0, classes="tbl", na_rep="—",
                       float_format=lambda v: f"{v:.4g}", escape=True)
@@ -100,9 +106,11 @@ def dashboard_html(data: SweepData, figures: dict[str, Any], png_note: str | Non
         parts.append("<h2>Base-model size → optimal latent bits/pixel</h2>" + _table_html(bs.table)
                      + "<p class='note'>Optimum: quadratic in ln(bits/pixel) per size, interior only when the fit "
                        "falls significantly at the lowest bitrate and rises at the highest; interval: residual "
-                       "bootstrap (ulsweep/report/optimum.py). Verdicts (also in trends.md):</p><ul id='verdicts'>"
-                     + "".join(f"<li><b>{e(c.name)}: {e(c.verdict)}</b> — {e(c.evidence)}</li>" for c in bs.claims)
-                     + "</ul>")
+                       "bootstrap (ulsweep/report/optimum.py). Verdicts (also in trends.md):</p>"
+                     + _verdicts_html(bs.claims, "verdicts"))
+        for b in basesize.beside_for_sweep(data):
+            parts.append(f"<p class='note'>The same by {e(metric_label(b.gen))} (trends.md has its table):</p>"
+                         + _verdicts_html(b.claims, f"verdicts-{b.gen}"))
     if data.timeline is not None and not data.timeline.empty:
         from ulsweep.report.timeline import PHASE_LABELS, phase_table
 
