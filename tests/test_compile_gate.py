@@ -131,3 +131,77 @@ def test_loss_factor_and_bias_are_tensors_so_trials_of_a_sweep_trace_one_graph(o
                            decoder_loss(x, x_hat, lam, dlam, lf, b))
     assert len(codes) == 2 and codes[0] == codes[1]
     assert not torch.equal(outs[0], outs[1])  # the values still act
+
+
+HOLD_UNTIL_TOLD = textwrap.dedent("""
+    import sys
+    from ulsweep.train.compile_gate import first_compile
+    with first_compile(sys.argv[1], "holder", folder=sys.argv[2]) as how:
+        print(how, flush=True)
+        sys.stdin.readline()
+    print("released", flush=True)
+    """)
+
+
+def test_busy_says_whether_another_process_is_compiling_the_key(tmp_path):
+    assert not G.busy("k", folder=str(tmp_path))  # nobody started
+    p = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_TOLD, "k", str(tmp_path)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "first"
+    assert G.busy("k", folder=str(tmp_path)) and not G.busy("other", folder=str(tmp_path))
+    with pytest.raises(subprocess.TimeoutExpired):  # asking does not take the gate from the holder
+        p.wait(timeout=0.2)
+    p.communicate("\n")
+    assert not G.busy("k", folder=str(tmp_path))  # done now
+
+
+def test_an_eager_trial_trains_uncompiled_while_another_compiles_then_switches(tmp_path, monkeypatch, digits_cache):
+    """gate_compile: eager. The gate is held by another process until the trial has logged step 3: steps 1-3 run
+    the uncompiled objective, steps 4-6 the compiled module, and the run's weights equal those of a run that
+    never waited (the stand-in compile changes no arithmetic)."""
+    import torch
+    from test_train import Recorder, tiny_exp
+
+    from ulsweep.train import loop
+    from ulsweep.train.stage1 import train_autoencoder
+
+    calls = []
+
+    class Compiled(torch.nn.Module):  # stands in for torch.compile's module (~100 s cold on CPU)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            calls.append(1)
+            return self.inner(*args)
+
+    gate_dir = tmp_path / "gate"
+    monkeypatch.setattr(loop, "compile_module", lambda module, setting, rt, **kw: Compiled(module))
+    monkeypatch.setattr(loop, "graph_key", lambda *a, **kw: "k")
+    monkeypatch.setattr(loop, "compile_busy", lambda key: G.busy(key, folder=str(gate_dir)))
+    monkeypatch.setattr(loop, "first_compile", lambda key, label: G.first_compile(key, label, folder=str(gate_dir)))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_TOLD, "k", str(gate_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "first"
+
+    class ReleaseAfter3(Recorder):
+        def log_metrics(self, step, metrics):
+            super().log_metrics(step, metrics)
+            if step == 3:  # the other process finishes its compile
+                holder.stdin.write("\n")
+                holder.stdin.flush()
+                assert holder.stdout.readline().strip() == "released"
+
+    res = train_autoencoder(tiny_exp(steps=6, log_every=1, compile=True, gate_compile="eager"),
+                            str(tmp_path / "eager"), ReleaseAfter3())
+    holder.wait(timeout=60)
+    marks = res.extra["marks"]
+    assert marks["eager_steps"] == 3 and len(calls) == 3 and marks["compile_gate"] == "done"
+    assert marks["t_first_step_end"] < marks["t_compiled_step_end"]
+    calls.clear()
+    plain = train_autoencoder(tiny_exp(steps=6, log_every=1, compile=True, gate_compile=False), str(tmp_path / "plain"))
+    assert len(calls) == 6
+    a = torch.load(f"{res.checkpoint}/state.pt", weights_only=False)["model"]
+    b = torch.load(f"{plain.checkpoint}/state.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

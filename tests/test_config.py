@@ -46,6 +46,12 @@ def test_bad_values_name_file_key_and_value(tmp_path, text, key, value_repr):
     assert f"(got {value_repr})" in msg
 
 
+def test_a_union_with_choices_lists_them():
+    with pytest.raises(ConfigError) as e:
+        experiment_from_dict({"ae": {"train": {"compile": True, "gate_compile": "eagre"}}})
+    assert "expected true or false or 'eager'" in str(e.value)
+
+
 def test_unknown_key_suggests_the_close_one(tmp_path):
     with pytest.raises(ConfigError, match=r"exp.yaml: ae.loss.loss_facotr: unknown key; did you mean 'loss_factor'"):
         load_experiment(write(tmp_path, "ae: {loss: {loss_facotr: 2}}"))

@@ -8,6 +8,11 @@
 # Session 13 ran it under `timeout`, which killed sweep_wall itself at 505 s (no JSON, no GPU samples): the
 # numbers were read back from the store with `sweep_wall.py --from-store` (benchmarks/results/*-s13*).
 #   ULSWEEP_COMMIT=$(git rev-parse HEAD) bash benchmarks/device/wall.sh
+# The compile gate waiting vs training uncompiled meanwhile (train.gate_compile true vs eager), side by side in one
+# call: the five autoencoders alone at half their steps, each variant with a cold Inductor cache of its own:
+#   WALL_LIMIT=270 bash benchmarks/device/wall.sh --set ae.train.steps=1700 --set 'base_models=[]' \
+#     --variant 'wait=ae.train.gate_compile=true,env:TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-wait' \
+#     --variant 'eager=ae.train.gate_compile=eager,env:TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-eager'
 set -uo pipefail
 bash benchmarks/device/fid.sh stage > /dev/null
 . benchmarks/device/env_b.sh

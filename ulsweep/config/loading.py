@@ -16,6 +16,10 @@ from ulsweep.config.errors import ConfigError, key_join
 from ulsweep.config.schema import ExperimentConfig
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:  # its values, not the word "Literal"
+        return " or ".join(map(repr, typing.get_args(tp)))
+    if tp is bool:
+        return "true or false"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

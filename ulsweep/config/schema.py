@@ -145,8 +145,10 @@ class TrainConfig:
     # removes the per-kernel launch cost that bounds small models; single-process trials only)
     compile: bool | Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = False
     # a compiled single-process trial takes its first step after any other process of the node that is compiling
-    # the same model for the first time, then compiles from torch's caches (ulsweep/train/compile_gate.py)
-    gate_compile: bool = True
+    # the same model for the first time, then compiles from torch's caches (ulsweep/train/compile_gate.py);
+    # "eager": while that other process compiles, this one trains uncompiled, and it switches to the compiled
+    # step once the other is done (ready to train at once instead of after the first compile)
+    gate_compile: bool | Literal["eager"] = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self):

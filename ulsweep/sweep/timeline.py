@@ -4,7 +4,8 @@
                 listed, Ray Train's worker group or local-mode trainer started)
     setup       data loaded or stream built, latents encoded or read (base models), networks built
     first_step  checkpoint restored, the first optimizer step: torch.compile's tracing and compilation and
-                CUDA graph capture happen here
+                CUDA graph capture happen here (with `train.gate_compile: eager` a trial that another is
+                compiling for takes this step uncompiled and compiles later, within `train`)
     train       the remaining optimizer steps, with logging and checkpoints at their intervals
     evaluate    the final evaluation (bits/pixel, PSNR, rFD/rFID; samples and gFD/gFID for base models)
     finish      final checkpoint, result.json, final metrics and images to MLflow, the trainer's tear-down

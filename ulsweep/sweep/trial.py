@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 
 # result entries that are bookkeeping, not metrics of the trained model
 _BOOKKEEPING = {"step", "final", "loop_seconds", "train_seconds", "t_worker", "t_loop", "t_loop_end", "compile_gate",
+                "t_compiled_step_end", "eager_steps",
                 *(m for m, _ in timeline.MARKS)}
 # compile_gate: how the first step got through ulsweep/train/compile_gate.py ("first", "after", "done", ...)
-_TIMINGS = ("t_worker", "t_loop", "t_loop_end", "train_seconds", "loop_seconds", "compile_gate",
+_TIMINGS = ("t_worker", "t_loop", "t_loop_end", "train_seconds", "loop_seconds", "compile_gate", "t_compiled_step_end",
+            "eager_steps",
             *(m for m, _ in timeline.MARKS if m not in ("t_loop", "t_fit_end")))
 
 

@@ -14,6 +14,10 @@ The key names what the compiled graph depends on: torch version, compile mode, d
 objective's class and module tree (`repr`, which lists every layer's sizes) and the batch's shape. Graphs that
 differ only in values Dynamo bakes in as constants share a key: a waiter then compiles them cold after the first
 process (the same work as without the gate, one compile later).
+
+Instead of waiting, a process may train its uncompiled module while `busy(key)` says another is compiling
+(`train.gate_compile: eager`, ulsweep/train/loop.py): its GPU share does useful work during the first compile,
+and it enters the gate, then finds the key done, as soon as the first process has finished.
 """
 from __future__ import annotations
 
@@ -51,6 +55,27 @@ def graph_key(objective, batch_shape, mode: str, device_type: str, amp_dtype) ->
     parts = [torch.__version__, mode, device_type, str(amp_dtype), type(objective).__qualname__, repr(objective),
              str(tuple(batch_shape))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def busy(key: str, folder: str | None = None) -> bool:
+    """Whether another process of this node is compiling `key` for the first time right now (it holds the gate
+    and has not marked the key done). Never blocks; False where the file system has no flock."""
+    import fcntl
+
+    d = os.path.join(folder or inductor_cache_dir(), "ulsweep-compile-gate")
+    if os.path.exists(os.path.join(d, f"{key}.done")):
+        return False
+    try:
+        fd = os.open(os.path.join(d, f"{key}.lock"), os.O_RDWR)
+    except OSError:  # no lock file: nobody has started
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
+    finally:
+        os.close(fd)  # releases the lock if this call got it
+    return False
 
 
 @contextlib.contextmanager

@@ -16,7 +16,9 @@ What differs between the stages comes in as arguments:
 Phases. The loop marks (wall clock, time.time()) when its first step starts and ends (the first step
 includes torch.compile's tracing and compilation, and CUDA graph capture), when training ends and when the
 final evaluation ends: `StageResult.extra["marks"]`, from which a sweep draws each trial's timeline
-(ulsweep/sweep/timeline.py).
+(ulsweep/sweep/timeline.py). With `train.gate_compile: eager` a trial whose model another process is compiling
+takes uncompiled steps until that process is done (`eager_steps`; its first step is then uncompiled, and
+`t_compiled_step_end` marks the end of its first compiled one).
 
 Under torch.distributed every rank draws the same global batch and noise from the shared generator and
 trains on its slice, so the loss does not depend on the number of workers. Checkpoints save weights, EMA,
@@ -38,7 +40,7 @@ from ulsweep.config import TrainConfig
 from ulsweep.train.checkpoint import (CheckpointError, latest_valid_checkpoint, prune_checkpoints, save_checkpoint,
                                       step_dir, write_images, write_result)
 from ulsweep.train.hooks import StageResult, TrainHooks, TrainingDiverged
-from ulsweep.train.compile_gate import first_compile, graph_key
+from ulsweep.train.compile_gate import busy as compile_busy, first_compile, graph_key
 from ulsweep.train.runtime import all_reduce_mean, compile_mode, compile_module, shard, wrap_ddp
 from ulsweep.train.state import TrainState, lr_at
 
@@ -79,6 +81,8 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
     # the first compile of this step on the node runs alone, later ones from its caches (compile_gate.py); not
     # under DDP, whose ranks compile together
     mode = compile_mode(tc.compile, rt) if rt.world == 1 and tc.gate_compile else None
+    step_fn = objective if mode is not None else model  # the module of the next step
+    key, gated, eager_steps = None, False, 0  # gate key; first compiled step entered; uncompiled steps taken
     local_batches = getattr(source, "local_batches", False)
 
     def checkpoint(metrics: dict) -> str | None:
@@ -104,14 +108,21 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
     while ts.step < tc.steps and not hooks.should_stop():
         t0 = time.perf_counter()
         batch = source.draw(tc.batch_size, ts.gen)
-        if mode is not None and "t_first_step_end" not in marks:
-            key = graph_key(objective, batch.shape, mode, rt.device.type, rt.amp_dtype)
-            marks["compile_gate"] = gate.enter_context(first_compile(key, spec.label))
+        if mode is not None and not gated:
+            key = key or graph_key(objective, batch.shape, mode, rt.device.type, rt.amp_dtype)
+            if tc.gate_compile == "eager" and compile_busy(key):  # another process compiles: train meanwhile
+                if not eager_steps and rt.is_main:
+                    print(f"[{spec.label}] training uncompiled while another trial compiles this model (compile "
+                          f"gate {key[:8]})", file=sys.stderr, flush=True)
+                eager_steps += 1
+            else:
+                marks["compile_gate"] = gate.enter_context(first_compile(key, spec.label))
+                step_fn, gated = model, True
         noise = objective.draw_noise(tc.batch_size, ts.gen)
         batch = batch if local_batches else shard(batch, rt)
         noise = {k: shard(v, rt) for k, v in noise.items()}
         with rt.autocast():
-            losses = model(batch, noise)
+            losses = step_fn(batch, noise)
         loss = losses["total"].mean() / objective.dims  # nats per dimension, for the optimizer
         gnorm = ts.optimizer_step(loss)
         bad |= ~torch.isfinite(loss)
@@ -120,7 +131,11 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
         n_acc += 1
         if "t_first_step_end" not in marks:  # compiled (and captured) by now: wait for the device once
             rt.synchronize()
-            marks["t_first_step_end"] = time.time()
+            marks["t_first_step_end"] = time.time()  # ready to train
+        if gated and "t_compiled_step_end" not in marks:  # the first compiled step: let the next process in
+            rt.synchronize()
+            marks["t_compiled_step_end"] = time.time()
+            marks["eager_steps"] = eager_steps
             gate.close()
         ts.train_seconds += time.perf_counter() - t0
 
