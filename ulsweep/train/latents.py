@@ -12,10 +12,14 @@ checkpoint directory, so pruning a checkpoint removes its latents with it.
 
 z_clean = E(x) of the whole training split, float32, encoded in batches of `ENCODE_BATCH` under
 `torch.no_grad` on the trial's device, exactly as stage 2 encoded it in-process before: base training on the
-stored latents is bit-identical. Concurrent base trials of one autoencoder: the first to claim the lease
-encodes, the others wait for the manifest (a lease whose heartbeat stops is taken over). Each encoder writes
-its shards under its own token and the manifest last, so readers see one complete set or none, even if two
-encoders ran. A manifest or shard that fails its checks is reported and encoded again, never trained on.
+stored latents is bit-identical. The images are read and decoded in the trial's process (one thread) where
+stage 1 holds the split on the device, and by Ray Data CPU tasks over the cluster where stage 1 streams it
+(`decode_path`, `encode_split`); the encoder runs in the trial's process either way, on the same batches, so z
+is the same. The manifest records the path (`decode`) and the encoding's images/s. Concurrent base trials of
+one autoencoder: the first to claim the lease encodes, the others wait for the manifest (a lease whose
+heartbeat stops is taken over). Each encoder writes its shards under its own token and the manifest last, so
+readers see one complete set or none, even if two encoders ran. A manifest or shard that fails its checks is
+reported and encoded again, never trained on.
 
 The files themselves (manifest, shards, `LatentWriter`, `read_latents`, `decode_latents`) are
 `ulsweep.train.latent_store`; this module decides who encodes and when, and how a base trial reads them

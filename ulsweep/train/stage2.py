@@ -1,10 +1,11 @@
 """Stage 2 (§3.3): a base diffusion model on the frozen encoder's latents.
 
-The encoder (EMA weights of the stage-1 checkpoint) maps the training split to z_clean once per checkpoint
-and dataset (`ulsweep.train.latents`: stored next to the checkpoint, read by every later base trial of that
-autoencoder, a resumed one included); the base model learns z_clean with the sigmoid-weighted ELBO over
-lambda in [logsnr_min, lambda_z(0)], noise drawn per step. Sampling ends at lambda_z(0) and hands the noisy
-z_0 to the frozen decoder. Evaluation encodes the held-out images itself (bits/pixel through the encoder).
+The encoder (EMA weights of the stage-1 checkpoint) maps the training split to z_clean once per checkpoint and
+dataset (`ulsweep.train.latents`: stored next to the checkpoint, read by every later base trial of that
+autoencoder, a resumed one included; its images decoded through Ray Data where stage 1 would stream them); the
+base model learns z_clean with the sigmoid-weighted ELBO over lambda in [logsnr_min, lambda_z(0)], noise drawn
+per step. Sampling ends at lambda_z(0) and hands the noisy z_0 to the frozen decoder. Evaluation encodes the
+held-out images itself (bits/pixel through the encoder).
 """
 from __future__ import annotations
 
