@@ -1,6 +1,7 @@
 """Stage-1 batches streamed through Ray Data (ulsweep/data/stream.py): epochs, per-epoch shuffles, exact resume,
 two Ray Train workers on disjoint parts, both loaders' bits/pixel, hflip, bad shards, bounded memory, the
-streaming executor kept out of the training process, blocks of whole batches under a CPU-scaled limit.
+streaming executor kept out of the training process, blocks of whole batches under a CPU-scaled limit; stage 2's
+latents encoded from Ray Data decode tasks (bit-identical to in-process, bad shards) and streamed.
 
 One local Ray for the module; every image carries its row id in its first two pixels."""
 from __future__ import annotations

@@ -75,9 +75,10 @@ def encode_split(encoder: torch.nn.Module, ds: Dataset, split: str, image_size: 
     of the split whatever its shard layout (so z is bit-identical to stage 2's in-process encoding of the whole
     split in slices of `batch`, before the cache), on either `decode` path:
 
-    `in-process`: this process reads and decodes the shards, one thread, one shard at a time (~30-40 JPEG
-    images/s at 256^2 per core: fine for small splits, hours for ImageNet).
-    `ray-data`: CPU tasks of the Ray cluster read and decode them (`_ray_data_batches`).
+    `in-process`: this process reads and decodes the shards, one thread, one shard at a time (one core's
+    decode rate: fine for small splits, hours for ImageNet-scale ones).
+    `ray-data`: CPU tasks of the Ray cluster read and decode them (`_ray_data_batches`); a fixed start-up
+    of about 1.5-2 s per split on a 2-core box (benchmarks/results/cpu-encode-latents.json).
 
     The encoder runs here, on the device the trial already holds, on either path: encoding in GPU actors
     would wait for GPUs that the sweep's trials hold. Memory holds a shard or O(ENCODE_PREFETCH) batches of
