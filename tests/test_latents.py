@@ -84,6 +84,7 @@ def test_base_trials_encode_once_and_train_bit_identically(ae, tmp_path, monkeyp
     m = lat.manifest
     assert (m["latent_shape"], m["num_rows"], m["dtype"]) == (list(z_ref.shape[1:]), len(z_ref), "float32")
     assert (m["ae_sha256"], m["data_hash"]) == (meta["sha256"], data_hash)
+    assert m["decode"] == "in-process"  # data.loader auto: stage 1 holds this small split on the device
     for uri, sh in zip(lat.shard_uris, m["shards"]):
         assert hashlib.sha256(uio.read_bytes(uri)).hexdigest() == sh["sha256"]
     assert lat.uri.startswith(f"{ckpt}/latents/")

@@ -1,6 +1,7 @@
 """Stage-1 batches streamed through Ray Data (ulsweep/data/stream.py): epochs, per-epoch shuffles, exact resume,
 two Ray Train workers on disjoint parts, both loaders' bits/pixel, hflip, bad shards, bounded memory, the
-streaming executor kept out of the training process, blocks of whole batches under a CPU-scaled limit.
+streaming executor kept out of the training process, blocks of whole batches under a CPU-scaled limit; stage 2's
+latents encoded from Ray Data decode tasks (bit-identical to in-process, bad shards) and streamed.
 
 One local Ray for the module; every image carries its row id in its first two pixels."""
 from __future__ import annotations
@@ -458,8 +459,68 @@ def test_latents_encode_shard_by_shard_and_stream_over_ranks(ray_local, tmp_path
     assert set(map(tuple, key(seen[1]))) == set(map(tuple, key(every[12:24]))) | set(map(tuple, key(every[36:])))
 
 
+def test_ray_data_encoding_gives_the_in_process_latents_bit_for_bit(ray_local, tmp_path):
+    """encode_split through Ray Data decode tasks feeds the encoder the same batches of consecutive images as
+    the in-process path (shards of 16, 16, 13 rows in batches of 7: batches cross shards, the last is
+    partial), so z is torch.equal."""
+    from latentlib import SlowEncoder, tiny_data
+    from ulsweep.train import latents as L
+
+    _, ds = tiny_data(tmp_path / "data", n=45)
+    enc = SlowEncoder(sleep_s=0)
+    z = {}
+    for decode in (L.IN_PROCESS, L.RAY_DATA):
+        zs = []
+        assert L.encode_split(enc, ds, "train", 8, "cpu", zs.append, batch=7, decode=decode) == 45
+        assert [len(b) for b in zs] == [7] * 6 + [3]
+        z[decode] = torch.cat(zs)
+    x = sources.to_model_range(ds.load_split("train")[0], 8)
+    with torch.no_grad():
+        want = torch.cat([enc(x[i:i + 7]).float() for i in range(0, 45, 7)])
+    assert torch.equal(z[L.RAY_DATA], z[L.IN_PROCESS]) and torch.equal(z[L.RAY_DATA], want)
+
+
+@pytest.mark.parametrize("decode", ["in-process", "ray-data"])
+def test_changed_image_shard_fails_the_encoding_naming_it_and_publishes_nothing(ray_local, tmp_path, monkeypatch,
+                                                                                 decode):
+    """An image shard changed after the dataset manifest was written: a DataError naming it (the task's
+    message, not Ray's traceback), no latents.json, and the latent shards already written are removed."""
+    import functools
+
+    from latentlib import SlowEncoder, tiny_data
+    from ulsweep import io as uio
+    from ulsweep.train import latent_store
+    from ulsweep.train import latents as L
+
+    data, ds = tiny_data(tmp_path / "data")  # 40 images in shards of 16, 16, 8
+    monkeypatch.setattr(latent_store, "SHARD_BYTES", 8 * 4 * 2 * 4 * 4)  # 8 latents (2x4x4 float32) per shard
+    monkeypatch.setattr(L, "encode_split", functools.partial(L.encode_split, batch=8))
+    written, write = [], latent_store.LatentWriter._write
+
+    def counted(self, n):
+        written.append(n)
+        write(self, n)
+
+    monkeypatch.setattr(latent_store.LatentWriter, "_write", counted)
+    shard = os.path.join(ds.uri, "train", "part-00002.parquet")
+    with open(shard, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    ckpt = str(tmp_path / "ckpt")
+    with pytest.raises(DataError) as err:
+        L.training_latents(SlowEncoder(sleep_s=0), ckpt, "6" * 64, ds, data, "cpu", decode=decode)
+    assert str(err.value).startswith(f"{shard} (split 'train'): SHA-256 mismatch")
+    assert "ray::" not in str(err.value) and "Failed to" not in str(err.value)
+    if decode == "in-process":  # the 32 images of the two good shards were encoded and written ...
+        assert written == [8] * 4  # (Ray Data raises a task's error at once, maybe before earlier batches)
+    directory = L.latents_dir(ckpt, L.LatentsKey("6" * 64, ds.content_hash, "train", 8))
+    assert uio.listdir(directory) == []  # ... and removed: no manifest, no shard, no lease
+
+
 def test_base_trial_streams_latents_it_was_told_to(ray_local, data_dir, tmp_path, monkeypatch, capsys):
-    """`data.loader: stream` trains the base model from the latent shards; the latents are never loaded whole."""
+    """`data.loader: stream` encodes the latents through Ray Data decode tasks (the manifest says so) and trains
+    the base model from the latent shards; the latents are never loaded whole, and a second base trial of the
+    autoencoder reads them without encoding."""
     from ulsweep.train import latents as L
     from ulsweep.train.stage1 import train_autoencoder
     from ulsweep.train.stage2 import train_base
@@ -479,5 +540,17 @@ def test_base_trial_streams_latents_it_was_told_to(ray_local, data_dir, tmp_path
 
     monkeypatch.setattr(L.Latents, "load", whole)
     res = train_base(base_exp, base_exp.base_models[0], ae.checkpoint, str(tmp_path / "base"))
-    assert "-> stream for the latents" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "-> stream for the latents" in out
+    assert "data.loader stream -> stream for the training images: set in the config" in out
+    assert f"[latents] encoded {N_TRAIN} images" in out and "decoded through Ray Data on 2 CPUs" in out
     assert res.steps == 3 and np.isfinite(res.metrics["base_bpp"])
+    m = L.published_latents(ae.checkpoint, base_exp.data).manifest
+    assert (m["decode"], m["ray_cpus"], m["num_rows"]) == ("ray-data", 2, N_TRAIN) and m["images_per_s"] > 0
+
+    def again(*a, **k):
+        raise AssertionError("the published latents were encoded again")
+
+    monkeypatch.setattr(L, "encode_split", again)
+    again_res = train_base(base_exp, base_exp.base_models[0], ae.checkpoint, str(tmp_path / "base2"))
+    assert again_res.steps == 3 and "[latents] encoded" not in capsys.readouterr().out

@@ -46,9 +46,10 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import sys
 import warnings
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -185,12 +186,19 @@ def execution_options(row_bytes: int, batch_rows: int, cpus: int | None = None):
     and an object-store limit of max(INFLIGHT_BLOCKS, BLOCKS_PER_CPU * `cpus`) blocks of `block_rows` rows
     plus twice the prefetched and shuffle-buffered batches. `cpus`: the CPUs the pipeline decodes on
     (default: `data_cpus()`)."""
+    return ordered_options(block_rows(batch_rows, row_bytes) * row_bytes,
+                           (PREFETCH_BATCHES + SHUFFLE_BATCHES) * batch_rows * row_bytes, cpus)
+
+
+def ordered_options(block_bytes: int, held_bytes: int, cpus: int | None = None):
+    """Ray Data options of an ordered pipeline (`preserve_order`) under an object-store limit of
+    max(INFLIGHT_BLOCKS, BLOCKS_PER_CPU * `cpus`) blocks of `block_bytes` bytes plus twice `held_bytes`, the
+    bytes the consumer holds ahead (prefetched, shuffle-buffered). `cpus`: the CPUs the pipeline decodes on
+    (default: `data_cpus()`)."""
     from ray.data import ExecutionOptions, ExecutionResources
 
     cpus = cpus or data_cpus()
-    block = block_rows(batch_rows, row_bytes) * row_bytes
-    inflight = (max(INFLIGHT_BLOCKS, BLOCKS_PER_CPU * cpus) * block
-                + 2 * (PREFETCH_BATCHES + SHUFFLE_BATCHES) * batch_rows * row_bytes)
+    inflight = max(INFLIGHT_BLOCKS, BLOCKS_PER_CPU * cpus) * block_bytes + 2 * held_bytes
     return ExecutionOptions(preserve_order=True, resource_limits=ExecutionResources(object_store_memory=inflight))
 
 
@@ -224,15 +232,34 @@ def ensure_ray() -> None:
 # training side: the batch source
 
 
+# what Ray Data appends to the message of an exception its task raised (ray/data/_internal/util.py)
+_RAY_RETRY_NOTE = re.compile(r"\nFailed to .* after \d+/\d+ attempts \(total backoff .*", re.S)
+
+
 def data_error_in(e: BaseException) -> DataError | None:
-    """The DataError behind an exception Ray raised for a failed task (it wraps the task's error)."""
-    seen = set()
+    """The DataError a failed Ray task raised, found behind the exception Ray raised for it, as a DataError
+    of the task's own message (naming the file); None when there is none. Ray wraps the task's error in a
+    `RayTaskError(DataError)`, itself a DataError but whose text is the task's traceback, and Ray Data appends
+    a note on retries to the message: the innermost DataError is taken, without that note."""
+    seen, found = set(), None
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, DataError):
-            return e
+            found = e
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__
-    return None
+    return None if found is None else DataError(_RAY_RETRY_NOTE.sub("", str(found)))
+
+
+def raising_data_errors(batches: Iterable) -> Iterator:
+    """The items of `batches` (a Ray Data iterable); a failed task's DataError is raised as itself, naming
+    the file (`data_error_in`), not as Ray's wrapper."""
+    try:
+        yield from batches
+    except Exception as e:
+        err = data_error_in(e)
+        if err is None:
+            raise
+        raise err from e
 
 
 def out_of_process(shard):
@@ -276,7 +303,7 @@ class StreamSource:
     def _start_epoch(self, batch_size: int) -> None:
         k = batch_size // self.rt.world
         cuda = self.rt.device.type == "cuda"
-        self._it = iter(self.shard.iter_torch_batches(
+        self._it = raising_data_errors(self.shard.iter_torch_batches(
             batch_size=k, drop_last=True, prefetch_batches=self.prefetch,
             local_shuffle_buffer_size=self.shuffle * k if self.shuffle else None,
             local_shuffle_seed=epoch_seed(self.seed, self.epoch, self.rt.rank),
@@ -297,11 +324,6 @@ class StreamSource:
             except StopIteration:
                 self.epoch, self.step_in_epoch, self._it = self.epoch + 1, 0, None
                 continue
-            except Exception as e:
-                err = data_error_in(e)
-                if err is not None:
-                    raise DataError(str(err)) from e
-                raise
             if self._skip:
                 self._skip -= 1
                 continue

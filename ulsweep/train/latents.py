@@ -12,10 +12,14 @@ checkpoint directory, so pruning a checkpoint removes its latents with it.
 
 z_clean = E(x) of the whole training split, float32, encoded in batches of `ENCODE_BATCH` under
 `torch.no_grad` on the trial's device, exactly as stage 2 encoded it in-process before: base training on the
-stored latents is bit-identical. Concurrent base trials of one autoencoder: the first to claim the lease
-encodes, the others wait for the manifest (a lease whose heartbeat stops is taken over). Each encoder writes
-its shards under its own token and the manifest last, so readers see one complete set or none, even if two
-encoders ran. A manifest or shard that fails its checks is reported and encoded again, never trained on.
+stored latents is bit-identical. The images are read and decoded in the trial's process (one thread) where
+stage 1 holds the split on the device, and by Ray Data CPU tasks over the cluster where stage 1 streams it
+(`decode_path`, `encode_split`); the encoder runs in the trial's process either way, on the same batches, so z
+is the same. The manifest records the path (`decode`) and the encoding's images/s. Concurrent base trials of
+one autoencoder: the first to claim the lease encodes, the others wait for the manifest (a lease whose
+heartbeat stops is taken over). Each encoder writes its shards under its own token and the manifest last, so
+readers see one complete set or none, even if two encoders ran. A manifest or shard that fails its checks is
+reported and encoded again, never trained on.
 
 The files themselves (manifest, shards, `LatentWriter`, `read_latents`, `decode_latents`) are
 `ulsweep.train.latent_store`; this module decides who encodes and when, and how a base trial reads them
@@ -24,9 +28,10 @@ The files themselves (manifest, shards, `LatentWriter`, `read_latents`, `decode_
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -51,47 +56,95 @@ POLL_S = 1.0  # how often a waiting trial looks for the manifest
 # the training split's latents, encoded once
 
 
+IN_PROCESS, RAY_DATA = "in-process", "ray-data"  # where encode_split reads and decodes the images
+ENCODE_PREFETCH = 2  # encoder batches the Ray Data path decodes ahead of the encoder
+
+
+def decode_path(images_loader: str) -> str:
+    """Where stage 2 decodes the training images it encodes, given stage 1's loader choice for them
+    (`ulsweep.data.sources.choose_loader`): through Ray Data where stage 1 streams them (a split too large
+    for the device, or `data.loader: stream`), in this process where it holds them on the device."""
+    return RAY_DATA if images_loader == "stream" else IN_PROCESS
+
+
 @torch.no_grad()
 def encode_split(encoder: torch.nn.Module, ds: Dataset, split: str, image_size: int, device: torch.device | str,
-                 sink: Callable[[torch.Tensor], None], batch: int = ENCODE_BATCH) -> int:
+                 sink: Callable[[torch.Tensor], None], batch: int = ENCODE_BATCH, decode: str = IN_PROCESS) -> int:
     """z_clean = E(x) of every image of `split`, in order, handed to `sink` as float32 (n, C, h, w) on `device`
     one encoder batch at a time; returns the number of images. The batches are `batch` consecutive images
     of the split whatever its shard layout (so z is bit-identical to stage 2's in-process encoding of the whole
-    split in slices of `batch`, before the cache), and
-    memory holds one shard of images and one batch: the split can be far larger than the host or device."""
-    carry: torch.Tensor | None = None  # uint8 images of the last shard that did not fill a batch
+    split in slices of `batch`, before the cache), on either `decode` path:
+
+    `in-process`: this process reads and decodes the shards, one thread, one shard at a time (one core's
+    decode rate: fine for small splits, hours for ImageNet-scale ones).
+    `ray-data`: CPU tasks of the Ray cluster read and decode them (`_ray_data_batches`); a fixed start-up
+    of about 1.5-2 s per split on a 2-core box (benchmarks/results/cpu-encode-latents.json).
+
+    The encoder runs here, on the device the trial already holds, on either path: encoding in GPU actors
+    would wait for GPUs that the sweep's trials hold. Memory holds a shard or O(ENCODE_PREFETCH) batches of
+    images and one batch of latents: the split can be far larger than the host or device. A missing or
+    changed shard is a DataError naming it."""
+    batches = {IN_PROCESS: _in_process_batches, RAY_DATA: _ray_data_batches}.get(decode)
+    if batches is None:
+        raise ValueError(f"decode must be {IN_PROCESS!r} or {RAY_DATA!r}, not {decode!r}")
     n = 0
-
-    def run(x_u8: torch.Tensor) -> None:
+    for x_u8 in batches(ds, split, batch):
         sink(encoder(to_model_range(x_u8, image_size).to(device)).float())
+        n += len(x_u8)
+    if n != ds.splits[split]:
+        raise DataError(f"{ds.uri}: split {split!r} gave {n} images, the manifest says {ds.splits[split]}")
+    return n
 
+
+def _in_process_batches(ds: Dataset, split: str, batch: int) -> Iterator[torch.Tensor]:
+    """uint8 (batch, C, H, W) CPU tensors of `split` in order, the last one partial, read and decoded by this
+    process one shard at a time."""
+    carry: torch.Tensor | None = None  # images of the last shard that did not fill a batch
     for img, _ in ds.iter_split(split):
         x = torch.from_numpy(img)
         if carry is not None:
-            x = torch.cat([carry, x])
-            carry = None
+            x, carry = torch.cat([carry, x]), None
         full = len(x) - len(x) % batch
         for i in range(0, full, batch):
-            run(x[i:i + batch])
+            yield x[i:i + batch]
         if full < len(x):
             carry = x[full:].clone()
-        n += full
     if carry is not None:
-        run(carry)
-        n += len(carry)
-    return n
+        yield carry
+
+
+def _ray_data_batches(ds: Dataset, split: str, batch: int) -> Iterator[torch.Tensor]:
+    """The batches of `_in_process_batches`, read and decoded by `ulsweep.data.stream`'s pipeline (ReadShards,
+    DecodeImages) as CPU tasks over the Ray cluster, in order (`preserve_order`), re-batched to `batch`
+    rows. Blocks are up to BLOCK_BYTES of images (many tasks, even for a few shards); the object-store limit
+    is `stream.ordered_options` of those blocks plus ENCODE_PREFETCH batches. The streaming executor runs in
+    the split's coordinator actor (`stream.out_of_process`), not beside the encoder; a DataError raised by a
+    task is raised as itself (`stream.data_error_in`)."""
+    from ulsweep.data import stream
+
+    stream.ensure_ray()
+    row = math.prod(ds.image_shape)
+    pipe = stream.build_dataset(ds, split, 1, row_bytes=row)
+    pipe.context.execution_options = stream.ordered_options(stream.block_rows(1, row) * row,
+                                                            ENCODE_PREFETCH * batch * row)
+    it = stream.out_of_process(pipe).iter_torch_batches(batch_size=batch, drop_last=False, device="cpu",
+                                                        prefetch_batches=ENCODE_PREFETCH)
+    for b in stream.raising_data_errors(it):
+        yield b["image"]
 
 
 def training_latents(encoder: torch.nn.Module, ae_checkpoint: str, ae_sha256: str, ds: Dataset,
                      data: DataConfig, device: torch.device | str, *, poll_s: float = POLL_S,
-                     heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S,
-                     load: bool = True) -> tuple[Latents | None, torch.Tensor | None]:
+                     heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S, load: bool = True,
+                     decode: str = IN_PROCESS) -> tuple[Latents | None, torch.Tensor | None]:
     """(the published latents of `data.train_split`, them as float32 (N, C, h, w) on `device`, or None when
     not `load`: a base trial that streams them reads the shards itself).
 
     Reads them when published and valid; otherwise takes the lease and encodes (or waits for the trial
-    holding it). A published set that fails its checks is reported (warning naming the file) and replaced.
-    Where the checkpoint directory cannot be written the latents are encoded for this call only (None).
+    holding it), decoding the images on the `decode` path (`encode_split`; recorded in the manifest). A
+    published set that fails its checks is reported (warning naming the file) and replaced. Where the
+    checkpoint directory cannot be written the latents are encoded for this call only (None). An encoding
+    that fails (e.g. a DataError for a changed image shard) publishes nothing and removes its shards.
     """
     key = LatentsKey(ae_sha256, ds.content_hash, data.train_split, data.image_size)
     directory = latents_dir(ae_checkpoint, key)
@@ -116,14 +169,15 @@ def training_latents(encoder: torch.nn.Module, ae_checkpoint: str, ae_sha256: st
             warnings.warn(f"{directory}: cannot store latents here ({e}); encoding them for this trial only, "
                           "held in memory")
             zs: list[torch.Tensor] = []
-            encode_split(encoder, ds, data.train_split, data.image_size, device, zs.append)
+            encode_split(encoder, ds, data.train_split, data.image_size, device, zs.append, decode=decode)
             return None, torch.cat(zs)
         if lease is not None:
             with lease:
                 lat, _ = read_latents(directory, key)  # published between our look and our claim?
                 if lat is not None and lat.manifest != rejected:
                     continue
-                return _encode_and_publish(encoder, ae_checkpoint, key, ds, data, device, directory, lease, load)
+                return _encode_and_publish(encoder, ae_checkpoint, key, ds, data, device, directory, lease, load,
+                                           decode)
         if watch.look() is not None:
             if not said:
                 h = watch.holder()
@@ -155,7 +209,9 @@ def _remove_unpublished(directory: str, token: Any) -> None:
 
 
 def _encode_and_publish(encoder, ae_checkpoint: str, key: LatentsKey, ds: Dataset, data: DataConfig, device,
-                        directory: str, lease: Lease, load: bool) -> tuple[Latents, torch.Tensor | None]:
+                        directory: str, lease: Lease, load: bool, decode: str) -> tuple[Latents, torch.Tensor | None]:
+    """Encode the split under the held `lease`, write its shards and then the manifest. On any failure the
+    shards written so far are removed and nothing is published."""
     t0 = time.perf_counter()
     writer = LatentWriter(directory, lease.token)
     zs: list[torch.Tensor] = []
@@ -165,14 +221,30 @@ def _encode_and_publish(encoder, ae_checkpoint: str, key: LatentsKey, ds: Datase
         if load:
             zs.append(z)
 
-    encode_split(encoder, ds, data.train_split, data.image_size, device, sink)
-    seconds = time.perf_counter() - t0
-    info = {"ae_checkpoint": ae_checkpoint, "data_uri": ds.uri, "encode_seconds": seconds,
-            "encoder": {"device": str(torch.device(device)), "batch": ENCODE_BATCH, "torch": torch.__version__}}
-    lat = writer.finish(key, info)
-    print(f"[latents] encoded {lat.num_rows} images of {data.train_split!r} to {lat.latent_shape} "
-          f"in {seconds:.1f} s -> {directory}", flush=True)
+    try:
+        n = encode_split(encoder, ds, data.train_split, data.image_size, device, sink, decode=decode)
+        seconds = time.perf_counter() - t0
+        info = {"ae_checkpoint": ae_checkpoint, "data_uri": ds.uri, "encode_seconds": seconds,
+                "images_per_s": n / seconds, **_decode_info(decode),
+                "encoder": {"device": str(torch.device(device)), "batch": ENCODE_BATCH, "torch": torch.__version__}}
+        lat = writer.finish(key, info)
+    except BaseException:
+        _remove_unpublished(directory, lease.token)
+        raise
+    how = "in process" if decode == IN_PROCESS else f"through Ray Data on {info['ray_cpus']} CPUs"
+    print(f"[latents] encoded {n} images of {data.train_split!r} to {lat.latent_shape} in {seconds:.1f} s "
+          f"({n / seconds:.0f} images/s, decoded {how}) -> {directory}", flush=True)
     return lat, (torch.cat(zs) if load else None)
+
+
+def _decode_info(decode: str) -> dict:
+    """The manifest's record of where the images were decoded: the path, and the Ray cluster's CPUs for
+    `ray-data`."""
+    if decode != RAY_DATA:
+        return {"decode": decode}
+    from ulsweep.data.stream import data_cpus
+
+    return {"decode": decode, "ray_cpus": data_cpus()}
 
 
 class DecodeLatents:

@@ -1,10 +1,11 @@
 """Stage 2 (§3.3): a base diffusion model on the frozen encoder's latents.
 
-The encoder (EMA weights of the stage-1 checkpoint) maps the training split to z_clean once per checkpoint
-and dataset (`ulsweep.train.latents`: stored next to the checkpoint, read by every later base trial of that
-autoencoder, a resumed one included); the base model learns z_clean with the sigmoid-weighted ELBO over
-lambda in [logsnr_min, lambda_z(0)], noise drawn per step. Sampling ends at lambda_z(0) and hands the noisy
-z_0 to the frozen decoder. Evaluation encodes the held-out images itself (bits/pixel through the encoder).
+The encoder (EMA weights of the stage-1 checkpoint) maps the training split to z_clean once per checkpoint and
+dataset (`ulsweep.train.latents`: stored next to the checkpoint, read by every later base trial of that
+autoencoder, a resumed one included; its images decoded through Ray Data where stage 1 would stream them); the
+base model learns z_clean with the sigmoid-weighted ELBO over lambda in [logsnr_min, lambda_z(0)], noise drawn
+per step. Sampling ends at lambda_z(0) and hands the noisy z_0 to the frozen decoder. Evaluation encodes the
+held-out images itself (bits/pixel through the encoder).
 """
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ import math
 import torch
 
 from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_yaml, experiment_from_dict, to_dict
-from ulsweep.data.sources import DeviceSplit, choose_loader_for, load_eval_images, open_splits
+from ulsweep.data.sources import DeviceSplit, choose_loader, choose_loader_for, load_eval_images, open_splits
 from ulsweep.diffusion import LogSNRSchedule, base_loss, diffuse, latent_bitrate, low_discrepancy_times, x_from_v
 from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model, sampler
 from ulsweep.train.checkpoint import CheckpointError, finished_result, load_checkpoint
 from ulsweep.train.evaluation import generation_fd_of, load_eval_extractor
 from ulsweep.train.hooks import StageResult, TrainHooks
-from ulsweep.train.latents import latent_source, training_latents
+from ulsweep.train.latents import IN_PROCESS, decode_path, latent_source, training_latents
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
 from ulsweep.train.sampling import decode, generate_latents, image_grid_png, to_uint8
@@ -128,8 +129,9 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     loader, why = choose_loader_for(exp.data, need, rt.device, "latents")
     if rt.is_main:
         print(f"[base {base.name}] data.loader {exp.data.loader} -> {loader} for the latents: {why}", flush=True)
+    decode = _say_decode_path(exp, ds, rt, f"[base {base.name}]")
     latents, z_train = training_latents(ae.encoder, ae_checkpoint, ae_meta["sha256"], ds, exp.data, rt.device,
-                                        load=loader == "device")
+                                        load=loader == "device", decode=decode)
     if z_train is not None:
         source = DeviceSplit(z_train)
     else:
@@ -157,6 +159,18 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
         print(f"[base {base.name}] done: base-model latent bits/pixel={res.metrics['base_bpp']:.4f}{fd}  "
               f"checkpoint={res.checkpoint}", flush=True)
     return res
+
+
+def _say_decode_path(exp: ExperimentConfig, ds, rt, label: str) -> str:
+    """Where the training images are decoded if their latents must be encoded (`decode_path` of stage 1's
+    loader choice for them); printed on rank 0 with the reason."""
+    images, why = choose_loader(exp.data, ds, rt.device)
+    decode = decode_path(images)
+    if rt.is_main:
+        how = "in process" if decode == IN_PROCESS else "through Ray Data"
+        print(f"{label} data.loader {exp.data.loader} -> {images} for the training images: {why}; encoding "
+              f"them, unless their latents are stored, decodes {how}", flush=True)
+    return decode
 
 
 def _hash(exp: ExperimentConfig, base: BaseStageConfig, ae_meta: dict) -> str:
