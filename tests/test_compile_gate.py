@@ -79,7 +79,7 @@ def test_a_compiled_run_goes_through_the_gate_unless_told_not_to(tmp_path, monke
 
     def spy(key, label, **kw):
         entered.append(key)
-        return G.first_compile(key, label, folder=str(tmp_path))
+        return G.first_compile(key, label, folder=str(tmp_path), **kw)
 
     monkeypatch.setattr(loop, "first_compile", spy)
     # the gate follows train.compile; the compilation itself (~100 s cold on CPU) is not what is tested here
@@ -143,16 +143,18 @@ HOLD_UNTIL_TOLD = textwrap.dedent("""
     """)
 
 
-def test_busy_says_whether_another_process_is_compiling_the_key(tmp_path):
-    assert not G.busy("k", folder=str(tmp_path))  # nobody started
+def test_a_process_that_will_not_wait_hears_busy_and_holds_nothing(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_TOLD, "k", str(tmp_path)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "first"
-    assert G.busy("k", folder=str(tmp_path)) and not G.busy("other", folder=str(tmp_path))
-    with pytest.raises(subprocess.TimeoutExpired):  # asking does not take the gate from the holder
-        p.wait(timeout=0.2)
-    p.communicate("\n")
-    assert not G.busy("k", folder=str(tmp_path))  # done now
+    with G.first_compile("k", "eager", folder=str(tmp_path), wait=False) as how:
+        assert how == "busy"
+    with G.first_compile("other", "eager", folder=str(tmp_path), wait=False) as how:
+        assert how == "first"  # nobody holds that key: this process compiles it
+    assert p.communicate("\n")[0].split() == ["released"]  # asking took the gate from nobody
+    assert (tmp_path / "ulsweep-compile-gate" / "k.done").exists()  # the holder marked k done
+    with G.first_compile("k", "eager", folder=str(tmp_path), wait=False) as how:
+        assert how == "done"
 
 
 def test_an_eager_trial_trains_uncompiled_while_another_compiles_then_switches(tmp_path, monkeypatch, digits_cache):
@@ -179,8 +181,8 @@ def test_an_eager_trial_trains_uncompiled_while_another_compiles_then_switches(t
     gate_dir = tmp_path / "gate"
     monkeypatch.setattr(loop, "compile_module", lambda module, setting, rt, **kw: Compiled(module))
     monkeypatch.setattr(loop, "graph_key", lambda *a, **kw: "k")
-    monkeypatch.setattr(loop, "compile_busy", lambda key: G.busy(key, folder=str(gate_dir)))
-    monkeypatch.setattr(loop, "first_compile", lambda key, label: G.first_compile(key, label, folder=str(gate_dir)))
+    monkeypatch.setattr(loop, "first_compile",
+                        lambda key, label, **kw: G.first_compile(key, label, folder=str(gate_dir), **kw))
     holder = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_TOLD, "k", str(gate_dir)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "first"

@@ -15,9 +15,10 @@ objective's class and module tree (`repr`, which lists every layer's sizes) and 
 differ only in values Dynamo bakes in as constants share a key: a waiter then compiles them cold after the first
 process (the same work as without the gate, one compile later).
 
-Instead of waiting, a process may train its uncompiled module while `busy(key)` says another is compiling
-(`train.gate_compile: eager`, ulsweep/train/loop.py): its GPU share does useful work during the first compile,
-and it enters the gate, then finds the key done, as soon as the first process has finished.
+Instead of waiting, a process may ask without waiting (`wait=False`: "busy" while another compiles) and train
+its uncompiled module meanwhile (`train.gate_compile: eager`, ulsweep/train/loop.py): its share of the device
+does useful work during the first compile, and it gets in, finding the key done, once the first process has
+finished (or compiles first itself, if it asks while nobody holds the gate).
 """
 from __future__ import annotations
 
@@ -57,33 +58,14 @@ def graph_key(objective, batch_shape, mode: str, device_type: str, amp_dtype) ->
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-def busy(key: str, folder: str | None = None) -> bool:
-    """Whether another process of this node is compiling `key` for the first time right now (it holds the gate
-    and has not marked the key done). Never blocks; False where the file system has no flock."""
-    import fcntl
-
-    d = os.path.join(folder or inductor_cache_dir(), "ulsweep-compile-gate")
-    if os.path.exists(os.path.join(d, f"{key}.done")):
-        return False
-    try:
-        fd = os.open(os.path.join(d, f"{key}.lock"), os.O_RDWR)
-    except OSError:  # no lock file: nobody has started
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        return e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
-    finally:
-        os.close(fd)  # releases the lock if this call got it
-    return False
-
-
 @contextlib.contextmanager
-def first_compile(key: str, label: str = "", wait_s: float = WAIT_S, folder: str | None = None) -> Iterator[str]:
+def first_compile(key: str, label: str = "", wait_s: float = WAIT_S, folder: str | None = None,
+                  wait: bool = True) -> Iterator[str]:
     """Run the block (a first, compiling step) after any other process of this node that is compiling `key` for
     the first time has finished; yields how it got in: "first" (compiled alone, first of its key), "after"
     (waited for the first), "done" (a process had already finished), "timeout" or "unlocked" (a file system
-    without flock: no gate)."""
+    without flock: no gate). With `wait=False` it yields "busy" at once instead of waiting: the block must
+    then not compile (it holds nothing, and marks nothing done)."""
     import fcntl
 
     d = os.path.join(folder or inductor_cache_dir(), "ulsweep-compile-gate")
@@ -109,6 +91,9 @@ def first_compile(key: str, label: str = "", wait_s: float = WAIT_S, folder: str
                     break
             if os.path.exists(done):
                 how = "done"
+                break
+            if not wait:
+                how = "busy"
                 break
             if not said:
                 print(f"[{label}] waiting for another trial's first compile of this model (compile gate {key[:8]})",

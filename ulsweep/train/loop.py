@@ -40,7 +40,7 @@ from ulsweep.config import TrainConfig
 from ulsweep.train.checkpoint import (CheckpointError, latest_valid_checkpoint, prune_checkpoints, save_checkpoint,
                                       step_dir, write_images, write_result)
 from ulsweep.train.hooks import StageResult, TrainHooks, TrainingDiverged
-from ulsweep.train.compile_gate import busy as compile_busy, first_compile, graph_key
+from ulsweep.train.compile_gate import first_compile, graph_key
 from ulsweep.train.runtime import all_reduce_mean, compile_mode, compile_module, shard, wrap_ddp
 from ulsweep.train.state import TrainState, lr_at
 
@@ -110,14 +110,17 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
         batch = source.draw(tc.batch_size, ts.gen)
         if mode is not None and not gated:
             key = key or graph_key(objective, batch.shape, mode, rt.device.type, rt.amp_dtype)
-            if tc.gate_compile == "eager" and compile_busy(key):  # another process compiles: train meanwhile
+            attempt = contextlib.ExitStack()
+            how = attempt.enter_context(first_compile(key, spec.label, wait=tc.gate_compile != "eager"))
+            if how == "busy":  # another process compiles this model: train uncompiled meanwhile
+                attempt.close()
                 if not eager_steps and rt.is_main:
                     print(f"[{spec.label}] training uncompiled while another trial compiles this model (compile "
                           f"gate {key[:8]})", file=sys.stderr, flush=True)
                 eager_steps += 1
             else:
-                marks["compile_gate"] = gate.enter_context(first_compile(key, spec.label))
-                step_fn, gated = model, True
+                gate.enter_context(attempt.pop_all())  # held through this first compiled step
+                marks["compile_gate"], step_fn, gated = how, model, True
         noise = objective.draw_noise(tc.batch_size, ts.gen)
         batch = batch if local_batches else shard(batch, rt)
         noise = {k: shard(v, rt) for k, v in noise.items()}
