@@ -138,7 +138,6 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
         if gated and "t_compiled_step_end" not in marks:  # the first compiled step: let the next process in
             rt.synchronize()
             marks["t_compiled_step_end"] = time.time()
-            marks["eager_steps"] = eager_steps
             gate.close()
         ts.train_seconds += time.perf_counter() - t0
 
@@ -165,6 +164,8 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
             last_ckpt = checkpoint(metrics) or last_ckpt
 
     marks["t_train_end"] = time.time()
+    if mode is not None:  # steps taken uncompiled while another process compiled (all of them if it never ended)
+        marks["eager_steps"] = eager_steps
     if ts.step < tc.steps:  # stopped early on request
         path = checkpoint({})
         return StageResult({}, path or "", ts.step, ts.train_seconds, {"stopped": True, "marks": marks})
