@@ -132,13 +132,14 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
         for k, v in {**losses, "grad_norm": gnorm}.items():
             acc[k] = acc.get(k, torch.zeros((), device=rt.device)) + v.detach().mean()
         n_acc += 1
-        if "t_first_step_end" not in marks:  # compiled (and captured) by now: wait for the device once
-            rt.synchronize()
-            marks["t_first_step_end"] = time.time()  # ready to train
-        if gated and "t_compiled_step_end" not in marks:  # the first compiled step: let the next process in
-            rt.synchronize()
-            marks["t_compiled_step_end"] = time.time()
-            gate.close()
+        first_compiled = gated and "t_compiled_step_end" not in marks
+        if first_compiled or "t_first_step_end" not in marks:  # compiled and captured, or the first step taken
+            rt.synchronize()  # wait for the device once
+            now = time.time()
+            marks.setdefault("t_first_step_end", now)  # ready to train
+            if first_compiled:  # let the next process of this model in
+                marks["t_compiled_step_end"] = now
+                gate.close()
         ts.train_seconds += time.perf_counter() - t0
 
         step = ts.step
