@@ -7,8 +7,9 @@ real Ray Tune / Train / MLflow code) driven like a user would, `ulsweep run`, si
    RUNNING are marked KILLED, exit code 130, and the sweep run's best/<objective> and trials/* equal
    summary.json's (recomputed at the end of every run);
 3. resumed, then SIGKILLed at three named points: during an AE trial, between a finished AE trial and its base
-   trials, during a base trial;
-4. resumed to its end. Every trial finished exactly once: one MLflow run per trial key, none RUNNING, one
+   trials, during a base trial; the last kill's Tune snapshot is then cut in half, as a kill while Tune copies
+   it into the run dir leaves it (CI once caught one empty);
+4. resumed to its end: the cut snapshot is set aside and the one before it restored. Every trial finished exactly once: one MLflow run per trial key, none RUNNING, one
    point per logged step, objectives told once, every spawned base trial present once, and the sweep run's
    best/* and trials/* equal summary.json's.
 
@@ -31,6 +32,7 @@ from faultlib import STEPS, LOG_EVERY, cli, curve_steps, fake_experiment, mlflow
     write_yaml
 from ulsweep import tracking
 from ulsweep.cli import main
+from ulsweep.sweep.state import DamagedStateError
 
 pytestmark = pytest.mark.slow
 
@@ -117,6 +119,10 @@ def sweep(tmp_path_factory):
             _, by_key = mlflow_state(run_dir)
             assert any(r.info.status == "RUNNING" for rs in by_key.values() for r in rs), \
                 "the kill should leave runs RUNNING (else this test tests nothing)"
+        torn = max((run_dir / "tune").glob("experiment_state-*.json"))
+        torn.write_bytes(torn.read_bytes()[:torn.stat().st_size // 2])
+        older = sorted((run_dir / "tune").glob("experiment_state-*.json"))[-2].name
+        seen["torn"] = (torn, torn.read_bytes(), older, log.stat().st_size)
         p = run_driver(args + ["--resume"], env, tmp_path, log)
         assert p.returncode == 0, tail(log)
     return tmp_path, run_dir, f, log, seen
@@ -146,6 +152,88 @@ def test_driver_sigkill_at_three_points_then_resume_loses_and_doubles_nothing(sw
     for key in expected - {"sweep"}:
         assert (run_dir / "trials" / key / "checkpoints" / f"step_{STEPS:08d}.json").exists(), key
     assert "resume: marked" in log.read_text()  # each resume closed the killed driver's RUNNING runs
+
+
+def test_a_snapshot_the_kill_cut_short_is_set_aside_and_the_one_before_restored(sweep):
+    _, run_dir, _, log, seen = sweep
+    torn, data, older, log_at = seen["torn"]
+    out = log.read_bytes()[log_at:].decode()
+    assert f"resume: Tune's last snapshot, of session {torn.name[len('experiment_state-'):-5]}, was cut short" in out
+    assert f"Restoring the run from the latest experiment state file: {older}" in out
+    assert not torn.exists() and torn.with_name(torn.name + ".torn").read_bytes() == data  # kept, not lost
+    closed = json.loads((run_dir / "tune_closed.json").read_text())["session"]
+    assert max((run_dir / "tune").glob("experiment_state-*.json")).name == f"experiment_state-{closed}.json"
+
+
+def _copy_of_state(run_dir: Path, dst: Path, new_session: str | None = "2099-01-01_00-00-00") -> Path:
+    """A copy of the finished sweep's Tune state (and closed record) in dst/run, plus, unless None, a snapshot
+    of a later session (copies of the newest files) that no driver closed."""
+    import shutil
+
+    run = dst / "run"
+    shutil.copytree(run_dir / "tune", run / "tune", ignore=shutil.ignore_patterns("ae-*"))
+    shutil.copy(run_dir / "tune_closed.json", run / "tune_closed.json")
+    if new_session:
+        for pattern in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"):
+            src = max((run / "tune").glob(pattern))
+            head, tail = pattern.split("*")
+            shutil.copy(src, run / "tune" / f"{head}{new_session}{tail}")
+    return run
+
+
+@pytest.mark.parametrize("cut", ["experiment_state-{}.json", "searcher-state-{}.pkl", "search_gen_state-{}.json"])
+@pytest.mark.parametrize("how", ["truncated", "missing"])
+def test_an_unclosed_snapshot_that_does_not_read_is_set_aside(sweep, tmp_path, cut, how):
+    """Any file of the snapshot of a session no driver closed, cut short or never copied: the whole snapshot is
+    renamed *.torn (nothing deleted), and the state left is restorable."""
+    import io
+
+    from ulsweep.sweep.statecheck import restorable_tune_state, set_aside_torn_snapshots
+
+    _, run_dir, _, _, _ = sweep
+    session = "2099-01-01_00-00-00"
+    run = _copy_of_state(run_dir, tmp_path, session)
+    target = run / "tune" / cut.format(session)
+    if how == "truncated":
+        target.write_bytes(target.read_bytes()[:40])
+    else:
+        target.unlink()
+    before = {p.name: p.read_bytes() for p in (run / "tune").iterdir() if p.is_file()}
+    out = io.StringIO()
+    moved = set_aside_torn_snapshots(str(run), out)
+    assert sorted(moved) == sorted(f"{run}/tune/{p}.torn" for p in before if session in p)
+    assert f"({target.name}" in out.getvalue() and "restoring session" in out.getvalue()
+    after = {p.name: p.read_bytes() for p in (run / "tune").iterdir() if p.is_file()}
+    assert after == {(f"{name}.torn" if session in name else name): b for name, b in before.items()}
+    assert restorable_tune_state(str(run / "tune"), "grid") is True
+
+
+def test_a_closed_or_intact_or_only_snapshot_is_not_set_aside(sweep, tmp_path):
+    """Left for the damage check: a snapshot a driver closed (damage, named), an intact unclosed one (a kill
+    between snapshots: Tune restores it), and a cut one with no older session to restore."""
+    import io
+
+    from ulsweep.sweep.statecheck import restorable_tune_state, set_aside_torn_snapshots
+
+    _, run_dir, _, _, _ = sweep
+    intact = _copy_of_state(run_dir, tmp_path / "intact")
+    assert set_aside_torn_snapshots(str(intact), io.StringIO()) == []
+    assert restorable_tune_state(str(intact / "tune"), "grid") is True
+
+    closed = _copy_of_state(run_dir, tmp_path / "closed", new_session=None)
+    table = max((closed / "tune").glob("experiment_state-*.json"))
+    table.write_bytes(table.read_bytes()[:40])
+    assert set_aside_torn_snapshots(str(closed), io.StringIO()) == []
+    with pytest.raises(DamagedStateError, match=f"{table}: damaged Tune trial table"):
+        restorable_tune_state(str(closed / "tune"), "grid")
+
+    only = _copy_of_state(run_dir, tmp_path / "only")
+    for p in (only / "tune").glob("*-20[0-8]*"):  # every session but the unclosed 2099 one
+        p.unlink()
+    (only / "tune" / "experiment_state-2099-01-01_00-00-00.json").write_bytes(b"")
+    assert set_aside_torn_snapshots(str(only), io.StringIO()) == []
+    with pytest.raises(DamagedStateError, match="damaged Tune trial table"):
+        restorable_tune_state(str(only / "tune"), "grid")
 
 
 def test_a_driver_killed_before_sweep_json_is_complete_leaves_a_run_resume_adopts(sweep):

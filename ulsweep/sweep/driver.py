@@ -7,12 +7,14 @@
       mlflow.db             default tracking store (sqlite, absolute URI)
       mlartifacts/          default MLflow artifact root
       summary.json          final table (outcome.py)
+      tune_closed.json      the Tune snapshot the last driver to end left (statecheck.py)
 
 sweep.json is written before any MLflow run exists (pending, then completed with the sweep's run id), and
 the state files are checked before Ray starts (statecheck.py: a damaged one is named, with what to do).
 
 Resume (`--resume`): closes MLflow runs left RUNNING by the killed driver (KILLED), restores the Tune
-experiment (trial table and searcher state are saved together), re-runs unfinished trials (their loops
+experiment (trial table and searcher state are saved together; a snapshot the kill cut short is set aside
+and the one before it restored), re-runs unfinished trials (their loops
 resume from their own checkpoints; their MLflow runs are reopened by key, never duplicated). Trials that
 had failed for a reason a retry may change (storage read-only or full for longer than the writes retry, a
 training process killed more often than resources.max_worker_failures) are re-run under their keys, and
@@ -50,13 +52,21 @@ from ulsweep.sweep.state import (
     resolve_run_dir,
     write_state,
 )
-from ulsweep.sweep.statecheck import RestoreTripwire, check_sqlite_store, restorable_tune_state, tune_advice
+from ulsweep.sweep.statecheck import (
+    TUNE_NAME,
+    RestoreTripwire,
+    check_sqlite_store,
+    record_closed_snapshot,
+    restorable_tune_state,
+    set_aside_torn_snapshots,
+    tune_advice,
+    tune_dir_of,
+)
 from ulsweep.tracking.redact import redact_text, redact_uri
 
 # Ray Train V2 knobs for many short trials: notice finished workers sooner (default 2 s), and give a
 # worker group on a busy small machine longer than 60 s to start (design.md §4: 2-core deadlock/timeouts).
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
-TUNE_NAME = "tune"
 
 
 def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | None = None,
@@ -69,7 +79,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     t_start = time.time()
     run_dir, state, ident = _open_run_dir(exp, storage, resume)
     uri = lineage.tracking_uri_of(exp, state, tracking_uri, run_dir)
-    restore = _check_state_files(exp, run_dir, uri, state)
+    restore = _check_state_files(exp, run_dir, uri, state, out)
     if restore:
         _revive_failed_trials(exp, run_dir, out)
     if state is None:  # before any MLflow run exists: --resume can always find (or create) the sweep's run
@@ -114,12 +124,14 @@ def _open_run_dir(exp: ExperimentConfig, storage: str | None, resume: bool) -> t
     return run_dir, state, ident
 
 
-def _check_state_files(exp: ExperimentConfig, run_dir: str, uri: str, state: dict | None) -> bool:
-    """Refuse damaged state files before Ray starts (DamagedStateError naming the file and what to do); True
-    when the run dir holds a Tune experiment to restore."""
+def _check_state_files(exp: ExperimentConfig, run_dir: str, uri: str, state: dict | None, out) -> bool:
+    """Refuse damaged state files before Ray starts (DamagedStateError naming the file and what to do), after
+    setting aside a Tune snapshot that a kill cut short; True when the run dir holds a Tune experiment to
+    restore."""
     check_sqlite_store(uri)
     if state is None or is_pending(state):
         return False
+    set_aside_torn_snapshots(run_dir, out)
     return restorable_tune_state(_tune_dir(run_dir), exp.search.method)
 
 
@@ -222,6 +234,7 @@ def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, re
         t_fit = time.time()
         with RestoreTripwire(_tune_dir(run_dir), exp.search.method):
             grid = tuner.fit()
+        record_closed_snapshot(run_dir)
         return grid, time.time() - t_fit
     except BaseException as e:
         lineage.mark_interrupted(run)
@@ -295,7 +308,7 @@ def _collect_outcome(run_dir: str, run: SweepRun, searcher, grid, wall: float) -
 
 
 def _tune_dir(run_dir: str) -> str:
-    return f"{run_dir}/{TUNE_NAME}"
+    return tune_dir_of(run_dir)
 
 
 def _local_tune_dir(tune_dir: str) -> str:

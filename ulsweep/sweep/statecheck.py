@@ -14,22 +14,39 @@ error, for damage these checks do not foresee.
     <run dir>/tune/search_gen_state-*.json     the search generator's state (cloudpickle, newest)
     <run dir>/tune/searcher-state-*.pkl        SpawningSearcher.get_state() (pickle, newest)
     <run dir>/mlflow.db                        the default tracking store (any sqlite:/// URI is checked)
+
+Tune writes its snapshot (the three tune/ files named by its session) in place, every few seconds: a driver
+killed while Tune copies it into the run dir leaves it cut short. That is the kill, not damage, and a killed
+sweep must resume: `set_aside_torn_snapshots` renames such a snapshot `*.torn` and lets Tune restore the
+session before it, when the snapshot belongs to a session no driver closed (`tune_closed.json`, written when
+Tuner.fit returns) and an older one exists. What it loses is re-run idempotently, as after any kill. A
+snapshot that a driver closed and that reads no more is damage: named, with what to do.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
+import time
 
 from ulsweep import io as uio
 from ulsweep.sweep.state import DamagedStateError
 
+TUNE_NAME = "tune"  # the Tune experiment's name: its state lives in <run dir>/tune
 TUNER_FILE = "tuner.pkl"
 EXPERIMENT_STATE = "experiment_state-*.json"
 SEARCH_GEN_STATE = "search_gen_state-*.json"
 SEARCHER_STATE = "searcher-state-*.pkl"
+SNAPSHOT = (EXPERIMENT_STATE, SEARCH_GEN_STATE, SEARCHER_STATE)  # what Tune saves together, per session
+CLOSED_FILE = "tune_closed.json"  # in the run dir: the snapshot the last driver to end left
+TORN_SUFFIX = ".torn"
 _TUNE_LOGGER = "ray.tune.execution.tune_controller"
 _RESTORE_FAILED = "Failed to restore the run state"
+
+
+def tune_dir_of(run_dir: str) -> str:
+    return f"{run_dir.rstrip('/')}/{TUNE_NAME}"
 
 
 def tune_advice(tune_dir: str, method: str) -> str:
@@ -46,40 +63,60 @@ def restorable_tune_state(tune_dir: str, method: str) -> bool:
     """True when `tune_dir` holds a Tune experiment to restore; False when it holds none (no Tuner, or one
     killed before Tune recorded a trial: a new Tuner starts the search). DamagedStateError naming the first
     damaged (or missing) file otherwise."""
-    from ray.tune.experiment.trial import Trial
-    from ray.tune.utils.serialization import _loads_with_cloudpickle
-
-    from ulsweep.sweep.searcher import check_state
-
     if not uio.exists(f"{tune_dir}/{TUNER_FILE}"):
         return False
     table_file = newest(tune_dir, EXPERIMENT_STATE)
     if table_file is None:
         return False
     advice = tune_advice(tune_dir, method)
-    with _naming(table_file, "Tune trial table", advice):
-        table = _loads_with_cloudpickle(uio.read_bytes(table_file))
-        if not isinstance(table, dict) or not isinstance(table.get("trial_data"), list) \
-                or not isinstance(table.get("runner_data"), dict):
-            raise ValueError("not a Tune experiment state")
-        for trial_json, _ in table["trial_data"]:
-            Trial.from_json_state(trial_json, stub=True)
+    with _naming(table_file, _WHAT[EXPERIMENT_STATE], advice):
+        table = _read_table(table_file)
     if not table["trial_data"]:
         return False
     with _naming(f"{tune_dir}/{TUNER_FILE}", "Tuner settings", advice):
         if not isinstance(_cloudpickle_loads(uio.read_bytes(f"{tune_dir}/{TUNER_FILE}")), dict):
             raise ValueError("not a Tuner's state")
-    for pattern, what in ((SEARCH_GEN_STATE, "search generator state"), (SEARCHER_STATE, "searcher state")):
+    for pattern in (SEARCH_GEN_STATE, SEARCHER_STATE):
         path = newest(tune_dir, pattern)
         if path is None:
-            raise DamagedStateError(f"{tune_dir}/{pattern}: {what} missing beside {table_file}; {advice}")
-        with _naming(path, what, advice):
-            state = _cloudpickle_loads(uio.read_bytes(path))
-            if pattern == SEARCHER_STATE:
-                check_state(state)
-            elif not isinstance(state, dict):
-                raise ValueError(f"expected a dict, got {type(state).__name__}")
+            raise DamagedStateError(f"{tune_dir}/{pattern}: {_WHAT[pattern]} missing beside {table_file}; {advice}")
+        with _naming(path, _WHAT[pattern], advice):
+            _READ[pattern](path)
     return True
+
+
+def record_closed_snapshot(run_dir: str) -> None:
+    """Name, in <run dir>/tune_closed.json, the snapshot Tune left when Tuner.fit returned (at the sweep's end
+    or after Ctrl-C: Tune saves and uploads its state before it returns)."""
+    table = newest(tune_dir_of(run_dir), EXPERIMENT_STATE)
+    if table is not None:
+        uio.atomic_write_text(f"{run_dir.rstrip('/')}/{CLOSED_FILE}",
+                              json.dumps({"session": _session(table), "closed": time.time()}))
+
+
+def set_aside_torn_snapshots(run_dir: str, out) -> list[str]:
+    """Rename `*.torn` the newest Tune snapshot while it is cut short (a file of it does not read, or is
+    missing: Tune copies the three one by one) and belongs to a session no driver closed, as long as an older
+    session's snapshot is there for Tune to restore instead; say so on `out`. Returns the renamed files.
+    Anything else is left for `restorable_tune_state` to judge (see the module docstring)."""
+    tune_dir = tune_dir_of(run_dir)
+    closed = _closed_session(run_dir)
+    moved: list[str] = []
+    while sessions := _sessions(tune_dir):
+        session = sessions[-1]
+        older = [s for s in _sessions(tune_dir, EXPERIMENT_STATE) if s < session]
+        if session == closed or not older or (problem := _snapshot_problem(tune_dir, session)) is None:
+            break
+        for pattern in SNAPSHOT:
+            path = f"{tune_dir}/{pattern.replace('*', session)}"
+            if uio.exists(path):
+                fs, p = uio.filesystem(path)
+                fs.mv(p, p + TORN_SUFFIX)
+                moved.append(path + TORN_SUFFIX)
+        print(f"resume: Tune's last snapshot, of session {session}, was cut short by the killed driver "
+              f"({problem}); set aside as {tune_dir}/*-{session}.*{TORN_SUFFIX}, restoring session {older[-1]} "
+              f"(its unfinished trials run again from their own checkpoints)", file=out, flush=True)
+    return moved
 
 
 def unfinished_trials(tune_dir: str) -> set[str]:
@@ -158,6 +195,78 @@ def newest(tune_dir: str, pattern: str) -> str | None:
     if not found:
         return None
     return f"{tune_dir.rstrip('/')}/{found[-1].rsplit('/', 1)[-1]}"
+
+
+def _session(path: str) -> str:
+    """The Tune session a snapshot file belongs to: experiment_state-<session>.json -> <session>."""
+    name = path.rsplit("/", 1)[-1]
+    for pattern in SNAPSHOT:
+        head, tail = pattern.split("*")
+        if name.startswith(head) and name.endswith(tail):
+            return name[len(head):len(name) - len(tail)]
+    raise ValueError(f"{path}: not a Tune snapshot file")
+
+
+def _sessions(tune_dir: str, *patterns: str) -> list[str]:
+    """The sessions with a file of `patterns` (default: any snapshot file) in `tune_dir`, oldest first."""
+    fs, p = uio.filesystem(tune_dir)
+    return sorted({_session(f) for pattern in patterns or SNAPSHOT for f in fs.glob(f"{p.rstrip('/')}/{pattern}")})
+
+
+def _closed_session(run_dir: str) -> str | None:
+    """The session of the snapshot the last driver to end left (None when none ended or the record is gone)."""
+    path = f"{run_dir.rstrip('/')}/{CLOSED_FILE}"
+    try:
+        return json.loads(uio.read_bytes(path))["session"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _snapshot_problem(tune_dir: str, session: str) -> str | None:
+    """None when the three files of `session`'s snapshot are there and read; else what is wrong, in a line."""
+    for pattern in SNAPSHOT:
+        path = f"{tune_dir}/{pattern.replace('*', session)}"
+        name = path.rsplit("/", 1)[-1]
+        if not uio.exists(path):
+            return f"{name} missing"
+        try:
+            _READ[pattern](path)
+        except Exception as e:
+            return f"{name}: {type(e).__name__}: {str(e)[:120]}"
+    return None
+
+
+def _read_table(path: str) -> dict:
+    from ray.tune.experiment.trial import Trial
+    from ray.tune.utils.serialization import _loads_with_cloudpickle
+
+    table = _loads_with_cloudpickle(uio.read_bytes(path))
+    if not isinstance(table, dict) or not isinstance(table.get("trial_data"), list) \
+            or not isinstance(table.get("runner_data"), dict):
+        raise ValueError("not a Tune experiment state")
+    for trial_json, _ in table["trial_data"]:
+        Trial.from_json_state(trial_json, stub=True)
+    return table
+
+
+def _read_search_gen(path: str) -> dict:
+    state = _cloudpickle_loads(uio.read_bytes(path))
+    if not isinstance(state, dict):
+        raise ValueError(f"expected a dict, got {type(state).__name__}")
+    return state
+
+
+def _read_searcher(path: str):
+    from ulsweep.sweep.searcher import check_state
+
+    state = _cloudpickle_loads(uio.read_bytes(path))
+    check_state(state)
+    return state
+
+
+_READ = {EXPERIMENT_STATE: _read_table, SEARCH_GEN_STATE: _read_search_gen, SEARCHER_STATE: _read_searcher}
+_WHAT = {EXPERIMENT_STATE: "Tune trial table", SEARCH_GEN_STATE: "search generator state",
+         SEARCHER_STATE: "searcher state"}
 
 
 def _cloudpickle_loads(data: bytes):
