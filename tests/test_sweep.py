@@ -268,6 +268,22 @@ def test_state_file_round_trip_is_read_alike_by_driver_and_report(tmp_path):
     assert report_reads(run_dir) is None  # the report looks elsewhere
 
 
+def test_a_setting_added_since_a_sweep_started_changes_its_identity_only_away_from_its_default():
+    """A sweep started before ulsweep had a setting stored an identity without it; resumed by a newer ulsweep
+    with the setting at its default it runs the same trials (no change), with another value it does not."""
+    from ulsweep.sweep.state import changed_keys, identity
+
+    exp = experiment_from_dict(tiny_experiment("added"))
+    stored = identity(exp)
+    del stored["ae"]["train"]["keep_checkpoints"], stored["eval"]["gfd_samples"]  # as an older ulsweep wrote it
+    assert changed_keys(stored, identity(exp)) == []
+    other = experiment_from_dict(tiny_experiment("added"), {"eval.gfd_samples": 123})
+    assert changed_keys(stored, identity(other)) == ["eval.gfd_samples"]
+    assert changed_keys(identity(exp), identity(other)) == ["eval.gfd_samples"]
+    removed = identity(exp) | {"gone": {"setting": 1}}  # a setting since removed: compared as stored
+    assert changed_keys(removed, identity(exp)) == ["gone.setting"]
+
+
 def test_worker_config_follows_the_resources_it_runs_with():
     from ulsweep.config import ResourcesConfig, to_dict
     from ulsweep.sweep.trial import worker_config

@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 from ulsweep import io as uio
-from ulsweep.config import ExperimentConfig, flatten, to_dict
+from ulsweep.config import ConfigError, ExperimentConfig, experiment_from_dict, flatten, to_dict
 from ulsweep.tracking.redact import check_no_userinfo, redact_uri
 
 STATE_FILE = "sweep.json"
@@ -122,6 +122,18 @@ def identity(exp: ExperimentConfig) -> dict:
     return d
 
 
+def changed_keys(stored: dict, new: dict) -> list[str]:
+    """The dotted keys whose values differ between a sweep's stored identity and an experiment's, after reading
+    the stored one with today's schema: a setting added to ulsweep since the sweep started is missing from it
+    and means its default, so it is a change only where the experiment sets another value. A stored identity
+    today's schema refuses (a setting removed since) is compared as it is."""
+    try:
+        stored = identity(experiment_from_dict(stored))
+    except ConfigError:
+        pass
+    return identity_diff(stored, new)
+
+
 def identity_diff(old: dict, new: dict) -> list[str]:
     """The dotted keys whose values differ between two identities, sorted."""
     a, b = flatten(old), flatten(new)
@@ -136,7 +148,7 @@ def check_start(state: dict | None, ident: dict, resume: bool, run_dir: str) -> 
                          f"or choose another --storage / experiment name, or remove the directory")
     if state is None and resume:
         raise SweepError(f"nothing to resume: {run_dir}/{STATE_FILE} does not exist")
-    if state is not None and state["identity"] != ident:
+    if state is not None and (changed := changed_keys(state["identity"], ident)):
         raise SweepError(f"the experiment changed since sweep {state['sweep_id'] or '(start cut short)'} started "
-                         f"(keys: {', '.join(identity_diff(state['identity'], ident)[:10])}); resume with the "
-                         f"same file and --set values, or start a new sweep elsewhere")
+                         f"(keys: {', '.join(changed[:10])}); resume with the same file and --set values, or start "
+                         f"a new sweep elsewhere")
