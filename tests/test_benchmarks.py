@@ -326,3 +326,31 @@ def test_data_pipeline_cores_per_gpu_count_the_cores_the_decode_tasks_kept_busy(
     assert data_pipeline.decode_rate_per_core([no_stats]) == pytest.approx(300.0)
     assert data_pipeline.decode_rate_per_core([busy, no_stats]) == pytest.approx(454.3 / 0.776)  # the fastest
     assert data_pipeline.decode_rate_per_core([]) == 0.0
+
+
+def test_eval_sampling_times_both_precisions_on_a_trained_checkpoint(tmp_path, digits_cache):
+    """benchmarks/eval_sampling.py on a base trial's checkpoint: one row per precision, fp32 the yardstick
+    (ratio 1, no difference to itself), the trained networks' bf16 samples differ from fp32's by a little."""
+    import eval_sampling
+
+    from ulsweep.config import experiment_from_dict
+    from ulsweep.train.stage1 import train_autoencoder
+    from ulsweep.train.stage2 import train_base
+
+    train = {"steps": 40, "batch_size": 8, "log_every": 10, "eval_images": 8, "eval_t_per_image": 1,
+             "sample_steps": 2}
+    exp = experiment_from_dict({
+        "name": "evs", "data": {"path": "builtin:digits", "image_size": 16},
+        "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2}, "train": train},
+        "base_models": [{"name": "b", "model": {"preset": "tiny"}, "train": train}], "eval": {"extractor": "none"}})
+    ae = train_autoencoder(exp, str(tmp_path / "ae"))
+    base = train_base(exp, exp.base_models[0], ae.checkpoint, str(tmp_path / "base"))
+    out = tmp_path / "evs.json"
+    assert eval_sampling.main(["--base-ckpt", base.checkpoint, "--samples", "8", "--batches", "4", "--repeats", "1",
+                               "--device", "cpu", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["env"]["trained"] is True
+    fp32, bf16 = res["rows"]
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert fp32["ratio_to_fp32"] == 1.0 and fp32["mean_abs_uint8_diff"] == 0.0
+    assert 0 < bf16["mean_abs_uint8_diff"] < 32 and bf16["images_per_s"] > 0

@@ -194,6 +194,42 @@ def test_sampler_settings_choose_the_sampler(network):
     assert not torch.equal(auto, other)
 
 
+def test_sample_precision_runs_the_sampling_networks_in_bf16_and_leaves_bits_per_pixel_alone():
+    """eval.sample_precision: bf16 runs the networks under bf16 autocast while they sample (reconstructions for
+    PSNR, generations), fp32 does not; the bits/pixel estimates, which run before with the same generator, are
+    bit-identical either way, and the samples move only by bf16 rounding."""
+    from torch import nn
+
+    from ulsweep.train.stage1 import evaluate_ae
+    from ulsweep.train.stage2 import evaluate_base
+
+    torch.manual_seed(1)
+    x = torch.rand(8, 1, 16, 16) * 2 - 1
+
+    def evaluate(precision):
+        exp = tiny(eval_={"extractor": "none", "sample_precision": precision})
+        ae, base = _tiny_models(exp)
+        torch.manual_seed(2)
+        with torch.no_grad():  # away from the zero-initialized output layers, which make every output 0
+            for p in (*ae.parameters(), *base.parameters()):
+                p.add_(torch.randn_like(p) * 0.05)
+        dtypes = {"decoder": set(), "base": set()}
+        for name, net in (("decoder", ae.decoder), ("base", base)):
+            for m in net.modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
+                    m.register_forward_hook(lambda m, i, o, name=name: dtypes[name].add(o.dtype))
+        ae_metrics, _ = evaluate_ae(ae, x, exp, with_images=False)
+        base_metrics, images = evaluate_base(base, ae, exp, exp, exp.base_models[0], x, (2, 4, 4))
+        return ae_metrics, base_metrics, dtypes
+
+    ae32, base32, dt32 = evaluate("fp32")
+    ae16, base16, dt16 = evaluate("bf16")
+    assert dt32 == {"decoder": {torch.float32}, "base": {torch.float32}}
+    assert dt16 == {"decoder": {torch.bfloat16}, "base": {torch.float32, torch.bfloat16}}  # base: bpp in fp32
+    assert (ae16["bpp"], base16["base_bpp"]) == (ae32["bpp"], base32["base_bpp"])
+    assert ae16["psnr"] != ae32["psnr"] and abs(ae16["psnr"] - ae32["psnr"]) < 0.5, (ae16["psnr"], ae32["psnr"])
+
+
 def test_base_model_eval_every_evaluates_during_training(tmp_path, digits_cache):
     from ulsweep.train.stage1 import train_autoencoder
     from ulsweep.train.stage2 import train_base

@@ -371,6 +371,10 @@ class EvalConfig:
     inception_weights: str | None = None
     gfd_samples: int = 1000  # base-model samples for gFD
     gfd_reference_images: int = 10000  # eval-split images giving gFD's reference statistics
+    # the networks' arithmetic while sampling reconstructions (PSNR, rFD/rFID) and generations (gFD/gFID): bf16
+    # runs them under bf16 autocast on the trial's device; the samplers' updates, bits/pixel and the feature
+    # extractors stay fp32. fp32 by default: the published numbers were sampled so.
+    sample_precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self):
         _require(bool(self.extractor), "extractor", self.extractor, "must be auto, inception, domain, both, none or a path")

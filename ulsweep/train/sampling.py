@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -10,6 +11,16 @@ from torch import nn
 from ulsweep.config import AELossConfig
 from ulsweep.diffusion import LogSNRSchedule, diffuse, sample, sample_to_noisy, x_from_v
 from ulsweep.train.build import decoder_schedule, mse_decoder_logsnr
+
+
+def sampling_precision(precision: str, device: torch.device):
+    """The context the networks run in while sampling (`eval.sample_precision`): bf16 autocast, or none (fp32).
+    Samplers take the networks' outputs in fp32 (`.float()`) either way."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return nullcontext()
+    raise ValueError(f"sample precision {precision!r}: expected fp32 or bf16")
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

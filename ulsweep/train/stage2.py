@@ -23,7 +23,7 @@ from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.latents import IN_PROCESS, decode_path, latent_source, training_latents
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
-from ulsweep.train.sampling import decode, generate_latents, image_grid_png, to_uint8
+from ulsweep.train.sampling import decode, generate_latents, image_grid_png, sampling_precision, to_uint8
 from ulsweep.train.state import TrainState
 
 KIND = "base"
@@ -81,7 +81,8 @@ def evaluate_base(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentConfi
     if not samples:
         return metrics, {}
     n = exp.eval.gfd_samples if extractor is not None else 64
-    images = generate(base_model, ae, ae_exp, base, n, latent_shape, tuple(x_eval.shape[1:]), gen)
+    with sampling_precision(exp.eval.sample_precision, x_eval.device):
+        images = generate(base_model, ae, ae_exp, base, n, latent_shape, tuple(x_eval.shape[1:]), gen)
     if extractor is not None:
         ref = to_uint8(x_eval[:exp.eval.gfd_reference_images])
         split = f"{exp.data.eval_split}@{exp.data.image_size}"
