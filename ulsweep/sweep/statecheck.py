@@ -90,8 +90,7 @@ def record_closed_snapshot(run_dir: str) -> None:
     or after Ctrl-C: Tune saves and uploads its state before it returns)."""
     table = newest(tune_dir_of(run_dir), EXPERIMENT_STATE)
     if table is not None:
-        uio.atomic_write_text(f"{run_dir.rstrip('/')}/{CLOSED_FILE}",
-                              json.dumps({"session": _session(table), "closed": time.time()}))
+        uio.atomic_write_text(_closed_path(run_dir), json.dumps({"session": _session(table), "closed": time.time()}))
 
 
 def set_aside_torn_snapshots(run_dir: str, out) -> list[str]:
@@ -108,7 +107,7 @@ def set_aside_torn_snapshots(run_dir: str, out) -> list[str]:
         if session == closed or not older or (problem := _snapshot_problem(tune_dir, session)) is None:
             break
         for pattern in SNAPSHOT:
-            path = f"{tune_dir}/{pattern.replace('*', session)}"
+            path = _snapshot_file(tune_dir, pattern, session)
             if uio.exists(path):
                 fs, p = uio.filesystem(path)
                 fs.mv(p, p + TORN_SUFFIX)
@@ -207,17 +206,25 @@ def _session(path: str) -> str:
     raise ValueError(f"{path}: not a Tune snapshot file")
 
 
+def _snapshot_file(tune_dir: str, pattern: str, session: str) -> str:
+    """The file of `pattern` that Tune's `session` writes (experiment_state-<session>.json, ...)."""
+    return f"{tune_dir}/{pattern.replace('*', session)}"
+
+
 def _sessions(tune_dir: str, *patterns: str) -> list[str]:
     """The sessions with a file of `patterns` (default: any snapshot file) in `tune_dir`, oldest first."""
     fs, p = uio.filesystem(tune_dir)
     return sorted({_session(f) for pattern in patterns or SNAPSHOT for f in fs.glob(f"{p.rstrip('/')}/{pattern}")})
 
 
+def _closed_path(run_dir: str) -> str:
+    return f"{run_dir.rstrip('/')}/{CLOSED_FILE}"
+
+
 def _closed_session(run_dir: str) -> str | None:
     """The session of the snapshot the last driver to end left (None when none ended or the record is gone)."""
-    path = f"{run_dir.rstrip('/')}/{CLOSED_FILE}"
     try:
-        return json.loads(uio.read_bytes(path))["session"]
+        return json.loads(uio.read_bytes(_closed_path(run_dir)))["session"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -225,7 +232,7 @@ def _closed_session(run_dir: str) -> str | None:
 def _snapshot_problem(tune_dir: str, session: str) -> str | None:
     """None when the three files of `session`'s snapshot are there and read; else what is wrong, in a line."""
     for pattern in SNAPSHOT:
-        path = f"{tune_dir}/{pattern.replace('*', session)}"
+        path = _snapshot_file(tune_dir, pattern, session)
         name = path.rsplit("/", 1)[-1]
         if not uio.exists(path):
             return f"{name} missing"
