@@ -140,3 +140,61 @@ def test_base_size_needs_several_sizes():
     same = base_frame(sizes=("small", "medium")).assign(gflops_base=0.281, **{"base.model.preset": "small"})
     assert basesize.analyze(same) is None  # two base models of one size: not a size study
     assert basesize.analyze(base_frame().iloc[0:0]) is None
+
+# ----------------------------------------------------------------------------------------------
+# configurations with seed repeats compared (ulsweep/report/compare.py)
+
+from scipy import stats as _stats  # noqa: E402
+
+from ulsweep.report import compare  # noqa: E402
+
+
+def _pairs_frame():
+    """Two matched-bitrate configurations, three seeds each; seed 1 of the first collapsed."""
+    rows = []
+    for b, lf, bpps, gfid in ((0.0, 1.5, [5.2e-3, 1.5e-4, 5.0e-3], [12.4, 11.9, 11.8]),
+                              (-2.0, 2.0, [4.2e-3, 4.1e-3, 4.0e-3], [13.7, 14.0, 14.2])):
+        for seed, (bpp, g) in enumerate(zip(bpps, gfid)):
+            rows.append({"ae.loss.sigmoid_bias": b, "ae.loss.loss_factor": lf, "ae.train.seed": seed,
+                         "status": "FINISHED", "bpp": bpp, "psnr": 13.0 + 100 * bpp, "gfid[small]": g})
+    return pd.DataFrame(rows)
+
+
+def test_welch_p_matches_its_closed_form():
+    a, b = pd.Series([13.7, 14.0, 14.2]), pd.Series([12.4, 11.8])
+    va, vb = a.var() / 3, b.var() / 2  # sample variances over n
+    t = (a.mean() - b.mean()) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 1)  # Welch-Satterthwaite
+    assert compare.welch(a, b) == pytest.approx(2 * _stats.t.sf(abs(t), df), rel=1e-9)
+    assert math.isnan(compare.welch(a, b.iloc[:1]))  # one value: no variance to test against
+    assert math.isnan(compare.welch(pd.Series([1.0, 1.0]), pd.Series([2.0, 2.0])))  # no spread on either side
+
+
+def test_repeated_configurations_are_compared_without_their_collapsed_seeds():
+    s = summarize(_pairs_frame())
+    c = s["compared"]
+    assert c.configs == [{"ae.loss.sigmoid_bias": -2.0, "ae.loss.loss_factor": 2.0},
+                         {"ae.loss.sigmoid_bias": 0.0, "ae.loss.loss_factor": 1.5}]
+    assert [(r["config"], r["ae.train.seed"]) for r in c.collapsed] == [(1, 1)]  # 1.5e-4 < 5.0e-3 / 10
+    g = c.summaries["gfid[small]"]
+    assert (g[0].n, g[1].n) == (3, 2)
+    assert g[0].mean == pytest.approx(13.9667, abs=1e-4) and g[1].mean == pytest.approx(12.1)
+    assert g[1].sd == pytest.approx(math.sqrt(0.18))  # (12.4 - 12.1)^2 * 2 / (2 - 1)
+    (d,) = [d for d in c.differences if d.metric == "gfid[small]"]
+    assert (d.a, d.b) == (0, 1) and d.diff == pytest.approx(13.9667 - 12.1, abs=1e-4)
+    assert d.rel == pytest.approx(d.diff / 12.1)
+    assert d.p == pytest.approx(compare.welch(pd.Series([13.7, 14.0, 14.2]), pd.Series([12.4, 11.8])))
+    md = markdown(_pairs_frame(), s)
+    assert "| sigmoid_bias = -2, loss_factor = 2 | sigmoid_bias = 0, loss_factor = 1.5 | gfid[small] | +1.867 | +15% |" in md
+    assert "| sigmoid_bias = 0, loss_factor = 1.5 | 0.0051 ± 0.0001414 (2) |" in md
+    assert "- sigmoid_bias = 0, loss_factor = 1.5, ae.train.seed = 1: bits/pixel 0.00015 against a median of 0.005" in md
+
+
+def test_nothing_is_compared_without_two_repeated_configurations():
+    assert summarize(_frame())["compared"] is None  # one configuration has a second seed
+    one = _pairs_frame()[lambda d: d["ae.loss.sigmoid_bias"] == 0.0]
+    assert compare.compare(one, ["ae.loss.sigmoid_bias"], ["bpp"], ["ae.train.seed"]) is None
+    many = pd.concat([_pairs_frame().assign(**{"ae.loss.loss_factor": lf}) for lf in range(4)])
+    assert compare.compare(many, ["ae.loss.sigmoid_bias", "ae.loss.loss_factor"], ["bpp"],
+                           ["ae.train.seed"]) is None  # 8 configurations: more than MAX_CONFIGS
+    assert "Configurations with seed repeats" not in markdown(_frame())

@@ -26,7 +26,8 @@ def register(subparsers) -> None:
         "report", help="HTML dashboard + CSV of a sweep (Fig. 8, Pareto fronts, FLOPs vs gFD, tables, "
                        "optimal bitrate per base size)",
         description="Read a sweep's runs from MLflow and write a self-contained HTML dashboard (opens offline), "
-                    "CSVs and trends.md (Spearman rank correlations, gFD curves, seed repeats; with several "
+                    "CSVs and trends.md (Spearman rank correlations, gFD curves, seed repeats, repeated configurations "
+                    "compared by Welch's t-test; with several "
                     "base-model sizes the optimal bitrate of each and a verdict per claim of the paper) under "
                     "dashboards/<sweep>/; PNGs of the figures when kaleido and Chrome/Chromium "
                     "are installed; the folder is also logged as artifacts of the sweep's MLflow run.")

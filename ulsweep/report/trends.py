@@ -1,5 +1,6 @@
 """Rank trends of a sweep, the way Fig. 8 of the paper is read: does the latent bitrate rise with each knob,
-do reconstruction and generation follow the bitrate, where is generation best, and how large is seed noise.
+do reconstruction and generation follow the bitrate, where is generation best, and how large is seed noise
+(with several repeated configurations, their comparison by Welch's t-test: `ulsweep.report.compare`).
 
 Input is the AE frame of `ulsweep.report.sweepdata` (one row per AE trial: config columns with dots, `bpp`, `psnr`,
 `rfd_<x>`/`rfid`, base metrics as `<metric>[<base>]`); output is a dict and a Markdown summary. No I/O.
@@ -12,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from ulsweep.report import columns
+from ulsweep.report import columns, compare
 
 
 # Spearman's rank correlation: Pearson's correlation of the (average-tie) ranks.
@@ -81,6 +82,7 @@ def summarize(ae: pd.DataFrame) -> dict[str, Any]:
                 out["repeats"].append({"config": dict(zip(numeric, cfg)),
                                        "values": {c: g[c].tolist() for c in cols},
                                        "spread": {c: float(g[c].max() - g[c].min()) for c in cols}})
+    out["compared"] = compare.compare(ae, numeric, ["bpp", "psnr", *[c for c in (rec, rec2, gen, gen2) if c]], seeds)
     return out
 
 
@@ -173,4 +175,5 @@ def markdown(ae: pd.DataFrame, s: dict[str, Any] | None = None) -> str:
             vals = "; ".join(f"{m} {', '.join(_fmt(x) for x in v)} (spread {_fmt(r['spread'][m])})"
                              for m, v in r["values"].items())
             lines.append(f"- {cfg}: {vals}")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    return text + compare.markdown(s["compared"]) if s.get("compared") else text
