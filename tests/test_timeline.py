@@ -24,6 +24,13 @@ def test_phases_follow_the_marks_and_cover_the_attempt():
     assert sum(T.durations(ph).values()) == REC["t_fit_end"] - REC["t_trial"]
 
 
+def test_the_mlflow_run_opening_is_its_own_phase_and_older_records_count_it_in_start():
+    ph = T.phases({**REC, "t_run": 100.75})
+    assert [p for p, _, _ in ph][:2] == ["tracking", "start"]
+    assert T.durations(ph)["tracking"] == 0.75 and T.durations(ph)["start"] == 2.25
+    assert "tracking" not in T.durations(T.phases(REC))  # a record from before the mark: start from t_trial
+
+
 def test_a_missing_mark_merges_its_phase_into_the_next_and_stale_marks_are_ignored():
     resumed = {**REC, "t_first_step_end": None}  # a resumed run with no step left to take
     assert T.durations(T.phases(resumed))["train"] == 80.0 and "first_step" not in T.durations(T.phases(resumed))

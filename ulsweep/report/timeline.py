@@ -10,9 +10,9 @@ import plotly.graph_objects as go
 from ulsweep import tracking
 from ulsweep.sweep.timeline import PHASES, TAG, parse_tag
 
-PHASE_COLORS = {"start": "#bab0ac", "setup": "#f58518", "first_step": "#e45756", "train": "#4c78a8",
+PHASE_COLORS = {"tracking": "#9d755d", "start": "#bab0ac", "setup": "#f58518", "first_step": "#e45756", "train": "#4c78a8",
                 "evaluate": "#54a24b", "finish": "#b279a2", "failed": "#000000"}
-PHASE_LABELS = {"start": "start (Ray, MLflow)", "setup": "setup (data, latents, networks)",
+PHASE_LABELS = {"tracking": "MLflow run (open, params)", "start": "start (Ray Train, worker)", "setup": "setup (data, latents, networks)",
                 "first_step": "first step (compile)", "train": "train", "evaluate": "final evaluation",
                 "finish": "finish (checkpoint, MLflow)", "failed": "failed attempt"}
 COLUMNS = ["key", "kind", "attempt", "phase", "start", "end", "seconds"]

@@ -1,7 +1,9 @@
 """Where a trial's wall time went: its phases, from wall-clock marks (time.time(), seconds since the epoch).
 
-    start       Tune started the trial function -> the training function runs (MLflow run opened, datasets
-                listed, Ray Train's worker group or local-mode trainer started)
+    tracking    Tune started the trial function -> its MLflow run is open (client and store, run found or
+                created with params, tags and datasets); records older than this phase count it in `start`
+    start       -> the training function runs (Ray Train's worker group or local-mode trainer started, the
+                worker's hooks and the stage's modules loaded)
     setup       data loaded or stream built, latents encoded or read (base models), networks built
     first_step  checkpoint restored, the first optimizer step: torch.compile's tracing and compilation and
                 CUDA graph capture happen here (with `train.gate_compile: eager` a trial that another is
@@ -20,7 +22,7 @@ import json
 import math
 
 # mark -> the phase that ends at it, in order
-MARKS = (("t_loop", "start"), ("t_setup_end", "setup"), ("t_first_step_end", "first_step"), ("t_train_end", "train"),
+MARKS = (("t_run", "tracking"), ("t_loop", "start"), ("t_setup_end", "setup"), ("t_first_step_end", "first_step"), ("t_train_end", "train"),
          ("t_eval_end", "evaluate"), ("t_fit_end", "finish"))
 PHASES = tuple(p for _, p in MARKS) + ("failed",)
 TAG = "ulsweep.timeline"  # MLflow tag: JSON list of [attempt, phase, start, end] of every attempt

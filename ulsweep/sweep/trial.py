@@ -33,7 +33,7 @@ _BOOKKEEPING = {"step", "final", "loop_seconds", "train_seconds", "t_worker", "t
 # compile_gate: how the first step got through ulsweep/train/compile_gate.py ("first", "after", "done", ...)
 _TIMINGS = ("t_worker", "t_loop", "t_loop_end", "train_seconds", "loop_seconds", "compile_gate", "t_compiled_step_end",
             "eager_steps",
-            *(m for m, _ in timeline.MARKS if m not in ("t_loop", "t_fit_end")))
+            *(m for m, _ in timeline.MARKS if m not in ("t_run", "t_loop", "t_fit_end")))  # t_run: the trial's own
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,7 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
         raise
     parent = _parent_run_id(c, ctx, config)
     run_id = _open_trial_run(c, ctx, config, exp, parent)
+    t_run = time.time()  # the MLflow run is open: the start phase's tracking part ends here
     wcfg = worker_config(exp, exp.resources, kind, key, tdir, ctx.tracking_uri, run_id,
                          ctx.train_impl, base=config.get("base"), ae_checkpoint=config.get("ae_checkpoint"),
                          attempt=attempt)
@@ -167,13 +168,13 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
                      deterministic=recorded or isinstance(e, deterministic_errors()))
         _tag_failure(c, run_id, wcfg, e)
         tracking.retry(c.set_terminated, run_id, status="FAILED")
-        _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_fit": t_fit, "t_fit_end": time.time(),
+        _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_run": t_run, "t_fit": t_fit, "t_fit_end": time.time(),
                                                       "error": True})
         raise
     m = result.metrics or getattr(result, "return_value", None) or {}
     if kind == "base":
         log_datasets(c, run_id, exp, ae_checkpoint=config.get("ae_checkpoint"))
-    _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_fit": t_fit, "t_fit_end": time.time(),
+    _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_run": t_run, "t_fit": t_fit, "t_fit_end": time.time(),
                                                   **{k: m.get(k) for k in _TIMINGS}})
     if kind == "base" and m and parent != ctx.sweep_id:
         _log_to_ae_run(c, parent, config, m)
