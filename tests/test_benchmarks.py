@@ -354,3 +354,80 @@ def test_eval_sampling_times_both_precisions_on_a_trained_checkpoint(tmp_path, d
     assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
     assert fp32["ratio_to_fp32"] == 1.0 and fp32["mean_abs_uint8_diff"] == 0.0
     assert 0 < bf16["mean_abs_uint8_diff"] < 32 and bf16["images_per_s"] > 0
+
+
+def _tiny_exp(clip: float = 1.0):
+    import argparse
+    import dataclasses
+
+    exp = train_step.bench_experiment(argparse.Namespace(image_size=16, preset="tiny", downsample=4,
+                                                         latent_channels=4, base_preset=None))
+    return dataclasses.replace(exp, ae=dataclasses.replace(
+        exp.ae, optim=dataclasses.replace(exp.ae.optim, grad_clip=clip, warmup_steps=2)))
+
+
+def test_batched_trials_are_the_same_trials_as_stepped_one_by_one():
+    """vmap(grad) over stacked weights and one AdamW over the stacked tensors train N trials exactly as N
+    TrainStates would (clipping active, so each trial's own norm matters), and the check can tell when not:
+    one norm over all trials moves the weights far away."""
+    import batched_trials as bt
+
+    exp = _tiny_exp(clip=0.01)
+    ok = bt.check(exp, 3, 4, 1, 3, torch.device("cpu"))
+    assert ok["max_rel_grad_diff"] < 1e-4 and ok["max_rel_weight_diff"] < 1e-3, ok
+
+    def joint_norm_step(self, x, noise):  # the bug the per-trial clipping avoids
+        with torch.enable_grad():
+            g = self.grads(self.params, self.buffers, x, noise)
+        norm = torch.stack([t.pow(2).sum() for t in g.values()]).sum().sqrt()
+        for k, p in self.params.items():
+            p.grad = g[k] / ((norm + 1e-6) / self.oc.grad_clip).clamp_min(1.0)
+        for group in self.opt.param_groups:
+            group["lr"] = bt.lr_at(self.step_count, self.oc)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step_count += 1
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(bt.BatchedTrials, "step", joint_norm_step)
+        bad = bt.check(exp, 3, 4, 1, 3, torch.device("cpu"))
+    assert bad["max_rel_weight_diff"] > 100 * ok["max_rel_weight_diff"], (ok, bad)
+
+
+def test_batched_trials_stack_each_trials_own_objective_and_ema():
+    import batched_trials as bt
+
+    exp = _tiny_exp()
+    objs = bt.trial_objectives(exp, 6, 1, torch.device("cpu"))
+    assert [float(o.loss_factor) for o in objs] == [1.5, 1.75, 2.0, 3.0, 4.0, 1.5]
+    assert [float(o.sigmoid_bias) for o in objs] == [-2.0] * 5 + [0.0]
+    b = bt.BatchedTrials(objs, exp.ae.optim)
+    assert b.buffers["loss_factor"].tolist() == [1.5, 1.75, 2.0, 3.0, 4.0, 1.5]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 4, 1, 16, 16, generator=gen) * 2 - 1
+    norms = b.step(x, bt.stacked_noise(objs[0], 6, 4, gen))
+    assert norms.shape == (6,) and bool((norms > 0).all())
+    w1, ema1 = ({k: v.clone() for k, v in d.items()} for d in (b.params, b.shadow))
+    b.step(x, bt.stacked_noise(objs[0], 6, 4, gen))
+    beta = b.ema.decay(2)  # EMA after step 2: lerp of the EMA after step 1 towards the new weights by 1 - beta
+    assert 0 < beta < 1
+    for k in w1:
+        assert torch.allclose(b.shadow[k], beta * ema1[k] + (1 - beta) * b.params[k], atol=1e-7), k
+    assert any(not torch.equal(b.params[k], w1[k]) for k in w1)  # the step moved the weights
+
+
+def test_batched_trials_benchmark_writes_its_rows(tmp_path):
+    import batched_trials as bt
+
+    out = tmp_path / "b.json"
+    assert bt.main(["--preset", "tiny", "--image-size", "16", "--latent-channels", "4", "--batch", "4",
+                    "--trials", "1", "2", "--seconds", "0.2", "--warmup", "1", "--check-steps", "1",
+                    "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["env"]["check"]["max_rel_grad_diff"] < 1e-4
+    rows = res["rows"]
+    assert [r["program"] for r in rows] == ["one trial", "batched 1", "batched 2"]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["per_trial_images_per_s"] * r["trials"] == pytest.approx(r["images_per_s"])
+    assert rows[0]["ratio_to_one_trial"] == pytest.approx(1.0)
+    assert rows[2]["ratio_to_one_trial"] == pytest.approx(rows[2]["images_per_s"] / rows[0]["images_per_s"])
