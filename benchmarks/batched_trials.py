@@ -1,12 +1,14 @@
-"""Issue 23's last lever, measured before anything is built: N small stage-1 trials trained as one batched
+"""Issue 23's last lever, measured before anything is built: N small trials of one stage trained as one batched
 program, against one trial's own step, side by side in one process.
 
     python benchmarks/batched_trials.py --preset small --image-size 32 --channels 1 --batch 128 \
         --trials 1 4 8 16 --modes eager default reduce-overhead --out benchmarks/results/h200-batched-trials.json
+    python benchmarks/batched_trials.py --stage base --batch 256 ...   # the base models (stage 2) alike
 
 A sweep's autoencoders share one architecture: loss factor and sigmoid bias are 0-d buffers of `AEObjective`,
 and everything else that differs between trials (weights, optimizer state, data order, noise) is per-trial
-state. So N trials can take their optimizer steps as one program: `torch.func.stack_module_state` stacks
+state; its base models share theirs too (`BaseObjective`, the same bias and schedule, each trial its own
+latents). So N trials can take their optimizer steps as one program: `torch.func.stack_module_state` stacks
 their weights and buffers along a new leading dimension, `vmap(grad(loss))` computes every trial's gradient in
 one pass (a convolution of N stacked weights becomes one grouped convolution), and AdamW, whose update is
 elementwise, steps the stacked tensors as N independent optimizers would. What is not elementwise is done per
@@ -14,23 +16,27 @@ trial: the gradient clipping (each trial's own global norm) and the EMA (element
 step-dependent decay). One batched step costs one trial's launch overhead for N trials' arithmetic.
 
 Rows, per `--modes` (the library's `train.compile` values):
-- `one trial`: the library's own stage-1 step of one trial (`benchmarks/train_step.py`'s `step_stage1`:
-  `AEObjective` compiled by `compile_module`, `TrainState.optimizer_step`), images/s;
+- `one trial`: the library's own step of one trial (`benchmarks/train_step.py`'s `step_stage1` / `step_stage2`:
+  the objective compiled by `compile_module`, `TrainState.optimizer_step`), images (latents) per second;
 - `batched N`: N trials' steps as one program (the vmapped gradient compiled whole with `torch.compile` in that
   mode), aggregate images/s over the N trials, and its ratio to the `one trial` row of the same mode.
 `--check-steps K` (default 3) first trains N trials both ways from the same initial weights, data and noise, with
 dropout off (vmap draws other dropout masks than the loop does), and reports the largest relative difference of
 the first step's gradients and of the weights after K steps: the batched program must be the same N trials.
-Prints a table and writes JSON. Absolute numbers are only meaningful on a GPU (compare `packing.py`'s rows of
-N processes per GPU, with and without MPS).
+Each row lists the operators vmap had no batching rule for (`vmap_fallback_ops`: it loops over the trials there;
+on CPU the attention).
+Prints a table and writes JSON (after every row). Absolute numbers are only meaningful on a GPU (compare
+`packing.py`'s rows of N processes per GPU, with and without MPS).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import os
+import re
 import sys
 import time
+import warnings
 
 import torch
 
@@ -39,11 +45,12 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from timing import run_env, sync, write_results  # noqa: E402
-from train_step import MODES, add_model_args, bench_experiment, latent_shape, set_dropout, step_stage1  # noqa: E402
+from train_step import MODES, STAGES, add_model_args, bench_experiment, latent_shape, set_dropout  # noqa: E402
 
-from ulsweep.train.build import build_autoencoder  # noqa: E402
+from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model  # noqa: E402
 from ulsweep.train.runtime import make_runtime  # noqa: E402
 from ulsweep.train.stage1 import AEObjective  # noqa: E402
+from ulsweep.train.stage2 import BaseObjective  # noqa: E402
 from ulsweep.train.state import EMA, lr_at  # noqa: E402
 
 # loss factors and biases the stacked trials get in turn (lf_sweep's grid): every trial trains another objective
@@ -51,25 +58,40 @@ LOSS_FACTORS = (1.5, 1.75, 2.0, 3.0, 4.0)
 BIASES = (-2.0, 0.0, 2.0)
 
 
-def trial_objectives(exp, n: int, channels: int, device: torch.device, dropout: float | None = None):
-    """n stage-1 objectives of one architecture, each with its own initial weights, loss factor and bias."""
-    s = exp.data.image_size
-    out = []
+def trial_objectives(exp, stage: str, n: int, channels: int, device: torch.device, dropout: float | None = None):
+    """n objectives of one architecture, each with its own initial weights (stage 1: and its own loss factor
+    and bias)."""
+    s, out = exp.data.image_size, []
     for i in range(n):
         torch.manual_seed(i)
-        ae = set_dropout(build_autoencoder(exp.ae, channels), dropout).to(device)
-        obj = AEObjective(ae, exp.ae.loss, (channels, s, s), latent_shape(exp))
-        obj.loss_factor.fill_(LOSS_FACTORS[i % len(LOSS_FACTORS)])
-        obj.sigmoid_bias.fill_(BIASES[(i // len(LOSS_FACTORS)) % len(BIASES)])
+        if stage == "ae":
+            ae = set_dropout(build_autoencoder(exp.ae, channels), dropout).to(device)
+            obj = AEObjective(ae, exp.ae.loss, (channels, s, s), latent_shape(exp))
+            obj.loss_factor.fill_(LOSS_FACTORS[i % len(LOSS_FACTORS)])
+            obj.sigmoid_bias.fill_(BIASES[(i // len(LOSS_FACTORS)) % len(BIASES)])
+        else:
+            bc = exp.base_models[0]
+            net = set_dropout(build_base_model(bc, latent_shape(exp)[0]), dropout).to(device)
+            obj = BaseObjective(net, base_schedule(exp.ae.loss, bc), bc.loss.sigmoid_bias, latent_shape(exp))
         out.append(obj)
     return out
+
+
+def input_shape(exp, stage: str, channels: int) -> tuple[int, ...]:
+    """One training example: an image (stage 1) or a latent (stage 2)."""
+    s = exp.data.image_size
+    return (channels, s, s) if stage == "ae" else latent_shape(exp)
+
+
+def optim_of(exp, stage: str):
+    return exp.ae.optim if stage == "ae" else exp.base_models[0].optim
 
 
 class BatchedTrials:
     """N trials of one architecture as one program (see the module docstring): stacked weights and buffers,
     their gradients from one vmapped call, one AdamW over the stacked tensors, per-trial clipping and EMA."""
 
-    def __init__(self, objectives: list[AEObjective], optim, compile_mode: str | bool = False):
+    def __init__(self, objectives: list[torch.nn.Module], optim, compile_mode: str | bool = False):
         from torch.func import functional_call, grad, stack_module_state, vmap
 
         self.n, self.oc, self.step_count = len(objectives), optim, 0
@@ -90,8 +112,8 @@ class BatchedTrials:
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One optimizer step of every trial: x (N, B, C, H, W), noise entries (N, B, ...); returns the N
-        gradient norms before clipping."""
+        """One optimizer step of every trial: x (N, B, ...) images or latents, noise entries (N, B, ...); returns
+        the N gradient norms before clipping."""
         with torch.enable_grad():
             g = self.grads(self.params, self.buffers, x, noise)
         grads = [g[k] for k in self.params]
@@ -112,7 +134,7 @@ class BatchedTrials:
         return norms
 
 
-def stacked_noise(objective: AEObjective, n: int, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def stacked_noise(objective, n: int, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """One draw of n trials' noise, (n, batch, ...) each."""
     flat = objective.draw_noise(n * batch, gen)
     return {k: v.view(n, batch, *v.shape[1:]) for k, v in flat.items()}
@@ -122,21 +144,21 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def check(exp, n: int, batch: int, channels: int, steps: int, device: torch.device) -> dict:
+def check(exp, stage: str, n: int, batch: int, channels: int, steps: int, device: torch.device) -> dict:
     """The batched program against n trials stepped one by one with the library's TrainState, from the same
     weights, data and noise (dropout off): the largest relative differences of the first step's gradients and
     of the weights after `steps` steps (each relative to that tensor's largest magnitude)."""
     from ulsweep.train.state import TrainState
 
     rt = make_runtime(exp.ae.train)
-    objs = trial_objectives(exp, n, channels, device, dropout=0.0)
-    batched = BatchedTrials(copy.deepcopy(objs), exp.ae.optim)
-    states = [TrainState(o.ae, exp.ae.optim, rt, seed=0) for o in objs]
+    objs = trial_objectives(exp, stage, n, channels, device, dropout=0.0)
+    oc = optim_of(exp, stage)
+    batched = BatchedTrials(copy.deepcopy(objs), oc)
+    states = [TrainState(o, oc, rt, seed=0) for o in objs]  # an objective's parameters are its network's
     gen = torch.Generator(device).manual_seed(1)
-    s = exp.data.image_size
     grad_err = weight_err = 0.0
     for k in range(steps):
-        x = torch.rand(n, batch, channels, s, s, generator=gen, device=device) * 2 - 1
+        x = torch.rand(n, batch, *input_shape(exp, stage, channels), generator=gen, device=device) * 2 - 1
         noise = stacked_noise(objs[0], n, batch, gen)
         if k == 0:
             with torch.enable_grad():
@@ -153,7 +175,14 @@ def check(exp, n: int, batch: int, channels: int, steps: int, device: torch.devi
     for i, o in enumerate(objs):
         for name, p in o.named_parameters():
             weight_err = max(weight_err, rel_diff(batched.params[name][i], p.detach()))
-    return {"trials": n, "steps": steps, "max_rel_grad_diff": grad_err, "max_rel_weight_diff": weight_err}
+    return {"stage": stage, "trials": n, "steps": steps, "max_rel_grad_diff": grad_err,
+            "max_rel_weight_diff": weight_err}
+
+
+def fallback_ops(caught) -> list[str]:
+    """The operators vmap had no batching rule for (it then loops over the trials), from its warnings."""
+    ops = {m.group(1) for w in caught if (m := re.search(r"batching rule for (aten::\w+)", str(w.message)))}
+    return sorted(ops)
 
 
 def time_steps(step, device: torch.device, seconds: float, warmup: int) -> tuple[float, int]:
@@ -171,12 +200,11 @@ def time_steps(step, device: torch.device, seconds: float, warmup: int) -> tuple
                 return time.perf_counter() - t0, k
 
 
-def batched_step(exp, n: int, batch: int, channels: int, mode: str, device: torch.device):
-    objs = trial_objectives(exp, n, channels, device)
-    bt = BatchedTrials(objs, exp.ae.optim, MODES[mode])
+def batched_step(exp, stage: str, n: int, batch: int, channels: int, mode: str, device: torch.device):
+    objs = trial_objectives(exp, stage, n, channels, device)
+    bt = BatchedTrials(objs, optim_of(exp, stage), MODES[mode])
     gen = torch.Generator(device).manual_seed(0)
-    s = exp.data.image_size
-    x = torch.rand(n, batch, channels, s, s, generator=gen, device=device) * 2 - 1
+    x = torch.rand(n, batch, *input_shape(exp, stage, channels), generator=gen, device=device) * 2 - 1
 
     def step():
         bt.step(x, stacked_noise(objs[0], n, batch, gen))
@@ -187,7 +215,8 @@ def batched_step(exp, n: int, batch: int, channels: int, mode: str, device: torc
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--batch", type=int, default=128, help="images per trial and step")
+    p.add_argument("--stage", default="ae", choices=["ae", "base"], help="autoencoders (stage 1) or base models")
+    p.add_argument("--batch", type=int, default=128, help="images (latents) per trial and step")
     p.add_argument("--trials", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--modes", nargs="+", default=["eager"], choices=list(MODES))
     p.add_argument("--seconds", type=float, default=10.0, help="timed window per row")
@@ -200,33 +229,40 @@ def main(argv=None) -> int:
     device = make_runtime(exp.ae.train).device
     rows, checked = [], None
     if a.check_steps:
-        checked = check(exp, a.check_trials, a.check_batch, a.channels, a.check_steps, device)
+        checked = check(exp, a.stage, a.check_trials, a.check_batch, a.channels, a.check_steps, device)
         print(f"check: {checked['trials']} trials, {checked['steps']} steps: gradients within "
               f"{checked['max_rel_grad_diff']:.2e}, weights within {checked['max_rel_weight_diff']:.2e} "
               "(relative to each tensor's largest magnitude)")
+    env = run_env(a) | {"check": checked}
     print(f"{'mode':>16} {'program':>11} {'images/s':>10} {'per trial':>10} {'vs one':>7} {'ms/step':>8}")
     for mode in a.modes:
         base = None
-        variants = [("one trial", 1, lambda: step_stage1(exp, a.batch, mode, a.channels)[0])]
-        variants += [(f"batched {n}", n, lambda n=n: batched_step(exp, n, a.batch, a.channels, mode, device))
+        variants = [("one trial", 1, lambda: STAGES[a.stage](exp, a.batch, mode, a.channels)[0])]
+        variants += [(f"batched {n}", n, lambda n=n: batched_step(exp, a.stage, n, a.batch, a.channels, mode, device))
                      for n in a.trials]
         for name, n, build in variants:
-            row = {"mode": mode, "program": name, "trials": n, "batch_per_trial": a.batch}
+            row = {"stage": a.stage, "mode": mode, "program": name, "trials": n, "batch_per_trial": a.batch}
             try:
-                secs, k = time_steps(build(), device, a.seconds, a.warmup)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    secs, k = time_steps(build(), device, a.seconds, a.warmup)
             except Exception as e:  # noqa: BLE001 - a mode that does not compile is a row, not the end
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(f"{mode:>16} {name:>11}  failed: {row['error'][:100]}")
                 rows.append(row)
+                write_results(a.out, env, rows)
                 continue
+            row["vmap_fallback_ops"] = fallback_ops(caught)
             ips = n * a.batch * k / secs
             base = ips if name == "one trial" else base
             row |= {"images_per_s": ips, "per_trial_images_per_s": ips / n, "ms_per_step": 1000 * secs / k,
                     "ratio_to_one_trial": ips / base if base else None}
             rows.append(row)
+            write_results(a.out, env, rows)  # row by row: a call's time limit keeps what was measured
             ratio = f"{row['ratio_to_one_trial']:.2f}x" if base else "n/a"
-            print(f"{mode:>16} {name:>11} {ips:>10.0f} {ips / n:>10.0f} {ratio:>7} {1000 * secs / k:>8.1f}")
-    env = run_env(a) | {"check": checked}
+            print(f"{mode:>16} {name:>11} {ips:>10.0f} {ips / n:>10.0f} {ratio:>7} {1000 * secs / k:>8.1f}"
+                  + (f"  vmap ran one trial at a time: {', '.join(row['vmap_fallback_ops'])}"
+                     if row["vmap_fallback_ops"] else ""))
     write_results(a.out, env, rows)
     return 0
 

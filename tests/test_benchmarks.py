@@ -373,7 +373,7 @@ def test_batched_trials_are_the_same_trials_as_stepped_one_by_one():
     import batched_trials as bt
 
     exp = _tiny_exp(clip=0.01)
-    ok = bt.check(exp, 3, 4, 1, 3, torch.device("cpu"))
+    ok = bt.check(exp, "ae", 3, 4, 1, 3, torch.device("cpu"))
     assert ok["max_rel_grad_diff"] < 1e-4 and ok["max_rel_weight_diff"] < 1e-3, ok
 
     def joint_norm_step(self, x, noise):  # the bug the per-trial clipping avoids
@@ -390,15 +390,22 @@ def test_batched_trials_are_the_same_trials_as_stepped_one_by_one():
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(bt.BatchedTrials, "step", joint_norm_step)
-        bad = bt.check(exp, 3, 4, 1, 3, torch.device("cpu"))
+        bad = bt.check(exp, "ae", 3, 4, 1, 3, torch.device("cpu"))
     assert bad["max_rel_weight_diff"] > 100 * ok["max_rel_weight_diff"], (ok, bad)
+
+
+def test_batched_base_models_are_the_same_trials_as_stepped_one_by_one():
+    import batched_trials as bt
+
+    ok = bt.check(_tiny_exp(), "base", 3, 4, 1, 3, torch.device("cpu"))
+    assert ok["stage"] == "base" and ok["max_rel_grad_diff"] < 1e-4 and ok["max_rel_weight_diff"] < 1e-3, ok
 
 
 def test_batched_trials_stack_each_trials_own_objective_and_ema():
     import batched_trials as bt
 
     exp = _tiny_exp()
-    objs = bt.trial_objectives(exp, 6, 1, torch.device("cpu"))
+    objs = bt.trial_objectives(exp, "ae", 6, 1, torch.device("cpu"))
     assert [float(o.loss_factor) for o in objs] == [1.5, 1.75, 2.0, 3.0, 4.0, 1.5]
     assert [float(o.sigmoid_bias) for o in objs] == [-2.0] * 5 + [0.0]
     b = bt.BatchedTrials(objs, exp.ae.optim)
@@ -427,6 +434,9 @@ def test_batched_trials_benchmark_writes_its_rows(tmp_path):
     assert res["env"]["check"]["max_rel_grad_diff"] < 1e-4
     rows = res["rows"]
     assert [r["program"] for r in rows] == ["one trial", "batched 1", "batched 2"]
+    assert {r["stage"] for r in rows} == {"ae"}
+    assert rows[0]["vmap_fallback_ops"] == []  # one trial's own step runs no vmap
+    assert all(isinstance(r["vmap_fallback_ops"], list) for r in rows)
     for r in rows:
         assert r["images_per_s"] > 0 and r["per_trial_images_per_s"] * r["trials"] == pytest.approx(r["images_per_s"])
     assert rows[0]["ratio_to_one_trial"] == pytest.approx(1.0)
