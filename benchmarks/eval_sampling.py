@@ -17,11 +17,15 @@ a row gives the median seconds, images/s and the ratio to fp32 at that batch siz
 |bf16 - fp32| over the images' uint8 levels. With `--extractor` (and a checkpoint), once at the first batch
 size: the Frechet distance of each set (fp32, bf16, and fp32 from another seed) to the first
 `eval.gfd_reference_images` eval images, and between the sets; the seed row is the yardstick for the
-precision's.
+precision's. With `--compile MODE` (a `torch.compile` mode, e.g. `default`), the same rows again with the base
+model and the decoder compiled (`compiled: true`; their ratio and differences are still against the eager fp32
+row), and `first_call_s`, the untimed first generation of one batch, which carries the compilation: the time
+a trial would pay once per architecture and batch shape (Inductor's caches on the node then serve the others).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -80,10 +84,15 @@ def sample(m: dict, precision: str, n: int, batch: int, seed: int, device: torch
 
 
 def timed(m: dict, precision: str, n: int, batch: int, repeats: int, device: torch.device):
-    """(seconds of each of `repeats` generations of n images, the images of the last one)."""
+    """(seconds of each of `repeats` generations of n images, the images of the last one, seconds of the
+    untimed first generation of one batch)."""
     import time
 
-    sample(m, precision, min(batch, n), batch, 0, device)  # warm-up: cuDNN's choices, the allocator
+    sync(device)
+    t0 = time.perf_counter()
+    sample(m, precision, min(batch, n), batch, 0, device)  # warm-up: cuDNN's choices, the allocator, compilation
+    sync(device)
+    first = time.perf_counter() - t0
     secs, images = [], None
     for _ in range(repeats):
         sync(device)
@@ -91,7 +100,21 @@ def timed(m: dict, precision: str, n: int, batch: int, repeats: int, device: tor
         images = sample(m, precision, n, batch, 0, device)
         sync(device)
         secs.append(time.perf_counter() - t0)
-    return secs, images
+    return secs, images, first
+
+
+@contextlib.contextmanager
+def compiled_networks(m: dict, mode: str | None):
+    """While the block runs, the base model and the decoder sample compiled in `mode` (None: eager)."""
+    if mode is None:
+        yield
+        return
+    net, decoder = m["net"], m["ae"].decoder
+    m["net"], m["ae"].decoder = torch.compile(net, mode=mode), torch.compile(decoder, mode=mode)
+    try:
+        yield
+    finally:
+        m["net"], m["ae"].decoder = net, decoder
 
 
 def frechet_rows(m: dict, sets: dict, extractor: str, device: torch.device) -> list[dict]:
@@ -132,6 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1000])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--extractor", default=None, help="inception, domain or both: FDs of the sample sets")
+    ap.add_argument("--compile", default=None, metavar="MODE",
+                    help="also time the networks compiled in this torch.compile mode (default, reduce-overhead, ...)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -140,22 +165,28 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as training runs
     m = load_models(args, device)
     rows, firsts = [], {}
-    print(f"{'batch':>6} {'precision':>9} {'median s':>9} {'images/s':>9} {'vs fp32':>8} {'mean |d|':>9} {'max |d|':>8}")
+    print(f"{'batch':>6} {'precision':>9} {'compiled':>8} {'median s':>9} {'images/s':>9} {'vs fp32':>8} "
+          f"{'mean |d|':>9} {'max |d|':>8} {'first s':>8}")
+    variants = [(p, None) for p in PRECISIONS] + ([(p, args.compile) for p in PRECISIONS] if args.compile else [])
     for batch in args.batches:
         by = {}
-        for p in PRECISIONS:
-            secs, images = timed(m, p, args.samples, batch, args.repeats, device)
-            by[p] = (statistics.median(secs), images)
-            firsts.setdefault(p, images)
-        for p in PRECISIONS:
-            s, images = by[p]
-            d = (images.int() - by["fp32"][1].int()).abs().float()
-            row = {"batch": batch, "precision": p, "samples": args.samples, "median_s": s,
-                   "images_per_s": args.samples / s, "ratio_to_fp32": by["fp32"][0] / s,
-                   "mean_abs_uint8_diff": d.mean().item(), "max_abs_uint8_diff": d.max().item()}
+        for p, mode in variants:
+            with compiled_networks(m, mode):
+                secs, images, first = timed(m, p, args.samples, batch, args.repeats, device)
+            by[p, mode] = (statistics.median(secs), images, first)
+            if mode is None:
+                firsts.setdefault(p, images)
+        s32, im32, _ = by["fp32", None]
+        for p, mode in variants:
+            s, images, first = by[p, mode]
+            d = (images.int() - im32.int()).abs().float()
+            row = {"batch": batch, "precision": p, "compiled": mode is not None, "samples": args.samples,
+                   "median_s": s, "images_per_s": args.samples / s, "ratio_to_fp32": s32 / s,
+                   "mean_abs_uint8_diff": d.mean().item(), "max_abs_uint8_diff": d.max().item(), "first_call_s": first}
             rows.append(row)
-            print(f"{batch:>6} {p:>9} {s:>9.3f} {row['images_per_s']:>9.0f} {row['ratio_to_fp32']:>7.2f}x "
-                  f"{row['mean_abs_uint8_diff']:>9.3f} {row['max_abs_uint8_diff']:>8.0f}")
+            print(f"{batch:>6} {p:>9} {mode or 'no':>8} {s:>9.3f} {row['images_per_s']:>9.0f} "
+                  f"{row['ratio_to_fp32']:>7.2f}x {row['mean_abs_uint8_diff']:>9.3f} {row['max_abs_uint8_diff']:>8.0f} "
+                  f"{first:>8.2f}")
     fds = []
     if args.extractor:
         if not m["trained"]:

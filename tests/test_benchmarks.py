@@ -354,6 +354,31 @@ def test_eval_sampling_times_both_precisions_on_a_trained_checkpoint(tmp_path, d
     assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
     assert fp32["ratio_to_fp32"] == 1.0 and fp32["mean_abs_uint8_diff"] == 0.0
     assert 0 < bf16["mean_abs_uint8_diff"] < 32 and bf16["images_per_s"] > 0
+    assert not fp32["compiled"] and fp32["first_call_s"] > 0
+
+    # --compile: the same rows with the base model and the decoder swapped for torch.compile's modules (here a
+    # pass-through that counts its calls, so the compiled fp32 samples equal the eager ones exactly)
+    calls = []
+
+    class Through(torch.nn.Module):
+        def __init__(self, inner, mode):
+            super().__init__()
+            self.inner, self.mode = inner, mode
+
+        def forward(self, *a, **k):
+            calls.append((type(self.inner).__name__, self.mode))
+            return self.inner(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(eval_sampling.torch, "compile", lambda module, mode=None: Through(module, mode))
+        assert eval_sampling.main(["--base-ckpt", base.checkpoint, "--samples", "8", "--batches", "4",
+                                   "--repeats", "1", "--device", "cpu", "--compile", "default", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["precision"], r["compiled"]) for r in rows] == [("fp32", False), ("bf16", False), ("fp32", True),
+                                                                ("bf16", True)]
+    assert rows[2]["mean_abs_uint8_diff"] == 0.0  # against the eager fp32 row
+    assert rows[2]["ratio_to_fp32"] == pytest.approx(rows[0]["median_s"] / rows[2]["median_s"])
+    assert sorted(set(calls)) == [("BaseViT", "default"), ("DecoderUViT", "default")]  # both networks, in that mode
 
 
 def _tiny_exp(clip: float = 1.0):
