@@ -69,7 +69,8 @@ def handle_report(args: argparse.Namespace) -> int:
     trends = os.path.join(res.out_dir, "trends.md")
     if os.path.exists(trends):
         print(f"trends:    {trends} (rank correlations of bits/pixel, PSNR, reconstruction and "
-              "generation metrics, FID against domain FD where both are logged; seed repeats"
+              "generation metrics, FID against domain FD where both are logged; seed repeats and, with several "
+              "repeated configurations, their comparison"
               + ("; optimal bitrate per base size, verdicts per claim)"
                  if os.path.exists(os.path.join(res.out_dir, "base_size.json")) else ")"))
     if res.pngs:
