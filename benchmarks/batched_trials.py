@@ -135,9 +135,16 @@ class BatchedTrials:
 
 
 def stacked_noise(objective, n: int, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """One draw of n trials' noise, (n, batch, ...) each."""
+    """One draw of n trials' noise, (n, batch, ...) each: the Gaussian noise in one call, and each trial's
+    diffusion times (`t`, `t_*`) stratified over its own batch as `low_discrepancy_times` does for one trial,
+    t_i = (u + i / B) mod 1 with the trial's own u (split from one stratified draw of n * B, a trial would see
+    only a 1/n slice of the times)."""
     flat = objective.draw_noise(n * batch, gen)
-    return {k: v.view(n, batch, *v.shape[1:]) for k, v in flat.items()}
+    out = {k: v.view(n, batch, *v.shape[1:]) for k, v in flat.items()}
+    for k in [k for k in out if k == "t" or k.startswith("t_")]:
+        u = torch.rand(n, 1, generator=gen, device=gen.device)
+        out[k] = torch.remainder(u + torch.arange(batch, device=gen.device) / batch, 1.0)
+    return out
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -437,7 +437,12 @@ def test_batched_trials_stack_each_trials_own_objective_and_ema():
     assert b.buffers["loss_factor"].tolist() == [1.5, 1.75, 2.0, 3.0, 4.0, 1.5]
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(6, 4, 1, 16, 16, generator=gen) * 2 - 1
-    norms = b.step(x, bt.stacked_noise(objs[0], 6, 4, gen))
+    noise = bt.stacked_noise(objs[0], 6, 4, gen)
+    for k in ("t_z", "t_x"):  # every trial's times stratified over its own batch: one per quarter of [0, 1)
+        assert noise[k].shape == (6, 4)
+        assert (noise[k] * 4).floor().sort(dim=1).values.tolist() == [[0.0, 1.0, 2.0, 3.0]] * 6
+    assert noise["eps_x"].shape == (6, 4, 1, 16, 16)
+    norms = b.step(x, noise)
     assert norms.shape == (6,) and bool((norms > 0).all())
     w1, ema1 = ({k: v.clone() for k, v in d.items()} for d in (b.params, b.shadow))
     b.step(x, bt.stacked_noise(objs[0], 6, 4, gen))
