@@ -114,7 +114,8 @@ def markdown(c: Comparison) -> str:
         lines.append(f"| {name(i)} | " + " | ".join(cells) + " |")
     lines += ["", "| first | second | metric | difference | relative | Welch p |", "|---|---|---|---:|---:|---:|"]
     for d in c.differences:
-        lines.append(f"| {name(d.a)} | {name(d.b)} | {d.metric} | {'n/a' if math.isnan(d.diff) else f'{d.diff:+.4g}'} | "
+        diff = "n/a" if math.isnan(d.diff) else f"{d.diff:+.4g}"
+        lines.append(f"| {name(d.a)} | {name(d.b)} | {d.metric} | {diff} | "
                      f"{'n/a' if math.isnan(d.rel) else f'{100 * d.rel:+.0f}%'} | {_f(d.p)} |")
     if c.collapsed:
         lines += ["", f"Left out as collapsed (bits/pixel more than {COLLAPSE_FACTOR:g}× below the "

@@ -22,8 +22,8 @@ import json
 import math
 
 # mark -> the phase that ends at it, in order
-MARKS = (("t_run", "tracking"), ("t_loop", "start"), ("t_setup_end", "setup"), ("t_first_step_end", "first_step"), ("t_train_end", "train"),
-         ("t_eval_end", "evaluate"), ("t_fit_end", "finish"))
+MARKS = (("t_run", "tracking"), ("t_loop", "start"), ("t_setup_end", "setup"), ("t_first_step_end", "first_step"),
+         ("t_train_end", "train"), ("t_eval_end", "evaluate"), ("t_fit_end", "finish"))
 PHASES = tuple(p for _, p in MARKS) + ("failed",)
 TAG = "ulsweep.timeline"  # MLflow tag: JSON list of [attempt, phase, start, end] of every attempt
 TAG_MAX_CHARS = 5000  # MLflow's limit on a tag value (its sqlite store)

@@ -168,14 +168,14 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
                      deterministic=recorded or isinstance(e, deterministic_errors()))
         _tag_failure(c, run_id, wcfg, e)
         tracking.retry(c.set_terminated, run_id, status="FAILED")
-        _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_run": t_run, "t_fit": t_fit, "t_fit_end": time.time(),
-                                                      "error": True})
+        _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_run": t_run, "t_fit": t_fit,
+                                                      "t_fit_end": time.time(), "error": True})
         raise
     m = result.metrics or getattr(result, "return_value", None) or {}
     if kind == "base":
         log_datasets(c, run_id, exp, ae_checkpoint=config.get("ae_checkpoint"))
-    _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_run": t_run, "t_fit": t_fit, "t_fit_end": time.time(),
-                                                  **{k: m.get(k) for k in _TIMINGS}})
+    _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_run": t_run, "t_fit": t_fit,
+                                                  "t_fit_end": time.time(), **{k: m.get(k) for k in _TIMINGS}})
     if kind == "base" and m and parent != ctx.sweep_id:
         _log_to_ae_run(c, parent, config, m)
     tracking.retry(c.set_terminated, run_id, status="FINISHED")
