@@ -94,7 +94,7 @@ class BatchedTrials:
     def __init__(self, objectives: list[torch.nn.Module], optim, compile_mode: str | bool = False):
         from torch.func import functional_call, grad, stack_module_state, vmap
 
-        self.n, self.oc, self.step_count = len(objectives), optim, 0
+        self.oc, self.step_count = optim, 0
         params, self.buffers = stack_module_state(objectives)
         self.params = {k: v.detach() for k, v in params.items()}  # leaves the optimizer steps
         self.dims = objectives[0].dims

@@ -13,6 +13,8 @@ labelled gFID/rFID; a domain-extractor metric `gfd_fmnist` is labelled "gFD (fmn
 """
 from __future__ import annotations
 
+import math
+
 import re
 from typing import Iterable, Sequence
 
@@ -106,6 +108,18 @@ def short_param(name: str) -> str:
     return {LF: "loss factor", BIAS: "sigmoid bias", CHANNELS: "latent channels", DOWNSAMPLE: "downsample",
             STOP_GRAD: "stop-grad prior", LOGSNR_Z0: "λ_z(0)", PRIOR: "prior", DECODER: "decoder"}.get(
         name, name.split(".", 1)[-1] if name.startswith("ae.") else name)
+
+
+def key_tail(key: str) -> str:
+    """A dotted config key's last part (`ae.loss.loss_factor` -> `loss_factor`): markdown's short names."""
+    return key.rsplit(".", 1)[-1]
+
+
+def fmt_value(v) -> str:
+    """A value in markdown: floats to 4 significant digits, NaN as n/a, anything else as str()."""
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
 
 
 def numeric(df: pd.DataFrame, col: str) -> pd.Series:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 from scipy import stats
 
+from ulsweep.report.columns import fmt_value, key_tail
+
 COLLAPSE_FACTOR = 10.0  # bits/pixel this many times below the configuration's median: the latent collapsed
 MAX_CONFIGS = 6  # beyond this many repeated configurations the pairwise table is no longer a reading aid
 
@@ -95,28 +97,23 @@ def compare(ae: pd.DataFrame, knobs: list[str], metrics: list[str], seeds: list[
     return res
 
 
-def _f(v: float) -> str:
-    return "n/a" if math.isnan(v) else f"{v:.4g}"
-
-
 def markdown(c: Comparison) -> str:
     """trends.md's section: one table of means ± SD per configuration, one of the pairwise differences."""
     def name(i):
-        return ", ".join(f"{k.rsplit('.', 1)[-1]} = {v:g}" if isinstance(v, (int, float)) else
-                         f"{k.rsplit('.', 1)[-1]} = {v}" for k, v in c.configs[i].items())
+        return ", ".join(f"{key_tail(k)} = {fmt_value(v)}" for k, v in c.configs[i].items())
 
     metrics = list(c.summaries)
     lines = ["", "Configurations with seed repeats compared (mean ± sample SD over seeds, n; differences first "
              "minus second with Welch's two-sided t-test p):", "",
              "| configuration | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
     for i in range(len(c.configs)):
-        cells = [f"{_f(s.mean)} ± {_f(s.sd)} ({s.n})" for s in (c.summaries[m][i] for m in metrics)]
+        cells = [f"{fmt_value(s.mean)} ± {fmt_value(s.sd)} ({s.n})" for s in (c.summaries[m][i] for m in metrics)]
         lines.append(f"| {name(i)} | " + " | ".join(cells) + " |")
     lines += ["", "| first | second | metric | difference | relative | Welch p |", "|---|---|---|---:|---:|---:|"]
     for d in c.differences:
         diff = "n/a" if math.isnan(d.diff) else f"{d.diff:+.4g}"
         lines.append(f"| {name(d.a)} | {name(d.b)} | {d.metric} | {diff} | "
-                     f"{'n/a' if math.isnan(d.rel) else f'{100 * d.rel:+.0f}%'} | {_f(d.p)} |")
+                     f"{'n/a' if math.isnan(d.rel) else f'{100 * d.rel:+.0f}%'} | {fmt_value(d.p)} |")
     if c.collapsed:
         lines += ["", f"Left out as collapsed (bits/pixel more than {COLLAPSE_FACTOR:g}× below the "
                   "configuration's median):", ""]
