@@ -154,7 +154,18 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def check(exp, stage: str, n: int, batch: int, channels: int, steps: int, device: torch.device) -> dict:
     """The batched program against n trials stepped one by one with the library's TrainState, from the same
     weights, data and noise (dropout off): the largest relative differences of the first step's gradients and
-    of the weights after `steps` steps (each relative to that tensor's largest magnitude)."""
+    of the weights after `steps` steps (each relative to that tensor's largest magnitude), and the tensors that
+    have them. TF32 is off while it runs: its 1e-3 rounding would move both programs' gradients apart and flip
+    AdamW's first, sign-like steps in weights that are still near zero (0.33 on an H200 with TF32 on)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _check(exp, stage, n, batch, channels, steps, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _check(exp, stage: str, n: int, batch: int, channels: int, steps: int, device: torch.device) -> dict:
     from ulsweep.train.state import TrainState
 
     rt = make_runtime(exp.ae.train)
@@ -163,7 +174,8 @@ def check(exp, stage: str, n: int, batch: int, channels: int, steps: int, device
     batched = BatchedTrials(copy.deepcopy(objs), oc)
     states = [TrainState(o, oc, rt, seed=0) for o in objs]  # an objective's parameters are its network's
     gen = torch.Generator(device).manual_seed(1)
-    grad_err = weight_err = 0.0
+    grad_err = weight_err = -1.0  # below any difference, so that the worst tensors are always named
+    grad_at = weight_at = ""
     for k in range(steps):
         x = torch.rand(n, batch, *input_shape(exp, stage, channels), generator=gen, device=device) * 2 - 1
         noise = stacked_noise(objs[0], n, batch, gen)
@@ -176,19 +188,21 @@ def check(exp, stage: str, n: int, batch: int, channels: int, steps: int, device
             if k == 0:
                 loss.backward(retain_graph=True)
                 for name, p in o.named_parameters():
-                    grad_err = max(grad_err, rel_diff(g[name][i], p.grad))
+                    if (d := rel_diff(g[name][i], p.grad)) > grad_err:
+                        grad_err, grad_at = d, name
                 o.zero_grad(set_to_none=True)
             ts.optimizer_step(loss)
     for i, o in enumerate(objs):
         for name, p in o.named_parameters():
-            weight_err = max(weight_err, rel_diff(batched.params[name][i], p.detach()))
-    return {"stage": stage, "trials": n, "steps": steps, "max_rel_grad_diff": grad_err,
-            "max_rel_weight_diff": weight_err}
+            if (d := rel_diff(batched.params[name][i], p.detach())) > weight_err:
+                weight_err, weight_at = d, name
+    return {"stage": stage, "trials": n, "steps": steps, "max_rel_grad_diff": grad_err, "grad_tensor": grad_at,
+            "max_rel_weight_diff": weight_err, "weight_tensor": weight_at}
 
 
 def fallback_ops(caught) -> list[str]:
     """The operators vmap had no batching rule for (it then loops over the trials), from its warnings."""
-    ops = {m.group(1) for w in caught if (m := re.search(r"batching rule for (aten::\w+)", str(w.message)))}
+    ops = {m.group(1) for w in caught if (m := re.search(r"batching rule for (\w+::\w+)", str(w.message)))}
     return sorted(ops)
 
 
@@ -238,8 +252,9 @@ def main(argv=None) -> int:
     if a.check_steps:
         checked = check(exp, a.stage, a.check_trials, a.check_batch, a.channels, a.check_steps, device)
         print(f"check: {checked['trials']} trials, {checked['steps']} steps: gradients within "
-              f"{checked['max_rel_grad_diff']:.2e}, weights within {checked['max_rel_weight_diff']:.2e} "
-              "(relative to each tensor's largest magnitude)")
+              f"{checked['max_rel_grad_diff']:.2e} ({checked['grad_tensor']}), weights within "
+              f"{checked['max_rel_weight_diff']:.2e} ({checked['weight_tensor']}; relative to each tensor's largest "
+              "magnitude, TF32 off)")
     env = run_env(a) | {"check": checked}
     print(f"{'mode':>16} {'program':>11} {'images/s':>10} {'per trial':>10} {'vs one':>7} {'ms/step':>8}")
     for mode in a.modes:

@@ -419,6 +419,43 @@ def test_batched_trials_are_the_same_trials_as_stepped_one_by_one():
     assert bad["max_rel_weight_diff"] > 100 * ok["max_rel_weight_diff"], (ok, bad)
 
 
+def test_batched_check_runs_without_tf32_names_its_worst_tensors_and_restores_the_flags(monkeypatch):
+    import batched_trials as bt
+
+    seen = []
+    real = bt._check
+
+    def spy(*a, **kw):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bt, "_check", spy)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        res = bt.check(_tiny_exp(), "base", 2, 4, 1, 1, torch.device("cpu"))
+        assert seen == [(False, False)]
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    names = {n for n, _ in bt.trial_objectives(_tiny_exp(), "base", 1, 1, torch.device("cpu"))[0].named_parameters()}
+    assert res["grad_tensor"] in names and res["weight_tensor"] in names
+
+
+def test_batched_fallback_ops_of_any_namespace_are_listed():
+    import batched_trials as bt
+
+    class W:
+        def __init__(self, text):
+            self.message = text
+
+    text = "There is a performance drop because we have not yet implemented the batching rule for {}. Please"
+    caught = [W(text.format("ulsweep::keep_bits")), W(text.format("aten::_scaled_dot_product_efficient_attention"
+                                                                   "_backward")), W("something else")]
+    assert bt.fallback_ops(caught) == ["aten::_scaled_dot_product_efficient_attention_backward",
+                                       "ulsweep::keep_bits"]
+
+
 def test_batched_base_models_are_the_same_trials_as_stepped_one_by_one():
     import batched_trials as bt
 

@@ -69,7 +69,7 @@ def test_the_key_follows_the_model_and_the_batch_not_the_values(tmp_path):
                 G.graph_key(a, (2, 4), "reduce-overhead", "cuda", torch.bfloat16)}) == 4
 
 
-@pytest.mark.parametrize("setting", [True, False])
+@pytest.mark.parametrize("setting", [True, "eager", False])
 def test_a_compiled_run_goes_through_the_gate_unless_told_not_to(tmp_path, monkeypatch, digits_cache, setting):
     from test_train import tiny_exp  # the loop tests' tiny experiment
 
