@@ -13,6 +13,11 @@
 #   WALL_LIMIT=270 bash benchmarks/device/wall.sh --set ae.train.steps=1700 --set 'base_models=[]' \
 #     --variant 'wait=ae.train.gate_compile=true,env:TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-wait' \
 #     --variant 'eager=ae.train.gate_compile=eager,env:TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-eager'
+# MPS off against on (resources.mps: the daemon ulsweep starts for the run; session 17 built it), the same
+# autoencoders, each variant with a cold cache of its own (~8 min):
+#   WALL_LIMIT=270 bash benchmarks/device/wall.sh --set ae.train.steps=1700 --set 'base_models=[]' \
+#     --variant 'timesliced=env:TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-ts' \
+#     --variant 'mps=resources.mps=on,env:TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-mps'
 set -uo pipefail
 bash benchmarks/device/fid.sh stage > /dev/null
 . benchmarks/device/env_b.sh

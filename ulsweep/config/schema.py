@@ -316,8 +316,14 @@ class ResourcesConfig:
     # trains); the loop resumes from its last checkpoint. Deterministic errors (NaN loss, bad checkpoint)
     # never retry (ulsweep/sweep/attempts.py).
     max_worker_failures: int = 2
+    # NVIDIA's Multi-Process Service for trials that share a GPU (their kernels run side by side instead of taking
+    # turns): off, auto (start a daemon for the run when trials pack GPUs on a local Ray with CUDA and the
+    # daemon's binary; else say why not) or on (the same, an error when it cannot); ulsweep/sweep/mps.py
+    mps: Literal["off", "auto", "on"] = "off"
 
     def __post_init__(self):
+        _require(self.mps != "on" or 0 < self.gpus_per_worker < 1, "mps", self.mps,
+                 "needs trials that share GPUs (0 < resources.gpus_per_worker < 1); use auto or off")
         _require(self.max_worker_failures >= -1, "max_worker_failures", self.max_worker_failures,
                  "must be >= 0 (or -1: no limit)")
         _require(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")

@@ -36,7 +36,7 @@ from typing import Any
 
 from ulsweep import io as uio, tracking
 from ulsweep.config import ConfigError, ExperimentConfig, check_data, dump_yaml, experiment_from_dict, to_dict
-from ulsweep.sweep import lineage, outcome as outcomes
+from ulsweep.sweep import lineage, mps, outcome as outcomes
 from ulsweep.sweep.credentials import stop_tune_copying_credentials
 from ulsweep.sweep.lineage import SweepRun
 from ulsweep.sweep.outcome import SweepOutcome
@@ -86,14 +86,21 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
         state = pending_state(uri, ident)
         write_state(run_dir, state)
     address = address or os.environ.get("RAY_ADDRESS") or None
-    run, started_ray = _start_ray_and_sweep_run(exp, run_dir, uri, state, ident, address, verbose, out)
-    phases = {"setup": time.time() - t_start}
-    exp = fit_to_local_machine(exp, ray.cluster_resources(), started_here=not address, out=out)
+    daemon = mps.start_for_run(exp.resources.mps, run_dir, address=address, ray_running=ray.is_initialized(),
+                               gpus_per_worker=exp.resources.gpus_per_worker, out=out)
     try:
-        grid, phases["tune_fit"] = _fit(exp, run_dir, run, train_impl, restore, out)
+        run, started_ray = _start_ray_and_sweep_run(exp, run_dir, uri, state, ident, address, verbose, out,
+                                                    env=daemon.env if daemon else {})
+        phases = {"setup": time.time() - t_start}
+        exp = fit_to_local_machine(exp, ray.cluster_resources(), started_here=not address, out=out)
+        try:
+            grid, phases["tune_fit"] = _fit(exp, run_dir, run, train_impl, restore, out)
+        finally:
+            if started_ray:
+                ray.shutdown()
     finally:
-        if started_ray:
-            ray.shutdown()
+        if daemon:
+            daemon.stop()
     searcher = _final_searcher(exp, run_dir)
     result = _collect_outcome(run_dir, run, searcher, grid, wall=time.time() - t_start)
     ranked = searcher.ranked()
@@ -168,9 +175,11 @@ def _revive_failed_trials(exp: ExperimentConfig, run_dir: str, out) -> list[str]
 
 
 def _start_ray_and_sweep_run(exp: ExperimentConfig, run_dir: str, uri: str, state: dict, ident: dict,
-                             address: str | None, verbose: bool, out) -> tuple[SweepRun, bool]:
+                             address: str | None, verbose: bool, out, env: dict | None = None
+                             ) -> tuple[SweepRun, bool]:
     """Open the sweep's MLflow run in a thread while Ray starts (both take seconds: a new sqlite store runs
-    its migrations). Returns the run and whether Ray was started here (and is to be shut down here)."""
+    its migrations). `env`: environment variables every Ray worker gets (the MPS daemon's pipe). Returns the
+    run and whether Ray was started here (and is to be shut down here)."""
     import ray
 
     pool = ThreadPoolExecutor(1)
@@ -178,7 +187,7 @@ def _start_ray_and_sweep_run(exp: ExperimentConfig, run_dir: str, uri: str, stat
     _configure_ray_environment()
     started_ray = False
     try:
-        started_ray = _init_ray(address, verbose)
+        started_ray = _init_ray(address, verbose, env or {})
         return opening.result(), started_ray  # its errors surface here
     except BaseException:
         if started_ray:
@@ -200,13 +209,14 @@ def _configure_ray_environment() -> None:
     stop_tune_copying_credentials()  # Ray would log them: trials take credentials from their node's environment
 
 
-def _init_ray(address: str | None, verbose: bool) -> bool:
-    """Connect to the cluster at `address`, or start a local Ray; False when Ray is running already."""
+def _init_ray(address: str | None, verbose: bool, env: dict[str, str] | None = None) -> bool:
+    """Connect to the cluster at `address`, or start a local Ray whose workers get `env` besides Ray Train's
+    knobs; False when Ray is running already."""
     import ray
 
     if ray.is_initialized():
         return False
-    kw: dict[str, Any] = {"log_to_driver": verbose, "runtime_env": {"env_vars": dict(RAY_TRAIN_ENV)}}
+    kw: dict[str, Any] = {"log_to_driver": verbose, "runtime_env": {"env_vars": {**RAY_TRAIN_ENV, **(env or {})}}}
     if address:
         ray.init(address=address, **kw)
     else:
@@ -349,7 +359,8 @@ def fit_to_local_machine(exp: ExperimentConfig, cluster: dict, started_here: boo
         return exp
     print(f"note: no GPU on this machine; trials run on CPU (resources.gpus_per_worker "
           f"{exp.resources.gpus_per_worker} -> 0)", file=out, flush=True)
-    return experiment_from_dict(to_dict(exp), {"resources.gpus_per_worker": 0.0, "resources.backend": "auto"})
+    return experiment_from_dict(to_dict(exp), {"resources.gpus_per_worker": 0.0, "resources.backend": "auto",
+                                               "resources.mps": "off"})
 
 
 def dry_run(exp: ExperimentConfig, storage: str | None = None, tracking_uri: str | None = None,

@@ -1,0 +1,184 @@
+"""NVIDIA's Multi-Process Service (MPS) for the trials a sweep packs on a GPU (`resources.mps`).
+
+Trials that hold a fraction of a GPU (`resources.gpus_per_worker` < 1) are separate processes. Without MPS their
+kernels take turns on the GPU (time-slicing: one process's context at a time); under MPS one server process runs
+the kernels of all of them, side by side on the SMs. Small trials leave most SMs idle, so that matters: on one
+H200, five packed lf_sweep autoencoder steps gave 15,137 images/s time-sliced and 22,438 under MPS (README,
+"Measured so far"; `benchmarks/device/mps.sh`).
+
+`resources.mps`:
+- `off` (default): nothing is started.
+- `auto`: this run starts an MPS control daemon when it can help and nothing else provides one: the run starts its
+  own Ray (no `--address`), trials pack GPUs (0 < gpus_per_worker < 1), `nvidia-cuda-mps-control` is on PATH,
+  CUDA is available. Otherwise one line says why not, and the run goes on time-sliced.
+- `on`: the same, but any of those missing is an error before the sweep starts (naming `resources.mps`).
+With either, a daemon that already serves the machine (an administrator's, found where CUDA clients look for it)
+is used as it is.
+
+The daemon gets pipe and log folders of its own (`CUDA_MPS_PIPE_DIRECTORY`, `CUDA_MPS_LOG_DIRECTORY` under the
+temp folder, keyed by the run directory; a socket path must stay short), which the trial processes receive through
+Ray's runtime environment. Before the sweep relies on it, a probe process allocates a tensor on the GPU through
+it; if that fails the daemon is stopped (`on`: error with the probe's output; `auto`: a note, and no MPS). A daemon
+left running by a killed run of the same run directory answers on its pipe and is taken over. The run stops the
+daemon at its end (`quit`; the server exits once its last client has).
+
+On a cluster (`--address`) ulsweep cannot start daemons on other nodes: start one on every GPU node with the node
+(the cluster configs' start commands) and leave `resources.mps: off`; trials then use it without further setting.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from ulsweep.sweep.state import SweepError
+
+CONTROL = "nvidia-cuda-mps-control"
+DEFAULT_PIPE = "/tmp/nvidia-mps"  # where CUDA clients look without CUDA_MPS_PIPE_DIRECTORY
+START_S = 10.0  # how long the daemon may take to open its control pipe
+PROBE_S = 120.0  # the probe's CUDA start-up (a first context on a busy node can take tens of seconds)
+PROBE = ("import torch; x = torch.ones(1024, device='cuda'); torch.cuda.synchronize(); "
+         "assert float(x.sum()) == 1024.0; print('mps probe ok')")
+
+
+class MpsError(SweepError):
+    """`resources.mps: on` could not give the run an MPS daemon; the message names the setting and why."""
+
+
+@dataclass
+class MpsDaemon:
+    """A control daemon this run started (or took over): the environment its clients need, and how to stop it."""
+
+    pipe_dir: str
+    log_dir: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"CUDA_MPS_PIPE_DIRECTORY": self.pipe_dir, "CUDA_MPS_LOG_DIRECTORY": self.log_dir}
+
+    def stop(self) -> None:
+        """Ask the daemon to quit (it shuts its server down once the last client has exited); never raises."""
+        try:
+            subprocess.run([CONTROL], input="quit\n", text=True, env={**os.environ, **self.env},
+                           capture_output=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            pass
+
+
+def folders_for(run_dir: str) -> tuple[str, str]:
+    """(pipe folder, log folder) of this run directory's daemon: short paths under the temp folder (a UNIX
+    socket path has ~100 bytes), one pair per run directory."""
+    h = hashlib.sha256(run_dir.encode()).hexdigest()[:12]
+    base = os.path.join(tempfile.gettempdir(), f"ulsweep-mps-{h}")
+    return os.path.join(base, "pipe"), os.path.join(base, "log")
+
+
+def _answers(pipe_dir: str) -> bool:
+    """A daemon serves `pipe_dir` (its control pipe exists and it answers a query)."""
+    if not os.path.exists(os.path.join(pipe_dir, "control")):
+        return False
+    try:
+        r = subprocess.run([CONTROL], input="get_server_list\n", text=True, capture_output=True, timeout=10,
+                           env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": pipe_dir})
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def why_not(setting: str, *, address: str | None, ray_running: bool, gpus_per_worker: float) -> str | None:
+    """Why this run does not start a daemon of its own, or None when it should."""
+    if setting == "off":
+        return "off"
+    if address:
+        return (f"the run joins a cluster ({address}): start a daemon on every GPU node with the node and leave "
+                "resources.mps off")
+    if ray_running:
+        return "Ray was already running in this process: its workers would not see the daemon's pipe"
+    if not 0 < gpus_per_worker < 1:  # `on` is refused with such a value when the config loads
+        return f"trials do not share GPUs (resources.gpus_per_worker {gpus_per_worker})"
+    if shutil.which(CONTROL) is None:
+        return f"{CONTROL} is not on PATH (NVIDIA's driver utilities)"
+    if not _cuda_available():
+        return "CUDA is not available here"
+    return None
+
+
+def serving(env: dict | None = None) -> str | None:
+    """The pipe folder of a daemon that already serves this machine's CUDA clients (as their environment
+    finds it), or None."""
+    pipe = (env if env is not None else os.environ).get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE
+    return pipe if _answers(pipe) else None
+
+
+def start_for_run(setting: str, run_dir: str, *, address: str | None, ray_running: bool, gpus_per_worker: float,
+                  out=None) -> MpsDaemon | None:
+    """The daemon for this run under `resources.mps: setting`, started, taken over or None (with a line to
+    `out` saying why for `auto`); raises MpsError for `on` when it cannot be had."""
+    out = out or sys.stdout
+    reason = why_not(setting, address=address, ray_running=ray_running, gpus_per_worker=gpus_per_worker)
+    if reason == "off":
+        return None
+    if reason is not None:
+        return _refuse(setting, reason, out)
+    if (other := serving()) is not None:  # an administrator's daemon: the trials are clients already
+        print(f"mps: a daemon already serves {other}; trials use it", file=out, flush=True)
+        return None
+    pipe, log = folders_for(run_dir)
+    daemon = MpsDaemon(pipe, log)
+    if _answers(pipe):
+        print(f"mps: taking over the daemon a previous run of {run_dir} left at {pipe}", file=out, flush=True)
+    else:
+        os.makedirs(pipe, exist_ok=True)
+        os.makedirs(log, exist_ok=True)
+        try:
+            r = subprocess.run([CONTROL, "-d"], env={**os.environ, **daemon.env}, capture_output=True, text=True,
+                               timeout=30)
+        except (OSError, subprocess.SubprocessError) as e:
+            return _refuse(setting, f"{CONTROL} -d failed: {e}", out)
+        if r.returncode != 0:
+            return _refuse(setting, f"{CONTROL} -d exited {r.returncode}: {(r.stderr or r.stdout).strip()[-300:]}",
+                           out)
+        t0 = time.monotonic()
+        while not os.path.exists(os.path.join(pipe, "control")):
+            if time.monotonic() - t0 > START_S:
+                daemon.stop()
+                return _refuse(setting, f"the daemon opened no control pipe in {pipe} within {START_S:.0f} s "
+                                        f"(its log: {log})", out)
+            time.sleep(0.1)
+    ok, said = probe(daemon)
+    if not ok:
+        daemon.stop()
+        return _refuse(setting, f"a CUDA process failed under the daemon (its log: {log}): {said}", out)
+    print(f"mps: trials share the GPU through an MPS daemon (pipe {pipe}, log {log})", file=out, flush=True)
+    return daemon
+
+
+def probe(daemon: MpsDaemon) -> tuple[bool, str]:
+    """Run a tiny CUDA program as an MPS client of `daemon`: (it worked, the tail of its output)."""
+    try:
+        r = subprocess.run([sys.executable, "-c", PROBE], env={**os.environ, **daemon.env}, capture_output=True,
+                           text=True, timeout=PROBE_S)
+    except subprocess.TimeoutExpired:
+        return False, f"no answer within {PROBE_S:.0f} s"
+    except OSError as e:
+        return False, str(e)
+    said = (r.stdout + r.stderr).strip()
+    return r.returncode == 0 and "mps probe ok" in r.stdout, said[-400:]
+
+
+def _refuse(setting: str, reason: str, out) -> None:
+    if setting == "on":
+        raise MpsError(f"resources.mps: on: {reason}")
+    print(f"mps: not used ({reason})", file=out, flush=True)
+    return None
