@@ -141,14 +141,16 @@ def start_for_run(setting: str, run_dir: str, *, address: str | None, ray_runnin
     else:
         os.makedirs(pipe, exist_ok=True)
         os.makedirs(log, exist_ok=True)
+        said = os.path.join(log, "start.txt")  # a file, not a pipe: the daemon that forks off may keep it open
         try:
-            r = subprocess.run([CONTROL, "-d"], env={**os.environ, **daemon.env}, capture_output=True, text=True,
-                               timeout=30)
+            with open(said, "w") as f:
+                r = subprocess.run([CONTROL, "-d"], env={**os.environ, **daemon.env}, stdin=subprocess.DEVNULL,
+                                   stdout=f, stderr=subprocess.STDOUT, timeout=30)
         except (OSError, subprocess.SubprocessError) as e:
             return _refuse(setting, f"{CONTROL} -d failed: {e}", out)
         if r.returncode != 0:
-            return _refuse(setting, f"{CONTROL} -d exited {r.returncode}: {(r.stderr or r.stdout).strip()[-300:]}",
-                           out)
+            with open(said) as f:
+                return _refuse(setting, f"{CONTROL} -d exited {r.returncode}: {f.read().strip()[-300:]}", out)
         t0 = time.monotonic()
         while not os.path.exists(os.path.join(pipe, "control")):
             if time.monotonic() - t0 > START_S:
