@@ -508,3 +508,20 @@ def test_batched_trials_benchmark_writes_its_rows(tmp_path):
         assert r["images_per_s"] > 0 and r["per_trial_images_per_s"] * r["trials"] == pytest.approx(r["images_per_s"])
     assert rows[0]["ratio_to_one_trial"] == pytest.approx(1.0)
     assert rows[2]["ratio_to_one_trial"] == pytest.approx(rows[2]["images_per_s"] / rows[0]["images_per_s"])
+
+
+def test_first_step_times_the_parts_of_fresh_processes_and_passes_them_only_the_model_arguments(tmp_path):
+    import first_step as fs
+
+    assert fs._without(["--preset", "tiny", "--processes", "1", "2", "--out", "x.json", "--batch", "4"],
+                       {"--out": 1, "--processes": 2}) == ["--preset", "tiny", "--batch", "4"]
+    out = tmp_path / "f.json"
+    assert fs.main(["--preset", "tiny", "--image-size", "16", "--latent-channels", "4", "--batch", "4",
+                    "--processes", "1", "--variants", "library", "no-cudnn-benchmark", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["processes"], r["errors"]) for r in rows] == [("library", 1, []),
+                                                                        ("no-cudnn-benchmark", 1, [])]
+    for r in rows:
+        (proc,) = r["per_process"]
+        assert all(proc[k] > 0 for k in fs.PARTS), proc
+        assert proc["import_s"] < 120 and r["first_step_max_s"] == proc["forward_s"] + proc["backward_s"]
