@@ -31,6 +31,7 @@ Prints a table and writes JSON (after every row). Absolute numbers are only mean
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import re
@@ -91,8 +92,10 @@ class BatchedTrials:
     """N trials of one architecture as one program (see the module docstring): stacked weights and buffers,
     their gradients from one vmapped call, one AdamW over the stacked tensors, per-trial clipping and EMA."""
 
-    def __init__(self, objectives: list[torch.nn.Module], optim, compile_mode: str | bool = False):
+    def __init__(self, objectives: list[torch.nn.Module], optim, compile_mode: str | bool = False,
+                 attention: str = "library"):
         from torch.func import functional_call, grad, stack_module_state, vmap
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
         self.oc, self.step_count = optim, 0
         params, self.buffers = stack_module_state(objectives)
@@ -100,8 +103,14 @@ class BatchedTrials:
         self.dims = objectives[0].dims
         template = copy.deepcopy(objectives[0]).to("meta")
 
+        # "math": attention as matmuls and softmax, which vmap batches; the fused kernels' backwards have no
+        # batching rule on the GPU (session 17: vmap ran the efficient-attention backward one trial at a time)
+        self.attention = attention
+        pick = (lambda: sdpa_kernel(SDPBackend.MATH)) if attention == "math" else contextlib.nullcontext
+
         def loss(p, b, x, noise):  # one trial's loss, per pixel as TrainState's callers scale it
-            return functional_call(template, (p, b), (x, noise))["total"].mean() / self.dims
+            with pick():
+                return functional_call(template, (p, b), (x, noise))["total"].mean() / self.dims
 
         grads = vmap(grad(loss), randomness="different")
         self.grads = torch.compile(grads, mode=compile_mode) if compile_mode else grads
@@ -151,7 +160,8 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def check(exp, stage: str, n: int, batch: int, channels: int, steps: int, device: torch.device) -> dict:
+def check(exp, stage: str, n: int, batch: int, channels: int, steps: int, device: torch.device,
+          attention: str = "library") -> dict:
     """The batched program against n trials stepped one by one with the library's TrainState, from the same
     weights, data and noise (dropout off): the largest relative differences of the first step's gradients and
     of the weights after `steps` steps (each relative to that tensor's largest magnitude), and the tensors that
@@ -160,18 +170,19 @@ def check(exp, stage: str, n: int, batch: int, channels: int, steps: int, device
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        return _check(exp, stage, n, batch, channels, steps, device)
+        return _check(exp, stage, n, batch, channels, steps, device, attention)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
-def _check(exp, stage: str, n: int, batch: int, channels: int, steps: int, device: torch.device) -> dict:
+def _check(exp, stage: str, n: int, batch: int, channels: int, steps: int, device: torch.device,
+           attention: str) -> dict:
     from ulsweep.train.state import TrainState
 
     rt = make_runtime(exp.ae.train)
     objs = trial_objectives(exp, stage, n, channels, device, dropout=0.0)
     oc = optim_of(exp, stage)
-    batched = BatchedTrials(copy.deepcopy(objs), oc)
+    batched = BatchedTrials(copy.deepcopy(objs), oc, attention=attention)
     states = [TrainState(o, oc, rt, seed=0) for o in objs]  # an objective's parameters are its network's
     gen = torch.Generator(device).manual_seed(1)
     grad_err = weight_err = -1.0  # below any difference, so that the worst tensors are always named
@@ -221,9 +232,10 @@ def time_steps(step, device: torch.device, seconds: float, warmup: int) -> tuple
                 return time.perf_counter() - t0, k
 
 
-def batched_step(exp, stage: str, n: int, batch: int, channels: int, mode: str, device: torch.device):
+def batched_step(exp, stage: str, n: int, batch: int, channels: int, mode: str, device: torch.device,
+                 attention: str = "library"):
     objs = trial_objectives(exp, stage, n, channels, device)
-    bt = BatchedTrials(objs, optim_of(exp, stage), MODES[mode])
+    bt = BatchedTrials(objs, optim_of(exp, stage), MODES[mode], attention)
     gen = torch.Generator(device).manual_seed(0)
     x = torch.rand(n, batch, *input_shape(exp, stage, channels), generator=gen, device=device) * 2 - 1
 
@@ -245,12 +257,15 @@ def main(argv=None) -> int:
     p.add_argument("--check-steps", type=int, default=3, help="0 skips the check")
     p.add_argument("--check-trials", type=int, default=2)
     p.add_argument("--check-batch", type=int, default=8)
+    p.add_argument("--attention", default="library", choices=["library", "math"],
+                   help="the batched program's attention: the library's (SDPA picks a fused kernel) or SDPA's math "
+                        "backend (batched by vmap)")
     a = p.parse_args(argv)
     exp = bench_experiment(a)
     device = make_runtime(exp.ae.train).device
     rows, checked = [], None
     if a.check_steps:
-        checked = check(exp, a.stage, a.check_trials, a.check_batch, a.channels, a.check_steps, device)
+        checked = check(exp, a.stage, a.check_trials, a.check_batch, a.channels, a.check_steps, device, a.attention)
         print(f"check: {checked['trials']} trials, {checked['steps']} steps: gradients within "
               f"{checked['max_rel_grad_diff']:.2e} ({checked['grad_tensor']}), weights within "
               f"{checked['max_rel_weight_diff']:.2e} ({checked['weight_tensor']}; relative to each tensor's largest "
@@ -260,10 +275,12 @@ def main(argv=None) -> int:
     for mode in a.modes:
         base = None
         variants = [("one trial", 1, lambda: STAGES[a.stage](exp, a.batch, mode, a.channels)[0])]
-        variants += [(f"batched {n}", n, lambda n=n: batched_step(exp, a.stage, n, a.batch, a.channels, mode, device))
+        variants += [(f"batched {n}", n, lambda n=n: batched_step(exp, a.stage, n, a.batch, a.channels, mode, device,
+                                                                    a.attention))
                      for n in a.trials]
         for name, n, build in variants:
-            row = {"stage": a.stage, "mode": mode, "program": name, "trials": n, "batch_per_trial": a.batch}
+            row = {"stage": a.stage, "mode": mode, "program": name, "trials": n, "batch_per_trial": a.batch,
+                   "attention": "library" if name == "one trial" else a.attention}
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")

@@ -525,3 +525,21 @@ def test_first_step_times_the_parts_of_fresh_processes_and_passes_them_only_the_
         (proc,) = r["per_process"]
         assert all(proc[k] > 0 for k in fs.PARTS), proc
         assert proc["import_s"] < 120 and r["first_step_max_s"] == proc["forward_s"] + proc["backward_s"]
+
+
+def test_batched_trials_with_math_attention_leave_vmap_nothing_to_run_trial_by_trial(tmp_path):
+    """On CPU the library's attention (a fused SDPA kernel) has no batching rule, and vmap loops over the trials
+    there (the rows name it); with --attention math the program batches it and is still the same trials."""
+    import batched_trials as bt
+
+    rows = {}
+    for att in ("library", "math"):
+        out = tmp_path / f"{att}.json"
+        assert bt.main(["--preset", "tiny", "--image-size", "16", "--latent-channels", "4", "--batch", "4",
+                        "--trials", "2", "--seconds", "0.2", "--warmup", "1", "--check-steps", "1",
+                        "--attention", att, "--out", str(out)]) == 0
+        res = json.loads(out.read_text())
+        assert res["env"]["check"]["max_rel_grad_diff"] < 1e-4
+        rows[att] = res["rows"][-1]
+    assert rows["math"]["attention"] == "math" and rows["math"]["vmap_fallback_ops"] == []
+    assert any("attention" in op for op in rows["library"]["vmap_fallback_ops"])
