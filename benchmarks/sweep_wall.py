@@ -86,6 +86,28 @@ class GpuSampler:
         return sum(s[2] for s in samples) / (100 * len(samples)) if samples else None
 
 
+def nvidia_smi_busy(path: str, t0: float | None = None, t1: float | None = None) -> tuple[float | None, int]:
+    """Mean utilization.gpu (as a fraction) of an `nvidia-smi --query-gpu=timestamp,utilization.gpu,... --format=csv
+    -l N` log (fig8_start.sh's gpu_util.csv; its timestamps are the machine's UTC) over the samples within
+    [t0, t1] (epoch s; all without them), and how many samples that was."""
+    from datetime import datetime, timezone
+
+    utils = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            cells = [c.strip() for c in line.split(",")]
+            if n == 1 or len(cells) < 2 or not cells[1].endswith("%"):  # the header, a cut-off last line
+                continue
+            try:
+                t = datetime.strptime(cells[0], "%Y/%m/%d %H:%M:%S.%f").replace(tzinfo=timezone.utc).timestamp()
+                u = float(cells[1].rstrip("%").strip())
+            except ValueError as e:
+                raise SystemExit(f"{path}: line {n} is not an nvidia-smi sample ({e}): {line.strip()!r}") from None
+            if (t0 is None or t >= t0) and (t1 is None or t <= t1):
+                utils.append(u)
+    return (sum(utils) / (100 * len(utils)) if utils else None), len(utils)
+
+
 def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
     name, _, spec = text.partition("=")
     if not name:
@@ -217,11 +239,24 @@ def main(argv=None) -> int:
                     help="run nothing: the numbers of an existing sweep (run dir, or name/run id with "
                          "--tracking-uri), e.g. one whose machine went away before its report was written")
     ap.add_argument("--tracking-uri", default=None, help="with --from-store: the sweep's MLflow store")
+    ap.add_argument("--gpu-csv", default=None,
+                    help="with --from-store: nvidia-smi's samples of the sweep's machine (fig8_start.sh's "
+                         "gpu_util.csv) for gpu_busy_fraction")
+    ap.add_argument("--window", nargs=2, type=float, metavar=("T0", "T1"), default=None,
+                    help="with --from-store: the sweep's start and end (epoch s, e.g. run.json's t_start_unix, "
+                         "t_end_unix): wall_s, and the GPU samples averaged")
+    ap.add_argument("--commit", default=None, help="with --from-store: the commit whose code ran the sweep")
     args = ap.parse_args(argv)
     if args.from_store:
         row = {"variant": "from-store", **sweep_numbers(args.from_store, args.tracking_uri)}
-        report = {"from_store": args.from_store, "tracking_uri": args.tracking_uri, "analysed_at_commit": commit(),
-                  "trials": row.get("trials"), "variants": [row]}
+        t0, t1 = args.window or (None, None)
+        if args.window:
+            row["wall_s"] = round(t1 - t0, 1)
+        if args.gpu_csv:
+            row["gpu_busy_fraction"], row["gpu_samples"] = nvidia_smi_busy(args.gpu_csv, t0, t1)
+        report = {"from_store": args.from_store, "tracking_uri": args.tracking_uri, "commit": args.commit,
+                  "analysed_at_commit": commit(), "wall_s": row.get("wall_s"),
+                  "gpu_busy_fraction": row.get("gpu_busy_fraction"), "trials": row.get("trials"), "variants": [row]}
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=1, default=str))

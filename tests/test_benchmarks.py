@@ -317,6 +317,24 @@ def test_sweep_wall_reads_trials_phases_readiness_and_results_from_a_store(tmp_p
     assert row[-2:] == ["26", "26"]  # ready median and max: the one trial with a timeline
 
 
+def test_sweep_wall_gpu_busy_from_an_nvidia_smi_log_over_the_sweeps_window(tmp_path):
+    import sweep_wall
+
+    log = tmp_path / "gpu_util.csv"
+    log.write_text("timestamp, utilization.gpu [%], memory.used [MiB]\n"
+                   "2026/12/04 16:22:17.078, 0 %, 0 MiB\n"
+                   "2026/12/04 16:22:22.083, 100 %, 900 MiB\n"
+                   "2026/12/04 16:22:27.083, 50 %, 900 MiB\n"
+                   "2026/12/04 16:22:32.0")  # the sampler killed mid-line
+    t = 1796401337.0  # 2026-12-04 16:22:17 UTC
+    assert sweep_wall.nvidia_smi_busy(str(log)) == (0.5, 3)
+    assert sweep_wall.nvidia_smi_busy(str(log), t + 1, t + 11) == (0.75, 2)
+    assert sweep_wall.nvidia_smi_busy(str(log), t + 100, t + 200) == (None, 0)
+    log.write_text("timestamp, utilization.gpu [%]\nyesterday, 5 %\n")
+    with pytest.raises(SystemExit, match="line 2 is not an nvidia-smi sample"):
+        sweep_wall.nvidia_smi_busy(str(log))
+
+
 def test_data_pipeline_cores_per_gpu_count_the_cores_the_decode_tasks_kept_busy():
     import data_pipeline
 
