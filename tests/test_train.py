@@ -124,6 +124,23 @@ def test_resume_with_a_different_config_is_refused(tmp_path, digits_cache):
         train_autoencoder(tiny_exp(steps=3), run, Recorder())
 
 
+def test_resume_with_other_resources_tracking_or_search_continues_the_run(tmp_path, digits_cache):
+    """What a sweep may change on resume (resources, tracking, the search, the base models) is not the trained
+    autoencoder's config: its checkpoint is taken up, not refused."""
+    from ulsweep.config import to_dict
+
+    run = str(tmp_path / "run")
+    first = train_autoencoder(tiny_exp(steps=2), run, Recorder())
+    os.remove(os.path.join(run, "result.json"))
+    d = to_dict(tiny_exp(steps=2))
+    d["resources"].update(num_workers=0, gpus_per_worker=0.5, mps="auto")
+    d["tracking"]["system_metrics_s"] = 0
+    d["search"]["max_concurrent"] = 7
+    d["base_models"] = []
+    again = train_autoencoder(experiment_from_dict(d), run, Recorder())
+    assert again.steps == 2 and again.checkpoint == first.checkpoint  # restored at step 2, nothing trained
+
+
 def test_nonfinite_loss_stops_with_clear_error(tmp_path, digits_cache, monkeypatch):
     from ulsweep.train.hooks import TrainingDiverged
     from ulsweep.train.stage1 import AEObjective

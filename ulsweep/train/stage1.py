@@ -143,11 +143,18 @@ def evaluate_ae(ae, x_eval: torch.Tensor, exp: ExperimentConfig, with_images: bo
     return metrics, images
 
 
+def stage1_hash(exp: ExperimentConfig) -> str:
+    """The config a stage-1 run's checkpoints and result belong to: its data, autoencoder and evaluation. Not
+    resources, tracking, storage or the search, which a sweep may change on resume (the sweep's identity leaves
+    them out too, ulsweep/sweep/state.py), nor the base models, which train in runs of their own."""
+    return config_hash({"data": exp.data, "ae": exp.ae, "eval": exp.eval})
+
+
 def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | None = None) -> StageResult:
     """Train stage 1 in `run_dir` (path or URI), resuming from its newest valid checkpoint."""
     hooks = hooks or TrainHooks()
     tc = exp.ae.train
-    cfg_hash = config_hash(exp)
+    cfg_hash = stage1_hash(exp)
     done = finished_result(run_dir, cfg_hash)
     if done is not None:
         return done
