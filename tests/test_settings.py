@@ -152,6 +152,7 @@ def _read_by_the_sweep(tracer, tmp_path) -> None:
                tracking={"experiment": "settings", "artifact_location": str(tmp_path / "artifacts")},
                storage=str(tmp_path / "runs"))
     run_dir, state, ident = driver._open_run_dir(exp, None, resume=False)
+    assert driver._start_mps(exp, run_dir, None, io.StringIO()) is None  # resources.mps: off
     uri = lineage.tracking_uri_of(exp, state, None, run_dir)
     run = lineage.open_sweep_run(exp, run_dir, uri, state, ident, io.StringIO())
     driver._make_tuner(exp, run_dir, run, "fake", resume=False)  # TuneConfig and RunConfig from search

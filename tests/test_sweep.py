@@ -386,11 +386,12 @@ def input_names(c, run) -> set[str]:
 
 
 def check_lineage(run_dir: Path, ae_keys: list[str], bases: list[str], latents: bool = False,
-                  base_metric: str = "gfd", system_metrics: bool = True) -> dict:
+                  base_metric: str = "gfd", system_metrics: bool = True, real_loops: bool = True) -> dict:
     """Three-level lineage, one run per key, nothing RUNNING, params/metrics/artifacts present, dataset
     inputs (with `latents`, base runs list the latents they trained on), base runs with a metric whose name
     starts with `base_metric`; every trial's timeline and, with `system_metrics` (trials of real loops, long
-    enough for a sample), MLflow system metrics (check_timelines). Also used by tests/test_cluster_e2e.py (the two-node `--address` sweep)."""
+    enough for a sample), MLflow system metrics and, with `real_loops` (not --train-impl fake), the final
+    evaluation's parts (check_timelines). Also used by tests/test_cluster_e2e.py (the two-node `--address` sweep)."""
     from ulsweep import tracking
 
     state, c, by_key, runs = mlflow_runs(run_dir)
@@ -416,11 +417,11 @@ def check_lineage(run_dir: Path, ae_keys: list[str], bases: list[str], latents: 
             assert any(m.startswith(base_metric) for m in br.data.metrics)
         if bases:
             assert any(m.startswith("objective/") for m in ae.data.metrics)
-    check_timelines([r for k, r in by_key.items() if k != "sweep"], system_metrics)
+    check_timelines([r for k, r in by_key.items() if k != "sweep"], system_metrics, real_loops)
     return by_key
 
 
-def check_timelines(trial_runs, system_metrics: bool = True) -> None:
+def check_timelines(trial_runs, system_metrics: bool = True, real_loops: bool = True) -> None:
     """Every trial run holds its timeline (every phase of a finished attempt, in order, each as long as its
     time/<phase>_s metric) and, with `system_metrics`, MLflow system metrics were logged (sampled every second by
     tiny_experiment)."""
@@ -434,6 +435,9 @@ def check_timelines(trial_runs, system_metrics: bool = True) -> None:
         if len({x[0] for x in rows}) == 1:  # one attempt: its durations are the time/* metrics
             for _, phase, a, b in last:
                 assert r.data.metrics[f"time/{phase}_s"] == pytest.approx(b - a, abs=0.02), phase
+            if real_loops:  # and the final evaluation's parts, which fit inside it
+                parts = [r.data.metrics[f"time/evaluate_{p}_s"] for p in ("extractor", "bpp", "sampling", "flops")]
+                assert 0 <= sum(parts) <= r.data.metrics["time/evaluate_s"] + 0.02
     if system_metrics:
         assert any("system/cpu_utilization_percentage" in r.data.metrics for r in trial_runs)
 
@@ -480,7 +484,8 @@ def test_optuna_sweep_local_mode_two_base_models_fake_loops(tmp_path):
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     run_dir = tmp_path / "runs" / "tpe"
-    by_key = check_lineage(run_dir, ["ae-0000", "ae-0001", "ae-0002"], ["s", "m"], system_metrics=False)  # 0.2-s loops
+    by_key = check_lineage(run_dir, ["ae-0000", "ae-0001", "ae-0002"], ["s", "m"], system_metrics=False,
+                           real_loops=False)  # 0.2-s fake loops
     summary = json.loads((run_dir / "summary.json").read_text())
     for t in summary["trials"]:
         gfds = [t["bases"][b]["result"]["gfd_fake"] for b in ("s", "m")]

@@ -141,6 +141,23 @@ def test_resume_with_other_resources_tracking_or_search_continues_the_run(tmp_pa
     assert again.steps == 2 and again.checkpoint == first.checkpoint  # restored at step 2, nothing trained
 
 
+def test_the_final_evaluation_times_its_parts_as_timings_not_as_metrics(tmp_path, digits_cache):
+    """Where a final evaluation's time goes (extractor, bits/pixel, sampling, FLOPs; fd with an extractor) is in
+    the run's marks, within the evaluation phase, and in none of the logged or returned metrics."""
+    exp = tiny_exp(steps=2)
+    rec = Recorder()
+    ae = train_autoencoder(exp, str(tmp_path / "ae"), rec)
+    base = train_base(exp, exp.base_models[0], ae.checkpoint, str(tmp_path / "base"), Recorder())
+    for res in (ae, base):
+        marks = res.extra["marks"]
+        parts = {k: v for k, v in marks.items() if k.startswith("evaluate_")}
+        assert set(parts) == {"evaluate_extractor_s", "evaluate_bpp_s", "evaluate_sampling_s", "evaluate_flops_s"}
+        assert all(v >= 0 for v in parts.values())
+        assert sum(parts.values()) <= marks["t_eval_end"] - marks["t_train_end"]
+        assert not any("seconds" in k for k in res.metrics)
+    assert not any("seconds" in k for _, m in rec.logs for k in m)
+
+
 def test_nonfinite_loss_stops_with_clear_error(tmp_path, digits_cache, monkeypatch):
     from ulsweep.train.hooks import TrainingDiverged
     from ulsweep.train.stage1 import AEObjective

@@ -40,7 +40,7 @@ def test_sweep_json_exists_before_the_sweep_run_and_resume_adopts_that_run(tmp_p
 
     monkeypatch.setattr(tracking, "create_sweep_run", create_then_die)
     monkeypatch.setattr(driver, "_configure_ray_environment", lambda: None)
-    monkeypatch.setattr(driver, "_init_ray", lambda address, verbose: False)
+    monkeypatch.setattr(driver, "_init_ray", lambda address, verbose, env=None: False)
     with pytest.raises(Killed):
         driver.run_sweep(exp, stream=io.StringIO())
     monkeypatch.undo()

@@ -86,8 +86,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
         state = pending_state(uri, ident)
         write_state(run_dir, state)
     address = address or os.environ.get("RAY_ADDRESS") or None
-    daemon = mps.start_for_run(exp.resources.mps, run_dir, address=address, ray_running=ray.is_initialized(),
-                               gpus_per_worker=exp.resources.gpus_per_worker, out=out)
+    daemon = _start_mps(exp, run_dir, address, out)
     try:
         run, started_ray = _start_ray_and_sweep_run(exp, run_dir, uri, state, ident, address, verbose, out,
                                                     env=daemon.env if daemon else {})
@@ -172,6 +171,15 @@ def _revive_failed_trials(exp: ExperimentConfig, run_dir: str, out) -> list[str]
     print(f"resume: re-running {len(keys)} trial(s) that had failed for a reason a retry may change: "
           f"{', '.join(keys)}", file=out, flush=True)
     return keys
+
+
+def _start_mps(exp: ExperimentConfig, run_dir: str, address: str | None, out) -> mps.MpsDaemon | None:
+    """The MPS daemon `resources.mps` asks for (ulsweep/sweep/mps.py), before Ray starts: its pipe goes into the
+    workers' environment."""
+    import ray
+
+    return mps.start_for_run(exp.resources.mps, run_dir, address=address, ray_running=ray.is_initialized(),
+                             gpus_per_worker=exp.resources.gpus_per_worker, out=out)
 
 
 def _start_ray_and_sweep_run(exp: ExperimentConfig, run_dir: str, uri: str, state: dict, ident: dict,

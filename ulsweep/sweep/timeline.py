@@ -25,6 +25,10 @@ import math
 MARKS = (("t_run", "tracking"), ("t_loop", "start"), ("t_setup_end", "setup"), ("t_first_step_end", "first_step"),
          ("t_train_end", "train"), ("t_eval_end", "evaluate"), ("t_fit_end", "finish"))
 PHASES = tuple(p for _, p in MARKS) + ("failed",)
+# the final evaluation's parts (ulsweep/train/evaluation.PartTimer; seconds in a trial's timings record): loading
+# the feature extractors, the held-out bits/pixel, sampling (reconstructions or generations), the Fréchet
+# distances (features and statistics), the FLOPs count
+EVALUATE_PARTS = tuple(f"evaluate_{p}_s" for p in ("extractor", "bpp", "sampling", "fd", "flops"))
 TAG = "ulsweep.timeline"  # MLflow tag: JSON list of [attempt, phase, start, end] of every attempt
 TAG_MAX_CHARS = 5000  # MLflow's limit on a tag value (its sqlite store)
 

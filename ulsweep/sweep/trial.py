@@ -28,11 +28,11 @@ log = logging.getLogger(__name__)
 
 # result entries that are bookkeeping, not metrics of the trained model
 _BOOKKEEPING = {"step", "final", "loop_seconds", "train_seconds", "t_worker", "t_loop", "t_loop_end", "compile_gate",
-                "t_compiled_step_end", "eager_steps",
+                "t_compiled_step_end", "eager_steps", *timeline.EVALUATE_PARTS,
                 *(m for m, _ in timeline.MARKS)}
 # compile_gate: how the first step got through ulsweep/train/compile_gate.py ("first", "after", "done", ...)
 _TIMINGS = ("t_worker", "t_loop", "t_loop_end", "train_seconds", "loop_seconds", "compile_gate", "t_compiled_step_end",
-            "eager_steps",
+            "eager_steps", *timeline.EVALUATE_PARTS,
             *(m for m, _ in timeline.MARKS if m not in ("t_run", "t_loop", "t_fit_end")))  # t_run: the trial's own
 
 
@@ -298,7 +298,8 @@ def _clear_failure_tags(c, run_id: str) -> None:
 def _record_timings(c, run_id: str, run_dir: str, key: str, rec: dict) -> None:
     """One attempt's timings: a line in <run dir>/trials/<key>/timings.jsonl (benchmarks/orchestration.py), and
     in the trial's MLflow run its phases (ulsweep/sweep/timeline.py) appended to the `ulsweep.timeline` tag
-    (the dashboard's timeline) and, for the first attempt that finished, seconds per phase (`time/<phase>_s`)."""
+    (the dashboard's timeline) and, for the first attempt that finished, seconds per phase (`time/<phase>_s`) and
+    per part of the final evaluation (`time/evaluate_<part>_s`)."""
     try:
         uio.append_text(f"{trial_dir(run_dir, key)}/timings.jsonl", json.dumps(rec) + "\n")
     except Exception as e:
@@ -310,7 +311,9 @@ def _record_timings(c, run_id: str, run_dir: str, key: str, rec: dict) -> None:
         old = tracking.retry(c.get_run, run_id).data.tags.get(timeline.TAG)
         tracking.retry(c.set_tag, run_id, timeline.TAG, timeline.add_attempt(old, ph))
         if not rec.get("error"):  # once: a trial re-run after a driver kill keeps its first durations
-            tracking.log_metrics_once(c, run_id, {f"time/{k}_s": v for k, v in timeline.durations(ph).items()})
+            parts = {f"time/{k}": rec[k] for k in timeline.EVALUATE_PARTS if isinstance(rec.get(k), (int, float))}
+            tracking.log_metrics_once(c, run_id, {**{f"time/{k}_s": v for k, v in timeline.durations(ph).items()},
+                                                  **parts})
     except Exception as e:  # noqa: BLE001 - tracking must not lose a trial
         log.warning("could not log the timeline of %s: %s", key, e)
 

@@ -10,9 +10,11 @@ Inception on CUDA and the domain extractor on CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -26,6 +28,34 @@ from ulsweep.metrics.fid import RefStatsCache, generation_fd, reconstruction_fd
 from ulsweep.metrics.inception import load_inception
 
 EVAL_BATCH = 256  # images per extractor call
+SECONDS = "seconds/"  # metrics under it are how long a final evaluation's parts took; the loop moves them
+# into the run's timings (evaluate_<part>_s in timings.jsonl, time/evaluate_<part>_s in MLflow)
+
+
+class PartTimer:
+    """Wall seconds of the parts of a final evaluation, the device synchronized at the end of each part (once
+    per part: the evaluation ends with a synchronization anyway). `timer("sampling")` is a context; `.seconds`
+    holds `seconds/<part>` entries to merge into the evaluation's metrics. A disabled timer times nothing."""
+
+    def __init__(self, device: torch.device | None = None, enabled: bool = True):
+        self.device, self.enabled, self.seconds = device, enabled, {}
+
+    @contextlib.contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        t0 = time.perf_counter()
+        yield
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        key = SECONDS + part
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
+
+
+def pop_seconds(metrics: dict) -> dict[str, float]:
+    """Take a final evaluation's `seconds/<part>` entries out of its metrics: {evaluate_<part>_s: seconds}."""
+    return {f"evaluate_{k[len(SECONDS):]}_s": metrics.pop(k) for k in [k for k in metrics if k.startswith(SECONDS)]}
 
 
 def ensure_domain_extractor(exp: ExperimentConfig, device: str | torch.device = "cpu") -> str:

@@ -11,7 +11,9 @@ What differs between the stages comes in as arguments:
   source     draw(n, gen) -> the next global batch, or this rank's part of it when `source.local_batches`
              (ulsweep/data/sources.py, ulsweep/data/stream.py); a source with `state_dict` / `load_state_dict`
              (its position in the data) has that state saved in checkpoints and restored on resume
-  evaluate   (EMA network, final) -> (metrics, PNG images): held-out evaluation, complete when final
+  evaluate   (EMA network, final) -> (metrics, PNG images): held-out evaluation, complete when final; a final
+             evaluation's `seconds/<part>` entries (evaluation.PartTimer) leave its metrics for the marks
+             (`evaluate_<part>_s`)
 
 Phases. The loop marks (wall clock, time.time()) when its first step starts and ends (the first step
 includes torch.compile's tracing and compilation, and CUDA graph capture), when training ends and when the
@@ -41,6 +43,7 @@ from ulsweep.train.checkpoint import (CheckpointError, latest_valid_checkpoint, 
                                       step_dir, write_images, write_result)
 from ulsweep.train.hooks import StageResult, TrainHooks, TrainingDiverged
 from ulsweep.train.compile_gate import first_compile, graph_key
+from ulsweep.train.evaluation import pop_seconds
 from ulsweep.train.runtime import all_reduce_mean, compile_mode, compile_module, shard, wrap_ddp
 from ulsweep.train.state import TrainState, lr_at
 
@@ -174,6 +177,7 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
         return StageResult({}, "", ts.step, ts.train_seconds, {"marks": marks})
     metrics, images = evaluate(ts.ema.shadow, True)
     marks["t_eval_end"] = time.time()
+    marks.update(pop_seconds(metrics))  # how long its parts took: timings, not metrics of the model
     hooks.log_metrics(ts.step, {f"eval_{k}": v for k, v in metrics.items()})
     path = checkpoint(metrics)
     res = StageResult(metrics, path, ts.step, ts.train_seconds, {"images": write_images(spec.run_dir, images),

@@ -18,7 +18,7 @@ from ulsweep.metrics.psnr import psnr
 from ulsweep.models import UnifiedAutoencoder
 from ulsweep.train.build import build_autoencoder, decoder_schedule, mse_decoder_logsnr, prior_schedule, sampler
 from ulsweep.train.checkpoint import finished_result
-from ulsweep.train.evaluation import load_eval_extractor, reconstruction_fd_of
+from ulsweep.train.evaluation import PartTimer, load_eval_extractor, reconstruction_fd_of
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
@@ -107,26 +107,29 @@ class AEObjective(torch.nn.Module):
 
 @torch.no_grad()
 def evaluate_ae(ae, x_eval: torch.Tensor, exp: ExperimentConfig, with_images: bool = True,
-                extractor=None, data_hash: str = "") -> tuple[dict, dict]:
+                extractor=None, data_hash: str = "", timer: PartTimer | None = None) -> tuple[dict, dict]:
     """Held-out latent bits/pixel (+- s.e.), reconstruction PSNR (8-bit scale) and, with an extractor,
-    rFD/rFID of an (EMA) autoencoder on the images `x_eval` (model range).
+    rFD/rFID of an (EMA) autoencoder on the images `x_eval` (model range). `timer` times the parts (bpp,
+    sampling, fd).
 
     Uses its own fixed-seed generator so that evaluation never disturbs the training RNG stream.
     Returns (metrics, images) where images maps a name to PNG bytes.
     """
     tc, L = exp.ae.train, exp.ae.loss
+    timer = timer or PartTimer(enabled=False)
     gen = torch.Generator(x_eval.device).manual_seed(tc.seed + 12345)
     _, _, h, w = x_eval.shape
-    if L.prior == "diffusion":
-        est = latent_bitrate(ae.encoder, ae.prior, x_eval, prior_schedule(L), tc.eval_t_per_image,
-                             generator=gen)
-        metrics = {"bpp": est.bpp, "bpp_se": est.bpp_se}
-    else:
-        nats = torch.cat([normal_prior_loss(ae.encoder(x_eval[i:i + 256]).float(), L.logsnr_z0)
-                          for i in range(0, len(x_eval), 256)]).double()
-        bpp = nats_to_bits_per_pixel(nats, h, w)
-        metrics = {"bpp": bpp.mean().item(), "bpp_se": bpp.std().item() / math.sqrt(len(bpp))}
-    with sampling_precision(exp.eval.sample_precision, x_eval.device):
+    with timer("bpp"):
+        if L.prior == "diffusion":
+            est = latent_bitrate(ae.encoder, ae.prior, x_eval, prior_schedule(L), tc.eval_t_per_image,
+                                 generator=gen)
+            metrics = {"bpp": est.bpp, "bpp_se": est.bpp_se}
+        else:
+            nats = torch.cat([normal_prior_loss(ae.encoder(x_eval[i:i + 256]).float(), L.logsnr_z0)
+                              for i in range(0, len(x_eval), 256)]).double()
+            bpp = nats_to_bits_per_pixel(nats, h, w)
+            metrics = {"bpp": bpp.mean().item(), "bpp_se": bpp.std().item() / math.sqrt(len(bpp))}
+    with timer("sampling"), sampling_precision(exp.eval.sample_precision, x_eval.device):
         recon = torch.cat([reconstruct(ae.encoder, ae.decoder, x_eval[i:i + 256], L, tc.sample_steps,
                                        sampler(tc, "decoder"), gen) for i in range(0, len(x_eval), 256)])
     real_u8, recon_u8 = to_uint8(x_eval), to_uint8(recon)
@@ -134,7 +137,8 @@ def evaluate_ae(ae, x_eval: torch.Tensor, exp: ExperimentConfig, with_images: bo
     metrics["psnr_steps"] = float(tc.sample_steps)
     if extractor is not None:
         split = f"{exp.data.eval_split}@{exp.data.image_size}"
-        metrics.update(reconstruction_fd_of(extractor, real_u8, recon_u8, data_hash, split))
+        with timer("fd"):
+            metrics.update(reconstruction_fd_of(extractor, real_u8, recon_u8, data_hash, split))
     images = {}
     if with_images:
         k = min(32, len(x_eval))
@@ -172,14 +176,19 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
     def evaluate(ema_ae, final: bool) -> tuple[dict, dict]:
         if not final:
             return evaluate_ae(ema_ae, x_eval, exp, with_images=False)
-        metrics, images = evaluate_ae(ema_ae, x_eval, exp, extractor=load_eval_extractor(exp, rt.device),
-                                      data_hash=data_hash)
+        timer = PartTimer(rt.device)
+        with timer("extractor"):
+            extractor = load_eval_extractor(exp, rt.device)
+        metrics, images = evaluate_ae(ema_ae, x_eval, exp, extractor=extractor, data_hash=data_hash, timer=timer)
         if exp.ae.loss.prior == "diffusion":  # the same bound for the online weights: shows any EMA mismatch
             ae.eval()
             gen = torch.Generator(x_eval.device).manual_seed(tc.seed + 12345)
-            metrics["bpp_online"] = latent_bitrate(ae.encoder, ae.prior, x_eval, prior_schedule(exp.ae.loss),
-                                                   tc.eval_t_per_image, generator=gen).bpp
-        metrics.update(_flops_metrics(exp, c, ts.step))
+            with timer("bpp"):
+                metrics["bpp_online"] = latent_bitrate(ae.encoder, ae.prior, x_eval, prior_schedule(exp.ae.loss),
+                                                       tc.eval_t_per_image, generator=gen).bpp
+        with timer("flops"):
+            metrics.update(_flops_metrics(exp, c, ts.step))
+        metrics.update(timer.seconds)
         return metrics, images
 
     spec = RunSpec(run_dir, KIND, f"ae {exp.name}", cfg_hash, dump_yaml(exp), {"config": to_dict(exp)},

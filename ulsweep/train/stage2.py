@@ -18,7 +18,7 @@ from ulsweep.data.sources import DeviceSplit, choose_loader, choose_loader_for, 
 from ulsweep.diffusion import LogSNRSchedule, base_loss, diffuse, latent_bitrate, low_discrepancy_times, x_from_v
 from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model, sampler
 from ulsweep.train.checkpoint import CheckpointError, finished_result, load_checkpoint
-from ulsweep.train.evaluation import generation_fd_of, load_eval_extractor
+from ulsweep.train.evaluation import PartTimer, generation_fd_of, load_eval_extractor
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.latents import IN_PROCESS, decode_path, latent_source, training_latents
 from ulsweep.train.loop import RunSpec, train
@@ -69,24 +69,28 @@ def load_frozen_autoencoder(ae_checkpoint: str, device) -> tuple[torch.nn.Module
 @torch.no_grad()
 def evaluate_base(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentConfig, base: BaseStageConfig,
                   x_eval, latent_shape, extractor=None, data_hash: str = "",
-                  samples: bool = True) -> tuple[dict, dict]:
+                  samples: bool = True, timer: PartTimer | None = None) -> tuple[dict, dict]:
     """Held-out latent bits/pixel under the base model (unweighted ELBO, Table 5's 'bpd with base
     model') and, with `samples`, decoded samples: with an extractor gFD/gFID of `eval.gfd_samples` samples
-    against the first `eval.gfd_reference_images` held-out images. Returns (metrics, images as PNG bytes)."""
+    against the first `eval.gfd_reference_images` held-out images. `timer` times the parts (bpp, sampling,
+    fd). Returns (metrics, images as PNG bytes)."""
     tc = base.train
+    timer = timer or PartTimer(enabled=False)
     gen = torch.Generator(x_eval.device).manual_seed(tc.seed + 54321)
-    est = latent_bitrate(ae.encoder, base_model, x_eval[:tc.eval_images], base_schedule(ae_exp.ae.loss, base),
-                         tc.eval_t_per_image, generator=gen)
+    with timer("bpp"):
+        est = latent_bitrate(ae.encoder, base_model, x_eval[:tc.eval_images], base_schedule(ae_exp.ae.loss, base),
+                             tc.eval_t_per_image, generator=gen)
     metrics = {"base_bpp": est.bpp, "base_bpp_se": est.bpp_se}
     if not samples:
         return metrics, {}
     n = exp.eval.gfd_samples if extractor is not None else 64
-    with sampling_precision(exp.eval.sample_precision, x_eval.device):
+    with timer("sampling"), sampling_precision(exp.eval.sample_precision, x_eval.device):
         images = generate(base_model, ae, ae_exp, base, n, latent_shape, tuple(x_eval.shape[1:]), gen)
     if extractor is not None:
         ref = to_uint8(x_eval[:exp.eval.gfd_reference_images])
         split = f"{exp.data.eval_split}@{exp.data.image_size}"
-        metrics.update(generation_fd_of(extractor, images, ref, data_hash, split))
+        with timer("fd"):
+            metrics.update(generation_fd_of(extractor, images, ref, data_hash, split))
         metrics["gen_samples"] = float(n)
     return metrics, {"samples.png": image_grid_png(images[:64], cols=8)}
 
@@ -143,9 +147,14 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     def evaluate(ema_net, final: bool) -> tuple[dict, dict]:
         if not final:
             return evaluate_base(ema_net, ae, exp, ae_exp, base, x_eval, latent_shape, samples=False)
-        metrics, images = evaluate_base(ema_net, ae, exp, ae_exp, base, x_eval, latent_shape,
-                                        load_eval_extractor(exp, rt.device), data_hash)
-        metrics.update(_flops_metrics(base, latent_shape, ts.step))
+        timer = PartTimer(rt.device)
+        with timer("extractor"):
+            extractor = load_eval_extractor(exp, rt.device)
+        metrics, images = evaluate_base(ema_net, ae, exp, ae_exp, base, x_eval, latent_shape, extractor, data_hash,
+                                        timer=timer)
+        with timer("flops"):
+            metrics.update(_flops_metrics(base, latent_shape, ts.step))
+        metrics.update(timer.seconds)
         return metrics, images
 
     spec = RunSpec(run_dir, KIND, f"base {base.name}", cfg_hash, dump_yaml(base),
