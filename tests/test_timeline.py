@@ -110,3 +110,22 @@ def test_gantt_has_a_bar_per_phase_and_attempt_and_the_markdown_states_the_numbe
     md = rt.markdown(tl)
     assert "397 s" in md and "150 s" in md and "(38%)" in md and "ae 25.5 s (max 25.5)" in md
     assert "| ae | first step (compile) | 40 | 21% |" in md
+
+
+def test_the_final_evaluations_parts_median_per_kind_in_the_markdown(tl):
+    import pandas as pd
+
+    runs = pd.DataFrame([
+        {"kind": "ae", "time/evaluate_bpp_s": 1.0, "time/evaluate_sampling_s": 4.0, "time/evaluate_fd_s": 2.0},
+        {"kind": "ae", "time/evaluate_bpp_s": 3.0, "time/evaluate_sampling_s": 6.0, "time/evaluate_fd_s": None},
+        {"kind": "base", "time/evaluate_bpp_s": 0.5, "time/evaluate_sampling_s": 40.0, "time/evaluate_fd_s": 9.0},
+        {"kind": "base", "time/evaluate_bpp_s": None, "time/evaluate_sampling_s": None, "time/evaluate_fd_s": None},
+    ])
+    p = rt.evaluation_parts(runs).set_index(["kind", "part"])
+    assert p.loc[("ae", "evaluate_bpp_s"), "median per trial (s)"] == pytest.approx(2.0)
+    assert p.loc[("ae", "evaluate_fd_s"), "trials"] == 1  # a trial without the part is not counted
+    assert p.loc[("base", "evaluate_sampling_s"), "median per trial (s)"] == pytest.approx(40.0)
+    assert list(p.loc["ae"].index) == ["evaluate_bpp_s", "evaluate_sampling_s", "evaluate_fd_s"]  # in order
+    md = rt.markdown(tl, runs)
+    assert "| base | sampling (reconstructions / generations) | 40.0 | 1 |" in md
+    assert "by part" not in rt.markdown(tl, pd.DataFrame([{"kind": "ae", "bpp": 0.1}]))  # older sweeps: none

@@ -161,7 +161,7 @@ def make_report(sweep: str | SweepRef, tracking_uri: str | None = None, out_dir:
     if data.timeline is not None and not data.timeline.empty:  # trials by phase
         from ulsweep.report import timeline
 
-        md += timeline.markdown(data.timeline)
+        md += timeline.markdown(data.timeline, data.runs)
         data.timeline.to_csv(out / "timeline.csv", index=False)
         csvs.append(str(out / "timeline.csv"))
     if md:

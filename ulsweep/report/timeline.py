@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ulsweep import tracking
-from ulsweep.sweep.timeline import PHASES, TAG, parse_tag
+from ulsweep.sweep.timeline import EVALUATE_PARTS, PHASES, TAG, parse_tag
 
 PHASE_COLORS = {"tracking": "#9d755d", "start": "#bab0ac", "setup": "#f58518", "first_step": "#e45756",
                 "train": "#4c78a8", "evaluate": "#54a24b", "finish": "#b279a2", "failed": "#000000"}
@@ -16,6 +16,9 @@ PHASE_LABELS = {"tracking": "MLflow run (open, params)",
                 "start": "start (Ray Train, worker; older sweeps: MLflow run too)", "setup": "setup (data, latents, networks)", "first_step": "first step (compile)", "train": "train",
                 "evaluate": "final evaluation", "finish": "finish (checkpoint, MLflow)", "failed": "failed attempt"}
 COLUMNS = ["key", "kind", "attempt", "phase", "start", "end", "seconds"]
+PART_LABELS = {"evaluate_extractor_s": "load the feature extractors", "evaluate_bpp_s": "held-out bits/pixel",
+               "evaluate_sampling_s": "sampling (reconstructions / generations)",
+               "evaluate_fd_s": "features and Fréchet distances", "evaluate_flops_s": "FLOPs count"}
 
 
 def timeline_frame(runs) -> pd.DataFrame:
@@ -108,8 +111,23 @@ def timeline_figure(tl: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def markdown(tl: pd.DataFrame) -> str:
-    """trends.md's section on where the time went."""
+def evaluation_parts(runs: pd.DataFrame) -> pd.DataFrame:
+    """Median seconds per part of the trials' final evaluations (their `time/evaluate_<part>_s` metrics), per
+    kind, with the number of trials that have it; empty for sweeps recorded before the parts were timed."""
+    cols = [f"time/{p}" for p in EVALUATE_PARTS if f"time/{p}" in runs.columns]
+    if runs.empty or not cols or "kind" not in runs.columns:
+        return pd.DataFrame(columns=["kind", "part", "median per trial (s)", "trials"])
+    long = runs[["kind", *cols]].melt(id_vars="kind", var_name="part", value_name="s").dropna()
+    long["part"] = long["part"].str.removeprefix("time/")
+    g = long.groupby(["kind", "part"], sort=False)["s"]
+    out = pd.DataFrame({"median per trial (s)": g.median(), "trials": g.size()}).reset_index()
+    order = {p: i for i, p in enumerate(EVALUATE_PARTS)}
+    return out.assign(_o=out["part"].map(order)).sort_values(["kind", "_o"]).drop(columns="_o").reset_index(drop=True)
+
+
+def markdown(tl: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
+    """trends.md's section on where the time went (`runs`: the per-run frame, for the final evaluations'
+    parts)."""
     s, t = summary(tl), phase_table(tl)
     lines = ["", "## Where the time went", "",
              f"Trials span {s['span_s']:.0f} s from the first start to the last end; at least one trial was training "
@@ -123,4 +141,10 @@ def markdown(tl: pd.DataFrame) -> str:
     for _, r in t.iterrows():
         lines.append(f"| {r['kind']} | {PHASE_LABELS[r['phase']]} | {r['trial-seconds']:.0f} | "
                      f"{100 * r['share of kind']:.0f}% | {r['median per trial (s)']:.1f} | {r['trials']} |")
+    parts = evaluation_parts(runs) if runs is not None else pd.DataFrame()
+    if not parts.empty:
+        lines += ["", "The final evaluation by part (each part's seconds end with the device synchronized):", "",
+                  "| kind | part | median per trial (s) | trials |", "|---|---|---:|---:|"]
+        lines += [f"| {r['kind']} | {PART_LABELS[r['part']]} | {r['median per trial (s)']:.1f} | {r['trials']} |"
+                  for _, r in parts.iterrows()]
     return "\n".join(lines) + "\n"
