@@ -207,3 +207,54 @@ def test_an_eager_trial_trains_uncompiled_while_another_compiles_then_switches(t
     a = torch.load(f"{res.checkpoint}/state.pt", weights_only=False)["model"]
     b = torch.load(f"{plain.checkpoint}/state.pt", weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sampling_networks_are_compiled_once_asked_and_left_alone_while_another_process_compiles_them(
+        tmp_path, monkeypatch, digits_cache):
+    """eval.sample_compile: the decoder (AE evaluation) and the base model with the decoder (generations) are
+    sampled through torch.compile, with the same metrics as uncompiled (a stand-in compile that records what it
+    was given); while another process holds the same networks' gate, they are sampled uncompiled."""
+    import torch
+    from test_train import Recorder, tiny_exp
+
+    from ulsweep.config import experiment_from_dict, to_dict
+    from ulsweep.train import sampling
+    from ulsweep.train.stage1 import train_autoencoder
+    from ulsweep.train.stage2 import train_base
+
+    compiled = []
+
+    def fake_compile(module, **kw):
+        compiled.append(type(module).__name__)
+        return module
+
+    monkeypatch.setattr(sampling.torch, "compile", fake_compile)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    d = to_dict(tiny_exp(steps=2))
+    d["eval"] = {"extractor": "none", "sample_compile": True}
+    exp = experiment_from_dict(d)
+    ae = train_autoencoder(exp, str(tmp_path / "ae"), Recorder())
+    assert compiled == ["DecoderUViT"]
+    train_base(exp, exp.base_models[0], ae.checkpoint, str(tmp_path / "base"), Recorder())
+    assert compiled == ["DecoderUViT", "BaseViT", "DecoderUViT"]
+    d["eval"]["sample_compile"] = False
+    plain = train_autoencoder(experiment_from_dict(d), str(tmp_path / "plain"), Recorder())
+    assert plain.metrics["psnr"] == ae.metrics["psnr"] and plain.metrics["bpp"] == ae.metrics["bpp"]
+    # on another node's caches (the first compile done here counts no more), another process compiles the
+    # same decoder: this one samples it as it is
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "other-node"))
+    key = G.graph_key(torch.nn.ModuleList([_decoder_of(ae.checkpoint)]), (), "sampling-default", "cpu", None)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_TOLD, key, str(tmp_path / "other-node")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "first"
+    compiled.clear()
+    d["eval"]["sample_compile"] = True
+    again = train_autoencoder(experiment_from_dict(d), str(tmp_path / "again"), Recorder())
+    assert compiled == [] and again.metrics["psnr"] == ae.metrics["psnr"]
+    holder.communicate("\n", timeout=60)
+
+
+def _decoder_of(checkpoint: str):
+    from ulsweep.train.stage2 import load_frozen_autoencoder
+
+    return load_frozen_autoencoder(checkpoint, __import__("torch").device("cpu"))[0].decoder

@@ -1,7 +1,9 @@
 """Reconstruction and generation with trained UL models (used by evaluation and the metrics)."""
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 from contextlib import nullcontext
 
 import numpy as np
@@ -21,6 +23,24 @@ def sampling_precision(precision: str, device: torch.device):
     if precision == "fp32":
         return nullcontext()
     raise ValueError(f"sample precision {precision!r}: expected fp32 or bf16")
+
+
+@contextlib.contextmanager
+def sampling_networks(nets: list[nn.Module], compile_them: bool, precision: str, device: torch.device,
+                      label: str = "sampling") -> Iterator[list[nn.Module]]:
+    """The networks to sample with (`eval.sample_compile`): compiled with torch.compile's default mode, or as
+    they are when not asked, or while another process of the node compiles the same networks for the first time
+    (ulsweep/train/compile_gate.py without waiting: this one samples uncompiled meanwhile; the first process
+    holds the gate through its whole sampling, whose first call compiles, and marks the networks done)."""
+    if not compile_them:
+        yield nets
+        return
+    from ulsweep.train.compile_gate import first_compile, graph_key
+
+    amp = torch.bfloat16 if precision == "bf16" else None
+    key = graph_key(nn.ModuleList(nets), (), "sampling-default", device.type, amp)
+    with first_compile(key, label, wait=False) as how:
+        yield nets if how == "busy" else [torch.compile(n) for n in nets]
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

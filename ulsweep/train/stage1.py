@@ -22,7 +22,7 @@ from ulsweep.train.evaluation import PartTimer, load_eval_extractor, reconstruct
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
-from ulsweep.train.sampling import image_grid_png, reconstruct, sampling_precision, to_uint8
+from ulsweep.train.sampling import image_grid_png, reconstruct, sampling_networks, sampling_precision, to_uint8
 from ulsweep.train.state import TrainState
 
 KIND = "ae"
@@ -129,8 +129,10 @@ def evaluate_ae(ae, x_eval: torch.Tensor, exp: ExperimentConfig, with_images: bo
                               for i in range(0, len(x_eval), 256)]).double()
             bpp = nats_to_bits_per_pixel(nats, h, w)
             metrics = {"bpp": bpp.mean().item(), "bpp_se": bpp.std().item() / math.sqrt(len(bpp))}
-    with timer("sampling"), sampling_precision(exp.eval.sample_precision, x_eval.device):
-        recon = torch.cat([reconstruct(ae.encoder, ae.decoder, x_eval[i:i + 256], L, tc.sample_steps,
+    with (timer("sampling"), sampling_precision(exp.eval.sample_precision, x_eval.device),
+          sampling_networks([ae.decoder], exp.eval.sample_compile, exp.eval.sample_precision, x_eval.device,
+                            f"ae {exp.name} sampling") as (decoder,)):
+        recon = torch.cat([reconstruct(ae.encoder, decoder, x_eval[i:i + 256], L, tc.sample_steps,
                                        sampler(tc, "decoder"), gen) for i in range(0, len(x_eval), 256)])
     real_u8, recon_u8 = to_uint8(x_eval), to_uint8(recon)
     metrics["psnr"] = psnr(recon_u8, real_u8).mean().item()

@@ -23,7 +23,8 @@ from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.latents import IN_PROCESS, decode_path, latent_source, training_latents
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
-from ulsweep.train.sampling import decode, generate_latents, image_grid_png, sampling_precision, to_uint8
+from ulsweep.train.sampling import (decode, generate_latents, image_grid_png, sampling_networks, sampling_precision,
+                                    to_uint8)
 from ulsweep.train.state import TrainState
 
 KIND = "base"
@@ -84,8 +85,10 @@ def evaluate_base(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentConfi
     if not samples:
         return metrics, {}
     n = exp.eval.gfd_samples if extractor is not None else 64
-    with timer("sampling"), sampling_precision(exp.eval.sample_precision, x_eval.device):
-        images = generate(base_model, ae, ae_exp, base, n, latent_shape, tuple(x_eval.shape[1:]), gen)
+    with (timer("sampling"), sampling_precision(exp.eval.sample_precision, x_eval.device),
+          sampling_networks([base_model, ae.decoder], exp.eval.sample_compile, exp.eval.sample_precision,
+                            x_eval.device, f"base {base.name} sampling") as (net, decoder)):
+        images = generate(net, ae, ae_exp, base, n, latent_shape, tuple(x_eval.shape[1:]), gen, decoder=decoder)
     if extractor is not None:
         ref = to_uint8(x_eval[:exp.eval.gfd_reference_images])
         split = f"{exp.data.eval_split}@{exp.data.image_size}"
@@ -97,16 +100,18 @@ def evaluate_base(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentConfi
 
 @torch.no_grad()
 def generate(base_model, ae, ae_exp, base: BaseStageConfig, n: int, latent_shape, image_shape, gen,
-             batch: int = 1000) -> torch.Tensor:
+             batch: int = 1000, decoder=None) -> torch.Tensor:
     """n images (uint8) from z_1 ~ N(0, I) -> base model -> z_0 at lambda_z(0) -> decoder (in batches of
-    `batch`: small networks are launch-bound, so larger batches sample 10k images several times faster)."""
+    `batch`: small networks are launch-bound, so larger batches sample 10k images several times faster).
+    `decoder`: the autoencoder's decoder as sampling calls it (compiled, say); default `ae.decoder`."""
     tc, sched, out = base.train, base_schedule(ae_exp.ae.loss, base), []
+    decoder = decoder if decoder is not None else ae.decoder
     ae_tc = ae_exp.ae.train
     for i in range(0, n, batch):
         b = min(batch, n - i)
         z0 = generate_latents(base_model, b, latent_shape, sched, tc.sample_steps, sampler(tc, "base"), gen,
                               gen.device)
-        out.append(to_uint8(decode(ae.decoder, z0, image_shape, ae_exp.ae.loss, ae_tc.sample_steps,
+        out.append(to_uint8(decode(decoder, z0, image_shape, ae_exp.ae.loss, ae_tc.sample_steps,
                                    sampler(ae_tc, "decoder"), gen)))
     return torch.cat(out)
 
