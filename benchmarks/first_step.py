@@ -16,7 +16,10 @@ device after each part:
 
 Variants (`--variants`): `library` (the trial's settings: cudnn.benchmark on), `no-cudnn-benchmark`
 (cudnn.benchmark off after make_runtime), `eager-module-loading` (CUDA_MODULE_LOADING=EAGER: every kernel of
-the CUDA libraries loaded with the context instead of at its first launch).
+the CUDA libraries loaded with the context instead of at its first launch), `beside-compile` (the library's
+settings while one more process, started 5 s earlier, compiles the same step cold with the trials' mode,
+`reduce-overhead` on CUDA, as the first trial of a sweep does while `gate_compile: eager` trials take their
+uncompiled steps; its seconds are `compiler_s`, and it is not among the P).
 
     python benchmarks/first_step.py --preset small --image-size 32 --channels 1 --downsample 4 \\
         --latent-channels 8 --batch 128 --processes 1 5 --out benchmarks/results/h200-first-step.json
@@ -36,9 +39,12 @@ import os  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = {"library": {}, "no-cudnn-benchmark": {}, "eager-module-loading": {"CUDA_MODULE_LOADING": "EAGER"}}
+VARIANTS = {"library": {}, "no-cudnn-benchmark": {}, "eager-module-loading": {"CUDA_MODULE_LOADING": "EAGER"},
+            "beside-compile": {}}
+COMPILER_HEAD_START_S = 5.0  # beside-compile: the compiling process starts this long before the others
 PARTS = ("import_s", "runtime_s", "build_s", "forward_s", "backward_s", "second_s", "steady_s")
 
 
@@ -52,7 +58,7 @@ def child(a, spawned_at: float) -> dict:
     from train_step import bench_experiment, latent_shape
 
     from ulsweep.train.build import build_autoencoder
-    from ulsweep.train.runtime import make_runtime
+    from ulsweep.train.runtime import compile_module, make_runtime
     from ulsweep.train.stage1 import AEObjective
     from ulsweep.train.state import TrainState
 
@@ -71,6 +77,8 @@ def child(a, spawned_at: float) -> dict:
     ae = build_autoencoder(exp.ae, a.channels).to(rt.device)
     ts = TrainState(ae, exp.ae.optim, rt, seed=0)
     objective = AEObjective(ae, exp.ae.loss, (a.channels, s, s), latent_shape(exp))
+    if a.compiler:  # beside-compile's compiling process: the trials' compiled step, whose first call compiles
+        objective = compile_module(objective, "reduce-overhead" if rt.device.type == "cuda" else "default", rt)
     x = torch.rand(a.batch, a.channels, s, s, device=rt.device) * 2 - 1
     sync(rt.device)
     t["build_s"] = time.perf_counter() - t0
@@ -106,7 +114,14 @@ def run_row(a, argv: list[str], variant: str, processes: int) -> dict:
     # the node's cores shared out as Ray does for trials (OMP_NUM_THREADS = a trial's CPUs), not each process
     # spinning up a thread per core
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes)), **VARIANTS[variant]}
-    procs = []
+    procs, compiler, t_compiler = [], None, time.time()
+    if variant == "beside-compile":
+        cache = tempfile.mkdtemp(prefix="first-step-inductor-")  # cold, as a sweep's first compile
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", "--variant", variant, "--compiler",
+               "--spawned-at", repr(t_compiler)]
+        compiler = subprocess.Popen(cmd, env={**env, "TORCHINDUCTOR_CACHE_DIR": cache}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        time.sleep(COMPILER_HEAD_START_S)
     for _ in range(processes):
         cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", "--variant", variant,
                "--spawned-at", repr(time.time())]
@@ -120,6 +135,11 @@ def run_row(a, argv: list[str], variant: str, processes: int) -> dict:
         else:
             errors.append(f"rc {p.returncode}: {err.strip()[-300:]}")
     row = {"variant": variant, "processes": processes, "per_process": per, "errors": errors}
+    if compiler is not None:
+        out, err = compiler.communicate(timeout=a.timeout_s)
+        row["compiler_s"] = time.time() - t_compiler
+        if compiler.returncode != 0:
+            errors.append(f"compiler rc {compiler.returncode}: {err.strip()[-300:]}")
     for k in PARTS:
         if per:
             row[k] = statistics.median(r[k] for r in per)
@@ -142,6 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="library", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--spawned-at", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--compiler", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         print(json.dumps(child(a, a.spawned_at if a.spawned_at is not None else T_START)), flush=True)
@@ -158,7 +179,8 @@ def main(argv=None) -> int:
             rows.append(row)
             cells = " ".join(f"{row[k]:>9.3f}" if k in row else f"{'-':>9}" for k in PARTS)
             worst = f"{row['first_step_max_s']:>8.2f}" if "first_step_max_s" in row else f"{'-':>8}"
-            print(f"{variant:>22} {n:>3} {cells} {worst}  {len(row['errors']) or ''}", flush=True)
+            beside = f"  (compiler {row['compiler_s']:.0f} s)" if "compiler_s" in row else ""
+            print(f"{variant:>22} {n:>3} {cells} {worst}  {len(row['errors']) or ''}{beside}", flush=True)
             for e in row["errors"][:2]:
                 print(f"    {e}", flush=True)
             write_results(a.out, env, rows)

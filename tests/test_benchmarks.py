@@ -2,8 +2,10 @@
 kernel categories on kernel names taken from an H200 run. Speeds are never asserted here."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -561,3 +563,30 @@ def test_batched_trials_with_math_attention_leave_vmap_nothing_to_run_trial_by_t
         rows[att] = res["rows"][-1]
     assert rows["math"]["attention"] == "math" and rows["math"]["vmap_fallback_ops"] == []
     assert any("attention" in op for op in rows["library"]["vmap_fallback_ops"])
+
+
+def test_first_step_beside_compile_starts_a_cold_compiling_process_first(monkeypatch):
+    """The beside-compile row: one more process, with --compiler and an Inductor cache of its own, starts before
+    the P measured ones, is waited for, and is not among them."""
+    import first_step as fs
+
+    started = []
+
+    class Proc:
+        def __init__(self, cmd, env=None, **kw):
+            started.append((cmd, env))
+            self.returncode, self.compiler = 0, "--compiler" in cmd
+
+        def communicate(self, timeout=None):
+            out = "" if self.compiler else json.dumps({k: 1.0 for k in fs.PARTS})
+            return out + "\n", ""
+
+    monkeypatch.setattr(fs.subprocess, "Popen", Proc)
+    monkeypatch.setattr(fs, "COMPILER_HEAD_START_S", 0.0)
+    a = argparse.Namespace(timeout_s=10.0)
+    row = fs.run_row(a, ["--preset", "tiny"], "beside-compile", 2)
+    assert ["--compiler" in cmd for cmd, _ in started] == [True, False, False]
+    compiler_env, trial_env = started[0][1], started[1][1]
+    assert "first-step-inductor-" in compiler_env["TORCHINDUCTOR_CACHE_DIR"]
+    assert trial_env.get("TORCHINDUCTOR_CACHE_DIR") == os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    assert len(row["per_process"]) == 2 and row["errors"] == [] and row["compiler_s"] >= 0
