@@ -14,7 +14,6 @@ labelled gFID/rFID; a domain-extractor metric `gfd_fmnist` is labelled "gFD (fmn
 from __future__ import annotations
 
 import math
-
 import re
 from typing import Iterable, Sequence
 

@@ -13,7 +13,8 @@ from ulsweep.sweep.timeline import EVALUATE_PARTS, PHASES, TAG, parse_tag
 PHASE_COLORS = {"tracking": "#9d755d", "start": "#bab0ac", "setup": "#f58518", "first_step": "#e45756",
                 "train": "#4c78a8", "evaluate": "#54a24b", "finish": "#b279a2", "failed": "#000000"}
 PHASE_LABELS = {"tracking": "MLflow run (open, params)",
-                "start": "start (Ray Train, worker; older sweeps: MLflow run too)", "setup": "setup (data, latents, networks)", "first_step": "first step (compile)", "train": "train",
+                "start": "start (Ray Train, worker; older sweeps: MLflow run too)",
+                "setup": "setup (data, latents, networks)", "first_step": "first step (compile)", "train": "train",
                 "evaluate": "final evaluation", "finish": "finish (checkpoint, MLflow)", "failed": "failed attempt"}
 COLUMNS = ["key", "kind", "attempt", "phase", "start", "end", "seconds"]
 PART_LABELS = {"evaluate_extractor_s": "load the feature extractors", "evaluate_bpp_s": "held-out bits/pixel",

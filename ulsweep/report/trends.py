@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from ulsweep.report import columns, compare
+from ulsweep.report.columns import fmt_value as _fmt, key_tail as _short
 
 
 # Spearman's rank correlation: Pearson's correlation of the (average-tie) ranks.
@@ -132,37 +133,37 @@ def markdown(ae: pd.DataFrame, s: dict[str, Any] | None = None) -> str:
     base_time = gen and gen.replace(gen.split("[")[0], "train_seconds")  # train_seconds[<base>]
     metric_cols = [c for c in ("bpp", "bpp_se", "psnr", rec, s["domain_reconstruction"], gen,
                                s["domain_generation"], "train_seconds", base_time) if c and c in ae]
-    lines = ["| " + " | ".join([columns.key_tail(c) for c in cols] + metric_cols) + " |",
+    lines = ["| " + " | ".join([_short(c) for c in cols] + metric_cols) + " |",
              "|" + "---|" * (len(cols) + len(metric_cols))]
     for _, r in ae.sort_values(cols).iterrows():
-        lines.append("| " + " | ".join(columns.fmt_value(r[c]) for c in cols + metric_cols) + " |")
+        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols + metric_cols) + " |")
     lines += ["", f"Spearman rank correlations ({s['n_trials']} trials; repeats with another seed left out):", ""]
     for e in s["bpp_vs_knob"]:
-        fixed = ", ".join(f"{columns.key_tail(k)} = {columns.fmt_value(v)}" for k, v in e["fixed"].items())
-        lines.append(f"- ρ(bits/pixel, {columns.key_tail(e['knob'])}){' at ' + fixed if fixed else ''}: {columns.fmt_value(e['rho'])} "
+        fixed = ", ".join(f"{_short(k)} = {_fmt(v)}" for k, v in e["fixed"].items())
+        lines.append(f"- ρ(bits/pixel, {_short(e['knob'])}){' at ' + fixed if fixed else ''}: {_fmt(e['rho'])} "
                      f"(n = {e['n']})")
     for m, rho in s["vs_bpp"].items():
-        lines.append(f"- ρ({m}, bits/pixel): {columns.fmt_value(rho)}")
+        lines.append(f"- ρ({m}, bits/pixel): {_fmt(rho)}")
     if s["agreement"]:
         lines += ["", "Inception FID against the domain Fréchet distance (Spearman ρ of the trials' ranks; "
                   "repeats with another seed left out):", ""]
         for e in s["agreement"]:
-            where = ", ".join(f"{columns.key_tail(k)} = {columns.fmt_value(v)}" for k, v in e["slice"].items()) or "all trials"
-            lines.append(f"- ρ({e['a']}, {e['b']}), {where}: {columns.fmt_value(e['rho'])} (n = {e['n']})")
+            where = ", ".join(f"{_short(k)} = {_fmt(v)}" for k, v in e["slice"].items()) or "all trials"
+            lines.append(f"- ρ({e['a']}, {e['b']}), {where}: {_fmt(e['rho'])} (n = {e['n']})")
     if s["generation_curves"]:
         lines += ["", f"{gen} against bits/pixel:", ""]
         for c in s["generation_curves"]:
-            where = ", ".join(f"{columns.key_tail(k)} = {columns.fmt_value(v)}" for k, v in c["group"].items()) or "all trials"
+            where = ", ".join(f"{_short(k)} = {_fmt(v)}" for k, v in c["group"].items()) or "all trials"
             pts = ", ".join(f"{b:.4f}→{g:.3g}" for b, g in zip(c["bpp"], c["gen"]))
-            sides = (f"; below it {c['n_below']} point(s), ρ = {columns.fmt_value(c['rho_below'])}; above it {c['n_above']}, "
-                     f"ρ = {columns.fmt_value(c['rho_above'])}") if c["interior"] else ""
+            sides = (f"; below it {c['n_below']} point(s), ρ = {_fmt(c['rho_below'])}; above it {c['n_above']}, "
+                     f"ρ = {_fmt(c['rho_above'])}") if c["interior"] else ""
             lines.append(f"- {where}: {pts}; best {c['best_gen']:.4g} at {c['best_bpp']:.4f} bits/pixel "
-                         f"({'interior' if c['interior'] else 'at an end'}; ρ = {columns.fmt_value(c['rho'])}{sides})")
+                         f"({'interior' if c['interior'] else 'at an end'}; ρ = {_fmt(c['rho'])}{sides})")
     if s["repeats"]:
         lines += ["", "Seed repeats (all seeds of a configuration; spread = max − min):", ""]
         for r in s["repeats"]:
-            cfg = ", ".join(f"{columns.key_tail(k)} = {columns.fmt_value(v)}" for k, v in r["config"].items())
-            vals = "; ".join(f"{m} {', '.join(columns.fmt_value(x) for x in v)} (spread {columns.fmt_value(r['spread'][m])})"
+            cfg = ", ".join(f"{_short(k)} = {_fmt(v)}" for k, v in r["config"].items())
+            vals = "; ".join(f"{m} {', '.join(_fmt(x) for x in v)} (spread {_fmt(r['spread'][m])})"
                              for m, v in r["values"].items())
             lines.append(f"- {cfg}: {vals}")
     text = "\n".join(lines) + "\n"

@@ -96,10 +96,8 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def why_not(setting: str, *, address: str | None, ray_running: bool, gpus_per_worker: float) -> str | None:
-    """Why this run does not start a daemon of its own, or None when it should."""
-    if setting == "off":
-        return "off"
+def why_not(*, address: str | None, ray_running: bool, gpus_per_worker: float) -> str | None:
+    """Why this run (asking for a daemon) cannot start one of its own, or None when it can."""
     if address:
         return (f"the run joins a cluster ({address}): start a daemon on every GPU node with the node and leave "
                 "resources.mps off")
@@ -114,10 +112,10 @@ def why_not(setting: str, *, address: str | None, ray_running: bool, gpus_per_wo
     return None
 
 
-def serving(env: dict | None = None) -> str | None:
-    """The pipe folder of a daemon that already serves this machine's CUDA clients (as their environment
-    finds it), or None."""
-    pipe = (env if env is not None else os.environ).get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE
+def serving() -> str | None:
+    """The pipe folder of a daemon that already serves this machine's CUDA clients (where this process's
+    environment points them), or None."""
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or DEFAULT_PIPE
     return pipe if _answers(pipe) else None
 
 
@@ -126,9 +124,9 @@ def start_for_run(setting: str, run_dir: str, *, address: str | None, ray_runnin
     """The daemon for this run under `resources.mps: setting`, started, taken over or None (with a line to
     `out` saying why for `auto`); raises MpsError for `on` when it cannot be had."""
     out = out or sys.stdout
-    reason = why_not(setting, address=address, ray_running=ray_running, gpus_per_worker=gpus_per_worker)
-    if reason == "off":
+    if setting == "off":
         return None
+    reason = why_not(address=address, ray_running=ray_running, gpus_per_worker=gpus_per_worker)
     if reason is not None:
         return _refuse(setting, reason, out)
     if (other := serving()) is not None:  # an administrator's daemon: the trials are clients already
