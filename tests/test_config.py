@@ -52,6 +52,17 @@ def test_a_union_with_choices_lists_them():
     assert "expected true or false or 'eager'" in str(e.value)
 
 
+def test_yaml_on_and_off_mean_the_choice_they_spell(tmp_path):
+    # YAML 1.1 reads unquoted on/off as booleans: `mps: on` must mean "on", in a file and in a --set alike
+    exp = load_experiment(write(tmp_path, "resources: {mps: on, gpus_per_worker: 0.1}"))
+    assert exp.resources.mps == "on"
+    assert load_experiment(write(tmp_path, "resources: {mps: off}")).resources.mps == "off"
+    over = experiment_from_dict({}, parse_overrides(["resources.mps=on", "resources.gpus_per_worker=0.5"]))
+    assert over.resources.mps == "on"
+    with pytest.raises(ConfigError, match=r"search.method: must be one of .*\(got True\)"):
+        experiment_from_dict({"search": {"method": True}})
+
+
 def test_unknown_key_suggests_the_close_one(tmp_path):
     with pytest.raises(ConfigError, match=r"exp.yaml: ae.loss.loss_facotr: unknown key; did you mean 'loss_factor'"):
         load_experiment(write(tmp_path, "ae: {loss: {loss_facotr: 2}}"))

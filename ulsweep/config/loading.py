@@ -15,6 +15,9 @@ import yaml
 from ulsweep.config.errors import ConfigError, key_join
 from ulsweep.config.schema import ExperimentConfig
 
+_TRUE_WORDS, _FALSE_WORDS = ("on", "yes", "true"), ("off", "no", "false")
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:  # its values, not the word "Literal"
         return " or ".join(map(repr, typing.get_args(tp)))
@@ -40,6 +43,11 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 errors.append(e.message)
         raise ConfigError(f"expected {' or '.join(_type_name(a) for a in args)}", key=key, value=value)
     if origin is Literal:
+        if isinstance(value, bool) and value not in args:
+            # YAML 1.1 reads on/off/yes/no as booleans: `mps: on` arrives as True. Map it back to the word this
+            # Literal spells (so `mps: on` and `mps: "on"` mean the same); a choice without such a word errors.
+            spelled = [w for w in (_TRUE_WORDS if value else _FALSE_WORDS) if w in args]
+            value = spelled[0] if spelled else value
         if value not in args:
             raise ConfigError(f"must be one of {', '.join(map(repr, args))}", key=key, value=value)
         return value
