@@ -36,6 +36,7 @@ def test_every_shipped_experiment_loads(path):
     ("base_models: [{name: a}, {name: a}]", "base_models", "['a', 'a']"),
     ("base_models: [{name: a, train: {batch_size: 0}}]", "base_models[0].train.batch_size", "0"),
     ("search: {method: grid}", "search.space", "{}"),
+    ("ae: {train: {device: cpu, cudnn_benchmark: false}}", "ae.train.cudnn_benchmark", "False"),
 ])
 def test_bad_values_name_file_key_and_value(tmp_path, text, key, value_repr):
     path = write(tmp_path, text)

@@ -276,3 +276,22 @@ def test_compiled_objectives_match_eager_losses():
     want = base_loss(z, x_from_v(z_t, net(z_t, lam), lam), lam, sched.dlogsnr_dt(t), bc.loss.sigmoid_bias)
     objective = BaseObjective(net, sched, bc.loss.sigmoid_bias, (c, 4, 4))  # eager: one compile per test
     torch.testing.assert_close(objective(z, {"t": t, "eps": eps})["total"], want)
+
+
+@pytest.mark.parametrize("setting", [True, False])
+def test_cudnn_benchmark_setting_reaches_cudnn(monkeypatch, setting):
+    # the CUDA branch of make_runtime on a GPU-less box: only device selection is faked, the flag is torch's own
+    from ulsweep.train.runtime import make_runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.benchmark = not setting
+        train = experiment_from_dict({"ae": {"train": {"device": "cuda", "cudnn_benchmark": setting}}}).ae.train
+        assert make_runtime(train).device == torch.device("cuda", 0)
+        assert torch.backends.cudnn.benchmark is setting
+    finally:  # torch's global flags, as the other tests expect them
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = saved

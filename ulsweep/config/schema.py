@@ -151,6 +151,11 @@ class TrainConfig:
     # 208 s with eager against 250 s waiting (README "Measured so far")
     gate_compile: bool | Literal["eager"] = "eager"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # cuDNN's autotuner (CUDA only): true times every convolution algorithm at each conv shape's first call and
+    # keeps the fastest; false takes cuDNN's heuristic choice at once. On one H200 (session 18,
+    # benchmarks/first_step.py) lf_sweep's autoencoder's first step took 5.0 s with the search against 1.5 s
+    # without, five fresh processes at once, and its eager steps after were no slower without (69 vs 78 ms)
+    cudnn_benchmark: bool = True
 
     def __post_init__(self):
         for k in ("steps", "batch_size", "eval_images", "eval_t_per_image", "sample_steps", "keep_checkpoints"):
@@ -159,6 +164,8 @@ class TrainConfig:
             _require(getattr(self, k) >= 0, k, getattr(self, k), "must be >= 0")
         if self.compile is False:
             _inert(self, ("gate_compile",), "", "with compile: false (nothing is compiled)")
+        if self.device == "cpu":
+            _inert(self, ("cudnn_benchmark",), "", "with device: cpu (cuDNN runs on CUDA only)")
 
 
 @dataclass(frozen=True)

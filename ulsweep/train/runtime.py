@@ -50,7 +50,8 @@ def make_runtime(train: TrainConfig) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # fixed training shapes: pick the fastest conv algorithms once
+        # fixed training shapes: the autotuner's search at each conv shape's first call pays off over a long run
+        torch.backends.cudnn.benchmark = train.cudnn_benchmark
     else:
         device = torch.device("cpu")
     if train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda"):
