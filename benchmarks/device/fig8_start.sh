@@ -11,13 +11,14 @@ rm -rf /tmp/fig8/src && cp -r "$PWD" /tmp/fig8/src  # the sweep reads its code f
 cd /tmp/fig8/src
 echo "${FIG8_EXP:-lf_sweep}" > /tmp/fig8/exp
 setsid nohup nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 > /tmp/fig8/gpu_util.csv 2>&1 < /dev/null &
+extra=""; if [ $# -gt 0 ]; then extra=$(printf '%q ' "$@"); fi  # each argument quoted for the inner shell
 setsid nohup bash -c "
   . benchmarks/device/env_b.sh
   python3 -c 'from ulsweep.config import load_experiment; from ulsweep.train.evaluation import ensure_domain_extractor;
 exp = load_experiment(\"experiments/${FIG8_EXP:-lf_sweep}.yaml\", {\"data.path\": \"${FIG8_DATA:-$PWD/data/fmnist}\"}); print(ensure_domain_extractor(exp, \"cuda\"))'
   date +%s > /tmp/fig8/t_start
   python3 -m ulsweep.cli run experiments/${FIG8_EXP:-lf_sweep}.yaml --storage /tmp/fig8/runs \
-      --set data.path=${FIG8_DATA:-$PWD/data/fmnist} $*
+      --set data.path=${FIG8_DATA:-$PWD/data/fmnist} $extra
   echo \$? > /tmp/fig8/rc; date +%s > /tmp/fig8/t_end
 " > /tmp/fig8/sweep.log 2>&1 < /dev/null &
 sleep 45
