@@ -111,21 +111,15 @@ def test_leaf_keys_cover_every_section():
     assert not set(ALLOWED_UNREAD) - set(keys), "the allow-list names keys that are not in the schema"
 
 
-def _read_on_cuda(exp, monkeypatch) -> None:
+def _read_on_cuda(exp) -> None:
     """make_runtime's CUDA branch (cuDNN and TF32 settings) on this GPU-less box: only the device is faked."""
+    from fakecuda import fake_cuda_device  # tests/fakecuda.py
+
     from ulsweep.train.runtime import make_runtime
 
-    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    with monkeypatch.context() as mp:  # undone at the end of the block, the tracer stays
-        mp.setattr(torch.cuda, "is_available", lambda: True)
-        mp.setattr(torch.cuda, "device_count", lambda: 1)
-        mp.setattr(torch.cuda, "set_device", lambda device: None)
-        try:
-            for train in (exp.ae.train, exp.base_models[0].train):
-                assert make_runtime(train).device.type == "cuda"
-        finally:
-            (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
-             torch.backends.cuda.matmul.allow_tf32) = saved
+    with fake_cuda_device():
+        for train in (exp.ae.train, exp.base_models[0].train):
+            assert make_runtime(train).device.type == "cuda"
 
 
 def test_every_setting_is_read(tmp_path, digits_cache, monkeypatch):
@@ -150,7 +144,7 @@ def test_every_setting_is_read(tmp_path, digits_cache, monkeypatch):
     with pytest.raises(Exception):  # no Inception weights here; the setting is read on the way
         load_eval_extractor(tiny(eval_={"extractor": "inception", "inception_weights": str(tmp_path / "no.pt")}),
                             torch.device("cpu"))
-    _read_on_cuda(exps[0], monkeypatch)
+    _read_on_cuda(exps[0])
     _read_by_the_sweep(tracer, tmp_path)
     unread = sorted(set(leaf_keys()) - tracer.read - set(ALLOWED_UNREAD))
     assert not unread, f"settings no code reads (make them act, or refuse them, or allow-list them): {unread}"

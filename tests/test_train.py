@@ -279,19 +279,14 @@ def test_compiled_objectives_match_eager_losses():
 
 
 @pytest.mark.parametrize("setting", [True, False])
-def test_cudnn_benchmark_setting_reaches_cudnn(monkeypatch, setting):
+def test_cudnn_benchmark_setting_reaches_cudnn(setting):
     # the CUDA branch of make_runtime on a GPU-less box: only device selection is faked, the flag is torch's own
+    from fakecuda import fake_cuda_device  # tests/fakecuda.py
+
     from ulsweep.train.runtime import make_runtime
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    try:
+    with fake_cuda_device():
         torch.backends.cudnn.benchmark = not setting
         train = experiment_from_dict({"ae": {"train": {"device": "cuda", "cudnn_benchmark": setting}}}).ae.train
         assert make_runtime(train).device == torch.device("cuda", 0)
         assert torch.backends.cudnn.benchmark is setting
-    finally:  # torch's global flags, as the other tests expect them
-        (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
-         torch.backends.cuda.matmul.allow_tf32) = saved
