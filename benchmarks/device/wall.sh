@@ -19,7 +19,7 @@
 #     --variant 'timesliced=env:TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-ts' \
 #     --variant 'mps=resources.mps=on,env:TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-mps'
 # (session 18: 250 s time-sliced, 202 s under MPS). cuDNN's autotuner on against off (train.cudnn_benchmark; the
-# first eager step 5.0 s against 1.5 s in first_step.py, the compiled steps not measured without it), under MPS:
+# first eager step up to 5.0 s against 1.5 s in first_step.py, the compiled steps not measured without it), under MPS:
 #   WALL_LIMIT=260 bash benchmarks/device/wall.sh --set ae.train.steps=1700 --set 'base_models=[]' \
 #     --set resources.mps=on --variant 'search=env:TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-s' \
 #     --variant 'heuristic=ae.train.cudnn_benchmark=false,env:TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-h'

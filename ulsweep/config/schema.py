@@ -153,7 +153,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # cuDNN's autotuner (CUDA only): true times every convolution algorithm at each conv shape's first call and
     # keeps the fastest; false takes cuDNN's heuristic choice at once. On one H200 (session 18,
-    # benchmarks/first_step.py) lf_sweep's autoencoder's first step took 5.0 s with the search against 1.5 s
+    # benchmarks/first_step.py) lf_sweep's autoencoder's first step took up to 5.0 s with the search against 1.5 s
     # without, five fresh processes at once, and its eager steps after were no slower without (69 vs 78 ms)
     cudnn_benchmark: bool = True
 
