@@ -430,7 +430,8 @@ def check_timelines(trial_runs, system_metrics: bool = True, real_loops: bool = 
     for r in trial_runs:
         rows = timeline.parse_tag(r.data.tags.get(timeline.TAG))
         last = [x for x in rows if x[0] == rows[-1][0]] if rows else []
-        assert [x[1] for x in last] == ["tracking", "start", "setup", "first_step", "train", "evaluate", "finish"], rows
+        assert [x[1] for x in last] == ["imports", "tracking", "start", "setup", "first_step", "train", "evaluate",
+                                        "finish"], rows
         assert all(a <= b for _, _, a, b in last) and all(x[3] == y[2] for x, y in zip(last, last[1:])), last
         if len({x[0] for x in rows}) == 1:  # one attempt: its durations are the time/* metrics
             for _, phase, a, b in last:

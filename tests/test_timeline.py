@@ -31,6 +31,14 @@ def test_the_mlflow_run_opening_is_its_own_phase_and_older_records_count_it_in_s
     assert "tracking" not in T.durations(T.phases(REC))  # a record from before the mark: start from t_trial
 
 
+def test_imports_come_first_and_older_records_count_them_in_tracking():
+    ph = T.phases({**REC, "t_imports": 100.5, "t_run": 100.75})
+    assert [p for p, _, _ in ph][:3] == ["imports", "tracking", "start"]
+    assert T.durations(ph)["imports"] == 0.5 and T.durations(ph)["tracking"] == 0.25
+    older = T.durations(T.phases({**REC, "t_run": 100.75}))  # a record from before the imports mark
+    assert "imports" not in older and older["tracking"] == 0.75
+
+
 def test_a_missing_mark_merges_its_phase_into_the_next_and_stale_marks_are_ignored():
     resumed = {**REC, "t_first_step_end": None}  # a resumed run with no step left to take
     assert T.durations(T.phases(resumed))["train"] == 80.0 and "first_step" not in T.durations(T.phases(resumed))

@@ -10,9 +10,11 @@ import plotly.graph_objects as go
 from ulsweep import tracking
 from ulsweep.sweep.timeline import EVALUATE_PARTS, PHASES, TAG, parse_tag
 
-PHASE_COLORS = {"tracking": "#9d755d", "start": "#bab0ac", "setup": "#f58518", "first_step": "#e45756",
-                "train": "#4c78a8", "evaluate": "#54a24b", "finish": "#b279a2", "failed": "#000000"}
-PHASE_LABELS = {"tracking": "MLflow run (open, params)",
+PHASE_COLORS = {"imports": "#d8b5a5", "tracking": "#9d755d", "start": "#bab0ac", "setup": "#f58518",
+                "first_step": "#e45756", "train": "#4c78a8", "evaluate": "#54a24b", "finish": "#b279a2",
+                "failed": "#000000"}
+PHASE_LABELS = {"imports": "imports (MLflow, torch, Ray Train; older sweeps: in the MLflow run)",
+                "tracking": "MLflow run (open, params, datasets)",
                 "start": "start (Ray Train, worker; older sweeps: MLflow run too)",
                 "setup": "setup (data, latents, networks)", "first_step": "first step (compile)", "train": "train",
                 "evaluate": "final evaluation", "finish": "finish (checkpoint, MLflow)", "failed": "failed attempt"}

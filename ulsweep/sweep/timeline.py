@@ -1,7 +1,10 @@
 """Where a trial's wall time went: its phases, from wall-clock marks (time.time(), seconds since the epoch).
 
-    tracking    Tune started the trial function -> its MLflow run is open (client and store, run found or
-                created with params, tags and datasets); records older than this phase count it in `start`
+    imports     Tune started the trial function -> the libraries the trial needs are imported (MLflow, torch, Ray
+                Train; the training modules in Ray Train's local mode): seconds in a fresh trial process, nothing
+                in a reused one; records older than this phase count it in `tracking`
+    tracking    -> its MLflow run is open (client and store, run found or created with params, tags and
+                datasets); records older than this phase count it in `start`
     start       -> the training function runs (Ray Train's worker group or local-mode trainer started, the
                 worker's hooks and the stage's modules loaded)
     setup       data loaded or stream built, latents encoded or read (base models), networks built
@@ -22,8 +25,9 @@ import json
 import math
 
 # mark -> the phase that ends at it, in order
-MARKS = (("t_run", "tracking"), ("t_loop", "start"), ("t_setup_end", "setup"), ("t_first_step_end", "first_step"),
-         ("t_train_end", "train"), ("t_eval_end", "evaluate"), ("t_fit_end", "finish"))
+MARKS = (("t_imports", "imports"), ("t_run", "tracking"), ("t_loop", "start"), ("t_setup_end", "setup"),
+         ("t_first_step_end", "first_step"), ("t_train_end", "train"), ("t_eval_end", "evaluate"),
+         ("t_fit_end", "finish"))
 PHASES = tuple(p for _, p in MARKS) + ("failed",)
 # the final evaluation's parts (ulsweep/train/evaluation.PartTimer; seconds in a trial's timings record): loading
 # the feature extractors, the held-out bits/pixel, sampling (reconstructions or generations), the Fréchet

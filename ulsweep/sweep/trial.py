@@ -22,7 +22,7 @@ from ulsweep import io as uio, tracking
 from ulsweep.config import ExperimentConfig, ResourcesConfig, dump_yaml, flatten, to_dict
 from ulsweep.sweep import attempts, timeline
 from ulsweep.sweep.space import find_base, trial_experiment
-from ulsweep.sweep.worker import deterministic_errors, error_line, numbers, read_failure, train_worker
+from ulsweep.sweep.worker import IMPLS, deterministic_errors, error_line, numbers, read_failure, train_worker
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ _BOOKKEEPING = {"step", "final", "loop_seconds", "train_seconds", "t_worker", "t
 # compile_gate: how the first step got through ulsweep/train/compile_gate.py ("first", "after", "done", ...)
 _TIMINGS = ("t_worker", "t_loop", "t_loop_end", "train_seconds", "loop_seconds", "compile_gate", "t_compiled_step_end",
             "eager_steps", *timeline.EVALUATE_PARTS,
-            *(m for m, _ in timeline.MARKS if m not in ("t_run", "t_loop", "t_fit_end")))  # t_run: the trial's own
+            *(m for m, _ in timeline.MARKS if m not in ("t_imports", "t_run", "t_loop", "t_fit_end")))  # the trial's own
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,8 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     t_trial = time.time()
     kind, key = config["kind"], config["key"]
     exp = trial_experiment(ctx.experiment, config.get("overrides", {}))
+    import_trial_modules(ctx.train_impl, local=exp.resources.num_workers == 0)
+    t_imports = time.time()
     tdir, attempt = trial_dir(ctx.run_dir, key), uuid.uuid4().hex
     c = tracking.client(ctx.tracking_uri)
     try:
@@ -168,17 +170,33 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
                      deterministic=recorded or isinstance(e, deterministic_errors()))
         _tag_failure(c, run_id, wcfg, e)
         tracking.retry(c.set_terminated, run_id, status="FAILED")
-        _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_run": t_run, "t_fit": t_fit,
+        _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_imports": t_imports, "t_run": t_run, "t_fit": t_fit,
                                                       "t_fit_end": time.time(), "error": True})
         raise
     m = result.metrics or getattr(result, "return_value", None) or {}
     if kind == "base":
         log_datasets(c, run_id, exp, ae_checkpoint=config.get("ae_checkpoint"))
-    _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_run": t_run, "t_fit": t_fit,
+    _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_imports": t_imports, "t_run": t_run, "t_fit": t_fit,
                                                   "t_fit_end": time.time(), **{k: m.get(k) for k in _TIMINGS}})
     if kind == "base" and m and parent != ctx.sweep_id:
         _log_to_ae_run(c, parent, config, m)
     tracking.retry(c.set_terminated, run_id, status="FINISHED")
+
+
+def import_trial_modules(train_impl: str, local: bool) -> None:
+    """Import what the trial process will need before anything of it is timed as tracking or start (the
+    `imports` phase): MLflow, torch and Ray Train, and with `local` (Ray Train's local mode: the loop runs in
+    this process) the training modules. A fresh process pays seconds here (on the H200 machine's sandbox a
+    torch import alone took ~10 s), a reused Tune actor nothing."""
+    import importlib
+
+    import mlflow  # noqa: F401
+    import ray.train.torch  # noqa: F401
+    import torch  # noqa: F401
+
+    if local:  # an unknown train_impl is the worker's error to name (worker._train_fns)
+        for module in IMPLS.get(train_impl, ()):
+            importlib.import_module(module)
 
 
 def _parent_run_id(c, ctx: SweepContext, config: dict) -> str:
