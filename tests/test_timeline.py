@@ -137,3 +137,19 @@ def test_the_final_evaluations_parts_median_per_kind_in_the_markdown(tl):
     md = rt.markdown(tl, runs)
     assert "| base | sampling (reconstructions / generations) | 40.0 | 1 |" in md
     assert "by part" not in rt.markdown(tl, pd.DataFrame([{"kind": "ae", "bpp": 0.1}]))  # older sweeps: none
+
+
+def test_the_imports_warm_up_warns_instead_of_failing_the_trial_early(monkeypatch, caplog):
+    # a module that does not import fails again where the trial uses it, with its run and retry budget in place
+    import sys
+
+    from ulsweep.sweep import trial
+
+    monkeypatch.setitem(trial.IMPLS, "broken", ("ulsweep_no_such_module", "ulsweep_no_such_module"))
+    with caplog.at_level("WARNING", logger=trial.log.name):
+        trial.import_trial_modules("broken", local=True)
+    assert "could not import ulsweep_no_such_module" in caplog.text
+    assert {"mlflow", "torch", "ray.train.torch"} <= set(sys.modules)
+    caplog.clear()
+    trial.import_trial_modules("broken", local=False)  # workers mode: the training modules load in the workers
+    assert caplog.text == ""

@@ -33,7 +33,8 @@ _BOOKKEEPING = {"step", "final", "loop_seconds", "train_seconds", "t_worker", "t
 # compile_gate: how the first step got through ulsweep/train/compile_gate.py ("first", "after", "done", ...)
 _TIMINGS = ("t_worker", "t_loop", "t_loop_end", "train_seconds", "loop_seconds", "compile_gate", "t_compiled_step_end",
             "eager_steps", *timeline.EVALUATE_PARTS,
-            *(m for m, _ in timeline.MARKS if m not in ("t_imports", "t_run", "t_loop", "t_fit_end")))  # the trial's own
+            *(m for m, _ in timeline.MARKS
+              if m not in ("t_imports", "t_run", "t_loop", "t_fit_end")))  # those four: the trial's own marks
 
 
 @dataclass(frozen=True)
@@ -170,14 +171,15 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
                      deterministic=recorded or isinstance(e, deterministic_errors()))
         _tag_failure(c, run_id, wcfg, e)
         tracking.retry(c.set_terminated, run_id, status="FAILED")
-        _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_imports": t_imports, "t_run": t_run, "t_fit": t_fit,
-                                                      "t_fit_end": time.time(), "error": True})
+        _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_imports": t_imports, "t_run": t_run,
+                                                      "t_fit": t_fit, "t_fit_end": time.time(), "error": True})
         raise
     m = result.metrics or getattr(result, "return_value", None) or {}
     if kind == "base":
         log_datasets(c, run_id, exp, ae_checkpoint=config.get("ae_checkpoint"))
-    _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_imports": t_imports, "t_run": t_run, "t_fit": t_fit,
-                                                  "t_fit_end": time.time(), **{k: m.get(k) for k in _TIMINGS}})
+    _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_imports": t_imports, "t_run": t_run,
+                                                  "t_fit": t_fit, "t_fit_end": time.time(),
+                                                  **{k: m.get(k) for k in _TIMINGS}})
     if kind == "base" and m and parent != ctx.sweep_id:
         _log_to_ae_run(c, parent, config, m)
     tracking.retry(c.set_terminated, run_id, status="FINISHED")
@@ -186,17 +188,18 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
 def import_trial_modules(train_impl: str, local: bool) -> None:
     """Import what the trial process will need before anything of it is timed as tracking or start (the
     `imports` phase): MLflow, torch and Ray Train, and with `local` (Ray Train's local mode: the loop runs in
-    this process) the training modules. A fresh process pays seconds here (on the H200 machine's sandbox a
-    torch import alone took ~10 s), a reused Tune actor nothing."""
+    this process) the training modules. A fresh process pays seconds here (on the H200 machine's sandbox,
+    importing torch and ulsweep took ~10 s), a reused Tune actor nothing. Only a warm-up: a module that fails to
+    import fails again where the trial needs it, after its MLflow run and retry budget are in place (so an
+    unknown train_impl is named by worker._train_fns, a broken install by the trial's recorded failure)."""
     import importlib
 
-    import mlflow  # noqa: F401
-    import ray.train.torch  # noqa: F401
-    import torch  # noqa: F401
-
-    if local:  # an unknown train_impl is the worker's error to name (worker._train_fns)
-        for module in IMPLS.get(train_impl, ()):
+    wanted = ["mlflow", "torch", "ray.train.torch"] + (list(IMPLS.get(train_impl, ())) if local else [])
+    for module in wanted:
+        try:
             importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001 - see above: raised again, and recorded, where it is used
+            log.warning("could not import %s ahead of trial setup: %s", module, e)
 
 
 def _parent_run_id(c, ctx: SweepContext, config: dict) -> str:
