@@ -1,10 +1,9 @@
 """Reconstruction and generation with trained UL models (used by evaluation and the metrics)."""
 from __future__ import annotations
 
-import contextlib
 import io
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ def sampling_precision(precision: str, device: torch.device):
     raise ValueError(f"sample precision {precision!r}: expected fp32 or bf16")
 
 
-@contextlib.contextmanager
+@contextmanager
 def sampling_networks(nets: list[nn.Module], compile_them: bool, precision: str, device: torch.device,
                       label: str = "sampling") -> Iterator[list[nn.Module]]:
     """The networks to sample with (`eval.sample_compile`): compiled with torch.compile's default mode, or as
