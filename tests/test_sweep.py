@@ -211,17 +211,42 @@ def test_gpu_experiment_runs_on_cpu_only_when_ray_was_started_here_without_gpus(
     assert fit_to_local_machine(exp, {"CPU": 8.0}, started_here=False, out=buf) is exp
 
 
-def test_trials_with_cuda_graphs_get_a_fresh_process_each():
+def test_reused_trial_processes_per_setting_and_auto_keeps_local_cuda_graph_trials_fresh():
     from ulsweep.config import experiment_from_dict
-    from ulsweep.sweep.driver import _uses_cuda_graphs
+    from ulsweep.sweep.driver import reuse_processes
 
     gpu = {"resources": {"gpus_per_worker": 0.1, "num_workers": 0}}
-    assert _uses_cuda_graphs(experiment_from_dict(gpu, {"ae.train.compile": "reduce-overhead"}))
-    assert _uses_cuda_graphs(experiment_from_dict({**gpu, "base_models": [
+    graphs = {"ae.train.compile": "reduce-overhead"}
+    assert not reuse_processes(experiment_from_dict(gpu, graphs))  # auto: the trial process captures graphs
+    assert not reuse_processes(experiment_from_dict({**gpu, "base_models": [
         {"name": "b", "train": {"compile": "reduce-overhead"}}]}))
-    assert not _uses_cuda_graphs(experiment_from_dict(gpu, {"ae.train.compile": True}))
-    # on CPU compile_module falls back to the default mode: actors may be reused
-    assert not _uses_cuda_graphs(experiment_from_dict({}, {"ae.train.compile": "reduce-overhead"}))
+    assert reuse_processes(experiment_from_dict(gpu, {"ae.train.compile": True}))
+    # on CPU compile_module falls back to the default mode; with worker actors the trial process trains nothing
+    assert reuse_processes(experiment_from_dict({}, graphs))
+    assert reuse_processes(experiment_from_dict(gpu, {**graphs, "resources.num_workers": 1,
+                                                      "resources.gpus_per_worker": 1.0}))
+    assert reuse_processes(experiment_from_dict(gpu, {**graphs, "resources.reuse_processes": "on"}))
+    assert not reuse_processes(experiment_from_dict({}, {"resources.reuse_processes": "off"}))
+
+
+def test_trial_thread_runs_every_call_in_one_other_thread_and_hands_back_results_and_errors():
+    import threading
+
+    from ulsweep.sweep import trial_thread
+
+    def who(x):
+        return threading.get_ident(), threading.current_thread().name, x * 2
+
+    first, second = trial_thread.run(who, 1), trial_thread.run(who, 2)
+    assert first[0] == second[0] != threading.get_ident() and first[1] == "ulsweep-trial"
+    assert (first[2], second[2]) == (2, 4)
+    with pytest.raises(ZeroDivisionError):
+        trial_thread.run(lambda: 1 / 0)
+    with pytest.raises(SystemExit):  # Tune stops a trial by raising SystemExit in it: the caller sees it too
+        trial_thread.run(sys.exit, 0)
+    assert trial_thread.run(who, 3)[0] == first[0]  # the thread outlives its trials' errors
+    n = trial_thread.note_trial()
+    assert trial_thread.note_trial() == n + 1
 
 
 def test_run_sweep_guards_before_starting_anything(tmp_path):
@@ -418,7 +443,25 @@ def check_lineage(run_dir: Path, ae_keys: list[str], bases: list[str], latents: 
         if bases:
             assert any(m.startswith("objective/") for m in ae.data.metrics)
     check_timelines([r for k, r in by_key.items() if k != "sweep"], system_metrics, real_loops)
+    check_processes([r for k, r in by_key.items() if k != "sweep"])
     return by_key
+
+
+def check_processes(trial_runs) -> dict[str, list[int]]:
+    """Every trial run names the process and thread of its last attempt; all trials of a process ran in one
+    thread of it (resources.reuse_processes: trial_thread.py). Returns {process: [its trials' numbers]}."""
+    from ulsweep.sweep import timeline
+
+    threads, numbers = {}, {}
+    for r in trial_runs:
+        tag = r.data.tags.get(timeline.TAG_PROCESS)
+        n = timeline.process_trial(tag)
+        assert n is not None, (r.info.run_name, tag)
+        proc, thread = tag.rsplit(" trial ", 1)[0].split("/")
+        threads.setdefault(proc, set()).add(thread)
+        numbers.setdefault(proc, []).append(n)
+    assert all(len(t) == 1 for t in threads.values()), threads
+    return {p: sorted(ns) for p, ns in numbers.items()}
 
 
 def check_timelines(trial_runs, system_metrics: bool = True, real_loops: bool = True) -> None:
@@ -460,7 +503,10 @@ def test_local_sweep_two_ae_one_base_with_lineage(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     run_dir = tmp_path / "runs" / "e2e"
-    check_lineage(run_dir, ["ae-0000", "ae-0001"], ["tiny"], latents=True)
+    by_key = check_lineage(run_dir, ["ae-0000", "ae-0001"], ["tiny"], latents=True)
+    # four trials, two at a time: Tune handed a finished trial's process to a later trial
+    processes = check_processes([r for k, r in by_key.items() if k != "sweep"])
+    assert max(n for ns in processes.values() for n in ns) >= 2, processes
     for k in ("ae-0000", "ae-0001"):  # each AE's training split encoded once, next to its final checkpoint
         assert len(list((run_dir / "trials" / k / "checkpoints").glob("step_*/latents/*/latents.json"))) == 1
     summary = json.loads((run_dir / "summary.json").read_text())

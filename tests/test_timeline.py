@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import types
 
+import pandas as pd
 import pytest
 
 from ulsweep import tracking
@@ -66,8 +67,9 @@ def test_tag_numbers_attempts_drops_the_oldest_when_too_long_and_refuses_garbage
         assert T.parse_tag(bad) == []
 
 
-def _run(key: str, kind: str, tag: str | None):
-    tags = {tracking.TAG_KEY: key, tracking.TAG_KIND: kind, **({T.TAG: tag} if tag else {})}
+def _run(key: str, kind: str, tag: str | None, process: str | None = None):
+    tags = {tracking.TAG_KEY: key, tracking.TAG_KIND: kind, **({T.TAG: tag} if tag else {}),
+            **({T.TAG_PROCESS: process} if process else {})}
     return types.SimpleNamespace(data=types.SimpleNamespace(tags=tags), info=types.SimpleNamespace(run_name=key))
 
 
@@ -81,8 +83,8 @@ def tl():
     ae1 = T.add_attempt(None, T.phases(_shifted(30.0)))  # overlaps ae0's training: 155.5 -> 215.5
     base = T.add_attempt(T.add_attempt(None, [("start", 300.0, 301.0), ("failed", 301.0, 310.0)]),
                          T.phases(_shifted(300.0)))  # trains 485.5 -> 545.5 after a failed attempt
-    return rt.timeline_frame([_run("ae-0000", "ae", ae0), _run("ae-0001", "ae", ae1),
-                              _run("ae-0000-s", "base", base), _run("old", "ae", None)])
+    return rt.timeline_frame([_run("ae-0000", "ae", ae0, T.process_tag("h", 11, 12, 1)), _run("ae-0001", "ae", ae1),
+                              _run("ae-0000-s", "base", base, T.process_tag("h", 11, 12, 3)), _run("old", "ae", None)])
 
 
 def test_report_frame_table_and_summary_against_hand_sums(tl):
@@ -99,6 +101,17 @@ def test_report_frame_table_and_summary_against_hand_sums(tl):
     assert s["ready_median_s[ae]"] == pytest.approx(25.5) and s["ready_max_s[base]"] == pytest.approx(25.5)
     r = rt.ready_seconds(tl)
     assert list(r["key"]) == ["ae-0000", "ae-0001", "ae-0000-s"] and list(r["attempt"]) == [1, 1, 2]
+    # the process tag belongs to a run's last attempt: the base trial's second attempt ran in a warm process
+    assert r["process_trial"].astype(object).where(r["process_trial"].notna(), None).tolist() == [1, None, 3]
+    first_base = tl[(tl["key"] == "ae-0000-s") & (tl["attempt"] == 1)]
+    assert first_base["process_trial"].isna().all() and len(first_base) == 2
+
+
+def test_process_tag_round_trip_and_unreadable_values():
+    assert T.process_trial(T.process_tag("node-1.local", 4242, 4250, 7)) == 7
+    assert T.process_trial(T.process_tag("a trial 3", 1, 5, 2)) == 2  # the last " trial " counts
+    for bad in (None, "", "trial 3", "h:1 trial", "h:1 trial x", "h:1 trial -2"):
+        assert T.process_trial(bad) is None, bad
 
 
 def test_union_seconds_closed_form():
@@ -115,8 +128,10 @@ def test_gantt_has_a_bar_per_phase_and_attempt_and_the_markdown_states_the_numbe
     assert rows[::-1] == ["ae-0000", "ae-0001", "ae-0000-s #1", "ae-0000-s #2"]  # first start at the top
     train = next(tr for tr in fig.data if tr.name == rt.PHASE_LABELS["train"])
     assert min(train.base) == pytest.approx(25.5)  # seconds since the first trial started
+    assert set(train.customdata) == {"<br>fresh process", "", "<br>warm process (its trial 3)"}
     md = rt.markdown(tl)
     assert "397 s" in md and "150 s" in md and "(38%)" in md and "ae 25.5 s (max 25.5)" in md
+    assert "in warm, reused processes 25.5 s (1 trial); in fresh ones 25.5 s (1 trial)" in md
     assert "| ae | first step (compile) | 40 | 21% |" in md
 
 

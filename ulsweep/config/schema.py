@@ -327,6 +327,13 @@ class ResourcesConfig:
     # turns): off, auto (start a daemon for the run when trials pack GPUs on a local Ray with CUDA and the
     # daemon's binary; else say why not) or on (the same, an error when it cannot); ulsweep/sweep/mps.py
     mps: Literal["off", "auto", "on"] = "off"
+    # a trial process kept for the next trial (Tune's reuse_actors): a warm process skips the imports and keeps
+    # torch.compile's in-memory caches, so a later trial of an architecture it has trained takes its first step
+    # without compiling; every trial of a process runs in the same thread of it (ulsweep/sweep/trial_thread.py).
+    # auto: on, except for CUDA-graph trials on GPUs in Ray Train's local mode (torch 2.11 failed to capture in
+    # a second thread of a process; one thread for all trials of a process is not yet measured on a GPU); on;
+    # off: a new process per trial
+    reuse_processes: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self):
         _require(self.mps != "on" or 0 < self.gpus_per_worker < 1, "mps", self.mps,

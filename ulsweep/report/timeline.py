@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ulsweep import tracking
-from ulsweep.sweep.timeline import EVALUATE_PARTS, PHASES, TAG, parse_tag
+from ulsweep.sweep.timeline import EVALUATE_PARTS, PHASES, TAG, TAG_PROCESS, parse_tag, process_trial
 
 PHASE_COLORS = {"imports": "#d8b5a5", "tracking": "#9d755d", "start": "#bab0ac", "setup": "#f58518",
                 "first_step": "#e45756", "train": "#4c78a8", "evaluate": "#54a24b", "finish": "#b279a2",
@@ -18,7 +18,7 @@ PHASE_LABELS = {"imports": "imports (MLflow, torch, Ray Train; older sweeps: in 
                 "start": "start (Ray Train, worker; older sweeps: MLflow run too)",
                 "setup": "setup (data, latents, networks)", "first_step": "first step (compile)", "train": "train",
                 "evaluate": "final evaluation", "finish": "finish (checkpoint, MLflow)", "failed": "failed attempt"}
-COLUMNS = ["key", "kind", "attempt", "phase", "start", "end", "seconds"]
+COLUMNS = ["key", "kind", "attempt", "phase", "start", "end", "seconds", "process_trial"]
 PART_LABELS = {"evaluate_extractor_s": "load the feature extractors", "evaluate_bpp_s": "held-out bits/pixel",
                "evaluate_sampling_s": "sampling (reconstructions / generations)",
                "evaluate_fd_s": "features and Fréchet distances", "evaluate_flops_s": "FLOPs count"}
@@ -26,15 +26,20 @@ PART_LABELS = {"evaluate_extractor_s": "load the feature extractors", "evaluate_
 
 def timeline_frame(runs) -> pd.DataFrame:
     """One row per (trial, attempt, phase) of MLflow runs: key, kind, attempt, phase, start and end (seconds
-    since the epoch), seconds. Runs without a timeline tag (sweeps of older versions) give no rows."""
+    since the epoch), seconds, and for the last attempt the number of trials its process had started by then
+    (1: a fresh process; missing for earlier attempts and older sweeps). Runs without a timeline tag (sweeps of
+    older versions) give no rows."""
     rows = []
     for r in runs:
         tags = r.data.tags
-        for attempt, phase, a, b in parse_tag(tags.get(TAG)):
+        ph = parse_tag(tags.get(TAG))
+        last = max((int(x[0]) for x in ph), default=None)
+        n = process_trial(tags.get(TAG_PROCESS))
+        for attempt, phase, a, b in ph:
             rows.append({"key": tags.get(tracking.TAG_KEY, r.info.run_name), "kind": tags.get(tracking.TAG_KIND, ""),
                          "attempt": int(attempt), "phase": phase, "start": float(a), "end": float(b),
-                         "seconds": float(b) - float(a)})
-    return pd.DataFrame(rows, columns=COLUMNS)
+                         "seconds": float(b) - float(a), "process_trial": n if int(attempt) == last else None})
+    return pd.DataFrame(rows, columns=COLUMNS).astype({"process_trial": "Int64"})
 
 
 def phase_table(tl: pd.DataFrame) -> pd.DataFrame:
@@ -79,14 +84,17 @@ def summary(tl: pd.DataFrame) -> dict:
 
 def ready_seconds(tl: pd.DataFrame) -> pd.DataFrame:
     """Per trial (last attempt that reached its first step): seconds from its start to the end of its first
-    optimizer step, i.e. until it trains at full speed (start, setup and compilation)."""
+    optimizer step, i.e. until it trains at full speed (start, setup and compilation), and the number of trials
+    its process had started (`process_trial`; above 1: a warm, reused process)."""
     rows = []
     for (key, attempt), g in tl.groupby(["key", "attempt"]):
         if "first_step" in set(g["phase"]):
             end = float(g.loc[g["phase"] == "first_step", "end"].iloc[0])
+            n = g["process_trial"].iloc[0] if "process_trial" in g else None
             rows.append({"key": key, "kind": g["kind"].iloc[0], "attempt": attempt, "start": float(g["start"].min()),
-                         "ready_s": end - float(g["start"].min())})
-    df = pd.DataFrame(rows, columns=["key", "kind", "attempt", "start", "ready_s"])
+                         "ready_s": end - float(g["start"].min()), "process_trial": None if pd.isna(n) else int(n)})
+    df = pd.DataFrame(rows, columns=["key", "kind", "attempt", "start", "ready_s", "process_trial"])
+    df = df.astype({"process_trial": "Int64"})
     return df.sort_values("attempt").drop_duplicates("key", keep="last").sort_values("start").reset_index(drop=True)
 
 
@@ -106,12 +114,20 @@ def timeline_figure(tl: pd.DataFrame) -> go.Figure:
         y = [labels[(k, a)] for k, a in zip(d["key"], d["attempt"])]
         fig.add_trace(go.Bar(
             y=y, x=d["seconds"], base=d["start"] - t0, orientation="h", name=PHASE_LABELS[phase],
-            marker=dict(color=PHASE_COLORS[phase]),
-            hovertemplate="%{y}<br>" + PHASE_LABELS[phase] + ": %{x:.1f} s, from %{base:.1f} s<extra></extra>"))
+            marker=dict(color=PHASE_COLORS[phase]), customdata=[_process_words(n) for n in d["process_trial"]],
+            hovertemplate="%{y}<br>" + PHASE_LABELS[phase] + ": %{x:.1f} s, from %{base:.1f} s%{customdata}"
+                          "<extra></extra>"))
     fig.update_layout(title="Trials by phase (wall clock since the first trial started)", barmode="overlay",
                       xaxis_title="seconds", height=max(320, 22 * len(order) + 140), legend_title="phase")
     fig.update_yaxes(categoryorder="array", categoryarray=order[::-1])
     return fig
+
+
+def _process_words(n) -> str:
+    """Hover text of a Gantt bar: whether its attempt started its process or found it warm."""
+    if pd.isna(n):
+        return ""
+    return "<br>fresh process" if n == 1 else f"<br>warm process (its trial {n})"
 
 
 def evaluation_parts(runs: pd.DataFrame) -> pd.DataFrame:
@@ -140,6 +156,12 @@ def markdown(tl: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
         parts = [f"{k} {g.median():.1f} s (max {g.max():.1f})" for k, g in r.groupby("kind")["ready_s"]]
         lines += ["Median seconds from a trial's start to the end of its first optimizer step (ready to train): "
                   + ", ".join(parts) + ".", ""]
+        warm = r["process_trial"] > 1
+        if warm.fillna(False).any():
+            by = [f"{what} {g.median():.1f} s ({len(g)} trial{'s' * (len(g) != 1)})" for what, g in
+                  (("in warm, reused processes", r.loc[warm.fillna(False), "ready_s"]),
+                   ("in fresh ones", r.loc[(r["process_trial"] == 1).fillna(False), "ready_s"])) if len(g)]
+            lines += ["Ready to train, median: " + "; ".join(by) + ".", ""]
     lines += ["| kind | phase | trial-seconds | share of kind | median per trial (s) | trials |", "|---|---|---:|---:|---:|---:|"]
     for _, r in t.iterrows():
         lines.append(f"| {r['kind']} | {PHASE_LABELS[r['phase']]} | {r['trial-seconds']:.0f} | "

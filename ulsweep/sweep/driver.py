@@ -271,7 +271,7 @@ def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: 
 
     ctx = SweepContext(experiment=to_dict(exp), run_dir=run_dir, tracking_uri=run.tracking_uri,
                        mlflow_experiment_id=run.experiment_id, sweep_id=run.sweep_id, train_impl=train_impl,
-                       session=uuid.uuid4().hex)
+                       session=uuid.uuid4().hex, one_thread=reuse_processes(exp))
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(exp.resources))
     tune_dir = _tune_dir(run_dir)
     if resume:
@@ -289,7 +289,7 @@ def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: 
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
                                     max_concurrent_trials=exp.search.max_concurrent,
-                                    reuse_actors=not _uses_cuda_graphs(exp),  # warm trial processes
+                                    reuse_actors=reuse_processes(exp),  # warm trial processes
                                     trial_name_creator=trial_label, trial_dirname_creator=trial_label),
         run_config=tune.RunConfig(name=TUNE_NAME, storage_path=run_dir, verbose=0, callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=tune_retries(exp))),
@@ -351,10 +351,19 @@ def plan_description(exp: ExperimentConfig) -> list[dict[str, Any]] | None:
     return planned_overrides(exp.search, exp.ae.train.seed)
 
 
+def reuse_processes(exp: ExperimentConfig) -> bool:
+    """Whether Tune keeps a trial's process for a later trial (`resources.reuse_processes`). auto: yes, except
+    where the trial process itself trains with CUDA graphs (Ray Train's local mode on GPUs): CUDA graphs work in
+    one thread of a process only (torch 2.11: capture failed in the second; `train.runtime.compile_mode` falls
+    back to plain compile there), and the one trial thread a reused process runs its trials in
+    (trial_thread.py) is not yet measured on a GPU. `on` runs such trials that way."""
+    setting = exp.resources.reuse_processes
+    if setting != "auto":
+        return setting == "on"
+    return not (exp.resources.num_workers == 0 and _uses_cuda_graphs(exp))
+
+
 def _uses_cuda_graphs(exp: ExperimentConfig) -> bool:
-    """A reused Tune actor runs its next trial in a new thread, and CUDA graphs work in one thread of a process
-    only (torch 2.11: capture fails in the second; `train.runtime.compile_mode` falls back to plain compile
-    there): one process a trial keeps every trial on CUDA graphs."""
     modes = [exp.ae.train.compile] + [b.train.compile for b in exp.base_models]
     return "reduce-overhead" in modes and exp.resources.gpus_per_worker > 0
 

@@ -1,6 +1,8 @@
 """One sweep trial, Tune side: a Tune function trainable that builds and fits a Ray Train `TorchTrainer`.
 
-    Tune trial process (`run_trial`, holds resources.driver_cpus)
+    Tune trial process (`run_trial`, holds resources.driver_cpus; in a process that Tune reuses, every trial
+    runs in the process's one trial thread: trial_thread.py)
+      - tags the run with its process and how many trials that process has started (ulsweep.process)
       - finds or creates the trial's MLflow run (child of the sweep, or of its AE trial for base models) and
         lists its dataset splits as MLflow inputs; a finished base trial adds the latents it trained on
       - TorchTrainer(train_worker, num_workers DDP workers, gloo/NCCL) with TuneReportCallback
@@ -14,13 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 
 from ulsweep import io as uio, tracking
 from ulsweep.config import ExperimentConfig, ResourcesConfig, dump_yaml, flatten, to_dict
-from ulsweep.sweep import attempts, timeline
+from ulsweep.sweep import attempts, timeline, trial_thread
 from ulsweep.sweep.space import find_base, trial_experiment
 from ulsweep.sweep.worker import IMPLS, deterministic_errors, error_line, numbers, read_failure, train_worker
 
@@ -48,6 +52,7 @@ class SweepContext:
     sweep_id: str  # the sweep's MLflow parent run id
     train_impl: str = "ulsweep"
     session: str = ""  # one driver start: the retry budget of a trial's attempts (attempts.py) is per session
+    one_thread: bool = False  # trial processes are reused: every trial of a process runs in one thread of it
 
 
 def trial_dir(run_dir: str, key: str) -> str:
@@ -135,8 +140,16 @@ def stream_datasets(wcfg: dict, res: ResourcesConfig):
 
 
 def run_trial(config: dict, ctx: SweepContext) -> None:
-    """Tune function trainable for one AE or base-model trial (one attempt of it: see attempts.py)."""
+    """Tune function trainable for one AE or base-model trial (one attempt of it: see attempts.py); in a
+    process that Tune reuses, run in the process's one trial thread (trial_thread.py)."""
+    if ctx.one_thread:
+        return trial_thread.run(_run_trial, config, ctx)
+    return _run_trial(config, ctx)
+
+
+def _run_trial(config: dict, ctx: SweepContext) -> None:
     t_trial = time.time()
+    process_trial = trial_thread.note_trial()
     kind, key = config["kind"], config["key"]
     exp = trial_experiment(ctx.experiment, config.get("overrides", {}))
     import_trial_modules(ctx.train_impl, local=exp.resources.num_workers == 0)
@@ -154,6 +167,7 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
         raise
     parent = _parent_run_id(c, ctx, config)
     run_id = _open_trial_run(c, ctx, config, exp, parent)
+    _tag_process(c, run_id, process_trial)
     t_run = time.time()  # the MLflow run is open: the start phase's tracking part ends here
     wcfg = worker_config(exp, exp.resources, kind, key, tdir, ctx.tracking_uri, run_id,
                          ctx.train_impl, base=config.get("base"), ae_checkpoint=config.get("ae_checkpoint"),
@@ -172,13 +186,15 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
         _tag_failure(c, run_id, wcfg, e)
         tracking.retry(c.set_terminated, run_id, status="FAILED")
         _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_imports": t_imports, "t_run": t_run,
-                                                      "t_fit": t_fit, "t_fit_end": time.time(), "error": True})
+                                                      "t_fit": t_fit, "t_fit_end": time.time(), "error": True,
+                                                      "process_trial": process_trial})
         raise
     m = result.metrics or getattr(result, "return_value", None) or {}
     if kind == "base":
         log_datasets(c, run_id, exp, ae_checkpoint=config.get("ae_checkpoint"))
     _record_timings(c, run_id, ctx.run_dir, key, {"t_trial": t_trial, "t_imports": t_imports, "t_run": t_run,
                                                   "t_fit": t_fit, "t_fit_end": time.time(),
+                                                  "process_trial": process_trial,
                                                   **{k: m.get(k) for k in _TIMINGS}})
     if kind == "base" and m and parent != ctx.sweep_id:
         _log_to_ae_run(c, parent, config, m)
@@ -200,6 +216,16 @@ def import_trial_modules(train_impl: str, local: bool) -> None:
             importlib.import_module(module)
         except Exception as e:  # noqa: BLE001 - see above: raised again, and recorded, where it is used
             log.warning("could not import %s ahead of trial setup: %s", module, e)
+
+
+def _tag_process(c, run_id: str, n: int) -> None:
+    """Which process and thread ran the attempt, and how many trials the process had started by then (1: fresh;
+    timeline.TAG_PROCESS): a warm process skips the imports and, for an architecture it has trained, compiling."""
+    try:
+        tag = timeline.process_tag(socket.gethostname(), os.getpid(), threading.get_native_id(), n)
+        tracking.retry(c.set_tag, run_id, timeline.TAG_PROCESS, tag)
+    except Exception as e:  # noqa: BLE001 - tracking must not lose a trial
+        log.warning("could not tag the process of run %s: %s", run_id, e)
 
 
 def _parent_run_id(c, ctx: SweepContext, config: dict) -> str:
