@@ -9,6 +9,9 @@ call, so that their numbers compare side by side. Per variant it records:
     phases              trial-seconds per kind and phase, from each trial's MLflow timeline
                         (ulsweep/sweep/timeline.py): start, setup, first step (compile), train, evaluate, finish
     ready_s             per trial, seconds from its start to the end of its first optimizer step
+    ready_after_first_max_s   the largest ready_s of the trials after the first of their architecture (the
+                        issue's 15-s target; first = earliest start of its kind and model shape)
+    process_trial       per trial, the how-manieth trial of its process it was (1: fresh; above: a reused one)
     training_share      share of the trials' span during which at least one trial was training
     results             per trial its final metrics (bits/pixel, PSNR, rFD/rFID, gFD/gFID), to check that a lever
                         leaves them unchanged
@@ -178,6 +181,8 @@ def run_variant(experiment: str, name: str, sets: list[str], env_extra: dict[str
 def sweep_numbers(sweep: str, tracking_uri: str | None = None) -> dict:
     """Trials, phases, readiness and final metrics of a finished (or stopped) sweep, from its MLflow store.
     `sweep`: its run directory, or its name or run id with `tracking_uri` (as `ulsweep report` takes it)."""
+    import pandas as pd
+
     from ulsweep.report import timeline as tl
     from ulsweep.report.dashboard import resolve_sweep
     from ulsweep.report.sweepdata import load_sweep
@@ -195,9 +200,33 @@ def sweep_numbers(sweep: str, tracking_uri: str | None = None) -> dict:
         out["phases"] = tl.phase_table(data.timeline).round(3).to_dict("records")
         ready = tl.ready_seconds(data.timeline)
         out["ready_s"] = {r.key: round(r.ready_s, 2) for r in ready.itertuples()}
+        out["process_trial"] = {r.key: int(r.process_trial) for r in ready.itertuples()
+                                if not pd.isna(r.process_trial)}
+        later = after_first_of_architecture(ready, runs)
+        out["ready_after_first_max_s"] = round(float(later["ready_s"].max()), 2) if len(later) else None
     cols = [c for c in runs.columns if c in RESULT_METRICS or c.startswith(("rfd_", "gfd_"))]
     out["results"] = {r["key"]: {c: r[c] for c in cols if r[c] == r[c]} for _, r in runs.iterrows()}
     return out
+
+
+def architecture(row) -> tuple:
+    """What fixes a trial's shapes, hence its compiled graphs: kind, image size and the model settings (the
+    autoencoder's, and a base trial's own)."""
+    cols = sorted(c for c in row.index if c == "data.image_size" or c.startswith("ae.model.")
+                  or (row.get("kind") == "base" and c.startswith("base.model.")))
+    return (row.get("kind"), *((c, row[c]) for c in cols if row[c] == row[c]))
+
+
+def after_first_of_architecture(ready, runs):
+    """The rows of `ready` (report.timeline.ready_seconds, sorted by start) that are not the first trial of their
+    architecture to start."""
+    arch = {r["key"]: architecture(r) for _, r in runs.iterrows()}
+    seen, keep = set(), []
+    for key in ready["key"]:
+        a = arch.get(key, (key,))
+        keep.append(a in seen)
+        seen.add(a)
+    return ready[keep]
 
 
 def commit() -> str:
@@ -218,7 +247,7 @@ def table(rows: list[dict]) -> str:
         flat.append({**r, "ready_median_s": sorted(ready)[len(ready) // 2] if ready else None,
                      "ready_max_s": max(ready) if ready else None})
     cols = ["variant", "rc", "trials", "finished", "wall_s", "gpu_busy_fraction", "training_share", "ready_median_s",
-            "ready_max_s"]
+            "ready_max_s", "ready_after_first_max_s"]
     return render_table(flat, cols, floatfmt=".3g")
 
 

@@ -307,16 +307,41 @@ def test_sweep_wall_reads_trials_phases_readiness_and_results_from_a_store(tmp_p
     ph = [("start", t, t + 5), ("setup", t + 5, t + 6), ("first_step", t + 6, t + 26), ("train", t + 26, t + 56),
           ("evaluate", t + 56, t + 60), ("finish", t + 60, t + 61)]
     c.set_tag(runs["ae-0000"].info.run_id, timeline.TAG, timeline.add_attempt(None, ph))
+    # ae-0001, the same architecture, 10 s later in a warm process: ready after 2 s + 1 s + 5 s
+    later = [("start", t + 10, t + 12), ("setup", t + 12, t + 13), ("first_step", t + 13, t + 18),
+             ("train", t + 18, t + 48)]
+    c.set_tag(runs["ae-0001"].info.run_id, timeline.TAG, timeline.add_attempt(None, later))
+    c.set_tag(runs["ae-0001"].info.run_id, timeline.TAG_PROCESS, timeline.process_tag("h", 7, 8, 2))
     for via in (dict(sweep=str(run_dir)), dict(sweep="mini", tracking_uri=uri)):
         got = sweep_wall.sweep_numbers(**via)
         assert got["trials"] == 10 and got["finished"] == 8  # 4 AE + 6 base runs; ae-0003 FAILED, ae-0002-m RUNNING
-        assert got["ready_s"] == {"ae-0000": 26.0}
+        assert got["ready_s"] == {"ae-0000": 26.0, "ae-0001": 8.0}
+        assert got["ready_after_first_max_s"] == 8.0  # ae-0000 is the first of its architecture
+        assert got["process_trial"] == {"ae-0001": 2}  # ae-0000 has no process tag (an older sweep)
         first = {r["phase"]: r["trial-seconds"] for r in got["phases"]}
-        assert first == {"start": 5.0, "setup": 1.0, "first_step": 20.0, "train": 30.0, "evaluate": 4.0,
+        assert first == {"start": 7.0, "setup": 2.0, "first_step": 25.0, "train": 60.0, "evaluate": 4.0,
                          "finish": 1.0}
         assert got["results"]["ae-0000"]["bpp"] == pytest.approx(0.01 * 1.5 * 2.718281828 ** -0.8)
     row = sweep_wall.table([{"variant": "v", **got}]).splitlines()[-1].split()
-    assert row[-2:] == ["26", "26"]  # ready median and max: the one trial with a timeline
+    assert row[-3:] == ["26", "26", "8"]  # ready median and max, and the max after the first of the architecture
+
+
+def test_sweep_wall_first_of_an_architecture_is_per_kind_and_model_shape():
+    import pandas as pd
+    import sweep_wall
+
+    runs = pd.DataFrame([
+        {"key": "a0", "kind": "ae", "ae.model.latent_channels": 4, "data.image_size": 16},
+        {"key": "a1", "kind": "ae", "ae.model.latent_channels": 8, "data.image_size": 16},
+        {"key": "a2", "kind": "ae", "ae.model.latent_channels": 4, "data.image_size": 16},
+        {"key": "a0-s", "kind": "base", "ae.model.latent_channels": 4, "data.image_size": 16,
+         "base.model.preset": "small"},
+        {"key": "a2-s", "kind": "base", "ae.model.latent_channels": 4, "data.image_size": 16,
+         "base.model.preset": "small"},
+        {"key": "a2-m", "kind": "base", "ae.model.latent_channels": 4, "data.image_size": 16,
+         "base.model.preset": "medium"}])
+    ready = pd.DataFrame({"key": ["a0", "a1", "a2", "a0-s", "a2-m", "a2-s"], "ready_s": [9, 8, 3, 7, 6, 2]})
+    assert sweep_wall.after_first_of_architecture(ready, runs)["key"].tolist() == ["a2", "a2-s"]
 
 
 def test_sweep_wall_gpu_busy_from_an_nvidia_smi_log_over_the_sweeps_window(tmp_path):
