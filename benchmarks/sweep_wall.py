@@ -10,7 +10,9 @@ call, so that their numbers compare side by side. Per variant it records:
                         (ulsweep/sweep/timeline.py): start, setup, first step (compile), train, evaluate, finish
     ready_s             per trial, seconds from its start to the end of its first optimizer step
     ready_after_first_max_s   the largest ready_s of the trials after the first of their architecture (the
-                        issue's 15-s target; first = earliest start of its kind and model shape)
+                        issue's 15-s target). Architecture: kind and model shapes. Its first trial: of the trials
+                        that started before any trial of the architecture was ready, the one slowest to be ready
+                        (the one that compiled, where the others trained uncompiled meanwhile: gate_compile eager)
     process_trial       per trial, the how-manieth trial of its process it was (1: fresh; above: a reused one)
     training_share      share of the trials' span during which at least one trial was training
     results             per trial its final metrics (bits/pixel, PSNR, rFD/rFID, gFD/gFID), to check that a lever
@@ -218,15 +220,15 @@ def architecture(row) -> tuple:
 
 
 def after_first_of_architecture(ready, runs):
-    """The rows of `ready` (report.timeline.ready_seconds, sorted by start) that are not the first trial of their
-    architecture to start."""
+    """The rows of `ready` (report.timeline.ready_seconds: key, start, ready_s) but the first trial of each
+    architecture: of the trials that started before any trial of theirs was ready, the slowest to be ready."""
     arch = {r["key"]: architecture(r) for _, r in runs.iterrows()}
-    seen, keep = set(), []
-    for key in ready["key"]:
-        a = arch.get(key, (key,))
-        keep.append(a in seen)
-        seen.add(a)
-    return ready[keep]
+    group = ready["key"].map(lambda k: arch.get(k, (k,)))
+    first = set()
+    for _, g in ready.groupby(group, sort=False):
+        early = g[g["start"] < (g["start"] + g["ready_s"]).min()]
+        first.add(early.loc[early["ready_s"].idxmax(), "key"])
+    return ready[~ready["key"].isin(first)]
 
 
 def commit() -> str:

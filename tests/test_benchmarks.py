@@ -340,8 +340,10 @@ def test_sweep_wall_first_of_an_architecture_is_per_kind_and_model_shape():
          "base.model.preset": "small"},
         {"key": "a2-m", "kind": "base", "ae.model.latent_channels": 4, "data.image_size": 16,
          "base.model.preset": "medium"}])
-    ready = pd.DataFrame({"key": ["a0", "a1", "a2", "a0-s", "a2-m", "a2-s"], "ready_s": [9, 8, 3, 7, 6, 2]})
-    assert sweep_wall.after_first_of_architecture(ready, runs)["key"].tolist() == ["a2", "a2-s"]
+    # a0 and a2 start together; a2 compiles (ready after 30 s) while a0 trains uncompiled (ready after 4 s)
+    ready = pd.DataFrame({"key": ["a0", "a2", "a1", "a0-s", "a2-m", "a2-s"], "start": [0, 1, 2, 40, 41, 90],
+                          "ready_s": [4, 30, 8, 7, 6, 2]})
+    assert sweep_wall.after_first_of_architecture(ready, runs)["key"].tolist() == ["a0", "a2-s"]
 
 
 def test_sweep_wall_gpu_busy_from_an_nvidia_smi_log_over_the_sweeps_window(tmp_path):

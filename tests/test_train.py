@@ -247,6 +247,48 @@ def test_cuda_graph_training_in_a_second_thread(tmp_path, digits_cache):
     assert all(r.steps == 3 and r.metrics["bpp"] >= 0 for r in results)
 
 
+_ONE_THREAD_TRIALS = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from ulsweep.config import experiment_from_dict
+from ulsweep.sweep import trial_thread
+from ulsweep.train import runtime
+from ulsweep.train.stage1 import train_autoencoder
+modes, graphs = [], []
+real = runtime.compile_mode
+runtime.compile_mode = lambda setting, rt: modes.append(real(setting, rt)) or modes[-1]
+out = []
+for i, lf in enumerate((1.5, 4.0, 2.0)):
+    exp = experiment_from_dict({"data": {"path": "builtin:digits"}, "ae": {"loss": {"loss_factor": lf}, "train": {
+        "steps": 3, "batch_size": 8, "log_every": 1, "eval_images": 16, "sample_steps": 2,
+        "compile": "reduce-overhead"}}, "eval": {"extractor": "none"}})
+    res = trial_thread.run(train_autoencoder, exp, sys.argv[1] + f"/run{i}")
+    out.append(res.metrics["bpp"])
+    graphs.append(counters["stats"].get("unique_graphs", 0))
+print(json.dumps({"modes": modes, "bpp": out, "skips": counters["inductor"].get("cudagraph_skips", 0),
+                  "graphs": graphs}))
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_trials_of_a_reused_process_all_capture_in_its_one_trial_thread(tmp_path, digits_cache):
+    """Three stage-1 runs with train.compile=reduce-overhead, one after another in a fresh process's trial thread
+    (ulsweep/sweep/trial_thread.py), as a reused trial process runs them: every one compiles in CUDA-graph
+    mode and none skips CUDA graphs; the later two find Dynamo's graphs of the first (benchmarks/warm_process.py
+    measures what that saves)."""
+    import json
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _ONE_THREAD_TRIALS, str(tmp_path)], capture_output=True, text=True,
+                       timeout=1200)
+    assert p.returncode == 0, p.stderr[-4000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["modes"] == ["reduce-overhead"] * 3, got
+    assert got["skips"] == 0 and len(got["bpp"]) == 3 and all(b >= 0 for b in got["bpp"]), got
+    assert got["graphs"][0] > 0 and len(set(got["graphs"])) == 1, got  # the later runs compiled no new graph
+
+
 def test_compiled_objectives_match_eager_losses():
     """The stage-1 objective compiled gives its eager losses; the base objective gives the base loss of §3.3."""
     from ulsweep.diffusion import base_loss, diffuse, x_from_v
