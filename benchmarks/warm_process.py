@@ -43,7 +43,8 @@ def run_overrides(steps: int, i: int, sets: list[str]) -> dict:
 
     out = parse_overrides(sets)
     out.update({"ae.loss.loss_factor": LOSS_FACTORS[i % len(LOSS_FACTORS)], "ae.train.steps": steps,
-                "ae.train.ckpt_every": steps, "ae.train.eval_every": 0, "eval.extractor": "none"})
+                "ae.train.ckpt_every": steps, "ae.train.eval_every": 0, "eval.extractor": "none",
+                "search.metrics": ["bpp"], "search.modes": ["min"], "base_models": []})
     return out
 
 

@@ -617,3 +617,24 @@ def test_first_step_beside_compile_starts_a_cold_compiling_process_first(monkeyp
     assert "first-step-inductor-" in compiler_env["TORCHINDUCTOR_CACHE_DIR"]
     assert trial_env.get("TORCHINDUCTOR_CACHE_DIR") == os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     assert len(row["per_process"]) == 2 and row["errors"] == [] and row["compiler_s"] >= 0
+
+
+def test_warm_process_runs_both_variants_and_a_warm_run_matches_its_fresh_twin(tmp_path):
+    """benchmarks/warm_process.py: the same runs in fresh processes and in one reused process's trial thread give
+    the same bits/pixel (a warm process changes where the time goes, not what trains); only fresh processes and a
+    warm process's first run import anything."""
+    import warm_process
+
+    out = tmp_path / "w.json"
+    assert warm_process.main(["--runs", "2", "--steps", "2", "--workdir", str(tmp_path / "w"),
+                              "--set", "ae.train.eval_images=16", "--set", "ae.train.sample_steps=2",
+                              "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["run"]) for r in rows] == [("fresh", 0), ("fresh", 1), ("warm", 0), ("warm", 1)]
+    by = {(r["variant"], r["run"]): r for r in rows}
+    for i in (0, 1):
+        assert by[("warm", i)]["bpp"] == by[("fresh", i)]["bpp"]
+    assert by[("fresh", 0)]["bpp"] != by[("fresh", 1)]["bpp"]  # the runs differ (their loss factors)
+    assert all(by[k]["imports_s"] > 0 for k in (("fresh", 0), ("fresh", 1), ("warm", 0)))
+    assert by[("warm", 1)]["imports_s"] is None
+    assert all(r["ready_s"] >= r["first_step_s"] > 0 for r in rows)
