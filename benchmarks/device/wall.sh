@@ -23,6 +23,13 @@
 #   WALL_LIMIT=260 bash benchmarks/device/wall.sh --set ae.train.steps=1700 --set 'base_models=[]' \
 #     --set resources.mps=on --variant 'search=env:TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-s' \
 #     --variant 'heuristic=ae.train.cudnn_benchmark=false,env:TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-h'
+# Fresh against warm trial processes (resources.reuse_processes off / on; on = every trial of a process in its one
+# trial thread, so CUDA graphs stay in the thread that first captured), under MPS, the five autoencoders and their
+# base models at half their steps, each variant with a cold cache of its own (benchmarks/warm_process.py and the
+# GPU test tests/test_train.py -k one_trial_thread check reuse with CUDA graphs first):
+#   WALL_LIMIT=280 bash benchmarks/device/wall.sh --set ae.train.steps=1700 --set base_models.0.train.steps=1250 \
+#     --set resources.mps=on --variant 'fresh=resources.reuse_processes=off,env:TORCHINDUCTOR_CACHE_DIR=/tmp/ind-f' \
+#     --variant 'reuse=resources.reuse_processes=on,env:TORCHINDUCTOR_CACHE_DIR=/tmp/ind-r'
 set -uo pipefail
 bash benchmarks/device/fid.sh stage > /dev/null
 . benchmarks/device/env_b.sh
