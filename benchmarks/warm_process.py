@@ -74,7 +74,8 @@ def child(a) -> list[dict]:
 
 def spawn(a, runs: list[int], cache: str) -> list[dict]:
     """One child process for `runs`; the first run is asked for when the process is launched."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": REPO}
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": path}
     t_launch = time.time()
     cmd = [sys.executable, os.path.abspath(__file__), a.experiment, "--steps", str(a.steps), "--workdir", a.workdir,
            "--child-runs", *map(str, runs), *[x for s in a.sets for x in ("--set", s)]]
