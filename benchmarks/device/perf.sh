@@ -31,7 +31,8 @@ gpus=$(nvidia-smi -L | wc -l); last=$((gpus - 1))
 device_pytest() {  # LIMIT_S PYTEST_ARGS...: the image has no pytest; .gpu/b's wheels go into /tmp/site once
   [ -d /tmp/site/pytest ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/*.whl
   local limit=$1; shift
-  PYTHONPATH=$PYTHONPATH:/tmp/site timeout "$limit" python3 -m pytest -q -p no:cacheprovider "$@"
+  # addopts off: its -n (pytest-xdist) is not on the machine
+  PYTHONPATH=$PYTHONPATH:/tmp/site timeout "$limit" python3 -m pytest -q -p no:cacheprovider -o addopts="" "$@"
 }
 paper="--preset paper --image-size 512 --channels 3 --downsample 16 --latent-channels 32"
 small="--preset small --image-size 32 --channels 1"
