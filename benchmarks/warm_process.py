@@ -16,6 +16,8 @@ lf_sweep's trials), each trains `--steps` steps and evaluates with `eval.extract
     setup_s        data, networks, optimizer (the loop's setup phase)
     first_step_s   the first optimizer step: compiling or loading compiled code, CUDA-graph capture
     graphs         Dynamo graphs this process has compiled by the end of the run
+    rss_gib        the process's resident memory after the run; cuda_reserved_gib what its CUDA caching allocator
+                   holds then (None without CUDA): whether a warm process keeps growing from trial to trial
 
     python benchmarks/warm_process.py --runs 3 --steps 20 --out benchmarks/results/cpu-warm-process.json
     python benchmarks/warm_process.py experiments/lf_sweep.yaml --runs 3 --steps 50 \\
@@ -67,9 +69,20 @@ def child(a) -> list[dict]:
         out.append({"run": i, "t_asked": t_asked, "t_imported": t_imported, **{k: m.get(k) for k in (
             "t_setup_end", "t_first_step_end", "t_train_end")}, "t_done": time.time(),
             "graphs": int(counters["stats"].get("unique_graphs", 0)), "bpp": res.metrics.get("bpp"),
+            "rss_gib": resident_gib(), "cuda_reserved_gib": torch.cuda.memory_reserved() / 2**30
+            if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
             "device": "cuda" if torch.cuda.is_available() else "cpu"})
         t_imported = None  # the next run of this process imports nothing
     return out
+
+
+def resident_gib() -> float | None:
+    """This process's resident set (Linux /proc), GiB."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def spawn(a, runs: list[int], cache: str) -> list[dict]:
@@ -95,7 +108,7 @@ def row(variant: str, r: dict) -> dict:
             "imports_s": span("t_asked", "t_imported"),
             "setup_s": span("t_imported" if r.get("t_imported") else "t_asked", "t_setup_end"),
             "first_step_s": span("t_setup_end", "t_first_step_end"), "graphs": r["graphs"], "bpp": r["bpp"],
-            "device": r["device"]}
+            "rss_gib": r["rss_gib"], "cuda_reserved_gib": r["cuda_reserved_gib"], "device": r["device"]}
 
 
 def main(argv=None) -> int:

@@ -638,3 +638,4 @@ def test_warm_process_runs_both_variants_and_a_warm_run_matches_its_fresh_twin(t
     assert all(by[k]["imports_s"] > 0 for k in (("fresh", 0), ("fresh", 1), ("warm", 0)))
     assert by[("warm", 1)]["imports_s"] is None
     assert all(r["ready_s"] >= r["first_step_s"] > 0 for r in rows)
+    assert all(r["rss_gib"] > 0.05 for r in rows)  # torch alone takes more than 50 MiB
