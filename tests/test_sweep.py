@@ -245,6 +245,7 @@ def test_trial_thread_runs_every_call_in_one_other_thread_and_hands_back_results
     with pytest.raises(SystemExit):  # Tune stops a trial by raising SystemExit in it: the caller sees it too
         trial_thread.run(sys.exit, 0)
     assert trial_thread.run(who, 3)[0] == first[0]  # the thread outlives its trials' errors
+    assert trial_thread.run(trial_thread.run, who, 4)[0] == first[0]  # from inside it: run there, no deadlock
     n = trial_thread.note_trial()
     assert trial_thread.note_trial() == n + 1
 

@@ -39,6 +39,8 @@ def run(fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args) in this process's trial thread (started on first use; a daemon, so that a process that Ray
     ends does not wait for a trial stuck in it). The calling thread waits."""
     global _thread
+    if threading.current_thread() is _thread:  # already in it: waiting on itself would never return
+        return fn(*args)
     with _lock:
         if _thread is None or not _thread.is_alive():
             _thread = threading.Thread(target=_serve, name="ulsweep-trial", daemon=True)
