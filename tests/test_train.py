@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from ulsweep.config import experiment_from_dict
+from ulsweep.config import experiment_from_dict, to_dict
 from ulsweep.train.checkpoint import CheckpointError, latest_valid_checkpoint, list_checkpoints, load_checkpoint
 from ulsweep.train.hooks import TrainHooks
 from ulsweep.train.stage1 import train_autoencoder
@@ -66,6 +66,13 @@ def test_two_step_runs_of_both_stages(tmp_path, digits_cache):
     # a finished run is not trained again: the stored result comes back
     again = train_autoencoder(exp, str(tmp_path / "ae"), Recorder())
     assert again.metrics == res.metrics and again.checkpoint == res.checkpoint
+    assert train_base(exp, exp.base_models[0], res.checkpoint, str(tmp_path / "base")).metrics == b.metrics
+    # ... unless it was evaluated otherwise: gFD of 24 samples is not the stored one of 16 (both stages refuse)
+    other = experiment_from_dict(to_dict(exp), {"eval.gfd_samples": 24})
+    with pytest.raises(CheckpointError, match="fresh run directory"):
+        train_base(other, other.base_models[0], res.checkpoint, str(tmp_path / "base"))
+    with pytest.raises(CheckpointError, match="fresh run directory"):
+        train_autoencoder(other, str(tmp_path / "ae"))
 
 
 def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, digits_cache):
@@ -127,8 +134,6 @@ def test_resume_with_a_different_config_is_refused(tmp_path, digits_cache):
 def test_resume_with_other_resources_tracking_or_search_continues_the_run(tmp_path, digits_cache):
     """What a sweep may change on resume (resources, tracking, the search, the base models) is not the trained
     autoencoder's config: its checkpoint is taken up, not refused."""
-    from ulsweep.config import to_dict
-
     run = str(tmp_path / "run")
     first = train_autoencoder(tiny_exp(steps=2), run, Recorder())
     os.remove(os.path.join(run, "result.json"))
@@ -250,7 +255,7 @@ def test_cuda_graph_training_in_a_second_thread(tmp_path, digits_cache):
 _ONE_THREAD_TRIALS = """
 import json, sys, torch
 from torch._dynamo.utils import counters
-from ulsweep.config import experiment_from_dict
+from ulsweep.config import experiment_from_dict, to_dict
 from ulsweep.sweep import trial_thread
 from ulsweep.train import runtime
 from ulsweep.train.stage1 import train_autoencoder

@@ -189,8 +189,10 @@ def _say_decode_path(exp: ExperimentConfig, ds, rt, label: str) -> str:
 
 
 def _hash(exp: ExperimentConfig, base: BaseStageConfig, ae_meta: dict) -> str:
-    """Identity of a base run: its data section, its own config and the exact AE weights it sits on."""
-    return config_hash({"data": exp.data, "base": base, "ae_sha256": ae_meta["sha256"]})
+    """Identity of a base run: its data section, its own config, the exact AE weights it sits on and its
+    evaluation (as stage1_hash: a finished run's result.json answers a rerun only when it was evaluated the same
+    way; a changed `eval` refuses the run directory instead of returning metrics of another evaluation)."""
+    return config_hash({"data": exp.data, "base": base, "ae_sha256": ae_meta["sha256"], "eval": exp.eval})
 
 
 def _flops_metrics(base: BaseStageConfig, latent_shape, steps: int) -> dict[str, float]:
