@@ -159,8 +159,8 @@ def test_a_process_that_will_not_wait_hears_busy_and_holds_nothing(tmp_path):
 
 def test_an_eager_trial_trains_uncompiled_while_another_compiles_then_switches(tmp_path, monkeypatch, digits_cache):
     """gate_compile: eager. The gate is held by another process until the trial has logged step 3: steps 1-3 run
-    the uncompiled objective, steps 4-6 the compiled module, and the run's weights equal those of a run that
-    never waited (the stand-in compile changes no arithmetic)."""
+    the uncompiled objective with cuDNN's algorithm search off, steps 4-6 the compiled module with it back on, and
+    the run's weights equal those of a run that never waited (the stand-in compile changes no arithmetic)."""
     import torch
     from test_train import Recorder, tiny_exp
 
@@ -187,19 +187,25 @@ def test_an_eager_trial_trains_uncompiled_while_another_compiles_then_switches(t
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "first"
 
+    searched = []  # cuDNN's algorithm search at each step: off for the uncompiled ones only
+
     class ReleaseAfter3(Recorder):
         def log_metrics(self, step, metrics):
             super().log_metrics(step, metrics)
+            if "loss" in metrics:  # a training step's line (the final evaluation logs too)
+                searched.append(torch.backends.cudnn.benchmark)
             if step == 3:  # the other process finishes its compile
                 holder.stdin.write("\n")
                 holder.stdin.flush()
                 assert holder.stdout.readline().strip() == "released"
 
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as make_runtime sets it on CUDA
     res = train_autoencoder(tiny_exp(steps=6, log_every=1, compile=True, gate_compile="eager"),
                             str(tmp_path / "eager"), ReleaseAfter3())
     holder.wait(timeout=60)
     marks = res.extra["marks"]
     assert marks["eager_steps"] == 3 and len(calls) == 3 and marks["compile_gate"] == "done"
+    assert searched == [False] * 3 + [True] * 3 and torch.backends.cudnn.benchmark
     assert marks["t_first_step_end"] < marks["t_compiled_step_end"]
     calls.clear()
     plain = train_autoencoder(tiny_exp(steps=6, log_every=1, compile=True, gate_compile=False), str(tmp_path / "plain"))

@@ -117,11 +117,19 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
             how = attempt.enter_context(first_compile(key, spec.label, wait=tc.gate_compile != "eager"))
             if how == "busy":  # another process compiles this model: train uncompiled meanwhile
                 attempt.close()
-                if not eager_steps and rt.is_main:
-                    print(f"[{spec.label}] training uncompiled while another trial compiles this model (compile "
-                          f"gate {key[:8]})", file=sys.stderr, flush=True)
+                if not eager_steps:
+                    # cuDNN's algorithm search times every convolution shape at its first call: seconds (up to 15 s on
+                    # a fresh H200 machine, benchmarks/first_step.py) before the first step of an interim that may
+                    # be short, whose shapes and layouts the compiled step need not share. Heuristics meanwhile
+                    # (not slower there: 69 vs 78 ms a step); the search comes back for the compiled steps.
+                    gate.callback(setattr, torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+                    torch.backends.cudnn.benchmark = False
+                    if rt.is_main:
+                        print(f"[{spec.label}] training uncompiled while another trial compiles this model "
+                              f"(compile gate {key[:8]})", file=sys.stderr, flush=True)
                 eager_steps += 1
             else:
+                gate.close()  # cuDNN's search as it was before any uncompiled step
                 gate.enter_context(attempt.pop_all())  # held through this first compiled step
                 marks["compile_gate"], step_fn, gated = how, model, True
         noise = objective.draw_noise(tc.batch_size, ts.gen)
