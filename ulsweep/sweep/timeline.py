@@ -34,6 +34,7 @@ PHASES = tuple(p for _, p in MARKS) + ("failed",)
 # distances (features and statistics), the FLOPs count
 EVALUATE_PARTS = tuple(f"evaluate_{p}_s" for p in ("extractor", "bpp", "sampling", "fd", "flops"))
 TAG = "ulsweep.timeline"  # MLflow tag: JSON list of [attempt, phase, start, end] of every attempt
+TAG_MAX_CHARS = 5000  # MLflow's limit on a tag value (its sqlite store)
 # MLflow tag: the process and thread of a trial's last attempt and how many trials that process had started by
 # then, "<host>:<pid>/<thread id> trial <n>"; n > 1: a warm process that Tune reused (resources.reuse_processes)
 TAG_PROCESS = "ulsweep.process"
@@ -47,7 +48,6 @@ def process_trial(tag_value: str | None) -> int | None:
     """n of a TAG_PROCESS value (1: the attempt started its process), None where absent or unreadable."""
     head, sep, n = (tag_value or "").rpartition(" trial ")
     return int(n) if sep and head and n.isdigit() else None
-TAG_MAX_CHARS = 5000  # MLflow's limit on a tag value (its sqlite store)
 
 
 def phases(rec: dict) -> list[tuple[str, float, float]]:
