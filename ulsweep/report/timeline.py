@@ -90,7 +90,7 @@ def ready_seconds(tl: pd.DataFrame) -> pd.DataFrame:
     for (key, attempt), g in tl.groupby(["key", "attempt"]):
         if "first_step" in set(g["phase"]):
             end = float(g.loc[g["phase"] == "first_step", "end"].iloc[0])
-            n = g["process_trial"].iloc[0] if "process_trial" in g else None
+            n = g["process_trial"].iloc[0]
             rows.append({"key": key, "kind": g["kind"].iloc[0], "attempt": attempt, "start": float(g["start"].min()),
                          "ready_s": end - float(g["start"].min()), "process_trial": None if pd.isna(n) else int(n)})
     df = pd.DataFrame(rows, columns=["key", "kind", "attempt", "start", "ready_s", "process_trial"])

@@ -2,7 +2,8 @@
 
     Tune trial process (`run_trial`, holds resources.driver_cpus; in a process that Tune reuses, every trial
     runs in the process's one trial thread: trial_thread.py)
-      - tags the run with its process and how many trials that process has started (ulsweep.process)
+      - tags the run with its Ray trial id, its process and how many trials that process has started
+        (ulsweep.process)
       - finds or creates the trial's MLflow run (child of the sweep, or of its AE trial for base models) and
         lists its dataset splits as MLflow inputs; a finished base trial adds the latents it trained on
       - TorchTrainer(train_worker, num_workers DDP workers, gloo/NCCL) with TuneReportCallback
@@ -167,7 +168,7 @@ def _run_trial(config: dict, ctx: SweepContext) -> None:
         raise
     parent = _parent_run_id(c, ctx, config)
     run_id = _open_trial_run(c, ctx, config, exp, parent)
-    _tag_process(c, run_id, process_trial)
+    _tag_attempt(c, run_id, process_trial)
     t_run = time.time()  # the MLflow run is open: the start phase's tracking part ends here
     wcfg = worker_config(exp, exp.resources, kind, key, tdir, ctx.tracking_uri, run_id,
                          ctx.train_impl, base=config.get("base"), ae_checkpoint=config.get("ae_checkpoint"),
@@ -218,14 +219,24 @@ def import_trial_modules(train_impl: str, local: bool) -> None:
             log.warning("could not import %s ahead of trial setup: %s", module, e)
 
 
-def _tag_process(c, run_id: str, n: int) -> None:
-    """Which process and thread ran the attempt, and how many trials the process had started by then (1: fresh;
-    timeline.TAG_PROCESS): a warm process skips the imports and, for an architecture it has trained, compiling."""
+def _tag_attempt(c, run_id: str, n: int) -> None:
+    """The tags of this attempt, in one write: its Ray Tune trial id, and which process and thread ran it with how
+    many trials the process had started by then (1: fresh; timeline.TAG_PROCESS): a warm process skips the
+    imports and, for an architecture it has trained, compiling."""
+    from mlflow.entities import RunTag
+
+    tags = {timeline.TAG_PROCESS: timeline.process_tag(socket.gethostname(), os.getpid(),
+                                                        threading.get_native_id(), n)}
     try:
-        tag = timeline.process_tag(socket.gethostname(), os.getpid(), threading.get_native_id(), n)
-        tracking.retry(c.set_tag, run_id, timeline.TAG_PROCESS, tag)
+        import ray.tune
+
+        tags["ray.trial_id"] = ray.tune.get_context().get_trial_id() or ""
+    except Exception:  # noqa: BLE001 - outside a Tune trial: no trial id
+        pass
+    try:
+        tracking.retry(c.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     except Exception as e:  # noqa: BLE001 - tracking must not lose a trial
-        log.warning("could not tag the process of run %s: %s", run_id, e)
+        log.warning("could not tag the attempt of run %s: %s", run_id, e)
 
 
 def _parent_run_id(c, ctx: SweepContext, config: dict) -> str:
@@ -246,12 +257,6 @@ def _open_trial_run(c, ctx: SweepContext, config: dict, exp: ExperimentConfig, p
     run_id, created = tracking.get_or_create_trial_run(
         c, ctx.mlflow_experiment_id, ctx.sweep_id, key, config["kind"], parent,
         tags={"ulsweep.ae_key": config.get("ae_key", key)})
-    try:
-        import ray.tune
-
-        tracking.retry(c.set_tag, run_id, "ray.trial_id", ray.tune.get_context().get_trial_id() or "")
-    except Exception:
-        pass
     if created:
         _log_trial_setup(c, run_id, exp, config)
     else:  # a failed run that a Tune retry or a resume runs again: its old failure is history
