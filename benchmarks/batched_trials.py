@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import os
 import re
 import sys
@@ -48,6 +49,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 from timing import run_env, sync, write_results  # noqa: E402
 from train_step import MODES, STAGES, add_model_args, bench_experiment, latent_shape, set_dropout  # noqa: E402
 
+from ulsweep.models.stacked import trial_norms  # noqa: E402
 from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model  # noqa: E402
 from ulsweep.train.runtime import make_runtime  # noqa: E402
 from ulsweep.train.stage1 import AEObjective  # noqa: E402
@@ -92,12 +94,12 @@ class BatchedTrials:
     """N trials of one architecture as one program (see the module docstring): stacked weights and buffers,
     their gradients from one vmapped call, one AdamW over the stacked tensors, per-trial clipping and EMA."""
 
-    def __init__(self, objectives: list[torch.nn.Module], optim, compile_mode: str | bool = False,
+    def __init__(self, objectives: list[torch.nn.Module], optim, rt, compile_mode: str | bool = False,
                  attention: str = "library"):
         from torch.func import functional_call, grad, stack_module_state, vmap
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        self.oc, self.step_count = optim, 0
+        self.oc, self.rt, self.step_count = optim, rt, 0
         params, self.buffers = stack_module_state(objectives)
         self.params = {k: v.detach() for k, v in params.items()}  # leaves the optimizer steps
         self.dims = objectives[0].dims
@@ -119,11 +121,16 @@ class BatchedTrials:
         self.ema = EMA(torch.nn.Module(), optim.ema_std)  # its decay() only; the shadow is the stacked copy below
         self.shadow = {k: v.clone() for k, v in self.params.items()}
 
+    def gradients(self, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every trial's gradient, stacked (N, ...), by name; no step."""
+        with torch.enable_grad(), self.rt.autocast():
+            return self.grads(self.params, self.buffers, x, noise)
+
     @torch.no_grad()
     def step(self, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> torch.Tensor:
         """One optimizer step of every trial: x (N, B, ...) images or latents, noise entries (N, B, ...); returns
         the N gradient norms before clipping."""
-        with torch.enable_grad():
+        with torch.enable_grad(), self.rt.autocast():
             g = self.grads(self.params, self.buffers, x, noise)
         grads = [g[k] for k in self.params]
         norms = torch.stack([t.float().pow(2).flatten(1).sum(1) for t in grads]).sum(0).sqrt()  # (N,)
@@ -141,6 +148,69 @@ class BatchedTrials:
         torch._foreach_lerp_([self.shadow[k] for k in keys], [self.params[k] for k in keys],
                              1.0 - self.ema.decay(self.step_count))
         return norms
+
+
+class StackedTrials:
+    """N trials of one architecture as one network (`ulsweep.models.stacked.stack`: every layer's weights
+    stacked, the trials' batches one after another on the batch dimension), compiled like one trial's objective
+    by the library's `compile_module`; the library's fused AdamW and EMA over the stacked tensors (elementwise,
+    so N trials' own), and each trial's own gradient norm for clipping (`trial_norms`)."""
+
+    def __init__(self, objectives: list[torch.nn.Module], optim, rt, compile_mode: str | bool = False):
+        from ulsweep.models.stacked import stack
+        from ulsweep.train.runtime import compile_module
+        from ulsweep.train.state import make_optimizer
+
+        self.n, self.oc, self.rt, self.step_count = len(objectives), optim, rt, 0
+        self.net = stack(objectives)
+        self.dims = objectives[0].dims
+        self.model = compile_module(self.net, compile_mode, rt)
+        self.opt = make_optimizer(self.net.parameters(), optim, next(self.net.parameters()).device)
+        self.ema = EMA(self.net, optim.ema_std)
+
+    def backward(self, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> None:
+        """The sum of the N trials' losses backwards: trial k's gradient is its own loss's (no shared weight)."""
+        with self.rt.autocast():
+            losses = self.model(x.flatten(0, 1), {k: v.flatten(0, 1) for k, v in noise.items()})["total"]
+        (losses.view(self.n, -1).mean(1).sum() / self.dims).backward()
+
+    def gradients(self, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every trial's gradient, stacked (N, ...), by name; no step."""
+        self.backward(x, noise)
+        out = {k: p.grad.clone() for k, p in self.net.named_parameters()}
+        self.opt.zero_grad(set_to_none=True)
+        return out
+
+    def step(self, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimizer step of every trial: x (N, B, ...), noise entries (N, B, ...); returns the N gradient
+        norms before clipping."""
+        self.backward(x, noise)
+        grads = [p.grad for p in self.net.parameters()]
+        norms = trial_norms(grads, self.n)
+        if self.oc.grad_clip > 0:  # each trial's own min(1, max_norm / (|g| + 1e-6)), as clip_gradients
+            div = ((norms + 1e-6) / self.oc.grad_clip).clamp_min(1.0)
+            for g in grads:
+                g.div_(div.view(-1, *[1] * (g.dim() - 1)))
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step_count, self.oc)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step_count += 1
+        self.ema.update(self.net, self.step_count)
+        return norms
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:  # stacked (N, ...), under the trials' own names
+        return {k: v.detach() for k, v in self.net.named_parameters()}
+
+
+def make_program(kind: str, objectives: list[torch.nn.Module], optim, rt, compile_mode: str | bool = False,
+                 attention: str = "library"):
+    """The N trials as one program: "vmap" (BatchedTrials) or "stacked" (StackedTrials), both under the
+    runtime's autocast as the library's step."""
+    if kind == "stacked":
+        return StackedTrials(objectives, optim, rt, compile_mode)
+    return BatchedTrials(objectives, optim, rt, compile_mode, attention)
 
 
 def stacked_noise(objective, n: int, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -161,8 +231,8 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check(exp, stage: str, n: int, batch: int, channels: int, steps: int, device: torch.device,
-          attention: str = "library") -> dict:
-    """The batched program against n trials stepped one by one with the library's TrainState, from the same
+          attention: str = "library", program: str = "vmap") -> dict:
+    """The batched program (`program`: "vmap" or "stacked", uncompiled, in fp32) against n trials stepped one by one with the library's TrainState, from the same
     weights, data and noise (dropout off): the largest relative differences of the first step's gradients and
     of the weights after `steps` steps (each relative to that tensor's largest magnitude), and the tensors that
     have them. TF32 is off while it runs: its 1e-3 rounding would move both programs' gradients apart and flip
@@ -170,19 +240,19 @@ def check(exp, stage: str, n: int, batch: int, channels: int, steps: int, device
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        return _check(exp, stage, n, batch, channels, steps, device, attention)
+        return _check(exp, stage, n, batch, channels, steps, device, attention, program)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _check(exp, stage: str, n: int, batch: int, channels: int, steps: int, device: torch.device,
-           attention: str) -> dict:
+           attention: str, program: str) -> dict:
     from ulsweep.train.state import TrainState
 
-    rt = make_runtime(exp.ae.train)
+    rt = dataclasses.replace(make_runtime(exp.ae.train), amp_dtype=None)  # fp32, as the trials stepped below
     objs = trial_objectives(exp, stage, n, channels, device, dropout=0.0)
     oc = optim_of(exp, stage)
-    batched = BatchedTrials(copy.deepcopy(objs), oc, attention=attention)
+    batched = make_program(program, copy.deepcopy(objs), oc, rt, attention=attention)
     states = [TrainState(o, oc, rt, seed=0) for o in objs]  # an objective's parameters are its network's
     gen = torch.Generator(device).manual_seed(1)
     grad_err = weight_err = -1.0  # below any difference, so that the worst tensors are always named
@@ -191,8 +261,7 @@ def _check(exp, stage: str, n: int, batch: int, channels: int, steps: int, devic
         x = torch.rand(n, batch, *input_shape(exp, stage, channels), generator=gen, device=device) * 2 - 1
         noise = stacked_noise(objs[0], n, batch, gen)
         if k == 0:
-            with torch.enable_grad():
-                g = batched.grads(batched.params, batched.buffers, x, noise)
+            g = batched.gradients(x, noise)
         batched.step(x, noise)
         for i, (o, ts) in enumerate(zip(objs, states)):
             loss = o(x[i], {key: v[i] for key, v in noise.items()})["total"].mean() / o.dims
@@ -207,7 +276,7 @@ def _check(exp, stage: str, n: int, batch: int, channels: int, steps: int, devic
         for name, p in o.named_parameters():
             if (d := rel_diff(batched.params[name][i], p.detach())) > weight_err:
                 weight_err, weight_at = d, name
-    return {"stage": stage, "trials": n, "steps": steps, "max_rel_grad_diff": grad_err, "grad_tensor": grad_at,
+    return {"program": program, "stage": stage, "trials": n, "steps": steps, "max_rel_grad_diff": grad_err, "grad_tensor": grad_at,
             "max_rel_weight_diff": weight_err, "weight_tensor": weight_at}
 
 
@@ -217,9 +286,14 @@ def fallback_ops(caught) -> list[str]:
     return sorted(ops)
 
 
-def time_steps(step, device: torch.device, seconds: float, warmup: int) -> tuple[float, int]:
-    """(seconds, steps) of a timed window of at least `seconds` after `warmup` untimed steps."""
-    for _ in range(warmup):
+def time_steps(step, device: torch.device, seconds: float, warmup: int) -> tuple[float, int, float]:
+    """(seconds, steps) of a timed window of at least `seconds` after `warmup` untimed steps, and how long the
+    first of those took (compilation and CUDA-graph capture included)."""
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
         step()
     sync(device)
     t0, k = time.perf_counter(), 0
@@ -229,13 +303,13 @@ def time_steps(step, device: torch.device, seconds: float, warmup: int) -> tuple
         if k % 5 == 0:
             sync(device)
             if time.perf_counter() - t0 >= seconds:
-                return time.perf_counter() - t0, k
+                return time.perf_counter() - t0, k, first
 
 
 def batched_step(exp, stage: str, n: int, batch: int, channels: int, mode: str, device: torch.device,
-                 attention: str = "library"):
+                 attention: str = "library", program: str = "vmap"):
     objs = trial_objectives(exp, stage, n, channels, device)
-    bt = BatchedTrials(objs, optim_of(exp, stage), MODES[mode], attention)
+    bt = make_program(program, objs, optim_of(exp, stage), make_runtime(exp.ae.train), MODES[mode], attention)
     gen = torch.Generator(device).manual_seed(0)
     x = torch.rand(n, batch, *input_shape(exp, stage, channels), generator=gen, device=device) * 2 - 1
 
@@ -257,34 +331,40 @@ def main(argv=None) -> int:
     p.add_argument("--check-steps", type=int, default=3, help="0 skips the check")
     p.add_argument("--check-trials", type=int, default=2)
     p.add_argument("--check-batch", type=int, default=8)
+    p.add_argument("--programs", nargs="+", default=["stacked", "vmap"], choices=["stacked", "vmap"],
+                   help="how N trials become one program: stacked layers (ulsweep.models.stacked) or torch.func.vmap")
     p.add_argument("--attention", default="library", choices=["library", "math"],
                    help="the batched program's attention: the library's (SDPA picks a fused kernel) or SDPA's math "
                         "backend (batched by vmap)")
     a = p.parse_args(argv)
     exp = bench_experiment(a)
     device = make_runtime(exp.ae.train).device
-    rows, checked = [], None
-    if a.check_steps:
-        checked = check(exp, a.stage, a.check_trials, a.check_batch, a.channels, a.check_steps, device, a.attention)
-        print(f"check: {checked['trials']} trials, {checked['steps']} steps: gradients within "
-              f"{checked['max_rel_grad_diff']:.2e} ({checked['grad_tensor']}), weights within "
-              f"{checked['max_rel_weight_diff']:.2e} ({checked['weight_tensor']}; relative to each tensor's largest "
-              "magnitude, TF32 off)")
+    rows, checked = [], {}
+    for program in a.programs if a.check_steps else []:
+        c = checked[program] = check(exp, a.stage, a.check_trials, a.check_batch, a.channels, a.check_steps, device,
+                                     a.attention, program)
+        print(f"check of {program}: {c['trials']} trials, {c['steps']} steps: gradients within "
+              f"{c['max_rel_grad_diff']:.2e} ({c['grad_tensor']}), weights within {c['max_rel_weight_diff']:.2e} "
+              f"({c['weight_tensor']}; relative to each tensor's largest magnitude, TF32 off)")
     env = run_env(a) | {"check": checked}
-    print(f"{'mode':>16} {'program':>11} {'images/s':>10} {'per trial':>10} {'vs one':>7} {'ms/step':>8}")
+    print(f"{'mode':>16} {'program':>11} {'images/s':>10} {'per trial':>10} {'vs one':>7} {'ms/step':>8} "
+          f"{'1st step':>8}")
     for mode in a.modes:
         base = None
         variants = [("one trial", 1, lambda: STAGES[a.stage](exp, a.batch, mode, a.channels)[0])]
-        variants += [(f"batched {n}", n, lambda n=n: batched_step(exp, a.stage, n, a.batch, a.channels, mode, device,
-                                                                    a.attention))
-                     for n in a.trials]
+        variants += [(f"{program} {n}", n,
+                      lambda n=n, program=program: batched_step(exp, a.stage, n, a.batch, a.channels, mode, device,
+                                                                a.attention, program))
+                     for program in a.programs for n in a.trials]
         for name, n, build in variants:
             row = {"stage": a.stage, "mode": mode, "program": name, "trials": n, "batch_per_trial": a.batch,
-                   "attention": "library" if name == "one trial" else a.attention}
+                   "attention": a.attention if name.startswith("vmap") else "library"}
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    secs, k = time_steps(build(), device, a.seconds, a.warmup)
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    secs, k, first = time_steps(build(), device, a.seconds, a.warmup)
             except Exception as e:  # noqa: BLE001 - a mode that does not compile is a row, not the end
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(f"{mode:>16} {name:>11}  failed: {row['error'][:100]}")
@@ -295,11 +375,13 @@ def main(argv=None) -> int:
             ips = n * a.batch * k / secs
             base = ips if name == "one trial" else base
             row |= {"images_per_s": ips, "per_trial_images_per_s": ips / n, "ms_per_step": 1000 * secs / k,
-                    "ratio_to_one_trial": ips / base if base else None}
+                    "ratio_to_one_trial": ips / base if base else None, "first_step_s": first,
+                    "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
             rows.append(row)
             write_results(a.out, env, rows)  # row by row: a call's time limit keeps what was measured
             ratio = f"{row['ratio_to_one_trial']:.2f}x" if base else "n/a"
-            print(f"{mode:>16} {name:>11} {ips:>10.0f} {ips / n:>10.0f} {ratio:>7} {1000 * secs / k:>8.1f}"
+            print(f"{mode:>16} {name:>11} {ips:>10.0f} {ips / n:>10.0f} {ratio:>7} {1000 * secs / k:>8.1f} "
+                  f"{first:>7.1f}s"
                   + (f"  vmap ran one trial at a time: {', '.join(row['vmap_fallback_ops'])}"
                      if row["vmap_fallback_ops"] else ""))
     write_results(a.out, env, rows)

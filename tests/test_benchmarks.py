@@ -503,6 +503,24 @@ def test_batched_fallback_ops_of_any_namespace_are_listed():
                                        "ulsweep::keep_bits"]
 
 
+@pytest.mark.parametrize("stage", ["ae", "base"])
+def test_stacked_program_trains_the_same_trials_as_stepped_one_by_one(stage):
+    """The stacked network (ulsweep.models.stacked) with one fused AdamW and per-trial clipping trains N trials as
+    N TrainStates would; one norm over all trials (the bug per-trial clipping avoids) moves the weights away."""
+    import batched_trials as bt
+
+    exp = _tiny_exp(clip=0.01)
+    ok = bt.check(exp, stage, 3, 4, 1, 3, torch.device("cpu"), program="stacked")
+    assert ok["program"] == "stacked" and ok["max_rel_grad_diff"] < 1e-4 and ok["max_rel_weight_diff"] < 1e-3, ok
+    if stage == "base":  # _tiny_exp clips the autoencoders only
+        return
+    real = bt.trial_norms
+    with pytest.MonkeyPatch.context() as m:  # every trial clipped by the norm of all of them together
+        m.setattr(bt, "trial_norms", lambda grads, n: real(grads, n).pow(2).sum().sqrt().expand(n))
+        bad = bt.check(exp, stage, 3, 4, 1, 3, torch.device("cpu"), program="stacked")
+    assert bad["max_rel_weight_diff"] > 100 * ok["max_rel_weight_diff"], (ok, bad)
+
+
 def test_batched_base_models_are_the_same_trials_as_stepped_one_by_one():
     import batched_trials as bt
 
@@ -517,7 +535,7 @@ def test_batched_trials_stack_each_trials_own_objective_and_ema():
     objs = bt.trial_objectives(exp, "ae", 6, 1, torch.device("cpu"))
     assert [float(o.loss_factor) for o in objs] == [1.5, 1.75, 2.0, 3.0, 4.0, 1.5]
     assert [float(o.sigmoid_bias) for o in objs] == [-2.0] * 5 + [0.0]
-    b = bt.BatchedTrials(objs, exp.ae.optim)
+    b = bt.BatchedTrials(objs, exp.ae.optim, bt.make_runtime(exp.ae.train))
     assert b.buffers["loss_factor"].tolist() == [1.5, 1.75, 2.0, 3.0, 4.0, 1.5]
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(6, 4, 1, 16, 16, generator=gen) * 2 - 1
@@ -545,16 +563,18 @@ def test_batched_trials_benchmark_writes_its_rows(tmp_path):
                     "--trials", "1", "2", "--seconds", "0.2", "--warmup", "1", "--check-steps", "1",
                     "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["env"]["check"]["max_rel_grad_diff"] < 1e-4
+    assert set(res["env"]["check"]) == {"stacked", "vmap"}
+    assert all(c["max_rel_grad_diff"] < 1e-4 for c in res["env"]["check"].values())
     rows = res["rows"]
-    assert [r["program"] for r in rows] == ["one trial", "batched 1", "batched 2"]
+    assert [r["program"] for r in rows] == ["one trial", "stacked 1", "stacked 2", "vmap 1", "vmap 2"]
+    assert all(r["first_step_s"] > 0 for r in rows)
     assert {r["stage"] for r in rows} == {"ae"}
     assert rows[0]["vmap_fallback_ops"] == []  # one trial's own step runs no vmap
     assert all(isinstance(r["vmap_fallback_ops"], list) for r in rows)
     for r in rows:
         assert r["images_per_s"] > 0 and r["per_trial_images_per_s"] * r["trials"] == pytest.approx(r["images_per_s"])
     assert rows[0]["ratio_to_one_trial"] == pytest.approx(1.0)
-    assert rows[2]["ratio_to_one_trial"] == pytest.approx(rows[2]["images_per_s"] / rows[0]["images_per_s"])
+    assert rows[4]["ratio_to_one_trial"] == pytest.approx(rows[4]["images_per_s"] / rows[0]["images_per_s"])
 
 
 def test_first_step_times_the_parts_of_fresh_processes_and_passes_them_only_the_model_arguments(tmp_path):
@@ -584,9 +604,9 @@ def test_batched_trials_with_math_attention_leave_vmap_nothing_to_run_trial_by_t
         out = tmp_path / f"{att}.json"
         assert bt.main(["--preset", "tiny", "--image-size", "16", "--latent-channels", "4", "--batch", "4",
                         "--trials", "2", "--seconds", "0.2", "--warmup", "1", "--check-steps", "1",
-                        "--attention", att, "--out", str(out)]) == 0
+                        "--attention", att, "--programs", "vmap", "--out", str(out)]) == 0
         res = json.loads(out.read_text())
-        assert res["env"]["check"]["max_rel_grad_diff"] < 1e-4
+        assert res["env"]["check"]["vmap"]["max_rel_grad_diff"] < 1e-4
         rows[att] = res["rows"][-1]
     assert rows["math"]["attention"] == "math" and rows["math"]["vmap_fallback_ops"] == []
     assert any("attention" in op for op in rows["library"]["vmap_fallback_ops"])

@@ -6,6 +6,7 @@ without Ray.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -16,6 +17,7 @@ from ulsweep.diffusion import (decoder_loss, diffuse, latent_bitrate, low_discre
                                nats_to_bits_per_pixel, normal_prior_loss, prior_loss, x_from_v)
 from ulsweep.metrics.psnr import psnr
 from ulsweep.models import UnifiedAutoencoder
+from ulsweep.models.stacked import per_example
 from ulsweep.train.build import build_autoencoder, decoder_schedule, mse_decoder_logsnr, prior_schedule, sampler
 from ulsweep.train.checkpoint import finished_result
 from ulsweep.train.evaluation import PartTimer, load_eval_extractor, reconstruction_fd_of
@@ -61,6 +63,12 @@ class AEObjective(torch.nn.Module):
         self.register_buffer("loss_factor", torch.tensor(loss.loss_factor, device=device), persistent=False)
         self.register_buffer("sigmoid_bias", torch.tensor(loss.sigmoid_bias, device=device), persistent=False)
 
+    def extra_repr(self) -> str:
+        """What the graph depends on besides the networks (in repr, hence in the compile gate's key and in what
+        `ulsweep.models.stacked.stack` compares): the loss settings but the two tensors, and the shapes."""
+        loss = dataclasses.replace(self.loss, loss_factor=1.0, sigmoid_bias=0.0)
+        return f"loss={loss}, image_shape={self.image_shape}, latent_shape={self.latent_shape}"
+
     def draw_noise(self, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         return draw_noise(batch, self.latent_shape, self.image_shape, gen)
 
@@ -91,11 +99,12 @@ class AEObjective(torch.nn.Module):
         else:  # Table 5 normal prior: KL[q(z_0|x) || N(0, I)] is the rate
             out["prior"] = normal_prior_loss(z_clean, L.logsnr_z0)
             reg = 0.0
+        # (K,) under ulsweep.models.stacked: K trials' values, each over its own rows of the batch
+        lf, b = per_example(self.loss_factor, len(x)), per_example(self.sigmoid_bias, len(x))
         if mse:
-            out["decoder"] = mse_decoder_loss(x, v_x.float(), self.loss_factor, math.exp(L.mse_logsnr))
+            out["decoder"] = mse_decoder_loss(x, v_x.float(), lf, math.exp(L.mse_logsnr))
         else:
-            out["decoder"] = decoder_loss(x, x_from_v(x_t, v_x.float(), lam_x), lam_x, dlam_x, self.loss_factor,
-                                          self.sigmoid_bias)
+            out["decoder"] = decoder_loss(x, x_from_v(x_t, v_x.float(), lam_x), lam_x, dlam_x, lf, b)
         out["total"] = out["prior"] + out["decoder"] + reg
         return out
 

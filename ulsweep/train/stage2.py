@@ -42,6 +42,9 @@ class BaseObjective(torch.nn.Module):
         self.latent_shape = tuple(latent_shape)
         self.dims = math.prod(self.latent_shape)
 
+    def extra_repr(self) -> str:  # what the graph depends on besides the network (see AEObjective's)
+        return f"sched={self.sched}, sigmoid_bias={self.sigmoid_bias}, latent_shape={self.latent_shape}"
+
     def draw_noise(self, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         return {"t": low_discrepancy_times(batch, gen, gen.device),
                 "eps": torch.randn((batch, *self.latent_shape), generator=gen, device=gen.device)}

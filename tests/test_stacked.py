@@ -1,0 +1,138 @@
+"""ulsweep.models.stacked: K trials of one architecture as one network must be the K trials, row block by row
+block, in losses and gradients, and refuse what it cannot stack."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ulsweep.config import experiment_from_dict
+from ulsweep.models.stacked import per_example, stack, trial_norms, unstack
+from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model
+from ulsweep.train.stage1 import AEObjective
+from ulsweep.train.stage2 import BaseObjective
+
+B = 4  # examples per trial
+
+
+def ae_objective(seed: int, lf: float, b: float, **loss) -> AEObjective:
+    exp = experiment_from_dict({"ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2},
+                                       "loss": {"loss_factor": lf, "sigmoid_bias": b, **loss}}})
+    torch.manual_seed(seed)
+    return AEObjective(build_autoencoder(exp.ae, 1), exp.ae.loss, (1, 16, 16), (2, 4, 4))
+
+
+def base_objective(seed: int) -> BaseObjective:
+    exp = experiment_from_dict({"ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2}},
+                                "base_models": [{"name": "b", "model": {"preset": "tiny"}}]})
+    torch.manual_seed(seed)
+    bc = exp.base_models[0]
+    return BaseObjective(build_base_model(bc, 2), base_schedule(exp.ae.loss, bc), bc.loss.sigmoid_bias, (2, 4, 4))
+
+
+def trial_inputs(objectives, shape):
+    """Each trial's own batch and noise from its own generator, and the stacked program's (K*B, ...) inputs."""
+    gens = [torch.Generator().manual_seed(100 + k) for k in range(len(objectives))]
+    xs = [torch.rand(B, *shape, generator=g) * 2 - 1 for g in gens]
+    noises = [o.draw_noise(B, g) for o, g in zip(objectives, gens)]
+    return xs, noises, torch.cat(xs), {k: torch.cat([n[k] for n in noises]) for k in noises[0]}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("stage", ["ae", "base"])
+def test_stacked_trials_have_each_trials_own_losses_gradients_and_norms(stage, one_thread):
+    """Three trials with their own weights (and, for autoencoders, their own loss factor and sigmoid bias): the
+    stacked network's losses on trial k's rows are trial k's, the gradient of the summed losses is each trial's
+    own, and trial_norms gives each trial's global gradient norm."""
+    if stage == "ae":
+        objs, shape = [ae_objective(k, lf, b) for k, (lf, b) in enumerate([(1.5, -2.0), (2.0, 0.0), (4.0, 2.0)])], \
+            (1, 16, 16)
+    else:
+        objs, shape = [base_objective(k) for k in range(3)], (2, 4, 4)
+    st = stack(objs)
+    xs, noises, x, noise = trial_inputs(objs, shape)
+    losses = st(x, noise)["total"]
+    refs = [o(xk, nk)["total"] for o, xk, nk in zip(objs, xs, noises)]
+    assert rel(losses, torch.cat(refs)) < 1e-6
+    assert rel(refs[0], refs[1]) > 1e-3  # the trials differ, so a mixed-up row block would show
+    losses.view(3, B).mean(1).sum().backward()
+    for r in refs:
+        r.mean().backward()
+    grads = dict(st.named_parameters())
+    for k, o in enumerate(objs):
+        for name, p in o.named_parameters():
+            assert rel(grads[name].grad[k], p.grad) < 1e-5, (k, name)
+    norms = trial_norms([p.grad for p in st.parameters()], 3)
+    want = torch.stack([torch.nn.utils.get_total_norm([p.grad for p in o.parameters()]) for o in objs])
+    assert torch.allclose(norms, want, rtol=1e-5)
+
+
+def test_stacked_buffers_carry_each_trials_loss_factor_and_bias(one_thread):
+    objs = [ae_objective(0, 1.5, -2.0), ae_objective(0, 3.0, 2.0)]  # same weights: only the buffers differ
+    st = stack(objs)
+    assert st.loss_factor.tolist() == [1.5, 3.0] and st.sigmoid_bias.tolist() == [-2.0, 2.0]
+    xs, noises, x, noise = trial_inputs(objs, (1, 16, 16))
+    out = st(x, noise)["decoder"]
+    assert rel(out, torch.cat([o(xk, nk)["decoder"] for o, xk, nk in zip(objs, xs, noises)])) < 1e-6
+
+
+def test_unstack_gives_each_trial_back_under_its_own_names(one_thread):
+    objs = [base_objective(k) for k in range(3)]
+    st = stack(objs)
+    with torch.no_grad():
+        for p in st.parameters():
+            p.add_(torch.randn_like(p))  # a trained stack: every trial moved its own way
+    for k in range(3):
+        fresh = base_objective(7)
+        fresh.load_state_dict(unstack(st, k))  # strict: every name, every shape
+        xs, noises, x, noise = trial_inputs(objs, (2, 4, 4))
+        rows = st(x, noise)["total"][k * B:(k + 1) * B]
+        assert rel(fresh(xs[k], noises[k])["total"], rows) < 1e-6
+
+
+def test_stack_leaves_its_modules_as_they_were(one_thread):
+    objs = [base_objective(k) for k in range(2)]
+    before = [copy.deepcopy(o.state_dict()) for o in objs]
+    stack(objs)
+    for o, sd in zip(objs, before):
+        assert all(torch.equal(v, sd[k]) for k, v in o.state_dict().items())
+        assert not any(type(m).__name__.startswith("Stacked") for m in o.modules())
+
+
+def test_stack_refuses_other_architectures_and_other_loss_settings(one_thread):
+    with pytest.raises(ValueError, match="module 1 .* architecture"):
+        stack([ae_objective(0, 1.5, 0.0), base_objective(0)])
+    # the loss factor and bias are per-trial tensors; any other loss setting is baked into the program
+    stack([ae_objective(0, 1.5, 0.0), ae_objective(1, 4.0, 2.0)])
+    with pytest.raises(ValueError, match="module 1 .* architecture"):
+        stack([ae_objective(0, 1.5, 0.0), ae_objective(1, 1.5, 0.0, logsnr_z0=10.0)])
+
+
+def test_stack_names_a_layer_it_cannot_stack():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(3))
+
+    net = nn.Sequential(nn.Linear(3, 3), Scaled())
+    with pytest.raises(ValueError, match=r"^1: a Scaled holds parameters of its own"):
+        stack([net, copy.deepcopy(net)])
+
+
+def test_stacked_conv_keeps_stride_padding_and_groups(one_thread):
+    convs = [nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2) for _ in range(3)]
+    st = stack([nn.Sequential(c) for c in convs])
+    x = torch.randn(3 * 2, 4, 9, 9)
+    want = torch.cat([c(xk) for c, xk in zip(convs, x.split(2))])
+    assert st(x).shape == (6, 6, 5, 5) and rel(st(x), want) < 1e-6
+
+
+def test_per_example_spreads_a_per_trial_value_over_its_rows():
+    assert per_example(torch.tensor(2.0), 8).dim() == 0
+    assert per_example(torch.tensor([1.0, 2.0]), 6).tolist() == [1.0] * 3 + [2.0] * 3
+    with pytest.raises(ValueError, match=r"shape \(4,\) does not divide a batch of 6"):
+        per_example(torch.ones(4), 6)

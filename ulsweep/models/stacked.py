@@ -1,0 +1,184 @@
+"""K networks of one architecture as one network: issue 23's batched program for a sweep's small trials.
+
+A sweep's trials mostly share their shapes (a loss factor or a sigmoid bias changes none), and a small trial
+leaves most of a GPU idle: its kernels are too small to fill it (the small stage-1 step at batch 128 uses 3.5% of
+an H200's bf16 peak with CUDA graphs, benchmarks/results/h200-batched-trials-ae-s17.json). `stack([m_1 .. m_K])`
+returns one module that computes all K of them in kernels K times as large:
+
+- every layer with weights holds the K trials' weights stacked on a new leading dimension (K, ...), and
+- activations carry the K trials' batches one after the other on the batch dimension: (K*B, ...), trial k's
+  examples at rows [k*B, (k+1)*B).
+
+Layers without weights (activations, LayerNorm without affine, attention, dropout, reshapes, the positional
+embeddings) run unchanged on the (K*B, ...) tensors, so the architecture's own code needs no change and compiles
+as one ordinary graph (no `torch.func.vmap`, whose compiled program took minutes longer to build than the trial's
+own: benchmarks/batched_trials.py). The layers with weights become:
+
+    nn.Linear        y_k = x_k W_k^T + b_k          one batched matmul (baddbmm) over K
+    nn.Conv2d        y_k = conv(x_k, W_k) + b_k     one grouped convolution, the K trials as K groups (x moved to
+                                                    (B, K*C, H, W) and back)
+    nn.GroupNorm     normalize, then gamma_k, beta_k per trial
+    RMSNorm          normalize, then gamma_k per trial (ulsweep's, layers.py)
+
+Any other module that holds its own parameters is refused with its name. Buffers are stacked too ((K, ...); a
+trial's 0-d loss factor becomes a (K,) vector): code that mixes a stacked buffer with per-example values expands
+it with `per_example`.
+
+Trial k's outputs, losses and gradients are those of m_k alone on its own rows (up to the rounding of a batched
+kernel against a single one; tests/test_stacked.py). Since no weight is shared, the gradient of the sum of the K
+losses is each trial's own gradient, and elementwise optimizers (AdamW) and EMAs step the stacked tensors as K
+independent ones would; only what reduces over all weights, the gradient norm of clipping, must be taken per
+trial (`trial_norms`). `unstack(module, k)` gives trial k's state dict, under the original names.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ulsweep.models.layers import RMSNorm
+
+
+def per_example(value: Tensor, batch: int) -> Tensor:
+    """A per-trial value as a per-example one: a 0-d tensor stays as it is (one trial); a (K,) vector becomes
+    (batch,) with trial k's value on rows [k*batch/K, (k+1)*batch/K)."""
+    if value.dim() == 0:
+        return value
+    k = value.shape[0]
+    if value.dim() != 1 or batch % k:
+        raise ValueError(f"per-trial value of shape {tuple(value.shape)} does not divide a batch of {batch}")
+    return value.repeat_interleave(batch // k)
+
+
+def _trials(x: Tensor, k: int) -> Tensor:
+    """(K*B, ...) -> (K, B, ...), a view."""
+    if x.shape[0] % k:
+        raise ValueError(f"a batch of {x.shape[0]} rows is not {k} trials' batches of one size")
+    return x.unflatten(0, (k, -1))
+
+
+def _stack(tensors: list[Tensor]) -> nn.Parameter:
+    return nn.Parameter(torch.stack([t.detach() for t in tensors]))
+
+
+class StackedLinear(nn.Module):
+    """K nn.Linear layers of one shape: weight (K, out, in), bias (K, out) or None."""
+
+    def __init__(self, layers: list[nn.Linear]):
+        super().__init__()
+        self.k, self.in_features, self.out_features = len(layers), layers[0].in_features, layers[0].out_features
+        self.weight = _stack([m.weight for m in layers])
+        self.bias = _stack([m.bias for m in layers]) if layers[0].bias is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:  # (K*B, ..., in) -> (K*B, ..., out)
+        xs = _trials(x, self.k).reshape(self.k, -1, self.in_features)  # (K, B*..., in)
+        w = self.weight.transpose(1, 2)  # (K, in, out)
+        y = torch.bmm(xs, w) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(1), xs, w)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class StackedConv2d(nn.Module):
+    """K nn.Conv2d layers of one configuration as one grouped convolution: weight (K, out, in/groups, kh, kw),
+    bias (K, out) or None."""
+
+    def __init__(self, layers: list[nn.Conv2d]):
+        super().__init__()
+        c = layers[0]
+        if c.padding_mode != "zeros" or isinstance(c.padding, str):
+            raise ValueError(f"stacked convolutions take numeric zero padding, not {c.padding!r}/{c.padding_mode!r}")
+        self.k, self.out_channels = len(layers), c.out_channels
+        self.stride, self.padding, self.dilation, self.groups = c.stride, c.padding, c.dilation, c.groups
+        self.weight = _stack([m.weight for m in layers])
+        self.bias = _stack([m.bias for m in layers]) if c.bias is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:  # (K*B, C, H, W) -> (K*B, out, H', W')
+        xg = _trials(x, self.k).transpose(0, 1).flatten(1, 2)  # (B, K*C, H, W)
+        bias = None if self.bias is None else self.bias.flatten()
+        y = F.conv2d(xg, self.weight.flatten(0, 1), bias, self.stride, self.padding, self.dilation,
+                     self.groups * self.k)  # (B, K*out, H', W')
+        return y.unflatten(1, (self.k, self.out_channels)).transpose(0, 1).flatten(0, 1)
+
+
+class StackedGroupNorm(nn.Module):
+    """K affine nn.GroupNorm layers: the normalization as one, then each trial's scale and shift (K, C)."""
+
+    def __init__(self, layers: list[nn.GroupNorm]):
+        super().__init__()
+        g = layers[0]
+        if not g.affine:
+            raise ValueError("a GroupNorm without weights needs no stacking")
+        self.k, self.num_groups, self.eps = len(layers), g.num_groups, g.eps
+        self.weight = _stack([m.weight for m in layers])
+        self.bias = _stack([m.bias for m in layers])
+
+    def forward(self, x: Tensor) -> Tensor:  # (K*B, C, ...)
+        y = _trials(F.group_norm(x, self.num_groups, None, None, self.eps), self.k)  # (K, B, C, ...)
+        shape = (self.k, 1, -1) + (1,) * (x.dim() - 2)
+        return (y * self.weight.view(shape) + self.bias.view(shape)).flatten(0, 1)
+
+
+class StackedRMSNorm(nn.Module):
+    """K RMSNorm layers (ulsweep's: the weight in the input's dtype) over the last dimension: the normalization
+    as one, then each trial's scale (K, D)."""
+
+    def __init__(self, layers: list[RMSNorm]):
+        super().__init__()
+        r = layers[0]
+        if len(r.normalized_shape) != 1 or r.weight is None:
+            raise ValueError(f"stacked RMSNorm takes one normalized dimension with a weight, not "
+                             f"{tuple(r.normalized_shape)}")
+        self.k, self.normalized_shape, self.eps = len(layers), tuple(r.normalized_shape), r.eps
+        self.weight = _stack([m.weight for m in layers])
+
+    def forward(self, x: Tensor) -> Tensor:  # (K*B, ..., D)
+        y = _trials(F.rms_norm(x, self.normalized_shape, None, self.eps), self.k)  # (K, B, ..., D)
+        w = self.weight.to(x.dtype).view((self.k,) + (1,) * (x.dim() - 1) + (-1,))
+        return (y * w).flatten(0, 1)
+
+
+# exact types: a subclass may use its weights otherwise (torch's own nn.RMSNorm does not cast them)
+STACKED = {nn.Linear: StackedLinear, nn.Conv2d: StackedConv2d, nn.GroupNorm: StackedGroupNorm,
+           RMSNorm: StackedRMSNorm}
+
+
+def stack(modules: list[nn.Module]) -> nn.Module:
+    """One module that runs the K `modules` (one architecture) on (K*B, ...) inputs, trial k on rows
+    [k*B, (k+1)*B): a copy of the first with every layer that has weights replaced by its stacked form, and every
+    buffer stacked to (K, ...). The modules themselves are left as they were."""
+    if not modules:
+        raise ValueError("stack needs at least one module")
+    first = modules[0]
+    for i, m in enumerate(modules[1:], 1):
+        if type(m) is not type(first) or repr(m) != repr(first):
+            raise ValueError(f"module {i} ({type(m).__name__}) is not of the architecture of module 0 "
+                             f"({type(first).__name__}): only trials of one architecture stack")
+    out = copy.deepcopy(first)
+    named = [dict(m.named_modules()) for m in modules]
+    for name, sub in list(out.named_modules()):
+        if not list(sub.parameters(recurse=False)):
+            continue
+        cls = STACKED.get(type(sub))
+        if cls is None:
+            raise ValueError(f"{name or type(out).__name__}: a {type(sub).__name__} holds parameters of its own; "
+                             f"stack knows {', '.join(c.__name__ for c in STACKED)}")
+        parent, _, attr = name.rpartition(".")
+        setattr(out.get_submodule(parent), attr, cls([n[name] for n in named]))
+    for name, _ in list(out.named_buffers()):
+        parent, _, attr = name.rpartition(".")
+        owner = out.get_submodule(parent)
+        persistent = attr not in owner._non_persistent_buffers_set
+        owner.register_buffer(attr, torch.stack([m.get_buffer(name) for m in modules]), persistent=persistent)
+    return out
+
+
+def unstack(module: nn.Module, k: int) -> dict[str, Tensor]:
+    """Trial k's state dict, under the names of the unstacked module (loadable with `load_state_dict`)."""
+    return {name: t[k] for name, t in module.state_dict().items()}
+
+
+def trial_norms(params: list[Tensor], k: int) -> Tensor:
+    """Each trial's global L2 norm over the stacked tensors `params` (their gradients, say): (K,), float32."""
+    sq = [p.float().pow(2).reshape(k, -1).sum(1) for p in params]
+    return torch.stack(sq).sum(0).sqrt() if sq else torch.zeros(k)
