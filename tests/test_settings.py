@@ -169,6 +169,7 @@ def _read_by_the_sweep(tracer, tmp_path) -> None:
     run = lineage.open_sweep_run(exp, run_dir, uri, state, ident, io.StringIO())
     driver._make_tuner(exp, run_dir, run, "fake", resume=False)  # TuneConfig and RunConfig from search
     driver._searcher(exp).suggest("trial-0")  # Optuna's sampler, seeded from search.seed
+    assert driver.precompile.jobs(exp) == []  # resources.precompile: auto, and no base model compiles
     trial_resources(exp.resources)
     wcfg = worker_config(exp, exp.resources, "ae", "ae-0000", run_dir, uri, run.sweep_id, "fake")
     make_trainer(wcfg, exp.resources, storage_path=run_dir, name="ae-0000", in_tune=False)

@@ -334,6 +334,11 @@ class ResourcesConfig:
     # a second thread of a process; one thread for all trials of a process is not yet measured on a GPU); on;
     # off: a new process per trial
     reuse_processes: Literal["auto", "on", "off"] = "auto"
+    # compile the base models' training steps once, in a Ray task the sweep starts beside its first autoencoders,
+    # so that the base trials, which start only when their autoencoder is done, find torch's caches warm
+    # (ulsweep/sweep/precompile.py). auto: where some base model compiles and trials train in one process
+    # (num_workers <= 1); on: the same, an error where there is nothing to compile; off
+    precompile: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self):
         _require(self.mps != "on" or 0 < self.gpus_per_worker < 1, "mps", self.mps,
@@ -438,6 +443,12 @@ class ExperimentConfig:
                  f"must divide data.image_size={self.data.image_size}")
         names = [b.name for b in self.base_models]
         _require(len(set(names)) == len(names), "base_models", names, "names must be unique")
+        if self.resources.precompile == "on":
+            _require(self.resources.num_workers <= 1, "resources.precompile", "on",
+                     "needs trials that train in one process (resources.num_workers 0 or 1): DDP ranks compile "
+                     "other graphs")
+            _require(any(b.train.compile is not False for b in self.base_models), "resources.precompile", "on",
+                     "has nothing to compile: no base model sets train.compile")
         ext = self.eval.extractor
         for m in self.search.metrics:
             metric = m.split("/", 1)[-1]

@@ -36,7 +36,7 @@ from typing import Any
 
 from ulsweep import io as uio, tracking
 from ulsweep.config import ConfigError, ExperimentConfig, check_data, dump_yaml, experiment_from_dict, to_dict
-from ulsweep.sweep import lineage, mps, outcome as outcomes
+from ulsweep.sweep import lineage, mps, outcome as outcomes, precompile
 from ulsweep.sweep.credentials import stop_tune_copying_credentials
 from ulsweep.sweep.lineage import SweepRun
 from ulsweep.sweep.outcome import SweepOutcome
@@ -246,10 +246,12 @@ def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, re
     """Run the search to its end, or until Ctrl-C, after which Tune stops the trials, saves its state and
     returns: (Tune's ResultGrid, seconds it took). On a second Ctrl-C or a driver error no run of the sweep
     stays RUNNING, and the message says how to continue."""
+    warming: list = []
     try:
         _print_header(exp, run_dir, run, out)
         tuner = _make_tuner(exp, run_dir, run, train_impl, resume)
         t_fit = time.time()
+        warming = precompile.start(exp, out)  # the base models' steps, beside the first autoencoders
         with RestoreTripwire(_tune_dir(run_dir), exp.search.method):
             grid = tuner.fit()
         record_closed_snapshot(run_dir)
@@ -259,6 +261,8 @@ def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, re
         if not isinstance(e, SweepError):
             print(f"sweep interrupted; continue it with --resume (run dir {run_dir})", file=out, flush=True)
         raise
+    finally:
+        precompile.report(warming, out)
 
 
 def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, resume: bool):

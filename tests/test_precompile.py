@@ -1,0 +1,68 @@
+"""resources.precompile: which base-model steps a sweep compiles ahead, and that the task's compile is the one the
+base trial then finds done at the compile gate."""
+import pytest
+
+from ulsweep.config import ConfigError, experiment_from_dict, to_dict
+from ulsweep.sweep import precompile
+
+
+def sweep_exp(space=None, base_compile=True, **resources):
+    return experiment_from_dict({
+        "name": "p",
+        "data": {"path": "builtin:digits", "image_size": 16},
+        "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2}},
+        "base_models": [{"name": "b", "train": {"steps": 2, "batch_size": 8, "compile": base_compile}},
+                        {"name": "plain", "train": {"steps": 2, "batch_size": 8}}],
+        "search": {"method": "grid", "space": space or {"ae.loss.loss_factor": {"values": [1.5, 4.0]},
+                                                         "ae.loss.sigmoid_bias": {"values": [-2.0, 2.0]}},
+                   "metrics": ["base_bpp"], "modes": ["min"]},
+        "resources": {"num_workers": 0, **resources},
+    })
+
+
+def test_one_job_per_distinct_base_step_and_none_for_uncompiled_bases():
+    # loss factor and bias change no base-model graph: four trials, one step to compile; "plain" compiles nothing
+    assert precompile.jobs(sweep_exp()) == [{"overrides": {"ae.loss.loss_factor": 1.5, "ae.loss.sigmoid_bias": -2.0},
+                                             "base": "b"}]
+    # latent channels do: one job per latent shape
+    jobs = precompile.jobs(sweep_exp({"ae.model.latent_channels": {"values": [2, 4]},
+                                      "ae.loss.loss_factor": {"values": [1.5, 4.0]}}))
+    assert [(j["overrides"]["ae.model.latent_channels"], j["base"]) for j in jobs] == [(2, "b"), (4, "b")]
+
+
+def test_precompile_settings():
+    assert precompile.jobs(sweep_exp(precompile="off")) == []
+    assert precompile.jobs(sweep_exp(base_compile=False)) == []  # auto: nothing compiles
+    assert precompile.jobs(sweep_exp(num_workers=2)) == []  # auto: DDP ranks compile other graphs
+    with pytest.raises(ConfigError, match="resources.precompile.*nothing to compile"):
+        sweep_exp(base_compile=False, precompile="on")
+    with pytest.raises(ConfigError, match="resources.precompile.*one process"):
+        sweep_exp(precompile="on", num_workers=2)
+
+
+def test_the_task_compiles_the_step_the_base_trial_then_finds_done(tmp_path, monkeypatch, digits_cache):
+    """compile_base goes through the library's loop and the compile gate as the first process of the key; the base
+    trial of an autoencoder of the sweep then gets in as "done" (compilation itself is stubbed out: ~100 s on CPU;
+    what is checked is that both compute the one gate key)."""
+    from ulsweep.train import loop
+    from ulsweep.train.stage1 import train_autoencoder
+    from ulsweep.train.stage2 import train_base
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # the gate's folder
+    monkeypatch.setattr(loop, "compile_module", lambda module, setting, rt, **kw: module)
+    exp = sweep_exp()
+    (job,) = precompile.jobs(exp)
+    r = precompile.compile_base(to_dict(exp), job["overrides"], job["base"])
+    assert r["base"] == "b" and r["latent_shape"] == [2, 4, 4] and r["compile_gate"] == "first"
+    assert precompile.compile_base(to_dict(exp), job["overrides"], job["base"])["compile_gate"] == "done"
+
+    trial = experiment_from_dict(to_dict(exp), {"ae.loss.loss_factor": 4.0, "ae.loss.sigmoid_bias": 2.0,
+                                                "ae.train.steps": 2, "ae.train.batch_size": 8,
+                                                "ae.train.eval_images": 8, "eval.extractor": "none"})
+    ae = train_autoencoder(trial, str(tmp_path / "ae"))
+    base = train_base(trial, trial.base_models[0], ae.checkpoint, str(tmp_path / "base"))
+    assert base.extra["marks"]["compile_gate"] == "done"
+    # without the task, the same trial is the first of its key
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cold"))
+    cold = train_base(trial, trial.base_models[0], ae.checkpoint, str(tmp_path / "base-cold"))
+    assert cold.extra["marks"]["compile_gate"] == "first"

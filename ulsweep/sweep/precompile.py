@@ -1,0 +1,171 @@
+"""Compile the base models' training steps while the autoencoders train (`resources.precompile`).
+
+A base trial starts only when its autoencoder is done, and the first base trial of an architecture on a node then
+compiles its training step from cold (on one H200, 48-67 s of CUDA-graph compilation in the published sweeps,
+`time/first_step_s`), on the sweep's critical path: in a sweep whose autoencoders finish together, every base
+trial waits for it or trains uncompiled meanwhile (ulsweep/train/compile_gate.py). Nothing about that compilation
+depends on the autoencoder's weights: only on the base model, its batch, the latent shape and the noise schedule.
+
+So the driver starts, beside the first autoencoder trials, one Ray task per distinct base-model step that the
+sweep will compile (`jobs`). The task trains that base model for a few steps on random latents of the trial's
+shape through the library's own loop (`ulsweep.train.loop.train`: the same objective, compile mode, autocast and
+compile gate as the trial), in a scratch directory it deletes. Its first step enters the compile gate as the
+first process of the key and compiles; the gate's marker and torch's caches (Inductor's FX graph cache,
+AOTAutograd's, Triton's kernels, all on the node's disk) are what the base trials then find. A base trial that
+starts while the task still compiles trains uncompiled until it is done (gate_compile: eager) or waits for it.
+
+The task holds the resources of one trial (resources.cpus_per_worker / gpus_per_worker) and warms the node it
+runs on; on a cluster the trials of other nodes compile as before. With `search.method: optuna` the latent shapes
+of later trials are not known in advance: only the experiment's own `ae.model` shape is compiled ahead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+from ulsweep.config import ExperimentConfig, dump_yaml, to_dict
+from ulsweep.sweep.space import find_base, planned_overrides, trial_experiment
+
+STEPS = 3  # CUDA graphs: a warm-up run, the recording, a replay
+
+
+def wanted(exp: ExperimentConfig) -> bool:
+    """Whether the sweep compiles base models ahead (`resources.precompile`; auto: where there is something to
+    compile and the trials train in one process, whose graphs the task's are)."""
+    setting = exp.resources.precompile
+    if setting != "auto":
+        return setting == "on"
+    return exp.resources.num_workers <= 1 and any(b.train.compile is not False for b in exp.base_models)
+
+
+def jobs(exp: ExperimentConfig) -> list[dict[str, Any]]:
+    """The distinct base-model steps the sweep's trials will compile: one {"overrides", "base"} per distinct
+    (base model, latent shape, noise schedule) over the planned autoencoder trials (for optuna, the experiment's
+    own autoencoder only), base models that do not compile left out."""
+    if not wanted(exp):
+        return []
+    raw = to_dict(exp)
+    out, seen = [], set()
+    for ov in planned_overrides(exp.search, exp.ae.train.seed) or [{}]:
+        trial = trial_experiment(raw, ov)
+        for b in trial.base_models:
+            if b.train.compile is False:
+                continue
+            train = dataclasses.replace(b.train, seed=0)  # the seed changes no graph
+            ident = (dump_yaml(dataclasses.replace(b, train=train)), _latent_shape(trial), repr(_schedule(trial, b)))
+            if ident not in seen:
+                seen.add(ident)
+                out.append({"overrides": ov, "base": b.name})
+    return out
+
+
+def _latent_shape(exp: ExperimentConfig) -> tuple[int, int, int]:
+    s, d = exp.data.image_size, exp.ae.model.downsample
+    return exp.ae.model.latent_channels, s // d, s // d
+
+
+def _schedule(exp: ExperimentConfig, base):
+    from ulsweep.train.build import base_schedule
+
+    return base_schedule(exp.ae.loss, base)
+
+
+def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS) -> dict[str, Any]:
+    """Train base model `base_name` of the trial experiment (`raw` with `overrides`) for `steps` steps on random
+    latents through the library's loop, in a scratch directory; returns what it did: {"base", "latent_shape",
+    "compile_gate" (how its first compiled step got through the gate: "first" or "after" compiled, "done" found
+    it compiled, "busy" another process compiled it meanwhile; "ungated" with train.gate_compile: false),
+    "seconds"}."""
+    import torch
+
+    from ulsweep.data.sources import DeviceSplit
+    from ulsweep.train.build import build_base_model
+    from ulsweep.train.hooks import TrainHooks
+    from ulsweep.train.loop import RunSpec, train
+    from ulsweep.train.runtime import make_runtime
+    from ulsweep.train.stage2 import BaseObjective
+    from ulsweep.train.state import TrainState
+
+    t0 = time.time()
+    exp = trial_experiment(raw, overrides)
+    base = find_base(exp, base_name)
+    tc = dataclasses.replace(base.train, steps=steps, log_every=0, eval_every=0, ckpt_every=0, keep_checkpoints=1)
+    if exp.resources.gpus_per_worker > 0 and not torch.cuda.is_available():
+        raise RuntimeError("the precompile task sees no GPU (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but the trials train on GPUs: it would "
+                           "compile graphs they never use")
+    rt = make_runtime(tc)
+    shape = _latent_shape(exp)
+    gen = torch.Generator(rt.device).manual_seed(0)
+    source = DeviceSplit(torch.randn(tc.batch_size, *shape, generator=gen, device=rt.device))
+    net = build_base_model(base, shape[0]).to(rt.device)
+    objective = BaseObjective(net, _schedule(exp, base), base.loss.sigmoid_bias, shape)
+    scratch = tempfile.mkdtemp(prefix="ulsweep-precompile-")
+    try:
+        spec = RunSpec(scratch, "base", f"precompile {base_name}", "precompile", "", {}, {})
+        res = train(objective, source, lambda ema, final: ({}, {}), TrainState(net, base.optim, rt, 0), tc, spec,
+                    TrainHooks())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    how = res.extra.get("marks", {}).get("compile_gate", "busy" if tc.gate_compile else "ungated")
+    return {"base": base_name, "latent_shape": list(shape), "compile_gate": how, "seconds": time.time() - t0}
+
+
+def start(exp: ExperimentConfig, out) -> list:
+    """Start the tasks of `jobs(exp)` on the running Ray instance; returns their object refs.
+
+    The tasks reserve no resources: the trials have them all (ten autoencoders at 0.1 GPU fill a GPU, and a task
+    holding a trial's share would push one of them into a later wave). A task's compile runs on CPUs the trials
+    share anyway (a base trial compiling for itself would use them too), and its few steps on the GPU take ~1 GB
+    for the small base model. Ray hides the GPUs from a task that reserves none, so the task is pinned to a node
+    with GPUs and keeps that node's CUDA_VISIBLE_DEVICES (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES)."""
+    import ray
+
+    todo = jobs(exp)
+    if not todo:
+        return []
+    opts: dict[str, Any] = {"num_cpus": 0, "num_gpus": 0, "max_retries": 0}
+    if exp.resources.gpus_per_worker > 0:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = next((n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) > 0), None)
+        if node is None:
+            print("precompile: no node with GPUs yet; the base trials compile for themselves", file=out, flush=True)
+            return []
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+        opts["runtime_env"] = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+    task = ray.remote(**opts)(compile_base)
+    raw = to_dict(exp)
+    print(f"precompile: {len(todo)} base-model step(s) compiled beside the first autoencoders "
+          f"({', '.join(j['base'] for j in todo)})", file=out, flush=True)
+    return [task.remote(raw, j["overrides"], j["base"]) for j in todo]
+
+
+def report(refs: list, out) -> list[dict[str, Any]]:
+    """What the tasks did, one line each; a task that failed or has not finished is named, never fatal: the base
+    trials then compile for themselves."""
+    import ray
+
+    if not refs:
+        return []
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
+    done = []
+    for ref in ready:
+        try:
+            r = ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - a warm-up's failure costs the trials only their own compile
+            print(f"precompile: a task failed ({type(e).__name__}: {str(e)[:300]}); the base trials compiled "
+                  "for themselves", file=out, flush=True)
+            continue
+        done.append(r)
+        print(f"precompile: base {r['base']} at latents {tuple(r['latent_shape'])}: {r['compile_gate']} "
+              f"in {r['seconds']:.0f} s", file=out, flush=True)
+    for ref in pending:
+        ray.cancel(ref, force=True)
+    if pending:
+        print(f"precompile: {len(pending)} task(s) unfinished at the sweep's end, cancelled", file=out, flush=True)
+    return done
