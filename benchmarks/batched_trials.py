@@ -362,6 +362,9 @@ def main(argv=None) -> int:
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
+                    # a fresh compile per row: Dynamo caches per code object, and the stacked objective's forward,
+                    # met again at another batch size, would otherwise be recompiled with dynamic shapes
+                    torch.compiler.reset()
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
                     secs, k, first = time_steps(build(), device, a.seconds, a.warmup)
