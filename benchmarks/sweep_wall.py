@@ -44,6 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from provenance import commit  # noqa: E402
+
 STOP_GRACE_S = 90  # after --limit-s, how long the sweep gets to stop on SIGINT before it is killed
 RESULT_METRICS = ("bpp", "bpp_se", "psnr", "rfid", "gfid", "base_bpp")  # and every rfd_*/gfd_*
 
@@ -229,15 +231,6 @@ def after_first_of_architecture(ready, runs):
         early = g[g["start"] < (g["start"] + g["ready_s"]).min()]
         first.add(early.loc[early["ready_s"].idxmax(), "key"])
     return ready[~ready["key"].isin(first)]
-
-
-def commit() -> str:
-    """HEAD of the repository, else $ULSWEEP_COMMIT (a copied tree without .git, as on the device machine)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("ULSWEEP_COMMIT", "unknown")
 
 
 def table(rows: list[dict]) -> str:

@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from provenance import commit
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -53,6 +55,7 @@ def cuda_micro_args(doc: str, iters: int, argv=None, add=None) -> argparse.Names
 
 
 def run_env(args: argparse.Namespace) -> dict:
-    """The `env` of a result file: torch, Python, GPU (None without one) and the script's arguments."""
+    """The `env` of a result file: torch, Python, GPU (None without one), the commit and the script's arguments."""
     return {"torch": torch.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "args": vars(args)}
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "commit": commit(),
+            "args": vars(args)}
