@@ -11,8 +11,10 @@ returns one module that computes all K of them in kernels K times as large:
 
 Layers without weights (activations, LayerNorm without affine, attention, dropout, reshapes, the positional
 embeddings) run unchanged on the (K*B, ...) tensors, so the architecture's own code needs no change and compiles
-as one ordinary graph (no `torch.func.vmap`, whose compiled program took minutes longer to build than the trial's
-own: benchmarks/batched_trials.py). The layers with weights become:
+as one ordinary graph, with the fused attention kernels (`torch.func.vmap` over stacked weights, the other way,
+ran the attention backward one trial at a time and compiled slower: 204 s against 156 s for four small
+autoencoders on 2 CPU cores, and not within 280 s with CUDA graphs on an H200; benchmarks/batched_trials.py).
+The layers with weights become:
 
     nn.Linear        y_k = x_k W_k^T + b_k          one batched matmul (baddbmm) over K
     nn.Conv2d        y_k = conv(x_k, W_k) + b_k     one grouped convolution, the K trials as K groups (x moved to
