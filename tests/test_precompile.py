@@ -66,3 +66,49 @@ def test_the_task_compiles_the_step_the_base_trial_then_finds_done(tmp_path, mon
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cold"))
     cold = train_base(trial, trial.base_models[0], ae.checkpoint, str(tmp_path / "base-cold"))
     assert cold.extra["marks"]["compile_gate"] == "first"
+
+
+def test_the_driver_starts_one_task_per_job_and_reports_each_without_failing_the_sweep(monkeypatch):
+    """start() runs the jobs as Ray tasks that reserve nothing (they run while the trials hold every CPU), and
+    report() prints what each did; a task that failed is named, one still running is cancelled."""
+    import io
+    import os
+    import time
+
+    import ray
+
+    calls = []
+
+    def fake(raw, overrides, base_name):  # pickled by value: the real one is tested above
+        if overrides.get("ae.model.latent_channels") == 4:
+            raise RuntimeError("compile failed")
+        if overrides.get("ae.model.latent_channels") == 8:
+            time.sleep(60)
+        return {"base": base_name, "latent_shape": [overrides["ae.model.latent_channels"], 4, 4],
+                "compile_gate": "first", "seconds": 1.0}
+
+    monkeypatch.setattr(precompile, "compile_base", fake)
+    exp = sweep_exp({"ae.model.latent_channels": {"values": [2, 4, 8]}})
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        @ray.remote(num_cpus=1)
+        def hold_the_cpu():
+            time.sleep(30)
+
+        held = hold_the_cpu.remote()  # a trial holding the node's only CPU
+        out = io.StringIO()
+        refs = precompile.start(exp, out)
+        assert len(refs) == 3
+        ready, _ = ray.wait([r for _, r in refs[:2]], num_returns=2, timeout=25)  # not queued behind the trial
+        assert len(ready) == 2
+        done = precompile.report(refs, out)
+        calls.append(out.getvalue())
+        ray.cancel(held, force=True)
+    finally:
+        ray.shutdown()
+    text = calls[0]
+    assert done == [{"base": "b", "latent_shape": [2, 4, 4], "compile_gate": "first", "seconds": 1.0}]
+    assert "precompile: 3 base-model step(s)" in text and "base b at latents (2, 4, 4): first in 1 s" in text
+    assert "base b, ae.model.latent_channels=4 failed (RuntimeError: compile failed)" in text
+    assert "1 task(s) unfinished" in text

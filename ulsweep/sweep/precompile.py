@@ -116,7 +116,7 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS)
 
 
 def start(exp: ExperimentConfig, out) -> list:
-    """Start the tasks of `jobs(exp)` on the running Ray instance; returns their object refs.
+    """Start the tasks of `jobs(exp)` on the running Ray instance; returns [(label, object ref)].
 
     The tasks reserve no resources: the trials have them all (ten autoencoders at 0.1 GPU fill a GPU, and a task
     holding a trial's share would push one of them into a later wave). A task's compile runs on CPUs the trials
@@ -140,32 +140,35 @@ def start(exp: ExperimentConfig, out) -> list:
         opts["runtime_env"] = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
     task = ray.remote(**opts)(compile_base)
     raw = to_dict(exp)
-    print(f"precompile: {len(todo)} base-model step(s) compiled beside the first autoencoders "
-          f"({', '.join(j['base'] for j in todo)})", file=out, flush=True)
-    return [task.remote(raw, j["overrides"], j["base"]) for j in todo]
+    labels = [f"base {j['base']}" + "".join(f", {k}={v}" for k, v in j["overrides"].items()) for j in todo]
+    print(f"precompile: {len(todo)} base-model step(s) compiled beside the first autoencoders: "
+          f"{'; '.join(labels)}", file=out, flush=True)
+    return [(label, task.remote(raw, j["overrides"], j["base"])) for label, j in zip(labels, todo)]
 
 
-def report(refs: list, out) -> list[dict[str, Any]]:
-    """What the tasks did, one line each; a task that failed or has not finished is named, never fatal: the base
-    trials then compile for themselves."""
+def report(started: list, out) -> list[dict[str, Any]]:
+    """What the tasks `start` returned ([(label, ref)]) did, one line each; a task that failed or has not finished
+    is named, never fatal: the base trials then compile for themselves."""
     import ray
 
-    if not refs:
+    if not started:
         return []
-    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
-    done = []
-    for ref in ready:
+    done, pending = [], 0
+    for label, ref in started:
+        if not ray.wait([ref], timeout=0)[0]:
+            ray.cancel(ref, force=True)
+            pending += 1
+            continue
         try:
             r = ray.get(ref)
         except Exception as e:  # noqa: BLE001 - a warm-up's failure costs the trials only their own compile
-            print(f"precompile: a task failed ({type(e).__name__}: {str(e)[:300]}); the base trials compiled "
-                  "for themselves", file=out, flush=True)
+            cause = getattr(e, "cause", None) or e  # the task's own exception inside Ray's wrapper
+            print(f"precompile: {label} failed ({type(cause).__name__}: {str(cause)[:300]}); its base trials "
+                  "compiled for themselves", file=out, flush=True)
             continue
         done.append(r)
         print(f"precompile: base {r['base']} at latents {tuple(r['latent_shape'])}: {r['compile_gate']} "
               f"in {r['seconds']:.0f} s", file=out, flush=True)
-    for ref in pending:
-        ray.cancel(ref, force=True)
     if pending:
-        print(f"precompile: {len(pending)} task(s) unfinished at the sweep's end, cancelled", file=out, flush=True)
+        print(f"precompile: {pending} task(s) unfinished at the sweep's end, cancelled", file=out, flush=True)
     return done
