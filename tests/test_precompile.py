@@ -112,3 +112,51 @@ def test_the_driver_starts_one_task_per_job_and_reports_each_without_failing_the
     assert "precompile: 3 base-model step(s)" in text and "base b at latents (2, 4, 4): first in 1 s" in text
     assert "base b, ae.model.latent_channels=4 failed (RuntimeError: compile failed)" in text
     assert "1 task(s) unfinished" in text
+
+
+def test_with_sample_compile_the_task_also_compiles_the_generation_the_base_trial_then_finds_done(
+        tmp_path, monkeypatch, digits_cache):
+    """eval.sample_compile: the task also runs one batch of the final evaluation's generation through the same
+    sampling gate, so the base trial's evaluation gets in as "done" (torch.compile stubbed by a wrapper)."""
+    import contextlib
+
+    import torch
+
+    from ulsweep.train import compile_gate, loop
+    from ulsweep.train.stage1 import train_autoencoder
+    from ulsweep.train.stage2 import train_base
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *a, **kw):
+            return self.m(*a, **kw)
+
+    seen = []
+    real = compile_gate.first_compile
+
+    @contextlib.contextmanager
+    def spy(key, label="", **kw):
+        with real(key, label, **kw) as how:
+            seen.append((label, how))
+            yield how
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(loop, "compile_module", lambda module, setting, rt, **kw: module)
+    monkeypatch.setattr(torch, "compile", lambda m, *a, **kw: Compiled(m))
+    monkeypatch.setattr(compile_gate, "first_compile", spy)
+    monkeypatch.setattr(loop, "first_compile", spy)
+    exp = experiment_from_dict(to_dict(sweep_exp()), {"eval.sample_compile": True, "eval.extractor": "none"})
+    (job,) = precompile.jobs(exp)
+    r = precompile.compile_base(to_dict(exp), job["overrides"], job["base"])
+    assert (r["compile_gate"], r["sampling"]) == ("first", "compiled")
+    assert seen == [("precompile b", "first"), ("precompile b sampling", "first")]
+
+    trial = experiment_from_dict(to_dict(exp), {"ae.train.steps": 2, "ae.train.batch_size": 8,
+                                                "ae.train.eval_images": 8})
+    ae = train_autoencoder(trial, str(tmp_path / "ae"))
+    seen.clear()
+    train_base(trial, trial.base_models[0], ae.checkpoint, str(tmp_path / "base"))
+    assert seen == [("base b", "done"), ("base b sampling", "done")]

@@ -13,6 +13,9 @@ compile gate as the trial), in a scratch directory it deletes. Its first step en
 first process of the key and compiles; the gate's marker and torch's caches (Inductor's FX graph cache,
 AOTAutograd's, Triton's kernels, all on the node's disk) are what the base trials then find. A base trial that
 starts while the task still compiles trains uncompiled until it is done (gate_compile: eager) or waits for it.
+With `eval.sample_compile` the task then runs one batch of the final evaluation's generation the same way (the
+EMA base model and a decoder of the trial's architecture, random weights), so that the base trials' gFD
+sampling starts compiled too (its gate keys on the networks; the caches on the batch's shape, the trial's first).
 
 The task holds the resources of one trial (resources.cpus_per_worker / gpus_per_worker) and warms the node it
 runs on; on a cluster the trials of other nodes compile as before. With `search.method: optuna` the latent shapes
@@ -104,15 +107,44 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS)
     source = DeviceSplit(torch.randn(tc.batch_size, *shape, generator=gen, device=rt.device))
     net = build_base_model(base, shape[0]).to(rt.device)
     objective = BaseObjective(net, _schedule(exp, base), base.loss.sigmoid_bias, shape)
+    ts = TrainState(net, base.optim, rt, 0)
     scratch = tempfile.mkdtemp(prefix="ulsweep-precompile-")
     try:
         spec = RunSpec(scratch, "base", f"precompile {base_name}", "precompile", "", {}, {})
-        res = train(objective, source, lambda ema, final: ({}, {}), TrainState(net, base.optim, rt, 0), tc, spec,
-                    TrainHooks())
+        res = train(objective, source, lambda ema, final: ({}, {}), ts, tc, spec, TrainHooks())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     how = res.extra.get("marks", {}).get("compile_gate", "busy" if tc.gate_compile else "ungated")
-    return {"base": base_name, "latent_shape": list(shape), "compile_gate": how, "seconds": time.time() - t0}
+    out = {"base": base_name, "latent_shape": list(shape), "compile_gate": how}
+    if exp.eval.sample_compile:
+        out["sampling"] = _compile_sampling(exp, base, ts.ema.shadow, shape, rt.device)
+    return out | {"seconds": time.time() - t0}
+
+
+def _compile_sampling(exp: ExperimentConfig, base, ema_net, shape, device) -> str:
+    """The generation that the base trial's final evaluation compiles (`eval.sample_compile`): the EMA base model
+    and a decoder of the trial's autoencoder architecture (random weights: only shapes matter), through the
+    evaluation's own `sampling_networks` and `generate`, one batch of the size the trial's first batch has.
+    Returns "compiled", or "busy" when another process was compiling them (nothing compiled here)."""
+    import torch
+
+    from ulsweep.data.sources import open_splits
+    from ulsweep.train.build import build_autoencoder
+    from ulsweep.train.sampling import sampling_networks, sampling_precision
+    from ulsweep.train.stage2 import GENERATE_BATCH, generate
+
+    channels, size = open_splits(exp.data).image_shape[0], exp.data.image_size
+    ae = build_autoencoder(exp.ae, channels).to(device).eval().requires_grad_(False)
+    n = min(GENERATE_BATCH, exp.eval.gfd_samples if exp.eval.extractor != "none" else 64)
+    gen = torch.Generator(device).manual_seed(0)
+    ev = exp.eval
+    with (sampling_precision(ev.sample_precision, device),
+          sampling_networks([ema_net, ae.decoder], True, ev.sample_precision, device,
+                            f"precompile {base.name} sampling") as (net, decoder)):
+        if net is ema_net:  # another process holds the gate: it compiles them
+            return "busy"
+        generate(net, ae, exp, base, n, shape, (channels, size, size), gen, decoder=decoder)
+    return "compiled"
 
 
 def start(exp: ExperimentConfig, out) -> list:
@@ -167,7 +199,8 @@ def report(started: list, out) -> list[dict[str, Any]]:
                   "compiled for themselves", file=out, flush=True)
             continue
         done.append(r)
-        print(f"precompile: base {r['base']} at latents {tuple(r['latent_shape'])}: {r['compile_gate']} "
+        sampling = f", sampling {r['sampling']}" if "sampling" in r else ""
+        print(f"precompile: base {r['base']} at latents {tuple(r['latent_shape'])}: {r['compile_gate']}{sampling} "
               f"in {r['seconds']:.0f} s", file=out, flush=True)
     if pending:
         print(f"precompile: {pending} task(s) unfinished at the sweep's end, cancelled", file=out, flush=True)

@@ -101,9 +101,12 @@ def evaluate_base(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentConfi
     return metrics, {"samples.png": image_grid_png(images[:64], cols=8)}
 
 
+GENERATE_BATCH = 1000  # samples a batch of `generate` (ulsweep/sweep/precompile.py compiles for its shapes)
+
+
 @torch.no_grad()
 def generate(base_model, ae, ae_exp, base: BaseStageConfig, n: int, latent_shape, image_shape, gen,
-             batch: int = 1000, decoder=None) -> torch.Tensor:
+             batch: int = GENERATE_BATCH, decoder=None) -> torch.Tensor:
     """n images (uint8) from z_1 ~ N(0, I) -> base model -> z_0 at lambda_z(0) -> decoder (in batches of
     `batch`: small networks are launch-bound, so larger batches sample 10k images several times faster).
     `decoder`: the autoencoder's decoder as sampling calls it (compiled, say); default `ae.decoder`."""
