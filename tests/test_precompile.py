@@ -23,11 +23,12 @@ def sweep_exp(space=None, base_compile=True, **resources):
 def test_one_job_per_distinct_base_step_and_none_for_uncompiled_bases():
     # loss factor and bias change no base-model graph: four trials, one step to compile; "plain" compiles nothing
     assert precompile.jobs(sweep_exp()) == [{"overrides": {"ae.loss.loss_factor": 1.5, "ae.loss.sigmoid_bias": -2.0},
-                                             "base": "b"}]
+                                             "base": "b", "latent_shape": (2, 4, 4)}]
     # latent channels do: one job per latent shape
     jobs = precompile.jobs(sweep_exp({"ae.model.latent_channels": {"values": [2, 4]},
                                       "ae.loss.loss_factor": {"values": [1.5, 4.0]}}))
-    assert [(j["overrides"]["ae.model.latent_channels"], j["base"]) for j in jobs] == [(2, "b"), (4, "b")]
+    assert [(j["overrides"]["ae.model.latent_channels"], j["base"], j["latent_shape"]) for j in jobs] == [
+        (2, "b", (2, 4, 4)), (4, "b", (4, 4, 4))]
 
 
 def test_precompile_settings():

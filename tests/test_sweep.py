@@ -351,6 +351,10 @@ def test_cli_dry_run_lists_trials(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "sigmoid_bias: 1.0" in out and "ae-0002  ae.loss.loss_factor=2.0" in out
     assert f"sqlite:///{tmp_path}/r/dry/mlflow.db" in out
+    assert "# precompile (resources.precompile auto): nothing" in out  # the base model does not compile
+    assert main(["run", str(f), "--dry-run", "--storage", str(tmp_path / "r"),
+                 "--set", "base_models.0.train.compile=true"]) == 0
+    assert "# precompile (resources.precompile auto): base tiny at latents (4, 4, 4)" in capsys.readouterr().out
     assert not (tmp_path / "r").exists()  # a dry run creates nothing
     assert main(["run", str(f), "--dry-run", "--set", "search.space={ae.loss.nope: {values: [1]}}"]) == 2
 

@@ -407,6 +407,10 @@ def dry_run(exp: ExperimentConfig, storage: str | None = None, tracking_uri: str
     print(f"# objective: {list(zip(exp.search.metrics, exp.search.modes))}; per trial: "
           f"{exp.resources.num_workers} worker(s) x {exp.resources.cpus_per_worker} CPU, "
           f"{exp.resources.gpus_per_worker} GPU; {exp.search.max_concurrent} trial(s) at a time", file=out)
+    jobs = precompile.jobs(exp)
+    print(f"# precompile (resources.precompile {exp.resources.precompile}): "
+          + ("; ".join(f"base {j['base']} at latents {j['latent_shape']}" for j in jobs) if jobs else "nothing"),
+          file=out)
     return 0
 
 

@@ -46,7 +46,8 @@ def wanted(exp: ExperimentConfig) -> bool:
 
 
 def jobs(exp: ExperimentConfig) -> list[dict[str, Any]]:
-    """The distinct base-model steps the sweep's trials will compile: one {"overrides", "base"} per distinct
+    """The distinct base-model steps the sweep's trials will compile: one {"overrides" (of the first trial that has
+    it), "base", "latent_shape"} per distinct
     (base model, latent shape, noise schedule) over the planned autoencoder trials (for optuna, the experiment's
     own autoencoder only), base models that do not compile left out."""
     if not wanted(exp):
@@ -62,7 +63,7 @@ def jobs(exp: ExperimentConfig) -> list[dict[str, Any]]:
             ident = (dump_yaml(dataclasses.replace(b, train=train)), _latent_shape(trial), repr(_schedule(trial, b)))
             if ident not in seen:
                 seen.add(ident)
-                out.append({"overrides": ov, "base": b.name})
+                out.append({"overrides": ov, "base": b.name, "latent_shape": _latent_shape(trial)})
     return out
 
 
