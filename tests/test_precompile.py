@@ -161,3 +161,21 @@ def test_with_sample_compile_the_task_also_compiles_the_generation_the_base_tria
     seen.clear()
     train_base(trial, trial.base_models[0], ae.checkpoint, str(tmp_path / "base"))
     assert seen == [("base b", "done"), ("base b sampling", "done")]
+
+
+def test_what_was_compiled_ahead_is_a_tag_of_the_sweep_run(tmp_path):
+    import json
+
+    from ulsweep import tracking
+    from ulsweep.sweep.lineage import SweepRun, tag_precompile
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    eid = tracking.get_or_create_experiment(c, "p", str(tmp_path / "art"))
+    run = SweepRun(c, uri, c.create_run(eid).info.run_id, eid)
+    tag_precompile(run, [])  # nothing compiled ahead: no tag
+    assert "ulsweep.precompile" not in c.get_run(run.sweep_id).data.tags
+    done = [{"base": "b", "latent_shape": [2, 4, 4], "compile_gate": "first", "sampling": "compiled",
+             "seconds": 81.234}]
+    tag_precompile(run, done)
+    assert json.loads(c.get_run(run.sweep_id).data.tags["ulsweep.precompile"]) == [dict(done[0], seconds=81.2)]

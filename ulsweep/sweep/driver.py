@@ -262,7 +262,7 @@ def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, re
             print(f"sweep interrupted; continue it with --resume (run dir {run_dir})", file=out, flush=True)
         raise
     finally:
-        precompile.report(warming, out)
+        lineage.tag_precompile(run, precompile.report(warming, out))
 
 
 def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, resume: bool):

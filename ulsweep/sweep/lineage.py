@@ -5,6 +5,7 @@ Trials log into child runs of it (ulsweep.sweep.trial); this module holds what t
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -135,6 +136,14 @@ def mark_interrupted(run: SweepRun) -> None:
         tracking.close_orphans(run.client, run.experiment_id, run.sweep_id, status="KILLED")
     except Exception as e:
         log.warning("could not close MLflow runs: %s", e)
+
+
+def tag_precompile(run: SweepRun, done: list[dict]) -> None:
+    """What the sweep compiled ahead (ulsweep/sweep/precompile.py) on its parent run: tag `ulsweep.precompile`, one
+    JSON entry per finished task (base, latent shape, how it got through the compile gate, seconds)."""
+    if done:
+        value = json.dumps([{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()} for r in done])
+        tracking.retry(run.client.set_tag, run.sweep_id, "ulsweep.precompile", value[:5000])
 
 
 def close_sweep_run(run: SweepRun, ranked: list[dict], metrics: tuple[str, ...], counts: dict[str, int],
