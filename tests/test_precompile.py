@@ -179,3 +179,19 @@ def test_what_was_compiled_ahead_is_a_tag_of_the_sweep_run(tmp_path):
              "seconds": 81.234}]
     tag_precompile(run, done)
     assert json.loads(c.get_run(run.sweep_id).data.tags["ulsweep.precompile"]) == [dict(done[0], seconds=81.2)]
+
+
+def test_reporting_the_tasks_never_masks_how_the_fit_ended(monkeypatch):
+    """The driver reports and tags in its `finally`: if Ray or MLflow went down with the error that ended the fit,
+    the report says so in one line instead of raising over that error."""
+    import io
+
+    from ulsweep.sweep import driver
+
+    def broken(started, out):
+        raise ConnectionError("Ray is gone")
+
+    monkeypatch.setattr(precompile, "report", broken)
+    out = io.StringIO()
+    driver._close_precompile(None, [("base b", None)], out)
+    assert out.getvalue() == "precompile: not reported (ConnectionError: Ray is gone)\n"

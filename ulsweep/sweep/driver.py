@@ -262,7 +262,15 @@ def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, re
             print(f"sweep interrupted; continue it with --resume (run dir {run_dir})", file=out, flush=True)
         raise
     finally:
-        lineage.tag_precompile(run, precompile.report(warming, out))
+        _close_precompile(run, warming, out)
+
+
+def _close_precompile(run: SweepRun, started: list, out) -> None:
+    """Report the precompile tasks and tag the sweep run with them; never masks the fit's own outcome."""
+    try:
+        lineage.tag_precompile(run, precompile.report(started, out))
+    except Exception as e:  # noqa: BLE001 - Ray or MLflow gone with the error that ended the fit
+        print(f"precompile: not reported ({type(e).__name__}: {str(e)[:200]})", file=out, flush=True)
 
 
 def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, resume: bool):
