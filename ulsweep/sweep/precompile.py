@@ -46,10 +46,10 @@ def wanted(exp: ExperimentConfig) -> bool:
 
 
 def jobs(exp: ExperimentConfig) -> list[dict[str, Any]]:
-    """The distinct base-model steps the sweep's trials will compile: one {"overrides" (of the first trial that has
-    it), "base", "latent_shape"} per distinct
-    (base model, latent shape, noise schedule) over the planned autoencoder trials (for optuna, the experiment's
-    own autoencoder only), base models that do not compile left out."""
+    """The distinct base-model steps the sweep's trials will compile: one {"overrides" (those of the first trial
+    that has it), "base", "latent_shape"} per distinct (base model, latent shape, noise schedule) over the planned
+    autoencoder trials (for optuna, the experiment's own autoencoder only); base models that do not compile are
+    left out."""
     if not wanted(exp):
         return []
     raw = to_dict(exp)
@@ -83,7 +83,7 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS)
     latents through the library's loop, in a scratch directory; returns what it did: {"base", "latent_shape",
     "compile_gate" (how its first compiled step got through the gate: "first" or "after" compiled, "done" found
     it compiled, "busy" another process compiled it meanwhile; "ungated" with train.gate_compile: false),
-    "seconds"}."""
+    with eval.sample_compile "sampling" (`_compile_sampling`), and "seconds"}."""
     import torch
 
     from ulsweep.data.sources import DeviceSplit
@@ -153,8 +153,8 @@ def start(exp: ExperimentConfig, out) -> list:
 
     The tasks reserve no resources: the trials have them all (ten autoencoders at 0.1 GPU fill a GPU, and a task
     holding a trial's share would push one of them into a later wave). A task's compile runs on CPUs the trials
-    share anyway (a base trial compiling for itself would use them too), and its few steps on the GPU take ~1 GB
-    for the small base model. Ray hides the GPUs from a task that reserves none, so the task is pinned to a node
+    share anyway (a base trial compiling for itself would use them too), and on the GPU it takes three steps at
+    one trial's batch and one batch of generation. Ray hides the GPUs from a task that reserves none, so the task is pinned to a node
     with GPUs and keeps that node's CUDA_VISIBLE_DEVICES (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES)."""
     import ray
 
