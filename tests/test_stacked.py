@@ -131,6 +131,16 @@ def test_stacked_conv_keeps_stride_padding_and_groups(one_thread):
     assert st(x).shape == (6, 6, 5, 5) and rel(st(x), want) < 1e-6
 
 
+def test_a_bare_layer_stacks_and_buffers_keep_their_persistence(one_thread):
+    layers = [nn.Linear(3, 2) for _ in range(2)]
+    st = stack(layers)
+    x = torch.randn(2 * 5, 3)
+    assert rel(st(x), torch.cat([m(xk) for m, xk in zip(layers, x.split(5))])) < 1e-6
+    objs = [ae_objective(0, 1.5, 0.0), ae_objective(1, 2.0, 0.0)]
+    st = stack(objs)
+    assert "loss_factor" not in st.state_dict() and "loss_factor" in dict(st.named_buffers())  # non-persistent
+
+
 def test_per_example_spreads_a_per_trial_value_over_its_rows():
     assert per_example(torch.tensor(2.0), 8).dim() == 0
     assert per_example(torch.tensor([1.0, 2.0]), 6).tolist() == [1.0] * 3 + [2.0] * 3

@@ -156,6 +156,8 @@ def stack(modules: list[nn.Module]) -> nn.Module:
         if type(m) is not type(first) or repr(m) != repr(first):
             raise ValueError(f"module {i} ({type(m).__name__}) is not of the architecture of module 0 "
                              f"({type(first).__name__}): only trials of one architecture stack")
+    if type(first) in STACKED:  # a bare layer
+        return STACKED[type(first)](list(modules))
     out = copy.deepcopy(first)
     named = [dict(m.named_modules()) for m in modules]
     for name, sub in list(out.named_modules()):
@@ -167,11 +169,11 @@ def stack(modules: list[nn.Module]) -> nn.Module:
                              f"stack knows {', '.join(c.__name__ for c in STACKED)}")
         parent, _, attr = name.rpartition(".")
         setattr(out.get_submodule(parent), attr, cls([n[name] for n in named]))
+    saved = first.state_dict()  # holds the persistent buffers only
     for name, _ in list(out.named_buffers()):
         parent, _, attr = name.rpartition(".")
-        owner = out.get_submodule(parent)
-        persistent = attr not in owner._non_persistent_buffers_set
-        owner.register_buffer(attr, torch.stack([m.get_buffer(name) for m in modules]), persistent=persistent)
+        out.get_submodule(parent).register_buffer(attr, torch.stack([m.get_buffer(name) for m in modules]),
+                                                  persistent=name in saved)
     return out
 
 
