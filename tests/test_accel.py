@@ -104,6 +104,23 @@ def test_install_sets_and_removes_the_handler(fresh_accel):
     assert accel.fallbacks() == {}
 
 
+def test_compile_module_compiles_static_shapes(monkeypatch, fresh_accel):
+    """A run's step never changes shape: compile_module asks for static shapes, so a reused trial process that
+    meets a second architecture compiles it as a fresh process would. Without dynamic=False, torch.compile's
+    automatic dynamic shapes made the second latent shape symbolic (two create_symbol for the latent channels
+    of the noise, CPU, session 20)."""
+    asked = []
+
+    def recording(module, **kw):
+        asked.append(kw)
+        return module
+
+    monkeypatch.setattr(torch, "compile", recording)
+    compile_module(torch.nn.Linear(4, 4), True, CPU1)
+    compile_module(torch.nn.Linear(4, 4), "reduce-overhead", CPU1)
+    assert [kw.get("dynamic") for kw in asked] == [False, False]
+
+
 def test_compile_module_installs_the_rows_it_is_given(fresh_accel):
     from torch._inductor.virtualized import V
 

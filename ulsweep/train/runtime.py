@@ -102,7 +102,9 @@ def compile_module(module: nn.Module, setting: bool | str, rt: Runtime, *,
     if rt.world > 1:
         accel.set_ddp_graph_splitting(optimize_ddp)
     accel.install_choices(one_pass_max_row)
-    return torch.compile(module, mode=mode)
+    # static shapes: a run's step never changes shape, and a reused process that meets a second architecture
+    # (resources.reuse_processes) compiles it as a fresh process would instead of a dynamic-shape graph
+    return torch.compile(module, mode=mode, dynamic=False)
 
 
 _cuda_graph_owner: threading.Thread | None = None  # the one thread of this process that may use CUDA graphs
