@@ -165,6 +165,8 @@ class StackedTrials:
         self.net = stack(objectives)
         self.dims = objectives[0].dims
         self.model = compile_module(self.net, compile_mode, rt)
+        # per-trial norms and division: two small kernels per tensor eagerly; compiled alongside, a few fused ones
+        self.clip = torch.compile(clip_trials, dynamic=False) if compile_mode else clip_trials
         self.opt = make_optimizer(self.net.parameters(), optim, next(self.net.parameters()).device)
         self.ema = EMA(self.net, optim.ema_std)
 
@@ -185,12 +187,7 @@ class StackedTrials:
         """One optimizer step of every trial: x (N, B, ...), noise entries (N, B, ...); returns the N gradient
         norms before clipping."""
         self.backward(x, noise)
-        grads = [p.grad for p in self.net.parameters()]
-        norms = trial_norms(grads, self.n)
-        if self.oc.grad_clip > 0:  # each trial's own min(1, max_norm / (|g| + 1e-6)), as clip_gradients
-            div = ((norms + 1e-6) / self.oc.grad_clip).clamp_min(1.0)
-            for g in grads:
-                g.div_(div.view(-1, *[1] * (g.dim() - 1)))
+        norms = self.clip([p.grad for p in self.net.parameters()], self.n, self.oc.grad_clip)
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step_count, self.oc)
         self.opt.step()
@@ -202,6 +199,17 @@ class StackedTrials:
     @property
     def params(self) -> dict[str, torch.Tensor]:  # stacked (N, ...), under the trials' own names
         return {k: v.detach() for k, v in self.net.named_parameters()}
+
+
+def clip_trials(grads: list[torch.Tensor], n: int, max_norm: float) -> torch.Tensor:
+    """Scale each trial's gradients (the stacked tensors' rows) by its own min(1, max_norm / (|g| + 1e-6)), as
+    clip_gradients does for one trial (no clipping for max_norm <= 0); returns the N norms before clipping."""
+    norms = trial_norms(grads, n)
+    if max_norm > 0:
+        div = ((norms + 1e-6) / max_norm).clamp_min(1.0)
+        for g in grads:
+            g.div_(div.view(-1, *[1] * (g.dim() - 1)))
+    return norms
 
 
 def make_program(kind: str, objectives: list[torch.nn.Module], optim, rt, compile_mode: str | bool = False,
