@@ -2,29 +2,35 @@
 program, against one trial's own step, side by side in one process.
 
     python benchmarks/batched_trials.py --preset small --image-size 32 --channels 1 --batch 128 \
-        --trials 1 4 8 16 --modes eager default reduce-overhead --out benchmarks/results/h200-batched-trials.json
+        --trials 6 18 --modes eager reduce-overhead --programs stacked --out benchmarks/results/h200-batched-trials.json
     python benchmarks/batched_trials.py --stage base --batch 256 ...   # the base models (stage 2) alike
 
 A sweep's autoencoders share one architecture: loss factor and sigmoid bias are 0-d buffers of `AEObjective`,
 and everything else that differs between trials (weights, optimizer state, data order, noise) is per-trial
 state; its base models share theirs too (`BaseObjective`, the same bias and schedule, each trial its own
-latents). So N trials can take their optimizer steps as one program: `torch.func.stack_module_state` stacks
-their weights and buffers along a new leading dimension, `vmap(grad(loss))` computes every trial's gradient in
-one pass (a convolution of N stacked weights becomes one grouped convolution), and AdamW, whose update is
-elementwise, steps the stacked tensors as N independent optimizers would. What is not elementwise is done per
-trial: the gradient clipping (each trial's own global norm) and the EMA (elementwise too, with the shared
-step-dependent decay). One batched step costs one trial's launch overhead for N trials' arithmetic.
+latents). So N trials can take their optimizer steps as one program, in one of two ways (`--programs`):
+- `stacked` (`ulsweep/models/stacked.py`): one network whose every layer holds the N trials' weights stacked,
+  fed the N batches one after another on the batch dimension (a linear layer becomes one batched matmul, a
+  convolution one grouped convolution); it compiles as an ordinary graph, with the fused attention kernels;
+- `vmap`: `torch.func.stack_module_state` stacks the weights and buffers along a new leading dimension, and
+  `vmap(grad(loss))` computes every trial's gradient in one pass.
+Either way AdamW, whose update is elementwise, steps the stacked tensors as N independent optimizers would. What
+is not elementwise is done per trial: the gradient clipping (each trial's own global norm; for `stacked`
+compiled with the step in the compiled modes) and the EMA (elementwise too, with the shared step-dependent
+decay). One batched step costs one trial's launch overhead for N trials' arithmetic.
 
-Rows, per `--modes` (the library's `train.compile` values):
+Rows, per `--modes` (the library's `train.compile` values), each with its first step's seconds (compilation and
+CUDA-graph capture included; the compile caches are reset between rows) and, on a GPU, its peak memory:
 - `one trial`: the library's own step of one trial (`benchmarks/train_step.py`'s `step_stage1` / `step_stage2`:
   the objective compiled by `compile_module`, `TrainState.optimizer_step`), images (latents) per second;
-- `batched N`: N trials' steps as one program (the vmapped gradient compiled whole with `torch.compile` in that
-  mode), aggregate images/s over the N trials, and its ratio to the `one trial` row of the same mode.
+- `stacked N` / `vmap N`: N trials' steps as one program (compiled whole with `torch.compile` in that mode, under
+  the library's autocast), aggregate images/s over the N trials, and its ratio to the `one trial` row of the same
+  mode. Session 17's rows were named `batched N`: the vmapped program, then without autocast (fp32).
 `--check-steps K` (default 3) first trains N trials both ways from the same initial weights, data and noise, with
-dropout off (vmap draws other dropout masks than the loop does), and reports the largest relative difference of
-the first step's gradients and of the weights after K steps: the batched program must be the same N trials.
-Each row lists the operators vmap had no batching rule for (`vmap_fallback_ops`: it loops over the trials there;
-on CPU the attention).
+dropout off (the programs draw other dropout masks than the loop does), for each program, and reports the
+largest relative difference of the first step's gradients and of the weights after K steps: the batched program
+must be the same N trials. Each row lists the operators vmap had no batching rule for (`vmap_fallback_ops`: it
+loops over the trials there; on CPU the attention).
 Prints a table and writes JSON (after every row). Absolute numbers are only meaningful on a GPU (compare
 `packing.py`'s rows of N processes per GPU, with and without MPS).
 """
