@@ -80,8 +80,7 @@ def test_the_driver_starts_one_task_per_job_and_reports_each_without_failing_the
 
     calls = []
 
-    def fake(raw, overrides, base_name, nice=0):  # pickled by value: the real one is tested above
-        assert nice == precompile.NICE  # the task runs at the lowest CPU priority
+    def fake(raw, overrides, base_name):  # pickled by value: the real one is tested above
         if overrides.get("ae.model.latent_channels") == 4:
             raise RuntimeError("compile failed")
         if overrides.get("ae.model.latent_channels") == 8:

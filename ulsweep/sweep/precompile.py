@@ -34,9 +34,6 @@ from ulsweep.config import ExperimentConfig, dump_yaml, to_dict
 from ulsweep.sweep.space import find_base, planned_overrides, trial_experiment
 
 STEPS = 3  # CUDA graphs: a warm-up run, the recording, a replay
-# the task's CPU priority: the lowest (its compile workers inherit it), so that the autoencoders it runs beside,
-# which are the sweep's critical path then, get the CPUs first and the compile takes what they leave
-NICE = 19
 
 
 def wanted(exp: ExperimentConfig) -> bool:
@@ -81,10 +78,9 @@ def _schedule(exp: ExperimentConfig, base):
     return base_schedule(exp.ae.loss, base)
 
 
-def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS, nice: int = 0) -> dict[str, Any]:
+def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS) -> dict[str, Any]:
     """Train base model `base_name` of the trial experiment (`raw` with `overrides`) for `steps` steps on random
-    latents through the library's loop, in a scratch directory, after lowering its process's CPU priority by `nice`;
-    returns what it did: {"base", "latent_shape",
+    latents through the library's loop, in a scratch directory; returns what it did: {"base", "latent_shape",
     "compile_gate" (how its first compiled step got through the gate: "first" or "after" compiled, "done" found
     it compiled, "busy" another process compiled it meanwhile; "ungated" with train.gate_compile: false),
     with eval.sample_compile "sampling" (`_compile_sampling`), and "seconds"}."""
@@ -99,11 +95,6 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS,
     from ulsweep.train.state import TrainState
 
     t0 = time.time()
-    if nice:  # the Ray task's own process (NICE); never the caller's
-        try:
-            os.nice(nice)
-        except OSError:  # not permitted here: the task runs at the trials' priority
-            pass
     exp = trial_experiment(raw, overrides)
     base = find_base(exp, base_name)
     tc = dataclasses.replace(base.train, steps=steps, log_every=0, eval_every=0, ckpt_every=0, keep_checkpoints=1)
@@ -160,17 +151,20 @@ def _compile_sampling(exp: ExperimentConfig, base, ema_net, shape, device) -> st
 def start(exp: ExperimentConfig, out) -> list:
     """Start the tasks of `jobs(exp)` on the running Ray instance; returns [(label, object ref)].
 
-    The tasks reserve no resources: the trials have them all (ten autoencoders at 0.1 GPU fill a GPU, and a task
+    The tasks reserve no resources: the trials hold them all (ten autoencoders at 0.1 GPU fill a GPU, and a task
     holding a trial's share would push one of them into a later wave). A task's compile runs on CPUs the trials
-    share anyway (a base trial compiling for itself would use them too), and on the GPU it takes three steps at
-    one trial's batch and one batch of generation. Ray hides the GPUs from a task that reserves none, so the task is pinned to a node
-    with GPUs and keeps that node's CUDA_VISIBLE_DEVICES (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES)."""
+    share anyway (a base trial compiling for itself would use them too), at the trials' priority: at the lowest
+    (nice 19) the task never finished its compile beside two busy autoencoders on 2 cores, and every base trial,
+    finding the gate held, trained uncompiled throughout (benchmarks/results/cpu-sweep-wall-precompile-nice19.json).
+    On the GPU it takes three steps at one trial's batch and one batch of generation. Ray hides the GPUs from a
+    task that reserves none, so the task is pinned to a node with GPUs and keeps that node's CUDA_VISIBLE_DEVICES
+    (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES)."""
     import ray
 
     todo = jobs(exp)
     if not todo:
         return []
-    # max_calls 1: the worker exits after its task, with its lowered priority, CUDA context and compile workers
+    # max_calls 1: the worker exits after its task, with its CUDA context and compile workers
     opts: dict[str, Any] = {"num_cpus": 0, "num_gpus": 0, "max_retries": 0, "max_calls": 1}
     if exp.resources.gpus_per_worker > 0:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -186,7 +180,7 @@ def start(exp: ExperimentConfig, out) -> list:
     labels = [f"base {j['base']}" + "".join(f", {k}={v}" for k, v in j["overrides"].items()) for j in todo]
     print(f"precompile: {len(todo)} base-model step(s) compiled beside the first autoencoders: "
           f"{'; '.join(labels)}", file=out, flush=True)
-    return [(label, task.remote(raw, j["overrides"], j["base"], nice=NICE)) for label, j in zip(labels, todo)]
+    return [(label, task.remote(raw, j["overrides"], j["base"])) for label, j in zip(labels, todo)]
 
 
 def report(started: list, out) -> list[dict[str, Any]]:
