@@ -215,6 +215,48 @@ def test_an_eager_trial_trains_uncompiled_while_another_compiles_then_switches(t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_an_eager_trial_compiles_anyway_once_the_gate_stays_held_past_its_limit(tmp_path, monkeypatch, digits_cache):
+    """A holder that hangs (a starved precompile task, say) keeps the gate: after loop.EAGER_MAX_S of uncompiled
+    steps the run compiles for itself ("timeout") instead of training uncompiled to its end."""
+    import torch
+    from test_train import tiny_exp
+
+    from ulsweep.train import loop
+    from ulsweep.train.stage1 import train_autoencoder
+
+    calls = []
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            calls.append(1)
+            return self.inner(*args)
+
+    gate_dir = tmp_path / "gate"
+    monkeypatch.setattr(loop, "compile_module", lambda module, setting, rt, **kw: Compiled(module))
+    monkeypatch.setattr(loop, "graph_key", lambda *a, **kw: "k")
+    monkeypatch.setattr(loop, "first_compile",
+                        lambda key, label, **kw: G.first_compile(key, label, folder=str(gate_dir), **kw))
+    monkeypatch.setattr(loop, "EAGER_MAX_S", 0.0)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_TOLD, "k", str(gate_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "first"
+        res = train_autoencoder(tiny_exp(steps=4, log_every=1, compile=True, gate_compile="eager"),
+                                str(tmp_path / "run"))
+        marked = (gate_dir / "ulsweep-compile-gate" / "k.done").exists()
+    finally:
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(timeout=60)
+    marks = res.extra["marks"]
+    assert marks["eager_steps"] == 1 and marks["compile_gate"] == "timeout" and len(calls) == 3, marks
+    assert not marked  # a compile that timed out marks nothing done: the holder's own does
+
+
 def test_sampling_networks_are_compiled_once_asked_and_left_alone_while_another_process_compiles_them(
         tmp_path, monkeypatch, digits_cache):
     """eval.sample_compile: the decoder (AE evaluation) and the base model with the decoder (generations) are

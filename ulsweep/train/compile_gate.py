@@ -18,7 +18,8 @@ process (the same work as without the gate, one compile later).
 Instead of waiting, a process may ask without waiting (`wait=False`: "busy" while another compiles) and train
 its uncompiled module meanwhile (`train.gate_compile: eager`, ulsweep/train/loop.py): its share of the device
 does useful work during the first compile, and it gets in, finding the key done, once the first process has
-finished (or compiles first itself, if it asks while nobody holds the gate).
+finished (or compiles first itself, if it asks while nobody holds the gate). Like a waiter, it trains uncompiled
+for at most `WAIT_S` and then compiles anyway (a holder that hangs, rather than dies, holds the gate for good).
 """
 from __future__ import annotations
 

@@ -42,12 +42,13 @@ from ulsweep.config import TrainConfig
 from ulsweep.train.checkpoint import (CheckpointError, latest_valid_checkpoint, prune_checkpoints, save_checkpoint,
                                       step_dir, write_images, write_result)
 from ulsweep.train.hooks import StageResult, TrainHooks, TrainingDiverged
-from ulsweep.train.compile_gate import first_compile, graph_key
+from ulsweep.train.compile_gate import WAIT_S, first_compile, graph_key
 from ulsweep.train.evaluation import pop_seconds
 from ulsweep.train.runtime import all_reduce_mean, compile_mode, compile_module, shard, wrap_ddp
 from ulsweep.train.state import TrainState, lr_at
 
 Evaluate = Callable[[nn.Module, bool], tuple[dict, dict]]
+EAGER_MAX_S = WAIT_S  # longest a run trains uncompiled while another process holds its compile gate
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
     mode = compile_mode(tc.compile, rt) if rt.world == 1 and tc.gate_compile else None
     step_fn = objective if mode is not None else model  # the module of the next step
     key, gated, eager_steps = None, False, 0  # gate key; first compiled step entered; uncompiled steps taken
+    eager_since = None  # when the first uncompiled step started
     local_batches = getattr(source, "local_batches", False)
 
     def checkpoint(metrics: dict) -> str | None:
@@ -113,11 +115,19 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
         batch = source.draw(tc.batch_size, ts.gen)
         if mode is not None and not gated:
             key = key or graph_key(objective, batch.shape, mode, rt.device.type, rt.amp_dtype)
+            # uncompiled for as long as a waiter would wait (WAIT_S): then compile anyway ("timeout"), so that a
+            # holder that hangs (rather than dies, which frees the gate) cannot keep this run uncompiled throughout
+            out_waited = eager_since is not None and time.monotonic() - eager_since > EAGER_MAX_S
+            if out_waited and rt.is_main:
+                print(f"[{spec.label}] compiling anyway after {eager_steps} uncompiled steps: the compile gate "
+                      f"{key[:8]} is still held", file=sys.stderr, flush=True)
             attempt = contextlib.ExitStack()
-            how = attempt.enter_context(first_compile(key, spec.label, wait=tc.gate_compile != "eager"))
+            how = attempt.enter_context(first_compile(key, spec.label, wait=tc.gate_compile != "eager" or out_waited,
+                                                      **({"wait_s": 0.0} if out_waited else {})))
             if how == "busy":  # another process compiles this model: train uncompiled meanwhile
                 attempt.close()
                 if not eager_steps:
+                    eager_since = time.monotonic()
                     # cuDNN's algorithm search times every convolution shape at its first call: seconds (up to 15 s on
                     # a fresh H200 machine, benchmarks/first_step.py) before the first step of an interim that may
                     # be short, whose shapes and layouts the compiled step need not share. Heuristics meanwhile
