@@ -30,6 +30,13 @@
 #   WALL_LIMIT=280 bash benchmarks/device/wall.sh --set ae.train.steps=1700 --set base_models.0.train.steps=1250 \
 #     --set resources.mps=on --variant 'fresh=resources.reuse_processes=off,env:TORCHINDUCTOR_CACHE_DIR=/tmp/ind-f' \
 #     --variant 'reuse=resources.reuse_processes=on,env:TORCHINDUCTOR_CACHE_DIR=/tmp/ind-r'
+# Base models compiled ahead off against on (resources.precompile; session 20: CPU only), under MPS with warm
+# processes, the five autoencoders at half their steps and their base models, each variant with a cold cache of its
+# own; look at the first base trial's ready_s and the base trials' first_step phase:
+#   WALL_LIMIT=280 bash benchmarks/device/wall.sh --set ae.train.steps=1700 --set base_models.0.train.steps=1250 \
+#     --set resources.mps=on --set resources.reuse_processes=on \
+#     --variant 'late=resources.precompile=off,env:TORCHINDUCTOR_CACHE_DIR=/tmp/ind-l' \
+#     --variant 'ahead=resources.precompile=on,env:TORCHINDUCTOR_CACHE_DIR=/tmp/ind-a'
 set -uo pipefail
 bash benchmarks/device/fid.sh stage > /dev/null
 . benchmarks/device/env_b.sh
