@@ -123,7 +123,7 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
                       f"{key[:8]} is still held", file=sys.stderr, flush=True)
             attempt = contextlib.ExitStack()
             how = attempt.enter_context(first_compile(key, spec.label, wait=tc.gate_compile != "eager" or out_waited,
-                                                      **({"wait_s": 0.0} if out_waited else {})))
+                                                      wait_s=0.0 if out_waited else WAIT_S))
             if how == "busy":  # another process compiles this model: train uncompiled meanwhile
                 attempt.close()
                 if not eager_steps:
