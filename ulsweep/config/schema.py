@@ -146,9 +146,9 @@ class TrainConfig:
     compile: bool | Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = False
     # the node's first process to compile a model compiles it alone, the others from torch's caches
     # (ulsweep/train/compile_gate.py). "eager" (default): while another process compiles, this one trains
-    # uncompiled and switches to the compiled step once the other is done; true: it waits for the other before its
-    # first step; false: no gate (every process compiles at once). On one H200, five lf_sweep autoencoders took
-    # 208 s with eager against 250 s waiting (README "Measured so far")
+    # uncompiled and switches to the compiled step once the other is done (after 15 min it compiles anyway); true:
+    # it waits for the other before its first step; false: no gate (every process compiles at once). On one H200,
+    # five lf_sweep autoencoders took 208 s with eager against 250 s waiting (README "Measured so far")
     gate_compile: bool | Literal["eager"] = "eager"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # cuDNN's autotuner (CUDA only): true times every convolution algorithm at each conv shape's first call and
