@@ -84,7 +84,7 @@ def test_the_driver_starts_one_task_per_job_and_reports_each_without_failing_the
         if overrides.get("ae.model.latent_channels") == 4:
             raise RuntimeError("compile failed")
         if overrides.get("ae.model.latent_channels") == 8:
-            time.sleep(60)
+            time.sleep(600)  # still running at the report, which cancels it
         return {"base": base_name, "latent_shape": [overrides["ae.model.latent_channels"], 4, 4],
                 "compile_gate": "first", "seconds": 1.0}
 
@@ -95,13 +95,13 @@ def test_the_driver_starts_one_task_per_job_and_reports_each_without_failing_the
     try:
         @ray.remote(num_cpus=1)
         def hold_the_cpu():
-            time.sleep(30)
+            time.sleep(600)  # longer than any wait below: cancelled at the end
 
         held = hold_the_cpu.remote()  # a trial holding the node's only CPU
         out = io.StringIO()
         refs = precompile.start(exp, out)
         assert len(refs) == 3
-        ready, _ = ray.wait([r for _, r in refs[:2]], num_returns=2, timeout=25)  # not queued behind the trial
+        ready, _ = ray.wait([r for _, r in refs[:2]], num_returns=2, timeout=120)  # not queued behind the trial
         assert len(ready) == 2
         done = precompile.report(refs, out)
         calls.append(out.getvalue())
