@@ -14,6 +14,7 @@ call, so that their numbers compare side by side. Per variant it records:
                         that started before any trial of the architecture was ready, the one slowest to be ready
                         (the one that compiled, where the others trained uncompiled meanwhile: gate_compile eager)
     process_trial       per trial, the how-manieth trial of its process it was (1: fresh; above: a reused one)
+    precompile          what the sweep compiled ahead (resources.precompile: the sweep run's tag), if anything
     training_share      share of the trials' span during which at least one trial was training
     results             per trial its final metrics (bits/pixel, PSNR, rFD/rFID, gFD/gFID), to check that a lever
                         leaves them unchanged
@@ -208,6 +209,9 @@ def sweep_numbers(sweep: str, tracking_uri: str | None = None) -> dict:
                                 if not pd.isna(r.process_trial)}
         later = after_first_of_architecture(ready, runs)
         out["ready_after_first_max_s"] = round(float(later["ready_s"].max()), 2) if len(later) else None
+    precompiled = data.parent.get("tags", {}).get("ulsweep.precompile")  # resources.precompile's tasks
+    if precompiled:
+        out["precompile"] = json.loads(precompiled)
     cols = [c for c in runs.columns if c in RESULT_METRICS or c.startswith(("rfd_", "gfd_"))]
     out["results"] = {r["key"]: {c: r[c] for c in cols if r[c] == r[c]} for _, r in runs.iterrows()}
     return out

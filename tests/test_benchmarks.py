@@ -312,8 +312,12 @@ def test_sweep_wall_reads_trials_phases_readiness_and_results_from_a_store(tmp_p
              ("train", t + 18, t + 48)]
     c.set_tag(runs["ae-0001"].info.run_id, timeline.TAG, timeline.add_attempt(None, later))
     c.set_tag(runs["ae-0001"].info.run_id, timeline.TAG_PROCESS, timeline.process_tag("h", 7, 8, 2))
+    assert "precompile" not in sweep_wall.sweep_numbers(str(run_dir))  # nothing compiled ahead
+    ahead = [{"base": "m", "latent_shape": [4, 4, 4], "compile_gate": "first", "seconds": 61.5}]
+    c.set_tag(sweep_id, "ulsweep.precompile", json.dumps(ahead))
     for via in (dict(sweep=str(run_dir)), dict(sweep="mini", tracking_uri=uri)):
         got = sweep_wall.sweep_numbers(**via)
+        assert got["precompile"] == ahead
         assert got["trials"] == 10 and got["finished"] == 8  # 4 AE + 6 base runs; ae-0003 FAILED, ae-0002-m RUNNING
         assert got["ready_s"] == {"ae-0000": 26.0, "ae-0001": 8.0}
         assert got["ready_after_first_max_s"] == 8.0  # ae-0000 is the first of its architecture
