@@ -17,9 +17,9 @@ With `eval.sample_compile` the task then runs one batch of the final evaluation'
 EMA base model and a decoder of the trial's architecture, random weights), so that the base trials' gFD
 sampling starts compiled too (its gate keys on the networks; the caches on the batch's shape, the trial's first).
 
-The task holds the resources of one trial (resources.cpus_per_worker / gpus_per_worker) and warms the node it
-runs on; on a cluster the trials of other nodes compile as before. With `search.method: optuna` the latent shapes
-of later trials are not known in advance: only the experiment's own `ae.model` shape is compiled ahead.
+The task reserves no Ray resources (`start` says why) and warms the node it runs on; on a cluster the trials of
+other nodes compile as before. With `search.method: optuna` the latent shapes of later trials are not known in
+advance: only the experiment's own `ae.model` shape is compiled ahead.
 """
 from __future__ import annotations
 
