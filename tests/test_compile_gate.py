@@ -157,19 +157,16 @@ def test_a_process_that_will_not_wait_hears_busy_and_holds_nothing(tmp_path):
         assert how == "done"
 
 
-def test_an_eager_trial_trains_uncompiled_while_another_compiles_then_switches(tmp_path, monkeypatch, digits_cache):
-    """gate_compile: eager. The gate is held by another process until the trial has logged step 3: steps 1-3 run
-    the uncompiled objective with cuDNN's algorithm search off, steps 4-6 the compiled module with it back on, and
-    the run's weights equal those of a run that never waited (the stand-in compile changes no arithmetic)."""
+def _stand_in_compile(monkeypatch, gate_dir) -> list:
+    """The loop's compile replaced by a module that counts its calls (torch.compile takes ~100 s cold on CPU), its
+    gate key fixed to "k" and its gate in `gate_dir`; returns the list the calls are counted in."""
     import torch
-    from test_train import Recorder, tiny_exp
 
     from ulsweep.train import loop
-    from ulsweep.train.stage1 import train_autoencoder
 
     calls = []
 
-    class Compiled(torch.nn.Module):  # stands in for torch.compile's module (~100 s cold on CPU)
+    class Compiled(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
@@ -178,11 +175,24 @@ def test_an_eager_trial_trains_uncompiled_while_another_compiles_then_switches(t
             calls.append(1)
             return self.inner(*args)
 
-    gate_dir = tmp_path / "gate"
     monkeypatch.setattr(loop, "compile_module", lambda module, setting, rt, **kw: Compiled(module))
     monkeypatch.setattr(loop, "graph_key", lambda *a, **kw: "k")
     monkeypatch.setattr(loop, "first_compile",
                         lambda key, label, **kw: G.first_compile(key, label, folder=str(gate_dir), **kw))
+    return calls
+
+
+def test_an_eager_trial_trains_uncompiled_while_another_compiles_then_switches(tmp_path, monkeypatch, digits_cache):
+    """gate_compile: eager. The gate is held by another process until the trial has logged step 3: steps 1-3 run
+    the uncompiled objective with cuDNN's algorithm search off, steps 4-6 the compiled module with it back on, and
+    the run's weights equal those of a run that never waited (the stand-in compile changes no arithmetic)."""
+    import torch
+    from test_train import Recorder, tiny_exp
+
+    from ulsweep.train.stage1 import train_autoencoder
+
+    gate_dir = tmp_path / "gate"
+    calls = _stand_in_compile(monkeypatch, gate_dir)
     holder = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_TOLD, "k", str(gate_dir)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "first"
@@ -218,28 +228,13 @@ def test_an_eager_trial_trains_uncompiled_while_another_compiles_then_switches(t
 def test_an_eager_trial_compiles_anyway_once_the_gate_stays_held_past_its_limit(tmp_path, monkeypatch, digits_cache):
     """A holder that hangs (a starved precompile task, say) keeps the gate: after loop.EAGER_MAX_S of uncompiled
     steps the run compiles for itself ("timeout") instead of training uncompiled to its end."""
-    import torch
     from test_train import tiny_exp
 
     from ulsweep.train import loop
     from ulsweep.train.stage1 import train_autoencoder
 
-    calls = []
-
-    class Compiled(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args):
-            calls.append(1)
-            return self.inner(*args)
-
     gate_dir = tmp_path / "gate"
-    monkeypatch.setattr(loop, "compile_module", lambda module, setting, rt, **kw: Compiled(module))
-    monkeypatch.setattr(loop, "graph_key", lambda *a, **kw: "k")
-    monkeypatch.setattr(loop, "first_compile",
-                        lambda key, label, **kw: G.first_compile(key, label, folder=str(gate_dir), **kw))
+    calls = _stand_in_compile(monkeypatch, gate_dir)
     monkeypatch.setattr(loop, "EAGER_MAX_S", 0.0)
     holder = subprocess.Popen([sys.executable, "-c", HOLD_UNTIL_TOLD, "k", str(gate_dir)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
