@@ -42,7 +42,7 @@ PRECISIONS = ("fp32", "bf16")
 def load_models(args, device: torch.device) -> dict:
     """The networks and shapes to sample with (see the module docstring)."""
     from ulsweep.config import experiment_from_dict, load_experiment
-    from ulsweep.train.build import build_autoencoder, build_base_model
+    from ulsweep.train.build import build_autoencoder, build_base_model, latent_shape as latent_shape_of
     from ulsweep.train.checkpoint import load_checkpoint
     from ulsweep.train.stage2 import load_frozen_autoencoder
 
@@ -64,7 +64,7 @@ def load_models(args, device: torch.device) -> dict:
         torch.manual_seed(0)
         ae = build_autoencoder(exp.ae, args.channels).to(device)
         s = exp.data.image_size
-        latent_shape = (exp.ae.model.latent_channels, s // exp.ae.model.downsample, s // exp.ae.model.downsample)
+        latent_shape = latent_shape_of(exp)
         net = build_base_model(base, latent_shape[0]).to(device)
         image_shape = (args.channels, s, s)
         trained = False

@@ -40,7 +40,8 @@ from ulsweep.diffusion import diffuse, low_discrepancy_times, prior_loss, x_from
 from ulsweep.metrics.flops import gflops_per_image, model_gflops  # noqa: E402
 from ulsweep.models import AE_PRESETS, BASE_PRESETS  # noqa: E402
 from ulsweep.models.presets import with_head_dim  # noqa: E402
-from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model, prior_schedule  # noqa: E402
+from ulsweep.train.build import (base_schedule, build_autoencoder, build_base_model, latent_shape,  # noqa: E402
+                                 prior_schedule)
 from ulsweep.train.runtime import compile_module, make_runtime, wrap_ddp  # noqa: E402
 from ulsweep.train.stage1 import AEObjective  # noqa: E402
 from ulsweep.train.stage2 import BaseObjective  # noqa: E402
@@ -48,11 +49,6 @@ from ulsweep.train.state import TrainState  # noqa: E402
 
 MODES = {"eager": False, "default": "default", "reduce-overhead": "reduce-overhead",
          "max-autotune": "max-autotune-no-cudagraphs"}  # train.compile values of the library
-
-
-def latent_shape(exp) -> tuple[int, int, int]:
-    s, d = exp.data.image_size, exp.ae.model.downsample
-    return exp.ae.model.latent_channels, s // d, s // d
 
 
 def set_dropout(module: torch.nn.Module, p: float | None) -> torch.nn.Module:

@@ -52,24 +52,22 @@ def jobs(exp: ExperimentConfig) -> list[dict[str, Any]]:
     left out."""
     if not wanted(exp):
         return []
+    from ulsweep.train.build import latent_shape
+
     raw = to_dict(exp)
     out, seen = [], set()
     for ov in planned_overrides(exp.search, exp.ae.train.seed) or [{}]:
         trial = trial_experiment(raw, ov)
+        shape = latent_shape(trial)
         for b in trial.base_models:
             if b.train.compile is False:
                 continue
             train = dataclasses.replace(b.train, seed=0)  # the seed changes no graph
-            ident = (dump_yaml(dataclasses.replace(b, train=train)), _latent_shape(trial), repr(_schedule(trial, b)))
+            ident = (dump_yaml(dataclasses.replace(b, train=train)), shape, repr(_schedule(trial, b)))
             if ident not in seen:
                 seen.add(ident)
-                out.append({"overrides": ov, "base": b.name, "latent_shape": _latent_shape(trial)})
+                out.append({"overrides": ov, "base": b.name, "latent_shape": shape})
     return out
-
-
-def _latent_shape(exp: ExperimentConfig) -> tuple[int, int, int]:
-    s, d = exp.data.image_size, exp.ae.model.downsample
-    return exp.ae.model.latent_channels, s // d, s // d
 
 
 def _schedule(exp: ExperimentConfig, base):
@@ -87,7 +85,7 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS)
     import torch
 
     from ulsweep.data.sources import DeviceSplit
-    from ulsweep.train.build import build_base_model
+    from ulsweep.train.build import build_base_model, latent_shape
     from ulsweep.train.hooks import TrainHooks
     from ulsweep.train.loop import RunSpec, train
     from ulsweep.train.runtime import make_runtime
@@ -103,7 +101,7 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS)
                            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but the trials train on GPUs: it would "
                            "compile graphs they never use")
     rt = make_runtime(tc)
-    shape = _latent_shape(exp)
+    shape = latent_shape(exp)
     gen = torch.Generator(rt.device).manual_seed(0)
     source = DeviceSplit(torch.randn(tc.batch_size, *shape, generator=gen, device=rt.device))
     net = build_base_model(base, shape[0]).to(rt.device)

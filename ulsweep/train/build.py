@@ -5,9 +5,15 @@ this module is where config values become their arguments.
 """
 from __future__ import annotations
 
-from ulsweep.config import AELossConfig, AEStageConfig, BaseStageConfig, TrainConfig
+from ulsweep.config import AELossConfig, AEStageConfig, BaseStageConfig, ExperimentConfig, TrainConfig
 from ulsweep.diffusion import LogSNRSchedule
 from ulsweep.models import AE_PRESETS, BASE_PRESETS, BaseViT, DecoderUViT, Encoder, PriorViT, UnifiedAutoencoder
+
+
+def latent_shape(exp: ExperimentConfig) -> tuple[int, int, int]:
+    """The latent an experiment's autoencoder gives for its images (data.image_size): (channels, h, w)."""
+    s, d = exp.data.image_size, exp.ae.model.downsample
+    return exp.ae.model.latent_channels, s // d, s // d
 
 
 def build_autoencoder(cfg: AEStageConfig, image_channels: int) -> UnifiedAutoencoder:
