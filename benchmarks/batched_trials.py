@@ -159,22 +159,21 @@ class BatchedTrials:
 class StackedTrials:
     """N trials of one architecture as one network (`ulsweep.models.stacked.stack`: every layer's weights
     stacked, the trials' batches one after another on the batch dimension), compiled like one trial's objective
-    by the library's `compile_module`; the library's fused AdamW and EMA over the stacked tensors (elementwise,
-    so N trials' own), and each trial's own gradient norm for clipping (`trial_norms`)."""
+    by the library's `compile_module`; the library's fused AdamW and EMA over the stacked tensors (its
+    `TrainState.apply_gradients`: elementwise, so N trials' own), after each trial's own clipping (`clip_trials`)."""
 
     def __init__(self, objectives: list[torch.nn.Module], optim, rt, compile_mode: str | bool = False):
         from ulsweep.models.stacked import stack
         from ulsweep.train.runtime import compile_module
-        from ulsweep.train.state import make_optimizer
+        from ulsweep.train.state import TrainState
 
-        self.n, self.oc, self.rt, self.step_count = len(objectives), optim, rt, 0
+        self.n, self.oc, self.rt = len(objectives), optim, rt
         self.net = stack(objectives)
         self.dims = objectives[0].dims
         self.model = compile_module(self.net, compile_mode, rt)
         # per-trial norms and division: two small kernels per tensor eagerly; compiled alongside, a few fused ones
         self.clip = torch.compile(clip_trials, dynamic=False) if compile_mode else clip_trials
-        self.opt = make_optimizer(self.net.parameters(), optim, next(self.net.parameters()).device)
-        self.ema = EMA(self.net, optim.ema_std)
+        self.ts = TrainState(self.net, optim, rt, seed=0)  # the library's AdamW and EMA over the stacked tensors
 
     def backward(self, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> None:
         """The sum of the N trials' losses backwards: trial k's gradient is its own loss's (no shared weight)."""
@@ -186,7 +185,7 @@ class StackedTrials:
         """Every trial's gradient, stacked (N, ...), by name; no step."""
         self.backward(x, noise)
         out = {k: p.grad.clone() for k, p in self.net.named_parameters()}
-        self.opt.zero_grad(set_to_none=True)
+        self.ts.opt.zero_grad(set_to_none=True)
         return out
 
     def step(self, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -194,12 +193,7 @@ class StackedTrials:
         norms before clipping."""
         self.backward(x, noise)
         norms = self.clip([p.grad for p in self.net.parameters()], self.n, self.oc.grad_clip)
-        for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.step_count, self.oc)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.step_count += 1
-        self.ema.update(self.net, self.step_count)
+        self.ts.apply_gradients()
         return norms
 
     @property

@@ -93,13 +93,17 @@ class TrainState:
         """Backward, clip, warm-up learning rate, AdamW step, EMA update; returns the gradient norm."""
         loss.backward()
         gnorm = clip_gradients(self.opt, self.oc.grad_clip)
+        self.apply_gradients()
+        return gnorm
+
+    def apply_gradients(self) -> None:
+        """The step on the gradients as they are (clipped already): warm-up learning rate, AdamW, EMA update."""
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, self.oc)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         self.ema.update(self.net, self.step)
-        return gnorm
 
     def state_dict(self) -> dict:
         return {"model": self.net.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
