@@ -244,20 +244,22 @@ def check(exp, stage: str, n: int, batch: int, channels: int, steps: int, device
     weights, data and noise (dropout off): the largest relative differences of the first step's gradients and
     of the weights after `steps` steps (each relative to that tensor's largest magnitude), and the tensors that
     have them. TF32 is off while it runs: its 1e-3 rounding would move both programs' gradients apart and flip
-    AdamW's first, sign-like steps in weights that are still near zero (0.33 on an H200 with TF32 on)."""
+    AdamW's first, sign-like steps in weights that are still near zero (0.33 on an H200 with TF32 on; zero-
+    initialised output convolutions are all such weights). The runtime is made first: `make_runtime` turns TF32
+    on for CUDA, and until session 21 it did so inside the check (1.01 on an H200)."""
+    rt = dataclasses.replace(make_runtime(exp.ae.train), amp_dtype=None)  # fp32, as the trials stepped below
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        return _check(exp, stage, n, batch, channels, steps, device, attention, program)
+        return _check(exp, rt, stage, n, batch, channels, steps, device, attention, program)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
-def _check(exp, stage: str, n: int, batch: int, channels: int, steps: int, device: torch.device,
+def _check(exp, rt, stage: str, n: int, batch: int, channels: int, steps: int, device: torch.device,
            attention: str, program: str) -> dict:
     from ulsweep.train.state import TrainState
 
-    rt = dataclasses.replace(make_runtime(exp.ae.train), amp_dtype=None)  # fp32, as the trials stepped below
     objs = trial_objectives(exp, stage, n, channels, device, dropout=0.0)
     oc = optim_of(exp, stage)
     batched = make_program(program, copy.deepcopy(objs), oc, rt, attention=attention)
