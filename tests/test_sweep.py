@@ -211,21 +211,19 @@ def test_gpu_experiment_runs_on_cpu_only_when_ray_was_started_here_without_gpus(
     assert fit_to_local_machine(exp, {"CPU": 8.0}, started_here=False, out=buf) is exp
 
 
-def test_reused_trial_processes_per_setting_and_auto_keeps_local_cuda_graph_trials_fresh():
+def test_reused_trial_processes_per_setting_cuda_graph_trials_included():
     from ulsweep.config import experiment_from_dict
     from ulsweep.sweep.driver import reuse_processes
 
     gpu = {"resources": {"gpus_per_worker": 0.1, "num_workers": 0}}
     graphs = {"ae.train.compile": "reduce-overhead"}
-    assert not reuse_processes(experiment_from_dict(gpu, graphs))  # auto: the trial process captures graphs
-    assert not reuse_processes(experiment_from_dict({**gpu, "base_models": [
+    # auto: CUDA-graph trials in the trial process too (they all run in its one trial thread)
+    assert reuse_processes(experiment_from_dict(gpu, graphs))
+    assert reuse_processes(experiment_from_dict({**gpu, "base_models": [
         {"name": "b", "train": {"compile": "reduce-overhead"}}]}))
-    assert reuse_processes(experiment_from_dict(gpu, {"ae.train.compile": True}))
-    # on CPU compile_module falls back to the default mode; with worker actors the trial process trains nothing
     assert reuse_processes(experiment_from_dict({}, graphs))
-    assert reuse_processes(experiment_from_dict(gpu, {**graphs, "resources.num_workers": 1,
-                                                      "resources.gpus_per_worker": 1.0}))
     assert reuse_processes(experiment_from_dict(gpu, {**graphs, "resources.reuse_processes": "on"}))
+    assert not reuse_processes(experiment_from_dict(gpu, {**graphs, "resources.reuse_processes": "off"}))
     assert not reuse_processes(experiment_from_dict({}, {"resources.reuse_processes": "off"}))
 
 

@@ -330,9 +330,8 @@ class ResourcesConfig:
     # a trial process kept for the next trial (Tune's reuse_actors): a warm process skips the imports and keeps
     # torch.compile's in-memory caches, so a later trial of an architecture it has trained takes its first step
     # without compiling; every trial of a process runs in the same thread of it (ulsweep/sweep/trial_thread.py).
-    # auto: on, except for CUDA-graph trials on GPUs in Ray Train's local mode (torch 2.11 failed to capture in
-    # a second thread of a process; one thread for all trials of a process is not yet measured on a GPU); on;
-    # off: a new process per trial
+    # auto and on (the same since session 21, when CUDA-graph trials in one trial thread ran on a GPU); off: a new
+    # process per trial
     reuse_processes: Literal["auto", "on", "off"] = "auto"
     # compile the base models' training steps once, in a Ray task the sweep starts beside its first autoencoders,
     # so that the base trials, which start only when their autoencoder is done, find torch's caches warm

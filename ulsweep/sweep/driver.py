@@ -364,20 +364,13 @@ def plan_description(exp: ExperimentConfig) -> list[dict[str, Any]] | None:
 
 
 def reuse_processes(exp: ExperimentConfig) -> bool:
-    """Whether Tune keeps a trial's process for a later trial (`resources.reuse_processes`). auto: yes, except
-    where the trial process itself trains with CUDA graphs (Ray Train's local mode on GPUs): CUDA graphs work in
-    one thread of a process only (torch 2.11: capture failed in the second; `train.runtime.compile_mode` falls
-    back to plain compile there), and the one trial thread a reused process runs its trials in
-    (trial_thread.py) is not yet measured on a GPU. `on` runs such trials that way."""
-    setting = exp.resources.reuse_processes
-    if setting != "auto":
-        return setting == "on"
-    return not (exp.resources.num_workers == 0 and _uses_cuda_graphs(exp))
-
-
-def _uses_cuda_graphs(exp: ExperimentConfig) -> bool:
-    modes = [exp.ae.train.compile] + [b.train.compile for b in exp.base_models]
-    return "reduce-overhead" in modes and exp.resources.gpus_per_worker > 0
+    """Whether Tune keeps a trial's process for a later trial (`resources.reuse_processes`): auto and on, yes.
+    Until session 21 auto left out trials whose process trains with CUDA graphs on a GPU (Ray Train's local
+    mode): torch 2.11 failed to capture in a second thread of a process (session 3), and the one trial thread a
+    reused process runs all its trials in (trial_thread.py) had not run on a GPU. On one H200 three CUDA-graph
+    trainings in one trial thread then all captured, and the full lf_sweep ran that way (README, "Warm trial
+    processes")."""
+    return exp.resources.reuse_processes != "off"
 
 
 def fit_to_local_machine(exp: ExperimentConfig, cluster: dict, started_here: bool, out) -> ExperimentConfig:

@@ -118,7 +118,7 @@ def compile_mode(setting: bool | str, rt: Runtime) -> str | None:
     process but the first that asked for it: with torch 2.11 on an H200, a second thread's training fails in
     CUDA-graph capture ("operation failed due to a previous error during capture") after the first thread's
     run succeeded. A sweep therefore gives each CUDA-graph trial its own process, or with
-    `resources.reuse_processes: on` runs all trials of a process in one thread (ulsweep/sweep/trial_thread.py).
+    `resources.reuse_processes` (auto, on) runs all trials of a process in one thread (ulsweep/sweep/trial_thread.py).
     The owner thread too gets the default mode where it lacks torch.compile's CUDA-graph state and this torch
     cannot set it up (`accel.cuda_graph_state_for_this_thread`, one warning)."""
     global _cuda_graph_owner
