@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -663,3 +664,10 @@ def test_warm_process_runs_both_variants_and_a_warm_run_matches_its_fresh_twin(t
     assert by[("warm", 1)]["imports_s"] is None
     assert all(r["ready_s"] >= r["first_step_s"] > 0 for r in rows)
     assert all(r["rss_gib"] > 0.05 for r in rows)  # torch alone takes more than 50 MiB
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_wait_benchmark_says_it_needs_a_gpu(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH / "cuda_wait.py"), "--out", str(tmp_path / "w.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "no CUDA device here" in out.stderr and not (tmp_path / "w.json").exists()

@@ -155,7 +155,7 @@ def _read_by_the_sweep(tracer, tmp_path) -> None:
     trial process builds from the resources section, with the production functions and without starting Ray."""
     import io
 
-    from ulsweep.sweep import driver, lineage
+    from ulsweep.sweep import driver, lineage, worker
     from ulsweep.sweep.trial import make_trainer, trial_resources, worker_config
 
     exp = tiny(search={"method": "optuna-tpe", "space": {"ae.loss.loss_factor": {"low": 1.0, "high": 4.0}},
@@ -173,6 +173,7 @@ def _read_by_the_sweep(tracer, tmp_path) -> None:
     trial_resources(exp.resources)
     wcfg = worker_config(exp, exp.resources, "ae", "ae-0000", run_dir, uri, run.sweep_id, "fake")
     make_trainer(wcfg, exp.resources, storage_path=run_dir, name="ae-0000", in_tune=False)
+    assert worker._cuda_wait(exp.resources) is None  # the trial process's first read; auto: CUDA's own
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -333,6 +333,10 @@ class ResourcesConfig:
     # auto and on (the same since session 21, when CUDA-graph trials in one trial thread ran on a GPU); off: a new
     # process per trial
     reuse_processes: Literal["auto", "on", "off"] = "auto"
+    # how a trial process's thread waits for its GPU (ulsweep/train/cuda_wait.py): auto (CUDA's default, which
+    # spins a core per waiting process), spin, yield or block (sleeps until the GPU is done: packed trials stop
+    # holding a core each); needs GPUs
+    cuda_wait: Literal["auto", "spin", "yield", "block"] = "auto"
     # compile the base models' training steps once, in a Ray task the sweep starts beside its first autoencoders,
     # so that the base trials, which start only when their autoencoder is done, find torch's caches warm
     # (ulsweep/sweep/precompile.py). auto: where some base model compiles and trials train in one process
@@ -340,6 +344,8 @@ class ResourcesConfig:
     precompile: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self):
+        _require(self.cuda_wait == "auto" or self.gpus_per_worker > 0, "cuda_wait", self.cuda_wait,
+                 "has no effect without GPUs (resources.gpus_per_worker: 0); use auto")
         _require(self.mps != "on" or 0 < self.gpus_per_worker < 1, "mps", self.mps,
                  "needs trials that share GPUs (0 < resources.gpus_per_worker < 1); use auto or off")
         _require(self.max_worker_failures >= -1, "max_worker_failures", self.max_worker_failures,

@@ -382,7 +382,7 @@ def fit_to_local_machine(exp: ExperimentConfig, cluster: dict, started_here: boo
     print(f"note: no GPU on this machine; trials run on CPU (resources.gpus_per_worker "
           f"{exp.resources.gpus_per_worker} -> 0)", file=out, flush=True)
     return experiment_from_dict(to_dict(exp), {"resources.gpus_per_worker": 0.0, "resources.backend": "auto",
-                                               "resources.mps": "off"})
+                                               "resources.mps": "off", "resources.cuda_wait": "auto"})
 
 
 def dry_run(exp: ExperimentConfig, storage: str | None = None, tracking_uri: str | None = None,

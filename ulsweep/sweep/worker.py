@@ -252,6 +252,7 @@ def train_worker(wcfg: dict) -> dict:
     _fail_again_if_recorded(wcfg)
     run_dir = wcfg["run_dir"]
     exp = experiment_from_dict(wcfg["experiment"])
+    waits = _cuda_wait(exp.resources)  # before torch first touches the GPU in this process
     hooks = RayHooks(wcfg, rank, world)
     train_ae, get_train_base = _train_fns(wcfg["train_impl"])
     t0, t_loop = time.perf_counter(), time.time()
@@ -270,8 +271,22 @@ def train_worker(wcfg: dict) -> dict:
     final.update({"kind": wcfg["kind"], "key": wcfg["key"], "final": 1.0, "t_worker": t_worker,
                   "t_loop": t_loop, "t_loop_end": t_loop + loop_seconds,
                   **(res.extra or {}).get("marks", {})})  # phases of the trial's timeline
+    if waits is not None:
+        final["cuda_wait"] = waits
     _report_final(final, res, wcfg, rank)
     return final  # local mode hands it back as Result.return_value
+
+
+def _cuda_wait(resources) -> str | None:
+    """`resources.cuda_wait` applied to this process's GPUs (None for auto): e.g. "block: set", or "block: as
+    set" in a reused process, kept in the trial's timings."""
+    policy = resources.cuda_wait
+    if policy == "auto":
+        return None
+    from ulsweep.train import cuda_wait
+
+    outcomes = sorted(set(cuda_wait.apply(policy).values())) or ["not applied"]
+    return f"{policy}: {', '.join(outcomes)}"
 
 
 def _rank_and_world(local_mode: bool) -> tuple[int, int]:
