@@ -1,16 +1,16 @@
 """How a process's CPU thread waits for its GPU (`resources.cuda_wait`).
 
-CUDA decides per context whether a thread that waits for the device (a synchronize, a `.item()`, a full launch
-queue) spins on its core, yields it, or sleeps on an OS primitive. Its default ("auto") spins whenever the
+CUDA decides per context whether a thread that waits for the device to finish (a synchronize, a `.item()`) spins
+on its core, yields it, or sleeps on an OS primitive. Its default ("auto") spins whenever the
 process has fewer active contexts than the machine has cores, which is always the case for a trial process.
-Packed trials therefore keep a core each busy waiting: one H200 sweep of 18 packed trials (session 21) held the
-machine's 16 cores at 96% while the GPU was the bottleneck, and the compile, the imports and the evaluation of
-other trials ran on what was left.
+Packed trials may therefore each hold a core busy waiting: one H200 sweep of 18 packed trials (session 21) kept
+the machine's 16 cores 96% busy while the GPU was shared, and the compile, the imports and the evaluation of
+other trials ran on what was left. `benchmarks/cuda_wait.py` measures how much of a core each policy burns.
 
 The policy is a flag of the device's primary context (the one torch uses), so it is set through the CUDA driver
 API (`cuDevicePrimaryCtxSetFlags`, public, loaded from libcuda by ctypes) before torch first touches the
-device. A process whose primary context is already active with another policy keeps it: the driver refuses
-the change then, and `apply` warns once and says so.
+device. Where the driver refuses to change a context already active with another policy, the process keeps
+that policy and `apply` warns and says so.
 """
 from __future__ import annotations
 
