@@ -1,16 +1,16 @@
-"""resources.precompile: which base-model steps a sweep compiles ahead, and that the task's compile is the one the
-base trial then finds done at the compile gate."""
+"""resources.precompile: which training steps a sweep compiles ahead, and that the task's compile is the one the
+trial then finds done at the compile gate."""
 import pytest
 
 from ulsweep.config import ConfigError, experiment_from_dict, to_dict
 from ulsweep.sweep import precompile
 
 
-def sweep_exp(space=None, base_compile=True, **resources):
+def sweep_exp(space=None, base_compile=True, ae_compile=False, **resources):
     return experiment_from_dict({
         "name": "p",
         "data": {"path": "builtin:digits", "image_size": 16},
-        "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2}},
+        "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2}, "train": {"compile": ae_compile}},
         "base_models": [{"name": "b", "train": {"steps": 2, "batch_size": 8, "compile": base_compile}},
                         {"name": "plain", "train": {"steps": 2, "batch_size": 8}}],
         "search": {"method": "grid", "space": space or {"ae.loss.loss_factor": {"values": [1.5, 4.0]},
@@ -22,8 +22,8 @@ def sweep_exp(space=None, base_compile=True, **resources):
 
 def test_one_job_per_distinct_base_step_and_none_for_uncompiled_bases():
     # loss factor and bias change no base-model graph: four trials, one step to compile; "plain" compiles nothing
-    assert precompile.jobs(sweep_exp()) == [{"overrides": {"ae.loss.loss_factor": 1.5, "ae.loss.sigmoid_bias": -2.0},
-                                             "base": "b", "latent_shape": (2, 4, 4)}]
+    assert precompile.jobs(sweep_exp()) == [{"stage": "base", "base": "b", "latent_shape": (2, 4, 4),
+                                             "overrides": {"ae.loss.loss_factor": 1.5, "ae.loss.sigmoid_bias": -2.0}}]
     # latent channels do: one job per latent shape
     jobs = precompile.jobs(sweep_exp({"ae.model.latent_channels": {"values": [2, 4]},
                                       "ae.loss.loss_factor": {"values": [1.5, 4.0]}}))
@@ -31,9 +31,25 @@ def test_one_job_per_distinct_base_step_and_none_for_uncompiled_bases():
         (2, "b", (2, 4, 4)), (4, "b", (4, 4, 4))]
 
 
+def test_one_job_per_distinct_autoencoder_step_before_the_base_models():
+    # loss factor, bias and seed change no autoencoder graph: one job, listed first
+    jobs = precompile.jobs(sweep_exp({"ae.loss.loss_factor": {"values": [1.5, 4.0]},
+                                      "ae.train.seed": {"values": [0, 1]}}, ae_compile=True))
+    assert [(j["stage"], j.get("base"), j["latent_shape"]) for j in jobs] == [("ae", None, (2, 4, 4)),
+                                                                             ("base", "b", (2, 4, 4))]
+    assert precompile.label(jobs[0]) == "ae, ae.loss.loss_factor=1.5, ae.train.seed=0"
+    # latent channels and batch size do
+    jobs = precompile.jobs(sweep_exp({"ae.model.latent_channels": {"values": [2, 4]},
+                                      "ae.train.batch_size": {"values": [8, 16]}}, ae_compile=True,
+                                     base_compile=False))
+    assert [(j["overrides"]["ae.model.latent_channels"], j["overrides"]["ae.train.batch_size"]) for j in jobs] == [
+        (2, 8), (2, 16), (4, 8), (4, 16)] and {j["stage"] for j in jobs} == {"ae"}
+
+
 def test_precompile_settings():
     assert precompile.jobs(sweep_exp(precompile="off")) == []
     assert precompile.jobs(sweep_exp(base_compile=False)) == []  # auto: nothing compiles
+    assert [j["stage"] for j in precompile.jobs(sweep_exp(base_compile=False, ae_compile=True))] == ["ae"]
     assert precompile.jobs(sweep_exp(num_workers=2)) == []  # auto: DDP ranks compile other graphs
     with pytest.raises(ConfigError, match="resources.precompile.*nothing to compile"):
         sweep_exp(base_compile=False, precompile="on")
@@ -54,7 +70,8 @@ def test_the_task_compiles_the_step_the_base_trial_then_finds_done(tmp_path, mon
     exp = sweep_exp()
     (job,) = precompile.jobs(exp)
     r = precompile.compile_base(to_dict(exp), job["overrides"], job["base"])
-    assert r["base"] == "b" and r["latent_shape"] == [2, 4, 4] and r["compile_gate"] == "first"
+    assert r["stage"] == "base" and r["base"] == "b" and r["latent_shape"] == [2, 4, 4]
+    assert r["compile_gate"] == "first"
     assert precompile.compile_base(to_dict(exp), job["overrides"], job["base"])["compile_gate"] == "done"
 
     trial = experiment_from_dict(to_dict(exp), {"ae.loss.loss_factor": 4.0, "ae.loss.sigmoid_bias": 2.0,
@@ -66,6 +83,27 @@ def test_the_task_compiles_the_step_the_base_trial_then_finds_done(tmp_path, mon
     # without the task, the same trial is the first of its key
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cold"))
     cold = train_base(trial, trial.base_models[0], ae.checkpoint, str(tmp_path / "base-cold"))
+    assert cold.extra["marks"]["compile_gate"] == "first"
+
+
+def test_the_task_compiles_the_autoencoder_step_its_trials_then_find_done(tmp_path, monkeypatch, digits_cache):
+    """compile_ae builds the trial's own objective on random images: a trial of another loss factor and bias gets
+    through the gate as "done" (compilation stubbed out, as above)."""
+    from ulsweep.train import loop
+    from ulsweep.train.stage1 import train_autoencoder
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(loop, "compile_module", lambda module, setting, rt, **kw: module)
+    exp = sweep_exp(ae_compile=True, base_compile=False)
+    (job,) = precompile.jobs(exp)
+    r = precompile.compile_ae(to_dict(exp), job["overrides"])
+    assert r["stage"] == "ae" and r["latent_shape"] == [2, 4, 4] and r["compile_gate"] == "first"
+    trial = experiment_from_dict(to_dict(exp), {"ae.loss.loss_factor": 4.0, "ae.loss.sigmoid_bias": 2.0,
+                                                "ae.train.steps": 2, "ae.train.eval_images": 8,
+                                                "eval.extractor": "none"})
+    assert train_autoencoder(trial, str(tmp_path / "ae")).extra["marks"]["compile_gate"] == "done"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cold"))
+    cold = train_autoencoder(trial, str(tmp_path / "ae-cold"))
     assert cold.extra["marks"]["compile_gate"] == "first"
 
 
@@ -85,7 +123,7 @@ def test_the_driver_starts_one_task_per_job_and_reports_each_without_failing_the
             raise RuntimeError("compile failed")
         if overrides.get("ae.model.latent_channels") == 8:
             time.sleep(600)  # still running at the report, which cancels it
-        return {"base": base_name, "latent_shape": [overrides["ae.model.latent_channels"], 4, 4],
+        return {"stage": "base", "base": base_name, "latent_shape": [overrides["ae.model.latent_channels"], 4, 4],
                 "compile_gate": "first", "seconds": 1.0}
 
     monkeypatch.setattr(precompile, "compile_base", fake)
@@ -109,8 +147,8 @@ def test_the_driver_starts_one_task_per_job_and_reports_each_without_failing_the
     finally:
         ray.shutdown()
     text = calls[0]
-    assert done == [{"base": "b", "latent_shape": [2, 4, 4], "compile_gate": "first", "seconds": 1.0}]
-    assert "precompile: 3 base-model step(s)" in text and "base b at latents (2, 4, 4): first in 1 s" in text
+    assert done == [{"stage": "base", "base": "b", "latent_shape": [2, 4, 4], "compile_gate": "first", "seconds": 1.0}]
+    assert "precompile: 3 step(s) compiled ahead" in text and "base b at latents (2, 4, 4): first in 1 s" in text
     assert "base b, ae.model.latent_channels=4 failed (RuntimeError: compile failed)" in text
     assert "1 task(s) unfinished" in text
 

@@ -352,7 +352,12 @@ def test_cli_dry_run_lists_trials(tmp_path, capsys):
     assert "# precompile (resources.precompile auto): nothing" in out  # the base model does not compile
     assert main(["run", str(f), "--dry-run", "--storage", str(tmp_path / "r"),
                  "--set", "base_models.0.train.compile=true"]) == 0
-    assert "# precompile (resources.precompile auto): base tiny at latents (4, 4, 4)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "# precompile (resources.precompile auto): base tiny, ae.loss.loss_factor=1.5 (latents (4, 4, 4))" in out
+    assert main(["run", str(f), "--dry-run", "--storage", str(tmp_path / "r"),
+                 "--set", "ae.train.compile=true"]) == 0
+    out = capsys.readouterr().out
+    assert "# precompile (resources.precompile auto): ae, ae.loss.loss_factor=1.5 (latents (4, 4, 4))" in out
     assert not (tmp_path / "r").exists()  # a dry run creates nothing
     assert main(["run", str(f), "--dry-run", "--set", "search.space={ae.loss.nope: {values: [1]}}"]) == 2
 

@@ -337,10 +337,11 @@ class ResourcesConfig:
     # spins a core per waiting process), spin, yield or block (sleeps until the GPU is done: packed trials stop
     # holding a core each); needs GPUs
     cuda_wait: Literal["auto", "spin", "yield", "block"] = "auto"
-    # compile the base models' training steps once, in a Ray task the sweep starts beside its first autoencoders,
-    # so that the base trials, which start only when their autoencoder is done, find torch's caches warm
-    # (ulsweep/sweep/precompile.py). auto: where some base model compiles and trials train in one process
-    # (num_workers <= 1); on: the same, an error where there is nothing to compile; off
+    # compile the trials' training steps once each, in Ray tasks the sweep starts with its first autoencoders: the
+    # autoencoders' while those start up, the base models' while they train, so that the trials find the compile
+    # done and torch's caches warm (ulsweep/sweep/precompile.py). auto: where the autoencoder or some base model
+    # compiles and trials train in one process (num_workers <= 1); on: the same, an error where there is nothing
+    # to compile; off
     precompile: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self):
@@ -452,8 +453,9 @@ class ExperimentConfig:
             _require(self.resources.num_workers <= 1, "resources.precompile", "on",
                      "needs trials that train in one process (resources.num_workers 0 or 1): DDP ranks compile "
                      "other graphs")
-            _require(any(b.train.compile is not False for b in self.base_models), "resources.precompile", "on",
-                     "has nothing to compile: no base model sets train.compile")
+            _require(self.ae.train.compile is not False or any(b.train.compile is not False for b in self.base_models),
+                     "resources.precompile", "on",
+                     "has nothing to compile: neither ae.train.compile nor any base model's train.compile is set")
         ext = self.eval.extractor
         for m in self.search.metrics:
             metric = m.split("/", 1)[-1]

@@ -251,7 +251,7 @@ def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, re
         _print_header(exp, run_dir, run, out)
         tuner = _make_tuner(exp, run_dir, run, train_impl, resume)
         t_fit = time.time()
-        warming = precompile.start(exp, out)  # the base models' steps, beside the first autoencoders
+        warming = precompile.start(exp, out)  # the trials' steps, ahead of them
         with RestoreTripwire(_tune_dir(run_dir), exp.search.method):
             grid = tuner.fit()
         record_closed_snapshot(run_dir)
@@ -410,7 +410,7 @@ def dry_run(exp: ExperimentConfig, storage: str | None = None, tracking_uri: str
           f"{exp.resources.gpus_per_worker} GPU; {exp.search.max_concurrent} trial(s) at a time", file=out)
     jobs = precompile.jobs(exp)
     print(f"# precompile (resources.precompile {exp.resources.precompile}): "
-          + ("; ".join(f"base {j['base']} at latents {j['latent_shape']}" for j in jobs) if jobs else "nothing"),
+          + ("; ".join(f"{precompile.label(j)} (latents {j['latent_shape']})" for j in jobs) if jobs else "nothing"),
           file=out)
     return 0
 

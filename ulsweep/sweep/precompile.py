@@ -1,4 +1,5 @@
-"""Compile the base models' training steps while the autoencoders train (`resources.precompile`).
+"""Compile the trials' training steps ahead of them (`resources.precompile`): the autoencoders' before the first
+wave takes its first step, the base models' while the autoencoders train.
 
 A base trial starts only when its autoencoder is done, and the first base trial of an architecture on a node then
 compiles its training step from cold (on one H200, 48-67 s of CUDA-graph compilation in the published sweeps,
@@ -17,9 +18,15 @@ With `eval.sample_compile` the task then runs one batch of the final evaluation'
 EMA base model and a decoder of the trial's architecture, random weights), so that the base trials' gFD
 sampling starts compiled too (its gate keys on the networks; the caches on the batch's shape, the trial's first).
 
+The autoencoders' step is compiled the same way (`compile_ae`: three steps on random images). Its first trials
+start with the task, but reach their first step only after their imports, tracking and data (~25 s into a
+sweep's first wave on one H200, session 21), by when the task is compiling: they train uncompiled meanwhile, and
+the first of them no longer compiles for all the others while they train uncompiled beside it (151 s on one
+H200 then, against 77.5 s for the same compile on an idle machine).
+
 The task reserves no Ray resources (`start` says why) and warms the node it runs on; on a cluster the trials of
-other nodes compile as before. With `search.method: optuna` the latent shapes of later trials are not known in
-advance: only the experiment's own `ae.model` shape is compiled ahead.
+other nodes compile as before. With `search.method: optuna` the shapes of later trials are not known in advance:
+only the experiment's own `ae.model` is compiled ahead.
 """
 from __future__ import annotations
 
@@ -37,28 +44,36 @@ STEPS = 3  # CUDA graphs: a warm-up run, the recording, a replay
 
 
 def wanted(exp: ExperimentConfig) -> bool:
-    """Whether the sweep compiles base models ahead (`resources.precompile`; auto: where there is something to
-    compile and the trials train in one process, whose graphs the task's are)."""
+    """Whether the sweep compiles steps ahead (`resources.precompile`; auto: where there is something to compile
+    and the trials train in one process, whose graphs the task's are)."""
     setting = exp.resources.precompile
     if setting != "auto":
         return setting == "on"
-    return exp.resources.num_workers <= 1 and any(b.train.compile is not False for b in exp.base_models)
+    return exp.resources.num_workers <= 1 and (exp.ae.train.compile is not False
+                                               or any(b.train.compile is not False for b in exp.base_models))
 
 
 def jobs(exp: ExperimentConfig) -> list[dict[str, Any]]:
-    """The distinct base-model steps the sweep's trials will compile: one {"overrides" (those of the first trial
-    that has it), "base", "latent_shape"} per distinct (base model, latent shape, noise schedule) over the planned
-    autoencoder trials (for optuna, the experiment's own autoencoder only); base models that do not compile are
-    left out."""
+    """The distinct training steps the sweep's trials will compile, autoencoders' first: one {"stage": "ae",
+    "overrides" (those of the first trial that has it), "latent_shape"} per distinct autoencoder step (its model,
+    its loss but the loss factor and sigmoid bias, which enter the graph as tensors, its batch, compile mode and
+    precision) and one {"stage": "base", "overrides", "base", "latent_shape"} per distinct (base model, latent
+    shape, noise schedule), over the planned autoencoder trials (for optuna, the experiment's own autoencoder
+    only); stages that do not compile are left out."""
     if not wanted(exp):
         return []
     from ulsweep.train.build import latent_shape
 
     raw = to_dict(exp)
-    out, seen = [], set()
+    aes, out, seen = [], [], set()
     for ov in planned_overrides(exp.search, exp.ae.train.seed) or [{}]:
         trial = trial_experiment(raw, ov)
         shape = latent_shape(trial)
+        if trial.ae.train.compile is not False:
+            ident = ("ae", dump_yaml(_graph_of_ae(trial.ae)), repr(trial.data))
+            if ident not in seen:
+                seen.add(ident)
+                aes.append({"stage": "ae", "overrides": ov, "latent_shape": shape})
         for b in trial.base_models:
             if b.train.compile is False:
                 continue
@@ -66,8 +81,16 @@ def jobs(exp: ExperimentConfig) -> list[dict[str, Any]]:
             ident = (dump_yaml(dataclasses.replace(b, train=train)), shape, repr(_schedule(trial, b)))
             if ident not in seen:
                 seen.add(ident)
-                out.append({"overrides": ov, "base": b.name, "latent_shape": shape})
-    return out
+                out.append({"stage": "base", "overrides": ov, "base": b.name, "latent_shape": shape})
+    return aes + out
+
+
+def _graph_of_ae(ae):
+    """What of an autoencoder's config its compiled step depends on (`jobs`): the training settings that change
+    no graph (seed, steps, schedules of logging and evaluation, ...) and the two loss weights left out."""
+    t = ae.train
+    loss = dataclasses.replace(ae.loss, loss_factor=1.0, sigmoid_bias=0.0)
+    return {"model": ae.model, "loss": loss, "train": (t.batch_size, t.compile, t.precision, t.device)}
 
 
 def _schedule(exp: ExperimentConfig, base):
@@ -76,9 +99,66 @@ def _schedule(exp: ExperimentConfig, base):
     return base_schedule(exp.ae.loss, base)
 
 
+def compile_ae(raw: dict, overrides: dict, steps: int = STEPS) -> dict[str, Any]:
+    """Train the trial experiment's autoencoder (`raw` with `overrides`) for `steps` steps on random images through
+    the library's loop and the trial's own objective, in a scratch directory; returns {"stage": "ae",
+    "latent_shape", "compile_gate" (as compile_base's), "seconds"}."""
+    import torch
+
+    from ulsweep.data.sources import DeviceSplit, open_splits
+    from ulsweep.train.build import build_autoencoder, latent_shape
+    from ulsweep.train.stage1 import AEObjective
+
+    t0 = time.time()
+    exp = trial_experiment(raw, overrides)
+    tc = _short(exp.ae.train, steps)
+    rt = _runtime(exp, tc)
+    c, size = open_splits(exp.data).image_shape[0], exp.data.image_size
+    image_shape, shape = (c, size, size), latent_shape(exp)
+    gen = torch.Generator(rt.device).manual_seed(0)
+    source = DeviceSplit(torch.rand(tc.batch_size, *image_shape, generator=gen, device=rt.device) * 2 - 1)
+    ae = build_autoencoder(exp.ae, c).to(rt.device)
+    how, _ = _train_briefly(AEObjective(ae, exp.ae.loss, image_shape, shape), source, ae, exp.ae.optim, rt, tc, "ae")
+    return {"stage": "ae", "latent_shape": list(shape), "compile_gate": how, "seconds": time.time() - t0}
+
+
+def _short(tc, steps: int):
+    return dataclasses.replace(tc, steps=steps, log_every=0, eval_every=0, ckpt_every=0, keep_checkpoints=1)
+
+
+def _runtime(exp: ExperimentConfig, tc):
+    import torch
+
+    from ulsweep.train.runtime import make_runtime
+
+    if exp.resources.gpus_per_worker > 0 and not torch.cuda.is_available():
+        raise RuntimeError("the precompile task sees no GPU (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but the trials train on GPUs: it would "
+                           "compile graphs they never use")
+    return make_runtime(tc)
+
+
+def _train_briefly(objective, source, net, optim, rt, tc, kind: str, label: str = ""):
+    """`tc.steps` steps of `objective` through the library's loop in a scratch directory it deletes: (how its first
+    compiled step got through the compile gate, the TrainState)."""
+    from ulsweep.train.hooks import TrainHooks
+    from ulsweep.train.loop import RunSpec, train
+    from ulsweep.train.state import TrainState
+
+    ts = TrainState(net, optim, rt, 0)
+    scratch = tempfile.mkdtemp(prefix="ulsweep-precompile-")
+    try:
+        spec = RunSpec(scratch, kind, f"precompile {label or kind}", "precompile", "", {}, {})
+        res = train(objective, source, lambda ema, final: ({}, {}), ts, tc, spec, TrainHooks())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return res.extra.get("marks", {}).get("compile_gate", "busy" if tc.gate_compile else "ungated"), ts
+
+
 def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS) -> dict[str, Any]:
     """Train base model `base_name` of the trial experiment (`raw` with `overrides`) for `steps` steps on random
-    latents through the library's loop, in a scratch directory; returns what it did: {"base", "latent_shape",
+    latents through the library's loop, in a scratch directory; returns what it did: {"stage": "base", "base",
+    "latent_shape",
     "compile_gate" (how its first compiled step got through the gate: "first" or "after" compiled, "done" found
     it compiled, "busy" another process compiled it meanwhile; "ungated" with train.gate_compile: false),
     with eval.sample_compile "sampling" (`_compile_sampling`), and "seconds"}."""
@@ -86,35 +166,20 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS)
 
     from ulsweep.data.sources import DeviceSplit
     from ulsweep.train.build import build_base_model, latent_shape
-    from ulsweep.train.hooks import TrainHooks
-    from ulsweep.train.loop import RunSpec, train
-    from ulsweep.train.runtime import make_runtime
     from ulsweep.train.stage2 import BaseObjective
-    from ulsweep.train.state import TrainState
 
     t0 = time.time()
     exp = trial_experiment(raw, overrides)
     base = find_base(exp, base_name)
-    tc = dataclasses.replace(base.train, steps=steps, log_every=0, eval_every=0, ckpt_every=0, keep_checkpoints=1)
-    if exp.resources.gpus_per_worker > 0 and not torch.cuda.is_available():
-        raise RuntimeError("the precompile task sees no GPU (CUDA_VISIBLE_DEVICES="
-                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but the trials train on GPUs: it would "
-                           "compile graphs they never use")
-    rt = make_runtime(tc)
+    tc = _short(base.train, steps)
+    rt = _runtime(exp, tc)
     shape = latent_shape(exp)
     gen = torch.Generator(rt.device).manual_seed(0)
     source = DeviceSplit(torch.randn(tc.batch_size, *shape, generator=gen, device=rt.device))
     net = build_base_model(base, shape[0]).to(rt.device)
     objective = BaseObjective(net, _schedule(exp, base), base.loss.sigmoid_bias, shape)
-    ts = TrainState(net, base.optim, rt, 0)
-    scratch = tempfile.mkdtemp(prefix="ulsweep-precompile-")
-    try:
-        spec = RunSpec(scratch, "base", f"precompile {base_name}", "precompile", "", {}, {})
-        res = train(objective, source, lambda ema, final: ({}, {}), ts, tc, spec, TrainHooks())
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    how = res.extra.get("marks", {}).get("compile_gate", "busy" if tc.gate_compile else "ungated")
-    out = {"base": base_name, "latent_shape": list(shape), "compile_gate": how}
+    how, ts = _train_briefly(objective, source, net, base.optim, rt, tc, "base", base_name)
+    out = {"stage": "base", "base": base_name, "latent_shape": list(shape), "compile_gate": how}
     if exp.eval.sample_compile:
         out["sampling"] = _compile_sampling(exp, base, ts.ema.shadow, shape, rt.device)
     return out | {"seconds": time.time() - t0}
@@ -173,23 +238,29 @@ def start(exp: ExperimentConfig, out) -> list:
             return []
         opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
         opts["runtime_env"] = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
-    task = ray.remote(**opts)(compile_base)
+    ae_task, base_task = ray.remote(**opts)(compile_ae), ray.remote(**opts)(compile_base)
     raw = to_dict(exp)
-    labels = [f"base {j['base']}" + "".join(f", {k}={v}" for k, v in j["overrides"].items()) for j in todo]
-    print(f"precompile: {len(todo)} base-model step(s) compiled beside the first autoencoders: "
-          f"{'; '.join(labels)}", file=out, flush=True)
-    return [(label, task.remote(raw, j["overrides"], j["base"])) for label, j in zip(labels, todo)]
+    labels = [label(j) for j in todo]
+    print(f"precompile: {len(todo)} step(s) compiled ahead of their trials: {'; '.join(labels)}", file=out, flush=True)
+    return [(lab, ae_task.remote(raw, j["overrides"]) if j["stage"] == "ae"
+             else base_task.remote(raw, j["overrides"], j["base"])) for lab, j in zip(labels, todo)]
+
+
+def label(job: dict) -> str:
+    """A job of `jobs` in words: "ae" or "base NAME", then the overrides of its first trial."""
+    return (f"base {job['base']}" if job["stage"] == "base" else "ae") + "".join(
+        f", {k}={v}" for k, v in job["overrides"].items())
 
 
 def report(started: list, out) -> list[dict[str, Any]]:
     """What the tasks `start` returned ([(label, ref)]) did, one line each; a task that failed or has not finished
-    is named, never fatal: the base trials then compile for themselves."""
+    is named, never fatal: the trials then compile for themselves."""
     import ray
 
     if not started:
         return []
     done, pending = [], 0
-    for label, ref in started:
+    for lab, ref in started:
         if not ray.wait([ref], timeout=0)[0]:
             ray.cancel(ref, force=True)
             pending += 1
@@ -198,13 +269,14 @@ def report(started: list, out) -> list[dict[str, Any]]:
             r = ray.get(ref)
         except Exception as e:  # noqa: BLE001 - a warm-up's failure costs the trials only their own compile
             cause = getattr(e, "cause", None) or e  # the task's own exception inside Ray's wrapper
-            print(f"precompile: {label} failed ({type(cause).__name__}: {str(cause)[:300]}); its base trials "
-                  "compiled for themselves", file=out, flush=True)
+            print(f"precompile: {lab} failed ({type(cause).__name__}: {str(cause)[:300]}); its trials compiled "
+                  "for themselves", file=out, flush=True)
             continue
         done.append(r)
         sampling = f", sampling {r['sampling']}" if "sampling" in r else ""
-        print(f"precompile: base {r['base']} at latents {tuple(r['latent_shape'])}: {r['compile_gate']}{sampling} "
-              f"in {r['seconds']:.0f} s", file=out, flush=True)
+        what = f"base {r['base']} at latents" if r["stage"] == "base" else "ae to latents"
+        print(f"precompile: {what} {tuple(r['latent_shape'])}: {r['compile_gate']}{sampling} in {r['seconds']:.0f} s",
+              file=out, flush=True)
     if pending:
         print(f"precompile: {pending} task(s) unfinished at the sweep's end, cancelled", file=out, flush=True)
     return done
