@@ -153,17 +153,14 @@ def test_the_driver_starts_one_task_per_job_and_reports_each_without_failing_the
     assert "1 task(s) unfinished" in text
 
 
-def test_with_sample_compile_the_task_also_compiles_the_generation_the_base_trial_then_finds_done(
-        tmp_path, monkeypatch, digits_cache):
-    """eval.sample_compile: the task also runs one batch of the final evaluation's generation through the same
-    sampling gate, so the base trial's evaluation gets in as "done" (torch.compile stubbed by a wrapper)."""
+def stub_compiles(monkeypatch, tmp_path) -> list:
+    """torch.compile stubbed by a wrapper, the training step's compile by nothing, and the compile gate spied on:
+    the (label, how) of every gate entered, in order."""
     import contextlib
 
     import torch
 
     from ulsweep.train import compile_gate, loop
-    from ulsweep.train.stage1 import train_autoencoder
-    from ulsweep.train.stage2 import train_base
 
     class Compiled(torch.nn.Module):
         def __init__(self, m):
@@ -187,6 +184,17 @@ def test_with_sample_compile_the_task_also_compiles_the_generation_the_base_tria
     monkeypatch.setattr(torch, "compile", lambda m, *a, **kw: Compiled(m))
     monkeypatch.setattr(compile_gate, "first_compile", spy)
     monkeypatch.setattr(loop, "first_compile", spy)
+    return seen
+
+
+def test_with_sample_compile_the_task_also_compiles_the_generation_the_base_trial_then_finds_done(
+        tmp_path, monkeypatch, digits_cache):
+    """eval.sample_compile: the task also runs one batch of the final evaluation's generation through the same
+    sampling gate, so the base trial's evaluation gets in as "done" (torch.compile stubbed by a wrapper)."""
+    from ulsweep.train.stage1 import train_autoencoder
+    from ulsweep.train.stage2 import train_base
+
+    seen = stub_compiles(monkeypatch, tmp_path)
     exp = experiment_from_dict(to_dict(sweep_exp()), {"eval.sample_compile": True, "eval.extractor": "none"})
     (job,) = precompile.jobs(exp)
     r = precompile.compile_base(to_dict(exp), job["overrides"], job["base"])
@@ -199,6 +207,25 @@ def test_with_sample_compile_the_task_also_compiles_the_generation_the_base_tria
     seen.clear()
     train_base(trial, trial.base_models[0], ae.checkpoint, str(tmp_path / "base"))
     assert seen == [("base b", "done"), ("base b sampling", "done")]
+
+
+def test_with_sample_compile_the_autoencoder_task_also_compiles_the_reconstruction_its_trials_then_find_done(
+        tmp_path, monkeypatch, digits_cache):
+    """The same for the autoencoders: the task reconstructs one batch through the evaluation's own sampling gate,
+    and a trial's training step and final reconstruction both get in as "done"."""
+    from ulsweep.train.stage1 import train_autoencoder
+
+    seen = stub_compiles(monkeypatch, tmp_path)
+    exp = experiment_from_dict(to_dict(sweep_exp(ae_compile=True, base_compile=False)), {
+        "eval.sample_compile": True, "eval.extractor": "none", "ae.train.eval_images": 8})
+    (job,) = precompile.jobs(exp)
+    r = precompile.compile_ae(to_dict(exp), job["overrides"])
+    assert (r["stage"], r["compile_gate"], r["sampling"]) == ("ae", "first", "compiled")
+    assert seen == [("precompile ae", "first"), ("ae p sampling", "first")]
+    seen.clear()
+    trial = experiment_from_dict(to_dict(exp), {"ae.loss.loss_factor": 4.0, "ae.train.steps": 2})
+    train_autoencoder(trial, str(tmp_path / "ae"))
+    assert seen == [("ae p", "done"), ("ae p sampling", "done")]
 
 
 def test_what_was_compiled_ahead_is_a_tag_of_the_sweep_run(tmp_path):

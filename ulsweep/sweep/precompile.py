@@ -101,13 +101,16 @@ def _schedule(exp: ExperimentConfig, base):
 
 def compile_ae(raw: dict, overrides: dict, steps: int = STEPS) -> dict[str, Any]:
     """Train the trial experiment's autoencoder (`raw` with `overrides`) for `steps` steps on random images through
-    the library's loop and the trial's own objective, in a scratch directory; returns {"stage": "ae",
-    "latent_shape", "compile_gate" (as compile_base's), "seconds"}."""
+    the library's loop and the trial's own objective, in a scratch directory; with `eval.sample_compile`, then
+    reconstruct one batch of them as the trial's final evaluation does (its first batch's size), so that the
+    trials' reconstructions start compiled too. Returns {"stage": "ae", "latent_shape", "compile_gate" (as
+    compile_base's), with eval.sample_compile "sampling" ("compiled", or "busy": another process compiled it),
+    "seconds"}."""
     import torch
 
     from ulsweep.data.sources import DeviceSplit, open_splits
     from ulsweep.train.build import build_autoencoder, latent_shape
-    from ulsweep.train.stage1 import AEObjective
+    from ulsweep.train.stage1 import RECONSTRUCT_BATCH, AEObjective, reconstruct_images
 
     t0 = time.time()
     exp = trial_experiment(raw, overrides)
@@ -118,8 +121,14 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS) -> dict[str, Any]
     gen = torch.Generator(rt.device).manual_seed(0)
     source = DeviceSplit(torch.rand(tc.batch_size, *image_shape, generator=gen, device=rt.device) * 2 - 1)
     ae = build_autoencoder(exp.ae, c).to(rt.device)
-    how, _ = _train_briefly(AEObjective(ae, exp.ae.loss, image_shape, shape), source, ae, exp.ae.optim, rt, tc, "ae")
-    return {"stage": "ae", "latent_shape": list(shape), "compile_gate": how, "seconds": time.time() - t0}
+    how, ts = _train_briefly(AEObjective(ae, exp.ae.loss, image_shape, shape), source, ae, exp.ae.optim, rt, tc, "ae")
+    out = {"stage": "ae", "latent_shape": list(shape), "compile_gate": how}
+    if exp.eval.sample_compile:
+        n = min(RECONSTRUCT_BATCH, exp.ae.train.eval_images)
+        x = torch.rand(n, *image_shape, generator=gen, device=rt.device) * 2 - 1
+        _, compiled = reconstruct_images(ts.ema.shadow, x, exp, gen)
+        out["sampling"] = "compiled" if compiled else "busy"
+    return out | {"seconds": time.time() - t0}
 
 
 def _short(tc, steps: int):

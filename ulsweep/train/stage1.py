@@ -114,6 +114,23 @@ class AEObjective(torch.nn.Module):
                 "train_bpp": nats_to_bits_per_pixel(means["prior"], h, w)}
 
 
+RECONSTRUCT_BATCH = 256  # images a batch of the evaluation's reconstruction (precompile.py compiles for its shape)
+
+
+@torch.no_grad()
+def reconstruct_images(ae, x: torch.Tensor, exp: ExperimentConfig, gen: torch.Generator) -> tuple[torch.Tensor, bool]:
+    """Reconstructions of `x` (model range) by `ae` as the evaluation samples them, in batches of
+    RECONSTRUCT_BATCH, under `eval.sample_precision` and, with `eval.sample_compile`, through the sampling gate;
+    and whether the decoder ran compiled (False while another process of the node compiled it)."""
+    tc = exp.ae.train
+    with (sampling_precision(exp.eval.sample_precision, x.device),
+          sampling_networks([ae.decoder], exp.eval.sample_compile, exp.eval.sample_precision, x.device,
+                            f"ae {exp.name} sampling") as (decoder,)):
+        recon = torch.cat([reconstruct(ae.encoder, decoder, x[i:i + RECONSTRUCT_BATCH], exp.ae.loss, tc.sample_steps,
+                                       sampler(tc, "decoder"), gen) for i in range(0, len(x), RECONSTRUCT_BATCH)])
+    return recon, decoder is not ae.decoder
+
+
 @torch.no_grad()
 def evaluate_ae(ae, x_eval: torch.Tensor, exp: ExperimentConfig, with_images: bool = True,
                 extractor=None, data_hash: str = "", timer: PartTimer | None = None) -> tuple[dict, dict]:
@@ -138,11 +155,8 @@ def evaluate_ae(ae, x_eval: torch.Tensor, exp: ExperimentConfig, with_images: bo
                               for i in range(0, len(x_eval), 256)]).double()
             bpp = nats_to_bits_per_pixel(nats, h, w)
             metrics = {"bpp": bpp.mean().item(), "bpp_se": bpp.std().item() / math.sqrt(len(bpp))}
-    with (timer("sampling"), sampling_precision(exp.eval.sample_precision, x_eval.device),
-          sampling_networks([ae.decoder], exp.eval.sample_compile, exp.eval.sample_precision, x_eval.device,
-                            f"ae {exp.name} sampling") as (decoder,)):
-        recon = torch.cat([reconstruct(ae.encoder, decoder, x_eval[i:i + 256], L, tc.sample_steps,
-                                       sampler(tc, "decoder"), gen) for i in range(0, len(x_eval), 256)])
+    with timer("sampling"):
+        recon, _ = reconstruct_images(ae, x_eval, exp, gen)
     real_u8, recon_u8 = to_uint8(x_eval), to_uint8(recon)
     metrics["psnr"] = psnr(recon_u8, real_u8).mean().item()
     metrics["psnr_steps"] = float(tc.sample_steps)
