@@ -167,10 +167,9 @@ def _train_briefly(objective, source, net, optim, rt, tc, kind: str, label: str 
 def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS) -> dict[str, Any]:
     """Train base model `base_name` of the trial experiment (`raw` with `overrides`) for `steps` steps on random
     latents through the library's loop, in a scratch directory; returns what it did: {"stage": "base", "base",
-    "latent_shape",
-    "compile_gate" (how its first compiled step got through the gate: "first" or "after" compiled, "done" found
-    it compiled, "busy" another process compiled it meanwhile; "ungated" with train.gate_compile: false),
-    with eval.sample_compile "sampling" (`_compile_sampling`), and "seconds"}."""
+    "latent_shape", "compile_gate" (how its first compiled step got through the gate: "first" or "after"
+    compiled, "done" found it compiled, "busy" another process compiled it meanwhile; "ungated" with
+    train.gate_compile: false), with eval.sample_compile "sampling" (`_compile_sampling`), and "seconds"}."""
     import torch
 
     from ulsweep.data.sources import DeviceSplit
@@ -228,7 +227,7 @@ def start(exp: ExperimentConfig, out) -> list:
     share anyway (a base trial compiling for itself would use them too), at the trials' priority: at the lowest
     (nice 19) the task never finished its compile beside two busy autoencoders on 2 cores, and every base trial,
     finding the gate held, trained uncompiled throughout (benchmarks/results/cpu-sweep-wall-precompile-nice19.json).
-    On the GPU it takes three steps at one trial's batch and one batch of generation. Ray hides the GPUs from a
+    On the GPU each takes three steps at one trial's batch and one batch of reconstruction or generation. Ray hides the GPUs from a
     task that reserves none, so the task is pinned to a node with GPUs and keeps that node's CUDA_VISIBLE_DEVICES
     (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES)."""
     import ray
