@@ -227,9 +227,9 @@ def start(exp: ExperimentConfig, out) -> list:
     share anyway (a base trial compiling for itself would use them too), at the trials' priority: at the lowest
     (nice 19) the task never finished its compile beside two busy autoencoders on 2 cores, and every base trial,
     finding the gate held, trained uncompiled throughout (benchmarks/results/cpu-sweep-wall-precompile-nice19.json).
-    On the GPU each takes three steps at one trial's batch and one batch of reconstruction or generation. Ray hides the GPUs from a
-    task that reserves none, so the task is pinned to a node with GPUs and keeps that node's CUDA_VISIBLE_DEVICES
-    (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES)."""
+    On the GPU each takes three steps at one trial's batch and one batch of reconstruction or generation. Ray
+    hides the GPUs from a task that reserves none, so the task is pinned to a node with GPUs and keeps that node's
+    CUDA_VISIBLE_DEVICES (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES)."""
     import ray
 
     todo = jobs(exp)
