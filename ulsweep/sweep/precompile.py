@@ -102,8 +102,8 @@ def _schedule(exp: ExperimentConfig, base):
 def compile_ae(raw: dict, overrides: dict, steps: int = STEPS) -> dict[str, Any]:
     """Train the trial experiment's autoencoder (`raw` with `overrides`) for `steps` steps on random images through
     the library's loop and the trial's own objective, in a scratch directory; with `eval.sample_compile`, then
-    reconstruct one batch of them as the trial's final evaluation does (its first batch's size), so that the
-    trials' reconstructions start compiled too. Returns {"stage": "ae", "latent_shape", "compile_gate" (as
+    reconstruct random images as the trial's final evaluation does, a batch of each shape it will meet
+    (`reconstruction_shapes_count`), so that the trials' reconstructions start compiled too. Returns {"stage": "ae", "latent_shape", "compile_gate" (as
     compile_base's), with eval.sample_compile "sampling" ("compiled", or "busy": another process compiled it),
     "seconds"}."""
     import torch
@@ -124,11 +124,19 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS) -> dict[str, Any]
     how, ts = _train_briefly(AEObjective(ae, exp.ae.loss, image_shape, shape), source, ae, exp.ae.optim, rt, tc, "ae")
     out = {"stage": "ae", "latent_shape": list(shape), "compile_gate": how}
     if exp.eval.sample_compile:
-        n = min(RECONSTRUCT_BATCH, exp.ae.train.eval_images)
+        n = reconstruction_shapes_count(exp.ae.train.eval_images, RECONSTRUCT_BATCH)
         x = torch.rand(n, *image_shape, generator=gen, device=rt.device) * 2 - 1
         _, compiled = reconstruct_images(ts.ema.shadow, x, exp, gen)
         out["sampling"] = "compiled" if compiled else "busy"
     return out | {"seconds": time.time() - t0}
+
+
+def reconstruction_shapes_count(eval_images: int, batch: int) -> int:
+    """How many images to reconstruct so that every batch shape of an evaluation of `eval_images` in batches of
+    `batch` comes up once: a full batch, then the last partial one (2,000 in 256s: 256 + 208)."""
+    if eval_images <= batch:
+        return eval_images
+    return batch + eval_images % batch
 
 
 def _short(tc, steps: int):
