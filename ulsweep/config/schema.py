@@ -441,6 +441,10 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: str = "runs"  # run directory root: local path or URI
 
+    def compiles_a_step(self) -> bool:
+        """Whether the autoencoder or some base model trains through torch.compile (`train.compile`)."""
+        return self.ae.train.compile is not False or any(b.train.compile is not False for b in self.base_models)
+
     def __post_init__(self):
         _require(bool(self.name) and "/" not in self.name, "name", self.name,
                  "must be a non-empty name without '/'")
@@ -453,8 +457,7 @@ class ExperimentConfig:
             _require(self.resources.num_workers <= 1, "resources.precompile", "on",
                      "needs trials that train in one process (resources.num_workers 0 or 1): DDP ranks compile "
                      "other graphs")
-            _require(self.ae.train.compile is not False or any(b.train.compile is not False for b in self.base_models),
-                     "resources.precompile", "on",
+            _require(self.compiles_a_step(), "resources.precompile", "on",
                      "has nothing to compile: neither ae.train.compile nor any base model's train.compile is set")
         ext = self.eval.extractor
         for m in self.search.metrics:

@@ -49,8 +49,7 @@ def wanted(exp: ExperimentConfig) -> bool:
     setting = exp.resources.precompile
     if setting != "auto":
         return setting == "on"
-    return exp.resources.num_workers <= 1 and (exp.ae.train.compile is not False
-                                               or any(b.train.compile is not False for b in exp.base_models))
+    return exp.resources.num_workers <= 1 and exp.compiles_a_step()
 
 
 def jobs(exp: ExperimentConfig) -> list[dict[str, Any]]:
@@ -103,12 +102,12 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS) -> dict[str, Any]
     """Train the trial experiment's autoencoder (`raw` with `overrides`) for `steps` steps on random images through
     the library's loop and the trial's own objective, in a scratch directory; with `eval.sample_compile`, then
     reconstruct random images as the trial's final evaluation does, a batch of each shape it will meet
-    (`reconstruction_shapes_count`), so that the trials' reconstructions start compiled too. Returns {"stage": "ae", "latent_shape", "compile_gate" (as
-    compile_base's), with eval.sample_compile "sampling" ("compiled", or "busy": another process compiled it),
-    "seconds"}."""
+    (`reconstruction_shapes_count`), so that the trials' reconstructions start compiled too. Returns {"stage":
+    "ae", "latent_shape", "compile_gate" (as compile_base's), with eval.sample_compile "sampling" ("compiled", or
+    "busy": another process compiled it), "seconds"}."""
     import torch
 
-    from ulsweep.data.sources import DeviceSplit, open_splits
+    from ulsweep.data.sources import DeviceSplit
     from ulsweep.train.build import build_autoencoder, latent_shape
     from ulsweep.train.stage1 import RECONSTRUCT_BATCH, AEObjective, reconstruct_images
 
@@ -116,8 +115,8 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS) -> dict[str, Any]
     exp = trial_experiment(raw, overrides)
     tc = _short(exp.ae.train, steps)
     rt = _runtime(exp, tc)
-    c, size = open_splits(exp.data).image_shape[0], exp.data.image_size
-    image_shape, shape = (c, size, size), latent_shape(exp)
+    image_shape, shape = _image_shape(exp), latent_shape(exp)
+    c = image_shape[0]
     gen = torch.Generator(rt.device).manual_seed(0)
     source = DeviceSplit(torch.rand(tc.batch_size, *image_shape, generator=gen, device=rt.device) * 2 - 1)
     ae = build_autoencoder(exp.ae, c).to(rt.device)
@@ -137,6 +136,14 @@ def reconstruction_shapes_count(eval_images: int, batch: int) -> int:
     if eval_images <= batch:
         return eval_images
     return batch + eval_images % batch
+
+
+def _image_shape(exp: ExperimentConfig) -> tuple[int, int, int]:
+    """(channels, size, size) of the images the trials train on: the dataset's channels at `data.image_size`."""
+    from ulsweep.data.sources import open_splits
+
+    size = exp.data.image_size
+    return open_splits(exp.data).image_shape[0], size, size
 
 
 def _short(tc, steps: int):
@@ -208,13 +215,12 @@ def _compile_sampling(exp: ExperimentConfig, base, ema_net, shape, device) -> st
     Returns "compiled", or "busy" when another process was compiling them (nothing compiled here)."""
     import torch
 
-    from ulsweep.data.sources import open_splits
     from ulsweep.train.build import build_autoencoder
     from ulsweep.train.sampling import sampling_networks, sampling_precision
     from ulsweep.train.stage2 import GENERATE_BATCH, generate
 
-    channels, size = open_splits(exp.data).image_shape[0], exp.data.image_size
-    ae = build_autoencoder(exp.ae, channels).to(device).eval().requires_grad_(False)
+    image_shape = _image_shape(exp)
+    ae = build_autoencoder(exp.ae, image_shape[0]).to(device).eval().requires_grad_(False)
     n = min(GENERATE_BATCH, exp.eval.gfd_samples if exp.eval.extractor != "none" else 64)
     gen = torch.Generator(device).manual_seed(0)
     ev = exp.eval
@@ -223,7 +229,7 @@ def _compile_sampling(exp: ExperimentConfig, base, ema_net, shape, device) -> st
                             f"precompile {base.name} sampling") as (net, decoder)):
         if net is ema_net:  # another process holds the gate: it compiles them
             return "busy"
-        generate(net, ae, exp, base, n, shape, (channels, size, size), gen, decoder=decoder)
+        generate(net, ae, exp, base, n, shape, image_shape, gen, decoder=decoder)
     return "compiled"
 
 
