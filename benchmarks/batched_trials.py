@@ -55,7 +55,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 from timing import run_env, sync, write_results  # noqa: E402
 from train_step import MODES, STAGES, add_model_args, bench_experiment, latent_shape, set_dropout  # noqa: E402
 
-from ulsweep.models.stacked import trial_norms  # noqa: E402
+from ulsweep.models.stacked import clip_trials  # noqa: E402
 from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model  # noqa: E402
 from ulsweep.train.runtime import make_runtime  # noqa: E402
 from ulsweep.train.stage1 import AEObjective  # noqa: E402
@@ -199,17 +199,6 @@ class StackedTrials:
     @property
     def params(self) -> dict[str, torch.Tensor]:  # stacked (N, ...), under the trials' own names
         return {k: v.detach() for k, v in self.net.named_parameters()}
-
-
-def clip_trials(grads: list[torch.Tensor], n: int, max_norm: float) -> torch.Tensor:
-    """Scale each trial's gradients (the stacked tensors' rows) by its own min(1, max_norm / (|g| + 1e-6)), as
-    clip_gradients does for one trial (no clipping for max_norm <= 0); returns the N norms before clipping."""
-    norms = trial_norms(grads, n)
-    if max_norm > 0:
-        div = ((norms + 1e-6) / max_norm).clamp_min(1.0)
-        for g in grads:
-            g.div_(div.view(-1, *[1] * (g.dim() - 1)))
-    return norms
 
 
 def make_program(kind: str, objectives: list[torch.nn.Module], optim, rt, compile_mode: str | bool = False,

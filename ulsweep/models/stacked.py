@@ -186,3 +186,15 @@ def trial_norms(params: list[Tensor], k: int) -> Tensor:
     """Each trial's global L2 norm over the stacked tensors `params` (their gradients, say): (K,), float32."""
     sq = [p.float().pow(2).reshape(k, -1).sum(1) for p in params]
     return torch.stack(sq).sum(0).sqrt() if sq else torch.zeros(k)
+
+
+def clip_trials(grads: list[Tensor], k: int, max_norm: float) -> Tensor:
+    """Scale each trial's gradients (the rows of the stacked tensors `grads`, in place) by its own
+    min(1, max_norm / (|g_k| + 1e-6)), as one trial's clipping does (none for max_norm <= 0); returns the K norms
+    before clipping."""
+    norms = trial_norms(grads, k)
+    if max_norm > 0:
+        div = ((norms + 1e-6) / max_norm).clamp_min(1.0)
+        for g in grads:
+            g.div_(div.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
+    return norms

@@ -7,7 +7,9 @@ What differs between the stages comes in as arguments:
   objective  an nn.Module around the trained networks, what DDP wraps and torch.compile traces:
              forward(batch, noise) -> per-example nats {"total": [B], ...}; draw_noise(n, gen) -> global-batch
              noise; `dims`, the dimensions of one example (the optimizer minimizes nats per dimension);
-             curves(window means) -> the metrics logged; `progress_keys`, those printed
+             curves(window means) -> the metrics logged; `progress_keys`, those printed. An objective of
+             several runs trained as one program (ulsweep/train/group.py) has `reduce(v)`, each run's mean of
+             a per-example value: its metrics are then lists, one value per run
   source     draw(n, gen) -> the next global batch, or this rank's part of it when `source.local_batches`
              (ulsweep/data/sources.py, ulsweep/data/stream.py); a source with `state_dict` / `load_state_dict`
              (its position in the data) has that state saved in checkpoints and restored on resume
@@ -89,6 +91,7 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
     key, gated, eager_steps = None, False, 0  # gate key; first compiled step entered; uncompiled steps taken
     eager_since = None  # when the first uncompiled step started
     local_batches = getattr(source, "local_batches", False)
+    reduce = getattr(objective, "reduce", _mean)  # per-example values -> the window's per-step mean(s)
 
     def checkpoint(metrics: dict) -> str | None:
         if not rt.is_main:
@@ -151,7 +154,7 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
         gnorm = ts.optimizer_step(loss)
         bad |= ~torch.isfinite(loss)
         for k, v in {**losses, "grad_norm": gnorm}.items():
-            acc[k] = acc.get(k, torch.zeros((), device=rt.device)) + v.detach().mean()
+            acc[k] = acc.get(k, torch.zeros((), device=rt.device)) + reduce(v)
         n_acc += 1
         first_compiled = gated and "t_compiled_step_end" not in marks
         if first_compiled or "t_first_step_end" not in marks:  # compiled and captured, or the first step taken
@@ -170,7 +173,7 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
             raise TrainingDiverged(f"{spec.label}: non-finite loss by step {step}; last good checkpoint "
                                    f"{last_ckpt or '(none)'} kept in {spec.run_dir}", checkpoint=last_ckpt)
         if is_log:
-            means = {k: all_reduce_mean(v / n_acc, rt).item() for k, v in acc.items()}
+            means = {k: _host(all_reduce_mean(v / n_acc, rt)) for k, v in acc.items()}
             ips = n_acc * tc.batch_size / max(time.perf_counter() - t_last, 1e-9)
             m = {**objective.curves(means), "grad_norm": means["grad_norm"], "lr": lr_at(step - 1, ts.oc),
                  "images_per_s": ips}
@@ -226,6 +229,15 @@ def resume(ts: TrainState, spec: RunSpec, objective: nn.Module, compile_setting:
     return compile_module(wrap_ddp(objective, rt), compile_setting, rt)
 
 
+def _mean(v: torch.Tensor) -> torch.Tensor:
+    return v.detach().mean()
+
+
+def _host(v: torch.Tensor) -> float | list[float]:
+    """A window mean on the host: a float, or one float per run of a group (ulsweep/train/group.py)."""
+    return v.item() if v.dim() == 0 else v.tolist()
+
+
 def due(step: int, every: int, total: int) -> bool:
     """An action scheduled every `every` steps (0: never) and always at the last step."""
     return bool(every and step % every == 0) or step == total
@@ -244,6 +256,13 @@ class Progress:
             return
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / max(step, 1) * (self.total - step)
-        parts = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        parts = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
         print(f"[{self.label}] step {step}/{self.total} {parts} img/s={images_per_s:.0f} eta={eta:.0f}s",
               file=self.stream, flush=True)
+
+
+def _fmt(v: float | list[float]) -> str:
+    """A progress value: one run's, or the range over a group's runs ("0.41..0.57")."""
+    if isinstance(v, list):
+        return f"{min(v):.4g}..{max(v):.4g}"
+    return f"{v:.4g}"

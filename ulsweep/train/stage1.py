@@ -172,6 +172,23 @@ def evaluate_ae(ae, x_eval: torch.Tensor, exp: ExperimentConfig, with_images: bo
     return metrics, images
 
 
+def final_evaluation(ema_ae, ae, x_eval: torch.Tensor, exp: ExperimentConfig, extractor, data_hash: str, steps: int,
+                     timer: PartTimer) -> tuple[dict, dict]:
+    """A run's final evaluation after `steps` steps: `evaluate_ae` of the EMA autoencoder with images and the
+    extractor's rFD/rFID, the same bits/pixel bound for the online weights `ae` (it shows any EMA mismatch) and
+    the FLOPs. Returns (metrics, images)."""
+    metrics, images = evaluate_ae(ema_ae, x_eval, exp, extractor=extractor, data_hash=data_hash, timer=timer)
+    if exp.ae.loss.prior == "diffusion":
+        ae.eval()
+        gen = torch.Generator(x_eval.device).manual_seed(exp.ae.train.seed + 12345)
+        with timer("bpp"):
+            metrics["bpp_online"] = latent_bitrate(ae.encoder, ae.prior, x_eval, prior_schedule(exp.ae.loss),
+                                                   exp.ae.train.eval_t_per_image, generator=gen).bpp
+    with timer("flops"):
+        metrics.update(_flops_metrics(exp, x_eval.shape[1], steps))
+    return metrics, images
+
+
 def stage1_hash(exp: ExperimentConfig) -> str:
     """The config a stage-1 run's checkpoints and result belong to: its data, autoencoder and evaluation. Not
     resources, tracking, storage or the search, which a sweep may change on resume (the sweep's identity leaves
@@ -204,15 +221,7 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
         timer = PartTimer(rt.device)
         with timer("extractor"):
             extractor = load_eval_extractor(exp, rt.device)
-        metrics, images = evaluate_ae(ema_ae, x_eval, exp, extractor=extractor, data_hash=data_hash, timer=timer)
-        if exp.ae.loss.prior == "diffusion":  # the same bound for the online weights: shows any EMA mismatch
-            ae.eval()
-            gen = torch.Generator(x_eval.device).manual_seed(tc.seed + 12345)
-            with timer("bpp"):
-                metrics["bpp_online"] = latent_bitrate(ae.encoder, ae.prior, x_eval, prior_schedule(exp.ae.loss),
-                                                       tc.eval_t_per_image, generator=gen).bpp
-        with timer("flops"):
-            metrics.update(_flops_metrics(exp, c, ts.step))
+        metrics, images = final_evaluation(ema_ae, ae, x_eval, exp, extractor, data_hash, ts.step, timer)
         metrics.update(timer.seconds)
         return metrics, images
 

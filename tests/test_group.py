@@ -1,0 +1,128 @@
+"""ulsweep.train.group: K stage-1 runs trained as one stacked program must be the K runs trained alone (weights,
+generators, metrics, the files they leave), resume when killed, and refuse members of another architecture."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from ulsweep.config import experiment_from_dict
+from ulsweep.train.checkpoint import load_checkpoint
+from ulsweep.train.group import GroupHooks, check_members, train_autoencoders
+from ulsweep.train.hooks import TrainHooks
+from ulsweep.train.stage1 import stage1_hash, train_autoencoder
+from ulsweep.train.stage2 import load_frozen_autoencoder, train_base
+
+TRAIN = {"steps": 4, "batch_size": 8, "log_every": 2, "eval_images": 16, "eval_t_per_image": 2, "sample_steps": 2,
+         "ckpt_every": 2}
+MEMBERS = [(1.5, -2.0, 0), (2.0, 0.0, 1), (4.0, 2.0, 2)]  # loss factor, sigmoid bias, seed
+
+
+def member_exp(lf, bias, seed, **train):
+    return experiment_from_dict({
+        "name": f"lf{lf}-b{bias}-s{seed}",
+        "data": {"path": "builtin:digits", "image_size": 16},
+        "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2},
+               "loss": {"loss_factor": lf, "sigmoid_bias": bias},
+               # clipping that binds: each member must be clipped by its own norm
+               "optim": {"lr": 1e-3, "warmup_steps": 0, "grad_clip": 0.05},
+               "train": {**TRAIN, "seed": seed, **train}},
+        "base_models": [{"name": "b", "train": {**TRAIN, "steps": 2}}],
+        "eval": {"extractor": "none"},
+    })
+
+
+class Recorder(TrainHooks):
+    def __init__(self, stop_at=None):
+        self.logs, self.ckpts, self.stop_at, self.step = [], [], stop_at, 0
+
+    def log_metrics(self, step, metrics):
+        self.step = step
+        self.logs.append((step, dict(metrics)))
+
+    def checkpoint_saved(self, step, path, metrics):
+        self.ckpts.append(step)
+
+    def should_stop(self):
+        return self.stop_at is not None and self.step >= self.stop_at
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory, digits_cache):
+    """Each member trained alone: its result and its logged metrics."""
+    out = []
+    for lf, b, s in MEMBERS:
+        rec = Recorder()
+        res = train_autoencoder(member_exp(lf, b, s), str(tmp_path_factory.mktemp("alone") / "ae"), rec)
+        out.append((res, rec))
+    return out
+
+
+def test_a_group_trains_each_member_as_its_own_run(tmp_path, alone, one_thread):
+    exps = [member_exp(*m) for m in MEMBERS]
+    dirs = [str(tmp_path / f"m{i}") for i in range(len(exps))]
+    recs = [Recorder() for _ in exps]
+    results = train_autoencoders(exps, dirs, str(tmp_path / "group"), GroupHooks(recs))
+    for i, ((res_alone, rec_alone), res, rec, d) in enumerate(zip(alone, results, recs, dirs)):
+        mine, theirs = load_checkpoint(res.checkpoint), load_checkpoint(res_alone.checkpoint)
+        for part in ("model", "ema"):  # up to rounding, which AdamW's normalized step magnifies where a gradient
+            for name, t in theirs[0][part].items():  # is near 0 (a grouped kernel sums in another order)
+                assert rel(mine[0][part][name], t) < 1e-3, (i, part, name)
+        assert torch.equal(mine[0]["rng"]["gen"], theirs[0]["rng"]["gen"])  # the same batches and noise drawn
+        for p, s in theirs[0]["optimizer"]["state"].items():
+            assert rel(mine[0]["optimizer"]["state"][p]["exp_avg_sq"], s["exp_avg_sq"]) < 1e-3, (i, p)
+        # its own file layout: the meta, config and result.json of its run alone
+        assert mine[1]["config_hash"] == stage1_hash(exps[i]) == theirs[1]["config_hash"]
+        assert mine[1]["kind"] == "ae" and mine[1]["step"] == 4 and mine[0]["config"] == theirs[0]["config"]
+        with open(os.path.join(d, "result.json")) as f:
+            assert json.load(f)["config_hash"] == stage1_hash(exps[i])
+        assert os.path.exists(res.extra["images"]["reconstructions.png"])
+        # its own metrics: the final evaluation and every logged curve (the clipped norm is its own)
+        for k in ("bpp", "bpp_se", "psnr", "bpp_online"):
+            assert res.metrics[k] == pytest.approx(res_alone.metrics[k], rel=1e-3, abs=1e-4), (i, k)
+        assert [s for s, _ in rec.logs] == [s for s, _ in rec_alone.logs]
+        for (_, m), (_, m_alone) in zip(rec.logs, rec_alone.logs):
+            for k in ("loss", "grad_norm", "train_bpp", "eval_psnr"):
+                if k in m_alone:
+                    assert m[k] == pytest.approx(m_alone[k], rel=1e-3), (i, k)
+        # what the base stage reads of an autoencoder run
+        ae, ae_exp, meta = load_frozen_autoencoder(res.checkpoint, "cpu")
+        assert ae_exp.ae.loss.loss_factor == MEMBERS[i][0] and meta["latent_shape"] == [2, 4, 4]
+    # the clip binds (so per-member clipping is tested), and the members' norms differ
+    assert min(m["grad_norm"] for _, m in alone[0][1].logs if "grad_norm" in m) > 0.05
+    assert len({round(m["grad_norm"], 3) for _, m in recs[0].logs[:1] + recs[2].logs[:1]}) == 2
+    base = train_base(exps[0], exps[0].base_models[0], results[0].checkpoint, str(tmp_path / "base"))
+    assert base.steps == 2 and base.metrics["base_bpp"] > 0
+    again = train_autoencoders(exps, dirs, str(tmp_path / "group"))  # finished members are not trained again
+    assert [r.checkpoint for r in again] == [r.checkpoint for r in results]
+
+
+def test_a_killed_group_resumes_to_the_uninterrupted_weights(tmp_path, alone, one_thread):
+    exps = [member_exp(*m) for m in MEMBERS]
+    dirs = [str(tmp_path / f"m{i}") for i in range(len(exps))]
+    group = str(tmp_path / "group")
+    stopped = train_autoencoders(exps, dirs, group, GroupHooks([Recorder(stop_at=2) for _ in exps]))
+    assert [r.steps for r in stopped] == [2, 2, 2] and not any(os.path.exists(d) for d in dirs)
+    results = train_autoencoders(exps, dirs, group)
+    for (res_alone, _), res in zip(alone, results):
+        mine, theirs = load_checkpoint(res.checkpoint)[0], load_checkpoint(res_alone.checkpoint)[0]
+        assert torch.equal(mine["rng"]["gen"], theirs["rng"]["gen"])
+        assert max(rel(mine["ema"][n], t) for n, t in theirs["ema"].items()) < 1e-3
+
+
+def test_members_of_another_architecture_or_training_are_refused_by_name():
+    a = member_exp(1.5, 0.0, 0)
+    check_members([a, member_exp(3.0, 2.0, 5)])  # loss factor, bias and seed may differ
+    wider = dataclasses.replace(a, ae=dataclasses.replace(a.ae, model=dataclasses.replace(a.ae.model,
+                                                                                          latent_channels=4)))
+    with pytest.raises(ValueError, match=r"member 1 .*ae\.model\.latent_channels is 4, member 0 .* has 2"):
+        check_members([a, wider])
+    with pytest.raises(ValueError, match=r"ae\.train\.steps"):
+        check_members([a, member_exp(1.5, 0.0, 1, steps=5)])
+    with pytest.raises(ValueError, match="3 members but 2 run directories"):
+        train_autoencoders([a, a, a], ["x", "y"], "g")

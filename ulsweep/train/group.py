@@ -1,0 +1,289 @@
+"""Several stage-1 runs of one architecture trained as one program: issue 23's stacked trials.
+
+A bitrate sweep's autoencoders differ in the decoder's loss factor and sigmoid bias and in their seed, never in a
+shape, and one of them at batch 128 leaves most of a GPU idle (its kernels are too small). `train_autoencoders`
+trains K such runs as one network (`ulsweep.models.stacked`: every layer's weights stacked, the K batches one after
+another on the batch dimension) through the one training loop (ulsweep/train/loop.py), so that a step costs one
+run's kernel launches for K runs' arithmetic. Each member is the run it would have been alone:
+
+- its weights initialized from its own seed, as `train_autoencoder` does;
+- its batches and noise drawn from its own generator (seeded as its own run's), so that it sees the same data
+  order and diffusion times;
+- its own loss factor and bias (the stacked objective's (K,) buffers), its own gradient norm and clipping, and
+  AdamW and the EMA, which are elementwise, over its own rows of the stacked tensors;
+- its own final evaluation, checkpoint, images and result.json in its own run directory, in the layout of a run
+  trained alone (`load_frozen_autoencoder` and the base-model stage read it unchanged).
+
+Up to the rounding of the batched kernels, and the dropout masks (drawn for all members at once from torch's
+global generator), member k's weights are those of its run alone (tests/test_group.py). The group itself keeps its
+checkpoints (the stacked state, every member's generator) in `group_dir`, and a killed group resumes from them.
+What the group shares: the step (a non-finite loss of one member stops all of them), the data split (one copy on
+the device) and the evaluation images.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ulsweep.config import ExperimentConfig, config_hash, dump_yaml, flatten, to_dict
+from ulsweep.data.sources import DeviceSplit, train_source
+from ulsweep.models.stacked import clip_trials, stack, unstack
+from ulsweep.train.build import build_autoencoder
+from ulsweep.train.checkpoint import finished_result, save_checkpoint, write_images, write_result
+from ulsweep.train.evaluation import PartTimer, load_eval_extractor
+from ulsweep.train.hooks import StageResult, TrainHooks
+from ulsweep.train.loop import RunSpec, train
+from ulsweep.train.runtime import make_runtime
+from ulsweep.train.stage1 import KIND, AEObjective, evaluate_ae, final_evaluation, stage1_hash
+from ulsweep.train.state import TrainState, rng_state
+
+# what members of a group may differ in; everything else of their data, autoencoder and evaluation must agree
+MEMBER_KEYS = ("ae.loss.loss_factor", "ae.loss.sigmoid_bias", "ae.train.seed")
+
+
+class GroupGenerator:
+    """The members' generators as the loop's one `TrainState.gen`: `get_state`/`set_state` stack their states,
+    so a checkpoint saves and a resume restores all of them."""
+
+    def __init__(self, gens: Sequence[torch.Generator]):
+        self.gens, self.device = list(gens), gens[0].device
+
+    def get_state(self) -> torch.Tensor:
+        return torch.stack([g.get_state() for g in self.gens])
+
+    def set_state(self, state: torch.Tensor) -> None:
+        if len(state) != len(self.gens):
+            raise ValueError(f"a generator state of {len(state)} members for a group of {len(self.gens)}")
+        for g, s in zip(self.gens, state):
+            g.set_state(s.clone())
+
+
+class GroupSource:
+    """Each member's batch from its own source and generator, one after another on the batch dimension."""
+
+    def __init__(self, sources: Sequence):
+        self.sources = list(sources)
+        self.local_batches = getattr(self.sources[0], "local_batches", False)
+
+    def draw(self, batch_size: int, gen: GroupGenerator) -> torch.Tensor:
+        return torch.cat([s.draw(batch_size, g) for s, g in zip(self.sources, gen.gens)])
+
+    def state_dict(self) -> dict:  # a stream's position per member; a device split has none
+        return {"members": [s.state_dict() if hasattr(s, "state_dict") else None for s in self.sources]}
+
+    def load_state_dict(self, state: dict | None, batch_size: int) -> None:
+        for s, st in zip(self.sources, (state or {}).get("members", [None] * len(self.sources))):
+            if hasattr(s, "load_state_dict"):
+                s.load_state_dict(st, batch_size)
+
+    def close(self) -> None:
+        for s in {id(s): s for s in self.sources}.values():
+            if hasattr(s, "close"):
+                s.close()
+
+
+class GroupObjective(nn.Module):
+    """K members' objectives as one stacked objective (what the loop compiles and steps).
+
+    forward(x (K*B, ...), noise) gives every member's per-example losses on its own rows; `draw_noise` draws each
+    member's from its own generator. `dims` is a member's dimensions over K, so that the loop's loss, the mean over
+    all K*B rows per dimension, is the sum of the members' own losses: each member's gradient is its own. `reduce`
+    takes a per-example value (or the (K,) gradient norms) to each member's mean, so every logged metric is a list
+    of K values."""
+
+    def __init__(self, objectives: Sequence[AEObjective]):
+        super().__init__()
+        self.k, self.member = len(objectives), objectives[0]
+        self.stacked = stack(list(objectives))
+        self.dims = objectives[0].dims / self.k
+        self.progress_keys = objectives[0].progress_keys
+
+    def extra_repr(self) -> str:
+        return f"members={self.k}"
+
+    def draw_noise(self, batch: int, gen: GroupGenerator) -> dict[str, torch.Tensor]:
+        each = [self.member.draw_noise(batch, g) for g in gen.gens]
+        return {key: torch.cat([n[key] for n in each]) for key in each[0]}
+
+    def forward(self, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.stacked(x, noise)
+
+    def reduce(self, v: torch.Tensor) -> torch.Tensor:
+        return v.detach().reshape(self.k, -1).float().mean(1)
+
+    def curves(self, means: dict[str, list[float]]) -> dict[str, list[float]]:
+        each = [self.member.curves({key: v[i] for key, v in means.items()}) for i in range(self.k)]
+        return {key: [c[key] for c in each] for key in each[0]}
+
+
+class GroupTrainState(TrainState):
+    """The stacked network's TrainState: one AdamW and one EMA over the stacked tensors (elementwise, so each
+    member's own), each member's generator, and each member's gradient clipped by its own norm."""
+
+    def __init__(self, net: nn.Module, oc, rt, gens: Sequence[torch.Generator]):
+        super().__init__(net, oc, rt, 0)
+        self.gen, self.k = GroupGenerator(gens), len(gens)
+
+    def optimizer_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backward, each member's clipping, the step; returns the K gradient norms before clipping."""
+        loss.backward()
+        norms = clip_trials([p.grad for p in self.net.parameters() if p.grad is not None], self.k, self.oc.grad_clip)
+        self.apply_gradients()
+        return norms
+
+
+def member_metrics(metrics: dict, k: int) -> dict:
+    """Member k's metrics out of a group's (lists of K values; single values belong to all members)."""
+    return {key: v[k] if isinstance(v, list) else v for key, v in metrics.items()}
+
+
+class GroupHooks(TrainHooks):
+    """A group's hooks as its members' own: each member's metrics go to its hooks; stop when any asks."""
+
+    def __init__(self, members: Sequence[TrainHooks]):
+        self.members = list(members)
+
+    def log_metrics(self, step: int, metrics: dict) -> None:
+        for k, h in enumerate(self.members):
+            h.log_metrics(step, member_metrics(metrics, k))
+
+    def before_checkpoint(self, step: int) -> None:
+        for h in self.members:
+            getattr(h, "before_checkpoint", lambda step: None)(step)
+
+    def checkpoint_saved(self, step: int, path: str, metrics: dict) -> None:
+        for k, h in enumerate(self.members):
+            h.checkpoint_saved(step, path, member_metrics(metrics, k))
+
+    def should_stop(self) -> bool:
+        return any(h.should_stop() for h in self.members)
+
+
+def check_members(exps: Sequence[ExperimentConfig]) -> None:
+    """Refuse a group whose members differ in more than MEMBER_KEYS, naming the first key that differs."""
+    if not exps:
+        raise ValueError("a group of autoencoder runs needs at least one member")
+
+    def shared(exp):
+        flat = flatten(to_dict({"data": exp.data, "ae": exp.ae, "eval": exp.eval}))
+        return {k: v for k, v in flat.items() if k not in MEMBER_KEYS}
+
+    first = shared(exps[0])
+    for i, exp in enumerate(exps[1:], 1):
+        other = shared(exp)
+        for key in sorted(set(first) | set(other)):
+            if first.get(key) != other.get(key):
+                raise ValueError(
+                    f"group member {i} ({exp.name!r}): {key} is {other.get(key)!r}, member 0 ({exps[0].name!r}) has "
+                    f"{first.get(key)!r}: only runs that differ in {', '.join(MEMBER_KEYS)} train as one program")
+
+
+def group_hash(exps: Sequence[ExperimentConfig]) -> str:
+    """The group's identity: its members' stage-1 configs, in order."""
+    return config_hash({"members": [stage1_hash(e) for e in exps]})
+
+
+def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str], group_dir: str,
+                       hooks: TrainHooks | None = None) -> list[StageResult]:
+    """Train the stage-1 runs `exps` (one architecture: `check_members`) as one program; member k's checkpoint,
+    images and result.json go to `run_dirs[k]` as its own run's would, the group's checkpoints to `group_dir`.
+    `hooks` gets list-valued metrics, one value per member (`GroupHooks` hands each member its own). Returns the
+    members' results; members finished before are not trained again when all of them are."""
+    exps, run_dirs = list(exps), list(run_dirs)
+    if len(exps) != len(run_dirs):
+        raise ValueError(f"{len(exps)} members but {len(run_dirs)} run directories")
+    check_members(exps)
+    done = [finished_result(d, stage1_hash(e)) for e, d in zip(exps, run_dirs)]
+    if all(r is not None for r in done):
+        return done
+    hooks = hooks or TrainHooks()
+    exp0, k = exps[0], len(exps)
+    tc = exp0.ae.train
+    rt = make_runtime(tc)
+    if rt.world > 1:
+        raise RuntimeError(f"{group_dir}: a group of runs trains in one process, not under torch.distributed "
+                           f"({rt.world} workers)")
+    source, x_eval, data_hash, image_shape = train_source(exp0.data, rt, exp0.ae.train.seed, tc.eval_images,
+                                                          tc.batch_size, label=f"ae group of {k}")
+    sources = [source]
+    for e in exps[1:]:  # a split on the device serves every member (each draws with its own generator)
+        sources.append(source if isinstance(source, DeviceSplit) else
+                       train_source(e.data, rt, e.ae.train.seed, 0, tc.batch_size, label=f"ae {e.name}")[0])
+    c, h, w = image_shape
+    d = exp0.ae.model.downsample
+    latent_shape = (exp0.ae.model.latent_channels, h // d, w // d)
+    objectives = []
+    for e in exps:
+        torch.manual_seed(e.ae.train.seed)  # weight initialization, as the member's own run
+        ae = build_autoencoder(e.ae, c).to(rt.device)
+        objectives.append(AEObjective(ae, e.ae.loss, image_shape, latent_shape))
+    objective = GroupObjective(objectives)
+    del objectives  # their weights are copied into the stacked network
+    gens = [torch.Generator(rt.device).manual_seed(e.ae.train.seed) for e in exps]
+    ts = GroupTrainState(objective.stacked.ae, exp0.ae.optim, rt, gens)
+    member = build_autoencoder(exp0.ae, c).to(rt.device).eval().requires_grad_(False)  # one member's weights at a
+    online = build_autoencoder(exp0.ae, c).to(rt.device).eval().requires_grad_(False)  # time, for its evaluation
+    images: list[dict] = [{} for _ in exps]
+
+    def evaluate(ema_stacked, final: bool) -> tuple[dict, dict]:
+        timer = PartTimer(rt.device, enabled=final)
+        extractor = None
+        if final:
+            with timer("extractor"):
+                extractor = load_eval_extractor(exp0, rt.device)
+        each = []
+        for i, e in enumerate(exps):
+            member.load_state_dict(unstack(ema_stacked, i))
+            if final:
+                online.load_state_dict(unstack(ts.net, i))
+                m, images[i] = final_evaluation(member, online, x_eval, e, extractor, data_hash, ts.step, timer)
+            else:
+                m, _ = evaluate_ae(member, x_eval, e, with_images=False)
+            each.append(m)
+        metrics = {key: [m[key] for m in each] for key in each[0]}
+        metrics.update(timer.seconds)  # the parts' seconds over all members
+        return metrics, {}
+
+    meta = {"data_hash": data_hash, "image_shape": list(image_shape), "latent_shape": list(latent_shape)}
+    spec = RunSpec(group_dir, "ae-group", f"ae group of {k}", group_hash(exps),
+                   dump_yaml({"members": [e.name for e in exps], "run_dirs": run_dirs}),
+                   {"configs": [to_dict(e) for e in exps]}, meta | {"members": k})
+    res = train(objective, GroupSource(sources), evaluate, ts, tc, spec, hooks)
+    if not res.metrics:  # stopped early on request: the group's checkpoint holds it
+        return [StageResult({}, res.checkpoint, res.steps, res.train_seconds, res.extra) for _ in exps]
+    return [_write_member(i, e, d, ts, res, images[i], meta, group_dir) for i, (e, d) in enumerate(zip(exps, run_dirs))]
+
+
+def _write_member(i: int, exp: ExperimentConfig, run_dir: str, ts: GroupTrainState, res: StageResult, images: dict,
+                  meta: dict, group_dir: str) -> StageResult:
+    """Member i's final checkpoint, images and result.json in its own run directory, as its own run's."""
+    metrics = member_metrics(res.metrics, i)
+    state = {"model": _row(ts.net.state_dict(), i), "ema": _row(ts.ema.state_dict(), i),
+             "optimizer": _optimizer_row(ts.opt.state_dict(), i), "rng": rng_state(ts.gen.gens[i]),
+             "config": to_dict(exp)}
+    cfg_hash = stage1_hash(exp)
+    path = save_checkpoint(run_dir, res.steps, state, {**meta, "kind": KIND, "config_hash": cfg_hash,
+                                                       "step": res.steps, "train_seconds": res.train_seconds,
+                                                       "metrics": metrics})
+    extra = {"marks": res.extra.get("marks", {}), "images": write_images(run_dir, images),
+             "group": {"dir": group_dir, "member": i, "members": ts.k}}
+    out = StageResult(metrics, path, res.steps, res.train_seconds, extra)
+    write_result(run_dir, out, cfg_hash)
+    fd = "".join(f"  {k}={v:.3f}" for k, v in metrics.items() if k.startswith(("rfd", "rfid")))
+    print(f"[ae {exp.name}] done (member {i} of a group of {ts.k}): bits/pixel={metrics['bpp']:.4f} +- "
+          f"{metrics['bpp_se']:.4f}  PSNR={metrics['psnr']:.2f} dB{fd}  checkpoint={path}", flush=True)
+    return out
+
+
+def _row(state: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Member i's tensors of a stacked state dict, copied (a view would save every member's storage)."""
+    return {name: t[i].clone() for name, t in state.items()}
+
+
+def _optimizer_row(state: dict, i: int) -> dict:
+    """Member i's AdamW state out of the stacked one: its rows of the moments, the shared step count."""
+    rows = {p: {name: (t[i].clone() if name != "step" else t.clone()) for name, t in s.items()}
+            for p, s in state["state"].items()}
+    return {"state": rows, "param_groups": state["param_groups"]}
