@@ -107,6 +107,28 @@ def test_the_task_compiles_the_autoencoder_step_its_trials_then_find_done(tmp_pa
     assert cold.extra["marks"]["compile_gate"] == "first"
 
 
+def test_a_stacked_groups_program_is_compiled_ahead_at_the_groups_size(tmp_path, monkeypatch, digits_cache):
+    """With resources.stack_trials the autoencoder job is the groups' stacked program (one job per group size: 4
+    trials in groups of 3 are a group of 3 and one trial alone); the group then gets through the gate as "done"."""
+    from ulsweep.train import loop
+    from ulsweep.train.group import train_autoencoders
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(loop, "compile_module", lambda module, setting, rt, **kw: module)
+    exp = sweep_exp(ae_compile=True, base_compile=False, stack_trials=3)
+    jobs = precompile.jobs(exp)
+    assert [(j["stage"], j.get("members", 1)) for j in jobs] == [("ae", 3), ("ae", 1)]
+    assert precompile.label(jobs[0]).startswith("ae (a stacked group of 3)")
+    r = precompile.compile_ae(to_dict(exp), jobs[0]["overrides"], members=3)
+    assert r["members"] == 3 and r["compile_gate"] == "first"
+    small = {"ae.train.steps": 2, "ae.train.eval_images": 8, "eval.extractor": "none"}
+    members = [experiment_from_dict(to_dict(exp), {**small, "ae.loss.loss_factor": lf}) for lf in (1.5, 2.0, 4.0)]
+    res = train_autoencoders(members, [str(tmp_path / f"m{i}") for i in range(3)], str(tmp_path / "g"))
+    assert res[0].extra["marks"]["compile_gate"] == "done"
+    pair = train_autoencoders(members[:2], [str(tmp_path / f"p{i}") for i in range(2)], str(tmp_path / "g2"))
+    assert pair[0].extra["marks"]["compile_gate"] == "first"  # another size: another program
+
+
 def test_the_driver_starts_one_task_per_job_and_reports_each_without_failing_the_sweep(monkeypatch):
     """start() runs the jobs as Ray tasks that reserve nothing (they run while the trials hold every CPU), and
     report() prints what each did; a task that failed is named, one still running is cancelled."""

@@ -174,6 +174,11 @@ def _read_by_the_sweep(tracer, tmp_path) -> None:
     wcfg = worker_config(exp, exp.resources, "ae", "ae-0000", run_dir, uri, run.sweep_id, "fake")
     make_trainer(wcfg, exp.resources, storage_path=run_dir, name="ae-0000", in_tune=False)
     assert worker._cuda_wait(exp.resources) is None  # the trial process's first read; auto: CUDA's own
+    stacked = tiny(search={"method": "grid", "space": {"ae.loss.loss_factor": {"values": [1.5, 4.0]}},
+                           "metrics": ["bpp"], "modes": ["min"]},
+                   resources={"num_workers": 0, "stack_trials": 2, "stack_wait_s": 5})
+    (keys,) = driver.stacking.plan(stacked)  # resources.stack_trials; the group's actor gets stack_wait_s
+    assert driver.stacking.trainer_args(stacked, run_dir, 0, keys)[2] == 5
 
 
 # ---------------------------------------------------------------------------------------------------------

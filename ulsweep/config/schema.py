@@ -343,8 +343,22 @@ class ResourcesConfig:
     # compiles and trials train in one process (num_workers <= 1); on: the same, an error where there is nothing
     # to compile; off
     precompile: Literal["auto", "on", "off"] = "auto"
+    # autoencoder trials of one architecture (planned points that differ only in ae.loss.loss_factor,
+    # ae.loss.sigmoid_bias and ae.train.seed) trained as one stacked program, up to this many together: each stays a
+    # trial of its own (its MLflow run, retries, base trials) but its steps run in its group's Ray actor, one set
+    # of kernel launches for all (ulsweep/sweep/stacking.py, ulsweep/train/group.py); 1: every trial trains alone.
+    # Needs a planned search (grid or none) and trials that train in one process (num_workers 0 or 1)
+    stack_trials: int = 1
+    # how long a group waits, after its first member joined, for the others before it trains those it has
+    stack_wait_s: float = 60.0
 
     def __post_init__(self):
+        _require(self.stack_trials >= 1, "stack_trials", self.stack_trials, "must be >= 1 (1: every trial alone)")
+        _require(self.stack_trials == 1 or self.num_workers <= 1, "stack_trials", self.stack_trials,
+                 "needs trials that train in one process (resources.num_workers 0 or 1), not DDP")
+        _require(self.stack_wait_s > 0, "stack_wait_s", self.stack_wait_s, "must be > 0 seconds")
+        if self.stack_trials == 1:
+            _inert(self, ("stack_wait_s",), "", "with resources.stack_trials: 1 (no trial waits for a group)")
         _require(self.cuda_wait == "auto" or self.gpus_per_worker > 0, "cuda_wait", self.cuda_wait,
                  "has no effect without GPUs (resources.gpus_per_worker: 0); use auto")
         _require(self.mps != "on" or 0 < self.gpus_per_worker < 1, "mps", self.mps,
@@ -459,6 +473,10 @@ class ExperimentConfig:
                      "other graphs")
             _require(self.compiles_a_step(), "resources.precompile", "on",
                      "has nothing to compile: neither ae.train.compile nor any base model's train.compile is set")
+        _require(self.resources.stack_trials == 1 or self.search.method in ("grid", "none"),
+                 "resources.stack_trials", self.resources.stack_trials,
+                 f"needs a planned search (search.method grid or none), not {self.search.method}: groups are formed "
+                 "from the planned trials")
         ext = self.eval.extractor
         for m in self.search.metrics:
             metric = m.split("/", 1)[-1]

@@ -36,7 +36,7 @@ from typing import Any
 
 from ulsweep import io as uio, tracking
 from ulsweep.config import ConfigError, ExperimentConfig, check_data, dump_yaml, experiment_from_dict, to_dict
-from ulsweep.sweep import lineage, mps, outcome as outcomes, precompile
+from ulsweep.sweep import lineage, mps, outcome as outcomes, precompile, stacking
 from ulsweep.sweep.credentials import stop_tune_copying_credentials
 from ulsweep.sweep.lineage import SweepRun
 from ulsweep.sweep.outcome import SweepOutcome
@@ -247,11 +247,14 @@ def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, re
     returns: (Tune's ResultGrid, seconds it took). On a second Ctrl-C or a driver error no run of the sweep
     stays RUNNING, and the message says how to continue."""
     warming: list = []
+    groups: list = []  # the stacked groups' actors, the driver's for the fit's length
     try:
         _print_header(exp, run_dir, run, out)
         tuner = _make_tuner(exp, run_dir, run, train_impl, resume)
         t_fit = time.time()
         warming = precompile.start(exp, out)  # the trials' steps, ahead of them
+        if train_impl == "ulsweep":
+            groups = stacking.start(exp, run_dir, run.sweep_id, out)
         with RestoreTripwire(_tune_dir(run_dir), exp.search.method):
             grid = tuner.fit()
         record_closed_snapshot(run_dir)
@@ -263,6 +266,18 @@ def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, re
         raise
     finally:
         _close_precompile(run, warming, out)
+        _close_groups(groups)
+
+
+def _close_groups(groups: list) -> None:
+    """End the stacked groups' actors (their members are done, or failed with the fit)."""
+    import ray
+
+    for g in groups:
+        try:
+            ray.kill(g)
+        except Exception:  # noqa: BLE001 - gone with Ray already
+            pass
 
 
 def _close_precompile(run: SweepRun, started: list, out) -> None:
@@ -412,6 +427,9 @@ def dry_run(exp: ExperimentConfig, storage: str | None = None, tracking_uri: str
     print(f"# precompile (resources.precompile {exp.resources.precompile}): "
           + ("; ".join(f"{precompile.label(j)} (latents {j['latent_shape']})" for j in jobs) if jobs else "nothing"),
           file=out)
+    groups = stacking.plan(exp)
+    print(f"# stacked groups (resources.stack_trials {exp.resources.stack_trials}): "
+          + ("; ".join(" ".join(g) for g in groups) if groups else "none, every trial trains alone"), file=out)
     return 0
 
 

@@ -63,16 +63,22 @@ def jobs(exp: ExperimentConfig) -> list[dict[str, Any]]:
         return []
     from ulsweep.train.build import latent_shape
 
+    from ulsweep.sweep.searcher import ae_key
+    from ulsweep.sweep.stacking import plan
+
     raw = to_dict(exp)
     aes, out, seen = [], [], set()
-    for ov in planned_overrides(exp.search, exp.ae.train.seed) or [{}]:
+    sizes = {key: len(g) for g in plan(exp) for key in g}  # a stacked group's trials: its size (stacking.py)
+    for i, ov in enumerate(planned_overrides(exp.search, exp.ae.train.seed) or [{}]):
         trial = trial_experiment(raw, ov)
         shape = latent_shape(trial)
         if trial.ae.train.compile is not False:
-            ident = ("ae", dump_yaml(_graph_of_ae(trial.ae)), repr(trial.data))
+            members = sizes.get(ae_key(i), 1)
+            ident = ("ae", dump_yaml(_graph_of_ae(trial.ae)), repr(trial.data), members)
             if ident not in seen:
                 seen.add(ident)
-                aes.append({"stage": "ae", "overrides": ov, "latent_shape": shape})
+                aes.append({"stage": "ae", "overrides": ov, "latent_shape": shape}
+                           | ({"members": members} if members > 1 else {}))
         for b in trial.base_models:
             if b.train.compile is False:
                 continue
@@ -98,18 +104,21 @@ def _schedule(exp: ExperimentConfig, base):
     return base_schedule(exp.ae.loss, base)
 
 
-def compile_ae(raw: dict, overrides: dict, steps: int = STEPS) -> dict[str, Any]:
+def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1) -> dict[str, Any]:
     """Train the trial experiment's autoencoder (`raw` with `overrides`) for `steps` steps on random images through
-    the library's loop and the trial's own objective, in a scratch directory; with `eval.sample_compile`, then
-    reconstruct random images as the trial's final evaluation does, a batch of each shape it will meet
+    the library's loop and the trial's own objective, in a scratch directory (with `members` > 1, that many of
+    them as the stacked program of a group, ulsweep/train/group.py); with `eval.sample_compile`, then reconstruct
+    random images as the trial's final evaluation does, a batch of each shape it will meet
     (`reconstruction_shapes_count`), so that the trials' reconstructions start compiled too. Returns {"stage":
-    "ae", "latent_shape", "compile_gate" (as compile_base's), with eval.sample_compile "sampling" ("compiled", or
-    "busy": another process compiled it), "seconds"}."""
+    "ae", "latent_shape", "members", "compile_gate" (as compile_base's), with eval.sample_compile "sampling"
+    ("compiled", or "busy": another process compiled it), "seconds"}."""
     import torch
 
     from ulsweep.data.sources import DeviceSplit
     from ulsweep.train.build import build_autoencoder, latent_shape
+    from ulsweep.train.group import GroupObjective, GroupSource, GroupTrainState
     from ulsweep.train.stage1 import RECONSTRUCT_BATCH, AEObjective, reconstruct_images
+    from ulsweep.train.state import TrainState
 
     t0 = time.time()
     exp = trial_experiment(raw, overrides)
@@ -119,13 +128,20 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS) -> dict[str, Any]
     c = image_shape[0]
     gen = torch.Generator(rt.device).manual_seed(0)
     source = DeviceSplit(torch.rand(tc.batch_size, *image_shape, generator=gen, device=rt.device) * 2 - 1)
-    ae = build_autoencoder(exp.ae, c).to(rt.device)
-    how, ts = _train_briefly(AEObjective(ae, exp.ae.loss, image_shape, shape), source, ae, exp.ae.optim, rt, tc, "ae")
-    out = {"stage": "ae", "latent_shape": list(shape), "compile_gate": how}
-    if exp.eval.sample_compile:
+    aes = [build_autoencoder(exp.ae, c).to(rt.device) for _ in range(members)]
+    if members > 1:
+        objective = GroupObjective([AEObjective(ae, exp.ae.loss, image_shape, shape) for ae in aes])
+        gens = [torch.Generator(rt.device).manual_seed(i) for i in range(members)]
+        ts = GroupTrainState(objective.stacked.ae, exp.ae.optim, rt, gens)
+        how = _train_briefly(objective, GroupSource([source] * members), ts, tc, "ae")
+    else:
+        ts = TrainState(aes[0], exp.ae.optim, rt, 0)
+        how = _train_briefly(AEObjective(aes[0], exp.ae.loss, image_shape, shape), source, ts, tc, "ae")
+    out = {"stage": "ae", "latent_shape": list(shape), "members": members, "compile_gate": how}
+    if exp.eval.sample_compile:  # a group evaluates its members one by one, each as a trial alone would
         n = reconstruction_shapes_count(exp.ae.train.eval_images, RECONSTRUCT_BATCH)
         x = torch.rand(n, *image_shape, generator=gen, device=rt.device) * 2 - 1
-        _, compiled = reconstruct_images(ts.ema.shadow, x, exp, gen)
+        _, compiled = reconstruct_images(aes[0].eval(), x, exp, gen)
         out["sampling"] = "compiled" if compiled else "busy"
     return out | {"seconds": time.time() - t0}
 
@@ -162,21 +178,19 @@ def _runtime(exp: ExperimentConfig, tc):
     return make_runtime(tc)
 
 
-def _train_briefly(objective, source, net, optim, rt, tc, kind: str, label: str = ""):
-    """`tc.steps` steps of `objective` through the library's loop in a scratch directory it deletes: (how its first
-    compiled step got through the compile gate, the TrainState)."""
+def _train_briefly(objective, source, ts, tc, kind: str, label: str = "") -> str:
+    """`tc.steps` steps of `objective` (its TrainState `ts`) through the library's loop in a scratch directory it
+    deletes: how its first compiled step got through the compile gate."""
     from ulsweep.train.hooks import TrainHooks
     from ulsweep.train.loop import RunSpec, train
-    from ulsweep.train.state import TrainState
 
-    ts = TrainState(net, optim, rt, 0)
     scratch = tempfile.mkdtemp(prefix="ulsweep-precompile-")
     try:
         spec = RunSpec(scratch, kind, f"precompile {label or kind}", "precompile", "", {}, {})
         res = train(objective, source, lambda ema, final: ({}, {}), ts, tc, spec, TrainHooks())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return res.extra.get("marks", {}).get("compile_gate", "busy" if tc.gate_compile else "ungated"), ts
+    return res.extra.get("marks", {}).get("compile_gate", "busy" if tc.gate_compile else "ungated")
 
 
 def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS) -> dict[str, Any]:
@@ -190,6 +204,7 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS)
     from ulsweep.data.sources import DeviceSplit
     from ulsweep.train.build import build_base_model, latent_shape
     from ulsweep.train.stage2 import BaseObjective
+    from ulsweep.train.state import TrainState
 
     t0 = time.time()
     exp = trial_experiment(raw, overrides)
@@ -201,7 +216,8 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS)
     source = DeviceSplit(torch.randn(tc.batch_size, *shape, generator=gen, device=rt.device))
     net = build_base_model(base, shape[0]).to(rt.device)
     objective = BaseObjective(net, _schedule(exp, base), base.loss.sigmoid_bias, shape)
-    how, ts = _train_briefly(objective, source, net, base.optim, rt, tc, "base", base_name)
+    ts = TrainState(net, base.optim, rt, 0)
+    how = _train_briefly(objective, source, ts, tc, "base", base_name)
     out = {"stage": "base", "base": base_name, "latent_shape": list(shape), "compile_gate": how}
     if exp.eval.sample_compile:
         out["sampling"] = _compile_sampling(exp, base, ts.ema.shadow, shape, rt.device)
@@ -249,28 +265,40 @@ def start(exp: ExperimentConfig, out) -> list:
     todo = jobs(exp)
     if not todo:
         return []
+    placed = gpu_node_options(exp)
+    if placed is None:
+        print("precompile: no node with GPUs yet; the base trials compile for themselves", file=out, flush=True)
+        return []
     # max_calls 1: the worker exits after its task, with its CUDA context and compile workers
-    opts: dict[str, Any] = {"num_cpus": 0, "num_gpus": 0, "max_retries": 0, "max_calls": 1}
-    if exp.resources.gpus_per_worker > 0:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        node = next((n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) > 0), None)
-        if node is None:
-            print("precompile: no node with GPUs yet; the base trials compile for themselves", file=out, flush=True)
-            return []
-        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
-        opts["runtime_env"] = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+    opts: dict[str, Any] = {"num_cpus": 0, "num_gpus": 0, "max_retries": 0, "max_calls": 1, **placed}
     ae_task, base_task = ray.remote(**opts)(compile_ae), ray.remote(**opts)(compile_base)
     raw = to_dict(exp)
     labels = [label(j) for j in todo]
     print(f"precompile: {len(todo)} step(s) compiled ahead of their trials: {'; '.join(labels)}", file=out, flush=True)
-    return [(lab, ae_task.remote(raw, j["overrides"]) if j["stage"] == "ae"
+    return [(lab, ae_task.remote(raw, j["overrides"], STEPS, j.get("members", 1)) if j["stage"] == "ae"
              else base_task.remote(raw, j["overrides"], j["base"])) for lab, j in zip(labels, todo)]
+
+
+def gpu_node_options(exp: ExperimentConfig) -> dict[str, Any] | None:
+    """Ray options that put a task or actor that reserves no GPU where the trials' GPUs are, seeing them: pinned
+    to a node with GPUs, keeping its CUDA_VISIBLE_DEVICES (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES; Ray hides
+    the GPUs from what reserves none). {} when the trials train on CPUs; None when no node has GPUs yet."""
+    if exp.resources.gpus_per_worker <= 0:
+        return {}
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = next((n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) > 0), None)
+    if node is None:
+        return None
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False),
+            "runtime_env": {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}}
 
 
 def label(job: dict) -> str:
     """A job of `jobs` in words: "ae" or "base NAME", then the overrides of its first trial."""
-    return (f"base {job['base']}" if job["stage"] == "base" else "ae") + "".join(
+    stacked = f" (a stacked group of {job['members']})" if job.get("members", 1) > 1 else ""
+    return (f"base {job['base']}" if job["stage"] == "base" else "ae" + stacked) + "".join(
         f", {k}={v}" for k, v in job["overrides"].items())
 
 
@@ -296,7 +324,8 @@ def report(started: list, out) -> list[dict[str, Any]]:
             continue
         done.append(r)
         sampling = f", sampling {r['sampling']}" if "sampling" in r else ""
-        what = f"base {r['base']} at latents" if r["stage"] == "base" else "ae to latents"
+        stacked = f" (a stacked group of {r['members']})" if r.get("members", 1) > 1 else ""
+        what = f"base {r['base']} at latents" if r["stage"] == "base" else f"ae{stacked} to latents"
         print(f"precompile: {what} {tuple(r['latent_shape'])}: {r['compile_gate']}{sampling} in {r['seconds']:.0f} s",
               file=out, flush=True)
     if pending:

@@ -79,13 +79,15 @@ def trial_label(trial) -> str:
 
 def worker_config(exp: ExperimentConfig, res: ResourcesConfig, kind: str, key: str, run_dir: str,
                   tracking_uri: str, run_id: str, train_impl: str, base: str | None = None,
-                  ae_checkpoint: str | None = None, attempt: str | None = None) -> dict:
+                  ae_checkpoint: str | None = None, attempt: str | None = None, stack_group: str | None = None) -> dict:
     """The train_loop_config of a trial's TorchTrainer (what ulsweep.sweep.worker.train_worker reads)."""
     wcfg = {"experiment": to_dict(exp), "kind": kind, "key": key, "base": base, "ae_checkpoint": ae_checkpoint,
             "run_dir": run_dir, "tracking_uri": tracking_uri, "run_id": run_id, "train_impl": train_impl,
             "local_mode": res.num_workers == 0, "system_metrics_s": exp.tracking.system_metrics_s}
     if attempt is not None:  # a Tune trial's attempt: a failure recorded by it is not retried
         wcfg["attempt"] = attempt
+    if stack_group is not None:  # the actor of the stacked group that trains it (ulsweep/sweep/stacking.py)
+        wcfg["stack_group"] = stack_group
     return wcfg
 
 
@@ -172,9 +174,15 @@ def _run_trial(config: dict, ctx: SweepContext) -> None:
     run_id = _open_trial_run(c, ctx, config, exp, parent)
     _tag_attempt(c, run_id, process_trial)
     t_run = time.time()  # the MLflow run is open: the start phase's tracking part ends here
+    group = None
+    if kind == "ae" and ctx.train_impl == "ulsweep" and exp.resources.stack_trials > 1:
+        from ulsweep.config import experiment_from_dict
+        from ulsweep.sweep.stacking import group_of
+
+        group = group_of(experiment_from_dict(ctx.experiment), ctx.sweep_id, key)
     wcfg = worker_config(exp, exp.resources, kind, key, tdir, ctx.tracking_uri, run_id,
                          ctx.train_impl, base=config.get("base"), ae_checkpoint=config.get("ae_checkpoint"),
-                         attempt=attempt)
+                         attempt=attempt, stack_group=group)
     attempts.begin(tdir, ctx.session, attempt)
     trainer = make_trainer(wcfg, exp.resources, storage_path=f"{ctx.run_dir.rstrip('/')}/trials", name=key,
                            in_tune=True)

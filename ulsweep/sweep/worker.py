@@ -258,7 +258,13 @@ def train_worker(wcfg: dict) -> dict:
     t0, t_loop = time.perf_counter(), time.time()
     try:
         if wcfg["kind"] == "ae":
-            res = train_ae(exp, run_dir, hooks)
+            res = None
+            if wcfg.get("stack_group"):  # trained with its group, or alone when the group has no place for it
+                from ulsweep.sweep.stacking import train_in_group
+
+                res = train_in_group(wcfg["stack_group"], wcfg["key"], exp, run_dir, hooks)
+            if res is None:
+                res = train_ae(exp, run_dir, hooks)
         else:
             res = get_train_base()(exp, find_base(exp, wcfg["base"]), wcfg["ae_checkpoint"], run_dir, hooks)
     except BaseException as e:

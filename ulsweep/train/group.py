@@ -161,18 +161,20 @@ class GroupHooks(TrainHooks):
         return any(h.should_stop() for h in self.members)
 
 
+def shared_settings(exp: ExperimentConfig) -> dict:
+    """What members of a group must agree on: the run's data, autoencoder and evaluation settings (flattened)
+    but MEMBER_KEYS."""
+    flat = flatten(to_dict({"data": exp.data, "ae": exp.ae, "eval": exp.eval}))
+    return {k: v for k, v in flat.items() if k not in MEMBER_KEYS}
+
+
 def check_members(exps: Sequence[ExperimentConfig]) -> None:
     """Refuse a group whose members differ in more than MEMBER_KEYS, naming the first key that differs."""
     if not exps:
         raise ValueError("a group of autoencoder runs needs at least one member")
-
-    def shared(exp):
-        flat = flatten(to_dict({"data": exp.data, "ae": exp.ae, "eval": exp.eval}))
-        return {k: v for k, v in flat.items() if k not in MEMBER_KEYS}
-
-    first = shared(exps[0])
+    first = shared_settings(exps[0])
     for i, exp in enumerate(exps[1:], 1):
-        other = shared(exp)
+        other = shared_settings(exp)
         for key in sorted(set(first) | set(other)):
             if first.get(key) != other.get(key):
                 raise ValueError(

@@ -1,0 +1,142 @@
+"""ulsweep.sweep.stacking: which planned trials form a group, the group's actor protocol (joins, events relayed to
+each member's hooks, checkpoints waited for, errors), and a sweep whose autoencoders train as one program."""
+import json
+import subprocess
+import threading
+import time
+
+import pytest
+
+from ulsweep.config import ConfigError, experiment_from_dict, load_experiment, to_dict
+from ulsweep.sweep.stacking import GroupTrainer, group_of, plan, relay
+from ulsweep.train.checkpoint import load_checkpoint
+from ulsweep.train.hooks import TrainHooks
+
+from test_group import MEMBERS, member_exp
+from test_sweep import check_lineage, cli, sweep_env, tiny_experiment, write_yaml
+
+
+def lf_sweep(**resources) -> dict:
+    d = to_dict(load_experiment("experiments/lf_sweep.yaml"))
+    d["resources"].update(resources)
+    return d
+
+
+def test_the_planned_trials_of_one_architecture_form_groups_of_at_most_stack_trials():
+    exp = experiment_from_dict(lf_sweep(stack_trials=18))
+    assert plan(exp) == [[f"ae-{i:04d}" for i in range(18)]]  # loss factor, bias and seed change no shape
+    six = plan(experiment_from_dict(lf_sweep(stack_trials=6)))
+    assert [len(g) for g in six] == [6, 6, 6] and sum(six, []) == [f"ae-{i:04d}" for i in range(18)]
+    assert plan(experiment_from_dict(lf_sweep())) == []  # stack_trials 1: every trial alone
+    assert group_of(exp, "s1", "ae-0017") == "ulsweep-stack-s1-0"
+    d = lf_sweep(stack_trials=4)  # two architectures interleaved in the plan: a group each, in plan order
+    d["search"] = {"method": "grid", "metrics": ["gfid"], "modes": ["min"],
+                   "space": {"ae.model.latent_channels": {"values": [4, 8]},
+                             "ae.loss.loss_factor": {"values": [1.5, 2.0, 3.0]}}}
+    groups = plan(experiment_from_dict(d))
+    assert groups == [["ae-0000", "ae-0001", "ae-0002"], ["ae-0003", "ae-0004", "ae-0005"]]
+    d["search"]["space"]["ae.model.latent_channels"]["values"] = [4, 8, 16]
+    d["search"]["space"]["ae.loss.loss_factor"]["values"] = [1.5]  # three architectures of one trial each
+    assert plan(experiment_from_dict(d)) == [] and group_of(experiment_from_dict(d), "s", "ae-0000") is None
+
+
+def test_stacking_settings_are_checked_by_name():
+    with pytest.raises(ConfigError, match="resources.stack_trials.*planned search.*optuna-tpe"):
+        d = lf_sweep(stack_trials=4)
+        d["search"] = {"method": "optuna-tpe", "num_samples": 4, "metrics": ["gfid"], "modes": ["min"],
+                       "space": {"ae.loss.loss_factor": {"low": 1.5, "high": 4.0}}}
+        experiment_from_dict(d)
+    with pytest.raises(ConfigError, match="stack_wait_s.*no effect with resources.stack_trials: 1"):
+        experiment_from_dict(lf_sweep(stack_wait_s=5))
+    with pytest.raises(ConfigError, match="stack_trials.*>= 1"):
+        experiment_from_dict(lf_sweep(stack_trials=0))
+    with pytest.raises(ConfigError, match="stack_trials.*not DDP"):
+        experiment_from_dict(lf_sweep(stack_trials=2, num_workers=2, gpus_per_worker=0, mps="off",
+                                      cuda_wait="auto"))
+
+
+class Recorder(TrainHooks):
+    def __init__(self):
+        self.logs, self.ckpts, self.flushed = [], [], []
+
+    def log_metrics(self, step, metrics):
+        self.logs.append((step, dict(metrics)))
+
+    def before_checkpoint(self, step):
+        time.sleep(0.2)  # a flush to MLflow that takes a while: the group's checkpoint waits for it
+        self.flushed.append((step, len(self.logs)))
+
+    def checkpoint_saved(self, step, path, metrics):
+        self.ckpts.append((step, path))
+
+
+def test_a_group_relays_each_members_own_events_and_result_to_its_trial(tmp_path, digits_cache, one_thread):
+    keys = ["ae-0000", "ae-0001", "ae-0002"]
+    group = GroupTrainer(keys, str(tmp_path / "groups" / "g0"), wait_s=30.0)
+    recs, results, errors = {k: Recorder() for k in keys}, {}, {}
+
+    def member(k, exp):
+        try:
+            assert group.join(k, to_dict(exp), str(tmp_path / "trials" / k))
+            results[k] = relay(group, k, recs[k])
+        except BaseException as e:  # noqa: BLE001 - shown by the assertion below
+            errors[k] = e
+
+    threads = [threading.Thread(target=member, args=(k, member_exp(*m))) for k, m in zip(keys, MEMBERS)]
+    for t in threads:
+        t.start()
+        time.sleep(0.3)  # members come one after another, as trials start
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert group.status()["members"] == keys and not group.join("ae-0003", {}, "x")  # started: no late joiners
+    for k, (lf, bias, seed) in zip(keys, MEMBERS):
+        res, rec = results[k], recs[k]
+        assert res.checkpoint.startswith(str(tmp_path / "trials" / k)) and res.steps == 4
+        assert res.extra["group"]["members"] == 3 and res.extra["group"]["member"] == keys.index(k)
+        state, _ = load_checkpoint(res.checkpoint)
+        assert state["config"]["ae"]["loss"]["loss_factor"] == lf and state["config"]["ae"]["train"]["seed"] == seed
+        curves = [m for _, m in rec.logs if "loss" in m]
+        assert [s for s, m in rec.logs if "loss" in m] == [2, 4]
+        assert all(isinstance(m["loss"], float) for m in curves)  # its own value, not the group's list
+        assert [s for s, _ in rec.ckpts] == [2, 4] and all(k not in p for _, p in rec.ckpts[:1])  # the group's
+        # every point logged before a checkpoint was handed over (and flushed) before the checkpoint was written
+        assert [s for s, _ in rec.flushed] == [2, 4] and rec.flushed[0][1] >= 1
+    losses = {k: [m["loss"] for _, m in recs[k].logs if "loss" in m] for k in keys}
+    assert len({tuple(v) for v in losses.values()}) == 3  # three different runs
+
+
+def test_a_failing_group_fails_every_member_and_a_lone_group_trains_who_came(tmp_path, digits_cache, one_thread):
+    a, wider = member_exp(1.5, 0.0, 0), member_exp(2.0, 0.0, 1)
+    wider_d = to_dict(wider)
+    wider_d["ae"]["model"]["latent_channels"] = 4  # not of the first's architecture: the group refuses to train
+    group = GroupTrainer(["ae-0000", "ae-0001"], str(tmp_path / "g"), wait_s=30.0)
+    assert group.join("ae-0000", to_dict(a), str(tmp_path / "a")) and group.join("ae-0001", wider_d,
+                                                                                   str(tmp_path / "b"))
+    for k in ("ae-0000", "ae-0001"):
+        with pytest.raises(ValueError, match="latent_channels"):
+            relay(group, k, Recorder())
+    alone = GroupTrainer(["ae-0000", "ae-0001"], str(tmp_path / "g2"), wait_s=0.5)  # ae-0001 never comes
+    assert alone.join("ae-0000", to_dict(a), str(tmp_path / "c"))
+    res = relay(alone, "ae-0000", Recorder())
+    assert alone.status()["members"] == ["ae-0000"] and res.extra["group"]["members"] == 1 and res.steps == 4
+
+
+@pytest.mark.slow
+def test_a_sweep_trains_its_autoencoders_as_one_stacked_group(tmp_path):
+    d = tiny_experiment("stack", n_ae=2)
+    d["resources"].update({"num_workers": 0, "stack_trials": 2, "stack_wait_s": 120})
+    d["search"]["max_concurrent"] = 2
+    f = write_yaml(tmp_path, d)
+    p = subprocess.run(cli(f, "--storage", tmp_path / "runs"), cwd=tmp_path, env=sweep_env(tmp_path),
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert "stacking: 1 group(s) of autoencoder trials" in p.stdout + p.stderr
+    run_dir = tmp_path / "runs" / "stack"
+    check_lineage(run_dir, ["ae-0000", "ae-0001"], ["tiny"], latents=True)  # curves, params, base trials as ever
+    for k in ("ae-0000", "ae-0001"):
+        result = json.loads((run_dir / "trials" / k / "result.json").read_text())
+        assert result["extra"]["group"]["members"] == 2, result["extra"]
+    assert len(list((run_dir / "groups").glob("group-0/*/result.json"))) == 1  # the group's own run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["counts"] == {"ae_done": 2, "base_done": 2}

@@ -1,0 +1,224 @@
+"""A sweep's autoencoder trials of one architecture trained as one stacked program (`resources.stack_trials`).
+
+The driver plans the groups before the first trial starts (`plan`): the planned autoencoder trials (grid or none
+search) whose data, autoencoder and evaluation settings agree but for the loss factor, sigmoid bias and seed
+(ulsweep.train.group.MEMBER_KEYS), in plan order, at most `stack_trials` a group; it starts one `GroupTrainer`
+Ray actor per group (`start`), on a node with the trials' GPUs. Every trial stays a Tune trial of its own (its
+MLflow run, retries, timings and spawned base trials are as before), but its worker, instead of training, joins
+its group's actor (`train_in_group`) and relays what the group's loop reports for it to its own hooks: its curves
+to its MLflow run and to Tune, its checkpoints. The group writes each member's final checkpoint, images and
+result.json in the member's own run directory (ulsweep.train.group.train_autoencoders), and the trial returns
+that result as if it had trained alone.
+
+A group trains once all its members have joined, or `stack_wait_s` after its first member joined with those that
+have (a member finished before, in a resumed sweep, never joins). A member that comes after its group started
+trains alone. A failure of the group's training is every member's failure (a non-finite loss of one member stops
+the shared step); a group whose actor dies resumes from its checkpoint when the same members join again (Tune's
+retries of the trials). Between the group's loop and a member's trial, `before_checkpoint` waits (at most
+ACK_WAIT_S) until the trial has taken every point before the checkpoint, as a trial's own loop would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any
+
+from ulsweep.config import ExperimentConfig, dump_yaml, to_dict
+from ulsweep.train.hooks import StageResult, TrainHooks
+
+ACK_WAIT_S = 10.0  # longest the group's loop waits for a member's trial to take the points before a checkpoint
+POLL_S = 1.0  # a member's trial asks its group for news at least this often
+
+
+def plan(exp: ExperimentConfig) -> list[list[str]]:
+    """The groups of the sweep's planned autoencoder trials (their keys), groups of one left out (they train
+    alone); [] with `resources.stack_trials: 1`."""
+    k = exp.resources.stack_trials
+    if k <= 1:
+        return []
+    from ulsweep.sweep.searcher import ae_key
+    from ulsweep.sweep.space import planned_overrides, trial_experiment
+    from ulsweep.train.group import shared_settings
+
+    raw, filling, groups = to_dict(exp), {}, []
+    for i, ov in enumerate(planned_overrides(exp.search, exp.ae.train.seed) or []):
+        ident = dump_yaml(shared_settings(trial_experiment(raw, ov)))
+        group = filling.setdefault(ident, [])
+        if not group:
+            groups.append(group)
+        group.append(ae_key(i))
+        if len(group) == k:
+            filling.pop(ident)
+    return [g for g in groups if len(g) > 1]
+
+
+def actor_name(sweep_id: str, index: int) -> str:
+    return f"ulsweep-stack-{sweep_id}-{index}"
+
+
+def group_of(exp: ExperimentConfig, sweep_id: str, key: str) -> str | None:
+    """The name of the actor of the group that trial `key` belongs to, or None (it trains alone)."""
+    for i, keys in enumerate(plan(exp)):
+        if key in keys:
+            return actor_name(sweep_id, i)
+    return None
+
+
+class GroupTrainer:
+    """One group's trainer (a threaded Ray actor in a sweep; plain Python in tests): members `join`, the group
+    trains in a thread of its own, each member's trial `poll`s for its events and, at the end, its outcome."""
+
+    def __init__(self, keys: list[str], group_root: str, wait_s: float):
+        self.keys, self.group_root, self.wait_s = list(keys), group_root.rstrip("/"), wait_s
+        self.cv = threading.Condition()
+        self.joined: dict[str, tuple[dict, str]] = {}  # key -> (experiment dict, run dir)
+        self.state = "forming"  # -> "training" -> "done"
+        self.events: dict[str, list] = {}  # key -> ("log", step, metrics) | ("before_checkpoint", step) | ...
+        self.taken: dict[str, int] = {}  # key -> events its trial has taken
+        self.outcome: dict[str, tuple[str, Any]] = {}  # key -> ("result", StageResult fields) | ("error", exc)
+        self.members: list[str] = []
+
+    def join(self, key: str, experiment: dict, run_dir: str) -> bool:
+        """Add trial `key` (its experiment and run directory) to the group; False when it is not a member or
+        the group has started without it (it then trains alone)."""
+        with self.cv:
+            if key not in self.keys or self.state != "forming":
+                return False
+            first = not self.joined
+            self.joined[key] = (experiment, run_dir)
+            self.events[key], self.taken[key] = [], 0
+            if first:
+                threading.Thread(target=self._run, name="ulsweep-group", daemon=True).start()
+            self.cv.notify_all()
+            return True
+
+    def poll(self, key: str, taken: int, timeout: float = POLL_S) -> tuple[list, tuple[str, Any] | None]:
+        """(member `key`'s events after the first `taken`, its outcome or None); waits up to `timeout` for news.
+        `taken` also tells the group how far the trial has got (`before_checkpoint` waits for it)."""
+        with self.cv:
+            self.taken[key] = max(self.taken.get(key, 0), taken)
+            self.cv.notify_all()
+            if len(self.events[key]) <= taken and key not in self.outcome:
+                self.cv.wait(timeout)
+            return self.events[key][taken:], self.outcome.get(key)
+
+    def status(self) -> dict:
+        with self.cv:
+            return {"state": self.state, "joined": list(self.joined), "members": list(self.members)}
+
+    def _run(self) -> None:
+        with self.cv:
+            deadline = time.monotonic() + self.wait_s
+            while len(self.joined) < len(self.keys) and time.monotonic() < deadline:
+                self.cv.wait(max(0.0, min(1.0, deadline - time.monotonic())))
+            self.state = "training"
+            self.members = [k for k in self.keys if k in self.joined]  # plan order
+        try:
+            from ulsweep.config import experiment_from_dict
+            from ulsweep.train.group import GroupHooks, group_hash, train_autoencoders
+
+            exps = [experiment_from_dict(self.joined[k][0]) for k in self.members]
+            group_dir = f"{self.group_root}/{group_hash(exps)[:16]}"  # other members: another group, from scratch
+            hooks = GroupHooks([_Relay(self, k) for k in self.members])
+            results = train_autoencoders(exps, [self.joined[k][1] for k in self.members], group_dir, hooks)
+            outcome = {k: ("result", dataclasses.asdict(r)) for k, r in zip(self.members, results)}
+        except BaseException as e:  # noqa: BLE001 - every member's trial raises it
+            outcome = {k: ("error", e) for k in self.members}
+        with self.cv:
+            self.outcome.update(outcome)
+            self.state = "done"
+            self.cv.notify_all()
+
+
+class _Relay(TrainHooks):
+    """The group loop's hooks for one member: its events queued for its trial."""
+
+    def __init__(self, group: GroupTrainer, key: str):
+        self.group, self.key = group, key
+
+    def _put(self, event: tuple) -> int:
+        with self.group.cv:
+            self.group.events[self.key].append(event)
+            self.group.cv.notify_all()
+            return len(self.group.events[self.key])
+
+    def log_metrics(self, step: int, metrics: dict) -> None:
+        self._put(("log", step, metrics))
+
+    def before_checkpoint(self, step: int) -> None:
+        n, deadline = self._put(("before_checkpoint", step)), time.monotonic() + ACK_WAIT_S
+        with self.group.cv:  # until the trial has taken the points up to here (flushed them to MLflow)
+            while self.group.taken[self.key] < n and time.monotonic() < deadline:
+                self.group.cv.wait(max(0.0, deadline - time.monotonic()))
+
+    def checkpoint_saved(self, step: int, path: str, metrics: dict) -> None:
+        self._put(("checkpoint_saved", step, path, metrics))
+
+
+def relay(group, key: str, hooks: TrainHooks, call=lambda method, *args: method(*args)) -> StageResult:
+    """Hand member `key`'s events from `group` to its trial's `hooks` until its outcome comes; returns its result
+    or raises its group's error. `call(method, *args)` calls a method of the group (through Ray in a sweep)."""
+    taken = 0
+    while True:
+        events, outcome = call(group.poll, key, taken)
+        for ev in events:
+            if ev[0] == "log":
+                hooks.log_metrics(ev[1], ev[2])
+            elif ev[0] == "before_checkpoint":
+                getattr(hooks, "before_checkpoint", lambda step: None)(ev[1])
+            else:
+                hooks.checkpoint_saved(ev[1], ev[2], ev[3])
+        taken += len(events)
+        if outcome is not None and not events:  # every event taken before the outcome is acted on
+            kind, value = outcome
+            if kind == "error":
+                raise value
+            return StageResult(**value)
+
+
+def train_in_group(name: str, key: str, exp: ExperimentConfig, run_dir: str, hooks: TrainHooks) -> StageResult | None:
+    """Trial `key`'s training as a member of the group of actor `name`: its result, or None when the group has
+    no place for it (started without it, or gone with an earlier driver), so that it trains alone."""
+    import ray
+
+    try:
+        group = ray.get_actor(name)
+    except ValueError:
+        return None
+    if not ray.get(group.join.remote(key, to_dict(exp), run_dir)):
+        print(f"[{key}] its stacked group {name} started without it: training alone", flush=True)
+        return None
+    print(f"[{key}] training in stacked group {name}", flush=True)
+    return relay(group, key, hooks, call=lambda method, *args: ray.get(method.remote(*args)))
+
+
+def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str]) -> tuple[list[str], str, float]:
+    """GroupTrainer's arguments for group `index` of the sweep in `run_dir`: its keys, the directory under which its
+    runs keep their checkpoints, how long it waits for its members."""
+    return keys, f"{run_dir.rstrip('/')}/groups/group-{index}", exp.resources.stack_wait_s
+
+
+def start(exp: ExperimentConfig, run_dir: str, sweep_id: str, out) -> list:
+    """One GroupTrainer actor per group of `plan(exp)`, on a node with the trials' GPUs; returns their handles
+    (the caller keeps them for the sweep's length: the actors are the driver's)."""
+    groups = plan(exp)
+    if not groups:
+        return []
+    import ray
+
+    from ulsweep.sweep.precompile import gpu_node_options
+
+    placed = gpu_node_options(exp)
+    if placed is None:
+        print("stacking: no node with GPUs yet; every trial trains alone", file=out, flush=True)
+        return []
+    actor = ray.remote(GroupTrainer)
+    handles = []
+    for i, keys in enumerate(groups):
+        handles.append(actor.options(name=actor_name(sweep_id, i), num_cpus=0, num_gpus=0,
+                                     max_concurrency=len(keys) + 4, max_restarts=0, **placed)
+                       .remote(*trainer_args(exp, run_dir, i, keys)))
+    print(f"stacking: {len(groups)} group(s) of autoencoder trials trained as one program each: "
+          + "; ".join(f"{g[0]}..{g[-1]} ({len(g)})" for g in groups), file=out, flush=True)
+    return handles
