@@ -99,9 +99,14 @@ def test_a_group_relays_each_members_own_events_and_result_to_its_trial(tmp_path
         curves = [m for _, m in rec.logs if "loss" in m]
         assert [s for s, m in rec.logs if "loss" in m] == [2, 4]
         assert all(isinstance(m["loss"], float) for m in curves)  # its own value, not the group's list
-        assert [s for s, _ in rec.ckpts] == [2, 4] and all(k not in p for _, p in rec.ckpts[:1])  # the group's
-        # every point logged before a checkpoint was handed over (and flushed) before the checkpoint was written
-        assert [s for s, _ in rec.flushed] == [2, 4] and rec.flushed[0][1] >= 1
+        # its final evaluation as its own loop logs it, handed over as soon as it was done
+        assert isinstance(rec.logs[-1][1]["eval_bpp"], float) and rec.logs[-1][1]["eval_bpp"] == res.metrics["bpp"]
+        assert res.extra["marks"]["t_eval_end"] >= res.extra["marks"]["t_train_end"]
+        assert "evaluate_sampling_s" in res.extra["marks"]  # its own evaluation's parts
+        # the group's checkpoint in the middle of training (the final one comes after the member is done); every
+        # point logged before it was handed over (and flushed) before it was written
+        assert [s for s, _ in rec.ckpts] == [2] and k not in rec.ckpts[0][1]
+        assert [s for s, _ in rec.flushed] == [2] and rec.flushed[0][1] >= 1
     losses = {k: [m["loss"] for _, m in recs[k].logs if "loss" in m] for k in keys}
     assert len({tuple(v) for v in losses.values()}) == 3  # three different runs
 

@@ -126,19 +126,23 @@ class GroupTrainer:
         except BaseException as e:  # noqa: BLE001 - every member's trial raises it
             outcome = {k: ("error", e) for k in self.members}
         with self.cv:
-            self.outcome.update(outcome)
+            for k, v in outcome.items():
+                self.outcome.setdefault(k, v)  # a member handed its result already keeps it
             self.state = "done"
             self.cv.notify_all()
 
 
 class _Relay(TrainHooks):
-    """The group loop's hooks for one member: its events queued for its trial."""
+    """The group loop's hooks for one member: its events queued for its trial, until its result is handed over
+    (`finished`: the member's trial returns; what the group does after concerns the group only)."""
 
     def __init__(self, group: GroupTrainer, key: str):
         self.group, self.key = group, key
 
     def _put(self, event: tuple) -> int:
         with self.group.cv:
+            if self.key in self.group.outcome:
+                return 0
             self.group.events[self.key].append(event)
             self.group.cv.notify_all()
             return len(self.group.events[self.key])
@@ -154,6 +158,13 @@ class _Relay(TrainHooks):
 
     def checkpoint_saved(self, step: int, path: str, metrics: dict) -> None:
         self._put(("checkpoint_saved", step, path, metrics))
+
+    def finished(self, result: StageResult) -> None:
+        """The member's final evaluation as its own loop logs it (eval_<metric>), then its result."""
+        self.log_metrics(result.steps, {f"eval_{k}": v for k, v in result.metrics.items()})
+        with self.group.cv:
+            self.group.outcome[self.key] = ("result", dataclasses.asdict(result))
+            self.group.cv.notify_all()
 
 
 def relay(group, key: str, hooks: TrainHooks, call=lambda method, *args: method(*args)) -> StageResult:

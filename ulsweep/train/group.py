@@ -22,6 +22,7 @@ the device) and the evaluation images.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -32,7 +33,7 @@ from ulsweep.data.sources import DeviceSplit, train_source
 from ulsweep.models.stacked import clip_trials, stack, unstack
 from ulsweep.train.build import build_autoencoder
 from ulsweep.train.checkpoint import finished_result, save_checkpoint, write_images, write_result
-from ulsweep.train.evaluation import PartTimer, load_eval_extractor
+from ulsweep.train.evaluation import SECONDS, PartTimer, load_eval_extractor, pop_seconds
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
@@ -160,6 +161,11 @@ class GroupHooks(TrainHooks):
     def should_stop(self) -> bool:
         return any(h.should_stop() for h in self.members)
 
+    def member_finished(self, k: int, result: StageResult) -> None:
+        """Member k is evaluated and its files written (before the others' evaluations): its hooks' `finished`
+        gets its result, where they have one (a sweep's trial then returns it, ulsweep/sweep/stacking.py)."""
+        getattr(self.members[k], "finished", lambda result: None)(result)
+
 
 def shared_settings(exp: ExperimentConfig) -> dict:
     """What members of a group must agree on: the run's data, autoencoder and evaluation settings (flattened)
@@ -227,9 +233,13 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     ts = GroupTrainState(objective.stacked.ae, exp0.ae.optim, rt, gens)
     member = build_autoencoder(exp0.ae, c).to(rt.device).eval().requires_grad_(False)  # one member's weights at a
     online = build_autoencoder(exp0.ae, c).to(rt.device).eval().requires_grad_(False)  # time, for its evaluation
-    images: list[dict] = [{} for _ in exps]
+    meta = {"data_hash": data_hash, "image_shape": list(image_shape), "latent_shape": list(latent_shape)}
+    marks: dict = {}  # the loop's phase marks: every member's timeline
+    results: list[StageResult | None] = [None] * k
 
     def evaluate(ema_stacked, final: bool) -> tuple[dict, dict]:
+        """Each member's evaluation in turn; a final one writes the member's files and hands it its result at
+        once (`GroupHooks.member_finished`), so that its base trials need not wait for the others'."""
         timer = PartTimer(rt.device, enabled=final)
         extractor = None
         if final:
@@ -240,7 +250,14 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
             member.load_state_dict(unstack(ema_stacked, i))
             if final:
                 online.load_state_dict(unstack(ts.net, i))
-                m, images[i] = final_evaluation(member, online, x_eval, e, extractor, data_hash, ts.step, timer)
+                own = PartTimer(rt.device)  # this member's parts, kept in its timings as its own run's
+                m, images = final_evaluation(member, online, x_eval, e, extractor, data_hash, ts.step, own)
+                for part, sec in own.seconds.items():
+                    timer.seconds[part] = timer.seconds.get(part, 0.0) + sec
+                loaded = timer.seconds[f"{SECONDS}extractor"] if i == 0 else 0.0  # the extractor: loaded once
+                done = marks | pop_seconds({**own.seconds, f"{SECONDS}extractor": loaded}) | {"t_eval_end": time.time()}
+                results[i] = _write_member(i, e, run_dirs[i], ts, m, images, meta, done, group_dir)
+                getattr(hooks, "member_finished", lambda i, res: None)(i, results[i])
             else:
                 m, _ = evaluate_ae(member, x_eval, e, with_images=False)
             each.append(m)
@@ -248,30 +265,29 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
         metrics.update(timer.seconds)  # the parts' seconds over all members
         return metrics, {}
 
-    meta = {"data_hash": data_hash, "image_shape": list(image_shape), "latent_shape": list(latent_shape)}
     spec = RunSpec(group_dir, "ae-group", f"ae group of {k}", group_hash(exps),
                    dump_yaml({"members": [e.name for e in exps], "run_dirs": run_dirs}),
                    {"configs": [to_dict(e) for e in exps]}, meta | {"members": k})
-    res = train(objective, GroupSource(sources), evaluate, ts, tc, spec, hooks)
+    res = train(objective, GroupSource(sources), evaluate, ts, tc, spec, hooks, marks)
     if not res.metrics:  # stopped early on request: the group's checkpoint holds it
         return [StageResult({}, res.checkpoint, res.steps, res.train_seconds, res.extra) for _ in exps]
-    return [_write_member(i, e, d, ts, res, images[i], meta, group_dir) for i, (e, d) in enumerate(zip(exps, run_dirs))]
+    return results
 
 
-def _write_member(i: int, exp: ExperimentConfig, run_dir: str, ts: GroupTrainState, res: StageResult, images: dict,
-                  meta: dict, group_dir: str) -> StageResult:
-    """Member i's final checkpoint, images and result.json in its own run directory, as its own run's."""
-    metrics = member_metrics(res.metrics, i)
+def _write_member(i: int, exp: ExperimentConfig, run_dir: str, ts: GroupTrainState, metrics: dict, images: dict,
+                  meta: dict, marks: dict, group_dir: str) -> StageResult:
+    """Member i's final checkpoint, images and result.json in its own run directory, as its own run's, after its
+    final evaluation (`metrics`, `images`; the loop's `marks` so far)."""
     state = {"model": _row(ts.net.state_dict(), i), "ema": _row(ts.ema.state_dict(), i),
              "optimizer": _optimizer_row(ts.opt.state_dict(), i), "rng": rng_state(ts.gen.gens[i]),
              "config": to_dict(exp)}
     cfg_hash = stage1_hash(exp)
-    path = save_checkpoint(run_dir, res.steps, state, {**meta, "kind": KIND, "config_hash": cfg_hash,
-                                                       "step": res.steps, "train_seconds": res.train_seconds,
-                                                       "metrics": metrics})
-    extra = {"marks": res.extra.get("marks", {}), "images": write_images(run_dir, images),
+    path = save_checkpoint(run_dir, ts.step, state, {**meta, "kind": KIND, "config_hash": cfg_hash,
+                                                     "step": ts.step, "train_seconds": ts.train_seconds,
+                                                     "metrics": metrics})
+    extra = {"marks": dict(marks), "images": write_images(run_dir, images),
              "group": {"dir": group_dir, "member": i, "members": ts.k}}
-    out = StageResult(metrics, path, res.steps, res.train_seconds, extra)
+    out = StageResult(metrics, path, ts.step, ts.train_seconds, extra)
     write_result(run_dir, out, cfg_hash)
     fd = "".join(f"  {k}={v:.3f}" for k, v in metrics.items() if k.startswith(("rfd", "rfid")))
     print(f"[ae {exp.name}] done (member {i} of a group of {ts.k}): bits/pixel={metrics['bpp']:.4f} +- "

@@ -67,12 +67,13 @@ class RunSpec:
 
 
 def train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc: TrainConfig, spec: RunSpec,
-          hooks: TrainHooks) -> StageResult:
+          hooks: TrainHooks, marks: dict | None = None) -> StageResult:
     """Train `ts.net` through `objective` on batches of `source` to `tc.steps` steps, resuming from the newest
-    valid checkpoint in `spec.run_dir`; evaluate, checkpoint and write result.json at the end (rank 0)."""
+    valid checkpoint in `spec.run_dir`; evaluate, checkpoint and write result.json at the end (rank 0). `marks`:
+    a dict the loop keeps its phase marks in (a group's final evaluation reads them, ulsweep/train/group.py)."""
     gate = contextlib.ExitStack()  # held through the first step of a compiled single-process run
     try:
-        return _train(objective, source, evaluate, ts, tc, spec, hooks, gate)
+        return _train(objective, source, evaluate, ts, tc, spec, hooks, gate, {} if marks is None else marks)
     finally:
         gate.close()
         if hasattr(source, "close"):  # a stream stops reading ahead
@@ -80,9 +81,9 @@ def train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc: 
 
 
 def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc: TrainConfig, spec: RunSpec,
-           hooks: TrainHooks, gate: contextlib.ExitStack) -> StageResult:
+           hooks: TrainHooks, gate: contextlib.ExitStack, marks: dict) -> StageResult:
     rt = ts.rt
-    marks = {"t_setup_end": time.time()}  # data and networks built; the first step starts after resuming
+    marks["t_setup_end"] = time.time()  # data and networks built; the first step starts after resuming
     model = resume(ts, spec, objective, tc.compile, source, tc.batch_size)
     # the first compile of this step on the node runs alone, later ones from its caches (compile_gate.py); not
     # under DDP, whose ranks compile together
