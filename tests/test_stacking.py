@@ -28,6 +28,9 @@ def test_the_planned_trials_of_one_architecture_form_groups_of_at_most_stack_tri
     six = plan(experiment_from_dict(lf_sweep(stack_trials=6)))
     assert [len(g) for g in six] == [6, 6, 6] and sum(six, []) == [f"ae-{i:04d}" for i in range(18)]
     assert plan(experiment_from_dict(lf_sweep())) == []  # stack_trials 1: every trial alone
+    capped = lf_sweep(stack_trials=18)
+    capped["search"]["max_concurrent"] = 9  # a group's members run at once
+    assert [len(g) for g in plan(experiment_from_dict(capped))] == [9, 9]
     assert group_of(exp, "s1", "ae-0017") == "ulsweep-stack-s1-0"
     d = lf_sweep(stack_trials=4)  # two architectures interleaved in the plan: a group each, in plan order
     d["search"] = {"method": "grid", "metrics": ["gfid"], "modes": ["min"],

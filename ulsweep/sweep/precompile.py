@@ -116,7 +116,7 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
 
     from ulsweep.data.sources import DeviceSplit
     from ulsweep.train.build import build_autoencoder, latent_shape
-    from ulsweep.train.group import GroupObjective, GroupSource, GroupTrainState
+    from ulsweep.train.group import GroupObjective, GroupSource, GroupTrainState, compiles_clip
     from ulsweep.train.stage1 import RECONSTRUCT_BATCH, AEObjective, reconstruct_images
     from ulsweep.train.state import TrainState
 
@@ -132,7 +132,7 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     if members > 1:
         objective = GroupObjective([AEObjective(ae, exp.ae.loss, image_shape, shape) for ae in aes])
         gens = [torch.Generator(rt.device).manual_seed(i) for i in range(members)]
-        ts = GroupTrainState(objective.stacked.ae, exp.ae.optim, rt, gens)
+        ts = GroupTrainState(objective.stacked.ae, exp.ae.optim, rt, gens, compile_clip=compiles_clip(tc, rt))
         how = _train_briefly(objective, GroupSource([source] * members), ts, tc, "ae")
     else:
         ts = TrainState(aes[0], exp.ae.optim, rt, 0)

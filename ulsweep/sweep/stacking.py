@@ -33,8 +33,9 @@ POLL_S = 1.0  # a member's trial asks its group for news at least this often
 
 def plan(exp: ExperimentConfig) -> list[list[str]]:
     """The groups of the sweep's planned autoencoder trials (their keys), groups of one left out (they train
-    alone); [] with `resources.stack_trials: 1`."""
-    k = exp.resources.stack_trials
+    alone); [] with `resources.stack_trials: 1`. A group is at most `search.max_concurrent` trials too: its members
+    must run at once."""
+    k = min(exp.resources.stack_trials, exp.search.max_concurrent)
     if k <= 1:
         return []
     from ulsweep.sweep.searcher import ae_key

@@ -123,16 +123,24 @@ class GroupTrainState(TrainState):
     """The stacked network's TrainState: one AdamW and one EMA over the stacked tensors (elementwise, so each
     member's own), each member's generator, and each member's gradient clipped by its own norm."""
 
-    def __init__(self, net: nn.Module, oc, rt, gens: Sequence[torch.Generator]):
+    def __init__(self, net: nn.Module, oc, rt, gens: Sequence[torch.Generator], compile_clip: bool = False):
         super().__init__(net, oc, rt, 0)
         self.gen, self.k = GroupGenerator(gens), len(gens)
+        # the per-member norms and division: a few kernels per gradient tensor uncompiled (hundreds of launches a
+        # step), a few fused ones compiled (`compile_clip`: where the step itself compiles on a GPU)
+        self.clip = torch.compile(clip_trials, dynamic=False) if compile_clip else clip_trials
 
     def optimizer_step(self, loss: torch.Tensor) -> torch.Tensor:
         """Backward, each member's clipping, the step; returns the K gradient norms before clipping."""
         loss.backward()
-        norms = clip_trials([p.grad for p in self.net.parameters() if p.grad is not None], self.k, self.oc.grad_clip)
+        norms = self.clip([p.grad for p in self.net.parameters() if p.grad is not None], self.k, self.oc.grad_clip)
         self.apply_gradients()
         return norms
+
+
+def compiles_clip(tc, rt) -> bool:
+    """Whether a group's per-member clipping is compiled: where its step compiles, on a GPU."""
+    return tc.compile is not False and rt.device.type == "cuda"
 
 
 def member_metrics(metrics: dict, k: int) -> dict:
@@ -230,7 +238,7 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     objective = GroupObjective(objectives)
     del objectives  # their weights are copied into the stacked network
     gens = [torch.Generator(rt.device).manual_seed(e.ae.train.seed) for e in exps]
-    ts = GroupTrainState(objective.stacked.ae, exp0.ae.optim, rt, gens)
+    ts = GroupTrainState(objective.stacked.ae, exp0.ae.optim, rt, gens, compile_clip=compiles_clip(tc, rt))
     member = build_autoencoder(exp0.ae, c).to(rt.device).eval().requires_grad_(False)  # one member's weights at a
     online = build_autoencoder(exp0.ae, c).to(rt.device).eval().requires_grad_(False)  # time, for its evaluation
     meta = {"data_hash": data_hash, "image_shape": list(image_shape), "latent_shape": list(latent_shape)}
