@@ -33,7 +33,7 @@ def test_the_planned_trials_of_one_architecture_form_groups_of_at_most_stack_tri
     assert [len(g) for g in plan(experiment_from_dict(capped))] == [9, 9]
     assert group_of(exp, "s1", "ae-0017") == "ulsweep-stack-s1-0"
     d = lf_sweep(stack_trials=4)  # two architectures interleaved in the plan: a group each, in plan order
-    d["search"] = {"method": "grid", "metrics": ["gfid"], "modes": ["min"],
+    d["search"] = {"method": "grid", "metrics": ["gfid"], "modes": ["min"], "max_concurrent": 20,
                    "space": {"ae.model.latent_channels": {"values": [4, 8]},
                              "ae.loss.loss_factor": {"values": [1.5, 2.0, 3.0]}}}
     groups = plan(experiment_from_dict(d))
