@@ -93,6 +93,7 @@ def test_a_group_relays_each_members_own_events_and_result_to_its_trial(tmp_path
         t.join(timeout=300)
     assert not errors, errors
     assert group.status()["members"] == keys and not group.join("ae-0003", {}, "x")  # started: no late joiners
+    assert not group.join("ae-0000", {}, "x")  # nor a member that has its result
     for k, (lf, bias, seed) in zip(keys, MEMBERS):
         res, rec = results[k], recs[k]
         assert res.checkpoint.startswith(str(tmp_path / "trials" / k)) and res.steps == 4
@@ -124,6 +125,9 @@ def test_a_failing_group_fails_every_member_and_a_lone_group_trains_who_came(tmp
     for k in ("ae-0000", "ae-0001"):
         with pytest.raises(ValueError, match="latent_channels"):
             relay(group, k, Recorder())
+    training = GroupTrainer(["ae-0000", "ae-0001"], "g", wait_s=1.0)
+    training.state, training.members = "training", ["ae-0000"]
+    assert training.join("ae-0000", {}, "x") and not training.join("ae-0001", {}, "y")  # a retried member rejoins
     alone = GroupTrainer(["ae-0000", "ae-0001"], str(tmp_path / "g2"), wait_s=0.5)  # ae-0001 never comes
     assert alone.join("ae-0000", to_dict(a), str(tmp_path / "c"))
     res = relay(alone, "ae-0000", Recorder())

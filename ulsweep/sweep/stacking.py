@@ -13,8 +13,9 @@ that result as if it had trained alone.
 A group trains once all its members have joined, or `stack_wait_s` after its first member joined with those that
 have (a member finished before, in a resumed sweep, never joins). A member that comes after its group started
 trains alone. A failure of the group's training is every member's failure (a non-finite loss of one member stops
-the shared step); a group whose actor dies resumes from its checkpoint when the same members join again (Tune's
-retries of the trials). Between the group's loop and a member's trial, `before_checkpoint` waits (at most
+the shared step). An actor that dies is restarted (up to `resources.max_worker_failures` times): its members'
+trials fail with it, and their retries form the group again, which resumes from its checkpoint when they are the
+same members. A member's trial that dies alone comes back to its group (`join`) and relays its events again. Between the group's loop and a member's trial, `before_checkpoint` waits (at most
 ACK_WAIT_S) until the trial has taken every point before the checkpoint, as a trial's own loop would.
 """
 from __future__ import annotations
@@ -82,9 +83,12 @@ class GroupTrainer:
 
     def join(self, key: str, experiment: dict, run_dir: str) -> bool:
         """Add trial `key` (its experiment and run directory) to the group; False when it is not a member or
-        the group has started without it (it then trains alone)."""
+        the group has started without it (it then trains alone). A member's trial that comes again while the group
+        trains it (a retry of a trial process that died) takes its events up again from the start."""
         with self.cv:
-            if key not in self.keys or self.state != "forming":
+            if self.state != "forming":
+                return key in self.members and key not in self.outcome
+            if key not in self.keys:
                 return False
             first = not self.joined
             self.joined[key] = (experiment, run_dir)
@@ -190,10 +194,16 @@ def relay(group, key: str, hooks: TrainHooks, call=lambda method, *args: method(
 
 
 def train_in_group(name: str, key: str, exp: ExperimentConfig, run_dir: str, hooks: TrainHooks) -> StageResult | None:
-    """Trial `key`'s training as a member of the group of actor `name`: its result, or None when the group has
-    no place for it (started without it, or gone with an earlier driver), so that it trains alone."""
+    """Trial `key`'s training as a member of the group of actor `name`: its result, or None when it is finished
+    already or the group has no place for it (started without it, or gone with an earlier driver), so that its
+    own loop returns it or trains it alone."""
     import ray
 
+    from ulsweep.train.checkpoint import finished_result
+    from ulsweep.train.stage1 import stage1_hash
+
+    if finished_result(run_dir, stage1_hash(exp)) is not None:  # done before (a retry): its own loop returns it
+        return None
     try:
         group = ray.get_actor(name)
     except ValueError:
@@ -228,8 +238,11 @@ def start(exp: ExperimentConfig, run_dir: str, sweep_id: str, out) -> list:
     actor = ray.remote(GroupTrainer)
     handles = []
     for i, keys in enumerate(groups):
+        # a restarted actor forms the group again from the members' retried trials, and resumes it from its
+        # checkpoint when they are the same members
         handles.append(actor.options(name=actor_name(sweep_id, i), num_cpus=0, num_gpus=0,
-                                     max_concurrency=len(keys) + 4, max_restarts=0, **placed)
+                                     max_concurrency=len(keys) + 4,
+                                     max_restarts=exp.resources.max_worker_failures, **placed)
                        .remote(*trainer_args(exp, run_dir, i, keys)))
     print(f"stacking: {len(groups)} group(s) of autoencoder trials trained as one program each: "
           + "; ".join(f"{g[0]}..{g[-1]} ({len(g)})" for g in groups), file=out, flush=True)

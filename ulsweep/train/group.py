@@ -239,8 +239,9 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     del objectives  # their weights are copied into the stacked network
     gens = [torch.Generator(rt.device).manual_seed(e.ae.train.seed) for e in exps]
     ts = GroupTrainState(objective.stacked.ae, exp0.ae.optim, rt, gens, compile_clip=compiles_clip(tc, rt))
-    member = build_autoencoder(exp0.ae, c).to(rt.device).eval().requires_grad_(False)  # one member's weights at a
-    online = build_autoencoder(exp0.ae, c).to(rt.device).eval().requires_grad_(False)  # time, for its evaluation
+    # one member's weights at a time, EMA and online, for its evaluation
+    member = build_autoencoder(exp0.ae, c).to(rt.device).eval().requires_grad_(False)
+    online = build_autoencoder(exp0.ae, c).to(rt.device).eval().requires_grad_(False)
     meta = {"data_hash": data_hash, "image_shape": list(image_shape), "latent_shape": list(latent_shape)}
     marks: dict = {}  # the loop's phase marks: every member's timeline
     results: list[StageResult | None] = [None] * k
