@@ -71,8 +71,8 @@ class GroupTrainer:
     """One group's trainer (a threaded Ray actor in a sweep; plain Python in tests): members `join`, the group
     trains in a thread of its own, each member's trial `poll`s for its events and, at the end, its outcome."""
 
-    def __init__(self, keys: list[str], group_root: str, wait_s: float):
-        self.keys, self.group_root, self.wait_s = list(keys), group_root.rstrip("/"), wait_s
+    def __init__(self, keys: list[str], group_root: str, wait_s: float, threads: int = 0):
+        self.keys, self.group_root, self.wait_s, self.threads = list(keys), group_root.rstrip("/"), wait_s, threads
         self.cv = threading.Condition()
         self.joined: dict[str, tuple[dict, str]] = {}  # key -> (experiment dict, run dir)
         self.state = "forming"  # -> "training" -> "done"
@@ -102,10 +102,12 @@ class GroupTrainer:
         """(member `key`'s events after the first `taken`, its outcome or None); waits up to `timeout` for news.
         `taken` also tells the group how far the trial has got (`before_checkpoint` waits for it)."""
         with self.cv:
-            self.taken[key] = max(self.taken.get(key, 0), taken)
-            self.cv.notify_all()
-            if len(self.events[key]) <= taken and key not in self.outcome:
-                self.cv.wait(timeout)
+            if taken > self.taken.get(key, 0):  # news for a before_checkpoint waiting on this trial
+                self.taken[key] = taken
+                self.cv.notify_all()
+            # woken by anything (another member's events, another trial's poll), it waits on for its own news:
+            # trials that woke each other at every poll kept the actor's lock and the GIL busy
+            self.cv.wait_for(lambda: len(self.events[key]) > taken or key in self.outcome, timeout)
             return self.events[key][taken:], self.outcome.get(key)
 
     def status(self) -> dict:
@@ -120,8 +122,13 @@ class GroupTrainer:
             self.state = "training"
             self.members = [k for k in self.keys if k in self.joined]  # plan order
         try:
+            import torch
+
             from ulsweep.config import experiment_from_dict
             from ulsweep.train.group import GroupHooks, group_hash, train_autoencoders
+
+            if self.threads:  # the CPUs its members' trials hold while they wait (an actor of 0 CPUs gets 1 thread)
+                torch.set_num_threads(self.threads)
 
             exps = [experiment_from_dict(self.joined[k][0]) for k in self.members]
             group_dir = f"{self.group_root}/{group_hash(exps)[:16]}"  # other members: another group, from scratch
@@ -215,10 +222,12 @@ def train_in_group(name: str, key: str, exp: ExperimentConfig, run_dir: str, hoo
     return relay(group, key, hooks, call=lambda method, *args: ray.get(method.remote(*args)))
 
 
-def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str]) -> tuple[list[str], str, float]:
+def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str]) -> tuple[list[str], str, float, int]:
     """GroupTrainer's arguments for group `index` of the sweep in `run_dir`: its keys, the directory under which its
-    runs keep their checkpoints, how long it waits for its members."""
-    return keys, f"{run_dir.rstrip('/')}/groups/group-{index}", exp.resources.stack_wait_s
+    runs keep their checkpoints, how long it waits for its members, and torch's threads (the CPUs its members'
+    trials hold, at least 1)."""
+    threads = max(1, round(len(keys) * exp.resources.cpus_per_worker))
+    return keys, f"{run_dir.rstrip('/')}/groups/group-{index}", exp.resources.stack_wait_s, threads
 
 
 def start(exp: ExperimentConfig, run_dir: str, sweep_id: str, out) -> list:
