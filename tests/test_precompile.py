@@ -115,7 +115,8 @@ def test_a_stacked_groups_program_is_compiled_ahead_at_the_groups_size(tmp_path,
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     monkeypatch.setattr(loop, "compile_module", lambda module, setting, rt, **kw: module)
-    exp = sweep_exp(ae_compile=True, base_compile=False, stack_trials=3)
+    exp = experiment_from_dict(to_dict(sweep_exp(ae_compile=True, base_compile=False, stack_trials=3)),
+                               {"search.max_concurrent": 4})
     jobs = precompile.jobs(exp)
     assert [(j["stage"], j.get("members", 1)) for j in jobs] == [("ae", 3), ("ae", 1)]
     assert precompile.label(jobs[0]).startswith("ae (a stacked group of 3)")
