@@ -10,9 +10,10 @@ import torch
 from ulsweep.config import experiment_from_dict
 from ulsweep.train.checkpoint import load_checkpoint
 from ulsweep.train.group import GroupHooks, check_members, train_autoencoders
-from ulsweep.train.hooks import TrainHooks
 from ulsweep.train.stage1 import stage1_hash, train_autoencoder
 from ulsweep.train.stage2 import load_frozen_autoencoder, train_base
+
+from test_train import Recorder
 
 TRAIN = {"steps": 4, "batch_size": 8, "log_every": 2, "eval_images": 16, "eval_t_per_image": 2, "sample_steps": 2,
          "ckpt_every": 2}
@@ -31,21 +32,6 @@ def member_exp(lf, bias, seed, **train):
         "base_models": [{"name": "b", "train": {**TRAIN, "steps": 2}}],
         "eval": {"extractor": "none"},
     })
-
-
-class Recorder(TrainHooks):
-    def __init__(self, stop_at=None):
-        self.logs, self.ckpts, self.stop_at, self.step = [], [], stop_at, 0
-
-    def log_metrics(self, step, metrics):
-        self.step = step
-        self.logs.append((step, dict(metrics)))
-
-    def checkpoint_saved(self, step, path, metrics):
-        self.ckpts.append(step)
-
-    def should_stop(self):
-        return self.stop_at is not None and self.step >= self.stop_at
 
 
 def rel(a, b):
