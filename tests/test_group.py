@@ -112,3 +112,17 @@ def test_members_of_another_architecture_or_training_are_refused_by_name():
         check_members([a, member_exp(1.5, 0.0, 1, steps=5)])
     with pytest.raises(ValueError, match="3 members but 2 run directories"):
         train_autoencoders([a, a, a], ["x", "y"], "g")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_group_trains_with_cuda_graphs_on_a_gpu(tmp_path, digits_cache):
+    """On a GPU the group's step compiles with CUDA graphs (its per-member clipping compiled too) and trains the
+    members as they train alone there (bf16 autocast: the same within a few percent after a few steps)."""
+    exps = [member_exp(*m, compile="reduce-overhead", steps=6, ckpt_every=0) for m in MEMBERS]
+    group = train_autoencoders(exps, [str(tmp_path / f"m{i}") for i in range(3)], str(tmp_path / "group"))
+    for i, (e, res) in enumerate(zip(exps, group)):
+        alone = train_autoencoder(e, str(tmp_path / f"alone{i}"))
+        assert res.steps == 6 and res.extra["marks"]["compile_gate"] in ("first", "done", "after")
+        for k in ("bpp", "psnr"):
+            assert res.metrics[k] == pytest.approx(alone.metrics[k], rel=0.05), (i, k)
+    assert len({round(r.metrics["bpp"], 6) for r in group}) == 3
