@@ -18,7 +18,8 @@ With `eval.sample_compile` the task then runs one batch of the final evaluation'
 EMA base model and a decoder of the trial's architecture, random weights), so that the base trials' gFD
 sampling starts compiled too (its gate keys on the networks; the caches on the batch's shape, the trial's first).
 
-The autoencoders' step is compiled the same way (`compile_ae`: three steps on random images). Its first trials
+The autoencoders' step is compiled the same way (`compile_ae`: three steps on random images; for trials that train
+in stacked groups, `resources.stack_trials`, the group's program at the group's size). Its first trials
 start with the task, but reach their first step only after their imports, tracking and data (~25 s into a
 sweep's first wave on one H200, session 21), by when the task is compiling: they train uncompiled meanwhile, and
 the first of them no longer compiles for all the others while they train uncompiled beside it (151 s on one
