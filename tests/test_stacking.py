@@ -8,7 +8,7 @@ import time
 import pytest
 
 from ulsweep.config import ConfigError, experiment_from_dict, load_experiment, to_dict
-from ulsweep.sweep.stacking import GroupTrainer, group_of, plan, relay
+from ulsweep.sweep.stacking import GroupTrainer, group_names, plan, relay
 from ulsweep.train.checkpoint import load_checkpoint
 from ulsweep.train.hooks import TrainHooks
 
@@ -31,7 +31,7 @@ def test_the_planned_trials_of_one_architecture_form_groups_of_at_most_stack_tri
     capped = lf_sweep(stack_trials=18)
     capped["search"]["max_concurrent"] = 9  # a group's members run at once
     assert [len(g) for g in plan(experiment_from_dict(capped))] == [9, 9]
-    assert group_of(exp, "s1", "ae-0017") == "ulsweep-stack-s1-0"
+    assert group_names(exp, "s1")["ae-0017"] == "ulsweep-stack-s1-0"
     d = lf_sweep(stack_trials=4)  # two architectures interleaved in the plan: a group each, in plan order
     d["search"] = {"method": "grid", "metrics": ["gfid"], "modes": ["min"], "max_concurrent": 20,
                    "space": {"ae.model.latent_channels": {"values": [4, 8]},
@@ -40,7 +40,7 @@ def test_the_planned_trials_of_one_architecture_form_groups_of_at_most_stack_tri
     assert groups == [["ae-0000", "ae-0001", "ae-0002"], ["ae-0003", "ae-0004", "ae-0005"]]
     d["search"]["space"]["ae.model.latent_channels"]["values"] = [4, 8, 16]
     d["search"]["space"]["ae.loss.loss_factor"]["values"] = [1.5]  # three architectures of one trial each
-    assert plan(experiment_from_dict(d)) == [] and group_of(experiment_from_dict(d), "s", "ae-0000") is None
+    assert plan(experiment_from_dict(d)) == [] and group_names(experiment_from_dict(d), "s") == {}
 
 
 def test_stacking_settings_are_checked_by_name():

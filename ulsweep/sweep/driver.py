@@ -298,7 +298,8 @@ def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: 
 
     ctx = SweepContext(experiment=to_dict(exp), run_dir=run_dir, tracking_uri=run.tracking_uri,
                        mlflow_experiment_id=run.experiment_id, sweep_id=run.sweep_id, train_impl=train_impl,
-                       session=uuid.uuid4().hex, one_thread=reuse_processes(exp))
+                       session=uuid.uuid4().hex, one_thread=reuse_processes(exp),
+                       stack_groups=stacking.group_names(exp, run.sweep_id))
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(exp.resources))
     tune_dir = _tune_dir(run_dir)
     if resume:

@@ -59,12 +59,9 @@ def actor_name(sweep_id: str, index: int) -> str:
     return f"ulsweep-stack-{sweep_id}-{index}"
 
 
-def group_of(exp: ExperimentConfig, sweep_id: str, key: str) -> str | None:
-    """The name of the actor of the group that trial `key` belongs to, or None (it trains alone)."""
-    for i, keys in enumerate(plan(exp)):
-        if key in keys:
-            return actor_name(sweep_id, i)
-    return None
+def group_names(exp: ExperimentConfig, sweep_id: str) -> dict[str, str]:
+    """{trial key: the name of its group's actor} for the trials of `plan(exp)` (the others train alone)."""
+    return {key: actor_name(sweep_id, i) for i, keys in enumerate(plan(exp)) for key in keys}
 
 
 class GroupTrainer:

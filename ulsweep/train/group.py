@@ -32,12 +32,13 @@ from ulsweep.config import ExperimentConfig, config_hash, dump_yaml, flatten, to
 from ulsweep.data.sources import DeviceSplit, train_source
 from ulsweep.models.stacked import clip_trials, stack, unstack
 from ulsweep.train.build import build_autoencoder
+from ulsweep.train.build import latent_shape as latent_shape_of
 from ulsweep.train.checkpoint import finished_result, save_checkpoint, write_images, write_result
 from ulsweep.train.evaluation import SECONDS, PartTimer, load_eval_extractor, pop_seconds
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
-from ulsweep.train.stage1 import KIND, AEObjective, evaluate_ae, final_evaluation, stage1_hash
+from ulsweep.train.stage1 import KIND, AEObjective, evaluate_ae, final_evaluation, say_done, stage1_hash
 from ulsweep.train.state import TrainState, rng_state
 
 # what members of a group may differ in; everything else of their data, autoencoder and evaluation must agree
@@ -227,9 +228,7 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     for e in exps[1:]:  # a split on the device serves every member (each draws with its own generator)
         sources.append(source if isinstance(source, DeviceSplit) else
                        train_source(e.data, rt, e.ae.train.seed, 0, tc.batch_size, label=f"ae {e.name}")[0])
-    c, h, w = image_shape
-    d = exp0.ae.model.downsample
-    latent_shape = (exp0.ae.model.latent_channels, h // d, w // d)
+    c, latent_shape = image_shape[0], latent_shape_of(exp0)
     objectives = []
     for e in exps:
         torch.manual_seed(e.ae.train.seed)  # weight initialization, as the member's own run
@@ -298,9 +297,7 @@ def _write_member(i: int, exp: ExperimentConfig, run_dir: str, ts: GroupTrainSta
              "group": {"dir": group_dir, "member": i, "members": ts.k}}
     out = StageResult(metrics, path, ts.step, ts.train_seconds, extra)
     write_result(run_dir, out, cfg_hash)
-    fd = "".join(f"  {k}={v:.3f}" for k, v in metrics.items() if k.startswith(("rfd", "rfid")))
-    print(f"[ae {exp.name}] done (member {i} of a group of {ts.k}): bits/pixel={metrics['bpp']:.4f} +- "
-          f"{metrics['bpp_se']:.4f}  PSNR={metrics['psnr']:.2f} dB{fd}  checkpoint={path}", flush=True)
+    say_done(exp, metrics, path, f" (member {i} of a group of {ts.k})")
     return out
 
 

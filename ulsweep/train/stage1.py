@@ -19,6 +19,7 @@ from ulsweep.metrics.psnr import psnr
 from ulsweep.models import UnifiedAutoencoder
 from ulsweep.models.stacked import per_example
 from ulsweep.train.build import build_autoencoder, decoder_schedule, mse_decoder_logsnr, prior_schedule, sampler
+from ulsweep.train.build import latent_shape as latent_shape_of
 from ulsweep.train.checkpoint import finished_result
 from ulsweep.train.evaluation import PartTimer, load_eval_extractor, reconstruction_fd_of
 from ulsweep.train.hooks import StageResult, TrainHooks
@@ -209,9 +210,8 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
     shard = getattr(hooks, "dataset_shard", lambda name: None)("train")
     source, x_eval, data_hash, image_shape = train_source(exp.data, rt, tc.seed, tc.eval_images, tc.batch_size,
                                                           shard, label=f"ae {exp.name}")
-    c, h, w = image_shape
-    d = exp.ae.model.downsample
-    latent_shape = (exp.ae.model.latent_channels, h // d, w // d)
+    c = image_shape[0]
+    latent_shape = latent_shape_of(exp)
     ae = build_autoencoder(exp.ae, c).to(rt.device)
     ts = TrainState(ae, exp.ae.optim, rt, tc.seed)
 
@@ -229,11 +229,16 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
                    {"data_hash": data_hash, "image_shape": list(image_shape), "latent_shape": list(latent_shape)})
     res = train(AEObjective(ae, exp.ae.loss, image_shape, latent_shape), source, evaluate, ts, tc, spec, hooks)
     if res.metrics:
-        m = res.metrics
-        fd = "".join(f"  {k}={v:.3f}" for k, v in m.items() if k.startswith(("rfd", "rfid")))
-        print(f"[ae {exp.name}] done: bits/pixel={m['bpp']:.4f} +- {m['bpp_se']:.4f}  PSNR={m['psnr']:.2f} dB{fd}  "
-              f"checkpoint={res.checkpoint}", flush=True)
+        say_done(exp, res.metrics, res.checkpoint)
     return res
+
+
+def say_done(exp: ExperimentConfig, metrics: dict, checkpoint: str, how: str = "") -> None:
+    """A finished run's line: bits/pixel, PSNR, rFD/rFID and checkpoint (`how`: e.g. " (member 2 of a group of
+    18)")."""
+    fd = "".join(f"  {k}={v:.3f}" for k, v in metrics.items() if k.startswith(("rfd", "rfid")))
+    print(f"[ae {exp.name}] done{how}: bits/pixel={metrics['bpp']:.4f} +- {metrics['bpp_se']:.4f}  "
+          f"PSNR={metrics['psnr']:.2f} dB{fd}  checkpoint={checkpoint}", flush=True)
 
 
 def _flops_metrics(exp: ExperimentConfig, image_channels: int, steps: int) -> dict[str, float]:
