@@ -116,9 +116,11 @@ def test_members_of_another_architecture_or_training_are_refused_by_name():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_a_group_trains_with_cuda_graphs_on_a_gpu(tmp_path, digits_cache):
-    """On a GPU the group's step compiles with CUDA graphs (its per-member clipping compiled too) and trains the
-    members as they train alone there (bf16 autocast: the same within a few percent after a few steps)."""
+    """On a GPU the group's step compiles with CUDA graphs (its per-member clipping compiled too), its stacked
+    decoder reconstructs compiled (`eval.sample_compile`), and the members come out as they train alone there
+    (bf16 autocast: the same within a few percent after a few steps)."""
     exps = [member_exp(*m, compile="reduce-overhead", steps=6, ckpt_every=0) for m in MEMBERS]
+    exps = [dataclasses.replace(e, eval=dataclasses.replace(e.eval, sample_compile=True)) for e in exps]
     group = train_autoencoders(exps, [str(tmp_path / f"m{i}") for i in range(3)], str(tmp_path / "group"))
     for i, (e, res) in enumerate(zip(exps, group)):
         alone = train_autoencoder(e, str(tmp_path / f"alone{i}"))

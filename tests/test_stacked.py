@@ -146,3 +146,48 @@ def test_per_example_spreads_a_per_trial_value_over_its_rows():
     assert per_example(torch.tensor([1.0, 2.0]), 6).tolist() == [1.0] * 3 + [2.0] * 3
     with pytest.raises(ValueError, match=r"shape \(4,\) does not divide a batch of 6"):
         per_example(torch.ones(4), 6)
+
+
+def test_member_generators_draw_each_members_rows_from_its_own_generator():
+    from ulsweep.diffusion import MemberGenerators
+    from ulsweep.diffusion.noise import rand, randn
+
+    gens = MemberGenerators([torch.Generator().manual_seed(s) for s in (3, 4)])
+    z, u = randn((6, 2), gens), rand(4, gens)  # rows 0-2 and 0-1 member 0's, the rest member 1's
+    for k, s in enumerate((3, 4)):
+        g = torch.Generator().manual_seed(s)
+        assert torch.equal(z[3 * k:3 * k + 3], torch.randn(3, 2, generator=g))  # in the order it drew them alone
+        assert torch.equal(u[2 * k:2 * k + 2], torch.rand(2, generator=g))
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(randn((2, 2), g), torch.randn(2, 2, generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match=r"shape \(5,\) does not split into 2 members"):
+        rand(5, gens)
+
+
+@pytest.mark.parametrize("prior", ["diffusion", "normal"])
+def test_a_stacked_evaluation_gives_each_member_its_own_evaluation(prior, one_thread):
+    """`evaluate_aes` of three stacked autoencoders (their own weights, loss factor, bias and seed) runs the
+    bits/pixel and the reconstructions once for all of them, and gives each member the metrics and images of
+    `evaluate_ae` of its autoencoder alone: the same noise, drawn from its own generator."""
+    from ulsweep.train.stage1 import evaluate_ae, evaluate_aes
+
+    exps, aes = [], []
+    for k, (lf, b) in enumerate([(1.5, -2.0), (2.0, 0.0), (4.0, 2.0)]):
+        exps.append(experiment_from_dict({
+            "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2},
+                   "loss": {"loss_factor": lf, "sigmoid_bias": b, "prior": prior},
+                   "train": {"seed": k, "sample_steps": 3, "sampler": "ancestral",
+                             **({"eval_t_per_image": 2} if prior == "diffusion" else {})}}}))
+        torch.manual_seed(k)
+        aes.append(build_autoencoder(exps[-1].ae, 1).eval())
+    x = torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    stacked = stack(aes).eval()
+    each = list(evaluate_aes(stacked, x, exps))
+    assert len(each) == 3
+    for (m, images, _), ae, exp in zip(each, aes, exps):
+        m_alone, images_alone = evaluate_ae(ae, x, exp)
+        assert set(m) == set(m_alone)
+        for key in ("bpp", "bpp_se", "psnr"):
+            assert m[key] == pytest.approx(m_alone[key], rel=1e-4), key
+        assert images.keys() == images_alone.keys()
+    assert len({round(m["psnr"], 4) for m, _, _ in each}) == 3  # three different autoencoders

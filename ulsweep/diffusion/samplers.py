@@ -11,6 +11,7 @@ from typing import Callable, Literal
 
 import torch
 
+from .noise import Generator, randn
 from .process import _bcast, alpha_sigma, eps_from_x
 from .schedules import LogSNRSchedule
 
@@ -42,7 +43,7 @@ def ancestral_step(x_s: torch.Tensor, x_hat: torch.Tensor, logsnr_s: torch.Tenso
 
 
 def _walk(denoise: Denoiser, x: torch.Tensor, grid: torch.Tensor, method: str,
-          generator: torch.Generator | None, clip: float | None, final_noisy: bool) -> torch.Tensor:
+          generator: Generator, clip: float | None, final_noisy: bool) -> torch.Tensor:
     b = x.shape[0]
     x_hat = x
     n = len(grid) - 1
@@ -57,32 +58,32 @@ def _walk(denoise: Denoiser, x: torch.Tensor, grid: torch.Tensor, method: str,
         if method == "ddim":
             x = ddim_step(x, x_hat, ls, lt)
         else:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = randn(x.shape, generator, x.device, x.dtype)
             x = ancestral_step(x, x_hat, ls, lt, noise)
     return x if final_noisy else x_hat
 
 
 @torch.no_grad()
 def sample(denoise: Denoiser, shape: tuple[int, ...], schedule: LogSNRSchedule, steps: int,
-           method: Literal["ddim", "ancestral"] = "ddim", generator: torch.Generator | None = None,
+           method: Literal["ddim", "ancestral"] = "ddim", generator: Generator = None,
            device=None, dtype=torch.float32, clip: float | None = None) -> torch.Tensor:
     """Draw x_1 ~ N(0, I) and denoise over `steps` network calls; return the clean estimate x_hat.
 
     `clip`: clamp x_hat to [-clip, clip] at every step (1.0 for images in [-1, 1]).
     """
-    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    x = randn(shape, generator, device, dtype)
     grid = logsnr_grid(schedule, steps, device)
     return _walk(denoise, x, grid, method, generator, clip, final_noisy=False)
 
 
 @torch.no_grad()
 def sample_to_noisy(denoise: Denoiser, shape: tuple[int, ...], schedule: LogSNRSchedule, steps: int,
-                    method: Literal["ddim", "ancestral"] = "ancestral", generator: torch.Generator | None = None,
+                    method: Literal["ddim", "ancestral"] = "ancestral", generator: Generator = None,
                     device=None, dtype=torch.float32) -> torch.Tensor:
     """Draw z_1 ~ N(0, I) and step to lambda(0); return the noisy state z_0 there (not the estimate).
 
     With the ancestral sampler and an exact denoiser, z_0 ~ N(alpha_0 z, sigma_0^2) for z ~ data.
     """
-    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    x = randn(shape, generator, device, dtype)
     grid = logsnr_grid(schedule, steps, device)
     return _walk(denoise, x, grid, method, generator, None, final_noisy=True)

@@ -139,10 +139,11 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
         ts = TrainState(aes[0], exp.ae.optim, rt, 0)
         how = _train_briefly(AEObjective(aes[0], exp.ae.loss, image_shape, shape), source, ts, tc, "ae")
     out = {"stage": "ae", "latent_shape": list(shape), "members": members, "compile_gate": how}
-    if exp.eval.sample_compile:  # a group evaluates its members one by one, each as a trial alone would
+    if exp.eval.sample_compile:  # a group reconstructs with its stacked autoencoder, every batch once per member
         n = reconstruction_shapes_count(exp.ae.train.eval_images, RECONSTRUCT_BATCH)
         x = torch.rand(n, *image_shape, generator=gen, device=rt.device) * 2 - 1
-        _, compiled = reconstruct_images(aes[0].eval(), x, exp, gen)
+        ae = objective.stacked.ae if members > 1 else aes[0]
+        _, compiled = reconstruct_images(ae.eval(), x, exp, ts.gen if members > 1 else gen, members)
         out["sampling"] = "compiled" if compiled else "busy"
     return out | {"seconds": time.time() - t0}
 

@@ -11,8 +11,9 @@ run's kernel launches for K runs' arithmetic. Each member is the run it would ha
   order and diffusion times;
 - its own loss factor and bias (the stacked objective's (K,) buffers), its own gradient norm and clipping, and
   AdamW and the EMA, which are elementwise, over its own rows of the stacked tensors;
-- its own final evaluation, checkpoint, images and result.json in its own run directory, in the layout of a run
-  trained alone (`load_frozen_autoencoder` and the base-model stage read it unchanged).
+- its own final evaluation, with its own noise (the stacked networks' bits/pixel and reconstructions of all
+  members at once, then its PSNR and rFD), and its checkpoint, images and result.json in its own run directory,
+  in the layout of a run trained alone (`load_frozen_autoencoder` and the base-model stage read it unchanged).
 
 Up to the rounding of the batched kernels, and the dropout masks (drawn for all members at once from torch's
 global generator), member k's weights are those of its run alone (tests/test_group.py). The group itself keeps its
@@ -30,36 +31,20 @@ from torch import nn
 
 from ulsweep.config import ExperimentConfig, config_hash, dump_yaml, flatten, to_dict
 from ulsweep.data.sources import DeviceSplit, train_source
-from ulsweep.models.stacked import clip_trials, stack, unstack
+from ulsweep.diffusion import MemberGenerators
+from ulsweep.models.stacked import clip_trials, stack
 from ulsweep.train.build import build_autoencoder
 from ulsweep.train.build import latent_shape as latent_shape_of
 from ulsweep.train.checkpoint import finished_result, save_checkpoint, write_images, write_result
-from ulsweep.train.evaluation import SECONDS, PartTimer, load_eval_extractor, pop_seconds
+from ulsweep.train.evaluation import PartTimer, load_eval_extractor, pop_seconds
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
-from ulsweep.train.stage1 import KIND, AEObjective, evaluate_ae, final_evaluation, say_done, stage1_hash
+from ulsweep.train.stage1 import KIND, AEObjective, evaluate_aes, final_evaluations, say_done, stage1_hash
 from ulsweep.train.state import TrainState, rng_state
 
 # what members of a group may differ in; everything else of their data, autoencoder and evaluation must agree
 MEMBER_KEYS = ("ae.loss.loss_factor", "ae.loss.sigmoid_bias", "ae.train.seed")
-
-
-class GroupGenerator:
-    """The members' generators as the loop's one `TrainState.gen`: `get_state`/`set_state` stack their states,
-    so a checkpoint saves and a resume restores all of them."""
-
-    def __init__(self, gens: Sequence[torch.Generator]):
-        self.gens, self.device = list(gens), gens[0].device
-
-    def get_state(self) -> torch.Tensor:
-        return torch.stack([g.get_state() for g in self.gens])
-
-    def set_state(self, state: torch.Tensor) -> None:
-        if len(state) != len(self.gens):
-            raise ValueError(f"a generator state of {len(state)} members for a group of {len(self.gens)}")
-        for g, s in zip(self.gens, state):
-            g.set_state(s.clone())
 
 
 class GroupSource:
@@ -69,7 +54,7 @@ class GroupSource:
         self.sources = list(sources)
         self.local_batches = getattr(self.sources[0], "local_batches", False)
 
-    def draw(self, batch_size: int, gen: GroupGenerator) -> torch.Tensor:
+    def draw(self, batch_size: int, gen: MemberGenerators) -> torch.Tensor:
         return torch.cat([s.draw(batch_size, g) for s, g in zip(self.sources, gen.gens)])
 
     def state_dict(self) -> dict:  # a stream's position per member; a device split has none
@@ -105,7 +90,7 @@ class GroupObjective(nn.Module):
     def extra_repr(self) -> str:
         return f"members={self.k}"
 
-    def draw_noise(self, batch: int, gen: GroupGenerator) -> dict[str, torch.Tensor]:
+    def draw_noise(self, batch: int, gen: MemberGenerators) -> dict[str, torch.Tensor]:
         each = [self.member.draw_noise(batch, g) for g in gen.gens]
         return {key: torch.cat([n[key] for n in each]) for key in each[0]}
 
@@ -126,7 +111,7 @@ class GroupTrainState(TrainState):
 
     def __init__(self, net: nn.Module, oc, rt, gens: Sequence[torch.Generator], compile_clip: bool = False):
         super().__init__(net, oc, rt, 0)
-        self.gen, self.k = GroupGenerator(gens), len(gens)
+        self.gen, self.k = MemberGenerators(gens), len(gens)
         # the per-member norms and division: a few kernels per gradient tensor uncompiled (hundreds of launches a
         # step), a few fused ones compiled (`compile_clip`: where the step itself compiles on a GPU)
         self.clip = torch.compile(clip_trials, dynamic=False) if compile_clip else clip_trials
@@ -238,38 +223,27 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     del objectives  # their weights are copied into the stacked network
     gens = [torch.Generator(rt.device).manual_seed(e.ae.train.seed) for e in exps]
     ts = GroupTrainState(objective.stacked.ae, exp0.ae.optim, rt, gens, compile_clip=compiles_clip(tc, rt))
-    # one member's weights at a time, EMA and online, for its evaluation
-    member = build_autoencoder(exp0.ae, c).to(rt.device).eval().requires_grad_(False)
-    online = build_autoencoder(exp0.ae, c).to(rt.device).eval().requires_grad_(False)
     meta = {"data_hash": data_hash, "image_shape": list(image_shape), "latent_shape": list(latent_shape)}
     marks: dict = {}  # the loop's phase marks: every member's timeline
     results: list[StageResult | None] = [None] * k
 
     def evaluate(ema_stacked, final: bool) -> tuple[dict, dict]:
-        """Each member's evaluation in turn; a final one writes the member's files and hands it its result at
-        once (`GroupHooks.member_finished`), so that its base trials need not wait for the others'."""
-        timer = PartTimer(rt.device, enabled=final)
-        extractor = None
-        if final:
-            with timer("extractor"):
-                extractor = load_eval_extractor(exp0, rt.device)
-        each = []
-        for i, e in enumerate(exps):
-            member.load_state_dict(unstack(ema_stacked, i))
-            if final:
-                online.load_state_dict(unstack(ts.net, i))
-                own = PartTimer(rt.device)  # this member's parts, kept in its timings as its own run's
-                m, images = final_evaluation(member, online, x_eval, e, extractor, data_hash, ts.step, own)
-                for part, sec in own.seconds.items():
-                    timer.seconds[part] = timer.seconds.get(part, 0.0) + sec
-                loaded = timer.seconds[f"{SECONDS}extractor"] if i == 0 else 0.0  # the extractor: loaded once
-                done = marks | pop_seconds({**own.seconds, f"{SECONDS}extractor": loaded}) | {"t_eval_end": time.time()}
-                results[i] = _write_member(i, e, run_dirs[i], ts, m, images, meta, done, group_dir)
-                getattr(hooks, "member_finished", lambda i, res: None)(i, results[i])
-            else:
-                m, _ = evaluate_ae(member, x_eval, e, with_images=False)
-            each.append(m)
-        metrics = {key: [m[key] for m in each] for key in each[0]}
+        """All members' evaluations as one (the bits/pixel and the reconstructions of the stacked networks,
+        then each member's PSNR and rFD in turn); a final one writes each member's files and hands it its
+        result as soon as its own parts are done (`GroupHooks.member_finished`), so that its base trials need
+        not wait for the others'."""
+        if not final:
+            each = [m for m, _, _ in evaluate_aes(ema_stacked, x_eval, exps, with_images=False)]
+            return {key: [m[key] for m in each] for key in each[0]}, {}
+        timer = PartTimer(rt.device)
+        with timer("extractor"):
+            extractor = load_eval_extractor(exp0, rt.device)
+        for i, (m, images, seconds) in enumerate(final_evaluations(ema_stacked, ts.net, x_eval, exps, extractor,
+                                                                   data_hash, ts.step, timer)):
+            done = marks | pop_seconds(dict(seconds)) | {"t_eval_end": time.time()}
+            results[i] = _write_member(i, exps[i], run_dirs[i], ts, m, images, meta, done, group_dir)
+            getattr(hooks, "member_finished", lambda i, res: None)(i, results[i])
+        metrics = {key: [r.metrics[key] for r in results] for key in results[0].metrics}
         metrics.update(timer.seconds)  # the parts' seconds over all members
         return metrics, {}
 

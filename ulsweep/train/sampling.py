@@ -11,6 +11,7 @@ from torch import nn
 
 from ulsweep.config import AELossConfig
 from ulsweep.diffusion import LogSNRSchedule, diffuse, sample, sample_to_noisy, x_from_v
+from ulsweep.diffusion.noise import Generator, randn
 from ulsweep.train.build import decoder_schedule, mse_decoder_logsnr
 
 
@@ -49,7 +50,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decode(decoder: nn.Module, z0: torch.Tensor, image_shape: tuple[int, int, int], loss: AELossConfig,
-           steps: int, method: str = "ddim", generator: torch.Generator | None = None) -> torch.Tensor:
+           steps: int, method: str = "ddim", generator: Generator = None) -> torch.Tensor:
     """Sample x ~ p(x | z_0) with the diffusion decoder (or the MSE decoder's single pass); model range."""
     b = z0.shape[0]
     if loss.decoder == "mse":
@@ -65,17 +66,17 @@ def decode(decoder: nn.Module, z0: torch.Tensor, image_shape: tuple[int, int, in
 
 @torch.no_grad()
 def reconstruct(encoder: nn.Module, decoder: nn.Module, x: torch.Tensor, loss: AELossConfig, steps: int,
-                method: str = "ddim", generator: torch.Generator | None = None) -> torch.Tensor:
+                method: str = "ddim", generator: Generator = None) -> torch.Tensor:
     """x -> z_clean -> z_0 at lambda_z(0) -> decoder sample (model range)."""
     z = encoder(x).float()
     lam0 = torch.full((x.shape[0],), loss.logsnr_z0, device=x.device)
-    z0 = diffuse(z, lam0, torch.randn(z.shape, generator=generator, device=z.device))
+    z0 = diffuse(z, lam0, randn(z.shape, generator, z.device))
     return decode(decoder, z0, tuple(x.shape[1:]), loss, steps, method, generator)
 
 
 @torch.no_grad()
 def generate_latents(base: nn.Module, n: int, latent_shape: tuple[int, int, int], schedule: LogSNRSchedule,
-                     steps: int, method: str = "ancestral", generator: torch.Generator | None = None,
+                     steps: int, method: str = "ancestral", generator: Generator = None,
                      device=None) -> torch.Tensor:
     """Base-model samples z_0 at lambda_z(0) (noisy, as the decoder was trained on)."""
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from ulsweep.config import AELossConfig, ExperimentConfig, config_hash, dump_yaml, to_dict
 from ulsweep.data.sources import train_source
-from ulsweep.diffusion import (decoder_loss, diffuse, latent_bitrate, low_discrepancy_times, mse_decoder_loss,
-                               nats_to_bits_per_pixel, normal_prior_loss, prior_loss, x_from_v)
+from ulsweep.diffusion import (MemberGenerators, decoder_loss, diffuse, latent_bitrates, low_discrepancy_times,
+                               mse_decoder_loss, nats_to_bits_per_pixel, normal_prior_loss, prior_loss, x_from_v)
+from ulsweep.diffusion.noise import Generator
 from ulsweep.metrics.psnr import psnr
 from ulsweep.models import UnifiedAutoencoder
 from ulsweep.models.stacked import per_example
@@ -118,75 +120,128 @@ class AEObjective(torch.nn.Module):
 RECONSTRUCT_BATCH = 256  # images a batch of the evaluation's reconstruction (precompile.py compiles for its shape)
 
 
+def eval_generator(exps: Sequence[ExperimentConfig], device: torch.device) -> Generator:
+    """The evaluation's own fixed-seed generator (it never disturbs the training RNG stream); for a group's
+    members (more than one experiment), each member's, as its run alone would seed it."""
+    gens = [torch.Generator(device).manual_seed(e.ae.train.seed + 12345) for e in exps]
+    return gens[0] if len(gens) == 1 else MemberGenerators(gens)
+
+
 @torch.no_grad()
-def reconstruct_images(ae, x: torch.Tensor, exp: ExperimentConfig, gen: torch.Generator) -> tuple[torch.Tensor, bool]:
+def reconstruct_images(ae, x: torch.Tensor, exp: ExperimentConfig, gen: Generator,
+                       members: int = 1) -> tuple[torch.Tensor, bool]:
     """Reconstructions of `x` (model range) by `ae` as the evaluation samples them, in batches of
     RECONSTRUCT_BATCH, under `eval.sample_precision` and, with `eval.sample_compile`, through the sampling gate;
-    and whether the decoder ran compiled (False while another process of the node compiled it)."""
+    and whether the decoder ran compiled (False while another process of the node compiled it). With `members`
+    K > 1, `ae` is a group's stacked autoencoder (ulsweep/models/stacked.py) and `gen` its MemberGenerators:
+    every batch goes through it once per member (K*RECONSTRUCT_BATCH rows) and the result is (K, N, C, H, W),
+    member k's reconstructions by its own weights and noise."""
     tc = exp.ae.train
     with (sampling_precision(exp.eval.sample_precision, x.device),
           sampling_networks([ae.decoder], exp.eval.sample_compile, exp.eval.sample_precision, x.device,
                             f"ae {exp.name} sampling") as (decoder,)):
-        recon = torch.cat([reconstruct(ae.encoder, decoder, x[i:i + RECONSTRUCT_BATCH], exp.ae.loss, tc.sample_steps,
-                                       sampler(tc, "decoder"), gen) for i in range(0, len(x), RECONSTRUCT_BATCH)])
-    return recon, decoder is not ae.decoder
+        parts = []
+        for i in range(0, len(x), RECONSTRUCT_BATCH):
+            xb = x[i:i + RECONSTRUCT_BATCH]
+            xb = xb.repeat(members, 1, 1, 1) if members > 1 else xb
+            parts.append(reconstruct(ae.encoder, decoder, xb, exp.ae.loss, tc.sample_steps, sampler(tc, "decoder"),
+                                     gen).unflatten(0, (members, -1)))
+        recon = torch.cat(parts, 1)
+    return (recon if members > 1 else recon[0]), decoder is not ae.decoder
 
 
 @torch.no_grad()
+def latent_bpps(ae, x_eval: torch.Tensor, exp: ExperimentConfig, gen: Generator, members: int = 1) -> list[dict]:
+    """Held-out latent bits/pixel (+- s.e.) of each of the `members` autoencoders of `ae` (stacked for more than
+    one) on `x_eval`: the diffusion prior's bound (Eq. 3), or the Table 5 normal prior's KL."""
+    L, tc = exp.ae.loss, exp.ae.train
+    if L.prior == "diffusion":
+        return [{"bpp": e.bpp, "bpp_se": e.bpp_se}
+                for e in latent_bitrates(ae.encoder, ae.prior, x_eval, prior_schedule(L), tc.eval_t_per_image,
+                                         generator=gen, members=members)]
+    _, _, h, w = x_eval.shape
+    nats = torch.cat([normal_prior_loss(ae.encoder(xb.repeat(members, 1, 1, 1)).float(), L.logsnr_z0)
+                      .reshape(members, -1) for xb in x_eval.split(256)], 1).double()
+    bpp = nats_to_bits_per_pixel(nats, h, w)
+    return [{"bpp": b.mean().item(), "bpp_se": b.std().item() / math.sqrt(len(b))} for b in bpp]
+
+
+@torch.no_grad()
+def evaluate_aes(ae, x_eval: torch.Tensor, exps: Sequence[ExperimentConfig], with_images: bool = True,
+                 extractor=None, data_hash: str = "", timer: PartTimer | None = None
+                 ) -> Iterator[tuple[dict, dict, dict]]:
+    """Held-out latent bits/pixel (+- s.e.), reconstruction PSNR (8-bit scale) and, with an extractor,
+    rFD/rFID of an (EMA) autoencoder on the images `x_eval` (model range); with K = len(exps) > 1 experiments,
+    of the K members of a group's stacked autoencoder `ae` at once (ulsweep/train/group.py: they differ only in
+    loss factor, bias and seed). The bits/pixel and the reconstructions run once for all members, each drawing
+    from its own generator (`eval_generator`); then each member's PSNR, rFD/rFID and images in turn.
+
+    Yields each member's (metrics, images, seconds) as soon as its own parts are done: images maps a name to
+    PNG bytes; seconds, the `seconds/<part>` of its evaluation (the shared parts' and its own), where `timer`
+    times the parts (bpp, sampling, fd) of all members.
+    """
+    exp, k = exps[0], len(exps)
+    timer = timer or PartTimer(enabled=False)
+    gen = eval_generator(exps, x_eval.device)
+    with timer("bpp"):
+        bpps = latent_bpps(ae, x_eval, exp, gen, k)
+    with timer("sampling"):
+        recons, _ = reconstruct_images(ae, x_eval, exp, gen, k)
+    real_u8 = to_uint8(x_eval)
+    shared = dict(timer.seconds)
+    for i, e in enumerate(exps):
+        recon = recons[i] if k > 1 else recons
+        recon_u8 = to_uint8(recon)
+        metrics = bpps[i] | {"psnr": psnr(recon_u8, real_u8).mean().item(),
+                             "psnr_steps": float(e.ae.train.sample_steps)}
+        own = PartTimer(x_eval.device, enabled=timer.enabled)
+        if extractor is not None:
+            with own("fd"):
+                metrics.update(reconstruction_fd_of(extractor, real_u8, recon_u8, data_hash,
+                                                    f"{e.data.eval_split}@{e.data.image_size}"))
+        for part, sec in own.seconds.items():
+            timer.seconds[part] = timer.seconds.get(part, 0.0) + sec
+        images = {}
+        if with_images:
+            n = min(32, len(x_eval))
+            pairs = torch.stack([real_u8[:n], recon_u8[:n]], 1).flatten(0, 1)
+            images["reconstructions.png"] = image_grid_png(pairs, cols=8)
+        yield metrics, images, shared | own.seconds
+
+
 def evaluate_ae(ae, x_eval: torch.Tensor, exp: ExperimentConfig, with_images: bool = True,
                 extractor=None, data_hash: str = "", timer: PartTimer | None = None) -> tuple[dict, dict]:
-    """Held-out latent bits/pixel (+- s.e.), reconstruction PSNR (8-bit scale) and, with an extractor,
-    rFD/rFID of an (EMA) autoencoder on the images `x_eval` (model range). `timer` times the parts (bpp,
-    sampling, fd).
-
-    Uses its own fixed-seed generator so that evaluation never disturbs the training RNG stream.
-    Returns (metrics, images) where images maps a name to PNG bytes.
-    """
-    tc, L = exp.ae.train, exp.ae.loss
-    timer = timer or PartTimer(enabled=False)
-    gen = torch.Generator(x_eval.device).manual_seed(tc.seed + 12345)
-    _, _, h, w = x_eval.shape
-    with timer("bpp"):
-        if L.prior == "diffusion":
-            est = latent_bitrate(ae.encoder, ae.prior, x_eval, prior_schedule(L), tc.eval_t_per_image,
-                                 generator=gen)
-            metrics = {"bpp": est.bpp, "bpp_se": est.bpp_se}
-        else:
-            nats = torch.cat([normal_prior_loss(ae.encoder(x_eval[i:i + 256]).float(), L.logsnr_z0)
-                              for i in range(0, len(x_eval), 256)]).double()
-            bpp = nats_to_bits_per_pixel(nats, h, w)
-            metrics = {"bpp": bpp.mean().item(), "bpp_se": bpp.std().item() / math.sqrt(len(bpp))}
-    with timer("sampling"):
-        recon, _ = reconstruct_images(ae, x_eval, exp, gen)
-    real_u8, recon_u8 = to_uint8(x_eval), to_uint8(recon)
-    metrics["psnr"] = psnr(recon_u8, real_u8).mean().item()
-    metrics["psnr_steps"] = float(tc.sample_steps)
-    if extractor is not None:
-        split = f"{exp.data.eval_split}@{exp.data.image_size}"
-        with timer("fd"):
-            metrics.update(reconstruction_fd_of(extractor, real_u8, recon_u8, data_hash, split))
-    images = {}
-    if with_images:
-        k = min(32, len(x_eval))
-        pairs = torch.stack([to_uint8(x_eval[:k]), to_uint8(recon[:k])], 1).flatten(0, 1)
-        images["reconstructions.png"] = image_grid_png(pairs, cols=8)
+    """`evaluate_aes` of one run's autoencoder: (metrics, images)."""
+    metrics, images, _ = next(evaluate_aes(ae, x_eval, [exp], with_images, extractor, data_hash, timer))
     return metrics, images
+
+
+def final_evaluations(ema_ae, ae, x_eval: torch.Tensor, exps: Sequence[ExperimentConfig], extractor,
+                      data_hash: str, steps: int, timer: PartTimer) -> Iterator[tuple[dict, dict, dict]]:
+    """The final evaluation after `steps` steps of one run (one experiment) or of a group's members (stacked
+    `ema_ae` and `ae`): `evaluate_aes` of the EMA autoencoder with images and the extractor's rFD/rFID, the same
+    bits/pixel bound for the online weights `ae` (it shows any EMA mismatch; taken first, for all members) and
+    the FLOPs. Yields each member's (metrics, images, seconds) as `evaluate_aes` does."""
+    exp, k = exps[0], len(exps)
+    online = {}
+    if exp.ae.loss.prior == "diffusion":
+        was_training = ae.training
+        ae.eval()
+        with timer("bpp"):
+            bpps = latent_bpps(ae, x_eval, exp, eval_generator(exps, x_eval.device), k)
+        online = {"bpp_online": [b["bpp"] for b in bpps]}
+        ae.train(was_training)
+    with timer("flops"):
+        flops = _flops_metrics(exp, x_eval.shape[1], steps)
+    for i, (metrics, images, seconds) in enumerate(evaluate_aes(ema_ae, x_eval, exps, True, extractor, data_hash,
+                                                                timer)):
+        yield metrics | {key: v[i] for key, v in online.items()} | flops, images, seconds
 
 
 def final_evaluation(ema_ae, ae, x_eval: torch.Tensor, exp: ExperimentConfig, extractor, data_hash: str, steps: int,
                      timer: PartTimer) -> tuple[dict, dict]:
-    """A run's final evaluation after `steps` steps: `evaluate_ae` of the EMA autoencoder with images and the
-    extractor's rFD/rFID, the same bits/pixel bound for the online weights `ae` (it shows any EMA mismatch) and
-    the FLOPs. Returns (metrics, images)."""
-    metrics, images = evaluate_ae(ema_ae, x_eval, exp, extractor=extractor, data_hash=data_hash, timer=timer)
-    if exp.ae.loss.prior == "diffusion":
-        ae.eval()
-        gen = torch.Generator(x_eval.device).manual_seed(exp.ae.train.seed + 12345)
-        with timer("bpp"):
-            metrics["bpp_online"] = latent_bitrate(ae.encoder, ae.prior, x_eval, prior_schedule(exp.ae.loss),
-                                                   exp.ae.train.eval_t_per_image, generator=gen).bpp
-    with timer("flops"):
-        metrics.update(_flops_metrics(exp, x_eval.shape[1], steps))
+    """`final_evaluations` of one run: (metrics, images)."""
+    metrics, images, _ = next(final_evaluations(ema_ae, ae, x_eval, [exp], extractor, data_hash, steps, timer))
     return metrics, images
 
 
