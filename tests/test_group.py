@@ -101,6 +101,55 @@ def test_a_killed_group_resumes_to_the_uninterrupted_weights(tmp_path, alone, on
         assert max(rel(mine["ema"][n], t) for n, t in theirs["ema"].items()) < 1e-3
 
 
+class Failing(Recorder):
+    def __init__(self):
+        super().__init__()
+        self.errors = []
+
+    def failed(self, error):
+        self.errors.append(error)
+
+
+def test_a_member_that_diverges_fails_alone_and_the_others_train_on(tmp_path, alone, one_thread, monkeypatch):
+    """Member 1's weights turn NaN after step 3 (as a diverging run's do): its loss is non-finite by step 4, so
+    it fails with TrainingDiverged as its run alone would, writes nothing and hears nothing more; members 0 and 2
+    finish with the weights and metrics of their runs alone, untouched by its NaNs."""
+    from ulsweep.train.group import GroupTrainState
+    from ulsweep.train.hooks import TrainingDiverged
+
+    real = GroupTrainState.optimizer_step
+
+    def poisoned(self, loss):
+        norms = real(self, loss)
+        if self.step == 3:
+            with torch.no_grad():
+                for p in self.net.parameters():
+                    p[1] = float("nan")
+        return norms
+
+    monkeypatch.setattr(GroupTrainState, "optimizer_step", poisoned)
+    exps = [member_exp(*m) for m in MEMBERS]
+    dirs = [str(tmp_path / f"m{i}") for i in range(len(exps))]
+    recs = [Failing() for _ in exps]
+    results = train_autoencoders(exps, dirs, str(tmp_path / "group"), GroupHooks(recs))
+    assert results[1] is None and not os.path.exists(dirs[1])
+    [err] = recs[1].errors
+    assert isinstance(err, TrainingDiverged) and err.checkpoint.endswith("step_00000002")
+    assert "non-finite loss by step 4" in str(err) and "member 1 of a group of 3" in str(err)
+    assert max(s for s, _ in recs[1].logs) == 2  # its last curve point came before it diverged
+    for i in (0, 2):
+        assert not recs[i].errors and results[i].steps == 4
+        mine, theirs = load_checkpoint(results[i].checkpoint)[0], load_checkpoint(alone[i][0].checkpoint)[0]
+        assert max(rel(mine["ema"][n], t) for n, t in theirs["ema"].items()) < 1e-3, i
+        for k in ("bpp", "psnr", "bpp_online"):
+            assert results[i].metrics[k] == pytest.approx(alone[i][0].metrics[k], rel=1e-3, abs=1e-4), (i, k)
+    # a group whose members all diverge ends with the error, as a run alone does
+    monkeypatch.setattr(GroupTrainState, "optimizer_step", lambda self, loss: poisoned(self, loss * float("nan")))
+    with pytest.raises(TrainingDiverged, match="non-finite loss by step 2"):
+        train_autoencoders(exps, [str(tmp_path / f"n{i}") for i in range(3)], str(tmp_path / "g2"),
+                           GroupHooks([Failing() for _ in exps]))
+
+
 def test_members_of_another_architecture_or_training_are_refused_by_name():
     a = member_exp(1.5, 0.0, 0)
     check_members([a, member_exp(3.0, 2.0, 5)])  # loss factor, bias and seed may differ

@@ -134,6 +134,26 @@ def test_a_failing_group_fails_every_member_and_a_lone_group_trains_who_came(tmp
     assert alone.status()["members"] == ["ae-0000"] and res.extra["group"]["members"] == 1 and res.steps == 4
 
 
+def test_a_member_that_diverged_fails_its_own_trial_and_no_other():
+    from ulsweep.sweep.stacking import _Relay
+    from ulsweep.train.hooks import TrainingDiverged
+
+    keys = ["ae-0000", "ae-0001"]
+    group = GroupTrainer(keys, "g", wait_s=1.0)
+    group.state, group.members = "training", keys
+    group.events, group.taken = {k: [] for k in keys}, {k: 0 for k in keys}
+    gone = _Relay(group, "ae-0000")
+    gone.log_metrics(2, {"loss": 1.0})
+    gone.failed(TrainingDiverged("ae group of 2: non-finite loss by step 4 (member 0 of a group of 2; the others "
+                                 "train on)", checkpoint="g/checkpoints/step_00000002"))
+    gone.log_metrics(4, {"loss": float("nan")})  # nothing after its failure reaches its trial
+    rec = Recorder()
+    with pytest.raises(TrainingDiverged, match="member 0 of a group of 2") as err:
+        relay(group, "ae-0000", rec)
+    assert err.value.checkpoint == "g/checkpoints/step_00000002" and rec.logs == [(2, {"loss": 1.0})]
+    assert "ae-0001" not in group.outcome  # the other member trains on
+
+
 @pytest.mark.slow
 def test_a_sweep_trains_its_autoencoders_as_one_stacked_group(tmp_path):
     d = tiny_experiment("stack", n_ae=2)

@@ -12,11 +12,13 @@ that result as if it had trained alone.
 
 A group trains once all its members have joined, or `stack_wait_s` after its first member joined with those that
 have (a member finished before, in a resumed sweep, never joins). A member that comes after its group started
-trains alone. A failure of the group's training is every member's failure (a non-finite loss of one member stops
-the shared step). An actor that dies is restarted (up to `resources.max_worker_failures` times): its members'
-trials fail with it, and their retries form the group again, which resumes from its checkpoint when they are the
-same members. A member's trial that dies alone comes back to its group (`join`) and relays its events again. Between the group's loop and a member's trial, `before_checkpoint` waits (at most
-ACK_WAIT_S) until the trial has taken every point before the checkpoint, as a trial's own loop would.
+trains alone. A member whose loss turns non-finite fails as it would alone (TrainingDiverged, not retried) and the
+others train on; any other failure of the group's training is every member's failure. An actor that dies is
+restarted (up to `resources.max_worker_failures` times): its members' trials fail with it, and their retries form
+the group again, which resumes from its checkpoint when they are the same members (without a member that
+diverged, they are another group, which starts from scratch). A member's trial that dies alone comes back to its group (`join`) and relays its events again.
+Between the group's loop and a member's trial, `before_checkpoint` waits (at most ACK_WAIT_S) until the trial has
+taken every point before the checkpoint, as a trial's own loop would.
 """
 from __future__ import annotations
 
@@ -131,7 +133,8 @@ class GroupTrainer:
             group_dir = f"{self.group_root}/{group_hash(exps)[:16]}"  # other members: another group, from scratch
             hooks = GroupHooks([_Relay(self, k) for k in self.members])
             results = train_autoencoders(exps, [self.joined[k][1] for k in self.members], group_dir, hooks)
-            outcome = {k: ("result", dataclasses.asdict(r)) for k, r in zip(self.members, results)}
+            outcome = {k: ("result", dataclasses.asdict(r))
+                       for k, r in zip(self.members, results) if r is not None}  # a diverged one failed already
         except BaseException as e:  # noqa: BLE001 - every member's trial raises it
             outcome = {k: ("error", e) for k in self.members}
         with self.cv:
@@ -167,6 +170,12 @@ class _Relay(TrainHooks):
 
     def checkpoint_saved(self, step: int, path: str, metrics: dict) -> None:
         self._put(("checkpoint_saved", step, path, metrics))
+
+    def failed(self, error: BaseException) -> None:
+        """The member diverged and left the group: its trial raises `error`."""
+        with self.group.cv:
+            self.group.outcome.setdefault(self.key, ("error", error))
+            self.group.cv.notify_all()
 
     def finished(self, result: StageResult) -> None:
         """The member's final evaluation as its own loop logs it (eval_<metric>), then its result."""

@@ -18,11 +18,13 @@ run's kernel launches for K runs' arithmetic. Each member is the run it would ha
 Up to the rounding of the batched kernels, and the dropout masks (drawn for all members at once from torch's
 global generator), member k's weights are those of its run alone (tests/test_group.py). The group itself keeps its
 checkpoints (the stacked state, every member's generator) in `group_dir`, and a killed group resumes from them.
-What the group shares: the step (a non-finite loss of one member stops all of them), the data split (one copy on
-the device) and the evaluation images.
+What the group shares: the step, the data split (one copy on the device) and the evaluation images. A member whose
+loss turns non-finite fails as its run alone would, and the others train on (`GroupHooks.diverged`): no member's
+rows reach another's, so its NaNs stay in its own rows, which the group computes on but no longer reads.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -37,7 +39,7 @@ from ulsweep.train.build import build_autoencoder
 from ulsweep.train.build import latent_shape as latent_shape_of
 from ulsweep.train.checkpoint import finished_result, save_checkpoint, write_images, write_result
 from ulsweep.train.evaluation import PartTimer, load_eval_extractor, pop_seconds
-from ulsweep.train.hooks import StageResult, TrainHooks
+from ulsweep.train.hooks import StageResult, TrainHooks, TrainingDiverged
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
 from ulsweep.train.stage1 import KIND, AEObjective, evaluate_aes, final_evaluations, say_done, stage1_hash
@@ -135,25 +137,42 @@ def member_metrics(metrics: dict, k: int) -> dict:
 
 
 class GroupHooks(TrainHooks):
-    """A group's hooks as its members' own: each member's metrics go to its hooks; stop when any asks."""
+    """A group's hooks as its members' own: each member's metrics go to its hooks; stop when any asks. A member
+    whose loss turns non-finite leaves the group (`diverged`): its hooks' `failed` gets its error, and it hears
+    nothing more."""
 
     def __init__(self, members: Sequence[TrainHooks]):
         self.members = list(members)
+        self.gone: dict[int, TrainingDiverged] = {}  # member -> its error
+
+    def _alive(self):
+        return [(k, h) for k, h in enumerate(self.members) if k not in self.gone]
 
     def log_metrics(self, step: int, metrics: dict) -> None:
-        for k, h in enumerate(self.members):
+        for k, h in self._alive():
             h.log_metrics(step, member_metrics(metrics, k))
 
     def before_checkpoint(self, step: int) -> None:
-        for h in self.members:
+        for _, h in self._alive():
             getattr(h, "before_checkpoint", lambda step: None)(step)
 
     def checkpoint_saved(self, step: int, path: str, metrics: dict) -> None:
-        for k, h in enumerate(self.members):
+        for k, h in self._alive():
             h.checkpoint_saved(step, path, member_metrics(metrics, k))
 
     def should_stop(self) -> bool:
-        return any(h.should_stop() for h in self.members)
+        return any(h.should_stop() for _, h in self._alive())
+
+    def diverged(self, step: int, runs: list[bool], error: TrainingDiverged) -> bool:
+        """The members whose loss turned non-finite fail as their runs alone would (TrainingDiverged, naming the
+        group's last good checkpoint); the others train on, unless none is left. Their rows cannot reach the
+        others': no weight is shared, and the optimizer, the EMA and the clipping are per member."""
+        for k, bad in enumerate(runs):
+            if bad and k not in self.gone:
+                self.gone[k] = TrainingDiverged(f"{error} (member {k} of a group of {len(self.members)}; the "
+                                                f"others train on)", checkpoint=error.checkpoint)
+                getattr(self.members[k], "failed", lambda e: None)(self.gone[k])
+        return len(self.gone) < len(self.members)
 
     def member_finished(self, k: int, result: StageResult) -> None:
         """Member k is evaluated and its files written (before the others' evaluations): its hooks' `finished`
@@ -188,11 +207,12 @@ def group_hash(exps: Sequence[ExperimentConfig]) -> str:
 
 
 def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str], group_dir: str,
-                       hooks: TrainHooks | None = None) -> list[StageResult]:
+                       hooks: TrainHooks | None = None) -> list[StageResult | None]:
     """Train the stage-1 runs `exps` (one architecture: `check_members`) as one program; member k's checkpoint,
     images and result.json go to `run_dirs[k]` as its own run's would, the group's checkpoints to `group_dir`.
-    `hooks` gets list-valued metrics, one value per member (`GroupHooks` hands each member its own). Returns the
-    members' results; members finished before are not trained again when all of them are."""
+    `hooks` gets list-valued metrics, one value per member (`GroupHooks` hands each member its own, and fails a
+    member that diverges alone: other hooks end the group with its error). Returns the members' results (None
+    for a member that diverged); members finished before are not trained again when all of them are."""
     exps, run_dirs = list(exps), list(run_dirs)
     if len(exps) != len(run_dirs):
         raise ValueError(f"{len(exps)} members but {len(run_dirs)} run directories")
@@ -232,18 +252,23 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
         then each member's PSNR and rFD in turn); a final one writes each member's files and hands it its
         result as soon as its own parts are done (`GroupHooks.member_finished`), so that its base trials need
         not wait for the others'."""
+        gone = getattr(hooks, "gone", {})  # members that diverged: not evaluated, no files
+        alive = [i for i in range(k) if i not in gone]
+        each: list[dict] = [{} for _ in exps]
         if not final:
-            each = [m for m, _, _ in evaluate_aes(ema_stacked, x_eval, exps, with_images=False)]
-            return {key: [m[key] for m in each] for key in each[0]}, {}
+            for i, (m, _, _) in zip(alive, evaluate_aes(ema_stacked, x_eval, exps, False, skip=gone)):
+                each[i] = m
+            return _per_member(each), {}
         timer = PartTimer(rt.device)
         with timer("extractor"):
             extractor = load_eval_extractor(exp0, rt.device)
-        for i, (m, images, seconds) in enumerate(final_evaluations(ema_stacked, ts.net, x_eval, exps, extractor,
-                                                                   data_hash, ts.step, timer)):
+        for i, (m, images, seconds) in zip(alive, final_evaluations(ema_stacked, ts.net, x_eval, exps, extractor,
+                                                                    data_hash, ts.step, timer, skip=gone)):
             done = marks | pop_seconds(dict(seconds)) | {"t_eval_end": time.time()}
             results[i] = _write_member(i, exps[i], run_dirs[i], ts, m, images, meta, done, group_dir)
             getattr(hooks, "member_finished", lambda i, res: None)(i, results[i])
-        metrics = {key: [r.metrics[key] for r in results] for key in results[0].metrics}
+            each[i] = m
+        metrics = _per_member(each)
         metrics.update(timer.seconds)  # the parts' seconds over all members
         return metrics, {}
 
@@ -254,6 +279,12 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     if not res.metrics:  # stopped early on request: the group's checkpoint holds it
         return [StageResult({}, res.checkpoint, res.steps, res.train_seconds, res.extra) for _ in exps]
     return results
+
+
+def _per_member(each: list[dict]) -> dict[str, list[float]]:
+    """Members' metrics as lists of K values; NaN for a member without them (one that diverged)."""
+    keys = next((m for m in each if m), {})
+    return {key: [m.get(key, math.nan) for m in each] for key in keys}
 
 
 def _write_member(i: int, exp: ExperimentConfig, run_dir: str, ts: GroupTrainState, metrics: dict, images: dict,

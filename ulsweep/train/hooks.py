@@ -25,6 +25,12 @@ class TrainHooks:
         """Polled between steps; returning True ends training early after a final checkpoint."""
         return False
 
+    def diverged(self, step: int, runs: list[bool], error: TrainingDiverged) -> bool:
+        """Called on rank 0 when a loss turned non-finite by `step`: `runs` tells which of the loop's runs did
+        (one, or each member of a group, ulsweep/train/group.py). True trains on without them (their values are
+        no longer read); False, the default, ends training with `error`."""
+        return False
+
     def dataset_shard(self, name: str):
         """This rank's shard of a dataset the runner streams (Ray Train's `get_dataset_shard`), or None: the
         stage then builds its stream in this process (ulsweep/data/stream.py)."""

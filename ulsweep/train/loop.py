@@ -111,7 +111,9 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
     progress = Progress(tc.steps, spec.label, rt.is_main)
     acc: dict[str, torch.Tensor] = {}  # sums over the logging window of per-step means
     n_acc, t_last = 0, time.perf_counter()
-    bad = torch.zeros((), dtype=torch.bool, device=rt.device)  # any non-finite loss since the last check
+    # any non-finite loss since the last check: one flag, or one per member of a group; `gone`: the members that
+    # diverged, whose rows a group keeps computing (no member's rows reach another's) but no longer reads
+    bad = gone = torch.zeros((), dtype=torch.bool, device=rt.device)
     last_ckpt = step_dir(spec.run_dir, ts.step) if ts.step else None  # a resumed run's last good checkpoint
     ts.net.train()
     while ts.step < tc.steps and not hooks.should_stop():
@@ -153,7 +155,7 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
             losses = step_fn(batch, noise)
         loss = losses["total"].mean() / objective.dims  # nats per dimension, for the optimizer
         gnorm = ts.optimizer_step(loss)
-        bad |= ~torch.isfinite(loss)
+        bad = bad | (~torch.isfinite(reduce(losses["total"])) & ~gone)
         for k, v in {**losses, "grad_norm": gnorm}.items():
             acc[k] = acc.get(k, torch.zeros((), device=rt.device)) + reduce(v)
         n_acc += 1
@@ -170,9 +172,13 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
         step = ts.step
         is_log = bool(tc.log_every) and step % tc.log_every == 0
         is_eval, is_ckpt = due(step, tc.eval_every, tc.steps), due(step, tc.ckpt_every, tc.steps)
-        if (is_log or is_eval or is_ckpt) and bad.item():  # one device sync per action, not per step
-            raise TrainingDiverged(f"{spec.label}: non-finite loss by step {step}; last good checkpoint "
+        if (is_log or is_eval or is_ckpt) and bad.any().item():  # one device sync per action, not per step
+            err = TrainingDiverged(f"{spec.label}: non-finite loss by step {step}; last good checkpoint "
                                    f"{last_ckpt or '(none)'} kept in {spec.run_dir}", checkpoint=last_ckpt)
+            diverged = getattr(hooks, "diverged", lambda *a: False)  # hooks may predate it
+            if not (rt.is_main and diverged(step, bad.reshape(-1).tolist(), err)):
+                raise err
+            gone, bad = gone | bad, torch.zeros_like(bad)
         if is_log:
             means = {k: _host(all_reduce_mean(v / n_acc, rt)) for k, v in acc.items()}
             ips = n_acc * tc.batch_size / max(time.perf_counter() - t_last, 1e-9)
@@ -265,5 +271,6 @@ class Progress:
 def _fmt(v: float | list[float]) -> str:
     """A progress value: one run's, or the range over a group's runs ("0.41..0.57")."""
     if isinstance(v, list):
+        v = [x for x in v if x == x] or v  # a diverged member's NaN left out
         return f"{min(v):.4g}..{max(v):.4g}"
     return f"{v:.4g}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import torch
 
@@ -168,17 +168,17 @@ def latent_bpps(ae, x_eval: torch.Tensor, exp: ExperimentConfig, gen: Generator,
 
 @torch.no_grad()
 def evaluate_aes(ae, x_eval: torch.Tensor, exps: Sequence[ExperimentConfig], with_images: bool = True,
-                 extractor=None, data_hash: str = "", timer: PartTimer | None = None
-                 ) -> Iterator[tuple[dict, dict, dict]]:
+                 extractor=None, data_hash: str = "", timer: PartTimer | None = None,
+                 skip: Collection[int] = ()) -> Iterator[tuple[dict, dict, dict]]:
     """Held-out latent bits/pixel (+- s.e.), reconstruction PSNR (8-bit scale) and, with an extractor,
     rFD/rFID of an (EMA) autoencoder on the images `x_eval` (model range); with K = len(exps) > 1 experiments,
     of the K members of a group's stacked autoencoder `ae` at once (ulsweep/train/group.py: they differ only in
     loss factor, bias and seed). The bits/pixel and the reconstructions run once for all members, each drawing
     from its own generator (`eval_generator`); then each member's PSNR, rFD/rFID and images in turn.
 
-    Yields each member's (metrics, images, seconds) as soon as its own parts are done: images maps a name to
-    PNG bytes; seconds, the `seconds/<part>` of its evaluation (the shared parts' and its own), where `timer`
-    times the parts (bpp, sampling, fd) of all members.
+    Yields each member's (metrics, images, seconds) as soon as its own parts are done, in order, but the members
+    in `skip` (a group's diverged ones): images maps a name to PNG bytes; seconds, the `seconds/<part>` of its
+    evaluation (the shared parts' and its own), where `timer` times the parts (bpp, sampling, fd) of all members.
     """
     exp, k = exps[0], len(exps)
     timer = timer or PartTimer(enabled=False)
@@ -190,6 +190,8 @@ def evaluate_aes(ae, x_eval: torch.Tensor, exps: Sequence[ExperimentConfig], wit
     real_u8 = to_uint8(x_eval)
     shared = dict(timer.seconds)
     for i, e in enumerate(exps):
+        if i in skip:
+            continue
         recon = recons[i] if k > 1 else recons
         recon_u8 = to_uint8(recon)
         metrics = bpps[i] | {"psnr": psnr(recon_u8, real_u8).mean().item(),
@@ -217,11 +219,12 @@ def evaluate_ae(ae, x_eval: torch.Tensor, exp: ExperimentConfig, with_images: bo
 
 
 def final_evaluations(ema_ae, ae, x_eval: torch.Tensor, exps: Sequence[ExperimentConfig], extractor,
-                      data_hash: str, steps: int, timer: PartTimer) -> Iterator[tuple[dict, dict, dict]]:
+                      data_hash: str, steps: int, timer: PartTimer,
+                      skip: Collection[int] = ()) -> Iterator[tuple[dict, dict, dict]]:
     """The final evaluation after `steps` steps of one run (one experiment) or of a group's members (stacked
     `ema_ae` and `ae`): `evaluate_aes` of the EMA autoencoder with images and the extractor's rFD/rFID, the same
     bits/pixel bound for the online weights `ae` (it shows any EMA mismatch; taken first, for all members) and
-    the FLOPs. Yields each member's (metrics, images, seconds) as `evaluate_aes` does."""
+    the FLOPs. Yields each member's but `skip`'s (metrics, images, seconds) as `evaluate_aes` does."""
     exp, k = exps[0], len(exps)
     online = {}
     if exp.ae.loss.prior == "diffusion":
@@ -233,8 +236,9 @@ def final_evaluations(ema_ae, ae, x_eval: torch.Tensor, exps: Sequence[Experimen
         ae.train(was_training)
     with timer("flops"):
         flops = _flops_metrics(exp, x_eval.shape[1], steps)
-    for i, (metrics, images, seconds) in enumerate(evaluate_aes(ema_ae, x_eval, exps, True, extractor, data_hash,
-                                                                timer)):
+    alive = [i for i in range(k) if i not in skip]
+    for i, (metrics, images, seconds) in zip(alive, evaluate_aes(ema_ae, x_eval, exps, True, extractor, data_hash,
+                                                                 timer, skip)):
         yield metrics | {key: v[i] for key, v in online.items()} | flops, images, seconds
 
 
