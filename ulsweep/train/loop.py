@@ -155,9 +155,10 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
             losses = step_fn(batch, noise)
         loss = losses["total"].mean() / objective.dims  # nats per dimension, for the optimizer
         gnorm = ts.optimizer_step(loss)
-        bad = bad | (~torch.isfinite(reduce(losses["total"])) & ~gone)
-        for k, v in {**losses, "grad_norm": gnorm}.items():
-            acc[k] = acc.get(k, torch.zeros((), device=rt.device)) + reduce(v)
+        step_means = {k: reduce(v) for k, v in {**losses, "grad_norm": gnorm}.items()}
+        bad = bad | (~torch.isfinite(step_means["total"]) & ~gone)
+        for k, v in step_means.items():
+            acc[k] = acc.get(k, torch.zeros((), device=rt.device)) + v
         n_acc += 1
         first_compiled = gated and "t_compiled_step_end" not in marks
         if first_compiled or "t_first_step_end" not in marks:  # compiled and captured, or the first step taken
