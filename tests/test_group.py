@@ -29,7 +29,7 @@ def member_exp(lf, bias, seed, **train):
                # clipping that binds: each member must be clipped by its own norm
                "optim": {"lr": 1e-3, "warmup_steps": 0, "grad_clip": 0.05},
                "train": {**TRAIN, "seed": seed, **train}},
-        "base_models": [{"name": "b", "train": {**TRAIN, "steps": 2}}],
+        "base_models": [{"name": "b", "train": {**TRAIN, "steps": 4, "seed": seed}}],
         "eval": {"extractor": "none"},
     })
 
@@ -83,7 +83,7 @@ def test_a_group_trains_each_member_as_its_own_run(tmp_path, alone, one_thread):
     assert min(m["grad_norm"] for _, m in alone[0][1].logs if "grad_norm" in m) > 0.05
     assert len({round(m["grad_norm"], 3) for _, m in recs[0].logs[:1] + recs[2].logs[:1]}) == 2
     base = train_base(exps[0], exps[0].base_models[0], results[0].checkpoint, str(tmp_path / "base"))
-    assert base.steps == 2 and base.metrics["base_bpp"] > 0
+    assert base.steps == 4 and base.metrics["base_bpp"] > 0
     again = train_autoencoders(exps, dirs, str(tmp_path / "group"))  # finished members are not trained again
     assert [r.checkpoint for r in again] == [r.checkpoint for r in results]
 
@@ -177,3 +177,56 @@ def test_a_group_trains_with_cuda_graphs_on_a_gpu(tmp_path, digits_cache):
         for k in ("bpp", "psnr"):
             assert res.metrics[k] == pytest.approx(alone.metrics[k], rel=0.05), (i, k)
     assert len({round(r.metrics["bpp"], 6) for r in group}) == 3
+
+
+@pytest.fixture(scope="module")
+def bases_alone(tmp_path_factory, alone):
+    """Each member's base model trained alone on its autoencoder run alone: its result and logged metrics."""
+    out = []
+    for (ae, _), m in zip(alone, MEMBERS):
+        exp, rec = member_exp(*m), Recorder()
+        out.append((train_base(exp, exp.base_models[0], ae.checkpoint, str(tmp_path_factory.mktemp("base")), rec),
+                    rec))
+    return out
+
+
+def test_a_base_group_trains_each_member_as_its_own_run(tmp_path, alone, bases_alone, one_thread):
+    """The base models of three autoencoders (their own latents, seeds) trained as one program end as their
+    runs alone: weights, generators, bits/pixel under the base model, curves and files."""
+    from ulsweep.train.group_base import train_bases
+
+    exps = [member_exp(*m) for m in MEMBERS]
+    dirs = [str(tmp_path / f"b{i}") for i in range(3)]
+    recs = [Recorder() for _ in exps]
+    results = train_bases(exps, [e.base_models[0] for e in exps], [ae.checkpoint for ae, _ in alone], dirs,
+                          str(tmp_path / "group"), GroupHooks(recs))
+    for i, ((res_alone, rec_alone), res, rec) in enumerate(zip(bases_alone, results, recs)):
+        (mine, my_meta), (theirs, their_meta) = load_checkpoint(res.checkpoint), load_checkpoint(res_alone.checkpoint)
+        for part in ("model", "ema"):
+            for name, t in theirs[part].items():
+                assert rel(mine[part][name], t) < 1e-3, (i, part, name)
+        assert torch.equal(mine["rng"]["gen"], theirs["rng"]["gen"])
+        assert mine["config"] == theirs["config"] and mine["experiment"] == theirs["experiment"]
+        for key in ("kind", "config_hash", "ae_checkpoint", "ae_sha256", "latent_shape", "latents_hash", "step"):
+            assert my_meta[key] == their_meta[key], (i, key)
+        for key in ("base_bpp", "base_bpp_se", "gflops_base", "train_flops"):
+            assert res.metrics[key] == pytest.approx(res_alone.metrics[key], rel=1e-3, abs=1e-4), (i, key)
+        assert os.path.exists(res.extra["images"]["samples.png"]) and res.extra["group"]["member"] == i
+        assert [s for s, _ in rec.logs] == [s for s, _ in rec_alone.logs]
+        for (_, m), (_, m_alone) in zip(rec.logs, rec_alone.logs):
+            if "loss" in m_alone:
+                assert m["loss"] == pytest.approx(m_alone["loss"], rel=1e-3), i
+    assert len({round(r.metrics["base_bpp"], 5) for r in results}) == 3
+    again = train_bases(exps, [e.base_models[0] for e in exps], [ae.checkpoint for ae, _ in alone], dirs,
+                        str(tmp_path / "group"))  # finished members are not trained again
+    assert [r.checkpoint for r in again] == [r.checkpoint for r in results]
+
+
+def test_base_members_of_another_base_model_are_refused_by_name(alone):
+    from ulsweep.train.group_base import train_bases
+
+    exps = [member_exp(*m) for m in MEMBERS[:2]]
+    wider = dataclasses.replace(exps[1].base_models[0], train=dataclasses.replace(exps[1].base_models[0].train,
+                                                                                  batch_size=4))
+    with pytest.raises(ValueError, match=r"base group member 1 .*base\.train\.batch_size is 4, member 0 has 8"):
+        train_bases(exps, [exps[0].base_models[0], wider], [ae.checkpoint for ae, _ in alone[:2]], ["x", "y"], "g")

@@ -191,3 +191,30 @@ def test_a_stacked_evaluation_gives_each_member_its_own_evaluation(prior, one_th
             assert m[key] == pytest.approx(m_alone[key], rel=1e-4), key
         assert images.keys() == images_alone.keys()
     assert len({round(m["psnr"], 4) for m, _, _ in each}) == 3  # three different autoencoders
+
+
+def test_stacked_generation_gives_each_member_its_own_samples(one_thread):
+    """`generate` of three stacked base models and frozen autoencoders (members=3, each member's generator):
+    member k's images are those of its base model and autoencoder sampling alone, up to rounding."""
+    from ulsweep.diffusion import MemberGenerators
+    from ulsweep.train.stage2 import generate
+
+    exp = experiment_from_dict({"ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2},
+                                       "train": {"sample_steps": 3}},
+                                "base_models": [{"name": "b", "model": {"preset": "tiny"},
+                                                 "train": {"sample_steps": 3}}]})
+    bc, aes, bases = exp.base_models[0], [], []
+    for k in range(3):
+        torch.manual_seed(k)
+        aes.append(build_autoencoder(exp.ae, 1).eval())
+        bases.append(build_base_model(bc, 2).eval())
+    gens = MemberGenerators([torch.Generator().manual_seed(10 + k) for k in range(3)])
+    images = generate(stack(bases).eval(), stack(aes).eval(), exp, bc, 5, (2, 4, 4), (1, 16, 16), gens, batch=3,
+                      members=3)
+    assert images.shape == (3, 5, 1, 16, 16) and images.dtype == torch.uint8
+    for k in range(3):
+        alone = generate(bases[k], aes[k], exp, bc, 5, (2, 4, 4), (1, 16, 16), torch.Generator().manual_seed(10 + k),
+                         batch=3)
+        diff = (images[k].int() - alone.int()).abs()
+        assert diff.max() <= 1 and diff.float().mean() < 0.01, k
+    assert not torch.equal(images[0], images[1])

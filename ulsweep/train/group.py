@@ -253,22 +253,21 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
         result as soon as its own parts are done (`GroupHooks.member_finished`), so that its base trials need
         not wait for the others'."""
         gone = getattr(hooks, "gone", {})  # members that diverged: not evaluated, no files
-        alive = [i for i in range(k) if i not in gone]
-        each: list[dict] = [{} for _ in exps]
         if not final:
-            for i, (m, _, _) in zip(alive, evaluate_aes(ema_stacked, x_eval, exps, False, skip=gone)):
-                each[i] = m
-            return _per_member(each), {}
+            each = iter(m for m, _, _ in evaluate_aes(ema_stacked, x_eval, exps, False, skip=gone))
+            return per_member([{} if i in gone else next(each) for i in range(k)]), {}
         timer = PartTimer(rt.device)
         with timer("extractor"):
             extractor = load_eval_extractor(exp0, rt.device)
-        for i, (m, images, seconds) in zip(alive, final_evaluations(ema_stacked, ts.net, x_eval, exps, extractor,
-                                                                    data_hash, ts.step, timer, skip=gone)):
-            done = marks | pop_seconds(dict(seconds)) | {"t_eval_end": time.time()}
-            results[i] = _write_member(i, exps[i], run_dirs[i], ts, m, images, meta, done, group_dir)
-            getattr(hooks, "member_finished", lambda i, res: None)(i, results[i])
-            each[i] = m
-        metrics = _per_member(each)
+
+        def write(i: int, m: dict, images: dict, done: dict) -> StageResult:
+            out = write_member(i, run_dirs[i], ts, m, images, KIND, stage1_hash(exps[i]), {"config": to_dict(exps[i])},
+                               meta, done, group_dir)
+            say_done(exps[i], m, out.checkpoint, f" (member {i} of a group of {k})")
+            return out
+
+        metrics = hand_over(final_evaluations(ema_stacked, ts.net, x_eval, exps, extractor, data_hash, ts.step, timer,
+                                              skip=gone), hooks, results, marks, write)
         metrics.update(timer.seconds)  # the parts' seconds over all members
         return metrics, {}
 
@@ -281,29 +280,43 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     return results
 
 
-def _per_member(each: list[dict]) -> dict[str, list[float]]:
+def per_member(each: list[dict]) -> dict[str, list[float]]:
     """Members' metrics as lists of K values; NaN for a member without them (one that diverged)."""
     keys = next((m for m in each if m), {})
     return {key: [m.get(key, math.nan) for m in each] for key in keys}
 
 
-def _write_member(i: int, exp: ExperimentConfig, run_dir: str, ts: GroupTrainState, metrics: dict, images: dict,
-                  meta: dict, marks: dict, group_dir: str) -> StageResult:
-    """Member i's final checkpoint, images and result.json in its own run directory, as its own run's, after its
-    final evaluation (`metrics`, `images`; the loop's `marks` so far)."""
+def write_member(i: int, run_dir: str, ts: GroupTrainState, metrics: dict, images: dict, kind: str, cfg_hash: str,
+                 state_extra: dict, meta: dict, marks: dict, group_dir: str) -> StageResult:
+    """Member i's final checkpoint (its rows of the stacked state, with `state_extra` and `meta` as its run alone
+    saves them), images and result.json in its own run directory, after its final evaluation (`metrics`,
+    `images`; the loop's `marks` so far)."""
     state = {"model": _row(ts.net.state_dict(), i), "ema": _row(ts.ema.state_dict(), i),
-             "optimizer": _optimizer_row(ts.opt.state_dict(), i), "rng": rng_state(ts.gen.gens[i]),
-             "config": to_dict(exp)}
-    cfg_hash = stage1_hash(exp)
-    path = save_checkpoint(run_dir, ts.step, state, {**meta, "kind": KIND, "config_hash": cfg_hash,
+             "optimizer": _optimizer_row(ts.opt.state_dict(), i), "rng": rng_state(ts.gen.gens[i]), **state_extra}
+    path = save_checkpoint(run_dir, ts.step, state, {**meta, "kind": kind, "config_hash": cfg_hash,
                                                      "step": ts.step, "train_seconds": ts.train_seconds,
                                                      "metrics": metrics})
     extra = {"marks": dict(marks), "images": write_images(run_dir, images),
              "group": {"dir": group_dir, "member": i, "members": ts.k}}
     out = StageResult(metrics, path, ts.step, ts.train_seconds, extra)
     write_result(run_dir, out, cfg_hash)
-    say_done(exp, metrics, path, f" (member {i} of a group of {ts.k})")
     return out
+
+
+def hand_over(evaluations, hooks, results: list, marks: dict, write) -> dict[str, list[float]]:
+    """A group's final evaluation, member by member: `evaluations` yields each healthy member's (metrics, images,
+    seconds) in order (those in `hooks.gone` left out), `write(i, metrics, images, marks)` writes member i's files
+    and returns its result, which goes into `results` and to its hooks at once (`member_finished`), before the
+    next member's evaluation. Returns the members' metrics as lists (NaN for the diverged)."""
+    gone = getattr(hooks, "gone", {})
+    alive = [i for i in range(len(results)) if i not in gone]
+    each: list[dict] = [{} for _ in results]
+    for i, (m, images, seconds) in zip(alive, evaluations):
+        done = marks | pop_seconds(dict(seconds)) | {"t_eval_end": time.time()}
+        results[i] = write(i, m, images, done)
+        getattr(hooks, "member_finished", lambda i, res: None)(i, results[i])
+        each[i] = m
+    return per_member(each)
 
 
 def _row(state: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:

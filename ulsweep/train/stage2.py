@@ -10,12 +10,15 @@ held-out images itself (bits/pixel through the encoder).
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Iterator, Sequence
 
 import torch
 
 from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_yaml, experiment_from_dict, to_dict
 from ulsweep.data.sources import DeviceSplit, choose_loader, choose_loader_for, load_eval_images, open_splits
-from ulsweep.diffusion import LogSNRSchedule, base_loss, diffuse, latent_bitrate, low_discrepancy_times, x_from_v
+from ulsweep.diffusion import (LogSNRSchedule, MemberGenerators, base_loss, diffuse, latent_bitrates,
+                               low_discrepancy_times, x_from_v)
+from ulsweep.diffusion.noise import Generator
 from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model, sampler
 from ulsweep.train.checkpoint import CheckpointError, finished_result, load_checkpoint
 from ulsweep.train.evaluation import PartTimer, generation_fd_of, load_eval_extractor
@@ -70,56 +73,95 @@ def load_frozen_autoencoder(ae_checkpoint: str, device) -> tuple[torch.nn.Module
     return ae.eval().requires_grad_(False), ae_exp, meta
 
 
+def eval_generator(bases: Sequence[BaseStageConfig], device: torch.device) -> Generator:
+    """The base evaluation's own fixed-seed generator; for a group's members (more than one), each member's, as
+    its run alone would seed it (`ulsweep.train.stage1.eval_generator`'s counterpart)."""
+    gens = [torch.Generator(device).manual_seed(b.train.seed + 54321) for b in bases]
+    return gens[0] if len(gens) == 1 else MemberGenerators(gens)
+
+
 @torch.no_grad()
+def evaluate_bases(base_model, ae, exps: Sequence[ExperimentConfig], ae_exp: ExperimentConfig,
+                   bases: Sequence[BaseStageConfig], x_eval, latent_shape, extractor=None, data_hash: str = "",
+                   samples: bool = True, timer: PartTimer | None = None,
+                   skip: Collection[int] = ()) -> Iterator[tuple[dict, dict, dict]]:
+    """Held-out latent bits/pixel under the base model (unweighted ELBO, Table 5's 'bpd with base
+    model') and, with `samples`, decoded samples: with an extractor gFD/gFID of `eval.gfd_samples` samples
+    against the first `eval.gfd_reference_images` held-out images. With K = len(bases) > 1, of the K members of
+    a group (ulsweep/train/group_base.py) at once: `base_model` and `ae` are their stacked base models and
+    frozen autoencoders, the bits/pixel and the samples run once for all of them, each member drawing from its
+    own generator (`eval_generator`), then each member's gFD/gFID in turn. `ae_exp`: one member's autoencoder
+    experiment (they differ in nothing that sampling reads).
+
+    Yields each member's but `skip`'s (metrics, images as PNG bytes, seconds) as `ulsweep.train.stage1.
+    evaluate_aes` does; `timer` times the parts (bpp, sampling, fd) of all members."""
+    exp, base, k = exps[0], bases[0], len(bases)
+    tc = base.train
+    timer = timer or PartTimer(enabled=False)
+    gen = eval_generator(bases, x_eval.device)
+    with timer("bpp"):
+        ests = latent_bitrates(ae.encoder, base_model, x_eval[:tc.eval_images], base_schedule(ae_exp.ae.loss, base),
+                               tc.eval_t_per_image, generator=gen, members=k)
+    n = exp.eval.gfd_samples if extractor is not None else 64
+    images = None
+    if samples:
+        with (timer("sampling"), sampling_precision(exp.eval.sample_precision, x_eval.device),
+              sampling_networks([base_model, ae.decoder], exp.eval.sample_compile, exp.eval.sample_precision,
+                                x_eval.device, f"base {base.name} sampling") as (net, decoder)):
+            images = generate(net, ae, ae_exp, base, n, latent_shape, tuple(x_eval.shape[1:]), gen, decoder=decoder,
+                              members=k)
+        images = images if k > 1 else images[None]
+    shared = dict(timer.seconds)
+    for i, e in enumerate(exps):
+        if i in skip:
+            continue
+        metrics = {"base_bpp": ests[i].bpp, "base_bpp_se": ests[i].bpp_se}
+        if images is None:
+            yield metrics, {}, shared
+            continue
+        own = PartTimer(x_eval.device, enabled=timer.enabled)
+        if extractor is not None:
+            ref = to_uint8(x_eval[:e.eval.gfd_reference_images])
+            with own("fd"):
+                metrics.update(generation_fd_of(extractor, images[i], ref, data_hash,
+                                                f"{e.data.eval_split}@{e.data.image_size}"))
+            metrics["gen_samples"] = float(n)
+        for part, sec in own.seconds.items():
+            timer.seconds[part] = timer.seconds.get(part, 0.0) + sec
+        yield metrics, {"samples.png": image_grid_png(images[i][:64], cols=8)}, shared | own.seconds
+
+
 def evaluate_base(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentConfig, base: BaseStageConfig,
                   x_eval, latent_shape, extractor=None, data_hash: str = "",
                   samples: bool = True, timer: PartTimer | None = None) -> tuple[dict, dict]:
-    """Held-out latent bits/pixel under the base model (unweighted ELBO, Table 5's 'bpd with base
-    model') and, with `samples`, decoded samples: with an extractor gFD/gFID of `eval.gfd_samples` samples
-    against the first `eval.gfd_reference_images` held-out images. `timer` times the parts (bpp, sampling,
-    fd). Returns (metrics, images as PNG bytes)."""
-    tc = base.train
-    timer = timer or PartTimer(enabled=False)
-    gen = torch.Generator(x_eval.device).manual_seed(tc.seed + 54321)
-    with timer("bpp"):
-        est = latent_bitrate(ae.encoder, base_model, x_eval[:tc.eval_images], base_schedule(ae_exp.ae.loss, base),
-                             tc.eval_t_per_image, generator=gen)
-    metrics = {"base_bpp": est.bpp, "base_bpp_se": est.bpp_se}
-    if not samples:
-        return metrics, {}
-    n = exp.eval.gfd_samples if extractor is not None else 64
-    with (timer("sampling"), sampling_precision(exp.eval.sample_precision, x_eval.device),
-          sampling_networks([base_model, ae.decoder], exp.eval.sample_compile, exp.eval.sample_precision,
-                            x_eval.device, f"base {base.name} sampling") as (net, decoder)):
-        images = generate(net, ae, ae_exp, base, n, latent_shape, tuple(x_eval.shape[1:]), gen, decoder=decoder)
-    if extractor is not None:
-        ref = to_uint8(x_eval[:exp.eval.gfd_reference_images])
-        split = f"{exp.data.eval_split}@{exp.data.image_size}"
-        with timer("fd"):
-            metrics.update(generation_fd_of(extractor, images, ref, data_hash, split))
-        metrics["gen_samples"] = float(n)
-    return metrics, {"samples.png": image_grid_png(images[:64], cols=8)}
+    """`evaluate_bases` of one run: (metrics, images)."""
+    metrics, images, _ = next(evaluate_bases(base_model, ae, [exp], ae_exp, [base], x_eval, latent_shape,
+                                             extractor, data_hash, samples, timer))
+    return metrics, images
 
 
 GENERATE_BATCH = 1000  # samples a batch of `generate` (ulsweep/sweep/precompile.py compiles for its shapes)
 
 
 @torch.no_grad()
-def generate(base_model, ae, ae_exp, base: BaseStageConfig, n: int, latent_shape, image_shape, gen,
-             batch: int = GENERATE_BATCH, decoder=None) -> torch.Tensor:
+def generate(base_model, ae, ae_exp, base: BaseStageConfig, n: int, latent_shape, image_shape, gen: Generator,
+             batch: int = GENERATE_BATCH, decoder=None, members: int = 1) -> torch.Tensor:
     """n images (uint8) from z_1 ~ N(0, I) -> base model -> z_0 at lambda_z(0) -> decoder (in batches of
     `batch`: small networks are launch-bound, so larger batches sample 10k images several times faster).
-    `decoder`: the autoencoder's decoder as sampling calls it (compiled, say); default `ae.decoder`."""
+    `decoder`: the autoencoder's decoder as sampling calls it (compiled, say); default `ae.decoder`. With
+    `members` K > 1, `base_model` and `ae` are a group's stacked networks and `gen` its MemberGenerators: every
+    batch holds `batch` samples of each member (K*batch rows) and the result is (K, n, C, H, W)."""
     tc, sched, out = base.train, base_schedule(ae_exp.ae.loss, base), []
     decoder = decoder if decoder is not None else ae.decoder
     ae_tc = ae_exp.ae.train
     for i in range(0, n, batch):
         b = min(batch, n - i)
-        z0 = generate_latents(base_model, b, latent_shape, sched, tc.sample_steps, sampler(tc, "base"), gen,
-                              gen.device)
+        z0 = generate_latents(base_model, members * b, latent_shape, sched, tc.sample_steps, sampler(tc, "base"),
+                              gen, gen.device)
         out.append(to_uint8(decode(decoder, z0, image_shape, ae_exp.ae.loss, ae_tc.sample_steps,
-                                   sampler(ae_tc, "decoder"), gen)))
-    return torch.cat(out)
+                                   sampler(ae_tc, "decoder"), gen)).unflatten(0, (members, b)))
+    images = torch.cat(out, 1)
+    return images if members > 1 else images[0]
 
 
 def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str, run_dir: str,
@@ -132,7 +174,7 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     tc = base.train
     rt = make_runtime(tc)
     ae, ae_exp, ae_meta = load_frozen_autoencoder(ae_checkpoint, rt.device)
-    cfg_hash = _hash(exp, base, ae_meta)
+    cfg_hash = stage2_hash(exp, base, ae_meta)
     done = finished_result(run_dir, cfg_hash)
     if done is not None:
         return done
@@ -145,7 +187,7 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     loader, why = choose_loader_for(exp.data, need, rt.device, "latents")
     if rt.is_main:
         print(f"[base {base.name}] data.loader {exp.data.loader} -> {loader} for the latents: {why}", flush=True)
-    decode = _say_decode_path(exp, ds, rt, f"[base {base.name}]")
+    decode = say_decode_path(exp, ds, rt, f"[base {base.name}]")
     latents, z_train = training_latents(ae.encoder, ae_checkpoint, ae_meta["sha256"], ds, exp.data, rt.device,
                                         load=loader == "device", decode=decode)
     if z_train is not None:
@@ -164,7 +206,7 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
         metrics, images = evaluate_base(ema_net, ae, exp, ae_exp, base, x_eval, latent_shape, extractor, data_hash,
                                         timer=timer)
         with timer("flops"):
-            metrics.update(_flops_metrics(base, latent_shape, ts.step))
+            metrics.update(flops_metrics(base, latent_shape, ts.step))
         metrics.update(timer.seconds)
         return metrics, images
 
@@ -176,13 +218,19 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
     objective = BaseObjective(net, base_schedule(ae_exp.ae.loss, base), base.loss.sigmoid_bias, latent_shape)
     res = train(objective, source, evaluate, ts, tc, spec, hooks)
     if res.metrics:
-        fd = "".join(f"  {k}={v:.3f}" for k, v in res.metrics.items() if k.startswith(("gfd_", "gfid")))
-        print(f"[base {base.name}] done: base-model latent bits/pixel={res.metrics['base_bpp']:.4f}{fd}  "
-              f"checkpoint={res.checkpoint}", flush=True)
+        say_done(base, res.metrics, res.checkpoint)
     return res
 
 
-def _say_decode_path(exp: ExperimentConfig, ds, rt, label: str) -> str:
+def say_done(base: BaseStageConfig, metrics: dict, checkpoint: str, how: str = "") -> None:
+    """A finished base run's line: bits/pixel under the base model, gFD/gFID and checkpoint (`how`: e.g.
+    " (member 2 of a group of 18)")."""
+    fd = "".join(f"  {k}={v:.3f}" for k, v in metrics.items() if k.startswith(("gfd_", "gfid")))
+    print(f"[base {base.name}] done{how}: base-model latent bits/pixel={metrics['base_bpp']:.4f}{fd}  "
+          f"checkpoint={checkpoint}", flush=True)
+
+
+def say_decode_path(exp: ExperimentConfig, ds, rt, label: str) -> str:
     """Where the training images are decoded if their latents must be encoded (`decode_path` of stage 1's
     loader choice for them); printed on rank 0 with the reason."""
     images, why = choose_loader(exp.data, ds, rt.device)
@@ -194,14 +242,14 @@ def _say_decode_path(exp: ExperimentConfig, ds, rt, label: str) -> str:
     return decode
 
 
-def _hash(exp: ExperimentConfig, base: BaseStageConfig, ae_meta: dict) -> str:
+def stage2_hash(exp: ExperimentConfig, base: BaseStageConfig, ae_meta: dict) -> str:
     """Identity of a base run: its data section, its own config, the exact AE weights it sits on and its
     evaluation (as stage1_hash: a finished run's result.json answers a rerun only when it was evaluated the same
     way; a changed `eval` refuses the run directory instead of returning metrics of another evaluation)."""
     return config_hash({"data": exp.data, "base": base, "ae_sha256": ae_meta["sha256"], "eval": exp.eval})
 
 
-def _flops_metrics(base: BaseStageConfig, latent_shape, steps: int) -> dict[str, float]:
+def flops_metrics(base: BaseStageConfig, latent_shape, steps: int) -> dict[str, float]:
     from ulsweep.metrics.flops import gflops_per_image, training_flops
 
     net = build_base_model(base, latent_shape[0])

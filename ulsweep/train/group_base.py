@@ -1,0 +1,158 @@
+"""Several stage-2 runs of one architecture trained as one program: the base models of a stacked group's members.
+
+The base trials of a group of autoencoders (ulsweep/train/group.py) train the same base model on the latents of
+autoencoders that differ only in loss factor, bias and seed; `train_bases` trains K of them as one stacked network
+through the one training loop, as `train_autoencoders` does for stage 1. Each member is the run it would have been
+alone (`ulsweep.train.stage2.train_base`):
+
+- its own frozen autoencoder's latents (encoded once per checkpoint and stored, as alone), drawn with its own
+  generator, and its weights initialized from its own seed;
+- its own gradient norm and clipping, AdamW and EMA over its own rows of the stacked tensors;
+- its own final evaluation, with its own noise (the stacked base models' bits/pixel and samples, decoded by the
+  stacked frozen autoencoders, for all members at once; then its gFD/gFID), and its checkpoint, images and
+  result.json in its own run directory, in the layout of a run trained alone.
+
+A member whose loss turns non-finite fails alone (`GroupHooks.diverged`); the group's own checkpoints go to
+`group_dir`, from which a killed group resumes.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_yaml, flatten, to_dict
+from ulsweep.data.sources import DeviceSplit, choose_loader_for, load_eval_images, open_splits
+from ulsweep.models.stacked import stack
+from ulsweep.train.build import base_schedule, build_base_model
+from ulsweep.train.checkpoint import finished_result
+from ulsweep.train.evaluation import PartTimer, load_eval_extractor
+from ulsweep.train.group import (MEMBER_KEYS, GroupObjective, GroupSource, GroupTrainState, compiles_clip, hand_over,
+                                 per_member, write_member)
+from ulsweep.train.hooks import StageResult, TrainHooks
+from ulsweep.train.latents import latent_source, training_latents
+from ulsweep.train.loop import RunSpec, train
+from ulsweep.train.runtime import make_runtime
+from ulsweep.train.stage2 import (KIND, BaseObjective, evaluate_bases, flops_metrics, load_frozen_autoencoder,
+                                  say_decode_path, say_done, stage2_hash)
+
+# what base members of a group may differ in, besides their autoencoder's MEMBER_KEYS
+BASE_MEMBER_KEYS = ("base.train.seed",)
+
+
+def shared_settings(exp: ExperimentConfig, base: BaseStageConfig, ae_exp: ExperimentConfig) -> dict:
+    """What base members of a group must agree on: the data and evaluation, the base model's settings but its
+    seed, and their autoencoders' settings but MEMBER_KEYS (flattened)."""
+    flat = flatten(to_dict({"data": exp.data, "eval": exp.eval, "base": base, "ae": ae_exp.ae}))
+    return {k: v for k, v in flat.items() if k not in MEMBER_KEYS + BASE_MEMBER_KEYS}
+
+
+def check_members(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfig],
+                  ae_exps: Sequence[ExperimentConfig]) -> None:
+    """Refuse a group whose base members differ in more than their seed and their autoencoders' MEMBER_KEYS,
+    naming the first key that differs."""
+    if not exps or not (len(exps) == len(bases) == len(ae_exps)):
+        raise ValueError(f"a group of base runs needs members: {len(exps)} experiments, {len(bases)} base models, "
+                         f"{len(ae_exps)} autoencoders")
+    first = shared_settings(exps[0], bases[0], ae_exps[0])
+    for i in range(1, len(exps)):
+        other = shared_settings(exps[i], bases[i], ae_exps[i])
+        for key in sorted(set(first) | set(other)):
+            if first.get(key) != other.get(key):
+                raise ValueError(
+                    f"base group member {i} ({bases[i].name!r} of {exps[i].name!r}): {key} is {other.get(key)!r}, "
+                    f"member 0 has {first.get(key)!r}: only base runs that differ in their seed and their "
+                    f"autoencoder's {', '.join(MEMBER_KEYS)} train as one program")
+
+
+def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfig], ae_checkpoints: Sequence[str],
+                run_dirs: Sequence[str], group_dir: str, hooks: TrainHooks | None = None) -> list[StageResult | None]:
+    """Train base model `bases[k]` of experiment `exps[k]` on the latents of the frozen autoencoder at
+    `ae_checkpoints[k]`, for every k, as one program (`check_members`); member k's checkpoint, images and
+    result.json go to `run_dirs[k]` as its run's alone would, the group's checkpoints to `group_dir`. `hooks` as
+    `ulsweep.train.group.train_autoencoders` takes them. Returns the members' results (None for one that
+    diverged); members finished before are not trained again when all of them are."""
+    exps, bases, ae_checkpoints, run_dirs = list(exps), list(bases), list(ae_checkpoints), list(run_dirs)
+    if not (len(exps) == len(bases) == len(ae_checkpoints) == len(run_dirs)):
+        raise ValueError(f"{len(exps)} experiments, {len(bases)} base models, {len(ae_checkpoints)} autoencoder "
+                         f"checkpoints and {len(run_dirs)} run directories: one each a member")
+    hooks = hooks or TrainHooks()
+    exp0, base0, k = exps[0], bases[0], len(exps)
+    tc = base0.train
+    rt = make_runtime(tc)
+    if rt.world > 1:
+        raise RuntimeError(f"{group_dir}: a group of runs trains in one process, not under torch.distributed "
+                           f"({rt.world} workers)")
+    frozen = [load_frozen_autoencoder(c, rt.device) for c in ae_checkpoints]  # (autoencoder, experiment, meta)
+    aes, ae_exps, ae_metas = zip(*frozen)
+    check_members(exps, bases, ae_exps)
+    hashes = [stage2_hash(e, b, m) for e, b, m in zip(exps, bases, ae_metas)]
+    done = [finished_result(d, h) for d, h in zip(run_dirs, hashes)]
+    if all(r is not None for r in done):
+        return done
+    label = f"base {base0.name} group of {k}"
+    ds = open_splits(exp0.data)
+    data_hash = ds.content_hash
+    x_eval = load_eval_images(ds, exp0.data, rt.device, max(tc.eval_images, exp0.eval.gfd_reference_images))
+    latent_shape = tuple(ae_metas[0]["latent_shape"])
+    need = k * ds.splits[exp0.data.train_split] * 4 * math.prod(latent_shape)  # every member's latents
+    loader, why = choose_loader_for(exp0.data, need, rt.device, "latents")
+    print(f"[{label}] data.loader {exp0.data.loader} -> {loader} for the {k} members' latents: {why}", flush=True)
+    decode = say_decode_path(exp0, ds, rt, f"[{label}]")
+    sources, stored = [], []
+    for ae, ckpt, meta, b in zip(aes, ae_checkpoints, ae_metas, bases):
+        latents, z_train = training_latents(ae.encoder, ckpt, meta["sha256"], ds, exp0.data, rt.device,
+                                            load=loader == "device", decode=decode)
+        sources.append(DeviceSplit(z_train) if z_train is not None else
+                       latent_source(latents, rt, b.train.seed, tc.batch_size))
+        stored.append(latents)
+    objectives = []
+    for b, ae_exp in zip(bases, ae_exps):
+        torch.manual_seed(b.train.seed)  # weight initialization, as the member's own run
+        net = build_base_model(b, latent_shape[0]).to(rt.device)
+        objectives.append(BaseObjective(net, base_schedule(ae_exp.ae.loss, b), b.loss.sigmoid_bias, latent_shape))
+    objective = GroupObjective(objectives)
+    del objectives  # their weights are copied into the stacked network
+    gens = [torch.Generator(rt.device).manual_seed(b.train.seed) for b in bases]
+    ts = GroupTrainState(objective.stacked.net, base0.optim, rt, gens, compile_clip=compiles_clip(tc, rt))
+    stacked_ae = stack(list(aes)).eval().requires_grad_(False)  # the members' frozen autoencoders, for evaluation
+    del frozen, aes
+    metas = [{"data_hash": data_hash, "ae_checkpoint": c, "ae_sha256": m["sha256"], "latent_shape": list(latent_shape),
+              "latents": lat.uri if lat else None, "latents_hash": lat.content_hash if lat else None}
+             for c, m, lat in zip(ae_checkpoints, ae_metas, stored)]
+    marks: dict = {}  # the loop's phase marks: every member's timeline
+    results: list[StageResult | None] = [None] * k
+
+    def evaluate(ema_stacked, final: bool) -> tuple[dict, dict]:
+        gone = getattr(hooks, "gone", {})  # members that diverged: not evaluated, no files
+        if not final:
+            each = iter(m for m, _, _ in evaluate_bases(ema_stacked, stacked_ae, exps, ae_exps[0], bases, x_eval,
+                                                        latent_shape, samples=False, skip=gone))
+            return per_member([{} if i in gone else next(each) for i in range(k)]), {}
+        timer = PartTimer(rt.device)
+        with timer("extractor"):
+            extractor = load_eval_extractor(exp0, rt.device)
+        with timer("flops"):
+            flops = flops_metrics(base0, latent_shape, ts.step)
+
+        def write(i: int, m: dict, images: dict, done: dict) -> StageResult:
+            out = write_member(i, run_dirs[i], ts, m | flops, images, KIND, hashes[i],
+                               {"config": to_dict(bases[i]), "experiment": to_dict(exps[i])}, metas[i], done, group_dir)
+            say_done(bases[i], out.metrics, out.checkpoint, f" (member {i} of a group of {k})")
+            return out
+
+        metrics = hand_over(evaluate_bases(ema_stacked, stacked_ae, exps, ae_exps[0], bases, x_eval, latent_shape,
+                                           extractor, data_hash, timer=timer, skip=gone), hooks, results, marks, write)
+        metrics.update(timer.seconds)  # the parts' seconds over all members
+        return metrics, {}
+
+    spec = RunSpec(group_dir, "base-group", label, config_hash({"members": hashes}),
+                   dump_yaml({"members": [f"{b.name} of {e.name}" for e, b in zip(exps, bases)],
+                              "ae_checkpoints": ae_checkpoints, "run_dirs": run_dirs}),
+                   {"configs": [to_dict(b) for b in bases]}, {"data_hash": data_hash, "members": k,
+                                                              "latent_shape": list(latent_shape)})
+    res = train(objective, GroupSource(sources), evaluate, ts, tc, spec, hooks, marks)
+    if not res.metrics:  # stopped early on request: the group's checkpoint holds it
+        return [StageResult({}, res.checkpoint, res.steps, res.train_seconds, res.extra) for _ in exps]
+    return results
