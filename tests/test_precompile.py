@@ -130,6 +130,30 @@ def test_a_stacked_groups_program_is_compiled_ahead_at_the_groups_size(tmp_path,
     assert pair[0].extra["marks"]["compile_gate"] == "first"  # another size: another program
 
 
+def test_a_stacked_base_groups_program_is_compiled_ahead_at_the_groups_size(tmp_path, monkeypatch, digits_cache):
+    """The base trials of a stacked autoencoder group form a group too (per base model): their job is the stacked
+    base program at the group's size, which the group then finds "done" at its gate."""
+    from ulsweep.train import loop
+    from ulsweep.train.group import train_autoencoders
+    from ulsweep.train.group_base import train_bases
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(loop, "compile_module", lambda module, setting, rt, **kw: module)
+    exp = experiment_from_dict(to_dict(sweep_exp(stack_trials=3)), {"search.max_concurrent": 4})
+    jobs = precompile.jobs(exp)
+    assert [(j["stage"], j.get("base"), j.get("members", 1)) for j in jobs] == [("base", "b", 3), ("base", "b", 1)]
+    assert precompile.label(jobs[0]).startswith("base b (a stacked group of 3)")
+    r = precompile.compile_base(to_dict(exp), jobs[0]["overrides"], "b", members=3)
+    assert r["members"] == 3 and r["compile_gate"] == "first"
+    small = {"ae.train.steps": 2, "ae.train.eval_images": 8, "eval.extractor": "none",
+             "base_models.0.train.eval_images": 8}
+    members = [experiment_from_dict(to_dict(exp), {**small, "ae.loss.loss_factor": lf}) for lf in (1.5, 2.0, 4.0)]
+    aes = train_autoencoders(members, [str(tmp_path / f"m{i}") for i in range(3)], str(tmp_path / "g"))
+    res = train_bases(members, [m.base_models[0] for m in members], [a.checkpoint for a in aes],
+                      [str(tmp_path / f"b{i}") for i in range(3)], str(tmp_path / "gb"))
+    assert res[0].extra["marks"]["compile_gate"] == "done" and res[0].extra["group"]["members"] == 3
+
+
 def test_the_driver_starts_one_task_per_job_and_reports_each_without_failing_the_sweep(monkeypatch):
     """start() runs the jobs as Ray tasks that reserve nothing (they run while the trials hold every CPU), and
     report() prints what each did; a task that failed is named, one still running is cancelled."""
@@ -141,7 +165,7 @@ def test_the_driver_starts_one_task_per_job_and_reports_each_without_failing_the
 
     calls = []
 
-    def fake(raw, overrides, base_name):  # pickled by value: the real one is tested above
+    def fake(raw, overrides, base_name, steps, members):  # pickled by value: the real one is tested above
         if overrides.get("ae.model.latent_channels") == 4:
             raise RuntimeError("compile failed")
         if overrides.get("ae.model.latent_channels") == 8:

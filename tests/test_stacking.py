@@ -8,7 +8,7 @@ import time
 import pytest
 
 from ulsweep.config import ConfigError, experiment_from_dict, load_experiment, to_dict
-from ulsweep.sweep.stacking import GroupTrainer, group_names, plan, relay
+from ulsweep.sweep.stacking import GroupTrainer, base_plan, group_names, plan, relay
 from ulsweep.train.checkpoint import load_checkpoint
 from ulsweep.train.hooks import TrainHooks
 
@@ -32,6 +32,16 @@ def test_the_planned_trials_of_one_architecture_form_groups_of_at_most_stack_tri
     capped["search"]["max_concurrent"] = 9  # a group's members run at once
     assert [len(g) for g in plan(experiment_from_dict(capped))] == [9, 9]
     assert group_names(exp, "s1")["ae-0017"] == "ulsweep-stack-s1-0"
+    # their base trials form a group of the same members, per base model (base settings but the seed agree)
+    assert base_plan(exp) == [[f"ae-{i:04d}-small" for i in range(18)]]
+    assert group_names(exp, "s1")["ae-0017-small"] == "ulsweep-stack-s1-1"
+    assert [len(g) for g in base_plan(experiment_from_dict(lf_sweep(stack_trials=6)))] == [6, 6, 6]
+    two = lf_sweep(stack_trials=18)
+    two["base_models"].append({**two["base_models"][0], "name": "wide"})
+    two["search"]["points"][0]["base_models.1.optim.lr"] = 1e-4  # ae-0015's "wide" differs: it trains alone
+    groups = base_plan(experiment_from_dict(two))
+    assert groups[0] == [f"ae-{i:04d}-small" for i in range(18)]
+    assert groups[1] == [f"ae-{i:04d}-wide" for i in range(18) if i != 15] and len(groups) == 2
     d = lf_sweep(stack_trials=4)  # two architectures interleaved in the plan: a group each, in plan order
     d["search"] = {"method": "grid", "metrics": ["gfid"], "modes": ["min"], "max_concurrent": 20,
                    "space": {"ae.model.latent_channels": {"values": [4, 8]},
@@ -163,12 +173,13 @@ def test_a_sweep_trains_its_autoencoders_as_one_stacked_group(tmp_path):
     p = subprocess.run(cli(f, "--storage", tmp_path / "runs"), cwd=tmp_path, env=sweep_env(tmp_path),
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    assert "stacking: 1 group(s) of autoencoder trials" in p.stdout + p.stderr
+    assert "stacking: 2 group(s) of trials" in p.stdout + p.stderr  # the autoencoders, then their base trials
     run_dir = tmp_path / "runs" / "stack"
     check_lineage(run_dir, ["ae-0000", "ae-0001"], ["tiny"], latents=True)  # curves, params, base trials as ever
-    for k in ("ae-0000", "ae-0001"):
+    for k in ("ae-0000", "ae-0001", "ae-0000-tiny", "ae-0001-tiny"):
         result = json.loads((run_dir / "trials" / k / "result.json").read_text())
         assert result["extra"]["group"]["members"] == 2, result["extra"]
-    assert len(list((run_dir / "groups").glob("group-0/*/result.json"))) == 1  # the group's own run
+    for g in ("group-0", "group-1"):  # each group's own run
+        assert len(list((run_dir / "groups").glob(f"{g}/*/result.json"))) == 1, g
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["counts"] == {"ae_done": 2, "base_done": 2}

@@ -344,9 +344,10 @@ class ResourcesConfig:
     # to compile; off
     precompile: Literal["auto", "on", "off"] = "auto"
     # autoencoder trials of one architecture (planned points that differ only in ae.loss.loss_factor,
-    # ae.loss.sigmoid_bias and ae.train.seed) trained as one stacked program, up to this many together: each stays a
-    # trial of its own (its MLflow run, retries, base trials) but its steps run in its group's Ray actor, one set
-    # of kernel launches for all (ulsweep/sweep/stacking.py, ulsweep/train/group.py); 1: every trial trains alone.
+    # ae.loss.sigmoid_bias and ae.train.seed) trained as one stacked program, up to this many together, and their
+    # base trials (per base model, differing only in the seed) likewise: each stays a trial of its own (its MLflow
+    # run, retries, base trials) but its steps run in its group's Ray actor, one set of kernel launches for all
+    # (ulsweep/sweep/stacking.py, ulsweep/train/group.py, group_base.py); 1: every trial trains alone.
     # Needs a planned search (grid or none) and trials that train in one process (num_workers 0 or 1)
     stack_trials: int = 1
     # how long a group waits, after its first member joined, for the others before it trains those it has

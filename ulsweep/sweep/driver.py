@@ -428,9 +428,9 @@ def dry_run(exp: ExperimentConfig, storage: str | None = None, tracking_uri: str
     print(f"# precompile (resources.precompile {exp.resources.precompile}): "
           + ("; ".join(f"{precompile.label(j)} (latents {j['latent_shape']})" for j in jobs) if jobs else "nothing"),
           file=out)
-    groups = stacking.plan(exp)
+    groups = stacking.all_groups(exp)
     print(f"# stacked groups (resources.stack_trials {exp.resources.stack_trials}): "
-          + ("; ".join(" ".join(g) for g in groups) if groups else "none, every trial trains alone"), file=out)
+          + ("; ".join(" ".join(g) for _, g in groups) if groups else "none, every trial trains alone"), file=out)
     return 0
 
 

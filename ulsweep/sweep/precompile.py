@@ -64,12 +64,12 @@ def jobs(exp: ExperimentConfig) -> list[dict[str, Any]]:
         return []
     from ulsweep.train.build import latent_shape
 
-    from ulsweep.sweep.searcher import ae_key
-    from ulsweep.sweep.stacking import plan
+    from ulsweep.sweep.searcher import ae_key, base_key
+    from ulsweep.sweep.stacking import all_groups
 
     raw = to_dict(exp)
     aes, out, seen = [], [], set()
-    sizes = {key: len(g) for g in plan(exp) for key in g}  # a stacked group's trials: its size (stacking.py)
+    sizes = {key: len(g) for _, g in all_groups(exp) for key in g}  # a stacked group's trials: its size
     for i, ov in enumerate(planned_overrides(exp.search, exp.ae.train.seed) or [{}]):
         trial = trial_experiment(raw, ov)
         shape = latent_shape(trial)
@@ -84,10 +84,12 @@ def jobs(exp: ExperimentConfig) -> list[dict[str, Any]]:
             if b.train.compile is False:
                 continue
             train = dataclasses.replace(b.train, seed=0)  # the seed changes no graph
-            ident = (dump_yaml(dataclasses.replace(b, train=train)), shape, repr(_schedule(trial, b)))
+            members = sizes.get(base_key(ae_key(i), b.name), 1)
+            ident = (dump_yaml(dataclasses.replace(b, train=train)), shape, repr(_schedule(trial, b)), members)
             if ident not in seen:
                 seen.add(ident)
-                out.append({"stage": "base", "overrides": ov, "base": b.name, "latent_shape": shape})
+                out.append({"stage": "base", "overrides": ov, "base": b.name, "latent_shape": shape}
+                           | ({"members": members} if members > 1 else {}))
     return aes + out
 
 
@@ -195,16 +197,18 @@ def _train_briefly(objective, source, ts, tc, kind: str, label: str = "") -> str
     return res.extra.get("marks", {}).get("compile_gate", "busy" if tc.gate_compile else "ungated")
 
 
-def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS) -> dict[str, Any]:
+def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS, members: int = 1) -> dict[str, Any]:
     """Train base model `base_name` of the trial experiment (`raw` with `overrides`) for `steps` steps on random
-    latents through the library's loop, in a scratch directory; returns what it did: {"stage": "base", "base",
-    "latent_shape", "compile_gate" (how its first compiled step got through the gate: "first" or "after"
-    compiled, "done" found it compiled, "busy" another process compiled it meanwhile; "ungated" with
+    latents through the library's loop, in a scratch directory (with `members` > 1, that many as the stacked
+    program of a group, ulsweep/train/group_base.py); returns what it did: {"stage": "base", "base",
+    "latent_shape", "members", "compile_gate" (how its first compiled step got through the gate: "first" or
+    "after" compiled, "done" found it compiled, "busy" another process compiled it meanwhile; "ungated" with
     train.gate_compile: false), with eval.sample_compile "sampling" (`_compile_sampling`), and "seconds"}."""
     import torch
 
     from ulsweep.data.sources import DeviceSplit
     from ulsweep.train.build import build_base_model, latent_shape
+    from ulsweep.train.group import GroupObjective, GroupSource, GroupTrainState, compiles_clip
     from ulsweep.train.stage2 import BaseObjective
     from ulsweep.train.state import TrainState
 
@@ -216,38 +220,49 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS)
     shape = latent_shape(exp)
     gen = torch.Generator(rt.device).manual_seed(0)
     source = DeviceSplit(torch.randn(tc.batch_size, *shape, generator=gen, device=rt.device))
-    net = build_base_model(base, shape[0]).to(rt.device)
-    objective = BaseObjective(net, _schedule(exp, base), base.loss.sigmoid_bias, shape)
-    ts = TrainState(net, base.optim, rt, 0)
-    how = _train_briefly(objective, source, ts, tc, "base", base_name)
-    out = {"stage": "base", "base": base_name, "latent_shape": list(shape), "compile_gate": how}
+    objectives = [BaseObjective(build_base_model(base, shape[0]).to(rt.device), _schedule(exp, base),
+                                base.loss.sigmoid_bias, shape) for _ in range(members)]
+    if members > 1:
+        objective = GroupObjective(objectives)
+        gens = [torch.Generator(rt.device).manual_seed(i) for i in range(members)]
+        ts = GroupTrainState(objective.stacked.net, base.optim, rt, gens, compile_clip=compiles_clip(tc, rt))
+        how = _train_briefly(objective, GroupSource([source] * members), ts, tc, "base", base_name)
+    else:
+        ts = TrainState(objectives[0].net, base.optim, rt, 0)
+        how = _train_briefly(objectives[0], source, ts, tc, "base", base_name)
+    out = {"stage": "base", "base": base_name, "latent_shape": list(shape), "members": members, "compile_gate": how}
     if exp.eval.sample_compile:
-        out["sampling"] = _compile_sampling(exp, base, ts.ema.shadow, shape, rt.device)
+        out["sampling"] = _compile_sampling(exp, base, ts.ema.shadow, shape, rt.device, members)
     return out | {"seconds": time.time() - t0}
 
 
-def _compile_sampling(exp: ExperimentConfig, base, ema_net, shape, device) -> str:
+def _compile_sampling(exp: ExperimentConfig, base, ema_net, shape, device, members: int = 1) -> str:
     """The generation that the base trial's final evaluation compiles (`eval.sample_compile`): the EMA base model
     and a decoder of the trial's autoencoder architecture (random weights: only shapes matter), through the
-    evaluation's own `sampling_networks` and `generate`, one batch of the size the trial's first batch has.
-    Returns "compiled", or "busy" when another process was compiling them (nothing compiled here)."""
+    evaluation's own `sampling_networks` and `generate`, one batch of the size the trial's first batch has (a
+    group's: stacked, every batch once per member). Returns "compiled", or "busy" when another process was
+    compiling them (nothing compiled here)."""
     import torch
 
+    from ulsweep.diffusion import MemberGenerators
+    from ulsweep.models.stacked import stack
     from ulsweep.train.build import build_autoencoder
     from ulsweep.train.sampling import sampling_networks, sampling_precision
     from ulsweep.train.stage2 import GENERATE_BATCH, generate
 
     image_shape = _image_shape(exp)
-    ae = build_autoencoder(exp.ae, image_shape[0]).to(device).eval().requires_grad_(False)
+    aes = [build_autoencoder(exp.ae, image_shape[0]).to(device) for _ in range(members)]
+    ae = (stack(aes) if members > 1 else aes[0]).eval().requires_grad_(False)
     n = min(GENERATE_BATCH, exp.eval.gfd_samples if exp.eval.extractor != "none" else 64)
-    gen = torch.Generator(device).manual_seed(0)
+    gens = [torch.Generator(device).manual_seed(i) for i in range(members)]
+    gen = MemberGenerators(gens) if members > 1 else gens[0]
     ev = exp.eval
     with (sampling_precision(ev.sample_precision, device),
           sampling_networks([ema_net, ae.decoder], True, ev.sample_precision, device,
                             f"precompile {base.name} sampling") as (net, decoder)):
         if net is ema_net:  # another process holds the gate: it compiles them
             return "busy"
-        generate(net, ae, exp, base, n, shape, image_shape, gen, decoder=decoder)
+        generate(net, ae, exp, base, n, shape, image_shape, gen, decoder=decoder, members=members)
     return "compiled"
 
 
@@ -278,7 +293,8 @@ def start(exp: ExperimentConfig, out) -> list:
     labels = [label(j) for j in todo]
     print(f"precompile: {len(todo)} step(s) compiled ahead of their trials: {'; '.join(labels)}", file=out, flush=True)
     return [(lab, ae_task.remote(raw, j["overrides"], STEPS, j.get("members", 1)) if j["stage"] == "ae"
-             else base_task.remote(raw, j["overrides"], j["base"])) for lab, j in zip(labels, todo)]
+             else base_task.remote(raw, j["overrides"], j["base"], STEPS, j.get("members", 1)))
+            for lab, j in zip(labels, todo)]
 
 
 def gpu_node_options(exp: ExperimentConfig) -> dict[str, Any] | None:
@@ -300,7 +316,7 @@ def gpu_node_options(exp: ExperimentConfig) -> dict[str, Any] | None:
 def label(job: dict) -> str:
     """A job of `jobs` in words: "ae" or "base NAME", then the overrides of its first trial."""
     stacked = f" (a stacked group of {job['members']})" if job.get("members", 1) > 1 else ""
-    return (f"base {job['base']}" if job["stage"] == "base" else "ae" + stacked) + "".join(
+    return (f"base {job['base']}" if job["stage"] == "base" else "ae") + stacked + "".join(
         f", {k}={v}" for k, v in job["overrides"].items())
 
 
@@ -327,7 +343,7 @@ def report(started: list, out) -> list[dict[str, Any]]:
         done.append(r)
         sampling = f", sampling {r['sampling']}" if "sampling" in r else ""
         stacked = f" (a stacked group of {r['members']})" if r.get("members", 1) > 1 else ""
-        what = f"base {r['base']} at latents" if r["stage"] == "base" else f"ae{stacked} to latents"
+        what = f"base {r['base']}{stacked} at latents" if r["stage"] == "base" else f"ae{stacked} to latents"
         print(f"precompile: {what} {tuple(r['latent_shape'])}: {r['compile_gate']}{sampling} in {r['seconds']:.0f} s",
               file=out, flush=True)
     if pending:

@@ -1,24 +1,26 @@
-"""A sweep's autoencoder trials of one architecture trained as one stacked program (`resources.stack_trials`).
+"""A sweep's trials of one architecture trained as one stacked program each (`resources.stack_trials`).
 
-The driver plans the groups before the first trial starts (`plan`): the planned autoencoder trials (grid or none
-search) whose data, autoencoder and evaluation settings agree but for the loss factor, sigmoid bias and seed
-(ulsweep.train.group.MEMBER_KEYS), in plan order, at most `stack_trials` a group; it starts one `GroupTrainer`
-Ray actor per group (`start`), on a node with the trials' GPUs. Every trial stays a Tune trial of its own (its
-MLflow run, retries, timings and spawned base trials are as before), but its worker, instead of training, joins
-its group's actor (`train_in_group`) and relays what the group's loop reports for it to its own hooks: its curves
-to its MLflow run and to Tune, its checkpoints. The group writes each member's final checkpoint, images and
-result.json in the member's own run directory (ulsweep.train.group.train_autoencoders), and the trial returns
-that result as if it had trained alone.
+The driver plans the groups before the first trial starts: the planned autoencoder trials (grid or none search)
+whose data, autoencoder and evaluation settings agree but for the loss factor, sigmoid bias and seed
+(ulsweep.train.group.MEMBER_KEYS), in plan order, at most `stack_trials` a group (`plan`); and, per such group and
+base model, the base trials its members will spawn, whose base settings agree but for the seed (`base_plan`). It
+starts one `GroupTrainer` Ray actor per group (`start`), on a node with the trials' GPUs. Every trial stays a Tune
+trial of its own (its MLflow run, retries, timings and spawned base trials are as before), but its worker, instead
+of training, joins its group's actor (`train_in_group`) and relays what the group's loop reports for it to its own
+hooks: its curves to its MLflow run and to Tune, its checkpoints. The group writes each member's final checkpoint,
+images and result.json in the member's own run directory (ulsweep.train.group.train_autoencoders,
+ulsweep.train.group_base.train_bases), and the trial returns that result as if it had trained alone.
 
 A group trains once all its members have joined, or `stack_wait_s` after its first member joined with those that
-have (a member finished before, in a resumed sweep, never joins). A member that comes after its group started
-trains alone. A member whose loss turns non-finite fails as it would alone (TrainingDiverged, not retried) and the
-others train on; any other failure of the group's training is every member's failure. An actor that dies is
-restarted (up to `resources.max_worker_failures` times): its members' trials fail with it, and their retries form
-the group again, which resumes from its checkpoint when they are the same members (without a member that
-diverged, they are another group, which starts from scratch). A member's trial that dies alone comes back to its group (`join`) and relays its events again.
-Between the group's loop and a member's trial, `before_checkpoint` waits (at most ACK_WAIT_S) until the trial has
-taken every point before the checkpoint, as a trial's own loop would.
+have (a member finished before, in a resumed sweep, never joins; a base trial whose autoencoder failed never
+comes). A member that comes after its group started trains alone. A member whose loss turns non-finite fails as it
+would alone (TrainingDiverged, not retried) and the others train on; any other failure of the group's training is
+every member's failure, and their retries train alone. An actor that dies is restarted (up to
+`resources.max_worker_failures` times): its members' trials fail with it, and their retries form the group again,
+which resumes from its checkpoint when they are the same members (without a member that diverged, they are another
+group, which starts from scratch). A member's trial that dies alone comes back to its group (`join`) and relays its
+events again. Between the group's loop and a member's trial, `before_checkpoint` waits (at most ACK_WAIT_S) until
+the trial has taken every point before the checkpoint, as a trial's own loop would.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import threading
 import time
 from typing import Any
 
-from ulsweep.config import ExperimentConfig, dump_yaml, to_dict
+from ulsweep.config import ExperimentConfig, config_hash, dump_yaml, flatten, to_dict
 from ulsweep.train.hooks import StageResult, TrainHooks
 
 ACK_WAIT_S = 10.0  # longest the group's loop waits for a member's trial to take the points before a checkpoint
@@ -38,23 +40,66 @@ def plan(exp: ExperimentConfig) -> list[list[str]]:
     """The groups of the sweep's planned autoencoder trials (their keys), groups of one left out (they train
     alone); [] with `resources.stack_trials: 1`. A group is at most `search.max_concurrent` trials too: its members
     must run at once."""
-    k = min(exp.resources.stack_trials, exp.search.max_concurrent)
-    if k <= 1:
-        return []
-    from ulsweep.sweep.searcher import ae_key
-    from ulsweep.sweep.space import planned_overrides, trial_experiment
     from ulsweep.train.group import shared_settings
 
-    raw, filling, groups = to_dict(exp), {}, []
-    for i, ov in enumerate(planned_overrides(exp.search, exp.ae.train.seed) or []):
-        ident = dump_yaml(shared_settings(trial_experiment(raw, ov)))
-        group = filling.setdefault(ident, [])
+    return _groups(_planned(exp).items(), lambda e: dump_yaml(shared_settings(e)), _size(exp))
+
+
+def base_plan(exp: ExperimentConfig) -> list[list[str]]:
+    """The groups of the base trials that the groups of `plan(exp)` spawn: per autoencoder group and base model,
+    the members' base trials (their keys) whose base settings agree but for the seed (the autoencoders' agree
+    already: ulsweep.train.group_base.check_members)."""
+    from ulsweep.sweep.searcher import base_key
+    from ulsweep.sweep.space import find_base
+    from ulsweep.train.group_base import BASE_MEMBER_KEYS
+
+    trials, out = _planned(exp), []
+    for group in plan(exp):
+        for name in [b.name for b in exp.base_models]:
+            def ident(e: ExperimentConfig) -> str:
+                base = flatten({"base": to_dict(find_base(e, name))})
+                return dump_yaml({k: v for k, v in base.items() if k not in BASE_MEMBER_KEYS})
+
+            out += _groups([(base_key(key, name), trials[key]) for key in group], ident, _size(exp))
+    return out
+
+
+def _size(exp: ExperimentConfig) -> int:
+    return min(exp.resources.stack_trials, exp.search.max_concurrent)
+
+
+def _planned(exp: ExperimentConfig) -> dict[str, ExperimentConfig]:
+    """{autoencoder trial key: its experiment} of the planned search, in plan order ({} where there is no plan
+    or stacking is off)."""
+    if _size(exp) <= 1:
+        return {}
+    from ulsweep.sweep.searcher import ae_key
+    from ulsweep.sweep.space import planned_overrides, trial_experiment
+
+    raw = to_dict(exp)
+    return {ae_key(i): trial_experiment(raw, ov)
+            for i, ov in enumerate(planned_overrides(exp.search, exp.ae.train.seed) or [])}
+
+
+def _groups(trials, ident, size: int) -> list[list[str]]:
+    """Keys of (key, experiment) `trials` in groups of equal `ident(experiment)`, in order, at most `size` a
+    group; groups of one left out."""
+    filling, groups = {}, []
+    for key, e in trials:
+        i = ident(e)
+        group = filling.setdefault(i, [])
         if not group:
             groups.append(group)
-        group.append(ae_key(i))
-        if len(group) == k:
-            filling.pop(ident)
+        group.append(key)
+        if len(group) == size:
+            filling.pop(i)
     return [g for g in groups if len(g) > 1]
+
+
+def all_groups(exp: ExperimentConfig) -> list[tuple[str, list[str]]]:
+    """Every stacked group of the sweep as (kind, keys): the autoencoders' (`plan`), then their base trials'
+    (`base_plan`)."""
+    return [("ae", g) for g in plan(exp)] + [("base", g) for g in base_plan(exp)]
 
 
 def actor_name(sweep_id: str, index: int) -> str:
@@ -62,35 +107,37 @@ def actor_name(sweep_id: str, index: int) -> str:
 
 
 def group_names(exp: ExperimentConfig, sweep_id: str) -> dict[str, str]:
-    """{trial key: the name of its group's actor} for the trials of `plan(exp)` (the others train alone)."""
-    return {key: actor_name(sweep_id, i) for i, keys in enumerate(plan(exp)) for key in keys}
+    """{trial key: the name of its group's actor} for the trials of `all_groups(exp)` (the others train alone)."""
+    return {key: actor_name(sweep_id, i) for i, (_, keys) in enumerate(all_groups(exp)) for key in keys}
 
 
 class GroupTrainer:
     """One group's trainer (a threaded Ray actor in a sweep; plain Python in tests): members `join`, the group
     trains in a thread of its own, each member's trial `poll`s for its events and, at the end, its outcome."""
 
-    def __init__(self, keys: list[str], group_root: str, wait_s: float, threads: int = 0):
+    def __init__(self, keys: list[str], group_root: str, wait_s: float, threads: int = 0, kind: str = "ae"):
         self.keys, self.group_root, self.wait_s, self.threads = list(keys), group_root.rstrip("/"), wait_s, threads
+        self.kind = kind  # "ae": autoencoder trials (train_autoencoders); "base": base trials (train_bases)
         self.cv = threading.Condition()
-        self.joined: dict[str, tuple[dict, str]] = {}  # key -> (experiment dict, run dir)
+        self.joined: dict[str, tuple[dict, str, dict]] = {}  # key -> (experiment dict, run dir, base trial's info)
         self.state = "forming"  # -> "training" -> "done"
         self.events: dict[str, list] = {}  # key -> ("log", step, metrics) | ("before_checkpoint", step) | ...
         self.taken: dict[str, int] = {}  # key -> events its trial has taken
         self.outcome: dict[str, tuple[str, Any]] = {}  # key -> ("result", StageResult fields) | ("error", exc)
         self.members: list[str] = []
 
-    def join(self, key: str, experiment: dict, run_dir: str) -> bool:
-        """Add trial `key` (its experiment and run directory) to the group; False when it is not a member or
-        the group has started without it (it then trains alone). A member's trial that comes again while the group
-        trains it (a retry of a trial process that died) takes its events up again from the start."""
+    def join(self, key: str, experiment: dict, run_dir: str, base: dict | None = None) -> bool:
+        """Add trial `key` (its experiment and run directory; a base trial's `base`: {"base": its base model's name,
+        "ae_checkpoint"}) to the group; False when it is not a member or the group has started without it (it then
+        trains alone). A member's trial that comes again while the group trains it (a retry of a trial process
+        that died) takes its events up again from the start."""
         with self.cv:
             if self.state != "forming":
                 return key in self.members and key not in self.outcome
             if key not in self.keys:
                 return False
             first = not self.joined
-            self.joined[key] = (experiment, run_dir)
+            self.joined[key] = (experiment, run_dir, base or {})
             self.events[key], self.taken[key] = [], 0
             if first:
                 threading.Thread(target=self._run, name="ulsweep-group", daemon=True).start()
@@ -130,9 +177,20 @@ class GroupTrainer:
                 torch.set_num_threads(self.threads)
 
             exps = [experiment_from_dict(self.joined[k][0]) for k in self.members]
-            group_dir = f"{self.group_root}/{group_hash(exps)[:16]}"  # other members: another group, from scratch
+            run_dirs = [self.joined[k][1] for k in self.members]
             hooks = GroupHooks([_Relay(self, k) for k in self.members])
-            results = train_autoencoders(exps, [self.joined[k][1] for k in self.members], group_dir, hooks)
+            if self.kind == "ae":
+                group_dir = f"{self.group_root}/{group_hash(exps)[:16]}"  # other members: another group, afresh
+                results = train_autoencoders(exps, run_dirs, group_dir, hooks)
+            else:
+                from ulsweep.sweep.space import find_base
+                from ulsweep.train.group_base import train_bases
+
+                infos = [self.joined[k][2] for k in self.members]
+                ident = config_hash({"members": [[self.joined[k][0], i] for k, i in zip(self.members, infos)]})
+                results = train_bases(exps, [find_base(e, i["base"]) for e, i in zip(exps, infos)],
+                                      [i["ae_checkpoint"] for i in infos], run_dirs,
+                                      f"{self.group_root}/{ident[:16]}", hooks)
             outcome = {k: ("result", dataclasses.asdict(r))
                        for k, r in zip(self.members, results) if r is not None}  # a diverged one failed already
         except BaseException as e:  # noqa: BLE001 - every member's trial raises it
@@ -206,40 +264,50 @@ def relay(group, key: str, hooks: TrainHooks, call=lambda method, *args: method(
             return StageResult(**value)
 
 
-def train_in_group(name: str, key: str, exp: ExperimentConfig, run_dir: str, hooks: TrainHooks) -> StageResult | None:
-    """Trial `key`'s training as a member of the group of actor `name`: its result, or None when it is finished
-    already or the group has no place for it (started without it, or gone with an earlier driver), so that its
-    own loop returns it or trains it alone."""
+def train_in_group(name: str, key: str, exp: ExperimentConfig, run_dir: str, hooks: TrainHooks,
+                   base: dict | None = None) -> StageResult | None:
+    """Trial `key`'s training as a member of the group of actor `name` (a base trial's `base`: {"base": its base
+    model's name, "ae_checkpoint"}): its result, or None when it is finished already or the group has no place for
+    it (started without it, or gone with an earlier driver), so that its own loop returns it or trains it alone."""
     import ray
 
-    from ulsweep.train.checkpoint import finished_result
-    from ulsweep.train.stage1 import stage1_hash
+    from ulsweep.train.checkpoint import finished_result, read_meta
 
-    if finished_result(run_dir, stage1_hash(exp)) is not None:  # done before (a retry): its own loop returns it
+    if base is None:
+        from ulsweep.train.stage1 import stage1_hash
+
+        cfg_hash = stage1_hash(exp)
+    else:
+        from ulsweep.sweep.space import find_base
+        from ulsweep.train.stage2 import stage2_hash
+
+        cfg_hash = stage2_hash(exp, find_base(exp, base["base"]), read_meta(base["ae_checkpoint"]))
+    if finished_result(run_dir, cfg_hash) is not None:  # done before (a retry): its own loop returns it
         return None
     try:
         group = ray.get_actor(name)
     except ValueError:
         return None
-    if not ray.get(group.join.remote(key, to_dict(exp), run_dir)):
+    if not ray.get(group.join.remote(key, to_dict(exp), run_dir, base)):
         print(f"[{key}] its stacked group {name} started without it: training alone", flush=True)
         return None
     print(f"[{key}] training in stacked group {name}", flush=True)
     return relay(group, key, hooks, call=lambda method, *args: ray.get(method.remote(*args)))
 
 
-def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str]) -> tuple[list[str], str, float, int]:
-    """GroupTrainer's arguments for group `index` of the sweep in `run_dir`: its keys, the directory under which its
-    runs keep their checkpoints, how long it waits for its members, and torch's threads (the CPUs its members'
-    trials hold, at least 1)."""
+def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str],
+                 kind: str = "ae") -> tuple[list[str], str, float, int, str]:
+    """GroupTrainer's arguments for group `index` (of `kind` trials) of the sweep in `run_dir`: its keys, the
+    directory under which its runs keep their checkpoints, how long it waits for its members, torch's threads (the
+    CPUs its members' trials hold, at least 1) and the kind."""
     threads = max(1, round(len(keys) * exp.resources.cpus_per_worker))
-    return keys, f"{run_dir.rstrip('/')}/groups/group-{index}", exp.resources.stack_wait_s, threads
+    return keys, f"{run_dir.rstrip('/')}/groups/group-{index}", exp.resources.stack_wait_s, threads, kind
 
 
 def start(exp: ExperimentConfig, run_dir: str, sweep_id: str, out) -> list:
     """One GroupTrainer actor per group of `plan(exp)`, on a node with the trials' GPUs; returns their handles
     (the caller keeps them for the sweep's length: the actors are the driver's)."""
-    groups = plan(exp)
+    groups = all_groups(exp)
     if not groups:
         return []
     import ray
@@ -252,13 +320,13 @@ def start(exp: ExperimentConfig, run_dir: str, sweep_id: str, out) -> list:
         return []
     actor = ray.remote(GroupTrainer)
     handles = []
-    for i, keys in enumerate(groups):
+    for i, (kind, keys) in enumerate(groups):
         # a restarted actor forms the group again from the members' retried trials, and resumes it from its
         # checkpoint when they are the same members
         handles.append(actor.options(name=actor_name(sweep_id, i), num_cpus=0, num_gpus=0,
                                      max_concurrency=len(keys) + 4,
                                      max_restarts=exp.resources.max_worker_failures, **placed)
-                       .remote(*trainer_args(exp, run_dir, i, keys)))
-    print(f"stacking: {len(groups)} group(s) of autoencoder trials trained as one program each: "
-          + "; ".join(f"{g[0]}..{g[-1]} ({len(g)})" for g in groups), file=out, flush=True)
+                       .remote(*trainer_args(exp, run_dir, i, keys, kind)))
+    print(f"stacking: {len(groups)} group(s) of trials trained as one program each: "
+          + "; ".join(f"{g[0]}..{g[-1]} ({len(g)})" for _, g in groups), file=out, flush=True)
     return handles

@@ -56,7 +56,7 @@ class SweepContext:
     train_impl: str = "ulsweep"
     session: str = ""  # one driver start: the retry budget of a trial's attempts (attempts.py) is per session
     one_thread: bool = False  # trial processes are reused: every trial of a process runs in one thread of it
-    stack_groups: dict = field(default_factory=dict)  # AE trial key -> its stacked group's actor (stacking.py)
+    stack_groups: dict = field(default_factory=dict)  # trial key -> its stacked group's actor (stacking.py)
 
 
 def trial_dir(run_dir: str, key: str) -> str:
@@ -175,7 +175,7 @@ def _run_trial(config: dict, ctx: SweepContext) -> None:
     run_id = _open_trial_run(c, ctx, config, exp, parent)
     _tag_attempt(c, run_id, process_trial)
     t_run = time.time()  # the MLflow run is open: the start phase's tracking part ends here
-    group = ctx.stack_groups.get(key) if kind == "ae" and ctx.train_impl == "ulsweep" else None
+    group = ctx.stack_groups.get(key) if ctx.train_impl == "ulsweep" else None
     wcfg = worker_config(exp, exp.resources, kind, key, tdir, ctx.tracking_uri, run_id,
                          ctx.train_impl, base=config.get("base"), ae_checkpoint=config.get("ae_checkpoint"),
                          attempt=attempt, stack_group=group)

@@ -257,15 +257,15 @@ def train_worker(wcfg: dict) -> dict:
     train_ae, get_train_base = _train_fns(wcfg["train_impl"])
     t0, t_loop = time.perf_counter(), time.time()
     try:
-        if wcfg["kind"] == "ae":
-            res = None
-            if wcfg.get("stack_group"):  # trained with its group, or alone when the group has no place for it
-                from ulsweep.sweep.stacking import train_in_group
+        res = None
+        if wcfg.get("stack_group"):  # trained with its group, or alone when the group has no place for it
+            from ulsweep.sweep.stacking import train_in_group
 
-                res = train_in_group(wcfg["stack_group"], wcfg["key"], exp, run_dir, hooks)
-            if res is None:
-                res = train_ae(exp, run_dir, hooks)
-        else:
+            base = None if wcfg["kind"] == "ae" else {"base": wcfg["base"], "ae_checkpoint": wcfg["ae_checkpoint"]}
+            res = train_in_group(wcfg["stack_group"], wcfg["key"], exp, run_dir, hooks, base)
+        if res is None and wcfg["kind"] == "ae":
+            res = train_ae(exp, run_dir, hooks)
+        elif res is None:
             res = get_train_base()(exp, find_base(exp, wcfg["base"]), wcfg["ae_checkpoint"], run_dir, hooks)
     except BaseException as e:
         if rank == 0 and isinstance(e, deterministic_errors()):  # retrying would fail the same way: recorded,
