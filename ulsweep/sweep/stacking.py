@@ -195,11 +195,24 @@ class GroupTrainer:
                        for k, r in zip(self.members, results) if r is not None}  # a diverged one failed already
         except BaseException as e:  # noqa: BLE001 - every member's trial raises it
             outcome = {k: ("error", e) for k in self.members}
+        _release_gpu_memory()  # the actor lives on, idle, beside the trials that come after it
         with self.cv:
             for k, v in outcome.items():
                 self.outcome.setdefault(k, v)  # a member handed its result already keeps it
             self.state = "done"
             self.cv.notify_all()
+
+
+def _release_gpu_memory() -> None:
+    """Hand the blocks torch's caching allocator holds for this process back to the GPU (a finished group's
+    training and evaluation reserved tens of GiB that the base models and other groups need)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 class _Relay(TrainHooks):
