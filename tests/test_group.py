@@ -167,7 +167,7 @@ def test_members_of_another_architecture_or_training_are_refused_by_name():
 def test_a_group_trains_with_cuda_graphs_on_a_gpu(tmp_path, digits_cache):
     """On a GPU the group's step compiles with CUDA graphs (its per-member clipping compiled too), its stacked
     decoder reconstructs compiled (`eval.sample_compile`), and the members come out as they train alone there
-    (bf16 autocast: the same within a few percent after a few steps)."""
+    (bf16 autocast: the same within a few percent after a few steps); so do their base models as a group."""
     exps = [member_exp(*m, compile="reduce-overhead", steps=6, ckpt_every=0) for m in MEMBERS]
     exps = [dataclasses.replace(e, eval=dataclasses.replace(e.eval, sample_compile=True)) for e in exps]
     group = train_autoencoders(exps, [str(tmp_path / f"m{i}") for i in range(3)], str(tmp_path / "group"))
@@ -177,6 +177,16 @@ def test_a_group_trains_with_cuda_graphs_on_a_gpu(tmp_path, digits_cache):
         for k in ("bpp", "psnr"):
             assert res.metrics[k] == pytest.approx(alone.metrics[k], rel=0.05), (i, k)
     assert len({round(r.metrics["bpp"], 6) for r in group}) == 3
+    # their base models as a group on the same GPU, compiled with CUDA graphs, sampling compiled
+    from ulsweep.train.group_base import train_bases
+
+    bases = [dataclasses.replace(e.base_models[0], train=dataclasses.replace(e.base_models[0].train,
+                                                                            compile="reduce-overhead")) for e in exps]
+    based = train_bases(exps, bases, [r.checkpoint for r in group], [str(tmp_path / f"b{i}") for i in range(3)],
+                        str(tmp_path / "bgroup"))
+    alone = train_base(exps[0], bases[0], group[0].checkpoint, str(tmp_path / "b-alone"))
+    assert based[0].extra["marks"]["compile_gate"] in ("first", "done", "after")
+    assert based[0].metrics["base_bpp"] == pytest.approx(alone.metrics["base_bpp"], rel=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -187,10 +187,12 @@ class GroupTrainer:
                 from ulsweep.train.group_base import train_bases
 
                 infos = [self.joined[k][2] for k in self.members]
-                ident = config_hash({"members": [[self.joined[k][0], i] for k, i in zip(self.members, infos)]})
-                results = train_bases(exps, [find_base(e, i["base"]) for e, i in zip(exps, infos)],
-                                      [i["ae_checkpoint"] for i in infos], run_dirs,
-                                      f"{self.group_root}/{ident[:16]}", hooks)
+                bases = [find_base(e, i["base"]) for e, i in zip(exps, infos)]
+                ckpts = [i["ae_checkpoint"] for i in infos]
+                # what its members train (not resources, which a resume may change), as the autoencoders' group_hash
+                ident = config_hash({"members": [{"data": e.data, "eval": e.eval, "base": b, "ae_checkpoint": c}
+                                                 for e, b, c in zip(exps, bases, ckpts)]})
+                results = train_bases(exps, bases, ckpts, run_dirs, f"{self.group_root}/{ident[:16]}", hooks)
             outcome = {k: ("result", dataclasses.asdict(r))
                        for k, r in zip(self.members, results) if r is not None}  # a diverged one failed already
         except BaseException as e:  # noqa: BLE001 - every member's trial raises it
