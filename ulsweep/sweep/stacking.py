@@ -125,6 +125,10 @@ class GroupTrainer:
         self.taken: dict[str, int] = {}  # key -> events its trial has taken
         self.outcome: dict[str, tuple[str, Any]] = {}  # key -> ("result", StageResult fields) | ("error", exc)
         self.members: list[str] = []
+        # torch and the training modules, while the members' trial processes start (a fresh process spent ~10 s
+        # importing them on the H200 machine), so that the group trains as soon as they have joined
+        import ulsweep.train.group  # noqa: F401
+        import ulsweep.train.group_base  # noqa: F401
 
     def join(self, key: str, experiment: dict, run_dir: str, base: dict | None = None) -> bool:
         """Add trial `key` (its experiment and run directory; a base trial's `base`: {"base": its base model's name,
