@@ -164,6 +164,29 @@ def test_a_member_that_diverged_fails_its_own_trial_and_no_other():
     assert "ae-0001" not in group.outcome  # the other member trains on
 
 
+def test_a_failed_autoencoder_trial_tells_its_base_group_not_to_wait(tmp_path, digits_cache, one_thread):
+    """The searcher tells `on_skip` the base trials a failed AE trial will not spawn (only then); a forming group
+    told so (`forgo`) trains as soon as the others have joined, not `stack_wait_s` later, and refuses the key."""
+    from test_sweep import ae_done, grid_search
+
+    from ulsweep.sweep.searcher import SpawningSearcher
+
+    skipped = []
+    s = SpawningSearcher(grid_search(), ["small", "wide"], on_skip=skipped.extend)
+    s.suggest("a0"), s.suggest("a1")
+    s.on_trial_complete("a1", ae_done("ae-0001"))
+    assert skipped == []
+    s.on_trial_complete("a0", None, error=True)
+    assert skipped == ["ae-0000-small", "ae-0000-wide"]
+    group = GroupTrainer(["ae-0000", "ae-0001"], str(tmp_path / "g"), wait_s=600.0)
+    t0 = time.monotonic()
+    assert group.join("ae-0000", to_dict(member_exp(*MEMBERS[0])), str(tmp_path / "a"))
+    group.forgo("ae-0001")  # else the group would wait 600 s for it (its 4 steps take seconds)
+    res = relay(group, "ae-0000", Recorder())
+    assert time.monotonic() - t0 < 300 and res.steps == 4 and res.extra["group"]["members"] == 1
+    assert not group.join("ae-0001", {}, "x")  # it trains alone, should it come after all
+
+
 @pytest.mark.slow
 def test_a_sweep_trains_its_autoencoders_as_one_stacked_group(tmp_path):
     d = tiny_experiment("stack", n_ae=2)

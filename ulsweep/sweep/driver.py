@@ -310,7 +310,9 @@ def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: 
         except Exception as e:  # damage that statecheck did not foresee
             raise DamagedStateError(f"{tune_dir}: Tune could not restore its state ({type(e).__name__}: "
                                     f"{str(e)[:200]}); {tune_advice(tune_dir, exp.search.method)}") from None
-    searcher = _searcher(exp, on_objective=lineage.ObjectiveLogger(run.tracking_uri, exp.search.metrics))
+    searcher = _searcher(exp, on_objective=lineage.ObjectiveLogger(run.tracking_uri, exp.search.metrics),
+                         on_skip=stacking.Forgo(stacking.group_names(exp, run.sweep_id))
+                         if train_impl == "ulsweep" else None)
     # pickled with the searcher in tuner.pkl: a restored Tuner's relay holds the restored searcher
     callbacks = [ProgressCallback(), CompletionRelay(searcher)]
     return tune.Tuner(
@@ -331,11 +333,11 @@ def tune_retries(exp: ExperimentConfig) -> int:
     return -1 if deaths < 0 else exp.search.max_failures + deaths
 
 
-def _searcher(exp: ExperimentConfig, on_objective=None):
+def _searcher(exp: ExperimentConfig, on_objective=None, on_skip=None):
     from ulsweep.sweep.searcher import SpawningSearcher
 
     return SpawningSearcher(exp.search, [b.name for b in exp.base_models], exp.ae.train.seed,
-                            on_objective=on_objective)
+                            on_objective=on_objective, on_skip=on_skip)
 
 
 def _final_searcher(exp: ExperimentConfig, run_dir: str):

@@ -53,16 +53,19 @@ def _slim(result: dict | None) -> dict:
 class SpawningSearcher(Searcher):
     """Optuna (TPE / NSGA-II) or a fixed plan (grid / none) for AE trials + spawned base-model trials.
 
-    on_objective(ae_record) is called (in the Tune driver) when an AE's objective is known; it must be
-    picklable (Tune pickles the searcher with the Tuner).
+    on_objective(ae_record) is called (in the Tune driver) when an AE's objective is known, on_skip(keys) with
+    the keys of the base trials that a failed AE trial will not spawn (its stacked base groups stop waiting for
+    them, ulsweep/sweep/stacking.py); both must be picklable (Tune pickles the searcher with the Tuner).
     """
 
     def __init__(self, search: SearchConfig, base_names: Sequence[str], base_seed: int = 0,
-                 on_objective: Callable[[dict], None] | None = None):
+                 on_objective: Callable[[dict], None] | None = None,
+                 on_skip: Callable[[list[str]], None] | None = None):
         super().__init__(metric=None, mode=None)
         self.search = search
         self.base_names = list(base_names)
         self.on_objective = on_objective
+        self.on_skip = on_skip  # told the keys of the base trials a failed AE trial will never spawn
         self._plan = planned_overrides(search, base_seed)  # None for optuna methods
         self._total = len(self._plan) if self._plan is not None else search.num_samples
         self._params = parse_space(search.space)
@@ -173,6 +176,8 @@ class SpawningSearcher(Searcher):
             for b in rec["bases"].values():
                 b["status"] = "skipped"
             self._tell(rec, None)
+            if self.on_skip is not None and rec["bases"]:
+                self.on_skip([base_key(key, b) for b in rec["bases"]])
             return
         rec["status"], rec["result"] = "trained", slim
         if not self.base_names:

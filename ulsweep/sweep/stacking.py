@@ -148,6 +148,14 @@ class GroupTrainer:
             self.cv.notify_all()
             return True
 
+    def forgo(self, key: str) -> None:
+        """Trial `key` will not come (a base trial whose autoencoder trial failed): a forming group stops waiting
+        for it, and trains as soon as the others have joined."""
+        with self.cv:
+            if self.state == "forming" and key in self.keys and key not in self.joined:
+                self.keys.remove(key)
+                self.cv.notify_all()
+
     def poll(self, key: str, taken: int, timeout: float = POLL_S) -> tuple[list, tuple[str, Any] | None]:
         """(member `key`'s events after the first `taken`, its outcome or None); waits up to `timeout` for news.
         `taken` also tells the group how far the trial has got (`before_checkpoint` waits for it)."""
@@ -219,6 +227,26 @@ def _release_gpu_memory() -> None:
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+class Forgo:
+    """The searcher's `on_skip` in a sweep: tells the groups of `names` ({trial key: actor name}, `group_names`)
+    that those of their members will not come. Picklable (Tune pickles the searcher); a group gone already, or a
+    key of no group, is nothing to tell."""
+
+    def __init__(self, names: dict[str, str]):
+        self.names = dict(names)
+
+    def __call__(self, keys: list[str]) -> None:
+        import ray
+
+        for key in keys:
+            if key not in self.names:
+                continue
+            try:
+                ray.get_actor(self.names[key]).forgo.remote(key)
+            except ValueError:  # no such actor (any more)
+                pass
 
 
 class _Relay(TrainHooks):
