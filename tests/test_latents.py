@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ulsweep import io as uio
-from ulsweep.config import experiment_from_dict
+from ulsweep.config import experiment_from_dict, to_dict
 from ulsweep.data.model_range import to_model_range
 from ulsweep.data.parquet import open_dataset
 from ulsweep.train import latents as L
@@ -189,3 +189,43 @@ def test_decode_latents_takes_arrow_bytes_and_float_columns():
         np.testing.assert_array_equal(L.decode_latents(values, (3, 2, 2)), z)
     with pytest.raises(ValueError, match="latent row 1 holds 44 bytes, expected 4\\*C\\*h\\*w"):
         L.decode_latents([rows[0], rows[1][:44]], (3, 2, 2))
+
+
+def test_a_group_stores_its_members_latents_in_one_pass(tmp_path, digits_cache, monkeypatch, one_thread):
+    """encode_together: the latents of three autoencoders from one decode of the split through their stacked
+    encoders, each published as its own (the member's encoder's z, up to the rounding of a grouped kernel), then
+    read by training_latents without a second encoding; stored ones and a single member are left alone."""
+    from ulsweep.models.stacked import stack
+
+    exp = experiment_from_dict({
+        "name": "lat3", "data": {"path": "builtin:digits", "image_size": 16},
+        "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2}, "train": TRAIN},
+        "eval": {"extractor": "none"}})
+    ckpts = []
+    for k in range(3):  # three sets of weights: three seeds
+        e = experiment_from_dict(to_dict(exp), {"ae.train.seed": k})
+        ckpts.append(train_autoencoder(e, str(tmp_path / f"ae{k}"), TrainHooks()).checkpoint)
+    frozen = [load_frozen_autoencoder(c, "cpu") for c in ckpts]
+    ds = open_dataset(exp.data.path)
+    counted = Counted(monkeypatch)
+    stacked = stack([f[0] for f in frozen]).eval().requires_grad_(False)
+    members = [(c, f[2]["sha256"]) for c, f in zip(ckpts, frozen)]
+    assert L.encode_together(stacked.encoder, members, ds, exp.data, "cpu") == [0, 1, 2]
+    assert counted.calls == 1  # one pass over the split for the three
+    x_train = to_model_range(ds.load_split("train")[0], 16)
+    for (ae, _, meta), c in zip(frozen, ckpts):
+        with torch.no_grad():
+            z_ref = torch.cat([ae.encoder(x_train[i:i + 512]).float() for i in range(0, len(x_train), 512)])
+        lat, z = L.training_latents(ae.encoder, c, meta["sha256"], ds, exp.data, "cpu")
+        assert lat.manifest["encoder"]["stacked"] == 3
+        assert z.shape == z_ref.shape and float((z - z_ref).abs().max()) < 1e-4 * float(z_ref.abs().max())
+    assert counted.calls == 1  # training_latents read them
+    assert L.encode_together(stacked.encoder, members, ds, exp.data, "cpu") == []  # stored already
+    fourth = train_autoencoder(experiment_from_dict(to_dict(exp), {"ae.train.seed": 3}), str(tmp_path / "ae3"),
+                               TrainHooks()).checkpoint
+    ae4, _, meta4 = load_frozen_autoencoder(fourth, "cpu")
+    four = stack([f[0] for f in frozen] + [ae4]).eval().requires_grad_(False)
+    assert L.encode_together(four.encoder, members + [(fourth, meta4["sha256"])], ds, exp.data, "cpu") == []
+    assert counted.calls == 1  # one member to encode: left to training_latents, which encodes it alone
+    assert L.published_latents(fourth, exp.data) is None
+

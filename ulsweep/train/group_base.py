@@ -5,8 +5,9 @@ autoencoders that differ only in loss factor, bias and seed; `train_bases` train
 through the one training loop, as `train_autoencoders` does for stage 1. Each member is the run it would have been
 alone (`ulsweep.train.stage2.train_base`):
 
-- its own frozen autoencoder's latents (encoded once per checkpoint and stored, as alone), drawn with its own
-  generator, and its weights initialized from its own seed;
+- its own frozen autoencoder's latents (encoded once per checkpoint and stored, as alone, but for all members in
+  one pass over the split where none is stored yet: `encode_together`), drawn with its own generator, and its
+  weights initialized from its own seed;
 - its own gradient norm and clipping, AdamW and EMA over its own rows of the stacked tensors;
 - its own final evaluation, with its own noise (the stacked base models' bits/pixel and samples, decoded by the
   stacked frozen autoencoders, for all members at once; then its gFD/gFID), and its checkpoint, images and
@@ -31,7 +32,7 @@ from ulsweep.train.evaluation import PartTimer, load_eval_extractor
 from ulsweep.train.group import (MEMBER_KEYS, GroupObjective, GroupSource, GroupTrainState, compiles_clip, hand_over,
                                  per_member, write_member)
 from ulsweep.train.hooks import StageResult, TrainHooks
-from ulsweep.train.latents import latent_source, training_latents
+from ulsweep.train.latents import encode_together, latent_source, training_latents
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
 from ulsweep.train.stage2 import (KIND, BaseObjective, evaluate_bases, flops_metrics, load_frozen_autoencoder,
@@ -100,6 +101,10 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
     loader, why = choose_loader_for(exp0.data, need, rt.device, "latents")
     print(f"[{label}] data.loader {exp0.data.loader} -> {loader} for the {k} members' latents: {why}", flush=True)
     decode = say_decode_path(exp0, ds, rt, f"[{label}]")
+    stacked_ae = stack(list(aes)).eval().requires_grad_(False)  # the members' frozen autoencoders as one
+    # every member's latents in one pass over the split where none is stored yet, then each member's as ever
+    encode_together(stacked_ae.encoder, [(c, m["sha256"]) for c, m in zip(ae_checkpoints, ae_metas)], ds,
+                    exp0.data, rt.device, decode)
     sources, stored = [], []
     for ae, ckpt, meta, b in zip(aes, ae_checkpoints, ae_metas, bases):
         latents, z_train = training_latents(ae.encoder, ckpt, meta["sha256"], ds, exp0.data, rt.device,
@@ -116,7 +121,6 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
     del objectives  # their weights are copied into the stacked network
     gens = [torch.Generator(rt.device).manual_seed(b.train.seed) for b in bases]
     ts = GroupTrainState(objective.stacked.net, base0.optim, rt, gens, compile_clip=compiles_clip(tc, rt))
-    stacked_ae = stack(list(aes)).eval().requires_grad_(False)  # the members' frozen autoencoders, for evaluation
     del frozen, aes
     metas = [{"data_hash": data_hash, "ae_checkpoint": c, "ae_sha256": m["sha256"], "latent_shape": list(latent_shape),
               "latents": lat.uri if lat else None, "latents_hash": lat.content_hash if lat else None}

@@ -27,6 +27,7 @@ The files themselves (manifest, shards, `LatentWriter`, `read_latents`, `decode_
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -237,6 +238,63 @@ def _encode_and_publish(encoder, ae_checkpoint: str, key: LatentsKey, ds: Datase
     return lat, (torch.cat(zs) if load else None)
 
 
+@torch.no_grad()
+def encode_together(stacked_encoder: torch.nn.Module, checkpoints: Sequence[tuple[str, str]], ds: Dataset,
+                    data: DataConfig, device: torch.device | str, decode: str = IN_PROCESS,
+                    heartbeat_s: float = HEARTBEAT_S) -> list[int]:
+    """Store the training latents of K autoencoders in one pass over the split: `stacked_encoder` holds their K
+    encoders as one (ulsweep/models/stacked.py), `checkpoints` each one's (checkpoint, SHA-256 of its state).
+    The images are read and decoded once, and every encoder batch goes through the stacked encoder once per
+    member (K*ENCODE_BATCH rows), where K base trials alone would each decode and encode the split. Only the
+    members whose latents are not stored and whose lease this process gets are encoded (and only when that is
+    more than one: one alone encodes as `training_latents` does); the others are left to `training_latents`,
+    which reads them or waits for whoever encodes them. Returns the members it stored."""
+    k = len(checkpoints)
+    todo: list[tuple[int, LatentsKey, str, LatentWriter, Lease]] = []
+    with contextlib.ExitStack() as held:
+        for i, (ckpt, sha) in enumerate(checkpoints):
+            key = LatentsKey(sha, ds.content_hash, data.train_split, data.image_size)
+            directory = latents_dir(ckpt, key)
+            if read_latents(directory, key)[0] is not None:
+                continue
+            try:
+                lease = Lease.claim(uio.join(directory, LOCK), heartbeat_s,
+                                    job=f"encoding {data.train_split} of {data.path} with {k - 1} others")
+            except PermissionError:  # a read-only checkpoint directory: training_latents encodes it alone
+                continue
+            if lease is None:  # another process encodes it
+                continue
+            held.enter_context(lease)
+            if read_latents(directory, key)[0] is not None:  # published between our look and our claim
+                continue
+            todo.append((i, key, directory, LatentWriter(directory, lease.token), lease))
+        if len(todo) < 2:
+            return []
+        t0 = time.perf_counter()
+
+        def sink(z: torch.Tensor) -> None:
+            rows = z.unflatten(0, (k, -1))
+            for i, _, _, writer, _ in todo:
+                writer.add(rows[i].cpu().numpy())
+
+        try:
+            n = encode_split(lambda x: stacked_encoder(x.repeat(k, 1, 1, 1)), ds, data.train_split,
+                             data.image_size, device, sink, decode=decode)
+            seconds = time.perf_counter() - t0
+            for i, key, _, writer, _ in todo:
+                writer.finish(key, {"ae_checkpoint": checkpoints[i][0], "data_uri": ds.uri, "encode_seconds": seconds,
+                                    "images_per_s": n / seconds, **_decode_info(decode),
+                                    "encoder": {"device": str(torch.device(device)), "batch": ENCODE_BATCH,
+                                                "torch": torch.__version__, "stacked": k}})
+        except BaseException:
+            for _, _, directory, _, lease in todo:
+                _remove_unpublished(directory, lease.token)
+            raise
+    print(f"[latents] encoded {n} images of {data.train_split!r} for {len(todo)} autoencoders at once in "
+          f"{seconds:.1f} s ({n / seconds:.0f} images/s each)", flush=True)
+    return [i for i, *_ in todo]
+
+
 def _decode_info(decode: str) -> dict:
     """The manifest's record of where the images were decoded: the path, and the Ray cluster's CPUs for
     `ray-data`."""
@@ -269,7 +327,8 @@ def latent_source(lat: Latents, rt, seed: int, batch_size: int):
     from ulsweep.data import stream
 
     stream.ensure_ray()
-    items = [{"uri": uri, "sha256": sh["sha256"], "num_rows": sh["num_rows"], "split": f"latents {lat.manifest['split']}"}
+    split = f"latents {lat.manifest['split']}"
+    items = [{"uri": uri, "sha256": sh["sha256"], "num_rows": sh["num_rows"], "split": split}
              for uri, sh in zip(lat.shard_uris, lat.manifest["shards"])]
     per_rank = [sum(it["num_rows"] for it in items[r::rt.world]) for r in range(rt.world)]
     rows = min(per_rank)
