@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -85,7 +86,10 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
     if rt.world > 1:
         raise RuntimeError(f"{group_dir}: a group of runs trains in one process, not under torch.distributed "
                            f"({rt.world} workers)")
-    frozen = [load_frozen_autoencoder(c, rt.device) for c in ae_checkpoints]  # (autoencoder, experiment, meta)
+    # (autoencoder, experiment, meta) of each member, read side by side: a stage-1 checkpoint holds its weights,
+    # EMA and AdamW moments (~4x the weights), which the loader reads and checks (SHA-256) before loading
+    with ThreadPoolExecutor(min(8, k)) as pool:
+        frozen = list(pool.map(lambda c: load_frozen_autoencoder(c, rt.device), ae_checkpoints))
     aes, ae_exps, ae_metas = zip(*frozen)
     check_members(exps, bases, ae_exps)
     hashes = [stage2_hash(e, b, m) for e, b, m in zip(exps, bases, ae_metas)]
