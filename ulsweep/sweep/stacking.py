@@ -127,6 +127,8 @@ class GroupTrainer:
         self.members: list[str] = []
         # torch and the training modules, while the members' trial processes start (a fresh process spent ~10 s
         # importing them on the H200 machine), so that the group trains as soon as they have joined
+        import torch._dynamo  # noqa: F401 - the optimizer's first construction imports it (~1 s on this box)
+
         import ulsweep.train.group  # noqa: F401
         import ulsweep.train.group_base  # noqa: F401
 
