@@ -218,3 +218,21 @@ def test_stacked_generation_gives_each_member_its_own_samples(one_thread):
         diff = (images[k].int() - alone.int()).abs()
         assert diff.max() <= 1 and diff.float().mean() < 0.01, k
     assert not torch.equal(images[0], images[1])
+
+
+@pytest.mark.parametrize("stage", ["ae", "base"])
+def test_a_stacked_objective_traces_as_one_graph(stage, one_thread):
+    """torch.compile sees a group's stacked objective as one graph, with no break: a break would split the
+    compiled step (and its CUDA graphs) in pieces with Python between them."""
+    import torch._dynamo
+
+    from ulsweep.diffusion import MemberGenerators
+    from ulsweep.train.group import GroupObjective
+
+    objs = [ae_objective(k, lf, 0.0) for k, lf in enumerate((1.5, 4.0))] if stage == "ae" else \
+        [base_objective(k) for k in range(2)]
+    group = GroupObjective(objs)
+    gens = MemberGenerators([torch.Generator().manual_seed(k) for k in range(2)])
+    x = torch.rand(2 * B, *((1, 16, 16) if stage == "ae" else (2, 4, 4)))
+    explained = torch._dynamo.explain(lambda x, noise: group(x, noise)["total"].mean())(x, group.draw_noise(B, gens))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
