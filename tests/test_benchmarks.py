@@ -673,3 +673,14 @@ def test_cuda_wait_benchmark_says_it_needs_a_gpu(tmp_path):
     out = subprocess.run([sys.executable, str(BENCH / "cuda_wait.py"), "--out", str(tmp_path / "w.json")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "no CUDA device here" in out.stderr and not (tmp_path / "w.json").exists()
+
+
+def test_member_writes_benchmark_times_both_hand_overs_and_writes_its_rows(tmp_path):
+    out = tmp_path / "w.json"
+    p = subprocess.run([sys.executable, "benchmarks/member_writes.py", "--experiment", "experiments/quickstart.yaml",
+                        "--members", "2", "--eval-s", "0.05", "--out", str(out)], cwd=BENCH.parent, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["between evaluations", "own thread"]
+    assert all(r["seconds"] > 2 * 0.05 for r in rows) and rows[0]["ratio_to_between"] == 1.0
