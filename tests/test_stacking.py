@@ -1,5 +1,6 @@
 """ulsweep.sweep.stacking: which planned trials form a group, the group's actor protocol (joins, events relayed to
 each member's hooks, checkpoints waited for, errors), and a sweep whose autoencoders train as one program."""
+import dataclasses
 import json
 import subprocess
 import threading
@@ -185,6 +186,24 @@ def test_a_failed_autoencoder_trial_tells_its_base_group_not_to_wait(tmp_path, d
     res = relay(group, "ae-0000", Recorder())
     assert time.monotonic() - t0 < 300 and res.steps == 4 and res.extra["group"]["members"] == 1
     assert not group.join("ae-0001", {}, "x")  # it trains alone, should it come after all
+
+
+def test_a_relayed_member_reports_the_gpu_memory_of_its_groups_process(tmp_path, monkeypatch):
+    """A member's trial process never touches the GPU (it relays): its final result carries the peak memory of
+    the group's process (`device_memory` in the member's result), which its trial reports as its own."""
+    from ulsweep.sweep.worker import RayHooks
+    from ulsweep.train import group as group_module
+    from ulsweep.train.hooks import StageResult
+
+    peak = {"gpu_mem_peak_gb": 31.5, "gpu_mem_reserved_peak_gb": 40.0}
+    monkeypatch.setattr(group_module, "device_memory", lambda: peak)  # the group's process, on a GPU
+    exp = member_exp(*MEMBERS[0])
+    [res] = group_module.train_autoencoders([exp], [str(tmp_path / "m")], str(tmp_path / "g"))
+    assert res.extra["device_memory"] == peak
+    hooks = RayHooks({"kind": "ae", "key": "ae-0000", "local_mode": True, "run_id": "r", "run_dir": str(tmp_path),
+                      "tracking_uri": ""}, rank=1, world=2)  # no MLflow: the final result only
+    final = hooks.finish(StageResult(**json.loads(json.dumps(dataclasses.asdict(res)))), 1.0)
+    assert final["gpu_mem_peak_gb"] == 31.5 and final["gpu_mem_reserved_peak_gb"] == 40.0
 
 
 @pytest.mark.slow

@@ -124,8 +124,11 @@ class RayHooks(TrainHooks):
     def finish(self, res: StageResult, loop_seconds: float) -> dict[str, Any]:
         """Rank 0: flush curves; final metrics, images and checkpoint to MLflow; the final Tune result."""
         final = {k: float(v) for k, v in numbers(res.metrics).items()}
-        final.update({"step": res.steps, "train_seconds": res.train_seconds, "loop_seconds": loop_seconds,
-                      **device_memory()})
+        from ulsweep.train.runtime import device_memory
+
+        # a stacked group's member: the memory of the group's process, which trained it (this one relayed)
+        memory = device_memory() or (res.extra or {}).get("device_memory", {})
+        final.update({"step": res.steps, "train_seconds": res.train_seconds, "loop_seconds": loop_seconds, **memory})
         if self.client is None or self.buffer is None:
             return final
         self.buffer.add(res.steps, final)
@@ -176,17 +179,6 @@ def start_system_metrics(run_id: str, tracking_uri: str, every_s: float):
     except Exception as e:  # noqa: BLE001 - a missing psutil, an MLflow without the module: the trial goes on
         log.warning("MLflow system metrics of run %s not logged: %s", run_id, e)
         return None
-
-
-def device_memory() -> dict[str, float]:
-    """This process's peak CUDA memory (GiB): allocated by tensors and reserved by the caching allocator;
-    {} without CUDA. With several trials packed on one GPU, the GPU's own memory (system metrics) is their sum."""
-    import torch
-
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        return {}
-    return {"gpu_mem_peak_gb": torch.cuda.max_memory_allocated() / 2**30,
-            "gpu_mem_reserved_peak_gb": torch.cuda.max_memory_reserved() / 2**30}
 
 
 def _log_image(c, run_id: str, name: str, path: str) -> None:

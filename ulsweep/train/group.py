@@ -42,7 +42,7 @@ from ulsweep.train.checkpoint import finished_result, save_checkpoint, write_ima
 from ulsweep.train.evaluation import PartTimer, load_eval_extractor, pop_seconds
 from ulsweep.train.hooks import StageResult, TrainHooks, TrainingDiverged
 from ulsweep.train.loop import RunSpec, train
-from ulsweep.train.runtime import make_runtime
+from ulsweep.train.runtime import device_memory, make_runtime
 from ulsweep.train.stage1 import KIND, AEObjective, evaluate_aes, final_evaluations, say_done, stage1_hash
 from ulsweep.train.state import TrainState, rng_state
 
@@ -298,7 +298,7 @@ def write_member(i: int, run_dir: str, ts: GroupTrainState, metrics: dict, image
                                                      "step": ts.step, "train_seconds": ts.train_seconds,
                                                      "metrics": metrics})
     extra = {"marks": dict(marks), "images": write_images(run_dir, images),
-             "group": {"dir": group_dir, "member": i, "members": ts.k}}
+             "group": {"dir": group_dir, "member": i, "members": ts.k}, "device_memory": device_memory()}
     out = StageResult(metrics, path, ts.step, ts.train_seconds, extra)
     write_result(run_dir, out, cfg_hash)
     return out

@@ -139,3 +139,13 @@ def compile_mode(setting: bool | str, rt: Runtime) -> str | None:
         if not accel.cuda_graph_state_for_this_thread():  # this torch cannot set the thread up (one warning)
             return "default"
     return mode
+
+
+def device_memory() -> dict[str, float]:
+    """This process's peak CUDA memory (GiB): allocated by tensors and reserved by the caching allocator;
+    {} without CUDA. With several trials packed on one GPU, the GPU's own memory (system metrics) is their sum;
+    a stacked group's members each report the group's process (ulsweep/train/group.py)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    return {"gpu_mem_peak_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "gpu_mem_reserved_peak_gb": torch.cuda.max_memory_reserved() / 2**30}
