@@ -37,6 +37,13 @@ class MemberGenerators:
 Generator = torch.Generator | MemberGenerators | None
 
 
+def seeded(seeds: Sequence[int], device) -> torch.Generator | MemberGenerators:
+    """A generator on `device` seeded with the one seed, or with several (a group's members: one each) their
+    MemberGenerators."""
+    gens = [torch.Generator(device).manual_seed(s) for s in seeds]
+    return gens[0] if len(gens) == 1 else MemberGenerators(gens)
+
+
 def _draw(fn, shape, generator: Generator, device, dtype) -> torch.Tensor:
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     if not isinstance(generator, MemberGenerators):

@@ -52,6 +52,11 @@ class PartTimer:
         key = SECONDS + part
         self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
 
+    def add(self, other: PartTimer) -> None:
+        """Count `other`'s seconds in this timer's, part by part."""
+        for key, sec in other.seconds.items():
+            self.seconds[key] = self.seconds.get(key, 0.0) + sec
+
 
 def pop_seconds(metrics: dict) -> dict[str, float]:
     """Take a final evaluation's `seconds/<part>` entries out of its metrics: {evaluate_<part>_s: seconds}."""

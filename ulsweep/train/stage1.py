@@ -14,9 +14,9 @@ import torch
 
 from ulsweep.config import AELossConfig, ExperimentConfig, config_hash, dump_yaml, to_dict
 from ulsweep.data.sources import train_source
-from ulsweep.diffusion import (MemberGenerators, decoder_loss, diffuse, latent_bitrates, low_discrepancy_times,
+from ulsweep.diffusion import (decoder_loss, diffuse, latent_bitrates, low_discrepancy_times,
                                mse_decoder_loss, nats_to_bits_per_pixel, normal_prior_loss, prior_loss, x_from_v)
-from ulsweep.diffusion.noise import Generator
+from ulsweep.diffusion.noise import Generator, seeded
 from ulsweep.metrics.psnr import psnr
 from ulsweep.models import UnifiedAutoencoder
 from ulsweep.models.stacked import per_example
@@ -123,8 +123,7 @@ RECONSTRUCT_BATCH = 256  # images a batch of the evaluation's reconstruction (pr
 def eval_generator(exps: Sequence[ExperimentConfig], device: torch.device) -> Generator:
     """The evaluation's own fixed-seed generator (it never disturbs the training RNG stream); for a group's
     members (more than one experiment), each member's, as its run alone would seed it."""
-    gens = [torch.Generator(device).manual_seed(e.ae.train.seed + 12345) for e in exps]
-    return gens[0] if len(gens) == 1 else MemberGenerators(gens)
+    return seeded([e.ae.train.seed + 12345 for e in exps], device)
 
 
 @torch.no_grad()
@@ -201,8 +200,7 @@ def evaluate_aes(ae, x_eval: torch.Tensor, exps: Sequence[ExperimentConfig], wit
             with own("fd"):
                 metrics.update(reconstruction_fd_of(extractor, real_u8, recon_u8, data_hash,
                                                     f"{e.data.eval_split}@{e.data.image_size}"))
-        for part, sec in own.seconds.items():
-            timer.seconds[part] = timer.seconds.get(part, 0.0) + sec
+        timer.add(own)
         images = {}
         if with_images:
             n = min(32, len(x_eval))

@@ -16,9 +16,9 @@ import torch
 
 from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_yaml, experiment_from_dict, to_dict
 from ulsweep.data.sources import DeviceSplit, choose_loader, choose_loader_for, load_eval_images, open_splits
-from ulsweep.diffusion import (LogSNRSchedule, MemberGenerators, base_loss, diffuse, latent_bitrates,
+from ulsweep.diffusion import (LogSNRSchedule, base_loss, diffuse, latent_bitrates,
                                low_discrepancy_times, x_from_v)
-from ulsweep.diffusion.noise import Generator
+from ulsweep.diffusion.noise import Generator, seeded
 from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model, sampler
 from ulsweep.train.checkpoint import CheckpointError, finished_result, load_checkpoint
 from ulsweep.train.evaluation import PartTimer, generation_fd_of, load_eval_extractor
@@ -76,8 +76,7 @@ def load_frozen_autoencoder(ae_checkpoint: str, device) -> tuple[torch.nn.Module
 def eval_generator(bases: Sequence[BaseStageConfig], device: torch.device) -> Generator:
     """The base evaluation's own fixed-seed generator; for a group's members (more than one), each member's, as
     its run alone would seed it (`ulsweep.train.stage1.eval_generator`'s counterpart)."""
-    gens = [torch.Generator(device).manual_seed(b.train.seed + 54321) for b in bases]
-    return gens[0] if len(gens) == 1 else MemberGenerators(gens)
+    return seeded([b.train.seed + 54321 for b in bases], device)
 
 
 @torch.no_grad()
@@ -126,8 +125,7 @@ def evaluate_bases(base_model, ae, exps: Sequence[ExperimentConfig], ae_exp: Exp
                 metrics.update(generation_fd_of(extractor, images[i], ref, data_hash,
                                                 f"{e.data.eval_split}@{e.data.image_size}"))
             metrics["gen_samples"] = float(n)
-        for part, sec in own.seconds.items():
-            timer.seconds[part] = timer.seconds.get(part, 0.0) + sec
+        timer.add(own)
         yield metrics, {"samples.png": image_grid_png(images[i][:64], cols=8)}, shared | own.seconds
 
 
