@@ -225,9 +225,7 @@ def _encode_and_publish(encoder, ae_checkpoint: str, key: LatentsKey, ds: Datase
     try:
         n = encode_split(encoder, ds, data.train_split, data.image_size, device, sink, decode=decode)
         seconds = time.perf_counter() - t0
-        info = {"ae_checkpoint": ae_checkpoint, "data_uri": ds.uri, "encode_seconds": seconds,
-                "images_per_s": n / seconds, **_decode_info(decode),
-                "encoder": {"device": str(torch.device(device)), "batch": ENCODE_BATCH, "torch": torch.__version__}}
+        info = _provenance(ae_checkpoint, ds, n, seconds, decode, device)
         lat = writer.finish(key, info)
     except BaseException:
         _remove_unpublished(directory, lease.token)
@@ -250,7 +248,7 @@ def encode_together(stacked_encoder: torch.nn.Module, checkpoints: Sequence[tupl
     more than one: one alone encodes as `training_latents` does); the others are left to `training_latents`,
     which reads them or waits for whoever encodes them. Returns the members it stored."""
     k = len(checkpoints)
-    todo: list[tuple[int, LatentsKey, str, LatentWriter, Lease]] = []
+    todo: list[tuple[int, LatentsKey, LatentWriter]] = []
     with contextlib.ExitStack() as held:
         for i, (ckpt, sha) in enumerate(checkpoints):
             key = LatentsKey(sha, ds.content_hash, data.train_split, data.image_size)
@@ -267,32 +265,37 @@ def encode_together(stacked_encoder: torch.nn.Module, checkpoints: Sequence[tupl
             held.enter_context(lease)
             if read_latents(directory, key)[0] is not None:  # published between our look and our claim
                 continue
-            todo.append((i, key, directory, LatentWriter(directory, lease.token), lease))
+            todo.append((i, key, LatentWriter(directory, lease.token)))
         if len(todo) < 2:
             return []
         t0 = time.perf_counter()
 
         def sink(z: torch.Tensor) -> None:
             rows = z.unflatten(0, (k, -1))
-            for i, _, _, writer, _ in todo:
+            for i, _, writer in todo:
                 writer.add(rows[i].cpu().numpy())
 
         try:
             n = encode_split(lambda x: stacked_encoder(x.repeat(k, 1, 1, 1)), ds, data.train_split,
                              data.image_size, device, sink, decode=decode)
             seconds = time.perf_counter() - t0
-            for i, key, _, writer, _ in todo:
-                writer.finish(key, {"ae_checkpoint": checkpoints[i][0], "data_uri": ds.uri, "encode_seconds": seconds,
-                                    "images_per_s": n / seconds, **_decode_info(decode),
-                                    "encoder": {"device": str(torch.device(device)), "batch": ENCODE_BATCH,
-                                                "torch": torch.__version__, "stacked": k}})
+            for i, key, writer in todo:
+                writer.finish(key, _provenance(checkpoints[i][0], ds, n, seconds, decode, device, stacked=k))
         except BaseException:
-            for _, _, directory, _, lease in todo:
-                _remove_unpublished(directory, lease.token)
+            for _, _, writer in todo:
+                _remove_unpublished(writer.directory, writer.token)
             raise
     print(f"[latents] encoded {n} images of {data.train_split!r} for {len(todo)} autoencoders at once in "
           f"{seconds:.1f} s ({n / seconds:.0f} images/s each)", flush=True)
     return [i for i, *_ in todo]
+
+
+def _provenance(ae_checkpoint: str, ds: Dataset, n: int, seconds: float, decode: str, device, **encoder) -> dict:
+    """The manifest's record of how the latents were made: from which checkpoint and data, how fast, where the
+    images were decoded, and the encoder's device, batch and torch (`encoder`: more about it, e.g. stacked=K)."""
+    return {"ae_checkpoint": ae_checkpoint, "data_uri": ds.uri, "encode_seconds": seconds, "images_per_s": n / seconds,
+            **_decode_info(decode), "encoder": {"device": str(torch.device(device)), "batch": ENCODE_BATCH,
+                                                "torch": torch.__version__, **encoder}}
 
 
 def _decode_info(decode: str) -> dict:
