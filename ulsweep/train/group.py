@@ -224,10 +224,7 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     hooks = hooks or TrainHooks()
     exp0, k = exps[0], len(exps)
     tc = exp0.ae.train
-    rt = make_runtime(tc)
-    if rt.world > 1:
-        raise RuntimeError(f"{group_dir}: a group of runs trains in one process, not under torch.distributed "
-                           f"({rt.world} workers)")
+    rt = one_process(make_runtime(tc), group_dir)
     source, x_eval, data_hash, image_shape = train_source(exp0.data, rt, exp0.ae.train.seed, tc.eval_images,
                                                           tc.batch_size, label=f"ae group of {k}")
     sources = [source]
@@ -245,39 +242,61 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     gens = [torch.Generator(rt.device).manual_seed(e.ae.train.seed) for e in exps]
     ts = GroupTrainState(objective.stacked.ae, exp0.ae.optim, rt, gens, compile_clip=compiles_clip(tc, rt))
     meta = {"data_hash": data_hash, "image_shape": list(image_shape), "latent_shape": list(latent_shape)}
-    marks: dict = {}  # the loop's phase marks: every member's timeline
-    results: list[StageResult | None] = [None] * k
 
-    def evaluate(ema_stacked, final: bool) -> tuple[dict, dict]:
-        """All members' evaluations as one (the bits/pixel and the reconstructions of the stacked networks,
-        then each member's PSNR and rFD in turn); a final one writes each member's files and hands it its
-        result as soon as its own parts are done (`GroupHooks.member_finished`), so that its base trials need
-        not wait for the others'."""
-        gone = getattr(hooks, "gone", {})  # members that diverged: not evaluated, no files
+    def members(ema_stacked, final: bool, extractor, timer, skip):
+        """The bits/pixel and the reconstructions of the stacked networks, then each member's PSNR and rFD."""
         if not final:
-            each = iter(m for m, _, _ in evaluate_aes(ema_stacked, x_eval, exps, False, skip=gone))
-            return per_member([{} if i in gone else next(each) for i in range(k)]), {}
-        timer = PartTimer(rt.device)
-        with timer("extractor"):
-            extractor = load_eval_extractor(exp0, rt.device)
+            return evaluate_aes(ema_stacked, x_eval, exps, False, skip=skip)
+        return final_evaluations(ema_stacked, ts.net, x_eval, exps, extractor, data_hash, ts.step, timer, skip=skip)
 
-        def write(i: int, m: dict, images: dict, done: dict) -> StageResult:
-            out = write_member(i, run_dirs[i], ts, m, images, KIND, stage1_hash(exps[i]), {"config": to_dict(exps[i])},
-                               meta, done, group_dir)
-            say_done(exps[i], m, out.checkpoint, f" (member {i} of a group of {k})")
-            return out
-
-        metrics = hand_over(final_evaluations(ema_stacked, ts.net, x_eval, exps, extractor, data_hash, ts.step, timer,
-                                              skip=gone), hooks, results, marks, write)
-        metrics.update(timer.seconds)  # the parts' seconds over all members
-        return metrics, {}
+    def write(i: int, m: dict, images: dict, done: dict) -> StageResult:
+        out = write_member(i, run_dirs[i], ts, m, images, KIND, stage1_hash(exps[i]), {"config": to_dict(exps[i])},
+                           meta, done, group_dir)
+        say_done(exps[i], m, out.checkpoint, f" (member {i} of a group of {k})")
+        return out
 
     spec = RunSpec(group_dir, "ae-group", f"ae group of {k}", group_hash(exps),
                    dump_yaml({"members": [e.name for e in exps], "run_dirs": run_dirs}),
                    {"configs": [to_dict(e) for e in exps]}, meta | {"members": k})
-    res = train(objective, GroupSource(sources), evaluate, ts, tc, spec, hooks, marks)
+    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0)
+
+
+def one_process(rt, group_dir: str):
+    """`rt`, refused under torch.distributed: a group trains in one process."""
+    if rt.world > 1:
+        raise RuntimeError(f"{group_dir}: a group of runs trains in one process, not under torch.distributed "
+                           f"({rt.world} workers)")
+    return rt
+
+
+def train_group(objective: GroupObjective, source: GroupSource, members, write, ts: GroupTrainState, tc,
+                spec: RunSpec, hooks: TrainHooks, exp: ExperimentConfig) -> list[StageResult | None]:
+    """A group's run of the one training loop, and the members' results (None for one that diverged; a group
+    stopped early on request gives each member the group's state, which its checkpoint holds).
+
+    `members(ema, final, extractor, timer, skip)` evaluates the members as one and yields each one's (metrics,
+    images, seconds) but `skip`'s (those that diverged): the evaluation of `ulsweep.train.stage1.evaluate_aes`
+    or `ulsweep.train.stage2.evaluate_bases`. A final evaluation loads `exp`'s extractor and hands each member's
+    over (`hand_over`: `write(i, metrics, images, marks)` writes its files and returns its result), as soon as
+    its own parts are done, so that its next trials need not wait for the others'."""
+    k, marks = ts.k, {}  # the loop's phase marks: every member's timeline
+    results: list[StageResult | None] = [None] * k
+
+    def evaluate(ema_stacked, final: bool) -> tuple[dict, dict]:
+        gone = getattr(hooks, "gone", {})  # members that diverged: not evaluated, no files
+        if not final:
+            each = iter(m for m, _, _ in members(ema_stacked, False, None, None, gone))
+            return per_member([{} if i in gone else next(each) for i in range(k)]), {}
+        timer = PartTimer(ts.rt.device)
+        with timer("extractor"):
+            extractor = load_eval_extractor(exp, ts.rt.device)
+        metrics = hand_over(members(ema_stacked, True, extractor, timer, gone), hooks, results, marks, write)
+        metrics.update(timer.seconds)  # the parts' seconds over all members
+        return metrics, {}
+
+    res = train(objective, source, evaluate, ts, tc, spec, hooks, marks)
     if not res.metrics:  # stopped early on request: the group's checkpoint holds it
-        return [StageResult({}, res.checkpoint, res.steps, res.train_seconds, res.extra) for _ in exps]
+        return [StageResult({}, res.checkpoint, res.steps, res.train_seconds, res.extra) for _ in range(k)]
     return results
 
 
@@ -314,7 +333,6 @@ def hand_over(evaluations, hooks, results: list, marks: dict, write) -> dict[str
     as lists (NaN for the diverged), once every write is done; a write's error is raised here."""
     gone = getattr(hooks, "gone", {})
     alive = [i for i in range(len(results)) if i not in gone]
-    each: list[dict] = [{} for _ in results]
 
     def finish(i: int, m: dict, images: dict, done: dict) -> None:
         results[i] = write(i, m, images, done)
@@ -325,10 +343,9 @@ def hand_over(evaluations, hooks, results: list, marks: dict, write) -> dict[str
         for i, (m, images, seconds) in zip(alive, evaluations):
             done = marks | pop_seconds(dict(seconds)) | {"t_eval_end": time.time()}
             writes.append(writer.submit(finish, i, m, images, done))
-            each[i] = m
         for w in writes:
             w.result()
-    return per_member(each)
+    return per_member([r.metrics if r is not None else {} for r in results])
 
 
 def _row(state: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:

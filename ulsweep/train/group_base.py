@@ -29,12 +29,11 @@ from ulsweep.data.sources import DeviceSplit, choose_loader_for, load_eval_image
 from ulsweep.models.stacked import stack
 from ulsweep.train.build import base_schedule, build_base_model
 from ulsweep.train.checkpoint import finished_result
-from ulsweep.train.evaluation import PartTimer, load_eval_extractor
-from ulsweep.train.group import (MEMBER_KEYS, GroupObjective, GroupSource, GroupTrainState, compiles_clip, hand_over,
-                                 per_member, write_member)
+from ulsweep.train.group import (MEMBER_KEYS, GroupObjective, GroupSource, GroupTrainState, compiles_clip, one_process,
+                                 train_group, write_member)
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.latents import encode_together, latent_source, training_latents
-from ulsweep.train.loop import RunSpec, train
+from ulsweep.train.loop import RunSpec
 from ulsweep.train.runtime import make_runtime
 from ulsweep.train.stage2 import (KIND, BaseObjective, evaluate_bases, flops_metrics, load_frozen_autoencoder,
                                   say_decode_path, say_done, stage2_hash)
@@ -82,10 +81,7 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
     hooks = hooks or TrainHooks()
     exp0, base0, k = exps[0], bases[0], len(exps)
     tc = base0.train
-    rt = make_runtime(tc)
-    if rt.world > 1:
-        raise RuntimeError(f"{group_dir}: a group of runs trains in one process, not under torch.distributed "
-                           f"({rt.world} workers)")
+    rt = one_process(make_runtime(tc), group_dir)
     # (autoencoder, experiment, meta) of each member, read side by side: a stage-1 checkpoint holds its weights,
     # EMA and AdamW moments (~4x the weights), which the loader reads and checks (SHA-256) before loading
     with ThreadPoolExecutor(min(8, k)) as pool:
@@ -129,38 +125,28 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
     metas = [{"data_hash": data_hash, "ae_checkpoint": c, "ae_sha256": m["sha256"], "latent_shape": list(latent_shape),
               "latents": lat.uri if lat else None, "latents_hash": lat.content_hash if lat else None}
              for c, m, lat in zip(ae_checkpoints, ae_metas, stored)]
-    marks: dict = {}  # the loop's phase marks: every member's timeline
-    results: list[StageResult | None] = [None] * k
 
-    def evaluate(ema_stacked, final: bool) -> tuple[dict, dict]:
-        gone = getattr(hooks, "gone", {})  # members that diverged: not evaluated, no files
+    def members(ema_stacked, final: bool, extractor, timer, skip):
+        """The bits/pixel and the samples of the stacked networks, then each member's gFD/gFID; and a final
+        evaluation's FLOPs."""
         if not final:
-            each = iter(m for m, _, _ in evaluate_bases(ema_stacked, stacked_ae, exps, ae_exps[0], bases, x_eval,
-                                                        latent_shape, samples=False, skip=gone))
-            return per_member([{} if i in gone else next(each) for i in range(k)]), {}
-        timer = PartTimer(rt.device)
-        with timer("extractor"):
-            extractor = load_eval_extractor(exp0, rt.device)
+            return evaluate_bases(ema_stacked, stacked_ae, exps, ae_exps[0], bases, x_eval, latent_shape,
+                                  samples=False, skip=skip)
         with timer("flops"):
             flops = flops_metrics(base0, latent_shape, ts.step)
+        return ((m | flops, images, seconds) for m, images, seconds in
+                evaluate_bases(ema_stacked, stacked_ae, exps, ae_exps[0], bases, x_eval, latent_shape, extractor,
+                               data_hash, timer=timer, skip=skip))
 
-        def write(i: int, m: dict, images: dict, done: dict) -> StageResult:
-            out = write_member(i, run_dirs[i], ts, m | flops, images, KIND, hashes[i],
-                               {"config": to_dict(bases[i]), "experiment": to_dict(exps[i])}, metas[i], done, group_dir)
-            say_done(bases[i], out.metrics, out.checkpoint, f" (member {i} of a group of {k})")
-            return out
-
-        metrics = hand_over(evaluate_bases(ema_stacked, stacked_ae, exps, ae_exps[0], bases, x_eval, latent_shape,
-                                           extractor, data_hash, timer=timer, skip=gone), hooks, results, marks, write)
-        metrics.update(timer.seconds)  # the parts' seconds over all members
-        return metrics, {}
+    def write(i: int, m: dict, images: dict, done: dict) -> StageResult:
+        out = write_member(i, run_dirs[i], ts, m, images, KIND, hashes[i],
+                           {"config": to_dict(bases[i]), "experiment": to_dict(exps[i])}, metas[i], done, group_dir)
+        say_done(bases[i], m, out.checkpoint, f" (member {i} of a group of {k})")
+        return out
 
     spec = RunSpec(group_dir, "base-group", label, config_hash({"members": hashes}),
                    dump_yaml({"members": [f"{b.name} of {e.name}" for e, b in zip(exps, bases)],
                               "ae_checkpoints": ae_checkpoints, "run_dirs": run_dirs}),
                    {"configs": [to_dict(b) for b in bases]}, {"data_hash": data_hash, "members": k,
                                                               "latent_shape": list(latent_shape)})
-    res = train(objective, GroupSource(sources), evaluate, ts, tc, spec, hooks, marks)
-    if not res.metrics:  # stopped early on request: the group's checkpoint holds it
-        return [StageResult({}, res.checkpoint, res.steps, res.train_seconds, res.extra) for _ in exps]
-    return results
+    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0)
