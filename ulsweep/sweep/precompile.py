@@ -119,9 +119,7 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
 
     from ulsweep.data.sources import DeviceSplit
     from ulsweep.train.build import build_autoencoder, latent_shape
-    from ulsweep.train.group import GroupObjective, GroupSource, GroupTrainState, compiles_clip
     from ulsweep.train.stage1 import RECONSTRUCT_BATCH, AEObjective, reconstruct_images
-    from ulsweep.train.state import TrainState
 
     t0 = time.time()
     exp = trial_experiment(raw, overrides)
@@ -131,21 +129,14 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     c = image_shape[0]
     gen = torch.Generator(rt.device).manual_seed(0)
     source = DeviceSplit(torch.rand(tc.batch_size, *image_shape, generator=gen, device=rt.device) * 2 - 1)
-    aes = [build_autoencoder(exp.ae, c).to(rt.device) for _ in range(members)]
-    if members > 1:
-        objective = GroupObjective([AEObjective(ae, exp.ae.loss, image_shape, shape) for ae in aes])
-        gens = [torch.Generator(rt.device).manual_seed(i) for i in range(members)]
-        ts = GroupTrainState(objective.stacked.ae, exp.ae.optim, rt, gens, compile_clip=compiles_clip(tc, rt))
-        how = _train_briefly(objective, GroupSource([source] * members), ts, tc, "ae")
-    else:
-        ts = TrainState(aes[0], exp.ae.optim, rt, 0)
-        how = _train_briefly(AEObjective(aes[0], exp.ae.loss, image_shape, shape), source, ts, tc, "ae")
+    objectives = [AEObjective(build_autoencoder(exp.ae, c).to(rt.device), exp.ae.loss, image_shape, shape)
+                  for _ in range(members)]
+    ts, how = _train_briefly(objectives, lambda o: o.ae, source, exp.ae.optim, tc, rt, "ae")
     out = {"stage": "ae", "latent_shape": list(shape), "members": members, "compile_gate": how}
     if exp.eval.sample_compile:  # a group reconstructs with its stacked autoencoder, every batch once per member
         n = reconstruction_shapes_count(exp.ae.train.eval_images, RECONSTRUCT_BATCH)
         x = torch.rand(n, *image_shape, generator=gen, device=rt.device) * 2 - 1
-        ae = objective.stacked.ae if members > 1 else aes[0]
-        _, compiled = reconstruct_images(ae.eval(), x, exp, ts.gen if members > 1 else gen, members)
+        _, compiled = reconstruct_images(ts.net.eval(), x, exp, ts.gen if members > 1 else gen, members)
         out["sampling"] = "compiled" if compiled else "busy"
     return out | {"seconds": time.time() - t0}
 
@@ -182,11 +173,25 @@ def _runtime(exp: ExperimentConfig, tc):
     return make_runtime(tc)
 
 
-def _train_briefly(objective, source, ts, tc, kind: str, label: str = "") -> str:
-    """`tc.steps` steps of `objective` (its TrainState `ts`) through the library's loop in a scratch directory it
-    deletes: how its first compiled step got through the compile gate."""
+def _train_briefly(objectives: list, net, source, optim, tc, rt, kind: str, label: str = ""):
+    """`tc.steps` steps of one trial's objective, or of several as a group's stacked program
+    (ulsweep/train/group.py), on batches of `source` through the library's loop in a scratch directory it
+    deletes; `net(objective)` is the network an objective trains. Returns the TrainState and how its first
+    compiled step got through the compile gate."""
+    import torch
+
+    from ulsweep.train.group import GroupObjective, GroupSource, GroupTrainState, compiles_clip
     from ulsweep.train.hooks import TrainHooks
     from ulsweep.train.loop import RunSpec, train
+    from ulsweep.train.state import TrainState
+
+    if len(objectives) == 1:
+        objective, ts = objectives[0], TrainState(net(objectives[0]), optim, rt, 0)
+    else:
+        objective = GroupObjective(objectives)
+        gens = [torch.Generator(rt.device).manual_seed(i) for i in range(len(objectives))]
+        ts = GroupTrainState(net(objective.stacked), optim, rt, gens, compile_clip=compiles_clip(tc, rt))
+        source = GroupSource([source] * len(objectives))
 
     scratch = tempfile.mkdtemp(prefix="ulsweep-precompile-")
     try:
@@ -194,7 +199,7 @@ def _train_briefly(objective, source, ts, tc, kind: str, label: str = "") -> str
         res = train(objective, source, lambda ema, final: ({}, {}), ts, tc, spec, TrainHooks())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return res.extra.get("marks", {}).get("compile_gate", "busy" if tc.gate_compile else "ungated")
+    return ts, res.extra.get("marks", {}).get("compile_gate", "busy" if tc.gate_compile else "ungated")
 
 
 def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS, members: int = 1) -> dict[str, Any]:
@@ -208,9 +213,7 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS,
 
     from ulsweep.data.sources import DeviceSplit
     from ulsweep.train.build import build_base_model, latent_shape
-    from ulsweep.train.group import GroupObjective, GroupSource, GroupTrainState, compiles_clip
     from ulsweep.train.stage2 import BaseObjective
-    from ulsweep.train.state import TrainState
 
     t0 = time.time()
     exp = trial_experiment(raw, overrides)
@@ -222,14 +225,7 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS,
     source = DeviceSplit(torch.randn(tc.batch_size, *shape, generator=gen, device=rt.device))
     objectives = [BaseObjective(build_base_model(base, shape[0]).to(rt.device), _schedule(exp, base),
                                 base.loss.sigmoid_bias, shape) for _ in range(members)]
-    if members > 1:
-        objective = GroupObjective(objectives)
-        gens = [torch.Generator(rt.device).manual_seed(i) for i in range(members)]
-        ts = GroupTrainState(objective.stacked.net, base.optim, rt, gens, compile_clip=compiles_clip(tc, rt))
-        how = _train_briefly(objective, GroupSource([source] * members), ts, tc, "base", base_name)
-    else:
-        ts = TrainState(objectives[0].net, base.optim, rt, 0)
-        how = _train_briefly(objectives[0], source, ts, tc, "base", base_name)
+    ts, how = _train_briefly(objectives, lambda o: o.net, source, base.optim, tc, rt, "base", base_name)
     out = {"stage": "base", "base": base_name, "latent_shape": list(shape), "members": members, "compile_gate": how}
     if exp.eval.sample_compile:
         out["sampling"] = _compile_sampling(exp, base, ts.ema.shadow, shape, rt.device, members)
