@@ -93,6 +93,56 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, digits_cache):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
 
 
+def test_a_checkpoint_written_beside_training_holds_the_state_of_its_step(tmp_path, digits_cache):
+    """The full run's step-3 checkpoint is written in the writer's thread while steps 4-6 update the weights in
+    place; it must equal the stopped run's step-3 checkpoint, written before its loop returned. Both are
+    announced in order, each once."""
+    exp = tiny_exp(steps=6, ckpt_every=3)
+    full, stopped = Recorder(), Recorder(stop_at=3)
+    train_autoencoder(exp, str(tmp_path / "full"), full)
+    train_autoencoder(exp, str(tmp_path / "stopped"), stopped)
+    assert [s for s, _ in full.ckpts] == [3, 6], full.ckpts
+    assert [s for s, _ in stopped.ckpts] == [3], stopped.ckpts
+    a, meta = load_checkpoint(full.ckpts[0][1])
+    b, _ = load_checkpoint(stopped.ckpts[0][1])
+    assert meta["step"] == 3
+    for part in ("model", "ema"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=0)
+    for i, st in a["optimizer"]["state"].items():
+        for k, v in st.items():
+            torch.testing.assert_close(v, b["optimizer"]["state"][i][k], rtol=0, atol=0)
+
+
+def test_the_checkpoint_writer_copies_before_it_returns(tmp_path, monkeypatch):
+    """What `save` was given, not what the tensors hold later: the write is held until the tensor has changed."""
+    import threading
+
+    from ulsweep.train import checkpoint as ck
+
+    release, real = threading.Event(), ck.save_checkpoint
+
+    def held(*a):
+        assert release.wait(30)
+        return real(*a)
+
+    monkeypatch.setattr(ck, "save_checkpoint", held)
+    w, seen = ck.CheckpointWriter(), []
+    x = torch.zeros(4)
+    groups = [{"lr": 1.0}]
+    w.save(str(tmp_path), 7, {"x": x, "groups": groups}, {"kind": "t"}, seen.append)
+    x.add_(1.0)
+    groups[0]["lr"] = 2.0
+    w.poll()
+    assert seen == []  # not written yet: nothing announced
+    release.set()
+    w.wait()
+    state, meta = load_checkpoint(seen[0])
+    assert seen == [ck.step_dir(str(tmp_path), 7)] and meta["step"] == 7
+    assert state["x"].tolist() == [0.0] * 4 and state["groups"] == [{"lr": 1.0}]
+    w.close()
+
+
 def test_corrupted_checkpoint_is_refused_and_resume_falls_back(tmp_path, digits_cache):
     run = str(tmp_path / "run")
     exp = tiny_exp(steps=4, ckpt_every=2)

@@ -14,8 +14,9 @@ import io
 import json
 import re
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -52,6 +53,59 @@ def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], meta: dict[s
                 "bytes": len(blob), **meta}
     uio.atomic_write_text(uio.join(d, "meta.json"), json.dumps(manifest, indent=1, sort_keys=True))
     return d
+
+
+def to_host(state: Any) -> Any:
+    """A copy of `state` in host memory that shares no storage with it: training updates the weights, the EMA and
+    the optimizer's moments in place (and the learning rate in its param groups) while a copy is being written."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: to_host(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_host(v) for v in state)
+    return state  # numbers, strings, None: immutable
+
+
+class CheckpointWriter:
+    """Checkpoints written in a thread while training goes on. `save` copies the state to host memory (a device
+    -> host copy: about a second for the 6.6 GB of a stacked group of 18 small autoencoders) and returns; the
+    serialization, SHA-256 and atomic write run beside the next steps. One write at a time: a second `save` first
+    waits for the one before. `poll` (between steps) and `wait` hand a finished write's path to its `then` on the
+    caller's thread; `close` waits for a write in flight without announcing it (the run is ending on an error:
+    the checkpoint is on disk, and a retry finds it there)."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._job: tuple[Future, Callable[[str], None]] | None = None
+
+    def save(self, run_dir: str, step: int, state: dict, meta: dict, then: Callable[[str], None]) -> None:
+        self.wait()
+        host = to_host(state)
+        self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="ulsweep-checkpoint")
+        self._job = (self._pool.submit(save_checkpoint, run_dir, step, host, meta), then)
+
+    def poll(self) -> None:
+        if self._job is not None and self._job[0].done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Wait for the write in flight, if any, and announce it (an error of the write is raised here)."""
+        if self._job is not None:
+            job, then = self._job
+            self._job = None
+            then(job.result())
+
+    def close(self) -> None:
+        if self._job is not None:
+            job, self._job = self._job[0], None
+            try:
+                job.result()
+            except Exception as e:  # noqa: BLE001 - the run is already failing; its own error goes on
+                warnings.warn(f"a checkpoint written while the run failed did not complete: {e}")
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def read_meta(path: str) -> dict:

@@ -27,6 +27,8 @@ takes uncompiled steps until that process is done (`eager_steps`; its first step
 Under torch.distributed every rank draws the same global batch and noise from the shared generator and
 trains on its slice, so the loss does not depend on the number of workers. Checkpoints save weights, EMA,
 optimizer, generator, step and the source's state: a resumed run reproduces the uninterrupted one exactly.
+Checkpoints before the last are copied to host memory and written in a thread while the next steps run
+(checkpoint.CheckpointWriter); the last one, and a stopped run's, are written before the loop returns.
 """
 from __future__ import annotations
 
@@ -41,8 +43,8 @@ from torch import nn
 
 from ulsweep import io as uio
 from ulsweep.config import TrainConfig
-from ulsweep.train.checkpoint import (CheckpointError, latest_valid_checkpoint, prune_checkpoints, save_checkpoint,
-                                      step_dir, write_images, write_result)
+from ulsweep.train.checkpoint import (CheckpointError, CheckpointWriter, latest_valid_checkpoint, prune_checkpoints,
+                                      save_checkpoint, step_dir, write_images, write_result)
 from ulsweep.train.hooks import StageResult, TrainHooks, TrainingDiverged
 from ulsweep.train.compile_gate import WAIT_S, first_compile, graph_key
 from ulsweep.train.evaluation import pop_seconds
@@ -72,16 +74,18 @@ def train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc: 
     valid checkpoint in `spec.run_dir`; evaluate, checkpoint and write result.json at the end (rank 0). `marks`:
     a dict the loop keeps its phase marks in (a group's final evaluation reads them, ulsweep/train/group.py)."""
     gate = contextlib.ExitStack()  # held through the first step of a compiled single-process run
+    writer = CheckpointWriter()  # the checkpoints before the last, written beside the steps after them
     try:
-        return _train(objective, source, evaluate, ts, tc, spec, hooks, gate, {} if marks is None else marks)
+        return _train(objective, source, evaluate, ts, tc, spec, hooks, gate, writer, {} if marks is None else marks)
     finally:
+        writer.close()
         gate.close()
         if hasattr(source, "close"):  # a stream stops reading ahead
             source.close()
 
 
 def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc: TrainConfig, spec: RunSpec,
-           hooks: TrainHooks, gate: contextlib.ExitStack, marks: dict) -> StageResult:
+           hooks: TrainHooks, gate: contextlib.ExitStack, writer: CheckpointWriter, marks: dict) -> StageResult:
     rt = ts.rt
     marks["t_setup_end"] = time.time()  # data and networks built; the first step starts after resuming
     model = resume(ts, spec, objective, tc.compile, source, tc.batch_size)
@@ -94,18 +98,31 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
     local_batches = getattr(source, "local_batches", False)
     reduce = getattr(objective, "reduce", _mean)  # per-example values -> the window's per-step mean(s)
 
-    def checkpoint(metrics: dict) -> str | None:
+    def checkpoint(metrics: dict, background: bool = False) -> str | None:
+        """Rank 0 writes the state as of this step; `background`: in the writer's thread while training goes on
+        (announced, and `last_ckpt`, once written), else here, after any write in flight. The path, if written."""
         if not rt.is_main:
             return None
-        meta = {**spec.meta, "kind": spec.kind, "config_hash": spec.cfg_hash, "step": ts.step,
+        step = ts.step
+        meta = {**spec.meta, "kind": spec.kind, "config_hash": spec.cfg_hash, "step": step,
                 "train_seconds": ts.train_seconds, "metrics": metrics}
         state = {**ts.state_dict(), **spec.state_extra}
         if hasattr(source, "state_dict"):
             state["data"] = source.state_dict()
-        getattr(hooks, "before_checkpoint", lambda step: None)(ts.step)  # hooks may predate it
-        path = save_checkpoint(spec.run_dir, ts.step, state, meta)
-        prune_checkpoints(spec.run_dir, tc.keep_checkpoints)
-        hooks.checkpoint_saved(ts.step, path, metrics)
+        getattr(hooks, "before_checkpoint", lambda step: None)(step)  # hooks may predate it
+
+        def saved(path: str) -> None:
+            nonlocal last_ckpt
+            last_ckpt = path
+            prune_checkpoints(spec.run_dir, tc.keep_checkpoints)
+            hooks.checkpoint_saved(step, path, metrics)
+
+        if background:
+            writer.save(spec.run_dir, step, state, meta, saved)
+            return None
+        writer.wait()
+        path = save_checkpoint(spec.run_dir, step, state, meta)
+        saved(path)
         return path
 
     progress = Progress(tc.steps, spec.label, rt.is_main)
@@ -174,6 +191,7 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
         is_log = bool(tc.log_every) and step % tc.log_every == 0
         is_eval, is_ckpt = due(step, tc.eval_every, tc.steps), due(step, tc.ckpt_every, tc.steps)
         if (is_log or is_eval or is_ckpt) and bad.any().item():  # one device sync per action, not per step
+            writer.wait()  # a checkpoint in flight was taken before the loss turned: the last good one
             err = TrainingDiverged(f"{spec.label}: non-finite loss by step {step}; last good checkpoint "
                                    f"{last_ckpt or '(none)'} kept in {spec.run_dir}", checkpoint=last_ckpt)
             diverged = getattr(hooks, "diverged", lambda *a: False)  # hooks may predate it
@@ -194,13 +212,15 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
             metrics, _ = evaluate(ts.ema.shadow, False)
             hooks.log_metrics(step, {f"eval_{k}": v for k, v in metrics.items()})
         if is_ckpt and step < tc.steps:
-            last_ckpt = checkpoint(metrics) or last_ckpt
+            checkpoint(metrics, background=True)
+        writer.poll()
 
     marks["t_train_end"] = time.time()
     if mode is not None:  # steps taken uncompiled while another process compiled (all of them if it never ended)
         marks["eager_steps"] = eager_steps
-    if ts.step < tc.steps:  # stopped early on request
-        path = checkpoint({})
+    if ts.step < tc.steps:  # stopped early on request: checkpointed at this step unless it just was
+        writer.wait()
+        path = last_ckpt if rt.is_main and last_ckpt == step_dir(spec.run_dir, ts.step) else checkpoint({})
         return StageResult({}, path or "", ts.step, ts.train_seconds, {"stopped": True, "marks": marks})
     if not rt.is_main:
         return StageResult({}, "", ts.step, ts.train_seconds, {"marks": marks})
