@@ -99,10 +99,12 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
     reduce = getattr(objective, "reduce", _mean)  # per-example values -> the window's per-step mean(s)
 
     def checkpoint(metrics: dict, background: bool = False) -> str | None:
-        """Rank 0 writes the state as of this step; `background`: in the writer's thread while training goes on
-        (announced, and `last_ckpt`, once written), else here, after any write in flight. The path, if written."""
+        """Rank 0 writes the state as of this step, after any write in flight; `background`: in the writer's
+        thread while training goes on (announced, and `last_ckpt`, once written), else here. The path, if
+        written here."""
         if not rt.is_main:
             return None
+        writer.wait()  # one in flight is written and announced first: checkpoints are announced in order
         step = ts.step
         meta = {**spec.meta, "kind": spec.kind, "config_hash": spec.cfg_hash, "step": step,
                 "train_seconds": ts.train_seconds, "metrics": metrics}
@@ -120,7 +122,6 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
         if background:
             writer.save(spec.run_dir, step, state, meta, saved)
             return None
-        writer.wait()
         path = save_checkpoint(spec.run_dir, step, state, meta)
         saved(path)
         return path
