@@ -275,6 +275,34 @@ def test_with_sample_compile_the_autoencoder_task_also_compiles_the_reconstructi
     assert seen == [("ae p", "done"), ("ae p sampling", "done")]
 
 
+@pytest.mark.parametrize("sampling", ["each", "stacked"])
+def test_a_groups_sampling_is_compiled_ahead_as_the_group_samples(sampling, tmp_path, monkeypatch, digits_cache):
+    """A stacked group's jobs compile its members' sampling as the group's evaluation runs it
+    (resources.stack_sampling): member after member through ordinary networks, the sampling of a trial alone
+    (each), or the stacked networks at the group's size; the groups' reconstruction and generation then get
+    through their sampling gates as "done"."""
+    from ulsweep.train.group import train_autoencoders
+    from ulsweep.train.group_base import train_bases
+
+    seen = stub_compiles(monkeypatch, tmp_path)
+    exp = experiment_from_dict(to_dict(sweep_exp({"ae.loss.loss_factor": {"values": [1.5, 2.0, 4.0]}},
+                                                 ae_compile=True, stack_trials=3)), {
+        "search.max_concurrent": 3, "eval.sample_compile": True, "eval.extractor": "none",
+        "ae.train.eval_images": 8, "resources.stack_sampling": sampling})
+    jobs = precompile.jobs(exp)
+    assert [(j["stage"], j.get("members", 1)) for j in jobs] == [("ae", 3), ("base", 3)]
+    assert precompile.compile_ae(to_dict(exp), jobs[0]["overrides"], members=3)["sampling"] == "compiled"
+    assert precompile.compile_base(to_dict(exp), jobs[1]["overrides"], "b", members=3)["sampling"] == "compiled"
+    assert [how for _, how in seen] == ["first"] * 4
+    seen.clear()
+    small = {"ae.train.steps": 2, "base_models.0.train.eval_images": 8}
+    members = [experiment_from_dict(to_dict(exp), {**small, "ae.loss.loss_factor": lf}) for lf in (1.5, 2.0, 4.0)]
+    aes = train_autoencoders(members, [str(tmp_path / f"m{i}") for i in range(3)], str(tmp_path / "g"))
+    train_bases(members, [m.base_models[0] for m in members], [a.checkpoint for a in aes],
+                [str(tmp_path / f"b{i}") for i in range(3)], str(tmp_path / "gb"))
+    assert [(label.split()[-1], how) for label, how in seen if label.endswith("sampling")] == [("sampling", "done")] * 2
+
+
 def test_the_reconstruction_ahead_meets_every_batch_shape_of_the_evaluation_once():
     def shapes(n, batch):
         return sorted({min(batch, n - i) for i in range(0, n, batch)})

@@ -164,11 +164,18 @@ def test_member_generators_draw_each_members_rows_from_its_own_generator():
         rand(5, gens)
 
 
-@pytest.mark.parametrize("prior", ["diffusion", "normal"])
-def test_a_stacked_evaluation_gives_each_member_its_own_evaluation(prior, one_thread):
+def group_resources(sampling: str) -> dict:
+    """A group's resources, its members sampled as `sampling` says (resources.stack_sampling)."""
+    return {"num_workers": 0, "stack_trials": 3, "stack_sampling": sampling}
+
+
+@pytest.mark.parametrize("prior,sampling", [("diffusion", "each"), ("normal", "each"), ("diffusion", "stacked")])
+def test_a_stacked_evaluation_gives_each_member_its_own_evaluation(prior, sampling, one_thread):
     """`evaluate_aes` of three stacked autoencoders (their own weights, loss factor, bias and seed) runs the
-    bits/pixel and the reconstructions once for all of them, and gives each member the metrics and images of
-    `evaluate_ae` of its autoencoder alone: the same noise, drawn from its own generator."""
+    bits/pixel once for all of them and the reconstructions member after member through one ordinary
+    autoencoder (each) or once for all (stacked), and gives each member the metrics and images of `evaluate_ae`
+    of its autoencoder alone: the same noise, drawn from its own generator; member after member, the very
+    same images."""
     from ulsweep.train.stage1 import evaluate_ae, evaluate_aes
 
     exps, aes = [], []
@@ -177,7 +184,8 @@ def test_a_stacked_evaluation_gives_each_member_its_own_evaluation(prior, one_th
             "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2},
                    "loss": {"loss_factor": lf, "sigmoid_bias": b, "prior": prior},
                    "train": {"seed": k, "sample_steps": 3, "sampler": "ancestral",
-                             **({"eval_t_per_image": 2} if prior == "diffusion" else {})}}}))
+                             **({"eval_t_per_image": 2} if prior == "diffusion" else {})}},
+            "resources": group_resources(sampling)}))
         torch.manual_seed(k)
         aes.append(build_autoencoder(exps[-1].ae, 1).eval())
     x = torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
@@ -190,7 +198,67 @@ def test_a_stacked_evaluation_gives_each_member_its_own_evaluation(prior, one_th
         for key in ("bpp", "bpp_se", "psnr"):
             assert m[key] == pytest.approx(m_alone[key], rel=1e-4), key
         assert images.keys() == images_alone.keys()
+        if sampling == "each":
+            assert m["psnr"] == m_alone["psnr"] and images == images_alone
     assert len({round(m["psnr"], 4) for m, _, _ in each}) == 3  # three different autoencoders
+
+
+@pytest.mark.parametrize("sampling", ["each", "stacked"])
+def test_a_stacked_base_evaluation_gives_each_member_its_own_samples(sampling, one_thread):
+    """`evaluate_bases` of three stacked base models on three stacked frozen autoencoders: each member's
+    bits/pixel and samples are those of `evaluate_base` of its own pair alone (member after member: the same
+    PNG bytes); a member in `skip` gets nothing, and the others are unchanged by it."""
+    from ulsweep.train.stage2 import evaluate_base, evaluate_bases
+
+    exps, aes, bases = [], [], []
+    for k in range(3):
+        exps.append(experiment_from_dict({
+            "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2},
+                   "loss": {"loss_factor": 1.5 + k}, "train": {"sample_steps": 3}},
+            "base_models": [{"name": "b", "model": {"preset": "tiny"},
+                             "train": {"seed": k, "sample_steps": 3, "eval_images": 8, "eval_t_per_image": 2}}],
+            "resources": group_resources(sampling)}))
+        torch.manual_seed(k)
+        aes.append(build_autoencoder(exps[-1].ae, 1).eval())
+        bases.append(build_base_model(exps[-1].base_models[0], 2).eval())
+    bcs = [e.base_models[0] for e in exps]
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    stacked_base, stacked_ae = stack(bases).eval(), stack(aes).eval()
+    together = list(evaluate_bases(stacked_base, stacked_ae, exps, exps[0], bcs, x, (2, 4, 4)))
+    assert len(together) == 3
+    for (m, images, _), base, ae, exp, bc in zip(together, bases, aes, exps, bcs):
+        m_alone, images_alone = evaluate_base(base, ae, exp, exp, bc, x, (2, 4, 4))
+        assert m["base_bpp"] == pytest.approx(m_alone["base_bpp"], rel=1e-4)
+        assert images.keys() == images_alone.keys() == {"samples.png"}
+        if sampling == "each":
+            assert images == images_alone
+    assert len({images["samples.png"] for _, images, _ in together}) == 3
+    skipped = list(evaluate_bases(stacked_base, stacked_ae, exps, exps[0], bcs, x, (2, 4, 4), skip={1}))
+    assert [m["base_bpp"] for m, _, _ in skipped] == [together[0][0]["base_bpp"], together[2][0]["base_bpp"]]
+    assert [i for _, i, _ in skipped] == [together[0][1], together[2][1]]
+
+
+def test_plain_gives_each_trial_back_as_an_ordinary_network(one_thread):
+    """`plain` of a stacked autoencoder is the original architecture (no stacked layer, the same state dict
+    names and shapes); `load_trial` makes it trial k, output for output, in place (its tensors stay the same)."""
+    from ulsweep.models.stacked import STACKED, load_trial, plain
+
+    objectives = [ae_objective(k, 1.5 + k, 0.0) for k in range(3)]
+    nets = [o.ae.eval() for o in objectives]
+    stacked = stack(nets).eval()
+    one = plain(stacked)
+    assert not any(type(m).__name__.startswith("Stacked") for m in one.modules())
+    assert {k: v.shape for k, v in one.state_dict().items()} == {k: v.shape for k, v in nets[0].state_dict().items()}
+    assert any(type(m) in STACKED for m in one.modules())
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    tensors = [t.data_ptr() for t in one.parameters()]
+    for k in (2, 0, 1):
+        assert load_trial(one, stacked, k) is one
+        with torch.no_grad():
+            assert torch.equal(one.encoder(x), nets[k].encoder(x)), k
+        assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), nets[k].state_dict().values()))
+    assert [t.data_ptr() for t in one.parameters()] == tensors
+    assert sum(t.numel() for t in stacked.parameters()) == 3 * sum(t.numel() for t in one.parameters())
 
 
 def test_stacked_generation_gives_each_member_its_own_samples(one_thread):

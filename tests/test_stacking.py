@@ -62,6 +62,11 @@ def test_stacking_settings_are_checked_by_name():
         experiment_from_dict(d)
     with pytest.raises(ConfigError, match="stack_wait_s.*no effect with resources.stack_trials: 1"):
         experiment_from_dict(lf_sweep(stack_wait_s=5))
+    with pytest.raises(ConfigError, match="stack_sampling.*no effect with resources.stack_trials: 1"):
+        experiment_from_dict(lf_sweep(stack_sampling="stacked"))
+    with pytest.raises(ConfigError, match="stack_sampling"):
+        experiment_from_dict(lf_sweep(stack_trials=2, stack_sampling="together"))
+    assert experiment_from_dict(lf_sweep(stack_trials=2, stack_sampling="stacked")).resources.stack_sampling == "stacked"
     with pytest.raises(ConfigError, match="stack_trials.*>= 1"):
         experiment_from_dict(lf_sweep(stack_trials=0))
     with pytest.raises(ConfigError, match="stack_trials.*not DDP"):

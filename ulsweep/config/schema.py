@@ -352,6 +352,12 @@ class ResourcesConfig:
     stack_trials: int = 1
     # how long a group waits, after its first member joined, for the others before it trains those it has
     stack_wait_s: float = 60.0
+    # how a group samples its final evaluation's reconstructions and generations: each (member after member,
+    # through an ordinary network holding that member's weights: at 1,000-2,000 samples a batch one member fills
+    # the GPU, and the stacked program's grouped convolutions sampled lf_sweep's 18 members at ~26 TFLOP/s on an
+    # H100, session 24) or stacked (all members in each batch, through the stacked networks). Bits/pixel are
+    # taken stacked either way; every member's noise is its own
+    stack_sampling: Literal["each", "stacked"] = "each"
 
     def __post_init__(self):
         _require(self.stack_trials >= 1, "stack_trials", self.stack_trials, "must be >= 1 (1: every trial alone)")
@@ -359,7 +365,7 @@ class ResourcesConfig:
                  "needs trials that train in one process (resources.num_workers 0 or 1), not DDP")
         _require(self.stack_wait_s > 0, "stack_wait_s", self.stack_wait_s, "must be > 0 seconds")
         if self.stack_trials == 1:
-            _inert(self, ("stack_wait_s",), "", "with resources.stack_trials: 1 (no trial waits for a group)")
+            _inert(self, ("stack_wait_s", "stack_sampling"), "", "with resources.stack_trials: 1 (no group)")
         _require(self.cuda_wait == "auto" or self.gpus_per_worker > 0, "cuda_wait", self.cuda_wait,
                  "has no effect without GPUs (resources.gpus_per_worker: 0); use auto")
         _require(self.mps != "on" or 0 < self.gpus_per_worker < 1, "mps", self.mps,

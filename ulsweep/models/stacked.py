@@ -143,6 +143,7 @@ class StackedRMSNorm(nn.Module):
 # exact types: a subclass may use its weights otherwise (torch's own nn.RMSNorm does not cast them)
 STACKED = {nn.Linear: StackedLinear, nn.Conv2d: StackedConv2d, nn.GroupNorm: StackedGroupNorm,
            RMSNorm: StackedRMSNorm}
+PLAIN = {v: k for k, v in STACKED.items()}
 
 
 def stack(modules: list[nn.Module]) -> nn.Module:
@@ -175,6 +176,47 @@ def stack(modules: list[nn.Module]) -> nn.Module:
         out.get_submodule(parent).register_buffer(attr, torch.stack([m.get_buffer(name) for m in modules]),
                                                   persistent=name in saved)
     return out
+
+
+def _plain_layer(layer: nn.Module) -> nn.Module:
+    """The ordinary layer of a stacked one, holding trial 0's weights."""
+    w = layer.weight
+    kw = {"device": w.device, "dtype": w.dtype}
+    if isinstance(layer, StackedLinear):
+        out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, **kw)
+    elif isinstance(layer, StackedConv2d):
+        out = nn.Conv2d(w.shape[2] * layer.groups, layer.out_channels, tuple(w.shape[3:]), layer.stride, layer.padding,
+                        layer.dilation, layer.groups, bias=layer.bias is not None, **kw)
+    elif isinstance(layer, StackedGroupNorm):
+        out = nn.GroupNorm(layer.num_groups, w.shape[1], layer.eps, affine=True, **kw)
+    else:
+        out = RMSNorm(layer.normalized_shape, layer.eps, **kw)
+    load_trial(out, layer, 0)
+    return out.train(layer.training).requires_grad_(w.requires_grad)
+
+
+def plain(module: nn.Module) -> nn.Module:
+    """One trial's network of a stacked module as an ordinary module of the original architecture (stack's
+    layers replaced back, its buffers of one trial), holding trial 0's weights: `load_trial` puts another trial's
+    in. Where a trial's work is large enough to fill the device alone, the ordinary network runs it in kernels a
+    stacked one does not reach: a group's sampling, member by member (ulsweep/train/stage1.py, stage2.py)."""
+    memo: dict[int, object] = {}
+    for sub in module.modules():
+        if type(sub) in PLAIN:
+            memo[id(sub)] = _plain_layer(sub)
+    for _, buf in module.named_buffers():
+        memo.setdefault(id(buf), buf[0].clone())
+    return copy.deepcopy(module, memo)  # what the memo holds is taken as it is: no trial's weights are copied twice
+
+
+@torch.no_grad()
+def load_trial(plain_module: nn.Module, stacked: nn.Module, k: int) -> nn.Module:
+    """Copy trial k's weights and buffers of `stacked` into `plain_module` (of `plain(stacked)`), in place: a
+    compiled `plain_module` keeps its compiled code. Returns it."""
+    src = dict(stacked.named_parameters()) | dict(stacked.named_buffers())
+    for name, t in [*plain_module.named_parameters(), *plain_module.named_buffers()]:
+        t.copy_(src[name][k])
+    return plain_module
 
 
 def unstack(module: nn.Module, k: int) -> dict[str, Tensor]:

@@ -118,6 +118,7 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     import torch
 
     from ulsweep.data.sources import DeviceSplit
+    from ulsweep.models.stacked import plain
     from ulsweep.train.build import build_autoencoder, latent_shape
     from ulsweep.train.stage1 import RECONSTRUCT_BATCH, AEObjective, reconstruct_images
 
@@ -133,10 +134,11 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
                   for _ in range(members)]
     ts, how = _train_briefly(objectives, lambda o: o.ae, source, exp.ae.optim, tc, rt, "ae")
     out = {"stage": "ae", "latent_shape": list(shape), "members": members, "compile_gate": how}
-    if exp.eval.sample_compile:  # a group reconstructs with its stacked autoencoder, every batch once per member
+    if exp.eval.sample_compile:  # as the trial's evaluation reconstructs: a group's, as resources.stack_sampling says
         n = reconstruction_shapes_count(exp.ae.train.eval_images, RECONSTRUCT_BATCH)
         x = torch.rand(n, *image_shape, generator=gen, device=rt.device) * 2 - 1
-        _, compiled = reconstruct_images(ts.net.eval(), x, exp, ts.gen if members > 1 else gen, members)
+        net, k = (plain(ts.net), 1) if members > 1 and exp.resources.stack_sampling == "each" else (ts.net, members)
+        _, compiled = reconstruct_images(net.eval(), x, exp, ts.gen if k > 1 else gen, k)
         out["sampling"] = "compiled" if compiled else "busy"
     return out | {"seconds": time.time() - t0}
 
@@ -236,16 +238,19 @@ def _compile_sampling(exp: ExperimentConfig, base, ema_net, shape, device, membe
     """The generation that the base trial's final evaluation compiles (`eval.sample_compile`): the EMA base model
     and a decoder of the trial's autoencoder architecture (random weights: only shapes matter), through the
     evaluation's own `sampling_networks` and `generate`, one batch of the size the trial's first batch has (a
-    group's: stacked, every batch once per member). Returns "compiled", or "busy" when another process was
+    group's: one member's through ordinary networks with `resources.stack_sampling` each, as the group samples;
+    with stacked, every batch once per member). Returns "compiled", or "busy" when another process was
     compiling them (nothing compiled here)."""
     import torch
 
     from ulsweep.diffusion import MemberGenerators
-    from ulsweep.models.stacked import stack
+    from ulsweep.models.stacked import plain, stack
     from ulsweep.train.build import build_autoencoder
     from ulsweep.train.sampling import sampling_networks, sampling_precision
     from ulsweep.train.stage2 import GENERATE_BATCH, generate
 
+    if members > 1 and exp.resources.stack_sampling == "each":
+        ema_net, members = plain(ema_net), 1
     image_shape = _image_shape(exp)
     aes = [build_autoencoder(exp.ae, image_shape[0]).to(device) for _ in range(members)]
     ae = (stack(aes) if members > 1 else aes[0]).eval().requires_grad_(False)

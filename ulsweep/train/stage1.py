@@ -19,7 +19,7 @@ from ulsweep.diffusion import (decoder_loss, diffuse, latent_bitrates, low_discr
 from ulsweep.diffusion.noise import Generator, seeded
 from ulsweep.metrics.psnr import psnr
 from ulsweep.models import UnifiedAutoencoder
-from ulsweep.models.stacked import per_example
+from ulsweep.models.stacked import load_trial, per_example, plain
 from ulsweep.train.build import build_autoencoder, decoder_schedule, mse_decoder_logsnr, prior_schedule, sampler
 from ulsweep.train.build import latent_shape as latent_shape_of
 from ulsweep.train.checkpoint import finished_result
@@ -132,21 +132,32 @@ def reconstruct_images(ae, x: torch.Tensor, exp: ExperimentConfig, gen: Generato
     """Reconstructions of `x` (model range) by `ae` as the evaluation samples them, in batches of
     RECONSTRUCT_BATCH, under `eval.sample_precision` and, with `eval.sample_compile`, through the sampling gate;
     and whether the decoder ran compiled (False while another process of the node compiled it). With `members`
-    K > 1, `ae` is a group's stacked autoencoder (ulsweep/models/stacked.py) and `gen` its MemberGenerators:
-    every batch goes through it once per member (K*RECONSTRUCT_BATCH rows) and the result is (K, N, C, H, W),
-    member k's reconstructions by its own weights and noise."""
+    K > 1, `ae` is a group's stacked autoencoder (ulsweep/models/stacked.py) and `gen` its MemberGenerators, and
+    the result is (K, N, C, H, W), member k's reconstructions by its own weights and noise: with
+    `resources.stack_sampling` each, member after member through one ordinary autoencoder holding its weights in
+    turn (as its run alone samples them); with stacked, every batch through the stacked one for all members at
+    once (K*RECONSTRUCT_BATCH rows)."""
     tc = exp.ae.train
+    each = members > 1 and exp.resources.stack_sampling == "each"
+    net = plain(ae) if each else ae
+
+    def batches(decoder, g, m: int) -> torch.Tensor:  # (m, N, C, H, W)
+        return torch.cat([reconstruct(net.encoder, decoder, x[i:i + RECONSTRUCT_BATCH].repeat(m, 1, 1, 1),
+                                      exp.ae.loss, tc.sample_steps, sampler(tc, "decoder"), g).unflatten(0, (m, -1))
+                          for i in range(0, len(x), RECONSTRUCT_BATCH)], 1)
+
     with (sampling_precision(exp.eval.sample_precision, x.device),
-          sampling_networks([ae.decoder], exp.eval.sample_compile, exp.eval.sample_precision, x.device,
+          sampling_networks([net.decoder], exp.eval.sample_compile, exp.eval.sample_precision, x.device,
                             f"ae {exp.name} sampling") as (decoder,)):
-        parts = []
-        for i in range(0, len(x), RECONSTRUCT_BATCH):
-            xb = x[i:i + RECONSTRUCT_BATCH]
-            xb = xb.repeat(members, 1, 1, 1) if members > 1 else xb
-            parts.append(reconstruct(ae.encoder, decoder, xb, exp.ae.loss, tc.sample_steps, sampler(tc, "decoder"),
-                                     gen).unflatten(0, (members, -1)))
-        recon = torch.cat(parts, 1)
-    return (recon if members > 1 else recon[0]), decoder is not ae.decoder
+        if not each:
+            recon = batches(decoder, gen, members)
+        else:
+            recon = []
+            for k in range(members):
+                load_trial(net, ae, k)
+                recon.append(batches(decoder, gen.gens[k], 1)[0])
+            recon = torch.stack(recon)
+    return (recon if members > 1 else recon[0]), decoder is not net.decoder
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from ulsweep.data.sources import DeviceSplit, choose_loader, choose_loader_for, 
 from ulsweep.diffusion import (LogSNRSchedule, base_loss, diffuse, latent_bitrates,
                                low_discrepancy_times, x_from_v)
 from ulsweep.diffusion.noise import Generator, seeded
+from ulsweep.models.stacked import load_trial, plain
 from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model, sampler
 from ulsweep.train.checkpoint import CheckpointError, finished_result, load_checkpoint
 from ulsweep.train.evaluation import PartTimer, generation_fd_of, load_eval_extractor
@@ -87,10 +88,12 @@ def evaluate_bases(base_model, ae, exps: Sequence[ExperimentConfig], ae_exp: Exp
     """Held-out latent bits/pixel under the base model (unweighted ELBO, Table 5's 'bpd with base
     model') and, with `samples`, decoded samples: with an extractor gFD/gFID of `eval.gfd_samples` samples
     against the first `eval.gfd_reference_images` held-out images. With K = len(bases) > 1, of the K members of
-    a group (ulsweep/train/group_base.py) at once: `base_model` and `ae` are their stacked base models and
-    frozen autoencoders, the bits/pixel and the samples run once for all of them, each member drawing from its
-    own generator (`eval_generator`), then each member's gFD/gFID in turn. `ae_exp`: one member's autoencoder
-    experiment (they differ in nothing that sampling reads).
+    a group (ulsweep/train/group_base.py): `base_model` and `ae` are their stacked base models and frozen
+    autoencoders, the bits/pixel run once for all of them, each member drawing from its own generator
+    (`eval_generator`); the samples member after member through ordinary networks holding each one's weights
+    in turn (`resources.stack_sampling` each), or all at once through the stacked ones (stacked); then each
+    member's gFD/gFID in turn. `ae_exp`: one member's autoencoder experiment (they differ in nothing that
+    sampling reads).
 
     Yields each member's but `skip`'s (metrics, images as PNG bytes, seconds) as `ulsweep.train.stage1.
     evaluate_aes` does; `timer` times the parts (bpp, sampling, fd) of all members."""
@@ -104,11 +107,20 @@ def evaluate_bases(base_model, ae, exps: Sequence[ExperimentConfig], ae_exp: Exp
     n = exp.eval.gfd_samples if extractor is not None else 64
     images = None
     if samples:
+        each = k > 1 and exp.resources.stack_sampling == "each"  # member after member, through ordinary networks
+        nets = [plain(base_model), plain(ae.decoder)] if each else [base_model, ae.decoder]
         with (timer("sampling"), sampling_precision(exp.eval.sample_precision, x_eval.device),
-              sampling_networks([base_model, ae.decoder], exp.eval.sample_compile, exp.eval.sample_precision,
+              sampling_networks(nets, exp.eval.sample_compile, exp.eval.sample_precision,
                                 x_eval.device, f"base {base.name} sampling") as (net, decoder)):
-            images = generate(net, ae, ae_exp, base, n, latent_shape, tuple(x_eval.shape[1:]), gen, decoder=decoder,
-                              members=k)
+            shape = (n, latent_shape, tuple(x_eval.shape[1:]))
+            if not each:
+                images = generate(net, ae, ae_exp, base, *shape, gen, decoder=decoder, members=k)
+            else:  # a diverged member's samples are not drawn
+                images = [None] * k
+                for i in [i for i in range(k) if i not in skip]:
+                    load_trial(nets[0], base_model, i)
+                    load_trial(nets[1], ae.decoder, i)
+                    images[i] = generate(net, None, ae_exp, base, *shape, gen.gens[i], decoder=decoder)
         images = images if k > 1 else images[None]
     shared = dict(timer.seconds)
     for i, e in enumerate(exps):
