@@ -684,3 +684,22 @@ def test_member_writes_benchmark_times_both_hand_overs_and_writes_its_rows(tmp_p
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["between evaluations", "own thread"]
     assert all(r["seconds"] > 2 * 0.05 for r in rows) and rows[0]["ratio_to_between"] == 1.0
+
+
+def test_group_sampling_times_each_mode_and_part_on_the_same_images(tmp_path):
+    """benchmarks/group_sampling.py: one row per mode and part, every member's images counted, and the two
+    modes' images the same up to rounding (stacked's grouped kernels against each member's own)."""
+    import group_sampling
+
+    out = tmp_path / "g.json"
+    assert group_sampling.main(["experiments/quickstart.yaml", "--members", "2", "--recon-images", "6",
+                                "--samples", "4", "--repeats", "1", "--device", "cpu", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["part"]) for r in rows] == [("each", "reconstruct"), ("each", "generate"),
+                                                      ("stacked", "reconstruct"), ("stacked", "generate")]
+    assert [r["images_per_member"] for r in rows] == [6, 4, 6, 4] and {r["members"] for r in rows} == {2}
+    for r in rows:
+        assert r["images_per_s"] == pytest.approx(2 * r["images_per_member"] / r["median_s"])
+        assert r["max_abs_uint8_diff"] <= 1
+    with pytest.raises(SystemExit):
+        group_sampling.main(["experiments/quickstart.yaml", "--members", "1"])

@@ -107,21 +107,9 @@ def evaluate_bases(base_model, ae, exps: Sequence[ExperimentConfig], ae_exp: Exp
     n = exp.eval.gfd_samples if extractor is not None else 64
     images = None
     if samples:
-        each = k > 1 and exp.resources.stack_sampling == "each"  # member after member, through ordinary networks
-        nets = [plain(base_model), plain(ae.decoder)] if each else [base_model, ae.decoder]
-        with (timer("sampling"), sampling_precision(exp.eval.sample_precision, x_eval.device),
-              sampling_networks(nets, exp.eval.sample_compile, exp.eval.sample_precision,
-                                x_eval.device, f"base {base.name} sampling") as (net, decoder)):
-            shape = (n, latent_shape, tuple(x_eval.shape[1:]))
-            if not each:
-                images = generate(net, ae, ae_exp, base, *shape, gen, decoder=decoder, members=k)
-            else:  # a diverged member's samples are not drawn
-                images = [None] * k
-                for i in [i for i in range(k) if i not in skip]:
-                    load_trial(nets[0], base_model, i)
-                    load_trial(nets[1], ae.decoder, i)
-                    images[i] = generate(net, None, ae_exp, base, *shape, gen.gens[i], decoder=decoder)
-        images = images if k > 1 else images[None]
+        with timer("sampling"):
+            images = generate_members(base_model, ae, exp, ae_exp, base, n, latent_shape, tuple(x_eval.shape[1:]),
+                                      gen, k, skip)
     shared = dict(timer.seconds)
     for i, e in enumerate(exps):
         if i in skip:
@@ -148,6 +136,31 @@ def evaluate_base(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentConfi
     metrics, images, _ = next(evaluate_bases(base_model, ae, [exp], ae_exp, [base], x_eval, latent_shape,
                                              extractor, data_hash, samples, timer))
     return metrics, images
+
+
+def generate_members(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentConfig, base: BaseStageConfig, n: int,
+                     latent_shape, image_shape, gen: Generator, members: int = 1,
+                     skip: Collection[int] = ()) -> list[torch.Tensor | None]:
+    """Each member's `n` samples as a final evaluation draws them (`eval.sample_precision`, and with
+    `eval.sample_compile` through the sampling gate): one run's, or a group's K members' from their stacked
+    networks and MemberGenerators, member after member through ordinary networks holding each one's weights in
+    turn (`resources.stack_sampling` each: the samples of its run alone; `skip`'s are not drawn, None) or all
+    at once (stacked). Returns one uint8 (n, C, H, W) tensor per member."""
+    each = members > 1 and exp.resources.stack_sampling == "each"
+    nets = [plain(base_model), plain(ae.decoder)] if each else [base_model, ae.decoder]
+    with (sampling_precision(exp.eval.sample_precision, gen.device),
+          sampling_networks(nets, exp.eval.sample_compile, exp.eval.sample_precision, gen.device,
+                            f"base {base.name} sampling") as (net, decoder)):
+        if not each:
+            images = generate(net, ae, ae_exp, base, n, latent_shape, image_shape, gen, decoder=decoder,
+                              members=members)
+            return list(images) if members > 1 else [images]
+        out: list[torch.Tensor | None] = [None] * members
+        for i in [i for i in range(members) if i not in skip]:
+            load_trial(nets[0], base_model, i)
+            load_trial(nets[1], ae.decoder, i)
+            out[i] = generate(net, None, ae_exp, base, n, latent_shape, image_shape, gen.gens[i], decoder=decoder)
+        return out
 
 
 GENERATE_BATCH = 1000  # samples a batch of `generate` (ulsweep/sweep/precompile.py compiles for its shapes)

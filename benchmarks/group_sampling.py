@@ -1,0 +1,125 @@
+"""A stacked group's final-evaluation sampling, member by member against all members at once
+(`resources.stack_sampling` each / stacked), side by side in one process: K randomly initialized autoencoders and
+base models of the experiment (timing only), stacked as a group holds them, through the library's own
+`reconstruct_images` (stage 1: `--recon-images` per member, `RECONSTRUCT_BATCH` a batch) and `generate_members`
+(stage 2: `--samples` per member, `GENERATE_BATCH` a batch), under the experiment's `eval.sample_precision` and
+`eval.sample_compile`.
+
+    python benchmarks/group_sampling.py experiments/lf_sweep.yaml --members 18 \
+        --out benchmarks/results/h200-group-sampling.json
+
+Per mode and part: `first_s`, the untimed first call on one batch a member (with compilation: the time a
+group pays once per architecture unless precompiled), then the median of `--repeats` timed calls; images/s
+counts all members' images. `max_abs_uint8_diff`: the largest difference of the mode's images from `each`'s
+(each gives a member's run-alone images; stacked differs by the rounding of its grouped kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from timing import run_env, sync, write_results  # noqa: E402  (beside this script)
+
+MODES = ("each", "stacked")
+
+
+def build_group(exp, k: int, channels: int, device: torch.device) -> tuple:
+    """K autoencoders and base models of `exp` (seeds 0..K-1), stacked: (stacked AE, stacked base, latent shape)."""
+    from ulsweep.models.stacked import stack
+    from ulsweep.train.build import build_autoencoder, build_base_model, latent_shape
+
+    aes, bases = [], []
+    for i in range(k):
+        torch.manual_seed(i)
+        aes.append(build_autoencoder(exp.ae, channels).to(device).eval())
+        bases.append(build_base_model(exp.base_models[0], latent_shape(exp)[0]).to(device).eval())
+    group = [stack(m).eval().requires_grad_(False) for m in (aes, bases)]
+    return group[0], group[1], latent_shape(exp)
+
+
+def timed(fn, repeats: int, device: torch.device) -> tuple[list[float], object]:
+    out, secs = None, []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        secs.append(time.perf_counter() - t0)
+    return secs, out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experiment", nargs="?", default="experiments/lf_sweep.yaml")
+    ap.add_argument("--members", type=int, default=18)
+    ap.add_argument("--channels", type=int, default=1, help="image channels of the randomly initialized models")
+    ap.add_argument("--recon-images", type=int, default=None, help="default: the experiment's ae.train.eval_images")
+    ap.add_argument("--samples", type=int, default=None, help="default: the experiment's eval.gfd_samples")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="experiment overrides")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.members < 2:
+        ap.error("--members: a group has at least 2")
+
+    from ulsweep.config import experiment_from_dict, load_experiment, to_dict
+    from ulsweep.config.loading import parse_overrides
+    from ulsweep.diffusion.noise import seeded
+    from ulsweep.train.stage1 import RECONSTRUCT_BATCH, reconstruct_images
+    from ulsweep.train.sampling import to_uint8
+    from ulsweep.train.stage2 import GENERATE_BATCH, generate_members
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as training runs
+    base_exp = load_experiment(args.experiment, parse_overrides(args.set))
+    k = args.members
+    ae, base_model, shape = build_group(base_exp, k, args.channels, device)
+    s = base_exp.data.image_size
+    image_shape = (args.channels, s, s)
+    n_rec = args.recon_images or base_exp.ae.train.eval_images
+    n_gen = args.samples or base_exp.eval.gfd_samples
+    x = torch.rand(n_rec, *image_shape, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+    base = base_exp.base_models[0]
+    rows, ref = [], {}
+    print(f"{'mode':>8} {'part':>12} {'members':>7} {'first s':>8} {'median s':>9} {'images/s':>9} {'max |d|':>8}")
+    for mode in args.modes:
+        exp = experiment_from_dict(to_dict(base_exp), {"resources.stack_trials": k, "resources.num_workers": 0,
+                                                       "resources.stack_sampling": mode})
+
+        def recon(n: int):
+            return to_uint8(reconstruct_images(ae, x[:n], exp, seeded(range(k), device), k)[0])
+
+        def gen(n: int):
+            return torch.stack(generate_members(base_model, ae, exp, exp, base, n, shape, image_shape,
+                                                seeded(range(k), device), k))
+
+        for part, fn, n, batch in (("reconstruct", recon, n_rec, RECONSTRUCT_BATCH),
+                                   ("generate", gen, n_gen, GENERATE_BATCH)):
+            first, _ = timed(lambda: fn(min(batch, n)), 1, device)
+            secs, images = timed(lambda: fn(n), args.repeats, device)
+            ref.setdefault(part, images)
+            diff = (images.int() - ref[part].int()).abs().max().item()
+            med = statistics.median(secs)
+            row = {"mode": mode, "part": part, "members": k, "images_per_member": n, "batch": batch,
+                   "first_s": first[0], "median_s": med, "seconds": secs, "images_per_s": k * n / med,
+                   "max_abs_uint8_diff": diff}
+            rows.append(row)
+            print(f"{mode:>8} {part:>12} {k:>7} {first[0]:>8.2f} {med:>9.3f} {row['images_per_s']:>9.0f} {diff:>8}")
+    env = run_env(args) | {"device": str(device), "sample_precision": base_exp.eval.sample_precision,
+                           "sample_compile": base_exp.eval.sample_compile}
+    write_results(args.out, env, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
