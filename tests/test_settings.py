@@ -179,6 +179,14 @@ def _read_by_the_sweep(tracer, tmp_path) -> None:
                    resources={"num_workers": 0, "stack_trials": 2, "stack_wait_s": 5})
     (keys,) = driver.stacking.plan(stacked)  # resources.stack_trials; the group's actor gets stack_wait_s
     assert driver.stacking.trainer_args(stacked, run_dir, 0, keys)[2] == 5
+    from ulsweep.diffusion.noise import seeded
+    from ulsweep.models.stacked import stack
+    from ulsweep.train.build import build_autoencoder
+    from ulsweep.train.stage1 import reconstruct_images
+
+    ae = stack([build_autoencoder(stacked.ae, 1) for _ in range(2)]).eval()
+    recon, _ = reconstruct_images(ae, torch.zeros(2, 1, 16, 16), stacked, seeded([0, 1], "cpu"), 2)
+    assert recon.shape == (2, 2, 1, 16, 16)  # a group's sampling, as resources.stack_sampling says
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -216,11 +216,11 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
             checkpoint(metrics, background=True)
         writer.poll()
 
+    writer.wait()  # the last checkpoint in flight, announced before the final evaluation hands anything over
     marks["t_train_end"] = time.time()
     if mode is not None:  # steps taken uncompiled while another process compiled (all of them if it never ended)
         marks["eager_steps"] = eager_steps
     if ts.step < tc.steps:  # stopped early on request: checkpointed at this step unless it just was
-        writer.wait()
         path = last_ckpt if rt.is_main and last_ckpt == step_dir(spec.run_dir, ts.step) else checkpoint({})
         return StageResult({}, path or "", ts.step, ts.train_seconds, {"stopped": True, "marks": marks})
     if not rt.is_main:
