@@ -304,3 +304,35 @@ def test_a_stacked_objective_traces_as_one_graph(stage, one_thread):
     x = torch.rand(2 * B, *((1, 16, 16) if stage == "ae" else (2, 4, 4)))
     explained = torch._dynamo.explain(lambda x, noise: group(x, noise)["total"].mean())(x, group.draw_noise(B, gens))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_a_compiled_plain_network_samples_with_the_weights_load_trial_put_in(one_thread):
+    """A group compiles its one ordinary sampling network once and loads each member's weights into it
+    (`load_trial`, in place): the compiled code must read them, not keep the first member's as constants, and
+    must not compile again for each member."""
+    import torch._dynamo
+
+    from ulsweep.models.stacked import load_trial, plain
+
+    exp = experiment_from_dict({"ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2}},
+                                "base_models": [{"name": "b", "model": {"preset": "tiny"}}]})
+    nets = []
+    for k in range(3):
+        torch.manual_seed(k)
+        nets.append(build_base_model(exp.base_models[0], 2).eval())
+        for p in nets[-1].parameters():
+            p.data.normal_(0, 0.05)  # the zero-initialized output layer would make every member's output 0
+    stacked = stack(nets).eval()
+    one = plain(stacked)
+    compiled = torch.compile(one)
+    x, lam = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(1)), torch.zeros(4)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        outs = []
+        for k in (0, 1, 2, 0):
+            load_trial(one, stacked, k)
+            outs.append(compiled(x, lam))
+            assert rel(outs[-1], nets[k](x, lam)) < 1e-5, k
+    assert rel(outs[0], outs[1]) > 1e-2  # the members differ
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
