@@ -120,6 +120,7 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     from ulsweep.data.sources import DeviceSplit
     from ulsweep.models.stacked import plain
     from ulsweep.train.build import build_autoencoder, latent_shape
+    from ulsweep.train.sampling import member_by_member
     from ulsweep.train.stage1 import RECONSTRUCT_BATCH, AEObjective, reconstruct_images
 
     t0 = time.time()
@@ -137,7 +138,7 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     if exp.eval.sample_compile:  # as the trial's evaluation reconstructs: a group's, as resources.stack_sampling says
         n = reconstruction_shapes_count(exp.ae.train.eval_images, RECONSTRUCT_BATCH)
         x = torch.rand(n, *image_shape, generator=gen, device=rt.device) * 2 - 1
-        net, k = (plain(ts.net), 1) if members > 1 and exp.resources.stack_sampling == "each" else (ts.net, members)
+        net, k = (plain(ts.net), 1) if member_by_member(exp, members) else (ts.net, members)
         _, compiled = reconstruct_images(net.eval(), x, exp, ts.gen if k > 1 else gen, k)
         out["sampling"] = "compiled" if compiled else "busy"
     return out | {"seconds": time.time() - t0}
@@ -246,10 +247,10 @@ def _compile_sampling(exp: ExperimentConfig, base, ema_net, shape, device, membe
     from ulsweep.diffusion import MemberGenerators
     from ulsweep.models.stacked import plain, stack
     from ulsweep.train.build import build_autoencoder
-    from ulsweep.train.sampling import sampling_networks, sampling_precision
+    from ulsweep.train.sampling import member_by_member, sampling_networks, sampling_precision
     from ulsweep.train.stage2 import GENERATE_BATCH, generate
 
-    if members > 1 and exp.resources.stack_sampling == "each":
+    if member_by_member(exp, members):
         ema_net, members = plain(ema_net), 1
     image_shape = _image_shape(exp)
     aes = [build_autoencoder(exp.ae, image_shape[0]).to(device) for _ in range(members)]

@@ -25,6 +25,13 @@ def sampling_precision(precision: str, device: torch.device):
     raise ValueError(f"sample precision {precision!r}: expected fp32 or bf16")
 
 
+def member_by_member(exp, members: int) -> bool:
+    """Whether a group of `members` samples its final evaluation member after member through one ordinary
+    network (`resources.stack_sampling` each; ulsweep/models/stacked.py `plain`, `load_trial`) rather than all at
+    once through its stacked networks; one run (members 1) has nothing to choose."""
+    return members > 1 and exp.resources.stack_sampling == "each"
+
+
 @contextmanager
 def sampling_networks(nets: list[nn.Module], compile_them: bool, precision: str, device: torch.device,
                       label: str = "sampling") -> Iterator[list[nn.Module]]:

@@ -27,7 +27,8 @@ from ulsweep.train.evaluation import PartTimer, load_eval_extractor, reconstruct
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
-from ulsweep.train.sampling import image_grid_png, reconstruct, sampling_networks, sampling_precision, to_uint8
+from ulsweep.train.sampling import (image_grid_png, member_by_member, reconstruct, sampling_networks,
+                                    sampling_precision, to_uint8)
 from ulsweep.train.state import TrainState
 
 KIND = "ae"
@@ -138,12 +139,15 @@ def reconstruct_images(ae, x: torch.Tensor, exp: ExperimentConfig, gen: Generato
     turn (as its run alone samples them); with stacked, every batch through the stacked one for all members at
     once (K*RECONSTRUCT_BATCH rows)."""
     tc = exp.ae.train
-    each = members > 1 and exp.resources.stack_sampling == "each"
+    each = member_by_member(exp, members)
     net = plain(ae) if each else ae
 
     def batches(decoder, g, m: int) -> torch.Tensor:  # (m, N, C, H, W)
-        return torch.cat([reconstruct(net.encoder, decoder, x[i:i + RECONSTRUCT_BATCH].repeat(m, 1, 1, 1),
-                                      exp.ae.loss, tc.sample_steps, sampler(tc, "decoder"), g).unflatten(0, (m, -1))
+        def rows(xb: torch.Tensor) -> torch.Tensor:  # a stacked group's batch holds every member's rows
+            return xb.repeat(m, 1, 1, 1) if m > 1 else xb
+
+        return torch.cat([reconstruct(net.encoder, decoder, rows(x[i:i + RECONSTRUCT_BATCH]), exp.ae.loss,
+                                      tc.sample_steps, sampler(tc, "decoder"), g).unflatten(0, (m, -1))
                           for i in range(0, len(x), RECONSTRUCT_BATCH)], 1)
 
     with (sampling_precision(exp.eval.sample_precision, x.device),

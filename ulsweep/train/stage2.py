@@ -27,8 +27,8 @@ from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.latents import IN_PROCESS, decode_path, latent_source, training_latents
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
-from ulsweep.train.sampling import (decode, generate_latents, image_grid_png, sampling_networks, sampling_precision,
-                                    to_uint8)
+from ulsweep.train.sampling import (decode, generate_latents, image_grid_png, member_by_member, sampling_networks,
+                                    sampling_precision, to_uint8)
 from ulsweep.train.state import TrainState
 
 KIND = "base"
@@ -146,7 +146,7 @@ def generate_members(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentCo
     networks and MemberGenerators, member after member through ordinary networks holding each one's weights in
     turn (`resources.stack_sampling` each: the samples of its run alone; `skip`'s are not drawn, None) or all
     at once (stacked). Returns one uint8 (n, C, H, W) tensor per member."""
-    each = members > 1 and exp.resources.stack_sampling == "each"
+    each = member_by_member(exp, members)
     nets = [plain(base_model), plain(ae.decoder)] if each else [base_model, ae.decoder]
     with (sampling_precision(exp.eval.sample_precision, gen.device),
           sampling_networks(nets, exp.eval.sample_compile, exp.eval.sample_precision, gen.device,
