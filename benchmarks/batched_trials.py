@@ -53,7 +53,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from timing import run_env, sync, write_results  # noqa: E402
-from train_step import MODES, STAGES, add_model_args, bench_experiment, latent_shape, set_dropout  # noqa: E402
+from train_step import (MODES, STAGES, add_model_args, bench_experiment, latent_shape, profile_step,  # noqa: E402
+                        set_dropout)
 
 from ulsweep.models.stacked import clip_trials  # noqa: E402
 from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model  # noqa: E402
@@ -201,6 +202,64 @@ class StackedTrials:
         return {k: v.detach() for k, v in self.net.named_parameters()}
 
 
+def unfold_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """`StackedConv2d.forward` as im2col and one batched matmul over the K trials, in place of the grouped
+    convolution (`--conv unfold`): (K*B, C, H, W) -> (K*B, out, H', W')."""
+    import torch.nn.functional as F
+
+    if self.groups != 1:
+        raise ValueError("--conv unfold takes convolutions of one group")
+    kh, kw = self.weight.shape[-2:]
+    h, w = x.shape[-2:]
+    ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+    wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+    cols = F.unfold(x, (kh, kw), dilation=self.dilation, padding=self.padding, stride=self.stride)  # (K*B, C*kh*kw, L)
+    cols = cols.unflatten(0, (self.k, -1)).transpose(2, 3)  # (K, B, L, C*kh*kw)
+    wt = self.weight.flatten(2).transpose(1, 2)  # (K, C*kh*kw, out)
+    y = torch.bmm(cols.flatten(1, 2), wt)  # (K, B*L, out)
+    if self.bias is not None:
+        y = y + self.bias.unsqueeze(1)
+    return y.unflatten(1, (-1, ho, wo)).permute(0, 1, 4, 2, 3).flatten(0, 1)
+
+
+def channels_last_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """`StackedConv2d.forward` with the grouped convolution's input in channels-last memory (`--conv
+    channels-last`): cuDNN's NHWC kernels for grouped convolutions."""
+    import torch.nn.functional as F
+
+    xg = _trials_first(x, self.k).contiguous(memory_format=torch.channels_last)
+    bias = None if self.bias is None else self.bias.flatten()
+    y = F.conv2d(xg, self.weight.flatten(0, 1), bias, self.stride, self.padding, self.dilation, self.groups * self.k)
+    return y.unflatten(1, (self.k, self.out_channels)).transpose(0, 1).flatten(0, 1)
+
+
+def _trials_first(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x.unflatten(0, (k, -1)).transpose(0, 1).flatten(1, 2)  # (K*B, C, H, W) -> (B, K*C, H, W)
+
+
+CONVS = {"grouped": None, "unfold": unfold_conv_forward, "channels-last": channels_last_conv_forward}
+
+
+@contextlib.contextmanager
+def stacked_conv(kind: str):
+    """StackedConv2d's forward replaced by the `--conv` variant while the block runs (`grouped`: the library's)."""
+    from ulsweep.models.stacked import StackedConv2d
+
+    original = StackedConv2d.forward
+    if CONVS[kind] is not None:
+        StackedConv2d.forward = CONVS[kind]
+    try:
+        yield
+    finally:
+        StackedConv2d.forward = original
+
+
+def profile_summary(prof: dict, top: int = 8) -> str:
+    kinds = ", ".join(f"{k} {v:.0%}" for k, v in prof["by_kind_frac_of_gpu"].items())
+    kernels = "\n".join(f"      {v:7.2f} ms  {k}" for k, v in list(prof["top_kernels_ms"].items())[:top])
+    return f"    GPU busy {prof['gpu_busy_frac']:.0%} of the profiled wall; by kind: {kinds}\n{kernels}"
+
+
 def make_program(kind: str, objectives: list[torch.nn.Module], optim, rt, compile_mode: str | bool = False,
                  attention: str = "library"):
     """The N trials as one program: "vmap" (BatchedTrials) or "stacked" (StackedTrials), both under the
@@ -332,6 +391,13 @@ def main(argv=None) -> int:
     p.add_argument("--check-batch", type=int, default=8)
     p.add_argument("--programs", nargs="+", default=["stacked", "vmap"], choices=["stacked", "vmap"],
                    help="how N trials become one program: stacked layers (ulsweep.models.stacked) or torch.func.vmap")
+    p.add_argument("--conv", nargs="+", default=["grouped"], choices=list(CONVS),
+                   help="stacked rows: the stacked convolutions as the library's grouped convolution, as im2col + "
+                        "one batched matmul (unfold), or grouped on channels-last input; one row each")
+    p.add_argument("--no-baseline", action="store_true", help="leave out the `one trial` rows (their compilation "
+                   "time), and with them the ratios")
+    p.add_argument("--profile", action="store_true", help="after each row's timed window, a GPU-time breakdown "
+                   "of 5 steps by kernel kind (use compile mode `default`: CUDA graphs hide their kernels)")
     p.add_argument("--attention", default="library", choices=["library", "math"],
                    help="the batched program's attention: the library's (SDPA picks a fused kernel) or SDPA's math "
                         "backend (batched by vmap)")
@@ -350,23 +416,29 @@ def main(argv=None) -> int:
           f"{'1st step':>8}")
     for mode in a.modes:
         base = None
-        variants = [("one trial", 1, lambda: STAGES[a.stage](exp, a.batch, mode, a.channels)[0])]
-        variants += [(f"{program} {n}", n,
+        variants = [] if a.no_baseline else [
+            ("one trial", 1, "grouped", lambda: STAGES[a.stage](exp, a.batch, mode, a.channels)[0])]
+        convs = a.conv if a.stage == "ae" else ["grouped"]  # the base model has no convolution
+        variants += [(f"{program} {n}" + (f" {conv}" if conv != "grouped" else ""), n, conv,
                       lambda n=n, program=program: batched_step(exp, a.stage, n, a.batch, a.channels, mode, device,
                                                                 a.attention, program))
-                     for program in a.programs for n in a.trials]
-        for name, n, build in variants:
+                     for program in a.programs for n in a.trials for conv in (convs if program == "stacked"
+                                                                              else ["grouped"])]
+        for name, n, conv, build in variants:
             row = {"stage": a.stage, "mode": mode, "program": name, "trials": n, "batch_per_trial": a.batch,
-                   "attention": a.attention if name.startswith("vmap") else "library"}
+                   "attention": a.attention if name.startswith("vmap") else "library", "conv": conv}
             try:
-                with warnings.catch_warnings(record=True) as caught:
+                with warnings.catch_warnings(record=True) as caught, stacked_conv(conv):
                     warnings.simplefilter("always")
                     # a fresh compile per row: Dynamo caches per code object, and the stacked objective's forward,
                     # met again at another batch size, would otherwise be recompiled with dynamic shapes
                     torch.compiler.reset()
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
-                    secs, k, first = time_steps(build(), device, a.seconds, a.warmup)
+                    step = build()
+                    secs, k, first = time_steps(step, device, a.seconds, a.warmup)
+                    if a.profile:
+                        row["profile"] = profile_step(step, device)
             except Exception as e:  # noqa: BLE001 - a mode that does not compile is a row, not the end
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(f"{mode:>16} {name:>11}  failed: {row['error'][:100]}")
@@ -386,6 +458,8 @@ def main(argv=None) -> int:
                   f"{first:>7.1f}s"
                   + (f"  vmap ran one trial at a time: {', '.join(row['vmap_fallback_ops'])}"
                      if row["vmap_fallback_ops"] else ""))
+            if "profile" in row:
+                print(profile_summary(row["profile"]))
     write_results(a.out, env, rows)
     return 0
 

@@ -703,3 +703,27 @@ def test_group_sampling_times_each_mode_and_part_on_the_same_images(tmp_path):
         assert r["max_abs_uint8_diff"] <= 1
     with pytest.raises(SystemExit):
         group_sampling.main(["experiments/quickstart.yaml", "--members", "1"])
+
+
+@pytest.mark.parametrize("kind", ["unfold", "channels-last"])
+@pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1), dict(kernel_size=2, stride=2),
+                                  dict(kernel_size=1), dict(kernel_size=3, stride=2, padding=1, bias=False)])
+def test_batched_trials_conv_variants_compute_the_stacked_convolution(kind, conv):
+    """`--conv unfold` / `channels-last` rows time the same convolutions as the library's grouped one: each
+    trial's own nn.Conv2d on its own rows, forwards and input gradients."""
+    import batched_trials as bt
+    from ulsweep.models.stacked import StackedConv2d
+
+    torch.manual_seed(0)
+    convs = [torch.nn.Conv2d(3, 5, **conv) for _ in range(3)]
+    x = torch.randn(3 * 2, 3, 8, 8, requires_grad=True)
+    want = torch.cat([c(xk) for c, xk in zip(convs, x.chunk(3))])
+    (gx_want,) = torch.autograd.grad(want.square().sum(), x)
+    stacked = StackedConv2d(convs)
+    with bt.stacked_conv(kind):
+        got = stacked(x)
+    assert StackedConv2d.forward is not bt.CONVS[kind]  # put back after the block
+    (gx,) = torch.autograd.grad(got.square().sum(), x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_want, atol=1e-4, rtol=1e-4)
