@@ -68,6 +68,9 @@ def test_a_group_trains_each_member_as_its_own_run(tmp_path, alone, one_thread):
         with open(os.path.join(d, "result.json")) as f:
             assert json.load(f)["config_hash"] == stage1_hash(exps[i])
         assert os.path.exists(res.extra["images"]["reconstructions.png"])
+        # the group's setup, timed by part in every member's marks (the sweep's timeline reads them)
+        assert {k for k in res.extra["marks"] if k.startswith("setup_")} == {"setup_data_s", "setup_models_s"}
+        assert all(res.extra["marks"][k] > 0 for k in ("setup_data_s", "setup_models_s"))
         # its own metrics: the final evaluation and every logged curve (the clipped norm is its own)
         for k in ("bpp", "bpp_se", "psnr", "bpp_online"):
             assert res.metrics[k] == pytest.approx(res_alone.metrics[k], rel=1e-3, abs=1e-4), (i, k)
@@ -224,6 +227,9 @@ def test_a_base_group_trains_each_member_as_its_own_run(tmp_path, alone, bases_a
         for key in ("base_bpp", "base_bpp_se", "gflops_base", "train_flops"):
             assert res.metrics[key] == pytest.approx(res_alone.metrics[key], rel=1e-3, abs=1e-4), (i, key)
         assert os.path.exists(res.extra["images"]["samples.png"]) and res.extra["group"]["member"] == i
+        setup = {k: v for k, v in res.extra["marks"].items() if k.startswith("setup_")}
+        assert set(setup) == {f"setup_{p}_s" for p in ("checkpoints", "data", "encode", "latents", "models")}
+        assert all(v > 0 for v in setup.values()), setup
         assert [s for s, _ in rec.logs] == [s for s, _ in rec_alone.logs]
         for (_, m), (_, m_alone) in zip(rec.logs, rec_alone.logs):
             if "loss" in m_alone:

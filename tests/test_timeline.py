@@ -141,8 +141,10 @@ def test_the_final_evaluations_parts_median_per_kind_in_the_markdown(tl):
     runs = pd.DataFrame([
         {"kind": "ae", "time/evaluate_bpp_s": 1.0, "time/evaluate_sampling_s": 4.0, "time/evaluate_fd_s": 2.0},
         {"kind": "ae", "time/evaluate_bpp_s": 3.0, "time/evaluate_sampling_s": 6.0, "time/evaluate_fd_s": None},
-        {"kind": "base", "time/evaluate_bpp_s": 0.5, "time/evaluate_sampling_s": 40.0, "time/evaluate_fd_s": 9.0},
-        {"kind": "base", "time/evaluate_bpp_s": None, "time/evaluate_sampling_s": None, "time/evaluate_fd_s": None},
+        {"kind": "base", "time/evaluate_bpp_s": 0.5, "time/evaluate_sampling_s": 40.0, "time/evaluate_fd_s": 9.0,
+         "time/setup_encode_s": 3.0},
+        {"kind": "base", "time/evaluate_bpp_s": None, "time/evaluate_sampling_s": None, "time/evaluate_fd_s": None,
+         "time/setup_encode_s": None},
     ])
     p = rt.evaluation_parts(runs).set_index(["kind", "part"])
     assert p.loc[("ae", "evaluate_bpp_s"), "median per trial (s)"] == pytest.approx(2.0)
@@ -150,7 +152,9 @@ def test_the_final_evaluations_parts_median_per_kind_in_the_markdown(tl):
     assert p.loc[("base", "evaluate_sampling_s"), "median per trial (s)"] == pytest.approx(40.0)
     assert list(p.loc["ae"].index) == ["evaluate_bpp_s", "evaluate_sampling_s", "evaluate_fd_s"]  # in order
     md = rt.markdown(tl, runs)
-    assert "| base | sampling (reconstructions / generations) | 40.0 | 1 |" in md
+    assert "| base | final evaluation: sampling (reconstructions / generations) | 40.0 | 1 |" in md
+    assert "| base | setup: encode the members' latents | 3.0 | 1 |" in md  # a stacked group's setup, first
+    assert list(p.loc["base"].index)[0] == "setup_encode_s"
     assert "by part" not in rt.markdown(tl, pd.DataFrame([{"kind": "ae", "bpp": 0.1}]))  # older sweeps: none
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ulsweep import tracking
-from ulsweep.sweep.timeline import EVALUATE_PARTS, PHASES, TAG, TAG_PROCESS, parse_tag, process_trial
+from ulsweep.sweep.timeline import PARTS, PHASES, TAG, TAG_PROCESS, parse_tag, process_trial
 
 PHASE_COLORS = {"imports": "#d8b5a5", "tracking": "#9d755d", "start": "#bab0ac", "setup": "#f58518",
                 "first_step": "#e45756", "train": "#4c78a8", "evaluate": "#54a24b", "finish": "#b279a2",
@@ -19,9 +19,13 @@ PHASE_LABELS = {"imports": "imports (MLflow, torch, Ray Train; older sweeps: in 
                 "setup": "setup (data, latents, networks)", "first_step": "first step (compile)", "train": "train",
                 "evaluate": "final evaluation", "finish": "finish (checkpoint, MLflow)", "failed": "failed attempt"}
 COLUMNS = ["key", "kind", "attempt", "phase", "start", "end", "seconds", "process_trial"]
-PART_LABELS = {"evaluate_extractor_s": "load the feature extractors", "evaluate_bpp_s": "held-out bits/pixel",
-               "evaluate_sampling_s": "sampling (reconstructions / generations)",
-               "evaluate_fd_s": "features and Fréchet distances", "evaluate_flops_s": "FLOPs count"}
+PART_LABELS = {"setup_checkpoints_s": "setup: read the autoencoders' checkpoints", "setup_data_s": "setup: data",
+               "setup_encode_s": "setup: encode the members' latents", "setup_latents_s": "setup: read the latents back",
+               "setup_models_s": "setup: build the stacked networks",
+               "evaluate_extractor_s": "final evaluation: load the feature extractors", "evaluate_bpp_s": "final evaluation: held-out bits/pixel",
+               "evaluate_sampling_s": "final evaluation: sampling (reconstructions / generations)",
+               "evaluate_fd_s": "final evaluation: features and Fréchet distances",
+               "evaluate_flops_s": "final evaluation: FLOPs count"}
 
 
 def timeline_frame(runs) -> pd.DataFrame:
@@ -131,16 +135,17 @@ def _process_words(n) -> str:
 
 
 def evaluation_parts(runs: pd.DataFrame) -> pd.DataFrame:
-    """Median seconds per part of the trials' final evaluations (their `time/evaluate_<part>_s` metrics), per
-    kind, with the number of trials that have it; empty for sweeps recorded before the parts were timed."""
-    cols = [f"time/{p}" for p in EVALUATE_PARTS if f"time/{p}" in runs.columns]
+    """Median seconds per part of the trials' final evaluations and of stacked groups' setups (their
+    `time/evaluate_<part>_s`, `time/setup_<part>_s` metrics), per kind, with the number of trials that have it;
+    empty for sweeps recorded before the parts were timed."""
+    cols = [f"time/{p}" for p in PARTS if f"time/{p}" in runs.columns]
     if runs.empty or not cols or "kind" not in runs.columns:
         return pd.DataFrame(columns=["kind", "part", "median per trial (s)", "trials"])
     long = runs[["kind", *cols]].melt(id_vars="kind", var_name="part", value_name="s").dropna()
     long["part"] = long["part"].str.removeprefix("time/")
     g = long.groupby(["kind", "part"], sort=False)["s"]
     out = pd.DataFrame({"median per trial (s)": g.median(), "trials": g.size()}).reset_index()
-    order = {p: i for i, p in enumerate(EVALUATE_PARTS)}
+    order = {p: i for i, p in enumerate(PARTS)}
     return out.assign(_o=out["part"].map(order)).sort_values(["kind", "_o"]).drop(columns="_o").reset_index(drop=True)
 
 
@@ -168,7 +173,8 @@ def markdown(tl: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
                      f"{100 * r['share of kind']:.0f}% | {r['median per trial (s)']:.1f} | {r['trials']} |")
     parts = evaluation_parts(runs) if runs is not None else pd.DataFrame()
     if not parts.empty:
-        lines += ["", "The final evaluation by part (each part's seconds end with the device synchronized):", "",
+        lines += ["", "A stacked group's setup and the final evaluation by part (each part's seconds end with the device "
+                  "synchronized):", "",
                   "| kind | part | median per trial (s) | trials |", "|---|---|---:|---:|"]
         lines += [f"| {r['kind']} | {PART_LABELS[r['part']]} | {r['median per trial (s)']:.1f} | {r['trials']} |"
                   for _, r in parts.iterrows()]

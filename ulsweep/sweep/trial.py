@@ -33,13 +33,13 @@ log = logging.getLogger(__name__)
 
 # result entries that are bookkeeping, not metrics of the trained model
 _BOOKKEEPING = {"step", "final", "loop_seconds", "train_seconds", "t_worker", "t_loop", "t_loop_end", "compile_gate",
-                "cuda_wait", "t_compiled_step_end", "eager_steps", *timeline.EVALUATE_PARTS,
+                "cuda_wait", "t_compiled_step_end", "eager_steps", *timeline.PARTS,
                 *(m for m, _ in timeline.MARKS)}
 # compile_gate: how the first step got through ulsweep/train/compile_gate.py ("first", "after", "done", ...);
 # cuda_wait: resources.cuda_wait's outcome in the trial process (ulsweep/train/cuda_wait.py), e.g. "block: set"
 _TIMINGS = ("t_worker", "t_loop", "t_loop_end", "train_seconds", "loop_seconds", "compile_gate", "cuda_wait",
             "t_compiled_step_end",
-            "eager_steps", *timeline.EVALUATE_PARTS,
+            "eager_steps", *timeline.PARTS,
             *(m for m, _ in timeline.MARKS
               if m not in ("t_imports", "t_run", "t_loop", "t_fit_end")))  # those four: the trial's own marks
 
@@ -369,7 +369,7 @@ def _record_timings(c, run_id: str, run_dir: str, key: str, rec: dict) -> None:
         old = tracking.retry(c.get_run, run_id).data.tags.get(timeline.TAG)
         tracking.retry(c.set_tag, run_id, timeline.TAG, timeline.add_attempt(old, ph))
         if not rec.get("error"):  # once: a trial re-run after a driver kill keeps its first durations
-            parts = {f"time/{k}": rec[k] for k in timeline.EVALUATE_PARTS if isinstance(rec.get(k), (int, float))}
+            parts = {f"time/{k}": rec[k] for k in timeline.PARTS if isinstance(rec.get(k), (int, float))}
             tracking.log_metrics_once(c, run_id, {**{f"time/{k}_s": v for k, v in timeline.durations(ph).items()},
                                                   **parts})
     except Exception as e:  # noqa: BLE001 - tracking must not lose a trial

@@ -58,9 +58,10 @@ class PartTimer:
             self.seconds[key] = self.seconds.get(key, 0.0) + sec
 
 
-def pop_seconds(metrics: dict) -> dict[str, float]:
-    """Take a final evaluation's `seconds/<part>` entries out of its metrics: {evaluate_<part>_s: seconds}."""
-    return {f"evaluate_{k[len(SECONDS):]}_s": metrics.pop(k) for k in [k for k in metrics if k.startswith(SECONDS)]}
+def pop_seconds(metrics: dict, phase: str = "evaluate") -> dict[str, float]:
+    """Take a timer's `seconds/<part>` entries out of `metrics` (a final evaluation's, or a PartTimer's
+    `seconds`): {<phase>_<part>_s: seconds}."""
+    return {f"{phase}_{k[len(SECONDS):]}_s": metrics.pop(k) for k in [k for k in metrics if k.startswith(SECONDS)]}
 
 
 def ensure_domain_extractor(exp: ExperimentConfig, device: str | torch.device = "cpu") -> str:

@@ -225,22 +225,25 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     exp0, k = exps[0], len(exps)
     tc = exp0.ae.train
     rt = one_process(make_runtime(tc), group_dir)
-    source, x_eval, data_hash, image_shape = train_source(exp0.data, rt, exp0.ae.train.seed, tc.eval_images,
-                                                          tc.batch_size, label=f"ae group of {k}")
-    sources = [source]
-    for e in exps[1:]:  # a split on the device serves every member (each draws with its own generator)
-        sources.append(source if isinstance(source, DeviceSplit) else
-                       train_source(e.data, rt, e.ae.train.seed, 0, tc.batch_size, label=f"ae {e.name}")[0])
+    setup = PartTimer(rt.device)  # where the group's time before its first step goes (every member's marks)
+    with setup("data"):
+        source, x_eval, data_hash, image_shape = train_source(exp0.data, rt, exp0.ae.train.seed, tc.eval_images,
+                                                              tc.batch_size, label=f"ae group of {k}")
+        sources = [source]
+        for e in exps[1:]:  # a split on the device serves every member (each draws with its own generator)
+            sources.append(source if isinstance(source, DeviceSplit) else
+                           train_source(e.data, rt, e.ae.train.seed, 0, tc.batch_size, label=f"ae {e.name}")[0])
     c, latent_shape = image_shape[0], latent_shape_of(exp0)
-    objectives = []
-    for e in exps:
-        torch.manual_seed(e.ae.train.seed)  # weight initialization, as the member's own run
-        ae = build_autoencoder(e.ae, c).to(rt.device)
-        objectives.append(AEObjective(ae, e.ae.loss, image_shape, latent_shape))
-    objective = GroupObjective(objectives)
-    del objectives  # their weights are copied into the stacked network
-    gens = [torch.Generator(rt.device).manual_seed(e.ae.train.seed) for e in exps]
-    ts = GroupTrainState(objective.stacked.ae, exp0.ae.optim, rt, gens, compile_clip=compiles_clip(tc, rt))
+    with setup("models"):
+        objectives = []
+        for e in exps:
+            torch.manual_seed(e.ae.train.seed)  # weight initialization, as the member's own run
+            ae = build_autoencoder(e.ae, c).to(rt.device)
+            objectives.append(AEObjective(ae, e.ae.loss, image_shape, latent_shape))
+        objective = GroupObjective(objectives)
+        del objectives  # their weights are copied into the stacked network
+        gens = [torch.Generator(rt.device).manual_seed(e.ae.train.seed) for e in exps]
+        ts = GroupTrainState(objective.stacked.ae, exp0.ae.optim, rt, gens, compile_clip=compiles_clip(tc, rt))
     meta = {"data_hash": data_hash, "image_shape": list(image_shape), "latent_shape": list(latent_shape)}
 
     def members(ema_stacked, final: bool, extractor, timer, skip):
@@ -258,7 +261,7 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     spec = RunSpec(group_dir, "ae-group", f"ae group of {k}", group_hash(exps),
                    dump_yaml({"members": [e.name for e in exps], "run_dirs": run_dirs}),
                    {"configs": [to_dict(e) for e in exps]}, meta | {"members": k})
-    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0)
+    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0, setup)
 
 
 def one_process(rt, group_dir: str):
@@ -270,7 +273,8 @@ def one_process(rt, group_dir: str):
 
 
 def train_group(objective: GroupObjective, source: GroupSource, members, write, ts: GroupTrainState, tc,
-                spec: RunSpec, hooks: TrainHooks, exp: ExperimentConfig) -> list[StageResult | None]:
+                spec: RunSpec, hooks: TrainHooks, exp: ExperimentConfig,
+                setup: PartTimer | None = None) -> list[StageResult | None]:
     """A group's run of the one training loop, and the members' results (None for one that diverged; a group
     stopped early on request gives each member the group's state, which its checkpoint holds).
 
@@ -278,8 +282,10 @@ def train_group(objective: GroupObjective, source: GroupSource, members, write, 
     images, seconds) but `skip`'s (those that diverged): the evaluation of `ulsweep.train.stage1.evaluate_aes`
     or `ulsweep.train.stage2.evaluate_bases`. A final evaluation loads `exp`'s extractor and hands each member's
     over (`hand_over`: `write(i, metrics, images, marks)` writes its files and returns its result), as soon as
-    its own parts are done, so that its next trials need not wait for the others'."""
-    k, marks = ts.k, {}  # the loop's phase marks: every member's timeline
+    its own parts are done, so that its next trials need not wait for the others'. `setup` timed the parts of the
+    group's setup (`setup_<part>_s` in every member's marks)."""
+    k = ts.k
+    marks = pop_seconds(dict(setup.seconds), "setup") if setup else {}  # the loop's phase marks: every member's
     results: list[StageResult | None] = [None] * k
 
     def evaluate(ema_stacked, final: bool) -> tuple[dict, dict]:

@@ -29,6 +29,7 @@ from ulsweep.data.sources import DeviceSplit, choose_loader_for, load_eval_image
 from ulsweep.models.stacked import stack
 from ulsweep.train.build import base_schedule, build_base_model
 from ulsweep.train.checkpoint import finished_result
+from ulsweep.train.evaluation import PartTimer
 from ulsweep.train.group import (MEMBER_KEYS, GroupObjective, GroupSource, GroupTrainState, compiles_clip, one_process,
                                  train_group, write_member)
 from ulsweep.train.hooks import StageResult, TrainHooks
@@ -82,9 +83,10 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
     exp0, base0, k = exps[0], bases[0], len(exps)
     tc = base0.train
     rt = one_process(make_runtime(tc), group_dir)
+    setup = PartTimer(rt.device)  # where the group's time before its first step goes (every member's marks)
     # (autoencoder, experiment, meta) of each member, read side by side: a stage-1 checkpoint holds its weights,
     # EMA and AdamW moments (~4x the weights), which the loader reads and checks (SHA-256) before loading
-    with ThreadPoolExecutor(min(8, k)) as pool:
+    with setup("checkpoints"), ThreadPoolExecutor(min(8, k)) as pool:
         frozen = list(pool.map(lambda c: load_frozen_autoencoder(c, rt.device), ae_checkpoints))
     aes, ae_exps, ae_metas = zip(*frozen)
     check_members(exps, bases, ae_exps)
@@ -93,34 +95,38 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
     if all(r is not None for r in done):
         return done
     label = f"base {base0.name} group of {k}"
-    ds = open_splits(exp0.data)
-    data_hash = ds.content_hash
-    x_eval = load_eval_images(ds, exp0.data, rt.device, max(tc.eval_images, exp0.eval.gfd_reference_images))
+    with setup("data"):
+        ds = open_splits(exp0.data)
+        data_hash = ds.content_hash
+        x_eval = load_eval_images(ds, exp0.data, rt.device, max(tc.eval_images, exp0.eval.gfd_reference_images))
     latent_shape = tuple(ae_metas[0]["latent_shape"])
     need = k * ds.splits[exp0.data.train_split] * 4 * math.prod(latent_shape)  # every member's latents
     loader, why = choose_loader_for(exp0.data, need, rt.device, "latents")
     print(f"[{label}] data.loader {exp0.data.loader} -> {loader} for the {k} members' latents: {why}", flush=True)
     decode = say_decode_path(exp0, ds, rt, f"[{label}]")
     stacked_ae = stack(list(aes)).eval().requires_grad_(False)  # the members' frozen autoencoders as one
-    # every member's latents in one pass over the split where none is stored yet, then each member's as ever
-    encode_together(stacked_ae.encoder, [(c, m["sha256"]) for c, m in zip(ae_checkpoints, ae_metas)], ds,
-                    exp0.data, rt.device, decode)
+    with setup("encode"):  # every member's latents in one pass over the split where none is stored yet
+        encode_together(stacked_ae.encoder, [(c, m["sha256"]) for c, m in zip(ae_checkpoints, ae_metas)], ds,
+                        exp0.data, rt.device, decode)
     sources, stored = [], []
-    for ae, ckpt, meta, b in zip(aes, ae_checkpoints, ae_metas, bases):
-        latents, z_train = training_latents(ae.encoder, ckpt, meta["sha256"], ds, exp0.data, rt.device,
-                                            load=loader == "device", decode=decode)
-        sources.append(DeviceSplit(z_train) if z_train is not None else
-                       latent_source(latents, rt, b.train.seed, tc.batch_size))
-        stored.append(latents)
-    objectives = []
-    for b, ae_exp in zip(bases, ae_exps):
-        torch.manual_seed(b.train.seed)  # weight initialization, as the member's own run
-        net = build_base_model(b, latent_shape[0]).to(rt.device)
-        objectives.append(BaseObjective(net, base_schedule(ae_exp.ae.loss, b), b.loss.sigmoid_bias, latent_shape))
-    objective = GroupObjective(objectives)
-    del objectives  # their weights are copied into the stacked network
-    gens = [torch.Generator(rt.device).manual_seed(b.train.seed) for b in bases]
-    ts = GroupTrainState(objective.stacked.net, base0.optim, rt, gens, compile_clip=compiles_clip(tc, rt))
+    with setup("latents"):  # then each member's, read back as ever
+        for ae, ckpt, meta, b in zip(aes, ae_checkpoints, ae_metas, bases):
+            latents, z_train = training_latents(ae.encoder, ckpt, meta["sha256"], ds, exp0.data, rt.device,
+                                                load=loader == "device", decode=decode)
+            sources.append(DeviceSplit(z_train) if z_train is not None else
+                           latent_source(latents, rt, b.train.seed, tc.batch_size))
+            stored.append(latents)
+    with setup("models"):
+        objectives = []
+        for b, ae_exp in zip(bases, ae_exps):
+            torch.manual_seed(b.train.seed)  # weight initialization, as the member's own run
+            net = build_base_model(b, latent_shape[0]).to(rt.device)
+            objectives.append(BaseObjective(net, base_schedule(ae_exp.ae.loss, b), b.loss.sigmoid_bias,
+                                            latent_shape))
+        objective = GroupObjective(objectives)
+        del objectives  # their weights are copied into the stacked network
+        gens = [torch.Generator(rt.device).manual_seed(b.train.seed) for b in bases]
+        ts = GroupTrainState(objective.stacked.net, base0.optim, rt, gens, compile_clip=compiles_clip(tc, rt))
     del frozen, aes
     metas = [{"data_hash": data_hash, "ae_checkpoint": c, "ae_sha256": m["sha256"], "latent_shape": list(latent_shape),
               "latents": lat.uri if lat else None, "latents_hash": lat.content_hash if lat else None}
@@ -149,4 +155,4 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
                               "ae_checkpoints": ae_checkpoints, "run_dirs": run_dirs}),
                    {"configs": [to_dict(b) for b in bases]}, {"data_hash": data_hash, "members": k,
                                                               "latent_shape": list(latent_shape)})
-    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0)
+    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0, setup)
