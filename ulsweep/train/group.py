@@ -116,13 +116,17 @@ class GroupTrainState(TrainState):
         super().__init__(net, oc, rt, 0)
         self.gen, self.k = MemberGenerators(gens), len(gens)
         # the per-member norms and division: a few kernels per gradient tensor uncompiled (hundreds of launches a
-        # step), a few fused ones compiled (`compile_clip`: where the step itself compiles on a GPU)
+        # step), a few fused ones compiled (`compile_clip`: where the step itself compiles on a GPU). Uncompiled
+        # while the step is (`step_compiled` False: another process compiles the step, and with it this clipping,
+        # whose compile here would hold up the first step: 68 s for lf_sweep's autoencoders on 2 CPU cores);
+        # compiled from the first compiled step on, from the caches the other process filled
         self.clip = torch.compile(clip_trials, dynamic=False) if compile_clip else clip_trials
 
     def optimizer_step(self, loss: torch.Tensor) -> torch.Tensor:
         """Backward, each member's clipping, the step; returns the K gradient norms before clipping."""
         loss.backward()
-        norms = self.clip([p.grad for p in self.net.parameters() if p.grad is not None], self.k, self.oc.grad_clip)
+        clip = self.clip if self.step_compiled else clip_trials
+        norms = clip([p.grad for p in self.net.parameters() if p.grad is not None], self.k, self.oc.grad_clip)
         self.apply_gradients()
         return norms
 
