@@ -233,11 +233,28 @@ def channels_last_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
     return y.unflatten(1, (self.k, self.out_channels)).transpose(0, 1).flatten(0, 1)
 
 
+def nhwc_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """`StackedConv2d.forward` with the grouped convolution's input and weight in channels-last memory made by
+    the one copy the library's transpose makes anyway (`--conv nhwc`): the K trials' channels side by side in
+    each pixel, (B, H, W, K, C) in memory, which is (B, K*C, H, W) channels-last as a view; cuDNN's grouped
+    kernels run on NHWC, which it otherwise converts to and from at every call."""
+    import torch.nn.functional as F
+
+    k = self.k
+    xg = x.unflatten(0, (k, -1)).permute(1, 3, 4, 0, 2).contiguous()  # (B, H, W, K, C), the one copy
+    xg = xg.permute(0, 3, 4, 1, 2).flatten(1, 2)  # (B, K*C, H, W), channels-last strides: a view
+    w = self.weight.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+    bias = None if self.bias is None else self.bias.flatten()
+    y = F.conv2d(xg, w, bias, self.stride, self.padding, self.dilation, self.groups * k)  # (B, K*out, H', W')
+    return y.unflatten(1, (k, self.out_channels)).transpose(0, 1).reshape(-1, self.out_channels, *y.shape[-2:])
+
+
 def _trials_first(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.unflatten(0, (k, -1)).transpose(0, 1).flatten(1, 2)  # (K*B, C, H, W) -> (B, K*C, H, W)
 
 
-CONVS = {"grouped": None, "unfold": unfold_conv_forward, "channels-last": channels_last_conv_forward}
+CONVS = {"grouped": None, "unfold": unfold_conv_forward, "channels-last": channels_last_conv_forward,
+         "nhwc": nhwc_conv_forward}
 
 
 @contextlib.contextmanager

@@ -705,7 +705,7 @@ def test_group_sampling_times_each_mode_and_part_on_the_same_images(tmp_path):
         group_sampling.main(["experiments/quickstart.yaml", "--members", "1"])
 
 
-@pytest.mark.parametrize("kind", ["unfold", "channels-last"])
+@pytest.mark.parametrize("kind", ["unfold", "channels-last", "nhwc"])
 @pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1), dict(kernel_size=2, stride=2),
                                   dict(kernel_size=1), dict(kernel_size=3, stride=2, padding=1, bias=False)])
 def test_batched_trials_conv_variants_compute_the_stacked_convolution(kind, conv):
