@@ -45,9 +45,11 @@ def test_bias_pairs_plan():
     assert exp.ae.train.steps == 4 * lf.ae.train.steps
     assert dataclasses.replace(exp.ae.train, steps=lf.ae.train.steps, ckpt_every=lf.ae.train.ckpt_every) == lf.ae.train
     # evaluated as there; whether sampling runs compiled changes its speed, not what it computes (the published
-    # bias-pairs run sampled uncompiled)
+    # bias-pairs run sampled uncompiled), and its precision moves gFID far less than a seed (lf_sweep samples in
+    # bf16 since session 25; the bias-pairs run was published in fp32, as it stays)
     assert exp.base_models == lf.base_models
-    assert dataclasses.replace(exp.eval, sample_compile=lf.eval.sample_compile) == lf.eval
+    assert exp.eval.sample_precision == "fp32" and lf.eval.sample_precision == "bf16"
+    assert dataclasses.replace(exp.eval, sample_compile=lf.eval.sample_compile, sample_precision="bf16") == lf.eval
     assert all(b.train.seed == t.ae.train.seed for t in trials for b in t.base_models)
 
 
