@@ -1,5 +1,6 @@
-"""A stacked group's final hand-over: members' files written between their evaluations, or in a thread of their
-own while the next members are evaluated (issue 23; `ulsweep.train.group.hand_over`).
+"""A stacked group's final hand-over: members' files written between their evaluations, or in threads of their
+own while the next members are evaluated, one writer thread or the library's MEMBER_WRITERS (issue 23;
+`ulsweep.train.group.hand_over`).
 
 K members of the experiment's autoencoder stacked as a group's network (one AdamW step taken, so the checkpoint
 holds its moments, as a finished run's does); each member's evaluation is stood in for by `--eval-s` seconds of
@@ -35,6 +36,7 @@ def main() -> None:
     from ulsweep.config import load_experiment
     from ulsweep.models.stacked import stack
     from ulsweep.train.build import build_autoencoder
+    from ulsweep.train import group
     from ulsweep.train.group import GroupTrainState, hand_over, write_member
     from ulsweep.train.runtime import make_runtime
 
@@ -64,9 +66,13 @@ def main() -> None:
     for i, (m, images, _) in enumerate(evaluations()):  # as session 22's group did
         write(i, m, images, {})
     rows.append({"variant": "between evaluations", "seconds": time.perf_counter() - t})
-    t = time.perf_counter()
-    hand_over(evaluations(), None, [None] * k, {}, write)
-    rows.append({"variant": "own thread", "seconds": time.perf_counter() - t})
+    writers = group.MEMBER_WRITERS
+    for n in (1, writers):
+        group.MEMBER_WRITERS = n
+        t = time.perf_counter()
+        hand_over(evaluations(), None, [None] * k, {}, write)
+        rows.append({"variant": f"{n} writer thread{'s' * (n > 1)}", "seconds": time.perf_counter() - t})
+    group.MEMBER_WRITERS = writers
     size = sum(p.stat().st_size for p in root.rglob("state.pt")) / (2 * k)
     for r in rows:
         r["ratio_to_between"] = rows[0]["seconds"] / r["seconds"]

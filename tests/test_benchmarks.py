@@ -682,7 +682,7 @@ def test_member_writes_benchmark_times_both_hand_overs_and_writes_its_rows(tmp_p
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["between evaluations", "own thread"]
+    assert [r["variant"] for r in rows] == ["between evaluations", "1 writer thread", "4 writer threads"]
     assert all(r["seconds"] > 2 * 0.05 for r in rows) and rows[0]["ratio_to_between"] == 1.0
 
 

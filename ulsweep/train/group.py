@@ -333,14 +333,19 @@ def write_member(i: int, run_dir: str, ts: GroupTrainState, metrics: dict, image
     return out
 
 
+MEMBER_WRITERS = 4  # members' files written at once by a group's final evaluation (hand_over)
+
+
 def hand_over(evaluations, hooks, results: list, marks: dict, write) -> dict[str, list[float]]:
     """A group's final evaluation, member by member: `evaluations` yields each healthy member's (metrics, images,
     seconds) in order (those in `hooks.gone` left out), `write(i, metrics, images, marks)` writes member i's files
     and returns its result, which goes into `results` and then to its hooks (`member_finished`). The writes run
-    in a thread of their own, one after another, while the next members are evaluated: a member's checkpoint is
-    its weights, EMA and AdamW moments (365 MB for lf_sweep's autoencoder, ~2 s to write on a 2-core box), which
-    18 members written between their evaluations would add to the last one's wait. Returns the members' metrics
-    as lists (NaN for the diverged), once every write is done; a write's error is raised here."""
+    in threads of their own (MEMBER_WRITERS at once) while the next members are evaluated: a member's checkpoint
+    is its weights, EMA and AdamW moments (365 MB for lf_sweep's autoencoder, ~2 s to write on a 2-core box), which
+    18 members written between their evaluations would add to the last one's wait; one writer thread still fell
+    behind (session 24, one H100: the 18 autoencoders' evaluations done 0.6 s apart, their files 1.2 s apart, the
+    last one's 10 s after its evaluation: each write is fsynced). Returns the members' metrics as lists (NaN for
+    the diverged), once every write is done; a write's error is raised here."""
     gone = getattr(hooks, "gone", {})
     alive = [i for i in range(len(results)) if i not in gone]
 
@@ -348,7 +353,7 @@ def hand_over(evaluations, hooks, results: list, marks: dict, write) -> dict[str
         results[i] = write(i, m, images, done)
         getattr(hooks, "member_finished", lambda i, res: None)(i, results[i])
 
-    with ThreadPoolExecutor(1, thread_name_prefix="ulsweep-member-files") as writer:
+    with ThreadPoolExecutor(MEMBER_WRITERS, thread_name_prefix="ulsweep-member-files") as writer:
         writes = []
         for i, (m, images, seconds) in zip(alive, evaluations):
             done = marks | pop_seconds(dict(seconds)) | {"t_eval_end": time.time()}
