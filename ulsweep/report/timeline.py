@@ -20,9 +20,11 @@ PHASE_LABELS = {"imports": "imports (MLflow, torch, Ray Train; older sweeps: in 
                 "evaluate": "final evaluation", "finish": "finish (checkpoint, MLflow)", "failed": "failed attempt"}
 COLUMNS = ["key", "kind", "attempt", "phase", "start", "end", "seconds", "process_trial"]
 PART_LABELS = {"setup_checkpoints_s": "setup: read the autoencoders' checkpoints", "setup_data_s": "setup: data",
-               "setup_encode_s": "setup: encode the members' latents", "setup_latents_s": "setup: read the latents back",
+               "setup_encode_s": "setup: encode the members' latents",
+               "setup_latents_s": "setup: read the latents back",
                "setup_models_s": "setup: build the stacked networks",
-               "evaluate_extractor_s": "final evaluation: load the feature extractors", "evaluate_bpp_s": "final evaluation: held-out bits/pixel",
+               "evaluate_extractor_s": "final evaluation: load the feature extractors",
+               "evaluate_bpp_s": "final evaluation: held-out bits/pixel",
                "evaluate_sampling_s": "final evaluation: sampling (reconstructions / generations)",
                "evaluate_fd_s": "final evaluation: features and Fréchet distances",
                "evaluate_flops_s": "final evaluation: FLOPs count"}
@@ -173,8 +175,8 @@ def markdown(tl: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
                      f"{100 * r['share of kind']:.0f}% | {r['median per trial (s)']:.1f} | {r['trials']} |")
     parts = evaluation_parts(runs) if runs is not None else pd.DataFrame()
     if not parts.empty:
-        lines += ["", "A stacked group's setup and the final evaluation by part (each part's seconds end with the device "
-                  "synchronized):", "",
+        lines += ["", "A stacked group's setup and the final evaluation by part (each part's seconds end with the "
+                  "device synchronized):", "",
                   "| kind | part | median per trial (s) | trials |", "|---|---|---:|---:|"]
         lines += [f"| {r['kind']} | {PART_LABELS[r['part']]} | {r['median per trial (s)']:.1f} | {r['trials']} |"
                   for _, r in parts.iterrows()]

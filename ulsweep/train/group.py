@@ -289,7 +289,8 @@ def train_group(objective: GroupObjective, source: GroupSource, members, write, 
     its own parts are done, so that its next trials need not wait for the others'. `setup` timed the parts of the
     group's setup (`setup_<part>_s` in every member's marks)."""
     k = ts.k
-    marks = pop_seconds(dict(setup.seconds), "setup") if setup else {}  # the loop's phase marks: every member's
+    # the loop's phase marks, every member's timeline; first the setup's parts
+    marks = pop_seconds(dict(setup.seconds), "setup") if setup else {}
     results: list[StageResult | None] = [None] * k
 
     def evaluate(ema_stacked, final: bool) -> tuple[dict, dict]:
