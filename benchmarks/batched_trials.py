@@ -163,12 +163,18 @@ class StackedTrials:
     by the library's `compile_module`; the library's fused AdamW and EMA over the stacked tensors (its
     `TrainState.apply_gradients`: elementwise, so N trials' own), after each trial's own clipping (`clip_trials`)."""
 
-    def __init__(self, objectives: list[torch.nn.Module], optim, rt, compile_mode: str | bool = False):
+    def __init__(self, objectives: list[torch.nn.Module], optim, rt, compile_mode: str | bool = False,
+                 attention: str = "library"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         from ulsweep.models.stacked import stack
         from ulsweep.train.runtime import compile_module
         from ulsweep.train.state import TrainState
 
         self.n, self.oc, self.rt = len(objectives), optim, rt
+        # "math": attention as matmuls and softmax, which Inductor fuses, in place of the fused kernels SDPA picks
+        # (on the GPU cuDNN's flash kernels, slow on the base model's sequences of 16 and 64 tokens?)
+        self.pick = (lambda: sdpa_kernel(SDPBackend.MATH)) if attention == "math" else contextlib.nullcontext
         self.net = stack(objectives)
         self.dims = objectives[0].dims
         self.model = compile_module(self.net, compile_mode, rt)
@@ -178,7 +184,7 @@ class StackedTrials:
 
     def backward(self, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> None:
         """The sum of the N trials' losses backwards: trial k's gradient is its own loss's (no shared weight)."""
-        with self.rt.autocast():
+        with self.rt.autocast(), self.pick():
             losses = self.model(x.flatten(0, 1), {k: v.flatten(0, 1) for k, v in noise.items()})["total"]
         (losses.view(self.n, -1).mean(1).sum() / self.dims).backward()
 
@@ -282,7 +288,7 @@ def make_program(kind: str, objectives: list[torch.nn.Module], optim, rt, compil
     """The N trials as one program: "vmap" (BatchedTrials) or "stacked" (StackedTrials), both under the
     runtime's autocast as the library's step."""
     if kind == "stacked":
-        return StackedTrials(objectives, optim, rt, compile_mode)
+        return StackedTrials(objectives, optim, rt, compile_mode, attention)
     return BatchedTrials(objectives, optim, rt, compile_mode, attention)
 
 
@@ -416,8 +422,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="after each row's timed window, a GPU-time breakdown "
                    "of 5 steps by kernel kind (use compile mode `default`: CUDA graphs hide their kernels)")
     p.add_argument("--attention", default="library", choices=["library", "math"],
-                   help="the batched program's attention: the library's (SDPA picks a fused kernel) or SDPA's math "
-                        "backend (batched by vmap)")
+                   help="the batched programs' attention: the library's (SDPA picks a fused kernel) or SDPA's math "
+                        "backend (matmuls and softmax: vmap batches them, Inductor fuses them)")
     a = p.parse_args(argv)
     exp = bench_experiment(a)
     device = make_runtime(exp.ae.train).device
@@ -443,7 +449,7 @@ def main(argv=None) -> int:
                                                                               else ["grouped"])]
         for name, n, conv, build in variants:
             row = {"stage": a.stage, "mode": mode, "program": name, "trials": n, "batch_per_trial": a.batch,
-                   "attention": a.attention if name.startswith("vmap") else "library", "conv": conv}
+                   "attention": a.attention if name != "one trial" else "library", "conv": conv}
             try:
                 with warnings.catch_warnings(record=True) as caught, stacked_conv(conv):
                     warnings.simplefilter("always")

@@ -727,3 +727,18 @@ def test_batched_trials_conv_variants_compute_the_stacked_convolution(kind, conv
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx, gx_want, atol=1e-4, rtol=1e-4)
+
+
+def test_stacked_trials_take_the_math_attention_when_asked_and_stay_the_same_trials():
+    """`--attention math` for the stacked program: its steps run with SDPA's math backend alone (the fused
+    kernels off), and its trials are still the N trials stepped one by one."""
+    import batched_trials as bt
+
+    exp = _tiny_exp()
+    objs = bt.trial_objectives(exp, "base", 2, 1, torch.device("cpu"))
+    st = bt.StackedTrials(objs, exp.base_models[0].optim, bt.make_runtime(exp.ae.train), attention="math")
+    with st.pick():
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled()  # as it was after the step
+    ok = bt.check(exp, "base", 2, 4, 1, 2, torch.device("cpu"), attention="math", program="stacked")
+    assert ok["max_rel_grad_diff"] < 1e-4 and ok["max_rel_weight_diff"] < 1e-3, ok
