@@ -416,7 +416,8 @@ def main(argv=None) -> int:
                    help="how N trials become one program: stacked layers (ulsweep.models.stacked) or torch.func.vmap")
     p.add_argument("--conv", nargs="+", default=["grouped"], choices=list(CONVS),
                    help="stacked rows: the stacked convolutions as the library's grouped convolution, as im2col + "
-                        "one batched matmul (unfold), or grouped on channels-last input; one row each")
+                        "one batched matmul (unfold), grouped on channels-last input (channels-last), or grouped on "
+                        "the channels-last layout the transpose's one copy makes (nhwc); one row each")
     p.add_argument("--no-baseline", action="store_true", help="leave out the `one trial` rows (their compilation "
                    "time), and with them the ratios")
     p.add_argument("--profile", action="store_true", help="after each row's timed window, a GPU-time breakdown "
