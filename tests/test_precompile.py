@@ -200,6 +200,46 @@ def test_the_driver_starts_one_task_per_job_and_reports_each_without_failing_the
     assert "1 task(s) unfinished" in text
 
 
+def test_the_tasks_run_one_after_another_in_the_jobs_order_past_a_failed_one(monkeypatch, tmp_path):
+    """start() chains the tasks: each begins when the one before it has ended (a failure included), in the order
+    of jobs(), so that two compiled programs never hold GPU memory and CPUs at once beside the trials."""
+    import io
+    import os
+    import time
+
+    import ray
+
+    log = tmp_path / "tasks.log"
+
+    def fake(raw, overrides, base_name, steps, members):  # pickled by value: the real one is tested above
+        c = overrides["ae.model.latent_channels"]
+        with open(log, "a") as f:
+            f.write(f"start {c} {time.time()}\n")
+        time.sleep(1.0)
+        with open(log, "a") as f:
+            f.write(f"end {c} {time.time()}\n")
+        if c == 4:
+            raise RuntimeError("compile failed")
+        return {"stage": "base", "base": base_name, "latent_shape": [c, 4, 4], "compile_gate": "first",
+                "seconds": 1.0}
+
+    monkeypatch.setattr(precompile, "compile_base", fake)
+    exp = sweep_exp({"ae.model.latent_channels": {"values": [2, 4, 8]}})
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        refs = precompile.start(exp, io.StringIO())
+        ready, _ = ray.wait([r for _, r in refs], num_returns=3, timeout=300)
+        assert len(ready) == 3
+        done = precompile.report(refs, io.StringIO())
+    finally:
+        ray.shutdown()
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert [(e[0], e[1]) for e in events] == [("start", "2"), ("end", "2"), ("start", "4"), ("end", "4"),
+                                              ("start", "8"), ("end", "8")]
+    assert [d["latent_shape"][0] for d in done] == [2, 8]
+
+
 def stub_compiles(monkeypatch, tmp_path) -> list:
     """torch.compile stubbed by a wrapper, the training step's compile by nothing, and the compile gate spied on:
     the (label, how) of every gate entered, in order."""

@@ -8,7 +8,7 @@ trial waits for it or trains uncompiled meanwhile (ulsweep/train/compile_gate.py
 depends on the autoencoder's weights: only on the base model, its batch, the latent shape and the noise schedule.
 
 So the driver starts, beside the first autoencoder trials, one Ray task per distinct base-model step that the
-sweep will compile (`jobs`). The task trains that base model for a few steps on random latents of the trial's
+sweep will compile (`jobs`), chained so that one runs at a time (`after`). The task trains that base model for a few steps on random latents of the trial's
 shape through the library's own loop (`ulsweep.train.loop.train`: the same objective, compile mode, autocast and
 compile gate as the trial), in a scratch directory it deletes. Its first step enters the compile gate as the
 first process of the key and compiles; the gate's marker and torch's caches (Inductor's FX graph cache,
@@ -290,13 +290,36 @@ def start(exp: ExperimentConfig, out) -> list:
         return []
     # max_calls 1: the worker exits after its task, with its CUDA context and compile workers
     opts: dict[str, Any] = {"num_cpus": 0, "num_gpus": 0, "max_retries": 0, "max_calls": 1, **placed}
-    ae_task, base_task = ray.remote(**opts)(compile_ae), ray.remote(**opts)(compile_base)
+    task = ray.remote(**opts)(after)
     raw = to_dict(exp)
     labels = [label(j) for j in todo]
-    print(f"precompile: {len(todo)} step(s) compiled ahead of their trials: {'; '.join(labels)}", file=out, flush=True)
-    return [(lab, ae_task.remote(raw, j["overrides"], STEPS, j.get("members", 1)) if j["stage"] == "ae"
-             else base_task.remote(raw, j["overrides"], j["base"], STEPS, j.get("members", 1)))
-            for lab, j in zip(labels, todo)]
+    print(f"precompile: {len(todo)} step(s) compiled ahead of their trials, one after another: {'; '.join(labels)}",
+          file=out, flush=True)
+    started, previous = [], []
+    for lab, j in zip(labels, todo):
+        members = j.get("members", 1)
+        args = ((compile_ae, raw, j["overrides"], STEPS, members) if j["stage"] == "ae"
+                else (compile_base, raw, j["overrides"], j["base"], STEPS, members))
+        ref = task.remote(previous, *args)
+        started.append((lab, ref))
+        previous = [ref]  # in a list, which Ray passes on as it is: the next task waits for it, not for its value
+    return started
+
+
+def after(previous: list, fn, *args) -> dict[str, Any]:
+    """`fn(*args)` once the task of `previous` (a list of at most one Ray object ref) has ended, whether it
+    returned, failed or was cancelled: `start` chains the tasks so that one compiles at a time. Side by side they
+    held two compiled programs' memory beside the trials' own, and competed for the CPUs with each other as well
+    as with the trials. In session 26 (one H100, lf_sweep's 18 autoencoders as one stacked group of ~35 GB,
+    benchmarks/results/h100-lf-sweep-partial-s26.tgz) the two tasks filled the 80-GB card 90 s into the sweep and
+    both ended within the next 70 s with nothing compiled that the group then found: it compiled for itself, 170 s
+    with the GPU idle. The autoencoders' task, which trials wait on from their first step, comes first; the base
+    models' tasks have the autoencoders' training to run in."""
+    if previous:
+        import ray
+
+        ray.wait(previous, num_returns=len(previous), timeout=None, fetch_local=False)
+    return fn(*args)
 
 
 def gpu_node_options(exp: ExperimentConfig) -> dict[str, Any] | None:
