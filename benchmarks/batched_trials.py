@@ -164,7 +164,7 @@ class StackedTrials:
     `TrainState.apply_gradients`: elementwise, so N trials' own), after each trial's own clipping (`clip_trials`)."""
 
     def __init__(self, objectives: list[torch.nn.Module], optim, rt, compile_mode: str | bool = False,
-                 attention: str = "library"):
+                 attention: str = "library", regions: str = "whole"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         from ulsweep.models.stacked import stack
@@ -177,7 +177,10 @@ class StackedTrials:
         self.pick = (lambda: sdpa_kernel(SDPBackend.MATH)) if attention == "math" else contextlib.nullcontext
         self.net = stack(objectives)
         self.dims = objectives[0].dims
-        self.model = compile_module(self.net, compile_mode, rt)
+        if compile_mode and regions == "blocks":
+            self.model, self.regions = self.net, compile_blocks(self.net, compile_mode, rt)
+        else:
+            self.model = compile_module(self.net, compile_mode, rt)
         # per-trial norms and division: two small kernels per tensor eagerly; compiled alongside, a few fused ones
         self.clip = torch.compile(clip_trials, dynamic=False) if compile_mode else clip_trials
         self.ts = TrainState(self.net, optim, rt, seed=0)  # the library's AdamW and EMA over the stacked tensors
@@ -206,6 +209,24 @@ class StackedTrials:
     @property
     def params(self) -> dict[str, torch.Tensor]:  # stacked (N, ...), under the trials' own names
         return {k: v.detach() for k, v in self.net.named_parameters()}
+
+
+def compile_blocks(net: torch.nn.Module, setting, rt) -> int:
+    """Regional compilation (`--regions blocks`): every transformer and residual block of `net` compiled on its
+    own (`nn.Module.compile`, in place), the rest of the step eager. Blocks of one configuration are one graph
+    to Dynamo (their parameters are its inputs), so each distinct block compiles once, where the whole step's
+    graph holds every block's copy; the compile then scales with the distinct blocks, not all of them. Returns
+    how many blocks it compiled."""
+    from ulsweep.models.layers import ResBlock, TransformerBlock
+    from ulsweep.train.runtime import compile_mode
+
+    mode = compile_mode(setting, rt)
+    blocks = [m for m in net.modules() if isinstance(m, (TransformerBlock, ResBlock))]
+    # one code object (the block's forward) meets every distinct block shape: more than Dynamo's default 8
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(blocks))
+    for m in blocks:
+        m.compile(mode=mode, dynamic=False)
+    return len(blocks)
 
 
 def unfold_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -284,11 +305,11 @@ def profile_summary(prof: dict, top: int = 8) -> str:
 
 
 def make_program(kind: str, objectives: list[torch.nn.Module], optim, rt, compile_mode: str | bool = False,
-                 attention: str = "library"):
-    """The N trials as one program: "vmap" (BatchedTrials) or "stacked" (StackedTrials), both under the
-    runtime's autocast as the library's step."""
+                 attention: str = "library", regions: str = "whole"):
+    """The N trials as one program: "vmap" (BatchedTrials) or "stacked" (StackedTrials, compiled whole or by
+    `regions`), both under the runtime's autocast as the library's step."""
     if kind == "stacked":
-        return StackedTrials(objectives, optim, rt, compile_mode, attention)
+        return StackedTrials(objectives, optim, rt, compile_mode, attention, regions)
     return BatchedTrials(objectives, optim, rt, compile_mode, attention)
 
 
@@ -388,9 +409,10 @@ def time_steps(step, device: torch.device, seconds: float, warmup: int) -> tuple
 
 
 def batched_step(exp, stage: str, n: int, batch: int, channels: int, mode: str, device: torch.device,
-                 attention: str = "library", program: str = "vmap"):
+                 attention: str = "library", program: str = "vmap", regions: str = "whole"):
     objs = trial_objectives(exp, stage, n, channels, device)
-    bt = make_program(program, objs, optim_of(exp, stage), make_runtime(exp.ae.train), MODES[mode], attention)
+    bt = make_program(program, objs, optim_of(exp, stage), make_runtime(exp.ae.train), MODES[mode], attention,
+                      regions)
     gen = torch.Generator(device).manual_seed(0)
     x = torch.rand(n, batch, *input_shape(exp, stage, channels), generator=gen, device=device) * 2 - 1
 
@@ -418,6 +440,10 @@ def main(argv=None) -> int:
                    help="stacked rows: the stacked convolutions as the library's grouped convolution, as im2col + "
                         "one batched matmul (unfold), grouped on channels-last input (channels-last), or grouped on "
                         "the channels-last layout the transpose's one copy makes (nhwc); one row each")
+    p.add_argument("--regions", nargs="+", default=["whole"], choices=["whole", "blocks"],
+                   help="compiled stacked rows: the whole step as one graph (the library's), or each transformer "
+                        "and residual block compiled on its own, the rest eager (regional compilation: each "
+                        "distinct block compiles once); one row each, with its first step's seconds")
     p.add_argument("--no-baseline", action="store_true", help="leave out the `one trial` rows (their compilation "
                    "time), and with them the ratios")
     p.add_argument("--profile", action="store_true", help="after each row's timed window, a GPU-time breakdown "
@@ -441,16 +467,19 @@ def main(argv=None) -> int:
     for mode in a.modes:
         base = None
         variants = [] if a.no_baseline else [
-            ("one trial", 1, "grouped", lambda: STAGES[a.stage](exp, a.batch, mode, a.channels)[0])]
+            ("one trial", 1, "grouped", "whole", lambda: STAGES[a.stage](exp, a.batch, mode, a.channels)[0])]
         convs = a.conv if a.stage == "ae" else ["grouped"]  # the base model has no convolution
-        variants += [(f"{program} {n}" + (f" {conv}" if conv != "grouped" else ""), n, conv,
-                      lambda n=n, program=program: batched_step(exp, a.stage, n, a.batch, a.channels, mode, device,
-                                                                a.attention, program))
-                     for program in a.programs for n in a.trials for conv in (convs if program == "stacked"
-                                                                              else ["grouped"])]
-        for name, n, conv, build in variants:
+        regions = a.regions if mode != "eager" else ["whole"]
+        variants += [(f"{program} {n}" + (f" {conv}" if conv != "grouped" else "")
+                      + (f" {region}" if region != "whole" else ""), n, conv, region,
+                      lambda n=n, program=program, region=region: batched_step(
+                          exp, a.stage, n, a.batch, a.channels, mode, device, a.attention, program, region))
+                     for program in a.programs for n in a.trials
+                     for conv in (convs if program == "stacked" else ["grouped"])
+                     for region in (regions if program == "stacked" else ["whole"])]
+        for name, n, conv, region, build in variants:
             row = {"stage": a.stage, "mode": mode, "program": name, "trials": n, "batch_per_trial": a.batch,
-                   "attention": a.attention if name != "one trial" else "library", "conv": conv}
+                   "attention": a.attention if name != "one trial" else "library", "conv": conv, "regions": region}
             try:
                 with warnings.catch_warnings(record=True) as caught, stacked_conv(conv):
                     warnings.simplefilter("always")
