@@ -227,14 +227,19 @@ def bases_alone(tmp_path_factory, alone):
 
 def test_a_base_group_trains_each_member_as_its_own_run(tmp_path, alone, bases_alone, one_thread):
     """The base models of three autoencoders (their own latents, seeds) trained as one program end as their
-    runs alone: weights, generators, bits/pixel under the base model, curves and files."""
-    from ulsweep.train.group_base import train_bases
+    runs alone: weights, generators, bits/pixel under the base model, curves and files; with the checkpoints
+    read ahead (`read_ahead`) and, the second time, read by the group itself."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ulsweep.train.group_base import read_ahead, train_bases
 
     exps = [member_exp(*m) for m in MEMBERS]
     dirs = [str(tmp_path / f"b{i}") for i in range(3)]
     recs = [Recorder() for _ in exps]
-    results = train_bases(exps, [e.base_models[0] for e in exps], [ae.checkpoint for ae, _ in alone], dirs,
-                          str(tmp_path / "group"), GroupHooks(recs))
+    with ThreadPoolExecutor(2) as pool:  # the checkpoints read ahead on the host, as the sweep's group does
+        frozen = [pool.submit(read_ahead, ae.checkpoint) for ae, _ in alone]
+        results = train_bases(exps, [e.base_models[0] for e in exps], [ae.checkpoint for ae, _ in alone], dirs,
+                              str(tmp_path / "group"), GroupHooks(recs), frozen)
     for i, ((res_alone, rec_alone), res, rec) in enumerate(zip(bases_alone, results, recs)):
         (mine, my_meta), (theirs, their_meta) = load_checkpoint(res.checkpoint), load_checkpoint(res_alone.checkpoint)
         for part in ("model", "ema"):

@@ -150,6 +150,44 @@ def test_a_failing_group_fails_every_member_and_a_lone_group_trains_who_came(tmp
     assert alone.status()["members"] == ["ae-0000"] and res.extra["group"]["members"] == 1 and res.steps == 4
 
 
+def test_a_base_group_reads_each_members_checkpoint_as_it_joins(monkeypatch):
+    """A forming base group starts reading a member's autoencoder checkpoint (`read_ahead`) when the member joins,
+    not when the last one has: the reading overlaps the wait for the others. The group's training gets one read
+    per member, in its plan order."""
+    from ulsweep.train import group_base
+
+    keys = ["ae-0000-small", "ae-0001-small", "ae-0002-small"]
+    events, got = [], {}
+
+    def read(ckpt):
+        events.append(("read", ckpt))
+        return ("ae of " + ckpt, None, {})
+
+    def train(exps, bases, ckpts, run_dirs, group_dir, hooks=None, frozen=None):
+        got["ckpts"], got["frozen"] = ckpts, [f.result() for f in frozen]
+        return [None] * len(exps)
+
+    monkeypatch.setattr(group_base, "read_ahead", read)
+    monkeypatch.setattr(group_base, "train_bases", train)
+    group = GroupTrainer(keys, "g", wait_s=60.0, kind="base")
+    exp = to_dict(member_exp(*MEMBERS[0]))
+    for i in (2, 0):  # not in plan order
+        assert group.join(keys[i], exp, f"run{i}", {"base": "b", "ae_checkpoint": f"ckpt{i}"})
+    deadline = time.monotonic() + 60
+    while len(events) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(events) == [("read", "ckpt0"), ("read", "ckpt2")] and group.status()["state"] == "forming"
+    events.append(("join", "ckpt1"))
+    assert group.join(keys[1], exp, "run1", {"base": "b", "ae_checkpoint": "ckpt1"})
+    while group.status()["state"] != "done" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [v for v in group.outcome.values() if v[0] == "error"], group.outcome
+    assert events.index(("join", "ckpt1")) == 2 and ("read", "ckpt1") in events[3:]
+    assert got["ckpts"] == ["ckpt0", "ckpt1", "ckpt2"]
+    assert got["frozen"] == [("ae of ckpt0", None, {}), ("ae of ckpt1", None, {}), ("ae of ckpt2", None, {})]
+    assert group.read == {}  # what was read is let go once the group is done
+
+
 def test_a_member_that_diverged_fails_its_own_trial_and_no_other():
     from ulsweep.sweep.stacking import _Relay
     from ulsweep.train.hooks import TrainingDiverged

@@ -13,7 +13,8 @@ ulsweep.train.group_base.train_bases), and the trial returns that result as if i
 
 A group trains once all its members have joined, or `stack_wait_s` after its first member joined with those that
 have (a member finished before, in a resumed sweep, never joins; a base trial whose autoencoder failed never
-comes). A member that comes after its group started trains alone. A member whose loss turns non-finite fails as it
+comes); a base group reads each member's autoencoder checkpoint as the member joins, while it waits for the
+others. A member that comes after its group started trains alone. A member whose loss turns non-finite fails as it
 would alone (TrainingDiverged, not retried) and the others train on; any other failure of the group's training is
 every member's failure, and their retries train alone. An actor that dies is restarted (up to
 `resources.max_worker_failures` times): its members' trials fail with it, and their retries form the group again,
@@ -27,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ulsweep.config import ExperimentConfig, config_hash, dump_yaml, flatten, to_dict
@@ -34,6 +36,7 @@ from ulsweep.train.hooks import StageResult, TrainHooks
 
 ACK_WAIT_S = 10.0  # longest the group's loop waits for a member's trial to take the points before a checkpoint
 POLL_S = 1.0  # a member's trial asks its group for news at least this often
+READERS = 4  # threads of a base group that read its members' checkpoints as they join (group_base.read_ahead)
 
 
 def plan(exp: ExperimentConfig) -> list[list[str]]:
@@ -125,6 +128,9 @@ class GroupTrainer:
         self.taken: dict[str, int] = {}  # key -> events its trial has taken
         self.outcome: dict[str, tuple[str, Any]] = {}  # key -> ("result", StageResult fields) | ("error", exc)
         self.members: list[str] = []
+        # a base group's members' checkpoints, read as they join (group_base.read_ahead): key -> future
+        self.read: dict[str, Future] = {}
+        self._reader: ThreadPoolExecutor | None = None
         # torch and the training modules, while the members' trial processes start (a fresh process spent ~10 s
         # importing them on the H200 machine), so that the group trains as soon as they have joined
         import torch._dynamo  # noqa: F401 - the optimizer's first construction imports it (~1 s on this box)
@@ -144,6 +150,11 @@ class GroupTrainer:
                 return False
             first = not self.joined
             self.joined[key] = (experiment, run_dir, base or {})
+            if self.kind == "base" and base and key not in self.read:
+                from ulsweep.train.group_base import read_ahead
+
+                self._reader = self._reader or ThreadPoolExecutor(READERS, thread_name_prefix="ulsweep-read-ahead")
+                self.read[key] = self._reader.submit(read_ahead, base["ae_checkpoint"])
             self.events[key], self.taken[key] = [], 0
             if first:
                 threading.Thread(target=self._run, name="ulsweep-group", daemon=True).start()
@@ -206,11 +217,15 @@ class GroupTrainer:
                 # what its members train (not resources, which a resume may change), as the autoencoders' group_hash
                 ident = config_hash({"members": [{"data": e.data, "eval": e.eval, "base": b, "ae_checkpoint": c}
                                                  for e, b, c in zip(exps, bases, ckpts)]})
-                results = train_bases(exps, bases, ckpts, run_dirs, f"{self.group_root}/{ident[:16]}", hooks)
+                results = train_bases(exps, bases, ckpts, run_dirs, f"{self.group_root}/{ident[:16]}", hooks,
+                                      [self.read[k] for k in self.members])
             outcome = {k: ("result", dataclasses.asdict(r))
                        for k, r in zip(self.members, results) if r is not None}  # a diverged one failed already
         except BaseException as e:  # noqa: BLE001 - every member's trial raises it
             outcome = {k: ("error", e) for k in self.members}
+        if self._reader is not None:
+            self._reader.shutdown(wait=False, cancel_futures=True)
+            self.read.clear()  # the autoencoders read ahead: host memory
         _release_gpu_memory()  # the actor lives on, idle, beside the trials that come after it
         with self.cv:
             for k, v in outcome.items():

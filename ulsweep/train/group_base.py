@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -41,6 +41,14 @@ from ulsweep.train.stage2 import (KIND, BaseObjective, evaluate_bases, flops_met
 
 # what base members of a group may differ in, besides their autoencoder's MEMBER_KEYS
 BASE_MEMBER_KEYS = ("base.train.seed",)
+
+
+def read_ahead(ae_checkpoint: str) -> tuple[torch.nn.Module, ExperimentConfig, dict]:
+    """A member's frozen autoencoder read on the host (`load_frozen_autoencoder` to the CPU), for `train_bases`'s
+    `frozen`: reading and checking a checkpoint (weights, EMA and AdamW moments) is most of a base group's setup
+    (16.5 of its 61 s for lf_sweep's 18 members on one H100, session 26), while its members' autoencoder trials
+    finish one after another over ~15 s: read as each member joins, the reading overlaps that wait."""
+    return load_frozen_autoencoder(ae_checkpoint, "cpu")
 
 
 def shared_settings(exp: ExperimentConfig, base: BaseStageConfig, ae_exp: ExperimentConfig) -> dict:
@@ -69,12 +77,15 @@ def check_members(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageCon
 
 
 def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfig], ae_checkpoints: Sequence[str],
-                run_dirs: Sequence[str], group_dir: str, hooks: TrainHooks | None = None) -> list[StageResult | None]:
+                run_dirs: Sequence[str], group_dir: str, hooks: TrainHooks | None = None,
+                frozen: Sequence[Future] | None = None) -> list[StageResult | None]:
     """Train base model `bases[k]` of experiment `exps[k]` on the latents of the frozen autoencoder at
     `ae_checkpoints[k]`, for every k, as one program (`check_members`); member k's checkpoint, images and
     result.json go to `run_dirs[k]` as its run's alone would, the group's checkpoints to `group_dir`. `hooks` as
-    `ulsweep.train.group.train_autoencoders` takes them. Returns the members' results (None for one that
-    diverged); members finished before are not trained again when all of them are."""
+    `ulsweep.train.group.train_autoencoders` takes them. `frozen`: the checkpoints already being read, one future
+    of `read_ahead(ae_checkpoints[k])` a member (the sweep's group starts each as its member joins, while it
+    waits for the others), else they are read here. Returns the members' results (None for one that diverged);
+    members finished before are not trained again when all of them are."""
     exps, bases, ae_checkpoints, run_dirs = list(exps), list(bases), list(ae_checkpoints), list(run_dirs)
     if not (len(exps) == len(bases) == len(ae_checkpoints) == len(run_dirs)):
         raise ValueError(f"{len(exps)} experiments, {len(bases)} base models, {len(ae_checkpoints)} autoencoder "
@@ -86,8 +97,14 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
     setup = PartTimer(rt.device)  # where the group's time before its first step goes (every member's marks)
     # (autoencoder, experiment, meta) of each member, read side by side: a stage-1 checkpoint holds its weights,
     # EMA and AdamW moments (~4x the weights), which the loader reads and checks (SHA-256) before loading
-    with setup("checkpoints"), ThreadPoolExecutor(min(8, k)) as pool:
-        frozen = list(pool.map(lambda c: load_frozen_autoencoder(c, rt.device), ae_checkpoints))
+    with setup("checkpoints"):
+        if frozen is None:
+            with ThreadPoolExecutor(min(8, k)) as pool:
+                frozen = list(pool.map(lambda c: load_frozen_autoencoder(c, rt.device), ae_checkpoints))
+        else:  # read ahead on the host: here only what was not read yet, and the copies to the device
+            if len(frozen) != k:
+                raise ValueError(f"{len(frozen)} checkpoints read ahead for {k} members")
+            frozen = [(ae.to(rt.device), e, m) for ae, e, m in (f.result() for f in frozen)]
     aes, ae_exps, ae_metas = zip(*frozen)
     check_members(exps, bases, ae_exps)
     hashes = [stage2_hash(e, b, m) for e, b, m in zip(exps, bases, ae_metas)]
