@@ -253,6 +253,7 @@ def test_a_base_group_trains_each_member_as_its_own_run(tmp_path, alone, bases_a
             assert res.metrics[key] == pytest.approx(res_alone.metrics[key], rel=1e-3, abs=1e-4), (i, key)
         assert os.path.exists(res.extra["images"]["samples.png"]) and res.extra["group"]["member"] == i
         setup = {k: v for k, v in res.extra["marks"].items() if k.startswith("setup_")}
+        # the encoding's own parts only where it encoded: the runs alone stored these latents already
         assert set(setup) == {f"setup_{p}_s" for p in ("checkpoints", "data", "encode", "latents", "models")}
         assert all(v > 0 for v in setup.values()), setup
         assert [s for s, _ in rec.logs] == [s for s, _ in rec_alone.logs]

@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -18,6 +19,7 @@ from ulsweep.config import experiment_from_dict, to_dict
 from ulsweep.data.model_range import to_model_range
 from ulsweep.data.parquet import open_dataset
 from ulsweep.train import latents as L
+from ulsweep.train.evaluation import PartTimer
 from ulsweep.train.hooks import TrainHooks
 from ulsweep.train.stage1 import train_autoencoder
 from ulsweep.train.stage2 import load_frozen_autoencoder, train_base
@@ -210,8 +212,14 @@ def test_a_group_stores_its_members_latents_in_one_pass(tmp_path, digits_cache, 
     counted = Counted(monkeypatch)
     stacked = stack([f[0] for f in frozen]).eval().requires_grad_(False)
     members = [(c, f[2]["sha256"]) for c, f in zip(ckpts, frozen)]
-    assert L.encode_together(stacked.encoder, members, ds, exp.data, "cpu") == [0, 1, 2]
+    timer = PartTimer(torch.device("cpu"))
+    t0 = time.perf_counter()
+    assert L.encode_together(stacked.encoder, members, ds, exp.data, "cpu", timer=timer) == [0, 1, 2]
+    wall = time.perf_counter() - t0
     assert counted.calls == 1  # one pass over the split for the three
+    parts = {k: v for k, v in timer.seconds.items()}  # its parts, summed over the batches
+    assert set(parts) == {"seconds/encode_read", "seconds/encode_encoder", "seconds/encode_store"}, parts
+    assert all(v > 0 for v in parts.values()) and sum(parts.values()) <= wall
     x_train = to_model_range(ds.load_split("train")[0], 16)
     for (ae, _, meta), c in zip(frozen, ckpts):
         with torch.no_grad():

@@ -21,6 +21,9 @@ PHASE_LABELS = {"imports": "imports (MLflow, torch, Ray Train; older sweeps: in 
 COLUMNS = ["key", "kind", "attempt", "phase", "start", "end", "seconds", "process_trial"]
 PART_LABELS = {"setup_checkpoints_s": "setup: read the autoencoders' checkpoints", "setup_data_s": "setup: data",
                "setup_encode_s": "setup: encode the members' latents",
+               "setup_encode_read_s": "setup: encode, of it waiting for the images (read, decode)",
+               "setup_encode_encoder_s": "setup: encode, of it the encoder",
+               "setup_encode_store_s": "setup: encode, of it storing the latents",
                "setup_latents_s": "setup: read the latents back",
                "setup_models_s": "setup: build the stacked networks",
                "evaluate_extractor_s": "final evaluation: load the feature extractors",

@@ -124,7 +124,7 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
     stacked_ae = stack(list(aes)).eval().requires_grad_(False)  # the members' frozen autoencoders as one
     with setup("encode"):  # every member's latents in one pass over the split where none is stored yet
         encode_together(stacked_ae.encoder, [(c, m["sha256"]) for c, m in zip(ae_checkpoints, ae_metas)], ds,
-                        exp0.data, rt.device, decode)
+                        exp0.data, rt.device, decode, timer=setup)  # and its parts: setup_encode_<part>_s
     sources, stored = [], []
     with setup("latents"):  # then each member's, read back as ever
         for ae, ckpt, meta, b in zip(aes, ae_checkpoints, ae_metas, bases):

@@ -70,7 +70,8 @@ def decode_path(images_loader: str) -> str:
 
 @torch.no_grad()
 def encode_split(encoder: torch.nn.Module, ds: Dataset, split: str, image_size: int, device: torch.device | str,
-                 sink: Callable[[torch.Tensor], None], batch: int = ENCODE_BATCH, decode: str = IN_PROCESS) -> int:
+                 sink: Callable[[torch.Tensor], None], batch: int = ENCODE_BATCH, decode: str = IN_PROCESS,
+                 timer: Callable[[str], contextlib.AbstractContextManager] | None = None) -> int:
     """z_clean = E(x) of every image of `split`, in order, handed to `sink` as float32 (n, C, h, w) on `device`
     one encoder batch at a time; returns the number of images. The batches are `batch` consecutive images
     of the split whatever its shard layout (so z is bit-identical to stage 2's in-process encoding of the whole
@@ -84,13 +85,23 @@ def encode_split(encoder: torch.nn.Module, ds: Dataset, split: str, image_size: 
     The encoder runs here, on the device the trial already holds, on either path: encoding in GPU actors
     would wait for GPUs that the sweep's trials hold. Memory holds a shard or O(ENCODE_PREFETCH) batches of
     images and one batch of latents: the split can be far larger than the host or device. A missing or
-    changed shard is a DataError naming it."""
+    changed shard is a DataError naming it. `timer` (an evaluation.PartTimer, whose parts end with the device
+    synchronized) times the parts, summed over the batches: `encode_read` (waiting for the next batch of
+    images), `encode_encoder` (to the device and through the encoder), `encode_store` (the sink)."""
     batches = {IN_PROCESS: _in_process_batches, RAY_DATA: _ray_data_batches}.get(decode)
     if batches is None:
         raise ValueError(f"decode must be {IN_PROCESS!r} or {RAY_DATA!r}, not {decode!r}")
-    n = 0
-    for x_u8 in batches(ds, split, batch):
-        sink(encoder(to_model_range(x_u8, image_size).to(device)).float())
+    timer = timer or (lambda part: contextlib.nullcontext())
+    n, it = 0, iter(batches(ds, split, batch))
+    while True:
+        with timer("encode_read"):
+            x_u8 = next(it, None)
+        if x_u8 is None:
+            break
+        with timer("encode_encoder"):
+            z = encoder(to_model_range(x_u8, image_size).to(device)).float()
+        with timer("encode_store"):
+            sink(z)
         n += len(x_u8)
     if n != ds.splits[split]:
         raise DataError(f"{ds.uri}: split {split!r} gave {n} images, the manifest says {ds.splits[split]}")
@@ -239,14 +250,16 @@ def _encode_and_publish(encoder, ae_checkpoint: str, key: LatentsKey, ds: Datase
 @torch.no_grad()
 def encode_together(stacked_encoder: torch.nn.Module, checkpoints: Sequence[tuple[str, str]], ds: Dataset,
                     data: DataConfig, device: torch.device | str, decode: str = IN_PROCESS,
-                    heartbeat_s: float = HEARTBEAT_S) -> list[int]:
+                    heartbeat_s: float = HEARTBEAT_S,
+                    timer: Callable[[str], contextlib.AbstractContextManager] | None = None) -> list[int]:
     """Store the training latents of K autoencoders in one pass over the split: `stacked_encoder` holds their K
     encoders as one (ulsweep/models/stacked.py), `checkpoints` each one's (checkpoint, SHA-256 of its state).
     The images are read and decoded once, and every encoder batch goes through the stacked encoder once per
     member (K*ENCODE_BATCH rows), where K base trials alone would each decode and encode the split. Only the
     members whose latents are not stored and whose lease this process gets are encoded (and only when that is
     more than one: one alone encodes as `training_latents` does); the others are left to `training_latents`,
-    which reads them or waits for whoever encodes them. Returns the members it stored."""
+    which reads them or waits for whoever encodes them. `timer`: as `encode_split`'s. Returns the members it
+    stored."""
     k = len(checkpoints)
     todo: list[tuple[int, LatentsKey, LatentWriter]] = []
     with contextlib.ExitStack() as held:
@@ -277,7 +290,7 @@ def encode_together(stacked_encoder: torch.nn.Module, checkpoints: Sequence[tupl
 
         try:
             n = encode_split(lambda x: stacked_encoder(x.repeat(k, 1, 1, 1)), ds, data.train_split,
-                             data.image_size, device, sink, decode=decode)
+                             data.image_size, device, sink, decode=decode, timer=timer)
             seconds = time.perf_counter() - t0
             for i, key, writer in todo:
                 writer.finish(key, _provenance(checkpoints[i][0], ds, n, seconds, decode, device, stacked=k))
