@@ -7,16 +7,17 @@ compiles its training step from cold (on one H200, 48-67 s of CUDA-graph compila
 trial waits for it or trains uncompiled meanwhile (ulsweep/train/compile_gate.py). Nothing about that compilation
 depends on the autoencoder's weights: only on the base model, its batch, the latent shape and the noise schedule.
 
-So the driver starts, beside the first autoencoder trials, one Ray task per distinct base-model step that the
-sweep will compile (`jobs`), chained so that one runs at a time (`after`). The task trains that base model for a few steps on random latents of the trial's
-shape through the library's own loop (`ulsweep.train.loop.train`: the same objective, compile mode, autocast and
-compile gate as the trial), in a scratch directory it deletes. Its first step enters the compile gate as the
-first process of the key and compiles; the gate's marker and torch's caches (Inductor's FX graph cache,
-AOTAutograd's, Triton's kernels, all on the node's disk) are what the base trials then find. A base trial that
-starts while the task still compiles trains uncompiled until it is done (gate_compile: eager) or waits for it.
-With `eval.sample_compile` the task then runs one batch of the final evaluation's generation the same way (the
-EMA base model and a decoder of the trial's architecture, random weights), so that the base trials' gFD
-sampling starts compiled too (its gate keys on the networks; the caches on the batch's shape, the trial's first).
+So the driver starts, beside the first autoencoder trials, one Ray task per distinct base-model step that the sweep
+will compile (`jobs`), chained so that one runs at a time (`after`). The task trains that base model for a few
+steps on random latents of the trial's shape through the library's own loop (`ulsweep.train.loop.train`: the same
+objective, compile mode, autocast and compile gate as the trial), in a scratch directory it deletes. Its first step
+enters the compile gate as the first process of the key and compiles; the gate's marker and torch's caches
+(Inductor's FX graph cache, AOTAutograd's, Triton's kernels, all on the node's disk) are what the base trials then
+find. A base trial that starts while the task still compiles trains uncompiled until it is done (gate_compile:
+eager) or waits for it. With `eval.sample_compile` the task then runs one batch of the final evaluation's
+generation the same way (the EMA base model and a decoder of the trial's architecture, random weights), so that the
+base trials' gFD sampling starts compiled too (its gate keys on the networks; the caches on the batch's shape, the
+trial's first).
 
 The autoencoders' step is compiled the same way (`compile_ae`: three steps on random images; for trials that train
 in stacked groups, `resources.stack_trials`, the group's program at the group's size). Its first trials
