@@ -308,3 +308,55 @@ def _decoder_of(checkpoint: str):
     from ulsweep.train.stage2 import load_frozen_autoencoder
 
     return load_frozen_autoencoder(checkpoint, __import__("torch").device("cpu"))[0].decoder
+
+
+NODE = textwrap.dedent("""
+    import sys, torch
+    from torch._dynamo.utils import counters
+    from ulsweep.train.compile_gate import first_compile
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+    step = torch.compile(net, dynamic=False)
+    with first_compile("k-artifacts", "node") as how:
+        step(torch.randn(4, 16, requires_grad=True)).sum().backward()
+    print(how, counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"], flush=True)
+    """)
+
+
+def test_the_first_compile_of_a_node_is_saved_and_the_next_node_compiles_from_it(tmp_path):
+    """Two nodes (their own Inductor caches) and one ulsweep cache: the first node's first process of a key
+    compiles and saves what it compiled (compile_artifacts.save); the next node's first process loads it before
+    compiling and hits it, where a node without the saved file misses."""
+    from ulsweep.train import compile_artifacts
+
+    def node(name: str, cache: str) -> list[str]:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / name), "ULSWEEP_CACHE": cache}
+        out = subprocess.run([sys.executable, "-c", NODE], env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()
+
+    shared = str(tmp_path / "shared")
+    first = node("node-a", shared)
+    assert first[0] == "first" and int(first[2]) > 0  # compiled: missed its own empty caches
+    env = {**os.environ, "ULSWEEP_CACHE": shared}
+    saved = subprocess.run([sys.executable, "-c", "from ulsweep.train.compile_artifacts import path; "
+                            "print(path('k-artifacts'))"], env=env, capture_output=True, text=True).stdout.strip()
+    assert saved.startswith(shared) and os.path.getsize(saved) > 0
+    second = node("node-b", shared)  # another node: its own empty Inductor cache, the shared ulsweep cache
+    assert second[0] == "first" and int(second[1]) > 0 and int(second[2]) == 0, second
+    alone = node("node-c", str(tmp_path / "elsewhere"))  # no saved compile: compiles from cold
+    assert alone[0] == "first" and int(alone[1]) == 0 and int(alone[2]) > 0, alone
+    assert compile_artifacts.FOLDER in saved
+
+
+def test_a_saved_compile_that_does_not_load_is_named_and_left_alone(tmp_path, monkeypatch, capsys):
+    from ulsweep.train import compile_artifacts
+
+    monkeypatch.setenv("ULSWEEP_CACHE", str(tmp_path))
+    p = compile_artifacts.path("k-bad")
+    os.makedirs(os.path.dirname(p))
+    with open(p, "wb") as f:
+        f.write(b"not a cache")
+    assert compile_artifacts.load("k-bad", "t") == 0
+    err = capsys.readouterr().err
+    assert p in err and "did not load" in err and os.path.exists(p)
+    assert compile_artifacts.load("k-none", "t") == 0 and compile_artifacts.save("k-none", "t") >= 0

@@ -13,4 +13,11 @@ cp -r dashboards/$DASH /tmp/fig8/pack/ 2>/dev/null || true
 cp /tmp/fig8/runs/$EXP/mlflow.db /tmp/fig8/sweep.log /tmp/fig8/gpus.txt /tmp/fig8/gpu_util.csv /tmp/fig8/t_* /tmp/fig8/rc /tmp/fig8/pack/ 2>/dev/null || true
 cd /tmp/fig8/runs/$EXP && find . -name result.json -o -name config.yaml -o -name timings.jsonl | grep -v step_ | tar cf /tmp/fig8/pack/results/trials.tar -T -
 tar czf "$OUT/fig8.tgz" -C /tmp/fig8/pack .
+# the compiles the sweep's first processes saved (ulsweep/train/compile_artifacts.py), for a later machine to carry
+# in ($ULSWEEP_CACHE/compile): brought back when they fit in a call's return
+if [ -d /tmp/ulsweep-cache/compile ]; then
+  du -sh /tmp/ulsweep-cache/compile
+  tar czf /tmp/fig8/compile.tgz -C /tmp/ulsweep-cache compile
+  [ "$(stat -c %s /tmp/fig8/compile.tgz)" -lt $((40 * 1024 * 1024)) ] && cp /tmp/fig8/compile.tgz "$OUT/" || true
+fi
 ls -la "$OUT"

@@ -20,6 +20,10 @@ its uncompiled module meanwhile (`train.gate_compile: eager`, ulsweep/train/loop
 does useful work during the first compile, and it gets in, finding the key done, once the first process has
 finished (or compiles first itself, if it asks while nobody holds the gate). Like a waiter, it trains uncompiled
 for at most `WAIT_S` and then compiles anyway (a holder that hangs, rather than dies, holds the gate for good).
+
+The node's caches stay on the node; the first process of a key also saves what it compiled to ulsweep's cache, and
+a process about to compile a key first on its node loads it from there (compile_artifacts.py), so that the next
+node, or the next machine, compiles from those entries.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ import sys
 import tempfile
 import time
 from typing import Iterator
+
+from ulsweep.train import compile_artifacts
 
 WAIT_S = 900.0  # longest a process waits for another's first compile before compiling anyway
 POLL_S = 0.5
@@ -106,7 +112,11 @@ def first_compile(key: str, label: str = "", wait_s: float = WAIT_S, folder: str
             time.sleep(POLL_S)
         if how == "first" and said:  # got the lock after waiting (its holder finished, or died before it did)
             how = "after"
+        if how in ("first", "after", "timeout", "unlocked"):  # compiles here: what another node compiled first
+            compile_artifacts.load(key, label)
         yield how
+        if how == "first":  # for the nodes that compile it next; saved before this node's waiters come in
+            compile_artifacts.save(key, label)
         if how in ("first", "after"):
             with open(done, "w") as f:
                 f.write(f"{time.time()}\n")
