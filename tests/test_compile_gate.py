@@ -358,3 +358,27 @@ def test_a_saved_compile_that_does_not_load_is_named_and_left_alone(tmp_path, mo
     err = capsys.readouterr().err
     assert p in err and "did not load" in err and os.path.exists(p)
     assert compile_artifacts.load("k-none", "t") == 0 and compile_artifacts.save("k-none", "t") >= 0
+
+
+def test_a_compile_cache_that_cannot_be_written_costs_a_warning_not_the_run(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import torch
+
+    from ulsweep.train import compile_artifacts
+
+    monkeypatch.setenv("ULSWEEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"artifacts", None))
+    assert compile_artifacts.save("k", "t") == len(b"artifacts")
+    folder = os.path.dirname(compile_artifacts.path("k"))
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"newer artifacts", None))
+    monkeypatch.setattr(compile_artifacts.os, "replace", full)
+    assert compile_artifacts.save("k", "t") == 0  # no retry, no exception
+    assert "compile cache not saved" in capsys.readouterr().err
+    assert os.listdir(folder) == ["k.bin"]  # its temporary file removed
+    with open(compile_artifacts.path("k"), "rb") as f:
+        assert f.read() == b"artifacts"  # the old file is left whole

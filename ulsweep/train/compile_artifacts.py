@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 from ulsweep import io as uio
 
@@ -71,19 +72,27 @@ def load(key: str, label: str = "") -> int:
 
 def save(key: str, label: str = "") -> int:
     """Save what this process has compiled as the compile of `key` (atomically, replacing an older one); returns
-    the bytes written (0: nothing compiled, or the write failed, which a warning says)."""
+    the bytes written (0: nothing compiled, or it failed, which a warning says: a cache is worth no retry and no
+    failed run, unlike ulsweep's results, so a full or read-only cache is not waited for)."""
     if not _api():
         return 0
     import torch
 
-    artifacts = torch.compiler.save_cache_artifacts()
-    if not artifacts or not artifacts[0]:
-        return 0
     p = path(key)
+    tmp = None
     try:
+        artifacts = torch.compiler.save_cache_artifacts()
+        if not artifacts or not artifacts[0]:
+            return 0
         os.makedirs(os.path.dirname(p), exist_ok=True)
-        uio.atomic_write_bytes(p, artifacts[0])
-    except OSError as e:  # a full or read-only cache: the next node compiles for itself
-        print(f"[{label}] compile cache not saved to {p} ({e})", file=sys.stderr, flush=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(p), prefix=".tmp-", suffix=".bin")
+        with os.fdopen(fd, "wb") as f:
+            f.write(artifacts[0])
+        os.replace(tmp, p)  # readers see the old file or the whole new one
+    except Exception as e:  # noqa: BLE001 - the next node compiles for itself
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
+        print(f"[{label}] compile cache not saved to {p} ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr,
+              flush=True)
         return 0
     return len(artifacts[0])
