@@ -38,7 +38,7 @@ def path(key: str) -> str:
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         device = f"sm{major}{minor}"
-    return os.path.join(uio.cache_root(), FOLDER, f"torch-{torch.__version__}", device, f"{key}.bin")
+    return os.path.join(uio.cache_dir(FOLDER), f"torch-{torch.__version__}", device, f"{key}.bin")
 
 
 def _api() -> bool:
