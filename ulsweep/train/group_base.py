@@ -45,8 +45,8 @@ BASE_MEMBER_KEYS = ("base.train.seed",)
 
 def read_ahead(ae_checkpoint: str) -> tuple[torch.nn.Module, ExperimentConfig, dict]:
     """A member's frozen autoencoder read on the host (`load_frozen_autoencoder` to the CPU), for `train_bases`'s
-    `frozen`: reading and checking a checkpoint (weights, EMA and AdamW moments) is most of a base group's setup
-    (16.5 of its 61 s for lf_sweep's 18 members on one H100, session 26), while its members' autoencoder trials
+    `frozen`: reading and checking the checkpoints (weights, EMA and AdamW moments) took 16.5 of a base group's 61 s
+    of setup (lf_sweep's 18 members on one H100, session 26), while its members' autoencoder trials
     finish one after another over ~15 s: read as each member joins, the reading overlaps that wait."""
     return load_frozen_autoencoder(ae_checkpoint, "cpu")
 
