@@ -11,16 +11,17 @@ Models: with `--base-ckpt` (a base trial's checkpoint directory) its EMA base mo
 checkpoint it names; otherwise the experiment's AE and first base model, randomly initialized (timing only:
 their zero-initialized output layers make every sample the same in either precision).
 
-Per batch size (`--batches`, images per sampling call, as `generate`'s `batch`) and precision: one untimed
-generation of one batch, then `--repeats` timed generations of `--samples` images, each from the same seed;
-a row gives the median seconds, images/s and the ratio to fp32 at that batch size, and the mean and largest
-|bf16 - fp32| over the images' uint8 levels. With `--extractor` (and a checkpoint), once at the first batch
-size: the Frechet distance of each set (fp32, bf16, and fp32 from another seed) to the first
-`eval.gfd_reference_images` eval images, and between the sets; the seed row is the yardstick for the
-precision's. With `--compile MODE` (a `torch.compile` mode, e.g. `default`), the same rows again with the base
-model and the decoder compiled (`compiled: true`; their ratio and differences are still against the eager fp32
-row), and `first_call_s`, the untimed first generation of one batch, which carries the compilation: the time
-a trial would pay once per architecture and batch shape (Inductor's caches on the node then serve the others).
+Per batch size (`--batches`, the most images a sampling call holds, as `eval.sample_batch`) and precision: one
+untimed generation of one call (of the size `sampling_calls` gives the timed ones), then `--repeats` timed
+generations of `--samples` images, each from the same seed; a row gives the median seconds, images/s and the ratio
+to fp32 at that batch size, and the mean and largest |bf16 - fp32| over the images' uint8 levels. With
+`--extractor` (and a checkpoint), once at the first batch size: the Frechet distance of each set (fp32, bf16, and
+fp32 from another seed) to the first `eval.gfd_reference_images` eval images, and between the sets; the seed row is
+the yardstick for the precision's. With `--compile MODE` (a `torch.compile` mode, e.g. `default`), the same rows
+again with the base model and the decoder compiled (`compiled: true`; their ratio and differences are still against
+the eager fp32 row), and `first_call_s`, the untimed first generation of one batch, which carries the compilation:
+the time a trial would pay once per architecture and batch shape (Inductor's caches on the node then serve the
+others).
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def sample(m: dict, precision: str, n: int, batch: int, seed: int, device: torch
     gen = torch.Generator(device).manual_seed(seed)
     with sampling_precision(precision, device):
         return generate(m["net"], m["ae"], m["ae_exp"], m["base"], n, m["latent_shape"], m["image_shape"], gen,
-                        batch=batch)
+                        rows=batch)
 
 
 def timed(m: dict, precision: str, n: int, batch: int, repeats: int, device: torch.device):
@@ -88,9 +89,11 @@ def timed(m: dict, precision: str, n: int, batch: int, repeats: int, device: tor
     untimed first generation of one batch)."""
     import time
 
+    from ulsweep.train.sampling import sampling_calls
+
     sync(device)
     t0 = time.perf_counter()
-    sample(m, precision, min(batch, n), batch, 0, device)  # warm-up: cuDNN's choices, the allocator, compilation
+    sample(m, precision, sampling_calls(n, batch)[0], batch, 0, device)  # warm-up: cuDNN, the allocator, compiling
     sync(device)
     first = time.perf_counter() - t0
     secs, images = [], None

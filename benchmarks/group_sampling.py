@@ -1,17 +1,20 @@
 """A stacked group's final-evaluation sampling, member by member against all members at once
-(`resources.stack_sampling` each / stacked), side by side in one process: K randomly initialized autoencoders and
-base models of the experiment (timing only), stacked as a group holds them, through the library's own
-`reconstruct_images` (stage 1: `--recon-images` per member, `RECONSTRUCT_BATCH` a batch) and `generate_members`
-(stage 2: `--samples` per member, `GENERATE_BATCH` a batch), under the experiment's `eval.sample_precision` and
+(`resources.stack_sampling` each / stacked) and at several `eval.sample_batch` sizes, side by side in one process:
+K randomly initialized autoencoders and base models of the experiment (timing only), stacked as a group holds
+them, through the library's own `reconstruct_images` (stage 1: `--recon-images` per member) and
+`generate_members` (stage 2: `--samples` per member), under the experiment's `eval.sample_precision` and
 `eval.sample_compile`.
 
-    python benchmarks/group_sampling.py experiments/lf_sweep.yaml --members 18 \
+    python benchmarks/group_sampling.py experiments/lf_sweep.yaml --members 18 --sample-batches 1000 4096 \
         --out benchmarks/results/h200-group-sampling.json
 
-Per mode and part: `first_s`, the untimed first call on one batch a member (with compilation: the time a
-group pays once per architecture unless precompiled), then the median of `--repeats` timed calls; images/s
-counts all members' images. `max_abs_uint8_diff`: the largest difference of the mode's images from `each`'s
-(each gives a member's run-alone images; stacked differs by the rounding of its grouped kernels).
+Per mode, sample batch and part: `first_s`, the untimed first call of the size the timed calls have (with
+compilation: the time a group pays once per architecture and shape unless precompiled; compiled code is reset
+between rows, so each row compiles for itself, from Inductor's caches where an earlier row compiled its shapes),
+then the median of `--repeats` timed calls; `size` and `calls`, each member's images a call and the calls
+(`sampling_calls`); images/s counts all members' images. `max_abs_uint8_diff`: the largest difference of the
+row's images from the first row's of its part and size (rows of another size draw other noise): each gives a
+member's run-alone images; stacked differs by the rounding of its grouped kernels.
 """
 from __future__ import annotations
 
@@ -63,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--recon-images", type=int, default=None, help="default: the experiment's ae.train.eval_images")
     ap.add_argument("--samples", type=int, default=None, help="default: the experiment's eval.gfd_samples")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--sample-batches", type=int, nargs="+", default=None, metavar="N",
+                    help="eval.sample_batch values, each a row (default: the experiment's)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="experiment overrides")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -74,14 +79,15 @@ def main(argv=None) -> int:
     from ulsweep.config import experiment_from_dict, load_experiment, to_dict
     from ulsweep.config.loading import parse_overrides
     from ulsweep.diffusion.noise import seeded
-    from ulsweep.train.stage1 import RECONSTRUCT_BATCH, reconstruct_images
-    from ulsweep.train.sampling import to_uint8
-    from ulsweep.train.stage2 import GENERATE_BATCH, generate_members
+    from ulsweep.train.sampling import sampling_calls, to_uint8
+    from ulsweep.train.stage1 import reconstruct_images
+    from ulsweep.train.stage2 import generate_members
 
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as training runs
     base_exp = load_experiment(args.experiment, parse_overrides(args.set))
+    args.sample_batches = args.sample_batches or [base_exp.eval.sample_batch]
     k = args.members
     ae, base_model, shape = build_group(base_exp, k, args.channels, device)
     s = base_exp.data.image_size
@@ -91,10 +97,12 @@ def main(argv=None) -> int:
     x = torch.rand(n_rec, *image_shape, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
     base = base_exp.base_models[0]
     rows, ref = [], {}
-    print(f"{'mode':>8} {'part':>12} {'members':>7} {'first s':>8} {'median s':>9} {'images/s':>9} {'max |d|':>8}")
-    for mode in args.modes:
+    print(f"{'mode':>8} {'batch':>6} {'part':>12} {'members':>7} {'size':>5} {'calls':>5} {'first s':>8} "
+          f"{'median s':>9} {'images/s':>9} {'max |d|':>8}")
+    for mode, sample_batch in [(m, b) for m in args.modes for b in args.sample_batches]:
         exp = experiment_from_dict(to_dict(base_exp), {"resources.stack_trials": k, "resources.num_workers": 0,
-                                                       "resources.stack_sampling": mode})
+                                                       "resources.stack_sampling": mode,
+                                                       "eval.sample_batch": sample_batch})
 
         def recon(n: int):
             return to_uint8(reconstruct_images(ae, x[:n], exp, seeded(range(k), device), k)[0])
@@ -103,18 +111,20 @@ def main(argv=None) -> int:
             return torch.stack(generate_members(base_model, ae, exp, exp, base, n, shape, image_shape,
                                                 seeded(range(k), device), k))
 
-        for part, fn, n, batch in (("reconstruct", recon, n_rec, RECONSTRUCT_BATCH),
-                                   ("generate", gen, n_gen, GENERATE_BATCH)):
-            first, _ = timed(lambda: fn(min(batch, n)), 1, device)
+        for part, fn, n in (("reconstruct", recon, n_rec), ("generate", gen, n_gen)):
+            torch.compiler.reset()  # this row's shapes compile for this row's first call
+            size, calls = sampling_calls(n, sample_batch, 1 if mode == "each" else k)
+            first, _ = timed(lambda: fn(size), 1, device)
             secs, images = timed(lambda: fn(n), args.repeats, device)
-            ref.setdefault(part, images)
-            diff = (images.int() - ref[part].int()).abs().max().item()
+            same = ref.setdefault((part, size), images)  # the same images a call: the same noise
+            diff = (images.int() - same.int()).abs().max().item()
             med = statistics.median(secs)
-            row = {"mode": mode, "part": part, "members": k, "images_per_member": n, "batch": batch,
-                   "first_s": first[0], "median_s": med, "seconds": secs, "images_per_s": k * n / med,
-                   "max_abs_uint8_diff": diff}
+            row = {"mode": mode, "sample_batch": sample_batch, "part": part, "members": k, "images_per_member": n,
+                   "size": size, "calls": calls, "first_s": first[0], "median_s": med, "seconds": secs,
+                   "images_per_s": k * n / med, "max_abs_uint8_diff": diff}
             rows.append(row)
-            print(f"{mode:>8} {part:>12} {k:>7} {first[0]:>8.2f} {med:>9.3f} {row['images_per_s']:>9.0f} {diff:>8}")
+            print(f"{mode:>8} {sample_batch:>6} {part:>12} {k:>7} {size:>5} {calls:>5} {first[0]:>8.2f} {med:>9.3f} "
+                  f"{row['images_per_s']:>9.0f} {diff:>8}")
     env = run_env(args) | {"device": str(device), "sample_precision": base_exp.eval.sample_precision,
                            "sample_compile": base_exp.eval.sample_compile}
     write_results(args.out, env, rows)

@@ -343,16 +343,6 @@ def test_a_groups_sampling_is_compiled_ahead_as_the_group_samples(sampling, tmp_
     assert [(label.split()[-1], how) for label, how in seen if label.endswith("sampling")] == [("sampling", "done")] * 2
 
 
-def test_the_reconstruction_ahead_meets_every_batch_shape_of_the_evaluation_once():
-    def shapes(n, batch):
-        return sorted({min(batch, n - i) for i in range(0, n, batch)})
-
-    for eval_images in (8, 256, 300, 512, 2000):
-        n = precompile.reconstruction_shapes_count(eval_images, 256)
-        assert shapes(n, 256) == shapes(eval_images, 256) and n <= 2 * 256
-    assert precompile.reconstruction_shapes_count(2000, 256) == 256 + 208
-
-
 def test_what_was_compiled_ahead_is_a_tag_of_the_sweep_run(tmp_path):
     import json
 

@@ -222,6 +222,51 @@ def test_sampler_settings_choose_the_sampler(network):
     assert not torch.equal(auto, other)
 
 
+@pytest.mark.parametrize("rows, recon_calls, gen_calls", [(3, [3, 3, 3], [3, 3, 3]), (5, [4, 4], [4, 4]),
+                                                         (64, [8], [7])])
+def test_sample_batch_sets_the_size_of_every_sampling_call(rows, recon_calls, gen_calls):
+    """eval.sample_batch: the evaluation reconstructs its 8 images and generates 7 in the fewest calls of one size
+    of at most sample_batch images (so a compiled network meets one shape), and returns exactly 8 and 7."""
+    from ulsweep.train.stage1 import reconstruct_images
+    from ulsweep.train.stage2 import generate_members
+
+    exp = tiny(eval_={"extractor": "none", "sample_batch": rows})
+    ae, base = _tiny_models(exp)
+    seen = {"decoder": [], "base": []}
+    for name, net in (("decoder", ae.decoder), ("base", base)):
+        net.register_forward_hook(lambda m, i, o, name=name: seen[name].append(i[0].shape[0]))
+    x = torch.rand(8, 1, 16, 16) * 2 - 1
+    recon, _ = reconstruct_images(ae, x, exp, torch.Generator().manual_seed(0))
+    steps = exp.ae.train.sample_steps
+    assert recon.shape == x.shape and seen["decoder"] == [n for n in recon_calls for _ in range(steps)]
+    seen["decoder"].clear()
+    [images] = generate_members(base, ae, exp, exp, exp.base_models[0], 7, (2, 4, 4), (1, 16, 16),
+                                torch.Generator().manual_seed(0))
+    assert images.shape == (7, 1, 16, 16)
+    assert set(seen["base"]) == set(seen["decoder"]) == set(gen_calls)
+    assert len(seen["decoder"]) == len(gen_calls) * steps
+
+
+def test_sampling_calls_are_the_fewest_of_one_size_within_the_batch():
+    """`sampling_calls(n, rows, members)`: every call holds each member's `size` images, all calls one size,
+    at most `rows` images a call (a member at least one), as few calls as that allows, and less than one image a
+    call sampled in surplus."""
+    import math
+
+    from ulsweep.train.sampling import sampling_calls
+
+    assert sampling_calls(10000, 4096) == (3334, 3)  # lf_sweep's generations, member by member
+    assert sampling_calls(2000, 4096) == (2000, 1)  # its reconstructions
+    assert sampling_calls(2000, 4096, 18) == (223, 9)  # a stacked group of 18: 227 rows a member at most
+    assert sampling_calls(5, 2, 4) == (1, 5)
+    for n in (1, 7, 64, 1000, 2001):
+        for rows in (1, 3, 100, 4096):
+            for members in (1, 2, 18):
+                size, calls = sampling_calls(n, rows, members)
+                assert size * members <= max(rows, members) and calls == math.ceil(n / max(1, rows // members))
+                assert 0 <= size * calls - n < calls
+
+
 def test_sample_precision_runs_the_sampling_networks_in_bf16_and_leaves_bits_per_pixel_alone():
     """eval.sample_precision: bf16 runs the networks under bf16 autocast while they sample (reconstructions for
     PSNR, generations), fp32 does not; the bits/pixel estimates, which run before with the same generator, are

@@ -277,12 +277,12 @@ def test_stacked_generation_gives_each_member_its_own_samples(one_thread):
         aes.append(build_autoencoder(exp.ae, 1).eval())
         bases.append(build_base_model(bc, 2).eval())
     gens = MemberGenerators([torch.Generator().manual_seed(10 + k) for k in range(3)])
-    images = generate(stack(bases).eval(), stack(aes).eval(), exp, bc, 5, (2, 4, 4), (1, 16, 16), gens, batch=3,
+    images = generate(stack(bases).eval(), stack(aes).eval(), exp, bc, 5, (2, 4, 4), (1, 16, 16), gens, 9,
                       members=3)
     assert images.shape == (3, 5, 1, 16, 16) and images.dtype == torch.uint8
     for k in range(3):
         alone = generate(bases[k], aes[k], exp, bc, 5, (2, 4, 4), (1, 16, 16), torch.Generator().manual_seed(10 + k),
-                         batch=3)
+                         3)
         diff = (images[k].int() - alone.int()).abs()
         assert diff.max() <= 1 and diff.float().mean() < 0.01, k
     assert not torch.equal(images[0], images[1])

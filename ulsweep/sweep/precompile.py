@@ -112,8 +112,8 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     """Train the trial experiment's autoencoder (`raw` with `overrides`) for `steps` steps on random images through
     the library's loop and the trial's own objective, in a scratch directory (with `members` > 1, that many of
     them as the stacked program of a group, ulsweep/train/group.py); with `eval.sample_compile`, then reconstruct
-    random images as the trial's final evaluation does, a batch of each shape it will meet
-    (`reconstruction_shapes_count`), so that the trials' reconstructions start compiled too. Returns {"stage":
+    random images as the trial's final evaluation does, one call of the one size its calls have
+    (`sampling_calls`), so that the trials' reconstructions start compiled too. Returns {"stage":
     "ae", "latent_shape", "members", "compile_gate" (as compile_base's), with eval.sample_compile "sampling"
     ("compiled", or "busy": another process compiled it), "seconds"}."""
     import torch
@@ -121,8 +121,8 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     from ulsweep.data.sources import DeviceSplit
     from ulsweep.models.stacked import plain
     from ulsweep.train.build import build_autoencoder, latent_shape
-    from ulsweep.train.sampling import member_by_member
-    from ulsweep.train.stage1 import RECONSTRUCT_BATCH, AEObjective, reconstruct_images
+    from ulsweep.train.sampling import member_by_member, sampling_calls
+    from ulsweep.train.stage1 import AEObjective, reconstruct_images
 
     t0 = time.time()
     exp = trial_experiment(raw, overrides)
@@ -137,20 +137,17 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     ts, how = _train_briefly(objectives, lambda o: o.ae, source, exp.ae.optim, tc, rt, "ae")
     out = {"stage": "ae", "latent_shape": list(shape), "members": members, "compile_gate": how}
     if exp.eval.sample_compile:  # as the trial's evaluation reconstructs: a group's, as resources.stack_sampling says
-        n = reconstruction_shapes_count(exp.ae.train.eval_images, RECONSTRUCT_BATCH)
-        x = torch.rand(n, *image_shape, generator=gen, device=rt.device) * 2 - 1
+        # the AdamW moments and the EMA copy are not needed to reconstruct: their memory back to the card, which
+        # this task shares with the training trials (75.6 of 81.5 GB at its peak in session 27, one H100)
+        ts.opt = ts.ema = None
+        if rt.device.type == "cuda":
+            torch.cuda.empty_cache()
         net, k = (plain(ts.net), 1) if member_by_member(exp, members) else (ts.net, members)
+        n, _ = sampling_calls(exp.ae.train.eval_images, exp.eval.sample_batch, k)
+        x = torch.rand(n, *image_shape, generator=gen, device=rt.device) * 2 - 1
         _, compiled = reconstruct_images(net.eval(), x, exp, ts.gen if k > 1 else gen, k)
         out["sampling"] = "compiled" if compiled else "busy"
     return out | {"seconds": time.time() - t0}
-
-
-def reconstruction_shapes_count(eval_images: int, batch: int) -> int:
-    """How many images to reconstruct so that every batch shape of an evaluation of `eval_images` in batches of
-    `batch` comes up once: a full batch, then the last partial one (2,000 in 256s: 256 + 208)."""
-    if eval_images <= batch:
-        return eval_images
-    return batch + eval_images % batch
 
 
 def _image_shape(exp: ExperimentConfig) -> tuple[int, int, int]:
@@ -239,24 +236,25 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS,
 def _compile_sampling(exp: ExperimentConfig, base, ema_net, shape, device, members: int = 1) -> str:
     """The generation that the base trial's final evaluation compiles (`eval.sample_compile`): the EMA base model
     and a decoder of the trial's autoencoder architecture (random weights: only shapes matter), through the
-    evaluation's own `sampling_networks` and `generate`, one batch of the size the trial's first batch has (a
-    group's: one member's through ordinary networks with `resources.stack_sampling` each, as the group samples;
-    with stacked, every batch once per member). Returns "compiled", or "busy" when another process was
-    compiling them (nothing compiled here)."""
+    evaluation's own `sampling_networks` and `generate`, one call of the one size the trial's calls have
+    (`sampling_calls`; a group's: one member's through ordinary networks with `resources.stack_sampling` each, as
+    the group samples; with stacked, every member's share at once). Returns "compiled", or "busy" when another
+    process was compiling them (nothing compiled here)."""
     import torch
 
     from ulsweep.diffusion import MemberGenerators
     from ulsweep.models.stacked import plain, stack
     from ulsweep.train.build import build_autoencoder
-    from ulsweep.train.sampling import member_by_member, sampling_networks, sampling_precision
-    from ulsweep.train.stage2 import GENERATE_BATCH, generate
+    from ulsweep.train.sampling import member_by_member, sampling_calls, sampling_networks, sampling_precision
+    from ulsweep.train.stage2 import generate
 
     if member_by_member(exp, members):
         ema_net, members = plain(ema_net), 1
     image_shape = _image_shape(exp)
     aes = [build_autoencoder(exp.ae, image_shape[0]).to(device) for _ in range(members)]
     ae = (stack(aes) if members > 1 else aes[0]).eval().requires_grad_(False)
-    n = min(GENERATE_BATCH, exp.eval.gfd_samples if exp.eval.extractor != "none" else 64)
+    n, _ = sampling_calls(exp.eval.gfd_samples if exp.eval.extractor != "none" else 64, exp.eval.sample_batch,
+                          members)
     gens = [torch.Generator(device).manual_seed(i) for i in range(members)]
     gen = MemberGenerators(gens) if members > 1 else gens[0]
     ev = exp.eval
@@ -265,7 +263,7 @@ def _compile_sampling(exp: ExperimentConfig, base, ema_net, shape, device, membe
                             f"precompile {base.name} sampling") as (net, decoder)):
         if net is ema_net:  # another process holds the gate: it compiles them
             return "busy"
-        generate(net, ae, exp, base, n, shape, image_shape, gen, decoder=decoder, members=members)
+        generate(net, ae, exp, base, n, shape, image_shape, gen, exp.eval.sample_batch, decoder, members)
     return "compiled"
 
 

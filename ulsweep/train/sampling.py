@@ -50,6 +50,21 @@ def sampling_networks(nets: list[nn.Module], compile_them: bool, precision: str,
         yield nets if how == "busy" else [torch.compile(n) for n in nets]
 
 
+def sampling_calls(n: int, rows: int, members: int = 1) -> tuple[int, int]:
+    """(images of each member a call, calls) that sample `n` images of each of `members` members (all of them in
+    every call) with at most `rows` images a call (`eval.sample_batch`; a member gets at least one): the fewest
+    calls, all of one size, so that a compiled network meets one shape; the last call's surplus is dropped."""
+    calls = -(-n // max(1, rows // members))
+    return -(-n // calls), calls
+
+
+def fill_up(x: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    """x[start:start + size], filled up to `size` rows with x's first rows where x ends before (the last call of
+    `sampling_calls`; their results are dropped)."""
+    part = x[start:start + size]
+    return part if len(part) == size else torch.cat([part, x[:size - len(part)]])
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Model range [-1, 1] -> uint8 0..255 (rounded)."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

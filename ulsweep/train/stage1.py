@@ -27,8 +27,8 @@ from ulsweep.train.evaluation import PartTimer, load_eval_extractor, reconstruct
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
-from ulsweep.train.sampling import (image_grid_png, member_by_member, reconstruct, sampling_networks,
-                                    sampling_precision, to_uint8)
+from ulsweep.train.sampling import (fill_up, image_grid_png, member_by_member, reconstruct, sampling_calls,
+                                    sampling_networks, sampling_precision, to_uint8)
 from ulsweep.train.state import TrainState
 
 KIND = "ae"
@@ -118,9 +118,6 @@ class AEObjective(torch.nn.Module):
                 "train_bpp": nats_to_bits_per_pixel(means["prior"], h, w)}
 
 
-RECONSTRUCT_BATCH = 256  # images a batch of the evaluation's reconstruction (precompile.py compiles for its shape)
-
-
 def eval_generator(exps: Sequence[ExperimentConfig], device: torch.device) -> Generator:
     """The evaluation's own fixed-seed generator (it never disturbs the training RNG stream); for a group's
     members (more than one experiment), each member's, as its run alone would seed it."""
@@ -130,25 +127,27 @@ def eval_generator(exps: Sequence[ExperimentConfig], device: torch.device) -> Ge
 @torch.no_grad()
 def reconstruct_images(ae, x: torch.Tensor, exp: ExperimentConfig, gen: Generator,
                        members: int = 1) -> tuple[torch.Tensor, bool]:
-    """Reconstructions of `x` (model range) by `ae` as the evaluation samples them, in batches of
-    RECONSTRUCT_BATCH, under `eval.sample_precision` and, with `eval.sample_compile`, through the sampling gate;
-    and whether the decoder ran compiled (False while another process of the node compiled it). With `members`
-    K > 1, `ae` is a group's stacked autoencoder (ulsweep/models/stacked.py) and `gen` its MemberGenerators, and
-    the result is (K, N, C, H, W), member k's reconstructions by its own weights and noise: with
-    `resources.stack_sampling` each, member after member through one ordinary autoencoder holding its weights in
-    turn (as its run alone samples them); with stacked, every batch through the stacked one for all members at
-    once (K*RECONSTRUCT_BATCH rows)."""
+    """Reconstructions of `x` (model range) by `ae` as the evaluation samples them, in calls of one size of at
+    most `eval.sample_batch` images (`sampling_calls`), under `eval.sample_precision` and, with
+    `eval.sample_compile`, through the sampling gate; and whether the decoder ran compiled (False while another
+    process of the node compiled it). With `members` K > 1, `ae` is a group's stacked autoencoder
+    (ulsweep/models/stacked.py) and `gen` its MemberGenerators, and the result is (K, N, C, H, W), member k's
+    reconstructions by its own weights and noise: with `resources.stack_sampling` each, member after member
+    through one ordinary autoencoder holding its weights in turn (as its run alone samples them); with stacked,
+    every call through the stacked one for all members at once (each member's share of the call's rows)."""
     tc = exp.ae.train
     each = member_by_member(exp, members)
     net = plain(ae) if each else ae
 
     def batches(decoder, g, m: int) -> torch.Tensor:  # (m, N, C, H, W)
+        size, calls = sampling_calls(len(x), exp.eval.sample_batch, m)
+
         def rows(xb: torch.Tensor) -> torch.Tensor:  # a stacked group's batch holds every member's rows
             return xb.repeat(m, 1, 1, 1) if m > 1 else xb
 
-        return torch.cat([reconstruct(net.encoder, decoder, rows(x[i:i + RECONSTRUCT_BATCH]), exp.ae.loss,
+        return torch.cat([reconstruct(net.encoder, decoder, rows(fill_up(x, i * size, size)), exp.ae.loss,
                                       tc.sample_steps, sampler(tc, "decoder"), g).unflatten(0, (m, -1))
-                          for i in range(0, len(x), RECONSTRUCT_BATCH)], 1)
+                          for i in range(calls)], 1)[:, :len(x)]
 
     with (sampling_precision(exp.eval.sample_precision, x.device),
           sampling_networks([net.decoder], exp.eval.sample_compile, exp.eval.sample_precision, x.device,

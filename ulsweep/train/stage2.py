@@ -14,7 +14,8 @@ from collections.abc import Collection, Iterator, Sequence
 
 import torch
 
-from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_yaml, experiment_from_dict, to_dict
+from ulsweep.config import (BaseStageConfig, EvalConfig, ExperimentConfig, config_hash, dump_yaml, experiment_from_dict,
+                            to_dict)
 from ulsweep.data.sources import DeviceSplit, choose_loader, choose_loader_for, load_eval_images, open_splits
 from ulsweep.diffusion import (LogSNRSchedule, base_loss, diffuse, latent_bitrates,
                                low_discrepancy_times, x_from_v)
@@ -27,8 +28,8 @@ from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.latents import IN_PROCESS, decode_path, latent_source, training_latents
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
-from ulsweep.train.sampling import (decode, generate_latents, image_grid_png, member_by_member, sampling_networks,
-                                    sampling_precision, to_uint8)
+from ulsweep.train.sampling import (decode, generate_latents, image_grid_png, member_by_member, sampling_calls,
+                                    sampling_networks, sampling_precision, to_uint8)
 from ulsweep.train.state import TrainState
 
 KIND = "base"
@@ -151,39 +152,37 @@ def generate_members(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentCo
     with (sampling_precision(exp.eval.sample_precision, gen.device),
           sampling_networks(nets, exp.eval.sample_compile, exp.eval.sample_precision, gen.device,
                             f"base {base.name} sampling") as (net, decoder)):
+        rows = exp.eval.sample_batch
         if not each:
-            images = generate(net, ae, ae_exp, base, n, latent_shape, image_shape, gen, decoder=decoder,
-                              members=members)
+            images = generate(net, ae, ae_exp, base, n, latent_shape, image_shape, gen, rows, decoder, members)
             return list(images) if members > 1 else [images]
         out: list[torch.Tensor | None] = [None] * members
         for i in [i for i in range(members) if i not in skip]:
             load_trial(nets[0], base_model, i)
             load_trial(nets[1], ae.decoder, i)
-            out[i] = generate(net, None, ae_exp, base, n, latent_shape, image_shape, gen.gens[i], decoder=decoder)
+            out[i] = generate(net, None, ae_exp, base, n, latent_shape, image_shape, gen.gens[i], rows, decoder)
         return out
-
-
-GENERATE_BATCH = 1000  # samples a batch of `generate` (ulsweep/sweep/precompile.py compiles for its shapes)
 
 
 @torch.no_grad()
 def generate(base_model, ae, ae_exp, base: BaseStageConfig, n: int, latent_shape, image_shape, gen: Generator,
-             batch: int = GENERATE_BATCH, decoder=None, members: int = 1) -> torch.Tensor:
-    """n images (uint8) from z_1 ~ N(0, I) -> base model -> z_0 at lambda_z(0) -> decoder (in batches of
-    `batch`: small networks are launch-bound, so larger batches sample 10k images several times faster).
-    `decoder`: the autoencoder's decoder as sampling calls it (compiled, say); default `ae.decoder`. With
-    `members` K > 1, `base_model` and `ae` are a group's stacked networks and `gen` its MemberGenerators: every
-    batch holds `batch` samples of each member (K*batch rows) and the result is (K, n, C, H, W)."""
+             rows: int = EvalConfig.sample_batch, decoder=None, members: int = 1) -> torch.Tensor:
+    """n images (uint8) from z_1 ~ N(0, I) -> base model -> z_0 at lambda_z(0) -> decoder, in calls of one size of
+    at most `rows` images (`eval.sample_batch`, `sampling_calls`: small networks are launch-bound, so larger calls
+    sample 10k images several times faster). `decoder`: the autoencoder's decoder as sampling calls it (compiled,
+    say); default `ae.decoder`. With `members` K > 1, `base_model` and `ae` are a group's stacked networks and
+    `gen` its MemberGenerators: every call holds the same number of samples of each member and the result is
+    (K, n, C, H, W)."""
     tc, sched, out = base.train, base_schedule(ae_exp.ae.loss, base), []
     decoder = decoder if decoder is not None else ae.decoder
     ae_tc = ae_exp.ae.train
-    for i in range(0, n, batch):
-        b = min(batch, n - i)
-        z0 = generate_latents(base_model, members * b, latent_shape, sched, tc.sample_steps, sampler(tc, "base"),
+    size, calls = sampling_calls(n, rows, members)
+    for _ in range(calls):
+        z0 = generate_latents(base_model, members * size, latent_shape, sched, tc.sample_steps, sampler(tc, "base"),
                               gen, gen.device)
         out.append(to_uint8(decode(decoder, z0, image_shape, ae_exp.ae.loss, ae_tc.sample_steps,
-                                   sampler(ae_tc, "decoder"), gen)).unflatten(0, (members, b)))
-    images = torch.cat(out, 1)
+                                   sampler(ae_tc, "decoder"), gen)).unflatten(0, (members, size)))
+    images = torch.cat(out, 1)[:, :n]
     return images if members > 1 else images[0]
 
 
