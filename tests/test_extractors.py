@@ -150,6 +150,37 @@ def test_inception_standin_loads_with_explicit_hash(standin_file):
     assert torch.equal(f, loaded(x.expand(-1, 3, -1, -1)))  # gray = the same image repeated to RGB
 
 
+@pytest.mark.parametrize("kind", ["inception", "domain"])
+def test_features_are_computed_in_exact_fp32_whatever_the_caller_set(kind, trained):
+    """FID is the fp32 FID: inside an extractor no autocast is on and TF32 is off for matmuls and convolutions,
+    though the caller (a trial's runtime, which turns TF32 on for training) set them; the flags come back."""
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.backends.cuda.matmul.allow_tf32,
+                         torch.backends.cudnn.allow_tf32, x.dtype))
+            return x
+
+    if kind == "inception":
+        net = torch.nn.Sequential(Spy(), _StandIn())
+        extractor = ex.InceptionExtractor(net, "0" * 64, name="standin")
+    else:
+        extractor = trained[0].model
+        extractor.body.insert(0, Spy())
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feats = extractor(torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        if kind == "domain":
+            del extractor.body[0]
+    assert seen == [(False, False, False, torch.float32)] and feats.dtype == torch.float32
+
+
 def test_fid_preprocess_range_and_resize():
     x = torch.tensor([0, 128, 255], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 1, 7, 5)
     y = ex.fid_preprocess(x)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ulsweep.io import atomic_write_bytes
 
-from .features import ExtractorError, FeatureExtractor, WeightsHashError, check_name, check_u8
+from .features import ExtractorError, FeatureExtractor, WeightsHashError, check_name, check_u8, exact_fp32
 from .weights import read_bytes, sha256_bytes, state_dict_bytes, state_dict_from_bytes, verify_sha256
 
 
@@ -85,7 +85,8 @@ class DomainCNN(FeatureExtractor):
         return self.head(self.hidden(self.body(x)))
 
     def forward(self, images_u8: Tensor) -> Tensor:  # uint8 (N, C, H, W) -> (N, feature_dim) float32
-        return self.hidden(self.body(self.preprocess(images_u8))).float()
+        with exact_fp32(images_u8.device):
+            return self.hidden(self.body(self.preprocess(images_u8))).float()
 
     def meta(self) -> dict[str, Any]:
         return {"name": self.name, "arch": self.arch, "in_channels": self.in_channels,

@@ -8,6 +8,8 @@ gathers them.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -31,6 +33,23 @@ class MissingWeightsError(ExtractorError):
 
 class WeightsHashError(ExtractorError):
     pass
+
+
+FEATURES = "exact fp32"  # the features' arithmetic (`exact_fp32`), part of the reference-statistics cache key
+
+
+@contextmanager
+def exact_fp32(device: torch.device) -> Iterator[None]:
+    """The features in exact fp32 on `device`: no autocast, and no TF32 in matmuls or convolutions (cuDNN allows
+    TF32 convolutions by default, and a trial's runtime turns both on for its training), so that FID is the
+    fp32 FID wherever it is computed and the cached reference statistics agree with it; the flags are restored."""
+    matmul, conv = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
 
 
 class FeatureExtractor(nn.Module):

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ulsweep import io as uio
 
-from .features import FeatureExtractor
+from .features import FEATURES, FeatureExtractor
 
 
 def _default_device() -> torch.device:
@@ -149,7 +149,8 @@ def feature_stats(extractor: FeatureExtractor, batches: Iterable[Tensor]) -> Fea
 class RefKey:
     """What reference statistics depend on: the first `num_samples` images of `split` of the dataset with
     content hash `dataset_hash`, at the size they were fed in (`image_shape`, (C, H, W) after the run's
-    resize/pad), through the extractor with weights hash `extractor_sha256`."""
+    resize/pad), through the extractor with weights hash `extractor_sha256`, in the features' arithmetic
+    (`FEATURES`: entries from before the features ran in exact fp32 are not reused)."""
 
     dataset_hash: str
     split: str
@@ -160,13 +161,13 @@ class RefKey:
 
     def digest(self) -> str:
         blob = json.dumps([self.dataset_hash, self.split, self.extractor_sha256, int(self.num_samples),
-                           [int(s) for s in self.image_shape]])
+                           [int(s) for s in self.image_shape], FEATURES])
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     def meta(self) -> dict:
         return {"dataset_hash": self.dataset_hash, "split": self.split, "extractor_sha256": self.extractor_sha256,
                 "num_samples": int(self.num_samples), "extractor_name": self.extractor_name,
-                "image_shape": [int(s) for s in self.image_shape]}
+                "image_shape": [int(s) for s in self.image_shape], "features": FEATURES}
 
 
 class RefStatsCache:

