@@ -152,14 +152,15 @@ def test_inception_standin_loads_with_explicit_hash(standin_file):
 
 @pytest.mark.parametrize("kind", ["inception", "domain"])
 def test_features_are_computed_in_exact_fp32_whatever_the_caller_set(kind, trained):
-    """FID is the fp32 FID: inside an extractor no autocast is on and TF32 is off for matmuls and convolutions,
-    though the caller (a trial's runtime, which turns TF32 on for training) set them; the flags come back."""
+    """FID is the fp32 FID: inside an extractor no autocast is on, TF32 is off for matmuls and convolutions and
+    cuDNN takes its heuristics' algorithms, though the caller (a trial's runtime, which turns TF32 and cuDNN's
+    search on for training) set them otherwise; the flags come back."""
     seen = []
 
     class Spy(torch.nn.Module):
         def forward(self, x):
             seen.append((torch.is_autocast_enabled("cpu"), torch.backends.cuda.matmul.allow_tf32,
-                         torch.backends.cudnn.allow_tf32, x.dtype))
+                         torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark, x.dtype))
             return x
 
     if kind == "inception":
@@ -168,17 +169,21 @@ def test_features_are_computed_in_exact_fp32_whatever_the_caller_set(kind, train
     else:
         extractor = trained[0].model
         extractor.body.insert(0, Spy())
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"), \
+        (torch.backends.cudnn, "benchmark")
+    before = [getattr(m, name) for m, name in flags]
     try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        for m, name in flags:
+            setattr(m, name, True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             feats = extractor(torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8))
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        assert [getattr(m, name) for m, name in flags] == [True] * 3
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        for (m, name), value in zip(flags, before):
+            setattr(m, name, value)
         if kind == "domain":
             del extractor.body[0]
-    assert seen == [(False, False, False, torch.float32)] and feats.dtype == torch.float32
+    assert seen == [(False, False, False, False, torch.float32)] and feats.dtype == torch.float32
 
 
 def test_fid_preprocess_range_and_resize():

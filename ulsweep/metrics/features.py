@@ -42,14 +42,18 @@ FEATURES = "exact fp32"  # the features' arithmetic (`exact_fp32`), part of the 
 def exact_fp32(device: torch.device) -> Iterator[None]:
     """The features in exact fp32 on `device`: no autocast, and no TF32 in matmuls or convolutions (cuDNN allows
     TF32 convolutions by default, and a trial's runtime turns both on for its training), so that FID is the
-    fp32 FID wherever it is computed and the cached reference statistics agree with it; the flags are restored."""
-    matmul, conv = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    fp32 FID wherever it is computed and the cached reference statistics agree with it; and cuDNN's convolution
+    algorithms from its heuristics, not timed (a trial's runtime turns the search on): the same algorithms, so the
+    same rounding, in every process, and no search over the extractor's ~100 convolution shapes at a process's
+    first features. The flags are restored."""
+    backends = torch.backends
+    before = backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark
+    backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = backends.cudnn.benchmark = False
     try:
         with torch.autocast(device.type, enabled=False):
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
+        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark = before
 
 
 class FeatureExtractor(nn.Module):
