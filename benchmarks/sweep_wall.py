@@ -16,6 +16,9 @@ call, so that their numbers compare side by side. Per variant it records:
     process_trial       per trial, the how-manieth trial of its process it was (1: fresh; above: a reused one)
     precompile          what the sweep compiled ahead (resources.precompile: the sweep run's tag), if anything
     training_share      share of the trials' span during which at least one trial was training
+    gpu_busy_by_phase   per kind and phase, the mean utilization of the GPU samples taken while at least one
+                        trial of that kind was in that phase (a sample may count for several), and of those taken
+                        while no trial was in any (the sweep's start and end): where the idle GPU time sits
     results             per trial its final metrics (bits/pixel, PSNR, rFD/rFID, gFD/gFID), to check that a lever
                         leaves them unchanged
 
@@ -94,13 +97,12 @@ class GpuSampler:
         return sum(s[2] for s in samples) / (100 * len(samples)) if samples else None
 
 
-def nvidia_smi_busy(path: str, t0: float | None = None, t1: float | None = None) -> tuple[float | None, int]:
-    """Mean utilization.gpu (as a fraction) of an `nvidia-smi --query-gpu=timestamp,utilization.gpu,... --format=csv
-    -l N` log (fig8_start.sh's gpu_util.csv; its timestamps are the machine's UTC) over the samples within
-    [t0, t1] (epoch s; all without them), and how many samples that was."""
+def nvidia_smi_samples(path: str, t0: float | None = None, t1: float | None = None) -> list[tuple[float, float]]:
+    """(epoch s, utilization.gpu %) of an `nvidia-smi --query-gpu=timestamp,utilization.gpu,... --format=csv -l N`
+    log (fig8_start.sh's gpu_util.csv; its timestamps are the machine's UTC) within [t0, t1] (all without them)."""
     from datetime import datetime, timezone
 
-    utils = []
+    out = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             cells = [c.strip() for c in line.split(",")]
@@ -112,8 +114,34 @@ def nvidia_smi_busy(path: str, t0: float | None = None, t1: float | None = None)
             except ValueError as e:
                 raise SystemExit(f"{path}: line {n} is not an nvidia-smi sample ({e}): {line.strip()!r}") from None
             if (t0 is None or t >= t0) and (t1 is None or t <= t1):
-                utils.append(u)
+                out.append((t, u))
+    return out
+
+
+def nvidia_smi_busy(path: str, t0: float | None = None, t1: float | None = None) -> tuple[float | None, int]:
+    """Mean utilization.gpu (as a fraction) of an nvidia-smi log (`nvidia_smi_samples`) over the samples within
+    [t0, t1], and how many samples that was."""
+    utils = [u for _, u in nvidia_smi_samples(path, t0, t1)]
     return (sum(utils) / (100 * len(utils)) if utils else None), len(utils)
+
+
+def busy_by_phase(timeline, samples: list[tuple[float, float]]) -> list[dict]:
+    """Per kind and phase of `timeline` (ulsweep.report.timeline's frame: kind, phase, start, end per trial), the
+    GPU samples (epoch s, utilization %) taken while at least one trial of that kind was in that phase: how many,
+    and their mean utilization as a fraction; last, those taken while no trial was in any phase (kind "-", phase
+    "outside")."""
+    from ulsweep.sweep.timeline import PHASES
+
+    spans = list(timeline[["kind", "phase", "start", "end"]].itertuples(index=False, name=None))
+    seen: dict[tuple[str, str], list[float]] = {}
+    for t, u in samples:
+        pairs = {(kind, phase) for kind, phase, a, b in spans if a <= t <= b} or {("-", "outside")}
+        for pair in pairs:
+            seen.setdefault(pair, []).append(u)
+    order = {p: i for i, p in enumerate(PHASES)}
+    keys = sorted(seen, key=lambda kp: (kp[0] == "-", kp[0], order.get(kp[1], len(order))))
+    return [{"kind": k, "phase": p, "samples": len(seen[k, p]),
+             "gpu_busy": round(sum(seen[k, p]) / (100 * len(seen[k, p])), 3)} for k, p in keys]
 
 
 def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
@@ -179,12 +207,14 @@ def run_variant(experiment: str, name: str, sets: list[str], env_extra: dict[str
     if not run_dirs:
         out["error"] = f"no run directory under {storage}; see {log}"
         return out
-    out.update(sweep_numbers(str(run_dirs[0])))
+    out.update(sweep_numbers(str(run_dirs[0]), samples=[(t, u) for t, _, u, _ in gpu.samples]))
     return out
 
 
-def sweep_numbers(sweep: str, tracking_uri: str | None = None) -> dict:
-    """Trials, phases, readiness and final metrics of a finished (or stopped) sweep, from its MLflow store.
+def sweep_numbers(sweep: str, tracking_uri: str | None = None,
+                  samples: list[tuple[float, float]] | None = None) -> dict:
+    """Trials, phases, readiness and final metrics of a finished (or stopped) sweep, from its MLflow store, and
+    with the GPU's `samples` (epoch s, utilization %) how busy it was in each phase (`busy_by_phase`).
     `sweep`: its run directory, or its name or run id with `tracking_uri` (as `ulsweep report` takes it)."""
     import pandas as pd
 
@@ -209,6 +239,8 @@ def sweep_numbers(sweep: str, tracking_uri: str | None = None) -> dict:
                                 if not pd.isna(r.process_trial)}
         later = after_first_of_architecture(ready, runs)
         out["ready_after_first_max_s"] = round(float(later["ready_s"].max()), 2) if len(later) else None
+        if samples:
+            out["gpu_busy_by_phase"] = busy_by_phase(data.timeline, samples)
     precompiled = data.parent.get("tags", {}).get("ulsweep.precompile")  # resources.precompile's tasks
     if precompiled:
         out["precompile"] = json.loads(precompiled)
@@ -250,6 +282,17 @@ def table(rows: list[dict]) -> str:
     return render_table(flat, cols, floatfmt=".3g")
 
 
+def phase_busy_table(row: dict) -> str:
+    """A variant's `gpu_busy_by_phase` as a table (empty without GPU samples)."""
+    from ulsweep.tracking import render_table
+
+    phases = row.get("gpu_busy_by_phase") or []
+    if not phases:
+        return ""
+    return f"GPU busy by phase ({row['variant']}):\n" + render_table(phases, ["kind", "phase", "samples", "gpu_busy"],
+                                                                     floatfmt=".3g")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -276,8 +319,9 @@ def main(argv=None) -> int:
     ap.add_argument("--commit", default=None, help="with --from-store: the commit whose code ran the sweep")
     args = ap.parse_args(argv)
     if args.from_store:
-        row = {"variant": "from-store", **sweep_numbers(args.from_store, args.tracking_uri)}
         t0, t1 = args.window or (None, None)
+        samples = nvidia_smi_samples(args.gpu_csv, t0, t1) if args.gpu_csv else None
+        row = {"variant": "from-store", **sweep_numbers(args.from_store, args.tracking_uri, samples)}
         if args.window:
             row["wall_s"] = round(t1 - t0, 1)
         if args.gpu_csv:
@@ -289,6 +333,7 @@ def main(argv=None) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=1, default=str))
         print(table([row]))
+        print(phase_busy_table(row))
         return 0
     if not args.experiment:
         ap.error("an experiment file is needed (or --from-store)")
@@ -315,6 +360,8 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(report, indent=1, default=str))
         os.replace(tmp, out)  # after every variant: a cut-off call keeps what it measured
     print(table(rows))
+    for row in rows:
+        print(phase_busy_table(row))
     print(f"wrote {out}")
     return 0 if all(r["rc"] == 0 for r in rows) else 1
 

@@ -352,6 +352,22 @@ def test_sweep_wall_first_of_an_architecture_is_per_kind_and_model_shape():
     assert sweep_wall.after_first_of_architecture(ready, runs)["key"].tolist() == ["a0", "a2-s"]
 
 
+def test_sweep_wall_gpu_busy_by_phase_counts_each_sample_for_every_phase_under_way():
+    """A sample counts for every (kind, phase) some trial was in at its time, once per pair however many trials
+    were; samples when no trial was in any phase go to ("-", "outside")."""
+    import pandas as pd
+    import sweep_wall
+
+    tl = pd.DataFrame([("a0", "ae", "train", 0.0, 10.0), ("a1", "ae", "train", 0.0, 10.0),
+                       ("a0", "ae", "evaluate", 10.0, 14.0), ("a0-s", "base", "setup", 12.0, 20.0)],
+                      columns=["key", "kind", "phase", "start", "end"])
+    samples = [(1.0, 100), (5.0, 80), (11.0, 20), (13.0, 60), (16.0, 10), (30.0, 0)]
+    got = {(r["kind"], r["phase"]): (r["samples"], r["gpu_busy"]) for r in sweep_wall.busy_by_phase(tl, samples)}
+    assert got == {("ae", "train"): (2, 0.9), ("ae", "evaluate"): (2, 0.4), ("base", "setup"): (2, 0.35),
+                   ("-", "outside"): (1, 0.0)}
+    assert [r["kind"] for r in sweep_wall.busy_by_phase(tl, samples)] == ["ae", "ae", "base", "-"]
+
+
 def test_sweep_wall_gpu_busy_from_an_nvidia_smi_log_over_the_sweeps_window(tmp_path):
     import sweep_wall
 
