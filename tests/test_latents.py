@@ -193,6 +193,40 @@ def test_decode_latents_takes_arrow_bytes_and_float_columns():
         L.decode_latents([rows[0], rows[1][:44]], (3, 2, 2))
 
 
+def test_a_group_whose_latent_writer_fails_publishes_nothing_and_names_the_error(tmp_path, digits_cache,
+                                                                                  monkeypatch, one_thread):
+    """encode_together's writers run beside the encoder: one that fails (a full disk, say) fails the encoding
+    with its own error once it is seen, and no member's latents are published or left half-written."""
+    import os
+
+    from ulsweep.models.stacked import stack
+
+    exp = experiment_from_dict({
+        "name": "lat2", "data": {"path": "builtin:digits", "image_size": 16},
+        "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2}, "train": TRAIN},
+        "eval": {"extractor": "none"}})
+    ckpts = [train_autoencoder(experiment_from_dict(to_dict(exp), {"ae.train.seed": k}), str(tmp_path / f"ae{k}"),
+                               TrainHooks()).checkpoint for k in range(2)]
+    frozen = [load_frozen_autoencoder(c, "cpu") for c in ckpts]
+    members = [(c, f[2]["sha256"]) for c, f in zip(ckpts, frozen)]
+    stacked = stack([f[0] for f in frozen]).eval().requires_grad_(False)
+    real, calls = L.LatentWriter.add, []
+
+    def add(self, z):
+        calls.append(1)
+        if len(calls) == 3:  # the second batch of the first member
+            raise OSError(28, "No space left on device")
+        return real(self, z)
+
+    monkeypatch.setattr(L.LatentWriter, "add", add)
+    with pytest.raises(OSError, match="No space left"):
+        L.encode_together(stacked.encoder, members, open_dataset(exp.data.path), exp.data, "cpu")
+    for c in ckpts:
+        assert L.published_latents(c, exp.data) is None
+        left = [f for _, _, files in os.walk(os.path.dirname(c)) for f in files if f.endswith(".parquet")]
+        assert left == [], left
+
+
 def test_a_group_stores_its_members_latents_in_one_pass(tmp_path, digits_cache, monkeypatch, one_thread):
     """encode_together: the latents of three autoencoders from one decode of the split through their stacked
     encoders, each published as its own (the member's encoder's z, up to the rounding of a grouped kernel), then
@@ -213,8 +247,9 @@ def test_a_group_stores_its_members_latents_in_one_pass(tmp_path, digits_cache, 
     stacked = stack([f[0] for f in frozen]).eval().requires_grad_(False)
     members = [(c, f[2]["sha256"]) for c, f in zip(ckpts, frozen)]
     timer = PartTimer(torch.device("cpu"))
+    kept: dict = {}
     t0 = time.perf_counter()
-    assert L.encode_together(stacked.encoder, members, ds, exp.data, "cpu", timer=timer) == [0, 1, 2]
+    assert L.encode_together(stacked.encoder, members, ds, exp.data, "cpu", timer=timer, keep=kept) == [0, 1, 2]
     wall = time.perf_counter() - t0
     assert counted.calls == 1  # one pass over the split for the three
     parts = {k: v for k, v in timer.seconds.items()}  # its parts, summed over the batches
@@ -227,6 +262,7 @@ def test_a_group_stores_its_members_latents_in_one_pass(tmp_path, digits_cache, 
         lat, z = L.training_latents(ae.encoder, c, meta["sha256"], ds, exp.data, "cpu")
         assert lat.manifest["encoder"]["stacked"] == 3
         assert z.shape == z_ref.shape and float((z - z_ref).abs().max()) < 1e-4 * float(z_ref.abs().max())
+        assert torch.equal(kept.pop(ckpts.index(c)), z)  # `keep`: the very values stored, without reading them
     assert counted.calls == 1  # training_latents read them
     assert L.encode_together(stacked.encoder, members, ds, exp.data, "cpu") == []  # stored already
     fourth = train_autoencoder(experiment_from_dict(to_dict(exp), {"ae.train.seed": 3}), str(tmp_path / "ae3"),

@@ -122,14 +122,18 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
     print(f"[{label}] data.loader {exp0.data.loader} -> {loader} for the {k} members' latents: {why}", flush=True)
     decode = say_decode_path(exp0, ds, rt, f"[{label}]")
     stacked_ae = stack(list(aes)).eval().requires_grad_(False)  # the members' frozen autoencoders as one
+    encoded: dict[int, torch.Tensor] | None = {} if loader == "device" else None
     with setup("encode"):  # every member's latents in one pass over the split where none is stored yet
         encode_together(stacked_ae.encoder, [(c, m["sha256"]) for c, m in zip(ae_checkpoints, ae_metas)], ds,
-                        exp0.data, rt.device, decode, timer=setup)  # and its parts: setup_encode_<part>_s
+                        exp0.data, rt.device, decode, timer=setup,  # and its parts: setup_encode_<part>_s
+                        keep=encoded)  # on the device: what it stored, not read back
     sources, stored = [], []
-    with setup("latents"):  # then each member's, read back as ever
-        for ae, ckpt, meta, b in zip(aes, ae_checkpoints, ae_metas, bases):
+    with setup("latents"):  # then each member's, read back as ever (but those just encoded, on the device)
+        for i, (ae, ckpt, meta, b) in enumerate(zip(aes, ae_checkpoints, ae_metas, bases)):
+            here = encoded.pop(i, None) if encoded is not None else None
             latents, z_train = training_latents(ae.encoder, ckpt, meta["sha256"], ds, exp0.data, rt.device,
-                                                load=loader == "device", decode=decode)
+                                                load=loader == "device" and here is None, decode=decode)
+            z_train = here if here is not None else z_train
             sources.append(DeviceSplit(z_train) if z_train is not None else
                            latent_source(latents, rt, b.train.seed, tc.batch_size))
             stored.append(latents)

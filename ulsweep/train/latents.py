@@ -27,11 +27,13 @@ The files themselves (manifest, shards, `LatentWriter`, `read_latents`, `decode_
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -59,6 +61,8 @@ POLL_S = 1.0  # how often a waiting trial looks for the manifest
 
 IN_PROCESS, RAY_DATA = "in-process", "ray-data"  # where encode_split reads and decodes the images
 ENCODE_PREFETCH = 2  # encoder batches the Ray Data path decodes ahead of the encoder
+STORE_THREADS = 4  # threads writing a group's latents beside its encoder (`encode_together`), a member each
+STORE_AHEAD = 4  # encoder batches the writers may fall behind (each holds every stored member's rows)
 
 
 def decode_path(images_loader: str) -> str:
@@ -251,15 +255,20 @@ def _encode_and_publish(encoder, ae_checkpoint: str, key: LatentsKey, ds: Datase
 def encode_together(stacked_encoder: torch.nn.Module, checkpoints: Sequence[tuple[str, str]], ds: Dataset,
                     data: DataConfig, device: torch.device | str, decode: str = IN_PROCESS,
                     heartbeat_s: float = HEARTBEAT_S,
-                    timer: Callable[[str], contextlib.AbstractContextManager] | None = None) -> list[int]:
+                    timer: Callable[[str], contextlib.AbstractContextManager] | None = None,
+                    keep: dict[int, torch.Tensor] | None = None) -> list[int]:
     """Store the training latents of K autoencoders in one pass over the split: `stacked_encoder` holds their K
     encoders as one (ulsweep/models/stacked.py), `checkpoints` each one's (checkpoint, SHA-256 of its state).
     The images are read and decoded once, and every encoder batch goes through the stacked encoder once per
     member (K*ENCODE_BATCH rows), where K base trials alone would each decode and encode the split. Only the
     members whose latents are not stored and whose lease this process gets are encoded (and only when that is
     more than one: one alone encodes as `training_latents` does); the others are left to `training_latents`,
-    which reads them or waits for whoever encodes them. `timer`: as `encode_split`'s. Returns the members it
-    stored."""
+    which reads them or waits for whoever encodes them. The members' writers run in threads beside the encoder
+    (STORE_THREADS, at most STORE_AHEAD batches behind); a writer's error fails the whole encoding, and nothing
+    of it is published. `timer`: as `encode_split`'s, its `encode_store` the copy of each batch to the host and
+    the waits for the writers. `keep`: a dict that gets the latents of the members it stored, float32 (N, C, h,
+    w) on `device`, the values it stored (a group that trains from device memory need not read them back).
+    Returns the members it stored."""
     k = len(checkpoints)
     todo: list[tuple[int, LatentsKey, LatentWriter]] = []
     with contextlib.ExitStack() as held:
@@ -282,22 +291,51 @@ def encode_together(stacked_encoder: torch.nn.Module, checkpoints: Sequence[tupl
         if len(todo) < 2:
             return []
         t0 = time.perf_counter()
+        members = torch.tensor([i for i, *_ in todo], device=device)
+        kept: torch.Tensor | None = None  # (stored members, N, C, h, w), filled batch by batch with `keep`
+        done = 0
+        # the writers (Parquet, SHA-256, the files: CPU work, most of the 8.3 s of `encode_store` for lf_sweep's
+        # 18 members on one H100, session 27) run in STORE_THREADS threads beside the encoder, each member's
+        # batches in order in one of them, at most STORE_AHEAD batches behind it
+        stores = [ThreadPoolExecutor(1, thread_name_prefix="latent-store") for _ in range(STORE_THREADS)]
+        pending: collections.deque[list[Future]] = collections.deque()
 
         def sink(z: torch.Tensor) -> None:
-            rows = z.unflatten(0, (k, -1))
-            for i, _, writer in todo:
-                writer.add(rows[i].cpu().numpy())
+            nonlocal kept, done
+            ours = z.unflatten(0, (k, -1))[members]
+            if keep is not None:
+                if kept is None:
+                    kept = torch.empty((len(todo), ds.splits[data.train_split], *z.shape[1:]), device=z.device)
+                kept[:, done:done + ours.shape[1]] = ours
+                done += ours.shape[1]
+            rows = ours.cpu().numpy()  # one copy of the stored members' rows
+            pending.append([stores[j % len(stores)].submit(writer.add, rows[j])
+                            for j, (_, _, writer) in enumerate(todo)])
+            while len(pending) > STORE_AHEAD:
+                for f in pending.popleft():
+                    f.result()
 
         try:
             n = encode_split(lambda x: stacked_encoder(x.repeat(k, 1, 1, 1)), ds, data.train_split,
                              data.image_size, device, sink, decode=decode, timer=timer)
+            with (timer or (lambda part: contextlib.nullcontext()))("encode_store"):
+                while pending:
+                    for f in pending.popleft():
+                        f.result()
             seconds = time.perf_counter() - t0
             for i, key, writer in todo:
                 writer.finish(key, _provenance(checkpoints[i][0], ds, n, seconds, decode, device, stacked=k))
+            if keep is not None and kept is not None:
+                keep.update({i: kept[j] for j, (i, *_) in enumerate(todo)})
         except BaseException:
+            for store in stores:  # nothing writes any more when the unpublished files go
+                store.shutdown(wait=True, cancel_futures=True)
             for _, _, writer in todo:
                 _remove_unpublished(writer.directory, writer.token)
             raise
+        finally:
+            for store in stores:
+                store.shutdown(wait=True)
     print(f"[latents] encoded {n} images of {data.train_split!r} for {len(todo)} autoencoders at once in "
           f"{seconds:.1f} s ({n / seconds:.0f} images/s each)", flush=True)
     return [i for i, *_ in todo]
