@@ -304,8 +304,12 @@ def encode_together(stacked_encoder: torch.nn.Module, checkpoints: Sequence[tupl
             nonlocal kept, done
             ours = z.unflatten(0, (k, -1))[members]
             if keep is not None:
+                total = ds.splits[data.train_split]
                 if kept is None:
-                    kept = torch.empty((len(todo), ds.splits[data.train_split], *z.shape[1:]), device=z.device)
+                    kept = torch.empty((len(todo), total, *z.shape[1:]), device=z.device)
+                if done + ours.shape[1] > total:  # as encode_split says at its end, before the copy fails
+                    raise DataError(f"{ds.uri}: split {data.train_split!r} gave more images than the manifest's "
+                                    f"{total}")
                 kept[:, done:done + ours.shape[1]] = ours
                 done += ours.shape[1]
             rows = ours.cpu().numpy()  # one copy of the stored members' rows
