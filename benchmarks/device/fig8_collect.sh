@@ -17,6 +17,7 @@ tar czf "$OUT/fig8.tgz" -C /tmp/fig8/pack .
 # in ($ULSWEEP_CACHE/compile): brought back when they fit in a call's return
 if [ -d /tmp/ulsweep-cache/compile ]; then
   du -sh /tmp/ulsweep-cache/compile
+  find /tmp/ulsweep-cache/compile -name '*.bin' -printf '%s %p\n' | sort -n  # each file holds its process's compiles so far
   tar czf /tmp/fig8/compile.tgz -C /tmp/ulsweep-cache compile
   [ "$(stat -c %s /tmp/fig8/compile.tgz)" -lt $((40 * 1024 * 1024)) ] && cp /tmp/fig8/compile.tgz "$OUT/" || true
 fi
