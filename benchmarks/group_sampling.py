@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=None, help="default: the experiment's eval.gfd_samples")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--sample-batches", type=int, nargs="+", default=None, metavar="N",
-                    help="eval.sample_batch values, each a row (default: the experiment's)")
+                    help="eval.sample_batch values, each a row (default: the experiment's; its default by the "
+                         "image size, 4,096 at 32x32)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="experiment overrides")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     from ulsweep.config import experiment_from_dict, load_experiment, to_dict
     from ulsweep.config.loading import parse_overrides
     from ulsweep.diffusion.noise import seeded
-    from ulsweep.train.sampling import sampling_calls, to_uint8
+    from ulsweep.train.sampling import sample_rows, sampling_calls, to_uint8
     from ulsweep.train.stage1 import reconstruct_images
     from ulsweep.train.stage2 import generate_members
 
@@ -113,17 +114,18 @@ def main(argv=None) -> int:
 
         for part, fn, n in (("reconstruct", recon, n_rec), ("generate", gen, n_gen)):
             torch.compiler.reset()  # this row's shapes compile for this row's first call
-            size, calls = sampling_calls(n, sample_batch, 1 if mode == "each" else k)
+            rows_a_call = sample_rows(sample_batch, image_shape)
+            size, calls = sampling_calls(n, rows_a_call, 1 if mode == "each" else k)
             first, _ = timed(lambda: fn(size), 1, device)
             secs, images = timed(lambda: fn(n), args.repeats, device)
             same = ref.setdefault((part, size), images)  # the same images a call: the same noise
             diff = (images.int() - same.int()).abs().max().item()
             med = statistics.median(secs)
-            row = {"mode": mode, "sample_batch": sample_batch, "part": part, "members": k, "images_per_member": n,
+            row = {"mode": mode, "sample_batch": rows_a_call, "part": part, "members": k, "images_per_member": n,
                    "size": size, "calls": calls, "first_s": first[0], "median_s": med, "seconds": secs,
                    "images_per_s": k * n / med, "max_abs_uint8_diff": diff}
             rows.append(row)
-            print(f"{mode:>8} {sample_batch:>6} {part:>12} {k:>7} {size:>5} {calls:>5} {first[0]:>8.2f} {med:>9.3f} "
+            print(f"{mode:>8} {rows_a_call:>6} {part:>12} {k:>7} {size:>5} {calls:>5} {first[0]:>8.2f} {med:>9.3f} "
                   f"{row['images_per_s']:>9.0f} {diff:>8}")
     env = run_env(args) | {"device": str(device), "sample_precision": base_exp.eval.sample_precision,
                            "sample_compile": base_exp.eval.sample_compile}

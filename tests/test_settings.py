@@ -248,13 +248,19 @@ def test_sample_batch_sets_the_size_of_every_sampling_call(rows, recon_calls, ge
 
 
 def test_sampling_calls_are_the_fewest_of_one_size_within_the_batch():
-    """`sampling_calls(n, rows, members)`: every call holds each member's `size` images, all calls one size,
-    at most `rows` images a call (a member at least one), as few calls as that allows, and less than one image a
-    call sampled in surplus."""
+    """`sample_rows`: the images a call may hold (eval.sample_batch, by default by the image size);
+    `sampling_calls(n, rows, members)`: every call holds each member's `size` images, all calls one size, at most
+    `rows` images a call (a member at least one), as few calls as that allows, and less than one image a call
+    sampled in surplus."""
     import math
 
     from ulsweep.train.sampling import sampling_calls
 
+    from ulsweep.train.sampling import sample_rows
+
+    assert [sample_rows(None, (c, s, s)) for c, s in ((1, 32), (3, 32), (3, 512), (1, 16), (3, 8192))] == \
+        [4096, 4096, 16, 16384, 1]  # eval.sample_batch's default: 4,096 images' worth of 32x32 pixels a call
+    assert sample_rows(300, (3, 512, 512)) == 300  # a set one is taken as it is
     assert sampling_calls(10000, 4096) == (3334, 3)  # lf_sweep's generations, member by member
     assert sampling_calls(2000, 4096) == (2000, 1)  # its reconstructions
     assert sampling_calls(2000, 4096, 18) == (223, 9)  # a stacked group of 18: 227 rows a member at most

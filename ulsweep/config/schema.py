@@ -435,14 +435,16 @@ class EvalConfig:
     sample_compile: bool = False
     # the most images one sampling call holds (reconstructions and generations; a stacked group's members' rows
     # together): n images go in ceil(n / sample_batch) calls of one size, the last filled up and the surplus
-    # dropped, so that a compiled network meets one shape. Small networks are launch-bound: one member's
-    # sampling took 8.2 s per 10,000 generations in batches of 1,000 on an H100 inside lf_sweep (session 27),
-    # ~50% GPU-busy, where 10,000 alone in batches of 2,500 took 2.96 s on an H200 (bf16, session 17).
-    # Sampling memory grows with it
-    sample_batch: int = 4096
+    # dropped, so that a compiled network meets one shape. None: as many as make 4,096 32x32 images' pixels
+    # (4,096 at 32x32, 16 at 512x512: sampling memory grows with the pixels; ulsweep/train/sampling.py
+    # `sample_rows`). Small networks are launch-bound: one member's sampling took 8.2 s per 10,000 generations
+    # in batches of 1,000 on an H100 inside lf_sweep (session 27), ~50% GPU-busy, where 10,000 alone in batches
+    # of 2,500 took 2.96 s on an H200 (bf16, session 17)
+    sample_batch: int | None = None
 
     def __post_init__(self):
-        _require(self.sample_batch >= 1, "sample_batch", self.sample_batch, "must be >= 1 (images a sampling call)")
+        _require(self.sample_batch is None or self.sample_batch >= 1, "sample_batch", self.sample_batch,
+                 "must be >= 1 (images a sampling call), or null (by the image size)")
         _require(bool(self.extractor), "extractor", self.extractor, "must be auto, inception, domain, both, none or a path")
         for k in ("extractor_epochs", "gfd_samples", "gfd_reference_images"):
             _require(getattr(self, k) > 0, k, getattr(self, k), "must be > 0")

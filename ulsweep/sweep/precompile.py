@@ -121,7 +121,7 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     from ulsweep.data.sources import DeviceSplit
     from ulsweep.models.stacked import plain
     from ulsweep.train.build import build_autoencoder, latent_shape
-    from ulsweep.train.sampling import member_by_member, sampling_calls
+    from ulsweep.train.sampling import member_by_member, sample_rows, sampling_calls
     from ulsweep.train.stage1 import AEObjective, reconstruct_images
 
     t0 = time.time()
@@ -143,7 +143,7 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
         if rt.device.type == "cuda":
             torch.cuda.empty_cache()
         net, k = (plain(ts.net), 1) if member_by_member(exp, members) else (ts.net, members)
-        n, _ = sampling_calls(exp.ae.train.eval_images, exp.eval.sample_batch, k)
+        n, _ = sampling_calls(exp.ae.train.eval_images, sample_rows(exp.eval.sample_batch, image_shape), k)
         x = torch.rand(n, *image_shape, generator=gen, device=rt.device) * 2 - 1
         _, compiled = reconstruct_images(net.eval(), x, exp, ts.gen if k > 1 else gen, k)
         out["sampling"] = "compiled" if compiled else "busy"
@@ -245,7 +245,8 @@ def _compile_sampling(exp: ExperimentConfig, base, ema_net, shape, device, membe
     from ulsweep.diffusion import MemberGenerators
     from ulsweep.models.stacked import plain, stack
     from ulsweep.train.build import build_autoencoder
-    from ulsweep.train.sampling import member_by_member, sampling_calls, sampling_networks, sampling_precision
+    from ulsweep.train.sampling import (member_by_member, sample_rows, sampling_calls, sampling_networks,
+                                        sampling_precision)
     from ulsweep.train.stage2 import generate
 
     if member_by_member(exp, members):
@@ -253,8 +254,8 @@ def _compile_sampling(exp: ExperimentConfig, base, ema_net, shape, device, membe
     image_shape = _image_shape(exp)
     aes = [build_autoencoder(exp.ae, image_shape[0]).to(device) for _ in range(members)]
     ae = (stack(aes) if members > 1 else aes[0]).eval().requires_grad_(False)
-    n, _ = sampling_calls(exp.eval.gfd_samples if exp.eval.extractor != "none" else 64, exp.eval.sample_batch,
-                          members)
+    n, _ = sampling_calls(exp.eval.gfd_samples if exp.eval.extractor != "none" else 64,
+                          sample_rows(exp.eval.sample_batch, image_shape), members)
     gens = [torch.Generator(device).manual_seed(i) for i in range(members)]
     gen = MemberGenerators(gens) if members > 1 else gens[0]
     ev = exp.eval

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -48,6 +48,17 @@ def sampling_networks(nets: list[nn.Module], compile_them: bool, precision: str,
     key = graph_key(nn.ModuleList(nets), (), "sampling-default", device.type, amp)
     with first_compile(key, label, wait=False) as how:
         yield nets if how == "busy" else [torch.compile(n) for n in nets]
+
+
+SAMPLE_PIXELS = 4096 * 32 * 32  # eval.sample_batch's default: the images of a call hold this many pixels
+
+
+def sample_rows(sample_batch: int | None, image_shape: Sequence[int]) -> int:
+    """The most images one sampling call holds: `eval.sample_batch`, or by default as many as hold SAMPLE_PIXELS
+    pixels of `image_shape` (C, H, W): 4,096 at 32x32, 16 at 512x512 (sampling memory grows with the pixels)."""
+    if sample_batch is not None:
+        return sample_batch
+    return max(1, SAMPLE_PIXELS // (image_shape[-2] * image_shape[-1]))
 
 
 def sampling_calls(n: int, rows: int, members: int = 1) -> tuple[int, int]:

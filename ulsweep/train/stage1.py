@@ -27,8 +27,8 @@ from ulsweep.train.evaluation import PartTimer, load_eval_extractor, reconstruct
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
-from ulsweep.train.sampling import (fill_up, image_grid_png, member_by_member, reconstruct, sampling_calls,
-                                    sampling_networks, sampling_precision, to_uint8)
+from ulsweep.train.sampling import (fill_up, image_grid_png, member_by_member, reconstruct, sample_rows,
+                                    sampling_calls, sampling_networks, sampling_precision, to_uint8)
 from ulsweep.train.state import TrainState
 
 KIND = "ae"
@@ -128,7 +128,7 @@ def eval_generator(exps: Sequence[ExperimentConfig], device: torch.device) -> Ge
 def reconstruct_images(ae, x: torch.Tensor, exp: ExperimentConfig, gen: Generator,
                        members: int = 1) -> tuple[torch.Tensor, bool]:
     """Reconstructions of `x` (model range) by `ae` as the evaluation samples them, in calls of one size of at
-    most `eval.sample_batch` images (`sampling_calls`), under `eval.sample_precision` and, with
+    most `eval.sample_batch` images (`sample_rows`, `sampling_calls`), under `eval.sample_precision` and, with
     `eval.sample_compile`, through the sampling gate; and whether the decoder ran compiled (False while another
     process of the node compiled it). With `members` K > 1, `ae` is a group's stacked autoencoder
     (ulsweep/models/stacked.py) and `gen` its MemberGenerators, and the result is (K, N, C, H, W), member k's
@@ -140,7 +140,7 @@ def reconstruct_images(ae, x: torch.Tensor, exp: ExperimentConfig, gen: Generato
     net = plain(ae) if each else ae
 
     def batches(decoder, g, m: int) -> torch.Tensor:  # (m, N, C, H, W)
-        size, calls = sampling_calls(len(x), exp.eval.sample_batch, m)
+        size, calls = sampling_calls(len(x), sample_rows(exp.eval.sample_batch, x.shape), m)
 
         def rows(xb: torch.Tensor) -> torch.Tensor:  # a stacked group's batch holds every member's rows
             return xb.repeat(m, 1, 1, 1) if m > 1 else xb

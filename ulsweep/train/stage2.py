@@ -14,8 +14,7 @@ from collections.abc import Collection, Iterator, Sequence
 
 import torch
 
-from ulsweep.config import (BaseStageConfig, EvalConfig, ExperimentConfig, config_hash, dump_yaml, experiment_from_dict,
-                            to_dict)
+from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_yaml, experiment_from_dict, to_dict
 from ulsweep.data.sources import DeviceSplit, choose_loader, choose_loader_for, load_eval_images, open_splits
 from ulsweep.diffusion import (LogSNRSchedule, base_loss, diffuse, latent_bitrates,
                                low_discrepancy_times, x_from_v)
@@ -28,8 +27,8 @@ from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.latents import IN_PROCESS, decode_path, latent_source, training_latents
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
-from ulsweep.train.sampling import (decode, generate_latents, image_grid_png, member_by_member, sampling_calls,
-                                    sampling_networks, sampling_precision, to_uint8)
+from ulsweep.train.sampling import (decode, generate_latents, image_grid_png, member_by_member, sample_rows,
+                                    sampling_calls, sampling_networks, sampling_precision, to_uint8)
 from ulsweep.train.state import TrainState
 
 KIND = "base"
@@ -166,17 +165,17 @@ def generate_members(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentCo
 
 @torch.no_grad()
 def generate(base_model, ae, ae_exp, base: BaseStageConfig, n: int, latent_shape, image_shape, gen: Generator,
-             rows: int = EvalConfig.sample_batch, decoder=None, members: int = 1) -> torch.Tensor:
+             rows: int | None = None, decoder=None, members: int = 1) -> torch.Tensor:
     """n images (uint8) from z_1 ~ N(0, I) -> base model -> z_0 at lambda_z(0) -> decoder, in calls of one size of
-    at most `rows` images (`eval.sample_batch`, `sampling_calls`: small networks are launch-bound, so larger calls
-    sample 10k images several times faster). `decoder`: the autoencoder's decoder as sampling calls it (compiled,
-    say); default `ae.decoder`. With `members` K > 1, `base_model` and `ae` are a group's stacked networks and
-    `gen` its MemberGenerators: every call holds the same number of samples of each member and the result is
-    (K, n, C, H, W)."""
+    at most `rows` images (`eval.sample_batch`; None: by the image size, `sample_rows`; `sampling_calls`: small
+    networks are launch-bound, so larger calls sample 10k images several times faster). `decoder`: the
+    autoencoder's decoder as sampling calls it (compiled, say); default `ae.decoder`. With `members` K > 1,
+    `base_model` and `ae` are a group's stacked networks and `gen` its MemberGenerators: every call holds the same
+    number of samples of each member and the result is (K, n, C, H, W)."""
     tc, sched, out = base.train, base_schedule(ae_exp.ae.loss, base), []
     decoder = decoder if decoder is not None else ae.decoder
     ae_tc = ae_exp.ae.train
-    size, calls = sampling_calls(n, rows, members)
+    size, calls = sampling_calls(n, sample_rows(rows, image_shape), members)
     for _ in range(calls):
         z0 = generate_latents(base_model, members * size, latent_shape, sched, tc.sample_steps, sampler(tc, "base"),
                               gen, gen.device)
