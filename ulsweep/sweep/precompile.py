@@ -138,7 +138,7 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     out = {"stage": "ae", "latent_shape": list(shape), "members": members, "compile_gate": how}
     if exp.eval.sample_compile:  # as the trial's evaluation reconstructs: a group's, as resources.stack_sampling says
         # the AdamW moments and the EMA copy are not needed to reconstruct: their memory back to the card, which
-        # this task shares with the training trials (75.6 of 81.5 GB at its peak in session 27, one H100)
+        # this task shares with the training trials (75,605 of 81,559 MiB at its peak in session 27, one H100)
         ts.opt = ts.ema = None
         if rt.device.type == "cuda":
             torch.cuda.empty_cache()
