@@ -122,15 +122,15 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
     print(f"[{label}] data.loader {exp0.data.loader} -> {loader} for the {k} members' latents: {why}", flush=True)
     decode = say_decode_path(exp0, ds, rt, f"[{label}]")
     stacked_ae = stack(list(aes)).eval().requires_grad_(False)  # the members' frozen autoencoders as one
-    encoded: dict[int, torch.Tensor] | None = {} if loader == "device" else None
+    encoded: dict[int, torch.Tensor] = {}  # on the device: the latents it stored, not read back
     with setup("encode"):  # every member's latents in one pass over the split where none is stored yet
         encode_together(stacked_ae.encoder, [(c, m["sha256"]) for c, m in zip(ae_checkpoints, ae_metas)], ds,
                         exp0.data, rt.device, decode, timer=setup,  # and its parts: setup_encode_<part>_s
-                        keep=encoded)  # on the device: what it stored, not read back
+                        keep=encoded if loader == "device" else None)
     sources, stored = [], []
     with setup("latents"):  # then each member's, read back as ever (but those just encoded, on the device)
         for i, (ae, ckpt, meta, b) in enumerate(zip(aes, ae_checkpoints, ae_metas, bases)):
-            here = encoded.pop(i, None) if encoded is not None else None
+            here = encoded.pop(i, None)
             latents, z_train = training_latents(ae.encoder, ckpt, meta["sha256"], ds, exp0.data, rt.device,
                                                 load=loader == "device" and here is None, decode=decode)
             z_train = here if here is not None else z_train

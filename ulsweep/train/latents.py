@@ -95,7 +95,7 @@ def encode_split(encoder: torch.nn.Module, ds: Dataset, split: str, image_size: 
     batches = {IN_PROCESS: _in_process_batches, RAY_DATA: _ray_data_batches}.get(decode)
     if batches is None:
         raise ValueError(f"decode must be {IN_PROCESS!r} or {RAY_DATA!r}, not {decode!r}")
-    timer = timer or (lambda part: contextlib.nullcontext())
+    timer = timer or _untimed
     n, it = 0, iter(batches(ds, split, batch))
     while True:
         with timer("encode_read"):
@@ -110,6 +110,11 @@ def encode_split(encoder: torch.nn.Module, ds: Dataset, split: str, image_size: 
     if n != ds.splits[split]:
         raise DataError(f"{ds.uri}: split {split!r} gave {n} images, the manifest says {ds.splits[split]}")
     return n
+
+
+def _untimed(part: str) -> contextlib.AbstractContextManager:
+    """The timer of `encode_split` and `encode_together` when none is given: times nothing."""
+    return contextlib.nullcontext()
 
 
 def _in_process_batches(ds: Dataset, split: str, batch: int) -> Iterator[torch.Tensor]:
@@ -300,6 +305,11 @@ def encode_together(stacked_encoder: torch.nn.Module, checkpoints: Sequence[tupl
         stores = [ThreadPoolExecutor(1, thread_name_prefix="latent-store") for _ in range(STORE_THREADS)]
         pending: collections.deque[list[Future]] = collections.deque()
 
+        def drain(behind: int) -> None:  # wait for the writers until at most `behind` batches are pending
+            while len(pending) > behind:
+                for f in pending.popleft():
+                    f.result()
+
         def sink(z: torch.Tensor) -> None:
             nonlocal kept, done
             ours = z.unflatten(0, (k, -1))[members]
@@ -315,17 +325,13 @@ def encode_together(stacked_encoder: torch.nn.Module, checkpoints: Sequence[tupl
             rows = ours.cpu().numpy()  # one copy of the stored members' rows
             pending.append([stores[j % len(stores)].submit(writer.add, rows[j])
                             for j, (_, _, writer) in enumerate(todo)])
-            while len(pending) > STORE_AHEAD:
-                for f in pending.popleft():
-                    f.result()
+            drain(STORE_AHEAD)
 
         try:
             n = encode_split(lambda x: stacked_encoder(x.repeat(k, 1, 1, 1)), ds, data.train_split,
                              data.image_size, device, sink, decode=decode, timer=timer)
-            with (timer or (lambda part: contextlib.nullcontext()))("encode_store"):
-                while pending:
-                    for f in pending.popleft():
-                        f.result()
+            with (timer or _untimed)("encode_store"):
+                drain(0)
             seconds = time.perf_counter() - t0
             for i, key, writer in todo:
                 writer.finish(key, _provenance(checkpoints[i][0], ds, n, seconds, decode, device, stacked=k))
