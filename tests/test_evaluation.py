@@ -108,6 +108,11 @@ def test_load_eval_extractor_both(monkeypatch):
     got = evaluation.load_eval_extractor(exp, torch.device("cpu"))
     assert [e.name for e in got] == ["inception", "digits"] and not any(e.training for e in got)
     assert calls == [("inception", "/w/default_1.pt"), ("domain", "/cache/digits.pt", None)]
+    assert [e.precision for e in got] == ["tf32", "tf32"]  # eval.feature_precision's default
+    exact = experiment_from_dict({"eval": {"extractor": "both", "feature_precision": "fp32"}})
+    assert [e.precision for e in evaluation.load_eval_extractor(exact, torch.device("cpu"))] == ["fp32", "fp32"]
+    with pytest.raises(ConfigError, match="eval.feature_precision"):
+        experiment_from_dict({"eval": {"feature_precision": "bf16"}})
     with pytest.raises(ConfigError, match="eval.inception_weights"):  # only inception and both read it
         experiment_from_dict({"eval": {"extractor": "domain", "inception_weights": "w.pt"}})
 

@@ -150,11 +150,12 @@ def test_inception_standin_loads_with_explicit_hash(standin_file):
     assert torch.equal(f, loaded(x.expand(-1, 3, -1, -1)))  # gray = the same image repeated to RGB
 
 
+@pytest.mark.parametrize("precision", ["fp32", "tf32", None])
 @pytest.mark.parametrize("kind", ["inception", "domain"])
-def test_features_are_computed_in_exact_fp32_whatever_the_caller_set(kind, trained):
-    """FID is the fp32 FID: inside an extractor no autocast is on, TF32 is off for matmuls and convolutions and
-    cuDNN takes its heuristics' algorithms, though the caller (a trial's runtime, which turns TF32 and cuDNN's
-    search on for training) set them otherwise; the flags come back."""
+def test_features_are_computed_in_their_own_arithmetic_whatever_the_caller_set(kind, precision, trained):
+    """An extractor computes in its `precision` (default tf32), whatever the caller set (a trial's runtime turns
+    TF32 and cuDNN's timed search on for training, and may hold an autocast): no autocast, TF32 in matmuls and
+    convolutions exactly when tf32, cuDNN's heuristic algorithms; the caller's flags come back."""
     seen = []
 
     class Spy(torch.nn.Module):
@@ -169,21 +170,35 @@ def test_features_are_computed_in_exact_fp32_whatever_the_caller_set(kind, train
     else:
         extractor = trained[0].model
         extractor.body.insert(0, Spy())
+    if precision is not None:
+        assert extractor.with_precision(precision) is extractor
     flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"), \
         (torch.backends.cudnn, "benchmark")
     before = [getattr(m, name) for m, name in flags]
     try:
-        for m, name in flags:
-            setattr(m, name, True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            feats = extractor(torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8))
-        assert [getattr(m, name) for m, name in flags] == [True] * 3
+        for outside in (True, False):  # whatever the caller set, before and after
+            for m, name in flags:
+                setattr(m, name, outside)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                feats = extractor(torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8))
+            assert [getattr(m, name) for m, name in flags] == [outside] * 3
+            assert feats.dtype == torch.float32
+        assert extractor.features_label == ("exact fp32" if precision == "fp32" else "tf32")  # its cache key
     finally:
         for (m, name), value in zip(flags, before):
             setattr(m, name, value)
         if kind == "domain":
             del extractor.body[0]
-    assert seen == [(False, False, False, False, torch.float32)] and feats.dtype == torch.float32
+            extractor.with_precision("tf32")  # the fixture's extractor is shared
+    tf32 = precision != "fp32"
+    assert seen == [(False, tf32, tf32, False, torch.float32)] * 2
+
+
+def test_an_unknown_feature_precision_is_refused_with_the_choices():
+    extractor = ex.InceptionExtractor(_StandIn(), "0" * 64, name="standin")
+    with pytest.raises(ValueError, match=r"feature precision 'bf16': expected one of tf32, fp32"):
+        extractor.with_precision("bf16")
+    assert extractor.precision == "tf32"
 
 
 def test_fid_preprocess_range_and_resize():

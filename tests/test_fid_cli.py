@@ -58,6 +58,10 @@ def test_fid_cli_folders_with_a_domain_extractor(tmp_path, domain_file, capsys):
     assert json.loads(capsys.readouterr().out)["value"] == pytest.approx(0.0, abs=1e-6 * want)
     assert main(["fid", a, b, "--extractor", domain_file, "--limit", "3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_a"] == 3
+    assert main(["fid", a, b, "--extractor", domain_file, "--precision", "fp32", "--json"]) == 0
+    exact = json.loads(capsys.readouterr().out)  # on a CPU TF32 changes nothing: the same value, labelled
+    assert exact["precision"] == "fp32" and "exact fp32" in exact["protocol"] and exact["value"] == out["value"]
+    assert out["precision"] == "tf32" and "features in tf32" in out["protocol"]
 
 
 def test_fid_cli_reads_folders_like_fid_helper(tmp_path):

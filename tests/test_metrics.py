@@ -176,7 +176,7 @@ def test_reconstruction_fd_uses_reference_cache(tmp_path):
     second = reconstruction_fd(ext, imgs, shift, 40, ref_cache=cache, dataset_hash="d" * 64, split="test")
     assert ext.calls == len(imgs)  # real features came from the cache
     assert second == pytest.approx(first, rel=1e-12)
-    # the key separates datasets, splits, extractor weights, sample counts and image sizes
+    # the key separates datasets, splits, extractor weights, sample counts, image sizes and arithmetic
     shape = tuple(imgs.shape[1:])
     key = RefKey("d" * 64, "test", ext.weights_sha256, 96, "toy", shape)
     assert cache.load(key) is not None
@@ -184,7 +184,8 @@ def test_reconstruction_fd_uses_reference_cache(tmp_path):
                   RefKey("d" * 64, "train", ext.weights_sha256, 96, "toy", shape),
                   RefKey("d" * 64, "test", "cd" * 32, 96, "toy", shape),
                   RefKey("d" * 64, "test", ext.weights_sha256, 95, "toy", shape),
-                  RefKey("d" * 64, "test", ext.weights_sha256, 96, "toy", (shape[0], shape[1] + 4, shape[2] + 4))):
+                  RefKey("d" * 64, "test", ext.weights_sha256, 96, "toy", (shape[0], shape[1] + 4, shape[2] + 4)),
+                  RefKey("d" * 64, "test", ext.weights_sha256, 96, "toy", shape, "exact fp32")):
         assert cache.load(other) is None
 
 

@@ -366,6 +366,7 @@ def test_mse_decoder_is_decoded_at_the_lambda_it_was_trained_at():
     ({"resources": {"num_workers": 0, "driver_cpus": 0.5}}, "resources.driver_cpus"),
     ({"resources": {"num_workers": 0, "backend": "gloo"}}, "resources.backend"),
     ({"eval": {"extractor": "none", "gfd_samples": 10}}, "eval.gfd_samples"),
+    ({"eval": {"extractor": "none", "feature_precision": "fp32"}}, "eval.feature_precision"),
     ({"eval": {"extractor": "inception", "extractor_epochs": 2}}, "eval.extractor_epochs"),
     ({"eval": {"extractor": "domain", "inception_weights": "w.pt"}}, "eval.inception_weights"),
     ({"search": {"method": "grid", "space": {"ae.loss.loss_factor": {"values": [1.5]}}, "seed": 3}},

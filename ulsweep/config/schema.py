@@ -441,6 +441,13 @@ class EvalConfig:
     # in batches of 1,000 on an H100 inside lf_sweep (session 27), ~50% GPU-busy, where 10,000 alone in batches
     # of 2,500 took 2.96 s on an H200 (bf16, session 17)
     sample_batch: int | None = None
+    # the feature extractors' arithmetic on a GPU (rFID/gFID, rFD/gFD and their cached reference statistics):
+    # tf32 allows TF32 in their matmuls and convolutions (cuDNN's own default for convolutions, as every GPU
+    # number published here until session 27 was computed), fp32 is exact fp32; neither autocasts. One H100
+    # (session 28): FID(Fashion-MNIST train, test) 2.53097 with TF32 against 2.53038 exact; inside lf_sweep a
+    # member's 10,000 generations took ~2.3 s to score with TF32 (session 27) and 4.6 s exact (session 28), 18
+    # members one after another. A CPU computes both in exact fp32
+    feature_precision: Literal["tf32", "fp32"] = "tf32"
 
     def __post_init__(self):
         _require(self.sample_batch is None or self.sample_batch >= 1, "sample_batch", self.sample_batch,
@@ -457,7 +464,8 @@ class EvalConfig:
             _inert(self, ("extractor_sha256",), "", f"with eval.extractor: {self.extractor} (it pins a domain "
                    "extractor's weights)")
         if self.extractor == "none":
-            _inert(self, ("gfd_samples", "gfd_reference_images"), "", "with eval.extractor: none (no gFD is computed)")
+            _inert(self, ("gfd_samples", "gfd_reference_images", "feature_precision"), "",
+                   "with eval.extractor: none (no Fréchet distance is computed)")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ulsweep.io import atomic_write_bytes
 
-from .features import ExtractorError, FeatureExtractor, WeightsHashError, check_name, check_u8, exact_fp32
+from .features import ExtractorError, FeatureExtractor, WeightsHashError, check_name, check_u8, feature_arithmetic
 from .weights import read_bytes, sha256_bytes, state_dict_bytes, state_dict_from_bytes, verify_sha256
 
 
@@ -85,7 +85,7 @@ class DomainCNN(FeatureExtractor):
         return self.head(self.hidden(self.body(x)))
 
     def forward(self, images_u8: Tensor) -> Tensor:  # uint8 (N, C, H, W) -> (N, feature_dim) float32
-        with exact_fp32(images_u8.device):
+        with feature_arithmetic(images_u8.device, self.precision):
             return self.hidden(self.body(self.preprocess(images_u8))).float()
 
     def meta(self) -> dict[str, Any]:

