@@ -98,6 +98,7 @@ def test_the_task_compiles_the_autoencoder_step_its_trials_then_find_done(tmp_pa
     (job,) = precompile.jobs(exp)
     r = precompile.compile_ae(to_dict(exp), job["overrides"])
     assert r["stage"] == "ae" and r["latent_shape"] == [2, 4, 4] and r["compile_gate"] == "first"
+    assert 0 < r["step_s"] <= r["seconds"] and isinstance(r["step_phases_s"], dict)
     trial = experiment_from_dict(to_dict(exp), {"ae.loss.loss_factor": 4.0, "ae.loss.sigmoid_bias": 2.0,
                                                 "ae.train.steps": 2, "ae.train.eval_images": 8,
                                                 "eval.extractor": "none"})
@@ -343,6 +344,23 @@ def test_a_groups_sampling_is_compiled_ahead_as_the_group_samples(sampling, tmp_
     assert [(label.split()[-1], how) for label, how in seen if label.endswith("sampling")] == [("sampling", "done")] * 2
 
 
+def test_compile_phases_are_the_longest_of_dynamos_own_and_none_where_its_api_changed(monkeypatch):
+    """compile_phase_seconds reads torch's private `compile_times` (checked here against this torch: it must
+    give a dict), keeps the `top` longest phases of at least `least` s, rounded, and answers None where the
+    function is gone or returns another form."""
+    import torch._dynamo.utils as dynamo_utils
+
+    assert isinstance(precompile.compile_phase_seconds(), dict)  # this torch's API has the form it reads
+    names, values = ["a", "b", "c", "d"], ["0.4", "12.34", "3.0", "120.06"]
+    monkeypatch.setattr(dynamo_utils, "compile_times", lambda repr, aggregate: (names, values))
+    assert precompile.compile_phase_seconds(top=2) == {"d": 120.1, "b": 12.3}
+    assert precompile.compile_phase_seconds(least=0.1) == {"d": 120.1, "b": 12.3, "c": 3.0, "a": 0.4}
+    monkeypatch.setattr(dynamo_utils, "compile_times", lambda repr, aggregate: "a table")
+    assert precompile.compile_phase_seconds() is None
+    monkeypatch.delattr(dynamo_utils, "compile_times")
+    assert precompile.compile_phase_seconds() is None
+
+
 def test_what_was_compiled_ahead_is_a_tag_of_the_sweep_run(tmp_path):
     import json
 
@@ -359,6 +377,11 @@ def test_what_was_compiled_ahead_is_a_tag_of_the_sweep_run(tmp_path):
              "seconds": 81.234}]
     tag_precompile(run, done)
     assert json.loads(c.get_run(run.sweep_id).data.tags["ulsweep.precompile"]) == [dict(done[0], seconds=81.2)]
+    # phases too many for MLflow's 5,000 characters go; the tag stays JSON with the rest
+    phases = {f"phase_{i:04d}_{'x' * 40}": float(i) for i in range(200)}
+    tag_precompile(run, [dict(done[0], step_s=70.04, step_phases_s=phases)])
+    assert json.loads(c.get_run(run.sweep_id).data.tags["ulsweep.precompile"]) == [
+        dict(done[0], seconds=81.2, step_s=70.0)]
 
 
 def test_reporting_the_tasks_never_masks_how_the_fit_ended(monkeypatch):

@@ -140,9 +140,13 @@ def mark_interrupted(run: SweepRun) -> None:
 
 def tag_precompile(run: SweepRun, done: list[dict]) -> None:
     """What the sweep compiled ahead (ulsweep/sweep/precompile.py) on its parent run: tag `ulsweep.precompile`, one
-    JSON entry per finished task (base, latent shape, how it got through the compile gate, seconds)."""
+    JSON entry per finished task (base, latent shape, how it got through the compile gate, seconds, the step's
+    compile phases). An entry too long for MLflow's 5,000-character tag loses its phases, never its JSON's end."""
     if done:
-        value = json.dumps([{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()} for r in done])
+        entries = [{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()} for r in done]
+        value = json.dumps(entries)
+        if len(value) > 5000:
+            value = json.dumps([{k: v for k, v in r.items() if k != "step_phases_s"} for r in entries])
         tracking.retry(run.client.set_tag, run.sweep_id, "ulsweep.precompile", value[:5000])
 
 

@@ -115,7 +115,8 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     random images as the trial's final evaluation does, one call of the one size its calls have
     (`sampling_calls`), so that the trials' reconstructions start compiled too. Returns {"stage":
     "ae", "latent_shape", "members", "compile_gate" (as compile_base's), with eval.sample_compile "sampling"
-    ("compiled", or "busy": another process compiled it), "seconds"}."""
+    ("compiled", or "busy": another process compiled it), "step_s", "step_phases_s" (as compile_base's),
+    "seconds"}."""
     import torch
 
     from ulsweep.data.sources import DeviceSplit
@@ -135,7 +136,8 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     objectives = [AEObjective(build_autoencoder(exp.ae, c).to(rt.device), exp.ae.loss, image_shape, shape)
                   for _ in range(members)]
     ts, how = _train_briefly(objectives, lambda o: o.ae, source, exp.ae.optim, tc, rt, "ae")
-    out = {"stage": "ae", "latent_shape": list(shape), "members": members, "compile_gate": how}
+    out = {"stage": "ae", "latent_shape": list(shape), "members": members, "compile_gate": how,
+           "step_s": time.time() - t0, "step_phases_s": compile_phase_seconds()}
     if exp.eval.sample_compile:  # as the trial's evaluation reconstructs: a group's, as resources.stack_sampling says
         # the AdamW moments and the EMA copy are not needed to reconstruct: their memory back to the card, which
         # this task shares with the training trials (75,605 of 81,559 MiB at its peak in session 27, one H100)
@@ -148,6 +150,25 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
         _, compiled = reconstruct_images(net.eval(), x, exp, ts.gen if k > 1 else gen, k)
         out["sampling"] = "compiled" if compiled else "busy"
     return out | {"seconds": time.time() - t0}
+
+
+def compile_phase_seconds(top: int = 12, least: float = 1.0) -> dict[str, float] | None:
+    """Where this process's torch.compile time has gone so far: seconds by phase, summed over its compiles
+    (Dynamo's `compile_times`: tracing, AOTAutograd, Inductor's lowering and code generation, the wait for its
+    parallel kernel compiles, ...; phases nest, e.g. `compile_fx_inner` holds `GraphLowering.run`), the `top`
+    longest of at least `least` s. A cold compile of lf_sweep's 18 stacked autoencoders' step took ~190 s on one
+    H100 beside their training (session 28), against 208 s on this project's 2-core CPU box, where Inductor's
+    code generation and the C++ compiler took ~75 and ~72 s: the task reports the GPU machine's own split. None
+    where this torch lacks the function or returns another form (`torch._dynamo.utils` is private)."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+        phases = {str(n): float(v) for n, v in zip(names, values, strict=True)}
+    except Exception:  # noqa: BLE001 - a changed private API costs this report only
+        return None
+    longest = sorted(((v, n) for n, v in phases.items() if v >= least), reverse=True)[:top]
+    return {n: round(v, 1) for v, n in longest}
 
 
 def _image_shape(exp: ExperimentConfig) -> tuple[int, int, int]:
@@ -209,7 +230,9 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS,
     program of a group, ulsweep/train/group_base.py); returns what it did: {"stage": "base", "base",
     "latent_shape", "members", "compile_gate" (how its first compiled step got through the gate: "first" or
     "after" compiled, "done" found it compiled, "busy" another process compiled it meanwhile; "ungated" with
-    train.gate_compile: false), with eval.sample_compile "sampling" (`_compile_sampling`), and "seconds"}."""
+    train.gate_compile: false), "step_s" (seconds to the step's end: set-up, compile, the steps),
+    "step_phases_s" (`compile_phase_seconds` then), with eval.sample_compile "sampling" (`_compile_sampling`),
+    and "seconds"}."""
     import torch
 
     from ulsweep.data.sources import DeviceSplit
@@ -227,7 +250,8 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS,
     objectives = [BaseObjective(build_base_model(base, shape[0]).to(rt.device), _schedule(exp, base),
                                 base.loss.sigmoid_bias, shape) for _ in range(members)]
     ts, how = _train_briefly(objectives, lambda o: o.net, source, base.optim, tc, rt, "base", base_name)
-    out = {"stage": "base", "base": base_name, "latent_shape": list(shape), "members": members, "compile_gate": how}
+    out = {"stage": "base", "base": base_name, "latent_shape": list(shape), "members": members, "compile_gate": how,
+           "step_s": time.time() - t0, "step_phases_s": compile_phase_seconds()}
     if exp.eval.sample_compile:
         out["sampling"] = _compile_sampling(exp, base, ts.ema.shadow, shape, rt.device, members)
     return out | {"seconds": time.time() - t0}
@@ -369,8 +393,9 @@ def report(started: list, out) -> list[dict[str, Any]]:
         sampling = f", sampling {r['sampling']}" if "sampling" in r else ""
         stacked = f" (a stacked group of {r['members']})" if r.get("members", 1) > 1 else ""
         what = f"base {r['base']}{stacked} at latents" if r["stage"] == "base" else f"ae{stacked} to latents"
-        print(f"precompile: {what} {tuple(r['latent_shape'])}: {r['compile_gate']}{sampling} in {r['seconds']:.0f} s",
-              file=out, flush=True)
+        step = f" (the step {r['step_s']:.0f} s)" if "step_s" in r else ""
+        print(f"precompile: {what} {tuple(r['latent_shape'])}: {r['compile_gate']}{sampling} in {r['seconds']:.0f} s"
+              f"{step}", file=out, flush=True)
     if pending:
         print(f"precompile: {pending} task(s) unfinished at the sweep's end, cancelled", file=out, flush=True)
     return done
