@@ -335,9 +335,9 @@ def after(previous: list, fn, *args) -> dict[str, Any]:
     returned, failed or was cancelled: `start` chains the tasks so that one compiles at a time. Side by side they
     held two compiled programs' memory beside the trials' own, and competed for the CPUs with each other as well
     as with the trials. In session 26 (one H100, lf_sweep's 18 autoencoders as one stacked group of ~35 GB,
-    benchmarks/results/h100-lf-sweep-partial-s26.tgz) the two tasks filled the 80-GB card 90 s into the sweep and
-    both ended within the next 70 s with nothing compiled that the group then found: it compiled for itself, 170 s
-    with the GPU idle. The autoencoders' task, which trials wait on from their first step, comes first; the base
+    benchmarks/results/h100-lf-sweep-partial-s26.tgz at commit ef0ba54) the two tasks filled the 80-GB card 90 s
+    into the sweep and both ended within the next 70 s with nothing compiled that the group then found: it
+    compiled for itself, 170 s with the GPU idle. The autoencoders' task, which trials wait on from their first step, comes first; the base
     models' tasks have the autoencoders' training to run in."""
     if previous:
         import ray
