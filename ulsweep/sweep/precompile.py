@@ -157,9 +157,11 @@ def compile_phase_seconds(top: int = 12, least: float = 1.0) -> dict[str, float]
     (Dynamo's `compile_times`: tracing, AOTAutograd, Inductor's lowering and code generation, the wait for its
     parallel kernel compiles, ...; phases nest, e.g. `compile_fx_inner` holds `GraphLowering.run`), the `top`
     longest of at least `least` s. A cold compile of lf_sweep's 18 stacked autoencoders' step took ~190 s on one
-    H100 beside their training (session 28), against 208 s on this project's 2-core CPU box, where Inductor's
-    code generation and the C++ compiler took ~75 and ~72 s: the task reports the GPU machine's own split. None
-    where this torch lacks the function or returns another form (`torch._dynamo.utils` is private)."""
+    H100 beside their training (session 28); on this project's 2-core CPU box (benchmarks/compile_phases.py,
+    benchmarks/results/cpu-compile-phases-s28.json) the forward 92 s and the backward 74 s, of which Inductor's
+    code generation 66 s and the wait for the C++ compiler 65 s, against 66 and 56 s for one autoencoder: the task
+    reports the GPU machine's own split. None where this torch lacks the function or returns another form
+    (`torch._dynamo.utils` is private)."""
     try:
         from torch._dynamo.utils import compile_times
 
@@ -337,8 +339,8 @@ def after(previous: list, fn, *args) -> dict[str, Any]:
     as with the trials. In session 26 (one H100, lf_sweep's 18 autoencoders as one stacked group of ~35 GB,
     benchmarks/results/h100-lf-sweep-partial-s26.tgz at commit ef0ba54) the two tasks filled the 80-GB card 90 s
     into the sweep and both ended within the next 70 s with nothing compiled that the group then found: it
-    compiled for itself, 170 s with the GPU idle. The autoencoders' task, which trials wait on from their first step, comes first; the base
-    models' tasks have the autoencoders' training to run in."""
+    compiled for itself, 170 s with the GPU idle. The autoencoders' task, which trials wait on from their first
+    step, comes first; the base models' tasks have the autoencoders' training to run in."""
     if previous:
         import ray
 
