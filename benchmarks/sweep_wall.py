@@ -293,6 +293,21 @@ def phase_busy_table(row: dict) -> str:
                                                                      floatfmt=".3g")
 
 
+def precompile_lines(row: dict, phases: int = 4) -> str:
+    """What a variant's sweep compiled ahead (its `precompile` entries, the sweep run's tag): per task the stage,
+    how it got through the compile gate, seconds to its step's end and in all, and its step's `phases` longest
+    compile phases (`step_phases_s`; the phases nest). Empty when nothing was compiled ahead."""
+    lines = []
+    for r in row.get("precompile") or []:
+        what = f"base {r['base']}" if r.get("stage") == "base" else "ae"
+        step = f", step {r['step_s']:.0f} s" if "step_s" in r else ""
+        top = list((r.get("step_phases_s") or {}).items())[:phases]
+        longest = ("; " + ", ".join(f"{n} {v:.0f} s" for n, v in top)) if top else ""
+        lines.append(f"  {what} x{r.get('members', 1)}: {r.get('compile_gate')}{step}, in all "
+                     f"{r.get('seconds', 0):.0f} s{longest}")
+    return f"Compiled ahead ({row['variant']}):\n" + "\n".join(lines) if lines else ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -334,6 +349,7 @@ def main(argv=None) -> int:
             Path(args.out).write_text(json.dumps(report, indent=1, default=str))
         print(table([row]))
         print(phase_busy_table(row))
+        print(precompile_lines(row))
         return 0
     if not args.experiment:
         ap.error("an experiment file is needed (or --from-store)")
@@ -362,6 +378,7 @@ def main(argv=None) -> int:
     print(table(rows))
     for row in rows:
         print(phase_busy_table(row))
+        print(precompile_lines(row))
     print(f"wrote {out}")
     return 0 if all(r["rc"] == 0 for r in rows) else 1
 

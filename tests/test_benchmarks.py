@@ -368,6 +368,21 @@ def test_sweep_wall_gpu_busy_by_phase_counts_each_sample_for_every_phase_under_w
     assert [r["kind"] for r in sweep_wall.busy_by_phase(tl, samples)] == ["ae", "ae", "base", "-"]
 
 
+def test_sweep_wall_says_what_each_precompile_task_did_with_its_longest_compile_phases():
+    import sweep_wall
+
+    row = {"variant": "v", "precompile": [
+        {"stage": "ae", "members": 18, "compile_gate": "first", "step_s": 190.4, "seconds": 207.0,
+         "step_phases_s": {"compile_fx_inner": 150.0, "Scheduler.codegen": 60.2, "async_compile.wait": 40.0,
+                           "bytecode_tracing": 4.0, "gc": 1.0}},
+        {"stage": "base", "base": "small", "members": 18, "compile_gate": "done", "seconds": 24.9}]}
+    assert sweep_wall.precompile_lines(row, phases=2).splitlines() == [
+        "Compiled ahead (v):",
+        "  ae x18: first, step 190 s, in all 207 s; compile_fx_inner 150 s, Scheduler.codegen 60 s",
+        "  base small x18: done, in all 25 s"]
+    assert sweep_wall.precompile_lines({"variant": "v"}) == ""
+
+
 def test_sweep_wall_gpu_busy_from_an_nvidia_smi_log_over_the_sweeps_window(tmp_path):
     import sweep_wall
 
