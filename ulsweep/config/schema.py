@@ -425,8 +425,8 @@ class EvalConfig:
     gfd_samples: int = 1000  # base-model samples for gFD
     gfd_reference_images: int = 10000  # eval-split images giving gFD's reference statistics
     # the networks' arithmetic while sampling reconstructions (PSNR, rFD/rFID) and generations (gFD/gFID): bf16
-    # runs them under bf16 autocast on the trial's device; the samplers' updates, bits/pixel and the feature
-    # extractors stay fp32. fp32 by default: the published numbers were sampled so.
+    # runs them under bf16 autocast on the trial's device; the samplers' updates and bits/pixel stay fp32, the
+    # feature extractors in `feature_precision`. fp32 by default: the published numbers were sampled so.
     sample_precision: Literal["fp32", "bf16"] = "fp32"
     # torch.compile (default mode) the networks sampling calls over and over (the decoder; for gFD/gFID also the
     # base model). On one H200, 10,000 generations of lf_sweep's small models took 4.6 s compiled against 9.7 s
