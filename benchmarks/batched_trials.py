@@ -181,8 +181,6 @@ class StackedTrials:
             self.model, self.regions = self.net, compile_blocks(self.net, compile_mode, rt)
         else:
             self.model = compile_module(self.net, compile_mode, rt)
-        # per-trial norms and division: two small kernels per tensor eagerly; compiled alongside, a few fused ones
-        self.clip = torch.compile(clip_trials, dynamic=False) if compile_mode else clip_trials
         self.ts = TrainState(self.net, optim, rt, seed=0)  # the library's AdamW and EMA over the stacked tensors
 
     def backward(self, x: torch.Tensor, noise: dict[str, torch.Tensor]) -> None:
@@ -202,7 +200,7 @@ class StackedTrials:
         """One optimizer step of every trial: x (N, B, ...), noise entries (N, B, ...); returns the N gradient
         norms before clipping."""
         self.backward(x, noise)
-        norms = self.clip([p.grad for p in self.net.parameters()], self.n, self.oc.grad_clip)
+        norms = clip_trials([p.grad for p in self.net.parameters()], self.n, self.oc.grad_clip)  # the library's
         self.ts.apply_gradients()
         return norms
 

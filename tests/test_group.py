@@ -154,25 +154,6 @@ def test_a_member_that_diverges_fails_alone_and_the_others_train_on(tmp_path, al
                            GroupHooks([Failing() for _ in exps]))
 
 
-def test_a_group_clips_uncompiled_while_its_step_is_and_compiled_once_it_is_not():
-    """The compiled per-member clipping is compiled at its first call, which held up a group's first (uncompiled)
-    step while another process compiled the step; the uncompiled steps clip with the plain function."""
-    from ulsweep.models.stacked import clip_trials
-    from ulsweep.train.group import GroupTrainState
-
-    exp = member_exp(1.5, 0.0, 0)
-    net = torch.nn.Linear(3, 2)
-    ts = GroupTrainState(net, exp.ae.optim, make_runtime(exp.ae.train), [torch.Generator(), torch.Generator()],
-                         compile_clip=True)
-    assert ts.clip is not clip_trials  # compiled (lazily: nothing compiles until its first call)
-    used = []
-    ts.clip = lambda grads, k, max_norm: used.append("compiled") or clip_trials(grads, k, max_norm)
-    for compiled in (False, True):
-        ts.step_compiled = compiled
-        ts.optimizer_step(net(torch.ones(4, 3)).square().sum())
-    assert used == ["compiled"] and ts.step == 2
-
-
 def test_members_of_another_architecture_or_training_are_refused_by_name():
     a = member_exp(1.5, 0.0, 0)
     check_members([a, member_exp(3.0, 2.0, 5)])  # loss factor, bias and seed may differ

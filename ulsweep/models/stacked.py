@@ -30,11 +30,12 @@ Trial k's outputs, losses and gradients are those of m_k alone on its own rows (
 kernel against a single one; tests/test_stacked.py). Since no weight is shared, the gradient of the sum of the K
 losses is each trial's own gradient, and elementwise optimizers (AdamW) and EMAs step the stacked tensors as K
 independent ones would; only what reduces over all weights, the gradient norm of clipping, must be taken per
-trial (`trial_norms`). `unstack(module, k)` gives trial k's state dict, under the original names.
+trial (`trial_norms`, `clip_trials`). `unstack(module, k)` gives trial k's state dict, under the original names.
 """
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -228,19 +229,58 @@ def unstack(module: nn.Module, k: int) -> dict[str, Tensor]:
     return {name: t[k] for name, t in module.state_dict().items()}
 
 
+@functools.cache
+def _has_foreach() -> bool:
+    """Whether this torch has the multi-tensor norm (in float32 whatever the tensors' dtype) and division that
+    torch's own gradient clipping uses (`torch._foreach_norm`, `torch._foreach_div_`: private; per-tensor ops,
+    with one warning, where it lacks them)."""
+    try:
+        ok = callable(getattr(torch, "_foreach_div_", None)) and \
+            torch._foreach_norm([torch.ones(4, dtype=torch.bfloat16)], 2, dtype=torch.float32)[0].item() == 2.0
+        problem = "" if ok else "torch has no _foreach_div_ or its _foreach_norm gave a wrong norm"
+    except (AttributeError, TypeError, RuntimeError) as e:
+        problem = f"torch._foreach_norm(tensors, 2, dtype=torch.float32) failed: {e}"
+    if not problem:
+        return True
+    from ulsweep.train.accel import fall_back
+
+    fall_back("multi-tensor per-trial clipping", problem, "a few kernels per gradient tensor")
+    return False
+
+
+def _norms(params: list[Tensor], slices: list[tuple[Tensor, ...]] | None, k: int) -> Tensor:
+    if not params:
+        return torch.zeros(k)
+    if slices is None:
+        per = torch.stack([torch.linalg.vector_norm(p.float().reshape(k, -1), dim=1) for p in params])
+    else:  # every tensor's every trial slice in one multi-tensor kernel: (tensors, K)
+        per = torch.stack(torch._foreach_norm([s for row in slices for s in row], 2, dtype=torch.float32))
+        per = per.view(len(params), k)
+    return per.pow(2).sum(0).sqrt()
+
+
 def trial_norms(params: list[Tensor], k: int) -> Tensor:
-    """Each trial's global L2 norm over the stacked tensors `params` (their gradients, say): (K,), float32."""
-    sq = [p.float().pow(2).reshape(k, -1).sum(1) for p in params]
-    return torch.stack(sq).sum(0).sqrt() if sq else torch.zeros(k)
+    """Each trial's global L2 norm over the stacked tensors `params` (their gradients, say): (K,), float32.
+
+    |g_k| = sqrt(sum_i |p_i[k]|^2): the norms of every tensor's K slices (views) in one multi-tensor kernel
+    (torch's `_foreach_norm`, as `clip_grad_norm_` takes them), then the sum over tensors: a few kernel
+    launches, where a reduction per tensor is two or three a tensor (hundreds a step)."""
+    return _norms(params, [p.unbind(0) for p in params] if _has_foreach() else None, k)
 
 
 def clip_trials(grads: list[Tensor], k: int, max_norm: float) -> Tensor:
     """Scale each trial's gradients (the rows of the stacked tensors `grads`, in place) by its own
     min(1, max_norm / (|g_k| + 1e-6)), as one trial's clipping does (none for max_norm <= 0); returns the K norms
-    before clipping."""
-    norms = trial_norms(grads, k)
-    if max_norm > 0:
+    before clipping. Uncompiled and without a host sync: `trial_norms`' multi-tensor norm, then one multi-tensor
+    division a trial (its slices of every tensor by its own divisor, a 0-d tensor on the device)."""
+    slices = [g.unbind(0) for g in grads] if _has_foreach() else None
+    norms = _norms(grads, slices, k)
+    if max_norm > 0 and grads:
         div = ((norms + 1e-6) / max_norm).clamp_min(1.0)
-        for g in grads:
-            g.div_(div.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
+        if slices is None:
+            for g in grads:
+                g.div_(div.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
+        else:
+            for j, mine in enumerate(zip(*slices, strict=True)):  # trial j's slice of every tensor
+                torch._foreach_div_(list(mine), div[j])
     return norms

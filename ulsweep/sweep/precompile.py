@@ -204,7 +204,7 @@ def _train_briefly(objectives: list, net, source, optim, tc, rt, kind: str, labe
     compiled step got through the compile gate."""
     import torch
 
-    from ulsweep.train.group import GroupObjective, GroupSource, GroupTrainState, compiles_clip
+    from ulsweep.train.group import GroupObjective, GroupSource, GroupTrainState
     from ulsweep.train.hooks import TrainHooks
     from ulsweep.train.loop import RunSpec, train
     from ulsweep.train.state import TrainState
@@ -214,7 +214,7 @@ def _train_briefly(objectives: list, net, source, optim, tc, rt, kind: str, labe
     else:
         objective = GroupObjective(objectives)
         gens = [torch.Generator(rt.device).manual_seed(i) for i in range(len(objectives))]
-        ts = GroupTrainState(net(objective.stacked), optim, rt, gens, compile_clip=compiles_clip(tc, rt))
+        ts = GroupTrainState(net(objective.stacked), optim, rt, gens)
         source = GroupSource([source] * len(objectives))
 
     scratch = tempfile.mkdtemp(prefix="ulsweep-precompile-")

@@ -112,28 +112,18 @@ class GroupTrainState(TrainState):
     """The stacked network's TrainState: one AdamW and one EMA over the stacked tensors (elementwise, so each
     member's own), each member's generator, and each member's gradient clipped by its own norm."""
 
-    def __init__(self, net: nn.Module, oc, rt, gens: Sequence[torch.Generator], compile_clip: bool = False):
+    def __init__(self, net: nn.Module, oc, rt, gens: Sequence[torch.Generator]):
         super().__init__(net, oc, rt, 0)
         self.gen, self.k = MemberGenerators(gens), len(gens)
-        # the per-member norms and division: a few kernels per gradient tensor uncompiled (hundreds of launches a
-        # step), a few fused ones compiled (`compile_clip`: where the step itself compiles on a GPU). Uncompiled
-        # while the step is (`step_compiled` False: another process compiles the step, and with it this clipping,
-        # whose compile here would hold up the first step: 68 s for lf_sweep's autoencoders on 2 CPU cores);
-        # compiled from the first compiled step on, from the caches the other process filled
-        self.clip = torch.compile(clip_trials, dynamic=False) if compile_clip else clip_trials
 
     def optimizer_step(self, loss: torch.Tensor) -> torch.Tensor:
         """Backward, each member's clipping, the step; returns the K gradient norms before clipping."""
         loss.backward()
-        clip = self.clip if self.step_compiled else clip_trials
-        norms = clip([p.grad for p in self.net.parameters() if p.grad is not None], self.k, self.oc.grad_clip)
+        # uncompiled: multi-tensor kernels, a few launches a step (`clip_trials`); compiled, as until session 29,
+        # it added a second graph to every group's compile (68 s of it for lf_sweep's autoencoders on 2 CPU cores)
+        norms = clip_trials([p.grad for p in self.net.parameters() if p.grad is not None], self.k, self.oc.grad_clip)
         self.apply_gradients()
         return norms
-
-
-def compiles_clip(tc, rt) -> bool:
-    """Whether a group's per-member clipping is compiled: where its step compiles, on a GPU."""
-    return tc.compile is not False and rt.device.type == "cuda"
 
 
 def member_metrics(metrics: dict, k: int) -> dict:
@@ -247,7 +237,7 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
         objective = GroupObjective(objectives)
         del objectives  # their weights are copied into the stacked network
         gens = [torch.Generator(rt.device).manual_seed(e.ae.train.seed) for e in exps]
-        ts = GroupTrainState(objective.stacked.ae, exp0.ae.optim, rt, gens, compile_clip=compiles_clip(tc, rt))
+        ts = GroupTrainState(objective.stacked.ae, exp0.ae.optim, rt, gens)
     meta = {"data_hash": data_hash, "image_shape": list(image_shape), "latent_shape": list(latent_shape)}
 
     def members(ema_stacked, final: bool, extractor, timer, skip):

@@ -30,7 +30,7 @@ from ulsweep.models.stacked import stack
 from ulsweep.train.build import base_schedule, build_base_model
 from ulsweep.train.checkpoint import finished_result
 from ulsweep.train.evaluation import PartTimer
-from ulsweep.train.group import (MEMBER_KEYS, GroupObjective, GroupSource, GroupTrainState, compiles_clip, one_process,
+from ulsweep.train.group import (MEMBER_KEYS, GroupObjective, GroupSource, GroupTrainState, one_process,
                                  train_group, write_member)
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.latents import encode_together, latent_source, training_latents
@@ -147,7 +147,7 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
         objective = GroupObjective(objectives)
         del objectives  # their weights are copied into the stacked network
         gens = [torch.Generator(rt.device).manual_seed(b.train.seed) for b in bases]
-        ts = GroupTrainState(objective.stacked.net, base0.optim, rt, gens, compile_clip=compiles_clip(tc, rt))
+        ts = GroupTrainState(objective.stacked.net, base0.optim, rt, gens)
     del frozen, aes
     metas = [{"data_hash": data_hash, "ae_checkpoint": c, "ae_sha256": m["sha256"], "latent_shape": list(latent_shape),
               "latents": lat.uri if lat else None, "latents_hash": lat.content_hash if lat else None}

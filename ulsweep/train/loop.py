@@ -172,7 +172,6 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
         with rt.autocast():
             losses = step_fn(batch, noise)
         loss = losses["total"].mean() / objective.dims  # nats per dimension, for the optimizer
-        ts.step_compiled = step_fn is model  # False for the uncompiled steps while another process compiles
         gnorm = ts.optimizer_step(loss)
         step_means = {k: reduce(v) for k, v in {**losses, "grad_norm": gnorm}.items()}
         bad = bad | (~torch.isfinite(step_means["total"]) & ~gone)

@@ -82,11 +82,6 @@ def set_rng_state(gen: torch.Generator, state: dict) -> None:
 class TrainState:
     """Weights, EMA, optimizer, RNG and step of one run: what a checkpoint saves and a resume restores."""
 
-    # whether the loop's step runs as compiled as `train.compile` asks (ulsweep/train/loop.py sets it before each
-    # step: False while the run trains uncompiled because another process compiles its step); a group's clipping
-    # follows it (ulsweep/train/group.py)
-    step_compiled: bool = True
-
     def __init__(self, net: nn.Module, oc: OptimConfig, rt: Runtime, seed: int):
         self.net, self.oc, self.rt = net, oc, rt
         self.ema = EMA(net, oc.ema_std)
