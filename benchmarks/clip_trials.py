@@ -5,13 +5,13 @@
 A group of K stacked trials clips each member's gradient by its own global norm (`ulsweep.models.stacked.
 clip_trials`). Until session 29 the library compiled that function beside the step (a second graph, whose cold
 compile held up a group's first compiled step: 68 s of lf_sweep's autoencoders' on 2 CPU cores); since, it runs
-uncompiled on torch's multi-tensor kernels. Rows, for the stacked gradients of lf_sweep's autoencoder and base
+uncompiled: the gradients' rows concatenated in chunks for the norms, one division a tensor. Rows, for the stacked gradients of lf_sweep's autoencoder and base
 model (random values of the parameters' shapes, fp32 as the library keeps them):
 
 - `per-tensor`: the function as it was, a norm and a division per gradient tensor, uncompiled;
 - `per-tensor compiled`: the same through torch.compile (`compile_s`: its cold compile, in an Inductor cache of
   this run's own, empty at the start);
-- `multi-tensor`: the library's.
+- `library`: the library's `clip_trials`.
 
 `ms` is the median of `--repeats` timed calls (CUDA-synchronized on a GPU) after warm-up; `max_rel_diff` the
 largest relative difference of the clipped gradients and the norms from `per-tensor`'s. Prints a table and writes
@@ -64,7 +64,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
 
 
-PROGRAMS = ["per-tensor", "per-tensor compiled", "multi-tensor"]
+PROGRAMS = ["per-tensor", "per-tensor compiled", "library"]
 
 
 def rows_for(stage: str, shapes: list[torch.Size], k: int, device: torch.device, max_norm: float,
@@ -78,7 +78,7 @@ def rows_for(stage: str, shapes: list[torch.Size], k: int, device: torch.device,
     ref_grads = [g.clone() for g in base]
     ref_norms = per_tensor_clip(ref_grads, k, max_norm)
     fns = {"per-tensor": per_tensor_clip, "per-tensor compiled": torch.compile(per_tensor_clip, dynamic=False),
-           "multi-tensor": clip_trials}
+           "library": clip_trials}
     out = []
     for name in programs:
         fn = fns[name]

@@ -553,9 +553,9 @@ def test_stacked_program_trains_the_same_trials_as_stepped_one_by_one(stage):
         return
     import ulsweep.models.stacked as st
 
-    real = st._norms
+    real = st.trial_norms
     with pytest.MonkeyPatch.context() as m:  # every trial clipped by the norm of all of them together
-        m.setattr(st, "_norms", lambda *a: real(*a).pow(2).sum().sqrt().expand(a[-1]))
+        m.setattr(st, "trial_norms", lambda grads, n: real(grads, n).pow(2).sum().sqrt().expand(n))
         bad = bt.check(exp, stage, 3, 4, 1, 3, torch.device("cpu"), program="stacked")
     assert bad["max_rel_weight_diff"] > 100 * ok["max_rel_weight_diff"], (ok, bad)
 
@@ -807,7 +807,7 @@ def test_regional_compilation_compiles_every_block_in_place_and_trains_the_same_
 
 
 def test_clip_trials_benchmark_rows_clip_as_the_old_per_tensor_function_did(tmp_path, monkeypatch, capsys):
-    """benchmarks/clip_trials.py: the library's multi-tensor clipping against the per-tensor function it replaced,
+    """benchmarks/clip_trials.py: the library's clipping against the per-tensor function it replaced,
     the same norms and gradients; a clipping that mixed the trials up shows in max_rel_diff."""
     import clip_trials as ct
 
@@ -815,16 +815,16 @@ def test_clip_trials_benchmark_rows_clip_as_the_old_per_tensor_function_did(tmp_
                                                                                     torch.Size([5])])
     out = tmp_path / "clip.json"
     assert ct.main(["x.yaml", "--members", "3", "--device", "cpu", "--repeats", "2", "--warmup", "1",
-                    "--programs", "per-tensor", "multi-tensor", "--out", str(out)]) == 0
+                    "--programs", "per-tensor", "library", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["stage"], r["program"]) for r in rows] == [(s, p) for s in ("ae", "base")
-                                                         for p in ("per-tensor", "multi-tensor")]
+                                                         for p in ("per-tensor", "library")]
     assert all(r["max_rel_diff"] < 1e-5 and r["ms"] > 0 and r["tensors"] == 2 for r in rows)
-    assert "multi-tensor" in capsys.readouterr().out
+    assert "library" in capsys.readouterr().out
     import ulsweep.models.stacked as st
 
     with pytest.MonkeyPatch.context() as m:  # one norm for all trials together: no longer each trial's own
-        real = st._norms
-        m.setattr(st, "_norms", lambda *a: real(*a).pow(2).sum().sqrt().expand(a[-1]))
-        bad = ct.rows_for("ae", [torch.Size([3, 4])], 3, torch.device("cpu"), 1.0, 0, 1, ["multi-tensor"])
+        real = st.trial_norms
+        m.setattr(st, "trial_norms", lambda grads, n: real(grads, n).pow(2).sum().sqrt().expand(n))
+        bad = ct.rows_for("ae", [torch.Size([3, 4])], 3, torch.device("cpu"), 1.0, 0, 1, ["library"])
     assert bad[0]["max_rel_diff"] > 1e-2

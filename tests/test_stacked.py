@@ -338,16 +338,15 @@ def test_a_compiled_plain_network_samples_with_the_weights_load_trial_put_in(one
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("multi_tensor", [True, False])
-def test_each_trial_is_clipped_by_its_own_norm_as_clip_grad_norm_clips_it_alone(multi_tensor, monkeypatch):
+@pytest.mark.parametrize("chunk", [None, 10])
+def test_each_trial_is_clipped_by_its_own_norm_as_clip_grad_norm_clips_it_alone(chunk, monkeypatch):
     """clip_trials on K stacked gradients against torch's clip_grad_norm_ on each trial's own: the same norms and
-    gradients, by torch's multi-tensor kernels and by the per-tensor fallback (which warns once); bf16 gradients
+    gradients, with the tensors' norms taken in one concatenation or in chunks of a few elements; bf16 gradients
     get float32 norms."""
     import ulsweep.models.stacked as st
-    from ulsweep.train import accel
 
-    st._has_foreach.cache_clear()
-    monkeypatch.setattr(accel, "_fallbacks", {})
+    if chunk:
+        monkeypatch.setattr(st, "NORM_CHUNK", chunk)
     k, shapes = 4, [(3, 5), (7,), (2, 3, 3, 3), (1,)]
     gen = torch.Generator().manual_seed(0)
     scale = torch.tensor([0.01, 0.05, 2.0, 40.0])  # trials below and above max_norm 1
@@ -358,23 +357,13 @@ def test_each_trial_is_clipped_by_its_own_norm_as_clip_grad_norm_clips_it_alone(
         for p, g in zip(params, grads):
             p.grad = g.clone()
         want.append(torch.nn.utils.clip_grad_norm_(params, 1.0))
-    if not multi_tensor:  # a torch without the multi-tensor norm (clip_grad_norm_ above takes it too)
-        monkeypatch.delattr(torch, "_foreach_norm")
-    try:
-        if multi_tensor:
-            norms = st.clip_trials(stacked, k, 1.0)
-        else:
-            with pytest.warns(accel.AccelFallbackWarning, match="multi-tensor per-trial clipping off"):
-                norms = st.clip_trials(stacked, k, 1.0)
-        assert norms.dtype == torch.float32 and torch.allclose(norms, torch.stack(want), rtol=1e-6)
-        assert bool((norms[:2] < 1).all()) and bool((norms[2:] > 1).all())  # both cases are exercised
-        for j in range(k):
-            for g, p in zip(stacked, alone[j]):
-                assert torch.allclose(g[j], p.grad, rtol=1e-6, atol=0), j
-        half = [torch.full((2, 3), 1.0, dtype=torch.bfloat16) * torch.tensor([[3.0], [1e-3]], dtype=torch.bfloat16)]
-        exact = torch.tensor([3.0 * 3 ** 0.5, 1e-3 * 3 ** 0.5])
-        got = trial_norms(half, 2)
-        assert got.dtype == torch.float32 and torch.allclose(got, exact, rtol=1e-2)
-        assert torch.equal(st.clip_trials([], k, 1.0), torch.zeros(k))
-    finally:
-        st._has_foreach.cache_clear()
+    norms = st.clip_trials(stacked, k, 1.0)
+    assert norms.dtype == torch.float32 and torch.allclose(norms, torch.stack(want), rtol=1e-6)
+    assert bool((norms[:2] < 1).all()) and bool((norms[2:] > 1).all())  # both cases are exercised
+    for j in range(k):
+        for g, p in zip(stacked, alone[j]):
+            assert torch.allclose(g[j], p.grad, rtol=1e-6, atol=0), j
+    half = [torch.ones(2, 3, dtype=torch.bfloat16) * torch.tensor([[3.0], [1e-3]], dtype=torch.bfloat16)]
+    got = trial_norms(half, 2)
+    assert got.dtype == torch.float32 and torch.allclose(got, torch.tensor([3.0, 1e-3]) * 3 ** 0.5, rtol=1e-2)
+    assert torch.equal(st.clip_trials([], k, 1.0), torch.zeros(k))

@@ -35,7 +35,6 @@ trial (`trial_norms`, `clip_trials`). `unstack(module, k)` gives trial k's state
 from __future__ import annotations
 
 import copy
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -229,58 +228,47 @@ def unstack(module: nn.Module, k: int) -> dict[str, Tensor]:
     return {name: t[k] for name, t in module.state_dict().items()}
 
 
-@functools.cache
-def _has_foreach() -> bool:
-    """Whether this torch has the multi-tensor norm (in float32 whatever the tensors' dtype) and division that
-    torch's own gradient clipping uses (`torch._foreach_norm`, `torch._foreach_div_`: private; per-tensor ops,
-    with one warning, where it lacks them)."""
-    try:
-        ok = callable(getattr(torch, "_foreach_div_", None)) and \
-            torch._foreach_norm([torch.ones(4, dtype=torch.bfloat16)], 2, dtype=torch.float32)[0].item() == 2.0
-        problem = "" if ok else "torch has no _foreach_div_ or its _foreach_norm gave a wrong norm"
-    except (AttributeError, TypeError, RuntimeError) as e:
-        problem = f"torch._foreach_norm(tensors, 2, dtype=torch.float32) failed: {e}"
-    if not problem:
-        return True
-    from ulsweep.train.accel import fall_back
-
-    fall_back("multi-tensor per-trial clipping", problem, "a few kernels per gradient tensor")
-    return False
+NORM_CHUNK = 1 << 26  # gradient elements concatenated at once for the per-trial norms: 256 MiB of float32 scratch
 
 
-def _norms(params: list[Tensor], slices: list[tuple[Tensor, ...]] | None, k: int) -> Tensor:
-    if not params:
-        return torch.zeros(k)
-    if slices is None:
-        per = torch.stack([torch.linalg.vector_norm(p.float().reshape(k, -1), dim=1) for p in params])
-    else:  # every tensor's every trial slice in one multi-tensor kernel: (tensors, K)
-        per = torch.stack(torch._foreach_norm([s for row in slices for s in row], 2, dtype=torch.float32))
-        per = per.view(len(params), k)
-    return per.pow(2).sum(0).sqrt()
+def _squares(rows: list[Tensor]) -> Tensor:
+    """sum over the (K, n_i) `rows` of each row's squared L2 norm: (K,), float32, in two kernels (one copy)."""
+    flat = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
+    return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32).square()
 
 
 def trial_norms(params: list[Tensor], k: int) -> Tensor:
     """Each trial's global L2 norm over the stacked tensors `params` (their gradients, say): (K,), float32.
 
-    |g_k| = sqrt(sum_i |p_i[k]|^2): the norms of every tensor's K slices (views) in one multi-tensor kernel
-    (torch's `_foreach_norm`, as `clip_grad_norm_` takes them), then the sum over tensors: a few kernel
-    launches, where a reduction per tensor is two or three a tensor (hundreds a step)."""
-    return _norms(params, [p.unbind(0) for p in params] if _has_foreach() else None, k)
+    |g_k| = sqrt(sum_i |p_i[k]|^2): the tensors as (K, n_i) rows concatenated, up to NORM_CHUNK elements at a
+    time, and each chunk's row norms in one reduction: a few kernels a step where a reduction per tensor takes
+    hundreds (lf_sweep's autoencoder has 298 weight tensors), with no compile."""
+    if not params:
+        return torch.zeros(k)
+    squares, rows, size = [], [], 0
+    for p in params:
+        rows.append(p.reshape(k, -1))
+        size += p.numel()
+        if size >= NORM_CHUNK:
+            squares.append(_squares(rows))
+            rows, size = [], 0
+    if rows:
+        squares.append(_squares(rows))
+    return torch.stack(squares).sum(0).sqrt()
 
 
 def clip_trials(grads: list[Tensor], k: int, max_norm: float) -> Tensor:
     """Scale each trial's gradients (the rows of the stacked tensors `grads`, in place) by its own
     min(1, max_norm / (|g_k| + 1e-6)), as one trial's clipping does (none for max_norm <= 0); returns the K norms
-    before clipping. Uncompiled and without a host sync: `trial_norms`' multi-tensor norm, then one multi-tensor
-    division a trial (its slices of every tensor by its own divisor, a 0-d tensor on the device)."""
-    slices = [g.unbind(0) for g in grads] if _has_foreach() else None
-    norms = _norms(grads, slices, k)
+    before clipping. Uncompiled and without a host sync: `trial_norms`, then one division a tensor by the K
+    factors. (Compiled, as until session 29, it was a second graph for every group to compile: 66.7 s for
+    lf_sweep's autoencoders on an H100, benchmarks/clip_trials.py.)"""
+    norms = trial_norms(grads, k)
     if max_norm > 0 and grads:
         div = ((norms + 1e-6) / max_norm).clamp_min(1.0)
-        if slices is None:
-            for g in grads:
-                g.div_(div.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
-        else:
-            for j, mine in enumerate(zip(*slices, strict=True)):  # trial j's slice of every tensor
-                torch._foreach_div_(list(mine), div[j])
+        shaped: dict[int, Tensor] = {}  # the factors as (K, 1, ...) for tensors of each number of dimensions
+        for g in grads:
+            if g.dim() not in shaped:
+                shaped[g.dim()] = div.view(-1, *[1] * (g.dim() - 1))
+            g.div_(shaped[g.dim()])
     return norms
