@@ -295,15 +295,18 @@ def phase_busy_table(row: dict) -> str:
 
 def precompile_lines(row: dict, phases: int = 4) -> str:
     """What a variant's sweep compiled ahead (its `precompile` entries, the sweep run's tag): per task the stage,
-    how it got through the compile gate, seconds to its step's end and in all, and its step's `phases` longest
-    compile phases (`step_phases_s`; the phases nest). Empty when nothing was compiled ahead."""
+    how it got through the compile gate, seconds to its step's end and in all, those seconds by part
+    (`step_parts_s`: build, setup, first_step, steps), and its step's `phases` longest compile phases
+    (`step_phases_s`; the phases nest). Empty when nothing was compiled ahead."""
     lines = []
     for r in row.get("precompile") or []:
         what = f"base {r['base']}" if r.get("stage") == "base" else "ae"
         step = f", step {r['step_s']:.0f} s" if "step_s" in r else ""
         top = list((r.get("step_phases_s") or {}).items())[:phases]
         longest = ("; " + ", ".join(f"{n} {v:.0f} s" for n, v in top)) if top else ""
-        lines.append(f"  {what} x{r.get('members', 1)}: {r.get('compile_gate')}{step}, in all "
+        parts = r.get("step_parts_s") or {}
+        parts = (" (" + ", ".join(f"{n} {v:.1f}" for n, v in parts.items()) + ")") if parts else ""
+        lines.append(f"  {what} x{r.get('members', 1)}: {r.get('compile_gate')}{step}{parts}, in all "
                      f"{r.get('seconds', 0):.0f} s{longest}")
     return f"Compiled ahead ({row['variant']}):\n" + "\n".join(lines) if lines else ""
 

@@ -373,12 +373,14 @@ def test_sweep_wall_says_what_each_precompile_task_did_with_its_longest_compile_
 
     row = {"variant": "v", "precompile": [
         {"stage": "ae", "members": 18, "compile_gate": "first", "step_s": 190.4, "seconds": 207.0,
+         "step_parts_s": {"build": 4.2, "setup": 1.0, "first_step": 180.1, "steps": 5.1},
          "step_phases_s": {"compile_fx_inner": 150.0, "Scheduler.codegen": 60.2, "async_compile.wait": 40.0,
                            "bytecode_tracing": 4.0, "gc": 1.0}},
         {"stage": "base", "base": "small", "members": 18, "compile_gate": "done", "seconds": 24.9}]}
     assert sweep_wall.precompile_lines(row, phases=2).splitlines() == [
         "Compiled ahead (v):",
-        "  ae x18: first, step 190 s, in all 207 s; compile_fx_inner 150 s, Scheduler.codegen 60 s",
+        "  ae x18: first, step 190 s (build 4.2, setup 1.0, first_step 180.1, steps 5.1), in all 207 s; "
+        "compile_fx_inner 150 s, Scheduler.codegen 60 s",
         "  base small x18: done, in all 25 s"]
     assert sweep_wall.precompile_lines({"variant": "v"}) == ""
 

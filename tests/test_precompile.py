@@ -1,5 +1,7 @@
 """resources.precompile: which training steps a sweep compiles ahead, and that the task's compile is the one the
 trial then finds done at the compile gate."""
+import time
+
 import pytest
 
 from ulsweep.config import ConfigError, experiment_from_dict, to_dict
@@ -99,6 +101,9 @@ def test_the_task_compiles_the_autoencoder_step_its_trials_then_find_done(tmp_pa
     r = precompile.compile_ae(to_dict(exp), job["overrides"])
     assert r["stage"] == "ae" and r["latent_shape"] == [2, 4, 4] and r["compile_gate"] == "first"
     assert 0 < r["step_s"] <= r["seconds"] and isinstance(r["step_phases_s"], dict)
+    parts = r["step_parts_s"]  # the step's seconds by part, every mark reached, in order
+    assert list(parts) == ["build", "setup", "first_step", "steps"] and all(v >= 0 for v in parts.values())
+    assert abs(sum(parts.values()) - r["step_s"]) < 0.5 and r["t_start"] <= time.time() - r["step_s"]
     trial = experiment_from_dict(to_dict(exp), {"ae.loss.loss_factor": 4.0, "ae.loss.sigmoid_bias": 2.0,
                                                 "ae.train.steps": 2, "ae.train.eval_images": 8,
                                                 "eval.extractor": "none"})
@@ -398,3 +403,12 @@ def test_reporting_the_tasks_never_masks_how_the_fit_ended(monkeypatch):
     out = io.StringIO()
     driver._close_precompile(None, [("base b", None)], out)
     assert out.getvalue() == "precompile: not reported (ConnectionError: Ray is gone)\n"
+
+
+def test_a_tasks_step_seconds_split_by_its_marks_and_a_missing_mark_merges_into_the_next_part():
+    marks = {"t_setup_end": 103.0, "t_first_step_end": 190.5, "t_train_end": 196.0, "compile_gate": "first"}
+    assert precompile.step_parts(100.0, 101.5, marks) == {"build": 1.5, "setup": 1.5, "first_step": 87.5,
+                                                           "steps": 5.5}
+    assert precompile.step_parts(100.0, 101.5, {"t_setup_end": 103.0, "t_train_end": 196.0}) == {
+        "build": 1.5, "setup": 1.5, "steps": 93.0}
+    assert precompile.step_parts(100.0, 101.5, {"t_setup_end": 99.0}) == {"build": 1.5}  # a mark out of order

@@ -115,8 +115,8 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     random images as the trial's final evaluation does, one call of the one size its calls have
     (`sampling_calls`), so that the trials' reconstructions start compiled too. Returns {"stage":
     "ae", "latent_shape", "members", "compile_gate" (as compile_base's), with eval.sample_compile "sampling"
-    ("compiled", or "busy": another process compiled it), "step_s", "step_phases_s" (as compile_base's),
-    "seconds"}."""
+    ("compiled", or "busy": another process compiled it), "t_start", "step_s", "step_parts_s", "step_phases_s"
+    (as compile_base's), "seconds"}."""
     import torch
 
     from ulsweep.data.sources import DeviceSplit
@@ -135,9 +135,11 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     source = DeviceSplit(torch.rand(tc.batch_size, *image_shape, generator=gen, device=rt.device) * 2 - 1)
     objectives = [AEObjective(build_autoencoder(exp.ae, c).to(rt.device), exp.ae.loss, image_shape, shape)
                   for _ in range(members)]
-    ts, how = _train_briefly(objectives, lambda o: o.ae, source, exp.ae.optim, tc, rt, "ae")
-    out = {"stage": "ae", "latent_shape": list(shape), "members": members, "compile_gate": how,
-           "step_s": time.time() - t0, "step_phases_s": compile_phase_seconds()}
+    t_built = time.time()
+    ts, how, marks = _train_briefly(objectives, lambda o: o.ae, source, exp.ae.optim, tc, rt, "ae")
+    out = {"stage": "ae", "latent_shape": list(shape), "members": members, "compile_gate": how, "t_start": t0,
+           "step_s": time.time() - t0, "step_parts_s": step_parts(t0, t_built, marks),
+           "step_phases_s": compile_phase_seconds()}
     if exp.eval.sample_compile:  # as the trial's evaluation reconstructs: a group's, as resources.stack_sampling says
         # the AdamW moments and the EMA copy are not needed to reconstruct: their memory back to the card, which
         # this task shares with the training trials (75,605 of 81,559 MiB at its peak in session 27, one H100)
@@ -152,7 +154,7 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     return out | {"seconds": time.time() - t0}
 
 
-def compile_phase_seconds(top: int = 12, least: float = 1.0) -> dict[str, float] | None:
+def compile_phase_seconds(top: int = 24, least: float = 1.0) -> dict[str, float] | None:
     """Where this process's torch.compile time has gone so far: seconds by phase, summed over its compiles
     (Dynamo's `compile_times`: tracing, AOTAutograd, Inductor's lowering and code generation, the wait for its
     parallel kernel compiles, ...; phases nest, e.g. `compile_fx_inner` holds `GraphLowering.run`), the `top`
@@ -200,8 +202,8 @@ def _runtime(exp: ExperimentConfig, tc):
 def _train_briefly(objectives: list, net, source, optim, tc, rt, kind: str, label: str = ""):
     """`tc.steps` steps of one trial's objective, or of several as a group's stacked program
     (ulsweep/train/group.py), on batches of `source` through the library's loop in a scratch directory it
-    deletes; `net(objective)` is the network an objective trains. Returns the TrainState and how its first
-    compiled step got through the compile gate."""
+    deletes; `net(objective)` is the network an objective trains. Returns the TrainState, how its first
+    compiled step got through the compile gate, and the loop's marks (`t_setup_end`, `t_first_step_end`, ...)."""
     import torch
 
     from ulsweep.train.group import GroupObjective, GroupSource, GroupTrainState
@@ -223,7 +225,21 @@ def _train_briefly(objectives: list, net, source, optim, tc, rt, kind: str, labe
         res = train(objective, source, lambda ema, final: ({}, {}), ts, tc, spec, TrainHooks())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return ts, res.extra.get("marks", {}).get("compile_gate", "busy" if tc.gate_compile else "ungated")
+    marks = res.extra.get("marks", {})
+    return ts, marks.get("compile_gate", "busy" if tc.gate_compile else "ungated"), marks
+
+
+def step_parts(t0: float, t_built: float, marks: dict) -> dict[str, float]:
+    """Where a task's seconds to its step's end went, from its wall-clock marks: `build` (the experiment, the random
+    inputs, the networks), `setup` (a group's stacked program, the optimizer and EMA, the loop's own), `first_step` (the compile
+    gate, the compile of the step and its first run: `step_phases_s` splits the compile), `steps` (the other steps,
+    with CUDA graphs their capture). A part whose mark is missing is left out."""
+    out, last = {"build": t_built - t0}, t_built
+    for part, mark in (("setup", "t_setup_end"), ("first_step", "t_first_step_end"), ("steps", "t_train_end")):
+        t = marks.get(mark)
+        if isinstance(t, (int, float)) and t >= last:
+            out[part], last = t - last, t
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS, members: int = 1) -> dict[str, Any]:
@@ -232,8 +248,9 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS,
     program of a group, ulsweep/train/group_base.py); returns what it did: {"stage": "base", "base",
     "latent_shape", "members", "compile_gate" (how its first compiled step got through the gate: "first" or
     "after" compiled, "done" found it compiled, "busy" another process compiled it meanwhile; "ungated" with
-    train.gate_compile: false), "step_s" (seconds to the step's end: set-up, compile, the steps),
-    "step_phases_s" (`compile_phase_seconds` then), with eval.sample_compile "sampling" (`_compile_sampling`),
+    train.gate_compile: false), "t_start" (when the task started, time.time()), "step_s" (seconds to the step's
+    end: set-up, compile, the steps), "step_parts_s" (`step_parts`: those seconds by part), "step_phases_s"
+    (`compile_phase_seconds` then: the compile by phase), with eval.sample_compile "sampling" (`_compile_sampling`),
     and "seconds"}."""
     import torch
 
@@ -251,9 +268,11 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS,
     source = DeviceSplit(torch.randn(tc.batch_size, *shape, generator=gen, device=rt.device))
     objectives = [BaseObjective(build_base_model(base, shape[0]).to(rt.device), _schedule(exp, base),
                                 base.loss.sigmoid_bias, shape) for _ in range(members)]
-    ts, how = _train_briefly(objectives, lambda o: o.net, source, base.optim, tc, rt, "base", base_name)
+    t_built = time.time()
+    ts, how, marks = _train_briefly(objectives, lambda o: o.net, source, base.optim, tc, rt, "base", base_name)
     out = {"stage": "base", "base": base_name, "latent_shape": list(shape), "members": members, "compile_gate": how,
-           "step_s": time.time() - t0, "step_phases_s": compile_phase_seconds()}
+           "t_start": t0, "step_s": time.time() - t0, "step_parts_s": step_parts(t0, t_built, marks),
+           "step_phases_s": compile_phase_seconds()}
     if exp.eval.sample_compile:
         out["sampling"] = _compile_sampling(exp, base, ts.ema.shadow, shape, rt.device, members)
     return out | {"seconds": time.time() - t0}
