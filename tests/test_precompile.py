@@ -412,3 +412,13 @@ def test_a_tasks_step_seconds_split_by_its_marks_and_a_missing_mark_merges_into_
     assert precompile.step_parts(100.0, 101.5, {"t_setup_end": 103.0, "t_train_end": 196.0}) == {
         "build": 1.5, "setup": 1.5, "steps": 93.0}
     assert precompile.step_parts(100.0, 101.5, {"t_setup_end": 99.0}) == {"build": 1.5}  # a mark out of order
+
+
+def test_a_finished_task_is_described_in_one_line_with_its_steps_parts():
+    r = {"stage": "ae", "members": 18, "latent_shape": [8, 8, 8], "compile_gate": "first", "sampling": "compiled",
+         "seconds": 162.4, "step_s": 143.2, "step_parts_s": {"build": 4.2, "setup": 1.0, "first_step": 130.1,
+                                                             "steps": 7.9}}
+    assert precompile.describe(r) == ("precompile: ae (a stacked group of 18) to latents (8, 8, 8): first, sampling "
+                                      "compiled in 162 s (the step 143 s: build 4, setup 1, first step 130, steps 8)")
+    old = {"stage": "base", "base": "b", "latent_shape": [2, 4, 4], "compile_gate": "done", "seconds": 1.0}
+    assert precompile.describe(old) == "precompile: base b at latents (2, 4, 4): done in 1 s"

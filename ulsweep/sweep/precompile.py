@@ -390,6 +390,18 @@ def label(job: dict) -> str:
         f", {k}={v}" for k, v in job["overrides"].items())
 
 
+def describe(r: dict) -> str:
+    """One finished task's line: what it compiled, how it got through the gate, its seconds, and its step's
+    seconds by part."""
+    sampling = f", sampling {r['sampling']}" if "sampling" in r else ""
+    stacked = f" (a stacked group of {r['members']})" if r.get("members", 1) > 1 else ""
+    what = f"base {r['base']}{stacked} at latents" if r["stage"] == "base" else f"ae{stacked} to latents"
+    parts = ", ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in (r.get("step_parts_s") or {}).items())
+    step = f" (the step {r['step_s']:.0f} s{': ' + parts if parts else ''})" if "step_s" in r else ""
+    return (f"precompile: {what} {tuple(r['latent_shape'])}: {r['compile_gate']}{sampling} in {r['seconds']:.0f} s"
+            f"{step}")
+
+
 def report(started: list, out) -> list[dict[str, Any]]:
     """What the tasks `start` returned ([(label, ref)]) did, one line each; a task that failed or has not finished
     is named, never fatal: the trials then compile for themselves."""
@@ -411,12 +423,7 @@ def report(started: list, out) -> list[dict[str, Any]]:
                   "for themselves", file=out, flush=True)
             continue
         done.append(r)
-        sampling = f", sampling {r['sampling']}" if "sampling" in r else ""
-        stacked = f" (a stacked group of {r['members']})" if r.get("members", 1) > 1 else ""
-        what = f"base {r['base']}{stacked} at latents" if r["stage"] == "base" else f"ae{stacked} to latents"
-        step = f" (the step {r['step_s']:.0f} s)" if "step_s" in r else ""
-        print(f"precompile: {what} {tuple(r['latent_shape'])}: {r['compile_gate']}{sampling} in {r['seconds']:.0f} s"
-              f"{step}", file=out, flush=True)
+        print(describe(r), file=out, flush=True)
     if pending:
         print(f"precompile: {pending} task(s) unfinished at the sweep's end, cancelled", file=out, flush=True)
     return done
