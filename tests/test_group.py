@@ -154,6 +154,40 @@ def test_a_member_that_diverges_fails_alone_and_the_others_train_on(tmp_path, al
                            GroupHooks([Failing() for _ in exps]))
 
 
+def test_a_group_prepared_and_warmed_ahead_trains_as_one_built_when_its_members_joined(tmp_path, digits_cache,
+                                                                                        one_thread, monkeypatch):
+    """prepare_autoencoders builds a group and runs its step once on random images before its members join: the
+    group then trains to the very weights, optimizer state, generators and metrics of one built when they joined
+    (the warm-up leaves no trace: torch's generator, which draws the dropout masks, restored, the gradients
+    dropped), and a group prepared for other members is refused."""
+    from ulsweep.models import presets
+    from ulsweep.train.group import prepare_autoencoders
+
+    # dropout in the decoder, so that a warm-up that moved torch's generator would change the training
+    monkeypatch.setitem(presets.AE_PRESETS, "tiny", dataclasses.replace(presets.AE_PRESETS["tiny"], dec_dropout=0.2))
+    exps = [member_exp(*m) for m in MEMBERS[:2]]
+    plain = train_autoencoders(exps, [str(tmp_path / f"a{i}") for i in range(2)], str(tmp_path / "ga"))
+    prepared = prepare_autoencoders(exps)
+    assert prepared.seconds > 0 and all(p.grad is None for p in prepared.objective.parameters())
+    with pytest.raises(ValueError, match="prepared ahead was built for other members"):
+        train_autoencoders(exps[::-1], [str(tmp_path / f"r{i}") for i in range(2)], str(tmp_path / "gr"),
+                           prepared=prepared)
+    recs = [Recorder() for _ in exps]
+    ahead = train_autoencoders(exps, [str(tmp_path / f"b{i}") for i in range(2)], str(tmp_path / "gb"),
+                               GroupHooks(recs), prepared=prepared)
+    for a, b in zip(plain, ahead):
+        mine, theirs = load_checkpoint(b.checkpoint)[0], load_checkpoint(a.checkpoint)[0]
+        for part in ("model", "ema"):
+            assert all(torch.equal(mine[part][n], t) for n, t in theirs[part].items()), part
+        assert torch.equal(mine["rng"]["gen"], theirs["rng"]["gen"])
+        for p, st in theirs["optimizer"]["state"].items():
+            assert torch.equal(mine["optimizer"]["state"][p]["exp_avg_sq"], st["exp_avg_sq"])
+        assert b.metrics["bpp"] == a.metrics["bpp"] and b.metrics["psnr"] == a.metrics["psnr"]
+        # built before its members joined: no setup left to time
+        assert not {k for k in b.extra["marks"] if k.startswith("setup_")}
+    assert [m["loss"] for _, m in recs[0].logs if "loss" in m]  # its curves went to the members' hooks
+
+
 def test_members_of_another_architecture_or_training_are_refused_by_name():
     a = member_exp(1.5, 0.0, 0)
     check_members([a, member_exp(3.0, 2.0, 5)])  # loss factor, bias and seed may differ

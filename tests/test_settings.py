@@ -178,7 +178,8 @@ def _read_by_the_sweep(tracer, tmp_path) -> None:
                            "metrics": ["bpp"], "modes": ["min"]},
                    resources={"num_workers": 0, "stack_trials": 2, "stack_wait_s": 5})
     (keys,) = driver.stacking.plan(stacked)  # resources.stack_trials; the group's actor gets stack_wait_s
-    assert driver.stacking.trainer_args(stacked, run_dir, 0, keys)[2] == 5
+    args = driver.stacking.trainer_args(stacked, run_dir, 0, keys)
+    assert args[2] == 5 and [d["ae"]["loss"]["loss_factor"] for d in args[5]] == [1.5, 4.0]  # its planned members
     from ulsweep.diffusion.noise import seeded
     from ulsweep.models.stacked import stack
     from ulsweep.train.build import build_autoencoder

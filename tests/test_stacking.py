@@ -150,6 +150,38 @@ def test_a_failing_group_fails_every_member_and_a_lone_group_trains_who_came(tmp
     assert alone.status()["members"] == ["ae-0000"] and res.extra["group"]["members"] == 1 and res.steps == 4
 
 
+def test_an_autoencoder_group_builds_itself_ahead_and_takes_that_only_for_its_planned_members(tmp_path, digits_cache,
+                                                                                              one_thread, capsys):
+    """A group given its members' planned experiments builds its data and networks and warms its step while they
+    start (`prepare_autoencoders`), and trains from that once they have joined as planned: no setup left after the
+    joins. Members that join with other experiments than planned get a group built for them."""
+    keys, exps = ["ae-0000", "ae-0001"], [member_exp(*m) for m in MEMBERS[:2]]
+
+    def train(group, joining):
+        for k, e in zip(keys, joining):
+            assert group.join(k, to_dict(e), str(tmp_path / group.group_root.rsplit("/", 1)[-1] / k))
+        out = {}
+        threads = [threading.Thread(target=lambda k=k: out.setdefault(k, relay(group, k, Recorder()))) for k in keys]
+        for t in threads:  # every member's trial takes its events at once, as in a sweep
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        return [out[k] for k in keys]
+
+    ahead = GroupTrainer(keys, str(tmp_path / "g"), wait_s=30.0, planned=[to_dict(e) for e in exps])
+    time.sleep(0.5)  # the members come while it builds (or after)
+    for res in train(ahead, exps):
+        assert res.steps == 4 and not {m for m in res.extra["marks"] if m.startswith("setup_")}
+    assert "built and its step warmed" in capsys.readouterr().out
+    other = GroupTrainer(keys, str(tmp_path / "h"), wait_s=30.0, planned=[to_dict(e) for e in exps[::-1]])
+    for res in train(other, exps):
+        assert res.steps == 4 and res.extra["marks"]["setup_models_s"] > 0  # built when they joined
+    assert "not the 2 planned: building it for them" in capsys.readouterr().out
+    nobody = GroupTrainer(keys, str(tmp_path / "n"), wait_s=0.5, planned=[to_dict(e) for e in exps])
+    assert nobody._prepared.result(timeout=300) is None  # no member came: its memory goes back
+    assert "no member joined within 0.5 s: the group built ahead is dropped" in capsys.readouterr().out
+
+
 def test_a_base_group_reads_each_members_checkpoint_as_it_joins(monkeypatch):
     """A forming base group starts reading a member's autoencoder checkpoint (`read_ahead`) when the member joins,
     not when the last one has: the reading overlaps the wait for the others. The group's training gets one read

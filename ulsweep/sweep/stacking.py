@@ -11,8 +11,10 @@ hooks: its curves to its MLflow run and to Tune, its checkpoints. The group writ
 images and result.json in the member's own run directory (ulsweep.train.group.train_autoencoders,
 ulsweep.train.group_base.train_bases), and the trial returns that result as if it had trained alone.
 
-A group trains once all its members have joined, or `stack_wait_s` after its first member joined with those that
-have (a member finished before, in a resumed sweep, never joins; a base trial whose autoencoder failed never
+An autoencoder group's actor builds the group's data and networks, and runs its uncompiled step once, for the
+members the driver planned while their trial processes start (ulsweep.train.group.prepare_autoencoders), and trains
+from that when they join as planned. A group trains once all its members have joined, or `stack_wait_s` after its
+first member joined with those that have (a member finished before, in a resumed sweep, never joins; a base trial whose autoencoder failed never
 comes); a base group reads each member's autoencoder checkpoint as the member joins, while it waits for the
 others. A member that comes after its group started trains alone. A member whose loss turns non-finite fails as it
 would alone (TrainingDiverged, not retried) and the others train on; any other failure of the group's training is
@@ -118,7 +120,8 @@ class GroupTrainer:
     """One group's trainer (a threaded Ray actor in a sweep; plain Python in tests): members `join`, the group
     trains in a thread of its own, each member's trial `poll`s for its events and, at the end, its outcome."""
 
-    def __init__(self, keys: list[str], group_root: str, wait_s: float, threads: int = 0, kind: str = "ae"):
+    def __init__(self, keys: list[str], group_root: str, wait_s: float, threads: int = 0, kind: str = "ae",
+                 planned: list[dict] | None = None):
         self.keys, self.group_root, self.wait_s, self.threads = list(keys), group_root.rstrip("/"), wait_s, threads
         self.kind = kind  # "ae": autoencoder trials (train_autoencoders); "base": base trials (train_bases)
         self.cv = threading.Condition()
@@ -137,6 +140,57 @@ class GroupTrainer:
 
         import ulsweep.train.group  # noqa: F401
         import ulsweep.train.group_base  # noqa: F401
+
+        # an autoencoder group's data and networks, built and its step warmed while the members' trial processes
+        # start (`planned`: the experiments the driver planned for `keys`, in order), taken if they join as planned
+        self._prepared: Future | None = None
+        if kind == "ae" and planned and len(planned) == len(self.keys) > 1:
+            self._prepared = ThreadPoolExecutor(1, thread_name_prefix="ulsweep-prepare").submit(self._prepare,
+                                                                                              planned)
+
+    def _prepare(self, planned: list[dict]):
+        import torch
+
+        from ulsweep.config import experiment_from_dict
+        from ulsweep.train.group import prepare_autoencoders
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        prepared = prepare_autoencoders([experiment_from_dict(d) for d in planned])
+        print(f"[ae group of {len(planned)}] built and its step warmed in {prepared.seconds:.1f} s, before its "
+              "members joined", flush=True)
+        with self.cv:  # kept while its members come; dropped (its GPU memory with it) if none comes in wait_s
+            if not self.cv.wait_for(lambda: bool(self.joined), self.wait_s):
+                print(f"[ae group of {len(planned)}] no member joined within {self.wait_s:g} s: the group built "
+                      "ahead is dropped", flush=True)
+                prepared = None
+        if prepared is None:
+            _release_gpu_memory()
+        return prepared
+
+    def _take_prepared(self, exps: list) -> Any:
+        """The group prepared ahead when its members are the planned ones (the same experiments, in order), else
+        None (it is dropped, its memory released); a preparation that failed is named and costs nothing else."""
+        if self._prepared is None:
+            return None
+        future, self._prepared = self._prepared, None
+        try:
+            prepared, future = future.result(), None  # the future lets go of it: dropped below, its memory freed
+        except Exception as e:  # noqa: BLE001 - the group builds itself as it would have without it
+            print(f"[ae group] preparing ahead failed ({type(e).__name__}: {str(e)[:300]}); building it now",
+                  flush=True)
+            return None
+        if prepared is None:  # dropped: nobody came in time
+            return None
+        from ulsweep.train.group import group_hash
+
+        if prepared.ident == group_hash(exps):
+            return prepared
+        print(f"[ae group] {len(exps)} members joined, not the {len(self.keys)} planned: building it for them",
+              flush=True)
+        del prepared
+        _release_gpu_memory()
+        return None
 
     def join(self, key: str, experiment: dict, run_dir: str, base: dict | None = None) -> bool:
         """Add trial `key` (its experiment and run directory; a base trial's `base`: {"base": its base model's name,
@@ -206,7 +260,7 @@ class GroupTrainer:
             hooks = GroupHooks([_Relay(self, k) for k in self.members])
             if self.kind == "ae":
                 group_dir = f"{self.group_root}/{group_hash(exps)[:16]}"  # other members: another group, afresh
-                results = train_autoencoders(exps, run_dirs, group_dir, hooks)
+                results = train_autoencoders(exps, run_dirs, group_dir, hooks, self._take_prepared(exps))
             else:
                 from ulsweep.sweep.space import find_base
                 from ulsweep.train.group_base import train_bases
@@ -360,12 +414,17 @@ def train_in_group(name: str, key: str, exp: ExperimentConfig, run_dir: str, hoo
 
 
 def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str],
-                 kind: str = "ae") -> tuple[list[str], str, float, int, str]:
+                 kind: str = "ae") -> tuple[list[str], str, float, int, str, list[dict] | None]:
     """GroupTrainer's arguments for group `index` (of `kind` trials) of the sweep in `run_dir`: its keys, the
     directory under which its runs keep their checkpoints, how long it waits for its members, torch's threads (the
-    CPUs its members' trials hold, at least 1) and the kind."""
+    CPUs its members' trials hold, at least 1), the kind, and for autoencoder groups the members' planned
+    experiments (which the group builds ahead)."""
     threads = max(1, round(len(keys) * exp.resources.cpus_per_worker))
-    return keys, f"{run_dir.rstrip('/')}/groups/group-{index}", exp.resources.stack_wait_s, threads, kind
+    planned = None
+    if kind == "ae":
+        trials = _planned(exp)
+        planned = [to_dict(trials[k]) for k in keys] if all(k in trials for k in keys) else None
+    return keys, f"{run_dir.rstrip('/')}/groups/group-{index}", exp.resources.stack_wait_s, threads, kind, planned
 
 
 def start(exp: ExperimentConfig, run_dir: str, sweep_id: str, out) -> list:

@@ -24,6 +24,7 @@ rows reach another's, so its NaNs stay in its own rows, which the group computes
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ from ulsweep.train.checkpoint import finished_result, save_checkpoint, write_ima
 from ulsweep.train.evaluation import PartTimer, load_eval_extractor, pop_seconds
 from ulsweep.train.hooks import StageResult, TrainHooks, TrainingDiverged
 from ulsweep.train.loop import RunSpec, train
-from ulsweep.train.runtime import device_memory, make_runtime
+from ulsweep.train.runtime import Runtime, device_memory, make_runtime
 from ulsweep.train.stage1 import KIND, AEObjective, evaluate_aes, final_evaluations, say_done, stage1_hash
 from ulsweep.train.state import TrainState, rng_state
 
@@ -201,25 +202,28 @@ def group_hash(exps: Sequence[ExperimentConfig]) -> str:
     return config_hash({"members": [stage1_hash(e) for e in exps]})
 
 
-def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str], group_dir: str,
-                       hooks: TrainHooks | None = None) -> list[StageResult | None]:
-    """Train the stage-1 runs `exps` (one architecture: `check_members`) as one program; member k's checkpoint,
-    images and result.json go to `run_dirs[k]` as its own run's would, the group's checkpoints to `group_dir`.
-    `hooks` gets list-valued metrics, one value per member (`GroupHooks` hands each member its own, and fails a
-    member that diverges alone: other hooks end the group with its error). Returns the members' results (None
-    for a member that diverged); members finished before are not trained again when all of them are."""
-    exps, run_dirs = list(exps), list(run_dirs)
-    if len(exps) != len(run_dirs):
-        raise ValueError(f"{len(exps)} members but {len(run_dirs)} run directories")
-    check_members(exps)
-    done = [finished_result(d, stage1_hash(e)) for e, d in zip(exps, run_dirs)]
-    if all(r is not None for r in done):
-        return done
-    hooks = hooks or TrainHooks()
-    exp0, k = exps[0], len(exps)
-    tc = exp0.ae.train
-    rt = one_process(make_runtime(tc), group_dir)
-    setup = PartTimer(rt.device)  # where the group's time before its first step goes (every member's marks)
+@dataclasses.dataclass
+class PreparedGroup:
+    """What `train_autoencoders` builds before a group's first step (the runtime, the data, the stacked networks and
+    their TrainState), built for `exps` ahead of time by `prepare_autoencoders`: a sweep's group builds it while its
+    members' trial processes start, so that it trains as soon as they have joined."""
+
+    ident: str  # group_hash of the experiments it was built for
+    rt: Runtime
+    sources: list
+    x_eval: torch.Tensor
+    data_hash: str
+    image_shape: tuple
+    objective: GroupObjective
+    ts: GroupTrainState
+    seconds: float  # to build it and warm the step
+
+
+def _build(exps: list[ExperimentConfig], rt: Runtime, setup: PartTimer) -> PreparedGroup:
+    """The group's data and networks: one split on the device serves every member, each member's weights
+    initialized from its own seed as its run alone would."""
+    t0 = time.perf_counter()
+    exp0, k, tc = exps[0], len(exps), exps[0].ae.train
     with setup("data"):
         source, x_eval, data_hash, image_shape = train_source(exp0.data, rt, exp0.ae.train.seed, tc.eval_images,
                                                               tc.batch_size, label=f"ae group of {k}")
@@ -238,6 +242,80 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
         del objectives  # their weights are copied into the stacked network
         gens = [torch.Generator(rt.device).manual_seed(e.ae.train.seed) for e in exps]
         ts = GroupTrainState(objective.stacked.ae, exp0.ae.optim, rt, gens)
+    return PreparedGroup(group_hash(exps), rt, sources, x_eval, data_hash, tuple(image_shape), objective, ts,
+                         time.perf_counter() - t0)
+
+
+def warm_up(objective: GroupObjective, rt: Runtime, batch_size: int, image_shape: tuple) -> None:
+    """One uncompiled forward and backward of the group's step on random images, as the first steps of a group
+    whose step another process compiles run (cuDNN's heuristics, not its search), that leaves no trace: the
+    gradients dropped, torch's generators (dropout's) as they were, the members' generators untouched, the
+    activations' memory handed back. Its first-call costs (libraries and kernels loaded, cuDNN's and cuBLAS's
+    handles and heuristics) are then paid before the members join; a step is otherwise unchanged."""
+    gen = torch.Generator(rt.device).manual_seed(0)
+    k = objective.k
+    x = torch.rand((k * batch_size, *image_shape), generator=gen, device=rt.device) * 2 - 1
+    noise = objective.draw_noise(batch_size, MemberGenerators([gen] * k))
+    devices = [rt.device] if rt.device.type == "cuda" else []
+    search, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False  # (process-wide)
+    try:
+        with torch.random.fork_rng(devices=devices), rt.autocast():
+            losses = objective(x, noise)["total"]
+            (losses.float().mean() / objective.dims).backward()
+    finally:
+        torch.backends.cudnn.benchmark = search
+    objective.zero_grad(set_to_none=True)
+    rt.synchronize()
+    if rt.device.type == "cuda":  # the step's activations back to the device: a precompile task may compile beside
+        torch.cuda.empty_cache()
+
+
+def prepare_autoencoders(exps: Sequence[ExperimentConfig]) -> PreparedGroup:
+    """The group of `exps` built and its uncompiled step warmed (`warm_up`), ahead of `train_autoencoders`, which
+    takes it for the same experiments (`prepared`)."""
+    exps = list(exps)
+    check_members(exps)
+    t0 = time.perf_counter()
+    rt = make_runtime(exps[0].ae.train)
+    prepared = _build(exps, rt, PartTimer(rt.device, enabled=False))
+    warm_up(prepared.objective, rt, exps[0].ae.train.batch_size, prepared.image_shape)
+    prepared.seconds = time.perf_counter() - t0
+    return prepared
+
+
+def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str], group_dir: str,
+                       hooks: TrainHooks | None = None,
+                       prepared: PreparedGroup | None = None) -> list[StageResult | None]:
+    """Train the stage-1 runs `exps` (one architecture: `check_members`) as one program; member k's checkpoint,
+    images and result.json go to `run_dirs[k]` as its own run's would, the group's checkpoints to `group_dir`.
+    `hooks` gets list-valued metrics, one value per member (`GroupHooks` hands each member its own, and fails a
+    member that diverges alone: other hooks end the group with its error). `prepared`: the group built ahead for
+    these very experiments (`prepare_autoencoders`; one built for others is refused). Returns the members'
+    results (None for a member that diverged); members finished before are not trained again when all of them
+    are."""
+    exps, run_dirs = list(exps), list(run_dirs)
+    if len(exps) != len(run_dirs):
+        raise ValueError(f"{len(exps)} members but {len(run_dirs)} run directories")
+    check_members(exps)
+    done = [finished_result(d, stage1_hash(e)) for e, d in zip(exps, run_dirs)]
+    if all(r is not None for r in done):
+        return done
+    if prepared is not None and prepared.ident != group_hash(exps):
+        raise ValueError(f"{group_dir}: the group prepared ahead was built for other members")
+    hooks = hooks or TrainHooks()
+    exp0, k = exps[0], len(exps)
+    tc = exp0.ae.train
+    if prepared is None:
+        rt = one_process(make_runtime(tc), group_dir)
+        setup = PartTimer(rt.device)  # where the group's time before its first step goes (every member's marks)
+        prepared = _build(exps, rt, setup)
+    else:
+        rt, setup = one_process(prepared.rt, group_dir), PartTimer(prepared.rt.device)
+    sources, x_eval, data_hash, image_shape = prepared.sources, prepared.x_eval, prepared.data_hash, \
+        prepared.image_shape
+    objective, ts = prepared.objective, prepared.ts
+    del prepared
+    latent_shape = latent_shape_of(exp0)
     meta = {"data_hash": data_hash, "image_shape": list(image_shape), "latent_shape": list(latent_shape)}
 
     def members(ema_stacked, final: bool, extractor, timer, skip):
