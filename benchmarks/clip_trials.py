@@ -5,8 +5,9 @@
 A group of K stacked trials clips each member's gradient by its own global norm (`ulsweep.models.stacked.
 clip_trials`). Until session 29 the library compiled that function beside the step (a second graph, whose cold
 compile held up a group's first compiled step: 68 s of lf_sweep's autoencoders' on 2 CPU cores); since, it runs
-uncompiled: the gradients' rows concatenated in chunks for the norms, one division a tensor. Rows, for the stacked gradients of lf_sweep's autoencoder and base
-model (random values of the parameters' shapes, fp32 as the library keeps them):
+uncompiled: the gradients' rows concatenated in chunks for the norms, one division a tensor. Rows, for the stacked
+gradients of lf_sweep's autoencoder and base model (random values of the parameters' shapes, fp32 as the library
+keeps them):
 
 - `per-tensor`: the function as it was, a norm and a division per gradient tensor, uncompiled;
 - `per-tensor compiled`: the same through torch.compile (`compile_s`: its cold compile, in an Inductor cache of

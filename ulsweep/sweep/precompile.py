@@ -231,9 +231,10 @@ def _train_briefly(objectives: list, net, source, optim, tc, rt, kind: str, labe
 
 def step_parts(t0: float, t_built: float, marks: dict) -> dict[str, float]:
     """Where a task's seconds to its step's end went, from its wall-clock marks: `build` (the experiment, the random
-    inputs, the networks), `setup` (a group's stacked program, the optimizer and EMA, the loop's own), `first_step` (the compile
-    gate, the compile of the step and its first run: `step_phases_s` splits the compile), `steps` (the other steps,
-    with CUDA graphs their capture). A part whose mark is missing is left out."""
+    inputs, the networks), `setup` (a group's stacked program, the optimizer and EMA, the loop's own),
+    `first_step` (the compile gate, the compile of the step and its first run: `step_phases_s` splits the
+    compile), `steps` (the other steps, with CUDA graphs their capture). A part whose mark is missing is left out
+    (its seconds go to the next part)."""
     out, last = {"build": t_built - t0}, t_built
     for part, mark in (("setup", "t_setup_end"), ("first_step", "t_first_step_end"), ("steps", "t_train_end")):
         t = marks.get(mark)
