@@ -180,6 +180,9 @@ def _read_by_the_sweep(tracer, tmp_path) -> None:
     (keys,) = driver.stacking.plan(stacked)  # resources.stack_trials; the group's actor gets stack_wait_s
     args = driver.stacking.trainer_args(stacked, run_dir, 0, keys)
     assert args[2] == 5 and [d["ae"]["loss"]["loss_factor"] for d in args[5]] == [1.5, 4.0]  # its planned members
+    # its members' base trials form a group: their results go to the trials together
+    assert driver.stacking.base_plan(stacked) == [[f"{k}-{b.name}" for k in keys] for b in stacked.base_models]
+    assert args[6] is True
     from ulsweep.diffusion.noise import seeded
     from ulsweep.models.stacked import stack
     from ulsweep.train.build import build_autoencoder

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from ulsweep.config import ConfigError, experiment_from_dict, load_experiment, to_dict
-from ulsweep.sweep.stacking import GroupTrainer, base_plan, group_names, plan, relay
+from ulsweep.sweep.stacking import GroupTrainer, base_plan, group_names, plan, relay, trainer_args
 from ulsweep.train.checkpoint import load_checkpoint
 from ulsweep.train.hooks import TrainHooks
 
@@ -43,6 +43,10 @@ def test_the_planned_trials_of_one_architecture_form_groups_of_at_most_stack_tri
     groups = base_plan(experiment_from_dict(two))
     assert groups[0] == [f"ae-{i:04d}-small" for i in range(18)]
     assert groups[1] == [f"ae-{i:04d}-wide" for i in range(18) if i != 15] and len(groups) == 2
+    # an autoencoder group hands its results over together only where all its members' base trials are a group
+    keys18 = [f"ae-{i:04d}" for i in range(18)]
+    assert trainer_args(exp, "r", 0, keys18)[6] is True
+    assert trainer_args(experiment_from_dict(two), "r", 0, keys18)[6] is False  # ae-0015's "wide" trains alone
     d = lf_sweep(stack_trials=4)  # two architectures interleaved in the plan: a group each, in plan order
     d["search"] = {"method": "grid", "metrics": ["gfid"], "modes": ["min"], "max_concurrent": 20,
                    "space": {"ae.model.latent_channels": {"values": [4, 8]},
@@ -180,6 +184,43 @@ def test_an_autoencoder_group_builds_itself_ahead_and_takes_that_only_for_its_pl
     nobody = GroupTrainer(keys, str(tmp_path / "n"), wait_s=0.5, planned=[to_dict(e) for e in exps])
     assert nobody._prepared.result(timeout=300) is None  # no member came: its memory goes back
     assert "no member joined within 0.5 s: the group built ahead is dropped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_an_autoencoder_group_hands_its_members_results_over_together_when_their_base_trials_are_a_group(
+        together, tmp_path, digits_cache, one_thread, monkeypatch):
+    """`together` (an autoencoder group whose members' base trials form a base group, which waits for its last member
+    anyway): no member's trial gets its result before the last member's files are written; without it, the first
+    member's trial gets its own while the second's are still being written (slowed down here)."""
+    from ulsweep.train import group as group_mod
+
+    keys, exps = ["ae-0000", "ae-0001"], [member_exp(*m) for m in MEMBERS[:2]]
+    written, returned, results = {}, {}, {}
+    real_write = group_mod.write_member
+
+    def slow_second(i, *args, **kwargs):
+        out = real_write(i, *args, **kwargs)
+        if i == 1:
+            time.sleep(2.0)
+        written[i] = time.time()
+        return out
+
+    monkeypatch.setattr(group_mod, "write_member", slow_second)
+    group = GroupTrainer(keys, str(tmp_path / "g"), wait_s=30.0, together=together)
+
+    def member(k):
+        results[k] = relay(group, k, Recorder())
+        returned[k] = time.time()
+
+    for k, e in zip(keys, exps):
+        assert group.join(k, to_dict(e), str(tmp_path / k))
+    threads = [threading.Thread(target=member, args=(k,)) for k in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert set(results) == set(keys) and all(r.steps == 4 for r in results.values())
+    assert (returned["ae-0000"] >= written[1]) is together, (returned, written)
 
 
 def test_a_base_group_reads_each_members_checkpoint_as_it_joins(monkeypatch):

@@ -121,9 +121,14 @@ class GroupTrainer:
     trains in a thread of its own, each member's trial `poll`s for its events and, at the end, its outcome."""
 
     def __init__(self, keys: list[str], group_root: str, wait_s: float, threads: int = 0, kind: str = "ae",
-                 planned: list[dict] | None = None):
+                 planned: list[dict] | None = None, together: bool = False):
         self.keys, self.group_root, self.wait_s, self.threads = list(keys), group_root.rstrip("/"), wait_s, threads
         self.kind = kind  # "ae": autoencoder trials (train_autoencoders); "base": base trials (train_bases)
+        # members' results handed to their trials all at once, when the last member's evaluation is done (an
+        # autoencoder group whose members' base trials form a group: that group waits for its last member anyway,
+        # and its members would wait the longer the earlier they came), rather than each as soon as it is done
+        self.together = together
+        self.finished: dict[str, tuple[str, Any]] = {}  # key -> its result, not handed over yet
         self.cv = threading.Condition()
         self.joined: dict[str, tuple[dict, str, dict]] = {}  # key -> (experiment dict, run dir, base trial's info)
         self.state = "forming"  # -> "training" -> "done"
@@ -235,6 +240,12 @@ class GroupTrainer:
             self.cv.wait_for(lambda: len(self.events[key]) > taken or key in self.outcome, timeout)
             return self.events[key][taken:], self.outcome.get(key)
 
+    def hand_over_finished(self) -> None:
+        """The results held back (`together`) to their members' trials; called with `cv` held."""
+        for k, v in self.finished.items():
+            self.outcome.setdefault(k, v)
+        self.finished.clear()
+
     def status(self) -> dict:
         with self.cv:
             return {"state": self.state, "joined": list(self.joined), "members": list(self.members)}
@@ -282,6 +293,7 @@ class GroupTrainer:
             self.read.clear()  # the autoencoders read ahead: host memory
         _release_gpu_memory()  # the actor lives on, idle, beside the trials that come after it
         with self.cv:
+            self.hand_over_finished()  # members evaluated before a failure keep their results
             for k, v in outcome.items():
                 self.outcome.setdefault(k, v)  # a member handed its result already keeps it
             self.state = "done"
@@ -354,11 +366,15 @@ class _Relay(TrainHooks):
             self.group.cv.notify_all()
 
     def finished(self, result: StageResult) -> None:
-        """The member's final evaluation as its own loop logs it (eval_<metric>), then its result."""
+        """The member's final evaluation as its own loop logs it (eval_<metric>), then its result: at once, or
+        with `together` once no other member's evaluation is still to come."""
         self.log_metrics(result.steps, {f"eval_{k}": v for k, v in result.metrics.items()})
-        with self.group.cv:
-            self.group.outcome[self.key] = ("result", dataclasses.asdict(result))
-            self.group.cv.notify_all()
+        g = self.group
+        with g.cv:
+            g.finished[self.key] = ("result", dataclasses.asdict(result))
+            if not g.together or all(k in g.finished or k in g.outcome for k in g.members):
+                g.hand_over_finished()
+            g.cv.notify_all()
 
 
 def relay(group, key: str, hooks: TrainHooks, call=lambda method, *args: method(*args)) -> StageResult:
@@ -414,17 +430,24 @@ def train_in_group(name: str, key: str, exp: ExperimentConfig, run_dir: str, hoo
 
 
 def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str],
-                 kind: str = "ae") -> tuple[list[str], str, float, int, str, list[dict] | None]:
+                 kind: str = "ae") -> tuple[list[str], str, float, int, str, list[dict] | None, bool]:
     """GroupTrainer's arguments for group `index` (of `kind` trials) of the sweep in `run_dir`: its keys, the
     directory under which its runs keep their checkpoints, how long it waits for its members, torch's threads (the
     CPUs its members' trials hold, at least 1), the kind, and for autoencoder groups the members' planned
-    experiments (which the group builds ahead)."""
+    experiments (which the group builds ahead) and whether it hands its members' results over together (when
+    every base model's trials of its members form a base group)."""
     threads = max(1, round(len(keys) * exp.resources.cpus_per_worker))
-    planned = None
+    planned, together = None, False
     if kind == "ae":
+        from ulsweep.sweep.searcher import base_key
+
         trials = _planned(exp)
         planned = [to_dict(trials[k]) for k in keys] if all(k in trials for k in keys) else None
-    return keys, f"{run_dir.rstrip('/')}/groups/group-{index}", exp.resources.stack_wait_s, threads, kind, planned
+        grouped = [set(g) for g in base_plan(exp)]
+        together = bool(exp.base_models) and all(
+            any({base_key(k, b.name) for k in keys} <= g for g in grouped) for b in exp.base_models)
+    return (keys, f"{run_dir.rstrip('/')}/groups/group-{index}", exp.resources.stack_wait_s, threads, kind, planned,
+            together)
 
 
 def start(exp: ExperimentConfig, run_dir: str, sweep_id: str, out) -> list:
