@@ -4,11 +4,12 @@
         --out benchmarks/results/cpu-compile-phases.json
 
 Each row compiles the step the sweep's precompile task compiles (`ulsweep.sweep.precompile.compile_ae` or
-`compile_base`: the trial's own objective through the library's loop, three steps on random inputs; with
---members K > 1 the stacked program of a group of K) in a fresh process with an empty Inductor cache of its own,
-and reports the wall time to the step's end and Dynamo's `compile_times` by phase (`compile_phase_seconds`: the
-phases nest; on a CPU `compile_file` is the C++ compiler, on a GPU `async_compile.wait` the wait for Triton's
-parallel kernel compiles). Prints a table and writes JSON. Sampling is not compiled here.
+`compile_base`: the trial's own objective through the library's loop, three steps on random inputs; with --members K
+> 1 the stacked program of a group of K) in a fresh process with an empty Inductor cache of its own, and reports the
+wall time to the step's end, that time by part (`step_parts_s`: build, setup, first step, steps) and Dynamo's
+`compile_times` by phase (`compile_phase_seconds`: the phases nest; on a CPU `compile_file` is the C++ compiler, on
+a GPU `async_compile.wait` the wait for Triton's parallel kernel compiles). Prints a table and writes JSON. Sampling
+is not compiled here.
 """
 from __future__ import annotations
 
@@ -48,6 +49,20 @@ def child(args: argparse.Namespace) -> None:
     print("ROW " + json.dumps(r), flush=True)
 
 
+PARTS = ["build", "setup", "first_step", "steps"]  # the step's seconds by part (precompile.step_parts)
+
+
+def table(rows: list[dict]) -> str:
+    """One line a row: its members, seconds to its step's end, those seconds by part, then the SHOWN phases."""
+    lines = [f"{'members':>7}{'step s':>9}" + "".join(f"{p:>12}" for p in PARTS)
+             + "".join(f"{name[:18]:>20}" for name in SHOWN)]
+    for r in rows:
+        ph, parts = r.get("phases_s") or {}, r.get("step_parts_s") or {}
+        lines.append(f"{r['members']:>7}{r['step_s']:>9.1f}" + "".join(f"{parts.get(p, 0.0):>12.1f}" for p in PARTS)
+                     + "".join(f"{ph.get(name, 0.0):>20.1f}" for name in SHOWN))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment")
@@ -75,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         row = json.loads(line[4:]) | {"members": k}
         rows.append(row)
         print(f"  done: members {k}, {row['step_s']:.1f} s", file=sys.stderr, flush=True)
-    print(f"{'members':>7}{'step s':>9}" + "".join(f"{name[:18]:>20}" for name in SHOWN))
-    for r in rows:
-        ph = r["phases_s"] or {}
-        print(f"{r['members']:>7}{r['step_s']:>9.1f}" + "".join(f"{ph.get(name, 0.0):>20.1f}" for name in SHOWN))
+    print(table(rows))
     import torch
 
     env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),

@@ -830,3 +830,15 @@ def test_clip_trials_benchmark_rows_clip_as_the_old_per_tensor_function_did(tmp_
         m.setattr(st, "trial_norms", lambda grads, n: real(grads, n).pow(2).sum().sqrt().expand(n))
         bad = ct.rows_for("ae", [torch.Size([3, 4])], 3, torch.device("cpu"), 1.0, 0, 1, ["library"])
     assert bad[0]["max_rel_diff"] > 1e-2
+
+
+def test_compile_phases_table_gives_each_rows_step_by_part_and_its_phases():
+    import compile_phases
+
+    rows = [{"members": 18, "step_s": 143.2, "step_parts_s": {"build": 4.2, "setup": 1.0, "first_step": 130.1},
+             "phases_s": {"bytecode_tracing": 3.9, "Scheduler.codegen": 49.2}},
+            {"members": 1, "step_s": 127.4, "step_parts_s": None, "phases_s": None}]
+    head, first, second = compile_phases.table(rows).splitlines()
+    assert head.split()[:6] == ["members", "step", "s", "build", "setup", "first_step"]
+    assert first.split()[:7] == ["18", "143.2", "4.2", "1.0", "130.1", "0.0", "3.9"]
+    assert "49.2" in first.split() and second.split()[:3] == ["1", "127.4", "0.0"]
