@@ -5,8 +5,8 @@
 
 Each row compiles the step the sweep's precompile task compiles (`ulsweep.sweep.precompile.compile_ae` or
 `compile_base`: the trial's own objective through the library's loop, three steps on random inputs; with --members K
-> 1 the stacked program of a group of K) in a fresh process with an empty Inductor cache of its own, and reports the
-wall time to the step's end, that time by part (`step_parts_s`: build, setup, first step, steps) and Dynamo's
+above 1 the stacked program of a group of K) in a fresh process with an empty Inductor cache of its own, and reports
+the wall time to the step's end, that time by part (`step_parts_s`: build, setup, first step, steps) and Dynamo's
 `compile_times` by phase (`compile_phase_seconds`: the phases nest; on a CPU `compile_file` is the C++ compiler, on
 a GPU `async_compile.wait` the wait for Triton's parallel kernel compiles). Prints a table and writes JSON. Sampling
 is not compiled here.
