@@ -842,3 +842,15 @@ def test_compile_phases_table_gives_each_rows_step_by_part_and_its_phases():
     assert head.split()[:6] == ["members", "step", "s", "build", "setup", "first_step"]
     assert first.split()[:7] == ["18", "143.2", "4.2", "1.0", "130.1", "0.0", "3.9"]
     assert "49.2" in first.split() and second.split()[:3] == ["1", "127.4", "0.0"]
+
+
+def test_warm_group_step_times_both_variants_of_a_groups_first_steps(tmp_path):
+    """benchmarks/warm_group_step.py: each variant in its own process, the warmed one warming before its steps."""
+    import warm_group_step
+
+    out = tmp_path / "w.json"
+    assert warm_group_step.main(["--members", "2", "--batch", "2", "--preset", "tiny", "--image-size", "16",
+                                 "--latent-channels", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["cold", "warmed"] and "warm_s" not in rows[0] and rows[1]["warm_s"] > 0
+    assert all(r["first_step_s"] > 0 and r["second_step_s"] > 0 and r["members"] == 2 for r in rows)
