@@ -216,13 +216,12 @@ class PreparedGroup:
     image_shape: tuple
     objective: GroupObjective
     ts: GroupTrainState
-    seconds: float  # to build it and warm the step
+    seconds: float = 0.0  # to build it and warm the step (`prepare_autoencoders`)
 
 
 def _build(exps: list[ExperimentConfig], rt: Runtime, setup: PartTimer) -> PreparedGroup:
     """The group's data and networks: one split on the device serves every member, each member's weights
     initialized from its own seed as its run alone would."""
-    t0 = time.perf_counter()
     exp0, k, tc = exps[0], len(exps), exps[0].ae.train
     with setup("data"):
         source, x_eval, data_hash, image_shape = train_source(exp0.data, rt, exp0.ae.train.seed, tc.eval_images,
@@ -242,8 +241,7 @@ def _build(exps: list[ExperimentConfig], rt: Runtime, setup: PartTimer) -> Prepa
         del objectives  # their weights are copied into the stacked network
         gens = [torch.Generator(rt.device).manual_seed(e.ae.train.seed) for e in exps]
         ts = GroupTrainState(objective.stacked.ae, exp0.ae.optim, rt, gens)
-    return PreparedGroup(group_hash(exps), rt, sources, x_eval, data_hash, tuple(image_shape), objective, ts,
-                         time.perf_counter() - t0)
+    return PreparedGroup(group_hash(exps), rt, sources, x_eval, data_hash, tuple(image_shape), objective, ts)
 
 
 def warm_up(objective: GroupObjective, rt: Runtime, batch_size: int, image_shape: tuple) -> None:
