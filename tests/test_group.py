@@ -183,8 +183,11 @@ def test_a_group_prepared_and_warmed_ahead_trains_as_one_built_when_its_members_
         for p, st in theirs["optimizer"]["state"].items():
             assert torch.equal(mine["optimizer"]["state"][p]["exp_avg_sq"], st["exp_avg_sq"])
         assert b.metrics["bpp"] == a.metrics["bpp"] and b.metrics["psnr"] == a.metrics["psnr"]
-        # built before its members joined: no setup left to time
+        # built before its members joined: no setup left to time; when it was ready, and its seconds, are marked
         assert not {k for k in b.extra["marks"] if k.startswith("setup_")}
+        assert b.extra["marks"]["prepared_s"] == prepared.seconds > 0
+        assert b.extra["marks"]["t_prepared_end"] == prepared.t_end <= b.extra["marks"]["t_setup_end"]
+        assert "prepared_s" not in a.extra["marks"]
     assert [m["loss"] for _, m in recs[0].logs if "loss" in m]  # its curves went to the members' hooks
 
 

@@ -47,6 +47,13 @@ def test_the_planned_trials_of_one_architecture_form_groups_of_at_most_stack_tri
     keys18 = [f"ae-{i:04d}" for i in range(18)]
     assert trainer_args(exp, "r", 0, keys18)[6] is True
     assert trainer_args(experiment_from_dict(two), "r", 0, keys18)[6] is False  # ae-0015's "wide" trains alone
+    # and passes each member's checkpoint on to the base groups of its base trials (those in a group)
+    assert trainer_args(exp, "r", 0, keys18)[7] is None  # without the actors' names
+    names = group_names(experiment_from_dict(two), "s")
+    links = trainer_args(experiment_from_dict(two), "r", 0, keys18, names=names)[7].links
+    assert links["ae-0000"] == [("ae-0000-small", "ulsweep-stack-s-1"), ("ae-0000-wide", "ulsweep-stack-s-2")]
+    assert links["ae-0015"] == [("ae-0015-small", "ulsweep-stack-s-1")] and len(links) == 18
+    assert trainer_args(exp, "r", 1, base_plan(exp)[0], "base", group_names(exp, "s"))[7] is None
     d = lf_sweep(stack_trials=4)  # two architectures interleaved in the plan: a group each, in plan order
     d["search"] = {"method": "grid", "metrics": ["gfid"], "modes": ["min"], "max_concurrent": 20,
                    "space": {"ae.model.latent_channels": {"values": [4, 8]},
@@ -206,7 +213,13 @@ def test_an_autoencoder_group_hands_its_members_results_over_together_when_their
         return out
 
     monkeypatch.setattr(group_mod, "write_member", slow_second)
-    group = GroupTrainer(keys, str(tmp_path / "g"), wait_s=30.0, together=together)
+    passed = []  # (member, its checkpoint) passed on to its base group, as soon as its files are written
+
+    def pass_on(key, ckpt):
+        passed.append((key, ckpt, time.time()))
+        raise ConnectionError("base group gone")  # named, never the member's failure
+
+    group = GroupTrainer(keys, str(tmp_path / "g"), wait_s=30.0, together=together, pass_on=pass_on)
 
     def member(k):
         results[k] = relay(group, k, Recorder())
@@ -221,6 +234,9 @@ def test_an_autoencoder_group_hands_its_members_results_over_together_when_their
         t.join(timeout=300)
     assert set(results) == set(keys) and all(r.steps == 4 for r in results.values())
     assert (returned["ae-0000"] >= written[1]) is together, (returned, written)
+    assert sorted((k, c) for k, c, _ in passed) == sorted((k, r.checkpoint) for k, r in results.items())
+    first = next(t for k, _, t in passed if k == "ae-0000")
+    assert first < written[1]  # passed on while the other member's files were still being written
 
 
 def test_a_base_group_reads_each_members_checkpoint_as_it_joins(monkeypatch):
@@ -236,7 +252,7 @@ def test_a_base_group_reads_each_members_checkpoint_as_it_joins(monkeypatch):
         events.append(("read", ckpt))
         return ("ae of " + ckpt, None, {})
 
-    def train(exps, bases, ckpts, run_dirs, group_dir, hooks=None, frozen=None):
+    def train(exps, bases, ckpts, run_dirs, group_dir, hooks=None, frozen=None, marks=None):
         got["ckpts"], got["frozen"] = ckpts, [f.result() for f in frozen]
         return [None] * len(exps)
 
@@ -259,6 +275,46 @@ def test_a_base_group_reads_each_members_checkpoint_as_it_joins(monkeypatch):
     assert got["ckpts"] == ["ckpt0", "ckpt1", "ckpt2"]
     assert got["frozen"] == [("ae of ckpt0", None, {}), ("ae of ckpt1", None, {}), ("ae of ckpt2", None, {})]
     assert group.read == {}  # what was read is let go once the group is done
+
+
+def test_a_base_group_reads_the_checkpoints_passed_on_before_its_members_join(monkeypatch):
+    """Checkpoints an autoencoder group passes on (`read_ahead`) are read before the base trials start; a member
+    that joins with that checkpoint is not read again, one that joins with another is. Keys of no member, a key
+    read already, and a group that has started are refused."""
+    from ulsweep.train import group_base
+
+    keys = ["ae-0000-small", "ae-0001-small"]
+    events, got = [], {}
+
+    def read(ckpt):
+        events.append(("read", ckpt))
+        return ("ae of " + ckpt, None, {})
+
+    def train(exps, bases, ckpts, run_dirs, group_dir, hooks=None, frozen=None, marks=None):
+        got["frozen"], got["marks"] = [f.result() for f in frozen], marks
+        return [None] * len(exps)
+
+    monkeypatch.setattr(group_base, "read_ahead", read)
+    monkeypatch.setattr(group_base, "train_bases", train)
+    group = GroupTrainer(keys, "g", wait_s=60.0, kind="base")
+    assert group.read_ahead("ae-0000-small", "ckpt0") and group.read_ahead("ae-0001-small", "old1")
+    assert not group.read_ahead("ae-0000-small", "ckpt0")  # read already
+    assert not group.read_ahead("ae-0002-small", "ckpt2")  # not a member
+    assert not GroupTrainer(["ae-0000"], "a", wait_s=1.0).read_ahead("ae-0000", "ckpt0")  # an autoencoder group
+    deadline = time.monotonic() + 60
+    while len(events) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(events) == [("read", "ckpt0"), ("read", "old1")]
+    exp = to_dict(member_exp(*MEMBERS[0]))
+    assert group.join(keys[0], exp, "run0", {"base": "b", "ae_checkpoint": "ckpt0"})
+    assert group.join(keys[1], exp, "run1", {"base": "b", "ae_checkpoint": "ckpt1"})  # not what was passed on
+    while group.status()["state"] != "done" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [v for v in group.outcome.values() if v[0] == "error"], group.outcome
+    assert sorted(events) == [("read", "ckpt0"), ("read", "ckpt1"), ("read", "old1")]  # ckpt0 read once
+    assert got["frozen"] == [("ae of ckpt0", None, {}), ("ae of ckpt1", None, {})]
+    assert got["marks"] == {"checkpoints_passed_on": 1}  # in every member's marks
+    assert not group.read_ahead("ae-0000-small", "ckpt0")  # the group has trained
 
 
 def test_a_member_that_diverged_fails_its_own_trial_and_no_other():
@@ -342,6 +398,8 @@ def test_a_sweep_trains_its_autoencoders_as_one_stacked_group(tmp_path):
         assert result["extra"]["group"]["members"] == 2, result["extra"]
         if "tiny" not in k:  # the autoencoders' group was built ahead: nothing of its setup after the joins
             assert not [m for m in result["extra"]["marks"] if m.startswith("setup_")], result["extra"]["marks"]
+        else:  # their group passed its members' checkpoints on to the base group before the base trials started
+            assert result["extra"]["marks"]["checkpoints_passed_on"] == 2, result["extra"]["marks"]
     for g in ("group-0", "group-1"):  # each group's own run
         assert len(list((run_dir / "groups").glob(f"{g}/*/result.json"))) == 1, g
     summary = json.loads((run_dir / "summary.json").read_text())

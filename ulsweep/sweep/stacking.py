@@ -15,8 +15,9 @@ An autoencoder group's actor builds the group's data and networks, and runs its 
 members the driver planned while their trial processes start (ulsweep.train.group.prepare_autoencoders), and trains
 from that when they join as planned. A group trains once all its members have joined, or `stack_wait_s` after its
 first member joined with those that have (a member finished before, in a resumed sweep, never joins; a base trial
-whose autoencoder failed never comes); a base group reads each member's autoencoder checkpoint as the member joins,
-while it waits for the others. A member that comes after its group started trains alone. A member whose loss turns
+whose autoencoder failed never comes); a base group reads each member's autoencoder checkpoint when the member's
+autoencoder group passes it on (`ReadAhead`, as soon as the member's files are written), or else as the member
+joins, while it waits for the others. A member that comes after its group started trains alone. A member whose loss turns
 non-finite fails as it would alone (TrainingDiverged, not retried) and the others train on; any other failure of the
 group's training is every member's failure, and their retries train alone. An actor that dies is restarted (up to
 `resources.max_worker_failures` times): its members' trials fail with it, and their retries form the group again,
@@ -31,6 +32,7 @@ import dataclasses
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 from ulsweep.config import ExperimentConfig, config_hash, dump_yaml, flatten, to_dict
@@ -121,13 +123,17 @@ class GroupTrainer:
     trains in a thread of its own, each member's trial `poll`s for its events and, at the end, its outcome."""
 
     def __init__(self, keys: list[str], group_root: str, wait_s: float, threads: int = 0, kind: str = "ae",
-                 planned: list[dict] | None = None, together: bool = False):
+                 planned: list[dict] | None = None, together: bool = False,
+                 pass_on: Callable[[str, str], None] | None = None):
         self.keys, self.group_root, self.wait_s, self.threads = list(keys), group_root.rstrip("/"), wait_s, threads
         self.kind = kind  # "ae": autoencoder trials (train_autoencoders); "base": base trials (train_bases)
         # members' results handed to their trials all at once, when the last member's evaluation is done (an
         # autoencoder group whose members' base trials form a group: that group waits for its last member anyway,
         # and its members would wait the longer the earlier they came), rather than each as soon as it is done
         self.together = together
+        # an autoencoder group's: told (member key, its final checkpoint) as each member's files are written, so that
+        # the base group its base trials will join reads the checkpoint before they start (`ReadAhead`)
+        self.pass_on = pass_on
         self.finished: dict[str, tuple[str, Any]] = {}  # key -> its result, not handed over yet
         self.cv = threading.Condition()
         self.joined: dict[str, tuple[dict, str, dict]] = {}  # key -> (experiment dict, run dir, base trial's info)
@@ -136,8 +142,10 @@ class GroupTrainer:
         self.taken: dict[str, int] = {}  # key -> events its trial has taken
         self.outcome: dict[str, tuple[str, Any]] = {}  # key -> ("result", StageResult fields) | ("error", exc)
         self.members: list[str] = []
-        # a base group's members' checkpoints, read as they join (group_base.read_ahead): key -> future
-        self.read: dict[str, Future] = {}
+        # a base group's members' autoencoder checkpoints, read ahead on the host (group_base.read_ahead) when their
+        # autoencoder group passes them on (`read_ahead`) or else as they join: key -> (checkpoint, future)
+        self.read: dict[str, tuple[str, Future]] = {}
+        self.passed: set[str] = set()  # members whose checkpoint was passed on, and read, before they joined
         self._reader: ThreadPoolExecutor | None = None
         # torch and the training modules, while the members' trial processes start (a fresh process spent ~10 s
         # importing them on the H200 machine), so that the group trains as soon as they have joined
@@ -209,16 +217,32 @@ class GroupTrainer:
                 return False
             first = not self.joined
             self.joined[key] = (experiment, run_dir, base or {})
-            if self.kind == "base" and base and key not in self.read:
-                from ulsweep.train.group_base import read_ahead
-
-                self._reader = self._reader or ThreadPoolExecutor(READERS, thread_name_prefix="ulsweep-read-ahead")
-                self.read[key] = self._reader.submit(read_ahead, base["ae_checkpoint"])
+            if self.kind == "base" and base and self.read.get(key, ("",))[0] != base["ae_checkpoint"]:
+                self._read(key, base["ae_checkpoint"])  # not read ahead, or another checkpoint than the one passed on
+                self.passed.discard(key)
             self.events[key], self.taken[key] = [], 0
             if first:
                 threading.Thread(target=self._run, name="ulsweep-group", daemon=True).start()
             self.cv.notify_all()
             return True
+
+    def read_ahead(self, key: str, ae_checkpoint: str) -> bool:
+        """A forming base group's member `key` will train on the autoencoder at `ae_checkpoint`, whose trial has just
+        finished (its autoencoder group passes it on): read it now, before the member's trial starts and joins.
+        False where there is nothing to do: not a base group's member, read already, or the group has started."""
+        with self.cv:
+            if self.kind != "base" or self.state != "forming" or key not in self.keys or key in self.read:
+                return False
+            self._read(key, ae_checkpoint)
+            self.passed.add(key)
+            return True
+
+    def _read(self, key: str, ae_checkpoint: str) -> None:
+        """Start reading member `key`'s autoencoder checkpoint on the host; called with `cv` held."""
+        from ulsweep.train.group_base import read_ahead
+
+        self._reader = self._reader or ThreadPoolExecutor(READERS, thread_name_prefix="ulsweep-read-ahead")
+        self.read[key] = (ae_checkpoint, self._reader.submit(read_ahead, ae_checkpoint))
 
     def forgo(self, key: str) -> None:
         """Trial `key` will not come (a base trial whose autoencoder trial failed): a forming group stops waiting
@@ -283,7 +307,8 @@ class GroupTrainer:
                 ident = config_hash({"members": [{"data": e.data, "eval": e.eval, "base": b, "ae_checkpoint": c}
                                                  for e, b, c in zip(exps, bases, ckpts)]})
                 results = train_bases(exps, bases, ckpts, run_dirs, f"{self.group_root}/{ident[:16]}", hooks,
-                                      [self.read[k] for k in self.members])
+                                      [self.read[k][1] for k in self.members],  # and in every member's marks:
+                                      {"checkpoints_passed_on": len(self.passed & set(self.members))})
             outcome = {k: ("result", dataclasses.asdict(r))
                        for k, r in zip(self.members, results) if r is not None}  # a diverged one failed already
         except BaseException as e:  # noqa: BLE001 - every member's trial raises it
@@ -332,6 +357,26 @@ class Forgo:
                 pass
 
 
+class ReadAhead:
+    """An autoencoder group's `pass_on` in a sweep: tells the base groups of its members' base trials (`links`: {ae
+    trial key: [(base trial key, its group's actor name)]}) where a member's final checkpoint is, so that they read
+    it while the other members are still evaluated (18 of lf_sweep's, 6.5 GB, took 10.1 s when read as the base
+    trials joined, all at once: one H100, session 30). Picklable (a Ray actor's argument); a base group gone, or
+    started already, is nothing to tell."""
+
+    def __init__(self, links: dict[str, list[tuple[str, str]]]):
+        self.links = {k: list(v) for k, v in links.items()}
+
+    def __call__(self, key: str, checkpoint: str) -> None:
+        import ray
+
+        for base_key, name in self.links.get(key, []):
+            try:
+                ray.get_actor(name).read_ahead.remote(base_key, checkpoint)
+            except ValueError:  # no such actor (any more)
+                pass
+
+
 class _Relay(TrainHooks):
     """The group loop's hooks for one member: its events queued for its trial, until its result is handed over
     (`finished`: the member's trial returns; what the group does after concerns the group only)."""
@@ -375,6 +420,12 @@ class _Relay(TrainHooks):
             if not g.together or all(k in g.finished or k in g.outcome for k in g.members):
                 g.hand_over_finished()
             g.cv.notify_all()
+        if g.pass_on is not None:
+            try:
+                g.pass_on(self.key, result.checkpoint)
+            except Exception as e:  # noqa: BLE001 - the base group then reads it when the base trial joins
+                print(f"[{self.key}] could not pass its checkpoint on to its base group ({type(e).__name__}: {e})",
+                      flush=True)
 
 
 def relay(group, key: str, hooks: TrainHooks, call=lambda method, *args: method(*args)) -> StageResult:
@@ -429,15 +480,17 @@ def train_in_group(name: str, key: str, exp: ExperimentConfig, run_dir: str, hoo
     return relay(group, key, hooks, call=lambda method, *args: ray.get(method.remote(*args)))
 
 
-def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str],
-                 kind: str = "ae") -> tuple[list[str], str, float, int, str, list[dict] | None, bool]:
+def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str], kind: str = "ae",
+                 names: dict[str, str] | None = None
+                 ) -> tuple[list[str], str, float, int, str, list[dict] | None, bool, ReadAhead | None]:
     """GroupTrainer's arguments for group `index` (of `kind` trials) of the sweep in `run_dir`: its keys, the
     directory under which its runs keep their checkpoints, how long it waits for its members, torch's threads (the
     CPUs its members' trials hold, at least 1), the kind, and for autoencoder groups the members' planned
-    experiments (which the group builds ahead) and whether it hands its members' results over together (when
-    every base model's trials of its members form a base group)."""
+    experiments (which the group builds ahead), whether it hands its members' results over together (when
+    every base model's trials of its members form a base group) and, given the groups' actor `names`
+    (`group_names`), whom it passes its members' checkpoints on to (the base groups of their base trials)."""
     threads = max(1, round(len(keys) * exp.resources.cpus_per_worker))
-    planned, together = None, False
+    planned, together, pass_on = None, False, None
     if kind == "ae":
         from ulsweep.sweep.searcher import base_key
 
@@ -446,8 +499,11 @@ def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str
         grouped = [set(g) for g in base_plan(exp)]
         together = bool(exp.base_models) and all(
             any({base_key(k, b.name) for k in keys} <= g for g in grouped) for b in exp.base_models)
+        links = {k: [(base_key(k, b.name), names[base_key(k, b.name)]) for b in exp.base_models
+                     if base_key(k, b.name) in (names or {})] for k in keys}
+        pass_on = ReadAhead({k: v for k, v in links.items() if v}) if any(links.values()) else None
     return (keys, f"{run_dir.rstrip('/')}/groups/group-{index}", exp.resources.stack_wait_s, threads, kind, planned,
-            together)
+            together, pass_on)
 
 
 def start(exp: ExperimentConfig, run_dir: str, sweep_id: str, out) -> list:
@@ -465,14 +521,14 @@ def start(exp: ExperimentConfig, run_dir: str, sweep_id: str, out) -> list:
         print("stacking: no node with GPUs yet; every trial trains alone", file=out, flush=True)
         return []
     actor = ray.remote(GroupTrainer)
-    handles = []
+    handles, names = [], group_names(exp, sweep_id)
     for i, (kind, keys) in enumerate(groups):
         # a restarted actor forms the group again from the members' retried trials, and resumes it from its
         # checkpoint when they are the same members
         handles.append(actor.options(name=actor_name(sweep_id, i), num_cpus=0, num_gpus=0,
                                      max_concurrency=len(keys) + 4,
                                      max_restarts=exp.resources.max_worker_failures, **placed)
-                       .remote(*trainer_args(exp, run_dir, i, keys, kind)))
+                       .remote(*trainer_args(exp, run_dir, i, keys, kind, names)))
     print(f"stacking: {len(groups)} group(s) of trials trained as one program each: "
           + "; ".join(f"{g[0]}..{g[-1]} ({len(g)})" for _, g in groups), file=out, flush=True)
     return handles

@@ -217,6 +217,7 @@ class PreparedGroup:
     objective: GroupObjective
     ts: GroupTrainState
     seconds: float = 0.0  # to build it and warm the step (`prepare_autoencoders`)
+    t_end: float = 0.0  # when it was ready (time.time()): the members' marks say whether their group waited for it
 
 
 def _build(exps: list[ExperimentConfig], rt: Runtime, setup: PartTimer) -> PreparedGroup:
@@ -277,7 +278,7 @@ def prepare_autoencoders(exps: Sequence[ExperimentConfig]) -> PreparedGroup:
     rt = make_runtime(exps[0].ae.train)
     prepared = _build(exps, rt, PartTimer(rt.device, enabled=False))
     warm_up(prepared.objective, rt, exps[0].ae.train.batch_size, prepared.image_shape)
-    prepared.seconds = time.perf_counter() - t0
+    prepared.seconds, prepared.t_end = time.perf_counter() - t0, time.time()
     return prepared
 
 
@@ -303,12 +304,14 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     hooks = hooks or TrainHooks()
     exp0, k = exps[0], len(exps)
     tc = exp0.ae.train
+    ahead = {}  # the members' marks of a group built ahead: when it was ready, and how long it took
     if prepared is None:
         rt = one_process(make_runtime(tc), group_dir)
         setup = PartTimer(rt.device)  # where the group's time before its first step goes (every member's marks)
         prepared = _build(exps, rt, setup)
     else:
         rt, setup = one_process(prepared.rt, group_dir), PartTimer(prepared.rt.device)
+        ahead = {"t_prepared_end": prepared.t_end, "prepared_s": prepared.seconds}
     sources, x_eval, data_hash, image_shape = prepared.sources, prepared.x_eval, prepared.data_hash, \
         prepared.image_shape
     objective, ts = prepared.objective, prepared.ts
@@ -331,7 +334,7 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     spec = RunSpec(group_dir, "ae-group", f"ae group of {k}", group_hash(exps),
                    dump_yaml({"members": [e.name for e in exps], "run_dirs": run_dirs}),
                    {"configs": [to_dict(e) for e in exps]}, meta | {"members": k})
-    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0, setup)
+    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0, setup, ahead)
 
 
 def one_process(rt, group_dir: str):
@@ -344,7 +347,7 @@ def one_process(rt, group_dir: str):
 
 def train_group(objective: GroupObjective, source: GroupSource, members, write, ts: GroupTrainState, tc,
                 spec: RunSpec, hooks: TrainHooks, exp: ExperimentConfig,
-                setup: PartTimer | None = None) -> list[StageResult | None]:
+                setup: PartTimer | None = None, marks: dict | None = None) -> list[StageResult | None]:
     """A group's run of the one training loop, and the members' results (None for one that diverged; a group
     stopped early on request gives each member the group's state, which its checkpoint holds).
 
@@ -353,10 +356,10 @@ def train_group(objective: GroupObjective, source: GroupSource, members, write, 
     or `ulsweep.train.stage2.evaluate_bases`. A final evaluation loads `exp`'s extractor and hands each member's
     over (`hand_over`: `write(i, metrics, images, marks)` writes its files and returns its result), as soon as
     its own parts are done, so that its next trials need not wait for the others'. `setup` timed the parts of the
-    group's setup (`setup_<part>_s` in every member's marks)."""
+    group's setup (`setup_<part>_s` in every member's marks); `marks`: more of the members' marks, from before."""
     k = ts.k
     # the loop's phase marks, every member's timeline; first the setup's parts
-    marks = pop_seconds(dict(setup.seconds), "setup") if setup else {}
+    marks = dict(marks or {}) | (pop_seconds(dict(setup.seconds), "setup") if setup else {})
     results: list[StageResult | None] = [None] * k
 
     def evaluate(ema_stacked, final: bool) -> tuple[dict, dict]:

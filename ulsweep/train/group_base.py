@@ -78,14 +78,15 @@ def check_members(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageCon
 
 def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfig], ae_checkpoints: Sequence[str],
                 run_dirs: Sequence[str], group_dir: str, hooks: TrainHooks | None = None,
-                frozen: Sequence[Future] | None = None) -> list[StageResult | None]:
+                frozen: Sequence[Future] | None = None, marks: dict | None = None) -> list[StageResult | None]:
     """Train base model `bases[k]` of experiment `exps[k]` on the latents of the frozen autoencoder at
     `ae_checkpoints[k]`, for every k, as one program (`check_members`); member k's checkpoint, images and
     result.json go to `run_dirs[k]` as its run's alone would, the group's checkpoints to `group_dir`. `hooks` as
     `ulsweep.train.group.train_autoencoders` takes them. `frozen`: the checkpoints already being read, one future
     of `read_ahead(ae_checkpoints[k])` a member (the sweep's group starts each as its member joins, while it
-    waits for the others), else they are read here. Returns the members' results (None for one that diverged);
-    members finished before are not trained again when all of them are."""
+    waits for the others), else they are read here. `marks`: more of the members' marks, from before. Returns the
+    members' results (None for one that diverged); members finished before are not trained again when all of them
+    are."""
     exps, bases, ae_checkpoints, run_dirs = list(exps), list(bases), list(ae_checkpoints), list(run_dirs)
     if not (len(exps) == len(bases) == len(ae_checkpoints) == len(run_dirs)):
         raise ValueError(f"{len(exps)} experiments, {len(bases)} base models, {len(ae_checkpoints)} autoencoder "
@@ -176,4 +177,4 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
                               "ae_checkpoints": ae_checkpoints, "run_dirs": run_dirs}),
                    {"configs": [to_dict(b) for b in bases]}, {"data_hash": data_hash, "members": k,
                                                               "latent_shape": list(latent_shape)})
-    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0, setup)
+    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0, setup, marks)
