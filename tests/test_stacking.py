@@ -183,6 +183,8 @@ def test_an_autoencoder_group_builds_itself_ahead_and_takes_that_only_for_its_pl
     time.sleep(0.5)  # the members come while it builds (or after)
     for res in train(ahead, exps):
         assert res.steps == 4 and not {m for m in res.extra["marks"] if m.startswith("setup_")}
+        marks = res.extra["marks"]  # when the group had its members, and when it was built: both before its setup
+        assert max(marks["t_joined"], marks["t_prepared_end"]) <= marks["t_setup_end"], marks
     assert "built and its step warmed" in capsys.readouterr().out
     other = GroupTrainer(keys, str(tmp_path / "h"), wait_s=30.0, planned=[to_dict(e) for e in exps[::-1]])
     for res in train(other, exps):
@@ -313,7 +315,7 @@ def test_a_base_group_reads_the_checkpoints_passed_on_before_its_members_join(mo
     assert not [v for v in group.outcome.values() if v[0] == "error"], group.outcome
     assert sorted(events) == [("read", "ckpt0"), ("read", "ckpt1"), ("read", "old1")]  # ckpt0 read once
     assert got["frozen"] == [("ae of ckpt0", None, {}), ("ae of ckpt1", None, {})]
-    assert got["marks"] == {"checkpoints_passed_on": 1}  # in every member's marks
+    assert got["marks"].pop("t_joined") > 0 and got["marks"] == {"checkpoints_passed_on": 1}  # every member's marks
     assert not group.read_ahead("ae-0000-small", "ckpt0")  # the group has trained
 
 
@@ -393,6 +395,13 @@ def test_a_sweep_trains_its_autoencoders_as_one_stacked_group(tmp_path):
     assert "stacking: 2 group(s) of trials" in p.stdout + p.stderr  # the autoencoders, then their base trials
     run_dir = tmp_path / "runs" / "stack"
     check_lineage(run_dir, ["ae-0000", "ae-0001"], ["tiny"], latents=True)  # curves, params, base trials as ever
+    from test_sweep import mlflow_runs
+
+    from ulsweep.sweep.timeline import GROUP_MARKS
+
+    by_key = mlflow_runs(run_dir)[2]  # the group's marks are timings, never metrics of a run
+    logged = {m for r in by_key.values() for m in r.data.metrics}
+    assert not {m for m in logged if m.rsplit("/", 1)[-1] in GROUP_MARKS}, sorted(logged)
     for k in ("ae-0000", "ae-0001", "ae-0000-tiny", "ae-0001-tiny"):
         result = json.loads((run_dir / "trials" / k / "result.json").read_text())
         assert result["extra"]["group"]["members"] == 2, result["extra"]

@@ -281,6 +281,7 @@ class GroupTrainer:
                 self.cv.wait(max(0.0, min(1.0, deadline - time.monotonic())))
             self.state = "training"
             self.members = [k for k in self.keys if k in self.joined]  # plan order
+        joined = {"t_joined": time.time()}  # in every member's marks: when the group stopped waiting for members
         try:
             import torch
 
@@ -295,7 +296,7 @@ class GroupTrainer:
             hooks = GroupHooks([_Relay(self, k) for k in self.members])
             if self.kind == "ae":
                 group_dir = f"{self.group_root}/{group_hash(exps)[:16]}"  # other members: another group, afresh
-                results = train_autoencoders(exps, run_dirs, group_dir, hooks, self._take_prepared(exps))
+                results = train_autoencoders(exps, run_dirs, group_dir, hooks, self._take_prepared(exps), joined)
             else:
                 from ulsweep.sweep.space import find_base
                 from ulsweep.train.group_base import train_bases
@@ -308,7 +309,7 @@ class GroupTrainer:
                                                  for e, b, c in zip(exps, bases, ckpts)]})
                 results = train_bases(exps, bases, ckpts, run_dirs, f"{self.group_root}/{ident[:16]}", hooks,
                                       [self.read[k][1] for k in self.members],  # and in every member's marks:
-                                      {"checkpoints_passed_on": len(self.passed & set(self.members))})
+                                      joined | {"checkpoints_passed_on": len(self.passed & set(self.members))})
             outcome = {k: ("result", dataclasses.asdict(r))
                        for k, r in zip(self.members, results) if r is not None}  # a diverged one failed already
         except BaseException as e:  # noqa: BLE001 - every member's trial raises it

@@ -40,6 +40,10 @@ EVALUATE_PARTS = tuple(f"evaluate_{p}_s" for p in ("extractor", "bpp", "sampling
 SETUP_PARTS = tuple(f"setup_{p}_s" for p in ("checkpoints", "data", "encode", "encode_read", "encode_encoder",
                                              "encode_store", "latents", "models"))
 PARTS = SETUP_PARTS + EVALUATE_PARTS  # timed parts of a trial's phases, in the order the phases run
+# a stacked group's marks about its members' start (every member's record): when the group stopped waiting for its
+# members (time.time()), when an autoencoder group built ahead was ready and its seconds to build and warm, how
+# many of a base group's members had their checkpoints passed on and read before they joined
+GROUP_MARKS = ("t_joined", "t_prepared_end", "prepared_s", "checkpoints_passed_on")
 TAG = "ulsweep.timeline"  # MLflow tag: JSON list of [attempt, phase, start, end] of every attempt
 TAG_MAX_CHARS = 5000  # MLflow's limit on a tag value (its sqlite store)
 # MLflow tag: the process and thread of a trial's last attempt and how many trials that process had started by

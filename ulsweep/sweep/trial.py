@@ -33,13 +33,13 @@ log = logging.getLogger(__name__)
 
 # result entries that are bookkeeping, not metrics of the trained model
 _BOOKKEEPING = {"step", "final", "loop_seconds", "train_seconds", "t_worker", "t_loop", "t_loop_end", "compile_gate",
-                "cuda_wait", "t_compiled_step_end", "eager_steps", *timeline.PARTS,
+                "cuda_wait", "t_compiled_step_end", "eager_steps", *timeline.PARTS, *timeline.GROUP_MARKS,
                 *(m for m, _ in timeline.MARKS)}
 # compile_gate: how the first step got through ulsweep/train/compile_gate.py ("first", "after", "done", ...);
 # cuda_wait: resources.cuda_wait's outcome in the trial process (ulsweep/train/cuda_wait.py), e.g. "block: set"
 _TIMINGS = ("t_worker", "t_loop", "t_loop_end", "train_seconds", "loop_seconds", "compile_gate", "cuda_wait",
             "t_compiled_step_end",
-            "eager_steps", *timeline.PARTS,
+            "eager_steps", *timeline.PARTS, *timeline.GROUP_MARKS,
             *(m for m, _ in timeline.MARKS
               if m not in ("t_imports", "t_run", "t_loop", "t_fit_end")))  # those four: the trial's own marks
 

@@ -284,13 +284,13 @@ def prepare_autoencoders(exps: Sequence[ExperimentConfig]) -> PreparedGroup:
 
 def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str], group_dir: str,
                        hooks: TrainHooks | None = None,
-                       prepared: PreparedGroup | None = None) -> list[StageResult | None]:
+                       prepared: PreparedGroup | None = None, marks: dict | None = None) -> list[StageResult | None]:
     """Train the stage-1 runs `exps` (one architecture: `check_members`) as one program; member k's checkpoint,
     images and result.json go to `run_dirs[k]` as its own run's would, the group's checkpoints to `group_dir`.
     `hooks` gets list-valued metrics, one value per member (`GroupHooks` hands each member its own, and fails a
     member that diverges alone: other hooks end the group with its error). `prepared`: the group built ahead for
-    these very experiments (`prepare_autoencoders`; one built for others is refused). Returns the members'
-    results (None for a member that diverged); members finished before are not trained again when all of them
+    these very experiments (`prepare_autoencoders`; one built for others is refused). `marks`: more of the
+    members' marks, from before. Returns the members' results (None for a member that diverged); members finished before are not trained again when all of them
     are."""
     exps, run_dirs = list(exps), list(run_dirs)
     if len(exps) != len(run_dirs):
@@ -304,14 +304,14 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     hooks = hooks or TrainHooks()
     exp0, k = exps[0], len(exps)
     tc = exp0.ae.train
-    ahead = {}  # the members' marks of a group built ahead: when it was ready, and how long it took
+    ahead = dict(marks or {})  # and of a group built ahead: when it was ready, and how long it took
     if prepared is None:
         rt = one_process(make_runtime(tc), group_dir)
         setup = PartTimer(rt.device)  # where the group's time before its first step goes (every member's marks)
         prepared = _build(exps, rt, setup)
     else:
         rt, setup = one_process(prepared.rt, group_dir), PartTimer(prepared.rt.device)
-        ahead = {"t_prepared_end": prepared.t_end, "prepared_s": prepared.seconds}
+        ahead |= {"t_prepared_end": prepared.t_end, "prepared_s": prepared.seconds}
     sources, x_eval, data_hash, image_shape = prepared.sources, prepared.x_eval, prepared.data_hash, \
         prepared.image_shape
     objective, ts = prepared.objective, prepared.ts
