@@ -246,18 +246,21 @@ def bases_alone(tmp_path_factory, alone):
 def test_a_base_group_trains_each_member_as_its_own_run(tmp_path, alone, bases_alone, one_thread):
     """The base models of three autoencoders (their own latents, seeds) trained as one program end as their
     runs alone: weights, generators, bits/pixel under the base model, curves and files; with the checkpoints
-    read ahead (`read_ahead`) and, the second time, read by the group itself."""
+    read ahead (`read_ahead`) and two members' latents with them (`encode_ahead`; the third's encoded ahead from
+    another member's checkpoint, which the group refuses) and, the second time, read by the group itself."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ulsweep.train.group_base import read_ahead, train_bases
+    from ulsweep.train.group_base import encode_ahead, read_ahead, train_bases
 
     exps = [member_exp(*m) for m in MEMBERS]
     dirs = [str(tmp_path / f"b{i}") for i in range(3)]
     recs = [Recorder() for _ in exps]
+    ckpts = [ae.checkpoint for ae, _ in alone]
     with ThreadPoolExecutor(2) as pool:  # the checkpoints read ahead on the host, as the sweep's group does
-        frozen = [pool.submit(read_ahead, ae.checkpoint) for ae, _ in alone]
-        results = train_bases(exps, [e.base_models[0] for e in exps], [ae.checkpoint for ae, _ in alone], dirs,
-                              str(tmp_path / "group"), GroupHooks(recs), frozen)
+        frozen = [pool.submit(read_ahead, c) for c in ckpts]
+        ahead = [pool.submit(encode_ahead, c, f, 3) for c, f in zip(ckpts[:2] + ckpts[:1], frozen)]
+        results = train_bases(exps, [e.base_models[0] for e in exps], ckpts, dirs,
+                              str(tmp_path / "group"), GroupHooks(recs), frozen, ahead)
     for i, ((res_alone, rec_alone), res, rec) in enumerate(zip(bases_alone, results, recs)):
         (mine, my_meta), (theirs, their_meta) = load_checkpoint(res.checkpoint), load_checkpoint(res_alone.checkpoint)
         for part in ("model", "ema"):
@@ -272,8 +275,10 @@ def test_a_base_group_trains_each_member_as_its_own_run(tmp_path, alone, bases_a
         assert os.path.exists(res.extra["images"]["samples.png"]) and res.extra["group"]["member"] == i
         setup = {k: v for k, v in res.extra["marks"].items() if k.startswith("setup_")}
         # the encoding's own parts only where it encoded: the runs alone stored these latents already
-        assert set(setup) == {f"setup_{p}_s" for p in ("checkpoints", "data", "encode", "latents", "models")}
+        assert set(setup) == {f"setup_{p}_s" for p in ("encode_ahead", "checkpoints", "data", "encode", "latents",
+                                                       "models")}
         assert all(v > 0 for v in setup.values()), setup
+        assert res.extra["marks"]["latents_encoded_ahead"] == 2
         assert [s for s, _ in rec.logs] == [s for s, _ in rec_alone.logs]
         for (_, m), (_, m_alone) in zip(rec.logs, rec_alone.logs):
             if "loss" in m_alone:

@@ -254,7 +254,7 @@ def test_a_base_group_reads_each_members_checkpoint_as_it_joins(monkeypatch):
         events.append(("read", ckpt))
         return ("ae of " + ckpt, None, {})
 
-    def train(exps, bases, ckpts, run_dirs, group_dir, hooks=None, frozen=None, marks=None):
+    def train(exps, bases, ckpts, run_dirs, group_dir, hooks=None, frozen=None, ahead=None, marks=None):
         got["ckpts"], got["frozen"] = ckpts, [f.result() for f in frozen]
         return [None] * len(exps)
 
@@ -292,11 +292,18 @@ def test_a_base_group_reads_the_checkpoints_passed_on_before_its_members_join(mo
         events.append(("read", ckpt))
         return ("ae of " + ckpt, None, {})
 
-    def train(exps, bases, ckpts, run_dirs, group_dir, hooks=None, frozen=None, marks=None):
+    def encode(ckpt, read, members):  # each checkpoint passed on is encoded after it is read
+        assert read.result() == ("ae of " + ckpt, None, {}) and members == 2
+        events.append(("encode", ckpt))
+        return ckpt, ("data",), "z of " + ckpt
+
+    def train(exps, bases, ckpts, run_dirs, group_dir, hooks=None, frozen=None, ahead=None, marks=None):
         got["frozen"], got["marks"] = [f.result() for f in frozen], marks
+        got["ahead"] = [f.result() if f is not None else None for f in ahead]
         return [None] * len(exps)
 
     monkeypatch.setattr(group_base, "read_ahead", read)
+    monkeypatch.setattr(group_base, "encode_ahead", encode)
     monkeypatch.setattr(group_base, "train_bases", train)
     group = GroupTrainer(keys, "g", wait_s=60.0, kind="base")
     assert group.read_ahead("ae-0000-small", "ckpt0") and group.read_ahead("ae-0001-small", "old1")
@@ -304,17 +311,19 @@ def test_a_base_group_reads_the_checkpoints_passed_on_before_its_members_join(mo
     assert not group.read_ahead("ae-0002-small", "ckpt2")  # not a member
     assert not GroupTrainer(["ae-0000"], "a", wait_s=1.0).read_ahead("ae-0000", "ckpt0")  # an autoencoder group
     deadline = time.monotonic() + 60
-    while len(events) < 2 and time.monotonic() < deadline:
+    while len(events) < 4 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sorted(events) == [("read", "ckpt0"), ("read", "old1")]
+    assert sorted(events) == [("encode", "ckpt0"), ("encode", "old1"), ("read", "ckpt0"), ("read", "old1")]
     exp = to_dict(member_exp(*MEMBERS[0]))
     assert group.join(keys[0], exp, "run0", {"base": "b", "ae_checkpoint": "ckpt0"})
     assert group.join(keys[1], exp, "run1", {"base": "b", "ae_checkpoint": "ckpt1"})  # not what was passed on
     while group.status()["state"] != "done" and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [v for v in group.outcome.values() if v[0] == "error"], group.outcome
-    assert sorted(events) == [("read", "ckpt0"), ("read", "ckpt1"), ("read", "old1")]  # ckpt0 read once
+    assert sorted(events) == [("encode", "ckpt0"), ("encode", "old1"),  # ckpt0 read and encoded once
+                              ("read", "ckpt0"), ("read", "ckpt1"), ("read", "old1")]
     assert got["frozen"] == [("ae of ckpt0", None, {}), ("ae of ckpt1", None, {})]
+    assert got["ahead"] == [("ckpt0", ("data",), "z of ckpt0"), None]  # old1's latents are not the member's
     assert got["marks"].pop("t_joined") > 0 and got["marks"] == {"checkpoints_passed_on": 1}  # every member's marks
     assert not group.read_ahead("ae-0000-small", "ckpt0")  # the group has trained
 
@@ -407,8 +416,11 @@ def test_a_sweep_trains_its_autoencoders_as_one_stacked_group(tmp_path):
         assert result["extra"]["group"]["members"] == 2, result["extra"]
         if "tiny" not in k:  # the autoencoders' group was built ahead: nothing of its setup after the joins
             assert not [m for m in result["extra"]["marks"] if m.startswith("setup_")], result["extra"]["marks"]
-        else:  # their group passed its members' checkpoints on to the base group before the base trials started
-            assert result["extra"]["marks"]["checkpoints_passed_on"] == 2, result["extra"]["marks"]
+        else:  # their group passed its members' checkpoints on to the base group before the base trials started,
+            # which read them and encoded their latents then (and the runs' lineage lists those latents: above)
+            marks = result["extra"]["marks"]
+            assert marks["checkpoints_passed_on"] == 2 and marks["latents_encoded_ahead"] == 2, marks
+            assert "setup_encode_encoder_s" not in marks, marks  # nothing left for the group to encode
     for g in ("group-0", "group-1"):  # each group's own run
         assert len(list((run_dir / "groups").glob(f"{g}/*/result.json"))) == 1, g
     summary = json.loads((run_dir / "summary.json").read_text())

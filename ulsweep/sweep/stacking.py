@@ -15,9 +15,9 @@ An autoencoder group's actor builds the group's data and networks, and runs its 
 members the driver planned while their trial processes start (ulsweep.train.group.prepare_autoencoders), and trains
 from that when they join as planned. A group trains once all its members have joined, or `stack_wait_s` after its
 first member joined with those that have (a member finished before, in a resumed sweep, never joins; a base trial
-whose autoencoder failed never comes); a base group reads each member's autoencoder checkpoint when the member's
-autoencoder group passes it on (`ReadAhead`, as soon as the member's files are written), or else as the member
-joins, while it waits for the others. A member that comes after its group started trains alone. A member whose loss turns
+whose autoencoder failed never comes); a base group reads each member's autoencoder checkpoint, and encodes its
+latents (ulsweep.train.group_base.encode_ahead), when the member's autoencoder group passes it on (`ReadAhead`, as
+soon as the member's files are written), or else reads it as the member joins, while it waits for the others. A member that comes after its group started trains alone. A member whose loss turns
 non-finite fails as it would alone (TrainingDiverged, not retried) and the others train on; any other failure of the
 group's training is every member's failure, and their retries train alone. An actor that dies is restarted (up to
 `resources.max_worker_failures` times): its members' trials fail with it, and their retries form the group again,
@@ -146,6 +146,10 @@ class GroupTrainer:
         # autoencoder group passes them on (`read_ahead`) or else as they join: key -> (checkpoint, future)
         self.read: dict[str, tuple[str, Future]] = {}
         self.passed: set[str] = set()  # members whose checkpoint was passed on, and read, before they joined
+        # and their latents, encoded one member after another as their checkpoints are read (group_base.
+        # encode_ahead, where the group will hold its latents on the device): key -> future
+        self.ahead: dict[str, Future] = {}
+        self._encoder: ThreadPoolExecutor | None = None
         self._reader: ThreadPoolExecutor | None = None
         # torch and the training modules, while the members' trial processes start (a fresh process spent ~10 s
         # importing them on the H200 machine), so that the group trains as soon as they have joined
@@ -220,6 +224,7 @@ class GroupTrainer:
             if self.kind == "base" and base and self.read.get(key, ("",))[0] != base["ae_checkpoint"]:
                 self._read(key, base["ae_checkpoint"])  # not read ahead, or another checkpoint than the one passed on
                 self.passed.discard(key)
+                self.ahead.pop(key, None)  # encoded from another checkpoint: the group encodes its own
             self.events[key], self.taken[key] = [], 0
             if first:
                 threading.Thread(target=self._run, name="ulsweep-group", daemon=True).start()
@@ -235,6 +240,10 @@ class GroupTrainer:
                 return False
             self._read(key, ae_checkpoint)
             self.passed.add(key)
+            from ulsweep.train.group_base import encode_ahead
+
+            self._encoder = self._encoder or ThreadPoolExecutor(1, thread_name_prefix="ulsweep-encode-ahead")
+            self.ahead[key] = self._encoder.submit(encode_ahead, ae_checkpoint, self.read[key][1], len(self.keys))
             return True
 
     def _read(self, key: str, ae_checkpoint: str) -> None:
@@ -308,15 +317,18 @@ class GroupTrainer:
                 ident = config_hash({"members": [{"data": e.data, "eval": e.eval, "base": b, "ae_checkpoint": c}
                                                  for e, b, c in zip(exps, bases, ckpts)]})
                 results = train_bases(exps, bases, ckpts, run_dirs, f"{self.group_root}/{ident[:16]}", hooks,
-                                      [self.read[k][1] for k in self.members],  # and in every member's marks:
+                                      [self.read[k][1] for k in self.members],
+                                      [self.ahead.get(k) for k in self.members],  # and in every member's marks:
                                       joined | {"checkpoints_passed_on": len(self.passed & set(self.members))})
             outcome = {k: ("result", dataclasses.asdict(r))
                        for k, r in zip(self.members, results) if r is not None}  # a diverged one failed already
         except BaseException as e:  # noqa: BLE001 - every member's trial raises it
             outcome = {k: ("error", e) for k in self.members}
-        if self._reader is not None:
-            self._reader.shutdown(wait=False, cancel_futures=True)
-            self.read.clear()  # the autoencoders read ahead: host memory
+        for pool in (self._reader, self._encoder):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self.read.clear()  # the autoencoders read ahead: host memory
+        self.ahead.clear()  # their latents encoded ahead: device memory
         _release_gpu_memory()  # the actor lives on, idle, beside the trials that come after it
         with self.cv:
             self.hand_over_finished()  # members evaluated before a failure keep their results

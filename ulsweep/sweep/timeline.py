@@ -34,16 +34,18 @@ PHASES = tuple(p for _, p in MARKS) + ("failed",)
 # distances (features and statistics), the FLOPs count
 EVALUATE_PARTS = tuple(f"evaluate_{p}_s" for p in ("extractor", "bpp", "sampling", "fd", "flops"))
 # a stacked group's setup before its first step (ulsweep/train/group.py, group_base.py; every member's record):
-# reading its autoencoders' checkpoints (base groups), the data, encoding the members' latents together (and of
+# reading its autoencoders' checkpoints (base groups), the data, waiting for the latents encoded ahead (base groups
+# of a sweep: group_base.encode_ahead), encoding the members' latents together (and of
 # that: waiting for the images, the encoder, storing the latents; ulsweep/train/latents.encode_split), reading
 # each member's latents back, building the stacked networks and optimizer
-SETUP_PARTS = tuple(f"setup_{p}_s" for p in ("checkpoints", "data", "encode", "encode_read", "encode_encoder",
-                                             "encode_store", "latents", "models"))
+SETUP_PARTS = tuple(f"setup_{p}_s" for p in ("checkpoints", "data", "encode_ahead", "encode", "encode_read",
+                                             "encode_encoder", "encode_store", "latents", "models"))
 PARTS = SETUP_PARTS + EVALUATE_PARTS  # timed parts of a trial's phases, in the order the phases run
 # a stacked group's marks about its members' start (every member's record): when the group stopped waiting for its
 # members (time.time()), when an autoencoder group built ahead was ready and its seconds to build and warm, how
-# many of a base group's members had their checkpoints passed on and read before they joined
-GROUP_MARKS = ("t_joined", "t_prepared_end", "prepared_s", "checkpoints_passed_on")
+# many of a base group's members had their checkpoints passed on and read before they joined, and how many had their
+# latents encoded then (group_base.encode_ahead)
+GROUP_MARKS = ("t_joined", "t_prepared_end", "prepared_s", "checkpoints_passed_on", "latents_encoded_ahead")
 TAG = "ulsweep.timeline"  # MLflow tag: JSON list of [attempt, phase, start, end] of every attempt
 TAG_MAX_CHARS = 5000  # MLflow's limit on a tag value (its sqlite store)
 # MLflow tag: the process and thread of a trial's last attempt and how many trials that process had started by

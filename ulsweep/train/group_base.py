@@ -6,8 +6,9 @@ through the one training loop, as `train_autoencoders` does for stage 1. Each me
 alone (`ulsweep.train.stage2.train_base`):
 
 - its own frozen autoencoder's latents (encoded once per checkpoint and stored, as alone, but for all members in
-  one pass over the split where none is stored yet: `encode_together`), drawn with its own generator, and its
-  weights initialized from its own seed;
+  one pass over the split where none is stored yet: `encode_together`; in a sweep, each as soon as its
+  autoencoder is done: `encode_ahead`), drawn with its own generator, and its weights initialized from its own
+  seed;
 - its own gradient norm and clipping, AdamW and EMA over its own rows of the stacked tensors;
 - its own final evaluation, with its own noise (the stacked base models' bits/pixel and samples, decoded by the
   stacked frozen autoencoders, for all members at once; then its gFD/gFID), and its checkpoint, images and
@@ -18,6 +19,7 @@ A member whose loss turns non-finite fails alone (`GroupHooks.diverged`); the gr
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_yaml, flatten, to_dict
-from ulsweep.data.sources import DeviceSplit, choose_loader_for, load_eval_images, open_splits
+from ulsweep.data.sources import DeviceSplit, choose_loader, choose_loader_for, load_eval_images, open_splits
 from ulsweep.models.stacked import stack
 from ulsweep.train.build import base_schedule, build_base_model
 from ulsweep.train.checkpoint import finished_result
@@ -33,7 +35,7 @@ from ulsweep.train.evaluation import PartTimer
 from ulsweep.train.group import (MEMBER_KEYS, GroupObjective, GroupSource, GroupTrainState, one_process,
                                  train_group, write_member)
 from ulsweep.train.hooks import StageResult, TrainHooks
-from ulsweep.train.latents import encode_together, latent_source, training_latents
+from ulsweep.train.latents import decode_path, encode_together, latent_source, training_latents
 from ulsweep.train.loop import RunSpec
 from ulsweep.train.runtime import make_runtime
 from ulsweep.train.stage2 import (KIND, BaseObjective, evaluate_bases, flops_metrics, load_frozen_autoencoder,
@@ -49,6 +51,34 @@ def read_ahead(ae_checkpoint: str) -> tuple[torch.nn.Module, ExperimentConfig, d
     of setup (lf_sweep's 18 members on one H100, session 26), while its members' autoencoder trials
     finish one after another over ~15 s: read as each member joins, the reading overlaps that wait."""
     return load_frozen_autoencoder(ae_checkpoint, "cpu")
+
+
+def latents_need(members: int, split_size: int, latent_shape) -> int:
+    """Bytes of `members` members' training latents as float32 on the device."""
+    return members * split_size * 4 * math.prod(latent_shape)
+
+
+def encode_ahead(ae_checkpoint: str, read: Future, members: int) -> tuple[str, tuple, torch.Tensor | None]:
+    """A member's training latents encoded and stored as soon as its autoencoder is read (`read`: its
+    `read_ahead` future), before its base trial joins: the sweep's base group does this for each checkpoint its
+    autoencoder group passes on, while the other autoencoders are still evaluated, where the group's `members`
+    members' latents will be on the device (`data.loader`'s choice). Encoded as a base trial alone encodes them
+    (`training_latents`: the same latents, the same store). Returns (`ae_checkpoint`, what they are the latents
+    of: the dataset's hash, split and image size, them on the device); (…, None) where the group streams its
+    latents: a streamed split is better decoded once for all members, by the group (`encode_together`)."""
+    ae, ae_exp, meta = read.result()
+    data = ae_exp.data
+    rt = make_runtime(ae_exp.ae.train)
+    ds = open_splits(data)
+    key = (ds.content_hash, data.train_split, data.image_size)
+    need = latents_need(members, ds.splits[data.train_split], meta["latent_shape"])
+    if choose_loader_for(data, need, rt.device, "latents")[0] != "device":
+        return ae_checkpoint, key, None
+    encoder = copy.deepcopy(ae.encoder).to(rt.device)  # the host copy stays as it was, for train_bases
+    decode = decode_path(choose_loader(data, ds, rt.device)[0])
+    with torch.no_grad():
+        z = training_latents(encoder, ae_checkpoint, meta["sha256"], ds, data, rt.device, decode=decode)[1]
+    return ae_checkpoint, key, z
 
 
 def shared_settings(exp: ExperimentConfig, base: BaseStageConfig, ae_exp: ExperimentConfig) -> dict:
@@ -78,15 +108,18 @@ def check_members(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageCon
 
 def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfig], ae_checkpoints: Sequence[str],
                 run_dirs: Sequence[str], group_dir: str, hooks: TrainHooks | None = None,
-                frozen: Sequence[Future] | None = None, marks: dict | None = None) -> list[StageResult | None]:
+                frozen: Sequence[Future] | None = None, ahead: Sequence[Future | None] | None = None,
+                marks: dict | None = None) -> list[StageResult | None]:
     """Train base model `bases[k]` of experiment `exps[k]` on the latents of the frozen autoencoder at
     `ae_checkpoints[k]`, for every k, as one program (`check_members`); member k's checkpoint, images and
     result.json go to `run_dirs[k]` as its run's alone would, the group's checkpoints to `group_dir`. `hooks` as
     `ulsweep.train.group.train_autoencoders` takes them. `frozen`: the checkpoints already being read, one future
     of `read_ahead(ae_checkpoints[k])` a member (the sweep's group starts each as its member joins, while it
-    waits for the others), else they are read here. `marks`: more of the members' marks, from before. Returns the
-    members' results (None for one that diverged); members finished before are not trained again when all of them
-    are."""
+    waits for the others), else they are read here. `ahead`: a member's `encode_ahead` future, or None, a member
+    (the sweep's group encodes the latents of the checkpoints passed on to it); latents encoded ahead for another
+    checkpoint or data, or whose encoding failed, are encoded here. `marks`: more of the members' marks, from
+    before. Returns the members' results (None for one that diverged); members finished before are not trained
+    again when all of them are."""
     exps, bases, ae_checkpoints, run_dirs = list(exps), list(bases), list(ae_checkpoints), list(run_dirs)
     if not (len(exps) == len(bases) == len(ae_checkpoints) == len(run_dirs)):
         raise ValueError(f"{len(exps)} experiments, {len(bases)} base models, {len(ae_checkpoints)} autoencoder "
@@ -94,8 +127,22 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
     hooks = hooks or TrainHooks()
     exp0, base0, k = exps[0], bases[0], len(exps)
     tc = base0.train
+    waited = PartTimer()  # first, the latents still being encoded ahead: their encoding uses the autoencoders
+    got_ahead: dict[int, tuple] = {}  # read ahead, and sets up the device as its own runtime has it (make_runtime)
+    if ahead is not None:
+        if len(ahead) != k:
+            raise ValueError(f"{len(ahead)} members' latents encoded ahead for {k} members")
+        with waited("encode_ahead"):
+            for i, f in enumerate(ahead):
+                try:
+                    if f is not None:
+                        got_ahead[i] = f.result()
+                except Exception as e:  # noqa: BLE001 - encoded below with the others, as without it
+                    print(f"[base group of {k}] member {i}'s latents encoded ahead failed ({type(e).__name__}: "
+                          f"{str(e)[:300]}); encoding them with the others", flush=True)
     rt = one_process(make_runtime(tc), group_dir)
     setup = PartTimer(rt.device)  # where the group's time before its first step goes (every member's marks)
+    setup.add(waited)
     # (autoencoder, experiment, meta) of each member, read side by side: a stage-1 checkpoint holds its weights,
     # EMA and AdamW moments (~4x the weights), which the loader reads and checks (SHA-256) before loading
     with setup("checkpoints"):
@@ -118,12 +165,17 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
         data_hash = ds.content_hash
         x_eval = load_eval_images(ds, exp0.data, rt.device, max(tc.eval_images, exp0.eval.gfd_reference_images))
     latent_shape = tuple(ae_metas[0]["latent_shape"])
-    need = k * ds.splits[exp0.data.train_split] * 4 * math.prod(latent_shape)  # every member's latents
+    need = latents_need(k, ds.splits[exp0.data.train_split], latent_shape)  # every member's latents
     loader, why = choose_loader_for(exp0.data, need, rt.device, "latents")
     print(f"[{label}] data.loader {exp0.data.loader} -> {loader} for the {k} members' latents: {why}", flush=True)
     decode = say_decode_path(exp0, ds, rt, f"[{label}]")
     stacked_ae = stack(list(aes)).eval().requires_grad_(False)  # the members' frozen autoencoders as one
     encoded: dict[int, torch.Tensor] = {}  # on the device: the latents it stored, not read back
+    if ahead is not None:  # those of the right checkpoint and data, where the group holds its latents on the device
+        key = (data_hash, exp0.data.train_split, exp0.data.image_size)
+        encoded.update({i: z.to(rt.device) for i, (ckpt, of, z) in got_ahead.items()
+                        if z is not None and loader == "device" and ckpt == ae_checkpoints[i] and of == key})
+        marks = dict(marks or {}) | {"latents_encoded_ahead": len(encoded)}
     with setup("encode"):  # every member's latents in one pass over the split where none is stored yet
         encode_together(stacked_ae.encoder, [(c, m["sha256"]) for c, m in zip(ae_checkpoints, ae_metas)], ds,
                         exp0.data, rt.device, decode, timer=setup,  # and its parts: setup_encode_<part>_s
