@@ -31,8 +31,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ulsweep.config import ExperimentConfig, config_hash, dump_yaml, flatten, to_dict
