@@ -172,3 +172,9 @@ def test_the_imports_warm_up_warns_instead_of_failing_the_trial_early(monkeypatc
     caplog.clear()
     trial.import_trial_modules("broken", local=False)  # workers mode: the training modules load in the workers
     assert caplog.text == ""
+
+
+def test_every_timed_part_has_its_label_in_the_report():
+    """The report's table names each part a trial's timings record (sweep.timeline.PARTS): one missing was a
+    KeyError in `ulsweep report` for every sweep that timed it."""
+    assert set(rt.PART_LABELS) == set(T.PARTS)

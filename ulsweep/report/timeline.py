@@ -19,7 +19,8 @@ PHASE_LABELS = {"imports": "imports (MLflow, torch, Ray Train; older sweeps: in 
                 "setup": "setup (data, latents, networks)", "first_step": "first step (compile)", "train": "train",
                 "evaluate": "final evaluation", "finish": "finish (checkpoint, MLflow)", "failed": "failed attempt"}
 COLUMNS = ["key", "kind", "attempt", "phase", "start", "end", "seconds", "process_trial"]
-PART_LABELS = {"setup_checkpoints_s": "setup: read the autoencoders' checkpoints", "setup_data_s": "setup: data",
+PART_LABELS = {"setup_encode_ahead_s": "setup: wait for the latents encoded as the autoencoders were done",
+               "setup_checkpoints_s": "setup: read the autoencoders' checkpoints", "setup_data_s": "setup: data",
                "setup_encode_s": "setup: encode the members' latents",
                "setup_encode_read_s": "setup: encode, of it waiting for the images (read, decode)",
                "setup_encode_encoder_s": "setup: encode, of it the encoder",

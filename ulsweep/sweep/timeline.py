@@ -34,11 +34,11 @@ PHASES = tuple(p for _, p in MARKS) + ("failed",)
 # distances (features and statistics), the FLOPs count
 EVALUATE_PARTS = tuple(f"evaluate_{p}_s" for p in ("extractor", "bpp", "sampling", "fd", "flops"))
 # a stacked group's setup before its first step (ulsweep/train/group.py, group_base.py; every member's record):
-# reading its autoencoders' checkpoints (base groups), the data, waiting for the latents encoded ahead (base groups
-# of a sweep: group_base.encode_ahead), encoding the members' latents together (and of
-# that: waiting for the images, the encoder, storing the latents; ulsweep/train/latents.encode_split), reading
-# each member's latents back, building the stacked networks and optimizer
-SETUP_PARTS = tuple(f"setup_{p}_s" for p in ("checkpoints", "data", "encode_ahead", "encode", "encode_read",
+# waiting for the latents encoded ahead (base groups of a sweep: group_base.encode_ahead), reading its autoencoders'
+# checkpoints (base groups), the data, encoding the members' latents together (and of that: waiting for the images,
+# the encoder, storing the latents; ulsweep/train/latents.encode_split), reading each member's latents back,
+# building the stacked networks and optimizer
+SETUP_PARTS = tuple(f"setup_{p}_s" for p in ("encode_ahead", "checkpoints", "data", "encode", "encode_read",
                                              "encode_encoder", "encode_store", "latents", "models"))
 PARTS = SETUP_PARTS + EVALUATE_PARTS  # timed parts of a trial's phases, in the order the phases run
 # a stacked group's marks about its members' start (every member's record): when the group stopped waiting for its

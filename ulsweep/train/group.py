@@ -290,8 +290,8 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     `hooks` gets list-valued metrics, one value per member (`GroupHooks` hands each member its own, and fails a
     member that diverges alone: other hooks end the group with its error). `prepared`: the group built ahead for
     these very experiments (`prepare_autoencoders`; one built for others is refused). `marks`: more of the
-    members' marks, from before. Returns the members' results (None for a member that diverged); members finished before are not trained again when all of them
-    are."""
+    members' marks, from before. Returns the members' results (None for a member that diverged); members
+    finished before are not trained again when all of them are."""
     exps, run_dirs = list(exps), list(run_dirs)
     if len(exps) != len(run_dirs):
         raise ValueError(f"{len(exps)} members but {len(run_dirs)} run directories")
@@ -304,14 +304,14 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     hooks = hooks or TrainHooks()
     exp0, k = exps[0], len(exps)
     tc = exp0.ae.train
-    ahead = dict(marks or {})  # and of a group built ahead: when it was ready, and how long it took
+    before = dict(marks or {})  # and of a group built ahead: when it was ready, and how long it took
     if prepared is None:
         rt = one_process(make_runtime(tc), group_dir)
         setup = PartTimer(rt.device)  # where the group's time before its first step goes (every member's marks)
         prepared = _build(exps, rt, setup)
     else:
         rt, setup = one_process(prepared.rt, group_dir), PartTimer(prepared.rt.device)
-        ahead |= {"t_prepared_end": prepared.t_end, "prepared_s": prepared.seconds}
+        before |= {"t_prepared_end": prepared.t_end, "prepared_s": prepared.seconds}
     sources, x_eval, data_hash, image_shape = prepared.sources, prepared.x_eval, prepared.data_hash, \
         prepared.image_shape
     objective, ts = prepared.objective, prepared.ts
@@ -334,7 +334,7 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     spec = RunSpec(group_dir, "ae-group", f"ae group of {k}", group_hash(exps),
                    dump_yaml({"members": [e.name for e in exps], "run_dirs": run_dirs}),
                    {"configs": [to_dict(e) for e in exps]}, meta | {"members": k})
-    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0, setup, ahead)
+    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0, setup, before)
 
 
 def one_process(rt, group_dir: str):
