@@ -49,6 +49,8 @@ def test_the_planned_trials_of_one_architecture_form_groups_of_at_most_stack_tri
     assert trainer_args(experiment_from_dict(two), "r", 0, keys18)[6] is False  # ae-0015's "wide" trains alone
     # and passes each member's checkpoint on to the base groups of its base trials (those in a group)
     assert trainer_args(exp, "r", 0, keys18)[7] is None  # without the actors' names
+    assert trainer_args(exp, "r", 0, keys18)[8] == "r/groups/group-0/actor.log"
+    assert trainer_args(exp, "s3://b/r", 0, keys18)[8] is None  # a local file only
     names = group_names(experiment_from_dict(two), "s")
     links = trainer_args(experiment_from_dict(two), "r", 0, keys18, names=names)[7].links
     assert links["ae-0000"] == [("ae-0000-small", "ulsweep-stack-s-1"), ("ae-0000-wide", "ulsweep-stack-s-2")]
@@ -328,6 +330,18 @@ def test_a_base_group_reads_the_checkpoints_passed_on_before_its_members_join(mo
     assert not group.read_ahead("ae-0000-small", "ckpt0")  # the group has trained
 
 
+def test_a_groups_output_goes_to_its_log_too_and_an_unwritable_log_is_no_failure(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # put back after the test: the group tees this process's output
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    GroupTrainer(["a"], str(tmp_path / "g"), 1.0, log=str(tmp_path / "g" / "actor.log"))
+    print("a line of the group's loop")
+    assert "a line of the group's loop" in (tmp_path / "g" / "actor.log").read_text()
+    GroupTrainer(["a"], "/proc/none/g", 1.0, log="/proc/none/g/actor.log")
+    assert "cannot keep its output in /proc/none/g/actor.log" in capsys.readouterr().out
+
+
 def test_a_member_that_diverged_fails_its_own_trial_and_no_other():
     from ulsweep.sweep.stacking import _Relay
     from ulsweep.train.hooks import TrainingDiverged
@@ -423,5 +437,8 @@ def test_a_sweep_trains_its_autoencoders_as_one_stacked_group(tmp_path):
             assert "setup_encode_encoder_s" not in marks, marks  # nothing left for the group to encode
     for g in ("group-0", "group-1"):  # each group's own run
         assert len(list((run_dir / "groups").glob(f"{g}/*/result.json"))) == 1, g
+    # what the groups' actors printed, which the driver does not show, is in their logs
+    assert "built and its step warmed" in (run_dir / "groups" / "group-0" / "actor.log").read_text()
+    assert "[latents] encoded" in (run_dir / "groups" / "group-1" / "actor.log").read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["counts"] == {"ae_done": 2, "base_done": 2}

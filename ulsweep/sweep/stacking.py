@@ -30,6 +30,9 @@ the trial has taken every point before the checkpoint, as a trial's own loop wou
 from __future__ import annotations
 
 import dataclasses
+import io
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -125,8 +128,13 @@ class GroupTrainer:
 
     def __init__(self, keys: list[str], group_root: str, wait_s: float, threads: int = 0, kind: str = "ae",
                  planned: list[dict] | None = None, together: bool = False,
-                 pass_on: Callable[[str, str], None] | None = None):
+                 pass_on: Callable[[str, str], None] | None = None, log: str | None = None):
         self.keys, self.group_root, self.wait_s, self.threads = list(keys), group_root.rstrip("/"), wait_s, threads
+        if log:  # a sweep's actor: what it prints (its loop's lines too) kept in a file, as the driver shows none
+            try:
+                tee_output(log)
+            except OSError as e:  # never the group's failure: its lines stay in Ray's logs
+                print(f"[group {self.group_root}] cannot keep its output in {log}: {e}", flush=True)
         self.kind = kind  # "ae": autoencoder trials (train_autoencoders); "base": base trials (train_bases)
         # members' results handed to their trials all at once, when the last member's evaluation is done (an
         # autoencoder group whose members' base trials form a group: that group waits for its last member anyway,
@@ -339,6 +347,31 @@ class GroupTrainer:
             self.cv.notify_all()
 
 
+class _Tee(io.TextIOBase):
+    """A text stream that writes to several."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+def tee_output(path: str) -> None:
+    """This process's stdout and stderr written to the local file `path` too (appended, line by line): a group's
+    actor runs under a driver that shows no actor output unless `--verbose` (`log_to_driver`), and its lines (built
+    ahead in how long, the checkpoints passed on, the latents encoded, the loop's progress) belong with the sweep."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    f = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open for the process's life
+    sys.stdout, sys.stderr = _Tee(sys.stdout, f), _Tee(sys.stderr, f)
+
+
 def _release_gpu_memory() -> None:
     """Hand the blocks torch's caching allocator holds for this process back to the GPU (a finished group's
     training and evaluation reserved tens of GiB that the base models and other groups need)."""
@@ -496,13 +529,14 @@ def train_in_group(name: str, key: str, exp: ExperimentConfig, run_dir: str, hoo
 
 def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str], kind: str = "ae",
                  names: dict[str, str] | None = None
-                 ) -> tuple[list[str], str, float, int, str, list[dict] | None, bool, ReadAhead | None]:
+                 ) -> tuple[list[str], str, float, int, str, list[dict] | None, bool, ReadAhead | None, str | None]:
     """GroupTrainer's arguments for group `index` (of `kind` trials) of the sweep in `run_dir`: its keys, the
     directory under which its runs keep their checkpoints, how long it waits for its members, torch's threads (the
     CPUs its members' trials hold, at least 1), the kind, and for autoencoder groups the members' planned
     experiments (which the group builds ahead), whether it hands its members' results over together (when
     every base model's trials of its members form a base group) and, given the groups' actor `names`
-    (`group_names`), whom it passes its members' checkpoints on to (the base groups of their base trials)."""
+    (`group_names`), whom it passes its members' checkpoints on to (the base groups of their base trials); last,
+    the file its output goes to (`actor.log` in its directory, where the run directory is local)."""
     threads = max(1, round(len(keys) * exp.resources.cpus_per_worker))
     planned, together, pass_on = None, False, None
     if kind == "ae":
@@ -516,8 +550,11 @@ def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str
         links = {k: [(base_key(k, b.name), names[base_key(k, b.name)]) for b in exp.base_models
                      if base_key(k, b.name) in (names or {})] for k in keys}
         pass_on = ReadAhead({k: v for k, v in links.items() if v}) if any(links.values()) else None
-    return (keys, f"{run_dir.rstrip('/')}/groups/group-{index}", exp.resources.stack_wait_s, threads, kind, planned,
-            together, pass_on)
+    from ulsweep import io as uio
+
+    root = f"{run_dir.rstrip('/')}/groups/group-{index}"
+    log = os.path.join(root, "actor.log") if uio.is_local(root) else None
+    return keys, root, exp.resources.stack_wait_s, threads, kind, planned, together, pass_on, log
 
 
 def start(exp: ExperimentConfig, run_dir: str, sweep_id: str, out) -> list:
