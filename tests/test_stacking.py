@@ -330,16 +330,26 @@ def test_a_base_group_reads_the_checkpoints_passed_on_before_its_members_join(mo
     assert not group.read_ahead("ae-0000-small", "ckpt0")  # the group has trained
 
 
-def test_a_groups_output_goes_to_its_log_too_and_an_unwritable_log_is_no_failure(tmp_path, monkeypatch, capsys):
+def test_a_groups_output_goes_to_its_log_too_and_an_unwritable_log_is_no_failure(tmp_path, capsys):
     import sys
 
-    monkeypatch.setattr(sys, "stdout", sys.stdout)  # put back after the test: the group tees this process's output
-    monkeypatch.setattr(sys, "stderr", sys.stderr)
-    GroupTrainer(["a"], str(tmp_path / "g"), 1.0, log=str(tmp_path / "g" / "actor.log"))
-    print("a line of the group's loop")
-    assert "a line of the group's loop" in (tmp_path / "g" / "actor.log").read_text()
+    out, err = sys.stdout, sys.stderr  # put back below: the group tees this process's output
+    try:
+        GroupTrainer(["a"], str(tmp_path / "g"), 1.0, log=str(tmp_path / "g" / "actor.log"))
+        print("a line of the group's loop")
+        assert "a line of the group's loop" in (tmp_path / "g" / "actor.log").read_text()
+        assert sys.stderr.isatty() == err.isatty()  # what asks about the stream asks the one it replaced
+    finally:
+        sys.stdout, sys.stderr = out, err
     GroupTrainer(["a"], "/proc/none/g", 1.0, log="/proc/none/g/actor.log")
     assert "cannot keep its output in /proc/none/g/actor.log" in capsys.readouterr().out
+    assert sys.stdout is out
+    import io
+
+    from ulsweep.sweep.stacking import _Tee
+
+    with open(tmp_path / "first", "w") as first:  # faulthandler, a subprocess: the replaced stream's descriptor
+        assert _Tee(first, io.StringIO()).fileno() == first.fileno()
 
 
 def test_a_member_that_diverged_fails_its_own_trial_and_no_other():

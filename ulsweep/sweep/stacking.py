@@ -348,10 +348,21 @@ class GroupTrainer:
 
 
 class _Tee(io.TextIOBase):
-    """A text stream that writes to several."""
+    """A text stream that writes to several; its file descriptor, encoding and terminal are the first one's (what
+    asks for them, e.g. faulthandler or a subprocess handed sys.stderr, gets the stream it replaced)."""
 
     def __init__(self, *streams):
         self.streams = streams
+
+    def fileno(self) -> int:
+        return self.streams[0].fileno()
+
+    def isatty(self) -> bool:
+        return self.streams[0].isatty()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.streams[0], "encoding", "utf-8")
 
     def write(self, text: str) -> int:
         for stream in self.streams:
