@@ -243,12 +243,13 @@ def bases_alone(tmp_path_factory, alone):
     return out
 
 
-def test_a_base_group_trains_each_member_as_its_own_run(tmp_path, alone, bases_alone, one_thread):
+def test_a_base_group_trains_each_member_as_its_own_run(tmp_path, alone, bases_alone, one_thread, capsys):
     """The base models of three autoencoders (their own latents, seeds) trained as one program end as their
     runs alone: weights, generators, bits/pixel under the base model, curves and files; with the checkpoints
-    read ahead (`read_ahead`) and two members' latents with them (`encode_ahead`; the third's encoded ahead from
-    another member's checkpoint, which the group refuses) and, the second time, read by the group itself."""
-    from concurrent.futures import ThreadPoolExecutor
+    read ahead (`read_ahead`) and the first member's latents with them (`encode_ahead`; the second's encoded ahead
+    from another member's checkpoint, which the group refuses, the third's failed, which the group names) and,
+    the second time, read by the group itself."""
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     from ulsweep.train.group_base import encode_ahead, read_ahead, train_bases
 
@@ -258,9 +259,11 @@ def test_a_base_group_trains_each_member_as_its_own_run(tmp_path, alone, bases_a
     ckpts = [ae.checkpoint for ae, _ in alone]
     with ThreadPoolExecutor(2) as pool:  # the checkpoints read ahead on the host, as the sweep's group does
         frozen = [pool.submit(read_ahead, c) for c in ckpts]
-        ahead = [pool.submit(encode_ahead, c, f, 3) for c, f in zip(ckpts[:2] + ckpts[:1], frozen)]
+        ahead = [pool.submit(encode_ahead, c, f, 3) for c, f in zip(ckpts[:1] * 2, frozen[:2])] + [Future()]
+        ahead[2].set_exception(OSError("disk gone"))
         results = train_bases(exps, [e.base_models[0] for e in exps], ckpts, dirs,
                               str(tmp_path / "group"), GroupHooks(recs), frozen, ahead)
+    assert "member 2's latents encoded ahead failed (OSError: disk gone)" in capsys.readouterr().out
     for i, ((res_alone, rec_alone), res, rec) in enumerate(zip(bases_alone, results, recs)):
         (mine, my_meta), (theirs, their_meta) = load_checkpoint(res.checkpoint), load_checkpoint(res_alone.checkpoint)
         for part in ("model", "ema"):
@@ -278,7 +281,7 @@ def test_a_base_group_trains_each_member_as_its_own_run(tmp_path, alone, bases_a
         assert set(setup) == {f"setup_{p}_s" for p in ("encode_ahead", "checkpoints", "data", "encode", "latents",
                                                        "models")}
         assert all(v > 0 for v in setup.values()), setup
-        assert res.extra["marks"]["latents_encoded_ahead"] == 2
+        assert res.extra["marks"]["latents_encoded_ahead"] == 1
         assert [s for s, _ in rec.logs] == [s for s, _ in rec_alone.logs]
         for (_, m), (_, m_alone) in zip(rec.logs, rec_alone.logs):
             if "loss" in m_alone:
