@@ -115,9 +115,9 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
     result.json go to `run_dirs[k]` as its run's alone would, the group's checkpoints to `group_dir`. `hooks` as
     `ulsweep.train.group.train_autoencoders` takes them. `frozen`: the checkpoints already being read, one future
     of `read_ahead(ae_checkpoints[k])` a member (the sweep's group starts each as its member joins, while it
-    waits for the others), else they are read here. `ahead`: a member's `encode_ahead` future, or None, a member
-    (the sweep's group encodes the latents of the checkpoints passed on to it); latents encoded ahead for another
-    checkpoint or data, or whose encoding failed, are encoded here. `marks`: more of the members' marks, from
+    waits for the others), else they are read here. `ahead`: one `encode_ahead` future (or None) a member, the
+    latents the sweep's group encoded as each checkpoint was passed on to it; those encoded for another checkpoint
+    or data, or whose encoding failed, are encoded here. `marks`: more of the members' marks, from
     before. Returns the members' results (None for one that diverged); members finished before are not trained
     again when all of them are."""
     exps, bases, ae_checkpoints, run_dirs = list(exps), list(bases), list(ae_checkpoints), list(run_dirs)
