@@ -27,10 +27,8 @@ def child(args: argparse.Namespace) -> dict:
     import torch
 
     from ulsweep.config import experiment_from_dict
-    from ulsweep.train.build import build_autoencoder, latent_shape
-    from ulsweep.train.group import GroupObjective, GroupTrainState, warm_up
+    from ulsweep.train.group import build_networks, warm_up
     from ulsweep.train.runtime import make_runtime
-    from ulsweep.train.stage1 import AEObjective
 
     t0 = time.perf_counter()
     exps = [experiment_from_dict({"ae": {"model": {"preset": args.preset, "downsample": args.downsample,
@@ -40,15 +38,7 @@ def child(args: argparse.Namespace) -> dict:
                                   "data": {"image_size": args.image_size}}) for i in range(args.members)]
     rt = make_runtime(exps[0].ae.train)
     image_shape = (args.channels, args.image_size, args.image_size)
-    objectives = []
-    for e in exps:
-        torch.manual_seed(e.ae.train.seed)
-        objectives.append(AEObjective(build_autoencoder(e.ae, args.channels).to(rt.device), e.ae.loss, image_shape,
-                                      latent_shape(e)))
-    objective = GroupObjective(objectives)
-    del objectives
-    gens = [torch.Generator(rt.device).manual_seed(i) for i in range(args.members)]
-    ts = GroupTrainState(objective.stacked.ae, exps[0].ae.optim, rt, gens)
+    objective, ts = build_networks(exps, rt, image_shape)  # as the group builds them
     rt.synchronize()
     out = {"variant": args.child, "members": args.members, "batch": args.batch, "build_s": time.perf_counter() - t0}
     if args.child == "warmed":
@@ -56,7 +46,7 @@ def child(args: argparse.Namespace) -> dict:
         warm_up(objective, rt, args.batch, image_shape)
         out["warm_s"] = time.perf_counter() - t1
     torch.backends.cudnn.benchmark = False  # as the loop's uncompiled steps while another process compiles
-    x = torch.rand((args.members * args.batch, *image_shape), generator=gens[0], device=rt.device) * 2 - 1
+    x = torch.rand((args.members * args.batch, *image_shape), generator=ts.gen.gens[0], device=rt.device) * 2 - 1
     for name in ("first_step_s", "second_step_s"):
         t1 = time.perf_counter()
         noise = objective.draw_noise(args.batch, ts.gen)

@@ -231,18 +231,25 @@ def _build(exps: list[ExperimentConfig], rt: Runtime, setup: PartTimer) -> Prepa
         for e in exps[1:]:  # a split on the device serves every member (each draws with its own generator)
             sources.append(source if isinstance(source, DeviceSplit) else
                            train_source(e.data, rt, e.ae.train.seed, 0, tc.batch_size, label=f"ae {e.name}")[0])
-    c, latent_shape = image_shape[0], latent_shape_of(exp0)
     with setup("models"):
-        objectives = []
-        for e in exps:
-            torch.manual_seed(e.ae.train.seed)  # weight initialization, as the member's own run
-            ae = build_autoencoder(e.ae, c).to(rt.device)
-            objectives.append(AEObjective(ae, e.ae.loss, image_shape, latent_shape))
-        objective = GroupObjective(objectives)
-        del objectives  # their weights are copied into the stacked network
-        gens = [torch.Generator(rt.device).manual_seed(e.ae.train.seed) for e in exps]
-        ts = GroupTrainState(objective.stacked.ae, exp0.ae.optim, rt, gens)
+        objective, ts = build_networks(exps, rt, tuple(image_shape))
     return PreparedGroup(group_hash(exps), rt, sources, x_eval, data_hash, tuple(image_shape), objective, ts)
+
+
+def build_networks(exps: list[ExperimentConfig], rt: Runtime,
+                   image_shape: tuple) -> tuple[GroupObjective, GroupTrainState]:
+    """The members' autoencoders stacked into one objective, each initialized from its own seed as its run alone
+    would, and their TrainState (AdamW, EMA, each member's generator)."""
+    latent_shape = latent_shape_of(exps[0])
+    objectives = []
+    for e in exps:
+        torch.manual_seed(e.ae.train.seed)  # weight initialization, as the member's own run
+        ae = build_autoencoder(e.ae, image_shape[0]).to(rt.device)
+        objectives.append(AEObjective(ae, e.ae.loss, image_shape, latent_shape))
+    objective = GroupObjective(objectives)
+    del objectives  # their weights are copied into the stacked network
+    gens = [torch.Generator(rt.device).manual_seed(e.ae.train.seed) for e in exps]
+    return objective, GroupTrainState(objective.stacked.ae, exps[0].ae.optim, rt, gens)
 
 
 def warm_up(objective: GroupObjective, rt: Runtime, batch_size: int, image_shape: tuple) -> None:
