@@ -154,9 +154,9 @@ class GroupTrainer:
         # a base group's members' autoencoder checkpoints, read ahead on the host (group_base.read_ahead) when their
         # autoencoder group passes them on (`read_ahead`) or else as they join: key -> (checkpoint, future)
         self.read: dict[str, tuple[str, Future]] = {}
-        self.passed: set[str] = set()  # members whose checkpoint was passed on, and read, before they joined
-        # and their latents, encoded one member after another as their checkpoints are read (group_base.
-        # encode_ahead, where the group will hold its latents on the device): key -> future
+        # and, of those passed on (and not read again at the join, for another checkpoint), their latents encoded
+        # one member after another as their checkpoints are read (group_base.encode_ahead; it encodes only where
+        # the group will hold its latents on the device): key -> future
         self.ahead: dict[str, Future] = {}
         self._encoder: ThreadPoolExecutor | None = None
         self._reader: ThreadPoolExecutor | None = None
@@ -232,7 +232,6 @@ class GroupTrainer:
             self.joined[key] = (experiment, run_dir, base or {})
             if self.kind == "base" and base and self.read.get(key, ("",))[0] != base["ae_checkpoint"]:
                 self._read(key, base["ae_checkpoint"])  # not read ahead, or another checkpoint than the one passed on
-                self.passed.discard(key)
                 self.ahead.pop(key, None)  # encoded from another checkpoint: the group encodes its own
             self.events[key], self.taken[key] = [], 0
             if first:
@@ -248,7 +247,6 @@ class GroupTrainer:
             if self.kind != "base" or self.state != "forming" or key not in self.keys or key in self.read:
                 return False
             self._read(key, ae_checkpoint)
-            self.passed.add(key)
             from ulsweep.train.group_base import encode_ahead
 
             self._encoder = self._encoder or ThreadPoolExecutor(1, thread_name_prefix="ulsweep-encode-ahead")
@@ -328,7 +326,7 @@ class GroupTrainer:
                 results = train_bases(exps, bases, ckpts, run_dirs, f"{self.group_root}/{ident[:16]}", hooks,
                                       [self.read[k][1] for k in self.members],
                                       [self.ahead.get(k) for k in self.members],  # and in every member's marks:
-                                      joined | {"checkpoints_passed_on": len(self.passed & set(self.members))})
+                                      joined | {"checkpoints_passed_on": sum(k in self.ahead for k in self.members)})
             outcome = {k: ("result", dataclasses.asdict(r))
                        for k, r in zip(self.members, results) if r is not None}  # a diverged one failed already
         except BaseException as e:  # noqa: BLE001 - every member's trial raises it
