@@ -436,6 +436,10 @@ def test_a_sweep_trains_its_autoencoders_as_one_stacked_group(tmp_path):
     logged = {m for r in by_key.values() for m in r.data.metrics}
     assert not {m for m in logged if m.rsplit("/", 1)[-1] in GROUP_MARKS}, sorted(logged)
     for k in ("ae-0000", "ae-0001", "ae-0000-tiny", "ae-0001-tiny"):
+        # a member's own process relays what its group's actor trains: it never imported torch (~10 s of a fresh
+        # process's start under a first wave's contention)
+        [timings] = [json.loads(line) for line in (run_dir / "trials" / k / "timings.jsonl").read_text().splitlines()]
+        assert timings["torch_imported"] is False, (k, timings)
         result = json.loads((run_dir / "trials" / k / "result.json").read_text())
         assert result["extra"]["group"]["members"] == 2, result["extra"]
         if "tiny" not in k:  # the autoencoders' group was built ahead: nothing of its setup after the joins

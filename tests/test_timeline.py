@@ -172,6 +172,37 @@ def test_the_imports_warm_up_warns_instead_of_failing_the_trial_early(monkeypatc
     caplog.clear()
     trial.import_trial_modules("broken", local=False)  # workers mode: the training modules load in the workers
     assert caplog.text == ""
+    trial.import_trial_modules("broken", local=True, stacked=True)  # its group's actor trains it: not them either
+    assert caplog.text == ""
+
+
+def test_a_stacked_members_trial_process_imports_no_torch():
+    """In local mode a stacked member's process only relays what its group's actor trains: its imports, trainer,
+    identity checks (finished run? which checkpoint?) and dataset inputs do without torch, which cost each of 18
+    fresh processes several seconds at a sweep's start. Checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from ulsweep.config import experiment_from_dict
+from ulsweep.sweep import trial
+trial.import_trial_modules("ulsweep", local=True, stacked=True)
+from ulsweep.sweep.trial import make_trainer, worker_config
+from ulsweep.sweep.stacking import train_in_group  # its module; the function imports the identity checks
+from ulsweep.train.identity import stage1_hash
+from ulsweep.train.checkpoint import finished_result, read_meta
+import ulsweep.data.builtin, ulsweep.data.reader, ulsweep.tracking.datasets
+from ulsweep.train.latent_store import published_latents  # a base member logs its latents
+exp = experiment_from_dict({"resources": {"num_workers": 0}})
+stage1_hash(exp)
+wcfg = worker_config(exp, exp.resources, "ae", "ae-0000", "/tmp/x", "", "r", "ulsweep", stack_group="g")
+t = make_trainer(wcfg, exp.resources, storage_path="/tmp/x", name="ae-0000", in_tune=True)
+print(type(t).__name__, "torch" in sys.modules)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split()[-2:] == ["DataParallelTrainer", "False"], p.stdout
 
 
 def test_every_timed_part_has_its_label_in_the_report():

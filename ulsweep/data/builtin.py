@@ -25,7 +25,6 @@ import numpy as np
 from ulsweep import io as uio
 from ulsweep.data.manifest import MANIFEST, DataError
 from ulsweep.data.reader import open_dataset
-from ulsweep.data.writer import write_dataset
 
 # Bump a builder's version when its output changes; caches of older versions are then ignored.
 BUILTIN_VERSIONS = {"digits": 1, "photos": 2, "fashion-mnist": 1}
@@ -134,6 +133,8 @@ def _build_fashion_mnist(out: str, overwrite: bool = False) -> None:
 
 def _writer(name: str, arrays: Callable) -> Callable[..., None]:
     def build(out: str, overwrite: bool = False) -> None:
+        from ulsweep.data.writer import write_dataset  # torch: only where a dataset is written
+
         splits, label_names, source = arrays()
         write_dataset(out, name, splits, label_names=label_names, source=source, overwrite=overwrite)
     return build

@@ -1,22 +1,26 @@
 """Reading a dataset: `open_dataset` validates the manifest, `Dataset.load_split` reads and checks shards.
 
 Every problem found while reading is a `DataError` naming the file or URI, the split and what is wrong, and
-`load_split` returns nothing until all of the split's shards have been read and checked.
+`load_split` returns nothing until all of the split's shards have been read and checked. torch is imported by
+`load_split` alone: opening a dataset and naming its splits (a trial's MLflow dataset inputs) does without it.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from ulsweep import io as uio
 from ulsweep.data.codec import CodecError, decode_images
 from ulsweep.data.manifest import MANIFEST, DataError, filesystem, parse_manifest, where
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class Dataset:
             images[done:done + len(img)] = img
             labels[done:done + len(img)] = lab
             done += len(img)
+        import torch
+
         return torch.from_numpy(images), torch.from_numpy(labels)
 
     def iter_split(self, split: str, limit: int | None = None,

@@ -512,16 +512,13 @@ def train_in_group(name: str, key: str, exp: ExperimentConfig, run_dir: str, hoo
     it (started without it, or gone with an earlier driver), so that its own loop returns it or trains it alone."""
     import ray
 
+    from ulsweep.sweep.space import find_base
     from ulsweep.train.checkpoint import finished_result, read_meta
+    from ulsweep.train.identity import stage1_hash, stage2_hash  # no torch in this process (trial.py)
 
     if base is None:
-        from ulsweep.train.stage1 import stage1_hash
-
         cfg_hash = stage1_hash(exp)
     else:
-        from ulsweep.sweep.space import find_base
-        from ulsweep.train.stage2 import stage2_hash
-
         cfg_hash = stage2_hash(exp, find_base(exp, base["base"]), read_meta(base["ae_checkpoint"]))
     if finished_result(run_dir, cfg_hash) is not None:  # done before (a retry): its own loop returns it
         return None

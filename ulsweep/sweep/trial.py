@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -93,8 +94,22 @@ def worker_config(exp: ExperimentConfig, res: ResourcesConfig, kind: str, key: s
 
 
 def make_trainer(wcfg: dict, res: ResourcesConfig, storage_path: str, name: str, in_tune: bool):
-    """A TorchTrainer for one trial (DDP over res.num_workers workers; local mode when 0)."""
+    """A TorchTrainer for one trial (DDP over res.num_workers workers), or in local mode (0 workers: the loop runs
+    in this process, world size 1; no retries, no callbacks: the trial reports to Tune itself, worker.report) Ray
+    Train's plain DataParallelTrainer, which runs the loop alike without importing torch (TorchTrainer's local
+    mode adds only torchrun's process group, which ulsweep does not use): a stacked member's process, whose
+    group's actor trains it, then never imports torch."""
     import ray.train
+
+    datasets, data_config = stream_datasets(wcfg, res, in_tune)
+    if datasets:
+        wcfg = {**wcfg, "datasets": sorted(datasets)}
+    loop = {"train_loop_config": wcfg, "datasets": datasets, "dataset_config": data_config}
+    if res.num_workers == 0:
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+        return DataParallelTrainer(train_worker, **loop, scaling_config=ray.train.ScalingConfig(num_workers=0),
+                                   run_config=ray.train.RunConfig(name=name, storage_path=storage_path))
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = res.gpus_per_worker > 0
@@ -103,18 +118,13 @@ def make_trainer(wcfg: dict, res: ResourcesConfig, storage_path: str, name: str,
     if use_gpu:
         per_worker["GPU"] = res.gpus_per_worker
     callbacks = []
-    if in_tune and res.num_workers > 0:
+    if in_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
-    datasets, data_config = stream_datasets(wcfg, res)
-    if datasets:
-        wcfg = {**wcfg, "datasets": sorted(datasets)}
     return TorchTrainer(
         train_worker,
-        train_loop_config=wcfg,
-        datasets=datasets,
-        dataset_config=data_config,
+        **loop,
         scaling_config=ray.train.ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=per_worker),
         torch_config=TorchConfig(backend=backend),
@@ -123,11 +133,13 @@ def make_trainer(wcfg: dict, res: ResourcesConfig, storage_path: str, name: str,
     )
 
 
-def stream_datasets(wcfg: dict, res: ResourcesConfig):
+def stream_datasets(wcfg: dict, res: ResourcesConfig, in_tune: bool = False):
     """(datasets, ray.train.DataConfig) of a stage-1 trial whose training split may stream
     (`data.loader`), else (None, None). Ray Train splits the stream over the ranks (`equal=True`, order
-    preserved: ulsweep/data/stream.py) and every worker reads its part with `ray.train.get_dataset_shard`."""
-    if wcfg["kind"] != "ae" or wcfg["train_impl"] != "ulsweep":
+    preserved: ulsweep/data/stream.py) and every worker reads its part with `ray.train.get_dataset_shard`.
+    None in local mode inside Tune, where Ray Train refuses that call and the stage streams in its own process
+    (worker.RayHooks.dataset_shard): nothing to build, and a stacked member's process imports no torch for it."""
+    if wcfg["kind"] != "ae" or wcfg["train_impl"] != "ulsweep" or (in_tune and res.num_workers == 0):
         return None, None
     from ulsweep.config import experiment_from_dict
     from ulsweep.data.sources import trainer_datasets
@@ -158,7 +170,8 @@ def _run_trial(config: dict, ctx: SweepContext) -> None:
     process_trial = trial_thread.note_trial()
     kind, key = config["kind"], config["key"]
     exp = trial_experiment(ctx.experiment, config.get("overrides", {}))
-    import_trial_modules(ctx.train_impl, local=exp.resources.num_workers == 0)
+    group = ctx.stack_groups.get(key) if ctx.train_impl == "ulsweep" else None
+    import_trial_modules(ctx.train_impl, local=exp.resources.num_workers == 0, stacked=group is not None)
     t_imports = time.time()
     tdir, attempt = trial_dir(ctx.run_dir, key), uuid.uuid4().hex
     c = tracking.client(ctx.tracking_uri)
@@ -175,7 +188,6 @@ def _run_trial(config: dict, ctx: SweepContext) -> None:
     run_id = _open_trial_run(c, ctx, config, exp, parent)
     _tag_attempt(c, run_id, process_trial)
     t_run = time.time()  # the MLflow run is open: the start phase's tracking part ends here
-    group = ctx.stack_groups.get(key) if ctx.train_impl == "ulsweep" else None
     wcfg = worker_config(exp, exp.resources, kind, key, tdir, ctx.tracking_uri, run_id,
                          ctx.train_impl, base=config.get("base"), ae_checkpoint=config.get("ae_checkpoint"),
                          attempt=attempt, stack_group=group)
@@ -208,16 +220,21 @@ def _run_trial(config: dict, ctx: SweepContext) -> None:
     tracking.retry(c.set_terminated, run_id, status="FINISHED")
 
 
-def import_trial_modules(train_impl: str, local: bool) -> None:
+def import_trial_modules(train_impl: str, local: bool, stacked: bool = False) -> None:
     """Import what the trial process will need before anything of it is timed as tracking or start (the
-    `imports` phase): MLflow, torch and Ray Train, and with `local` (Ray Train's local mode: the loop runs in
-    this process) the training modules. A fresh process pays seconds here (on the H200 machine's sandbox,
-    importing torch and ulsweep took ~10 s), a reused Tune actor nothing. Only a warm-up: a module that fails to
-    import fails again where the trial needs it, after its MLflow run and retry budget are in place (so an
-    unknown train_impl is named by worker._train_fns, a broken install by the trial's recorded failure)."""
+    `imports` phase): MLflow and Ray Train, torch and Ray Train's torch backend, and with `local` (Ray Train's
+    local mode: the loop runs in this process) the training modules; a `stacked` trial in local mode no torch at
+    all, since its group's actor trains it (make_trainer; torch is imported later should it train alone). A fresh
+    process pays seconds here (on the H200 machine's sandbox, importing torch and ulsweep took ~10 s; 8.8-15.2 s
+    for 18 fresh processes at once on an H100 machine), a reused Tune actor nothing. Only a warm-up: a module
+    that fails to import fails again where the trial needs it, after its MLflow run and retry budget are in place
+    (so an unknown train_impl is named by worker._train_fns, a broken install by the trial's recorded failure)."""
     import importlib
 
-    wanted = ["mlflow", "torch", "ray.train.torch"] + (list(IMPLS.get(train_impl, ())) if local else [])
+    if local and stacked:
+        wanted = ["mlflow", "ray.train", "ray.tune"]
+    else:
+        wanted = ["mlflow", "torch", "ray.train.torch"] + (list(IMPLS.get(train_impl, ())) if local else [])
     for module in wanted:
         try:
             importlib.import_module(module)
@@ -283,7 +300,7 @@ def log_datasets(c, run_id: str, exp: ExperimentConfig, ae_checkpoint: str | Non
         ds = open_dataset(resolve_dataset(d.path))
         refs = split_refs(ds, d.train_split, d.eval_split, d.image_size)
         if ae_checkpoint:
-            from ulsweep.train.latents import published_latents
+            from ulsweep.train.latent_store import published_latents
 
             lat = published_latents(ae_checkpoint, d)
             refs = [latents_ref(lat, ds.name)] if lat is not None else []
@@ -357,7 +374,9 @@ def _record_timings(c, run_id: str, run_dir: str, key: str, rec: dict) -> None:
     """One attempt's timings: a line in <run dir>/trials/<key>/timings.jsonl (benchmarks/orchestration.py), and
     in the trial's MLflow run its phases (ulsweep/sweep/timeline.py) appended to the `ulsweep.timeline` tag
     (the dashboard's timeline) and, for the first attempt that finished, seconds per phase (`time/<phase>_s`) and
-    per part of the final evaluation (`time/evaluate_<part>_s`)."""
+    per part of the final evaluation (`time/evaluate_<part>_s`). `torch_imported`: whether this trial's process
+    had imported torch by then (a stacked member's, in local mode, never does: import_trial_modules)."""
+    rec = {**rec, "torch_imported": "torch" in sys.modules}
     try:
         uio.append_text(f"{trial_dir(run_dir, key)}/timings.jsonl", json.dumps(rec) + "\n")
     except Exception as e:

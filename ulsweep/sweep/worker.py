@@ -18,6 +18,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -124,10 +125,9 @@ class RayHooks(TrainHooks):
     def finish(self, res: StageResult, loop_seconds: float) -> dict[str, Any]:
         """Rank 0: flush curves; final metrics, images and checkpoint to MLflow; the final Tune result."""
         final = {k: float(v) for k, v in numbers(res.metrics).items()}
-        from ulsweep.train.runtime import device_memory
-
-        # a stacked group's member: the memory of the group's process, which trained it (this one relayed)
-        memory = device_memory() or (res.extra or {}).get("device_memory", {})
+        # a stacked group's member: the memory of the group's process, which trained it (this one relayed, and
+        # in local mode never imported torch: importing it only to find no CUDA would cost seconds here)
+        memory = _own_device_memory() or (res.extra or {}).get("device_memory", {})
         final.update({"step": res.steps, "train_seconds": res.train_seconds, "loop_seconds": loop_seconds, **memory})
         if self.client is None or self.buffer is None:
             return final
@@ -163,6 +163,15 @@ class RayHooks(TrainHooks):
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
+
+
+def _own_device_memory() -> dict[str, float]:
+    """This process's peak CUDA memory (runtime.device_memory), {} where it has not imported torch."""
+    if "torch" not in sys.modules:
+        return {}
+    from ulsweep.train.runtime import device_memory
+
+    return device_memory()
 
 
 def start_system_metrics(run_id: str, tracking_uri: str, every_s: float):
@@ -231,10 +240,12 @@ def _checkpoint_obj(path: str, run_dir: str):
 
 
 def _train_fns(impl: str):
+    """(the autoencoder's, the base model's) training function of `impl`, each imported when first asked for: a
+    stacked member's loop, which its group trains, never imports torch."""
     if impl not in IMPLS:
         raise ValueError(f"unknown train_impl {impl!r}; known: {sorted(IMPLS)}")
     m1, m2 = IMPLS[impl]
-    return importlib.import_module(m1).train_autoencoder, lambda: importlib.import_module(m2).train_base
+    return lambda: importlib.import_module(m1).train_autoencoder, lambda: importlib.import_module(m2).train_base
 
 
 def train_worker(wcfg: dict) -> dict:
@@ -246,7 +257,7 @@ def train_worker(wcfg: dict) -> dict:
     exp = experiment_from_dict(wcfg["experiment"])
     waits = _cuda_wait(exp.resources)  # before torch first touches the GPU in this process
     hooks = RayHooks(wcfg, rank, world)
-    train_ae, get_train_base = _train_fns(wcfg["train_impl"])
+    get_train_ae, get_train_base = _train_fns(wcfg["train_impl"])
     t0, t_loop = time.perf_counter(), time.time()
     try:
         res = None
@@ -256,7 +267,7 @@ def train_worker(wcfg: dict) -> dict:
             base = None if wcfg["kind"] == "ae" else {"base": wcfg["base"], "ae_checkpoint": wcfg["ae_checkpoint"]}
             res = train_in_group(wcfg["stack_group"], wcfg["key"], exp, run_dir, hooks, base)
         if res is None and wcfg["kind"] == "ae":
-            res = train_ae(exp, run_dir, hooks)
+            res = get_train_ae()(exp, run_dir, hooks)
         elif res is None:
             res = get_train_base()(exp, find_base(exp, wcfg["base"]), wcfg["ae_checkpoint"], run_dir, hooks)
     except BaseException as e:

@@ -6,6 +6,9 @@ Checkpoints: a directory `step_XXXXXXXX/` holding `state.pt` and `meta.json`.
 `meta.json` is written last and records the SHA-256 of `state.pt`: a checkpoint without a manifest,
 or whose state does not match its hash, is never loaded (truncated or corrupted files are refused).
 `state.pt` holds only tensors and plain Python data and is read with `torch.load(weights_only=True)`.
+
+torch is imported where a state is written or read: the rest (manifests, results) serves processes that never
+load a network, such as a stacked member's trial process (ulsweep/sweep/stacking.py).
 """
 from __future__ import annotations
 
@@ -16,12 +19,13 @@ import re
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from ulsweep import io as uio
 from ulsweep.train.hooks import StageResult
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "ulsweep-checkpoint-v1"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -44,6 +48,8 @@ def step_dir(run_dir: str, step: int) -> str:
 
 def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], meta: dict[str, Any]) -> str:
     """Write state then manifest atomically; return the checkpoint directory."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(state, buf)
     blob = buf.getvalue()
@@ -58,6 +64,8 @@ def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], meta: dict[s
 def to_host(state: Any) -> Any:
     """A copy of `state` in host memory that shares no storage with it: training updates the weights, the EMA and
     the optimizer's moments in place (and the learning rate in its param groups) while a copy is being written."""
+    import torch
+
     if isinstance(state, torch.Tensor):
         return state.detach().to("cpu", copy=True)
     if isinstance(state, dict):
@@ -132,6 +140,8 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> tupl
         raise CheckpointError(f"{path}/state.pt: SHA-256 {digest[:12]}... does not match the manifest's "
                               f"{meta['sha256'][:12]}... ({len(blob)} of {meta.get('bytes')} bytes): "
                               "corrupted or truncated, refusing to load it")
+    import torch
+
     state = torch.load(io.BytesIO(blob), map_location=map_location, weights_only=True)
     return state, meta
 

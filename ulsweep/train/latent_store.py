@@ -7,7 +7,9 @@
 
 `LatentWriter` writes shards as they come and the manifest last; `read_latents` finds and checks a published
 set; `Latents.load` reads it whole, `decode_latents` turns a `z` column back into float32 (N, C, h, w).
-Who encodes, and when, is `ulsweep.train.latents`.
+Who encodes, and when, is `ulsweep.train.latents`; `published_latents` finds a set for tracking. torch only where
+tensors come in or go out (`Latents.load`, `write_latents`): a stacked base member's trial process, which logs its
+latents as a dataset input, never imports it.
 """
 from __future__ import annotations
 
@@ -15,15 +17,19 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from ulsweep import io as uio
 from ulsweep.data.manifest import HEX64_RE, DataError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ulsweep.config import DataConfig
 
 FORMAT = "ulsweep-latents"
 FORMAT_VERSION = 1
@@ -104,6 +110,8 @@ class Latents:
             except ValueError as e:
                 raise DataError(f"{uri}: {e}") from None
             done += table.num_rows
+        import torch
+
         return torch.from_numpy(out).to(device)
 
 
@@ -251,6 +259,8 @@ class LatentWriter:
 def write_latents(directory: str, key: LatentsKey, z: torch.Tensor, token: str, info: dict) -> Latents:
     """Write z (float32 (N, C, h, w)) as shards under `directory`/`token`/, each atomically, then the
     manifest (atomically, last). `info`: extra manifest entries (provenance)."""
+    import torch
+
     w = LatentWriter(directory, token)
     w.add(z.detach().to("cpu", torch.float32).numpy())
     return w.finish(key, info)
@@ -264,3 +274,15 @@ def _shard_bytes(z: np.ndarray, first_row: int) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="none", use_dictionary=False, write_statistics=["index"])
     return sink.getvalue()
+
+
+def published_latents(ae_checkpoint: str, data: DataConfig) -> Latents | None:
+    """The latents published for the autoencoder checkpoint and `data`'s training split, if any (manifest
+    checked, shards not read); for tracking."""
+    from ulsweep.data.builtin import resolve_dataset
+    from ulsweep.data.reader import open_dataset
+    from ulsweep.train.checkpoint import read_meta
+
+    ds = open_dataset(resolve_dataset(data.path))
+    key = LatentsKey(read_meta(ae_checkpoint)["sha256"], ds.content_hash, data.train_split, data.image_size)
+    return read_latents(latents_dir(ae_checkpoint, key), key)[0]

@@ -48,7 +48,7 @@ from ulsweep.data.model_range import to_model_range
 from ulsweep.data.reader import Dataset, open_dataset
 from ulsweep.lease import HEARTBEAT_S, STALE_S, Lease, LeaseWatch
 from ulsweep.train.latent_store import (MANIFEST, LatentsKey, Latents, LatentWriter, decode_latents,  # noqa: F401
-                                        latents_dir, read_latents, write_latents)
+                                        latents_dir, published_latents, read_latents, write_latents)
 
 LOCK = "lock.json"
 ENCODE_BATCH = 512  # images per encoder call (stage 2's batch before the cache: keeps z bit-identical)
@@ -406,13 +406,3 @@ def latent_source(lat: Latents, rt, seed: int, batch_size: int):
         pipe = pipe.limit(rows)
     pipe.context.execution_options = stream.execution_options(row_bytes, local)
     return stream.StreamSource(pipe, rows * rt.world, rt, seed, lambda b: b["z"], label=lat.uri)
-
-
-def published_latents(ae_checkpoint: str, data: DataConfig) -> Latents | None:
-    """The latents published for the autoencoder checkpoint and `data`'s training split, if any (manifest
-    checked, shards not read); for tracking."""
-    from ulsweep.train.checkpoint import read_meta
-
-    ds = open_dataset(resolve_dataset(data.path))
-    key = LatentsKey(read_meta(ae_checkpoint)["sha256"], ds.content_hash, data.train_split, data.image_size)
-    return read_latents(latents_dir(ae_checkpoint, key), key)[0]

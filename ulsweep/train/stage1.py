@@ -12,7 +12,7 @@ from collections.abc import Collection, Iterator, Sequence
 
 import torch
 
-from ulsweep.config import AELossConfig, ExperimentConfig, config_hash, dump_yaml, to_dict
+from ulsweep.config import AELossConfig, ExperimentConfig, dump_yaml, to_dict
 from ulsweep.data.sources import train_source
 from ulsweep.diffusion import (decoder_loss, diffuse, latent_bitrates, low_discrepancy_times,
                                mse_decoder_loss, nats_to_bits_per_pixel, normal_prior_loss, prior_loss, x_from_v)
@@ -25,6 +25,7 @@ from ulsweep.train.build import latent_shape as latent_shape_of
 from ulsweep.train.checkpoint import finished_result
 from ulsweep.train.evaluation import PartTimer, load_eval_extractor, reconstruction_fd_of
 from ulsweep.train.hooks import StageResult, TrainHooks
+from ulsweep.train.identity import stage1_hash
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
 from ulsweep.train.sampling import (fill_up, image_grid_png, member_by_member, reconstruct, sample_rows,
@@ -259,13 +260,6 @@ def final_evaluation(ema_ae, ae, x_eval: torch.Tensor, exp: ExperimentConfig, ex
     """`final_evaluations` of one run: (metrics, images)."""
     metrics, images, _ = next(final_evaluations(ema_ae, ae, x_eval, [exp], extractor, data_hash, steps, timer))
     return metrics, images
-
-
-def stage1_hash(exp: ExperimentConfig) -> str:
-    """The config a stage-1 run's checkpoints and result belong to: its data, autoencoder and evaluation. Not
-    resources, tracking, storage or the search, which a sweep may change on resume (the sweep's identity leaves
-    them out too, ulsweep/sweep/state.py), nor the base models, which train in runs of their own."""
-    return config_hash({"data": exp.data, "ae": exp.ae, "eval": exp.eval})
 
 
 def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | None = None) -> StageResult:

@@ -14,7 +14,7 @@ from collections.abc import Collection, Iterator, Sequence
 
 import torch
 
-from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_yaml, experiment_from_dict, to_dict
+from ulsweep.config import BaseStageConfig, ExperimentConfig, dump_yaml, experiment_from_dict, to_dict
 from ulsweep.data.sources import DeviceSplit, choose_loader, choose_loader_for, load_eval_images, open_splits
 from ulsweep.diffusion import (LogSNRSchedule, base_loss, diffuse, latent_bitrates,
                                low_discrepancy_times, x_from_v)
@@ -24,6 +24,7 @@ from ulsweep.train.build import base_schedule, build_autoencoder, build_base_mod
 from ulsweep.train.checkpoint import CheckpointError, finished_result, load_checkpoint
 from ulsweep.train.evaluation import PartTimer, generation_fd_of, load_eval_extractor
 from ulsweep.train.hooks import StageResult, TrainHooks
+from ulsweep.train.identity import stage2_hash
 from ulsweep.train.latents import IN_PROCESS, decode_path, latent_source, training_latents
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import make_runtime
@@ -261,13 +262,6 @@ def say_decode_path(exp: ExperimentConfig, ds, rt, label: str) -> str:
         print(f"{label} data.loader {exp.data.loader} -> {images} for the training images: {why}; encoding "
               f"them, unless their latents are stored, decodes {how}", flush=True)
     return decode
-
-
-def stage2_hash(exp: ExperimentConfig, base: BaseStageConfig, ae_meta: dict) -> str:
-    """Identity of a base run: its data section, its own config, the exact AE weights it sits on and its
-    evaluation (as stage1_hash: a finished run's result.json answers a rerun only when it was evaluated the same
-    way; a changed `eval` refuses the run directory instead of returning metrics of another evaluation)."""
-    return config_hash({"data": exp.data, "base": base, "ae_sha256": ae_meta["sha256"], "eval": exp.eval})
 
 
 def flops_metrics(base: BaseStageConfig, latent_shape, steps: int) -> dict[str, float]:
