@@ -9,7 +9,9 @@ above 1 the stacked program of a group of K) in a fresh process with an empty In
 the wall time to the step's end, that time by part (`step_parts_s`: build, setup, first step, steps) and Dynamo's
 `compile_times` by phase (`compile_phase_seconds`: the phases nest; on a CPU `compile_file` is the C++ compiler, on
 a GPU `async_compile.wait` the wait for Triton's parallel kernel compiles). Prints a table and writes JSON. Sampling
-is not compiled here.
+is not compiled here. `--warm` adds, after each row, the same compile in a second fresh process that finds the
+first one's caches (as a sweep's group finds its precompile task's): what a warm first step still costs (session
+31, one H100: the base group's first compiled step 8.6 s after its precompile task had compiled it).
 """
 from __future__ import annotations
 
@@ -53,12 +55,14 @@ PARTS = ["build", "setup", "first_step", "steps"]  # the step's seconds by part 
 
 
 def table(rows: list[dict]) -> str:
-    """One line a row: its members, seconds to its step's end, those seconds by part, then the SHOWN phases."""
-    lines = [f"{'members':>7}{'step s':>9}" + "".join(f"{p:>12}" for p in PARTS)
+    """One line a row: its members and caches, seconds to its step's end, those seconds by part, then the SHOWN
+    phases."""
+    lines = [f"{'members':>7}{'caches':>7}{'step s':>9}" + "".join(f"{p:>12}" for p in PARTS)
              + "".join(f"{name[:18]:>20}" for name in SHOWN)]
     for r in rows:
         ph, parts = r.get("phases_s") or {}, r.get("step_parts_s") or {}
-        lines.append(f"{r['members']:>7}{r['step_s']:>9.1f}" + "".join(f"{parts.get(p, 0.0):>12.1f}" for p in PARTS)
+        lines.append(f"{r['members']:>7}{r.get('caches', 'cold'):>7}{r['step_s']:>9.1f}"
+                     + "".join(f"{parts.get(p, 0.0):>12.1f}" for p in PARTS)
                      + "".join(f"{ph.get(name, 0.0):>20.1f}" for name in SHOWN))
     return "\n".join(lines)
 
@@ -70,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--members", type=int, nargs="+", default=[1, 18], help="rows: trials compiled as one program")
     p.add_argument("--set", action="append", help="KEY=VALUE override of the experiment")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--warm", action="store_true", help="each row again in a fresh process with its caches warm")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child is not None:
@@ -82,14 +87,15 @@ def main(argv: list[str] | None = None) -> int:
                        ULSWEEP_CACHE=os.path.join(cache, "ulsweep"))
             cmd = [sys.executable, os.path.abspath(__file__), args.experiment, "--stage", args.stage,
                    "--child", str(k)] + sum((["--set", s] for s in args.set or []), [])
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        line = next((ln for ln in done.stdout.splitlines() if ln.startswith("ROW ")), None)
-        if done.returncode or line is None:
-            print(done.stdout[-2000:] + done.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f"row members={k}: the compile failed (exit {done.returncode})")
-        row = json.loads(line[4:]) | {"members": k}
-        rows.append(row)
-        print(f"  done: members {k}, {row['step_s']:.1f} s", file=sys.stderr, flush=True)
+            for caches in ["cold", "warm"] if args.warm else ["cold"]:
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                line = next((ln for ln in done.stdout.splitlines() if ln.startswith("ROW ")), None)
+                if done.returncode or line is None:
+                    print(done.stdout[-2000:] + done.stderr[-4000:], file=sys.stderr)
+                    raise SystemExit(f"row members={k} ({caches}): the compile failed (exit {done.returncode})")
+                row = json.loads(line[4:]) | {"members": k, "caches": caches}
+                rows.append(row)
+                print(f"  done: members {k} ({caches}), {row['step_s']:.1f} s", file=sys.stderr, flush=True)
     print(table(rows))
     import torch
 

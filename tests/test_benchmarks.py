@@ -837,11 +837,11 @@ def test_compile_phases_table_gives_each_rows_step_by_part_and_its_phases():
 
     rows = [{"members": 18, "step_s": 143.2, "step_parts_s": {"build": 4.2, "setup": 1.0, "first_step": 130.1},
              "phases_s": {"bytecode_tracing": 3.9, "Scheduler.codegen": 49.2}},
-            {"members": 1, "step_s": 127.4, "step_parts_s": None, "phases_s": None}]
+            {"members": 1, "caches": "warm", "step_s": 127.4, "step_parts_s": None, "phases_s": None}]
     head, first, second = compile_phases.table(rows).splitlines()
-    assert head.split()[:6] == ["members", "step", "s", "build", "setup", "first_step"]
-    assert first.split()[:7] == ["18", "143.2", "4.2", "1.0", "130.1", "0.0", "3.9"]
-    assert "49.2" in first.split() and second.split()[:3] == ["1", "127.4", "0.0"]
+    assert head.split()[:7] == ["members", "caches", "step", "s", "build", "setup", "first_step"]
+    assert first.split()[:8] == ["18", "cold", "143.2", "4.2", "1.0", "130.1", "0.0", "3.9"]  # cold unless said
+    assert "49.2" in first.split() and second.split()[:4] == ["1", "warm", "127.4", "0.0"]
 
 
 def test_warm_group_step_times_both_variants_of_a_groups_first_steps(tmp_path):

@@ -67,6 +67,36 @@ def test_the_planned_trials_of_one_architecture_form_groups_of_at_most_stack_tri
     assert plan(experiment_from_dict(d)) == [] and group_names(experiment_from_dict(d), "s") == {}
 
 
+def test_the_driver_starts_the_groups_actors_before_the_precompile_tasks_and_the_tuner(monkeypatch):
+    """An autoencoder group builds itself and warms its step while its members' trials start: its actor is
+    started first (session 31, one H100: started after the precompile tasks and the Tuner, it began building 0.1 s
+    before its last member joined, which then waited 6.4 s for it)."""
+    import io
+
+    from ulsweep.sweep import driver
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def tuner(*args):
+        calls.append("tuner")
+        raise Stop
+
+    monkeypatch.setattr(driver, "_print_header", lambda *args: calls.append("header"))
+    monkeypatch.setattr(driver.stacking, "start", lambda *args: calls.append("groups") or [])
+    monkeypatch.setattr(driver.precompile, "start", lambda *args: calls.append("precompile") or [])
+    monkeypatch.setattr(driver, "_make_tuner", tuner)
+    monkeypatch.setattr(driver.lineage, "mark_interrupted", lambda run: calls.append("interrupted"))
+    monkeypatch.setattr(driver, "_close_precompile", lambda *args: calls.append("closed precompile"))
+    monkeypatch.setattr(driver, "_close_groups", lambda groups: calls.append("closed groups"))
+    with pytest.raises(Stop):
+        run = dataclasses.make_dataclass("Run", [("sweep_id", str)])("s")
+        driver._fit(experiment_from_dict(lf_sweep(stack_trials=18)), "rd", run, "ulsweep", False, io.StringIO())
+    assert calls == ["header", "groups", "precompile", "tuner", "interrupted", "closed precompile", "closed groups"]
+
+
 def test_stacking_settings_are_checked_by_name():
     with pytest.raises(ConfigError, match="resources.stack_trials.*planned search.*optuna-tpe"):
         d = lf_sweep(stack_trials=4)
@@ -294,8 +324,9 @@ def test_a_base_group_reads_the_checkpoints_passed_on_before_its_members_join(mo
         events.append(("read", ckpt))
         return ("ae of " + ckpt, None, {})
 
-    def encode(ckpt, read, members):  # each checkpoint passed on is encoded after it is read
+    def encode(ckpt, read, members, passed_on):  # each checkpoint passed on is encoded after it is read
         assert read.result() == ("ae of " + ckpt, None, {}) and members == 2
+        assert passed_on <= time.time()  # when it was passed on: the actor's log says how long after it began
         events.append(("encode", ckpt))
         return ckpt, ("data",), "z of " + ckpt
 

@@ -250,11 +250,15 @@ def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, re
     groups: list = []  # the stacked groups' actors, the driver's for the fit's length
     try:
         _print_header(exp, run_dir, run, out)
-        tuner = _make_tuner(exp, run_dir, run, train_impl, resume)
         t_fit = time.time()
-        warming = precompile.start(exp, out)  # the trials' steps, ahead of them
+        # the groups' actors first: an autoencoder group builds itself and warms its step while its members'
+        # trials start, and had not done so when they joined (session 31, one H100: its building began 0.1 s
+        # before the last member joined, once their processes no longer imported torch); the precompile tasks
+        # and the Tuner (seconds) after them
         if train_impl == "ulsweep":
             groups = stacking.start(exp, run_dir, run.sweep_id, out)
+        warming = precompile.start(exp, out)  # the trials' steps, ahead of them
+        tuner = _make_tuner(exp, run_dir, run, train_impl, resume)
         with RestoreTripwire(_tune_dir(run_dir), exp.search.method):
             grid = tuner.fit()
         record_closed_snapshot(run_dir)

@@ -250,7 +250,8 @@ class GroupTrainer:
             from ulsweep.train.group_base import encode_ahead
 
             self._encoder = self._encoder or ThreadPoolExecutor(1, thread_name_prefix="ulsweep-encode-ahead")
-            self.ahead[key] = self._encoder.submit(encode_ahead, ae_checkpoint, self.read[key][1], len(self.keys))
+            self.ahead[key] = self._encoder.submit(encode_ahead, ae_checkpoint, self.read[key][1], len(self.keys),
+                                                   time.time())
             return True
 
     def _read(self, key: str, ae_checkpoint: str) -> None:

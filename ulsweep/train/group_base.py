@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -58,15 +59,20 @@ def latents_need(members: int, split_size: int, latent_shape) -> int:
     return members * split_size * 4 * math.prod(latent_shape)
 
 
-def encode_ahead(ae_checkpoint: str, read: Future, members: int) -> tuple[str, tuple, torch.Tensor | None]:
+def encode_ahead(ae_checkpoint: str, read: Future, members: int,
+                 passed_on: float | None = None) -> tuple[str, tuple, torch.Tensor | None]:
     """A member's training latents encoded and stored as soon as its autoencoder is read (`read`: its
     `read_ahead` future), before its base trial joins: the sweep's base group does this for each checkpoint its
     autoencoder group passes on, while the other autoencoders are still evaluated, where the group's `members`
     members' latents will be on the device (`data.loader`'s choice). Encoded as a base trial alone encodes them
     (`training_latents`: the same latents, the same store). Returns (`ae_checkpoint`, what they are the latents
     of: the dataset's hash, split and image size, them on the device); (…, None) where the group streams its
-    latents: a streamed split is better decoded once for all members, by the group (`encode_together`)."""
+    latents: a streamed split is better decoded once for all members, by the group (`encode_together`). Says when
+    it began, had the checkpoint and was done, in seconds after `passed_on` (time.time() when the checkpoint was
+    passed on): where a base member's wait for these goes (session 31, one H100: 9.2 s after the last joined)."""
+    began = time.time()
     ae, ae_exp, meta = read.result()
+    got = time.time()
     data = ae_exp.data
     rt = make_runtime(ae_exp.ae.train)
     ds = open_splits(data)
@@ -78,6 +84,11 @@ def encode_ahead(ae_checkpoint: str, read: Future, members: int) -> tuple[str, t
     decode = decode_path(choose_loader(data, ds, rt.device)[0])
     with torch.no_grad():
         z = training_latents(encoder, ae_checkpoint, meta["sha256"], ds, data, rt.device, decode=decode)[1]
+    done = time.time()
+    t0 = began if passed_on is None else passed_on
+    print(f"[latents] encoded ahead at {time.strftime('%H:%M:%S', time.localtime(done))}: began "
+          f"{began - t0:.2f} s after {ae_checkpoint} was passed on, had it read at {got - t0:.2f} s, done at "
+          f"{done - t0:.2f} s", flush=True)
     return ae_checkpoint, key, z
 
 
