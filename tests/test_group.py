@@ -292,6 +292,55 @@ def test_a_base_group_trains_each_member_as_its_own_run(tmp_path, alone, bases_a
     assert [r.checkpoint for r in again] == [r.checkpoint for r in results]
 
 
+def test_a_base_group_built_and_compiled_ahead_trains_as_one_built_when_its_members_joined(tmp_path, alone,
+                                                                                             one_thread, capsys):
+    """prepare_bases builds a base group's networks and runs its compiled step (forward and backward, no optimizer
+    step) on random latents before its members join: the loop's own compiled module (a new torch.compile of the
+    same objective) then compiles nothing more in this process, and the group trains to the very weights,
+    generators and bits/pixel of one built when its members joined; networks prepared for other members are
+    refused by what they were built from."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from ulsweep.config import to_dict
+    from ulsweep.train.build import latent_shape
+    from ulsweep.train.group_base import base_networks_ident, prepare_bases, train_bases
+
+    def compiled(m):  # the base model's step compiled (Inductor's default mode on a CPU)
+        d = to_dict(member_exp(*m))
+        d["base_models"][0]["train"]["compile"] = "default"
+        return experiment_from_dict(d)
+
+    exps = [compiled(m) for m in MEMBERS[:2]]
+    bases, ckpts = [e.base_models[0] for e in exps], [ae.checkpoint for ae, _ in alone[:2]]
+    shape = latent_shape(exps[0])
+    assert base_networks_ident(bases, exps, shape) != base_networks_ident(bases[::-1], exps[::-1], shape)
+    torch._dynamo.reset()  # nothing compiled in this process yet (its disk caches may answer)
+    prepared = prepare_bases(bases, exps, shape)
+    assert prepared.compiled in ("first", "after", "done", "unlocked") and prepared.seconds > 0
+    assert all(p.grad is None for p in prepared.objective.parameters())
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    ahead = train_bases(exps, bases, ckpts, [str(tmp_path / f"a{i}") for i in range(2)], str(tmp_path / "ga"),
+                        prepared=prepared)
+    assert counters["stats"]["unique_graphs"] == graphs  # the loop's compiled step: the warm-up's graphs
+    plain = train_bases(exps, bases, ckpts, [str(tmp_path / f"p{i}") for i in range(2)], str(tmp_path / "gp"))
+    for a, p in zip(ahead, plain):
+        mine, theirs = load_checkpoint(a.checkpoint)[0], load_checkpoint(p.checkpoint)[0]
+        for part in ("model", "ema"):
+            assert all(torch.equal(mine[part][n], t) for n, t in theirs[part].items()), part
+        assert torch.equal(mine["rng"]["gen"], theirs["rng"]["gen"])
+        assert a.metrics["base_bpp"] == p.metrics["base_bpp"]
+        marks = a.extra["marks"]
+        assert marks["prepared_s"] == prepared.seconds and marks["prepared_compile"] == prepared.compiled
+        assert marks["t_prepared_end"] == prepared.t_end <= marks["t_setup_end"]
+        assert "prepared_s" not in p.extra["marks"]
+    other = prepare_bases(bases[::-1], exps[::-1], shape)  # for the members in the other order
+    train_bases(exps, bases, ckpts, [str(tmp_path / f"o{i}") for i in range(2)], str(tmp_path / "go"),
+                prepared=other)
+    assert "built for other members: building them anew" in capsys.readouterr().out
+
+
 def test_base_members_of_another_base_model_are_refused_by_name(alone):
     from ulsweep.train.group_base import train_bases
 

@@ -286,7 +286,8 @@ def test_a_base_group_reads_each_members_checkpoint_as_it_joins(monkeypatch):
         events.append(("read", ckpt))
         return ("ae of " + ckpt, None, {})
 
-    def train(exps, bases, ckpts, run_dirs, group_dir, hooks=None, frozen=None, ahead=None, marks=None):
+    def train(exps, bases, ckpts, run_dirs, group_dir, hooks=None, frozen=None, ahead=None, marks=None,
+              prepared=None):
         got["ckpts"], got["frozen"] = ckpts, [f.result() for f in frozen]
         return [None] * len(exps)
 
@@ -311,6 +312,57 @@ def test_a_base_group_reads_each_members_checkpoint_as_it_joins(monkeypatch):
     assert group.read == {}  # what was read is let go once the group is done
 
 
+def test_a_planned_base_group_builds_itself_ahead_in_the_thread_that_then_trains_it(monkeypatch, capsys):
+    """A base group whose members the driver planned (trainer_args: each member's experiment and base model) builds
+    its networks and warms its compiled step (`prepare_bases`) before any member joins, in its own thread, which,
+    once its members have joined, trains them (CUDA graphs belong to one thread of a process) and hands the
+    preparation to `train_bases`; a preparation that fails is named and the group trains all the same."""
+    from ulsweep.train import group_base
+
+    d = lf_sweep(stack_trials=2)
+    d["search"].update({"space": {"ae.loss.loss_factor": {"values": [1.5, 4.0]}}, "points": []})
+    exp = experiment_from_dict(d)
+    [keys] = base_plan(exp)
+    args = trainer_args(exp, "/runs/x", 1, keys, "base")
+    planned = args[5]
+    assert [p["base"] for p in planned] == ["small", "small"]
+    assert [p["experiment"]["ae"]["loss"]["loss_factor"] for p in planned] == [1.5, 4.0]
+    threads, got = {}, {}
+
+    def prepare(bases, ae_exps, latent_shape, keep_waiting=lambda: False):
+        threads["prepare"] = threading.current_thread()
+        got["waiting"] = keep_waiting()  # no member has joined yet
+        got["shape"] = latent_shape
+        return "prepared"
+
+    def train(exps, bases, ckpts, run_dirs, group_dir, hooks=None, frozen=None, ahead=None, marks=None,
+              prepared=None):
+        threads["train"], got["prepared"] = threading.current_thread(), prepared
+        return [None] * len(exps)
+
+    monkeypatch.setattr(group_base, "prepare_bases", prepare)
+    monkeypatch.setattr(group_base, "read_ahead", lambda ckpt: ("ae", None, {}))
+    monkeypatch.setattr(group_base, "train_bases", train)
+    for failing in (False, True):
+        if failing:
+            monkeypatch.setattr(group_base, "prepare_bases", lambda *a, **k: 1 / 0)
+        group = GroupTrainer(*args[:5], planned, log=None)
+        deadline = time.monotonic() + 60
+        while "prepare" not in threads and not failing and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for i, k in enumerate(keys):
+            assert group.join(k, planned[i]["experiment"], f"run{i}", {"base": "small", "ae_checkpoint": f"c{i}"})
+        while group.status()["state"] != "done" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert group.status()["state"] == "done"
+        if not failing:
+            assert threads["train"] is threads["prepare"] and threads["train"] is not threading.current_thread()
+            assert got["prepared"] == "prepared" and got["waiting"] is True and got["shape"] == (8, 8, 8)
+        else:
+            assert got["prepared"] is None
+            assert "preparing ahead failed (ZeroDivisionError" in capsys.readouterr().out
+
+
 def test_a_base_group_reads_the_checkpoints_passed_on_before_its_members_join(monkeypatch):
     """Checkpoints an autoencoder group passes on (`read_ahead`) are read before the base trials start; a member
     that joins with that checkpoint is not read again, one that joins with another is. Keys of no member, a key
@@ -330,7 +382,8 @@ def test_a_base_group_reads_the_checkpoints_passed_on_before_its_members_join(mo
         events.append(("encode", ckpt))
         return ckpt, ("data",), "z of " + ckpt
 
-    def train(exps, bases, ckpts, run_dirs, group_dir, hooks=None, frozen=None, ahead=None, marks=None):
+    def train(exps, bases, ckpts, run_dirs, group_dir, hooks=None, frozen=None, ahead=None, marks=None,
+              prepared=None):
         got["frozen"], got["marks"] = [f.result() for f in frozen], marks
         got["ahead"] = [f.result() if f is not None else None for f in ahead]
         return [None] * len(exps)

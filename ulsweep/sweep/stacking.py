@@ -13,7 +13,8 @@ ulsweep.train.group_base.train_bases), and the trial returns that result as if i
 
 An autoencoder group's actor builds the group's data and networks, and runs its uncompiled step once, for the
 members the driver planned while their trial processes start (ulsweep.train.group.prepare_autoencoders), and trains
-from that when they join as planned. A group trains once all its members have joined, or `stack_wait_s` after its
+from that when they join as planned; a base group's actor builds its networks and warms their compiled step while
+the autoencoders train (ulsweep.train.group_base.prepare_bases), in the thread that trains them. A group trains once all its members have joined, or `stack_wait_s` after its
 first member joined with those that have (a member finished before, in a resumed sweep, never joins; a base trial
 whose autoencoder failed never comes); a base group reads each member's autoencoder checkpoint, and encodes its
 latents (ulsweep.train.group_base.encode_ahead), when the member's autoencoder group passes it on (`ReadAhead`, as
@@ -173,6 +174,15 @@ class GroupTrainer:
         if kind == "ae" and planned and len(planned) == len(self.keys) > 1:
             self._prepared = ThreadPoolExecutor(1, thread_name_prefix="ulsweep-prepare").submit(self._prepare,
                                                                                               planned)
+        # a base group's networks, built and their compiled step warmed while the autoencoders train (`planned`: per
+        # member its experiment and base model's name), in the thread that will train them (CUDA graphs belong to
+        # one thread of a process: runtime.compile_mode), which then waits for the members and trains
+        self._first_join: float | None = None  # time.monotonic() of the first join: the group waits wait_s from it
+        self._thread: threading.Thread | None = None
+        if kind == "base" and planned and len(planned) == len(self.keys) > 1:
+            self._thread = threading.Thread(target=self._prepare_bases_then_run, args=(planned,),
+                                            name="ulsweep-group", daemon=True)
+            self._thread.start()
 
     def _prepare(self, planned: list[dict]):
         import torch
@@ -235,7 +245,10 @@ class GroupTrainer:
                 self.ahead.pop(key, None)  # encoded from another checkpoint: the group encodes its own
             self.events[key], self.taken[key] = [], 0
             if first:
-                threading.Thread(target=self._run, name="ulsweep-group", daemon=True).start()
+                self._first_join = time.monotonic()
+                if self._thread is None:  # else the thread that prepared the group goes on to train it
+                    self._thread = threading.Thread(target=self._run, name="ulsweep-group", daemon=True)
+                    self._thread.start()
             self.cv.notify_all()
             return True
 
@@ -291,9 +304,35 @@ class GroupTrainer:
         with self.cv:
             return {"state": self.state, "joined": list(self.joined), "members": list(self.members)}
 
-    def _run(self) -> None:
+    def _prepare_bases_then_run(self, planned: list[dict]) -> None:
+        """A base group's thread: its networks built and compiled step warmed (`group_base.prepare_bases`; a
+        failure is named and costs nothing else), then, once a member has joined, its training (`_run`)."""
+        prepared = None
+        try:
+            import torch
+
+            from ulsweep.config import experiment_from_dict
+            from ulsweep.sweep.space import find_base
+            from ulsweep.train.build import latent_shape
+            from ulsweep.train.group_base import prepare_bases
+
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            exps = [experiment_from_dict(d["experiment"]) for d in planned]
+            bases = [find_base(e, d["base"]) for e, d in zip(exps, planned)]
+            prepared = prepare_bases(bases, exps, latent_shape(exps[0]), keep_waiting=lambda: not self.joined)
+            print(f"[base {bases[0].name} group of {len(bases)}] built and its compiled step warmed "
+                  f"({prepared.compiled}) in {prepared.seconds:.1f} s, before its members joined", flush=True)
+        except Exception as e:  # noqa: BLE001 - the group builds its networks when its members have joined
+            print(f"[base group] preparing ahead failed ({type(e).__name__}: {str(e)[:300]}); building it when its "
+                  "members have joined", flush=True)
         with self.cv:
-            deadline = time.monotonic() + self.wait_s
+            self.cv.wait_for(lambda: bool(self.joined))
+        self._run(prepared)
+
+    def _run(self, prepared: Any = None) -> None:
+        with self.cv:
+            deadline = (self._first_join or time.monotonic()) + self.wait_s
             while len(self.joined) < len(self.keys) and time.monotonic() < deadline:
                 self.cv.wait(max(0.0, min(1.0, deadline - time.monotonic())))
             self.state = "training"
@@ -327,7 +366,9 @@ class GroupTrainer:
                 results = train_bases(exps, bases, ckpts, run_dirs, f"{self.group_root}/{ident[:16]}", hooks,
                                       [self.read[k][1] for k in self.members],
                                       [self.ahead.get(k) for k in self.members],  # and in every member's marks:
-                                      joined | {"checkpoints_passed_on": sum(k in self.ahead for k in self.members)})
+                                      joined | {"checkpoints_passed_on": sum(k in self.ahead for k in self.members)},
+                                      prepared)
+                prepared = None
             outcome = {k: ("result", dataclasses.asdict(r))
                        for k, r in zip(self.members, results) if r is not None}  # a diverged one failed already
         except BaseException as e:  # noqa: BLE001 - every member's trial raises it
@@ -539,8 +580,9 @@ def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str
                  ) -> tuple[list[str], str, float, int, str, list[dict] | None, bool, ReadAhead | None, str | None]:
     """GroupTrainer's arguments for group `index` (of `kind` trials) of the sweep in `run_dir`: its keys, the
     directory under which its runs keep their checkpoints, how long it waits for its members, torch's threads (the
-    CPUs its members' trials hold, at least 1), the kind, and for autoencoder groups the members' planned
-    experiments (which the group builds ahead), whether it hands its members' results over together (when
+    CPUs its members' trials hold, at least 1), the kind, the members' planned experiments (an autoencoder group
+    builds itself ahead for them; a base group gets each with its member's base model, and builds its networks and
+    warms their compiled step ahead), whether it hands its members' results over together (when
     every base model's trials of its members form a base group) and, given the groups' actor `names`
     (`group_names`), whom it passes its members' checkpoints on to (the base groups of their base trials); last,
     the file its output goes to (`actor.log` in its directory, where the run directory is local)."""
@@ -557,6 +599,13 @@ def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str
         links = {k: [(base_key(k, b.name), names[base_key(k, b.name)]) for b in exp.base_models
                      if base_key(k, b.name) in (names or {})] for k in keys}
         pass_on = ReadAhead({k: v for k, v in links.items() if v}) if any(links.values()) else None
+    else:  # a base trial trains on its autoencoder trial's experiment (searcher.base_key: "<ae key>-<base>")
+        from ulsweep.sweep.searcher import base_key
+
+        trials = _planned(exp)
+        of = {base_key(k, b.name): (k, b.name) for k in trials for b in exp.base_models}
+        planned = ([{"experiment": to_dict(trials[of[k][0]]), "base": of[k][1]} for k in keys]
+                   if all(k in of for k in keys) else None)
     from ulsweep import io as uio
 
     root = f"{run_dir.rstrip('/')}/groups/group-{index}"

@@ -42,10 +42,12 @@ SETUP_PARTS = tuple(f"setup_{p}_s" for p in ("encode_ahead", "checkpoints", "dat
                                              "encode_encoder", "encode_store", "latents", "models"))
 PARTS = SETUP_PARTS + EVALUATE_PARTS  # timed parts of a trial's phases, in the order the phases run
 # a stacked group's marks about its members' start (every member's record): when the group stopped waiting for its
-# members (time.time()), when an autoencoder group built ahead was ready and its seconds to build and warm, how
+# members (time.time()), when a group built ahead was ready and its seconds to build and warm (and, a base group's,
+# how its compiled step was warmed: the compile gate's answer), how
 # many of a base group's members had their checkpoints passed on and read before they joined, and how many had their
 # latents encoded then (group_base.encode_ahead)
-GROUP_MARKS = ("t_joined", "t_prepared_end", "prepared_s", "checkpoints_passed_on", "latents_encoded_ahead")
+GROUP_MARKS = ("t_joined", "t_prepared_end", "prepared_s", "prepared_compile", "checkpoints_passed_on",
+               "latents_encoded_ahead")
 TAG = "ulsweep.timeline"  # MLflow tag: JSON list of [attempt, phase, start, end] of every attempt
 TAG_MAX_CHARS = 5000  # MLflow's limit on a tag value (its sqlite store)
 # MLflow tag: the process and thread of a trial's last attempt and how many trials that process had started by

@@ -8,7 +8,7 @@ alone (`ulsweep.train.stage2.train_base`):
 - its own frozen autoencoder's latents (encoded once per checkpoint and stored, as alone, but for all members in
   one pass over the split where none is stored yet: `encode_together`; in a sweep, each as soon as its
   autoencoder is done: `encode_ahead`), drawn with its own generator, and its weights initialized from its own
-  seed;
+  seed (in a sweep, built and their compiled step warmed while the autoencoders train: `prepare_bases`);
 - its own gradient norm and clipping, AdamW and EMA over its own rows of the stacked tensors;
 - its own final evaluation, with its own noise (the stacked base models' bits/pixel and samples, decoded by the
   stacked frozen autoencoders, for all members at once; then its gFD/gFID), and its checkpoint, images and
@@ -22,23 +22,26 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_yaml, flatten, to_dict
+from ulsweep.diffusion import MemberGenerators
 from ulsweep.data.sources import DeviceSplit, choose_loader, choose_loader_for, load_eval_images, open_splits
 from ulsweep.models.stacked import stack
 from ulsweep.train.build import base_schedule, build_base_model
 from ulsweep.train.checkpoint import finished_result
+from ulsweep.train.compile_gate import first_compile, graph_key
 from ulsweep.train.evaluation import PartTimer
 from ulsweep.train.group import (MEMBER_KEYS, GroupObjective, GroupSource, GroupTrainState, one_process,
                                  train_group, write_member)
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.latents import decode_path, encode_together, latent_source, training_latents
 from ulsweep.train.loop import RunSpec
-from ulsweep.train.runtime import make_runtime
+from ulsweep.train.runtime import Runtime, compile_mode, compile_module, make_runtime
 from ulsweep.train.stage2 import (KIND, BaseObjective, evaluate_bases, flops_metrics, load_frozen_autoencoder,
                                   say_decode_path, say_done, stage2_hash)
 
@@ -117,10 +120,103 @@ def check_members(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageCon
                     f"autoencoder's {', '.join(MEMBER_KEYS)} train as one program")
 
 
+def base_networks_ident(bases: Sequence[BaseStageConfig], ae_exps: Sequence[ExperimentConfig],
+                        latent_shape: Sequence[int]) -> str:
+    """What a base group's networks and their TrainState are built from (`build_base_networks`): the members' base
+    models (seeds and optimizer included), their autoencoders' loss settings (the noise schedule) and the latent."""
+    return config_hash({"bases": list(bases), "ae_loss": [e.ae.loss for e in ae_exps],
+                        "latent_shape": list(latent_shape)})
+
+
+def build_base_networks(bases: Sequence[BaseStageConfig], ae_exps: Sequence[ExperimentConfig],
+                        latent_shape: Sequence[int], rt: Runtime) -> tuple[GroupObjective, GroupTrainState]:
+    """The members' base models stacked into one objective, each initialized from its own seed as its run alone
+    would, and their TrainState (AdamW, EMA, each member's generator)."""
+    latent_shape = tuple(latent_shape)
+    objectives = []
+    for b, ae_exp in zip(bases, ae_exps):
+        torch.manual_seed(b.train.seed)  # weight initialization, as the member's own run
+        net = build_base_model(b, latent_shape[0]).to(rt.device)
+        objectives.append(BaseObjective(net, base_schedule(ae_exp.ae.loss, b), b.loss.sigmoid_bias, latent_shape))
+    objective = GroupObjective(objectives)
+    del objectives  # their weights are copied into the stacked network
+    gens = [torch.Generator(rt.device).manual_seed(b.train.seed) for b in bases]
+    return objective, GroupTrainState(objective.stacked.net, bases[0].optim, rt, gens)
+
+
+@dataclass
+class PreparedBases:
+    """A base group's networks and TrainState built ahead, for `train_bases` (`prepare_bases`)."""
+
+    ident: str  # base_networks_ident of what they were built for
+    rt: Runtime
+    objective: GroupObjective
+    ts: GroupTrainState
+    compiled: str  # how its compiled step was warmed: the compile gate's answer ("done", "first", ...) or why not
+    seconds: float = 0.0
+    t_end: float = 0.0  # when it was ready (time.time())
+
+
+WARM_STEPS = 3  # compiled forwards and backwards ahead: CUDA graph trees warm up, then record, then replay
+
+
+def prepare_bases(bases: Sequence[BaseStageConfig], ae_exps: Sequence[ExperimentConfig], latent_shape: Sequence[int],
+                  keep_waiting: Callable[[], bool] = lambda: False, poll_s: float = 1.0) -> PreparedBases:
+    """A base group's networks built and their compiled step warmed before its members join (a sweep's base group
+    does this while the autoencoders train), in the thread that will train them: its first compiled step took
+    8.6 s after the members joined (session 31, one H100, 18 members, caches warm from the precompile task; in a
+    fresh process alone 11.3 s, of which Dynamo's tracing 2.9 s and loading the compiled code 3.7 s:
+    `h100-compile-phases-base-warm-s31.json`), which Dynamo's cache of this process then answers for the loop's
+    own compiled module (a new torch.compile of the same objective). The warm-up leaves no trace (`warm_compiled`).
+    Another process compiling this step (the precompile task) is waited for while `keep_waiting()` (no member
+    has joined yet); after that the networks are only built, and the loop compiles as it would have."""
+    t0 = time.perf_counter()
+    tc = bases[0].train
+    rt = make_runtime(tc)
+    objective, ts = build_base_networks(bases, ae_exps, latent_shape, rt)
+    compiled = warm_compiled(objective, rt, tc, tuple(latent_shape), keep_waiting, poll_s,
+                             f"base {bases[0].name} group of {len(bases)}")
+    return PreparedBases(base_networks_ident(bases, ae_exps, latent_shape), rt, objective, ts, compiled,
+                         time.perf_counter() - t0, time.time())
+
+
+def warm_compiled(objective: GroupObjective, rt: Runtime, tc, latent_shape: tuple, keep_waiting: Callable[[], bool],
+                  poll_s: float, label: str) -> str:
+    """The group's compiled step (`train.compile`, through the compile gate as the loop's first compiled step goes)
+    run WARM_STEPS times, forward and backward, on random latents, leaving no trace: no optimizer step, the
+    gradients dropped, torch's generators (dropout's) as they were, the members' generators untouched. Returns the
+    compile gate's answer, or why nothing was compiled."""
+    mode = compile_mode(tc.compile, rt)
+    if mode is None:
+        return "not compiled"
+    k = objective.k
+    gen = torch.Generator(rt.device).manual_seed(0)
+    x = torch.randn((k * tc.batch_size, *latent_shape), generator=gen, device=rt.device)
+    key = graph_key(objective, x.shape, mode, rt.device.type, rt.amp_dtype)
+    devices = [rt.device] if rt.device.type == "cuda" else []
+    while True:
+        with first_compile(key, label, wait=False) as how:
+            if how != "busy":
+                step = compile_module(objective, tc.compile, rt)
+                with torch.random.fork_rng(devices=devices):
+                    for _ in range(WARM_STEPS):
+                        noise = objective.draw_noise(tc.batch_size, MemberGenerators([gen] * k))
+                        with rt.autocast():
+                            losses = step(x, noise)
+                        (losses["total"].mean() / objective.dims).backward()  # as the loop's step
+                        del losses
+                        objective.zero_grad(set_to_none=True)
+                rt.synchronize()
+                return how
+        if not keep_waiting():
+            return "busy: members joined while another process compiled it"
+        time.sleep(poll_s)
+
+
 def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfig], ae_checkpoints: Sequence[str],
                 run_dirs: Sequence[str], group_dir: str, hooks: TrainHooks | None = None,
                 frozen: Sequence[Future] | None = None, ahead: Sequence[Future | None] | None = None,
-                marks: dict | None = None) -> list[StageResult | None]:
+                marks: dict | None = None, prepared: PreparedBases | None = None) -> list[StageResult | None]:
     """Train base model `bases[k]` of experiment `exps[k]` on the latents of the frozen autoencoder at
     `ae_checkpoints[k]`, for every k, as one program (`check_members`); member k's checkpoint, images and
     result.json go to `run_dirs[k]` as its run's alone would, the group's checkpoints to `group_dir`. `hooks` as
@@ -129,7 +225,8 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
     waits for the others), else they are read here. `ahead`: one `encode_ahead` future (or None) a member, the
     latents the sweep's group encoded as each checkpoint was passed on to it; those encoded for another checkpoint
     or data, or whose encoding failed, are encoded here. `marks`: more of the members' marks, from
-    before. Returns the members' results (None for one that diverged); members finished before are not trained
+    before. `prepared`: the networks built, and their compiled step warmed, ahead (`prepare_bases`), taken where
+    they were built for these very members (`base_networks_ident`). Returns the members' results (None for one that diverged); members finished before are not trained
     again when all of them are."""
     exps, bases, ae_checkpoints, run_dirs = list(exps), list(bases), list(ae_checkpoints), list(run_dirs)
     if not (len(exps) == len(bases) == len(ae_checkpoints) == len(run_dirs)):
@@ -202,16 +299,17 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
                            latent_source(latents, rt, b.train.seed, tc.batch_size))
             stored.append(latents)
     with setup("models"):
-        objectives = []
-        for b, ae_exp in zip(bases, ae_exps):
-            torch.manual_seed(b.train.seed)  # weight initialization, as the member's own run
-            net = build_base_model(b, latent_shape[0]).to(rt.device)
-            objectives.append(BaseObjective(net, base_schedule(ae_exp.ae.loss, b), b.loss.sigmoid_bias,
-                                            latent_shape))
-        objective = GroupObjective(objectives)
-        del objectives  # their weights are copied into the stacked network
-        gens = [torch.Generator(rt.device).manual_seed(b.train.seed) for b in bases]
-        ts = GroupTrainState(objective.stacked.net, base0.optim, rt, gens)
+        if prepared is not None and prepared.ident == base_networks_ident(bases, ae_exps, latent_shape) \
+                and prepared.rt.device == rt.device:
+            objective, ts = prepared.objective, prepared.ts
+            marks = dict(marks or {}) | {"t_prepared_end": prepared.t_end, "prepared_s": prepared.seconds,
+                                         "prepared_compile": prepared.compiled}
+        else:
+            if prepared is not None:
+                print(f"[{label}] the networks built ahead were built for other members: building them anew",
+                      flush=True)
+            objective, ts = build_base_networks(bases, ae_exps, latent_shape, rt)
+        prepared = None
     del frozen, aes
     metas = [{"data_hash": data_hash, "ae_checkpoint": c, "ae_sha256": m["sha256"], "latent_shape": list(latent_shape),
               "latents": lat.uri if lat else None, "latents_hash": lat.content_hash if lat else None}

@@ -42,10 +42,9 @@ import torch
 
 from ulsweep import io as uio
 from ulsweep.config import DataConfig
-from ulsweep.data.builtin import resolve_dataset
 from ulsweep.data.manifest import DataError
 from ulsweep.data.model_range import to_model_range
-from ulsweep.data.reader import Dataset, open_dataset
+from ulsweep.data.reader import Dataset
 from ulsweep.lease import HEARTBEAT_S, STALE_S, Lease, LeaseWatch
 from ulsweep.train.latent_store import (MANIFEST, LatentsKey, Latents, LatentWriter, decode_latents,  # noqa: F401
                                         latents_dir, published_latents, read_latents, write_latents)
