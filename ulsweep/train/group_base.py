@@ -226,8 +226,8 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
     latents the sweep's group encoded as each checkpoint was passed on to it; those encoded for another checkpoint
     or data, or whose encoding failed, are encoded here. `marks`: more of the members' marks, from
     before. `prepared`: the networks built, and their compiled step warmed, ahead (`prepare_bases`), taken where
-    they were built for these very members (`base_networks_ident`). Returns the members' results (None for one that diverged); members finished before are not trained
-    again when all of them are."""
+    they were built for these very members (`base_networks_ident`). Returns the members' results (None for one
+    that diverged); members finished before are not trained again when all of them are."""
     exps, bases, ae_checkpoints, run_dirs = list(exps), list(bases), list(ae_checkpoints), list(run_dirs)
     if not (len(exps) == len(bases) == len(ae_checkpoints) == len(run_dirs)):
         raise ValueError(f"{len(exps)} experiments, {len(bases)} base models, {len(ae_checkpoints)} autoencoder "
