@@ -293,7 +293,8 @@ def test_a_base_group_trains_each_member_as_its_own_run(tmp_path, alone, bases_a
 
 
 def test_a_base_group_built_and_compiled_ahead_trains_as_one_built_when_its_members_joined(tmp_path, alone,
-                                                                                             one_thread, capsys):
+                                                                                             one_thread, capsys,
+                                                                                             monkeypatch):
     """prepare_bases builds a base group's networks and runs its compiled step (forward and backward, no optimizer
     step) on random latents before its members join: the loop's own compiled module (a new torch.compile of the
     same objective) then compiles nothing more in this process, and the group trains to the very weights,
@@ -315,8 +316,10 @@ def test_a_base_group_built_and_compiled_ahead_trains_as_one_built_when_its_memb
     bases, ckpts = [e.base_models[0] for e in exps], [ae.checkpoint for ae, _ in alone[:2]]
     shape = latent_shape(exps[0])
     assert base_networks_ident(bases, exps, shape) != base_networks_ident(bases[::-1], exps[::-1], shape)
-    torch._dynamo.reset()  # nothing compiled in this process yet (its disk caches may answer)
-    prepared = prepare_bases(bases, exps, shape)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # the compile gate's markers too
+    torch._dynamo.reset()  # nothing compiled in this process yet
+    assert prepare_bases(bases, exps, shape).compiled.startswith("not compiled ahead")  # nobody compiled it
+    prepared = prepare_bases(bases, exps, shape, compile_first=True)  # as the precompile task would have
     assert prepared.compiled in ("first", "after", "done", "unlocked") and prepared.seconds > 0
     assert all(p.grad is None for p in prepared.objective.parameters())
     graphs = counters["stats"]["unique_graphs"]
@@ -335,7 +338,7 @@ def test_a_base_group_built_and_compiled_ahead_trains_as_one_built_when_its_memb
         assert marks["prepared_s"] == prepared.seconds and marks["prepared_compile"] == prepared.compiled
         assert marks["t_prepared_end"] == prepared.t_end <= marks["t_setup_end"]
         assert "prepared_s" not in p.extra["marks"]
-    other = prepare_bases(bases[::-1], exps[::-1], shape)  # for the members in the other order
+    other = prepare_bases(bases[::-1], exps[::-1], shape, compile_first=True)  # for the members in another order
     train_bases(exps, bases, ckpts, [str(tmp_path / f"o{i}") for i in range(2)], str(tmp_path / "go"),
                 prepared=other)
     assert "built for other members: building them anew" in capsys.readouterr().out

@@ -65,6 +65,12 @@ def graph_key(objective, batch_shape, mode: str, device_type: str, amp_dtype) ->
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
+def compiled_before(key: str, folder: str | None = None) -> bool:
+    """Whether a process of this node has finished compiling `key` (`first_compile`'s marker), without waiting
+    or taking anything."""
+    return os.path.exists(os.path.join(folder or inductor_cache_dir(), "ulsweep-compile-gate", f"{key}.done"))
+
+
 @contextlib.contextmanager
 def first_compile(key: str, label: str = "", wait_s: float = WAIT_S, folder: str | None = None,
                   wait: bool = True) -> Iterator[str]:

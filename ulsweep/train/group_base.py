@@ -34,7 +34,7 @@ from ulsweep.data.sources import DeviceSplit, choose_loader, choose_loader_for, 
 from ulsweep.models.stacked import stack
 from ulsweep.train.build import base_schedule, build_base_model
 from ulsweep.train.checkpoint import finished_result
-from ulsweep.train.compile_gate import first_compile, graph_key
+from ulsweep.train.compile_gate import compiled_before, first_compile, graph_key
 from ulsweep.train.evaluation import PartTimer
 from ulsweep.train.group import (MEMBER_KEYS, GroupObjective, GroupSource, GroupTrainState, one_process,
                                  train_group, write_member)
@@ -161,31 +161,35 @@ WARM_STEPS = 3  # compiled forwards and backwards ahead: CUDA graph trees warm u
 
 
 def prepare_bases(bases: Sequence[BaseStageConfig], ae_exps: Sequence[ExperimentConfig], latent_shape: Sequence[int],
-                  keep_waiting: Callable[[], bool] = lambda: False, poll_s: float = 1.0) -> PreparedBases:
+                  keep_waiting: Callable[[], bool] = lambda: False, poll_s: float = 1.0,
+                  compile_first: bool = False) -> PreparedBases:
     """A base group's networks built and their compiled step warmed before its members join (a sweep's base group
     does this while the autoencoders train), in the thread that will train them: its first compiled step took
     8.6 s after the members joined (session 31, one H100, 18 members, caches warm from the precompile task; in a
     fresh process alone 11.3 s, of which Dynamo's tracing 2.9 s and loading the compiled code 3.7 s:
     `h100-compile-phases-base-warm-s31.json`), which Dynamo's cache of this process then answers for the loop's
     own compiled module (a new torch.compile of the same objective). The warm-up leaves no trace (`warm_compiled`).
-    Another process compiling this step (the precompile task) is waited for while `keep_waiting()` (no member
-    has joined yet); after that the networks are only built, and the loop compiles as it would have."""
+    It runs once another process of the node has compiled this step (the sweep's precompile task), waited for
+    while `keep_waiting()` (no member has joined yet), or with `compile_first` compiles it here if nobody has; else
+    the networks are only built, and the loop compiles as it would have."""
     t0 = time.perf_counter()
     tc = bases[0].train
     rt = make_runtime(tc)
     objective, ts = build_base_networks(bases, ae_exps, latent_shape, rt)
     compiled = warm_compiled(objective, rt, tc, tuple(latent_shape), keep_waiting, poll_s,
-                             f"base {bases[0].name} group of {len(bases)}")
+                             f"base {bases[0].name} group of {len(bases)}", compile_first)
     return PreparedBases(base_networks_ident(bases, ae_exps, latent_shape), rt, objective, ts, compiled,
                          time.perf_counter() - t0, time.time())
 
 
 def warm_compiled(objective: GroupObjective, rt: Runtime, tc, latent_shape: tuple, keep_waiting: Callable[[], bool],
-                  poll_s: float, label: str) -> str:
+                  poll_s: float, label: str, compile_first: bool = False) -> str:
     """The group's compiled step (`train.compile`, through the compile gate as the loop's first compiled step goes)
     run WARM_STEPS times, forward and backward, on random latents, leaving no trace: no optimizer step, the
-    gradients dropped, torch's generators (dropout's) as they were, the members' generators untouched. Returns the
-    compile gate's answer, or why nothing was compiled."""
+    gradients dropped, torch's generators (dropout's) as they were, the members' generators untouched. Only from
+    another process's compile (`compiled_before`) unless `compile_first`: a cold compile here would compete for
+    the node's CPUs with the precompile task's compile of the autoencoders' step, on which the sweep waits. Returns
+    the compile gate's answer, or why nothing was compiled."""
     mode = compile_mode(tc.compile, rt)
     if mode is None:
         return "not compiled"
@@ -195,6 +199,11 @@ def warm_compiled(objective: GroupObjective, rt: Runtime, tc, latent_shape: tupl
     key = graph_key(objective, x.shape, mode, rt.device.type, rt.amp_dtype)
     devices = [rt.device] if rt.device.type == "cuda" else []
     while True:
+        if not (compile_first or compiled_before(key)):
+            if not keep_waiting():
+                return "not compiled ahead: members joined before another process had compiled it"
+            time.sleep(poll_s)
+            continue
         with first_compile(key, label, wait=False) as how:
             if how != "busy":
                 step = compile_module(objective, tc.compile, rt)
@@ -208,8 +217,8 @@ def warm_compiled(objective: GroupObjective, rt: Runtime, tc, latent_shape: tupl
                         objective.zero_grad(set_to_none=True)
                 rt.synchronize()
                 return how
-        if not keep_waiting():
-            return "busy: members joined while another process compiled it"
+        if not keep_waiting():  # compile_first, and another process compiles it
+            return "not compiled ahead: members joined while another process compiled it"
         time.sleep(poll_s)
 
 
