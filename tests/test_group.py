@@ -247,11 +247,11 @@ def test_a_base_group_trains_each_member_as_its_own_run(tmp_path, alone, bases_a
     """The base models of three autoencoders (their own latents, seeds) trained as one program end as their
     runs alone: weights, generators, bits/pixel under the base model, curves and files; with the checkpoints
     read ahead (`read_ahead`) and the first member's latents with them (`encode_ahead`; the second's encoded ahead
-    from another member's checkpoint, which the group refuses, the third's failed, which the group names) and,
-    the second time, read by the group itself."""
+    from another member's checkpoint, which the group refuses, the third's failed, which the group names; and
+    networks built ahead for other members, which it refuses too) and, the second time, read by the group itself."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    from ulsweep.train.group_base import encode_ahead, read_ahead, train_bases
+    from ulsweep.train.group_base import PreparedBases, encode_ahead, read_ahead, train_bases
 
     exps = [member_exp(*m) for m in MEMBERS]
     dirs = [str(tmp_path / f"b{i}") for i in range(3)]
@@ -261,9 +261,13 @@ def test_a_base_group_trains_each_member_as_its_own_run(tmp_path, alone, bases_a
         frozen = [pool.submit(read_ahead, c) for c in ckpts]
         ahead = [pool.submit(encode_ahead, c, f, 3) for c, f in zip(ckpts[:1] * 2, frozen[:2])] + [Future()]
         ahead[2].set_exception(OSError("disk gone"))
+        # and networks built ahead for other members, which the group refuses by what they were built from
+        other = PreparedBases("built for others", make_runtime(exps[0].base_models[0].train), None, None, "done")
         results = train_bases(exps, [e.base_models[0] for e in exps], ckpts, dirs,
-                              str(tmp_path / "group"), GroupHooks(recs), frozen, ahead)
-    assert "member 2's latents encoded ahead failed (OSError: disk gone)" in capsys.readouterr().out
+                              str(tmp_path / "group"), GroupHooks(recs), frozen, ahead, prepared=other)
+    out = capsys.readouterr().out
+    assert "member 2's latents encoded ahead failed (OSError: disk gone)" in out
+    assert "built for other members: building them anew" in out
     for i, ((res_alone, rec_alone), res, rec) in enumerate(zip(bases_alone, results, recs)):
         (mine, my_meta), (theirs, their_meta) = load_checkpoint(res.checkpoint), load_checkpoint(res_alone.checkpoint)
         for part in ("model", "ema"):
@@ -293,15 +297,19 @@ def test_a_base_group_trains_each_member_as_its_own_run(tmp_path, alone, bases_a
 
 
 def test_a_base_group_built_and_compiled_ahead_trains_as_one_built_when_its_members_joined(tmp_path, alone,
-                                                                                             one_thread, capsys,
-                                                                                             monkeypatch):
+                                                                                             one_thread, monkeypatch):
     """prepare_bases builds a base group's networks and runs its compiled step (forward and backward, no optimizer
     step) on random latents before its members join: the loop's own compiled module (a new torch.compile of the
     same objective) then compiles nothing more in this process, and the group trains to the very weights,
-    generators and bits/pixel of one built when its members joined; networks prepared for other members are
-    refused by what they were built from."""
+    generators and bits/pixel of one built when its members joined. Compiled with AOTAutograd's eager backend
+    (Dynamo's tracing, guards and cache, the joint graph; not Inductor's code generation, which cost this test a
+    minute on 2 cores)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None, dynamic=None: compile_(
+        module, backend="aot_eager", dynamic=dynamic))
 
     from ulsweep.config import to_dict
     from ulsweep.train.build import latent_shape
@@ -338,10 +346,6 @@ def test_a_base_group_built_and_compiled_ahead_trains_as_one_built_when_its_memb
         assert marks["prepared_s"] == prepared.seconds and marks["prepared_compile"] == prepared.compiled
         assert marks["t_prepared_end"] == prepared.t_end <= marks["t_setup_end"]
         assert "prepared_s" not in p.extra["marks"]
-    other = prepare_bases(bases[::-1], exps[::-1], shape, compile_first=True)  # for the members in another order
-    train_bases(exps, bases, ckpts, [str(tmp_path / f"o{i}") for i in range(2)], str(tmp_path / "go"),
-                prepared=other)
-    assert "built for other members: building them anew" in capsys.readouterr().out
 
 
 def test_base_members_of_another_base_model_are_refused_by_name(alone):

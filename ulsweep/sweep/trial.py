@@ -1,4 +1,5 @@
-"""One sweep trial, Tune side: a Tune function trainable that builds and fits a Ray Train `TorchTrainer`.
+"""One sweep trial, Tune side: a Tune function trainable that builds and fits a Ray Train trainer (`TorchTrainer`;
+in local mode Ray Train's plain `DataParallelTrainer`, which imports no torch: make_trainer).
 
     Tune trial process (`run_trial`, holds resources.driver_cpus; in a process that Tune reuses, every trial
     runs in the process's one trial thread: trial_thread.py)
@@ -6,7 +7,8 @@
         (ulsweep.process)
       - finds or creates the trial's MLflow run (child of the sweep, or of its AE trial for base models) and
         lists its dataset splits as MLflow inputs; a finished base trial adds the latents it trained on
-      - TorchTrainer(train_worker, num_workers DDP workers, gloo/NCCL) with TuneReportCallback
+      - TorchTrainer(train_worker, num_workers DDP workers, gloo/NCCL) with TuneReportCallback, or with 0
+        workers DataParallelTrainer(train_worker) in this process
       - appends the attempt's timings to <run dir>/trials/<key>/timings.jsonl
     Ray Train workers: ulsweep.sweep.worker.train_worker
 
@@ -82,7 +84,7 @@ def trial_label(trial) -> str:
 def worker_config(exp: ExperimentConfig, res: ResourcesConfig, kind: str, key: str, run_dir: str,
                   tracking_uri: str, run_id: str, train_impl: str, base: str | None = None,
                   ae_checkpoint: str | None = None, attempt: str | None = None, stack_group: str | None = None) -> dict:
-    """The train_loop_config of a trial's TorchTrainer (what ulsweep.sweep.worker.train_worker reads)."""
+    """The train_loop_config of a trial's trainer (what ulsweep.sweep.worker.train_worker reads)."""
     wcfg = {"experiment": to_dict(exp), "kind": kind, "key": key, "base": base, "ae_checkpoint": ae_checkpoint,
             "run_dir": run_dir, "tracking_uri": tracking_uri, "run_id": run_id, "train_impl": train_impl,
             "local_mode": res.num_workers == 0, "system_metrics_s": exp.tracking.system_metrics_s}
@@ -402,7 +404,8 @@ def _record_timings(c, run_id: str, run_dir: str, key: str, rec: dict) -> None:
 def fit_stage(exp: ExperimentConfig, run_dir: str, kind: str = "ae", base: str | None = None,
               ae_checkpoint: str | None = None, tracking_uri: str | None = None, run_id: str | None = None,
               train_impl: str = "ulsweep", resources: ResourcesConfig | None = None):
-    """Fit one stage through a TorchTrainer without Tune (needs ray.init). Returns the ray.train.Result."""
+    """Fit one stage through a Ray Train trainer (make_trainer) without Tune (needs ray.init). Returns the
+    ray.train.Result."""
     res = resources or exp.resources
     run_dir = os.path.abspath(run_dir) if "://" not in run_dir else run_dir
     uri = tracking_uri or tracking.default_tracking_uri(run_dir)

@@ -1,7 +1,7 @@
 """Ray Train worker side of a sweep trial: the training loop of one stage, run with hooks that send its curves
 to MLflow (rank 0, batched) and its results to Tune.
 
-    train_worker(wcfg)   the per-worker function of the trial's TorchTrainer (ulsweep.sweep.trial.make_trainer)
+    train_worker(wcfg)   the per-worker function of the trial's trainer (ulsweep.sweep.trial.make_trainer)
       - calls ulsweep.train.stage1.train_autoencoder / stage2.train_base on <run dir>/trials/<key>
         (the Ray Train run directory too, so checkpoints are reported in place: NO_UPLOAD)
       - rank 0: metric curves to MLflow in batches; final metrics, images, checkpoint URI at the end;
