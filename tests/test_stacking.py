@@ -533,10 +533,15 @@ def test_a_sweep_trains_its_autoencoders_as_one_stacked_group(tmp_path):
             marks = result["extra"]["marks"]
             assert marks["checkpoints_passed_on"] == 2 and marks["latents_encoded_ahead"] == 2, marks
             assert "setup_encode_encoder_s" not in marks, marks  # nothing left for the group to encode
+            # and it built its networks while the autoencoders trained, for these very members (nothing to
+            # compile here: the tiny base model trains uncompiled)
+            assert marks["prepared_compile"] == "not compiled" and marks["prepared_s"] > 0, marks
+            assert marks["t_prepared_end"] < marks["t_joined"], marks
     for g in ("group-0", "group-1"):  # each group's own run
         assert len(list((run_dir / "groups").glob(f"{g}/*/result.json"))) == 1, g
     # what the groups' actors printed, which the driver does not show, is in their logs
     assert "built and its step warmed" in (run_dir / "groups" / "group-0" / "actor.log").read_text()
-    assert "[latents] encoded" in (run_dir / "groups" / "group-1" / "actor.log").read_text()
+    base_log = (run_dir / "groups" / "group-1" / "actor.log").read_text()
+    assert "[latents] encoded" in base_log and "its compiled step warmed: not compiled" in base_log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["counts"] == {"ae_done": 2, "base_done": 2}

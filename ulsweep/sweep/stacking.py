@@ -321,8 +321,8 @@ class GroupTrainer:
             exps = [experiment_from_dict(d["experiment"]) for d in planned]
             bases = [find_base(e, d["base"]) for e, d in zip(exps, planned)]
             prepared = prepare_bases(bases, exps, latent_shape(exps[0]), keep_waiting=lambda: not self.joined)
-            print(f"[base {bases[0].name} group of {len(bases)}] built and its compiled step warmed "
-                  f"({prepared.compiled}) in {prepared.seconds:.1f} s, before its members joined", flush=True)
+            print(f"[base {bases[0].name} group of {len(bases)}] built ahead in {prepared.seconds:.1f} s, before its "
+                  f"members joined; its compiled step warmed: {prepared.compiled}", flush=True)
         except Exception as e:  # noqa: BLE001 - the group builds its networks when its members have joined
             print(f"[base group] preparing ahead failed ({type(e).__name__}: {str(e)[:300]}); building it when its "
                   "members have joined", flush=True)
