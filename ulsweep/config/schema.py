@@ -316,7 +316,7 @@ class ResourcesConfig:
     num_workers: int = 1  # DDP workers per trial; 0: Ray Train local mode
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    driver_cpus: float = 0.01  # the Tune trial process that builds the TorchTrainer (0 is refused by Ray)
+    driver_cpus: float = 0.01  # the Tune trial process that builds the Ray Train trainer (0 is refused by Ray)
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with GPUs, gloo without
     # restarts of a trial after its training process dies (killed, out of memory, crashed): Ray Train restarts
     # a dead worker group (FailureConfig.max_failures), Tune a dead trial process (in local mode the one that
