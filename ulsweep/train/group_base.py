@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_yaml, flatten, to_dict
-from ulsweep.diffusion import MemberGenerators
 from ulsweep.data.sources import DeviceSplit, choose_loader, choose_loader_for, load_eval_images, open_splits
+from ulsweep.diffusion import MemberGenerators
 from ulsweep.models.stacked import stack
 from ulsweep.train.build import base_schedule, build_base_model
 from ulsweep.train.checkpoint import finished_result
