@@ -844,6 +844,23 @@ def test_compile_phases_table_gives_each_rows_step_by_part_and_its_phases():
     assert "49.2" in first.split() and second.split()[:4] == ["1", "warm", "127.4", "0.0"]
 
 
+def test_import_contention_times_each_set_alone_and_in_a_wave(tmp_path, monkeypatch, capsys):
+    """benchmarks/import_contention.py: per module set, one interpreter alone and --procs at once, each timing its
+    own imports (cheap standard-library sets here; the benchmark's own are MLflow, Ray and torch)."""
+    import import_contention
+
+    monkeypatch.setattr(import_contention, "SETS", {"light": ["json"], "heavier": ["json", "csv", "decimal"]})
+    out = tmp_path / "ic.json"
+    monkeypatch.setattr(sys, "argv", ["import_contention.py", "--procs", "3", "--out", str(out)])
+    import_contention.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["set"], r["procs"]) for r in rows] == [("light", 1), ("light", 3), ("heavier", 1), ("heavier", 3)]
+    assert all(0 < r["median_s"] <= r["max_s"] <= r["wave_s"] for r in rows), rows
+    assert rows[3]["modules"] == ["json", "csv", "decimal"]
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["set", "procs", "median", "s", "max", "s"] and len(table) == 5
+
+
 def test_warm_group_step_times_both_variants_of_a_groups_first_steps(tmp_path):
     """benchmarks/warm_group_step.py: each variant in its own process, the warmed one warming before its steps."""
     import warm_group_step
