@@ -586,12 +586,13 @@ def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str
     every base model's trials of its members form a base group) and, given the groups' actor `names`
     (`group_names`), whom it passes its members' checkpoints on to (the base groups of their base trials); last,
     the file its output goes to (`actor.log` in its directory, where the run directory is local)."""
+    from ulsweep import io as uio
+    from ulsweep.sweep.searcher import base_key
+
     threads = max(1, round(len(keys) * exp.resources.cpus_per_worker))
     planned, together, pass_on = None, False, None
+    trials = _planned(exp)
     if kind == "ae":
-        from ulsweep.sweep.searcher import base_key
-
-        trials = _planned(exp)
         planned = [to_dict(trials[k]) for k in keys] if all(k in trials for k in keys) else None
         grouped = [set(g) for g in base_plan(exp)]
         together = bool(exp.base_models) and all(
@@ -600,14 +601,9 @@ def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str
                      if base_key(k, b.name) in (names or {})] for k in keys}
         pass_on = ReadAhead({k: v for k, v in links.items() if v}) if any(links.values()) else None
     else:  # a base trial trains on its autoencoder trial's experiment (searcher.base_key: "<ae key>-<base>")
-        from ulsweep.sweep.searcher import base_key
-
-        trials = _planned(exp)
         of = {base_key(k, b.name): (k, b.name) for k in trials for b in exp.base_models}
         planned = ([{"experiment": to_dict(trials[of[k][0]]), "base": of[k][1]} for k in keys]
                    if all(k in of for k in keys) else None)
-    from ulsweep import io as uio
-
     root = f"{run_dir.rstrip('/')}/groups/group-{index}"
     log = os.path.join(root, "actor.log") if uio.is_local(root) else None
     return keys, root, exp.resources.stack_wait_s, threads, kind, planned, together, pass_on, log

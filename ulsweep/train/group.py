@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -236,19 +236,28 @@ def _build(exps: list[ExperimentConfig], rt: Runtime, setup: PartTimer) -> Prepa
     return PreparedGroup(group_hash(exps), rt, sources, x_eval, data_hash, tuple(image_shape), objective, ts)
 
 
+def seeded_members(seeds: Sequence[int], build: Callable[[int], nn.Module],
+                   rt: Runtime) -> tuple[GroupObjective, list[torch.Generator]]:
+    """Member i's objective `build(i)` made right after torch.manual_seed(seeds[i]), its weights initialized as its
+    run alone initializes them, the members stacked into one objective; and each member's generator, seeded alike."""
+    objectives = []
+    for i, seed in enumerate(seeds):
+        torch.manual_seed(seed)  # weight initialization, as the member's own run
+        objectives.append(build(i))
+    objective = GroupObjective(objectives)
+    del objectives  # their weights are copied into the stacked network
+    return objective, [torch.Generator(rt.device).manual_seed(seed) for seed in seeds]
+
+
 def build_networks(exps: list[ExperimentConfig], rt: Runtime,
                    image_shape: tuple) -> tuple[GroupObjective, GroupTrainState]:
     """The members' autoencoders stacked into one objective, each initialized from its own seed as its run alone
     would, and their TrainState (AdamW, EMA, each member's generator)."""
     latent_shape = latent_shape_of(exps[0])
-    objectives = []
-    for e in exps:
-        torch.manual_seed(e.ae.train.seed)  # weight initialization, as the member's own run
-        ae = build_autoencoder(e.ae, image_shape[0]).to(rt.device)
-        objectives.append(AEObjective(ae, e.ae.loss, image_shape, latent_shape))
-    objective = GroupObjective(objectives)
-    del objectives  # their weights are copied into the stacked network
-    gens = [torch.Generator(rt.device).manual_seed(e.ae.train.seed) for e in exps]
+    objective, gens = seeded_members(
+        [e.ae.train.seed for e in exps],
+        lambda i: AEObjective(build_autoencoder(exps[i].ae, image_shape[0]).to(rt.device), exps[i].ae.loss,
+                              image_shape, latent_shape), rt)
     return objective, GroupTrainState(objective.stacked.ae, exps[0].ae.optim, rt, gens)
 
 

@@ -37,7 +37,7 @@ from ulsweep.train.checkpoint import finished_result
 from ulsweep.train.compile_gate import compiled_before, first_compile, graph_key
 from ulsweep.train.evaluation import PartTimer
 from ulsweep.train.group import (MEMBER_KEYS, GroupObjective, GroupSource, GroupTrainState, one_process,
-                                 train_group, write_member)
+                                 seeded_members, train_group, write_member)
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.latents import decode_path, encode_together, latent_source, training_latents
 from ulsweep.train.loop import RunSpec
@@ -133,14 +133,11 @@ def build_base_networks(bases: Sequence[BaseStageConfig], ae_exps: Sequence[Expe
     """The members' base models stacked into one objective, each initialized from its own seed as its run alone
     would, and their TrainState (AdamW, EMA, each member's generator)."""
     latent_shape = tuple(latent_shape)
-    objectives = []
-    for b, ae_exp in zip(bases, ae_exps):
-        torch.manual_seed(b.train.seed)  # weight initialization, as the member's own run
-        net = build_base_model(b, latent_shape[0]).to(rt.device)
-        objectives.append(BaseObjective(net, base_schedule(ae_exp.ae.loss, b), b.loss.sigmoid_bias, latent_shape))
-    objective = GroupObjective(objectives)
-    del objectives  # their weights are copied into the stacked network
-    gens = [torch.Generator(rt.device).manual_seed(b.train.seed) for b in bases]
+    objective, gens = seeded_members(
+        [b.train.seed for b in bases],
+        lambda i: BaseObjective(build_base_model(bases[i], latent_shape[0]).to(rt.device),
+                                base_schedule(ae_exps[i].ae.loss, bases[i]), bases[i].loss.sigmoid_bias,
+                                latent_shape), rt)
     return objective, GroupTrainState(objective.stacked.net, bases[0].optim, rt, gens)
 
 
