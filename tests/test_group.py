@@ -3,6 +3,7 @@ generators, metrics, the files they leave), resume when killed, and refuse membe
 import dataclasses
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -259,7 +260,8 @@ def test_a_base_group_trains_each_member_as_its_own_run(tmp_path, alone, bases_a
     ckpts = [ae.checkpoint for ae, _ in alone]
     with ThreadPoolExecutor(2) as pool:  # the checkpoints read ahead on the host, as the sweep's group does
         frozen = [pool.submit(read_ahead, c) for c in ckpts]
-        ahead = [pool.submit(encode_ahead, c, f, 3) for c, f in zip(ckpts[:1] * 2, frozen[:2])] + [Future()]
+        ahead = [pool.submit(lambda: encode_ahead([(ckpts[0], frozen[0], None)], 3)[0]), Future(), Future()]
+        ahead[1].set_result(ahead[0].result())  # another member's latents, labelled with its checkpoint
         ahead[2].set_exception(OSError("disk gone"))
         # and networks built ahead for other members, which the group refuses by what they were built from
         other = PreparedBases("built for others", make_runtime(exps[0].base_models[0].train), None, None, "done")
@@ -294,6 +296,39 @@ def test_a_base_group_trains_each_member_as_its_own_run(tmp_path, alone, bases_a
     again = train_bases(exps, [e.base_models[0] for e in exps], [ae.checkpoint for ae, _ in alone], dirs,
                         str(tmp_path / "group"))  # finished members are not trained again
     assert [r.checkpoint for r in again] == [r.checkpoint for r in results]
+
+
+def test_checkpoints_passed_on_together_are_encoded_in_one_pass_as_each_alone(tmp_path, alone, bases_alone,
+                                                                              one_thread, capsys):
+    """encode_ahead: checkpoints queued together are encoded through their encoders stacked, in one pass over the
+    split, each stored as its own (the latents its base run alone stored, up to the rounding of a grouped kernel);
+    a queue of one is encoded as a base trial alone encodes it; each comes back on the device with its key."""
+    import shutil
+    from concurrent.futures import Future
+
+    from ulsweep.data.sources import open_splits
+    from ulsweep.train.group_base import encode_ahead, read_ahead
+    from ulsweep.train.latents import training_latents
+
+    def passed_on(i):  # a copy of member i's checkpoint, with no latents stored: as it comes from its trial
+        ckpt = str(shutil.copytree(alone[i][0].checkpoint, tmp_path / f"ae{i}",
+                                   ignore=shutil.ignore_patterns("latents")))
+        read = Future()
+        read.set_result(read_ahead(ckpt))
+        return ckpt, read, time.time()
+
+    queued = [passed_on(i) for i in range(3)]
+    out = encode_ahead(queued[:2], 3) + encode_ahead(queued[2:], 3)
+    said = capsys.readouterr().out
+    assert "2 checkpoint(s), 2 of them in one pass" in said and "1 checkpoint(s), 0 of them in one pass" in said
+    exp = member_exp(*MEMBERS[0])
+    ds = open_splits(exp.data)
+    for i, ((ckpt, key, z), (ae, _, meta)) in enumerate(zip(out, (q[1].result() for q in queued))):
+        assert ckpt == queued[i][0] and key == (ds.content_hash, exp.data.train_split, exp.data.image_size)
+        lat, stored = training_latents(ae.encoder, ckpt, meta["sha256"], ds, exp.data, "cpu")  # read, not encoded
+        assert torch.equal(z, stored) and lat.manifest["encoder"].get("stacked") == (2 if i < 2 else None)
+        _, theirs = training_latents(ae.encoder, alone[i][0].checkpoint, meta["sha256"], ds, exp.data, "cpu")
+        assert rel(z, theirs) < 1e-4, i  # the latents the member's base run alone stored
 
 
 def test_a_base_group_built_and_compiled_ahead_trains_as_one_built_when_its_members_joined(tmp_path, alone,

@@ -376,11 +376,14 @@ def test_a_base_group_reads_the_checkpoints_passed_on_before_its_members_join(mo
         events.append(("read", ckpt))
         return ("ae of " + ckpt, None, {})
 
-    def encode(ckpt, read, members, passed_on):  # each checkpoint passed on is encoded after it is read
-        assert read.result() == ("ae of " + ckpt, None, {}) and members == 2
-        assert passed_on <= time.time()  # when it was passed on: the actor's log says how long after it began
-        events.append(("encode", ckpt))
-        return ckpt, ("data",), "z of " + ckpt
+    def encode(queued, members):  # each checkpoint passed on is encoded after it is read, those queued together
+        out = []
+        for ckpt, read, passed_on in queued:
+            assert read.result() == ("ae of " + ckpt, None, {}) and members == 2
+            assert passed_on <= time.time()  # when it was passed on: the actor's log says how long after it began
+            events.append(("encode", ckpt))
+            out.append((ckpt, ("data",), "z of " + ckpt))
+        return out
 
     def train(exps, bases, ckpts, run_dirs, group_dir, hooks=None, frozen=None, ahead=None, marks=None,
               prepared=None):

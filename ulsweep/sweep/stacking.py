@@ -17,8 +17,8 @@ from that when they join as planned; a base group's actor builds its networks an
 the autoencoders train (ulsweep.train.group_base.prepare_bases), in the thread that trains them. A group trains once
 all its members have joined, or `stack_wait_s` after its first member joined with those that have (a member finished
 before, in a resumed sweep, never joins; a base trial whose autoencoder failed never comes); a base group reads each
-member's autoencoder checkpoint, and encodes its latents (ulsweep.train.group_base.encode_ahead), when the member's
-autoencoder group passes it on (`ReadAhead`, as soon as the member's files are written), or else reads it as the
+member's autoencoder checkpoint, and encodes its latents (ulsweep.train.group_base.encode_ahead: those queued by
+then together), when the member's autoencoder group passes it on (`ReadAhead`, as soon as the member's files are written), or else reads it as the
 member joins, while it waits for the others. A member that comes after its group started trains alone. A member
 whose loss turns non-finite fails as it would alone (TrainingDiverged, not retried) and the others train on; any
 other failure of the group's training is every member's failure, and their retries train alone. An actor that dies
@@ -156,9 +156,11 @@ class GroupTrainer:
         # autoencoder group passes them on (`read_ahead`) or else as they join: key -> (checkpoint, future)
         self.read: dict[str, tuple[str, Future]] = {}
         # and, of those passed on (and not read again at the join, for another checkpoint), their latents encoded
-        # one member after another as their checkpoints are read (group_base.encode_ahead; it encodes only where
-        # the group will hold its latents on the device): key -> future
+        # as their checkpoints are read, those queued by the time the one encoding thread is free all together
+        # (group_base.encode_ahead; it encodes only where the group will hold its latents on the device):
+        # key -> future; and the queue: (checkpoint, its reading, time.time() it was passed on, the future)
         self.ahead: dict[str, Future] = {}
+        self._queued: list[tuple[str, Future, float, Future]] = []
         self._encoder: ThreadPoolExecutor | None = None
         self._reader: ThreadPoolExecutor | None = None
         # torch and the training modules, while the members' trial processes start (a fresh process spent ~10 s
@@ -260,12 +262,30 @@ class GroupTrainer:
             if self.kind != "base" or self.state != "forming" or key not in self.keys or key in self.read:
                 return False
             self._read(key, ae_checkpoint)
-            from ulsweep.train.group_base import encode_ahead
-
+            self.ahead[key] = Future()
+            self._queued.append((ae_checkpoint, self.read[key][1], time.time(), self.ahead[key]))
             self._encoder = self._encoder or ThreadPoolExecutor(1, thread_name_prefix="ulsweep-encode-ahead")
-            self.ahead[key] = self._encoder.submit(encode_ahead, ae_checkpoint, self.read[key][1], len(self.keys),
-                                                   time.time())
+            self._encoder.submit(self._encode_queued)
             return True
+
+    def _encode_queued(self) -> None:
+        """Encode the latents of every checkpoint queued by now (`read_ahead`) together, and set their futures; an
+        earlier call may have taken them all. A failure fails each of them: the group then encodes them itself."""
+        from ulsweep.train.group_base import encode_ahead
+
+        with self.cv:
+            queued, self._queued = self._queued, []
+            members = len(self.keys)
+        if not queued:
+            return
+        try:
+            out = encode_ahead([(ckpt, read, t) for ckpt, read, t, _ in queued], members)
+        except BaseException as e:  # noqa: BLE001 - each member's future says it; train_bases names it
+            for *_, f in queued:
+                f.set_exception(e)
+        else:
+            for (*_, f), o in zip(queued, out):
+                f.set_result(o)
 
     def _read(self, key: str, ae_checkpoint: str) -> None:
         """Start reading member `key`'s autoencoder checkpoint on the host; called with `cv` held."""

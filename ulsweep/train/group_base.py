@@ -62,37 +62,53 @@ def latents_need(members: int, split_size: int, latent_shape) -> int:
     return members * split_size * 4 * math.prod(latent_shape)
 
 
-def encode_ahead(ae_checkpoint: str, read: Future, members: int,
-                 passed_on: float | None = None) -> tuple[str, tuple, torch.Tensor | None]:
-    """A member's training latents encoded and stored as soon as its autoencoder is read (`read`: its
-    `read_ahead` future), before its base trial joins: the sweep's base group does this for each checkpoint its
-    autoencoder group passes on, while the other autoencoders are still evaluated, where the group's `members`
-    members' latents will be on the device (`data.loader`'s choice). Encoded as a base trial alone encodes them
-    (`training_latents`: the same latents, the same store). Returns (`ae_checkpoint`, what they are the latents
-    of: the dataset's hash, split and image size, them on the device); (…, None) where the group streams its
-    latents: a streamed split is better decoded once for all members, by the group (`encode_together`). Says when
-    it began, had the checkpoint and was done, in seconds after `passed_on` (time.time() when the checkpoint was
-    passed on): where a base member's wait for these goes (session 31, one H100: 9.2 s after the last joined)."""
+def encode_ahead(queued: Sequence[tuple[str, Future, float | None]],
+                 members: int) -> list[tuple[str, tuple, torch.Tensor | None]]:
+    """The training latents of the checkpoints `queued` (each: its path, its `read_ahead` future, and time.time()
+    when it was passed on, or None), encoded and stored before their base trials join: the sweep's base group
+    encodes the checkpoints its autoencoder group has passed on by then, while the other autoencoders are still
+    evaluated, where the group's `members` members' latents will be on the device (`data.loader`'s choice).
+    Several are encoded together, in one pass over the split through their encoders stacked (`encode_together`):
+    session 31's one H100 encoded lf_sweep's 18 one after another, 0.7-2.0 s each as the checkpoints came ~0.4 s
+    apart, and the base members waited 9.2 s for the last after they joined. Those another process encodes, or
+    that are stored already, are read as a base trial alone reads them (`training_latents`: the same latents, the
+    same store). Returns per checkpoint (its path, what they are the latents of: the dataset's hash, split and
+    image size, them on the device); (…, None) each where the group streams its latents: a streamed split is
+    better decoded once for all members, by the group. Says when it began, had the checkpoints read and was done,
+    in seconds after the first was passed on."""
     began = time.time()
-    ae, ae_exp, meta = read.result()
+    read = [f.result() for _, f, _ in queued]
     got = time.time()
-    data = ae_exp.data
-    rt = make_runtime(ae_exp.ae.train)
+    data = read[0][1].data
+    for (ckpt, _, _), (_, ae_exp, _) in zip(queued, read):
+        if ae_exp.data != data:
+            raise ValueError(f"{ckpt}: its data ({ae_exp.data.path!r}) is not that of {queued[0][0]} "
+                             f"({data.path!r}): a base group's members train on one dataset")
+    rt = make_runtime(read[0][1].ae.train)
     ds = open_splits(data)
     key = (ds.content_hash, data.train_split, data.image_size)
-    need = latents_need(members, ds.splits[data.train_split], meta["latent_shape"])
+    need = latents_need(members, ds.splits[data.train_split], read[0][2]["latent_shape"])
     if choose_loader_for(data, need, rt.device, "latents")[0] != "device":
-        return ae_checkpoint, key, None
-    encoder = copy.deepcopy(ae.encoder).to(rt.device)  # the host copy stays as it was, for train_bases
+        return [(ckpt, key, None) for ckpt, _, _ in queued]
     decode = decode_path(choose_loader(data, ds, rt.device)[0])
+    z: dict[int, torch.Tensor] = {}
+    together: list[int] = []
     with torch.no_grad():
-        z = training_latents(encoder, ae_checkpoint, meta["sha256"], ds, data, rt.device, decode=decode)[1]
+        if len(queued) > 1:  # stack copies the weights: the host copies stay as they were, for train_bases
+            encoders = stack([ae.encoder for ae, _, _ in read]).eval().to(rt.device)
+            shas = [(ckpt, meta["sha256"]) for (ckpt, _, _), (_, _, meta) in zip(queued, read)]
+            together = encode_together(encoders, shas, ds, data, rt.device, decode, keep=z)
+            del encoders
+        for i, ((ckpt, _, _), (ae, _, meta)) in enumerate(zip(queued, read)):
+            if i not in z:
+                encoder = copy.deepcopy(ae.encoder).to(rt.device)
+                z[i] = training_latents(encoder, ckpt, meta["sha256"], ds, data, rt.device, decode=decode)[1]
     done = time.time()
-    t0 = began if passed_on is None else passed_on
-    print(f"[latents] encoded ahead at {time.strftime('%H:%M:%S', time.localtime(done))}: began "
-          f"{began - t0:.2f} s after {ae_checkpoint} was passed on, had it read at {got - t0:.2f} s, done at "
-          f"{done - t0:.2f} s", flush=True)
-    return ae_checkpoint, key, z
+    t0 = min((t for _, _, t in queued if t is not None), default=began)
+    print(f"[latents] encoded ahead at {time.strftime('%H:%M:%S', time.localtime(done))}: {len(queued)} "
+          f"checkpoint(s), {len(together)} of them in one pass; began {began - t0:.2f} s after the first was passed "
+          f"on ({queued[0][0]}), had them read at {got - t0:.2f} s, done at {done - t0:.2f} s", flush=True)
+    return [(ckpt, key, z[i]) for i, (ckpt, _, _) in enumerate(queued)]
 
 
 def shared_settings(exp: ExperimentConfig, base: BaseStageConfig, ae_exp: ExperimentConfig) -> dict:
