@@ -871,3 +871,23 @@ def test_warm_group_step_times_both_variants_of_a_groups_first_steps(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["cold", "warmed"] and "warm_s" not in rows[0] and rows[1]["warm_s"] > 0
     assert all(r["first_step_s"] > 0 and r["second_step_s"] > 0 and r["members"] == 2 for r in rows)
+
+
+def test_encode_ahead_passes_checkpoints_on_to_both_encodings_and_compares_their_latents(tmp_path, digits_cache,
+                                                                                         one_thread):
+    """benchmarks/encode_ahead.py: the same fresh checkpoints passed on to the group's encoding one by one (one
+    encoding each) and queued (what came by the time its thread was free, together); both store every member's
+    latents, which agree up to the grouped kernels' rounding."""
+    import encode_ahead
+
+    out = tmp_path / "ea.json"
+    assert encode_ahead.main(["experiments/lf_sweep.yaml", "--members", "3", "--repeats", "1", "--interval", "0.05",
+                              "--set", "data.path=builtin:digits", "--set", "data.image_size=16",
+                              "--set", "ae.model.preset=tiny", "--set", "ae.model.downsample=4",
+                              "--set", "ae.model.latent_channels=2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert rows["one-by-one"]["batches"] == [1, 1, 1] and sum(rows["queued"]["batches"]) == 3
+    assert all(0 < r["after_last_s"] <= r["total_s"] for r in rows.values())
+    assert result["env"]["device"] == "cpu" and result["env"]["latents_max_rel_diff"] < 1e-4
+    assert set(result["env"]["median_after_last_s"]) == {"one-by-one", "queued"}
