@@ -1,8 +1,9 @@
 """A sweep's base group encoding its members' training latents as their autoencoders' checkpoints are passed on
-(`GroupTrainer.read_ahead` -> `group_base.encode_ahead`): one checkpoint after another in the group's one encoding
-thread (`one-by-one`, the behaviour up to session 31) against every checkpoint queued by the time the thread is
-free encoded together, through their encoders stacked (`queued`, the group's own path since session 32), side by
-side in one process, alternating over `--repeats` passes.
+(`GroupTrainer.read_ahead` -> `group_base.encode_ahead`): one checkpoint after another in one encoding thread
+(`one-by-one`, the behaviour up to session 31) against the group's own path since session 32 with E encoding
+threads (`queued-E`, E from `--encoders`; the library's `stacking.ENCODERS` by default and 1), each taking every
+checkpoint queued when it starts and encoding those together, through their encoders stacked; side by side in one
+process, alternating over `--repeats` passes.
 
     python benchmarks/encode_ahead.py experiments/lf_sweep.yaml --members 18 --interval 0.4 \
         --out benchmarks/results/cpu-encode-ahead.json
@@ -34,7 +35,6 @@ import torch  # noqa: E402
 
 from timing import run_env, write_results  # noqa: E402  (beside this script)
 
-MODES = ("one-by-one", "queued")
 
 
 def write_checkpoints(exp, members: int, root: str) -> list[str]:
@@ -61,7 +61,9 @@ def fresh_copies(ckpts: list[str], root: str) -> list[str]:
 
 
 def one_pass(mode: str, ckpts: list[str], interval: float, group_root: str) -> tuple[dict, list[torch.Tensor]]:
-    """Pass `ckpts` on `interval` s apart to a base group's encoding (`mode`); the pass's times and the latents."""
+    """Pass `ckpts` on `interval` s apart to a base group's encoding (`mode`: one-by-one or queued-E); the pass's
+    times and the latents."""
+    from ulsweep.sweep import stacking
     from ulsweep.sweep.stacking import READERS, GroupTrainer
     from ulsweep.train import group_base
 
@@ -73,10 +75,13 @@ def one_pass(mode: str, ckpts: list[str], interval: float, group_root: str) -> t
         return encode(queued, members)
 
     group_base.encode_ahead = counted  # the group's thread looks it up at each call
+    library = stacking.ENCODERS
+    if mode != "one-by-one":
+        stacking.ENCODERS = int(mode.split("-")[1])
     keys = [f"m{i}" for i in range(len(ckpts))]
     reader = ThreadPoolExecutor(READERS)
     encoder = ThreadPoolExecutor(1)
-    group = GroupTrainer(keys, group_root, wait_s=600.0, kind="base") if mode == "queued" else None
+    group = GroupTrainer(keys, group_root, wait_s=600.0, kind="base") if mode != "one-by-one" else None
     futures: list[Future] = []
     try:
         t_first = time.perf_counter()
@@ -94,7 +99,7 @@ def one_pass(mode: str, ckpts: list[str], interval: float, group_root: str) -> t
             torch.cuda.synchronize()
         done = time.perf_counter()
     finally:
-        group_base.encode_ahead = encode
+        group_base.encode_ahead, stacking.ENCODERS = encode, library
         reader.shutdown()
         encoder.shutdown()
         if group is not None:
@@ -111,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--members", type=int, default=18)
     ap.add_argument("--interval", type=float, default=0.4, help="seconds between checkpoints passed on")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--encoders", type=int, nargs="+", default=None,
+                    help="encoding threads of the queued rows (default: 1 and the library's stacking.ENCODERS)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="experiment overrides")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -119,7 +126,13 @@ def main(argv=None) -> int:
 
     from ulsweep.config import load_experiment
     from ulsweep.config.loading import parse_overrides
+    from ulsweep.sweep.stacking import ENCODERS
     from ulsweep.train import group_base
+
+    encoders = args.encoders or sorted({1, ENCODERS})
+    if min(encoders) < 1:
+        ap.error(f"--encoders {min(encoders)}: a group needs at least one encoding thread")
+    modes = ["one-by-one"] + [f"queued-{e}" for e in encoders]
 
     exp = load_experiment(args.experiment, parse_overrides(args.set))
     rows, latents = [], {}
@@ -135,20 +148,20 @@ def main(argv=None) -> int:
         group_base.encode_ahead([(warm[0], reads[0], None)], args.members)
         print(f"{'mode':>10} {'pass':>4} {'after last s':>12} {'total s':>8} {'calls':>5}  batches")
         for rep in range(args.repeats):
-            for mode in (MODES if rep % 2 == 0 else MODES[::-1]):
+            for mode in (modes if rep % 2 == 0 else modes[::-1]):
                 where = os.path.join(root, f"{mode}-{rep}")
                 row, z = one_pass(mode, fresh_copies(ckpts, where), args.interval, os.path.join(where, "groups"))
                 latents.setdefault(mode, z)
                 rows.append(row | {"pass": rep})
                 print(f"{mode:>10} {rep:>4} {row['after_last_s']:>12.2f} {row['total_s']:>8.2f} {row['calls']:>5}  "
                       f"{row['batches']}")
-    a, b = latents["one-by-one"], latents["queued"]
+    a = latents["one-by-one"]
     diff = None if a[0] is None else max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-12))
-                                         for x, y in zip(a, b))
-    median = {m: statistics.median(r["after_last_s"] for r in rows if r["mode"] == m) for m in MODES}
-    print(f"median seconds after the last checkpoint: {median}; one-by-one/queued "
-          f"{median['one-by-one'] / max(median['queued'], 1e-9):.2f}x; latents' largest relative difference "
-          f"{'-' if diff is None else f'{diff:.2e}'}")
+                                         for m in modes[1:] for x, y in zip(a, latents[m]))
+    median = {m: statistics.median(r["after_last_s"] for r in rows if r["mode"] == m) for m in modes}
+    ratios = ", ".join(f"{m} {median['one-by-one'] / max(median[m], 1e-9):.2f}x" for m in modes[1:])
+    print(f"median seconds after the last checkpoint: {median}; one-by-one over {ratios}; latents' largest "
+          f"relative difference {'-' if diff is None else f'{diff:.2e}'}")
     device = str(a[0].device) if a[0] is not None else "streamed (nothing encoded ahead)"
     write_results(args.out, run_env(args) | {"device": device, "members": args.members, "interval_s": args.interval,
                                              "median_after_last_s": median, "latents_max_rel_diff": diff}, rows)

@@ -17,10 +17,11 @@ from that when they join as planned; a base group's actor builds its networks an
 the autoencoders train (ulsweep.train.group_base.prepare_bases), in the thread that trains them. A group trains once
 all its members have joined, or `stack_wait_s` after its first member joined with those that have (a member finished
 before, in a resumed sweep, never joins; a base trial whose autoencoder failed never comes); a base group reads each
-member's autoencoder checkpoint, and encodes its latents (ulsweep.train.group_base.encode_ahead: those queued by
-then together), when the member's autoencoder group passes it on (`ReadAhead`, as soon as the member's files are written), or else reads it as the
-member joins, while it waits for the others. A member that comes after its group started trains alone. A member
-whose loss turns non-finite fails as it would alone (TrainingDiverged, not retried) and the others train on; any
+member's autoencoder checkpoint, and encodes its latents (ulsweep.train.group_base.encode_ahead, in ENCODERS threads:
+those queued while all are busy together), when the member's autoencoder group passes it on (`ReadAhead`, as soon as
+the member's files are written), or else reads it as the member joins, while it waits for the others. A member that
+comes after its group started trains alone. A member whose loss turns non-finite fails as it would alone
+(TrainingDiverged, not retried) and the others train on; any
 other failure of the group's training is every member's failure, and their retries train alone. An actor that dies
 is restarted (up to `resources.max_worker_failures` times): its members' trials fail with it, and their retries form
 the group again, which resumes from its checkpoint when they are the same members (without a member that diverged,
@@ -46,6 +47,11 @@ from ulsweep.train.hooks import StageResult, TrainHooks
 ACK_WAIT_S = 10.0  # longest the group's loop waits for a member's trial to take the points before a checkpoint
 POLL_S = 1.0  # a member's trial asks its group for news at least this often
 READERS = 4  # threads of a base group that read its members' checkpoints as they join (group_base.read_ahead)
+# threads of a base group that encode the latents of the checkpoints passed on (group_base.encode_ahead), each
+# taking every checkpoint queued when it starts: one checkpoint's encoding is mostly the store's writing on the
+# host (0.7-2.0 s of 60,000 latents on session 31's H100, the encoder a fraction of it), which threads overlap;
+# those that come while all are busy are encoded together
+ENCODERS = 3
 
 
 def plan(exp: ExperimentConfig) -> list[list[str]]:
@@ -156,8 +162,8 @@ class GroupTrainer:
         # autoencoder group passes them on (`read_ahead`) or else as they join: key -> (checkpoint, future)
         self.read: dict[str, tuple[str, Future]] = {}
         # and, of those passed on (and not read again at the join, for another checkpoint), their latents encoded
-        # as their checkpoints are read, those queued by the time the one encoding thread is free all together
-        # (group_base.encode_ahead; it encodes only where the group will hold its latents on the device):
+        # as their checkpoints are read, those queued by the time an encoding thread is free all together
+        # (ENCODERS; group_base.encode_ahead: only where the group will hold its latents on the device):
         # key -> future; and the queue: (checkpoint, its reading, time.time() it was passed on, the future)
         self.ahead: dict[str, Future] = {}
         self._queued: list[tuple[str, Future, float, Future]] = []
@@ -264,13 +270,14 @@ class GroupTrainer:
             self._read(key, ae_checkpoint)
             self.ahead[key] = Future()
             self._queued.append((ae_checkpoint, self.read[key][1], time.time(), self.ahead[key]))
-            self._encoder = self._encoder or ThreadPoolExecutor(1, thread_name_prefix="ulsweep-encode-ahead")
+            self._encoder = self._encoder or ThreadPoolExecutor(ENCODERS, thread_name_prefix="ulsweep-encode-ahead")
             self._encoder.submit(self._encode_queued)
             return True
 
     def _encode_queued(self) -> None:
-        """Encode the latents of every checkpoint queued by now (`read_ahead`) together, and set their futures; an
-        earlier call may have taken them all. A failure fails each of them: the group then encodes them itself."""
+        """Encode the latents of every checkpoint queued by now (`read_ahead`) together, and set their futures; a
+        call in another thread may have taken them all. A failure fails each of them: the group then encodes them
+        itself."""
         from ulsweep.train.group_base import encode_ahead
 
         with self.cv:
