@@ -11,22 +11,21 @@ hooks: its curves to its MLflow run and to Tune, its checkpoints. The group writ
 images and result.json in the member's own run directory (ulsweep.train.group.train_autoencoders,
 ulsweep.train.group_base.train_bases), and the trial returns that result as if it had trained alone.
 
-An autoencoder group's actor builds the group's data and networks, and runs its uncompiled step once, for the
-members the driver planned while their trial processes start (ulsweep.train.group.prepare_autoencoders), and trains
-from that when they join as planned; a base group's actor builds its networks and warms their compiled step while
-the autoencoders train (ulsweep.train.group_base.prepare_bases), in the thread that trains them. A group trains once
-all its members have joined, or `stack_wait_s` after its first member joined with those that have (a member finished
-before, in a resumed sweep, never joins; a base trial whose autoencoder failed never comes); a base group reads each
-member's autoencoder checkpoint, and encodes its latents (ulsweep.train.group_base.encode_ahead, in ENCODERS threads:
-those queued while all are busy together), when the member's autoencoder group passes it on (`ReadAhead`, as soon as
-the member's files are written), or else reads it as the member joins, while it waits for the others. A member that
-comes after its group started trains alone. A member whose loss turns non-finite fails as it would alone
-(TrainingDiverged, not retried) and the others train on; any
-other failure of the group's training is every member's failure, and their retries train alone. An actor that dies
-is restarted (up to `resources.max_worker_failures` times): its members' trials fail with it, and their retries form
-the group again, which resumes from its checkpoint when they are the same members (without a member that diverged,
-they are another group, which starts from scratch). A member's trial that dies alone comes back to its group
-(`join`) and relays its events again. Between the group's loop and a member's trial, `before_checkpoint` waits (at
+An autoencoder group's actor builds the group's data and networks, and runs its uncompiled step once, for the members
+the driver planned while their trial processes start (ulsweep.train.group.prepare_autoencoders), and trains from that
+when they join as planned; a base group's actor builds its networks and warms their compiled step while the autoencoders
+train (ulsweep.train.group_base.prepare_bases), in the thread that trains them. A group trains once all its members have
+joined, or `stack_wait_s` after its first member joined with those that have (a member finished before, in a resumed
+sweep, never joins; a base trial whose autoencoder failed never comes); a base group reads each member's autoencoder
+checkpoint, and encodes its latents (ulsweep.train.group_base.encode_ahead, in ENCODERS threads: those queued while all
+are busy together), when the member's autoencoder group passes it on (`ReadAhead`, as soon as the member's files are
+written), or else reads it as the member joins, while it waits for the others. A member that comes after its group
+started trains alone. A member whose loss turns non-finite fails as it would alone (TrainingDiverged, not retried) and
+the others train on; any other failure of the group's training is every member's failure, and their retries train alone.
+An actor that dies is restarted (up to `resources.max_worker_failures` times): its members' trials fail with it, and
+their retries form the group again, which resumes from its checkpoint when they are the same members (without a member
+that diverged, they are another group, which starts from scratch). A member's trial that dies alone comes back to its
+group (`join`) and relays its events again. Between the group's loop and a member's trial, `before_checkpoint` waits (at
 most ACK_WAIT_S) until the trial has taken every point before the checkpoint, as a trial's own loop would.
 """
 from __future__ import annotations
