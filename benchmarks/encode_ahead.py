@@ -103,9 +103,7 @@ def one_pass(mode: str, ckpts: list[str], interval: float, group_root: str) -> t
         reader.shutdown()
         encoder.shutdown()
         if group is not None:
-            for pool in (group._reader, group._encoder):
-                if pool is not None:
-                    pool.shutdown()
+            group.stop_reading_ahead(wait=True)
     return {"mode": mode, "after_last_s": done - t_last, "total_s": done - t_first, "calls": len(calls),
             "batches": calls}, z
 

@@ -273,6 +273,13 @@ class GroupTrainer:
             self._encoder.submit(self._encode_queued)
             return True
 
+    def stop_reading_ahead(self, wait: bool) -> None:
+        """Shut the threads that read checkpoints and encode latents ahead down, cancelling what they have not
+        started; `wait`: until those running have ended."""
+        for pool in (self._reader, self._encoder):
+            if pool is not None:
+                pool.shutdown(wait=wait, cancel_futures=True)
+
     def _encode_queued(self) -> None:
         """Encode the latents of every checkpoint queued by now (`read_ahead`) together, and set their futures; a
         call in another thread may have taken them all. A failure fails each of them: the group then encodes them
@@ -399,9 +406,7 @@ class GroupTrainer:
                        for k, r in zip(self.members, results) if r is not None}  # a diverged one failed already
         except BaseException as e:  # noqa: BLE001 - every member's trial raises it
             outcome = {k: ("error", e) for k in self.members}
-        for pool in (self._reader, self._encoder):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        self.stop_reading_ahead(wait=False)
         self.read.clear()  # the autoencoders read ahead: host memory
         self.ahead.clear()  # their latents encoded ahead: device memory
         _release_gpu_memory()  # the actor lives on, idle, beside the trials that come after it
