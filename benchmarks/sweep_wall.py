@@ -15,6 +15,10 @@ call, so that their numbers compare side by side. Per variant it records:
                         (the one that compiled, where the others trained uncompiled meanwhile: gate_compile eager)
     process_trial       per trial, the how-manieth trial of its process it was (1: fresh; above: a reused one)
     precompile          what the sweep compiled ahead (resources.precompile: the sweep run's tag), if anything
+    driver_phases_s     the driver's own steps, seconds each (the sweep run's tag `ulsweep.driver_phases`,
+                        ulsweep/sweep/clock.py): the process's start and imports, checks, Ray, the groups, the
+                        precompile tasks and the Tuner before the first trial; Tune's fit; Ray's shutdown, the
+                        outcome, the MLflow runs closed, the summary and the dashboard after the last
     training_share      share of the trials' span during which at least one trial was training
     gpu_busy_by_phase   per kind and phase, the mean utilization of the GPU samples taken while at least one
                         trial of that kind was in that phase (a sample may count for several), and of those taken
@@ -230,6 +234,9 @@ def sweep_numbers(sweep: str, tracking_uri: str | None = None,
     if summary.exists():
         s = json.loads(summary.read_text())
         out["sweep_wall_s"] = s.get("wall_seconds")
+    driver = data.parent.get("tags", {}).get("ulsweep.driver_phases")  # the driver's own steps (sweep/clock.py)
+    if driver:
+        out["driver_phases_s"] = json.loads(driver)
     if data.timeline is not None and not data.timeline.empty:
         out.update({k: round(v, 3) for k, v in tl.summary(data.timeline).items()})
         out["phases"] = tl.phase_table(data.timeline).round(3).to_dict("records")
@@ -311,6 +318,22 @@ def precompile_lines(row: dict, phases: int = 4) -> str:
     return f"Compiled ahead ({row['variant']}):\n" + "\n".join(lines) if lines else ""
 
 
+def driver_line(row: dict) -> str:
+    """The driver's own steps of a variant's sweep (`driver_phases_s`, the sweep run's tag: before its first trial
+    and after its last), on one line; empty for a sweep from before they were recorded."""
+    steps = row.get("driver_phases_s") or {}
+    if not steps:
+        return ""
+    return f"Driver ({row['variant']}): " + ", ".join(f"{n} {v:.1f} s" for n, v in steps.items())
+
+
+def print_details(row: dict) -> None:
+    """A variant's tables after the main one: GPU busy by phase, what was compiled ahead, the driver's steps."""
+    for text in (phase_busy_table(row), precompile_lines(row), driver_line(row)):
+        if text:
+            print(text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -351,8 +374,7 @@ def main(argv=None) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=1, default=str))
         print(table([row]))
-        print(phase_busy_table(row))
-        print(precompile_lines(row))
+        print_details(row)
         return 0
     if not args.experiment:
         ap.error("an experiment file is needed (or --from-store)")
@@ -380,8 +402,7 @@ def main(argv=None) -> int:
         os.replace(tmp, out)  # after every variant: a cut-off call keeps what it measured
     print(table(rows))
     for row in rows:
-        print(phase_busy_table(row))
-        print(precompile_lines(row))
+        print_details(row)
     print(f"wrote {out}")
     return 0 if all(r["rc"] == 0 for r in rows) else 1
 

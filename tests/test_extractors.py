@@ -150,12 +150,14 @@ def test_inception_standin_loads_with_explicit_hash(standin_file):
     assert torch.equal(f, loaded(x.expand(-1, 3, -1, -1)))  # gray = the same image repeated to RGB
 
 
+@pytest.mark.parametrize("search", [False, True])
 @pytest.mark.parametrize("precision", ["fp32", "tf32", None])
 @pytest.mark.parametrize("kind", ["inception", "domain"])
-def test_features_are_computed_in_their_own_arithmetic_whatever_the_caller_set(kind, precision, trained):
+def test_features_are_computed_in_their_own_arithmetic_whatever_the_caller_set(kind, precision, search, trained):
     """An extractor computes in its `precision` (default tf32), whatever the caller set (a trial's runtime turns
     TF32 and cuDNN's timed search on for training, and may hold an autocast): no autocast, TF32 in matmuls and
-    convolutions exactly when tf32, cuDNN's heuristic algorithms; the caller's flags come back."""
+    convolutions exactly when tf32, cuDNN's heuristic algorithms unless its `cudnn_search`; the caller's flags
+    come back."""
     seen = []
 
     class Spy(torch.nn.Module):
@@ -172,6 +174,7 @@ def test_features_are_computed_in_their_own_arithmetic_whatever_the_caller_set(k
         extractor.body.insert(0, Spy())
     if precision is not None:
         assert extractor.with_precision(precision) is extractor
+    extractor.cudnn_search = search
     flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"), \
         (torch.backends.cudnn, "benchmark")
     before = [getattr(m, name) for m, name in flags]
@@ -190,8 +193,9 @@ def test_features_are_computed_in_their_own_arithmetic_whatever_the_caller_set(k
         if kind == "domain":
             del extractor.body[0]
             extractor.with_precision("tf32")  # the fixture's extractor is shared
+            extractor.cudnn_search = False
     tf32 = precision != "fp32"
-    assert seen == [(False, tf32, tf32, False, torch.float32)] * 2
+    assert seen == [(False, tf32, tf32, search, torch.float32)] * 2
 
 
 def test_an_unknown_feature_precision_is_refused_with_the_choices():

@@ -4,6 +4,10 @@ the same on real runs (test_sweep.check_timelines)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 import types
 
 import pandas as pd
@@ -209,3 +213,37 @@ def test_every_timed_part_has_its_label_in_the_report():
     """The report's table names each part a trial's timings record (sweep.timeline.PARTS): one missing was a
     KeyError in `ulsweep report` for every sweep that timed it."""
     assert set(rt.PART_LABELS) == set(T.PARTS)
+
+
+# ----------------------------------------------------------------------------------------------
+# the driver's own steps (ulsweep/sweep/clock.py)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process start times come from Linux's /proc")
+def test_process_start_time_is_when_the_child_process_began():
+    code = "from ulsweep.sweep.clock import process_start_time; print(repr(process_start_time()))"
+    before = time.time()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    after = time.time()
+    started = float(p.stdout)
+    # /proc counts in clock ticks (10 ms) and its uptime in hundredths of a second: 0.05 s either side
+    assert before - 0.05 <= started <= after + 0.05, (before, started, after)
+
+
+def test_driver_clock_steps_are_back_to_back_from_the_process_start():
+    from ulsweep.sweep.clock import DriverClock
+
+    clock = DriverClock(t_process=time.time() - 2.0)
+    clock.mark("check")
+    time.sleep(0.02)
+    clock.mark("fit")
+    ph = clock.phases()
+    assert [p["phase"] for p in ph] == ["before_run", "check", "fit"]
+    assert ph[0]["seconds"] == pytest.approx(2.0, abs=0.05)
+    assert ph[2]["seconds"] >= 0.02
+    for a, b in zip(ph, ph[1:]):
+        assert b["start"] == pytest.approx(a["start"] + a["seconds"], abs=0.002)
+    assert json.loads(clock.tag()) == {p["phase"]: pytest.approx(p["seconds"], abs=0.01) for p in ph}
+    assert clock.line().startswith("driver: before_run 2.0 s, check ")
+    # no process start known, or one after the clock's (a clock not of this process): no before_run step
+    assert DriverClock().phases() == [] and DriverClock(t_process=time.time() + 5).phases() == []

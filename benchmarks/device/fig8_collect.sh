@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the README section needs, in one file under $OUT: dashboard (with PNGs), CSVs, MLflow DB,
-# per-trial result.json files, the sweep log and the GPU type; no checkpoints.
+# per-trial result.json files, summary.json (the driver's steps), the sweep log and the GPU type; no checkpoints.
 set -euo pipefail
 . benchmarks/device/env_b.sh
 EXP=$(cat /tmp/fig8/exp 2>/dev/null || echo lf_sweep)
@@ -10,7 +10,7 @@ python3 -m ulsweep.cli report /tmp/fig8/runs/$EXP --out dashboards/$DASH > /tmp/
   || { echo "report failed:"; tail -20 /tmp/fig8/report.log; }
 mkdir -p /tmp/fig8/pack/results
 cp -r dashboards/$DASH /tmp/fig8/pack/ 2>/dev/null || true
-cp /tmp/fig8/runs/$EXP/mlflow.db /tmp/fig8/sweep.log /tmp/fig8/gpus.txt /tmp/fig8/gpu_util.csv /tmp/fig8/t_* /tmp/fig8/rc /tmp/fig8/pack/ 2>/dev/null || true
+cp /tmp/fig8/runs/$EXP/mlflow.db /tmp/fig8/runs/$EXP/summary.json /tmp/fig8/sweep.log /tmp/fig8/gpus.txt /tmp/fig8/gpu_util.csv /tmp/fig8/t_* /tmp/fig8/rc /tmp/fig8/pack/ 2>/dev/null || true
 cd /tmp/fig8/runs/$EXP && find . -name result.json -o -name config.yaml -o -name timings.jsonl -o -name actor.log | grep -v step_ | tar cf /tmp/fig8/pack/results/trials.tar -T -
 tar czf "$OUT/fig8.tgz" -C /tmp/fig8/pack .
 # the compiles the sweep's first processes saved (ulsweep/train/compile_artifacts.py), for a later machine to carry

@@ -85,7 +85,7 @@ class DomainCNN(FeatureExtractor):
         return self.head(self.hidden(self.body(x)))
 
     def forward(self, images_u8: Tensor) -> Tensor:  # uint8 (N, C, H, W) -> (N, feature_dim) float32
-        with feature_arithmetic(images_u8.device, self.precision):
+        with feature_arithmetic(images_u8.device, self.precision, self.cudnn_search):
             return self.hidden(self.body(self.preprocess(images_u8))).float()
 
     def meta(self) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def check_precision(precision: str) -> None:
 
 
 @contextmanager
-def feature_arithmetic(device: torch.device, precision: str = "tf32") -> Iterator[None]:
+def feature_arithmetic(device: torch.device, precision: str = "tf32", search: bool = False) -> Iterator[None]:
     """The features' arithmetic on `device`, whatever the caller set (a trial's runtime turns TF32 and cuDNN's
     timed algorithm search on for training, and may hold an autocast): no autocast; TF32 allowed in matmuls
     and convolutions (`tf32`, cuDNN's own default for convolutions) or in neither (`fp32`, exact fp32); and
@@ -54,13 +54,15 @@ def feature_arithmetic(device: torch.device, precision: str = "tf32") -> Iterato
     none searches the extractor's ~100 convolution shapes at its first features. The flags are restored.
     Measured on one H100 (session 28, benchmarks/results/h100-fid-exact-vs-tf32-s28.json): FID(Fashion-MNIST
     train, test) 2.53038 in exact fp32 and 2.53097 with TF32; inside lf_sweep a member's 10,000 generations took
-    ~2.3 s to score with TF32 (session 27) and 4.6 s in exact fp32 (session 28)."""
+    ~2.3 s to score with TF32 (session 27) and 4.6 s in exact fp32 (session 28). `search`: cuDNN's timed search
+    instead of its heuristics (`FeatureExtractor.cudnn_search`; benchmarks/metrics.py times both and the
+    features' difference)."""
     check_precision(precision)
     backends = torch.backends
     before = backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark
     tf32 = precision == "tf32"
     backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = tf32
-    backends.cudnn.benchmark = False
+    backends.cudnn.benchmark = search
     try:
         with torch.autocast(device.type, enabled=False):
             yield
@@ -79,6 +81,7 @@ class FeatureExtractor(nn.Module):
     feature_dim: int
     weights_sha256: str
     precision: str = "tf32"  # the features' arithmetic (`feature_arithmetic`); `with_precision` sets it
+    cudnn_search: bool = False  # cuDNN's convolution algorithms timed rather than from its heuristics
 
     def forward(self, images_u8: Tensor) -> Tensor:
         raise NotImplementedError

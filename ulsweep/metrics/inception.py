@@ -89,7 +89,7 @@ class InceptionExtractor(FeatureExtractor):
     def forward(self, images_u8: Tensor) -> Tensor:  # (N, C, H, W) uint8 -> (N, 2048) float32
         p = next(iter(self.net.parameters()), None)
         x = images_u8.to(p.device) if p is not None else images_u8
-        with feature_arithmetic(x.device, self.precision):
+        with feature_arithmetic(x.device, self.precision, self.cudnn_search):
             feats = self.net(fid_preprocess(x))
         if feats.dim() > 2:
             feats = feats.mean(dim=list(range(2, feats.dim())))

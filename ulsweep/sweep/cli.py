@@ -38,6 +38,7 @@ def register(subparsers) -> None:
 
 
 def handle_run(args: argparse.Namespace) -> int:
+    from ulsweep.sweep.clock import process_start_time
     from ulsweep.sweep.driver import SweepError, dry_run, run_sweep
 
     try:
@@ -46,7 +47,8 @@ def handle_run(args: argparse.Namespace) -> int:
         if args.dry_run:
             return dry_run(exp, storage=args.storage, tracking_uri=args.tracking_uri)
         outcome = run_sweep(exp, resume=args.resume, address=args.address, storage=args.storage,
-                            tracking_uri=args.tracking_uri, train_impl=args.train_impl, verbose=args.verbose)
+                            tracking_uri=args.tracking_uri, train_impl=args.train_impl, verbose=args.verbose,
+                            t_process=process_start_time())
     except ConfigError as e:  # whatever the check, it is about this file
         print(f"error: {e if e.file else e.located(file=args.experiment)}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ from typing import Any
 from ulsweep import io as uio, tracking
 from ulsweep.config import ConfigError, ExperimentConfig, check_data, dump_yaml, experiment_from_dict, to_dict
 from ulsweep.sweep import lineage, mps, outcome as outcomes, precompile, stacking
+from ulsweep.sweep.clock import DriverClock
 from ulsweep.sweep.credentials import stop_tune_copying_credentials
 from ulsweep.sweep.lineage import SweepRun
 from ulsweep.sweep.outcome import SweepOutcome
@@ -71,12 +72,14 @@ RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_WORKER_G
 
 def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | None = None,
               storage: str | None = None, tracking_uri: str | None = None, train_impl: str = "ulsweep",
-              verbose: bool = False, stream=None) -> SweepOutcome:
-    """Run (or resume) the sweep of `exp` to completion and return its outcome."""
+              verbose: bool = False, stream=None, t_process: float | None = None) -> SweepOutcome:
+    """Run (or resume) the sweep of `exp` to completion and return its outcome. `t_process`: when the process
+    began (the CLI's, `clock.process_start_time`), to time what came before this call too."""
     import ray
 
     out = stream or sys.stdout
-    t_start = time.time()
+    clock = DriverClock(t_process)  # the driver's own steps (clock.py)
+    t_start = clock.t0
     run_dir, state, ident = _open_run_dir(exp, storage, resume)
     uri = lineage.tracking_uri_of(exp, state, tracking_uri, run_dir)
     restore = _check_state_files(exp, run_dir, uri, state, out)
@@ -85,33 +88,55 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     if state is None:  # before any MLflow run exists: --resume can always find (or create) the sweep's run
         state = pending_state(uri, ident)
         write_state(run_dir, state)
+    clock.mark("check")  # experiment, data, run dir, state files, the MLflow store
     address = address or os.environ.get("RAY_ADDRESS") or None
     daemon = _start_mps(exp, run_dir, address, out)
+    clock.mark("mps")
     try:
         run, started_ray = _start_ray_and_sweep_run(exp, run_dir, uri, state, ident, address, verbose, out,
                                                     env=daemon.env if daemon else {})
+        clock.mark("ray_and_sweep_run")
         phases = {"setup": time.time() - t_start}
         exp = fit_to_local_machine(exp, ray.cluster_resources(), started_here=not address, out=out)
         try:
-            grid, phases["tune_fit"] = _fit(exp, run_dir, run, train_impl, restore, out)
+            grid, phases["tune_fit"] = _fit(exp, run_dir, run, train_impl, restore, out, clock)
         finally:
             if started_ray:
                 ray.shutdown()
+                clock.mark("ray_shutdown")
     finally:
         if daemon:
             daemon.stop()
+            clock.mark("mps_stop")
     searcher = _final_searcher(exp, run_dir)
     result = _collect_outcome(run_dir, run, searcher, grid, wall=time.time() - t_start)
     ranked = searcher.ranked()
+    clock.mark("outcome")
     lineage.close_sweep_run(run, ranked, exp.search.metrics, result.counts, result.status, run_dir, out)
+    clock.mark("close_runs")
     phases["wall"] = time.time() - t_start
-    outcomes.write_summary(result, ranked, phases)
+    outcomes.write_summary(result, ranked, phases | {"driver": clock.phases()})
     outcomes.print_summary(result, ranked, exp.search.metrics, out)
+    clock.mark("summary")
     if result.finished:
         outcomes.write_dashboard(result, out)
+        clock.mark("dashboard")
     else:  # Ctrl-C: Tune stopped its trials and saved its state
         print(f"sweep stopped before its end; continue it with --resume (run dir {run_dir})", file=out, flush=True)
+    _record_driver_phases(result, ranked, phases, clock, run, out)
     return result
+
+
+def _record_driver_phases(result: SweepOutcome, ranked: list[dict], phases: dict, clock: DriverClock,
+                          run: SweepRun, out) -> None:
+    """The driver's steps, the summary and dashboard included: into summary.json again (`phases.driver`), as the
+    sweep run's tag `ulsweep.driver_phases`, and on the console; never fails the sweep."""
+    print(clock.line(), file=out, flush=True)
+    try:
+        outcomes.write_summary(result, ranked, phases | {"driver": clock.phases()})
+        tracking.retry(run.client.set_tag, run.sweep_id, "ulsweep.driver_phases", clock.tag())
+    except Exception as e:  # noqa: BLE001 - timings only: the sweep's results are written already
+        print(f"  driver phases not recorded ({type(e).__name__}: {str(e)[:200]})", file=out, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,10 +267,12 @@ def _print_header(exp: ExperimentConfig, run_dir: str, run: SweepRun, out) -> No
           f"sweep run {run.sweep_id})", file=out, flush=True)
 
 
-def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, resume: bool, out):
+def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, resume: bool, out,
+         clock: DriverClock | None = None):
     """Run the search to its end, or until Ctrl-C, after which Tune stops the trials, saves its state and
     returns: (Tune's ResultGrid, seconds it took). On a second Ctrl-C or a driver error no run of the sweep
-    stays RUNNING, and the message says how to continue."""
+    stays RUNNING, and the message says how to continue. `clock` marks the steps."""
+    mark = clock.mark if clock is not None else (lambda name: None)
     warming: list = []
     groups: list = []  # the stacked groups' actors, the driver's for the fit's length
     try:
@@ -257,11 +284,15 @@ def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, re
         # and the Tuner (seconds) after them
         if train_impl == "ulsweep":
             groups = stacking.start(exp, run_dir, run.sweep_id, out)
+        mark("groups_start")
         warming = precompile.start(exp, out)  # the trials' steps, ahead of them
+        mark("precompile_start")
         tuner = _make_tuner(exp, run_dir, run, train_impl, resume)
+        mark("tuner")
         with RestoreTripwire(_tune_dir(run_dir), exp.search.method):
             grid = tuner.fit()
         record_closed_snapshot(run_dir)
+        mark("tune_fit")
         return grid, time.time() - t_fit
     except BaseException as e:
         lineage.mark_interrupted(run)
@@ -270,7 +301,9 @@ def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, re
         raise
     finally:
         _close_precompile(run, warming, out)
+        mark("precompile_report")
         _close_groups(groups)
+        mark("groups_close")
 
 
 def _close_groups(groups: list) -> None:
