@@ -15,6 +15,12 @@ Rows:
   (`FeatureExtractor.cudnn_search`); its `max_abs_diff` / `max_rel_diff`: how far its features on the same images
   lie from the heuristic TF32 row's (other algorithms round differently). A base member's gFID/gFD scoring is
   ~2.1 s of 10,000 Inception images on one H200 (session 34), one member after another.
+- `gfd_member` / `rfd_member` (with --member-fd): one group member's scoring as a final evaluation runs it
+  (`ulsweep.train.evaluation.generation_fd_of` on 10,000 samples against 2,000 reference images, and
+  `reconstruction_fd_of` on 2,000 reconstructions; both extractors, TF32, the reference statistics cached in a
+  scratch folder, warm), against the extractors' passes alone over the same images (`extract_s`): `overhead_s`
+  is what scoring adds to the features (statistics, the cache, the distances). On one H200 in session 34 a base
+  member's took ~2.1 s and an autoencoder member's ~0.9 s, one member after another.
 - `frechet_2048`: frechet_distance on 2048-d statistics (float64, two eigh), and SciPy's sqrtm form on
   CPU for comparison (--scipy).
 Images are generated on the device beforehand (the data-loading cost is not measured). Reports the median
@@ -70,6 +76,48 @@ def bench_extractor(name: str, ext: torch.nn.Module, shape: tuple[int, ...], bat
     return row
 
 
+def bench_member_fd(inception, domain, device: torch.device, repeats: int, n_gen: int = 10000,
+                    n_ref: int = 2000) -> list[dict]:
+    """`gfd_member` and `rfd_member` rows (the module's docstring): median seconds of a member's scoring, warm,
+    and of the extractors' passes alone over the same images."""
+    import tempfile
+
+    from ulsweep.metrics.fid import RefStatsCache
+    from ulsweep.train import evaluation as ev
+
+    extractors = tuple(e.to(device).eval().with_precision("tf32") for e in (inception, domain))
+    g = torch.Generator(device=device).manual_seed(0)
+    gen = torch.randint(0, 256, (n_gen, 1, 32, 32), generator=g, device=device, dtype=torch.uint8)
+    real = torch.randint(0, 256, (n_ref, 1, 32, 32), generator=g, device=device, dtype=torch.uint8)
+    rec = torch.randint(0, 256, (n_ref, 1, 32, 32), generator=g, device=device, dtype=torch.uint8)
+
+    def extract(images):
+        for e in extractors:
+            for b in images.split(ev.EVAL_BATCH):
+                e(b)
+
+    rows, before = [], os.environ.get("ULSWEEP_CACHE")
+    try:
+        with tempfile.TemporaryDirectory() as cache, torch.inference_mode():
+            os.environ["ULSWEEP_CACHE"] = cache  # RefStatsCache() of the evaluation: a scratch one
+            assert RefStatsCache().directory.startswith(cache)
+            for name, score, images in (
+                    ("gfd_member", lambda: ev.generation_fd_of(extractors, gen, real, "bench", "test@32"), gen),
+                    ("rfd_member", lambda: ev.reconstruction_fd_of(extractors, real, rec, "bench", "test@32"), rec)):
+                whole = time_calls(score, device, 1, repeats)  # the warm-up fills the reference cache
+                alone = time_calls(lambda: extract(images), device, 1, repeats)
+                rows.append({"bench": name, "device": str(device), "images": len(images), "seconds":
+                             statistics.median(whole), "extract_s": statistics.median(alone),
+                             "overhead_s": statistics.median(whole) - statistics.median(alone), "runs": whole,
+                             "extract_runs": alone, "method": f"{name} of {len(images)} images, both extractors"})
+    finally:
+        if before is None:
+            os.environ.pop("ULSWEEP_CACHE", None)
+        else:
+            os.environ["ULSWEEP_CACHE"] = before
+    return rows
+
+
 def bench_frechet(dim: int, device: torch.device, warmup: int, repeats: int, scipy: bool) -> list[dict]:
     rng = np.random.default_rng(0)
     n = 2 * dim
@@ -114,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                    "frechet"],
                    help="rows to leave out (inception_tf32 also leaves out inception_tf32_search)")
     p.add_argument("--scipy", action="store_true", help="also time SciPy's sqrtm on CPU (slow at 2048-d)")
+    p.add_argument("--member-fd", action="store_true",
+                   help="also time one group member's gFD/gFID and rFD/rFID scoring (gfd_member, rfd_member)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -149,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
             inception = inception.to(memory_format=torch.contiguous_format)
         if "frechet" not in args.skip:
             rows += bench_frechet(args.frechet_dim, dev, 1, rep, args.scipy)
+        if args.member_fd:
+            rows += bench_member_fd(load_inception(args.inception_weights) if inception is None else inception,
+                                    domain, dev, min(rep, 3) if cuda else 1)
         print(f"  done: {dev}", file=sys.stderr)
 
     env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
@@ -163,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
             diff = f", max |diff| {r['max_abs_diff']:.3g} (rel {r['max_rel_diff']:.3g})" if "max_abs_diff" in r else ""
             print(f"{r['bench']:<22}{r['device']:<8}{r['batch']:>7}{r['images_per_s']:>12.1f}"
                   f"{r['seconds_per_batch']:>10.4f}  input {r['input']} uint8, {r['precision']}{diff}")
+        elif "overhead_s" in r:
+            print(f"{r['bench']:<22}{r['device']:<8}{r['images']:>7}{'':>12}{r['seconds']:>10.4f}  {r['method']}: "
+                  f"extractors alone {r['extract_s']:.4f} s, scoring adds {r['overhead_s']:.4f} s")
         else:
-            print(f"{r['bench']:<20}{r['device']:<8}{'':>7}{'':>12}{r['seconds']:>10.4f}  {r['method']}, FD={r['fd']:.6g}")
+            print(f"{r['bench']:<22}{r['device']:<8}{'':>7}{'':>12}{r['seconds']:>10.4f}  {r['method']}, "
+                  f"FD={r['fd']:.6g}")
     print(f"env: {json.dumps(env)}")
     write_results(args.out, env, rows)
     return 0
