@@ -892,3 +892,20 @@ def test_encode_ahead_passes_checkpoints_on_to_both_encodings_and_compares_their
     assert all(sum(r["batches"]) == 3 and 0 < r["after_last_s"] <= r["total_s"] for r in rows.values())
     assert result["env"]["device"] == "cpu" and result["env"]["latents_max_rel_diff"] < 1e-4
     assert set(result["env"]["median_after_last_s"]) == set(rows)
+
+
+def test_member_fd_rows_split_a_members_scoring_into_features_and_the_rest(monkeypatch):
+    """metrics.py --member-fd on CPU with two small domain CNNs in place of Inception and the domain extractor:
+    both rows, scoring = features + overhead, and the caller's ULSWEEP_CACHE back afterwards."""
+    import metrics
+
+    from ulsweep.metrics.domain import DomainCNN
+
+    monkeypatch.setenv("ULSWEEP_CACHE", "/nonexistent/kept")
+    nets = [DomainCNN(f"d{i}", "cnn-s-v1", 1, 32, 10).eval().requires_grad_(False) for i in range(2)]
+    rows = metrics.bench_member_fd(*nets, torch.device("cpu"), 1, n_gen=40, n_ref=20)
+    assert os.environ["ULSWEEP_CACHE"] == "/nonexistent/kept"
+    assert [(r["bench"], r["images"]) for r in rows] == [("gfd_member", 40), ("rfd_member", 20)]
+    for r in rows:
+        assert r["seconds"] == r["runs"][0] > 0 and r["extract_s"] == r["extract_runs"][0] > 0
+        assert r["overhead_s"] == pytest.approx(r["seconds"] - r["extract_s"])
