@@ -274,12 +274,24 @@ def nhwc_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
     return y.unflatten(1, (k, self.out_channels)).transpose(0, 1).reshape(-1, self.out_channels, *y.shape[-2:])
 
 
+def loop_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """`StackedConv2d.forward` as K ordinary convolutions, trial k's weights on its own rows (`--conv loop`): each
+    reads a contiguous slice of (K*B, C, H, W), so no transpose in or out and none of cuDNN's grouped kernels (and
+    their layout conversions, 18% of the stacked autoencoder step on an H100, session 25), at K times the kernels
+    (CUDA graphs replay them without launch costs)."""
+    import torch.nn.functional as F
+
+    xs = x.unflatten(0, (self.k, -1))  # (K, B, C, H, W), a view
+    return torch.cat([F.conv2d(xs[i], self.weight[i], None if self.bias is None else self.bias[i], self.stride,
+                               self.padding, self.dilation, self.groups) for i in range(self.k)])
+
+
 def _trials_first(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.unflatten(0, (k, -1)).transpose(0, 1).flatten(1, 2)  # (K*B, C, H, W) -> (B, K*C, H, W)
 
 
 CONVS = {"grouped": None, "unfold": unfold_conv_forward, "channels-last": channels_last_conv_forward,
-         "nhwc": nhwc_conv_forward}
+         "nhwc": nhwc_conv_forward, "loop": loop_conv_forward}
 
 
 @contextlib.contextmanager
@@ -436,8 +448,9 @@ def main(argv=None) -> int:
                    help="how N trials become one program: stacked layers (ulsweep.models.stacked) or torch.func.vmap")
     p.add_argument("--conv", nargs="+", default=["grouped"], choices=list(CONVS),
                    help="stacked rows: the stacked convolutions as the library's grouped convolution, as im2col + "
-                        "one batched matmul (unfold), grouped on channels-last input (channels-last), or grouped on "
-                        "the channels-last layout the transpose's one copy makes (nhwc); one row each")
+                        "one batched matmul (unfold), grouped on channels-last input (channels-last), grouped on "
+                        "the channels-last layout the transpose's one copy makes (nhwc), or one ordinary "
+                        "convolution per trial on its own rows (loop); one row each")
     p.add_argument("--regions", nargs="+", default=["whole"], choices=["whole", "blocks"],
                    help="compiled stacked rows: the whole step as one graph (the library's), or each transformer "
                         "and residual block compiled on its own, the rest eager (regional compilation: each "

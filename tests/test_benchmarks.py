@@ -739,12 +739,12 @@ def test_group_sampling_times_each_mode_and_part_on_the_same_images(tmp_path):
         group_sampling.main(["experiments/quickstart.yaml", "--members", "1"])
 
 
-@pytest.mark.parametrize("kind", ["unfold", "channels-last", "nhwc"])
+@pytest.mark.parametrize("kind", ["unfold", "channels-last", "nhwc", "loop"])
 @pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1), dict(kernel_size=2, stride=2),
                                   dict(kernel_size=1), dict(kernel_size=3, stride=2, padding=1, bias=False)])
 def test_batched_trials_conv_variants_compute_the_stacked_convolution(kind, conv):
-    """`--conv unfold` / `channels-last` rows time the same convolutions as the library's grouped one: each
-    trial's own nn.Conv2d on its own rows, forwards and input gradients."""
+    """`--conv unfold` / `channels-last` / `nhwc` / `loop` rows time the same convolutions as the library's grouped
+    one: each trial's own nn.Conv2d on its own rows, forwards and input gradients."""
     import batched_trials as bt
     from ulsweep.models.stacked import StackedConv2d
 
