@@ -28,7 +28,8 @@ def test_the_planned_trials_of_one_architecture_form_groups_of_at_most_stack_tri
     assert plan(exp) == [[f"ae-{i:04d}" for i in range(18)]]  # loss factor, bias and seed change no shape
     six = plan(experiment_from_dict(lf_sweep(stack_trials=6)))
     assert [len(g) for g in six] == [6, 6, 6] and sum(six, []) == [f"ae-{i:04d}" for i in range(18)]
-    assert plan(experiment_from_dict(lf_sweep())) == []  # stack_trials 1: every trial alone
+    assert plan(experiment_from_dict(lf_sweep())) == plan(exp)  # the file's own setting: 18
+    assert plan(experiment_from_dict(lf_sweep(stack_trials=1))) == []  # stack_trials 1: every trial alone
     capped = lf_sweep(stack_trials=18)
     capped["search"]["max_concurrent"] = 9  # a group's members run at once
     assert [len(g) for g in plan(experiment_from_dict(capped))] == [9, 9]
@@ -104,9 +105,9 @@ def test_stacking_settings_are_checked_by_name():
                        "space": {"ae.loss.loss_factor": {"low": 1.5, "high": 4.0}}}
         experiment_from_dict(d)
     with pytest.raises(ConfigError, match="stack_wait_s.*no effect with resources.stack_trials: 1"):
-        experiment_from_dict(lf_sweep(stack_wait_s=5))
+        experiment_from_dict(lf_sweep(stack_trials=1, stack_wait_s=5))
     with pytest.raises(ConfigError, match="stack_sampling.*no effect with resources.stack_trials: 1"):
-        experiment_from_dict(lf_sweep(stack_sampling="stacked"))
+        experiment_from_dict(lf_sweep(stack_trials=1, stack_sampling="stacked"))
     with pytest.raises(ConfigError, match="stack_sampling"):
         experiment_from_dict(lf_sweep(stack_trials=2, stack_sampling="together"))
     assert experiment_from_dict(lf_sweep(stack_trials=2, stack_sampling="stacked")).resources.stack_sampling == "stacked"
