@@ -170,10 +170,20 @@ class GroupTrainer:
         self._reader: ThreadPoolExecutor | None = None
         # torch and the training modules, while the members' trial processes start (a fresh process spent ~10 s
         # importing them on the H200 machine), so that the group trains as soon as they have joined
+        t_imports = time.time()
         import torch._dynamo  # noqa: F401 - the optimizer's first construction imports it (~1 s on this box)
 
         import ulsweep.train.group  # noqa: F401
         import ulsweep.train.group_base  # noqa: F401
+
+        # its members can join from now on (a Ray actor serves no call before its __init__ returns): when its
+        # process started and how long the imports took, for where a sweep's first seconds go (epoch seconds)
+        from ulsweep.sweep.clock import process_start_time
+
+        started = process_start_time()
+        print(f"[{kind} group of {len(self.keys)}] actor up at {time.time():.2f}: process started at "
+              f"{started if started is None else round(started, 2)}, imports {time.time() - t_imports:.1f} s",
+              flush=True)
 
         # an autoencoder group's data and networks, built and its step warmed while the members' trial processes
         # start (`planned`: the experiments the driver planned for `keys`, in order), taken if they join as planned
