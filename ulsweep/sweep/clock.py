@@ -53,4 +53,4 @@ class DriverClock:
 
     def tag(self) -> str:
         """The steps as the sweep run's `ulsweep.driver_phases` tag: JSON {phase: seconds}, in order."""
-        return json.dumps({n: round(b - a, 2) for n, a, b in self.steps})[:5000]
+        return json.dumps({n: round(b - a, 2) for n, a, b in self.steps})
