@@ -2,6 +2,7 @@
 each member's hooks, checkpoints waited for, errors), and a sweep whose autoencoders train as one program."""
 import dataclasses
 import json
+import re
 import subprocess
 import threading
 import time
@@ -218,7 +219,11 @@ def test_an_autoencoder_group_builds_itself_ahead_and_takes_that_only_for_its_pl
         assert res.steps == 4 and not {m for m in res.extra["marks"] if m.startswith("setup_")}
         marks = res.extra["marks"]  # when the group had its members, and when it was built: both before its setup
         assert max(marks["t_joined"], marks["t_prepared_end"]) <= marks["t_setup_end"], marks
-    assert "built and its step warmed" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    built = re.search(r"built and its step warmed in ([\d.]+) s \(runtime ([\d.]+), data ([\d.]+), models ([\d.]+), "
+                      r"warm_up ([\d.]+)\)", said)
+    assert built, said  # where its preparation went, part by part (the parts within its whole)
+    assert sum(float(v) for v in built.groups()[1:]) <= float(built.group(1)) + 0.3
     other = GroupTrainer(keys, str(tmp_path / "h"), wait_s=30.0, planned=[to_dict(e) for e in exps[::-1]])
     for res in train(other, exps):
         assert res.steps == 4 and res.extra["marks"]["setup_models_s"] > 0  # built when they joined

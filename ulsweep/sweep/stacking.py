@@ -210,8 +210,9 @@ class GroupTrainer:
         if self.threads:
             torch.set_num_threads(self.threads)
         prepared = prepare_autoencoders([experiment_from_dict(d) for d in planned])
-        print(f"[ae group of {len(planned)}] built and its step warmed in {prepared.seconds:.1f} s, before its "
-              "members joined", flush=True)
+        parts = ", ".join(f"{k[len('prepare_'):-2]} {v:.1f}" for k, v in prepared.parts.items())
+        print(f"[ae group of {len(planned)}] built and its step warmed in {prepared.seconds:.1f} s ({parts}), ready "
+              f"at {prepared.t_end:.2f}", flush=True)
         with self.cv:  # kept while its members come; dropped (its GPU memory with it) if none comes in wait_s
             if not self.cv.wait_for(lambda: bool(self.joined), self.wait_s):
                 print(f"[ae group of {len(planned)}] no member joined within {self.wait_s:g} s: the group built "

@@ -218,6 +218,7 @@ class PreparedGroup:
     ts: GroupTrainState
     seconds: float = 0.0  # to build it and warm the step (`prepare_autoencoders`)
     t_end: float = 0.0  # when it was ready (time.time()): the members' marks say whether their group waited for it
+    parts: dict = dataclasses.field(default_factory=dict)  # those seconds by part: prepare_<runtime|data|...>_s
 
 
 def _build(exps: list[ExperimentConfig], rt: Runtime, setup: PartTimer) -> PreparedGroup:
@@ -292,9 +293,13 @@ def prepare_autoencoders(exps: Sequence[ExperimentConfig]) -> PreparedGroup:
     check_members(exps)
     t0 = time.perf_counter()
     rt = make_runtime(exps[0].ae.train)
-    prepared = _build(exps, rt, PartTimer(rt.device, enabled=False))
-    warm_up(prepared.objective, rt, exps[0].ae.train.batch_size, prepared.image_shape)
+    t_rt = time.perf_counter() - t0  # the device's context among it, on a GPU
+    timer = PartTimer(rt.device)
+    prepared = _build(exps, rt, timer)
+    with timer("warm_up"):
+        warm_up(prepared.objective, rt, exps[0].ae.train.batch_size, prepared.image_shape)
     prepared.seconds, prepared.t_end = time.perf_counter() - t0, time.time()
+    prepared.parts = {"prepare_runtime_s": t_rt, **pop_seconds(dict(timer.seconds), phase="prepare")}
     return prepared
 
 
