@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Session 35's measurements before its sweep (issue 23), after `stage.sh put` has unpacked the stack; each part
+# writes its JSON and log under $OUT, so a part cut off by the call's limit keeps what the others measured.
+#   bash benchmarks/device/levers.sh fid    # ~2 min: Inception TF32, cuDNN's heuristics against its search, at
+#                                           # the evaluation's batch (256) and at 1,024; one member's scoring
+#   bash benchmarks/device/levers.sh conv   # ~6-9 min, a call of its own: the stacked autoencoder step with its
+#                                           # convolutions grouped (the library's), one per trial (loop), im2col
+set -euo pipefail
+. benchmarks/device/env_b.sh
+OUT=${OUT:?set by the device call}
+case "${1:?fid|conv}" in
+  fid)
+    [ -f /tmp/stage/default_1.pt ] || cat /tmp/stage/inc/incpart.* > /tmp/stage/default_1.pt
+    python3 benchmarks/metrics.py --devices cuda --skip domain inception inception_cl frechet --inception-batch 256 \
+      --member-fd --inception-weights /tmp/stage/default_1.pt --out "$OUT/h200-metrics-s35.json" \
+      > "$OUT/metrics-256.log" 2>&1 || echo "metrics at 256: rc $?"
+    tail -8 "$OUT/metrics-256.log"
+    python3 benchmarks/metrics.py --devices cuda --skip domain inception inception_cl frechet --inception-batch 1024 \
+      --inception-weights /tmp/stage/default_1.pt --out "$OUT/h200-metrics-1024-s35.json" \
+      > "$OUT/metrics-1024.log" 2>&1 || echo "metrics at 1024: rc $?"
+    tail -5 "$OUT/metrics-1024.log"
+    ;;
+  conv)
+    timeout "${CONV_LIMIT:-560}" python3 benchmarks/batched_trials.py --preset small --image-size 32 --channels 1 \
+      --downsample 4 --latent-channels 8 --trials 18 --modes default --programs stacked --conv grouped loop unfold \
+      --no-baseline --profile --seconds 6 --warmup 3 --check-steps 0 --stage ae --batch 128 \
+      --out "$OUT/profile-ae-conv.json" > "$OUT/profile-ae-conv.log" 2>&1 || echo "conv rows: rc $?"
+    tail -12 "$OUT/profile-ae-conv.log"
+    ;;
+esac
