@@ -419,10 +419,13 @@ def time_steps(step, device: torch.device, seconds: float, warmup: int) -> tuple
 
 
 def batched_step(exp, stage: str, n: int, batch: int, channels: int, mode: str, device: torch.device,
-                 attention: str = "library", program: str = "vmap", regions: str = "whole"):
+                 attention: str = "library", program: str = "vmap", regions: str = "whole", search: bool = True):
+    """The step of `n` trials as one `program`; `search`: cuDNN's timed algorithm search (the runtime's
+    train.cudnn_benchmark, on in the trials) or, off, its heuristics."""
     objs = trial_objectives(exp, stage, n, channels, device)
-    bt = make_program(program, objs, optim_of(exp, stage), make_runtime(exp.ae.train), MODES[mode], attention,
-                      regions)
+    rt = make_runtime(exp.ae.train)
+    torch.backends.cudnn.benchmark = search and torch.backends.cudnn.benchmark
+    bt = make_program(program, objs, optim_of(exp, stage), rt, MODES[mode], attention, regions)
     gen = torch.Generator(device).manual_seed(0)
     x = torch.rand(n, batch, *input_shape(exp, stage, channels), generator=gen, device=device) * 2 - 1
 
@@ -451,6 +454,10 @@ def main(argv=None) -> int:
                         "one batched matmul (unfold), grouped on channels-last input (channels-last), grouped on "
                         "the channels-last layout the transpose's one copy makes (nhwc), or one ordinary "
                         "convolution per trial on its own rows (loop); one row each")
+    p.add_argument("--cudnn-search", nargs="+", default=["on"], choices=["on", "off"],
+                   help="stacked rows with cuDNN's timed algorithm search (train.cudnn_benchmark, on in the trials) "
+                        "and/or with its heuristics (off: a compiled row's graph comes from the first row's caches, "
+                        "its first step then shows what the search costs); one row each")
     p.add_argument("--regions", nargs="+", default=["whole"], choices=["whole", "blocks"],
                    help="compiled stacked rows: the whole step as one graph (the library's), or each transformer "
                         "and residual block compiled on its own, the rest eager (regional compilation: each "
@@ -478,19 +485,23 @@ def main(argv=None) -> int:
     for mode in a.modes:
         base = None
         variants = [] if a.no_baseline else [
-            ("one trial", 1, "grouped", "whole", lambda: STAGES[a.stage](exp, a.batch, mode, a.channels)[0])]
+            ("one trial", 1, "grouped", "whole", "on", lambda: STAGES[a.stage](exp, a.batch, mode, a.channels)[0])]
         convs = a.conv if a.stage == "ae" else ["grouped"]  # the base model has no convolution
         regions = a.regions if mode != "eager" else ["whole"]
         variants += [(f"{program} {n}" + (f" {conv}" if conv != "grouped" else "")
-                      + (f" {region}" if region != "whole" else ""), n, conv, region,
-                      lambda n=n, program=program, region=region: batched_step(
-                          exp, a.stage, n, a.batch, a.channels, mode, device, a.attention, program, region))
+                      + (f" {region}" if region != "whole" else "") + ("" if search == "on" else " no-search"),
+                      n, conv, region, search,
+                      lambda n=n, program=program, region=region, search=search: batched_step(
+                          exp, a.stage, n, a.batch, a.channels, mode, device, a.attention, program, region,
+                          search == "on"))
                      for program in a.programs for n in a.trials
                      for conv in (convs if program == "stacked" else ["grouped"])
-                     for region in (regions if program == "stacked" else ["whole"])]
-        for name, n, conv, region, build in variants:
+                     for region in (regions if program == "stacked" else ["whole"])
+                     for search in (a.cudnn_search if program == "stacked" else ["on"])]
+        for name, n, conv, region, search, build in variants:
             row = {"stage": a.stage, "mode": mode, "program": name, "trials": n, "batch_per_trial": a.batch,
-                   "attention": a.attention if name != "one trial" else "library", "conv": conv, "regions": region}
+                   "attention": a.attention if name != "one trial" else "library", "conv": conv, "regions": region,
+                   "cudnn_search": search}
             try:
                 with warnings.catch_warnings(record=True) as caught, stacked_conv(conv):
                     warnings.simplefilter("always")

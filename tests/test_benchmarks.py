@@ -618,6 +618,42 @@ def test_batched_trials_benchmark_writes_its_rows(tmp_path):
     assert rows[4]["ratio_to_one_trial"] == pytest.approx(rows[4]["images_per_s"] / rows[0]["images_per_s"])
 
 
+def test_batched_trials_cudnn_search_rows_build_their_programs_under_the_flag_they_name(tmp_path, monkeypatch):
+    """--cudnn-search on off: per stacked variant a row with cuDNN's timed search and one with its heuristics, each
+    program built (and so compiled and captured) under its own flag, whatever the runtime turned on."""
+    import batched_trials as bt
+
+    seen, make = [], bt.make_program
+
+    def spy(*args, **kw):
+        seen.append(torch.backends.cudnn.benchmark)
+        return make(*args, **kw)
+
+    def runtime(train):
+        rt = make_runtime(train)
+        torch.backends.cudnn.benchmark = True  # as the trials' runtime turns it on, on a GPU
+        return rt
+
+    from ulsweep.train.runtime import make_runtime
+
+    monkeypatch.setattr(bt, "make_program", spy)
+    monkeypatch.setattr(bt, "make_runtime", runtime)
+    out = tmp_path / "s.json"
+    before = torch.backends.cudnn.benchmark
+    try:
+        assert bt.main(["--preset", "tiny", "--image-size", "16", "--latent-channels", "4", "--batch", "2",
+                        "--trials", "2", "--programs", "stacked", "--conv", "grouped", "loop", "--cudnn-search",
+                        "on", "off", "--no-baseline", "--seconds", "0.1", "--warmup", "1", "--check-steps", "0",
+                        "--out", str(out)]) == 0
+    finally:
+        torch.backends.cudnn.benchmark = before
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["program"], r["cudnn_search"]) for r in rows] == [
+        ("stacked 2", "on"), ("stacked 2 no-search", "off"), ("stacked 2 loop", "on"),
+        ("stacked 2 loop no-search", "off")]
+    assert seen == [True, False, True, False]
+
+
 def test_first_step_times_the_parts_of_fresh_processes_and_passes_them_only_the_model_arguments(tmp_path):
     import first_step as fs
 
