@@ -16,7 +16,7 @@ call, so that their numbers compare side by side. Per variant it records:
     process_trial       per trial, the how-manieth trial of its process it was (1: fresh; above: a reused one)
     precompile          what the sweep compiled ahead (resources.precompile: the sweep run's tag), if anything
     driver_phases_s     the driver's own steps, seconds each (the sweep run's tag `ulsweep.driver_phases`,
-                        ulsweep/sweep/clock.py): the process's start and imports, checks, Ray, the groups, the
+                        ulsweep/sweep/clock.py): the command's imports and checks, Ray, the groups, the
                         precompile tasks and the Tuner before the first trial; Tune's fit; Ray's shutdown, the
                         outcome, the MLflow runs closed, the summary and the dashboard after the last
     training_share      share of the trials' span during which at least one trial was training

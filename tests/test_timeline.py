@@ -230,20 +230,20 @@ def test_process_start_time_is_when_the_child_process_began():
     assert before - 0.05 <= started <= after + 0.05, (before, started, after)
 
 
-def test_driver_clock_steps_are_back_to_back_from_the_process_start():
+def test_driver_clock_steps_are_back_to_back_from_the_command():
     from ulsweep.sweep.clock import DriverClock
 
-    clock = DriverClock(t_process=time.time() - 2.0)
+    clock = DriverClock(t_command=time.time() - 2.0)
     clock.mark("check")
     time.sleep(0.02)
     clock.mark("fit")
     ph = clock.phases()
-    assert [p["phase"] for p in ph] == ["before_run", "check", "fit"]
+    assert [p["phase"] for p in ph] == ["command", "check", "fit"]
     assert ph[0]["seconds"] == pytest.approx(2.0, abs=0.05)
     assert ph[2]["seconds"] >= 0.02
     for a, b in zip(ph, ph[1:]):
         assert b["start"] == pytest.approx(a["start"] + a["seconds"], abs=0.002)
     assert json.loads(clock.tag()) == {p["phase"]: pytest.approx(p["seconds"], abs=0.01) for p in ph}
-    assert clock.line().startswith("driver: before_run 2.0 s, check ")
-    # no process start known, or one after the clock's (a clock not of this process): no before_run step
-    assert DriverClock().phases() == [] and DriverClock(t_process=time.time() + 5).phases() == []
+    assert clock.line().startswith("driver: command 2.0 s, check ")
+    # no command start known, or one after the clock's: no command step
+    assert DriverClock().phases() == [] and DriverClock(t_command=time.time() + 5).phases() == []

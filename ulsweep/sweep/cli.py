@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from ulsweep.config import ConfigError, check_data, load_experiment, parse_overrides
 from ulsweep.io import storage_retry_s
@@ -38,7 +39,7 @@ def register(subparsers) -> None:
 
 
 def handle_run(args: argparse.Namespace) -> int:
-    from ulsweep.sweep.clock import process_start_time
+    t_command = time.time()  # the driver's first step, "command" (sweep/clock.py): imports, config, data check
     from ulsweep.sweep.driver import SweepError, dry_run, run_sweep
 
     try:
@@ -48,7 +49,7 @@ def handle_run(args: argparse.Namespace) -> int:
             return dry_run(exp, storage=args.storage, tracking_uri=args.tracking_uri)
         outcome = run_sweep(exp, resume=args.resume, address=args.address, storage=args.storage,
                             tracking_uri=args.tracking_uri, train_impl=args.train_impl, verbose=args.verbose,
-                            t_process=process_start_time())
+                            t_command=t_command)
     except ConfigError as e:  # whatever the check, it is about this file
         print(f"error: {e if e.file else e.located(file=args.experiment)}", file=sys.stderr)
         return 2

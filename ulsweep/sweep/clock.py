@@ -1,7 +1,7 @@
 """Where a sweep's time outside its trials goes: the driver's own steps, timed.
 
-A sweep's wall is its trials' span plus what the driver does before the first trial starts (the interpreter and
-its imports, the data check, MLflow's store, Ray, the groups' actors, the precompile tasks, the Tuner) and after
+A sweep's wall is its trials' span plus what the driver does before the first trial starts (its config and data
+check, its imports, MLflow's store, Ray, the groups' actors, the precompile tasks, the Tuner) and after
 the last one ends (Ray's shutdown, the outcome, closing the MLflow runs, the summary, the dashboard): on one H200
 ~22 s before and ~15 s after (session 34), with the GPU idle. `DriverClock` times those steps; the driver writes
 them to summary.json (`phases.driver`), tags the sweep's MLflow run with them (`ulsweep.driver_phases`) and prints
@@ -16,7 +16,8 @@ import time
 
 def process_start_time() -> float | None:
     """When this process started, in seconds since the epoch (to ~10 ms: /proc's clock ticks), or None where
-    /proc does not say (not Linux)."""
+    /proc does not say (not Linux). A process that another `exec`ed into keeps the other's start (a group's actor
+    in a worker Ray started earlier, a command a shell ran last in a subshell)."""
     try:
         with open("/proc/self/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
@@ -29,14 +30,15 @@ def process_start_time() -> float | None:
 
 class DriverClock:
     """`mark(name)` ends the driver's step `name`, begun where the previous step ended (the first at the clock's
-    creation, `t0`); `phases()` lists the steps in order. `t_process`: when the process began (`process_start_time`),
-    which adds the step `before_run` (interpreter, imports, config) ahead of the others."""
+    creation, `t0`); `phases()` lists the steps in order. `t_command`: when the command began (`ulsweep run`'s
+    handler), which adds the step `command` (its imports, config and data check) ahead of the others. Not the process's
+    start (`process_start_time`): a process that a shell `exec`s keeps the shell's start time."""
 
-    def __init__(self, t_process: float | None = None):
+    def __init__(self, t_command: float | None = None):
         self.t0 = self._last = time.time()
         self.steps: list[tuple[str, float, float]] = []
-        if t_process is not None and t_process <= self.t0:
-            self.steps.append(("before_run", t_process, self.t0))
+        if t_command is not None and t_command <= self.t0:
+            self.steps.append(("command", t_command, self.t0))
 
     def mark(self, name: str) -> None:
         now = time.time()
@@ -48,7 +50,7 @@ class DriverClock:
         return [{"phase": n, "start": round(a, 3), "seconds": round(b - a, 3)} for n, a, b in self.steps]
 
     def line(self) -> str:
-        """The steps on one line, e.g. `driver: before_run 7.1 s, check 2.0 s, ...`."""
+        """The steps on one line, e.g. `driver: command 0.2 s, import_ray 1.0 s, check 0.0 s, ...`."""
         return "driver: " + ", ".join(f"{n} {b - a:.1f} s" for n, a, b in self.steps)
 
     def tag(self) -> str:

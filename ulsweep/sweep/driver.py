@@ -72,13 +72,14 @@ RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_WORKER_G
 
 def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | None = None,
               storage: str | None = None, tracking_uri: str | None = None, train_impl: str = "ulsweep",
-              verbose: bool = False, stream=None, t_process: float | None = None) -> SweepOutcome:
-    """Run (or resume) the sweep of `exp` to completion and return its outcome. `t_process`: when the process
-    began (the CLI's, `clock.process_start_time`), to time what came before this call too."""
+              verbose: bool = False, stream=None, t_command: float | None = None) -> SweepOutcome:
+    """Run (or resume) the sweep of `exp` to completion and return its outcome. `t_command`: when the command
+    began (the CLI's handler), to time its config and data check too."""
+    clock = DriverClock(t_command)  # the driver's own steps (clock.py)
     import ray
 
+    clock.mark("import_ray")
     out = stream or sys.stdout
-    clock = DriverClock(t_process)  # the driver's own steps (clock.py)
     t_start = clock.t0
     run_dir, state, ident = _open_run_dir(exp, storage, resume)
     uri = lineage.tracking_uri_of(exp, state, tracking_uri, run_dir)
