@@ -86,6 +86,42 @@ def test_fd_accepts_tensors_and_rejects_bad_shapes():
         frechet_distance(mu, s, torch.zeros(5), torch.eye(5))
 
 
+def test_fd_reusing_the_reference_factor_is_the_same_arithmetic_with_one_decomposition_less(monkeypatch):
+    # a group's members scored against one reference: its sqrt is decomposed once, then only each product's
+    # eigenvalues; the values are bit for bit those of the plain call, and a reference whose content changed
+    # (here in place, same array object) is decomposed afresh
+    from ulsweep.metrics import fid
+
+    monkeypatch.setattr(fid, "_factors", fid.collections.OrderedDict())
+    calls = {"eigh": 0}
+    eigh = torch.linalg.eigh
+
+    def counting_eigh(a, *args, **kw):
+        calls["eigh"] += 1
+        return eigh(a, *args, **kw)
+
+    monkeypatch.setattr(torch.linalg, "eigh", counting_eigh)
+    rng = np.random.default_rng(5)
+    d = 48
+    ref_mu, ref_s = rng.standard_normal(d), random_spd(d, rng)
+    members = [(rng.standard_normal(d), random_spd(d, rng, scale=1.5)) for _ in range(3)]
+    plain = [frechet_distance(ref_mu, ref_s, mu, s, device="cpu") for mu, s in members]
+    assert calls["eigh"] == 3
+    calls["eigh"] = 0
+    reused = [frechet_distance(ref_mu, ref_s, mu, s, device="cpu", reuse_first=True) for mu, s in members]
+    assert reused == plain  # exactly
+    assert calls["eigh"] == 1
+    ref_s *= 2.0  # new content under the same object: not the kept factor
+    again = frechet_distance(ref_mu, ref_s, *members[0], device="cpu", reuse_first=True)
+    assert calls["eigh"] == 2
+    assert again == frechet_distance(ref_mu, ref_s, *members[0], device="cpu")
+    assert again != plain[0]
+    assert len(fid._factors) == 2
+    for i in range(fid.FACTORS_KEPT + 2):  # only the most recent references are kept
+        frechet_distance(ref_mu + i + 1, ref_s, *members[0], device="cpu", reuse_first=True)
+    assert len(fid._factors) == fid.FACTORS_KEPT
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fd_gpu_matches_cpu():
