@@ -20,7 +20,9 @@ Rows:
   `reconstruction_fd_of` on 2,000 reconstructions; both extractors, TF32, the reference statistics cached in a
   scratch folder, warm), against the extractors' passes alone over the same images (`extract_s`): `overhead_s`
   is what scoring adds to the features (statistics, the cache, the distances). On one H200 in session 34 a base
-  member's took ~2.1 s and an autoencoder member's ~0.9 s, one member after another.
+  member's took ~2.1 s and an autoencoder member's ~0.9 s, one member after another. `gfd_members_<n>`: six
+  members' gFD/gFID (each its own samples) scored n at a time as a group's final evaluation does
+  (`scored_in_order`; 2 on a GPU), side by side with one after another (`ratio_to_one_at_a_time`).
 - `frechet_2048`: frechet_distance on 2048-d statistics (float64: an eigh, an eigvalsh), and SciPy's sqrtm
   form on CPU for comparison (--scipy); `frechet_2048_reused`: the same distance with the reference's factor kept
   from an earlier call (`fd_between`, as a group's members are scored against one reference), side by side:
@@ -79,7 +81,7 @@ def bench_extractor(name: str, ext: torch.nn.Module, shape: tuple[int, ...], bat
 
 
 def bench_member_fd(inception, domain, device: torch.device, repeats: int, n_gen: int = 10000,
-                    n_ref: int = 2000) -> list[dict]:
+                    n_ref: int = 2000, n_members: int = 6) -> list[dict]:
     """`gfd_member` and `rfd_member` rows (the module's docstring): median seconds of a member's scoring, warm,
     and of the extractors' passes alone over the same images."""
     import tempfile
@@ -112,6 +114,24 @@ def bench_member_fd(inception, domain, device: torch.device, repeats: int, n_gen
                              statistics.median(whole), "extract_s": statistics.median(alone),
                              "overhead_s": statistics.median(whole) - statistics.median(alone), "runs": whole,
                              "extract_runs": alone, "method": f"{name} of {len(images)} images, both extractors"})
+            # a group's members one after another against SCORERS at once (ulsweep.train.evaluation.
+            # scored_in_order, as the final evaluations run them), side by side: each its own 10,000 samples
+            members = [torch.randint(0, 256, (n_gen, 1, 32, 32), generator=g, device=device, dtype=torch.uint8)
+                       for _ in range(n_members)]
+            one = None
+            for scorers in (1, 2, 3):
+                def score_all():
+                    list(ev.scored_in_order(lambda i: ev.generation_fd_of(extractors, members[i], real, "bench",
+                                                                          "test@32"),
+                                            range(n_members), device, scorers=scorers))
+
+                runs = time_calls(score_all, device, 1, max(1, repeats // 2))
+                sec = statistics.median(runs)
+                one = one or sec
+                rows.append({"bench": f"gfd_members_{scorers}", "device": str(device), "images": n_members * n_gen,
+                             "seconds": sec, "per_member_s": sec / n_members, "ratio_to_one_at_a_time": sec / one,
+                             "runs": runs, "method": f"{n_members} members' gFD/gFID, {scorers} at a time "
+                                                     "(the first alone), both extractors"})
     finally:
         if before is None:
             os.environ.pop("ULSWEEP_CACHE", None)

@@ -139,3 +139,85 @@ def test_search_metric_must_come_from_the_extractor(extractor, metric, ok):
         return
     with pytest.raises(ConfigError, match=f"search.metrics.*is not computed with eval.extractor: {extractor}"):
         experiment_from_dict(raw, file="exp.yaml")
+
+
+def test_scored_in_order_yields_each_members_score_in_order_at_most_n_at_once_the_first_alone():
+    """A group's members scored two at a time (on a GPU): in order, never more than `scorers` at once, the first
+    alone (the others find the reference statistics it cached), the caller's grad mode in the threads; on a CPU one
+    after another; an error is raised at its member."""
+    import threading
+    import time
+
+    from ulsweep.train.evaluation import scored_in_order
+
+    lock, now, most, log = threading.Lock(), [0], [0], []
+
+    def score(i):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+            log.append(("start", i, now[0]))
+        time.sleep(0.05 * (i % 3))  # later members may finish first
+        with lock:
+            now[0] -= 1
+        return i * 10, torch.is_grad_enabled()
+
+    members = [0, 2, 3, 5, 6, 7, 9]
+    with torch.no_grad():
+        got = list(scored_in_order(score, members, torch.device("cpu"), scorers=2))
+    assert [g for g, _ in got] == [i * 10 for i in members]
+    assert not any(grad for _, grad in got)
+    assert most[0] == 2 and log[0] == ("start", 0, 1) and log[1][1] == 2  # the first alone, then two at once
+    now[0], most[0] = 0, 0
+    assert [g for g, _ in scored_in_order(score, members, torch.device("cpu"))] == [i * 10 for i in members]
+    assert most[0] == 1  # a CPU: one after another
+
+    def failing(i):
+        if i == 3:
+            raise ValueError("member 3")
+        return i
+
+    it = scored_in_order(failing, members, torch.device("cpu"), scorers=2)
+    assert [next(it), next(it)] == [0, 2]
+    with pytest.raises(ValueError, match="member 3"):
+        next(it)
+
+
+def test_a_groups_members_scored_two_at_a_time_get_the_very_metrics_of_one_after_another(cache_env, monkeypatch):
+    """`evaluate_aes` and `evaluate_bases` of stacked members with an extractor: scored two at a time in threads
+    (as on a GPU) each member's metrics and images are those scored one after another, to the last bit."""
+    import functools
+
+    from ulsweep.config import experiment_from_dict
+    from ulsweep.models.stacked import stack
+    from ulsweep.train import evaluation, stage1, stage2
+    from ulsweep.train.build import build_autoencoder, build_base_model
+
+    exps, aes, bases = [], [], []
+    for k in range(4):
+        exps.append(experiment_from_dict({
+            "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2},
+                   "loss": {"loss_factor": 1.5 + k}, "train": {"seed": k, "sample_steps": 2, "eval_t_per_image": 1}},
+            "base_models": [{"name": "b", "model": {"preset": "tiny"},
+                             "train": {"seed": k, "sample_steps": 2, "eval_images": 8, "eval_t_per_image": 1}}],
+            "eval": {"gfd_samples": 40, "gfd_reference_images": 24},
+            "resources": {"num_workers": 0, "stack_trials": 4, "stack_sampling": "stacked"}}))
+        torch.manual_seed(k)
+        aes.append(build_autoencoder(exps[-1].ae, 1).eval())
+        bases.append(build_base_model(exps[-1].base_models[0], 2).eval())
+    x = torch.rand(24, 1, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    stacked_ae, stacked_base = stack(aes).eval(), stack(bases).eval()
+    bcs = [e.base_models[0] for e in exps]
+
+    def both(ext):
+        ae = list(stage1.evaluate_aes(stacked_ae, x, exps, True, ext, "d" * 64))
+        base = list(stage2.evaluate_bases(stacked_base, stacked_ae, exps, exps[0], bcs, x, (2, 4, 4), ext, "d" * 64))
+        return [(m, images) for m, images, _ in ae + base]
+
+    serial = both(MeanPoolExtractor())
+    two = functools.partial(evaluation.scored_in_order, scorers=2)
+    monkeypatch.setattr(stage1, "scored_in_order", two)
+    monkeypatch.setattr(stage2, "scored_in_order", two)
+    threaded = both(MeanPoolExtractor())
+    assert threaded == serial
+    assert len({m["rfd_toy"] for m, _ in serial[:4]}) == 4 and len({m["gfd_toy"] for m, _ in serial[4:]}) == 4

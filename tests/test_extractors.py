@@ -350,3 +350,55 @@ def test_features_train_cli_unknown_arch(tmp_path, monkeypatch, capsys):
                               "--arch", "resnet"])
     assert args.func(args) == 2 and "unknown --arch" in capsys.readouterr().err
     assert not (tmp_path / "a.pt").exists()
+
+
+def test_threads_computing_features_at_once_keep_their_arithmetic_until_the_last_leaves():
+    """Two threads inside `feature_arithmetic` (a group's members scored two at a time): the one that leaves
+    first does not hand the caller's flags back under the other's features; they come back when the last
+    leaves. A thread that asks for other flags waits until nobody computes features."""
+    import threading
+
+    from ulsweep.metrics.features import feature_arithmetic
+
+    flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"), \
+        (torch.backends.cudnn, "benchmark")
+    read = lambda: [getattr(m, name) for m, name in flags]  # noqa: E731
+    before = read()
+    cpu = torch.device("cpu")
+    inside, leave, seen = threading.Event(), threading.Event(), {}
+
+    def second(precision: str, key: str) -> None:
+        with feature_arithmetic(cpu, precision):
+            seen[key] = read()
+            inside.set()
+            leave.wait(timeout=60)
+            seen[key + " at its end"] = read()
+
+    try:
+        for m, name in flags:
+            setattr(m, name, True)  # a training runtime's: TF32 and cuDNN's search
+        with feature_arithmetic(cpu, "fp32"):
+            t = threading.Thread(target=second, args=("fp32", "same"))
+            t.start()
+            assert inside.wait(timeout=60)
+        assert read() == [False, False, False]  # the other thread still computes: its flags stay
+        leave.set()
+        t.join(timeout=60)
+        assert seen == {"same": [False] * 3, "same at its end": [False] * 3}
+        assert read() == [True] * 3  # the last one out restored the caller's
+
+        inside.clear(), leave.clear()
+        other = threading.Thread(target=second, args=("tf32", "other"))
+        with feature_arithmetic(cpu, "fp32"):
+            other.start()
+            assert not inside.wait(timeout=0.5)  # waits: other flags while this thread computes in fp32
+            assert read() == [False] * 3
+        assert inside.wait(timeout=60)
+        leave.set()
+        other.join(timeout=60)
+        assert seen["other"] == [True, True, False]  # tf32, cuDNN's heuristics
+        assert read() == [True] * 3
+    finally:
+        leave.set()
+        for (m, name), value in zip(flags, before):
+            setattr(m, name, value)

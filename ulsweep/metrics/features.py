@@ -8,6 +8,7 @@ gathers them.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -45,29 +46,53 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"feature precision {precision!r}: expected one of {', '.join(FEATURE_PRECISIONS)}")
 
 
+class _Arithmetic:
+    """The process-wide backend flags that `feature_arithmetic` sets, shared by the threads that compute features
+    at once (a group's members scored two at a time: ulsweep.train.evaluation.scored_in_order): the first to
+    enter saves the flags and sets them, the last to leave restores them, and a thread that asks for other
+    flags waits until none is inside."""
+
+    def __init__(self) -> None:
+        self.cv = threading.Condition()
+        self.depth, self.flags, self.before = 0, None, None
+
+
+_ARITHMETIC = _Arithmetic()
+
+
 @contextmanager
 def feature_arithmetic(device: torch.device, precision: str = "tf32", search: bool = False) -> Iterator[None]:
     """The features' arithmetic on `device`, whatever the caller set (a trial's runtime turns TF32 and cuDNN's
     timed algorithm search on for training, and may hold an autocast): no autocast; TF32 allowed in matmuls
     and convolutions (`tf32`, cuDNN's own default for convolutions) or in neither (`fp32`, exact fp32); and
     cuDNN's convolution algorithms from its heuristics rather than timed, so that every process rounds alike and
-    none searches the extractor's ~100 convolution shapes at its first features. The flags are restored.
-    Measured on one H100 (session 28, benchmarks/results/h100-fid-exact-vs-tf32-s28.json): FID(Fashion-MNIST
-    train, test) 2.53038 in exact fp32 and 2.53097 with TF32; inside lf_sweep a member's 10,000 generations took
-    ~2.3 s to score with TF32 (session 27) and 4.6 s in exact fp32 (session 28). `search`: cuDNN's timed search
-    instead of its heuristics (`FeatureExtractor.cudnn_search`; benchmarks/metrics.py times both and the
-    features' difference)."""
+    none searches the extractor's ~100 convolution shapes at its first features. The flags are restored when
+    the last thread computing features leaves (`_Arithmetic`). Measured on one H100 (session 28,
+    benchmarks/results/h100-fid-exact-vs-tf32-s28.json): FID(Fashion-MNIST train, test) 2.53038 in exact fp32
+    and 2.53097 with TF32; inside lf_sweep a member's 10,000 generations took ~2.3 s to score with TF32
+    (session 27) and 4.6 s in exact fp32 (session 28). `search`: cuDNN's timed search instead of its heuristics
+    (`FeatureExtractor.cudnn_search`; benchmarks/metrics.py times both and the features' difference)."""
     check_precision(precision)
-    backends = torch.backends
-    before = backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark
+    backends, a = torch.backends, _ARITHMETIC
     tf32 = precision == "tf32"
-    backends.cuda.matmul.allow_tf32 = backends.cudnn.allow_tf32 = tf32
-    backends.cudnn.benchmark = search
+    flags = (tf32, tf32, search)
+    with a.cv:
+        a.cv.wait_for(lambda: a.depth == 0 or a.flags == flags)
+        if a.depth == 0:
+            a.before = backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark
+            a.flags = flags
+            backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark = flags
+        a.depth += 1
     try:
         with torch.autocast(device.type, enabled=False):
             yield
     finally:
-        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark = before
+        with a.cv:
+            a.depth -= 1
+            if a.depth == 0:
+                backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark = a.before
+                a.flags = a.before = None
+                a.cv.notify_all()
 
 
 class FeatureExtractor(nn.Module):

@@ -10,11 +10,14 @@ Inception on CUDA and the domain extractor on CPU.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
@@ -28,6 +31,11 @@ from ulsweep.metrics.fid import RefStatsCache, generation_fd, reconstruction_fd
 from ulsweep.metrics.inception import load_inception
 
 EVAL_BATCH = 256  # images per extractor call
+# a group's members scored at once on a GPU (`scored_in_order`): one member's features leave the GPU idle while its
+# host does that member's statistics, reference, distance and PNGs (in session 34's lf_sweep on one H200, ~2.1 s
+# a base member one after another, the GPU busy about half of that time)
+SCORERS_CUDA = 2
+T = TypeVar("T")
 SECONDS = "seconds/"  # metrics under it are how long a final evaluation's parts took; the loop moves them
 # into the run's timings (evaluate_<part>_s in timings.jsonl, time/evaluate_<part>_s in MLflow)
 
@@ -56,6 +64,46 @@ class PartTimer:
         """Count `other`'s seconds in this timer's, part by part."""
         for key, sec in other.seconds.items():
             self.seconds[key] = self.seconds.get(key, 0.0) + sec
+
+
+def scored_in_order(score: Callable[[int], T], members: Sequence[int], device: torch.device,
+                    scorers: int | None = None) -> Iterator[T]:
+    """`score(i)` of each of a group's `members`, yielded in their order as each is done: on a GPU SCORERS_CUDA
+    at a time in threads (`scorers` to say otherwise), so that one member's host work overlaps another's
+    features, on a CPU one after another (its threads are busy with one member's features already). The first
+    member is scored alone, so that the others find the reference statistics it cached (or computed) rather
+    than each computing them. Each score computes what it would alone: the extractors keep their arithmetic
+    while threads share it (`ulsweep.metrics.features.feature_arithmetic`), and a member's statistics come
+    from its own features in their order. A score's error is raised at its member, the scores not yet begun
+    are dropped."""
+    n = scorers if scorers is not None else (SCORERS_CUDA if device.type == "cuda" else 1)
+    members = list(members)
+    if n <= 1 or len(members) <= 2:
+        for i in members:
+            yield score(i)
+        return
+    yield score(members[0])
+    grad = torch.is_grad_enabled()  # thread-local: the caller's in the scoring threads too
+
+    def scored(i: int) -> T:
+        with torch.set_grad_enabled(grad):
+            return score(i)
+
+    pool = ThreadPoolExecutor(n, thread_name_prefix="ulsweep-score")
+    try:
+        rest, running = iter(members[1:]), collections.deque()
+        for i in rest:
+            running.append(pool.submit(scored, i))
+            if len(running) == n:
+                break
+        while running:
+            done = running.popleft().result()
+            for i in rest:  # the next member starts before this one is handed on
+                running.append(pool.submit(scored, i))
+                break
+            yield done
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def pop_seconds(metrics: dict, phase: str = "evaluate") -> dict[str, float]:

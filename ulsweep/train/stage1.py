@@ -23,7 +23,7 @@ from ulsweep.models.stacked import load_trial, per_example, plain
 from ulsweep.train.build import build_autoencoder, decoder_schedule, mse_decoder_logsnr, prior_schedule, sampler
 from ulsweep.train.build import latent_shape as latent_shape_of
 from ulsweep.train.checkpoint import finished_result
-from ulsweep.train.evaluation import PartTimer, load_eval_extractor, reconstruction_fd_of
+from ulsweep.train.evaluation import PartTimer, load_eval_extractor, reconstruction_fd_of, scored_in_order
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.identity import stage1_hash
 from ulsweep.train.loop import RunSpec, train
@@ -203,9 +203,9 @@ def evaluate_aes(ae, x_eval: torch.Tensor, exps: Sequence[ExperimentConfig], wit
         recons, _ = reconstruct_images(ae, x_eval, exp, gen, k)
     real_u8 = to_uint8(x_eval)
     shared = dict(timer.seconds)
-    for i, e in enumerate(exps):
-        if i in skip:
-            continue
+
+    def score(i: int) -> tuple[dict, dict, PartTimer]:
+        e = exps[i]
         recon = recons[i] if k > 1 else recons
         recon_u8 = to_uint8(recon)
         metrics = bpps[i] | {"psnr": psnr(recon_u8, real_u8).mean().item(),
@@ -215,12 +215,16 @@ def evaluate_aes(ae, x_eval: torch.Tensor, exps: Sequence[ExperimentConfig], wit
             with own("fd"):
                 metrics.update(reconstruction_fd_of(extractor, real_u8, recon_u8, data_hash,
                                                     f"{e.data.eval_split}@{e.data.image_size}"))
-        timer.add(own)
         images = {}
         if with_images:
             n = min(32, len(x_eval))
             pairs = torch.stack([real_u8[:n], recon_u8[:n]], 1).flatten(0, 1)
             images["reconstructions.png"] = image_grid_png(pairs, cols=8)
+        return metrics, images, own
+
+    # each member's PSNR, rFD and images; a group's, two at a time on a GPU
+    for metrics, images, own in scored_in_order(score, [i for i in range(k) if i not in skip], x_eval.device):
+        timer.add(own)
         yield metrics, images, shared | own.seconds
 
 

@@ -22,7 +22,7 @@ from ulsweep.diffusion.noise import Generator, seeded
 from ulsweep.models.stacked import load_trial, plain
 from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model, sampler
 from ulsweep.train.checkpoint import CheckpointError, finished_result, load_checkpoint
-from ulsweep.train.evaluation import PartTimer, generation_fd_of, load_eval_extractor
+from ulsweep.train.evaluation import PartTimer, generation_fd_of, load_eval_extractor, scored_in_order
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.identity import stage2_hash
 from ulsweep.train.latents import IN_PROCESS, decode_path, latent_source, training_latents
@@ -112,13 +112,15 @@ def evaluate_bases(base_model, ae, exps: Sequence[ExperimentConfig], ae_exp: Exp
             images = generate_members(base_model, ae, exp, ae_exp, base, n, latent_shape, tuple(x_eval.shape[1:]),
                                       gen, k, skip)
     shared = dict(timer.seconds)
-    for i, e in enumerate(exps):
-        if i in skip:
-            continue
+    alive = [i for i in range(k) if i not in skip]
+    if images is None:
+        for i in alive:
+            yield {"base_bpp": ests[i].bpp, "base_bpp_se": ests[i].bpp_se}, {}, shared
+        return
+
+    def score(i: int) -> tuple[dict, dict, PartTimer]:
+        e = exps[i]
         metrics = {"base_bpp": ests[i].bpp, "base_bpp_se": ests[i].bpp_se}
-        if images is None:
-            yield metrics, {}, shared
-            continue
         own = PartTimer(x_eval.device, enabled=timer.enabled)
         if extractor is not None:
             ref = to_uint8(x_eval[:e.eval.gfd_reference_images])
@@ -126,8 +128,12 @@ def evaluate_bases(base_model, ae, exps: Sequence[ExperimentConfig], ae_exp: Exp
                 metrics.update(generation_fd_of(extractor, images[i], ref, data_hash,
                                                 f"{e.data.eval_split}@{e.data.image_size}"))
             metrics["gen_samples"] = float(n)
+        return metrics, {"samples.png": image_grid_png(images[i][:64], cols=8)}, own
+
+    # each member's gFD/gFID and sample grid; a group's, two at a time on a GPU
+    for metrics, pngs, own in scored_in_order(score, alive, x_eval.device):
         timer.add(own)
-        yield metrics, {"samples.png": image_grid_png(images[i][:64], cols=8)}, shared | own.seconds
+        yield metrics, pngs, shared | own.seconds
 
 
 def evaluate_base(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentConfig, base: BaseStageConfig,
