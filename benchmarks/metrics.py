@@ -23,6 +23,9 @@ Rows:
   member's took ~2.1 s and an autoencoder member's ~0.9 s, one member after another. `gfd_members_<n>`: six
   members' gFD/gFID (each its own samples) scored n at a time as a group's final evaluation does
   (`scored_in_order`; 2 on a GPU), side by side with one after another (`ratio_to_one_at_a_time`).
+  `inception_first_calls_256` / `_16`: a freshly loaded Inception's first calls at the evaluation's batch and at
+  a 10,000-image split's last batch (TorchScript's executor profiles and optimizes each new shape's first calls).
+- `inception_tf32_cl` (CUDA): the TF32 row in channels_last, its features against the NCHW TF32 row's.
 - `frechet_2048`: frechet_distance on 2048-d statistics (float64: an eigh, an eigvalsh), and SciPy's sqrtm
   form on CPU for comparison (--scipy); `frechet_2048_reused`: the same distance with the reference's factor kept
   from an earlier call (`fd_between`, as a group's members are scored against one reference), side by side:
@@ -81,7 +84,7 @@ def bench_extractor(name: str, ext: torch.nn.Module, shape: tuple[int, ...], bat
 
 
 def bench_member_fd(inception, domain, device: torch.device, repeats: int, n_gen: int = 10000,
-                    n_ref: int = 2000, n_members: int = 6) -> list[dict]:
+                    n_ref: int = 2000, n_members: int = 6, weights: str | None = None) -> list[dict]:
     """`gfd_member` and `rfd_member` rows (the module's docstring): median seconds of a member's scoring, warm,
     and of the extractors' passes alone over the same images."""
     import tempfile
@@ -101,6 +104,7 @@ def bench_member_fd(inception, domain, device: torch.device, repeats: int, n_gen
                 e(b)
 
     rows, before = [], os.environ.get("ULSWEEP_CACHE")
+    rows += bench_first_calls(device, weights)
     try:
         with tempfile.TemporaryDirectory() as cache, torch.inference_mode():
             os.environ["ULSWEEP_CACHE"] = cache  # RefStatsCache() of the evaluation: a scratch one
@@ -137,6 +141,27 @@ def bench_member_fd(inception, domain, device: torch.device, repeats: int, n_gen
             os.environ.pop("ULSWEEP_CACHE", None)
         else:
             os.environ["ULSWEEP_CACHE"] = before
+    return rows
+
+
+def bench_first_calls(device: torch.device, weights: str | None = None, calls: int = 4) -> list[dict]:
+    """`inception_first_calls_<batch>`: the first calls of a freshly loaded FID Inception (a TorchScript module, as
+    every trial's or group's final evaluation loads it) at the evaluation's batch, then at the batch of a split's
+    last, partial batch (10,000 % 256 = 16 images): what TorchScript's executor spends on a shape's first calls
+    beside the steady state (the last call)."""
+    from ulsweep.metrics.inception import load_inception
+    from ulsweep.train import evaluation as ev
+
+    ext = load_inception(weights).to(device).eval().with_precision("tf32")
+    g = torch.Generator(device=device).manual_seed(1)
+    rows = []
+    for batch in (ev.EVAL_BATCH, 10000 % ev.EVAL_BATCH):
+        x = torch.randint(0, 256, (batch, 1, 32, 32), generator=g, device=device, dtype=torch.uint8)
+        with torch.inference_mode():
+            ts = [time_calls(lambda: ext(x), device, 0, 1)[0] for _ in range(calls)]
+        rows.append({"bench": f"inception_first_calls_{batch}", "device": str(device), "batch": batch,
+                     "seconds": sum(ts), "first_calls_s": ts, "beyond_steady_s": sum(ts) - calls * ts[-1],
+                     "method": f"the first {calls} calls at this shape of a freshly loaded Inception, TF32"})
     return rows
 
 
@@ -228,12 +253,17 @@ def main(argv: list[str] | None = None) -> int:
         if "inception_cl" not in args.skip and cuda:
             rows.append(bench_extractor("inception_fp32_cl", inception, (3, 32, 32),
                                         args.inception_batch or 500, dev, warm, rep, channels_last=True))
+            if "inception_tf32" not in args.skip:  # the evaluation's arithmetic, its features against the NCHW row's
+                tf32 = next(r for r in rows if r["bench"] == "inception_tf32")
+                rows.append(bench_extractor("inception_tf32_cl", inception, (3, 32, 32),
+                                            args.inception_batch or 500, dev, warm, rep, channels_last=True,
+                                            precision="tf32", against=tf32["_features"]))
             inception = inception.to(memory_format=torch.contiguous_format)
         if "frechet" not in args.skip:
             rows += bench_frechet(args.frechet_dim, dev, 1, rep, args.scipy)
         if args.member_fd:
             rows += bench_member_fd(load_inception(args.inception_weights) if inception is None else inception,
-                                    domain, dev, min(rep, 3) if cuda else 1)
+                                    domain, dev, min(rep, 3) if cuda else 1, weights=args.inception_weights)
         print(f"  done: {dev}", file=sys.stderr)
 
     env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
@@ -248,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
             diff = f", max |diff| {r['max_abs_diff']:.3g} (rel {r['max_rel_diff']:.3g})" if "max_abs_diff" in r else ""
             print(f"{r['bench']:<22}{r['device']:<8}{r['batch']:>7}{r['images_per_s']:>12.1f}"
                   f"{r['seconds_per_batch']:>10.4f}  input {r['input']} uint8, {r['precision']}{diff}")
+        elif "per_member_s" in r:
+            print(f"{r['bench']:<22}{r['device']:<8}{r['images']:>7}{'':>12}{r['seconds']:>10.4f}  {r['method']}: "
+                  f"{r['per_member_s']:.4f} s a member, {r['ratio_to_one_at_a_time']:.3f}x one at a time")
+        elif "first_calls_s" in r:
+            print(f"{r['bench']:<22}{r['device']:<8}{r['batch']:>7}{'':>12}{r['seconds']:>10.4f}  {r['method']}: "
+                  + ", ".join(f"{t:.3f}" for t in r["first_calls_s"]))
         elif "overhead_s" in r:
             print(f"{r['bench']:<22}{r['device']:<8}{r['images']:>7}{'':>12}{r['seconds']:>10.4f}  {r['method']}: "
                   f"extractors alone {r['extract_s']:.4f} s, scoring adds {r['overhead_s']:.4f} s")

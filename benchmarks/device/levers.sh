@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Session 35's measurements before its sweep (issue 23), after `stage.sh put` has unpacked the stack; each part
+# Session 36's measurements before its sweep (issue 23), after `stage.sh put` has unpacked the stack; each part
 # writes its JSON and log under $OUT, so a part cut off by the call's limit keeps what the others measured.
-#   bash benchmarks/device/levers.sh fid    # ~2 min: Inception TF32, cuDNN's heuristics against its search, at
-#                                           # the evaluation's batch (256) and at 1,024; one member's scoring
+#   bash benchmarks/device/levers.sh fid    # ~4 min: Inception TF32, cuDNN's heuristics against its search,
+#                                           # channels_last, at the evaluation's batch (256) and at 1,024; a fresh
+#                                           # Inception's first calls; the 2048-d FD with the reference's factor
+#                                           # kept; one member's scoring; six members 1, 2, 3 at a time
 #   bash benchmarks/device/levers.sh conv   # ~6-9 min, a call of its own: the stacked autoencoder step with its
 #                                           # convolutions grouped (the library's), one per trial (loop), im2col
 #                                           # (unfold), each with cuDNN's search and then its heuristics (the
@@ -13,12 +15,12 @@ OUT=${OUT:?set by the device call}
 case "${1:?fid|conv}" in
   fid)
     [ -f /tmp/stage/default_1.pt ] || cat /tmp/stage/inc/incpart.* > /tmp/stage/default_1.pt
-    python3 benchmarks/metrics.py --devices cuda --skip domain inception inception_cl frechet --inception-batch 256 \
-      --member-fd --inception-weights /tmp/stage/default_1.pt --out "$OUT/h200-metrics-s35.json" \
+    python3 benchmarks/metrics.py --devices cuda --skip domain inception --inception-batch 256 \
+      --member-fd --inception-weights /tmp/stage/default_1.pt --out "$OUT/h200-metrics-s36.json" \
       > "$OUT/metrics-256.log" 2>&1 || echo "metrics at 256: rc $?"
-    tail -8 "$OUT/metrics-256.log"
+    tail -18 "$OUT/metrics-256.log"
     python3 benchmarks/metrics.py --devices cuda --skip domain inception inception_cl frechet --inception-batch 1024 \
-      --inception-weights /tmp/stage/default_1.pt --out "$OUT/h200-metrics-1024-s35.json" \
+      --inception-weights /tmp/stage/default_1.pt --out "$OUT/h200-metrics-1024-s36.json" \
       > "$OUT/metrics-1024.log" 2>&1 || echo "metrics at 1024: rc $?"
     tail -5 "$OUT/metrics-1024.log"
     ;;
