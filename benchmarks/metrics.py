@@ -84,7 +84,8 @@ def bench_extractor(name: str, ext: torch.nn.Module, shape: tuple[int, ...], bat
 
 
 def bench_member_fd(inception, domain, device: torch.device, repeats: int, n_gen: int = 10000,
-                    n_ref: int = 2000, n_members: int = 6, weights: str | None = None) -> list[dict]:
+                    n_ref: int = 2000, n_members: int = 6, weights: str | None = None,
+                    first_calls: bool = False) -> list[dict]:
     """`gfd_member` and `rfd_member` rows (the module's docstring): median seconds of a member's scoring, warm,
     and of the extractors' passes alone over the same images."""
     import tempfile
@@ -104,7 +105,8 @@ def bench_member_fd(inception, domain, device: torch.device, repeats: int, n_gen
                 e(b)
 
     rows, before = [], os.environ.get("ULSWEEP_CACHE")
-    rows += bench_first_calls(device, weights)
+    if first_calls:  # a fresh Inception from `weights` (the rows below use the one given, warm already)
+        rows += bench_first_calls(device, weights)
     try:
         with tempfile.TemporaryDirectory() as cache, torch.inference_mode():
             os.environ["ULSWEEP_CACHE"] = cache  # RefStatsCache() of the evaluation: a scratch one
@@ -220,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="rows to leave out (inception_tf32 also leaves out inception_tf32_search)")
     p.add_argument("--scipy", action="store_true", help="also time SciPy's sqrtm on CPU (slow at 2048-d)")
     p.add_argument("--member-fd", action="store_true",
-                   help="also time one group member's gFD/gFID and rFD/rFID scoring (gfd_member, rfd_member)")
+                   help="also time one group member's gFD/gFID and rFD/rFID scoring (gfd_member, rfd_member), six "
+                        "members 1, 2 and 3 at a time (gfd_members_<n>) and, on CUDA, a fresh Inception's first "
+                        "calls (inception_first_calls_<batch>)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -263,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_frechet(args.frechet_dim, dev, 1, rep, args.scipy)
         if args.member_fd:
             rows += bench_member_fd(load_inception(args.inception_weights) if inception is None else inception,
-                                    domain, dev, min(rep, 3) if cuda else 1, weights=args.inception_weights)
+                                    domain, dev, min(rep, 3) if cuda else 1, weights=args.inception_weights,
+                                    first_calls=cuda)
         print(f"  done: {dev}", file=sys.stderr)
 
     env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),

@@ -939,9 +939,14 @@ def test_member_fd_rows_split_a_members_scoring_into_features_and_the_rest(monke
 
     monkeypatch.setenv("ULSWEEP_CACHE", "/nonexistent/kept")
     nets = [DomainCNN(f"d{i}", "cnn-s-v1", 1, 32, 10).eval().requires_grad_(False) for i in range(2)]
-    rows = metrics.bench_member_fd(*nets, torch.device("cpu"), 1, n_gen=40, n_ref=20)
+    rows = metrics.bench_member_fd(*nets, torch.device("cpu"), 1, n_gen=40, n_ref=20, n_members=3)
     assert os.environ["ULSWEEP_CACHE"] == "/nonexistent/kept"
-    assert [(r["bench"], r["images"]) for r in rows] == [("gfd_member", 40), ("rfd_member", 20)]
-    for r in rows:
+    assert [(r["bench"], r["images"]) for r in rows] == [("gfd_member", 40), ("rfd_member", 20),
+                                                          ("gfd_members_1", 120), ("gfd_members_2", 120),
+                                                          ("gfd_members_3", 120)]
+    for r in rows[:2]:
         assert r["seconds"] == r["runs"][0] > 0 and r["extract_s"] == r["extract_runs"][0] > 0
         assert r["overhead_s"] == pytest.approx(r["seconds"] - r["extract_s"])
+    for r in rows[2:]:  # the members n at a time, against one at a time (the first row)
+        assert r["seconds"] == r["runs"][0] > 0 and r["per_member_s"] == pytest.approx(r["seconds"] / 3)
+        assert r["ratio_to_one_at_a_time"] == pytest.approx(r["seconds"] / rows[2]["seconds"])
