@@ -123,3 +123,50 @@ def test_experiment_file_from_a_uri():
             load_experiment("memory://ulsweep-cfg/missing.yaml")
     finally:
         fs.rm("/ulsweep-cfg", recursive=True)
+
+
+def test_the_command_exits_with_its_code_after_its_atexit_handlers_and_its_last_output(tmp_path):
+    """`ulsweep`'s exit (`exit_now`): its code, the atexit handlers run, everything printed reaches the pipe
+    (buffered output included), and with another thread alive the ordinary exit, which waits for it."""
+    import subprocess
+    import sys
+
+    code = ("import atexit, sys, threading, time\n"
+            "from ulsweep.cli import exit_now\n"
+            "atexit.register(lambda: print('atexit ran', flush=False))\n"
+            "sys.stdout.write('buffered, ')\n"
+            "if sys.argv[1] == 'thread':\n"
+            "    threading.Thread(target=lambda: (time.sleep(0.5), print('thread done, ', end=''))).start()\n"
+            "exit_now(7)\n")
+    for mode, want in (("alone", "buffered, atexit ran\n"), ("thread", "buffered, thread done, atexit ran\n")):
+        p = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120)
+        assert (p.returncode, p.stdout, p.stderr) == (7, want, ""), (mode, p)
+
+
+def test_exit_now_skips_the_teardown_only_when_alone_and_after_the_atexit_handlers(monkeypatch):
+    import atexit
+    import os
+    import threading
+
+    from ulsweep import cli
+
+    calls = []
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(rc):
+        calls.append(("os._exit", rc))
+        raise Exited
+
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: calls.append(("atexit",)))
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+    with pytest.raises(Exited):
+        cli.exit_now(5)
+    assert calls == [("atexit",), ("os._exit", 5)]
+    calls.clear()
+    monkeypatch.setattr(threading, "active_count", lambda: 2)  # another thread: the ordinary exit waits for it
+    with pytest.raises(SystemExit) as e:
+        cli.exit_now(5)
+    assert e.value.code == 5 and calls == []
