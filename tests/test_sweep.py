@@ -521,19 +521,25 @@ def test_local_sweep_two_ae_one_base_with_lineage(tmp_path):
     assert summary["counts"] == {"ae_done": 2, "base_done": 2}
     assert all(t["objective"] for t in summary["trials"])
     assert "mlflow" in p.stdout and str(run_dir) in p.stdout  # summary says where to look
-    # the driver's own steps (sweep/clock.py): back to back from the command's start to the dashboard, the same in
-    # summary.json, on the sweep run's tag and on the console's last line
+    # the driver's own steps (sweep/clock.py): back to back from the command's start to the dashboard and the wait
+    # for Ray's shutdown, which ran beside the last steps; the same in summary.json, on the sweep run's tag and on
+    # the console's last line
     driver = summary["phases"]["driver"]
     names = [d["phase"] for d in driver]
-    assert names[:2] == ["command", "import_ray"] and names[-1] == "dashboard" and "tune_fit" in names, names
+    assert names[:2] == ["command", "import_ray"] and names[-2:] == ["dashboard", "shutdown_wait"], names
+    assert "tune_fit" in names and "ray_shutdown" not in names, names
     for a, b in zip(driver, driver[1:]):
         assert b["start"] == pytest.approx(a["start"] + a["seconds"], abs=0.01), (a, b)
     assert t0 < driver[0]["start"] < t0 + 60  # the command began after this test started its process
     assert max(driver, key=lambda d: d["seconds"])["phase"] == "tune_fit"
+    [beside] = summary["phases"]["driver_beside"]  # Ray's shutdown began as the runs' closing did
+    closing = driver[names.index("close_runs")]
+    assert beside["phase"] == "ray_shutdown" and beside["seconds"] > 0, beside
+    assert beside["start"] == pytest.approx(closing["start"], abs=0.5), (beside, closing)
     tagged = json.loads(by_key["sweep"].data.tags["ulsweep.driver_phases"])
-    assert list(tagged) == names and tagged["tune_fit"] == pytest.approx(driver[names.index("tune_fit")]["seconds"],
-                                                                           abs=0.01)
-    assert p.stdout.splitlines()[-1].startswith("driver: command ")
+    assert list(tagged) == names + ["ray_shutdown (beside)"]
+    assert tagged["tune_fit"] == pytest.approx(driver[names.index("tune_fit")]["seconds"], abs=0.01)
+    assert p.stdout.splitlines()[-1].startswith("driver: command ") and "; beside: ray_shutdown " in p.stdout
     print(f"local sweep wall {time.time() - t0:.0f} s")
 
 

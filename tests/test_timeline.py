@@ -247,3 +247,11 @@ def test_driver_clock_steps_are_back_to_back_from_the_command():
     assert clock.line().startswith("driver: command 2.0 s, check ")
     # no command start known, or one after the clock's: no command step
     assert DriverClock().phases() == [] and DriverClock(t_command=time.time() + 5).phases() == []
+    # a step that ran in a thread beside the others: listed apart, which stay back to back, and last in the tag
+    t = time.time()
+    clock.beside("ray_shutdown", t - 1.5, t)
+    clock.mark("summary")
+    assert [p["phase"] for p in clock.phases()] == ["command", "check", "fit", "summary"]
+    assert clock.phases_beside() == [{"phase": "ray_shutdown", "start": round(t - 1.5, 3), "seconds": 1.5}]
+    assert list(json.loads(clock.tag())) == ["command", "check", "fit", "summary", "ray_shutdown (beside)"]
+    assert clock.line().endswith("; beside: ray_shutdown 1.5 s")

@@ -2,8 +2,9 @@
 
 A sweep's wall is its trials' span plus what the driver does before the first trial starts (its config and data
 check, its imports, MLflow's store, Ray, the groups' actors, the precompile tasks, the Tuner) and after
-the last one ends (Ray's shutdown, the outcome, closing the MLflow runs, the summary, the dashboard): on one H200
-~22 s before and ~15 s after (session 34), with the GPU idle. `DriverClock` times those steps; the driver writes
+the last one ends (the outcome, closing the MLflow runs, the summary, the dashboard, with Ray's shutdown and the
+MPS daemon's stop in a thread beside them): on one H200 ~22 s before and ~15 s after (session 34), with the GPU
+idle. `DriverClock` times those steps; the driver writes
 them to summary.json (`phases.driver`), tags the sweep's MLflow run with them (`ulsweep.driver_phases`) and prints
 them on its last line; `benchmarks/sweep_wall.py` reads them back.
 """
@@ -37,6 +38,7 @@ class DriverClock:
     def __init__(self, t_command: float | None = None):
         self.t0 = self._last = time.time()
         self.steps: list[tuple[str, float, float]] = []
+        self.beside_steps: list[tuple[str, float, float]] = []  # steps a thread ran beside these (`beside`)
         if t_command is not None and t_command <= self.t0:
             self.steps.append(("command", t_command, self.t0))
 
@@ -45,14 +47,29 @@ class DriverClock:
         self.steps.append((name, self._last, now))
         self._last = now
 
+    def beside(self, name: str, start: float, end: float) -> None:
+        """A step that ran in a thread beside the marked ones (e.g. Ray's shutdown beside the outcome), from
+        `start` to `end` (epoch s): listed apart from them, which stay back to back."""
+        self.beside_steps.append((name, start, end))
+
     def phases(self) -> list[dict]:
         """[{"phase", "start" (epoch s), "seconds"}], in the order the steps ran."""
         return [{"phase": n, "start": round(a, 3), "seconds": round(b - a, 3)} for n, a, b in self.steps]
 
+    def phases_beside(self) -> list[dict]:
+        """The steps that ran beside the others (`beside`), as `phases` lists those."""
+        return [{"phase": n, "start": round(a, 3), "seconds": round(b - a, 3)} for n, a, b in self.beside_steps]
+
     def line(self) -> str:
-        """The steps on one line, e.g. `driver: command 0.2 s, import_ray 1.0 s, check 0.0 s, ...`."""
-        return "driver: " + ", ".join(f"{n} {b - a:.1f} s" for n, a, b in self.steps)
+        """The steps on one line, e.g. `driver: command 0.2 s, import_ray 1.0 s, check 0.0 s, ...`, then those that
+        ran beside them (`; beside: ray_shutdown 1.4 s`)."""
+        line = "driver: " + ", ".join(f"{n} {b - a:.1f} s" for n, a, b in self.steps)
+        if self.beside_steps:
+            line += "; beside: " + ", ".join(f"{n} {b - a:.1f} s" for n, a, b in self.beside_steps)
+        return line
 
     def tag(self) -> str:
-        """The steps as the sweep run's `ulsweep.driver_phases` tag: JSON {phase: seconds}, in order."""
-        return json.dumps({n: round(b - a, 2) for n, a, b in self.steps})
+        """The steps as the sweep run's `ulsweep.driver_phases` tag: JSON {phase: seconds}, in order, those that
+        ran beside them last, as `<phase> (beside)`."""
+        return json.dumps({n: round(b - a, 2) for n, a, b in self.steps}
+                          | {f"{n} (beside)": round(b - a, 2) for n, a, b in self.beside_steps})

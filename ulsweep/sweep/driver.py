@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -93,6 +95,7 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
     address = address or os.environ.get("RAY_ADDRESS") or None
     daemon = _start_mps(exp, run_dir, address, out)
     clock.mark("mps")
+    closing = None  # Ray's shutdown and the daemon's stop, in a thread beside closing the runs, the summary, the dashboard
     try:
         run, started_ray = _start_ray_and_sweep_run(exp, run_dir, uri, state, ident, address, verbose, out,
                                                     env=daemon.env if daemon else {})
@@ -101,31 +104,72 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
         exp = fit_to_local_machine(exp, ray.cluster_resources(), started_here=not address, out=out)
         try:
             grid, phases["tune_fit"] = _fit(exp, run_dir, run, train_impl, restore, out, clock)
-        finally:
+            searcher = _final_searcher(exp, run_dir)  # Tune's results read while Ray is up
+            result = _collect_outcome(run_dir, run, searcher, grid, wall=time.time() - t_start)
+            ranked = searcher.ranked()
+            clock.mark("outcome")
+        except BaseException:
             if started_ray:
                 ray.shutdown()
                 clock.mark("ray_shutdown")
+            raise
+        closing = Closing(ray.shutdown if started_ray else None, daemon)
     finally:
-        if daemon:
+        if closing is None and daemon:
             daemon.stop()
             clock.mark("mps_stop")
-    searcher = _final_searcher(exp, run_dir)
-    result = _collect_outcome(run_dir, run, searcher, grid, wall=time.time() - t_start)
-    ranked = searcher.ranked()
-    clock.mark("outcome")
-    lineage.close_sweep_run(run, ranked, exp.search.metrics, result.counts, result.status, run_dir, out)
-    clock.mark("close_runs")
-    phases["wall"] = time.time() - t_start
-    outcomes.write_summary(result, ranked, phases | {"driver": clock.phases()})
-    outcomes.print_summary(result, ranked, exp.search.metrics, out)
-    clock.mark("summary")
-    if result.finished:
-        outcomes.write_dashboard(result, out)
-        clock.mark("dashboard")
-    else:  # Ctrl-C: Tune stopped its trials and saved its state
-        print(f"sweep stopped before its end; continue it with --resume (run dir {run_dir})", file=out, flush=True)
+    try:
+        lineage.close_sweep_run(run, ranked, exp.search.metrics, result.counts, result.status, run_dir, out)
+        clock.mark("close_runs")
+        phases["wall"] = time.time() - t_start
+        outcomes.write_summary(result, ranked, phases | {"driver": clock.phases()})
+        outcomes.print_summary(result, ranked, exp.search.metrics, out)
+        clock.mark("summary")
+        if result.finished:
+            outcomes.write_dashboard(result, out)
+            clock.mark("dashboard")
+        else:  # Ctrl-C: Tune stopped its trials and saved its state
+            print(f"sweep stopped before its end; continue it with --resume (run dir {run_dir})", file=out,
+                  flush=True)
+    except BaseException:
+        closing.join(clock, raise_error=False)  # Ray is down and the daemon stopped before the error goes on
+        raise
+    closing.join(clock)
     _record_driver_phases(result, ranked, phases, clock, run, out)
     return result
+
+
+class Closing:
+    """What ends a sweep's services once its fit is over, in a thread beside the driver's last steps (none of which
+    needs Ray): `shutdown` (Ray's, where this driver started it), then the MPS `daemon`'s stop (its clients, the
+    Ray workers, gone first). `join(clock)` waits for it and times the wait (`shutdown_wait`), and its steps as
+    having run beside the others."""
+
+    def __init__(self, shutdown: Callable[[], None] | None, daemon: mps.MpsDaemon | None):
+        self.steps: list[tuple[str, float, float]] = []
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(shutdown, daemon), name="ulsweep-closing",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, shutdown, daemon) -> None:
+        for name, step in (("ray_shutdown", shutdown), ("mps_stop", daemon.stop if daemon else None)):
+            if step is None:
+                continue
+            t0 = time.time()
+            try:
+                step()
+            except BaseException as e:  # noqa: BLE001 - raised by join, in the driver's thread
+                self.error = self.error or e
+            self.steps.append((name, t0, time.time()))
+
+    def join(self, clock: DriverClock, raise_error: bool = True) -> None:
+        self.thread.join()
+        clock.mark("shutdown_wait")
+        for step in self.steps:
+            clock.beside(*step)
+        if raise_error and self.error is not None:
+            raise self.error
 
 
 def _record_driver_phases(result: SweepOutcome, ranked: list[dict], phases: dict, clock: DriverClock,
@@ -134,7 +178,8 @@ def _record_driver_phases(result: SweepOutcome, ranked: list[dict], phases: dict
     sweep run's tag `ulsweep.driver_phases`, and on the console; never fails the sweep."""
     print(clock.line(), file=out, flush=True)
     try:
-        outcomes.write_summary(result, ranked, phases | {"driver": clock.phases()})
+        outcomes.write_summary(result, ranked, phases | {"driver": clock.phases(),
+                                                         "driver_beside": clock.phases_beside()})
         tracking.retry(run.client.set_tag, run.sweep_id, "ulsweep.driver_phases", clock.tag())
     except Exception as e:  # noqa: BLE001 - timings only: the sweep's results are written already
         print(f"  driver phases not recorded ({type(e).__name__}: {str(e)[:200]})", file=out, flush=True)
