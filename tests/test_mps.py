@@ -196,8 +196,10 @@ def test_the_sweep_gives_its_workers_the_pipe_and_stops_the_daemon_even_when_it_
         seen["setting"], seen["kw"] = setting, kw
         return Daemon()
 
-    def ray_init(**kw):
-        seen["runtime_env"] = kw["runtime_env"]
+    def ray_init(**kw):  # a local Ray: its processes inherit the variables from the driver's environment
+        seen["runtime_env"] = kw.get("runtime_env")
+        seen["environ"] = {k: os.environ.get(k)
+                           for k in ("CUDA_MPS_PIPE_DIRECTORY", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
         raise RuntimeError("ray did not start")
 
     monkeypatch.setattr(mps, "start_for_run", start_for_run)
@@ -209,6 +211,7 @@ def test_the_sweep_gives_its_workers_the_pipe_and_stops_the_daemon_even_when_it_
     with pytest.raises(RuntimeError, match="ray did not start"):
         driver.run_sweep(exp, storage=str(tmp_path / "runs"))
     assert seen["setting"] == "auto" and seen["kw"]["gpus_per_worker"] == 0.1 and seen["kw"]["address"] is None
-    env = seen["runtime_env"]["env_vars"]
-    assert env["CUDA_MPS_PIPE_DIRECTORY"] == "/tmp/p" and env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    assert seen["runtime_env"] is None
+    assert seen["environ"] == {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/p", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ  # the driver's own environment as it was
     assert stopped == [True]

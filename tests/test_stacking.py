@@ -554,3 +554,24 @@ def test_a_sweep_trains_its_autoencoders_as_one_stacked_group(tmp_path):
     assert "[latents] encoded" in base_log and "its compiled step warmed: not compiled" in base_log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["counts"] == {"ae_done": 2, "base_done": 2}
+
+
+def test_the_driver_plans_its_groups_and_precompile_tasks_without_importing_torch():
+    """The sweep's driver plans lf_sweep's stacked groups, their actors' arguments and the precompile tasks from
+    the config alone: torch is never imported in its process (seconds before its first actor and trial started)."""
+    import os
+    import sys
+
+    code = ("import sys\n"
+            "from ulsweep.config import load_experiment\n"
+            "from ulsweep.sweep import driver, precompile, stacking\n"
+            "exp = load_experiment(sys.argv[1])\n"
+            "groups, names = stacking.all_groups(exp), stacking.group_names(exp, 's')\n"
+            "args = [stacking.trainer_args(exp, '/tmp/r', i, keys, kind, names)\n"
+            "        for i, (kind, keys) in enumerate(groups)]\n"
+            "jobs, plan = precompile.jobs(exp), driver.plan_description(exp)\n"
+            "print([len(keys) for _, keys in groups], [j['stage'] for j in jobs], len(plan), 'torch' in sys.modules)\n")
+    p = subprocess.run([sys.executable, "-c", code, os.path.abspath("experiments/lf_sweep.yaml")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split("\n")[-2] == "[18, 18] ['ae', 'base'] 18 False", p.stdout

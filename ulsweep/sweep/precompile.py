@@ -63,10 +63,9 @@ def jobs(exp: ExperimentConfig) -> list[dict[str, Any]]:
     only); stages that do not compile are left out."""
     if not wanted(exp):
         return []
-    from ulsweep.train.build import latent_shape
-
     from ulsweep.sweep.searcher import ae_key, base_key
     from ulsweep.sweep.stacking import all_groups
+    from ulsweep.train.identity import latent_shape  # no torch in the driver
 
     raw = to_dict(exp)
     aes, out, seen = [], [], set()
@@ -86,7 +85,8 @@ def jobs(exp: ExperimentConfig) -> list[dict[str, Any]]:
                 continue
             train = dataclasses.replace(b.train, seed=0)  # the seed changes no graph
             members = sizes.get(base_key(ae_key(i), b.name), 1)
-            ident = (dump_yaml(dataclasses.replace(b, train=train)), shape, repr(_schedule(trial, b)), members)
+            # the noise schedule: the base model's (its config, above) from the autoencoder's lambda_z(0)
+            ident = (dump_yaml(dataclasses.replace(b, train=train)), shape, trial.ae.loss.logsnr_z0, members)
             if ident not in seen:
                 seen.add(ident)
                 out.append({"stage": "base", "overrides": ov, "base": b.name, "latent_shape": shape}

@@ -2,7 +2,7 @@
 
 The driver plans the groups before the first trial starts: the planned autoencoder trials (grid or none search)
 whose data, autoencoder and evaluation settings agree but for the loss factor, sigmoid bias and seed
-(ulsweep.train.group.MEMBER_KEYS), in plan order, at most `stack_trials` a group (`plan`); and, per such group and
+(ulsweep.train.identity.MEMBER_KEYS), in plan order, at most `stack_trials` a group (`plan`); and, per such group and
 base model, the base trials its members will spawn, whose base settings agree but for the seed (`base_plan`). It
 starts one `GroupTrainer` Ray actor per group (`start`), on a node with the trials' GPUs. Every trial stays a Tune
 trial of its own (its MLflow run, retries, timings and spawned base trials are as before), but its worker, instead
@@ -57,7 +57,7 @@ def plan(exp: ExperimentConfig) -> list[list[str]]:
     """The groups of the sweep's planned autoencoder trials (their keys), groups of one left out (they train
     alone); [] with `resources.stack_trials: 1`. A group is at most `search.max_concurrent` trials too: its members
     must run at once."""
-    from ulsweep.train.group import shared_settings
+    from ulsweep.train.identity import shared_settings  # no torch in the driver
 
     return _groups(_planned(exp).items(), lambda e: dump_yaml(shared_settings(e)), _size(exp))
 
@@ -68,7 +68,7 @@ def base_plan(exp: ExperimentConfig) -> list[list[str]]:
     already: ulsweep.train.group_base.check_members)."""
     from ulsweep.sweep.searcher import base_key
     from ulsweep.sweep.space import find_base
-    from ulsweep.train.group_base import BASE_MEMBER_KEYS
+    from ulsweep.train.identity import BASE_MEMBER_KEYS
 
     trials, out = _planned(exp), []
     for group in plan(exp):
@@ -357,7 +357,7 @@ class GroupTrainer:
 
             from ulsweep.config import experiment_from_dict
             from ulsweep.sweep.space import find_base
-            from ulsweep.train.build import latent_shape
+            from ulsweep.train.identity import latent_shape
             from ulsweep.train.group_base import prepare_bases
 
             if self.threads:

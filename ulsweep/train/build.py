@@ -5,15 +5,12 @@ this module is where config values become their arguments.
 """
 from __future__ import annotations
 
-from ulsweep.config import AELossConfig, AEStageConfig, BaseStageConfig, ExperimentConfig, TrainConfig
+from ulsweep.config import AELossConfig, AEStageConfig, BaseStageConfig, TrainConfig
 from ulsweep.diffusion import LogSNRSchedule
 from ulsweep.models import AE_PRESETS, BASE_PRESETS, BaseViT, DecoderUViT, Encoder, PriorViT, UnifiedAutoencoder
+from ulsweep.train import identity
 
-
-def latent_shape(exp: ExperimentConfig) -> tuple[int, int, int]:
-    """The latent an experiment's autoencoder gives for its images (data.image_size): (channels, h, w)."""
-    s, d = exp.data.image_size, exp.ae.model.downsample
-    return exp.ae.model.latent_channels, s // d, s // d
+latent_shape = identity.latent_shape  # config arithmetic, kept without torch (identity.py: the driver plans with it)
 
 
 def build_autoencoder(cfg: AEStageConfig, image_channels: int) -> UnifiedAutoencoder:

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
-from ulsweep.config import ExperimentConfig, config_hash, dump_yaml, flatten, to_dict
+from ulsweep.config import ExperimentConfig, config_hash, dump_yaml, to_dict
 from ulsweep.data.sources import DeviceSplit, train_source
 from ulsweep.diffusion import MemberGenerators
 from ulsweep.models.stacked import clip_trials, stack
@@ -42,14 +42,11 @@ from ulsweep.train.build import latent_shape as latent_shape_of
 from ulsweep.train.checkpoint import finished_result, save_checkpoint, write_images, write_result
 from ulsweep.train.evaluation import PartTimer, load_eval_extractor, pop_seconds
 from ulsweep.train.hooks import StageResult, TrainHooks, TrainingDiverged
+from ulsweep.train.identity import MEMBER_KEYS, shared_settings  # what members may differ in, and must share
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import Runtime, device_memory, make_runtime
 from ulsweep.train.stage1 import KIND, AEObjective, evaluate_aes, final_evaluations, say_done, stage1_hash
 from ulsweep.train.state import TrainState, rng_state
-
-# what members of a group may differ in; everything else of their data, autoencoder and evaluation must agree
-MEMBER_KEYS = ("ae.loss.loss_factor", "ae.loss.sigmoid_bias", "ae.train.seed")
-
 
 class GroupSource:
     """Each member's batch from its own source and generator, one after another on the batch dimension."""
@@ -174,13 +171,6 @@ class GroupHooks(TrainHooks):
         """Member k is evaluated and its files written (before the others' evaluations): its hooks' `finished`
         gets its result, where they have one (a sweep's trial then returns it, ulsweep/sweep/stacking.py)."""
         getattr(self.members[k], "finished", lambda result: None)(result)
-
-
-def shared_settings(exp: ExperimentConfig) -> dict:
-    """What members of a group must agree on: the run's data, autoencoder and evaluation settings (flattened)
-    but MEMBER_KEYS."""
-    flat = flatten(to_dict({"data": exp.data, "ae": exp.ae, "eval": exp.eval}))
-    return {k: v for k, v in flat.items() if k not in MEMBER_KEYS}
 
 
 def check_members(exps: Sequence[ExperimentConfig]) -> None:

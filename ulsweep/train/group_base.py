@@ -36,6 +36,7 @@ from ulsweep.train.build import base_schedule, build_base_model
 from ulsweep.train.checkpoint import finished_result
 from ulsweep.train.compile_gate import compiled_before, first_compile, graph_key
 from ulsweep.train.evaluation import PartTimer
+from ulsweep.train.identity import BASE_MEMBER_KEYS  # what base members may differ in, besides MEMBER_KEYS
 from ulsweep.train.group import (MEMBER_KEYS, GroupObjective, GroupSource, GroupTrainState, one_process,
                                  seeded_members, train_group, write_member)
 from ulsweep.train.hooks import StageResult, TrainHooks
@@ -45,8 +46,6 @@ from ulsweep.train.runtime import Runtime, compile_mode, compile_module, make_ru
 from ulsweep.train.stage2 import (KIND, BaseObjective, evaluate_bases, flops_metrics, load_frozen_autoencoder,
                                   say_decode_path, say_done, stage2_hash)
 
-# what base members of a group may differ in, besides their autoencoder's MEMBER_KEYS
-BASE_MEMBER_KEYS = ("base.train.seed",)
 
 
 def read_ahead(ae_checkpoint: str) -> tuple[torch.nn.Module, ExperimentConfig, dict]:
