@@ -215,3 +215,92 @@ def test_the_sweep_gives_its_workers_the_pipe_and_stops_the_daemon_even_when_it_
     assert seen["environ"] == {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/p", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
     assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ  # the driver's own environment as it was
     assert stopped == [True]
+
+
+def test_cuda_is_asked_of_the_driver_library_without_torch():
+    """`_cuda_available` agrees with torch here, and asks libcuda itself: torch is not imported by it."""
+    import subprocess
+    import sys
+
+    import torch
+
+    code = ("import sys\nfrom ulsweep.sweep import mps\n"
+            "print(mps._cuda_available(), 'torch' in sys.modules)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == [str(torch.cuda.is_available()), "False"]
+
+
+FAKE_LIBCUDA = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+typedef int CUresult;
+static unsigned int mem[1 << 14];
+static int current = 0;
+static CUresult fail(const char *what) {  /* FAKE_CUDA_FAIL=<function>: that call fails (805: MPS connection) */
+    const char *f = getenv("FAKE_CUDA_FAIL");
+    return f && strcmp(f, what) == 0 ? 805 : 0;
+}
+CUresult cuInit(unsigned int flags) { return flags ? 1 : fail("cuInit"); }
+CUresult cuDeviceGetCount(int *n) { *n = 1; return fail("cuDeviceGetCount"); }
+CUresult cuDeviceGet(int *dev, int ordinal) { *dev = ordinal; return ordinal ? 101 : fail("cuDeviceGet"); }
+CUresult cuDevicePrimaryCtxRetain(void **ctx, int dev) {
+    *ctx = (void *)mem; return dev ? 101 : fail("cuDevicePrimaryCtxRetain");
+}
+CUresult cuCtxSetCurrent(void *ctx) { current = ctx == (void *)mem; return current ? 0 : 201; }
+CUresult cuMemAlloc_v2(unsigned long long *p, size_t n) {
+    if (!current || n > sizeof mem) return 2;
+    *p = (unsigned long long)(uintptr_t)mem; return 0;
+}
+CUresult cuMemsetD32_v2(unsigned long long p, unsigned int v, size_t n) {
+    for (size_t i = 0; i < n; i++) ((unsigned int *)(uintptr_t)p)[i] = v;
+    return 0;
+}
+CUresult cuMemcpyDtoH_v2(void *dst, unsigned long long src, size_t n) {
+    memcpy(dst, (void *)(uintptr_t)src, n); return 0;
+}
+CUresult cuCtxSynchronize(void) { return current ? 0 : 201; }
+"""
+
+
+@pytest.fixture()
+def fake_libcuda(tmp_path, monkeypatch):
+    """A stand-in libcuda.so.1 (the driver API calls the probe and `_cuda_available` make, with their C
+    signatures; the device memory is host memory) on LD_LIBRARY_PATH of the processes started from here."""
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler for the stand-in libcuda")
+    src, lib = tmp_path / "fake_cuda.c", tmp_path / "lib" / "libcuda.so.1"
+    lib.parent.mkdir()
+    src.write_text(FAKE_LIBCUDA)
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(lib), str(src)], check=True, capture_output=True)
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(lib.parent))
+    return lib
+
+
+def test_the_probe_against_libcuda_passes_on_a_working_driver_and_falls_back_to_torch_when_it_fails(
+        fake_libcuda, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import torch
+
+    daemon = mps.MpsDaemon(str(tmp_path / "pipe"), str(tmp_path / "log"))
+    assert mps._probe_with(mps.PROBE_LIBCUDA, daemon) == (True, "mps probe ok")
+    assert mps.probe(daemon) == (True, "mps probe ok")  # torch's probe not needed
+    code = "from ulsweep.sweep import mps; print(mps._cuda_available())"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip() == "True", p.stderr[-2000:]
+    monkeypatch.setenv("FAKE_CUDA_FAIL", "cuDevicePrimaryCtxRetain")  # e.g. the MPS server cannot be reached
+    ok, said = mps._probe_with(mps.PROBE_LIBCUDA, daemon)
+    assert not ok and said.endswith("cuDevicePrimaryCtxRetain failed: CUresult 805"), said
+    if not torch.cuda.is_available():  # then torch's probe decides, and fails here
+        ok, said = mps.probe(daemon)
+        assert not ok and "cuDevicePrimaryCtxRetain" not in said, said
+    monkeypatch.setenv("FAKE_CUDA_FAIL", "cuInit")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip() == "False", p.stderr[-2000:]

@@ -540,6 +540,7 @@ def test_local_sweep_two_ae_one_base_with_lineage(tmp_path):
     assert list(tagged) == names + ["ray_shutdown (beside)"]
     assert tagged["tune_fit"] == pytest.approx(driver[names.index("tune_fit")]["seconds"], abs=0.01)
     assert p.stdout.splitlines()[-1].startswith("driver: command ") and "; beside: ray_shutdown " in p.stdout
+    assert summary["phases"]["driver_imported_torch"] is False  # its trials' processes do the training
     print(f"local sweep wall {time.time() - t0:.0f} s")
 
 

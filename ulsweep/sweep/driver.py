@@ -174,12 +174,14 @@ class Closing:
 
 def _record_driver_phases(result: SweepOutcome, ranked: list[dict], phases: dict, clock: DriverClock,
                           run: SweepRun, out) -> None:
-    """The driver's steps, the summary and dashboard included: into summary.json again (`phases.driver`), as the
-    sweep run's tag `ulsweep.driver_phases`, and on the console; never fails the sweep."""
+    """The driver's steps, the summary and dashboard included: into summary.json again (`phases.driver`, those
+    that ran beside them `phases.driver_beside`, and whether its process imported torch, which it needs not), as
+    the sweep run's tag `ulsweep.driver_phases`, and on the console; never fails the sweep."""
     print(clock.line(), file=out, flush=True)
     try:
         outcomes.write_summary(result, ranked, phases | {"driver": clock.phases(),
-                                                         "driver_beside": clock.phases_beside()})
+                                                         "driver_beside": clock.phases_beside(),
+                                                         "driver_imported_torch": "torch" in sys.modules})
         tracking.retry(run.client.set_tag, run.sweep_id, "ulsweep.driver_phases", clock.tag())
     except Exception as e:  # noqa: BLE001 - timings only: the sweep's results are written already
         print(f"  driver phases not recorded ({type(e).__name__}: {str(e)[:200]})", file=out, flush=True)
@@ -285,6 +287,10 @@ def _configure_ray_environment() -> None:
     # (for a cluster of your own, start it with RAY_LOGGER_LEVEL=warning too)
     os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # none of Tune's automatic loggers; the Tuner names its CSV and JSON ones (_make_tuner), not its TensorBoard
+    # logger, which imports tensorboardX and so torch: seconds of the driver's, as Tune starts the first trials
+    # (the driver needs no torch: tests/test_stacking.py); ulsweep's curves are in MLflow
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     stop_tune_copying_credentials()  # Ray would log them: trials take credentials from their node's environment
 
 
@@ -411,8 +417,10 @@ def _make_tuner(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: 
     searcher = _searcher(exp, on_objective=lineage.ObjectiveLogger(run.tracking_uri, exp.search.metrics),
                          on_skip=stacking.Forgo(stacking.group_names(exp, run.sweep_id))
                          if train_impl == "ulsweep" else None)
-    # pickled with the searcher in tuner.pkl: a restored Tuner's relay holds the restored searcher
-    callbacks = [ProgressCallback(), CompletionRelay(searcher)]
+    # pickled with the searcher in tuner.pkl: a restored Tuner's relay holds the restored searcher; Tune's CSV and
+    # JSON loggers named here, as its automatic ones are off (_configure_ray_environment)
+    callbacks = [ProgressCallback(), CompletionRelay(searcher), tune.logger.CSVLoggerCallback(),
+                 tune.logger.JsonLoggerCallback()]
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,

@@ -42,6 +42,25 @@ CONTROL = "nvidia-cuda-mps-control"
 DEFAULT_PIPE = "/tmp/nvidia-mps"  # where CUDA clients look without CUDA_MPS_PIPE_DIRECTORY
 START_S = 10.0  # how long the daemon may take to open its control pipe
 PROBE_S = 120.0  # the probe's CUDA start-up (a first context on a busy node can take tens of seconds)
+# the probe, first written against the CUDA driver's library (ctypes: a context, a memset on the device read back;
+# no torch to import, which took seconds of the sweep's start before Ray's), then, only if that one failed, with torch
+PROBE_LIBCUDA = (
+    "import ctypes, sys\n"
+    "cuda = ctypes.CDLL('libcuda.so.1')\n"
+    "def check(r, what):\n"
+    "    if r != 0:\n"
+    "        sys.exit(f'{what} failed: CUresult {r}')\n"
+    "dev, ctx, ptr, host = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_uint64(), (ctypes.c_uint * 1024)()\n"
+    "check(cuda.cuInit(0), 'cuInit')\n"
+    "check(cuda.cuDeviceGet(ctypes.byref(dev), 0), 'cuDeviceGet')\n"
+    "check(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), 'cuDevicePrimaryCtxRetain')\n"
+    "check(cuda.cuCtxSetCurrent(ctx), 'cuCtxSetCurrent')\n"
+    "check(cuda.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(4096)), 'cuMemAlloc')\n"
+    "check(cuda.cuMemsetD32_v2(ptr, ctypes.c_uint(7), ctypes.c_size_t(1024)), 'cuMemsetD32')\n"
+    "check(cuda.cuMemcpyDtoH_v2(host, ptr, ctypes.c_size_t(4096)), 'cuMemcpyDtoH')\n"
+    "check(cuda.cuCtxSynchronize(), 'cuCtxSynchronize')\n"
+    "assert sum(host) == 7 * 1024, 'the device gave back other values'\n"
+    "print('mps probe ok')\n")
 PROBE = ("import torch; x = torch.ones(1024, device='cuda'); torch.cuda.synchronize(); "
          "assert float(x.sum()) == 1024.0; print('mps probe ok')")
 
@@ -91,9 +110,20 @@ def _answers(pipe_dir: str) -> bool:
 
 
 def _cuda_available() -> bool:
-    import torch
+    """Whether CUDA sees a GPU here, asked of the driver library itself (libcuda's cuInit and cuDeviceGetCount,
+    which honour CUDA_VISIBLE_DEVICES) rather than through torch: the sweep's driver asks before Ray starts, and
+    importing torch there cost seconds on the GPU machine; the daemon's probe then runs a CUDA program."""
+    import ctypes
 
-    return torch.cuda.is_available()
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:  # no NVIDIA driver
+        return False
+    count = ctypes.c_int(0)
+    try:
+        return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    except AttributeError:  # not the CUDA driver's library
+        return False
 
 
 def why_not(*, address: str | None, ray_running: bool, gpus_per_worker: float) -> str | None:
@@ -165,9 +195,15 @@ def start_for_run(setting: str, run_dir: str, *, address: str | None, ray_runnin
 
 
 def probe(daemon: MpsDaemon) -> tuple[bool, str]:
-    """Run a tiny CUDA program as an MPS client of `daemon`: (it worked, the tail of its output)."""
+    """Run a tiny CUDA program as an MPS client of `daemon`: (it worked, the tail of its output). The program
+    against libcuda first (PROBE_LIBCUDA); where it failed, torch's (PROBE), whose answer stands."""
+    ok, said = _probe_with(PROBE_LIBCUDA, daemon)
+    return (ok, said) if ok else _probe_with(PROBE, daemon)
+
+
+def _probe_with(program: str, daemon: MpsDaemon) -> tuple[bool, str]:
     try:
-        r = subprocess.run([sys.executable, "-c", PROBE], env={**os.environ, **daemon.env}, capture_output=True,
+        r = subprocess.run([sys.executable, "-c", program], env={**os.environ, **daemon.env}, capture_output=True,
                            text=True, timeout=PROBE_S)
     except subprocess.TimeoutExpired:
         return False, f"no answer within {PROBE_S:.0f} s"
