@@ -1,6 +1,7 @@
 """Credentials never reach MLflow, sweep.json or the console: URI userinfo and credential env vars."""
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -120,7 +121,10 @@ def test_ray_tune_no_longer_copies_cloud_credentials_into_trial_runtime_envs(mon
 
     from ulsweep.sweep.credentials import stop_tune_copying_credentials
 
-    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", set(class_cache.ENV_VARS_TO_PROPAGATE))
+    # Ray's own default, whatever a sweep driven earlier in this process took out of it (its driver calls
+    # stop_tune_copying_credentials): the module's code run again; the value before comes back after the test
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", class_cache.ENV_VARS_TO_PROPAGATE)
+    importlib.reload(class_cache)
     assert "AWS_SECRET_ACCESS_KEY" in class_cache.ENV_VARS_TO_PROPAGATE  # what Ray 2.60 does by default
     dropped = stop_tune_copying_credentials()
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} <= set(dropped)
