@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from ulsweep import io as uio
 from ulsweep.data.codec import CodecError, check_encoding
@@ -27,9 +27,10 @@ def _check_split(uri: str, split: str, images: Any, labels: Any) -> tuple[np.nda
     at = where(uri, split)
     if not isinstance(split, str) or not SPLIT_RE.match(split):
         raise DataError(f"{uri}: bad split name {split!r} (letters, digits, '_', '-', '.')")
-    if isinstance(images, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor comes only from a process that imported torch: none is imported here
+    if torch is not None and isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
-    if isinstance(labels, torch.Tensor):
+    if torch is not None and isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
     images, labels = np.asarray(images), np.asarray(labels)
     if images.dtype != np.uint8:
