@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import importlib
 
+# bound here, not lazily: importing the submodule `psnr` would set the package's attribute `psnr` to it
+from .psnr import psnr
+
 _WHERE = {
     "psnr": "psnr",
     **dict.fromkeys(["frechet_distance", "FeatureStats", "StatsAccumulator", "stats_from_features", "feature_stats",

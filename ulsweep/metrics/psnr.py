@@ -1,7 +1,10 @@
 """Peak signal-to-noise ratio."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # no torch at import: ulsweep.metrics binds `psnr` to this function eagerly (its __init__)
+    import torch
 
 
 # PSNR = 10 log10(R^2 / MSE), in dB, per image.
@@ -14,4 +17,4 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 255.0) -> torch.T
     if x.shape != y.shape:
         raise ValueError(f"psnr: shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
     mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
-    return 10.0 * torch.log10(data_range**2 / mse)
+    return (data_range**2 / mse).log10() * 10.0
