@@ -22,8 +22,9 @@ TRAIN = {"steps": 4, "batch_size": 8, "log_every": 2, "eval_images": 16, "eval_t
 MEMBERS = [(1.5, -2.0, 0), (2.0, 0.0, 1), (4.0, 2.0, 2)]  # loss factor, sigmoid bias, seed
 
 
-def member_exp(lf, bias, seed, **train):
+def member_exp(lf, bias, seed, resources=None, **train):
     return experiment_from_dict({
+        **({"resources": resources} if resources else {}),
         "name": f"lf{lf}-b{bias}-s{seed}",
         "data": {"path": "builtin:digits", "image_size": 16},
         "ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2},
@@ -91,6 +92,25 @@ def test_a_group_trains_each_member_as_its_own_run(tmp_path, alone, one_thread):
     assert base.steps == 4 and base.metrics["base_bpp"] > 0
     again = train_autoencoders(exps, dirs, str(tmp_path / "group"))  # finished members are not trained again
     assert [r.checkpoint for r in again] == [r.checkpoint for r in results]
+
+
+def test_a_group_runs_its_convolutions_as_resources_stack_conv_says(one_thread):
+    """The members' stacked networks with resources.stack_conv loop: one convolution per member, the same
+    weights (each member's seed) and the same losses, up to rounding, as the grouped convolutions'."""
+    from ulsweep.models.stacked import StackedConv2d
+    from ulsweep.train.group import build_networks
+
+    losses = {}
+    for conv in ("grouped", "loop"):
+        exps = [member_exp(*m, resources={"num_workers": 0, "stack_trials": 3, "stack_conv": conv}) for m in MEMBERS]
+        objective, ts = build_networks(exps, make_runtime(exps[0].ae.train), (1, 16, 16))
+        convs = [m for m in objective.modules() if isinstance(m, StackedConv2d)]
+        assert convs and all(m.conv == conv for m in convs)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand(3 * 4, 1, 16, 16, generator=gen) * 2 - 1
+        noise = objective.draw_noise(4, type(ts.gen)([torch.Generator().manual_seed(i) for i in range(3)]))
+        losses[conv] = objective(x, noise)["total"].detach()
+    assert rel(losses["loop"], losses["grouped"]) < 1e-5
 
 
 def test_a_killed_group_resumes_to_the_uninterrupted_weights(tmp_path, alone, one_thread):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ulsweep.config import experiment_from_dict
-from ulsweep.models.stacked import per_example, stack, trial_norms, unstack
+from ulsweep.models.stacked import StackedConv2d, per_example, stack, trial_norms, unstack
 from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model
 from ulsweep.train.stage1 import AEObjective
 from ulsweep.train.stage2 import BaseObjective
@@ -43,17 +43,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-@pytest.mark.parametrize("stage", ["ae", "base"])
-def test_stacked_trials_have_each_trials_own_losses_gradients_and_norms(stage, one_thread):
+@pytest.mark.parametrize("stage, conv", [("ae", "grouped"), ("ae", "loop"), ("base", "grouped")])
+def test_stacked_trials_have_each_trials_own_losses_gradients_and_norms(stage, conv, one_thread):
     """Three trials with their own weights (and, for autoencoders, their own loss factor and sigmoid bias): the
     stacked network's losses on trial k's rows are trial k's, the gradient of the summed losses is each trial's
-    own, and trial_norms gives each trial's global gradient norm."""
+    own, and trial_norms gives each trial's global gradient norm; with the convolutions grouped or one per trial
+    (resources.stack_conv)."""
     if stage == "ae":
         objs, shape = [ae_objective(k, lf, b) for k, (lf, b) in enumerate([(1.5, -2.0), (2.0, 0.0), (4.0, 2.0)])], \
             (1, 16, 16)
     else:
         objs, shape = [base_objective(k) for k in range(3)], (2, 4, 4)
-    st = stack(objs)
+    st = stack(objs, conv)
+    assert all(m.conv == conv for m in st.modules() if isinstance(m, StackedConv2d))
     xs, noises, x, noise = trial_inputs(objs, shape)
     losses = st(x, noise)["total"]
     refs = [o(xk, nk)["total"] for o, xk, nk in zip(objs, xs, noises)]
@@ -123,12 +125,23 @@ def test_stack_names_a_layer_it_cannot_stack():
         stack([net, copy.deepcopy(net)])
 
 
-def test_stacked_conv_keeps_stride_padding_and_groups(one_thread):
+@pytest.mark.parametrize("conv", ["grouped", "loop"])
+def test_stacked_conv_keeps_stride_padding_and_groups(conv, one_thread):
     convs = [nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2) for _ in range(3)]
-    st = stack([nn.Sequential(c) for c in convs])
+    st = stack([nn.Sequential(c) for c in convs], conv)
     x = torch.randn(3 * 2, 4, 9, 9)
     want = torch.cat([c(xk) for c, xk in zip(convs, x.split(2))])
     assert st(x).shape == (6, 6, 5, 5) and rel(st(x), want) < 1e-6
+
+
+def test_the_stacked_convolutions_way_is_in_its_repr_but_the_defaults(one_thread):
+    """The compile gate keys a program by its repr: the loop's differs from the grouped one's, which stays as it
+    was before the setting (so the caches of earlier sweeps still serve it); an unknown way is refused."""
+    convs = [nn.Conv2d(2, 2, 3) for _ in range(2)]
+    assert "conv=" not in repr(stack(convs)) and repr(stack(convs)) == repr(stack(convs, "grouped"))
+    assert "conv=loop" in repr(stack(convs, "loop"))
+    with pytest.raises(ValueError, match="'unfold'"):
+        stack(convs, "unfold")
 
 
 def test_a_bare_layer_stacks_and_buffers_keep_their_persistence(one_thread):

@@ -112,6 +112,11 @@ def test_stacking_settings_are_checked_by_name():
     with pytest.raises(ConfigError, match="stack_sampling"):
         experiment_from_dict(lf_sweep(stack_trials=2, stack_sampling="together"))
     assert experiment_from_dict(lf_sweep(stack_trials=2, stack_sampling="stacked")).resources.stack_sampling == "stacked"
+    with pytest.raises(ConfigError, match="stack_conv.*no effect with resources.stack_trials: 1"):
+        experiment_from_dict(lf_sweep(stack_trials=1, stack_conv="loop"))
+    with pytest.raises(ConfigError, match="stack_conv"):
+        experiment_from_dict(lf_sweep(stack_trials=2, stack_conv="unfold"))
+    assert experiment_from_dict(lf_sweep(stack_trials=2, stack_conv="loop")).resources.stack_conv == "loop"
     with pytest.raises(ConfigError, match="stack_trials.*>= 1"):
         experiment_from_dict(lf_sweep(stack_trials=0))
     with pytest.raises(ConfigError, match="stack_trials.*not DDP"):

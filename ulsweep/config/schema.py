@@ -358,6 +358,11 @@ class ResourcesConfig:
     # H100, session 24) or stacked (all members in each batch, through the stacked networks). Bits/pixel are
     # taken stacked either way; every member's noise is its own
     stack_sampling: Literal["each", "stacked"] = "each"
+    # how a group's stacked program runs its convolutions (ulsweep/models/stacked.py, StackedConv2d): grouped (one
+    # cuDNN grouped convolution, the members as its groups, the activations moved to (B, K*C, H, W) and back) or
+    # loop (one ordinary convolution per member on its own rows: no moves, K kernels; CUDA graphs replay them
+    # without launch costs). Same arithmetic up to the kernels' rounding; benchmarks/batched_trials.py --conv
+    stack_conv: Literal["grouped", "loop"] = "grouped"
 
     def __post_init__(self):
         _require(self.stack_trials >= 1, "stack_trials", self.stack_trials, "must be >= 1 (1: every trial alone)")
@@ -365,7 +370,7 @@ class ResourcesConfig:
                  "needs trials that train in one process (resources.num_workers 0 or 1), not DDP")
         _require(self.stack_wait_s > 0, "stack_wait_s", self.stack_wait_s, "must be > 0 seconds")
         if self.stack_trials == 1:
-            _inert(self, ("stack_wait_s", "stack_sampling"), "", "with resources.stack_trials: 1 (no group)")
+            _inert(self, ("stack_wait_s", "stack_sampling", "stack_conv"), "", "with resources.stack_trials: 1 (no group)")
         _require(self.cuda_wait == "auto" or self.gpus_per_worker > 0, "cuda_wait", self.cuda_wait,
                  "has no effect without GPUs (resources.gpus_per_worker: 0); use auto")
         _require(self.mps != "on" or 0 < self.gpus_per_worker < 1, "mps", self.mps,

@@ -18,7 +18,8 @@ The layers with weights become:
 
     nn.Linear        y_k = x_k W_k^T + b_k          one batched matmul (bmm) over K, then the bias
     nn.Conv2d        y_k = conv(x_k, W_k) + b_k     one grouped convolution, the K trials as K groups (x moved to
-                                                    (B, K*C, H, W) and back)
+                                                    (B, K*C, H, W) and back); or, `conv="loop"`, K ordinary
+                                                    convolutions, each on its trial's rows
     nn.GroupNorm     normalize, then gamma_k, beta_k per trial
     RMSNorm          normalize, then gamma_k per trial (ulsweep's, layers.py)
 
@@ -85,21 +86,35 @@ class StackedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-class StackedConv2d(nn.Module):
-    """K nn.Conv2d layers of one configuration as one grouped convolution: weight (K, out, in/groups, kh, kw),
-    bias (K, out) or None."""
+CONVS = ("grouped", "loop")  # how a StackedConv2d runs (resources.stack_conv)
 
-    def __init__(self, layers: list[nn.Conv2d]):
+
+class StackedConv2d(nn.Module):
+    """K nn.Conv2d layers of one configuration: weight (K, out, in/groups, kh, kw), bias (K, out) or None. `conv`:
+    grouped runs them as one grouped convolution, the K trials as K groups, its input moved to (B, K*C, H, W) and
+    its output back; loop as K ordinary convolutions, trial k's on its own rows (K*B, ...)[k*B:(k+1)*B], no moves
+    but K kernels."""
+
+    def __init__(self, layers: list[nn.Conv2d], conv: str = "grouped"):
         super().__init__()
         c = layers[0]
         if c.padding_mode != "zeros" or isinstance(c.padding, str):
             raise ValueError(f"stacked convolutions take numeric zero padding, not {c.padding!r}/{c.padding_mode!r}")
-        self.k, self.out_channels = len(layers), c.out_channels
+        if conv not in CONVS:
+            raise ValueError(f"stacked convolutions run as one of {CONVS}, not {conv!r}")
+        self.k, self.out_channels, self.conv = len(layers), c.out_channels, conv
         self.stride, self.padding, self.dilation, self.groups = c.stride, c.padding, c.dilation, c.groups
         self.weight = _stack([m.weight for m in layers])
         self.bias = _stack([m.bias for m in layers]) if c.bias is not None else None
 
+    def extra_repr(self) -> str:  # the default's repr as before (the compile gate's key holds it)
+        return "" if self.conv == "grouped" else f"conv={self.conv}"
+
     def forward(self, x: Tensor) -> Tensor:  # (K*B, C, H, W) -> (K*B, out, H', W')
+        if self.conv == "loop":
+            xs = _trials(x, self.k)  # (K, B, C, H, W), a view: trial k's rows are contiguous
+            return torch.cat([F.conv2d(xs[i], self.weight[i], None if self.bias is None else self.bias[i],
+                                       self.stride, self.padding, self.dilation, self.groups) for i in range(self.k)])
         xg = _trials(x, self.k).transpose(0, 1).flatten(1, 2)  # (B, K*C, H, W)
         bias = None if self.bias is None else self.bias.flatten()
         y = F.conv2d(xg, self.weight.flatten(0, 1), bias, self.stride, self.padding, self.dilation,
@@ -150,10 +165,11 @@ STACKED = {nn.Linear: StackedLinear, nn.Conv2d: StackedConv2d, nn.GroupNorm: Sta
 PLAIN = {v: k for k, v in STACKED.items()}
 
 
-def stack(modules: list[nn.Module]) -> nn.Module:
+def stack(modules: list[nn.Module], conv: str = "grouped") -> nn.Module:
     """One module that runs the K `modules` (one architecture) on (K*B, ...) inputs, trial k on rows
     [k*B, (k+1)*B): a copy of the first with every layer that has weights replaced by its stacked form, and every
-    buffer stacked to (K, ...). The modules themselves are left as they were."""
+    buffer stacked to (K, ...); `conv`, how its convolutions run (StackedConv2d). The modules themselves are left
+    as they were."""
     if not modules:
         raise ValueError("stack needs at least one module")
     first = modules[0]
@@ -161,8 +177,11 @@ def stack(modules: list[nn.Module]) -> nn.Module:
         if type(m) is not type(first) or repr(m) != repr(first):
             raise ValueError(f"module {i} ({type(m).__name__}) is not of the architecture of module 0 "
                              f"({type(first).__name__}): only trials of one architecture stack")
+    def stacked(cls, layers: list[nn.Module]) -> nn.Module:
+        return cls(layers, conv) if cls is StackedConv2d else cls(layers)
+
     if type(first) in STACKED:  # a bare layer
-        return STACKED[type(first)](list(modules))
+        return stacked(STACKED[type(first)], list(modules))
     out = copy.deepcopy(first)
     named = [dict(m.named_modules()) for m in modules]
     for name, sub in list(out.named_modules()):
@@ -173,7 +192,7 @@ def stack(modules: list[nn.Module]) -> nn.Module:
             raise ValueError(f"{name or type(out).__name__}: a {type(sub).__name__} holds parameters of its own; "
                              f"stack knows {', '.join(c.__name__ for c in STACKED)}")
         parent, _, attr = name.rpartition(".")
-        setattr(out.get_submodule(parent), attr, cls([n[name] for n in named]))
+        setattr(out.get_submodule(parent), attr, stacked(cls, [n[name] for n in named]))
     saved = first.state_dict()  # holds the persistent buffers only
     for name, _ in list(out.named_buffers()):
         parent, _, attr = name.rpartition(".")

@@ -136,7 +136,8 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     objectives = [AEObjective(build_autoencoder(exp.ae, c).to(rt.device), exp.ae.loss, image_shape, shape)
                   for _ in range(members)]
     t_built = time.time()
-    ts, how, marks = _train_briefly(objectives, lambda o: o.ae, source, exp.ae.optim, tc, rt, "ae")
+    ts, how, marks = _train_briefly(objectives, lambda o: o.ae, source, exp.ae.optim, tc, rt, "ae",
+                                    conv=exp.resources.stack_conv)
     out = {"stage": "ae", "latent_shape": list(shape), "members": members, "compile_gate": how, "t_start": t0,
            "step_s": time.time() - t0, "step_parts_s": step_parts(t0, t_built, marks),
            "step_phases_s": compile_phase_seconds()}
@@ -199,9 +200,9 @@ def _runtime(exp: ExperimentConfig, tc):
     return make_runtime(tc)
 
 
-def _train_briefly(objectives: list, net, source, optim, tc, rt, kind: str, label: str = ""):
+def _train_briefly(objectives: list, net, source, optim, tc, rt, kind: str, label: str = "", conv: str = "grouped"):
     """`tc.steps` steps of one trial's objective, or of several as a group's stacked program
-    (ulsweep/train/group.py), on batches of `source` through the library's loop in a scratch directory it
+    (ulsweep/train/group.py; its convolutions as `conv`, resources.stack_conv, says), on batches of `source` through the library's loop in a scratch directory it
     deletes; `net(objective)` is the network an objective trains. Returns the TrainState, how its first
     compiled step got through the compile gate, and the loop's marks (`t_setup_end`, `t_first_step_end`, ...)."""
     import torch
@@ -214,7 +215,7 @@ def _train_briefly(objectives: list, net, source, optim, tc, rt, kind: str, labe
     if len(objectives) == 1:
         objective, ts = objectives[0], TrainState(net(objectives[0]), optim, rt, 0)
     else:
-        objective = GroupObjective(objectives)
+        objective = GroupObjective(objectives, conv)
         gens = [torch.Generator(rt.device).manual_seed(i) for i in range(len(objectives))]
         ts = GroupTrainState(net(objective.stacked), optim, rt, gens)
         source = GroupSource([source] * len(objectives))
@@ -270,7 +271,8 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS,
     objectives = [BaseObjective(build_base_model(base, shape[0]).to(rt.device), _schedule(exp, base),
                                 base.loss.sigmoid_bias, shape) for _ in range(members)]
     t_built = time.time()
-    ts, how, marks = _train_briefly(objectives, lambda o: o.net, source, base.optim, tc, rt, "base", base_name)
+    ts, how, marks = _train_briefly(objectives, lambda o: o.net, source, base.optim, tc, rt, "base", base_name,
+                                    exp.resources.stack_conv)
     out = {"stage": "base", "base": base_name, "latent_shape": list(shape), "members": members, "compile_gate": how,
            "t_start": t0, "step_s": time.time() - t0, "step_parts_s": step_parts(t0, t_built, marks),
            "step_phases_s": compile_phase_seconds()}
@@ -299,7 +301,7 @@ def _compile_sampling(exp: ExperimentConfig, base, ema_net, shape, device, membe
         ema_net, members = plain(ema_net), 1
     image_shape = _image_shape(exp)
     aes = [build_autoencoder(exp.ae, image_shape[0]).to(device) for _ in range(members)]
-    ae = (stack(aes) if members > 1 else aes[0]).eval().requires_grad_(False)
+    ae = (stack(aes, exp.resources.stack_conv) if members > 1 else aes[0]).eval().requires_grad_(False)
     n, _ = sampling_calls(exp.eval.gfd_samples if exp.eval.extractor != "none" else 64,
                           sample_rows(exp.eval.sample_batch, image_shape), members)
     gens = [torch.Generator(device).manual_seed(i) for i in range(members)]

@@ -81,10 +81,10 @@ class GroupObjective(nn.Module):
     takes a per-example value (or the (K,) gradient norms) to each member's mean, so every logged metric is a list
     of K values."""
 
-    def __init__(self, objectives: Sequence[AEObjective]):
+    def __init__(self, objectives: Sequence[AEObjective], conv: str = "grouped"):
         super().__init__()
         self.k, self.member = len(objectives), objectives[0]
-        self.stacked = stack(list(objectives))
+        self.stacked = stack(list(objectives), conv)  # conv: resources.stack_conv
         self.dims = objectives[0].dims / self.k
         self.progress_keys = objectives[0].progress_keys
 
@@ -228,14 +228,15 @@ def _build(exps: list[ExperimentConfig], rt: Runtime, setup: PartTimer) -> Prepa
 
 
 def seeded_members(seeds: Sequence[int], build: Callable[[int], nn.Module],
-                   rt: Runtime) -> tuple[GroupObjective, list[torch.Generator]]:
+                   rt: Runtime, conv: str = "grouped") -> tuple[GroupObjective, list[torch.Generator]]:
     """Member i's objective `build(i)` made right after torch.manual_seed(seeds[i]), its weights initialized as its
-    run alone initializes them, the members stacked into one objective; and each member's generator, seeded alike."""
+    run alone initializes them, the members stacked into one objective (its convolutions as `conv` says); and each
+    member's generator, seeded alike."""
     objectives = []
     for i, seed in enumerate(seeds):
         torch.manual_seed(seed)  # weight initialization, as the member's own run
         objectives.append(build(i))
-    objective = GroupObjective(objectives)
+    objective = GroupObjective(objectives, conv)
     del objectives  # their weights are copied into the stacked network
     return objective, [torch.Generator(rt.device).manual_seed(seed) for seed in seeds]
 
@@ -248,7 +249,7 @@ def build_networks(exps: list[ExperimentConfig], rt: Runtime,
     objective, gens = seeded_members(
         [e.ae.train.seed for e in exps],
         lambda i: AEObjective(build_autoencoder(exps[i].ae, image_shape[0]).to(rt.device), exps[i].ae.loss,
-                              image_shape, latent_shape), rt)
+                              image_shape, latent_shape), rt, exps[0].resources.stack_conv)
     return objective, GroupTrainState(objective.stacked.ae, exps[0].ae.optim, rt, gens)
 
 

@@ -94,7 +94,7 @@ def encode_ahead(queued: Sequence[tuple[str, Future, float | None]],
     together: list[int] = []
     with torch.no_grad():
         if len(queued) > 1:  # stack copies the weights: the host copies stay as they were, for train_bases
-            encoders = stack([ae.encoder for ae, _, _ in read]).eval().to(rt.device)
+            encoders = stack([ae.encoder for ae, _, _ in read], read[0][1].resources.stack_conv).eval().to(rt.device)
             shas = [(ckpt, meta["sha256"]) for (ckpt, _, _), (_, _, meta) in zip(queued, read)]
             together = encode_together(encoders, shas, ds, data, rt.device, decode, keep=z)
             del encoders
@@ -152,7 +152,7 @@ def build_base_networks(bases: Sequence[BaseStageConfig], ae_exps: Sequence[Expe
         [b.train.seed for b in bases],
         lambda i: BaseObjective(build_base_model(bases[i], latent_shape[0]).to(rt.device),
                                 base_schedule(ae_exps[i].ae.loss, bases[i]), bases[i].loss.sigmoid_bias,
-                                latent_shape), rt)
+                                latent_shape), rt, ae_exps[0].resources.stack_conv)
     return objective, GroupTrainState(objective.stacked.net, bases[0].optim, rt, gens)
 
 
@@ -298,7 +298,7 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
     loader, why = choose_loader_for(exp0.data, need, rt.device, "latents")
     print(f"[{label}] data.loader {exp0.data.loader} -> {loader} for the {k} members' latents: {why}", flush=True)
     decode = say_decode_path(exp0, ds, rt, f"[{label}]")
-    stacked_ae = stack(list(aes)).eval().requires_grad_(False)  # the members' frozen autoencoders as one
+    stacked_ae = stack(list(aes), exp0.resources.stack_conv).eval().requires_grad_(False)  # the members' frozen autoencoders as one
     encoded: dict[int, torch.Tensor] = {}  # on the device: the latents it stored, not read back
     if ahead is not None:  # those of the right checkpoint and data, where the group holds its latents on the device
         key = (data_hash, exp0.data.train_split, exp0.data.image_size)
