@@ -175,7 +175,7 @@ class StackedTrials:
         # "math": attention as matmuls and softmax, which Inductor fuses, in place of the fused kernels SDPA picks
         # (on the GPU cuDNN's flash kernels, slow on the base model's sequences of 16 and 64 tokens?)
         self.pick = (lambda: sdpa_kernel(SDPBackend.MATH)) if attention == "math" else contextlib.nullcontext
-        self.net = stack(objectives)
+        self.net = stack(objectives, STACK_CONV[0])
         self.dims = objectives[0].dims
         if compile_mode and regions == "blocks":
             self.model, self.regions = self.net, compile_blocks(self.net, compile_mode, rt)
@@ -274,38 +274,31 @@ def nhwc_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
     return y.unflatten(1, (k, self.out_channels)).transpose(0, 1).reshape(-1, self.out_channels, *y.shape[-2:])
 
 
-def loop_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """`StackedConv2d.forward` as K ordinary convolutions, trial k's weights on its own rows (`--conv loop`): each
-    reads a contiguous slice of (K*B, C, H, W), so no transpose in or out and none of cuDNN's grouped kernels (and
-    their layout conversions, 18% of the stacked autoencoder step on an H100, session 25), at K times the kernels
-    (CUDA graphs replay them without launch costs)."""
-    import torch.nn.functional as F
-
-    xs = x.unflatten(0, (self.k, -1))  # (K, B, C, H, W), a view
-    return torch.cat([F.conv2d(xs[i], self.weight[i], None if self.bias is None else self.bias[i], self.stride,
-                               self.padding, self.dilation, self.groups) for i in range(self.k)])
-
-
 def _trials_first(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.unflatten(0, (k, -1)).transpose(0, 1).flatten(1, 2)  # (K*B, C, H, W) -> (B, K*C, H, W)
 
 
-CONVS = {"grouped": None, "unfold": unfold_conv_forward, "channels-last": channels_last_conv_forward,
-         "nhwc": nhwc_conv_forward, "loop": loop_conv_forward}
+# grouped and loop: the library's own (resources.stack_conv); the others replace StackedConv2d.forward
+CONVS = {"grouped": None, "loop": None, "unfold": unfold_conv_forward, "channels-last": channels_last_conv_forward,
+         "nhwc": nhwc_conv_forward}
+STACK_CONV = ["grouped"]  # the library's way for the stacked programs built now (`stacked_conv`)
 
 
 @contextlib.contextmanager
 def stacked_conv(kind: str):
-    """StackedConv2d's forward replaced by the `--conv` variant while the block runs (`grouped`: the library's)."""
+    """The stacked programs built while the block runs with their convolutions as the `--conv` variant: the library's
+    grouped or loop (resources.stack_conv), or StackedConv2d's forward replaced by one of the others."""
     from ulsweep.models.stacked import StackedConv2d
 
     original = StackedConv2d.forward
     if CONVS[kind] is not None:
         StackedConv2d.forward = CONVS[kind]
+    else:
+        STACK_CONV[0] = kind
     try:
         yield
     finally:
-        StackedConv2d.forward = original
+        StackedConv2d.forward, STACK_CONV[0] = original, "grouped"
 
 
 def profile_summary(prof: dict, top: int = 8) -> str:
