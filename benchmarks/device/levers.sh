@@ -6,9 +6,9 @@
 #                                           # Inception's first calls; the 2048-d FD with the reference's factor
 #                                           # kept; one member's scoring; six members 1, 2, 3 at a time
 #   bash benchmarks/device/levers.sh conv   # ~6-9 min, a call of its own: the stacked autoencoder step with its
-#                                           # convolutions grouped (the library's), one per trial (loop), im2col
-#                                           # (unfold), each with cuDNN's search and then its heuristics (the
-#                                           # second row compiles from the first's caches)
+#                                           # convolutions grouped and one per trial (loop: resources.stack_conv;
+#                                           # CONVS="grouped loop unfold" adds im2col), each with cuDNN's search
+#                                           # and then its heuristics (the second row compiles from the first's)
 set -euo pipefail
 . benchmarks/device/env_b.sh
 OUT=${OUT:?set by the device call}
@@ -26,7 +26,7 @@ case "${1:?fid|conv}" in
     ;;
   conv)
     timeout "${CONV_LIMIT:-560}" python3 benchmarks/batched_trials.py --preset small --image-size 32 --channels 1 \
-      --downsample 4 --latent-channels 8 --trials 18 --modes default --programs stacked --conv grouped loop unfold \
+      --downsample 4 --latent-channels 8 --trials 18 --modes default --programs stacked --conv ${CONVS:-grouped loop} \
       --cudnn-search on off --no-baseline --profile --seconds 6 --warmup 3 --check-steps 0 --stage ae --batch 128 \
       --out "$OUT/profile-ae-conv.json" > "$OUT/profile-ae-conv.log" 2>&1 || echo "conv rows: rc $?"
     tail -12 "$OUT/profile-ae-conv.log"
