@@ -191,6 +191,12 @@ def _read_by_the_sweep(tracer, tmp_path) -> None:
     ae = stack([build_autoencoder(stacked.ae, 1) for _ in range(2)]).eval()
     recon, _ = reconstruct_images(ae, torch.zeros(2, 1, 16, 16), stacked, seeded([0, 1], "cpu"), 2)
     assert recon.shape == (2, 2, 1, 16, 16)  # a group's sampling, as resources.stack_sampling says
+    from ulsweep.models.stacked import StackedConv2d
+    from ulsweep.train.group import build_networks
+    from ulsweep.train.runtime import make_runtime
+
+    objective, _ = build_networks([stacked, stacked], make_runtime(stacked.ae.train), (1, 16, 16))
+    assert {m.conv for m in objective.modules() if isinstance(m, StackedConv2d)} == {"grouped"}  # resources.stack_conv
 
 
 # ---------------------------------------------------------------------------------------------------------
