@@ -33,6 +33,9 @@ if sys.argv[1:] == ["-d"]:
     sys.exit(0)
 cmd = sys.stdin.read().strip()
 record(cmd)
+if cmd == "quit" and os.environ.get("FAKE_MPS_QUIT_S"):  # a client still running: the real quit blocks till it ends
+    import time
+    time.sleep(float(os.environ["FAKE_MPS_QUIT_S"]))
 if cmd == "quit" and os.path.exists(control):
     os.remove(control)
 sys.exit(0 if os.path.exists(control) else 1)
@@ -76,9 +79,26 @@ def test_auto_starts_a_daemon_for_the_run_tells_its_pipe_and_stops_it(daemon_bin
     # a UNIX socket path must stay short: the temp folder plus a few dozen characters, whatever the run dir
     assert len(os.path.relpath(os.path.join(pipe, "control"), str(tmp_path / "tmp"))) < 40
     assert f"pipe {pipe}" in capsys.readouterr().out
-    d.stop()
+    d.stop(wait_s=60)  # the run waits STOP_WAIT_S; here the quit is waited for to its end (a loaded box)
     assert _calls(daemon_bin) == ["start", "quit"]
     assert not os.path.exists(os.path.join(pipe, "control"))
+
+
+def test_stop_sends_the_quit_and_leaves_a_slow_one_to_finish_beside(daemon_bin, tmp_path, monkeypatch):
+    """The real quit blocks until the daemon's last client has exited (the trials' processes, seconds after Ray's
+    shutdown): `stop` waits STOP_WAIT_S for it, then returns with the quit delivered and still running."""
+    import time
+
+    d = _start("auto", tmp_path / "run")
+    pipe, _ = mps.folders_for(str(tmp_path / "run"))
+    monkeypatch.setenv("FAKE_MPS_QUIT_S", "20")
+    monkeypatch.setattr(mps, "STOP_WAIT_S", 0.1)
+    d.stop()
+    assert os.path.exists(os.path.join(pipe, "control"))  # the quit has not finished: it goes on beside
+    deadline = time.time() + 120  # a guard against a hang, not a speed limit
+    while _calls(daemon_bin) != ["start", "quit"]:
+        assert time.time() < deadline, _calls(daemon_bin)
+        time.sleep(0.1)
 
 
 def test_each_run_directory_has_its_own_daemon_folders(tmp_path):

@@ -20,7 +20,7 @@ temp folder, keyed by the run directory; a socket path must stay short), which t
 Ray's runtime environment. Before the sweep relies on it, a probe process allocates a tensor on the GPU through
 it; if that fails the daemon is stopped (`on`: error with the probe's output; `auto`: a note, and no MPS). A daemon
 left running by a killed run of the same run directory answers on its pipe and is taken over. The run stops the
-daemon at its end (`quit`; the server exits once its last client has).
+daemon at its end (`quit`; the server exits once its last client has, which the run does not wait for).
 
 On a cluster (`--address`) ulsweep cannot start daemons on other nodes: start one on every GPU node with the node
 (the cluster configs' start commands) and leave `resources.mps: off`; trials then use it without further setting.
@@ -42,6 +42,7 @@ CONTROL = "nvidia-cuda-mps-control"
 DEFAULT_PIPE = "/tmp/nvidia-mps"  # where CUDA clients look without CUDA_MPS_PIPE_DIRECTORY
 START_S = 10.0  # how long the daemon may take to open its control pipe
 PROBE_S = 120.0  # the probe's CUDA start-up (a first context on a busy node can take tens of seconds)
+STOP_WAIT_S = 2.0  # how long `stop` waits for the daemon's quit before leaving it to finish on its own
 # the probe, first written against the CUDA driver's library (ctypes: a context, a memset on the device read back;
 # no torch to import, which took seconds of the sweep's start before Ray's), then, only if that one failed, with torch
 PROBE_LIBCUDA = (
@@ -80,11 +81,19 @@ class MpsDaemon:
     def env(self) -> dict[str, str]:
         return {"CUDA_MPS_PIPE_DIRECTORY": self.pipe_dir, "CUDA_MPS_LOG_DIRECTORY": self.log_dir}
 
-    def stop(self) -> None:
-        """Ask the daemon to quit (it shuts its server down once the last client has exited); never raises."""
+    def stop(self, wait_s: float | None = None) -> None:
+        """Ask the daemon to quit; never raises. It takes no new clients then and exits once its last one has: the
+        trials' processes, which Ray's shutdown ends but which took more than 10 s to go after it in session 36
+        (one H100; the quit, synchronous, ran into its 10-s timeout at the end of every GPU sweep). So the control
+        program that sends the quit runs in a session of its own, waited for `wait_s` (STOP_WAIT_S), then left to
+        finish beside: the driver need not outlive the last client."""
         try:
-            subprocess.run([CONTROL], input="quit\n", text=True, env={**os.environ, **self.env},
-                           capture_output=True, timeout=10)
+            p = subprocess.Popen([CONTROL], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, text=True, env={**os.environ, **self.env},
+                                 start_new_session=True)
+            p.stdin.write("quit\n")
+            p.stdin.close()
+            p.wait(timeout=STOP_WAIT_S if wait_s is None else wait_s)
         except (OSError, subprocess.SubprocessError):
             pass
 
@@ -182,13 +191,13 @@ def start_for_run(setting: str, run_dir: str, *, address: str | None, ray_runnin
         t0 = time.monotonic()
         while not os.path.exists(os.path.join(pipe, "control")):
             if time.monotonic() - t0 > START_S:
-                daemon.stop()
+                daemon.stop(wait_s=START_S)  # no client: its quit is quick, and done before the run goes on
                 return _refuse(setting, f"the daemon opened no control pipe in {pipe} within {START_S:.0f} s "
                                         f"(its log: {log})", out)
             time.sleep(0.1)
     ok, said = probe(daemon)
     if not ok:
-        daemon.stop()
+        daemon.stop(wait_s=START_S)
         return _refuse(setting, f"a CUDA process failed under the daemon (its log: {log}): {said}", out)
     print(f"mps: trials share the GPU through an MPS daemon (pipe {pipe}, log {log})", file=out, flush=True)
     return daemon
