@@ -950,3 +950,32 @@ def test_member_fd_rows_split_a_members_scoring_into_features_and_the_rest(monke
     for r in rows[2:]:  # the members n at a time, against one at a time (the first row)
         assert r["seconds"] == r["runs"][0] > 0 and r["per_member_s"] == pytest.approx(r["seconds"] / 3)
         assert r["ratio_to_one_at_a_time"] == pytest.approx(r["seconds"] / rows[2]["seconds"])
+
+
+def test_pick_conv_takes_the_fastest_variant_only_when_it_clearly_beats_the_sweeps_own(tmp_path):
+    """benchmarks/device/pick_conv.py: the `--set`s for the sweep after `levers.sh conv`, from its rows."""
+    sys.path.insert(0, str(BENCH / "device"))
+    import pick_conv
+
+    def row(conv, search, ips=None, error=None):
+        return {"conv": conv, "cudnn_search": search, "images_per_s": ips} | ({"error": error} if error else {})
+
+    rows = [row("grouped", "on", 1000.0), row("grouped", "off", 1010.0), row("loop", "on", 1200.0),
+            row("loop", "off", 1150.0)]
+    assert pick_conv.pick(rows)[0] == ["--set", "resources.stack_conv=loop"]
+    rows[3]["images_per_s"] = 1300.0  # both levers at once
+    assert pick_conv.pick(rows)[0] == ["--set", "resources.stack_conv=loop", "--set", "ae.train.cudnn_benchmark=false"]
+    close = [row("grouped", "on", 1000.0), row("loop", "on", 1020.0)]  # under MIN_GAIN: noise, not a lever
+    assert pick_conv.pick(close)[0] == []
+    failed = [row("grouped", "on", 1000.0), row("loop", "on", error="OutOfMemoryError: ...")]
+    assert pick_conv.pick(failed)[0] == []
+    args, why = pick_conv.pick([row("loop", "on", 1500.0)])  # nothing to compare with: the sweep keeps its own
+    assert args == [] and "no row of the sweep's own setting" in why
+    f = tmp_path / "rows.json"
+    f.write_text(json.dumps({"env": {}, "rows": rows}))
+    out = subprocess.run([sys.executable, str(BENCH / "device" / "pick_conv.py"), str(f)], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.split() == ["--set", "resources.stack_conv=loop", "--set", "ae.train.cudnn_benchmark=false"]
+    missing = subprocess.run([sys.executable, str(BENCH / "device" / "pick_conv.py"), str(tmp_path / "no.json")],
+                             capture_output=True, text=True, check=True)
+    assert missing.stdout.strip() == "" and "no rows" in missing.stderr

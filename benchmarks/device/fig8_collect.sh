@@ -5,6 +5,14 @@ set -euo pipefail
 . benchmarks/device/env_b.sh
 EXP=$(cat /tmp/fig8/exp 2>/dev/null || echo lf_sweep)
 DASH=${FIG8_DASH:-$([ "$EXP" = lf_sweep ] && echo fig8-fmnist || echo "${EXP//_/-}-fmnist")}  # base_size -> base-size-fmnist
+# first what the analysis needs, in a file of its own, should the call's limit or the session's device time end the
+# call during the report: the store, summary.json, the logs and the trials' result files
+R=/tmp/fig8/runs/$EXP
+mkdir -p /tmp/fig8/quick && cp $R/mlflow.db $R/summary.json /tmp/fig8/sweep.log /tmp/fig8/gpus.txt /tmp/fig8/gpu_util.csv \
+  /tmp/fig8/t_* /tmp/fig8/rc /tmp/fig8/quick/ 2>/dev/null || true
+( cd $R && find . -name result.json -o -name config.yaml -o -name timings.jsonl -o -name actor.log | grep -v step_ \
+  | tar cf /tmp/fig8/quick/trials.tar -T - ) || true
+tar czf "$OUT/quick.tgz" -C /tmp/fig8/quick .
 cd /tmp/fig8/src
 python3 -m ulsweep.cli report /tmp/fig8/runs/$EXP --out dashboards/$DASH > /tmp/fig8/report.log 2>&1 \
   || { echo "report failed:"; tail -20 /tmp/fig8/report.log; }

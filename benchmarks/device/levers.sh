@@ -9,10 +9,14 @@
 #                                           # convolutions grouped and one per trial (loop: resources.stack_conv;
 #                                           # CONVS="grouped loop unfold" adds im2col), each with cuDNN's search
 #                                           # and then its heuristics (the second row compiles from the first's)
+#   ULSWEEP_COMMIT=<sha> bash benchmarks/device/levers.sh conv-sweep [--set k=v ...]
+#                                           # conv (CONV_LIMIT default 420), then the full sweep detached
+#                                           # (fid.sh sweep) with the fastest variant's --set (pick_conv.py: only
+#                                           # if >= 3% faster than the sweep's own setting), in one call
 set -euo pipefail
 . benchmarks/device/env_b.sh
 OUT=${OUT:?set by the device call}
-case "${1:?fid|conv}" in
+case "${1:?fid|conv|conv-sweep}" in
   fid)
     [ -f /tmp/stage/default_1.pt ] || cat /tmp/stage/inc/incpart.* > /tmp/stage/default_1.pt
     python3 benchmarks/metrics.py --devices cuda --skip domain inception --inception-batch 256 \
@@ -30,5 +34,12 @@ case "${1:?fid|conv}" in
       --cudnn-search on off --no-baseline --profile --seconds 6 --warmup 3 --check-steps 0 --stage ae --batch 128 \
       --out "$OUT/profile-ae-conv.json" > "$OUT/profile-ae-conv.log" 2>&1 || echo "conv rows: rc $?"
     tail -12 "$OUT/profile-ae-conv.log"
+    ;;
+  conv-sweep)
+    CONV_LIMIT=${CONV_LIMIT:-420} bash "$0" conv
+    picked=$(python3 benchmarks/device/pick_conv.py "$OUT/profile-ae-conv.json" 2> "$OUT/pick-conv.log")
+    cat "$OUT/pick-conv.log"; echo "$picked" > "$OUT/sweep-sets.txt"
+    # shellcheck disable=SC2086 # the picked --set words, split on purpose
+    bash benchmarks/device/fid.sh sweep $picked "${@:2}"
     ;;
 esac
