@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ulsweep.config import experiment_from_dict
-from ulsweep.train.checkpoint import load_checkpoint
+from ulsweep.train.checkpoint import load_checkpoint, read_meta
 from ulsweep.train.group import GroupHooks, check_members, train_autoencoders
 from ulsweep.train.stage1 import stage1_hash, train_autoencoder
 from ulsweep.train.runtime import make_runtime
@@ -52,11 +52,33 @@ def alone(tmp_path_factory, digits_cache):
     return out
 
 
+class Handed(Recorder):
+    """A member's hooks that also note, in a list the members share, when its checkpoint and its result came."""
+
+    def __init__(self, events: list, i: int):
+        super().__init__()
+        self.events, self.i = events, i
+
+    def checkpoint_ready(self, path):
+        self.events.append(("checkpoint", self.i, path, read_meta(path)["metrics"]))
+
+    def finished(self, result):
+        self.events.append(("result", self.i, result.checkpoint, result.metrics))
+
+
 def test_a_group_trains_each_member_as_its_own_run(tmp_path, alone, one_thread):
     exps = [member_exp(*m) for m in MEMBERS]
     dirs = [str(tmp_path / f"m{i}") for i in range(len(exps))]
-    recs = [Recorder() for _ in exps]
+    events: list = []
+    recs = [Handed(events, i) for i in range(len(exps))]
     results = train_autoencoders(exps, dirs, str(tmp_path / "group"), GroupHooks(recs))
+    # each member's final checkpoint handed on before its result (written beside the evaluation, its metrics not
+    # yet in it), the same checkpoint, which has them once the member is done
+    for i, res in enumerate(results):
+        (ready,) = [e for e in events if e[:2] == ("checkpoint", i)]
+        (done,) = [e for e in events if e[:2] == ("result", i)]
+        assert events.index(ready) < events.index(done) and ready[2] == done[2] == res.checkpoint
+        assert ready[3] == {} and read_meta(res.checkpoint)["metrics"] == res.metrics and res.metrics
     for i, ((res_alone, rec_alone), res, rec, d) in enumerate(zip(alone, results, recs, dirs)):
         mine, theirs = load_checkpoint(res.checkpoint), load_checkpoint(res_alone.checkpoint)
         for part in ("model", "ema"):  # up to rounding, which AdamW's normalized step magnifies where a gradient

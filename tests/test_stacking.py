@@ -243,7 +243,9 @@ def test_an_autoencoder_group_hands_its_members_results_over_together_when_their
         together, tmp_path, digits_cache, one_thread, monkeypatch):
     """`together` (an autoencoder group whose members' base trials form a base group, which waits for its last member
     anyway): no member's trial gets its result before the last member's files are written; without it, the first
-    member's trial gets its own while the second's are still being written (slowed down here)."""
+    member's trial gets its own while the second's are still being written (slowed down here). Either way each
+    member's checkpoint is passed on to its base group once, as soon as it is written, before its evaluation's
+    files."""
     from ulsweep.train import group as group_mod
 
     keys, exps = ["ae-0000", "ae-0001"], [member_exp(*m) for m in MEMBERS[:2]]
@@ -258,7 +260,7 @@ def test_an_autoencoder_group_hands_its_members_results_over_together_when_their
         return out
 
     monkeypatch.setattr(group_mod, "write_member", slow_second)
-    passed = []  # (member, its checkpoint) passed on to its base group, as soon as its files are written
+    passed = []  # (member, its checkpoint) passed on to its base group, as soon as its checkpoint is written
 
     def pass_on(key, ckpt):
         passed.append((key, ckpt, time.time()))
@@ -281,7 +283,7 @@ def test_an_autoencoder_group_hands_its_members_results_over_together_when_their
     assert (returned["ae-0000"] >= written[1]) is together, (returned, written)
     assert sorted((k, c) for k, c, _ in passed) == sorted((k, r.checkpoint) for k, r in results.items())
     first = next(t for k, _, t in passed if k == "ae-0000")
-    assert first < written[1]  # passed on while the other member's files were still being written
+    assert first < written[0]  # passed on before its own evaluation's files (its metrics, images, result.json)
 
 
 def test_a_base_group_reads_each_members_checkpoint_as_it_joins(monkeypatch):

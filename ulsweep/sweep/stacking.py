@@ -18,8 +18,8 @@ train (ulsweep.train.group_base.prepare_bases), in the thread that trains them. 
 joined, or `stack_wait_s` after its first member joined with those that have (a member finished before, in a resumed
 sweep, never joins; a base trial whose autoencoder failed never comes); a base group reads each member's autoencoder
 checkpoint, and encodes its latents (ulsweep.train.group_base.encode_ahead, in ENCODERS threads: those queued while all
-are busy together), when the member's autoencoder group passes it on (`ReadAhead`, as soon as the member's files are
-written), or else reads it as the member joins, while it waits for the others. A member that comes after its group
+are busy together), when the member's autoencoder group passes it on (`ReadAhead`, as soon as the member's final
+checkpoint is written, which the group does beside its members' final evaluation), or else reads it as the member joins, while it waits for the others. A member that comes after its group
 started trains alone. A member whose loss turns non-finite fails as it would alone (TrainingDiverged, not retried) and
 the others train on; any other failure of the group's training is every member's failure, and their retries train alone.
 An actor that dies is restarted (up to `resources.max_worker_failures` times): its members' trials fail with it, and
@@ -146,7 +146,7 @@ class GroupTrainer:
         # autoencoder group whose members' base trials form a group: that group waits for its last member anyway,
         # and its members would wait the longer the earlier they came), rather than each as soon as it is done
         self.together = together
-        # an autoencoder group's: told (member key, its final checkpoint) as each member's files are written, so that
+        # an autoencoder group's: told (member key, its final checkpoint) as each member's checkpoint is written, so that
         # the base group its base trials will join reads the checkpoint before they start (`ReadAhead`)
         self.pass_on = pass_on
         self.finished: dict[str, tuple[str, Any]] = {}  # key -> its result, not handed over yet
@@ -523,6 +523,7 @@ class _Relay(TrainHooks):
 
     def __init__(self, group: GroupTrainer, key: str):
         self.group, self.key = group, key
+        self.passed_on: str | None = None  # the checkpoint passed on to the base group (`checkpoint_ready`)
 
     def _put(self, event: tuple) -> int:
         with self.group.cv:
@@ -550,9 +551,26 @@ class _Relay(TrainHooks):
             self.group.outcome.setdefault(self.key, ("error", error))
             self.group.cv.notify_all()
 
+    def checkpoint_ready(self, path: str) -> None:
+        """The member's final checkpoint is written, its evaluation still to come: passed on to the base group its
+        base trial will join (`pass_on`), which reads it and encodes its latents meanwhile."""
+        self._pass_on(path)
+
+    def _pass_on(self, path: str) -> None:
+        g = self.group
+        if g.pass_on is None or self.passed_on == path:
+            return
+        self.passed_on = path
+        try:
+            g.pass_on(self.key, path)
+        except Exception as e:  # noqa: BLE001 - the base group then reads it when the base trial joins
+            print(f"[{self.key}] could not pass its checkpoint on to its base group ({type(e).__name__}: {e})",
+                  flush=True)
+
     def finished(self, result: StageResult) -> None:
         """The member's final evaluation as its own loop logs it (eval_<metric>), then its result: at once, or
-        with `together` once no other member's evaluation is still to come."""
+        with `together` once no other member's evaluation is still to come; its checkpoint passed on, where it
+        was not before its evaluation (`checkpoint_ready`)."""
         self.log_metrics(result.steps, {f"eval_{k}": v for k, v in result.metrics.items()})
         g = self.group
         with g.cv:
@@ -560,12 +578,7 @@ class _Relay(TrainHooks):
             if not g.together or all(k in g.finished or k in g.outcome for k in g.members):
                 g.hand_over_finished()
             g.cv.notify_all()
-        if g.pass_on is not None:
-            try:
-                g.pass_on(self.key, result.checkpoint)
-            except Exception as e:  # noqa: BLE001 - the base group then reads it when the base trial joins
-                print(f"[{self.key}] could not pass its checkpoint on to its base group ({type(e).__name__}: {e})",
-                      flush=True)
+        self._pass_on(result.checkpoint)
 
 
 def relay(group, key: str, hooks: TrainHooks, call=lambda method, *args: method(*args)) -> StageResult:

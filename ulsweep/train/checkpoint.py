@@ -61,6 +61,13 @@ def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], meta: dict[s
     return d
 
 
+def update_meta(path: str, **fields: Any) -> None:
+    """The manifest of checkpoint `path` with `fields` set (atomically; its state and SHA-256 as they are): a
+    group's member checkpoint is written before its final evaluation and gets its metrics after it."""
+    meta = read_meta(path)
+    uio.atomic_write_text(uio.join(path, "meta.json"), json.dumps(meta | fields, indent=1, sort_keys=True))
+
+
 def to_host(state: Any) -> Any:
     """A copy of `state` in host memory that shares no storage with it: training updates the weights, the EMA and
     the optimizer's moments in place (and the learning rate in its param groups) while a copy is being written."""

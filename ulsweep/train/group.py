@@ -24,11 +24,12 @@ rows reach another's, so its NaNs stay in its own rows, which the group computes
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ from ulsweep.diffusion import MemberGenerators
 from ulsweep.models.stacked import clip_trials, stack
 from ulsweep.train.build import build_autoencoder
 from ulsweep.train.build import latent_shape as latent_shape_of
-from ulsweep.train.checkpoint import finished_result, save_checkpoint, write_images, write_result
+from ulsweep.train.checkpoint import finished_result, save_checkpoint, update_meta, write_images, write_result
 from ulsweep.train.evaluation import PartTimer, load_eval_extractor, pop_seconds
 from ulsweep.train.hooks import StageResult, TrainHooks, TrainingDiverged
 from ulsweep.train.identity import MEMBER_KEYS, shared_settings  # what members may differ in, and must share
@@ -166,6 +167,13 @@ class GroupHooks(TrainHooks):
                                                 f"others train on)", checkpoint=error.checkpoint)
                 getattr(self.members[k], "failed", lambda e: None)(self.gone[k])
         return len(self.gone) < len(self.members)
+
+    def member_checkpoint(self, k: int, path: str) -> None:
+        """Member k's final checkpoint is written, its evaluation still to come (`checkpoints_first`): its hooks'
+        `checkpoint_ready` gets the path, where they have one (a sweep's trial passes it on to the base group its
+        base trial will join, ulsweep/sweep/stacking.py)."""
+        if k not in self.gone:
+            getattr(self.members[k], "checkpoint_ready", lambda path: None)(path)
 
     def member_finished(self, k: int, result: StageResult) -> None:
         """Member k is evaluated and its files written (before the others' evaluations): its hooks' `finished`
@@ -337,16 +345,27 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
             return evaluate_aes(ema_stacked, x_eval, exps, False, skip=skip)
         return final_evaluations(ema_stacked, ts.net, x_eval, exps, extractor, data_hash, ts.step, timer, skip=skip)
 
+    written: dict[int, Future] = {}  # member -> its final checkpoint's path, written beside the evaluation
+
+    def first(gone: Collection[int]):
+        """Every healthy member's final checkpoint written while the members are evaluated, each passed on as
+        soon as it is (`GroupHooks.member_checkpoint`): the base group reads it and encodes its latents during
+        the evaluation rather than after (session 36, one H100: the base members, joined, waited 6.1 s for the
+        last members' latents, passed on as their evaluations ended). Its metrics join its manifest after."""
+        return checkpoints_first([i for i in range(k) if i not in gone], written, hooks, lambda i: save_member(
+            i, run_dirs[i], ts, KIND, stage1_hash(exps[i]), {"config": to_dict(exps[i])}, meta))
+
     def write(i: int, m: dict, images: dict, done: dict) -> StageResult:
         out = write_member(i, run_dirs[i], ts, m, images, KIND, stage1_hash(exps[i]), {"config": to_dict(exps[i])},
-                           meta, done, group_dir)
+                           meta, done, group_dir, written[i].result() if i in written else None)
         say_done(exps[i], m, out.checkpoint, f" (member {i} of a group of {k})")
         return out
 
     spec = RunSpec(group_dir, "ae-group", f"ae group of {k}", group_hash(exps),
                    dump_yaml({"members": [e.name for e in exps], "run_dirs": run_dirs}),
                    {"configs": [to_dict(e) for e in exps]}, meta | {"members": k})
-    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0, setup, before)
+    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0, setup, before,
+                       first)
 
 
 def one_process(rt, group_dir: str):
@@ -359,7 +378,8 @@ def one_process(rt, group_dir: str):
 
 def train_group(objective: GroupObjective, source: GroupSource, members, write, ts: GroupTrainState, tc,
                 spec: RunSpec, hooks: TrainHooks, exp: ExperimentConfig,
-                setup: PartTimer | None = None, marks: dict | None = None) -> list[StageResult | None]:
+                setup: PartTimer | None = None, marks: dict | None = None,
+                first: Callable | None = None) -> list[StageResult | None]:
     """A group's run of the one training loop, and the members' results (None for one that diverged; a group
     stopped early on request gives each member the group's state, which its checkpoint holds).
 
@@ -368,7 +388,9 @@ def train_group(objective: GroupObjective, source: GroupSource, members, write, 
     or `ulsweep.train.stage2.evaluate_bases`. A final evaluation loads `exp`'s extractor and hands each member's
     over (`hand_over`: `write(i, metrics, images, marks)` writes its files and returns its result), as soon as
     its own parts are done, so that its next trials need not wait for the others'. `setup` timed the parts of the
-    group's setup (`setup_<part>_s` in every member's marks); `marks`: more of the members' marks, from before."""
+    group's setup (`setup_<part>_s` in every member's marks); `marks`: more of the members' marks, from before.
+    `first(gone)`: a context the final evaluation runs in, which writes the members' checkpoints beside it
+    (`checkpoints_first`)."""
     k = ts.k
     # the loop's phase marks, every member's timeline; first the setup's parts
     marks = dict(marks or {}) | (pop_seconds(dict(setup.seconds), "setup") if setup else {})
@@ -380,9 +402,10 @@ def train_group(objective: GroupObjective, source: GroupSource, members, write, 
             each = iter(m for m, _, _ in members(ema_stacked, False, None, None, gone))
             return per_member([{} if i in gone else next(each) for i in range(k)]), {}
         timer = PartTimer(ts.rt.device)
-        with timer("extractor"):
-            extractor = load_eval_extractor(exp, ts.rt.device)
-        metrics = hand_over(members(ema_stacked, True, extractor, timer, gone), hooks, results, marks, write)
+        with first(gone) if first else contextlib.nullcontext():
+            with timer("extractor"):
+                extractor = load_eval_extractor(exp, ts.rt.device)
+            metrics = hand_over(members(ema_stacked, True, extractor, timer, gone), hooks, results, marks, write)
         metrics.update(timer.seconds)  # the parts' seconds over all members
         return metrics, {}
 
@@ -398,16 +421,49 @@ def per_member(each: list[dict]) -> dict[str, list[float]]:
     return {key: [m.get(key, math.nan) for m in each] for key in keys}
 
 
-def write_member(i: int, run_dir: str, ts: GroupTrainState, metrics: dict, images: dict, kind: str, cfg_hash: str,
-                 state_extra: dict, meta: dict, marks: dict, group_dir: str) -> StageResult:
-    """Member i's final checkpoint (its rows of the stacked state, with `state_extra` and `meta` as its run alone
-    saves them), images and result.json in its own run directory, after its final evaluation (`metrics`,
-    `images`; the loop's `marks` so far)."""
+def save_member(i: int, run_dir: str, ts: GroupTrainState, kind: str, cfg_hash: str, state_extra: dict, meta: dict,
+                metrics: dict | None = None) -> str:
+    """Member i's final checkpoint in its own run directory: its rows of the stacked state, with `state_extra` and
+    `meta` as its run alone saves them (and its `metrics`, where they are known); returns its path."""
     state = {"model": _row(ts.net.state_dict(), i), "ema": _row(ts.ema.state_dict(), i),
              "optimizer": _optimizer_row(ts.opt.state_dict(), i), "rng": rng_state(ts.gen.gens[i]), **state_extra}
-    path = save_checkpoint(run_dir, ts.step, state, {**meta, "kind": kind, "config_hash": cfg_hash,
-                                                     "step": ts.step, "train_seconds": ts.train_seconds,
-                                                     "metrics": metrics})
+    return save_checkpoint(run_dir, ts.step, state, {**meta, "kind": kind, "config_hash": cfg_hash, "step": ts.step,
+                                                     "train_seconds": ts.train_seconds, "metrics": metrics or {}})
+
+
+def checkpoints_first(alive: Sequence[int], written: dict[int, Future], hooks, save: Callable[[int], str]):
+    """A context for a group's final evaluation: `save(i)` of each member in `alive` in threads of their own
+    (MEMBER_WRITERS at once) beside it, its future in `written`, each path handed to `hooks.member_checkpoint` as
+    soon as it is written; the context waits for every write at its end (a write's error is raised by its
+    member's `written[i].result()`)."""
+    pool = ThreadPoolExecutor(MEMBER_WRITERS, thread_name_prefix="ulsweep-member-checkpoints")
+
+    def saved(i: int) -> str:
+        path = save(i)
+        getattr(hooks, "member_checkpoint", lambda i, path: None)(i, path)
+        return path
+
+    written.update({i: pool.submit(saved, i) for i in alive})
+
+    @contextlib.contextmanager
+    def running():
+        try:
+            yield
+        finally:
+            pool.shutdown(wait=True)
+
+    return running()
+
+
+def write_member(i: int, run_dir: str, ts: GroupTrainState, metrics: dict, images: dict, kind: str, cfg_hash: str,
+                 state_extra: dict, meta: dict, marks: dict, group_dir: str, path: str | None = None) -> StageResult:
+    """Member i's final checkpoint (`save_member`; or, `path`, the one written before its evaluation, which gets
+    its metrics in its manifest), images and result.json in its own run directory, after its final evaluation
+    (`metrics`, `images`; the loop's `marks` so far)."""
+    if path is None:
+        path = save_member(i, run_dir, ts, kind, cfg_hash, state_extra, meta, metrics)
+    else:
+        update_meta(path, metrics=metrics)
     extra = {"marks": dict(marks), "images": write_images(run_dir, images),
              "group": {"dir": group_dir, "member": i, "members": ts.k}, "device_memory": device_memory()}
     out = StageResult(metrics, path, ts.step, ts.train_seconds, extra)
