@@ -20,7 +20,8 @@ SETS = {"conv": {"grouped": [], "loop": ["--set", "resources.stack_conv=loop"]},
 def pick(rows: list[dict]) -> tuple[list[str], str]:
     """(the arguments, why) from batched_trials.py's rows."""
     timed = {(r.get("conv"), r.get("cudnn_search")): r["images_per_s"] for r in rows
-             if r.get("images_per_s") and r.get("conv") in SETS["conv"] and r.get("cudnn_search") in SETS["cudnn_search"]}
+             if r.get("images_per_s") and r.get("conv") in SETS["conv"]
+             and r.get("cudnn_search") in SETS["cudnn_search"]}
     if OWN not in timed:
         return [], f"no row of the sweep's own setting {OWN} among {sorted(timed)}: keeping it"
     best = max(timed, key=timed.get)

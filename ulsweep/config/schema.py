@@ -370,7 +370,8 @@ class ResourcesConfig:
                  "needs trials that train in one process (resources.num_workers 0 or 1), not DDP")
         _require(self.stack_wait_s > 0, "stack_wait_s", self.stack_wait_s, "must be > 0 seconds")
         if self.stack_trials == 1:
-            _inert(self, ("stack_wait_s", "stack_sampling", "stack_conv"), "", "with resources.stack_trials: 1 (no group)")
+            _inert(self, ("stack_wait_s", "stack_sampling", "stack_conv"), "",
+                   "with resources.stack_trials: 1 (no group)")
         _require(self.cuda_wait == "auto" or self.gpus_per_worker > 0, "cuda_wait", self.cuda_wait,
                  "has no effect without GPUs (resources.gpus_per_worker: 0); use auto")
         _require(self.mps != "on" or 0 < self.gpus_per_worker < 1, "mps", self.mps,

@@ -200,10 +200,12 @@ def _runtime(exp: ExperimentConfig, tc):
     return make_runtime(tc)
 
 
-def _train_briefly(objectives: list, net, source, optim, tc, rt, kind: str, label: str = "", conv: str = "grouped"):
+def _train_briefly(objectives: list, net, source, optim, tc, rt, kind: str, label: str = "",
+                   conv: str = "grouped"):
     """`tc.steps` steps of one trial's objective, or of several as a group's stacked program
-    (ulsweep/train/group.py; its convolutions as `conv`, resources.stack_conv, says), on batches of `source` through the library's loop in a scratch directory it
-    deletes; `net(objective)` is the network an objective trains. Returns the TrainState, how its first
+    (ulsweep/train/group.py; its convolutions as `conv`, resources.stack_conv, says), on batches of `source`
+    through the library's loop in a scratch directory it deletes; `net(objective)` is the network an objective
+    trains. Returns the TrainState, how its first
     compiled step got through the compile gate, and the loop's marks (`t_setup_end`, `t_first_step_end`, ...)."""
     import torch
 

@@ -19,8 +19,8 @@ joined, or `stack_wait_s` after its first member joined with those that have (a 
 sweep, never joins; a base trial whose autoencoder failed never comes); a base group reads each member's autoencoder
 checkpoint, and encodes its latents (ulsweep.train.group_base.encode_ahead, in ENCODERS threads: those queued while all
 are busy together), when the member's autoencoder group passes it on (`ReadAhead`, as soon as the member's final
-checkpoint is written, which the group does beside its members' final evaluation), or else reads it as the member joins, while it waits for the others. A member that comes after its group
-started trains alone. A member whose loss turns non-finite fails as it would alone (TrainingDiverged, not retried) and
+checkpoint is written, which the group does beside its members' final evaluation), or else reads it as the member
+joins, while it waits for the others. A member that comes after its group started trains alone. A member whose loss turns non-finite fails as it would alone (TrainingDiverged, not retried) and
 the others train on; any other failure of the group's training is every member's failure, and their retries train alone.
 An actor that dies is restarted (up to `resources.max_worker_failures` times): its members' trials fail with it, and
 their retries form the group again, which resumes from its checkpoint when they are the same members (without a member
@@ -146,8 +146,8 @@ class GroupTrainer:
         # autoencoder group whose members' base trials form a group: that group waits for its last member anyway,
         # and its members would wait the longer the earlier they came), rather than each as soon as it is done
         self.together = together
-        # an autoencoder group's: told (member key, its final checkpoint) as each member's checkpoint is written, so that
-        # the base group its base trials will join reads the checkpoint before they start (`ReadAhead`)
+        # an autoencoder group's: told (member key, its final checkpoint) as each member's checkpoint is written, so
+        # that the base group its base trials will join reads the checkpoint before they start (`ReadAhead`)
         self.pass_on = pass_on
         self.finished: dict[str, tuple[str, Any]] = {}  # key -> its result, not handed over yet
         self.cv = threading.Condition()

@@ -94,7 +94,8 @@ def encode_ahead(queued: Sequence[tuple[str, Future, float | None]],
     together: list[int] = []
     with torch.no_grad():
         if len(queued) > 1:  # stack copies the weights: the host copies stay as they were, for train_bases
-            encoders = stack([ae.encoder for ae, _, _ in read], read[0][1].resources.stack_conv).eval().to(rt.device)
+            encoders = stack([ae.encoder for ae, _, _ in read],
+                             read[0][1].resources.stack_conv).eval().to(rt.device)
             shas = [(ckpt, meta["sha256"]) for (ckpt, _, _), (_, _, meta) in zip(queued, read)]
             together = encode_together(encoders, shas, ds, data, rt.device, decode, keep=z)
             del encoders
