@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Session 36's measurements before its sweep (issue 23), after `stage.sh put` has unpacked the stack; each part
+# Measurements before a sweep (issue 23; planned in session 35, not yet run), after `stage.sh put` has unpacked the stack; each part
 # writes its JSON and log under $OUT, so a part cut off by the call's limit keeps what the others measured.
 #   bash benchmarks/device/levers.sh fid    # ~4 min: Inception TF32, cuDNN's heuristics against its search,
 #                                           # channels_last, at the evaluation's batch (256) and at 1,024; a fresh
 #                                           # Inception's first calls; the 2048-d FD with the reference's factor
 #                                           # kept; one member's scoring; six members 1, 2, 3 at a time
-#   bash benchmarks/device/levers.sh conv   # ~6-9 min, a call of its own: the stacked autoencoder step with its
+#   bash benchmarks/device/levers.sh conv   # ~6-9 min, a call of its own: the stacked autoencoder step (CUDA
+#                                           # graphs, lf_sweep's train.compile: loop's K kernels a convolution
+#                                           # replay without launch costs there, not in the default mode) with its
 #                                           # convolutions grouped and one per trial (loop: resources.stack_conv;
 #                                           # CONVS="grouped loop unfold" adds im2col), each with cuDNN's search
 #                                           # and then its heuristics (the second row compiles from the first's)
@@ -30,7 +32,7 @@ case "${1:?fid|conv|conv-sweep}" in
     ;;
   conv)
     timeout "${CONV_LIMIT:-560}" python3 benchmarks/batched_trials.py --preset small --image-size 32 --channels 1 \
-      --downsample 4 --latent-channels 8 --trials 18 --modes default --programs stacked --conv ${CONVS:-grouped loop} \
+      --downsample 4 --latent-channels 8 --trials 18 --modes reduce-overhead --programs stacked --conv ${CONVS:-grouped loop} \
       --cudnn-search on off --no-baseline --profile --seconds 6 --warmup 3 --check-steps 0 --stage ae --batch 128 \
       --out "$OUT/profile-ae-conv.json" > "$OUT/profile-ae-conv.log" 2>&1 || echo "conv rows: rc $?"
     tail -12 "$OUT/profile-ae-conv.log"
