@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Measurements before a sweep (issue 23; planned in session 35, not yet run), after `stage.sh put` has unpacked the stack; each part
-# writes its JSON and log under $OUT, so a part cut off by the call's limit keeps what the others measured.
+# Measurements before a sweep (issue 23; planned in session 35, not yet run), after `stage.sh put` has unpacked
+# the stack; each part writes its JSON and log under $OUT, so a part cut off by the call's limit keeps what the
+# others measured.
 #   bash benchmarks/device/levers.sh fid    # ~4 min: Inception TF32, cuDNN's heuristics against its search,
 #                                           # channels_last, at the evaluation's batch (256) and at 1,024; a fresh
 #                                           # Inception's first calls; the 2048-d FD with the reference's factor
