@@ -14,8 +14,9 @@
 #                                           # and then its heuristics (the second row compiles from the first's)
 #   ULSWEEP_COMMIT=<sha> bash benchmarks/device/levers.sh conv-sweep [--set k=v ...]
 #                                           # conv (CONV_LIMIT default 420), then the full sweep detached
-#                                           # (fid.sh sweep) with the fastest variant's --set (pick_conv.py: only
-#                                           # if >= 3% faster than the sweep's own setting), in one call
+#                                           # (fid.sh sweep) with the --set of the variant that saves the most
+#                                           # (pick_conv.py: >= 3% more images/s than the sweep's own setting, and
+#                                           # faster steps that outweigh a longer cold compile), in one call
 set -euo pipefail
 . benchmarks/device/env_b.sh
 OUT=${OUT:?set by the device call}
