@@ -434,13 +434,17 @@ def save_member(i: int, run_dir: str, ts: GroupTrainState, kind: str, cfg_hash: 
 def checkpoints_first(alive: Sequence[int], written: dict[int, Future], hooks, save: Callable[[int], str]):
     """A context for a group's final evaluation: `save(i)` of each member in `alive` in threads of their own
     (MEMBER_WRITERS at once) beside it, its future in `written`, each path handed to `hooks.member_checkpoint` as
-    soon as it is written; the context waits for every write at its end (a write's error is raised by its
-    member's `written[i].result()`)."""
+    soon as it is written (an error there is said, never the member's failure: passing it on only saves time); the
+    context waits for every write at its end (a write's error is raised by its member's `written[i].result()`)."""
     pool = ThreadPoolExecutor(MEMBER_WRITERS, thread_name_prefix="ulsweep-member-checkpoints")
 
     def saved(i: int) -> str:
         path = save(i)
-        getattr(hooks, "member_checkpoint", lambda i, path: None)(i, path)
+        try:
+            getattr(hooks, "member_checkpoint", lambda i, path: None)(i, path)
+        except Exception as e:  # noqa: BLE001
+            print(f"[member {i}] its checkpoint {path} was not handed on before its evaluation "
+                  f"({type(e).__name__}: {e})", flush=True)
         return path
 
     written.update({i: pool.submit(saved, i) for i in alive})
