@@ -433,3 +433,26 @@ def test_base_members_of_another_base_model_are_refused_by_name(alone):
                                                                                   batch_size=4))
     with pytest.raises(ValueError, match=r"base group member 1 .*base\.train\.batch_size is 4, member 0 has 8"):
         train_bases(exps, [exps[0].base_models[0], wider], [ae.checkpoint for ae, _ in alone[:2]], ["x", "y"], "g")
+
+
+def test_checkpoints_written_first_are_handed_on_and_a_failing_hand_on_fails_no_member(capsys):
+    """`checkpoints_first`: each alive member's checkpoint saved beside the evaluation and handed on as it is
+    written; a hook that raises is said, and the member's write still gives its path."""
+    from ulsweep.train.group import checkpoints_first
+
+    class Hooks:
+        def __init__(self):
+            self.got = []
+
+        def member_checkpoint(self, i, path):
+            self.got.append((i, path))
+            if i == 2:
+                raise ConnectionError("base group gone")
+
+    hooks, written = Hooks(), {}
+    with checkpoints_first([0, 2, 3], written, hooks, lambda i: f"ckpt-{i}"):
+        pass
+    assert sorted(written) == [0, 2, 3] and [written[i].result() for i in (0, 2, 3)] == ["ckpt-0", "ckpt-2", "ckpt-3"]
+    assert sorted(hooks.got) == [(0, "ckpt-0"), (2, "ckpt-2"), (3, "ckpt-3")]
+    assert "[member 2] its checkpoint ckpt-2 was not handed on before its evaluation (ConnectionError" in \
+        capsys.readouterr().out
