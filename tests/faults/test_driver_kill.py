@@ -159,8 +159,8 @@ def test_a_snapshot_the_kill_cut_short_is_set_aside_and_the_one_before_restored(
     torn, data, older, log_at = seen["torn"]
     out = log.read_bytes()[log_at:].decode()
     assert f"resume: Tune's last snapshot, of session {torn.name[len('experiment_state-'):-5]}, was cut short" in out
-    # the session before it restored, as the driver says (Tune's own INFO line naming the file it reads did not show
-    # in one CI run of six resumes, none of them: Tune's logging, not the restore, which the state checks below show)
+    # the session before it restored, as the driver says (Tune's own INFO line naming the file it reads was missing
+    # from all four restores of one CI run: Tune's logging, not the restore, which the state checks below show)
     assert f"restoring session {older[len('experiment_state-'):-len('.json')]} " in out
     assert not torn.exists() and torn.with_name(torn.name + ".torn").read_bytes() == data  # kept, not lost
     closed = json.loads((run_dir / "tune_closed.json").read_text())["session"]
