@@ -18,6 +18,7 @@ import yaml
 
 from ulsweep import tracking
 from ulsweep.config import experiment_from_dict
+from ulsweep.sweep.driver import RAY_ENV_DEFAULTS
 
 STEPS = 30  # fake loop steps per trial
 LOG_EVERY = 2
@@ -58,12 +59,11 @@ def sandbox(tmp_path: Path, step_s: float = 0.05):
     ray_tmp = tempfile.mkdtemp(prefix="ulf-", dir="/tmp")
     (tmp_path / "faults").mkdir(exist_ok=True)
     env = dict(os.environ)
+    # and what an in-process sweep earlier in this pytest worker left in its environment (the driver sets them for
+    # its Ray, so each driver here sets them itself): RAY_LOGGER_LEVEL there at a driver's start silenced Tune's
+    # INFO lines in it, which a test read (one CI run)
     for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "ULSWEEP_FAULT", "ULSWEEP_FAKE_NAN", "ULSWEEP_FAKE_FAIL",
-              # what an in-process sweep earlier in this pytest worker left in its environment (the driver's
-              # _configure_ray_environment sets them for its Ray, and so sets them itself): RAY_LOGGER_LEVEL there
-              # at a driver's start silenced Tune's INFO lines in it, which a test read (one CI run)
-              "RAY_LOGGER_LEVEL", "TUNE_GLOBAL_CHECKPOINT_S", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS",
-              "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"):
+              *RAY_ENV_DEFAULTS):
         env.pop(k, None)
     env.update({"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp,
                 "ULSWEEP_FAULT_DIR": str(tmp_path / "faults"), "ULSWEEP_FAKE_STEP_S": str(step_s)})

@@ -278,19 +278,26 @@ def _start_ray_and_sweep_run(exp: ExperimentConfig, run_dir: str, uri: str, stat
         pool.shutdown()  # waits for the MLflow setup even when Ray failed to start
 
 
-def _configure_ray_environment() -> None:
+# what the driver sets in its environment, where not set, before Ray starts (`_configure_ray_environment`)
+RAY_ENV_DEFAULTS = {
     # Tune snapshots its trial table + searcher every 2 s (default >= 10 s): a kill then loses less (what
     # it loses is re-run idempotently: finished loops return their stored result at once).
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    "TUNE_GLOBAL_CHECKPOINT_S": "2",
     # Tune copies AWS_* credentials into each trial's runtime env, and Ray's runtime-env agent logs runtime
     # envs at INFO: a Ray that ulsweep starts logs at WARNING so that no credential lands in its session logs
     # (for a cluster of your own, start it with RAY_LOGGER_LEVEL=warning too)
-    os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    "RAY_LOGGER_LEVEL": "warning",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     # none of Tune's automatic loggers; the Tuner names its CSV and JSON ones (_make_tuner), not its TensorBoard
     # logger, which imports tensorboardX and so torch: seconds of the driver's, as Tune starts the first trials
     # (the driver needs no torch: tests/test_stacking.py); ulsweep's curves are in MLflow
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+}
+
+
+def _configure_ray_environment() -> None:
+    for name, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     stop_tune_copying_credentials()  # Ray would log them: trials take credentials from their node's environment
 
 
