@@ -431,13 +431,12 @@ def save_member(i: int, run_dir: str, ts: GroupTrainState, kind: str, cfg_hash: 
                                                      "train_seconds": ts.train_seconds, "metrics": metrics or {}})
 
 
+@contextlib.contextmanager
 def checkpoints_first(alive: Sequence[int], written: dict[int, Future], hooks, save: Callable[[int], str]):
     """A context for a group's final evaluation: `save(i)` of each member in `alive` in threads of their own
     (MEMBER_WRITERS at once) beside it, its future in `written`, each path handed to `hooks.member_checkpoint` as
     soon as it is written (an error there is said, never the member's failure: passing it on only saves time); the
     context waits for every write at its end (a write's error is raised by its member's `written[i].result()`)."""
-    pool = ThreadPoolExecutor(MEMBER_WRITERS, thread_name_prefix="ulsweep-member-checkpoints")
-
     def saved(i: int) -> str:
         path = save(i)
         try:
@@ -447,16 +446,9 @@ def checkpoints_first(alive: Sequence[int], written: dict[int, Future], hooks, s
                   f"({type(e).__name__}: {e})", flush=True)
         return path
 
-    written.update({i: pool.submit(saved, i) for i in alive})
-
-    @contextlib.contextmanager
-    def running():
-        try:
-            yield
-        finally:
-            pool.shutdown(wait=True)
-
-    return running()
+    with ThreadPoolExecutor(MEMBER_WRITERS, thread_name_prefix="ulsweep-member-checkpoints") as pool:
+        written.update({i: pool.submit(saved, i) for i in alive})
+        yield
 
 
 def write_member(i: int, run_dir: str, ts: GroupTrainState, metrics: dict, images: dict, kind: str, cfg_hash: str,
