@@ -523,7 +523,6 @@ class _Relay(TrainHooks):
 
     def __init__(self, group: GroupTrainer, key: str):
         self.group, self.key = group, key
-        self.passed_on: str | None = None  # the checkpoint passed on to the base group (`checkpoint_ready`)
 
     def _put(self, event: tuple) -> int:
         with self.group.cv:
@@ -552,15 +551,12 @@ class _Relay(TrainHooks):
             self.group.cv.notify_all()
 
     def checkpoint_ready(self, path: str) -> None:
-        """The member's final checkpoint is written, its evaluation still to come: passed on to the base group its
-        base trial will join (`pass_on`), which reads it and encodes its latents meanwhile."""
-        self._pass_on(path)
-
-    def _pass_on(self, path: str) -> None:
+        """The member's final checkpoint is written, its evaluation still to come (the autoencoder group writes it
+        before the member's result, `group.checkpoints_first`): passed on to the base group its base trial will
+        join (`pass_on`), which reads it and encodes its latents meanwhile."""
         g = self.group
-        if g.pass_on is None or self.passed_on == path:
+        if g.pass_on is None:
             return
-        self.passed_on = path
         try:
             g.pass_on(self.key, path)
         except Exception as e:  # noqa: BLE001 - the base group then reads it when the base trial joins
@@ -569,8 +565,7 @@ class _Relay(TrainHooks):
 
     def finished(self, result: StageResult) -> None:
         """The member's final evaluation as its own loop logs it (eval_<metric>), then its result: at once, or
-        with `together` once no other member's evaluation is still to come; its checkpoint passed on, where it
-        was not before its evaluation (`checkpoint_ready`)."""
+        with `together` once no other member's evaluation is still to come."""
         self.log_metrics(result.steps, {f"eval_{k}": v for k, v in result.metrics.items()})
         g = self.group
         with g.cv:
@@ -578,7 +573,6 @@ class _Relay(TrainHooks):
             if not g.together or all(k in g.finished or k in g.outcome for k in g.members):
                 g.hand_over_finished()
             g.cv.notify_all()
-        self._pass_on(result.checkpoint)
 
 
 def relay(group, key: str, hooks: TrainHooks, call=lambda method, *args: method(*args)) -> StageResult:
