@@ -177,6 +177,7 @@ def stack(modules: list[nn.Module], conv: str = "grouped") -> nn.Module:
         if type(m) is not type(first) or repr(m) != repr(first):
             raise ValueError(f"module {i} ({type(m).__name__}) is not of the architecture of module 0 "
                              f"({type(first).__name__}): only trials of one architecture stack")
+
     def stacked(cls, layers: list[nn.Module]) -> nn.Module:
         return cls(layers, conv) if cls is StackedConv2d else cls(layers)
 
