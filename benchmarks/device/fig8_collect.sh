@@ -18,8 +18,9 @@ python3 -m ulsweep.cli report /tmp/fig8/runs/$EXP --out dashboards/$DASH > /tmp/
   || { echo "report failed:"; tail -20 /tmp/fig8/report.log; }
 mkdir -p /tmp/fig8/pack/results
 cp -r dashboards/$DASH /tmp/fig8/pack/ 2>/dev/null || true
-cp /tmp/fig8/runs/$EXP/mlflow.db /tmp/fig8/runs/$EXP/summary.json /tmp/fig8/sweep.log /tmp/fig8/gpus.txt /tmp/fig8/gpu_util.csv /tmp/fig8/t_* /tmp/fig8/rc /tmp/fig8/pack/ 2>/dev/null || true
-cd /tmp/fig8/runs/$EXP && find . -name result.json -o -name config.yaml -o -name timings.jsonl -o -name actor.log | grep -v step_ | tar cf /tmp/fig8/pack/results/trials.tar -T -
+# the quick files again, the store copied after the report
+cp -r /tmp/fig8/quick/. /tmp/fig8/pack/ && mv /tmp/fig8/pack/trials.tar /tmp/fig8/pack/results/
+cp $R/mlflow.db /tmp/fig8/pack/ 2>/dev/null || true
 tar czf "$OUT/fig8.tgz" -C /tmp/fig8/pack .
 # the compiles the sweep's first processes saved (ulsweep/train/compile_artifacts.py), for a later machine to carry
 # in ($ULSWEEP_CACHE/compile): brought back when they fit in a call's return
