@@ -183,88 +183,11 @@ def test_scored_in_order_yields_each_members_score_in_order_at_most_n_at_once_th
         next(it)
 
 
-def test_scored_beside_scores_each_member_as_it_is_made_in_order_the_first_alone_under_the_features_flags():
-    """`ScoredBeside`: a member's score begins as the sampling loop says it is made (its samples handed over), the
-    first alone and then two at once, while the loop goes on; results in member order, a member not made (a
-    skipped one's call ignored) scored from the inputs; the features' cuDNN flag held around the sampling; an
-    error raised at its member; an error in the sampling stops the scores begun; extractors asking for different
-    flags, or one scorer, score after the sampling."""
-    import threading
-    import time
-
-    from ulsweep.train.evaluation import ScoredBeside
-
-    lock, now, most, log = threading.Lock(), [0], [0], []
-
-    def score(i, data):
-        with lock:
-            now[0] += 1
-            most[0] = max(most[0], now[0])
-            log.append(("start", i))
-        time.sleep(0.05 * (i % 3))
-        with lock:
-            now[0] -= 1
-        return i, data, torch.is_grad_enabled()
-
-    members, cpu = [0, 2, 3, 5], torch.device("cpu")
-    ext = MeanPoolExtractor()
-    search = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    try:
-        with torch.no_grad():
-            scoring = ScoredBeside(score, members, cpu, scorers=2)
-            with scoring.sampling(ext):
-                assert torch.backends.cudnn.benchmark is False  # the features' heuristics, for the sampling too
-                for i in range(6):
-                    scoring.made(i, f"samples of {i}")
-                    with lock:
-                        log.append(("made", i))
-                    time.sleep(0.02)
-            assert torch.backends.cudnn.benchmark is True
-            got = list(scoring.results({i: f"inputs of {i}" for i in range(6)}))
-    finally:
-        torch.backends.cudnn.benchmark = search
-    assert got == [(i, f"samples of {i}", False) for i in members]
-    assert sorted(scoring.futures) == members and most[0] == 2
-    assert log.index(("start", 2)) > log.index(("start", 0))  # the first alone
-    assert log.index(("start", 0)) < log.index(("made", 5))  # scored while the later members were made
-
-    def failing(i, data):
-        if i == 3:
-            raise ValueError("member 3")
-        return i
-
-    scoring = ScoredBeside(failing, members, cpu, scorers=2)
-    with scoring.sampling(ext):
-        for i in members:
-            scoring.made(i, None)
-    it = scoring.results({})
-    assert [next(it), next(it)] == [0, 2]
-    with pytest.raises(ValueError, match="member 3"):
-        next(it)
-
-    scoring = ScoredBeside(failing, members, cpu, scorers=2)
-    with pytest.raises(RuntimeError, match="sampling failed"), scoring.sampling(ext):
-        scoring.made(0, None)
-        raise RuntimeError("sampling failed")
-    assert scoring.pool._shutdown
-
-    other = MeanPoolExtractor().with_precision("fp32")
-    for exts, n in (((ext, other), 2), (ext, 1)):
-        scoring = ScoredBeside(lambda i, data: (i, data), members, cpu, scorers=n)
-        with scoring.sampling(exts):
-            for i in members:
-                scoring.made(i, "made")
-        assert not scoring.futures
-        assert list(scoring.results({i: "inputs" for i in members})) == [(i, "inputs") for i in members]
-
-
-@pytest.mark.parametrize("sampling", ["each", "stacked"])
-def test_a_groups_members_scored_two_at_a_time_get_the_very_metrics_of_one_after_another(cache_env, monkeypatch,
-                                                                                        sampling):
+def test_a_groups_members_scored_two_at_a_time_get_the_very_metrics_of_one_after_another(cache_env, monkeypatch):
     """`evaluate_aes` and `evaluate_bases` of stacked members with an extractor: scored two at a time in threads
-    (as on a GPU: beside the next members' sampling with `stack_sampling` each, after it with stacked) each
-    member's metrics and images are those scored one after another, to the last bit."""
+    (as on a GPU) each member's metrics and images are those scored one after another, to the last bit."""
+    import functools
+
     from ulsweep.config import experiment_from_dict
     from ulsweep.models.stacked import stack
     from ulsweep.train import evaluation, stage1, stage2
@@ -278,7 +201,7 @@ def test_a_groups_members_scored_two_at_a_time_get_the_very_metrics_of_one_after
             "base_models": [{"name": "b", "model": {"preset": "tiny"},
                              "train": {"seed": k, "sample_steps": 2, "eval_images": 8, "eval_t_per_image": 1}}],
             "eval": {"gfd_samples": 40, "gfd_reference_images": 24},
-            "resources": {"num_workers": 0, "stack_trials": 4, "stack_sampling": sampling}}))
+            "resources": {"num_workers": 0, "stack_trials": 4, "stack_sampling": "stacked"}}))
         torch.manual_seed(k)
         aes.append(build_autoencoder(exps[-1].ae, 1).eval())
         bases.append(build_base_model(exps[-1].base_models[0], 2).eval())
@@ -292,19 +215,9 @@ def test_a_groups_members_scored_two_at_a_time_get_the_very_metrics_of_one_after
         return [(m, images) for m, images, _ in ae + base]
 
     serial = both(MeanPoolExtractor())
-    beside = []  # the scorers' members begun beside the sampling
-
-    class Two(evaluation.ScoredBeside):
-        def __init__(self, score, members, device):
-            super().__init__(score, members, device, scorers=2)
-
-        def results(self, inputs):
-            beside.append(sorted(self.futures))
-            return super().results(inputs)
-
-    monkeypatch.setattr(stage1, "ScoredBeside", Two)
-    monkeypatch.setattr(stage2, "ScoredBeside", Two)
+    two = functools.partial(evaluation.scored_in_order, scorers=2)
+    monkeypatch.setattr(stage1, "scored_in_order", two)
+    monkeypatch.setattr(stage2, "scored_in_order", two)
     threaded = both(MeanPoolExtractor())
     assert threaded == serial
-    assert beside == ([[0, 1, 2, 3]] * 2 if sampling == "each" else [[], []])
     assert len({m["rfd_toy"] for m, _ in serial[:4]}) == 4 and len({m["gfd_toy"] for m, _ in serial[4:]}) == 4

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
@@ -26,7 +26,7 @@ from ulsweep.config import ExperimentConfig
 from ulsweep.data import open_dataset, resolve_dataset
 from ulsweep.metrics.domain import extractor_name_for_dataset, load_domain_extractor, save_domain_extractor
 from ulsweep.metrics.domain_training import train_domain_extractor
-from ulsweep.metrics.features import FeatureExtractor, feature_arithmetic
+from ulsweep.metrics.features import FeatureExtractor
 from ulsweep.metrics.fid import RefStatsCache, generation_fd, reconstruction_fd
 from ulsweep.metrics.inception import load_inception
 
@@ -104,85 +104,6 @@ def scored_in_order(score: Callable[[int], T], members: Sequence[int], device: t
             yield done
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-class ScoredBeside:
-    """A group's members scored while the next ones are sampled: `made(i, data)`, called by a member-by-member
-    sampling loop (`resources.stack_sampling` each) as soon as member i's samples are drawn, starts `score(i,
-    data)` in one of SCORERS_CUDA threads (`scorers` to say otherwise), and `results(inputs)` yields every
-    member's score in member order once the sampling is done. In session 34's lf_sweep on one H200 the 18 base
-    members' gFID/gFD (~2.1 s each, the GPU busy about half of it) began only after all 18 were sampled (~60 s).
-
-    Nothing is scored beside the sampling on a CPU (its threads are busy sampling), with one scorer, or where
-    the sampling cannot keep the features' arithmetic (`arithmetic`): `results` then scores the members as
-    `scored_in_order` does, from `inputs`. As there, the first member is scored alone (the others wait for it
-    in their threads: they find the reference statistics it cached), each score is what it would be alone (no
-    score draws random numbers; the samples come from each member's own generator), and a score's error is
-    raised at its member."""
-
-    def __init__(self, score: Callable[[int, object], T], members: Sequence[int], device: torch.device,
-                 scorers: int | None = None):
-        self.score, self.members, self.device = score, list(members), device
-        self.n = scorers if scorers is not None else (SCORERS_CUDA if device.type == "cuda" else 1)
-        self.beside = self.n > 1 and len(self.members) > 1
-        self.grad = torch.is_grad_enabled()  # thread-local: the caller's in the scoring threads too
-        self.futures: dict[int, Future] = {}
-        self.pool: ThreadPoolExecutor | None = None
-
-    @contextlib.contextmanager
-    def sampling(self, extractor: Extractors | None) -> Iterator[None]:
-        """Around the sampling loop that calls `made`: the features' backend flags held by the sampling thread too,
-        so that the scoring threads never switch them under it (they are process-wide: `ulsweep.metrics.features.
-        feature_arithmetic`). The sampling then picks cuDNN's convolution algorithms as the features do (from its
-        heuristics, not its timed search); its TF32 is never changed: where the features' precision asks for
-        other TF32 flags than the sampling's, or the extractors for different flags, nothing is scored beside.
-        An error in the sampling stops the scores begun and raises."""
-        exts = _each(extractor) if extractor is not None else ()
-        tf32 = bool(exts) and exts[0].precision == "tf32"
-        if not exts or len({(e.precision, e.cudnn_search) for e in exts}) > 1 or (
-                self.device.type == "cuda" and not (tf32 == torch.backends.cuda.matmul.allow_tf32
-                                                    == torch.backends.cudnn.allow_tf32)):
-            self.beside = False
-        try:
-            with (feature_arithmetic(self.device, exts[0].precision, exts[0].cudnn_search) if self.beside
-                  else contextlib.nullcontext()):
-                yield
-        except BaseException:
-            self.close()
-            raise
-
-    def made(self, i: int, data) -> None:
-        """Member i's samples `data` are drawn: its score begins (in a thread) where members are scored beside."""
-        if not self.beside or i not in self.members or i in self.futures:
-            return
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(self.n, thread_name_prefix="ulsweep-score")
-        first = next(iter(self.futures.values()), None)
-        self.futures[i] = self.pool.submit(self._scored, i, data, first)
-
-    def _scored(self, i: int, data, first: Future | None) -> T:
-        if first is not None:
-            first.exception()  # waits for the first member's score; its error is raised at that member
-        with torch.set_grad_enabled(self.grad):
-            return self.score(i, data)
-
-    def results(self, inputs: Sequence) -> Iterator[T]:
-        """Every member's score, in member order: those begun beside the sampling, the others (none of them
-        begun: a stacked sampling, a CPU) from `inputs[i]` as `scored_in_order` scores them."""
-        try:
-            if not self.futures:
-                yield from scored_in_order(lambda i: self.score(i, inputs[i]), self.members, self.device, self.n)
-                return
-            for i in self.members:
-                f = self.futures.get(i)
-                yield f.result() if f is not None else self.score(i, inputs[i])
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """The scores not begun dropped, those running waited for."""
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def pop_seconds(metrics: dict, phase: str = "evaluate") -> dict[str, float]:

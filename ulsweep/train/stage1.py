@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ from ulsweep.models.stacked import load_trial, per_example, plain
 from ulsweep.train.build import build_autoencoder, decoder_schedule, mse_decoder_logsnr, prior_schedule, sampler
 from ulsweep.train.build import latent_shape as latent_shape_of
 from ulsweep.train.checkpoint import finished_result
-from ulsweep.train.evaluation import PartTimer, ScoredBeside, load_eval_extractor, reconstruction_fd_of
+from ulsweep.train.evaluation import PartTimer, load_eval_extractor, reconstruction_fd_of, scored_in_order
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.identity import stage1_hash
 from ulsweep.train.loop import RunSpec, train
@@ -126,8 +126,8 @@ def eval_generator(exps: Sequence[ExperimentConfig], device: torch.device) -> Ge
 
 
 @torch.no_grad()
-def reconstruct_images(ae, x: torch.Tensor, exp: ExperimentConfig, gen: Generator, members: int = 1,
-                       made: Callable[[int, torch.Tensor], None] | None = None) -> tuple[torch.Tensor, bool]:
+def reconstruct_images(ae, x: torch.Tensor, exp: ExperimentConfig, gen: Generator,
+                       members: int = 1) -> tuple[torch.Tensor, bool]:
     """Reconstructions of `x` (model range) by `ae` as the evaluation samples them, in calls of one size of at
     most `eval.sample_batch` images (`sample_rows`, `sampling_calls`), under `eval.sample_precision` and, with
     `eval.sample_compile`, through the sampling gate; and whether the decoder ran compiled (False while another
@@ -135,9 +135,7 @@ def reconstruct_images(ae, x: torch.Tensor, exp: ExperimentConfig, gen: Generato
     (ulsweep/models/stacked.py) and `gen` its MemberGenerators, and the result is (K, N, C, H, W), member k's
     reconstructions by its own weights and noise: with `resources.stack_sampling` each, member after member
     through one ordinary autoencoder holding its weights in turn (as its run alone samples them); with stacked,
-    every call through the stacked one for all members at once (each member's share of the call's rows). Member
-    after member, `made(k, its reconstructions)` is called as each member's are drawn
-    (`ulsweep.train.evaluation.ScoredBeside`)."""
+    every call through the stacked one for all members at once (each member's share of the call's rows)."""
     tc = exp.ae.train
     each = member_by_member(exp, members)
     net = plain(ae) if each else ae
@@ -162,8 +160,6 @@ def reconstruct_images(ae, x: torch.Tensor, exp: ExperimentConfig, gen: Generato
             for k in range(members):
                 load_trial(net, ae, k)
                 recon.append(batches(decoder, gen.gens[k], 1)[0])
-                if made is not None:
-                    made(k, recon[-1])
             recon = torch.stack(recon)
     return (recon if members > 1 else recon[0]), decoder is not net.decoder
 
@@ -192,9 +188,7 @@ def evaluate_aes(ae, x_eval: torch.Tensor, exps: Sequence[ExperimentConfig], wit
     rFD/rFID of an (EMA) autoencoder on the images `x_eval` (model range); with K = len(exps) > 1 experiments,
     of the K members of a group's stacked autoencoder `ae` at once (ulsweep/train/group.py: they differ only in
     loss factor, bias and seed). The bits/pixel and the reconstructions run once for all members, each drawing
-    from its own generator (`eval_generator`); each member's PSNR, rFD/rFID and images as its reconstructions
-    are drawn (on a GPU, beside the next members' sampling: `ulsweep.train.evaluation.ScoredBeside`), or after
-    them all.
+    from its own generator (`eval_generator`); then each member's PSNR, rFD/rFID and images in turn.
 
     Yields each member's (metrics, images, seconds) as soon as its own parts are done, in order, but the members
     in `skip` (a group's diverged ones): images maps a name to PNG bytes; seconds, the `seconds/<part>` of its
@@ -205,10 +199,14 @@ def evaluate_aes(ae, x_eval: torch.Tensor, exps: Sequence[ExperimentConfig], wit
     gen = eval_generator(exps, x_eval.device)
     with timer("bpp"):
         bpps = latent_bpps(ae, x_eval, exp, gen, k)
+    with timer("sampling"):
+        recons, _ = reconstruct_images(ae, x_eval, exp, gen, k)
     real_u8 = to_uint8(x_eval)
+    shared = dict(timer.seconds)
 
-    def score(i: int, recon: torch.Tensor) -> tuple[dict, dict, PartTimer]:
+    def score(i: int) -> tuple[dict, dict, PartTimer]:
         e = exps[i]
+        recon = recons[i] if k > 1 else recons
         recon_u8 = to_uint8(recon)
         metrics = bpps[i] | {"psnr": psnr(recon_u8, real_u8).mean().item(),
                              "psnr_steps": float(e.ae.train.sample_steps)}
@@ -224,12 +222,8 @@ def evaluate_aes(ae, x_eval: torch.Tensor, exps: Sequence[ExperimentConfig], wit
             images["reconstructions.png"] = image_grid_png(pairs, cols=8)
         return metrics, images, own
 
-    # each member's PSNR, rFD and images: a group's on a GPU two at a time, beside the next members' sampling
-    scoring = ScoredBeside(score, [i for i in range(k) if i not in skip], x_eval.device)
-    with scoring.sampling(extractor), timer("sampling"):
-        recons, _ = reconstruct_images(ae, x_eval, exp, gen, k, made=scoring.made)
-    shared = dict(timer.seconds)
-    for metrics, images, own in scoring.results(recons if k > 1 else [recons]):
+    # each member's PSNR, rFD and images; a group's, two at a time on a GPU
+    for metrics, images, own in scored_in_order(score, [i for i in range(k) if i not in skip], x_eval.device):
         timer.add(own)
         yield metrics, images, shared | own.seconds
 

@@ -10,7 +10,7 @@ held-out images itself (bits/pixel through the encoder).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import torch
 
@@ -22,7 +22,7 @@ from ulsweep.diffusion.noise import Generator, seeded
 from ulsweep.models.stacked import load_trial, plain
 from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model, sampler
 from ulsweep.train.checkpoint import CheckpointError, finished_result, load_checkpoint
-from ulsweep.train.evaluation import PartTimer, ScoredBeside, generation_fd_of, load_eval_extractor
+from ulsweep.train.evaluation import PartTimer, generation_fd_of, load_eval_extractor, scored_in_order
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.identity import stage2_hash
 from ulsweep.train.latents import IN_PROCESS, decode_path, latent_source, training_latents
@@ -92,10 +92,9 @@ def evaluate_bases(base_model, ae, exps: Sequence[ExperimentConfig], ae_exp: Exp
     a group (ulsweep/train/group_base.py): `base_model` and `ae` are their stacked base models and frozen
     autoencoders, the bits/pixel run once for all of them, each member drawing from its own generator
     (`eval_generator`); the samples member after member through ordinary networks holding each one's weights
-    in turn (`resources.stack_sampling` each), or all at once through the stacked ones (stacked); each
-    member's gFD/gFID as its samples are drawn (on a GPU, beside the next members' sampling:
-    `ulsweep.train.evaluation.ScoredBeside`), or after them all. `ae_exp`: one member's autoencoder experiment
-    (they differ in nothing that sampling reads).
+    in turn (`resources.stack_sampling` each), or all at once through the stacked ones (stacked); then each
+    member's gFD/gFID in turn. `ae_exp`: one member's autoencoder experiment (they differ in nothing that
+    sampling reads).
 
     Yields each member's but `skip`'s (metrics, images as PNG bytes, seconds) as `ulsweep.train.stage1.
     evaluate_aes` does; `timer` times the parts (bpp, sampling, fd) of all members."""
@@ -107,31 +106,32 @@ def evaluate_bases(base_model, ae, exps: Sequence[ExperimentConfig], ae_exp: Exp
         ests = latent_bitrates(ae.encoder, base_model, x_eval[:tc.eval_images], base_schedule(ae_exp.ae.loss, base),
                                tc.eval_t_per_image, generator=gen, members=k)
     n = exp.eval.gfd_samples if extractor is not None else 64
+    images = None
+    if samples:
+        with timer("sampling"):
+            images = generate_members(base_model, ae, exp, ae_exp, base, n, latent_shape, tuple(x_eval.shape[1:]),
+                                      gen, k, skip)
+    shared = dict(timer.seconds)
     alive = [i for i in range(k) if i not in skip]
-    if not samples:
+    if images is None:
         for i in alive:
-            yield {"base_bpp": ests[i].bpp, "base_bpp_se": ests[i].bpp_se}, {}, dict(timer.seconds)
+            yield {"base_bpp": ests[i].bpp, "base_bpp_se": ests[i].bpp_se}, {}, shared
         return
 
-    def score(i: int, samples_u8: torch.Tensor) -> tuple[dict, dict, PartTimer]:
+    def score(i: int) -> tuple[dict, dict, PartTimer]:
         e = exps[i]
         metrics = {"base_bpp": ests[i].bpp, "base_bpp_se": ests[i].bpp_se}
         own = PartTimer(x_eval.device, enabled=timer.enabled)
         if extractor is not None:
             ref = to_uint8(x_eval[:e.eval.gfd_reference_images])
             with own("fd"):
-                metrics.update(generation_fd_of(extractor, samples_u8, ref, data_hash,
+                metrics.update(generation_fd_of(extractor, images[i], ref, data_hash,
                                                 f"{e.data.eval_split}@{e.data.image_size}"))
             metrics["gen_samples"] = float(n)
-        return metrics, {"samples.png": image_grid_png(samples_u8[:64], cols=8)}, own
+        return metrics, {"samples.png": image_grid_png(images[i][:64], cols=8)}, own
 
-    # each member's gFD/gFID and sample grid: a group's on a GPU two at a time, beside the next members' sampling
-    scoring = ScoredBeside(score, alive, x_eval.device)
-    with scoring.sampling(extractor), timer("sampling"):
-        images = generate_members(base_model, ae, exp, ae_exp, base, n, latent_shape, tuple(x_eval.shape[1:]),
-                                  gen, k, skip, made=scoring.made)
-    shared = dict(timer.seconds)
-    for metrics, pngs, own in scoring.results(images):
+    # each member's gFD/gFID and sample grid; a group's, two at a time on a GPU
+    for metrics, pngs, own in scored_in_order(score, alive, x_eval.device):
         timer.add(own)
         yield metrics, pngs, shared | own.seconds
 
@@ -147,14 +147,12 @@ def evaluate_base(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentConfi
 
 def generate_members(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentConfig, base: BaseStageConfig, n: int,
                      latent_shape, image_shape, gen: Generator, members: int = 1,
-                     skip: Collection[int] = (),
-                     made: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor | None]:
+                     skip: Collection[int] = ()) -> list[torch.Tensor | None]:
     """Each member's `n` samples as a final evaluation draws them (`eval.sample_precision`, and with
     `eval.sample_compile` through the sampling gate): one run's, or a group's K members' from their stacked
     networks and MemberGenerators, member after member through ordinary networks holding each one's weights in
     turn (`resources.stack_sampling` each: the samples of its run alone; `skip`'s are not drawn, None) or all
-    at once (stacked). Returns one uint8 (n, C, H, W) tensor per member; member after member, `made(i, its
-    samples)` is called as each member's are drawn (`ulsweep.train.evaluation.ScoredBeside`)."""
+    at once (stacked). Returns one uint8 (n, C, H, W) tensor per member."""
     each = member_by_member(exp, members)
     nets = [plain(base_model), plain(ae.decoder)] if each else [base_model, ae.decoder]
     with (sampling_precision(exp.eval.sample_precision, gen.device),
@@ -169,8 +167,6 @@ def generate_members(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentCo
             load_trial(nets[0], base_model, i)
             load_trial(nets[1], ae.decoder, i)
             out[i] = generate(net, None, ae_exp, base, n, latent_shape, image_shape, gen.gens[i], rows, decoder)
-            if made is not None:
-                made(i, out[i])
         return out
 
 
