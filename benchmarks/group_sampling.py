@@ -15,6 +15,13 @@ then the median of `--repeats` timed calls; `size` and `calls`, each member's im
 (`sampling_calls`); images/s counts all members' images. `max_abs_uint8_diff`: the largest difference of the
 row's images from the first row's of its part and size (rows of another size draw other noise): each gives a
 member's run-alone images; stacked differs by the rounding of its grouped kernels.
+
+Then the final evaluations' bits/pixel, which a group takes stacked either way (`bpp_ae`: `latent_bpps`, the
+autoencoders' encoder and prior on `--recon-images` images; `bpp_base`: `latent_bitrates` of the base models on
+those images' latents; each `ae.train.eval_t_per_image` noise levels an image), with cuDNN's timed algorithm search
+off and then on (`cudnn_search`; the trials keep it on, `train.cudnn_benchmark`): `first_s` holds the search of the
+shapes new to the process. In session 37's lf_sweep on one H100 the autoencoders' bits/pixel took 13.0 s of their
+evaluation, the base models' 3.1 s, for as many images and noise levels.
 """
 from __future__ import annotations
 
@@ -56,6 +63,37 @@ def timed(fn, repeats: int, device: torch.device) -> tuple[list[float], object]:
         sync(device)
         secs.append(time.perf_counter() - t0)
     return secs, out
+
+
+def bpp_rows(exp, ae, base_model, x: torch.Tensor, k: int, repeats: int, device: torch.device) -> list[dict]:
+    """The `bpp_ae` and `bpp_base` rows (module docstring), cuDNN's search off, then on; the previous setting
+    restored."""
+    from ulsweep.diffusion import latent_bitrates
+    from ulsweep.diffusion.noise import seeded
+    from ulsweep.train.build import base_schedule
+    from ulsweep.train.stage1 import latent_bpps
+
+    base, t = exp.base_models[0], exp.ae.train.eval_t_per_image
+    parts = (("bpp_ae", lambda: latent_bpps(ae, x, exp, seeded(range(k), device), k)),
+             ("bpp_base", lambda: latent_bitrates(ae.encoder, base_model, x, base_schedule(exp.ae.loss, base), t,
+                                                  generator=seeded(range(k), device), members=k)))
+    rows, before = [], torch.backends.cudnn.benchmark
+    try:
+        for search in (False, True):
+            torch.backends.cudnn.benchmark = search
+            for part, fn in parts:
+                first, _ = timed(fn, 1, device)
+                secs, _ = timed(fn, repeats, device)
+                med = statistics.median(secs)
+                rows.append({"mode": "stacked", "part": part, "cudnn_search": search, "members": k,
+                             "images_per_member": len(x), "t_per_image": t, "first_s": first[0], "median_s": med,
+                             "seconds": secs, "images_per_s": k * len(x) / med})
+                label = f"{part}:{'on' if search else 'off'}"  # the part and cuDNN's search
+                print(f"{'stacked':>8} {'-':>6} {label:>12} {k:>7} {'-':>5} {'-':>5} {first[0]:>8.2f} {med:>9.3f} "
+                      f"{k * len(x) / med:>9.0f}")
+    finally:
+        torch.backends.cudnn.benchmark = before
+    return rows
 
 
 def main(argv=None) -> int:
@@ -127,6 +165,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{mode:>8} {rows_a_call:>6} {part:>12} {k:>7} {size:>5} {calls:>5} {first[0]:>8.2f} {med:>9.3f} "
                   f"{row['images_per_s']:>9.0f} {diff:>8}")
+    rows += bpp_rows(base_exp, ae, base_model, x, k, args.repeats, device)
     env = run_env(args) | {"device": str(device), "sample_precision": base_exp.eval.sample_precision,
                            "sample_compile": base_exp.eval.sample_compile}
     write_results(args.out, env, rows)

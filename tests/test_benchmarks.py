@@ -758,16 +758,23 @@ def test_member_writes_benchmark_times_both_hand_overs_and_writes_its_rows(tmp_p
 
 def test_group_sampling_times_each_mode_and_part_on_the_same_images(tmp_path):
     """benchmarks/group_sampling.py: one row per mode and part, every member's images counted, and the two
-    modes' images the same up to rounding (stacked's grouped kernels against each member's own)."""
+    modes' images the same up to rounding (stacked's grouped kernels against each member's own); then the
+    bits/pixel rows, cuDNN's search off and on, and the caller's cuDNN setting left as it was."""
     import group_sampling
 
+    search = torch.backends.cudnn.benchmark
     out = tmp_path / "g.json"
     assert group_sampling.main(["experiments/quickstart.yaml", "--members", "2", "--recon-images", "6",
                                 "--samples", "4", "--repeats", "1", "--device", "cpu", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
+    rows, bpp = rows[:4], rows[4:]
     assert [(r["mode"], r["part"]) for r in rows] == [("each", "reconstruct"), ("each", "generate"),
                                                       ("stacked", "reconstruct"), ("stacked", "generate")]
     assert [r["images_per_member"] for r in rows] == [6, 4, 6, 4] and {r["members"] for r in rows} == {2}
+    assert [(r["part"], r["cudnn_search"]) for r in bpp] == [("bpp_ae", False), ("bpp_base", False),
+                                                             ("bpp_ae", True), ("bpp_base", True)]
+    assert all(r["images_per_member"] == 6 and r["median_s"] > 0 and r["first_s"] > 0 for r in bpp)
+    assert torch.backends.cudnn.benchmark is search
     for r in rows:
         assert r["images_per_s"] == pytest.approx(2 * r["images_per_member"] / r["median_s"])
         assert r["max_abs_uint8_diff"] <= 1
