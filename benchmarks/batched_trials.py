@@ -290,7 +290,7 @@ def stacked_conv(kind: str):
     grouped or loop (resources.stack_conv), or StackedConv2d's forward replaced by one of the others."""
     from ulsweep.models.stacked import StackedConv2d
 
-    original = StackedConv2d.forward
+    original, library = StackedConv2d.forward, STACK_CONV[0]
     if CONVS[kind] is not None:
         StackedConv2d.forward = CONVS[kind]
     else:
@@ -298,7 +298,7 @@ def stacked_conv(kind: str):
     try:
         yield
     finally:
-        StackedConv2d.forward, STACK_CONV[0] = original, "grouped"
+        StackedConv2d.forward, STACK_CONV[0] = original, library
 
 
 def profile_summary(prof: dict, top: int = 8) -> str:

@@ -20,13 +20,14 @@ sweep, never joins; a base trial whose autoencoder failed never comes); a base g
 checkpoint, and encodes its latents (ulsweep.train.group_base.encode_ahead, in ENCODERS threads: those queued while all
 are busy together), when the member's autoencoder group passes it on (`ReadAhead`, as soon as the member's final
 checkpoint is written, which the group does beside its members' final evaluation), or else reads it as the member
-joins, while it waits for the others. A member that comes after its group started trains alone. A member whose loss turns non-finite fails as it would alone (TrainingDiverged, not retried) and
-the others train on; any other failure of the group's training is every member's failure, and their retries train alone.
-An actor that dies is restarted (up to `resources.max_worker_failures` times): its members' trials fail with it, and
-their retries form the group again, which resumes from its checkpoint when they are the same members (without a member
-that diverged, they are another group, which starts from scratch). A member's trial that dies alone comes back to its
-group (`join`) and relays its events again. Between the group's loop and a member's trial, `before_checkpoint` waits (at
-most ACK_WAIT_S) until the trial has taken every point before the checkpoint, as a trial's own loop would.
+joins, while it waits for the others. A member that comes after its group started trains alone. A member whose loss
+turns non-finite fails as it would alone (TrainingDiverged, not retried) and the others train on; any other failure of
+the group's training is every member's failure, and their retries train alone. An actor that dies is restarted (up to
+`resources.max_worker_failures` times): its members' trials fail with it, and their retries form the group again, which
+resumes from its checkpoint when they are the same members (without a member that diverged, they are another group,
+which starts from scratch). A member's trial that dies alone comes back to its group (`join`) and relays its events
+again. Between the group's loop and a member's trial, `before_checkpoint` waits (at most ACK_WAIT_S) until the trial has
+taken every point before the checkpoint, as a trial's own loop would.
 """
 from __future__ import annotations
 

@@ -55,17 +55,19 @@ def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], meta: dict[s
     blob = buf.getvalue()
     d = step_dir(run_dir, step)
     uio.atomic_write_bytes(uio.join(d, "state.pt"), blob)
-    manifest = {"format": FORMAT, "step": step, "sha256": hashlib.sha256(blob).hexdigest(),
-                "bytes": len(blob), **meta}
-    uio.atomic_write_text(uio.join(d, "meta.json"), json.dumps(manifest, indent=1, sort_keys=True))
+    _write_manifest(d, {"format": FORMAT, "step": step, "sha256": hashlib.sha256(blob).hexdigest(),
+                        "bytes": len(blob), **meta})
     return d
+
+
+def _write_manifest(path: str, manifest: dict[str, Any]) -> None:
+    uio.atomic_write_text(uio.join(path, "meta.json"), json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def update_meta(path: str, **fields: Any) -> None:
     """The manifest of checkpoint `path` with `fields` set (atomically; its state and SHA-256 as they are): a
     group's member checkpoint is written before its final evaluation and gets its metrics after it."""
-    meta = read_meta(path)
-    uio.atomic_write_text(uio.join(path, "meta.json"), json.dumps(meta | fields, indent=1, sort_keys=True))
+    _write_manifest(path, read_meta(path) | fields)
 
 
 def to_host(state: Any) -> Any:

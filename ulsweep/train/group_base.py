@@ -299,7 +299,8 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
     loader, why = choose_loader_for(exp0.data, need, rt.device, "latents")
     print(f"[{label}] data.loader {exp0.data.loader} -> {loader} for the {k} members' latents: {why}", flush=True)
     decode = say_decode_path(exp0, ds, rt, f"[{label}]")
-    stacked_ae = stack(list(aes), exp0.resources.stack_conv).eval().requires_grad_(False)  # the members' frozen autoencoders as one
+    # the members' frozen autoencoders as one
+    stacked_ae = stack(list(aes), exp0.resources.stack_conv).eval().requires_grad_(False)
     encoded: dict[int, torch.Tensor] = {}  # on the device: the latents it stored, not read back
     if ahead is not None:  # those of the right checkpoint and data, where the group holds its latents on the device
         key = (data_hash, exp0.data.train_split, exp0.data.image_size)
