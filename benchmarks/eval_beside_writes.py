@@ -11,8 +11,10 @@ initialized autoencoders of the experiment, stacked and given AdamW moments by o
     writes                 the K checkpoints written as the group writes them (`save_member`), nothing beside
     beside:<writer>        the evaluation while the K checkpoints are written by <writer>
 
-<writer>s (`--writers`): `library` (the group's `save_member`, MEMBER_WRITERS threads) and `one` (the same, one
-thread). Rows: `eval_s` (the evaluation's wall) and `writes_s` (from the first write's start to the last's end).
+<writer>s (`--writers`): `library` (the group's `save_member`, MEMBER_WRITERS threads), `one` (the same, one
+thread) and `previous` (MEMBER_WRITERS threads writing as the library did until session 38: each member's rows
+cloned on the device's default stream, torch.save into an in-memory buffer, which holds the GIL while it copies
+the bytes, then the buffer hashed and written). Rows: `eval_s` (the evaluation's wall) and `writes_s` (from the first write's start to the last's end).
 Checkpoints go under `--dir` (a temporary directory by default; local disk as on a node), removed after each row.
 
     python benchmarks/eval_beside_writes.py experiments/lf_sweep.yaml --members 18 --out $OUT/eval-beside-writes.json
@@ -33,7 +35,7 @@ import torch  # noqa: E402
 
 from timing import run_env, sync, write_results  # noqa: E402  (beside this script)
 
-WRITERS = ("library", "one")
+WRITERS = ("library", "one", "previous")
 
 
 def build(exp, k: int):
@@ -55,6 +57,31 @@ def build(exp, k: int):
     ts.optimizer_step(loss.float().mean() / objective.dims)
     x_eval = torch.rand((exp.ae.train.eval_images, *image_shape), generator=gen, device=rt.device) * 2 - 1
     return exps, rt, ts, x_eval
+
+
+def save_previous(i: int, run_dir: str, ts, meta: dict) -> str:
+    """Member i's checkpoint written as `save_member` wrote it until session 38 (module docstring)."""
+    import hashlib
+    import io
+
+    from ulsweep import io as uio
+    from ulsweep.train.checkpoint import FORMAT, _write_manifest, step_dir
+
+    def rows(state: dict) -> dict:
+        return {name: t[i].clone() for name, t in state.items()}
+
+    opt = ts.opt.state_dict()
+    state = {"model": rows(ts.net.state_dict()), "ema": rows(ts.ema.state_dict()),
+             "optimizer": {"state": {p: {n: (t[i].clone() if n != "step" else t.clone()) for n, t in s.items()}
+                                     for p, s in opt["state"].items()}, "param_groups": opt["param_groups"]}}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    blob = buf.getvalue()
+    d = step_dir(run_dir, ts.step)
+    uio.atomic_write_bytes(uio.join(d, "state.pt"), blob)
+    _write_manifest(d, {"format": FORMAT, "step": ts.step, "sha256": hashlib.sha256(blob).hexdigest(),
+                        "bytes": len(blob), **meta})
+    return d
 
 
 def evaluation(exps, ts, x_eval) -> None:
@@ -108,7 +135,9 @@ def main(argv=None) -> int:
         kept, group.MEMBER_WRITERS = group.MEMBER_WRITERS, (1 if writers == "one" else group.MEMBER_WRITERS)
 
         def save(i: int) -> str:
-            path = save_member(i, os.path.join(root, f"m{i}"), ts, "ae", "bench", {}, meta)
+            run_dir = os.path.join(root, f"m{i}")
+            path = (save_previous(i, run_dir, ts, meta) if writers == "previous" else
+                    save_member(i, run_dir, ts, "ae", "bench", {}, meta))
             ends.append(time.perf_counter())
             return path
 

@@ -993,3 +993,37 @@ def test_pick_conv_takes_the_variant_that_saves_the_most_only_when_it_clearly_be
     missing = subprocess.run([sys.executable, str(BENCH / "device" / "pick_conv.py"), str(tmp_path / "no.json")],
                              capture_output=True, text=True, check=True)
     assert missing.stdout.strip() == "" and "no rows" in missing.stderr
+
+
+def test_eval_beside_writes_times_each_writer_and_the_previous_writer_saves_the_same_state(tmp_path):
+    """benchmarks/eval_beside_writes.py: the rows in order, each beside-row with its writes' seconds; and its
+    `previous` writer (the serialization before session 38, the before of the comparison) saves each member's
+    state as the library's `save_member` does, tensor for tensor."""
+    import eval_beside_writes as ebw
+    from ulsweep.config import load_experiment
+    from ulsweep.config.loading import parse_overrides
+    from ulsweep.train.checkpoint import load_checkpoint
+    from ulsweep.train.group import save_member
+
+    sets = ["--set", "ae.train.eval_images=4", "--set", "ae.train.sample_steps=2"]
+    out = tmp_path / "w.json"
+    assert ebw.main(["experiments/quickstart.yaml", "--members", "2", "--dir", str(tmp_path), *sets,
+                     "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["row"] for r in rows] == ["alone", "writes", "beside:library", "beside:one", "beside:previous",
+                                        "alone again"]
+    assert all(r["eval_s"] > 0 for r in rows if r["row"] != "writes")
+    assert all(r["writes_s"] > 0 for r in rows[1:5]) and {r["members"] for r in rows} == {2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json"]  # the checkpoints removed after each row
+
+    exp = load_experiment("experiments/quickstart.yaml", parse_overrides(["ae.train.eval_images=4"]))
+    exps, rt, ts, _ = ebw.build(exp, 2)
+    a = load_checkpoint(ebw.save_previous(1, str(tmp_path / "prev"), ts, {}))[0]
+    b = load_checkpoint(save_member(1, str(tmp_path / "lib"), ts, "ae", "h", {}, {}))[0]
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][n], b[part][n]) for n in a[part])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[p][n], sb[p][n]) for p in sa for n in sa[p])
+    with pytest.raises(SystemExit):
+        ebw.main(["experiments/quickstart.yaml", "--members", "1"])

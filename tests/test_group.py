@@ -456,3 +456,33 @@ def test_checkpoints_written_first_are_handed_on_and_a_failing_hand_on_fails_no_
     assert sorted(hooks.got) == [(0, "ckpt-0"), (2, "ckpt-2"), (3, "ckpt-3")]
     assert "[member 2] its checkpoint ckpt-2 was not handed on before its evaluation (ConnectionError" in \
         capsys.readouterr().out
+
+
+def test_a_members_rows_are_copied_to_host_memory_and_own_their_storage():
+    """`_row` and `_optimizer_row` (what `save_member` writes): member i's rows as host tensors of their own, the
+    optimizer's shared step count whole."""
+    from ulsweep.train.group import _optimizer_row, _row, copy_stream
+
+    w = torch.arange(12.0).reshape(3, 4)
+    opt = {"state": {0: {"exp_avg": w * 2, "step": torch.tensor(7.0)}}, "param_groups": [{"lr": 1e-3}]}
+    with copy_stream(w.device):
+        rows, orows = _row({"w": w}, 1), _optimizer_row(opt, 1)
+    assert torch.equal(rows["w"], w[1]) and rows["w"].untyped_storage().nbytes() == 4 * 4
+    assert torch.equal(orows["state"][0]["exp_avg"], w[1] * 2) and orows["state"][0]["step"].item() == 7.0
+    w.add_(1)  # the training's state moves on; the copies do not
+    assert torch.equal(rows["w"], torch.arange(4.0, 8.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_rows_copied_on_their_own_stream_wait_for_the_kernels_queued_before():
+    """`copy_stream` on a GPU: the copies run after what the default stream held when they began (a long kernel,
+    then the update that makes the values), without waiting for what is queued after."""
+    from ulsweep.train.group import _row, copy_stream
+
+    w = torch.zeros(4, 1 << 20, device="cuda")
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time queued first (test only: a private helper)
+    w.add_(1)
+    with copy_stream(w.device):
+        rows = _row({"w": w}, 2)
+    w.add_(1)
+    assert rows["w"].device.type == "cpu" and bool((rows["w"] == 1).all())

@@ -14,10 +14,14 @@ Also the one place that says where ulsweep's local cache lives (`cache_root`, `c
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import logging
 import os
+import shutil
 import tempfile
 import time
+from typing import BinaryIO, Callable
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -122,6 +126,51 @@ def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None
         if parent and parent != path:
             fs.makedirs(parent, exist_ok=True)
         fs.pipe_file(path, data)
+
+
+def write_atomic_with(uri: str, write: Callable[[str | BinaryIO], None]) -> tuple[str, int]:
+    """The file at `uri` written by `write(target)` with `write_atomic`'s guarantees (readers see the old file or
+    the whole new one; a passing storage error retried); returns the SHA-256 (hex) and size of what was written.
+
+    On a local path `target` is a path, `<dir>/.tmp-<random>/<name>` (the file's own name, so that a format that
+    records it, as torch.save's archive does, comes out the same every time), read back for its hash, fsynced and
+    renamed into place: a writer that takes a path writes without the GIL where it can (torch.save's C++ writer;
+    given a file object it calls back into Python for every record and holds the GIL while the bytes are copied,
+    which stalls the threads launching a GPU's kernels beside it: `benchmarks/eval_beside_writes.py`). On an object
+    store `target` is an in-memory buffer, published in one PUT."""
+    fs, path = filesystem(uri)
+    return retry_storage(lambda: _write_atomic_with(fs, path, write), path)
+
+
+def _write_atomic_with(fs: fsspec.AbstractFileSystem, path: str, write) -> tuple[str, int]:
+    from ulsweep.testing import faults
+
+    if not isinstance(fs, LocalFileSystem):
+        buf = io.BytesIO()
+        write(buf)
+        data = buf.getvalue()
+        _write_atomic(fs, path, data)
+        return hashlib.sha256(data).hexdigest(), len(data)
+    faults.storage(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(dir=d, prefix=".tmp-")
+    tmp = os.path.join(tmp_dir, os.path.basename(path))
+    try:
+        write(tmp)
+        digest, size = hashlib.sha256(), 0
+        with open(tmp, "rb+") as f:
+            while chunk := f.read(HASH_CHUNK):  # hashlib releases the GIL on chunks this large
+                digest.update(chunk)
+                size += len(chunk)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic rename on POSIX
+        return digest.hexdigest(), size
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+HASH_CHUNK = 16 << 20  # bytes read back at a time for a written file's SHA-256
 
 
 def atomic_write_bytes(uri: str, data: bytes) -> None:

@@ -50,13 +50,10 @@ def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], meta: dict[s
     """Write state then manifest atomically; return the checkpoint directory."""
     import torch
 
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    blob = buf.getvalue()
     d = step_dir(run_dir, step)
-    uio.atomic_write_bytes(uio.join(d, "state.pt"), blob)
-    _write_manifest(d, {"format": FORMAT, "step": step, "sha256": hashlib.sha256(blob).hexdigest(),
-                        "bytes": len(blob), **meta})
+    # torch.save given a path (a local run directory) writes it without holding the GIL for its bytes
+    digest, size = uio.write_atomic_with(uio.join(d, "state.pt"), lambda target: torch.save(state, target))
+    _write_manifest(d, {"format": FORMAT, "step": step, "sha256": digest, "bytes": size, **meta})
     return d
 
 

@@ -424,9 +424,13 @@ def per_member(each: list[dict]) -> dict[str, list[float]]:
 def save_member(i: int, run_dir: str, ts: GroupTrainState, kind: str, cfg_hash: str, state_extra: dict, meta: dict,
                 metrics: dict | None = None) -> str:
     """Member i's final checkpoint in its own run directory: its rows of the stacked state, with `state_extra` and
-    `meta` as its run alone saves them (and its `metrics`, where they are known); returns its path."""
-    state = {"model": _row(ts.net.state_dict(), i), "ema": _row(ts.ema.state_dict(), i),
-             "optimizer": _optimizer_row(ts.opt.state_dict(), i), "rng": rng_state(ts.gen.gens[i]), **state_extra}
+    `meta` as its run alone saves them (and its `metrics`, where they are known); returns its path. Its rows are
+    copied to host memory on a stream of their own (`copy_stream`), beside the kernels of the thread that goes on
+    (a group's final evaluation), then written from there."""
+    with copy_stream(ts.rt.device):
+        state = {"model": _row(ts.net.state_dict(), i), "ema": _row(ts.ema.state_dict(), i),
+                 "optimizer": _optimizer_row(ts.opt.state_dict(), i)}
+    state |= {"rng": rng_state(ts.gen.gens[i]), **state_extra}
     return save_checkpoint(run_dir, ts.step, state, {**meta, "kind": kind, "config_hash": cfg_hash, "step": ts.step,
                                                      "train_seconds": ts.train_seconds, "metrics": metrics or {}})
 
@@ -497,13 +501,30 @@ def hand_over(evaluations, hooks, results: list, marks: dict, write) -> dict[str
     return per_member([r.metrics if r is not None else {} for r in results])
 
 
+@contextlib.contextmanager
+def copy_stream(device: torch.device):
+    """On a GPU, the copies made inside run on a CUDA stream of their own, after everything queued so far on the
+    default stream (where the loop computed the state; ulsweep uses no other): copies to host memory then neither
+    wait for the kernels another thread queues after them nor hold those up, as they would on the one default
+    stream. A blocking copy to the host waits for its own stream only. Elsewhere, nothing."""
+    if device.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.default_stream(device))
+    with torch.cuda.stream(stream):
+        yield
+
+
 def _row(state: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
-    """Member i's tensors of a stacked state dict, copied (a view would save every member's storage)."""
-    return {name: t[i].clone() for name, t in state.items()}
+    """Member i's tensors of a stacked state dict, copied to host memory (a view would save every member's
+    storage; torch.save copies a GPU tensor to the host anyway)."""
+    return {name: t[i].to("cpu", copy=True) for name, t in state.items()}
 
 
 def _optimizer_row(state: dict, i: int) -> dict:
-    """Member i's AdamW state out of the stacked one: its rows of the moments, the shared step count."""
-    rows = {p: {name: (t[i].clone() if name != "step" else t.clone()) for name, t in s.items()}
+    """Member i's AdamW state out of the stacked one, in host memory: its rows of the moments, the shared step
+    count."""
+    rows = {p: {name: (t[i] if name != "step" else t).to("cpu", copy=True) for name, t in s.items()}
             for p, s in state["state"].items()}
     return {"state": rows, "param_groups": state["param_groups"]}
