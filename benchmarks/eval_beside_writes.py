@@ -14,8 +14,10 @@ initialized autoencoders of the experiment, stacked and given AdamW moments by o
 <writer>s (`--writers`): `library` (the group's `save_member`, MEMBER_WRITERS threads), `one` (the same, one
 thread) and `previous` (MEMBER_WRITERS threads writing as the library did until session 38: each member's rows
 cloned on the device's default stream, torch.save into an in-memory buffer, which holds the GIL while it copies
-the bytes, then the buffer hashed and written). Rows: `eval_s` (the evaluation's wall) and `writes_s` (from the first write's start to the last's end).
-Checkpoints go under `--dir` (a temporary directory by default; local disk as on a node), removed after each row.
+the bytes, then the buffer hashed and written). Rows: `eval_s` (the evaluation's wall) and `writes_s` (from the
+first write's start to the last's end). Checkpoints go under `--dir` (a temporary directory by default; local
+disk as on a node), removed after each row. One H100, session 38, before the library's writer changed: alone
+8.7 s, beside its writes 19.2 s, beside one writer thread 12.4 s (`h100-eval-beside-writes-s38.json`).
 
     python benchmarks/eval_beside_writes.py experiments/lf_sweep.yaml --members 18 --out $OUT/eval-beside-writes.json
 """
