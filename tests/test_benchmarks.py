@@ -1027,3 +1027,23 @@ def test_eval_beside_writes_times_each_writer_and_the_previous_writer_saves_the_
     assert sa.keys() == sb.keys() and all(torch.equal(sa[p][n], sb[p][n]) for p in sa for n in sa[p])
     with pytest.raises(SystemExit):
         ebw.main(["experiments/quickstart.yaml", "--members", "1"])
+
+
+def test_checkpoint_gil_rows_alternate_and_the_previous_writer_writes_a_loadable_checkpoint(tmp_path):
+    """benchmarks/checkpoint_gil.py: the alone row, then previous and library alternating, each with its writes'
+    seconds and the ticker's rate; its `previous` writer's checkpoint loads as the library's does."""
+    import checkpoint_gil as cg
+    from ulsweep.train.checkpoint import load_checkpoint
+
+    out = tmp_path / "g.json"
+    assert cg.main(["--mb", "0.2", "--tensors", "5", "--checkpoints", "2", "--repeats", "2", "--alone-s", "0.05",
+                    "--dir", str(tmp_path), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["row"] for r in rows] == ["alone", "previous", "library", "previous", "library"]
+    assert all(r["write_s"] > 0 and r["ticker_ops_per_s"] > 0 for r in rows[1:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.json"]
+    state = {"w": torch.arange(5.0)}
+    got, meta = load_checkpoint(cg.save_previous(str(tmp_path / "run"), 3, state, {"kind": "t"}))
+    assert torch.equal(got["w"], state["w"]) and meta["step"] == 3 and meta["kind"] == "t"
+    with pytest.raises(SystemExit):
+        cg.main(["--tensors", "0"])

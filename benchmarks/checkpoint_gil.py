@@ -1,0 +1,120 @@
+"""How much a checkpoint write takes from a thread of small torch ops beside it (the GIL), CPU only, side by side.
+
+A GPU's training or evaluation thread is launch-bound: it needs the GIL between every two kernels, and a writer
+thread that holds it (Python code, or a C++ call that does not release it) holds the launches up. Here a ticker
+thread runs small CPU ops (a stand-in for those launches) while the main thread writes `--checkpoints` states of
+`--mb` MB in `--tensors` tensors:
+
+    alone      the ticker with nothing beside it (`--alone-s` seconds): its ops/s
+    previous   the write as `save_checkpoint` did until session 38: torch.save into an in-memory buffer (its
+               records copied through a Python callback), the buffer hashed and written atomically
+    library    `ulsweep.train.checkpoint.save_checkpoint`: torch.save to the file's own path
+               (`io.write_atomic_with`), read back for the hash
+
+Per row: `write_s`, the writes' wall; `ticker_ops_per_s`; `ticker_lost_s`, the ticker's ops lost against alone,
+in seconds of its alone rate (write_s x (1 - rate / alone rate)). Rows are repeated `--repeats` times, alternating.
+
+    python benchmarks/checkpoint_gil.py --out benchmarks/results/cpu-checkpoint-gil.json
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from timing import run_env, write_results  # noqa: E402  (beside this script)
+
+
+def save_previous(run_dir: str, step: int, state: dict, meta: dict) -> str:
+    """A checkpoint written as `save_checkpoint` wrote it until session 38 (module docstring)."""
+    from ulsweep import io as uio
+    from ulsweep.train.checkpoint import FORMAT, _write_manifest, step_dir
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    blob = buf.getvalue()
+    d = step_dir(run_dir, step)
+    uio.atomic_write_bytes(uio.join(d, "state.pt"), blob)
+    _write_manifest(d, {"format": FORMAT, "step": step, "sha256": hashlib.sha256(blob).hexdigest(),
+                        "bytes": len(blob), **meta})
+    return d
+
+
+def beside_ticker(work) -> tuple[float, float]:
+    """work()'s seconds and the ops/s of a thread of small torch ops running beside it."""
+    a, b = torch.randn(64), torch.randn(64)
+    stop, rate = threading.Event(), []
+
+    def tick() -> None:
+        n, t0 = 0, time.perf_counter()
+        while not stop.is_set():
+            for _ in range(100):
+                a.add(b)
+            n += 100
+        rate.append(n / (time.perf_counter() - t0))
+
+    th = threading.Thread(target=tick)
+    th.start()
+    t0 = time.perf_counter()
+    try:
+        work()
+    finally:
+        secs = time.perf_counter() - t0
+        stop.set()
+        th.join()
+    return secs, rate[0]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=float, default=368.0, help="a checkpoint's size (lf_sweep's autoencoder: ~365 MB)")
+    ap.add_argument("--tensors", type=int, default=800, help="its tensors (weights, EMA, two AdamW moments)")
+    ap.add_argument("--checkpoints", type=int, default=3, help="checkpoints written a row")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--alone-s", type=float, default=3.0)
+    ap.add_argument("--dir", default=None, help="where the checkpoints go (default: a temporary directory)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.mb <= 0 or args.tensors < 1 or args.checkpoints < 1:
+        ap.error("--mb, --tensors and --checkpoints must be positive")
+
+    from ulsweep.train.checkpoint import save_checkpoint
+
+    torch.set_num_threads(1)  # the ticker's ops and the writes' copies, one core each
+    numel = max(1, int(args.mb * 1e6 / 4 / args.tensors))
+    state = {f"t{j}": torch.randn(numel) for j in range(args.tensors)}
+    root = tempfile.mkdtemp(prefix="checkpoint-gil-", dir=args.dir)
+    writers = {"previous": save_previous, "library": save_checkpoint}
+    _, alone = beside_ticker(lambda: time.sleep(args.alone_s))
+    rows = [{"row": "alone", "write_s": None, "ticker_ops_per_s": alone, "ticker_lost_s": 0.0}]
+    print(f"{'row':>9} {'write s':>8} {'ticker ops/s':>13} {'ticker lost s':>14}")
+    print(f"{'alone':>9} {'-':>8} {alone:>13.0f} {0.0:>14.2f}")
+    try:
+        for _ in range(args.repeats):
+            for name, save in writers.items():
+                secs, rate = beside_ticker(lambda: [save(os.path.join(root, f"{name}-{i}"), 1, state, {})
+                                                    for i in range(args.checkpoints)])
+                shutil.rmtree(root, ignore_errors=True)
+                os.makedirs(root, exist_ok=True)
+                lost = secs * (1 - rate / alone)
+                rows.append({"row": name, "write_s": secs, "ticker_ops_per_s": rate, "ticker_lost_s": lost})
+                print(f"{name:>9} {secs:>8.2f} {rate:>13.0f} {lost:>14.2f}", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    env = run_env(args) | {"checkpoint_bytes": 4 * numel * args.tensors}
+    write_results(args.out, env, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
