@@ -12,6 +12,8 @@
 #                                           # convolutions grouped and one per trial (loop: resources.stack_conv;
 #                                           # CONVS="grouped loop unfold" adds im2col), each with cuDNN's search
 #                                           # and then its heuristics (the second row compiles from the first's)
+#   bash benchmarks/device/levers.sh writes # ~3 min: the 18 autoencoders' evaluation alone and beside their
+#                                           # checkpoint writes (library, one thread, the writer before session 38)
 #   ULSWEEP_COMMIT=<sha> bash benchmarks/device/levers.sh conv-sweep [--set k=v ...]
 #                                           # conv (CONV_LIMIT default 420), then the full sweep detached
 #                                           # (fid.sh sweep) with the --set of the variant that saves the most
@@ -20,7 +22,7 @@
 set -euo pipefail
 . benchmarks/device/env_b.sh
 OUT=${OUT:?set by the device call}
-case "${1:?fid|conv|conv-sweep}" in
+case "${1:?fid|conv|writes|conv-sweep}" in
   fid)
     [ -f /tmp/stage/default_1.pt ] || cat /tmp/stage/inc/incpart.* > /tmp/stage/default_1.pt
     python3 benchmarks/metrics.py --devices cuda --skip domain inception --inception-batch 256 \
@@ -38,6 +40,12 @@ case "${1:?fid|conv|conv-sweep}" in
       --cudnn-search on off --no-baseline --profile --seconds 6 --warmup 3 --check-steps 0 --stage ae --batch 128 \
       --out "$OUT/profile-ae-conv.json" > "$OUT/profile-ae-conv.log" 2>&1 || echo "conv rows: rc $?"
     tail -12 "$OUT/profile-ae-conv.log"
+    ;;
+  writes)  # ~3 min: a stacked group's evaluation alone and beside its members' checkpoint writes, the library's
+           # writer, one thread, and the writer before session 38 (eval_beside_writes.py)
+    python3 benchmarks/eval_beside_writes.py experiments/lf_sweep.yaml --members 18 \
+      --out "$OUT/eval-beside-writes.json" > "$OUT/eval-beside-writes.log" 2>&1 || echo "writes rows: rc $?"
+    tail -8 "$OUT/eval-beside-writes.log"
     ;;
   conv-sweep)
     CONV_LIMIT=${CONV_LIMIT:-420} bash "$0" conv
