@@ -157,7 +157,15 @@ def _write_atomic_with(fs: fsspec.AbstractFileSystem, path: str, write) -> tuple
     tmp_dir = tempfile.mkdtemp(dir=d, prefix=".tmp-")
     tmp = os.path.join(tmp_dir, os.path.basename(path))
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - torch.save's C++ writer says "file write failed", not why
+            passing = _passing_storage_error(d)
+            if passing is None:
+                raise
+            raise passing from e
         digest, size = hashlib.sha256(), 0
         with open(tmp, "rb+") as f:
             while chunk := f.read(HASH_CHUNK):  # hashlib releases the GIL on chunks this large
@@ -171,6 +179,22 @@ def _write_atomic_with(fs: fsspec.AbstractFileSystem, path: str, write) -> tuple
 
 
 HASH_CHUNK = 16 << 20  # bytes read back at a time for a written file's SHA-256
+FULL_BYTES = 16 << 20  # a file system with less than this left to a writer counts as full
+
+
+def _passing_storage_error(d: str) -> OSError | None:
+    """The passing storage error (PASSING_ERRNOS) that explains a failed write into directory `d`, judged from
+    its file system now (read-only, or full: under FULL_BYTES left), or None: for a writer whose own error does
+    not carry the errno (torch.save's C++ writer), so that such a write is retried as `f.write`'s would be."""
+    try:
+        st = os.statvfs(d)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return OSError(errno.EROFS, "Read-only file system (the write into it failed)", d)
+    if st.f_bavail * st.f_frsize < FULL_BYTES:
+        return OSError(errno.ENOSPC, "No space left on device (the write into it failed)", d)
+    return None
 
 
 def atomic_write_bytes(uri: str, data: bytes) -> None:

@@ -222,3 +222,34 @@ def test_a_file_written_to_an_object_store_is_one_put_of_a_buffer():
     assert seen == [pyio.BytesIO] and size == 21
     assert uio.read_bytes("memory://ulsweep-tests/write-with/x.bin") == b"abc" * 7
     assert digest == hashlib.sha256(b"abc" * 7).hexdigest()
+
+
+def test_a_writer_failing_on_a_full_file_system_is_retried_as_a_storage_error(tmp_path, monkeypatch):
+    """torch.save's C++ writer fails with a RuntimeError that names no errno: on a file system that is then full
+    (statvfs), `write_atomic_with` raises it as ENOSPC, which `retry_storage` retries until the space is back; on
+    one with space, the writer's own error goes on at once."""
+    import os as pyos
+
+    monkeypatch.setenv("ULSWEEP_STORAGE_RETRY_S", "30")
+    real_statvfs, calls = pyos.statvfs, []
+
+    class Full:
+        def __init__(self, st):
+            self.f_flag, self.f_frsize, self.f_bavail = st.f_flag, st.f_frsize, 0
+
+    def writer(target):
+        calls.append(target)
+        if len(calls) == 1:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed (injected)")
+        with open(target, "wb") as out:
+            out.write(b"whole")
+
+    monkeypatch.setattr(uio.os, "statvfs", lambda d: Full(real_statvfs(d)))
+    f = tmp_path / "x.bin"
+    _, size = uio.write_atomic_with(str(f), writer)
+    assert len(calls) == 2 and f.read_bytes() == b"whole" and size == 5
+    monkeypatch.setattr(uio.os, "statvfs", real_statvfs)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="injected"):
+        uio.write_atomic_with(str(tmp_path / "y.bin"), writer)
+    assert len(calls) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
