@@ -1,18 +1,23 @@
-"""How much a checkpoint write takes from a thread of small torch ops beside it (the GIL), CPU only, side by side.
+"""How much a checkpoint write or read takes from a thread of small torch ops beside it (the GIL), CPU only, side
+by side.
 
 A GPU's training or evaluation thread is launch-bound: it needs the GIL between every two kernels, and a writer
 thread that holds it (Python code, or a C++ call that does not release it) holds the launches up. Here a ticker
 thread runs small CPU ops (a stand-in for those launches) while the main thread writes `--checkpoints` states of
-`--mb` MB in `--tensors` tensors:
+`--mb` MB in `--tensors` tensors, then reads them back:
 
-    alone      the ticker with nothing beside it (`--alone-s` seconds): its ops/s
-    previous   the write as `save_checkpoint` did until session 38: torch.save into an in-memory buffer (its
-               records copied through a Python callback), the buffer hashed and written atomically
-    library    `ulsweep.train.checkpoint.save_checkpoint`: torch.save to the file's own path
-               (`io.write_atomic_with`), read back for the hash
+    alone          the ticker with nothing beside it (`--alone-s` seconds): its ops/s
+    previous       the write as `save_checkpoint` did until session 38: torch.save into an in-memory buffer (its
+                   records copied through a Python callback), the buffer hashed and written atomically
+    library        `ulsweep.train.checkpoint.save_checkpoint`: torch.save to the file's own path
+                   (`io.write_atomic_with`), read back for the hash
+    read:previous  the library's checkpoints read as `load_checkpoint` did until session 38: the file's bytes,
+                   their hash, torch.load from an in-memory buffer (a Python callback a record)
+    read:library   `load_checkpoint`: the file hashed in chunks, then torch.load from its path
 
-Per row: `write_s`, the writes' wall; `ticker_ops_per_s`; `ticker_lost_s`, the ticker's ops lost against alone,
-in seconds of its alone rate (write_s x (1 - rate / alone rate)). Rows are repeated `--repeats` times, alternating.
+Per row: `write_s`, the writes' (or reads') wall; `ticker_ops_per_s`; `ticker_lost_s`, the ticker's ops lost
+against alone, in seconds of its alone rate (write_s x (1 - rate / alone rate)). The rows are repeated
+`--repeats` times, in turn.
 
     python benchmarks/checkpoint_gil.py --out benchmarks/results/cpu-checkpoint-gil.json
 """
@@ -48,6 +53,18 @@ def save_previous(run_dir: str, step: int, state: dict, meta: dict) -> str:
     _write_manifest(d, {"format": FORMAT, "step": step, "sha256": hashlib.sha256(blob).hexdigest(),
                         "bytes": len(blob), **meta})
     return d
+
+
+def load_previous(path: str) -> dict:
+    """A checkpoint read as `load_checkpoint` read it until session 38 (module docstring)."""
+    from ulsweep import io as uio
+    from ulsweep.train.checkpoint import read_meta
+
+    meta = read_meta(path)
+    blob = uio.read_bytes(uio.join(path, "state.pt"))
+    if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+        raise RuntimeError(f"{path}: SHA-256 mismatch")
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
 
 
 def beside_ticker(work) -> tuple[float, float]:
@@ -88,7 +105,7 @@ def main(argv=None) -> int:
     if args.mb <= 0 or args.tensors < 1 or args.checkpoints < 1:
         ap.error("--mb, --tensors and --checkpoints must be positive")
 
-    from ulsweep.train.checkpoint import save_checkpoint
+    from ulsweep.train.checkpoint import load_checkpoint, save_checkpoint
 
     torch.set_num_threads(1)  # the ticker's ops and the writes' copies, one core each
     numel = max(1, int(args.mb * 1e6 / 4 / args.tensors))
@@ -97,18 +114,29 @@ def main(argv=None) -> int:
     writers = {"previous": save_previous, "library": save_checkpoint}
     _, alone = beside_ticker(lambda: time.sleep(args.alone_s))
     rows = [{"row": "alone", "write_s": None, "ticker_ops_per_s": alone, "ticker_lost_s": 0.0}]
-    print(f"{'row':>9} {'write s':>8} {'ticker ops/s':>13} {'ticker lost s':>14}")
-    print(f"{'alone':>9} {'-':>8} {alone:>13.0f} {0.0:>14.2f}")
+    print(f"{'row':>13} {'work s':>8} {'ticker ops/s':>13} {'ticker lost s':>14}")
+    print(f"{'alone':>13} {'-':>8} {alone:>13.0f} {0.0:>14.2f}")
+    readers = {"read:previous": load_previous, "read:library": lambda path: load_checkpoint(path)[0]}
+
+    def row(name: str, work) -> None:
+        secs, rate = beside_ticker(work)
+        lost = secs * (1 - rate / alone)
+        rows.append({"row": name, "write_s": secs, "ticker_ops_per_s": rate, "ticker_lost_s": lost})
+        print(f"{name:>13} {secs:>8.2f} {rate:>13.0f} {lost:>14.2f}", flush=True)
+
     try:
         for _ in range(args.repeats):
             for name, save in writers.items():
-                secs, rate = beside_ticker(lambda: [save(os.path.join(root, f"{name}-{i}"), 1, state, {})
-                                                    for i in range(args.checkpoints)])
-                shutil.rmtree(root, ignore_errors=True)
-                os.makedirs(root, exist_ok=True)
-                lost = secs * (1 - rate / alone)
-                rows.append({"row": name, "write_s": secs, "ticker_ops_per_s": rate, "ticker_lost_s": lost})
-                print(f"{name:>9} {secs:>8.2f} {rate:>13.0f} {lost:>14.2f}", flush=True)
+                row(name, lambda: [save(os.path.join(root, f"{name}-{i}"), 1, state, {})
+                                   for i in range(args.checkpoints)])
+            # the library's checkpoints of this repeat, read back (from the page cache, as a node reads one just
+            # written), by each reader
+            paths = [os.path.join(root, f"library-{i}", "checkpoints", "step_00000001")
+                     for i in range(args.checkpoints)]
+            for name, load in readers.items():
+                row(name, lambda: [load(p) for p in paths])
+            shutil.rmtree(root, ignore_errors=True)
+            os.makedirs(root, exist_ok=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     env = run_env(args) | {"checkpoint_bytes": 4 * numel * args.tensors}

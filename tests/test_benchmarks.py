@@ -1030,8 +1030,9 @@ def test_eval_beside_writes_times_each_writer_and_the_previous_writer_saves_the_
 
 
 def test_checkpoint_gil_rows_alternate_and_the_previous_writer_writes_a_loadable_checkpoint(tmp_path):
-    """benchmarks/checkpoint_gil.py: the alone row, then previous and library alternating, each with its writes'
-    seconds and the ticker's rate; its `previous` writer's checkpoint loads as the library's does."""
+    """benchmarks/checkpoint_gil.py: the alone row, then the previous and the library's writer and reader in turn,
+    each with its seconds and the ticker's rate; its `previous` writer's checkpoint loads as the library's does,
+    and its `previous` reader reads it."""
     import checkpoint_gil as cg
     from ulsweep.train.checkpoint import load_checkpoint
 
@@ -1039,11 +1040,13 @@ def test_checkpoint_gil_rows_alternate_and_the_previous_writer_writes_a_loadable
     assert cg.main(["--mb", "0.2", "--tensors", "5", "--checkpoints", "2", "--repeats", "2", "--alone-s", "0.05",
                     "--dir", str(tmp_path), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["row"] for r in rows] == ["alone", "previous", "library", "previous", "library"]
+    assert [r["row"] for r in rows] == ["alone"] + ["previous", "library", "read:previous", "read:library"] * 2
     assert all(r["write_s"] > 0 and r["ticker_ops_per_s"] > 0 for r in rows[1:])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.json"]
     state = {"w": torch.arange(5.0)}
-    got, meta = load_checkpoint(cg.save_previous(str(tmp_path / "run"), 3, state, {"kind": "t"}))
+    path = cg.save_previous(str(tmp_path / "run"), 3, state, {"kind": "t"})
+    got, meta = load_checkpoint(path)
     assert torch.equal(got["w"], state["w"]) and meta["step"] == 3 and meta["kind"] == "t"
+    assert torch.equal(cg.load_previous(path)["w"], state["w"])
     with pytest.raises(SystemExit):
         cg.main(["--tensors", "0"])

@@ -166,19 +166,33 @@ def _write_atomic_with(fs: fsspec.AbstractFileSystem, path: str, write) -> tuple
             if passing is None:
                 raise
             raise passing from e
-        digest, size = hashlib.sha256(), 0
         with open(tmp, "rb+") as f:
-            while chunk := f.read(HASH_CHUNK):  # hashlib releases the GIL on chunks this large
-                digest.update(chunk)
-                size += len(chunk)
+            digest, size = _sha256_of(f)
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic rename on POSIX
-        return digest.hexdigest(), size
+        return digest, size
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-HASH_CHUNK = 16 << 20  # bytes read back at a time for a written file's SHA-256
+def _sha256_of(f: BinaryIO) -> tuple[str, int]:
+    """SHA-256 (hex) and size of what is left to read in file `f`, read in chunks (hashlib releases the GIL on
+    chunks this large, and no copy of the whole file is held)."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := f.read(HASH_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def file_sha256(uri: str) -> tuple[str, int]:
+    """SHA-256 (hex) and size of the file at `uri` (local path or URI), read in chunks."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return _sha256_of(f)
+
+
+HASH_CHUNK = 16 << 20  # bytes read at a time for a file's SHA-256
 FULL_BYTES = 16 << 20  # a file system with less than this left to a writer counts as full
 
 

@@ -137,18 +137,23 @@ def read_meta(path: str) -> dict:
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
     """(state, meta) of the checkpoint directory `path`, after checking the SHA-256 of its state."""
     meta = read_meta(path)
+    uri = uio.join(path, "state.pt")
+    local = uio.is_local(uri)
     try:
-        blob = uio.read_bytes(uio.join(path, "state.pt"))
+        # a local file is hashed as it is read, in chunks, and torch.load then reads it from its path (its C++
+        # reader, without the GIL); from a buffer it would call back into Python for every record
+        blob = None if local else uio.read_bytes(uri)
+        digest, size = uio.file_sha256(uri) if local else (hashlib.sha256(blob).hexdigest(), len(blob))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: state.pt is missing") from None
-    digest = hashlib.sha256(blob).hexdigest()
     if digest != meta["sha256"]:
         raise CheckpointError(f"{path}/state.pt: SHA-256 {digest[:12]}... does not match the manifest's "
-                              f"{meta['sha256'][:12]}... ({len(blob)} of {meta.get('bytes')} bytes): "
+                              f"{meta['sha256'][:12]}... ({size} of {meta.get('bytes')} bytes): "
                               "corrupted or truncated, refusing to load it")
     import torch
 
-    state = torch.load(io.BytesIO(blob), map_location=map_location, weights_only=True)
+    source = uio.filesystem(uri)[1] if local else io.BytesIO(blob)
+    state = torch.load(source, map_location=map_location, weights_only=True)
     return state, meta
 
 
