@@ -193,6 +193,20 @@ def test_decode_latents_takes_arrow_bytes_and_float_columns():
         L.decode_latents([rows[0], rows[1][:44]], (3, 2, 2))
 
 
+def test_a_latent_shard_holds_its_rows_exactly_whatever_their_layout():
+    """`_shard_bytes` (the rows viewed, not copied, into an Arrow buffer): a shard of float32 rows, of rows in
+    another layout (a strided slice) and of float64 rows reads back as the float32 rows, indexed from its first."""
+    from ulsweep.train.latent_store import _read_table, _shard_bytes
+
+    z = np.random.default_rng(0).standard_normal((6, 12)).astype(np.float32)
+    for rows in (z, np.asfortranarray(z), z.astype(np.float64), np.repeat(z, 2, 0)[::2]):
+        data = _shard_bytes(rows, 10)
+        assert hashlib.sha256(data).hexdigest() == hashlib.sha256(bytes(data)).hexdigest()
+        table = _read_table(data, "shard")
+        np.testing.assert_array_equal(L.decode_latents(table.column("z"), (3, 2, 2)), z.reshape(6, 3, 2, 2))
+        assert table.column("index").to_pylist() == list(range(10, 16))
+
+
 def test_a_group_whose_latent_writer_fails_publishes_nothing_and_names_the_error(tmp_path, digits_cache,
                                                                                   monkeypatch, one_thread):
     """encode_together's writers run beside the encoder: one that fails (a full disk, say) fails the encoding

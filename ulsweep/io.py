@@ -125,7 +125,7 @@ def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None
         parent = path.rsplit("/", 1)[0]
         if parent and parent != path:
             fs.makedirs(parent, exist_ok=True)
-        fs.pipe_file(path, data)
+        fs.pipe_file(path, bytes(data) if not isinstance(data, bytes) else data)  # a bytes-like buffer too
 
 
 def write_atomic_with(uri: str, write: Callable[[str | BinaryIO], None]) -> tuple[str, int]:
@@ -211,7 +211,8 @@ def _passing_storage_error(d: str) -> OSError | None:
     return None
 
 
-def atomic_write_bytes(uri: str, data: bytes) -> None:
+def atomic_write_bytes(uri: str, data: bytes | memoryview) -> None:
+    """`data` (bytes, or any bytes-like buffer) at `uri`, written atomically (`write_atomic`)."""
     fs, path = filesystem(uri)
     write_atomic(fs, path, data)
 

@@ -14,7 +14,6 @@ latents as a dataset input, never imports it.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
@@ -266,12 +265,16 @@ def write_latents(directory: str, key: LatentsKey, z: torch.Tensor, token: str, 
     return w.finish(key, info)
 
 
-def _shard_bytes(z: np.ndarray, first_row: int) -> bytes:
-    """float32 (n, D) -> Parquet bytes with columns z (fixed_size_binary(4 D)) and index (int64)."""
+def _shard_bytes(z: np.ndarray, first_row: int) -> pa.Buffer:
+    """float32 (n, D) -> Parquet bytes with columns z (fixed_size_binary(4 D)) and index (int64), as an Arrow
+    buffer (bytes-like: written and hashed as it is). The rows are not copied into the column, and the file is
+    written into Arrow's own memory: through a Python file object every write would hold the GIL for its copy,
+    stalling the threads that launch a group's encoding beside it (benchmarks/checkpoint_gil.py's reasoning)."""
     n, D = z.shape
-    col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4 * D), n, [None, pa.py_buffer(z.tobytes())])
+    rows = np.ascontiguousarray(z, dtype="<f4").reshape(-1).view(np.uint8)
+    col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4 * D), n, [None, pa.py_buffer(rows)])
     table = pa.table({"z": col, "index": pa.array(np.arange(first_row, first_row + n), pa.int64())})
-    sink = io.BytesIO()
+    sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="none", use_dictionary=False, write_statistics=["index"])
     return sink.getvalue()
 
