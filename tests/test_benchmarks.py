@@ -1038,9 +1038,10 @@ def test_checkpoint_gil_rows_alternate_and_the_previous_writer_writes_a_loadable
 
     out = tmp_path / "g.json"
     assert cg.main(["--mb", "0.2", "--tensors", "5", "--checkpoints", "2", "--repeats", "2", "--alone-s", "0.05",
-                    "--dir", str(tmp_path), "--out", str(out)]) == 0
+                    "--latent-rows", "300", "--latent-dim", "8", "--dir", str(tmp_path), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["row"] for r in rows] == ["alone"] + ["previous", "library", "read:previous", "read:library"] * 2
+    assert [r["row"] for r in rows] == ["alone"] + ["previous", "library", "read:previous", "read:library",
+                                                    "shards:previous", "shards:library"] * 2
     assert all(r["write_s"] > 0 and r["ticker_ops_per_s"] > 0 for r in rows[1:])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.json"]
     state = {"w": torch.arange(5.0)}
@@ -1048,5 +1049,11 @@ def test_checkpoint_gil_rows_alternate_and_the_previous_writer_writes_a_loadable
     got, meta = load_checkpoint(path)
     assert torch.equal(got["w"], state["w"]) and meta["step"] == 3 and meta["kind"] == "t"
     assert torch.equal(cg.load_previous(path)["w"], state["w"])
+    import numpy as np
+
+    from ulsweep.train.latent_store import _shard_bytes  # the previous shards: the library's bytes
+
+    z = np.random.default_rng(0).random((5, 8), dtype=np.float32)
+    assert cg.shard_previous(z, 3) == bytes(_shard_bytes(z, 3))
     with pytest.raises(SystemExit):
         cg.main(["--tensors", "0"])
