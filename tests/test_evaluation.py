@@ -221,3 +221,90 @@ def test_a_groups_members_scored_two_at_a_time_get_the_very_metrics_of_one_after
     threaded = both(MeanPoolExtractor())
     assert threaded == serial
     assert len({m["rfd_toy"] for m, _ in serial[:4]}) == 4 and len({m["gfd_toy"] for m, _ in serial[4:]}) == 4
+
+
+def test_eval_batch_shapes_are_the_full_batch_and_each_counts_rest():
+    from ulsweep.train.evaluation import EVAL_BATCH, eval_batch_shapes
+
+    assert EVAL_BATCH == 256
+    assert eval_batch_shapes((1, 32, 32), [2000]) == [(208, 1, 32, 32), (256, 1, 32, 32)]  # 7 x 256 + 208
+    assert eval_batch_shapes((3, 8, 8), [10000, 10000]) == [(16, 3, 8, 8), (256, 3, 8, 8)]
+    assert eval_batch_shapes((1, 4, 4), [100, 512, 0]) == [(100, 1, 4, 4), (256, 1, 4, 4)]
+    assert eval_batch_shapes((1, 4, 4), []) == []
+
+
+class ShapeRecorder(MeanPoolExtractor):
+    """The toy extractor, noting each call's shape and thread."""
+
+    def __init__(self, name="toy"):
+        super().__init__(name)
+        self.seen = []
+
+    def forward(self, images_u8):
+        import threading
+
+        self.seen.append((tuple(images_u8.shape), threading.current_thread().name))
+        return super().forward(images_u8)
+
+
+def test_extractor_ahead_loads_and_warms_each_extractor_in_a_thread_and_the_evaluation_takes_it(cache_env,
+                                                                                                monkeypatch):
+    """`extractor_ahead`: the extractors loaded in a thread of their own and each called WARM_CALLS times at each
+    shape before the evaluation takes them; an evaluation given the future scores as with the loaded extractors,
+    to the last bit; a load's error is raised where the evaluation takes it."""
+    from ulsweep.config import experiment_from_dict
+    from ulsweep.train import evaluation, stage1
+    from ulsweep.train.build import build_autoencoder
+
+    made = []
+    monkeypatch.setattr(evaluation, "load_eval_extractor",
+                        lambda exp, device: made.append(ShapeRecorder()) or made[-1])
+    exp = experiment_from_dict({"ae": {"model": {"preset": "tiny", "downsample": 4, "latent_channels": 2},
+                                       "train": {"sample_steps": 2, "eval_t_per_image": 1}},
+                                "eval": {"extractor": "inception"}})
+    shapes = evaluation.eval_batch_shapes((1, 16, 16), [300])
+    ahead = evaluation.extractor_ahead(exp, torch.device("cpu"), shapes)
+    got = evaluation.resolve_extractor(ahead)
+    assert got is made[0] and [s for s, _ in got.seen] == [(44, 1, 16, 16)] * 3 + [(256, 1, 16, 16)] * 3
+    assert {t for _, t in got.seen} and all(t.startswith("ulsweep-extractor") for _, t in got.seen)
+
+    torch.manual_seed(0)
+    ae = build_autoencoder(exp.ae, 1).eval()
+    x = torch.rand(20, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    loaded = list(stage1.evaluate_aes(ae, x, [exp], True, MeanPoolExtractor(), "d" * 64))
+    warmed = list(stage1.evaluate_aes(ae, x, [exp], True, evaluation.extractor_ahead(exp, torch.device("cpu"), []),
+                                      "d" * 64))
+    assert [(m, images) for m, images, _ in warmed] == [(m, images) for m, images, _ in loaded]
+    assert "seconds/extractor" not in warmed[0][2]  # a disabled timer: nothing timed
+
+    def broken(exp, device):
+        raise FileNotFoundError("no weights (injected)")
+
+    monkeypatch.setattr(evaluation, "load_eval_extractor", broken)
+    ahead = evaluation.extractor_ahead(exp, torch.device("cpu"), shapes)
+    with pytest.raises(FileNotFoundError, match="injected"):
+        list(stage1.evaluate_aes(ae, x, [exp], True, ahead, "d" * 64))
+
+
+def test_extractor_ahead_trains_a_missing_domain_extractor_in_the_callers_thread(cache_env, monkeypatch):
+    """No extractor: None. A domain extractor not yet cached is trained (here: loaded) at once in the caller's
+    thread, not beside the evaluation; once cached, it is loaded ahead."""
+    import threading
+
+    from ulsweep.config import experiment_from_dict
+    from ulsweep.train import evaluation
+
+    threads = []
+    monkeypatch.setattr(evaluation, "load_eval_extractor",
+                        lambda exp, device: threads.append(threading.current_thread()) or MeanPoolExtractor())
+    none = experiment_from_dict({"eval": {"extractor": "none"}})
+    assert evaluation.extractor_ahead(none, torch.device("cpu"), [(4, 1, 8, 8)]) is None and threads == []
+    exp = experiment_from_dict({"data": {"path": "builtin:digits"}, "eval": {"extractor": "domain"}})
+    got = evaluation.extractor_ahead(exp, torch.device("cpu"), [(4, 1, 8, 8)])
+    assert isinstance(got, MeanPoolExtractor) and threads == [threading.current_thread()]
+    path = evaluation.domain_extractor_path(exp)
+    (cache_env / "cache" / "extractors").mkdir(parents=True, exist_ok=True)
+    open(path, "wb").close()
+    ahead = evaluation.extractor_ahead(exp, torch.device("cpu"), [(4, 1, 8, 8)])
+    assert isinstance(evaluation.resolve_extractor(ahead), MeanPoolExtractor)
+    assert threads[1] is not threading.current_thread()

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
@@ -112,15 +112,24 @@ def pop_seconds(metrics: dict, phase: str = "evaluate") -> dict[str, float]:
     return {f"{phase}_{k[len(SECONDS):]}_s": metrics.pop(k) for k in [k for k in metrics if k.startswith(SECONDS)]}
 
 
-def ensure_domain_extractor(exp: ExperimentConfig, device: str | torch.device = "cpu") -> str:
-    """Path of the cached domain extractor of the experiment's dataset; trains it first if missing. The cache
+def domain_extractor_path(exp: ExperimentConfig) -> str:
+    """Where the domain extractor of the experiment's dataset is cached (`ensure_domain_extractor`). The cache
     key holds what its weights depend on: the dataset's content, the training split and the epochs."""
     ds = open_dataset(resolve_dataset(exp.data.path))
     name = extractor_name_for_dataset(ds.name)
     epochs, split = exp.eval.extractor_epochs, exp.data.train_split
-    path = os.path.join(uio.cache_dir("extractors"), f"{name}-{ds.content_hash[:16]}-{split}-{epochs}ep.pt")
+    return os.path.join(uio.cache_dir("extractors"), f"{name}-{ds.content_hash[:16]}-{split}-{epochs}ep.pt")
+
+
+def ensure_domain_extractor(exp: ExperimentConfig, device: str | torch.device = "cpu") -> str:
+    """Path of the cached domain extractor of the experiment's dataset (`domain_extractor_path`); trains it
+    first if missing."""
+    path = domain_extractor_path(exp)
     if uio.exists(path):
         return path
+    ds = open_dataset(resolve_dataset(exp.data.path))
+    name = extractor_name_for_dataset(ds.name)
+    epochs, split = exp.eval.extractor_epochs, exp.data.train_split
     xtr, ytr = ds.load_split(split)
     xte, yte = ds.load_split(exp.data.eval_split)
     print(f"[eval] training domain extractor {name!r} on {ds.name} ({len(xtr)} images, "
@@ -168,6 +177,60 @@ def load_eval_extractor(exp: ExperimentConfig, device: torch.device) -> Extracto
         return ready(load_inception(exp.eval.inception_weights))
     path = ensure_domain_extractor(exp, device) if spec == "domain" else spec
     return ready(load_domain_extractor(path, exp.eval.extractor_sha256))
+
+
+WARM_CALLS = 3  # an extractor's calls at each batch shape before a final evaluation scores (`extractor_ahead`)
+
+
+def eval_batch_shapes(image_shape: Sequence[int], counts: Sequence[int]) -> list[tuple[int, ...]]:
+    """The uint8 batch shapes (N, C, H, W) an extractor is called at when a final evaluation scores `counts`
+    images a statistic (reconstructions, generations, their reference images): EVAL_BATCH at a time, then what
+    is left of each count."""
+    sizes = {min(n, EVAL_BATCH) for n in counts if n > 0} | {n % EVAL_BATCH for n in counts if n % EVAL_BATCH}
+    return [(b, *image_shape) for b in sorted(sizes)]
+
+
+def extractor_ahead(exp: ExperimentConfig, device: torch.device,
+                    shapes: Sequence[tuple[int, ...]]) -> Future | Extractors | None:
+    """`load_eval_extractor(exp, device)` in a thread of its own, each extractor then called WARM_CALLS times on
+    zeros of each of `shapes` (`eval_batch_shapes`), as a future: a final evaluation starts it before its parts
+    that need no extractor (bits/pixel, sampling) and takes it (`resolve_extractor`) when it first scores. The
+    extractors' loading and their first calls at a shape then run beside those parts rather than in the first
+    member's scoring: TorchScript's profiling executor optimizes a graph at its second call at a shape (a fresh
+    FID Inception's first calls at 256 images took 0.17, 1.84 and 0.05 s on one H100, session 38's
+    `benchmarks/metrics.py --member-fd`), and in session 37's lf_sweep the first member's scoring took 8.8 s of
+    the autoencoders' evaluation against 0.7 s for the last. While those calls run, the features' arithmetic
+    holds process-wide (`feature_arithmetic`: cuDNN's heuristics rather than its search), for the evaluation's
+    other convolutions too. A domain extractor not yet trained is trained here, in the caller's thread, first."""
+    spec = exp.eval.extractor
+    if spec == "none":
+        return None
+    domain = spec in ("domain", "both") or (spec == "auto" and torch.device(device).type != "cuda")
+    if domain and not uio.exists(domain_extractor_path(exp)):
+        return load_eval_extractor(exp, device)
+
+    def load_and_warm() -> Extractors | None:
+        extractors = load_eval_extractor(exp, device)
+        if extractors is not None:
+            with torch.no_grad():
+                for ext in _each(extractors):
+                    for shape in shapes:
+                        x = torch.zeros(shape, dtype=torch.uint8, device=device)
+                        for _ in range(WARM_CALLS):
+                            ext(x)
+        return extractors
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="ulsweep-extractor")
+    try:
+        return pool.submit(load_and_warm)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def resolve_extractor(extractor: Future | Extractors | None) -> Extractors | None:
+    """The extractors of `extractor_ahead`'s future once loaded and warmed (its error raised here); loaded ones
+    and None as they are."""
+    return extractor.result() if isinstance(extractor, Future) else extractor
 
 
 def _each(extractors: Extractors) -> tuple[FeatureExtractor, ...]:

@@ -23,7 +23,8 @@ from ulsweep.models.stacked import load_trial, per_example, plain
 from ulsweep.train.build import build_autoencoder, decoder_schedule, mse_decoder_logsnr, prior_schedule, sampler
 from ulsweep.train.build import latent_shape as latent_shape_of
 from ulsweep.train.checkpoint import finished_result
-from ulsweep.train.evaluation import PartTimer, load_eval_extractor, reconstruction_fd_of, scored_in_order
+from ulsweep.train.evaluation import (PartTimer, eval_batch_shapes, extractor_ahead, reconstruction_fd_of,
+                                     resolve_extractor, scored_in_order)
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.identity import stage1_hash
 from ulsweep.train.loop import RunSpec, train
@@ -201,6 +202,8 @@ def evaluate_aes(ae, x_eval: torch.Tensor, exps: Sequence[ExperimentConfig], wit
         bpps = latent_bpps(ae, x_eval, exp, gen, k)
     with timer("sampling"):
         recons, _ = reconstruct_images(ae, x_eval, exp, gen, k)
+    with timer("extractor"):  # loaded and warmed beside the parts above, where it comes from `extractor_ahead`
+        extractor = resolve_extractor(extractor)
     real_u8 = to_uint8(x_eval)
     shared = dict(timer.seconds)
 
@@ -288,8 +291,7 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
         if not final:
             return evaluate_ae(ema_ae, x_eval, exp, with_images=False)
         timer = PartTimer(rt.device)
-        with timer("extractor"):
-            extractor = load_eval_extractor(exp, rt.device)
+        extractor = extractor_ahead(exp, rt.device, eval_batch_shapes(image_shape, [len(x_eval)]))
         metrics, images = final_evaluation(ema_ae, ae, x_eval, exp, extractor, data_hash, ts.step, timer)
         metrics.update(timer.seconds)
         return metrics, images

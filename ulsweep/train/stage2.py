@@ -22,7 +22,8 @@ from ulsweep.diffusion.noise import Generator, seeded
 from ulsweep.models.stacked import load_trial, plain
 from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model, sampler
 from ulsweep.train.checkpoint import CheckpointError, finished_result, load_checkpoint
-from ulsweep.train.evaluation import PartTimer, generation_fd_of, load_eval_extractor, scored_in_order
+from ulsweep.train.evaluation import (PartTimer, eval_batch_shapes, extractor_ahead, generation_fd_of,
+                                     resolve_extractor, scored_in_order)
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.identity import stage2_hash
 from ulsweep.train.latents import IN_PROCESS, decode_path, latent_source, training_latents
@@ -111,6 +112,8 @@ def evaluate_bases(base_model, ae, exps: Sequence[ExperimentConfig], ae_exp: Exp
         with timer("sampling"):
             images = generate_members(base_model, ae, exp, ae_exp, base, n, latent_shape, tuple(x_eval.shape[1:]),
                                       gen, k, skip)
+        with timer("extractor"):  # loaded and warmed beside the parts above, where it comes from `extractor_ahead`
+            extractor = resolve_extractor(extractor)
     shared = dict(timer.seconds)
     alive = [i for i in range(k) if i not in skip]
     if images is None:
@@ -134,6 +137,12 @@ def evaluate_bases(base_model, ae, exps: Sequence[ExperimentConfig], ae_exp: Exp
     for metrics, pngs, own in scored_in_order(score, alive, x_eval.device):
         timer.add(own)
         yield metrics, pngs, shared | own.seconds
+
+
+def scored_shapes(exp: ExperimentConfig, x_eval: torch.Tensor) -> list[tuple[int, ...]]:
+    """The batch shapes a base evaluation's extractors see: its generations' and their reference images'."""
+    return eval_batch_shapes(tuple(x_eval.shape[1:]), [exp.eval.gfd_samples,
+                                                       min(exp.eval.gfd_reference_images, len(x_eval))])
 
 
 def evaluate_base(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentConfig, base: BaseStageConfig,
@@ -229,8 +238,7 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
         if not final:
             return evaluate_base(ema_net, ae, exp, ae_exp, base, x_eval, latent_shape, samples=False)
         timer = PartTimer(rt.device)
-        with timer("extractor"):
-            extractor = load_eval_extractor(exp, rt.device)
+        extractor = extractor_ahead(exp, rt.device, scored_shapes(exp, x_eval))
         metrics, images = evaluate_base(ema_net, ae, exp, ae_exp, base, x_eval, latent_shape, extractor, data_hash,
                                         timer=timer)
         with timer("flops"):
