@@ -26,6 +26,10 @@ Rows:
   `inception_first_calls_256` / `_16`: a freshly loaded Inception's first calls at the evaluation's batch and at
   a 10,000-image split's last batch (TorchScript's executor profiles and optimizes each new shape's first calls).
 - `inception_tf32_cl` (CUDA): the TF32 row in channels_last, its features against the NCHW TF32 row's.
+- `inception_profile` (with --profile-inception): the FID Inception's calls on the evaluation's images (uint8
+  1x32x32, `--inception-batch` a call, TF32 on CUDA) under torch.profiler: the GPU's busy share of the calls' wall,
+  its time by kernel kind and the largest kernels (`train_step.profile_step`); where Inception's ~5,000 images/s
+  (one H100, session 38: ~55 TFLOP/s of TF32, ~37 s of lf_sweep's base evaluation) go.
 - `frechet_2048`: frechet_distance on 2048-d statistics (float64: an eigh, an eigvalsh), and SciPy's sqrtm
   form on CPU for comparison (--scipy); `frechet_2048_reused`: the same distance with the reference's factor kept
   from an earlier call (`fd_between`, as a group's members are scored against one reference), side by side:
@@ -167,6 +171,21 @@ def bench_first_calls(device: torch.device, weights: str | None = None, calls: i
     return rows
 
 
+def profile_inception(inception, device: torch.device, batch: int, calls: int = 3) -> dict:
+    """The `inception_profile` row (module docstring): `calls` profiled calls after two unprofiled ones."""
+    from train_step import profile_step  # beside this script
+
+    ext = inception.to(device).eval().with_precision("tf32" if device.type == "cuda" else "fp32")
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(0, 256, (batch, 1, 32, 32), generator=g, device=device, dtype=torch.uint8)
+    with torch.inference_mode():
+        for _ in range(2):
+            ext(x)
+        prof = profile_step(lambda: ext(x), device, steps=calls)
+    return {"bench": "inception_profile", "device": str(device), "batch": batch, "input": [1, 32, 32],
+            "seconds": prof["wall_s"] / calls, "method": f"{calls} profiled calls", "profile": prof}
+
+
 def bench_frechet(dim: int, device: torch.device, warmup: int, repeats: int, scipy: bool) -> list[dict]:
     rng = np.random.default_rng(0)
     n = 2 * dim
@@ -225,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time one group member's gFD/gFID and rFD/rFID scoring (gfd_member, rfd_member), six "
                         "members 1, 2 and 3 at a time (gfd_members_<n>) and, on CUDA, a fresh Inception's first "
                         "calls (inception_first_calls_<batch>)")
+    p.add_argument("--profile-inception", action="store_true",
+                   help="also profile the FID Inception's calls (inception_profile: GPU time by kernel kind)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -269,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_member_fd(load_inception(args.inception_weights) if inception is None else inception,
                                     domain, dev, min(rep, 3) if cuda else 1, weights=args.inception_weights,
                                     first_calls=cuda)
+        if args.profile_inception:
+            rows.append(profile_inception(load_inception(args.inception_weights) if inception is None else inception,
+                                          dev, args.inception_batch or (256 if cuda else 8)))
         print(f"  done: {dev}", file=sys.stderr)
 
     env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
@@ -286,6 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         elif "per_member_s" in r:
             print(f"{r['bench']:<22}{r['device']:<8}{r['images']:>7}{'':>12}{r['seconds']:>10.4f}  {r['method']}: "
                   f"{r['per_member_s']:.4f} s a member, {r['ratio_to_one_at_a_time']:.3f}x one at a time")
+        elif "profile" in r:
+            prof = r["profile"]
+            kinds = ", ".join(f"{k} {v:.0%}" for k, v in prof["by_kind_frac_of_gpu"].items())
+            print(f"{r['bench']:<22}{r['device']:<8}{r['batch']:>7}{r['batch'] / r['seconds']:>12.1f}"
+                  f"{r['seconds']:>10.4f}  GPU busy {prof['gpu_busy_frac']:.0%} of the calls' wall; {kinds}")
+            for name, ms in list(prof["top_kernels_ms"].items())[:8]:
+                print(f"{'':<22}{ms:>10.2f} ms a call  {name}")
         elif "first_calls_s" in r:
             print(f"{r['bench']:<22}{r['device']:<8}{r['batch']:>7}{'':>12}{r['seconds']:>10.4f}  {r['method']}: "
                   + ", ".join(f"{t:.3f}" for t in r["first_calls_s"]))

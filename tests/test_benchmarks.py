@@ -959,6 +959,21 @@ def test_member_fd_rows_split_a_members_scoring_into_features_and_the_rest(monke
         assert r["ratio_to_one_at_a_time"] == pytest.approx(r["seconds"] / rows[2]["seconds"])
 
 
+def test_inception_profile_row_profiles_the_extractors_calls_at_the_evaluations_images():
+    """metrics.py's `inception_profile` on CPU with a small domain CNN in place of Inception: its calls profiled
+    on gray 32x32 uint8 images, the wall a call and the profile's breakdown (no GPU kernels here: busy 0)."""
+    import metrics
+
+    from ulsweep.metrics.domain import DomainCNN
+
+    net = DomainCNN("d", "cnn-s-v1", 1, 32, 10).eval().requires_grad_(False)
+    row = metrics.profile_inception(net, torch.device("cpu"), 4, calls=2)
+    assert row["bench"] == "inception_profile" and row["batch"] == 4 and row["input"] == [1, 32, 32]
+    prof = row["profile"]
+    assert row["seconds"] == pytest.approx(prof["wall_s"] / 2) and prof["gpu_busy_s"] == 0
+    assert set(prof) >= {"by_kind_frac_of_gpu", "top_kernels_ms", "kernels", "top_aten_ops_ms"}
+
+
 def test_pick_conv_takes_the_variant_that_saves_the_most_only_when_it_clearly_beats_the_sweeps_own(tmp_path):
     """benchmarks/device/pick_conv.py: the `--set`s for the sweep after `levers.sh conv`, from its rows (in the order
     they ran: each way of convolving compiles cold in its first row)."""

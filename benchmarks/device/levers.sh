@@ -12,6 +12,7 @@
 #                                           # convolutions grouped and one per trial (loop: resources.stack_conv;
 #                                           # CONVS="grouped loop unfold" adds im2col), each with cuDNN's search
 #                                           # and then its heuristics (the second row compiles from the first's)
+#   bash benchmarks/device/levers.sh inception # ~1 min: the FID Inception's calls profiled, by kernel kind
 #   bash benchmarks/device/levers.sh writes # ~3 min: the 18 autoencoders' evaluation alone and beside their
 #                                           # checkpoint writes (library, one thread, the writer before session 38)
 #   ULSWEEP_COMMIT=<sha> bash benchmarks/device/levers.sh conv-sweep [--set k=v ...]
@@ -22,7 +23,7 @@
 set -euo pipefail
 . benchmarks/device/env_b.sh
 OUT=${OUT:?set by the device call}
-case "${1:?fid|conv|writes|conv-sweep}" in
+case "${1:?fid|conv|writes|inception|conv-sweep}" in
   fid)
     [ -f /tmp/stage/default_1.pt ] || cat /tmp/stage/inc/incpart.* > /tmp/stage/default_1.pt
     python3 benchmarks/metrics.py --devices cuda --skip domain inception --inception-batch 256 \
@@ -40,6 +41,13 @@ case "${1:?fid|conv|writes|conv-sweep}" in
       --cudnn-search on off --no-baseline --profile --seconds 6 --warmup 3 --check-steps 0 --stage ae --batch 128 \
       --out "$OUT/profile-ae-conv.json" > "$OUT/profile-ae-conv.log" 2>&1 || echo "conv rows: rc $?"
     tail -12 "$OUT/profile-ae-conv.log"
+    ;;
+  inception)  # ~1 min: the FID Inception's calls at the evaluation's batch profiled (GPU time by kernel kind)
+    [ -f /tmp/stage/default_1.pt ] || cat /tmp/stage/inc/incpart.* > /tmp/stage/default_1.pt
+    python3 benchmarks/metrics.py --devices cuda --skip domain inception inception_cl frechet --profile-inception \
+      --inception-batch 256 --inception-weights /tmp/stage/default_1.pt --out "$OUT/inception-profile.json" \
+      > "$OUT/inception-profile.log" 2>&1 || echo "inception profile: rc $?"
+    tail -14 "$OUT/inception-profile.log"
     ;;
   writes)  # ~3 min: a stacked group's evaluation alone and beside its members' checkpoint writes, the library's
            # writer, one thread, and the writer before session 38 (eval_beside_writes.py)
