@@ -42,7 +42,8 @@ WRITERS = ("library", "one", "previous")
 
 def build(exp, k: int):
     """K members of `exp` (seeds 0..K-1) stacked as a group builds them, after one training step on random
-    images (AdamW's moments then exist, as in a final checkpoint): (runtime, objective, train state, eval images)."""
+    images (AdamW's moments then exist, as in a final checkpoint): (their experiments, runtime, train state, eval
+    images)."""
     from ulsweep.config import experiment_from_dict, to_dict
     from ulsweep.train.group import MemberGenerators, build_networks
     from ulsweep.train.runtime import make_runtime
