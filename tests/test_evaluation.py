@@ -308,3 +308,23 @@ def test_extractor_ahead_trains_a_missing_domain_extractor_in_the_callers_thread
     ahead = evaluation.extractor_ahead(exp, torch.device("cpu"), [(4, 1, 8, 8)])
     assert isinstance(evaluation.resolve_extractor(ahead), MeanPoolExtractor)
     assert threads[1] is not threading.current_thread()
+
+
+def test_extractor_ahead_caches_the_reference_statistics_the_first_score_then_reads(cache_env, monkeypatch):
+    """`extractor_ahead`'s `references`: their statistics computed into the reference cache beside the evaluation,
+    so that a member's rFD finds them there (no pass over the real images) and comes out as without them."""
+    from ulsweep.config import experiment_from_dict
+    from ulsweep.train import evaluation
+
+    ext = MeanPoolExtractor()
+    monkeypatch.setattr(evaluation, "load_eval_extractor", lambda exp, device: ext)
+    exp = experiment_from_dict({"eval": {"extractor": "inception"}})
+    real, fake = _images(40, 1), _images(40, 2)
+    want = reconstruction_fd_of(MeanPoolExtractor(), real, fake, "e" * 64, "test@16")  # computes and caches it
+    for p in (cache_env / "cache" / "refstats").iterdir():
+        p.unlink()
+    ahead = evaluation.extractor_ahead(exp, torch.device("cpu"), [], [(real, "e" * 64, "test@16")])
+    got = evaluation.resolve_extractor(ahead)
+    assert got is ext and ext.calls == 40  # the reference's 40 images, once
+    assert reconstruction_fd_of(ext, real, fake, "e" * 64, "test@16") == want
+    assert ext.calls == 80  # the reconstructions' 40 only: the reference came from the cache

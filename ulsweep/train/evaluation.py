@@ -27,7 +27,7 @@ from ulsweep.data import open_dataset, resolve_dataset
 from ulsweep.metrics.domain import extractor_name_for_dataset, load_domain_extractor, save_domain_extractor
 from ulsweep.metrics.domain_training import train_domain_extractor
 from ulsweep.metrics.features import FeatureExtractor
-from ulsweep.metrics.fid import RefStatsCache, generation_fd, reconstruction_fd
+from ulsweep.metrics.fid import RefStatsCache, generation_fd, reconstruction_fd, reference_stats
 from ulsweep.metrics.inception import load_inception
 
 EVAL_BATCH = 256  # images per extractor call
@@ -190,18 +190,21 @@ def eval_batch_shapes(image_shape: Sequence[int], counts: Sequence[int]) -> list
     return [(b, *image_shape) for b in sorted(sizes)]
 
 
-def extractor_ahead(exp: ExperimentConfig, device: torch.device,
-                    shapes: Sequence[tuple[int, ...]]) -> Future | Extractors | None:
+def extractor_ahead(exp: ExperimentConfig, device: torch.device, shapes: Sequence[tuple[int, ...]],
+                    references: Sequence[tuple[torch.Tensor, str, str]] = ()) -> Future | Extractors | None:
     """`load_eval_extractor(exp, device)` in a thread of its own, each extractor then called WARM_CALLS times on
-    zeros of each of `shapes` (`eval_batch_shapes`), as a future: a final evaluation starts it before its parts
-    that need no extractor (bits/pixel, sampling) and takes it (`resolve_extractor`) when it first scores. The
+    zeros of each of `shapes` (`eval_batch_shapes`) and the statistics of each of `references` (uint8 images,
+    their dataset's hash, their split as the scoring names it) read from the reference cache or computed into it,
+    as a future: a final evaluation starts it before its parts that need no extractor (bits/pixel, sampling) and
+    takes it (`resolve_extractor`) when it first scores, which then finds those statistics cached. The
     extractors' loading and their first calls at a shape then run beside those parts rather than in the first
     member's scoring: TorchScript's profiling executor optimizes a graph at its second call at a shape (a fresh
     FID Inception's first calls at 256 images took 0.17, 1.84 and 0.05 s on one H100, session 38's
     `benchmarks/metrics.py --member-fd`), and in session 37's lf_sweep the first member's scoring took 8.8 s of
     the autoencoders' evaluation against 0.7 s for the last. While those calls run, the features' arithmetic
     holds process-wide (`feature_arithmetic`: cuDNN's heuristics rather than its search), for the evaluation's
-    other convolutions too. A domain extractor not yet trained is trained here, in the caller's thread, first."""
+    other convolutions too. Where a domain extractor is not yet trained, the extractors are loaded (it trained
+    first) in the caller's thread and returned as they are, unwarmed."""
     spec = exp.eval.extractor
     if spec == "none":
         return None
@@ -218,6 +221,8 @@ def extractor_ahead(exp: ExperimentConfig, device: torch.device,
                         x = torch.zeros(shape, dtype=torch.uint8, device=device)
                         for _ in range(WARM_CALLS):
                             ext(x)
+                    for images, dataset_hash, split in references:
+                        reference_stats(ext, images, EVAL_BATCH, RefStatsCache(), dataset_hash, split)
         return extractors
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="ulsweep-extractor")

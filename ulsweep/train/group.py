@@ -30,6 +30,7 @@ import math
 import time
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,12 +42,13 @@ from ulsweep.models.stacked import clip_trials, stack
 from ulsweep.train.build import build_autoencoder
 from ulsweep.train.build import latent_shape as latent_shape_of
 from ulsweep.train.checkpoint import finished_result, save_checkpoint, update_meta, write_images, write_result
-from ulsweep.train.evaluation import PartTimer, eval_batch_shapes, extractor_ahead, pop_seconds
+from ulsweep.train.evaluation import PartTimer, load_eval_extractor, pop_seconds
 from ulsweep.train.hooks import StageResult, TrainHooks, TrainingDiverged
 from ulsweep.train.identity import MEMBER_KEYS, shared_settings  # what members may differ in, and must share
 from ulsweep.train.loop import RunSpec, train
 from ulsweep.train.runtime import Runtime, device_memory, make_runtime
-from ulsweep.train.stage1 import KIND, AEObjective, evaluate_aes, final_evaluations, say_done, stage1_hash
+from ulsweep.train.stage1 import (KIND, AEObjective, ae_extractor_ahead, evaluate_aes, final_evaluations, say_done,
+                                  stage1_hash)
 from ulsweep.train.state import TrainState, rng_state
 
 class GroupSource:
@@ -365,7 +367,7 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
                    dump_yaml({"members": [e.name for e in exps], "run_dirs": run_dirs}),
                    {"configs": [to_dict(e) for e in exps]}, meta | {"members": k})
     return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0, setup, before,
-                       first, eval_batch_shapes(image_shape, [len(x_eval)]))
+                       first, lambda: ae_extractor_ahead(exp0, rt.device, x_eval, data_hash))
 
 
 def one_process(rt, group_dir: str):
@@ -380,7 +382,7 @@ def train_group(objective: GroupObjective, source: GroupSource, members, write, 
                 spec: RunSpec, hooks: TrainHooks, exp: ExperimentConfig,
                 setup: PartTimer | None = None, marks: dict | None = None,
                 first: Callable | None = None,
-                extractor_shapes: Sequence[tuple[int, ...]] = ()) -> list[StageResult | None]:
+                start_extractor: Callable[[], Any] | None = None) -> list[StageResult | None]:
     """A group's run of the one training loop, and the members' results (None for one that diverged; a group
     stopped early on request gives each member the group's state, which its checkpoint holds).
 
@@ -391,8 +393,8 @@ def train_group(objective: GroupObjective, source: GroupSource, members, write, 
     its own parts are done, so that its next trials need not wait for the others'. `setup` timed the parts of the
     group's setup (`setup_<part>_s` in every member's marks); `marks`: more of the members' marks, from before.
     `first(gone)`: a context the final evaluation runs in, which writes the members' checkpoints beside it
-    (`checkpoints_first`). `extractor_shapes`: the batch shapes its scoring calls the extractors at, warmed while
-    the members' bits/pixel and samples are computed (`extractor_ahead`)."""
+    (`checkpoints_first`). `start_extractor()`: the final evaluation's extractors, loaded and warmed while the
+    members' bits/pixel and samples are computed (`extractor_ahead`'s future); by default loaded first."""
     k = ts.k
     # the loop's phase marks, every member's timeline; first the setup's parts
     marks = dict(marks or {}) | (pop_seconds(dict(setup.seconds), "setup") if setup else {})
@@ -405,7 +407,7 @@ def train_group(objective: GroupObjective, source: GroupSource, members, write, 
             return per_member([{} if i in gone else next(each) for i in range(k)]), {}
         timer = PartTimer(ts.rt.device)
         with first(gone) if first else contextlib.nullcontext():
-            extractor = extractor_ahead(exp, ts.rt.device, extractor_shapes)
+            extractor = start_extractor() if start_extractor else load_eval_extractor(exp, ts.rt.device)
             metrics = hand_over(members(ema_stacked, True, extractor, timer, gone), hooks, results, marks, write)
         metrics.update(timer.seconds)  # the parts' seconds over all members
         return metrics, {}

@@ -43,8 +43,8 @@ from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.latents import decode_path, encode_together, latent_source, training_latents
 from ulsweep.train.loop import RunSpec
 from ulsweep.train.runtime import Runtime, compile_mode, compile_module, make_runtime
-from ulsweep.train.stage2 import (KIND, BaseObjective, evaluate_bases, flops_metrics, load_frozen_autoencoder,
-                                  say_decode_path, say_done, scored_shapes, stage2_hash)
+from ulsweep.train.stage2 import (KIND, BaseObjective, base_extractor_ahead, evaluate_bases, flops_metrics,
+                                  load_frozen_autoencoder, say_decode_path, say_done, stage2_hash)
 
 
 
@@ -362,4 +362,4 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
                    {"configs": [to_dict(b) for b in bases]}, {"data_hash": data_hash, "members": k,
                                                               "latent_shape": list(latent_shape)})
     return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0, setup, marks,
-                       extractor_shapes=scored_shapes(exp0, x_eval))
+                       start_extractor=lambda: base_extractor_ahead(exp0, rt.device, x_eval, data_hash))

@@ -231,6 +231,14 @@ def evaluate_aes(ae, x_eval: torch.Tensor, exps: Sequence[ExperimentConfig], wit
         yield metrics, images, shared | own.seconds
 
 
+def ae_extractor_ahead(exp: ExperimentConfig, device: torch.device, x_eval: torch.Tensor, data_hash: str):
+    """`extractor_ahead` for an autoencoder evaluation's scoring of `x_eval`'s reconstructions: the extractors
+    warmed at its batch shapes, the statistics of `x_eval` itself (rFD's reference) cached."""
+    split = f"{exp.data.eval_split}@{exp.data.image_size}"
+    return extractor_ahead(exp, device, eval_batch_shapes(tuple(x_eval.shape[1:]), [len(x_eval)]),
+                           [(to_uint8(x_eval), data_hash, split)])
+
+
 def evaluate_ae(ae, x_eval: torch.Tensor, exp: ExperimentConfig, with_images: bool = True,
                 extractor=None, data_hash: str = "", timer: PartTimer | None = None) -> tuple[dict, dict]:
     """`evaluate_aes` of one run's autoencoder: (metrics, images)."""
@@ -291,7 +299,7 @@ def train_autoencoder(exp: ExperimentConfig, run_dir: str, hooks: TrainHooks | N
         if not final:
             return evaluate_ae(ema_ae, x_eval, exp, with_images=False)
         timer = PartTimer(rt.device)
-        extractor = extractor_ahead(exp, rt.device, eval_batch_shapes(image_shape, [len(x_eval)]))
+        extractor = ae_extractor_ahead(exp, rt.device, x_eval, data_hash)
         metrics, images = final_evaluation(ema_ae, ae, x_eval, exp, extractor, data_hash, ts.step, timer)
         metrics.update(timer.seconds)
         return metrics, images

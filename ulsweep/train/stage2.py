@@ -139,10 +139,14 @@ def evaluate_bases(base_model, ae, exps: Sequence[ExperimentConfig], ae_exp: Exp
         yield metrics, pngs, shared | own.seconds
 
 
-def scored_shapes(exp: ExperimentConfig, x_eval: torch.Tensor) -> list[tuple[int, ...]]:
-    """The batch shapes a base evaluation's extractors see: its generations' and their reference images'."""
-    return eval_batch_shapes(tuple(x_eval.shape[1:]), [exp.eval.gfd_samples,
-                                                       min(exp.eval.gfd_reference_images, len(x_eval))])
+def base_extractor_ahead(exp: ExperimentConfig, device: torch.device, x_eval: torch.Tensor, data_hash: str):
+    """`extractor_ahead` for a base evaluation's scoring: the extractors warmed at the batch shapes of its
+    generations and their reference images (the first `eval.gfd_reference_images` of `x_eval`), whose statistics
+    are cached (gFD's reference)."""
+    ref = x_eval[:exp.eval.gfd_reference_images]
+    shapes = eval_batch_shapes(tuple(x_eval.shape[1:]), [exp.eval.gfd_samples, len(ref)])
+    return extractor_ahead(exp, device, shapes, [(to_uint8(ref), data_hash,
+                                                  f"{exp.data.eval_split}@{exp.data.image_size}")])
 
 
 def evaluate_base(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentConfig, base: BaseStageConfig,
@@ -238,7 +242,7 @@ def train_base(exp: ExperimentConfig, base: BaseStageConfig, ae_checkpoint: str,
         if not final:
             return evaluate_base(ema_net, ae, exp, ae_exp, base, x_eval, latent_shape, samples=False)
         timer = PartTimer(rt.device)
-        extractor = extractor_ahead(exp, rt.device, scored_shapes(exp, x_eval))
+        extractor = base_extractor_ahead(exp, rt.device, x_eval, data_hash)
         metrics, images = evaluate_base(ema_net, ae, exp, ae_exp, base, x_eval, latent_shape, extractor, data_hash,
                                         timer=timer)
         with timer("flops"):
