@@ -242,6 +242,12 @@ def _each(extractors: Extractors) -> tuple[FeatureExtractor, ...]:
     return (extractors,) if isinstance(extractors, FeatureExtractor) else tuple(extractors)
 
 
+def reference_split(exp: ExperimentConfig) -> str:
+    """The split of a run's Fréchet-distance reference as its cache key names it: the evaluation split at the
+    run's image size."""
+    return f"{exp.data.eval_split}@{exp.data.image_size}"
+
+
 def reconstruction_fd_of(extractor: Extractors, real_u8: torch.Tensor, recon_u8: torch.Tensor,
                          dataset_hash: str, split: str) -> dict[str, float]:
     """rFD/rFID (paper §5.2) of `recon_u8`, the reconstructions of `real_u8` (the first images of `split`):

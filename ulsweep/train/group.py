@@ -42,7 +42,7 @@ from ulsweep.models.stacked import clip_trials, stack
 from ulsweep.train.build import build_autoencoder
 from ulsweep.train.build import latent_shape as latent_shape_of
 from ulsweep.train.checkpoint import finished_result, save_checkpoint, update_meta, write_images, write_result
-from ulsweep.train.evaluation import PartTimer, load_eval_extractor, pop_seconds
+from ulsweep.train.evaluation import PartTimer, pop_seconds
 from ulsweep.train.hooks import StageResult, TrainHooks, TrainingDiverged
 from ulsweep.train.identity import MEMBER_KEYS, shared_settings  # what members may differ in, and must share
 from ulsweep.train.loop import RunSpec, train
@@ -366,8 +366,8 @@ def train_autoencoders(exps: Sequence[ExperimentConfig], run_dirs: Sequence[str]
     spec = RunSpec(group_dir, "ae-group", f"ae group of {k}", group_hash(exps),
                    dump_yaml({"members": [e.name for e in exps], "run_dirs": run_dirs}),
                    {"configs": [to_dict(e) for e in exps]}, meta | {"members": k})
-    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0, setup, before,
-                       first, lambda: ae_extractor_ahead(exp0, rt.device, x_eval, data_hash))
+    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, setup, before, first,
+                       start_extractor=lambda: ae_extractor_ahead(exp0, rt.device, x_eval, data_hash))
 
 
 def one_process(rt, group_dir: str):
@@ -379,22 +379,21 @@ def one_process(rt, group_dir: str):
 
 
 def train_group(objective: GroupObjective, source: GroupSource, members, write, ts: GroupTrainState, tc,
-                spec: RunSpec, hooks: TrainHooks, exp: ExperimentConfig,
-                setup: PartTimer | None = None, marks: dict | None = None,
-                first: Callable | None = None,
-                start_extractor: Callable[[], Any] | None = None) -> list[StageResult | None]:
+                spec: RunSpec, hooks: TrainHooks, setup: PartTimer | None = None, marks: dict | None = None,
+                first: Callable | None = None, *,
+                start_extractor: Callable[[], Any]) -> list[StageResult | None]:
     """A group's run of the one training loop, and the members' results (None for one that diverged; a group
     stopped early on request gives each member the group's state, which its checkpoint holds).
 
     `members(ema, final, extractor, timer, skip)` evaluates the members as one and yields each one's (metrics,
     images, seconds) but `skip`'s (those that diverged): the evaluation of `ulsweep.train.stage1.evaluate_aes`
-    or `ulsweep.train.stage2.evaluate_bases`. A final evaluation loads `exp`'s extractor and hands each member's
-    over (`hand_over`: `write(i, metrics, images, marks)` writes its files and returns its result), as soon as
-    its own parts are done, so that its next trials need not wait for the others'. `setup` timed the parts of the
+    or `ulsweep.train.stage2.evaluate_bases`. A final evaluation takes its extractors from `start_extractor()`
+    and hands each member's over (`hand_over`: `write(i, metrics, images, marks)` writes its files and returns
+    its result), as soon as its own parts are done, so that its next trials need not wait for the others'. `setup` timed the parts of the
     group's setup (`setup_<part>_s` in every member's marks); `marks`: more of the members' marks, from before.
     `first(gone)`: a context the final evaluation runs in, which writes the members' checkpoints beside it
     (`checkpoints_first`). `start_extractor()`: the final evaluation's extractors, loaded and warmed while the
-    members' bits/pixel and samples are computed (`extractor_ahead`'s future); by default loaded first."""
+    members' bits/pixel and samples are computed (`extractor_ahead`'s future)."""
     k = ts.k
     # the loop's phase marks, every member's timeline; first the setup's parts
     marks = dict(marks or {}) | (pop_seconds(dict(setup.seconds), "setup") if setup else {})
@@ -407,7 +406,7 @@ def train_group(objective: GroupObjective, source: GroupSource, members, write, 
             return per_member([{} if i in gone else next(each) for i in range(k)]), {}
         timer = PartTimer(ts.rt.device)
         with first(gone) if first else contextlib.nullcontext():
-            extractor = start_extractor() if start_extractor else load_eval_extractor(exp, ts.rt.device)
+            extractor = start_extractor()
             metrics = hand_over(members(ema_stacked, True, extractor, timer, gone), hooks, results, marks, write)
         metrics.update(timer.seconds)  # the parts' seconds over all members
         return metrics, {}

@@ -361,5 +361,5 @@ def train_bases(exps: Sequence[ExperimentConfig], bases: Sequence[BaseStageConfi
                               "ae_checkpoints": ae_checkpoints, "run_dirs": run_dirs}),
                    {"configs": [to_dict(b) for b in bases]}, {"data_hash": data_hash, "members": k,
                                                               "latent_shape": list(latent_shape)})
-    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, exp0, setup, marks,
+    return train_group(objective, GroupSource(sources), members, write, ts, tc, spec, hooks, setup, marks,
                        start_extractor=lambda: base_extractor_ahead(exp0, rt.device, x_eval, data_hash))

@@ -24,7 +24,7 @@ from ulsweep.train.build import build_autoencoder, decoder_schedule, mse_decoder
 from ulsweep.train.build import latent_shape as latent_shape_of
 from ulsweep.train.checkpoint import finished_result
 from ulsweep.train.evaluation import (PartTimer, eval_batch_shapes, extractor_ahead, reconstruction_fd_of,
-                                     resolve_extractor, scored_in_order)
+                                     reference_split, resolve_extractor, scored_in_order)
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.identity import stage1_hash
 from ulsweep.train.loop import RunSpec, train
@@ -216,8 +216,7 @@ def evaluate_aes(ae, x_eval: torch.Tensor, exps: Sequence[ExperimentConfig], wit
         own = PartTimer(x_eval.device, enabled=timer.enabled)
         if extractor is not None:
             with own("fd"):
-                metrics.update(reconstruction_fd_of(extractor, real_u8, recon_u8, data_hash,
-                                                    f"{e.data.eval_split}@{e.data.image_size}"))
+                metrics.update(reconstruction_fd_of(extractor, real_u8, recon_u8, data_hash, reference_split(e)))
         images = {}
         if with_images:
             n = min(32, len(x_eval))
@@ -234,9 +233,8 @@ def evaluate_aes(ae, x_eval: torch.Tensor, exps: Sequence[ExperimentConfig], wit
 def ae_extractor_ahead(exp: ExperimentConfig, device: torch.device, x_eval: torch.Tensor, data_hash: str):
     """`extractor_ahead` for an autoencoder evaluation's scoring of `x_eval`'s reconstructions: the extractors
     warmed at its batch shapes, the statistics of `x_eval` itself (rFD's reference) cached."""
-    split = f"{exp.data.eval_split}@{exp.data.image_size}"
     return extractor_ahead(exp, device, eval_batch_shapes(tuple(x_eval.shape[1:]), [len(x_eval)]),
-                           [(to_uint8(x_eval), data_hash, split)])
+                           [(to_uint8(x_eval), data_hash, reference_split(exp))])
 
 
 def evaluate_ae(ae, x_eval: torch.Tensor, exp: ExperimentConfig, with_images: bool = True,

@@ -23,7 +23,7 @@ from ulsweep.models.stacked import load_trial, plain
 from ulsweep.train.build import base_schedule, build_autoencoder, build_base_model, sampler
 from ulsweep.train.checkpoint import CheckpointError, finished_result, load_checkpoint
 from ulsweep.train.evaluation import (PartTimer, eval_batch_shapes, extractor_ahead, generation_fd_of,
-                                     resolve_extractor, scored_in_order)
+                                     reference_split, resolve_extractor, scored_in_order)
 from ulsweep.train.hooks import StageResult, TrainHooks
 from ulsweep.train.identity import stage2_hash
 from ulsweep.train.latents import IN_PROCESS, decode_path, latent_source, training_latents
@@ -128,8 +128,7 @@ def evaluate_bases(base_model, ae, exps: Sequence[ExperimentConfig], ae_exp: Exp
         if extractor is not None:
             ref = to_uint8(x_eval[:e.eval.gfd_reference_images])
             with own("fd"):
-                metrics.update(generation_fd_of(extractor, images[i], ref, data_hash,
-                                                f"{e.data.eval_split}@{e.data.image_size}"))
+                metrics.update(generation_fd_of(extractor, images[i], ref, data_hash, reference_split(e)))
             metrics["gen_samples"] = float(n)
         return metrics, {"samples.png": image_grid_png(images[i][:64], cols=8)}, own
 
@@ -145,8 +144,7 @@ def base_extractor_ahead(exp: ExperimentConfig, device: torch.device, x_eval: to
     are cached (gFD's reference)."""
     ref = x_eval[:exp.eval.gfd_reference_images]
     shapes = eval_batch_shapes(tuple(x_eval.shape[1:]), [exp.eval.gfd_samples, len(ref)])
-    return extractor_ahead(exp, device, shapes, [(to_uint8(ref), data_hash,
-                                                  f"{exp.data.eval_split}@{exp.data.image_size}")])
+    return extractor_ahead(exp, device, shapes, [(to_uint8(ref), data_hash, reference_split(exp))])
 
 
 def evaluate_base(base_model, ae, exp: ExperimentConfig, ae_exp: ExperimentConfig, base: BaseStageConfig,
