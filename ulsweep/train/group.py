@@ -389,8 +389,9 @@ def train_group(objective: GroupObjective, source: GroupSource, members, write, 
     images, seconds) but `skip`'s (those that diverged): the evaluation of `ulsweep.train.stage1.evaluate_aes`
     or `ulsweep.train.stage2.evaluate_bases`. A final evaluation takes its extractors from `start_extractor()`
     and hands each member's over (`hand_over`: `write(i, metrics, images, marks)` writes its files and returns
-    its result), as soon as its own parts are done, so that its next trials need not wait for the others'. `setup` timed the parts of the
-    group's setup (`setup_<part>_s` in every member's marks); `marks`: more of the members' marks, from before.
+    its result), as soon as its own parts are done, so that its next trials need not wait for the others'.
+    `setup` timed the parts of the group's setup (`setup_<part>_s` in every member's marks); `marks`: more of the
+    members' marks, from before.
     `first(gone)`: a context the final evaluation runs in, which writes the members' checkpoints beside it
     (`checkpoints_first`). `start_extractor()`: the final evaluation's extractors, loaded and warmed while the
     members' bits/pixel and samples are computed (`extractor_ahead`'s future)."""
