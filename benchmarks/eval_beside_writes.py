@@ -63,12 +63,9 @@ def build(exp, k: int):
 
 
 def save_previous(i: int, run_dir: str, ts, meta: dict) -> str:
-    """Member i's checkpoint written as `save_member` wrote it until session 38 (module docstring)."""
-    import hashlib
-    import io
-
-    from ulsweep import io as uio
-    from ulsweep.train.checkpoint import FORMAT, _write_manifest, step_dir
+    """Member i's checkpoint written as `save_member` wrote it until session 38 (module docstring): its rows
+    cloned on the device, then `checkpoint_gil.save_previous` (the write of then)."""
+    from checkpoint_gil import save_previous as write_previous  # beside this script
 
     def rows(state: dict) -> dict:
         return {name: t[i].clone() for name, t in state.items()}
@@ -77,14 +74,7 @@ def save_previous(i: int, run_dir: str, ts, meta: dict) -> str:
     state = {"model": rows(ts.net.state_dict()), "ema": rows(ts.ema.state_dict()),
              "optimizer": {"state": {p: {n: (t[i].clone() if n != "step" else t.clone()) for n, t in s.items()}
                                      for p, s in opt["state"].items()}, "param_groups": opt["param_groups"]}}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    blob = buf.getvalue()
-    d = step_dir(run_dir, ts.step)
-    uio.atomic_write_bytes(uio.join(d, "state.pt"), blob)
-    _write_manifest(d, {"format": FORMAT, "step": ts.step, "sha256": hashlib.sha256(blob).hexdigest(),
-                        "bytes": len(blob), **meta})
-    return d
+    return write_previous(run_dir, ts.step, state, meta)
 
 
 def evaluation(exps, ts, x_eval) -> None:
