@@ -15,6 +15,11 @@
 #   bash benchmarks/device/levers.sh inception # ~1 min: the FID Inception's calls profiled, by kernel kind
 #   bash benchmarks/device/levers.sh writes # ~3 min: the 18 autoencoders' evaluation alone and beside their
 #                                           # checkpoint writes (library, one thread, the writer before session 38)
+#   bash benchmarks/device/levers.sh attention # ~4-5 min: the stacked base-model step (18 x 256, CUDA graphs) with
+#                                           # SDPA as the library calls it (cuDNN's fused kernels on sequences of
+#                                           # 16 and 64 tokens: 18% of the step in session 25's profile) and as
+#                                           # SDPA's math backend (matmuls and a softmax that Inductor fuses), each
+#                                           # in a process of its own (ATTN_LIMIT s each, default 240)
 #   ULSWEEP_COMMIT=<sha> bash benchmarks/device/levers.sh conv-sweep [--set k=v ...]
 #                                           # conv (CONV_LIMIT default 420), then the full sweep detached
 #                                           # (fid.sh sweep) with the --set of the variant that saves the most
@@ -23,7 +28,7 @@
 set -euo pipefail
 . benchmarks/device/env_b.sh
 OUT=${OUT:?set by the device call}
-case "${1:?fid|conv|writes|inception|conv-sweep}" in
+case "${1:?fid|conv|writes|inception|attention|conv-sweep}" in
   fid)
     [ -f /tmp/stage/default_1.pt ] || cat /tmp/stage/inc/incpart.* > /tmp/stage/default_1.pt
     python3 benchmarks/metrics.py --devices cuda --skip domain inception --inception-batch 256 \
@@ -54,6 +59,16 @@ case "${1:?fid|conv|writes|inception|conv-sweep}" in
     python3 benchmarks/eval_beside_writes.py experiments/lf_sweep.yaml --members 18 \
       --out "$OUT/eval-beside-writes.json" > "$OUT/eval-beside-writes.log" 2>&1 || echo "writes rows: rc $?"
     tail -8 "$OUT/eval-beside-writes.log"
+    ;;
+  attention)
+    for a in library math; do
+      timeout "${ATTN_LIMIT:-240}" python3 benchmarks/batched_trials.py --preset small --image-size 32 --channels 1 \
+        --downsample 4 --latent-channels 8 --trials 18 --modes reduce-overhead --programs stacked --attention "$a" \
+        --no-baseline --profile --seconds 6 --warmup 3 --check-steps 0 --stage base --batch 256 \
+        --out "$OUT/profile-base-attention-$a.json" > "$OUT/profile-base-attention-$a.log" 2>&1 \
+        || echo "attention $a: rc $?"
+      tail -6 "$OUT/profile-base-attention-$a.log"
+    done
     ;;
   conv-sweep)
     CONV_LIMIT=${CONV_LIMIT:-420} bash "$0" conv
