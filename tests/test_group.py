@@ -135,6 +135,48 @@ def test_a_group_runs_its_convolutions_as_resources_stack_conv_says(one_thread):
     assert rel(losses["loop"], losses["grouped"]) < 1e-5
 
 
+def test_members_of_one_seed_start_from_one_network_made_as_their_runs_alone_make_it(one_thread, monkeypatch):
+    """Members that differ in their loss settings but not in their seed start from the same weights: the group
+    makes each seed's network once, every member's rows are the weights its run alone draws, and torch's CPU
+    generator is left as making the last member's network leaves it."""
+    import ulsweep.train.group as group
+    from ulsweep.models.stacked import unstack
+    from ulsweep.train.build import build_autoencoder
+
+    exps = [member_exp(lf, b, s) for lf, b, s in [(1.5, -2.0, 0), (2.0, 0.0, 1), (4.0, 2.0, 0), (3.0, 0.0, 0)]]
+    made = []
+    monkeypatch.setattr(group, "build_autoencoder", lambda cfg, c: made.append(cfg.loss.loss_factor)
+                        or build_autoencoder(cfg, c))
+    objective, _ = group.build_networks(exps, make_runtime(exps[0].ae.train), (1, 16, 16))
+    after = torch.get_rng_state()
+    assert made == [1.5, 2.0]  # seed 0's network, then seed 1's; members 2 and 3 share seed 0's
+    for i, e in enumerate(exps):
+        torch.manual_seed(e.ae.train.seed)
+        own = build_autoencoder(e.ae, 1).state_dict()
+        rows = unstack(objective.stacked.ae, i)
+        assert own.keys() == rows.keys() and all(torch.equal(own[n], rows[n]) for n in own)
+    assert torch.equal(after, torch.get_rng_state())  # the last member's (seed 0's) making, as just repeated
+    assert [float(objective.stacked.loss_factor[i]) for i in range(4)] == [1.5, 2.0, 4.0, 3.0]
+
+
+def test_base_members_of_one_seed_start_from_one_network_made_as_their_runs_alone_make_it(one_thread, monkeypatch):
+    import ulsweep.train.group_base as group_base
+    from ulsweep.models.stacked import unstack
+    from ulsweep.train.build import build_base_model
+
+    exps = [member_exp(lf, b, s) for lf, b, s in [(1.5, -2.0, 0), (2.0, 0.0, 0), (4.0, 2.0, 1)]]
+    bases = [e.base_models[0] for e in exps]
+    made = []
+    monkeypatch.setattr(group_base, "build_base_model", lambda cfg, c: made.append(cfg.train.seed)
+                        or build_base_model(cfg, c))
+    objective, _ = group_base.build_base_networks(bases, exps, (2, 4, 4), make_runtime(bases[0].train))
+    assert made == [0, 1]
+    for i, b in enumerate(bases):
+        torch.manual_seed(b.train.seed)
+        own, rows = build_base_model(b, 2).state_dict(), unstack(objective.stacked.net, i)
+        assert own.keys() == rows.keys() and all(torch.equal(own[n], rows[n]) for n in own)
+
+
 def test_a_killed_group_resumes_to_the_uninterrupted_weights(tmp_path, alone, one_thread):
     exps = [member_exp(*m) for m in MEMBERS]
     dirs = [str(tmp_path / f"m{i}") for i in range(len(exps))]

@@ -21,8 +21,19 @@ def build_autoencoder(cfg: AEStageConfig, image_channels: int) -> UnifiedAutoenc
     return UnifiedAutoencoder(encoder, prior, decoder)
 
 
+def autoencoder_init(cfg: AEStageConfig, image_channels: int) -> tuple:
+    """What `build_autoencoder` reads, hence what its weights drawn after one seed depend on: runs that differ only
+    in the rest (a loss factor, a sigmoid bias, the training) start from the same weights."""
+    return repr(cfg.model), cfg.loss.prior == "normal", image_channels
+
+
 def build_base_model(cfg: BaseStageConfig, latent_channels: int) -> BaseViT:
     return BaseViT(latent_channels, BASE_PRESETS[cfg.model.preset])
+
+
+def base_model_init(cfg: BaseStageConfig, latent_channels: int) -> tuple:
+    """What `build_base_model` reads (`autoencoder_init`'s counterpart)."""
+    return repr(cfg.model), latent_channels
 
 
 def prior_schedule(loss: AELossConfig) -> LogSNRSchedule:

@@ -28,7 +28,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -39,7 +39,7 @@ from ulsweep.config import ExperimentConfig, config_hash, dump_yaml, to_dict
 from ulsweep.data.sources import DeviceSplit, train_source
 from ulsweep.diffusion import MemberGenerators
 from ulsweep.models.stacked import clip_trials, stack
-from ulsweep.train.build import build_autoencoder
+from ulsweep.train.build import autoencoder_init, build_autoencoder
 from ulsweep.train.build import latent_shape as latent_shape_of
 from ulsweep.train.checkpoint import finished_result, save_checkpoint, update_meta, write_images, write_result
 from ulsweep.train.evaluation import PartTimer, pop_seconds
@@ -237,29 +237,53 @@ def _build(exps: list[ExperimentConfig], rt: Runtime, setup: PartTimer) -> Prepa
     return PreparedGroup(group_hash(exps), rt, sources, x_eval, data_hash, tuple(image_shape), objective, ts)
 
 
-def seeded_members(seeds: Sequence[int], build: Callable[[int], nn.Module],
-                   rt: Runtime, conv: str = "grouped") -> tuple[GroupObjective, list[torch.Generator]]:
-    """Member i's objective `build(i)` made right after torch.manual_seed(seeds[i]), its weights initialized as its
-    run alone initializes them, the members stacked into one objective (its convolutions as `conv` says); and each
-    member's generator, seeded alike."""
-    objectives = []
+def seeded_members(seeds: Sequence[int], network: Callable[[int], nn.Module], inits: Sequence[Hashable],
+                   wrap: Callable[[int, nn.Module], nn.Module], rt: Runtime,
+                   conv: str = "grouped") -> tuple[GroupObjective, list[torch.Generator]]:
+    """Member i's objective `wrap(i, network(i))`, its network made right after torch.manual_seed(seeds[i]) as its
+    run alone makes it, the members stacked into one objective (its convolutions as `conv` says); and each member's
+    generator, seeded alike. Members of one seed whose `inits` (what `network` reads: `build.autoencoder_init`)
+    are equal start from the same weights: their network is made once and shared until stacked (`stack` copies
+    each member's weights and leaves the modules as they were), and torch's generators are left as making it
+    left them (lf_sweep's 18 autoencoders are two seeds: 2 networks made, not 18)."""
+    objectives, made = [], {}
     for i, seed in enumerate(seeds):
         torch.manual_seed(seed)  # weight initialization, as the member's own run
-        objectives.append(build(i))
+        key = (seed, inits[i])
+        if key in made:
+            net, after = made[key]
+            _set_rng_states(after, rt.device)
+        else:
+            net = network(i)
+            made[key] = net, _rng_states(rt.device)
+        objectives.append(wrap(i, net))
+    del made
     objective = GroupObjective(objectives, conv)
     del objectives  # their weights are copied into the stacked network
     return objective, [torch.Generator(rt.device).manual_seed(seed) for seed in seeds]
+
+
+def _rng_states(device: torch.device) -> tuple:
+    """torch's global generators' states: the CPU's and, on a GPU, the device's."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_states(states: tuple, device: torch.device) -> None:
+    cpu, gpu = states
+    torch.set_rng_state(cpu)
+    if gpu is not None:
+        torch.cuda.set_rng_state(gpu, device)
 
 
 def build_networks(exps: list[ExperimentConfig], rt: Runtime,
                    image_shape: tuple) -> tuple[GroupObjective, GroupTrainState]:
     """The members' autoencoders stacked into one objective, each initialized from its own seed as its run alone
     would, and their TrainState (AdamW, EMA, each member's generator)."""
-    latent_shape = latent_shape_of(exps[0])
+    latent_shape, c = latent_shape_of(exps[0]), image_shape[0]
     objective, gens = seeded_members(
-        [e.ae.train.seed for e in exps],
-        lambda i: AEObjective(build_autoencoder(exps[i].ae, image_shape[0]).to(rt.device), exps[i].ae.loss,
-                              image_shape, latent_shape), rt, exps[0].resources.stack_conv)
+        [e.ae.train.seed for e in exps], lambda i: build_autoencoder(exps[i].ae, c).to(rt.device),
+        [autoencoder_init(e.ae, c) for e in exps],
+        lambda i, net: AEObjective(net, exps[i].ae.loss, image_shape, latent_shape), rt, exps[0].resources.stack_conv)
     return objective, GroupTrainState(objective.stacked.ae, exps[0].ae.optim, rt, gens)
 
 

@@ -32,7 +32,7 @@ from ulsweep.config import BaseStageConfig, ExperimentConfig, config_hash, dump_
 from ulsweep.data.sources import DeviceSplit, choose_loader, choose_loader_for, load_eval_images, open_splits
 from ulsweep.diffusion import MemberGenerators
 from ulsweep.models.stacked import stack
-from ulsweep.train.build import base_schedule, build_base_model
+from ulsweep.train.build import base_model_init, base_schedule, build_base_model
 from ulsweep.train.checkpoint import finished_result
 from ulsweep.train.compile_gate import compiled_before, first_compile, graph_key
 from ulsweep.train.evaluation import PartTimer
@@ -149,11 +149,12 @@ def build_base_networks(bases: Sequence[BaseStageConfig], ae_exps: Sequence[Expe
     """The members' base models stacked into one objective, each initialized from its own seed as its run alone
     would, and their TrainState (AdamW, EMA, each member's generator)."""
     latent_shape = tuple(latent_shape)
+    c = latent_shape[0]
     objective, gens = seeded_members(
-        [b.train.seed for b in bases],
-        lambda i: BaseObjective(build_base_model(bases[i], latent_shape[0]).to(rt.device),
-                                base_schedule(ae_exps[i].ae.loss, bases[i]), bases[i].loss.sigmoid_bias,
-                                latent_shape), rt, ae_exps[0].resources.stack_conv)
+        [b.train.seed for b in bases], lambda i: build_base_model(bases[i], c).to(rt.device),
+        [base_model_init(b, c) for b in bases],
+        lambda i, net: BaseObjective(net, base_schedule(ae_exps[i].ae.loss, bases[i]), bases[i].loss.sigmoid_bias,
+                                     latent_shape), rt, ae_exps[0].resources.stack_conv)
     return objective, GroupTrainState(objective.stacked.net, bases[0].optim, rt, gens)
 
 
