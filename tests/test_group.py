@@ -160,6 +160,7 @@ def test_members_of_one_seed_start_from_one_network_made_as_their_runs_alone_mak
 
 
 def test_base_members_of_one_seed_start_from_one_network_made_as_their_runs_alone_make_it(one_thread, monkeypatch):
+    """The same for a base group's members: one base model made per seed, every member's rows its run alone's."""
     import ulsweep.train.group_base as group_base
     from ulsweep.models.stacked import unstack
     from ulsweep.train.build import build_base_model
