@@ -244,35 +244,24 @@ def seeded_members(seeds: Sequence[int], network: Callable[[int], nn.Module], in
     run alone makes it, the members stacked into one objective (its convolutions as `conv` says); and each member's
     generator, seeded alike. Members of one seed whose `inits` (what `network` reads: `build.autoencoder_init`)
     are equal start from the same weights: their network is made once and shared until stacked (`stack` copies
-    each member's weights and leaves the modules as they were), and torch's generators are left as making it
-    left them (lf_sweep's 18 autoencoders are two seeds: 2 networks made, not 18)."""
+    each member's weights and leaves the modules as they were), and torch's CPU generator is left as making it
+    left it (`network` makes it on the CPU, then moves it: the device's generator draws nothing and stays as
+    manual_seed seeds it) (lf_sweep's 18 autoencoders are two seeds: 2 networks made, not 18)."""
     objectives, made = [], {}
     for i, seed in enumerate(seeds):
         torch.manual_seed(seed)  # weight initialization, as the member's own run
         key = (seed, inits[i])
         if key in made:
             net, after = made[key]
-            _set_rng_states(after, rt.device)
+            torch.set_rng_state(after)
         else:
             net = network(i)
-            made[key] = net, _rng_states(rt.device)
+            made[key] = net, torch.get_rng_state()
         objectives.append(wrap(i, net))
     del made
     objective = GroupObjective(objectives, conv)
     del objectives  # their weights are copied into the stacked network
     return objective, [torch.Generator(rt.device).manual_seed(seed) for seed in seeds]
-
-
-def _rng_states(device: torch.device) -> tuple:
-    """torch's global generators' states: the CPU's and, on a GPU, the device's."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_states(states: tuple, device: torch.device) -> None:
-    cpu, gpu = states
-    torch.set_rng_state(cpu)
-    if gpu is not None:
-        torch.cuda.set_rng_state(gpu, device)
 
 
 def build_networks(exps: list[ExperimentConfig], rt: Runtime,
