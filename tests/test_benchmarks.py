@@ -1072,3 +1072,15 @@ def test_checkpoint_gil_rows_alternate_and_the_previous_writer_writes_a_loadable
     assert cg.shard_previous(z, 3) == bytes(_shard_bytes(z, 3))
     with pytest.raises(SystemExit):
         cg.main(["--tensors", "0"])
+
+
+def test_group_build_rows_alternate_and_both_ways_stack_the_same_weights(tmp_path):
+    """benchmarks/group_build.py: `each` and `per-seed` rows in turn over the sweep's planned trials, and the
+    stacked weights of both ways the same (its exit code and `same_weights` say so)."""
+    import group_build
+
+    out = tmp_path / "b.json"
+    assert group_build.main(["experiments/quickstart.yaml", "--repeats", "2", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert [r["row"] for r in got["rows"]] == ["each", "per-seed"] * 2 and got["same_weights"] is True
+    assert all(r["seconds"] > 0 and r["members"] == got["rows"][0]["members"] > 1 for r in got["rows"])
