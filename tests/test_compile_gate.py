@@ -217,6 +217,8 @@ def test_an_eager_trial_trains_uncompiled_while_another_compiles_then_switches(t
     assert marks["eager_steps"] == 3 and len(calls) == 3 and marks["compile_gate"] == "done"
     assert searched == [False] * 3 + [True] * 3 and torch.backends.cudnn.benchmark
     assert marks["t_first_step_end"] < marks["t_compiled_step_end"]
+    # the first step's part before its step: the resume and torch.compile's wrapper
+    assert 0 < marks["first_step_resume_s"] < marks["t_first_step_end"] - marks["t_setup_end"]
     calls.clear()
     plain = train_autoencoder(tiny_exp(steps=6, log_every=1, compile=True, gate_compile=False), str(tmp_path / "plain"))
     assert len(calls) == 6

@@ -27,6 +27,7 @@ PART_LABELS = {"setup_encode_ahead_s": "setup: wait for the latents encoded as t
                "setup_encode_store_s": "setup: encode, of it storing the latents",
                "setup_latents_s": "setup: read the latents back",
                "setup_models_s": "setup: build the stacked networks",
+               "first_step_resume_s": "first step: resume, and torch.compile's wrapper (its imports)",
                "evaluate_extractor_s": "final evaluation: load the feature extractors",
                "evaluate_bpp_s": "final evaluation: held-out bits/pixel",
                "evaluate_sampling_s": "final evaluation: sampling (reconstructions / generations)",

@@ -89,6 +89,8 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
     rt = ts.rt
     marks["t_setup_end"] = time.time()  # data and networks built; the first step starts after resuming
     model = resume(ts, spec, objective, tc.compile, source, tc.batch_size)
+    # of the first step's phase: the resume and torch.compile's wrapper (its first call imports Inductor's modules)
+    marks["first_step_resume_s"] = time.time() - marks["t_setup_end"]
     # the first compile of this step on the node runs alone, later ones from its caches (compile_gate.py); not
     # under DDP, whose ranks compile together
     mode = compile_mode(tc.compile, rt) if rt.world == 1 and tc.gate_compile else None
