@@ -112,24 +112,27 @@ def pop_seconds(metrics: dict, phase: str = "evaluate") -> dict[str, float]:
     return {f"{phase}_{k[len(SECONDS):]}_s": metrics.pop(k) for k in [k for k in metrics if k.startswith(SECONDS)]}
 
 
-def domain_extractor_path(exp: ExperimentConfig) -> str:
-    """Where the domain extractor of the experiment's dataset is cached (`ensure_domain_extractor`). The cache
-    key holds what its weights depend on: the dataset's content, the training split and the epochs."""
+def _domain_extractor_cache(exp: ExperimentConfig):
+    """(dataset, extractor name, training split, epochs, cache path) of the experiment's domain extractor."""
     ds = open_dataset(resolve_dataset(exp.data.path))
     name = extractor_name_for_dataset(ds.name)
     epochs, split = exp.eval.extractor_epochs, exp.data.train_split
-    return os.path.join(uio.cache_dir("extractors"), f"{name}-{ds.content_hash[:16]}-{split}-{epochs}ep.pt")
+    path = os.path.join(uio.cache_dir("extractors"), f"{name}-{ds.content_hash[:16]}-{split}-{epochs}ep.pt")
+    return ds, name, split, epochs, path
+
+
+def domain_extractor_path(exp: ExperimentConfig) -> str:
+    """Where the domain extractor of the experiment's dataset is cached (`ensure_domain_extractor`). The cache
+    key holds what its weights depend on: the dataset's content, the training split and the epochs."""
+    return _domain_extractor_cache(exp)[-1]
 
 
 def ensure_domain_extractor(exp: ExperimentConfig, device: str | torch.device = "cpu") -> str:
     """Path of the cached domain extractor of the experiment's dataset (`domain_extractor_path`); trains it
     first if missing."""
-    path = domain_extractor_path(exp)
+    ds, name, split, epochs, path = _domain_extractor_cache(exp)
     if uio.exists(path):
         return path
-    ds = open_dataset(resolve_dataset(exp.data.path))
-    name = extractor_name_for_dataset(ds.name)
-    epochs, split = exp.eval.extractor_epochs, exp.data.train_split
     xtr, ytr = ds.load_split(split)
     xte, yte = ds.load_split(exp.data.eval_split)
     print(f"[eval] training domain extractor {name!r} on {ds.name} ({len(xtr)} images, "
