@@ -28,6 +28,9 @@
 set -euo pipefail
 . benchmarks/device/env_b.sh
 OUT=${OUT:?set by the device call}
+# lf_sweep's 18 members as one stacked program with CUDA graphs, profiled (conv and attention rows)
+stacked=(--preset small --image-size 32 --channels 1 --downsample 4 --latent-channels 8 --trials 18
+         --modes reduce-overhead --programs stacked --no-baseline --profile --seconds 6 --warmup 3 --check-steps 0)
 case "${1:?fid|conv|writes|inception|attention|conv-sweep}" in
   fid)
     [ -f /tmp/stage/default_1.pt ] || cat /tmp/stage/inc/incpart.* > /tmp/stage/default_1.pt
@@ -41,10 +44,10 @@ case "${1:?fid|conv|writes|inception|attention|conv-sweep}" in
     tail -5 "$OUT/metrics-1024.log"
     ;;
   conv)
-    timeout "${CONV_LIMIT:-560}" python3 benchmarks/batched_trials.py --preset small --image-size 32 --channels 1 \
-      --downsample 4 --latent-channels 8 --trials 18 --modes reduce-overhead --programs stacked --conv ${CONVS:-grouped loop} \
-      --cudnn-search on off --no-baseline --profile --seconds 6 --warmup 3 --check-steps 0 --stage ae --batch 128 \
-      --out "$OUT/profile-ae-conv.json" > "$OUT/profile-ae-conv.log" 2>&1 || echo "conv rows: rc $?"
+    # shellcheck disable=SC2086 # CONVS: the variants' words, split on purpose
+    timeout "${CONV_LIMIT:-560}" python3 benchmarks/batched_trials.py "${stacked[@]}" --conv ${CONVS:-grouped loop} \
+      --cudnn-search on off --stage ae --batch 128 --out "$OUT/profile-ae-conv.json" > "$OUT/profile-ae-conv.log" \
+      2>&1 || echo "conv rows: rc $?"
     tail -12 "$OUT/profile-ae-conv.log"
     ;;
   inception)  # ~1 min: the FID Inception's calls at the evaluation's batch profiled (GPU time by kernel kind)
@@ -62,11 +65,9 @@ case "${1:?fid|conv|writes|inception|attention|conv-sweep}" in
     ;;
   attention)
     for a in library math; do
-      timeout "${ATTN_LIMIT:-240}" python3 benchmarks/batched_trials.py --preset small --image-size 32 --channels 1 \
-        --downsample 4 --latent-channels 8 --trials 18 --modes reduce-overhead --programs stacked --attention "$a" \
-        --no-baseline --profile --seconds 6 --warmup 3 --check-steps 0 --stage base --batch 256 \
-        --out "$OUT/profile-base-attention-$a.json" > "$OUT/profile-base-attention-$a.log" 2>&1 \
-        || echo "attention $a: rc $?"
+      timeout "${ATTN_LIMIT:-240}" python3 benchmarks/batched_trials.py "${stacked[@]}" --attention "$a" \
+        --stage base --batch 256 --out "$OUT/profile-base-attention-$a.json" \
+        > "$OUT/profile-base-attention-$a.log" 2>&1 || echo "attention $a: rc $?"
       tail -6 "$OUT/profile-base-attention-$a.log"
     done
     ;;
