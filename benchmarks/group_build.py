@@ -1,8 +1,9 @@
-"""Issue 23: how long a stacked autoencoder group takes to make its members' networks, with every member's network
-made (`each`: what the group did before session 39) against one network made per distinct seed and architecture
-(`per-seed`: `group.seeded_members` since), side by side in one process, alternating; and that both give the same
-stacked weights, bit for bit. The planned trials of the experiment's sweep are the members (lf_sweep: 18, two
-seeds). Prints a table and writes JSON.
+"""Issue 23: how long a stacked autoencoder group takes to make its members' networks and their TrainState
+(`group.build_networks`: the networks, the EMA copy, AdamW), with every member's network made (`each`: what the
+group did before session 39) against one network made per distinct seed and architecture (`per-seed`:
+`group.seeded_members` since), side by side in one process, alternating; and that both give the same stacked
+weights, bit for bit. The planned trials of the experiment's sweep are the members (lf_sweep: 18, two seeds).
+Prints a table and writes JSON.
 
     python benchmarks/group_build.py experiments/lf_sweep.yaml --repeats 3 --out benchmarks/results/cpu-group-build.json
 """
@@ -19,24 +20,27 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
+import ulsweep.train.group as group  # noqa: E402
 from ulsweep.config import load_experiment, to_dict  # noqa: E402
 from ulsweep.sweep.space import planned_overrides, trial_experiment  # noqa: E402
-from ulsweep.train.build import autoencoder_init, build_autoencoder, latent_shape  # noqa: E402
-from ulsweep.train.group import seeded_members  # noqa: E402
 from ulsweep.train.runtime import make_runtime  # noqa: E402
-from ulsweep.train.stage1 import AEObjective  # noqa: E402
 
 
 def build(exps, rt, how: str, c: int):
-    """The members' stacked objective (images of `c` channels), made `how` ("each" or "per-seed"), and its
-    seconds."""
-    lat, size = latent_shape(exps[0]), exps[0].data.image_size
-    inits = list(range(len(exps))) if how == "each" else [autoencoder_init(e.ae, c) for e in exps]
-    t = time.perf_counter()
-    objective, _ = seeded_members([e.ae.train.seed for e in exps],
-                                  lambda i: build_autoencoder(exps[i].ae, c).to(rt.device), inits,
-                                  lambda i, net: AEObjective(net, exps[i].ae.loss, (c, size, size), lat), rt)
-    return objective, time.perf_counter() - t
+    """The members' stacked objective and TrainState (`group.build_networks`, images of `c` channels), made `how`:
+    "per-seed" as the library makes them, "each" with every member's init key its own (every network made); and
+    its seconds."""
+    library = group.autoencoder_init
+    if how == "each":
+        keys = iter(range(len(exps)))
+        group.autoencoder_init = lambda cfg, channels: next(keys)
+    try:
+        size = exps[0].data.image_size
+        t = time.perf_counter()
+        objective, _ = group.build_networks(exps, rt, (c, size, size))
+        return objective, time.perf_counter() - t
+    finally:
+        group.autoencoder_init = library
 
 
 def main(argv=None) -> int:
