@@ -377,3 +377,78 @@ def test_a_compile_cache_that_cannot_be_written_costs_a_warning_not_the_run(tmp_
     assert os.listdir(folder) == ["k.bin"]  # its temporary file removed
     with open(compile_artifacts.path("k"), "rb") as f:
         assert f.read() == b"artifacts"  # the old file is left whole
+
+
+CLAIM_UNTIL_TOLD = textwrap.dedent("""
+    import sys
+    from ulsweep.train.compile_gate import claim_ahead
+    with claim_ahead(sys.argv[1], folder=sys.argv[2]):
+        print("claimed", flush=True)
+        sys.stdin.readline()
+    print("released", flush=True)
+    """)
+
+
+def claimant(name: str, folder) -> subprocess.Popen:
+    """A process (a precompile task, say) that claims `name`'s first compile until told; returns once it has."""
+    p = subprocess.Popen([sys.executable, "-c", CLAIM_UNTIL_TOLD, name, str(folder)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "claimed"
+    return p
+
+
+def test_a_claimed_step_is_busy_to_a_process_that_will_not_wait_until_its_claimant_lets_go(tmp_path):
+    p = claimant("step", tmp_path)
+    assert G.claimed_ahead("step", str(tmp_path)) and not G.claimed_ahead("other", str(tmp_path))
+    with G.first_compile("k", "eager", folder=str(tmp_path), wait=False, claim="step") as how:
+        assert how == "busy"  # the gate is free, but the claimant will compile it
+    assert not (tmp_path / "ulsweep-compile-gate" / "k.done").exists()  # nothing taken, nothing marked
+    with G.first_compile("k", "eager", folder=str(tmp_path), wait=False, claim="other") as how:
+        assert how == "first"  # another step's claim holds nothing up
+    assert p.communicate("\n")[0].split() == ["released"]
+    assert not os.path.exists(G.claim_path("step", str(tmp_path)))  # the claimant removed its claim
+    with G.first_compile("k2", "eager", folder=str(tmp_path), wait=False, claim="step") as how:
+        assert how == "first"
+
+
+def test_a_claim_whose_process_died_or_that_is_this_processs_own_holds_nothing_up(tmp_path):
+    p = claimant("step", tmp_path)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert os.path.exists(G.claim_path("step", str(tmp_path))) and not G.claimed_ahead("step", str(tmp_path))
+    with G.claim_ahead("mine", str(tmp_path)) as path:
+        assert open(path).read().split() == [str(os.getpid())]
+        assert not G.claimed_ahead("mine", str(tmp_path))  # its own claim does not keep a task from its compile
+        with G.first_compile("k", "task", folder=str(tmp_path), wait=False, claim="mine") as how:
+            assert how == "first"
+    assert not os.path.exists(path)
+
+
+def test_an_eager_trial_trains_uncompiled_while_its_step_is_claimed_and_compiles_it_once_the_claim_goes(
+        tmp_path, monkeypatch, digits_cache):
+    """The trial reaches the free gate before the task that claimed its step (hooks.compile_claim): steps 1-3
+    uncompiled; then the claimant lets go without compiling (a task that failed), and the trial compiles first."""
+    from test_train import Recorder, tiny_exp
+
+    from ulsweep.train.stage1 import train_autoencoder
+
+    gate_dir = tmp_path / "gate"
+    calls = _stand_in_compile(monkeypatch, gate_dir)  # the gate, and the claims, in gate_dir
+    task = claimant("step", gate_dir)
+
+    class LetGoAfter3(Recorder):
+        compile_claim = "step"
+
+        def log_metrics(self, step, metrics):
+            super().log_metrics(step, metrics)
+            if step == 3:
+                task.stdin.write("\n")
+                task.stdin.flush()
+                assert task.stdout.readline().strip() == "released"
+
+    res = train_autoencoder(tiny_exp(steps=6, log_every=1, compile=True, gate_compile="eager"),
+                            str(tmp_path / "run"), LetGoAfter3())
+    task.wait(timeout=60)
+    marks = res.extra["marks"]
+    assert marks["eager_steps"] == 3 and marks["compile_gate"] == "first" and len(calls) == 3, marks
+    assert (gate_dir / "ulsweep-compile-gate" / "k.done").exists()

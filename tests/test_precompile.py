@@ -1,5 +1,6 @@
 """resources.precompile: which training steps a sweep compiles ahead, and that the task's compile is the one the
 trial then finds done at the compile gate."""
+import os
 import time
 
 import pytest
@@ -24,8 +25,10 @@ def sweep_exp(space=None, base_compile=True, ae_compile=False, **resources):
 
 def test_one_job_per_distinct_base_step_and_none_for_uncompiled_bases():
     # loss factor and bias change no base-model graph: four trials, one step to compile; "plain" compiles nothing
-    assert precompile.jobs(sweep_exp()) == [{"stage": "base", "base": "b", "latent_shape": (2, 4, 4),
-                                             "overrides": {"ae.loss.loss_factor": 1.5, "ae.loss.sigmoid_bias": -2.0}}]
+    (job,) = precompile.jobs(sweep_exp())
+    assert job.pop("claim").startswith("precompile-")
+    assert job == {"stage": "base", "base": "b", "latent_shape": (2, 4, 4),
+                   "overrides": {"ae.loss.loss_factor": 1.5, "ae.loss.sigmoid_bias": -2.0}}
     # latent channels do: one job per latent shape
     jobs = precompile.jobs(sweep_exp({"ae.model.latent_channels": {"values": [2, 4]},
                                       "ae.loss.loss_factor": {"values": [1.5, 4.0]}}))
@@ -46,6 +49,41 @@ def test_one_job_per_distinct_autoencoder_step_before_the_base_models():
                                      base_compile=False))
     assert [(j["overrides"]["ae.model.latent_channels"], j["overrides"]["ae.train.batch_size"]) for j in jobs] == [
         (2, 8), (2, 16), (4, 8), (4, 16)] and {j["stage"] for j in jobs} == {"ae"}
+
+
+def test_every_trial_of_a_job_looks_for_the_claim_its_task_holds():
+    """lf_sweep's 18 autoencoders, of two seeds, loss factors and biases, are one stacked group: every trial's
+    experiment (as the group's actor rebuilds it) names the claim of the one autoencoder job, and of the one base
+    job for its base model; a group of another size, or another latent shape, another."""
+    from ulsweep.config import load_experiment
+    from ulsweep.sweep.space import planned_overrides, trial_experiment
+
+    exp = load_experiment("experiments/lf_sweep.yaml")
+    ae_job, base_job = precompile.jobs(exp)
+    assert (ae_job["stage"], ae_job["members"], base_job["stage"], base_job["members"]) == ("ae", 18, "base", 18)
+    raw = to_dict(exp)
+    trials = [experiment_from_dict(to_dict(trial_experiment(raw, ov)))
+              for ov in planned_overrides(exp.search, exp.ae.train.seed)]
+    assert len(trials) == 18 and len({t.ae.train.seed for t in trials}) == 2
+    assert {precompile.claim_of(t, "ae", None, 18) for t in trials} == {ae_job["claim"]}
+    assert {precompile.claim_of(t, "base", "small", 18) for t in trials} == {base_job["claim"]}
+    assert precompile.claim_of(trials[0], "ae", None, 17) != ae_job["claim"]
+    other = experiment_from_dict(raw, {"ae.model.latent_channels": 4})
+    assert precompile.claim_of(other, "ae", None, 18) != ae_job["claim"]
+    assert precompile.claim_of(experiment_from_dict(raw, {"resources.precompile": "off"}), "ae") is None
+
+
+def test_the_task_holds_its_claim_while_it_waits_and_compiles_and_lets_go_after(tmp_path, monkeypatch):
+    from ulsweep.train import compile_gate as G
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    seen = []
+    assert precompile.after([], "precompile-x", lambda v: seen.append(G._claimant(G.claim_path("precompile-x")))
+                            or v, 7) == 7
+    assert seen == [os.getpid()] and not os.path.exists(G.claim_path("precompile-x"))
+    with pytest.raises(ZeroDivisionError):  # a task that fails lets go too
+        precompile.after([], "precompile-x", lambda: 1 / 0)
+    assert not os.path.exists(G.claim_path("precompile-x"))
 
 
 def test_precompile_settings():

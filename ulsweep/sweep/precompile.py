@@ -33,6 +33,7 @@ only the experiment's own `ae.model` is compiled ahead.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 import tempfile
@@ -75,23 +76,50 @@ def jobs(exp: ExperimentConfig) -> list[dict[str, Any]]:
         shape = latent_shape(trial)
         if trial.ae.train.compile is not False:
             members = sizes.get(ae_key(i), 1)
-            ident = ("ae", dump_yaml(_graph_of_ae(trial.ae)), repr(trial.data), members)
-            if ident not in seen:
-                seen.add(ident)
-                aes.append({"stage": "ae", "overrides": ov, "latent_shape": shape}
+            claim = ae_claim(trial, members)
+            if claim not in seen:
+                seen.add(claim)
+                aes.append({"stage": "ae", "overrides": ov, "latent_shape": shape, "claim": claim}
                            | ({"members": members} if members > 1 else {}))
         for b in trial.base_models:
             if b.train.compile is False:
                 continue
-            train = dataclasses.replace(b.train, seed=0)  # the seed changes no graph
             members = sizes.get(base_key(ae_key(i), b.name), 1)
-            # the noise schedule: the base model's (its config, above) from the autoencoder's lambda_z(0)
-            ident = (dump_yaml(dataclasses.replace(b, train=train)), shape, trial.ae.loss.logsnr_z0, members)
-            if ident not in seen:
-                seen.add(ident)
-                out.append({"stage": "base", "overrides": ov, "base": b.name, "latent_shape": shape}
+            claim = base_claim(trial, b, members)
+            if claim not in seen:
+                seen.add(claim)
+                out.append({"stage": "base", "overrides": ov, "base": b.name, "latent_shape": shape, "claim": claim}
                            | ({"members": members} if members > 1 else {}))
     return aes + out
+
+
+def ae_claim(trial: ExperimentConfig, members: int = 1) -> str:
+    """The name of the autoencoder step that `trial` trains (in a stacked group of `members`), as far as its graph
+    depends on `trial` (`_graph_of_ae`, the data): one job of `jobs` each, and its task's claim
+    (compile_gate.claim_ahead), which the trials of that step look for (`TrainHooks.compile_claim`)."""
+    return _claim(("ae", dump_yaml(_graph_of_ae(trial.ae)), repr(trial.data), members))
+
+
+def base_claim(trial: ExperimentConfig, base, members: int = 1) -> str:
+    """As `ae_claim`, for the step of base model `base` (a BaseStageConfig of `trial`): the base model but its seed,
+    the latent shape and the noise schedule (the base model's, from the autoencoder's lambda_z(0))."""
+    from ulsweep.train.identity import latent_shape  # no torch in the driver
+
+    train = dataclasses.replace(base.train, seed=0)  # the seed changes no graph
+    return _claim(("base", dump_yaml(dataclasses.replace(base, train=train)), tuple(latent_shape(trial)),
+                   trial.ae.loss.logsnr_z0, members))
+
+
+def claim_of(exp: ExperimentConfig, kind: str, base_name: str | None = None, members: int = 1) -> str | None:
+    """The claim a trial of `kind` ("ae", or "base" of base model `base_name`) looks for: None where the sweep
+    compiles no step ahead (`wanted`), else `ae_claim`'s or `base_claim`'s."""
+    if not wanted(exp):
+        return None
+    return ae_claim(exp, members) if kind == "ae" else base_claim(exp, find_base(exp, base_name), members)
+
+
+def _claim(ident: tuple) -> str:
+    return "precompile-" + hashlib.sha256(repr(ident).encode()).hexdigest()[:24]
 
 
 def _graph_of_ae(ae):
@@ -350,26 +378,32 @@ def start(exp: ExperimentConfig, out) -> list:
         members = j.get("members", 1)
         args = ((compile_ae, raw, j["overrides"], STEPS, members) if j["stage"] == "ae"
                 else (compile_base, raw, j["overrides"], j["base"], STEPS, members))
-        ref = task.remote(previous, *args)
+        ref = task.remote(previous, j["claim"], *args)
         started.append((lab, ref))
         previous = [ref]  # in a list, which Ray passes on as it is: the next task waits for it, not for its value
     return started
 
 
-def after(previous: list, fn, *args) -> dict[str, Any]:
+def after(previous: list, claim: str, fn, *args) -> dict[str, Any]:
     """`fn(*args)` once the task of `previous` (a list of at most one Ray object ref) has ended, whether it
-    returned, failed or was cancelled: `start` chains the tasks so that one compiles at a time. Side by side they
+    returned, failed or was cancelled, with its step claimed (`claim`, compile_gate.claim_ahead) from the start,
+    before the wait: its trials, which start with the tasks, then train uncompiled until it has compiled the step,
+    rather than compile it themselves where they reach the gate first. `start` chains the tasks so that one
+    compiles at a time. Side by side they
     held two compiled programs' memory beside the trials' own, and competed for the CPUs with each other as well
     as with the trials. In session 26 (one H100, lf_sweep's 18 autoencoders as one stacked group of ~35 GB,
     benchmarks/results/h100-lf-sweep-partial-s26.tgz at commit ef0ba54) the two tasks filled the 80-GB card 90 s
     into the sweep and both ended within the next 70 s with nothing compiled that the group then found: it
     compiled for itself, 170 s with the GPU idle. The autoencoders' task, which trials wait on from their first
     step, comes first; the base models' tasks have the autoencoders' training to run in."""
-    if previous:
-        import ray
+    from ulsweep.train.compile_gate import claim_ahead
 
-        ray.wait(previous, num_returns=len(previous), timeout=None, fetch_local=False)
-    return fn(*args)
+    with claim_ahead(claim):
+        if previous:
+            import ray
+
+            ray.wait(previous, num_returns=len(previous), timeout=None, fetch_local=False)
+        return fn(*args)
 
 
 def gpu_node_options(exp: ExperimentConfig) -> dict[str, Any] | None:

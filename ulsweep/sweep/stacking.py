@@ -387,6 +387,7 @@ class GroupTrainer:
             import torch
 
             from ulsweep.config import experiment_from_dict
+            from ulsweep.sweep import precompile
             from ulsweep.train.group import GroupHooks, group_hash, train_autoencoders
 
             if self.threads:  # the CPUs its members' trials hold while they wait (an actor of 0 CPUs gets 1 thread)
@@ -394,7 +395,10 @@ class GroupTrainer:
 
             exps = [experiment_from_dict(self.joined[k][0]) for k in self.members]
             run_dirs = [self.joined[k][1] for k in self.members]
-            hooks = GroupHooks([_Relay(self, k) for k in self.members])
+            base_name = None if self.kind == "ae" else self.joined[self.members[0]][2]["base"]
+            # the claim of a task that compiles the group's step ahead (ulsweep/sweep/precompile.py), if any
+            claim = precompile.claim_of(exps[0], self.kind, base_name, len(exps))
+            hooks = GroupHooks([_Relay(self, k) for k in self.members], claim)
             if self.kind == "ae":
                 group_dir = f"{self.group_root}/{group_hash(exps)[:16]}"  # other members: another group, afresh
                 results = train_autoencoders(exps, run_dirs, group_dir, hooks, self._take_prepared(exps), joined)

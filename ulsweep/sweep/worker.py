@@ -257,6 +257,10 @@ def train_worker(wcfg: dict) -> dict:
     exp = experiment_from_dict(wcfg["experiment"])
     waits = _cuda_wait(exp.resources)  # before torch first touches the GPU in this process
     hooks = RayHooks(wcfg, rank, world)
+    if not wcfg.get("stack_group"):  # a trial alone: the claim of a task that compiles its step ahead, if any
+        from ulsweep.sweep.precompile import claim_of
+
+        hooks.compile_claim = claim_of(exp, wcfg["kind"], wcfg["base"])
     get_train_ae, get_train_base = _train_fns(wcfg["train_impl"])
     t0, t_loop = time.perf_counter(), time.time()
     try:

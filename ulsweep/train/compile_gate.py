@@ -15,6 +15,12 @@ objective's class and module tree (`repr`, which lists every layer's sizes) and 
 differ only in values Dynamo bakes in as constants share a key: a waiter then compiles them cold after the first
 process (the same work as without the gate, one compile later).
 
+A task that compiles a step ahead of its trials (ulsweep/sweep/precompile.py) claims it when it starts, before it
+has built anything (`claim_ahead`: a file naming its process): a trial that asks without waiting while the claim's
+process lives is told "busy" even where the gate is free, so that it trains uncompiled rather than compiling on
+its own critical path because it reached the gate a few seconds before the task did (session 40: the stacked
+autoencoders' group, built faster, took the gate first and compiled for 191 s with no step taken beside it).
+
 Instead of waiting, a process may ask without waiting (`wait=False`: "busy" while another compiles) and train
 its uncompiled module meanwhile (`train.gate_compile: eager`, ulsweep/train/loop.py): its share of the device
 does useful work during the first compile, and it gets in, finding the key done, once the first process has
@@ -65,6 +71,52 @@ def graph_key(objective, batch_shape, mode: str, device_type: str, amp_dtype) ->
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
+def claim_path(name: str, folder: str | None = None) -> str:
+    """The file by which a process claims the first compile of the step named `name` ahead of its trials."""
+    return os.path.join(folder or inductor_cache_dir(), "ulsweep-compile-gate", f"{name}.ahead")
+
+
+@contextlib.contextmanager
+def claim_ahead(name: str, folder: str | None = None) -> Iterator[str]:
+    """Claim the first compile of `name` on this node for this process while the block runs (the file holds its
+    pid, written atomically; removed at the end if still this process's). Yields the claim's path."""
+    path = claim_path(name, folder)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+    try:
+        yield path
+    finally:
+        if _claimant(path) == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
+def _claimant(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):  # none, or a file being replaced: no claim
+        return None
+
+
+def claimed_ahead(name: str, folder: str | None = None) -> bool:
+    """Whether another live process of this node has claimed the first compile of `name` (`claim_ahead`); a claim
+    whose process has died is no claim."""
+    pid = _claimant(claim_path(name, folder))
+    if pid is None or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def compiled_before(key: str, folder: str | None = None) -> bool:
     """Whether a process of this node has finished compiling `key` (`first_compile`'s marker), without waiting
     or taking anything."""
@@ -73,18 +125,22 @@ def compiled_before(key: str, folder: str | None = None) -> bool:
 
 @contextlib.contextmanager
 def first_compile(key: str, label: str = "", wait_s: float = WAIT_S, folder: str | None = None,
-                  wait: bool = True) -> Iterator[str]:
+                  wait: bool = True, claim: str | None = None) -> Iterator[str]:
     """Run the block (a first, compiling step) after any other process of this node that is compiling `key` for
     the first time has finished; yields how it got in: "first" (compiled alone, first of its key), "after"
     (waited for the first), "done" (a process had already finished), "timeout" or "unlocked" (a file system
     without flock: no gate). With `wait=False` it yields "busy" at once instead of waiting: the block must
-    then not compile (it holds nothing, and marks nothing done)."""
+    then not compile (it holds nothing, and marks nothing done); so it does, with `wait=False`, while another live
+    process holds the claim `claim` names (`claim_ahead`), gate free or not."""
     import fcntl
 
     d = os.path.join(folder or inductor_cache_dir(), "ulsweep-compile-gate")
     done = os.path.join(d, f"{key}.done")
     if os.path.exists(done):
         yield "done"
+        return
+    if not wait and claim is not None and claimed_ahead(claim, folder):
+        yield "busy"
         return
     try:
         os.makedirs(d, exist_ok=True)

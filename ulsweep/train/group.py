@@ -135,10 +135,11 @@ def member_metrics(metrics: dict, k: int) -> dict:
 class GroupHooks(TrainHooks):
     """A group's hooks as its members' own: each member's metrics go to its hooks; stop when any asks. A member
     whose loss turns non-finite leaves the group (`diverged`): its hooks' `failed` gets its error, and it hears
-    nothing more."""
+    nothing more. `compile_claim`: as TrainHooks', the group's own."""
 
-    def __init__(self, members: Sequence[TrainHooks]):
+    def __init__(self, members: Sequence[TrainHooks], compile_claim: str | None = None):
         self.members = list(members)
+        self.compile_claim = compile_claim
         self.gone: dict[int, TrainingDiverged] = {}  # member -> its error
 
     def _alive(self):

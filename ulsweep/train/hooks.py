@@ -11,6 +11,11 @@ class TrainHooks:
     All metric values are plain floats; `step` counts optimizer steps already taken.
     """
 
+    # the claim (compile_gate.claim_ahead) of a task of this node that compiles this run's training step ahead of
+    # it (ulsweep/sweep/precompile.py), or None: while it is held, a run with `train.gate_compile: eager` trains
+    # uncompiled rather than compiling the step itself
+    compile_claim: str | None = None
+
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Called every `train.log_every` steps (training curves) and after each evaluation."""
 

@@ -22,7 +22,8 @@ includes torch.compile's tracing and compilation, and CUDA graph capture), when 
 final evaluation ends: `StageResult.extra["marks"]`, from which a sweep draws each trial's timeline
 (ulsweep/sweep/timeline.py). With `train.gate_compile: eager` a trial whose model another process is compiling
 takes uncompiled steps until that process is done (`eager_steps`; its first step is then uncompiled, and
-`t_compiled_step_end` marks the end of its first compiled one).
+`t_compiled_step_end` marks the end of its first compiled one), and so it does while a task that compiles its step
+ahead holds the claim its hooks name (`TrainHooks.compile_claim`), even before that task has reached the gate.
 
 Under torch.distributed every rank draws the same global batch and noise from the shared generator and
 trains on its slice, so the loss does not depend on the number of workers. Checkpoints save weights, EMA,
@@ -148,8 +149,10 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
                 print(f"[{spec.label}] compiling anyway after {eager_steps} uncompiled steps: the compile gate "
                       f"{key[:8]} is still held", file=sys.stderr, flush=True)
             attempt = contextlib.ExitStack()
+            # a task compiling this step ahead of the run (the hooks name its claim) is let compile it first
             how = attempt.enter_context(first_compile(key, spec.label, wait=tc.gate_compile != "eager" or out_waited,
-                                                      wait_s=0.0 if out_waited else WAIT_S))
+                                                      wait_s=0.0 if out_waited else WAIT_S,
+                                                      claim=getattr(hooks, "compile_claim", None)))
             if how == "busy":  # another process compiles this model: train uncompiled meanwhile
                 attempt.close()
                 if not eager_steps:
