@@ -1084,3 +1084,18 @@ def test_group_build_rows_alternate_and_both_ways_stack_the_same_weights(tmp_pat
     got = json.loads(out.read_text())
     assert [r["row"] for r in got["rows"]] == ["each", "per-seed"] * 2 and got["same_weights"] is True
     assert all(r["seconds"] > 0 and r["members"] == got["rows"][0]["members"] > 1 for r in got["rows"])
+
+
+def test_prepare_imports_rows_alternate_and_only_the_ahead_rows_leave_the_step_nothing_to_import(tmp_path):
+    """benchmarks/prepare_imports.py: `off` and `on` rows in turn, each a fresh process preparing the quickstart's
+    planned group with a compiled step; the `on` rows name the wait for the imports among the preparation's parts,
+    the `off` rows do not (they import in the step)."""
+    import prepare_imports
+
+    out = tmp_path / "p.json"
+    assert prepare_imports.main(["experiments/quickstart.yaml", "--set", "ae.train.compile=true", "--repeats", "1",
+                                 "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["off", "on"] and all(r["members"] > 1 for r in rows)
+    assert ["prepare_inductor_s" in r["parts"] for r in rows] == [False, True]
+    assert all(r["prepare_s"] > 0 and r["first_step_imports_s"] >= 0 for r in rows)

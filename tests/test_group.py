@@ -3,6 +3,9 @@ generators, metrics, the files they leave), resume when killed, and refuse membe
 import dataclasses
 import json
 import os
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -529,3 +532,31 @@ def test_rows_copied_on_their_own_stream_wait_for_the_kernels_queued_before():
         rows = _row({"w": w}, 2)
     w.add_(1)
     assert rows["w"].device.type == "cpu" and bool((rows["w"] == 1).all())
+
+
+PREPARE_AND_LIST_IMPORTS = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[2])
+    from test_group import member_exp
+    from ulsweep.train.group import prepare_autoencoders
+    before = "torch._inductor.choices" in sys.modules
+    prepared = prepare_autoencoders([member_exp(1.5, -2.0, 0, compile=sys.argv[1] == "on"),
+                                     member_exp(2.0, 0.0, 1, compile=sys.argv[1] == "on")])
+    print(json.dumps({"before": before, "after": "torch._inductor.choices" in sys.modules,
+                      "parts": sorted(prepared.parts)}))
+    """)
+
+
+@pytest.mark.parametrize("compile_setting", ["on", "off"])
+def test_a_compiled_group_imports_inductor_while_it_is_prepared_not_in_its_first_step(digits_cache, compile_setting):
+    """In a fresh process (nothing imported Inductor yet): preparing a group whose step compiles imports the
+    compile's modules beside the build and the warm-up (`accel.preload_inductor`), its wait for them a part of its
+    own; an uncompiled group imports none of them."""
+    out = subprocess.run([sys.executable, "-c", PREPARE_AND_LIST_IMPORTS, compile_setting, os.path.dirname(__file__)],
+                         capture_output=True, text=True, timeout=600, env=os.environ | {"ULSWEEP_CACHE": str(digits_cache)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not got["before"]
+    assert got["after"] == (compile_setting == "on")
+    assert ("prepare_inductor_s" in got["parts"]) == (compile_setting == "on")
+    assert {"prepare_runtime_s", "prepare_models_s", "prepare_warm_up_s"} <= set(got["parts"])

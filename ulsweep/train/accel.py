@@ -168,6 +168,26 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def preload_inductor() -> threading.Thread:
+    """Import the Dynamo and Inductor modules that this process's first compile imports (`install_choices`, then
+    torch.compile's wrapper) in a daemon thread started now, beside other set-up work; join it before compiling.
+    On the H100 of session 40 they were 4.2 s of a stacked group's first step (`first_step_resume_s`), beside 18
+    trial processes and a precompile task starting; 0.8-2.2 s on this project's 2-core box. A failure here is left
+    to the compile to report."""
+
+    def run() -> None:
+        try:
+            import torch._dynamo  # noqa: F401
+            import torch._inductor.compile_fx  # noqa: F401 - torch.compile's wrapper imports it (its backend)
+            choices_problem()  # Inductor's config, choices, sizevars and virtualized modules
+        except Exception:  # noqa: BLE001 - the compile imports them again and says what is wrong
+            pass
+
+    thread = threading.Thread(target=run, name="ulsweep-inductor-import", daemon=True)
+    thread.start()
+    return thread
+
+
 def install_choices(max_row: int = ONE_PASS_MAX_ROW) -> bool:
     """Make the next compiles in this thread (and, where torch has `inductor_choices_class`, in this process)
     reduce rows of up to `max_row` elements in one pass; 0: Inductor's own rule again (heuristics that someone

@@ -39,6 +39,7 @@ from ulsweep.config import ExperimentConfig, config_hash, dump_yaml, to_dict
 from ulsweep.data.sources import DeviceSplit, train_source
 from ulsweep.diffusion import MemberGenerators
 from ulsweep.models.stacked import clip_trials, stack
+from ulsweep.train import accel
 from ulsweep.train.build import autoencoder_init, build_autoencoder
 from ulsweep.train.build import latent_shape as latent_shape_of
 from ulsweep.train.checkpoint import finished_result, save_checkpoint, update_meta, write_images, write_result
@@ -307,12 +308,17 @@ def prepare_autoencoders(exps: Sequence[ExperimentConfig]) -> PreparedGroup:
     exps = list(exps)
     check_members(exps)
     t0 = time.perf_counter()
+    # the compile's modules imported beside the build and the warm-up, not in the group's first step
+    importing = accel.preload_inductor() if exps[0].ae.train.compile is not False else None
     rt = make_runtime(exps[0].ae.train)
     t_rt = time.perf_counter() - t0  # the device's context among it, on a GPU
     timer = PartTimer(rt.device)
     prepared = _build(exps, rt, timer)
     with timer("warm_up"):
         warm_up(prepared.objective, rt, exps[0].ae.train.batch_size, prepared.image_shape)
+    if importing is not None:
+        with timer("inductor"):  # what is left of the imports: they never overlap the loop's own
+            importing.join()
     prepared.seconds, prepared.t_end = time.perf_counter() - t0, time.time()
     prepared.parts = {"prepare_runtime_s": t_rt, **pop_seconds(dict(timer.seconds), phase="prepare")}
     return prepared
