@@ -422,6 +422,9 @@ def test_a_claim_whose_process_died_or_that_is_this_processs_own_holds_nothing_u
         with G.first_compile("k", "task", folder=str(tmp_path), wait=False, claim="mine") as how:
             assert how == "first"
     assert not os.path.exists(path)
+    (tmp_path / "file").write_text("")  # a gate folder that cannot be made: no claim, and the task goes on
+    with G.claim_ahead("step", str(tmp_path / "file")) as path:
+        assert path is None
 
 
 def test_an_eager_trial_trains_uncompiled_while_its_step_is_claimed_and_compiles_it_once_the_claim_goes(

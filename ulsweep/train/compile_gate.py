@@ -77,15 +77,20 @@ def claim_path(name: str, folder: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def claim_ahead(name: str, folder: str | None = None) -> Iterator[str]:
+def claim_ahead(name: str, folder: str | None = None) -> Iterator[str | None]:
     """Claim the first compile of `name` on this node for this process while the block runs (the file holds its
-    pid, written atomically; removed at the end if still this process's). Yields the claim's path."""
+    pid, written atomically; removed at the end if still this process's). Yields the claim's path, or None where
+    it cannot be written (the gate's folder is not writable: the gate itself then lets everyone in, "unlocked")."""
     path = claim_path(name, folder)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError:
+        yield None
+        return
     try:
         yield path
     finally:
