@@ -164,8 +164,8 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
                     gate.callback(setattr, torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
                     torch.backends.cudnn.benchmark = False
                     if rt.is_main:
-                        print(f"[{spec.label}] training uncompiled while another process compiles this model or has claimed its compile "
-                              f"(compile gate {key[:8]})", file=sys.stderr, flush=True)
+                        print(f"[{spec.label}] training uncompiled while another process compiles this model, or "
+                              f"has claimed its compile (compile gate {key[:8]})", file=sys.stderr, flush=True)
                 eager_steps += 1
             else:
                 gate.close()  # cuDNN's search as it was before any uncompiled step
