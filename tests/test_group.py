@@ -553,7 +553,8 @@ def test_a_compiled_group_imports_inductor_while_it_is_prepared_not_in_its_first
     compile's modules beside the build and the warm-up (`accel.preload_inductor`), its wait for them a part of its
     own; an uncompiled group imports none of them."""
     out = subprocess.run([sys.executable, "-c", PREPARE_AND_LIST_IMPORTS, compile_setting, os.path.dirname(__file__)],
-                         capture_output=True, text=True, timeout=600, env=os.environ | {"ULSWEEP_CACHE": str(digits_cache)})
+                         capture_output=True, text=True, timeout=600,
+                         env=os.environ | {"ULSWEEP_CACHE": str(digits_cache)})
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert not got["before"]
