@@ -260,7 +260,7 @@ def train_worker(wcfg: dict) -> dict:
     if not wcfg.get("stack_group"):  # a trial alone: the claim of a task that compiles its step ahead, if any
         from ulsweep.sweep.precompile import claim_of
 
-        hooks.compile_claim = claim_of(exp, wcfg["kind"], wcfg["base"])
+        hooks.compile_claim = claim_of(exp, wcfg["kind"], wcfg.get("base"))
     get_train_ae, get_train_base = _train_fns(wcfg["train_impl"])
     t0, t_loop = time.perf_counter(), time.time()
     try:
