@@ -73,7 +73,9 @@ def test_every_trial_of_a_job_looks_for_the_claim_its_task_holds():
     assert precompile.claim_of(experiment_from_dict(raw, {"resources.precompile": "off"}), "ae") is None
 
 
-def test_the_task_holds_its_claim_while_it_waits_and_compiles_and_lets_go_after(tmp_path, monkeypatch):
+def test_the_task_holds_its_claim_while_its_function_runs_and_lets_go_after(tmp_path, monkeypatch):
+    """`after` claims the step before anything else (the wait for a previous task too, which needs Ray: not run
+    here) and lets go when its function returns or fails."""
     from ulsweep.train import compile_gate as G
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
