@@ -221,6 +221,12 @@ def atomic_write_text(uri: str, text: str) -> None:
     atomic_write_bytes(uri, text.encode())
 
 
+def atomic_write_text_once(uri: str, text: str) -> None:
+    """`atomic_write_text` without its retries: the storage's refusal is raised at once (for a writer that must
+    not wait on it, e.g. a compile claim, compile_gate.claim_ahead)."""
+    _write_atomic(*filesystem(uri), text.encode())
+
+
 def append_text(uri: str, text: str) -> None:
     """Append `text` to a small file (created if missing): read, add, write back atomically, since object
     stores cannot append. For logs of a few lines, never for data."""

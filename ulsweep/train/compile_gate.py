@@ -43,6 +43,7 @@ import tempfile
 import time
 from typing import Iterator
 
+from ulsweep import io as uio
 from ulsweep.train import compile_artifacts
 
 WAIT_S = 900.0  # longest a process waits for another's first compile before compiling anyway
@@ -71,9 +72,14 @@ def graph_key(objective, batch_shape, mode: str, device_type: str, amp_dtype) ->
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
+def gate_dir(folder: str | None = None) -> str:
+    """The gate's folder (its locks, markers and claims), beside the compile caches or in `folder`."""
+    return os.path.join(folder or inductor_cache_dir(), "ulsweep-compile-gate")
+
+
 def claim_path(name: str, folder: str | None = None) -> str:
     """The file by which a process claims the first compile of the step named `name` ahead of its trials."""
-    return os.path.join(folder or inductor_cache_dir(), "ulsweep-compile-gate", f"{name}.ahead")
+    return os.path.join(gate_dir(folder), f"{name}.ahead")
 
 
 @contextlib.contextmanager
@@ -82,12 +88,8 @@ def claim_ahead(name: str, folder: str | None = None) -> Iterator[str | None]:
     pid, written atomically; removed at the end if still this process's). Yields the claim's path, or None where
     it cannot be written (the gate's folder is not writable: the gate itself then lets everyone in, "unlocked")."""
     path = claim_path(name, folder)
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(tmp, path)
+        uio.atomic_write_text_once(path, f"{os.getpid()}\n")
     except OSError:
         yield None
         return
@@ -125,7 +127,7 @@ def claimed_ahead(name: str, folder: str | None = None) -> bool:
 def compiled_before(key: str, folder: str | None = None) -> bool:
     """Whether a process of this node has finished compiling `key` (`first_compile`'s marker), without waiting
     or taking anything."""
-    return os.path.exists(os.path.join(folder or inductor_cache_dir(), "ulsweep-compile-gate", f"{key}.done"))
+    return os.path.exists(os.path.join(gate_dir(folder), f"{key}.done"))
 
 
 @contextlib.contextmanager
@@ -139,7 +141,7 @@ def first_compile(key: str, label: str = "", wait_s: float = WAIT_S, folder: str
     process holds the claim `claim` names (`claim_ahead`), gate free or not."""
     import fcntl
 
-    d = os.path.join(folder or inductor_cache_dir(), "ulsweep-compile-gate")
+    d = gate_dir(folder)
     done = os.path.join(d, f"{key}.done")
     if os.path.exists(done):
         yield "done"
