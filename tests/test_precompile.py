@@ -464,3 +464,57 @@ def test_a_finished_task_is_described_in_one_line_with_its_steps_parts():
                                       "compiled in 162 s (the step 143 s: build 4, setup 1, first step 130, steps 8)")
     old = {"stage": "base", "base": "b", "latent_shape": [2, 4, 4], "compile_gate": "done", "seconds": 1.0}
     assert precompile.describe(old) == "precompile: base b at latents (2, 4, 4): done in 1 s"
+
+
+def test_a_local_rays_workers_see_its_gpus_without_reserving_one_so_groups_and_tasks_start_in_workers_started_ahead(
+        monkeypatch):
+    """The Ray that the driver starts has precompile.KEEP_GPUS_ENV in every worker's environment: an actor placed
+    by gpu_node_options (no runtime_env of its own) keeps the node's CUDA_VISIBLE_DEVICES though it reserves no
+    GPU, and so runs in a worker that Ray started before it was asked for (with the runtime_env: a new process,
+    started after); without the flag Ray hides the GPUs from such an actor."""
+    import ray
+
+    from ulsweep.sweep import driver
+
+    if not precompile.keep_gpus_env():
+        pytest.skip("this Ray does not read RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    real_init = ray.init
+    monkeypatch.setattr(ray, "init", lambda **kw: real_init(num_cpus=2, num_gpus=1, **kw))  # a GPU node, on paper
+    assert driver._init_ray(None, False)
+    try:
+        placed = precompile.gpu_node_options(sweep_exp(gpus_per_worker=0.5), workers_keep_gpus=True)
+        assert "runtime_env" not in placed and "scheduling_strategy" in placed
+        assert "runtime_env" in precompile.gpu_node_options(sweep_exp(gpus_per_worker=0.5))
+
+        @ray.remote
+        class Probe:
+            def seen(self):
+                from ulsweep.sweep.clock import process_start_time
+
+                return os.environ.get("CUDA_VISIBLE_DEVICES"), process_start_time()
+
+        asked = time.time()
+        visible, started = ray.get(Probe.options(num_cpus=0, num_gpus=0, **placed).remote().seen.remote(),
+                                   timeout=120)
+        assert visible == "0"
+        assert started is None or started < asked
+        hidden = Probe.options(num_cpus=0, num_gpus=0, runtime_env={"env_vars": {
+            next(iter(precompile.KEEP_GPUS_ENV)): "1"}}).remote()
+        assert ray.get(hidden.seen.remote(), timeout=120)[0] == ""
+    finally:
+        ray.shutdown()
+
+
+def test_the_flag_that_keeps_the_gpus_visible_is_left_to_a_driver_environment_that_sets_it(monkeypatch):
+    """keep_gpus_env(): nothing where the driver's environment sets the flag itself (its value stands, and the
+    actors and tasks keep their runtime_env), else the flag where this Ray reads it."""
+    name = next(iter(precompile.KEEP_GPUS_ENV))
+    monkeypatch.setenv(name, "1")
+    assert precompile.keep_gpus_env() == {}
+    monkeypatch.delenv(name)
+    from ray._private import accelerators
+
+    expected = precompile.KEEP_GPUS_ENV if hasattr(accelerators, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO_ENV_VAR") else {}
+    assert precompile.keep_gpus_env() == expected

@@ -102,8 +102,10 @@ def run_sweep(exp: ExperimentConfig, *, resume: bool = False, address: str | Non
         clock.mark("ray_and_sweep_run")
         phases = {"setup": time.time() - t_start}
         exp = fit_to_local_machine(exp, ray.cluster_resources(), started_here=not address, out=out)
+        # a Ray started or joined here has precompile.KEEP_GPUS_ENV in every worker's environment (_init_ray)
+        keeps_gpus = started_ray and bool(precompile.keep_gpus_env())
         try:
-            grid, phases["tune_fit"] = _fit(exp, run_dir, run, train_impl, restore, out, clock)
+            grid, phases["tune_fit"] = _fit(exp, run_dir, run, train_impl, restore, out, clock, keeps_gpus)
             searcher = _final_searcher(exp, run_dir)  # Tune's results read while Ray is up
             result = _collect_outcome(run_dir, run, searcher, grid, wall=time.time() - t_start)
             ranked = searcher.ranked()
@@ -309,12 +311,13 @@ def _init_ray(address: str | None, verbose: bool, env: dict[str, str] | None = N
     ahead (one per CPU) among them, inherit the driver's environment as Ray starts, while a job's runtime_env
     makes every worker a new process started for it. The groups' actors and the precompile tasks then start in
     a worker that is up already (on the 2-core CI box an actor answered 0.2-0.3 s after its creation, against
-    1.5-1.7 s with the runtime_env). The driver's own environment is as it was once Ray has started."""
+    1.5-1.7 s with the runtime_env), which, where this Ray reads it, `precompile.KEEP_GPUS_ENV` lets see the GPUs
+    though they reserve none. The driver's own environment is as it was once Ray has started."""
     import ray
 
     if ray.is_initialized():
         return False
-    env_vars = {**RAY_TRAIN_ENV, **(env or {})}
+    env_vars = {**RAY_TRAIN_ENV, **precompile.keep_gpus_env(), **(env or {})}
     if address:
         ray.init(address=address, log_to_driver=verbose, runtime_env={"env_vars": env_vars})
         return True
@@ -342,10 +345,11 @@ def _print_header(exp: ExperimentConfig, run_dir: str, run: SweepRun, out) -> No
 
 
 def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, resume: bool, out,
-         clock: DriverClock | None = None):
+         clock: DriverClock | None = None, workers_keep_gpus: bool = False):
     """Run the search to its end, or until Ctrl-C, after which Tune stops the trials, saves its state and
     returns: (Tune's ResultGrid, seconds it took). On a second Ctrl-C or a driver error no run of the sweep
-    stays RUNNING, and the message says how to continue. `clock` marks the steps."""
+    stays RUNNING, and the message says how to continue. `clock` marks the steps. `workers_keep_gpus`: Ray's
+    workers see the node's GPUs without reserving one (precompile.gpu_node_options)."""
     mark = clock.mark if clock is not None else (lambda name: None)
     warming: list = []
     groups: list = []  # the stacked groups' actors, the driver's for the fit's length
@@ -357,9 +361,9 @@ def _fit(exp: ExperimentConfig, run_dir: str, run: SweepRun, train_impl: str, re
         # before the last member joined, once their processes no longer imported torch); the precompile tasks
         # and the Tuner (seconds) after them
         if train_impl == "ulsweep":
-            groups = stacking.start(exp, run_dir, run.sweep_id, out)
+            groups = stacking.start(exp, run_dir, run.sweep_id, out, workers_keep_gpus)
         mark("groups_start")
-        warming = precompile.start(exp, out)  # the trials' steps, ahead of them
+        warming = precompile.start(exp, out, workers_keep_gpus)  # the trials' steps, ahead of them
         mark("precompile_start")
         tuner = _make_tuner(exp, run_dir, run, train_impl, resume)
         mark("tuner")

@@ -346,7 +346,7 @@ def _compile_sampling(exp: ExperimentConfig, base, ema_net, shape, device, membe
     return "compiled"
 
 
-def start(exp: ExperimentConfig, out) -> list:
+def start(exp: ExperimentConfig, out, workers_keep_gpus: bool = False) -> list:
     """Start the tasks of `jobs(exp)` on the running Ray instance; returns [(label, object ref)].
 
     The tasks reserve no resources: the trials hold them all (ten autoencoders at 0.1 GPU fill a GPU, and a task
@@ -354,15 +354,15 @@ def start(exp: ExperimentConfig, out) -> list:
     share anyway (a base trial compiling for itself would use them too), at the trials' priority: at the lowest
     (nice 19) the task never finished its compile beside two busy autoencoders on 2 cores, and every base trial,
     finding the gate held, trained uncompiled throughout (benchmarks/results/cpu-sweep-wall-precompile-nice19.json).
-    On the GPU each takes three steps at one trial's batch and one batch of reconstruction or generation. Ray
-    hides the GPUs from a task that reserves none, so the task is pinned to a node with GPUs and keeps that node's
-    CUDA_VISIBLE_DEVICES (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES)."""
+    On the GPU each takes three steps at one trial's batch and one batch of reconstruction or generation. The task
+    is pinned to a node with GPUs and sees them (`gpu_node_options`; `workers_keep_gpus`: the driver's Ray leaves
+    them visible to what reserves none)."""
     import ray
 
     todo = jobs(exp)
     if not todo:
         return []
-    placed = gpu_node_options(exp)
+    placed = gpu_node_options(exp, workers_keep_gpus)
     if placed is None:
         print("precompile: no node with GPUs yet; the base trials compile for themselves", file=out, flush=True)
         return []
@@ -406,10 +406,37 @@ def after(previous: list, claim: str, fn, *args) -> dict[str, Any]:
         return fn(*args)
 
 
-def gpu_node_options(exp: ExperimentConfig) -> dict[str, Any] | None:
+# Ray makes a worker that reserves no GPU see none (CUDA_VISIBLE_DEVICES "") unless this is in its environment
+# (ray-project/ray#54928, from Ray 2.50; the default since #62492): the driver puts it in the environment of the
+# Ray it starts or joins (`driver._init_ray`), so that the groups' actors and the precompile tasks, which reserve no
+# GPU, see the node's GPUs without a runtime_env of their own, and a local Ray runs them in the workers it started
+# ahead rather than in new processes (session 41, one H100: 3.3 s from the autoencoder group's new process to its
+# actor's first line, which began 4.7 s after the driver created it, and 13 s before the autoencoders' precompile
+# task began, beside the 18 trials' processes starting).
+KEEP_GPUS_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+
+
+def keep_gpus_env() -> dict[str, str]:
+    """`KEEP_GPUS_ENV` where this Ray reads it (the flag's name, checked where Ray defines it) and the driver's
+    environment does not set the flag itself; else {} (an older Ray, or one that moved the flag), and the actors
+    and tasks keep their runtime_env."""
+    name = next(iter(KEEP_GPUS_ENV))
+    if name in os.environ:
+        return {}
+    try:
+        from ray._private import accelerators
+    except ImportError:
+        return {}
+    return dict(KEEP_GPUS_ENV) if getattr(accelerators, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO_ENV_VAR", None) == name \
+        else {}
+
+
+def gpu_node_options(exp: ExperimentConfig, workers_keep_gpus: bool = False) -> dict[str, Any] | None:
     """Ray options that put a task or actor that reserves no GPU where the trials' GPUs are, seeing them: pinned
-    to a node with GPUs, keeping its CUDA_VISIBLE_DEVICES (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES; Ray hides
-    the GPUs from what reserves none). {} when the trials train on CPUs; None when no node has GPUs yet."""
+    to a node with GPUs and, unless every worker of the Ray in use has `KEEP_GPUS_ENV` (`workers_keep_gpus`: the
+    driver put it there), with a runtime_env that keeps its CUDA_VISIBLE_DEVICES
+    (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES), which makes Ray start a new process for it. {} when the trials
+    train on CPUs; None when no node has GPUs yet."""
     if exp.resources.gpus_per_worker <= 0:
         return {}
     import ray
@@ -418,8 +445,10 @@ def gpu_node_options(exp: ExperimentConfig) -> dict[str, Any] | None:
     node = next((n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) > 0), None)
     if node is None:
         return None
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False),
-            "runtime_env": {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}}
+    placed: dict[str, Any] = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+    if not workers_keep_gpus:
+        placed["runtime_env"] = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+    return placed
 
 
 def label(job: dict) -> str:

@@ -663,9 +663,9 @@ def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str
     return keys, root, exp.resources.stack_wait_s, threads, kind, planned, together, pass_on, log
 
 
-def start(exp: ExperimentConfig, run_dir: str, sweep_id: str, out) -> list:
-    """One GroupTrainer actor per group of `plan(exp)`, on a node with the trials' GPUs; returns their handles
-    (the caller keeps them for the sweep's length: the actors are the driver's)."""
+def start(exp: ExperimentConfig, run_dir: str, sweep_id: str, out, workers_keep_gpus: bool = False) -> list:
+    """One GroupTrainer actor per group of `plan(exp)`, on a node with the trials' GPUs (`gpu_node_options`);
+    returns their handles (the caller keeps them for the sweep's length: the actors are the driver's)."""
     groups = all_groups(exp)
     if not groups:
         return []
@@ -673,7 +673,7 @@ def start(exp: ExperimentConfig, run_dir: str, sweep_id: str, out) -> list:
 
     from ulsweep.sweep.precompile import gpu_node_options
 
-    placed = gpu_node_options(exp)
+    placed = gpu_node_options(exp, workers_keep_gpus)
     if placed is None:
         print("stacking: no node with GPUs yet; every trial trains alone", file=out, flush=True)
         return []
