@@ -7,10 +7,10 @@ Each row compiles the step the sweep's precompile task compiles (`ulsweep.sweep.
 `compile_base`: the trial's own objective through the library's loop, three steps on random inputs; with --members K
 above 1 the stacked program of a group of K) in a fresh process with an empty Inductor cache of its own, and reports
 the wall time to the step's end, that time by part (`step_parts_s`: build, setup, first step, steps) and Dynamo's
-`compile_times` by phase (`compile_phase_seconds`: the phases nest; on a CPU `compile_file` is the C++ compiler, on
-a GPU `async_compile.wait` the wait for Triton's parallel kernel compiles). Prints a table and writes JSON. Sampling
-is not compiled here. `--warm` adds, after each row, the same compile in a second fresh process that finds the
-first one's caches (as a sweep's group finds its precompile task's): what a warm first step still costs (session
+`compile_times` by phase (`accel.compile_phase_seconds`: the phases nest; on a CPU `compile_file` is the C++ compiler,
+on a GPU `async_compile.wait` the wait for Triton's parallel kernel compiles). Prints a table and writes JSON.
+Sampling is not compiled here. `--warm` adds, after each row, the same compile in a second fresh process that finds
+the first one's caches (as a sweep's group finds its precompile task's): what a warm first step still costs (session
 31, one H100: the base group's first compiled step 8.6 s after its precompile task had compiled it).
 """
 from __future__ import annotations
@@ -47,7 +47,9 @@ def child(args: argparse.Namespace) -> None:
         r = precompile.compile_ae(raw, job["overrides"], members=args.child)
     else:
         r = precompile.compile_base(raw, job["overrides"], job["base"], members=args.child)
-    r["phases_s"] = precompile.compile_phase_seconds(top=1000, least=0.5)
+    from ulsweep.train.accel import compile_phase_seconds
+
+    r["phases_s"] = compile_phase_seconds(top=1000, least=0.5)
     print("ROW " + json.dumps(r), flush=True)
 
 

@@ -428,9 +428,10 @@ def test_a_claim_whose_process_died_or_that_is_this_processs_own_holds_nothing_u
 
 
 def test_an_eager_trial_trains_uncompiled_while_its_step_is_claimed_and_compiles_it_once_the_claim_goes(
-        tmp_path, monkeypatch, digits_cache):
+        tmp_path, monkeypatch, digits_cache, capsys):
     """The trial reaches the free gate before the task that claimed its step (hooks.compile_claim): steps 1-3
-    uncompiled; then the claimant lets go without compiling (a task that failed), and the trial compiles first."""
+    uncompiled; then the claimant lets go without compiling (a task that failed), and the trial compiles first,
+    marking that first compiled step's seconds (the switch) and saying them in a line."""
     from test_train import Recorder, tiny_exp
 
     from ulsweep.train.stage1 import train_autoencoder
@@ -455,3 +456,5 @@ def test_an_eager_trial_trains_uncompiled_while_its_step_is_claimed_and_compiles
     marks = res.extra["marks"]
     assert marks["eager_steps"] == 3 and marks["compile_gate"] == "first" and len(calls) == 3, marks
     assert (gate_dir / "ulsweep-compile-gate" / "k.done").exists()
+    assert 0 < marks["train_compile_switch_s"] < marks["t_train_end"] - marks["t_first_step_end"]
+    assert "first compiled step, after 3 uncompiled ones:" in capsys.readouterr().err

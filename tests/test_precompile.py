@@ -157,19 +157,27 @@ def test_the_task_compiles_the_autoencoder_step_its_trials_then_find_done(tmp_pa
 
 def test_a_stacked_groups_program_is_compiled_ahead_at_the_groups_size(tmp_path, monkeypatch, digits_cache):
     """With resources.stack_trials the autoencoder job is the groups' stacked program (one job per group size: 4
-    trials in groups of 3 are a group of 3 and one trial alone); the group then gets through the gate as "done"."""
+    trials in groups of 3 are a group of 3 and one trial alone), compiled on CPUs under the group's actor's threads
+    (Inductor's C++ kernels and cache key hold the count); the group then gets through the gate as "done"."""
+    import torch
+
+    from ulsweep.sweep.stacking import group_threads
     from ulsweep.train import loop
     from ulsweep.train.group import train_autoencoders
 
+    threads = []
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    monkeypatch.setattr(loop, "compile_module", lambda module, setting, rt, **kw: module)
-    exp = experiment_from_dict(to_dict(sweep_exp(ae_compile=True, base_compile=False, stack_trials=3)),
-                               {"search.max_concurrent": 4})
+    monkeypatch.setattr(loop, "compile_module",
+                        lambda module, setting, rt, **kw: threads.append(torch.get_num_threads()) or module)
+    exp = experiment_from_dict(to_dict(sweep_exp(ae_compile=True, base_compile=False, stack_trials=3,
+                                                 cpus_per_worker=1.0)), {"search.max_concurrent": 4})
     jobs = precompile.jobs(exp)
     assert [(j["stage"], j.get("members", 1)) for j in jobs] == [("ae", 3), ("ae", 1)]
     assert precompile.label(jobs[0]).startswith("ae (a stacked group of 3)")
+    before = torch.get_num_threads()
     r = precompile.compile_ae(to_dict(exp), jobs[0]["overrides"], members=3)
     assert r["members"] == 3 and r["compile_gate"] == "first"
+    assert threads == [group_threads(exp, 3)] == [3] and torch.get_num_threads() == before
     small = {"ae.train.steps": 2, "ae.train.eval_images": 8, "eval.extractor": "none"}
     members = [experiment_from_dict(to_dict(exp), {**small, "ae.loss.loss_factor": lf}) for lf in (1.5, 2.0, 4.0)]
     res = train_autoencoders(members, [str(tmp_path / f"m{i}") for i in range(3)], str(tmp_path / "g"))
@@ -392,20 +400,23 @@ def test_a_groups_sampling_is_compiled_ahead_as_the_group_samples(sampling, tmp_
 
 
 def test_compile_phases_are_the_longest_of_dynamos_own_and_none_where_its_api_changed(monkeypatch):
-    """compile_phase_seconds reads torch's private `compile_times` (checked here against this torch: it must
-    give a dict), keeps the `top` longest phases of at least `least` s, rounded, and answers None where the
-    function is gone or returns another form."""
+    """accel.compile_phase_seconds reads torch's private `compile_times` (checked here against this torch: it must
+    give a dict), keeps the `top` longest phases of at least `least` s, rounded, less the totals taken `since`, and
+    answers None where the function is gone or returns another form."""
     import torch._dynamo.utils as dynamo_utils
 
-    assert isinstance(precompile.compile_phase_seconds(), dict)  # this torch's API has the form it reads
+    from ulsweep.train import accel
+
+    assert isinstance(accel.compile_phase_seconds(), dict)  # this torch's API has the form it reads
     names, values = ["a", "b", "c", "d"], ["0.4", "12.34", "3.0", "120.06"]
     monkeypatch.setattr(dynamo_utils, "compile_times", lambda repr, aggregate: (names, values))
-    assert precompile.compile_phase_seconds(top=2) == {"d": 120.1, "b": 12.3}
-    assert precompile.compile_phase_seconds(least=0.1) == {"d": 120.1, "b": 12.3, "c": 3.0, "a": 0.4}
+    assert accel.compile_phase_seconds(top=2) == {"d": 120.1, "b": 12.3}
+    assert accel.compile_phase_seconds(least=0.1) == {"d": 120.1, "b": 12.3, "c": 3.0, "a": 0.4}
+    assert accel.compile_phase_seconds(since={"d": 100.0, "b": 12.0}) == {"d": 20.1, "c": 3.0}
     monkeypatch.setattr(dynamo_utils, "compile_times", lambda repr, aggregate: "a table")
-    assert precompile.compile_phase_seconds() is None
+    assert accel.compile_phase_seconds() is None and accel.compile_phase_totals() is None
     monkeypatch.delattr(dynamo_utils, "compile_times")
-    assert precompile.compile_phase_seconds() is None
+    assert accel.compile_phase_seconds() is None
 
 
 def test_what_was_compiled_ahead_is_a_tag_of_the_sweep_run(tmp_path):

@@ -28,6 +28,8 @@ PART_LABELS = {"setup_encode_ahead_s": "setup: wait for the latents encoded as t
                "setup_latents_s": "setup: read the latents back",
                "setup_models_s": "setup: build the stacked networks",
                "first_step_resume_s": "first step: resume, and torch.compile's wrapper (its imports)",
+               "train_compile_switch_s": "train: the first compiled step after uncompiled ones (compile from the "
+                                         "caches, CUDA graph capture)",
                "evaluate_extractor_s": "final evaluation: load the feature extractors",
                "evaluate_bpp_s": "final evaluation: held-out bits/pixel",
                "evaluate_sampling_s": "final evaluation: sampling (reconstructions / generations)",

@@ -33,6 +33,7 @@ only the experiment's own `ae.model` is compiled ahead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import shutil
@@ -136,6 +137,24 @@ def _schedule(exp: ExperimentConfig, base):
     return base_schedule(exp.ae.loss, base)
 
 
+def _keeping_threads(fn):
+    """`fn` with torch's thread count as it was once it returns (`_runtime` sets a group's on CPUs: a task's
+    process ends after it, a caller in its own process, a test, keeps its own)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        import torch
+
+        before = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapped
+
+
+@_keeping_threads
 def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1) -> dict[str, Any]:
     """Train the trial experiment's autoencoder (`raw` with `overrides`) for `steps` steps on random images through
     the library's loop and the trial's own objective, in a scratch directory (with `members` > 1, that many of
@@ -149,6 +168,7 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
 
     from ulsweep.data.sources import DeviceSplit
     from ulsweep.models.stacked import plain
+    from ulsweep.train import accel
     from ulsweep.train.build import build_autoencoder, latent_shape
     from ulsweep.train.sampling import member_by_member, sample_rows, sampling_calls
     from ulsweep.train.stage1 import AEObjective, reconstruct_images
@@ -156,7 +176,7 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     t0 = time.time()
     exp = trial_experiment(raw, overrides)
     tc = _short(exp.ae.train, steps)
-    rt = _runtime(exp, tc)
+    rt = _runtime(exp, tc, members)
     image_shape, shape = _image_shape(exp), latent_shape(exp)
     c = image_shape[0]
     gen = torch.Generator(rt.device).manual_seed(0)
@@ -168,7 +188,7 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
                                     conv=exp.resources.stack_conv)
     out = {"stage": "ae", "latent_shape": list(shape), "members": members, "compile_gate": how, "t_start": t0,
            "step_s": time.time() - t0, "step_parts_s": step_parts(t0, t_built, marks),
-           "step_phases_s": compile_phase_seconds()}
+           "step_phases_s": accel.compile_phase_seconds()}
     if exp.eval.sample_compile:  # as the trial's evaluation reconstructs: a group's, as resources.stack_sampling says
         # the AdamW moments and the EMA copy are not needed to reconstruct: their memory back to the card, which
         # this task shares with the training trials (75,605 of 81,559 MiB at its peak in session 27, one H100)
@@ -183,27 +203,6 @@ def compile_ae(raw: dict, overrides: dict, steps: int = STEPS, members: int = 1)
     return out | {"seconds": time.time() - t0}
 
 
-def compile_phase_seconds(top: int = 24, least: float = 1.0) -> dict[str, float] | None:
-    """Where this process's torch.compile time has gone so far: seconds by phase, summed over its compiles
-    (Dynamo's `compile_times`: tracing, AOTAutograd, Inductor's lowering and code generation, the wait for its
-    parallel kernel compiles, ...; phases nest, e.g. `compile_fx_inner` holds `GraphLowering.run`), the `top`
-    longest of at least `least` s. A cold compile of lf_sweep's 18 stacked autoencoders' step took ~190 s on one
-    H100 beside their training (session 28); on this project's 2-core CPU box (benchmarks/compile_phases.py,
-    benchmarks/results/cpu-compile-phases-s28.json) the forward 92 s and the backward 74 s, of which Inductor's
-    code generation 66 s and the wait for the C++ compiler 65 s, against 66 and 56 s for one autoencoder: the task
-    reports the GPU machine's own split. None where this torch lacks the function or returns another form
-    (`torch._dynamo.utils` is private)."""
-    try:
-        from torch._dynamo.utils import compile_times
-
-        names, values = compile_times(repr="csv", aggregate=True)
-        phases = {str(n): float(v) for n, v in zip(names, values, strict=True)}
-    except Exception:  # noqa: BLE001 - a changed private API costs this report only
-        return None
-    longest = sorted(((v, n) for n, v in phases.items() if v >= least), reverse=True)[:top]
-    return {n: round(v, 1) for v, n in longest}
-
-
 def _image_shape(exp: ExperimentConfig) -> tuple[int, int, int]:
     """(channels, size, size) of the images the trials train on: the dataset's channels at `data.image_size`."""
     from ulsweep.data.sources import open_splits
@@ -216,16 +215,24 @@ def _short(tc, steps: int):
     return dataclasses.replace(tc, steps=steps, log_every=0, eval_every=0, ckpt_every=0, keep_checkpoints=1)
 
 
-def _runtime(exp: ExperimentConfig, tc):
+def _runtime(exp: ExperimentConfig, tc, members: int = 1):
+    """The task's runtime, as its trials' (or, `members` > 1, their group's): on CPUs with the group's threads,
+    which Inductor's C++ kernels and so its cache key depend on (the quickstart's groups of two, session 41: the
+    task compiled under Ray's 1 thread for a task of 0 CPUs, the group's step under 2 missed its caches and
+    compiled again, 113 s). A single trial's process has Ray's count for its CPUs, as the task's does for most."""
     import torch
 
+    from ulsweep.sweep.stacking import group_threads
     from ulsweep.train.runtime import make_runtime
 
     if exp.resources.gpus_per_worker > 0 and not torch.cuda.is_available():
         raise RuntimeError("the precompile task sees no GPU (CUDA_VISIBLE_DEVICES="
                            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but the trials train on GPUs: it would "
                            "compile graphs they never use")
-    return make_runtime(tc)
+    rt = make_runtime(tc)
+    if rt.device.type == "cpu" and members > 1:
+        torch.set_num_threads(group_threads(exp, members))
+    return rt
 
 
 def _train_briefly(objectives: list, net, source, optim, tc, rt, kind: str, label: str = "",
@@ -274,6 +281,7 @@ def step_parts(t0: float, t_built: float, marks: dict) -> dict[str, float]:
     return {k: round(v, 1) for k, v in out.items()}
 
 
+@_keeping_threads
 def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS, members: int = 1) -> dict[str, Any]:
     """Train base model `base_name` of the trial experiment (`raw` with `overrides`) for `steps` steps on random
     latents through the library's loop, in a scratch directory (with `members` > 1, that many as the stacked
@@ -282,11 +290,12 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS,
     "after" compiled, "done" found it compiled, "busy" another process compiled it meanwhile; "ungated" with
     train.gate_compile: false), "t_start" (when the task started, time.time()), "step_s" (seconds to the step's
     end: set-up, compile, the steps), "step_parts_s" (`step_parts`: those seconds by part), "step_phases_s"
-    (`compile_phase_seconds` then: the compile by phase), with eval.sample_compile "sampling" (`_compile_sampling`),
-    and "seconds"}."""
+    (`accel.compile_phase_seconds` then: the compile by phase), with eval.sample_compile "sampling"
+    (`_compile_sampling`), and "seconds"}."""
     import torch
 
     from ulsweep.data.sources import DeviceSplit
+    from ulsweep.train import accel
     from ulsweep.train.build import build_base_model, latent_shape
     from ulsweep.train.stage2 import BaseObjective
 
@@ -294,7 +303,7 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS,
     exp = trial_experiment(raw, overrides)
     base = find_base(exp, base_name)
     tc = _short(base.train, steps)
-    rt = _runtime(exp, tc)
+    rt = _runtime(exp, tc, members)
     shape = latent_shape(exp)
     gen = torch.Generator(rt.device).manual_seed(0)
     source = DeviceSplit(torch.randn(tc.batch_size, *shape, generator=gen, device=rt.device))
@@ -305,7 +314,7 @@ def compile_base(raw: dict, overrides: dict, base_name: str, steps: int = STEPS,
                                     exp.resources.stack_conv)
     out = {"stage": "base", "base": base_name, "latent_shape": list(shape), "members": members, "compile_gate": how,
            "t_start": t0, "step_s": time.time() - t0, "step_parts_s": step_parts(t0, t_built, marks),
-           "step_phases_s": compile_phase_seconds()}
+           "step_phases_s": accel.compile_phase_seconds()}
     if exp.eval.sample_compile:
         out["sampling"] = _compile_sampling(exp, base, ts.ema.shadow, shape, rt.device, members)
     return out | {"seconds": time.time() - t0}

@@ -629,6 +629,13 @@ def train_in_group(name: str, key: str, exp: ExperimentConfig, run_dir: str, hoo
     return relay(group, key, hooks, call=lambda method, *args: ray.get(method.remote(*args)))
 
 
+def group_threads(exp: ExperimentConfig, members: int) -> int:
+    """torch's threads in the actor of a group of `members` trials: the CPUs their trials hold, at least 1 (an
+    actor of 0 CPUs would get 1). On CPUs Inductor's kernels are compiled for this count (its FX graph cache key
+    holds it), so a precompile task compiles a group's step under it too (`precompile._runtime`)."""
+    return max(1, round(members * exp.resources.cpus_per_worker))
+
+
 def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str], kind: str = "ae",
                  names: dict[str, str] | None = None
                  ) -> tuple[list[str], str, float, int, str, list[dict] | None, bool, ReadAhead | None, str | None]:
@@ -643,7 +650,7 @@ def trainer_args(exp: ExperimentConfig, run_dir: str, index: int, keys: list[str
     from ulsweep import io as uio
     from ulsweep.sweep.searcher import base_key
 
-    threads = max(1, round(len(keys) * exp.resources.cpus_per_worker))
+    threads = group_threads(exp, len(keys))
     planned, together, pass_on = None, False, None
     trials = _planned(exp)
     if kind == "ae":

@@ -42,7 +42,9 @@ SETUP_PARTS = tuple(f"setup_{p}_s" for p in ("encode_ahead", "checkpoints", "dat
                                              "encode_encoder", "encode_store", "latents", "models"))
 # the first step's: resuming (a checkpoint, where there is one) and wrapping the objective for torch.compile
 FIRST_STEP_PARTS = ("first_step_resume_s",)
-PARTS = SETUP_PARTS + FIRST_STEP_PARTS + EVALUATE_PARTS  # timed parts of a trial's phases, in the order they run
+# the training's: the first compiled step after uncompiled ones (ulsweep/train/loop.py `_switched`)
+TRAIN_PARTS = ("train_compile_switch_s",)
+PARTS = SETUP_PARTS + FIRST_STEP_PARTS + TRAIN_PARTS + EVALUATE_PARTS  # timed parts of a trial's phases, in order
 # a stacked group's marks about its members' start (every member's record): when the group stopped waiting for its
 # members (time.time()), when a group built ahead was ready and its seconds to build and warm (and, a base group's,
 # how its compiled step was warmed: the compile gate's answer), how

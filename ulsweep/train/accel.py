@@ -168,6 +168,37 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def compile_phase_totals() -> dict[str, float] | None:
+    """Seconds this process's torch.compile has spent so far by phase (Dynamo's `compile_times`: tracing,
+    AOTAutograd, Inductor's lowering and code generation, the wait for its parallel kernel compiles, the loading
+    of compiled code, ...; phases nest, e.g. `compile_fx_inner` holds `GraphLowering.run`), summed over its
+    compiles. None where this torch lacks the function or returns another form (`torch._dynamo.utils` is
+    private)."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+        return {str(n): float(v) for n, v in zip(names, values, strict=True)}
+    except Exception:  # noqa: BLE001 - a changed private API costs the report only
+        return None
+
+
+def compile_phase_seconds(top: int = 24, least: float = 1.0,
+                          since: dict[str, float] | None = None) -> dict[str, float] | None:
+    """The `top` longest phases of `compile_phase_totals`, of at least `least` s, rounded; `since`: totals taken
+    before, subtracted (the compiles since then). A cold compile of lf_sweep's 18 stacked autoencoders' step took
+    ~190 s on one H100 beside their training (session 28); on this project's 2-core CPU box
+    (benchmarks/compile_phases.py, benchmarks/results/cpu-compile-phases-s28.json) the forward 92 s and the
+    backward 74 s, of which Inductor's code generation 66 s and the wait for the C++ compiler 65 s, against 66 and
+    56 s for one autoencoder. None where the totals are."""
+    totals = compile_phase_totals()
+    if totals is None:
+        return None
+    phases = {n: v - (since or {}).get(n, 0.0) for n, v in totals.items()}
+    longest = sorted(((v, n) for n, v in phases.items() if v >= least), reverse=True)[:top]
+    return {n: round(v, 1) for v, n in longest}
+
+
 def preload_inductor() -> threading.Thread:
     """Import the Dynamo and Inductor modules that this process's first compile imports (`install_choices`, then
     torch.compile's wrapper) in a daemon thread started now, beside other set-up work; join it before compiling.

@@ -48,6 +48,7 @@ from ulsweep.train.checkpoint import (CheckpointError, CheckpointWriter, latest_
                                       save_checkpoint, step_dir, write_images, write_result)
 from ulsweep.train.hooks import StageResult, TrainHooks, TrainingDiverged
 from ulsweep.train.compile_gate import WAIT_S, first_compile, graph_key
+from ulsweep.train import accel
 from ulsweep.train.evaluation import pop_seconds
 from ulsweep.train.runtime import all_reduce_mean, compile_mode, compile_module, shard, wrap_ddp
 from ulsweep.train.state import TrainState, lr_at
@@ -98,6 +99,7 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
     step_fn = objective if mode is not None else model  # the module of the next step
     key, gated, eager_steps = None, False, 0  # gate key; first compiled step entered; uncompiled steps taken
     eager_since = None  # when the first uncompiled step started
+    compiled_before = None  # this process's compile seconds by phase when the first compiled step began
     local_batches = getattr(source, "local_batches", False)
     reduce = getattr(objective, "reduce", _mean)  # per-example values -> the window's per-step mean(s)
 
@@ -171,6 +173,7 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
                 gate.close()  # cuDNN's search as it was before any uncompiled step
                 gate.enter_context(attempt.pop_all())  # held through this first compiled step
                 marks["compile_gate"], step_fn, gated = how, model, True
+                compiled_before = accel.compile_phase_totals() if eager_steps else None
         noise = objective.draw_noise(tc.batch_size, ts.gen)
         batch = batch if local_batches else shard(batch, rt)
         noise = {k: shard(v, rt) for k, v in noise.items()}
@@ -191,6 +194,8 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
             if first_compiled:  # let the next process of this model in
                 marks["t_compiled_step_end"] = now
                 gate.close()
+                if eager_steps:  # the switch from uncompiled steps: the compile from the caches, CUDA graph capture
+                    _switched(spec.label, marks, time.perf_counter() - t0, eager_steps, compiled_before, rt.is_main)
         ts.train_seconds += time.perf_counter() - t0
 
         step = ts.step
@@ -239,6 +244,20 @@ def _train(objective: nn.Module, source, evaluate: Evaluate, ts: TrainState, tc:
                                                                   "marks": marks})
     write_result(spec.run_dir, res, spec.cfg_hash)  # last: marks the run finished
     return res
+
+
+def _switched(label: str, marks: dict, seconds: float, eager_steps: int, compiled_before: dict | None,
+              main: bool) -> None:
+    """The first compiled step after `eager_steps` uncompiled ones took `seconds`: the step's compile from the
+    caches another process left (Dynamo's tracing, the compiled code loaded), its CUDA graphs captured and the step
+    itself. Marked (`train_compile_switch_s`) and, on the main rank, a line with the compile's longest phases.
+    On the H100 of session 41 the stacked autoencoders' 50 steps around it took ~25 s more than their steps."""
+    marks["train_compile_switch_s"] = seconds
+    if main:
+        phases = accel.compile_phase_seconds(top=8, least=0.1, since=compiled_before)
+        print(f"[{label}] first compiled step, after {eager_steps} uncompiled ones: {seconds:.1f} s"
+              + (f"; compile phases: {', '.join(f'{k} {v:g} s' for k, v in phases.items())}" if phases else ""),
+              file=sys.stderr, flush=True)
 
 
 def resume(ts: TrainState, spec: RunSpec, objective: nn.Module, compile_setting: bool | str, source=None,
