@@ -200,6 +200,21 @@ def test_a_failing_group_fails_every_member_and_a_lone_group_trains_who_came(tmp
     assert alone.status()["members"] == ["ae-0000"] and res.extra["group"]["members"] == 1 and res.steps == 4
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a process that sees no GPU")
+def test_a_group_whose_trials_train_on_gpus_fails_every_member_where_its_actor_sees_none(tmp_path, digits_cache):
+    """Placed where it sees no GPU, a group of GPU trials neither prepares ahead nor trains its members on the
+    CPU: every member's trial raises the error, which names the setting and CUDA_VISIBLE_DEVICES."""
+    keys = ["ae-0000", "ae-0001"]
+    exps = [to_dict(member_exp(*m, resources={"gpus_per_worker": 0.5})) for m in MEMBERS[:2]]
+    group = GroupTrainer(keys, str(tmp_path / "g"), wait_s=30.0, planned=exps)
+    for k, e in zip(keys, exps):
+        assert group.join(k, e, str(tmp_path / k))
+    for k in keys:
+        with pytest.raises(RuntimeError, match=r"sees no GPU .*\(resources\.gpus_per_worker 0\.5\)"):
+            relay(group, k, Recorder())
+    assert not (tmp_path / "ae-0000" / "checkpoints").exists()
+
+
 def test_an_autoencoder_group_builds_itself_ahead_and_takes_that_only_for_its_planned_members(tmp_path, digits_cache,
                                                                                               one_thread, capsys):
     """A group given its members' planned experiments builds its data and networks and warms its step while they
@@ -332,7 +347,7 @@ def test_a_planned_base_group_builds_itself_ahead_in_the_thread_that_then_trains
     preparation to `train_bases`; a preparation that fails is named and the group trains all the same."""
     from ulsweep.train import group_base
 
-    d = lf_sweep(stack_trials=2)
+    d = lf_sweep(stack_trials=2, gpus_per_worker=0.0)  # trials on CPUs, as this box has: the group may train here
     d["search"].update({"space": {"ae.loss.loss_factor": {"values": [1.5, 4.0]}}, "points": []})
     exp = experiment_from_dict(d)
     [keys] = base_plan(exp)

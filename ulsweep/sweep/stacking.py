@@ -210,7 +210,9 @@ class GroupTrainer:
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        prepared = prepare_autoencoders([experiment_from_dict(d) for d in planned])
+        exps = [experiment_from_dict(d) for d in planned]
+        _require_gpus(exps[0])
+        prepared = prepare_autoencoders(exps)
         parts = ", ".join(f"{k[len('prepare_'):-2]} {v:.1f}" for k, v in prepared.parts.items())
         print(f"[ae group of {len(planned)}] built and its step warmed in {prepared.seconds:.1f} s ({parts}), ready "
               f"at {prepared.t_end:.2f}", flush=True)
@@ -364,6 +366,7 @@ class GroupTrainer:
             if self.threads:
                 torch.set_num_threads(self.threads)
             exps = [experiment_from_dict(d["experiment"]) for d in planned]
+            _require_gpus(exps[0])
             bases = [find_base(e, d["base"]) for e, d in zip(exps, planned)]
             prepared = prepare_bases(bases, exps, latent_shape(exps[0]), keep_waiting=lambda: not self.joined)
             print(f"[base {bases[0].name} group of {len(bases)}] built ahead in {prepared.seconds:.1f} s, before its "
@@ -394,6 +397,7 @@ class GroupTrainer:
                 torch.set_num_threads(self.threads)
 
             exps = [experiment_from_dict(self.joined[k][0]) for k in self.members]
+            _require_gpus(exps[0])
             run_dirs = [self.joined[k][1] for k in self.members]
             base_name = None if self.kind == "ae" else self.joined[self.members[0]][2]["base"]
             # the claim of a task that compiles the group's step ahead (ulsweep/sweep/precompile.py), if any
@@ -627,6 +631,18 @@ def train_in_group(name: str, key: str, exp: ExperimentConfig, run_dir: str, hoo
         return None
     print(f"[{key}] training in stacked group {name}", flush=True)
     return relay(group, key, hooks, call=lambda method, *args: ray.get(method.remote(*args)))
+
+
+def _require_gpus(exp: ExperimentConfig) -> None:
+    """A group whose trials train on GPUs sees them (`precompile.gpu_node_options` places its actor), or fails
+    saying so: trained on the CPU instead, a sweep's group would take hours. Its members' trials then raise the
+    error, and their retries train alone."""
+    import torch
+
+    if exp.resources.gpus_per_worker > 0 and not torch.cuda.is_available():
+        raise RuntimeError(f"the stacked group's actor sees no GPU (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but its trials train on GPUs "
+                           f"(resources.gpus_per_worker {exp.resources.gpus_per_worker:g})")
 
 
 def group_threads(exp: ExperimentConfig, members: int) -> int:
