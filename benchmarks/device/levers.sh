@@ -12,6 +12,10 @@
 #                                           # convolutions grouped and one per trial (loop: resources.stack_conv;
 #                                           # CONVS="grouped loop unfold" adds im2col), each with cuDNN's search
 #                                           # and then its heuristics (the second row compiles from the first's)
+#   bash benchmarks/device/levers.sh conv-eager # ~1-2 min: the stacked autoencoder step uncompiled with its
+#                                           # convolutions grouped, one per trial (loop), on channels-last input and
+#                                           # as nhwc, profiled (CONV_EAGER_LIMIT s, default 150): their kernels and
+#                                           # layout conversions, without a compile
 #   bash benchmarks/device/levers.sh inception # ~1 min: the FID Inception's calls profiled, by kernel kind
 #   bash benchmarks/device/levers.sh writes # ~3 min: the 18 autoencoders' evaluation alone and beside their
 #                                           # checkpoint writes (library, one thread, the writer before session 38)
@@ -31,7 +35,7 @@ OUT=${OUT:?set by the device call}
 # lf_sweep's 18 members as one stacked program with CUDA graphs, profiled (conv and attention rows)
 stacked=(--preset small --image-size 32 --channels 1 --downsample 4 --latent-channels 8 --trials 18
          --modes reduce-overhead --programs stacked --no-baseline --profile --seconds 6 --warmup 3 --check-steps 0)
-case "${1:?fid|conv|writes|inception|attention|conv-sweep}" in
+case "${1:?fid|conv|conv-eager|writes|inception|attention|conv-sweep}" in
   fid)
     [ -f /tmp/stage/default_1.pt ] || cat /tmp/stage/inc/incpart.* > /tmp/stage/default_1.pt
     python3 benchmarks/metrics.py --devices cuda --skip domain inception --inception-batch 256 \
@@ -49,6 +53,13 @@ case "${1:?fid|conv|writes|inception|attention|conv-sweep}" in
       --cudnn-search on off --stage ae --batch 128 --out "$OUT/profile-ae-conv.json" > "$OUT/profile-ae-conv.log" \
       2>&1 || echo "conv rows: rc $?"
     tail -12 "$OUT/profile-ae-conv.log"
+    ;;
+  conv-eager)  # ~1-2 min, nothing compiled: the stacked autoencoder step uncompiled with each convolution variant,
+               # profiled (its cuDNN kernels and layout conversions are those the compiled step calls)
+    timeout "${CONV_EAGER_LIMIT:-150}" python3 benchmarks/batched_trials.py "${stacked[@]}" --modes eager --seconds 4 \
+      --warmup 2 --conv grouped loop channels-last nhwc --cudnn-search on --stage ae --batch 128 \
+      --out "$OUT/profile-ae-conv-eager.json" > "$OUT/profile-ae-conv-eager.log" 2>&1 || echo "conv-eager rows: rc $?"
+    grep -E "eager|GPU busy" "$OUT/profile-ae-conv-eager.log" | tail -12
     ;;
   inception)  # ~1 min: the FID Inception's calls at the evaluation's batch profiled (GPU time by kernel kind)
     [ -f /tmp/stage/default_1.pt ] || cat /tmp/stage/inc/incpart.* > /tmp/stage/default_1.pt
