@@ -482,7 +482,7 @@ def test_a_local_rays_workers_see_its_gpus_without_reserving_one_so_groups_and_t
     """The Ray that the driver starts has precompile.KEEP_GPUS_ENV in every worker's environment: an actor placed
     by gpu_node_options (no runtime_env of its own) keeps the node's CUDA_VISIBLE_DEVICES though it reserves no
     GPU, and so runs in a worker that Ray started before it was asked for (with the runtime_env: a new process,
-    started after); without the flag Ray hides the GPUs from such an actor."""
+    started after); with the flag at 1 (Ray's default before ray-project/ray#62492) Ray hides the GPUs from it."""
     import ray
 
     from ulsweep.sweep import driver
