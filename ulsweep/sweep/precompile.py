@@ -223,12 +223,9 @@ def _runtime(exp: ExperimentConfig, tc, members: int = 1):
     import torch
 
     from ulsweep.sweep.stacking import group_threads
-    from ulsweep.train.runtime import make_runtime
+    from ulsweep.train.runtime import make_runtime, require_gpus
 
-    if exp.resources.gpus_per_worker > 0 and not torch.cuda.is_available():
-        raise RuntimeError("the precompile task sees no GPU (CUDA_VISIBLE_DEVICES="
-                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but the trials train on GPUs: it would "
-                           "compile graphs they never use")
+    require_gpus(exp.resources, "the precompile task", "it would compile graphs they never use")
     rt = make_runtime(tc)
     if rt.device.type == "cpu" and members > 1:
         torch.set_num_threads(group_threads(exp, members))

@@ -635,14 +635,11 @@ def train_in_group(name: str, key: str, exp: ExperimentConfig, run_dir: str, hoo
 
 def _require_gpus(exp: ExperimentConfig) -> None:
     """A group whose trials train on GPUs sees them (`precompile.gpu_node_options` places its actor), or fails
-    saying so: trained on the CPU instead, a sweep's group would take hours. Its members' trials then raise the
-    error, and their retries train alone."""
-    import torch
+    saying so (`runtime.require_gpus`). Its members' trials then raise the error, and their retries train alone."""
+    from ulsweep.train.runtime import require_gpus
 
-    if exp.resources.gpus_per_worker > 0 and not torch.cuda.is_available():
-        raise RuntimeError(f"the stacked group's actor sees no GPU (CUDA_VISIBLE_DEVICES="
-                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but its trials train on GPUs "
-                           f"(resources.gpus_per_worker {exp.resources.gpus_per_worker:g})")
+    require_gpus(exp.resources, "the stacked group's actor", "trained on the CPU instead, a sweep's group would "
+                 "take hours")
 
 
 def group_threads(exp: ExperimentConfig, members: int) -> int:

@@ -120,7 +120,7 @@ def claimed_ahead(name: str, folder: str | None = None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, another user's
-        return True
+        pass
     return True
 
 

@@ -61,6 +61,15 @@ def make_runtime(train: TrainConfig) -> Runtime:
     return Runtime(device, amp, rank, world)
 
 
+def require_gpus(resources, who: str, why: str) -> None:
+    """`who`, a process that trains or compiles for trials training on GPUs (`resources.gpus_per_worker` > 0) and
+    reserves none itself (a sweep's precompile task, a stacked group's actor: placed on a GPU node seeing its GPUs,
+    ulsweep/sweep/precompile.py `gpu_node_options`), fails where it sees no GPU, saying so and `why` it must."""
+    if resources.gpus_per_worker > 0 and not torch.cuda.is_available():
+        raise RuntimeError(f"{who} sees no GPU (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but "
+                           f"its trials train on GPUs (resources.gpus_per_worker {resources.gpus_per_worker:g}): {why}")
+
+
 def shard(batch: torch.Tensor, rt: Runtime) -> torch.Tensor:
     """This rank's contiguous slice of a global batch (all ranks draw the same global batch)."""
     if rt.world == 1:
