@@ -143,6 +143,41 @@ def test_the_checkpoint_writer_copies_before_it_returns(tmp_path, monkeypatch):
     w.close()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a snapshot on the GPU needs one")
+@pytest.mark.parametrize("share", [0.5, 0.0])
+def test_a_gpu_snapshot_is_the_state_when_taken(tmp_path, monkeypatch, share):
+    """On the GPU where it fits (share 0.5: clones, copied to host memory in the writer's thread), in host memory
+    where it does not (share 0): either way the checkpoint holds the values `save` was given, though the training
+    thread overwrites them at once on its stream (a long kernel first, so the copy could overtake it if it did
+    not wait for the snapshot)."""
+    import threading
+
+    from ulsweep.train import checkpoint as ck
+
+    monkeypatch.setattr(ck, "DEVICE_SNAPSHOT_SHARE", share)
+    x = torch.arange(1 << 22, dtype=torch.float32, device="cuda")
+    expected = x.cpu()
+    copy, event = ck.snapshot({"x": x, "n": 3})
+    assert (event is not None) == (share > 0) and copy["x"].device.type == ("cuda" if share else "cpu")
+    release, real = threading.Event(), ck.save_checkpoint
+
+    def held(*a):
+        assert release.wait(30)
+        return real(*a)
+
+    monkeypatch.setattr(ck, "save_checkpoint", held)
+    w, seen = ck.CheckpointWriter(), []
+    w.save(str(tmp_path), 5, {"x": x, "n": 3}, {"kind": "t"}, seen.append)
+    for _ in range(20):
+        x.mul_(1.0001).add_(1.0)
+    release.set()
+    w.wait()
+    state, _ = load_checkpoint(seen[0])
+    assert state["n"] == 3 and torch.equal(state["x"], expected)
+    assert torch.equal(ck.host_copy(copy, event)["x"], expected)
+    w.close()
+
+
 def test_corrupted_checkpoint_is_refused_and_resume_falls_back(tmp_path, digits_cache):
     run = str(tmp_path / "run")
     exp = tiny_exp(steps=4, ckpt_every=2)
