@@ -1,0 +1,108 @@
+"""How long a checkpoint written beside training holds the training up, on a GPU, side by side (issue 23).
+
+lf_sweep's stacked group of 18 autoencoders keeps 6.6 GB of weights, EMA and AdamW moments; at its mid-run
+checkpoint its 50 steps after step 1,700 ran at ~566 images/s a member against ~1,110 (one H100, sessions 36-41:
+~5.6 s lost). `CheckpointWriter.save` copied the state to host memory on the training thread before handing the
+write to its thread; since session 42 it snapshots the state on the GPU where it fits (`checkpoint.snapshot`) and
+copies it to host memory in the writer's thread. Here a stand-in step (`--matmuls` bf16 matmuls of `--dim`,
+queued without a sync, as CUDA-graph steps are) runs `--steps` times with a checkpoint of `--gb` GB (in
+`--tensors` tensors on the GPU) saved at step `--at`, written to a temporary directory:
+
+    none     no checkpoint: the steps' own time
+    host     the state copied to host memory on the training thread first (the writer before session 42)
+    device   the library's `CheckpointWriter.save` (a snapshot on the GPU where it fits)
+
+Per row: `steps_s` (the steps' wall, synchronized at the end), `lost_s` (against `none`), `save_call_s` (the
+training thread's time in `save`), `write_s` (from `save` until the training thread learns the file is written: `poll`
+between steps, or the wait after them). Rows repeat `--repeats` times in
+turn.
+
+    python benchmarks/checkpoint_pause.py --out benchmarks/results/h100-checkpoint-pause.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from timing import run_env, write_results  # noqa: E402  (beside this script)
+
+MODES = ("none", "host", "device")
+
+
+def run(mode: str, args: argparse.Namespace, state: dict, xs: list, device: torch.device) -> dict:
+    from ulsweep.train import checkpoint as ck
+
+    real = ck.snapshot
+    if mode == "host":
+        ck.snapshot = lambda s: (ck.to_host(s), None)
+    writer, written = ck.CheckpointWriter(), {}
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            sync(device)
+            t0 = time.perf_counter()
+            save_call = 0.0
+            for step in range(args.steps):
+                if mode != "none" and step == args.at:
+                    t = time.perf_counter()
+                    writer.save(d, step, state, {"kind": "bench"}, lambda _: written.setdefault("t", time.perf_counter()))
+                    save_call, written["t0"] = time.perf_counter() - t, t
+                for i in range(args.matmuls):  # the stand-in step: its kernels queued, no sync
+                    xs[i % len(xs)] = torch.tanh(xs[i % len(xs)] @ xs[(i + 1) % len(xs)])
+                writer.poll()
+            sync(device)
+            steps_s = time.perf_counter() - t0
+            writer.wait()
+            writer.close()
+    finally:
+        ck.snapshot = real
+    row = {"mode": mode, "steps_s": steps_s, "save_call_s": save_call}
+    if mode != "none":
+        row["write_s"] = written["t"] - written["t0"]
+    return row
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gb", type=float, default=6.6, help="the checkpoint's size (lf_sweep's stacked group: 6.6)")
+    p.add_argument("--tensors", type=int, default=300)
+    p.add_argument("--dim", type=int, default=4096)
+    p.add_argument("--matmuls", type=int, default=60, help="matmuls a step")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--at", type=int, default=10, help="the step whose start saves the checkpoint")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    per = int(args.gb * 2**30 / 4 / args.tensors)
+    state = {"model": {f"w{i}": torch.randn(per, device=device) for i in range(args.tensors)}, "step": 1}
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    xs = [torch.randn(args.dim, args.dim, device=device, dtype=dtype) / args.dim**0.5 for _ in range(2)]
+    rows = []
+    for r in range(args.repeats):
+        for mode in MODES:
+            rows.append(run(mode, args, state, xs, device) | {"repeat": r})
+    base = {r["repeat"]: r["steps_s"] for r in rows if r["mode"] == "none"}
+    print(f"{'mode':8} {'steps_s':>8} {'lost_s':>7} {'save_call_s':>11} {'write_s':>8}")
+    for r in rows:
+        r["lost_s"] = r["steps_s"] - base[r["repeat"]]
+        print(f"{r['mode']:8} {r['steps_s']:8.2f} {r['lost_s']:7.2f} {r['save_call_s']:11.3f} "
+              f"{r.get('write_s', float('nan')):8.2f}")
+    if args.out:
+        write_results(args.out, run_env(args), rows)
+
+
+if __name__ == "__main__":
+    main()
