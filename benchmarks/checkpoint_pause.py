@@ -87,7 +87,9 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     per = int(args.gb * 2**30 / 4 / args.tensors)
-    state = {"model": {f"w{i}": torch.randn(per, device=device) for i in range(args.tensors)}, "step": 1}
+    # as a run's state: its tensors on the GPU, its generator states in host memory
+    state = {"model": {f"w{i}": torch.randn(per, device=device) for i in range(args.tensors)},
+             "rng": torch.get_rng_state(), "step": 1}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     xs = [torch.randn(args.dim, args.dim, device=device, dtype=dtype) / args.dim**0.5 for _ in range(2)]
     rows = []

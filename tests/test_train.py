@@ -148,16 +148,16 @@ def test_the_checkpoint_writer_copies_before_it_returns(tmp_path, monkeypatch):
 def test_a_gpu_snapshot_is_the_state_when_taken(tmp_path, monkeypatch, share):
     """On the GPU where it fits (share 0.5: clones, copied to host memory in the writer's thread), in host memory
     where it does not (share 0): either way the checkpoint holds the values `save` was given, though the training
-    thread overwrites them at once on its stream (a long kernel first, so the copy could overtake it if it did
-    not wait for the snapshot)."""
+    thread overwrites them at once on its stream. The state holds CPU tensors too, as a run's does (generator
+    states)."""
     import threading
 
     from ulsweep.train import checkpoint as ck
 
     monkeypatch.setattr(ck, "DEVICE_SNAPSHOT_SHARE", share)
     x = torch.arange(1 << 22, dtype=torch.float32, device="cuda")
-    expected = x.cpu()
-    copy, event = ck.snapshot({"x": x, "n": 3})
+    expected, rng = x.cpu(), torch.get_rng_state()
+    copy, event = ck.snapshot({"x": x, "n": 3, "rng": rng})
     assert (event is not None) == (share > 0) and copy["x"].device.type == ("cuda" if share else "cpu")
     release, real = threading.Event(), ck.save_checkpoint
 
@@ -167,13 +167,13 @@ def test_a_gpu_snapshot_is_the_state_when_taken(tmp_path, monkeypatch, share):
 
     monkeypatch.setattr(ck, "save_checkpoint", held)
     w, seen = ck.CheckpointWriter(), []
-    w.save(str(tmp_path), 5, {"x": x, "n": 3}, {"kind": "t"}, seen.append)
+    w.save(str(tmp_path), 5, {"x": x, "n": 3, "rng": rng}, {"kind": "t"}, seen.append)
     for _ in range(20):
         x.mul_(1.0001).add_(1.0)
     release.set()
     w.wait()
     state, _ = load_checkpoint(seen[0])
-    assert state["n"] == 3 and torch.equal(state["x"], expected)
+    assert state["n"] == 3 and torch.equal(state["x"], expected) and torch.equal(state["rng"], rng)
     assert torch.equal(ck.host_copy(copy, event)["x"], expected)
     w.close()
 

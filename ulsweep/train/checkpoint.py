@@ -98,20 +98,21 @@ DEVICE_SNAPSHOT_SHARE = 0.5  # a snapshot stays on its GPU when it takes at most
 
 def snapshot(state: Any) -> tuple[Any, Any]:
     """(copy, event): a copy of `state` that training's in-place updates do not reach, made without waiting for a
-    device -> host copy where it can be. When its tensors are on one GPU and take at most DEVICE_SNAPSHOT_SHARE of
-    the memory free there (the driver's free memory and what torch's allocator holds unused), clones on the GPU,
-    queued on the current stream, `event` recorded after them: milliseconds where a host copy of a stacked group's
-    6.6 GB held the training thread for seconds (`to_host` later, in the writer's thread: `host_copy`). Else the
-    host copy, made here, and event None."""
+    device -> host copy where it can be. When its CUDA tensors are on one GPU and take at most
+    DEVICE_SNAPSHOT_SHARE of the memory free there (the driver's free memory and what torch's allocator holds
+    unused), they are cloned on the GPU, queued on the current stream, `event` recorded after them, and its CPU
+    tensors (generator states, step counts) cloned here: milliseconds, where a host copy of a stacked group's 6.6 GB
+    held the training thread for seconds (`host_copy` makes it later, in the writer's thread). Else the host copy,
+    made here, and event None."""
     import torch
 
-    tensors = _tensors(state)
-    devices = {t.device for t in tensors}
-    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+    on_gpu = [t for t in _tensors(state) if t.device.type == "cuda"]
+    devices = {t.device for t in on_gpu}
+    if len(devices) != 1:
         return to_host(state), None
-    device = next(iter(devices))
+    device = devices.pop()
     free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if sum(t.numel() * t.element_size() for t in tensors) > DEVICE_SNAPSHOT_SHARE * free:
+    if sum(t.numel() * t.element_size() for t in on_gpu) > DEVICE_SNAPSHOT_SHARE * free:
         return to_host(state), None
     copy = _map(state, lambda t: t.detach().clone())
     event = torch.cuda.Event()
@@ -126,7 +127,7 @@ def host_copy(copy: Any, event: Any) -> Any:
         return copy
     import torch
 
-    stream = torch.cuda.Stream(_tensors(copy)[0].device)
+    stream = torch.cuda.Stream(next(t.device for t in _tensors(copy) if t.device.type == "cuda"))
     stream.wait_event(event)
     with torch.cuda.stream(stream):
         host = to_host(copy)
