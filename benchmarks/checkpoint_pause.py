@@ -4,18 +4,25 @@ lf_sweep's stacked group of 18 autoencoders keeps 6.6 GB of weights, EMA and Ada
 checkpoint its 50 steps after step 1,700 ran at ~566 images/s a member against ~1,110 (one H100, sessions 36-41:
 ~5.6 s lost). `CheckpointWriter.save` copied the state to host memory on the training thread before handing the
 write to its thread; since session 42 it snapshots the state on the GPU where it fits (`checkpoint.snapshot`) and
-copies it to host memory in the writer's thread. Here a stand-in step (`--matmuls` bf16 matmuls of `--dim`,
-queued without a sync, as CUDA-graph steps are) runs `--steps` times with a checkpoint of `--gb` GB (in
-`--tensors` tensors on the GPU) saved at step `--at`, written to a temporary directory:
+copies it to host memory in the writer's thread, through a pinned buffer (`checkpoint.device_to_host`). Here a
+stand-in step (`--matmuls` bf16 matmuls of `--dim`, queued without a sync, as CUDA-graph steps are) runs `--steps`
+times with a checkpoint of `--gb` GB (in `--tensors` tensors on the GPU, and a generator state in host memory)
+saved at step `--at`, written to a temporary directory:
 
-    none     no checkpoint: the steps' own time
-    host     the state copied to host memory on the training thread first (the writer before session 42)
-    device   the library's `CheckpointWriter.save` (a snapshot on the GPU where it fits)
+    none             no checkpoint: the steps' own time
+    host             the state copied to host memory on the training thread first (the writer before session 42)
+    device-pageable  a snapshot on the GPU, copied in the writer's thread straight into pageable host memory
+    device           the library's `CheckpointWriter.save`: the snapshot copied through a pinned buffer
 
 Per row: `steps_s` (the steps' wall, synchronized at the end), `lost_s` (against `none`), `save_call_s` (the
-training thread's time in `save`), `write_s` (from `save` until the training thread learns the file is written: `poll`
-between steps, or the wait after them). Rows repeat `--repeats` times in
-turn.
+training thread's time in `save`), `write_s` (from `save` until the training thread learns the file is written:
+`poll` between steps, or the wait after them). Rows repeat `--repeats` times in turn.
+
+One H100, session 42, the defaults (60 steps of ~83 ms): `host` lost 3.3-3.4 s (3.8-4.0 s in `save`),
+`device-pageable` 2.4-3.1 s (0.3-0.5 s in `save`), the pinned buffer none (-0.02 to 0.01 s, three repeats), each
+measured before it became a mode here (`h100-checkpoint-pause-s42.json`, whose `device` rows are the writer as it
+then was, now `device-pageable`; `-staged-s42.json`, an inline variant of this script); the whole destination
+pinned (`h100-checkpoint-pause-pinned-s42.json`) lost 3.2 s the first time (its allocation), 0.01 s once reused.
 
     python benchmarks/checkpoint_pause.py --out benchmarks/results/h100-checkpoint-pause.json
 """
@@ -33,15 +40,21 @@ import torch  # noqa: E402
 
 from timing import run_env, write_results  # noqa: E402  (beside this script)
 
-MODES = ("none", "host", "device")
+MODES = ("none", "host", "device-pageable", "device")
+
+
+def pageable(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)  # straight into pageable host memory (the driver stages it)
 
 
 def run(mode: str, args: argparse.Namespace, state: dict, xs: list, device: torch.device) -> dict:
     from ulsweep.train import checkpoint as ck
 
-    real = ck.snapshot
+    real, real_copy = ck.snapshot, ck.device_to_host
     if mode == "host":
-        ck.snapshot = lambda s: (ck.to_host(s), None)
+        ck.snapshot, ck.device_to_host = (lambda s: (ck.to_host(s), None)), pageable
+    if mode == "device-pageable":
+        ck.device_to_host = pageable
     writer, written = ck.CheckpointWriter(), {}
     try:
         with tempfile.TemporaryDirectory() as d:
@@ -51,7 +64,8 @@ def run(mode: str, args: argparse.Namespace, state: dict, xs: list, device: torc
             for step in range(args.steps):
                 if mode != "none" and step == args.at:
                     t = time.perf_counter()
-                    writer.save(d, step, state, {"kind": "bench"}, lambda _: written.setdefault("t", time.perf_counter()))
+                    writer.save(d, step, state, {"kind": "bench"},
+                                lambda _: written.setdefault("t", time.perf_counter()))
                     save_call, written["t0"] = time.perf_counter() - t, t
                 for i in range(args.matmuls):  # the stand-in step: its kernels queued, no sync
                     xs[i % len(xs)] = torch.tanh(xs[i % len(xs)] @ xs[(i + 1) % len(xs)])
@@ -61,7 +75,7 @@ def run(mode: str, args: argparse.Namespace, state: dict, xs: list, device: torc
             writer.wait()
             writer.close()
     finally:
-        ck.snapshot = real
+        ck.snapshot, ck.device_to_host = real, real_copy
     row = {"mode": mode, "steps_s": steps_s, "save_call_s": save_call}
     if mode != "none":
         row["write_s"] = written["t"] - written["t0"]
@@ -97,10 +111,10 @@ def main() -> None:
         for mode in MODES:
             rows.append(run(mode, args, state, xs, device) | {"repeat": r})
     base = {r["repeat"]: r["steps_s"] for r in rows if r["mode"] == "none"}
-    print(f"{'mode':8} {'steps_s':>8} {'lost_s':>7} {'save_call_s':>11} {'write_s':>8}")
+    print(f"{'mode':16} {'steps_s':>8} {'lost_s':>7} {'save_call_s':>11} {'write_s':>8}")
     for r in rows:
         r["lost_s"] = r["steps_s"] - base[r["repeat"]]
-        print(f"{r['mode']:8} {r['steps_s']:8.2f} {r['lost_s']:7.2f} {r['save_call_s']:11.3f} "
+        print(f"{r['mode']:16} {r['steps_s']:8.2f} {r['lost_s']:7.2f} {r['save_call_s']:11.3f} "
               f"{r.get('write_s', float('nan')):8.2f}")
     if args.out:
         write_results(args.out, run_env(args), rows)

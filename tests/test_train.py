@@ -178,6 +178,24 @@ def test_a_gpu_snapshot_is_the_state_when_taken(tmp_path, monkeypatch, share):
     w.close()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a pinned buffer needs a GPU")
+def test_device_to_host_copies_every_kind_of_tensor_through_its_buffer(monkeypatch):
+    """In pieces of a small buffer: values, dtype and shape as on the GPU for a non-contiguous float, bf16,
+    bool, 0-d and empty tensor, each a host tensor of its own."""
+    from ulsweep.train import checkpoint as ck
+
+    monkeypatch.setattr(ck, "STAGING_BYTES", 1000)  # so that one tensor goes in many pieces
+    monkeypatch.setattr(ck._staging, "buffer", None, raising=False)
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(64, 48, device="cuda", generator=g)
+    tensors = [x.t(), x.bfloat16(), x > 0, x.sum(), x[:0]]
+    for t in tensors:
+        h = ck.device_to_host(t)
+        assert h.device.type == "cpu" and h.dtype == t.dtype and h.shape == t.shape
+        assert torch.equal(h, t.cpu()) and h.data_ptr() != t.cpu().data_ptr()
+    assert ck._staging.buffer.is_pinned() and ck._staging.buffer.numel() == 1000
+
+
 def test_corrupted_checkpoint_is_refused_and_resume_falls_back(tmp_path, digits_cache):
     run = str(tmp_path / "run")
     exp = tiny_exp(steps=4, ckpt_every=2)

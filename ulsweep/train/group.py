@@ -42,7 +42,8 @@ from ulsweep.models.stacked import clip_trials, stack
 from ulsweep.train import accel
 from ulsweep.train.build import autoencoder_init, build_autoencoder
 from ulsweep.train.build import latent_shape as latent_shape_of
-from ulsweep.train.checkpoint import finished_result, save_checkpoint, update_meta, write_images, write_result
+from ulsweep.train.checkpoint import (device_to_host, finished_result, save_checkpoint, update_meta, write_images,
+                                      write_result)
 from ulsweep.train.evaluation import PartTimer, pop_seconds
 from ulsweep.train.hooks import StageResult, TrainHooks, TrainingDiverged
 from ulsweep.train.identity import MEMBER_KEYS, shared_settings  # what members may differ in, and must share
@@ -540,14 +541,14 @@ def copy_stream(device: torch.device):
 
 
 def _row(state: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
-    """Member i's tensors of a stacked state dict, copied to host memory (a view would save every member's
-    storage; torch.save copies a GPU tensor to the host anyway)."""
-    return {name: t[i].to("cpu", copy=True) for name, t in state.items()}
+    """Member i's tensors of a stacked state dict, copied to host memory (`device_to_host`; a view would save every
+    member's storage; torch.save copies a GPU tensor to the host anyway)."""
+    return {name: device_to_host(t[i]) for name, t in state.items()}
 
 
 def _optimizer_row(state: dict, i: int) -> dict:
     """Member i's AdamW state out of the stacked one, in host memory: its rows of the moments, the shared step
     count."""
-    rows = {p: {name: (t[i] if name != "step" else t).to("cpu", copy=True) for name, t in s.items()}
+    rows = {p: {name: device_to_host(t[i] if name != "step" else t) for name, t in s.items()}
             for p, s in state["state"].items()}
     return {"state": rows, "param_groups": state["param_groups"]}
