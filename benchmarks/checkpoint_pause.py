@@ -12,7 +12,8 @@ saved at step `--at`, written to a temporary directory:
     none             no checkpoint: the steps' own time
     host             the state copied to host memory on the training thread first (the writer before session 42)
     device-pageable  a snapshot on the GPU, copied in the writer's thread straight into pageable host memory
-    device           the library's `CheckpointWriter.save`: the snapshot copied through a pinned buffer
+    device           the library's `CheckpointWriter.save`: the snapshot copied through a pinned buffer, its
+                     GPU memory given back to the driver after (`torch.cuda.empty_cache`; not yet on a GPU)
 
 Per row: `steps_s` (the steps' wall, synchronized at the end), `lost_s` (against `none`), `save_call_s` (the
 training thread's time in `save`), `write_s` (from `save` until the training thread learns the file is written:

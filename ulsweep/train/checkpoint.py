@@ -169,9 +169,19 @@ def host_copy(copy: Any, event: Any) -> Any:
 
 
 def _save_snapshot(run_dir: str, step: int, held: list, event: Any, meta: dict) -> str:
-    """`held`: [the snapshot], emptied here, so that a device snapshot's memory goes once it is in host memory,
-    not after the write."""
-    return save_checkpoint(run_dir, step, host_copy(held.pop(), event), meta)
+    """`held`: [the snapshot], emptied here. A device snapshot's memory goes once it is in host memory, not after
+    the write, and back to the driver (`torch.cuda.empty_cache`: the cached blocks this process does not use),
+    where other processes on the GPU would otherwise find it taken for the rest of the run (lf_sweep's base group
+    encodes beside the autoencoders' evaluation: 68.6 of an H100's 80 GB at its peak in session 41, before the
+    snapshot's 6.6 GB)."""
+    copy = held.pop()
+    host = host_copy(copy, event)
+    del copy
+    if event is not None:
+        import torch
+
+        torch.cuda.empty_cache()
+    return save_checkpoint(run_dir, step, host, meta)
 
 
 class CheckpointWriter:
