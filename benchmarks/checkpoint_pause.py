@@ -88,7 +88,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gb", type=float, default=6.6, help="the checkpoint's size (lf_sweep's stacked group: 6.6)")
     p.add_argument("--tensors", type=int, default=300)
@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = torch.device(args.device)
     per = int(args.gb * 2**30 / 4 / args.tensors)
     # as a run's state: its tensors on the GPU, its generator states in host memory

@@ -756,6 +756,27 @@ def test_member_writes_benchmark_times_both_hand_overs_and_writes_its_rows(tmp_p
     assert all(r["seconds"] > 2 * 0.05 for r in rows) and rows[0]["ratio_to_between"] == 1.0
 
 
+def test_checkpoint_pause_times_every_writer_and_puts_the_library_back(tmp_path):
+    """benchmarks/checkpoint_pause.py on the CPU (where its writers copy alike): a row per mode and repeat, each
+    with a checkpoint written but `none`, lost seconds against that repeat's `none`, and the library's snapshot and
+    copy functions as they were after the rows that replace them."""
+    import checkpoint_pause
+
+    from ulsweep.train import checkpoint as ck
+
+    snapshot, copy = ck.snapshot, ck.device_to_host
+    out = tmp_path / "p.json"
+    checkpoint_pause.main(["--gb", "0.01", "--tensors", "4", "--dim", "32", "--matmuls", "2", "--steps", "4",
+                           "--at", "1", "--repeats", "2", "--device", "cpu", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["repeat"]) for r in rows] == [(m, i) for i in range(2) for m in checkpoint_pause.MODES]
+    for r in rows:
+        none = next(x for x in rows if x["mode"] == "none" and x["repeat"] == r["repeat"])
+        assert r["lost_s"] == pytest.approx(r["steps_s"] - none["steps_s"])
+        assert ("write_s" in r) == (r["mode"] != "none") and r.get("write_s", 1) > 0
+    assert ck.snapshot is snapshot and ck.device_to_host is copy
+
+
 def test_group_sampling_times_each_mode_and_part_on_the_same_images(tmp_path):
     """benchmarks/group_sampling.py: one row per mode and part, every member's images counted, and the two
     modes' images the same up to rounding (stacked's grouped kernels against each member's own); then the
