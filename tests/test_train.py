@@ -114,8 +114,8 @@ def test_a_checkpoint_written_beside_training_holds_the_state_of_its_step(tmp_pa
             torch.testing.assert_close(v, b["optimizer"]["state"][i][k], rtol=0, atol=0)
 
 
-def test_the_checkpoint_writer_copies_before_it_returns(tmp_path, monkeypatch):
-    """What `save` was given, not what the tensors hold later: the write is held until the tensor has changed."""
+def hold_checkpoint_writes(monkeypatch):
+    """`save_checkpoint` held until the returned event is set: a write beside training that has not happened yet."""
     import threading
 
     from ulsweep.train import checkpoint as ck
@@ -127,6 +127,14 @@ def test_the_checkpoint_writer_copies_before_it_returns(tmp_path, monkeypatch):
         return real(*a)
 
     monkeypatch.setattr(ck, "save_checkpoint", held)
+    return release
+
+
+def test_the_checkpoint_writer_copies_before_it_returns(tmp_path, monkeypatch):
+    """What `save` was given, not what the tensors hold later: the write is held until the tensor has changed."""
+    from ulsweep.train import checkpoint as ck
+
+    release = hold_checkpoint_writes(monkeypatch)
     w, seen = ck.CheckpointWriter(), []
     x = torch.zeros(4)
     groups = [{"lr": 1.0}]
@@ -150,8 +158,6 @@ def test_a_gpu_snapshot_is_the_state_when_taken(tmp_path, monkeypatch, share):
     where it does not (share 0): either way the checkpoint holds the values `save` was given, though the training
     thread overwrites them at once on its stream. The state holds CPU tensors too, as a run's does (generator
     states)."""
-    import threading
-
     from ulsweep.train import checkpoint as ck
 
     monkeypatch.setattr(ck, "DEVICE_SNAPSHOT_SHARE", share)
@@ -159,13 +165,7 @@ def test_a_gpu_snapshot_is_the_state_when_taken(tmp_path, monkeypatch, share):
     expected, rng = x.cpu(), torch.get_rng_state()
     copy, event = ck.snapshot({"x": x, "n": 3, "rng": rng})
     assert (event is not None) == (share > 0) and copy["x"].device.type == ("cuda" if share else "cpu")
-    release, real = threading.Event(), ck.save_checkpoint
-
-    def held(*a):
-        assert release.wait(30)
-        return real(*a)
-
-    monkeypatch.setattr(ck, "save_checkpoint", held)
+    release = hold_checkpoint_writes(monkeypatch)
     w, seen = ck.CheckpointWriter(), []
     w.save(str(tmp_path), 5, {"x": x, "n": 3, "rng": rng}, {"kind": "t"}, seen.append)
     for _ in range(20):
