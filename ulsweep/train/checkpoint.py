@@ -103,9 +103,9 @@ def device_to_host(t: torch.Tensor) -> torch.Tensor:
     """A copy of `t` in (pageable) host memory. A GPU tensor is copied in pieces through a pinned buffer of
     STAGING_BYTES, one a thread, kept for its next copies: each piece by DMA on the current stream, then into place
     on the host. A copy straight into pageable memory holds up the kernel launches of other threads while the
-    driver stages it (one H100, benchmarks/checkpoint_pause.py: 6.6 GB copied beside a training thread cost it
-    2.4-3.4 s of 5 s of steps; through a pinned buffer, none: `h100-checkpoint-pause-*-s42.json`); pinning the
-    whole destination costs as much the first time (cudaHostAlloc)."""
+    driver stages it (one H100, benchmarks/checkpoint_pause.py: 6.6 GB copied in a thread beside a training thread
+    cost it 2.4-3.1 s of 5 s of steps; through a pinned buffer, none: `h100-checkpoint-pause-*-s42.json`); pinning
+    the whole destination costs as much the first time (cudaHostAlloc)."""
     import torch
 
     if t.device.type != "cuda":
@@ -155,7 +155,8 @@ def snapshot(state: Any) -> tuple[Any, Any]:
 
 def host_copy(copy: Any, event: Any) -> Any:
     """`snapshot`'s copy in host memory: a device snapshot is copied on a CUDA stream of its own once `event` is
-    done, beside the kernels training queues meanwhile on its stream, and its device memory is let go after."""
+    done, beside the kernels training queues meanwhile on its stream; its copies are done when this returns, so
+    that the caller may let its device memory go."""
     if event is None:
         return copy
     import torch
