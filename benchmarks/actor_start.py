@@ -22,6 +22,8 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
+from timing import write_results  # noqa: E402  (benchmarks/timing.py, beside this script; no torch here)
+
 
 def one_row(variant: str, procs: int, cpus: int) -> dict:
     import ray
@@ -108,9 +110,7 @@ def main(argv=None) -> int:
         print(f"{variant:>12} {statistics.median(x['ask_to_init_s'] for x in mine):>12.2f} "
               f"{sum(x['process_before_ask'] for x in mine):>9}/{len(mine):<3} {mine[0]['visible']!r:>6} "
               f"{statistics.median(x['wave_s'] for x in mine):>8.2f}")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"procs": a.procs, "cpus": a.cpus, "rows": rows}, f, indent=1)
+    write_results(a.out, {"procs": a.procs, "cpus": a.cpus}, rows)
     return 0
 
 

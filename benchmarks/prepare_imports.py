@@ -17,6 +17,8 @@ import statistics
 import subprocess
 import sys
 
+from timing import write_results  # benchmarks/timing.py, beside this script; no torch here
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 ONE = """
@@ -67,9 +69,7 @@ def main(argv=None) -> int:
         label = "ahead" if variant == "on" else "in step"
         print(f"{label:>8} {mine[0]['members']:>8} {med['prepare_s']:>10.2f} {med['first_step_imports_s']:>15.2f} "
               f"{med['total_s']:>8.2f}")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"experiment": a.experiment, "sets": a.sets, "rows": rows}, f, indent=1)
+    write_results(a.out, {"experiment": a.experiment, "sets": a.sets}, rows)
     return 0
 
 

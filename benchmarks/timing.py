@@ -1,18 +1,23 @@
 """Helpers shared by the benchmark scripts: warm-up calls, then wall time per call (CUDA synchronized); the
-result file every script writes."""
+result file every script writes. torch is imported where a helper needs it: scripts whose own process must not
+import it (their rows run in child processes that time torch's import) write their results here too."""
 from __future__ import annotations
 
 import argparse
 import json
 import platform
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from provenance import commit
 
+if TYPE_CHECKING:
+    import torch
+
 
 def sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -42,6 +47,8 @@ def write_results(path: str | None, env: dict, rows: list[dict]) -> None:
 def cuda_micro_args(doc: str, iters: int, argv=None, add=None) -> argparse.Namespace:
     """Arguments of a CUDA micro-benchmark: --warmup, --iters, --out (and what `add(parser)` adds);
     exits with a usage error without a GPU."""
+    import torch
+
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if add:
         add(ap)
@@ -56,6 +63,8 @@ def cuda_micro_args(doc: str, iters: int, argv=None, add=None) -> argparse.Names
 
 def run_env(args: argparse.Namespace) -> dict:
     """The `env` of a result file: torch, Python, GPU (None without one), the commit and the script's arguments."""
+    import torch
+
     return {"torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "commit": commit(),
             "args": vars(args)}
