@@ -550,7 +550,11 @@ def test_stacked_program_trains_the_same_trials_as_stepped_one_by_one(stage):
 
     exp = _tiny_exp(clip=0.01)
     ok = bt.check(exp, stage, 3, 4, 1, 3, torch.device("cpu"), program="stacked")
-    assert ok["program"] == "stacked" and ok["max_rel_grad_diff"] < 1e-4 and ok["max_rel_weight_diff"] < 1e-3, ok
+    # the weights' bound is looser than the gradients': AdamW's first steps are near sign(g) (its warm-up's tiny
+    # lr), so gradient elements near zero whose rounding differs move the zero-initialised convolutions by a share
+    # of a step (one CPU, session 43: 1.07e-3 in the encoder's residual conv, gradients within 6.5e-7); one norm
+    # for all trials, the bug below, moved them by 0.88
+    assert ok["program"] == "stacked" and ok["max_rel_grad_diff"] < 1e-4 and ok["max_rel_weight_diff"] < 1e-2, ok
     if stage == "base":  # _tiny_exp clips the autoencoders only
         return
     import ulsweep.models.stacked as st
