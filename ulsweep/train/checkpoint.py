@@ -12,6 +12,7 @@ load a network, such as a stacked member's trial process (ulsweep/sweep/stacking
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -153,20 +154,35 @@ def snapshot(state: Any) -> tuple[Any, Any]:
     return copy, event
 
 
-def host_copy(copy: Any, event: Any) -> Any:
-    """`snapshot`'s copy in host memory: a device snapshot is copied on a CUDA stream of its own once `event` is
-    done, beside the kernels training queues meanwhile on its stream; its copies are done when this returns, so
-    that the caller may let its device memory go."""
-    if event is None:
-        return copy
+@contextlib.contextmanager
+def copy_stream(device: torch.device, after: Any = None):
+    """On a GPU, the copies made inside run on a CUDA stream of their own, after `after` (a CUDA event) or else
+    after everything queued so far on the default stream (where the loop computed the state; ulsweep uses no
+    other): copies to host memory then neither wait for the kernels another thread queues after them nor hold
+    those up, as they would on the one default stream. A blocking copy to the host waits for its own stream only.
+    Elsewhere, nothing."""
     import torch
 
-    stream = torch.cuda.Stream(next(t.device for t in _tensors(copy) if t.device.type == "cuda"))
-    stream.wait_event(event)
+    if device.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(device)
+    if after is not None:
+        stream.wait_event(after)
+    else:
+        stream.wait_stream(torch.cuda.default_stream(device))
     with torch.cuda.stream(stream):
-        host = to_host(copy)
-    stream.synchronize()  # the copies are done before the clones' memory goes back to the allocator
-    return host
+        yield
+
+
+def host_copy(copy: Any, event: Any) -> Any:
+    """`snapshot`'s copy in host memory: a device snapshot is copied on a CUDA stream of its own once `event` is
+    done, beside the kernels training queues meanwhile on its stream; its copies are done when this returns
+    (`device_to_host` waits for each piece), so that the caller may let its device memory go."""
+    if event is None:
+        return copy
+    with copy_stream(next(t.device for t in _tensors(copy) if t.device.type == "cuda"), after=event):
+        return to_host(copy)
 
 
 def _save_snapshot(run_dir: str, step: int, held: list, event: Any, meta: dict) -> str:

@@ -42,8 +42,8 @@ from ulsweep.models.stacked import clip_trials, stack
 from ulsweep.train import accel
 from ulsweep.train.build import autoencoder_init, build_autoencoder
 from ulsweep.train.build import latent_shape as latent_shape_of
-from ulsweep.train.checkpoint import (device_to_host, finished_result, save_checkpoint, update_meta, write_images,
-                                      write_result)
+from ulsweep.train.checkpoint import (copy_stream, device_to_host, finished_result, save_checkpoint, update_meta,
+                                      write_images, write_result)
 from ulsweep.train.evaluation import PartTimer, pop_seconds
 from ulsweep.train.hooks import StageResult, TrainHooks, TrainingDiverged
 from ulsweep.train.identity import MEMBER_KEYS, shared_settings  # what members may differ in, and must share
@@ -523,21 +523,6 @@ def hand_over(evaluations, hooks, results: list, marks: dict, write) -> dict[str
         for w in writes:
             w.result()
     return per_member([r.metrics if r is not None else {} for r in results])
-
-
-@contextlib.contextmanager
-def copy_stream(device: torch.device):
-    """On a GPU, the copies made inside run on a CUDA stream of their own, after everything queued so far on the
-    default stream (where the loop computed the state; ulsweep uses no other): copies to host memory then neither
-    wait for the kernels another thread queues after them nor hold those up, as they would on the one default
-    stream. A blocking copy to the host waits for its own stream only. Elsewhere, nothing."""
-    if device.type != "cuda":
-        yield
-        return
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.default_stream(device))
-    with torch.cuda.stream(stream):
-        yield
 
 
 def _row(state: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
