@@ -13,7 +13,8 @@ saved at step `--at`, written to a temporary directory:
     host             the state copied to host memory on the training thread first (the writer before session 42)
     device-pageable  a snapshot on the GPU, copied in the writer's thread straight into pageable host memory
     device           the library's `CheckpointWriter.save`: the snapshot copied through a pinned buffer, its
-                     GPU memory given back to the driver after (`torch.cuda.empty_cache`; not yet on a GPU)
+                     GPU memory given back to the driver after (`torch.cuda.empty_cache`; these rows not yet
+                     run with it, session 43's sweep did: ~0.35 s lost)
 
 Per row: `steps_s` (the steps' wall, synchronized at the end), `lost_s` (against `none`), `save_call_s` (the
 training thread's time in `save`), `write_s` (from `save` until the training thread learns the file is written:
@@ -39,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from timing import run_env, write_results  # noqa: E402  (beside this script)
+from timing import run_env, sync, write_results  # noqa: E402  (beside this script)
 
 MODES = ("none", "host", "device-pageable", "device")
 
@@ -81,11 +82,6 @@ def run(mode: str, args: argparse.Namespace, state: dict, xs: list, device: torc
     if mode != "none":
         row["write_s"] = written["t"] - written["t0"]
     return row
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> None:
