@@ -33,7 +33,7 @@ CACHE_ENV = "ULSWEEP_CACHE"
 STORAGE_RETRY_ENV = "ULSWEEP_STORAGE_RETRY_S"
 # errors of a storage that may take writes again soon (EDQUOT: a quota, cleaned up like a full disk)
 PASSING_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
-CACHE_KINDS = ("datasets", "extractors", "refstats", "compile")
+CACHE_KINDS = ("datasets", "extractors", "refstats", "compile", "stores")
 
 
 def cache_root() -> str:
@@ -44,7 +44,8 @@ def cache_root() -> str:
 def cache_dir(kind: str) -> str:
     """The cache folder of one kind of file, `<cache_root()>/<kind>`: `datasets` (materialised builtin
     datasets), `extractors` (domain extractors trained for `eval.extractor: domain`), `refstats` (reference
-    feature statistics of Fréchet distances), `compile` (compiled programs, ulsweep/train/compile_artifacts.py)."""
+    feature statistics of Fréchet distances), `compile` (compiled programs, ulsweep/train/compile_artifacts.py),
+    `stores` (an empty, migrated MLflow store that new sqlite stores are copied from, ulsweep/tracking/runs.py)."""
     if kind not in CACHE_KINDS:
         raise ValueError(f"unknown cache kind {kind!r}; known: {', '.join(CACHE_KINDS)}")
     return os.path.join(cache_root(), kind)

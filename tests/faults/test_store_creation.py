@@ -3,7 +3,9 @@ must not leave a half-migrated `mlflow.db` behind: pysqlite commits each DDL sta
 comes, so such a file held a migration's tables without its alembic version, and every later open (so every
 `--resume`) failed with `table datasets already exists`. Found by benchmarks/faults/campaign.py (a driver
 SIGKILLed 8.7 s into its sweep); ulsweep.tracking.runs.create_sqlite_store migrates a temporary file and links
-it into place."""
+it into place. A new store is otherwise a copy of a migrated empty one kept in ulsweep's cache
+(`runs.empty_store_template`): each test here has a cache of its own, so the migrations run where they test
+them."""
 from __future__ import annotations
 
 import os
@@ -20,6 +22,12 @@ from ulsweep import tracking
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """No store template yet: the store is migrated (and then kept as the template)."""
+    monkeypatch.setenv("ULSWEEP_CACHE", str(tmp_path / "cache"))
+
+
 def _child(uri: str) -> subprocess.Popen:
     code = "import sys; from ulsweep import tracking; tracking.client(sys.argv[1])"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -31,7 +39,7 @@ def _child(uri: str) -> subprocess.Popen:
 def test_kill_during_store_creation_leaves_a_store_the_next_run_opens(tmp_path, into_s):
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
-    p = _child(uri)
+    p = _child(uri)  # its environment names this test's empty cache (own_cache)
     try:
         deadline = time.time() + 120
         # the migrations have begun once the database file exists (before the fix: mlflow.db itself)
@@ -58,12 +66,14 @@ def test_failed_store_creation_leaves_nothing(tmp_path, monkeypatch):
     def dies(engine):
         raise RuntimeError("killed mid-migration")
 
+    upgrade = dbu._upgrade_db
     monkeypatch.setattr(dbu, "_upgrade_db", dies)
     db = tmp_path / "sub" / "mlflow.db"
     with pytest.raises(RuntimeError, match="mid-migration"):
         tracking.runs.create_sqlite_store(f"sqlite:///{db}")
     assert sorted(p.name for p in db.parent.iterdir()) == []  # no mlflow.db, no temporary file
-    monkeypatch.undo()
+    assert not os.path.exists(tracking.runs.empty_store_template())  # and no template of a failed store
+    monkeypatch.setattr(dbu, "_upgrade_db", upgrade)
     c = tracking.client(f"sqlite:///{db}")
     assert c.get_experiment("0").name == "Default"
     assert sorted(p.name for p in db.parent.iterdir()) == ["mlflow.db"]
@@ -78,3 +88,50 @@ def test_without_mlflows_store_helpers_the_store_is_created_in_place_with_a_warn
         c = tracking.client(f"sqlite:///{db}")
     assert db.exists() and c.search_experiments()  # MLflow's own creation: the Default experiment
     assert not list(tmp_path.glob("mlflow.db.creating-*"))
+
+
+def _dump(path) -> list[str]:
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    try:
+        return list(con.iterdump())
+    finally:
+        con.close()
+
+
+def test_the_next_new_store_is_a_copy_of_the_first_ones_migrated_tables(tmp_path, monkeypatch):
+    """The first store is migrated and kept as the template; the next is copied from it without a migration,
+    holds the same schema and rows, and MLflow opens it and logs to it."""
+    from mlflow.store.db import utils as dbu
+
+    from ulsweep.tracking import runs
+
+    first, second = tmp_path / "a" / "mlflow.db", tmp_path / "b" / "mlflow.db"
+    runs.create_sqlite_store(f"sqlite:///{first}")
+    template = runs.empty_store_template()
+    assert os.path.dirname(template) == str(tmp_path / "cache" / "stores") and _dump(template) == _dump(first)
+
+    def migrates(engine):
+        raise AssertionError("the second store was migrated, not copied")
+
+    initialize = dbu._initialize_tables
+    monkeypatch.setattr(dbu, "_initialize_tables", migrates)
+    runs.create_sqlite_store(f"sqlite:///{second}")
+    monkeypatch.setattr(dbu, "_initialize_tables", initialize)
+    assert _dump(second) == _dump(first)
+    assert not list(second.parent.glob("mlflow.db.creating-*"))
+    c = tracking.client(f"sqlite:///{second}")
+    run = c.create_run(tracking.get_or_create_experiment(c, "copied"))
+    c.log_metric(run.info.run_id, "loss", 0.5, step=3)
+    assert [(m.step, m.value) for m in c.get_metric_history(run.info.run_id, "loss")] == [(3, 0.5)]
+
+
+def test_a_cache_that_cannot_be_written_only_costs_the_template(tmp_path, monkeypatch):
+    from ulsweep.tracking import runs
+
+    (tmp_path / "cache").write_text("a file where the cache folder would be")
+    db = tmp_path / "mlflow.db"
+    runs.create_sqlite_store(f"sqlite:///{db}")
+    assert "alembic_version" in "".join(_dump(db))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "mlflow.db"]

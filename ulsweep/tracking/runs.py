@@ -102,12 +102,15 @@ def create_sqlite_store(uri: str) -> None:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    template = empty_store_template()
     try:
-        engine = make_engine(f"sqlite:///{tmp}")
-        try:
-            init_tables(engine)  # what SqlAlchemyStore() runs on an empty database
-        finally:
-            engine.dispose()
+        if not _copy_if_present(template, tmp):
+            engine = make_engine(f"sqlite:///{tmp}")
+            try:
+                init_tables(engine)  # what SqlAlchemyStore() runs on an empty database
+            finally:
+                engine.dispose()
+            _keep_copy(tmp, template)
         try:
             os.link(tmp, path)  # atomic, and never over a store that another process linked first
         except FileExistsError:
@@ -119,6 +122,54 @@ def create_sqlite_store(uri: str) -> None:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
+            pass
+
+
+def empty_store_template() -> str:
+    """Where a new sqlite store of this MLflow version, migrated and empty, is kept (`<cache>/stores/`): the next
+    new store is a copy of it. MLflow's ~60 migrations take 1.5-1.7 CPU-seconds on a 2-core box, in every
+    `ulsweep run` that starts a sweep (before its Ray starts) and in every test that makes a store; the copy
+    of the ~1-MB file takes milliseconds. The file holds the schema, its alembic version and MLflow's default
+    workspace row, nothing of a sweep; MLflow checks the schema's version whenever it opens a store."""
+    from ulsweep import io as uio
+
+    return os.path.join(uio.cache_dir("stores"), f"mlflow-{_mlflow_version()}.db")
+
+
+def _copy_if_present(src: str, dst: str) -> bool:
+    """Copy src to dst; False, and no dst, where src cannot be read (none yet, or a cache that is no folder)."""
+    import shutil
+
+    try:
+        shutil.copyfile(src, dst)
+    except OSError as e:
+        if not os.path.exists(src):
+            log.debug("no store template at %s: %s", src, e)
+        else:
+            log.warning("could not copy the store template %s (%s); migrating a new store instead", src, e)
+        try:
+            os.unlink(dst)
+        except OSError:
+            pass
+        return False
+    return True
+
+
+def _keep_copy(src: str, dst: str) -> None:
+    """Copy src to dst atomically (a temporary name, then a rename); a cache that cannot be written is skipped."""
+    import shutil
+    import uuid
+
+    tmp = f"{dst}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        log.debug("no store template kept at %s: %s", dst, e)
+        try:
+            os.unlink(tmp)
+        except OSError:
             pass
 
 
