@@ -91,11 +91,12 @@ def test_without_mlflows_store_helpers_the_store_is_created_in_place_with_a_warn
 
 
 def _dump(path) -> list[str]:
+    """The store's schema and rows, sorted (two migrations may create the same indexes in another order)."""
     import sqlite3
 
     con = sqlite3.connect(path)
     try:
-        return list(con.iterdump())
+        return sorted(con.iterdump())
     finally:
         con.close()
 
@@ -135,3 +136,20 @@ def test_a_cache_that_cannot_be_written_only_costs_the_template(tmp_path, monkey
     runs.create_sqlite_store(f"sqlite:///{db}")
     assert "alembic_version" in "".join(_dump(db))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "mlflow.db"]
+
+
+@pytest.mark.parametrize("damage", ["cut", "empty"])
+def test_a_damaged_template_is_migrated_anew_and_replaced(tmp_path, damage):
+    """A template cut short (a crash after its rename, before the disk had it all) or left empty: the new store
+    is migrated rather than copied from it, and the template replaced by a whole one."""
+    from ulsweep.tracking import runs
+
+    runs.create_sqlite_store(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
+    template = Path(runs.empty_store_template())
+    whole = _dump(template)
+    template.write_bytes(template.read_bytes()[:4096] if damage == "cut" else b"")
+    db = tmp_path / "b" / "mlflow.db"
+    runs.create_sqlite_store(f"sqlite:///{db}")
+    assert _dump(db) == whole and _dump(template) == whole
+    c = tracking.client(f"sqlite:///{db}")
+    assert c.get_experiment("0").name == "Default"
