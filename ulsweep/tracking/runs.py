@@ -84,7 +84,8 @@ def create_sqlite_store(uri: str) -> None:
     migration's tables existed without its alembic version, and every later open failed with `table datasets
     already exists` (a driver SIGKILLed 8.7 s into `ulsweep run`, found by the fault campaign). Now such a
     kill leaves a stray `PATH.creating-*` file and no PATH: the next run creates the store anew. Another
-    process that created PATH meanwhile wins; its store is kept."""
+    process that created PATH meanwhile wins; its store is kept. The temporary file is a copy of the cache's
+    migrated template where there is one (`empty_store_template`), and the first migrated store becomes it."""
     if not uri.startswith("sqlite:///"):
         return
     path = uri[len("sqlite:///"):].split("?", 1)[0]
@@ -127,10 +128,10 @@ def create_sqlite_store(uri: str) -> None:
 
 def empty_store_template() -> str:
     """Where a new sqlite store of this MLflow version, migrated and empty, is kept (`<cache>/stores/`): the next
-    new store is a copy of it. MLflow's migrations (68 in MLflow 3.17) take 1.5-1.7 CPU-seconds on a 2-core box, in every
-    `ulsweep run` that starts a sweep (before its Ray starts) and in every test that makes a store; the copy
-    of the ~1-MB file takes milliseconds. The file holds the schema, its alembic version and MLflow's default
-    workspace row, nothing of a sweep; MLflow checks the schema's version whenever it opens a store."""
+    new store is a copy of it. MLflow's migrations (68 in MLflow 3.17) take 1.5-1.7 CPU-seconds on a 2-core box,
+    in every `ulsweep run` that starts a sweep (before its Ray starts) and in every test that makes a store; the
+    copy of the ~1-MB file takes milliseconds. The file holds the schema, its alembic version and MLflow's
+    default workspace row, nothing of a sweep; MLflow checks the schema's version whenever it opens a store."""
     from ulsweep import io as uio
 
     return os.path.join(uio.cache_dir("stores"), f"mlflow-{_mlflow_version()}.db")
@@ -144,7 +145,7 @@ def _copy_if_present(src: str, dst: str) -> bool:
 
     try:
         shutil.copyfile(src, dst)
-        con = sqlite3.connect(f"file:{dst}?mode=ro", uri=True)
+        con = sqlite3.connect(f"{Path(os.path.abspath(dst)).as_uri()}?mode=ro", uri=True)
         try:
             whole = con.execute("PRAGMA quick_check").fetchone() == ("ok",) and \
                 len(con.execute("SELECT version_num FROM alembic_version").fetchall()) == 1
