@@ -222,10 +222,14 @@ def atomic_write_text(uri: str, text: str) -> None:
     atomic_write_bytes(uri, text.encode())
 
 
+def atomic_write_bytes_once(uri: str, data: bytes | memoryview) -> None:
+    """`atomic_write_bytes` without its retries: the storage's refusal is raised at once (for a writer that must
+    not wait on it, e.g. a compile claim, compile_gate.claim_ahead, or a cache's copy, tracking.runs)."""
+    _write_atomic(*filesystem(uri), data)
+
+
 def atomic_write_text_once(uri: str, text: str) -> None:
-    """`atomic_write_text` without its retries: the storage's refusal is raised at once (for a writer that must
-    not wait on it, e.g. a compile claim, compile_gate.claim_ahead)."""
-    _write_atomic(*filesystem(uri), text.encode())
+    atomic_write_bytes_once(uri, text.encode())
 
 
 def append_text(uri: str, text: str) -> None:

@@ -167,21 +167,14 @@ def _copy_if_present(src: str, dst: str) -> bool:
 
 
 def _keep_copy(src: str, dst: str) -> None:
-    """Copy src to dst atomically (a temporary name, then a rename); a cache that cannot be written is skipped."""
-    import shutil
-    import uuid
+    """Copy src to dst atomically (`io.atomic_write_bytes_once`); a cache that cannot be written is skipped."""
+    from ulsweep import io as uio
 
-    tmp = f"{dst}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        with open(src, "rb") as f:
+            uio.atomic_write_bytes_once(dst, f.read())
     except OSError as e:
         log.debug("no store template kept at %s: %s", dst, e)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
 
 
 def _store_helpers():
